@@ -1,0 +1,62 @@
+// The one uniform struct every kernel reads, and the dispatch helpers.
+// Keep in sync with `Params` in src/kernels.rs (a test checks the size against naga).
+
+struct Params {
+    batch: u32,        // batches in this dispatch chunk
+    tq: u32,           // Tq (whole call)
+    tk: u32,           // Tk
+    hq: u32,
+    hkv: u32,
+    g: u32,            // Hq / Hkv
+    dk: u32,
+    dv: u32,
+    cmp_block: u32,    // l
+    cmp_stride: u32,   // d
+    sel_block: u32,    // l'
+    top_n: u32,        // n
+    init_blocks: u32,
+    local_blocks: u32,
+    window: u32,       // w
+    n_cmp: u32,        // C, compressed tokens per sequence
+    scale: f32,
+    q_start: u32,      // first query row of this chunk
+    q_count: u32,      // query rows in this chunk
+    linear: u32,       // compress: 1 = Linear, 0 = Mean
+    dim: u32,          // compress: row width of the tensor being compressed
+    head_chunks: u32,  // attention: workgroups per (query, kv head)
+    kv_tile: u32,      // attention: keys per workgroup tile
+    total_wg: u32,     // workgroups in this dispatch (the grid may round up)
+    // Element offsets of each binding inside its bound window (windows start at aligned bytes).
+    off_q: u32,
+    off_k: u32,
+    off_v: u32,
+    off_kc: u32,
+    off_gates: u32,
+    off_out: u32,
+    off_ocmp: u32,
+    off_oslc: u32,
+    off_owin: u32,
+    off_lse: u32,
+    off_idx: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+
+// The linear workgroup index of a 2D grid (x is capped at 65535 by the dispatch limit).
+fn linear_workgroup(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wg.x + wg.y * nwg.x;
+}
+
+// Absolute position of query row `i` (0-based within the whole call).
+fn query_position(i: u32) -> u32 {
+    return params.tk - params.tq + i;
+}
+
+// Compressed tokens visible at position `p`: those with i*d + l - 1 <= p.
+fn visible_compressed(p: u32) -> u32 {
+    if p + 1u < params.cmp_block {
+        return 0u;
+    }
+    return min((p + 1u - params.cmp_block) / params.cmp_stride + 1u, params.n_cmp);
+}

@@ -1,0 +1,37 @@
+// Selected-block attention, group-centric as in the paper: the query heads of one kv group
+// share their selection, so each selected key/value tile is loaded once for all of them.
+
+#import attention
+
+@group(0) @binding(4) var<storage, read> block_indices: array<i32>;  // [B, Tq, Hkv, n]
+@group(0) @binding(5) var<storage, read_write> o_slc: array<f32>;    // [B, Tq, Hq, Dv]
+
+@compute @workgroup_size(128)
+fn main(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    let r = attn_rows(linear_workgroup(wg, nwg));
+    if !r.valid {
+        return;
+    }
+    attn_begin(lid);
+    let ib = params.off_idx + ((r.bb * params.q_count + r.iq) * params.hkv + r.h) * params.top_n;
+    for (var s = 0u; s < params.top_n; s++) {
+        let j = block_indices[ib + s];
+        if j < 0 {
+            break;
+        }
+        let lo = u32(j) * params.sel_block;
+        let hi = min(lo + params.sel_block, r.pos + 1u);
+        attn_keys(lid, r, params.tk, lo, hi);
+    }
+    for (var a = 0u; a < ACC; a++) {
+        let o = lid + a * WG;
+        if o >= r.n * params.dv {
+            break;
+        }
+        o_slc[params.off_oslc + r.row0 * params.dv + o] = attn_value(a, o / params.dv);
+    }
+}

@@ -1,0 +1,90 @@
+//! The CPU reference.
+//!
+//! One module per GPU kernel, written to mirror its shader stage by stage (f32, the same
+//! order of operations where it matters), and [`naive`]: an end-to-end NSA that follows
+//! SPEC.md line by line in f64. Tests hold each kernel against its twin and the whole GPU
+//! forward against [`naive`]; the command-line tool's `--cpu` runs [`forward`].
+
+pub mod cmp_attn;
+pub mod compress;
+pub mod naive;
+pub mod select;
+pub mod slc_attn;
+pub mod win_attn;
+
+use crate::config::{Compression, NsaConfig, Shape};
+use crate::error::Result;
+use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+
+/// Softmax attention of one query row over the keys `keys` (absolute row indices into
+/// `k`/`v`, laid out `[rows, Hkv, D]` for kv head `h`), as the shaders compute it: running max,
+/// f32 accumulation. Returns the normalised output and the log-sum-exp (`None` without keys).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    hkv: usize,
+    h: usize,
+    dk: usize,
+    dv: usize,
+    scale: f32,
+    keys: impl Iterator<Item = usize>,
+    out: &mut [f32],
+) -> Option<f32> {
+    let mut m = f32::NEG_INFINITY;
+    let mut l = 0.0f32;
+    out.iter_mut().for_each(|o| *o = 0.0);
+    for t in keys {
+        let kr = &k[(t * hkv + h) * dk..][..dk];
+        let s = scale * q.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>();
+        let m_new = m.max(s);
+        let alpha = (m - m_new).exp();
+        let p = (s - m_new).exp();
+        l = l * alpha + p;
+        let vr = &v[(t * hkv + h) * dv..][..dv];
+        for (o, x) in out.iter_mut().zip(vr) {
+            *o = *o * alpha + p * x;
+        }
+        m = m_new;
+    }
+    if l > 0.0 {
+        out.iter_mut().for_each(|o| *o /= l);
+        Some(m + l.ln())
+    } else {
+        None
+    }
+}
+
+/// The whole forward pass on the CPU through the kernel twins, returning what the GPU path
+/// returns for the same request.
+pub fn forward(
+    config: &NsaConfig,
+    shape: &Shape,
+    inputs: &NsaInputs,
+    request: OutputRequest,
+) -> Result<NsaOutputs> {
+    inputs.validate(config, shape)?;
+    let (kc_in, vc_in) = inputs.cmp_kv();
+    let (wk, wv) = match (config.compression, inputs.linear) {
+        (Compression::Linear, Some(lw)) => (Some((lw.w_k, lw.pe_k)), Some((lw.w_v, lw.pe_v))),
+        _ => (None, None),
+    };
+    let kc = compress::compress(config, shape.batch, shape.tk, shape.hkv, shape.dk, kc_in, wk);
+    let vc = compress::compress(config, shape.batch, shape.tk, shape.hkv, shape.dv, vc_in, wv);
+    let (o_cmp, lse) = cmp_attn::cmp_attn(config, shape, inputs.q, &kc, &vc);
+    let idx = select::select(config, shape, inputs.q, &kc, &lse);
+    let (ks, vs) = inputs.slc_kv();
+    let o_slc = slc_attn::slc_attn(config, shape, inputs.q, ks, vs, &idx);
+    let (kw, vw) = inputs.win_kv();
+    let (o_win, out) = win_attn::win_attn(config, shape, inputs.q, kw, vw, inputs.gates, &o_cmp, &o_slc);
+    Ok(NsaOutputs {
+        out,
+        block_indices: request.block_indices.then_some(idx),
+        branches: request.branches.then_some(BranchOutputs {
+            o_cmp,
+            o_slc,
+            o_win,
+        }),
+    })
+}

@@ -1,0 +1,74 @@
+//! CPU twin of `shaders/select.wgsl`: block importance, group sum and top-n selection.
+
+use crate::config::{NsaConfig, Shape};
+
+/// The forced blocks of a query whose own block is `c`: `{0..init} ∪ {c-local+1..=c}`
+/// within `[0, c]`, ascending, without repeats.
+pub fn forced_blocks(config: &NsaConfig, c: usize) -> Vec<usize> {
+    let mut f: Vec<usize> = (0..config.init_blocks.min(c + 1)).collect();
+    let lo = (c + 1).saturating_sub(config.local_blocks);
+    f.extend((lo..=c).filter(|j| *j >= config.init_blocks));
+    f
+}
+
+/// Selects `n` blocks per query row and kv head: `[B, Tq, Hkv, n]`, ascending, `-1` padded.
+///
+/// `p_cmp` is recomputed from `q`, the compressed keys `kc: [B, C, Hkv, Dk]` and the
+/// log-sum-exp of [`super::cmp_attn::cmp_attn`], summed over the group's heads, spread onto
+/// blocks by SPEC's overlap weights; ties go to the lower block index.
+pub fn select(config: &NsaConfig, shape: &Shape, q: &[f32], kc: &[f32], lse: &[f32]) -> Vec<i32> {
+    let s = shape;
+    let n = config.top_n;
+    let n_cmp = config.num_compressed(s.tk);
+    let scale = config.scale_for(s.dk);
+    let g = s.group();
+    let m = config.sel_block / config.cmp_stride;
+    let u = config.cmp_block / config.cmp_stride;
+    let mut out = vec![-1i32; s.batch * s.tq * s.hkv * n];
+    let mut pc = vec![0.0f32; n_cmp];
+    for b in 0..s.batch {
+        for i in 0..s.tq {
+            let p = s.position(i);
+            let c = p / config.sel_block;
+            let nv = config.visible_compressed(p, n_cmp);
+            for h in 0..s.hkv {
+                // P[t] = sum over the group's heads of p_cmp[t].
+                pc[..nv].iter_mut().for_each(|x| *x = 0.0);
+                for gi in 0..g {
+                    let row = (b * s.tq + i) * s.hq + h * g + gi;
+                    let qr = &q[row * s.dk..][..s.dk];
+                    for (t, pt) in pc[..nv].iter_mut().enumerate() {
+                        let kr = &kc[((b * n_cmp + t) * s.hkv + h) * s.dk..][..s.dk];
+                        let sc = scale * qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>();
+                        *pt += (sc - lse[row]).exp();
+                    }
+                }
+                let forced = forced_blocks(config, c);
+                let mut cand: Vec<(f32, usize)> = (0..=c)
+                    .filter(|j| !forced.contains(j))
+                    .map(|j| {
+                        let mut sc = 0.0f32;
+                        for mm in 0..m {
+                            for uu in 0..u {
+                                let t = (m * j + mm) as isize - uu as isize;
+                                if t >= 0 && (t as usize) < nv {
+                                    sc += pc[t as usize];
+                                }
+                            }
+                        }
+                        (sc, j)
+                    })
+                    .collect();
+                cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let mut chosen = forced;
+                chosen.extend(cand.iter().take(n - chosen.len()).map(|x| x.1));
+                chosen.sort_unstable();
+                let o = &mut out[((b * s.tq + i) * s.hkv + h) * n..][..n];
+                for (slot, j) in o.iter_mut().zip(chosen) {
+                    *slot = j as i32;
+                }
+            }
+        }
+    }
+    out
+}

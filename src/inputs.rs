@@ -1,0 +1,182 @@
+//! Host-side inputs and outputs of one NSA call, and their validation.
+
+use crate::config::{Compression, NsaConfig, Shape};
+use crate::error::{NsaError, Result};
+
+/// Learned compression weights for [`Compression::Linear`], separately for keys and values.
+#[derive(Debug, Clone, Copy)]
+pub struct LinearWeights<'a> {
+    /// Key weights `W_k`: `[Hkv, l, Dk, Dk]` (input dim, then output dim).
+    pub w_k: &'a [f32],
+    /// Key intra-block position encoding `pe_k`: `[Hkv, l, Dk]`.
+    pub pe_k: &'a [f32],
+    /// Value weights `W_v`: `[Hkv, l, Dv, Dv]`.
+    pub w_v: &'a [f32],
+    /// Value intra-block position encoding `pe_v`: `[Hkv, l, Dv]`.
+    pub pe_v: &'a [f32],
+}
+
+/// The tensors of one NSA call, as flat row-major `f32` slices in SPEC's layouts.
+///
+/// The per-branch keys/values (`k_cmp` … `v_win`) are optional: a branch without its own
+/// uses `k`, `v`.
+#[derive(Debug, Clone, Copy)]
+pub struct NsaInputs<'a> {
+    /// `q`: `[B, Tq, Hq, Dk]`.
+    pub q: &'a [f32],
+    /// `k`: `[B, Tk, Hkv, Dk]`.
+    pub k: &'a [f32],
+    /// `v`: `[B, Tk, Hkv, Dv]`.
+    pub v: &'a [f32],
+    /// `gates`: `[B, Tq, Hq, 3]`, (cmp, slc, win) after the sigmoid.
+    pub gates: &'a [f32],
+    /// Keys of the compression branch, shaped like `k`.
+    pub k_cmp: Option<&'a [f32]>,
+    /// Values of the compression branch, shaped like `v`.
+    pub v_cmp: Option<&'a [f32]>,
+    /// Keys of the selection branch, shaped like `k`.
+    pub k_slc: Option<&'a [f32]>,
+    /// Values of the selection branch, shaped like `v`.
+    pub v_slc: Option<&'a [f32]>,
+    /// Keys of the window branch, shaped like `k`.
+    pub k_win: Option<&'a [f32]>,
+    /// Values of the window branch, shaped like `v`.
+    pub v_win: Option<&'a [f32]>,
+    /// Weights for [`Compression::Linear`]; required by it, ignored by `Mean`.
+    pub linear: Option<LinearWeights<'a>>,
+}
+
+impl<'a> NsaInputs<'a> {
+    /// Inputs where every branch uses `k`, `v`.
+    pub fn new(q: &'a [f32], k: &'a [f32], v: &'a [f32], gates: &'a [f32]) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            gates,
+            k_cmp: None,
+            v_cmp: None,
+            k_slc: None,
+            v_slc: None,
+            k_win: None,
+            v_win: None,
+            linear: None,
+        }
+    }
+
+    /// Keys and values of the compression branch.
+    pub fn cmp_kv(&self) -> (&'a [f32], &'a [f32]) {
+        (self.k_cmp.unwrap_or(self.k), self.v_cmp.unwrap_or(self.v))
+    }
+    /// Keys and values of the selection branch.
+    pub fn slc_kv(&self) -> (&'a [f32], &'a [f32]) {
+        (self.k_slc.unwrap_or(self.k), self.v_slc.unwrap_or(self.v))
+    }
+    /// Keys and values of the window branch.
+    pub fn win_kv(&self) -> (&'a [f32], &'a [f32]) {
+        (self.k_win.unwrap_or(self.k), self.v_win.unwrap_or(self.v))
+    }
+
+    /// Checks the config and shape rules, every tensor's length, that linear weights are
+    /// present when needed, and that no tensor holds NaN or infinity.
+    pub fn validate(&self, config: &NsaConfig, shape: &Shape) -> Result<()> {
+        config.validate()?;
+        shape.validate()?;
+        let kd = shape.k_shape().to_vec();
+        let vd = shape.v_shape().to_vec();
+        let mut tensors: Vec<(&'static str, &[f32], Vec<usize>)> = vec![
+            ("q", self.q, shape.q_shape().to_vec()),
+            ("k", self.k, kd.clone()),
+            ("v", self.v, vd.clone()),
+            ("gates", self.gates, shape.gates_shape().to_vec()),
+        ];
+        for (name, t, dims) in [
+            ("k_cmp", self.k_cmp, &kd),
+            ("v_cmp", self.v_cmp, &vd),
+            ("k_slc", self.k_slc, &kd),
+            ("v_slc", self.v_slc, &vd),
+            ("k_win", self.k_win, &kd),
+            ("v_win", self.v_win, &vd),
+        ] {
+            if let Some(t) = t {
+                tensors.push((name, t, dims.clone()));
+            }
+        }
+        if config.compression == Compression::Linear {
+            let lw = self.linear.ok_or(NsaError::MissingInput {
+                tensor: "w_k",
+                why: "Compression::Linear needs w_k, pe_k, w_v, pe_v",
+            })?;
+            let (h, l, dk, dv) = (shape.hkv, config.cmp_block, shape.dk, shape.dv);
+            tensors.push(("w_k", lw.w_k, vec![h, l, dk, dk]));
+            tensors.push(("pe_k", lw.pe_k, vec![h, l, dk]));
+            tensors.push(("w_v", lw.w_v, vec![h, l, dv, dv]));
+            tensors.push(("pe_v", lw.pe_v, vec![h, l, dv]));
+        }
+        for (tensor, data, expected) in tensors {
+            check_tensor(tensor, data, &expected)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `data` has `expected`'s element count and holds only finite values.
+pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> Result<()> {
+    let n: usize = expected.iter().product();
+    if data.len() != n {
+        return Err(NsaError::ShapeMismatch {
+            tensor,
+            expected: expected.to_vec(),
+            got: data.len(),
+        });
+    }
+    if let Some(index) = data.iter().position(|x| !x.is_finite()) {
+        return Err(NsaError::NonFinite {
+            tensor,
+            index,
+            value: data[index],
+        });
+    }
+    Ok(())
+}
+
+/// Which outputs besides `out` a call should return.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputRequest {
+    /// Return the selected blocks, `[B, Tq, Hkv, n]`.
+    pub block_indices: bool,
+    /// Return the three branch outputs, each `[B, Tq, Hq, Dv]`.
+    pub branches: bool,
+}
+
+impl OutputRequest {
+    /// Every output.
+    pub fn all() -> Self {
+        Self {
+            block_indices: true,
+            branches: true,
+        }
+    }
+}
+
+/// The three branch outputs before gating, each `[B, Tq, Hq, Dv]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BranchOutputs {
+    /// Compressed attention.
+    pub o_cmp: Vec<f32>,
+    /// Selected-block attention.
+    pub o_slc: Vec<f32>,
+    /// Sliding-window attention.
+    pub o_win: Vec<f32>,
+}
+
+/// The results of one NSA call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NsaOutputs {
+    /// `out`: `[B, Tq, Hq, Dv]`.
+    pub out: Vec<f32>,
+    /// Selected blocks `[B, Tq, Hkv, n]`, ascending, `-1` padded (when requested).
+    pub block_indices: Option<Vec<i32>>,
+    /// The branch outputs (when requested).
+    pub branches: Option<BranchOutputs>,
+}

@@ -1,0 +1,195 @@
+//! The kernels: the `Params` uniform, each kernel's binding table, and pipeline creation.
+
+use bytemuck::{Pod, Zeroable};
+
+/// The uniform every kernel reads. Keep in sync with `struct Params` in
+/// `shaders/shared/params.wgsl` (a test checks the size against naga's layout).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Pod, Zeroable)]
+#[allow(missing_docs)]
+pub struct Params {
+    pub batch: u32,
+    pub tq: u32,
+    pub tk: u32,
+    pub hq: u32,
+    pub hkv: u32,
+    pub g: u32,
+    pub dk: u32,
+    pub dv: u32,
+    pub cmp_block: u32,
+    pub cmp_stride: u32,
+    pub sel_block: u32,
+    pub top_n: u32,
+    pub init_blocks: u32,
+    pub local_blocks: u32,
+    pub window: u32,
+    pub n_cmp: u32,
+    pub scale: f32,
+    pub q_start: u32,
+    pub q_count: u32,
+    pub linear: u32,
+    pub dim: u32,
+    pub head_chunks: u32,
+    pub kv_tile: u32,
+    pub total_wg: u32,
+    pub off_q: u32,
+    pub off_k: u32,
+    pub off_v: u32,
+    pub off_kc: u32,
+    pub off_gates: u32,
+    pub off_out: u32,
+    pub off_ocmp: u32,
+    pub off_oslc: u32,
+    pub off_owin: u32,
+    pub off_lse: u32,
+    pub off_idx: u32,
+    pub _pad: u32,
+}
+
+/// How a kernel accesses one binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The `Params` uniform (binding 0 of every kernel).
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// The five kernels, in dataflow order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelId {
+    /// `shaders/compress.wgsl`: blockwise compression of keys or values.
+    Compress,
+    /// `shaders/cmp_attn.wgsl`: compressed attention and its log-sum-exp.
+    CmpAttn,
+    /// `shaders/select.wgsl`: block importance, group sum, top-n.
+    Select,
+    /// `shaders/slc_attn.wgsl`: selected-block attention.
+    SlcAttn,
+    /// `shaders/win_attn.wgsl`: window attention fused with the gated combination.
+    WinAttn,
+}
+
+use Access::{Read, ReadWrite, Uniform};
+
+impl KernelId {
+    /// Every kernel.
+    pub const ALL: [KernelId; 5] = [
+        KernelId::Compress,
+        KernelId::CmpAttn,
+        KernelId::Select,
+        KernelId::SlcAttn,
+        KernelId::WinAttn,
+    ];
+
+    /// The shader's file name (without `.wgsl`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelId::Compress => "compress",
+            KernelId::CmpAttn => "cmp_attn",
+            KernelId::Select => "select",
+            KernelId::SlcAttn => "slc_attn",
+            KernelId::WinAttn => "win_attn",
+        }
+    }
+
+    /// The debug label of its pipeline and dispatches.
+    pub fn label(self) -> &'static str {
+        match self {
+            KernelId::Compress => "nsa.compress",
+            KernelId::CmpAttn => "nsa.cmp_attn",
+            KernelId::Select => "nsa.select",
+            KernelId::SlcAttn => "nsa.slc_attn",
+            KernelId::WinAttn => "nsa.win_attn",
+        }
+    }
+
+    /// The binding table: access of `@binding(i)` for each `i`, mirroring the shader.
+    pub fn bindings(self) -> &'static [Access] {
+        match self {
+            // params, src, dst, w, pe
+            KernelId::Compress => &[Uniform, Read, ReadWrite, Read, Read],
+            // params, q, kc, vc, o_cmp, lse
+            KernelId::CmpAttn => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
+            // params, q, kc, lse, block_indices
+            KernelId::Select => &[Uniform, Read, Read, Read, ReadWrite],
+            // params, q, k, v, block_indices, o_slc
+            KernelId::SlcAttn => &[Uniform, Read, Read, Read, Read, ReadWrite],
+            // params, q, k, v, gates, o_cmp, o_slc, o_win, out
+            KernelId::WinAttn => &[
+                Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
+            ],
+        }
+    }
+
+    /// Workgroup memory the kernel declares, in bytes (checked against the adapter).
+    pub fn workgroup_bytes(self) -> u32 {
+        match self {
+            KernelId::Compress => 256 * 4,
+            KernelId::Select => (2048 + 128 + 4 * 256) * 4,
+            _ => (4096 + 1024 + 3 * 16) * 4,
+        }
+    }
+}
+
+/// One compiled kernel: its pipeline and bind group layout.
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+impl Kernel {
+    /// Builds the layout from the binding table and compiles the shader.
+    pub fn new(device: &wgpu::Device, id: KernelId) -> Kernel {
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = id
+            .bindings()
+            .iter()
+            .enumerate()
+            .map(|(i, access)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: match access {
+                    Uniform => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: false,
+                        min_binding_size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                    },
+                    Read | ReadWrite => wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage {
+                            read_only: *access == Read,
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                },
+                count: None,
+            })
+            .collect();
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(id.label()),
+            entries: &entries,
+        });
+        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(id.label()),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let source = crate::shaders::source(id.name()).expect("every KernelId has a shader");
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(id.label()),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(id.label()),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        Kernel { pipeline, layout }
+    }
+}

@@ -1,0 +1,532 @@
+//! [`GpuContext`] (which adapter and device), [`NsaPipeline`] (compiled kernels), its
+//! [`NsaScratch`] (intermediate buffers of one plan), `encode()` into a caller's command
+//! encoder, and the convenience `run()` on host slices.
+
+use wgpu::util::DeviceExt;
+
+use crate::config::{NsaConfig, Shape};
+use crate::error::{NsaError, Result};
+use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+use crate::kernels::{Kernel, KernelId, Params};
+use crate::plan::{DeviceLimits, Plan, Tensor};
+
+/// A device and queue to run on, and what adapter they came from.
+#[derive(Debug, Clone)]
+pub struct GpuContext {
+    /// The device.
+    pub device: wgpu::Device,
+    /// Its queue.
+    pub queue: wgpu::Queue,
+    /// The adapter the device belongs to.
+    pub adapter_info: wgpu::AdapterInfo,
+}
+
+/// Which adapter [`GpuContext::with_options`] picks.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterOptions {
+    /// Restrict to these backends (`None`: wgpu's defaults, honouring `WGPU_BACKEND`).
+    pub backends: Option<wgpu::Backends>,
+    /// Take the first adapter whose name contains this (case-insensitive).
+    pub name: Option<String>,
+}
+
+impl GpuContext {
+    /// The best adapter on this machine (high performance preference) and a device with
+    /// that adapter's limits.
+    pub async fn new() -> Result<Self> {
+        Self::with_options(&AdapterOptions::default()).await
+    }
+
+    /// An adapter chosen by backend and name, and a device with its limits.
+    pub async fn with_options(options: &AdapterOptions) -> Result<Self> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if let Some(b) = options.backends {
+            desc.backends = b;
+        }
+        let backends = desc.backends;
+        let instance = wgpu::Instance::new(desc);
+        let adapter = match &options.name {
+            Some(name) => {
+                let want = name.to_lowercase();
+                let all = instance.enumerate_adapters(backends).await;
+                let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+                all.into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&want))
+                    .ok_or_else(|| {
+                        NsaError::NoAdapter(format!("no adapter name contains `{name}`; found {names:?}"))
+                    })?
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| NsaError::NoAdapter(format!("{e} (backends {backends:?})")))?,
+        };
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("nsa-wgpu"),
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| NsaError::Device(e.to_string()))?;
+        Ok(Self {
+            device,
+            queue,
+            adapter_info: adapter.get_info(),
+        })
+    }
+
+    /// Wraps a caller's device and queue.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> Self {
+        Self {
+            device,
+            queue,
+            adapter_info,
+        }
+    }
+
+    /// One line naming the adapter: name, backend, type, driver.
+    pub fn describe(&self) -> String {
+        let i = &self.adapter_info;
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            i.name, i.backend, i.device_type, i.driver, i.driver_info
+        )
+    }
+}
+
+/// The limits of a device, as a plan needs them.
+pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
+    DeviceLimits {
+        max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+        max_buffer: limits.max_buffer_size,
+        storage_align: limits.min_storage_buffer_offset_alignment as u64,
+        uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
+        max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+    }
+}
+
+/// The caller's buffers for [`NsaPipeline::encode`]: tensors in SPEC's layouts, `f32`
+/// (outputs `block_indices` as `i32`), each starting at offset 0, with `STORAGE` usage.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuBuffers<'a> {
+    /// `q`: `[B, Tq, Hq, Dk]`.
+    pub q: &'a wgpu::Buffer,
+    /// `k`: `[B, Tk, Hkv, Dk]`.
+    pub k: &'a wgpu::Buffer,
+    /// `v`: `[B, Tk, Hkv, Dv]`.
+    pub v: &'a wgpu::Buffer,
+    /// `gates`: `[B, Tq, Hq, 3]`.
+    pub gates: &'a wgpu::Buffer,
+    /// Independent keys/values per branch (`None`: `k`, `v`), in the order
+    /// `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`.
+    pub branch_kv: [Option<&'a wgpu::Buffer>; 6],
+    /// Linear compression weights `w_k, pe_k, w_v, pe_v` (required by `Linear`).
+    pub linear: Option<[&'a wgpu::Buffer; 4]>,
+    /// `out`: `[B, Tq, Hq, Dv]` (written).
+    pub out: &'a wgpu::Buffer,
+    /// `block_indices`: `[B, Tq, Hkv, n]` (written when given; else kept in the scratch).
+    pub block_indices: Option<&'a wgpu::Buffer>,
+    /// `o_cmp, o_slc, o_win`, each `[B, Tq, Hq, Dv]` (written when given).
+    pub branches: Option<[&'a wgpu::Buffer; 3]>,
+}
+
+impl<'a> GpuBuffers<'a> {
+    /// The required buffers; everything optional left out.
+    pub fn new(
+        q: &'a wgpu::Buffer,
+        k: &'a wgpu::Buffer,
+        v: &'a wgpu::Buffer,
+        gates: &'a wgpu::Buffer,
+        out: &'a wgpu::Buffer,
+    ) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            gates,
+            branch_kv: [None; 6],
+            linear: None,
+            out,
+            block_indices: None,
+            branches: None,
+        }
+    }
+}
+
+/// The intermediate buffers and uniforms of one [`Plan`]. Create once per shape, reuse for
+/// every call with that plan.
+#[derive(Debug)]
+pub struct NsaScratch {
+    plan: Plan,
+    params: wgpu::Buffer,
+    params_stride: u64,
+    buffers: Vec<(Tensor, wgpu::Buffer)>,
+}
+
+impl NsaScratch {
+    /// The scratch buffer holding `tensor` (`Kc`, `Vc`, `Lse`, and `Idx`, `OCmp`, `OSlc`,
+    /// `OWin` when the caller does not provide them), for inspection.
+    pub fn buffer(&self, tensor: Tensor) -> Option<&wgpu::Buffer> {
+        self.buffers.iter().find(|(t, _)| *t == tensor).map(|(_, b)| b)
+    }
+
+    /// The plan this scratch was made for.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+}
+
+/// The NSA forward pass: the compiled kernels on one device.
+#[derive(Debug)]
+pub struct NsaPipeline {
+    ctx: GpuContext,
+    kernels: Vec<Kernel>,
+    limits: DeviceLimits,
+    dummy: wgpu::Buffer,
+}
+
+impl NsaPipeline {
+    /// Compiles every kernel on `ctx`'s device. Fails with [`NsaError::ExceedsLimit`] when the
+    /// device cannot hold a kernel's bindings or workgroup memory.
+    pub async fn new(ctx: &GpuContext) -> Result<Self> {
+        let lim = ctx.device.limits();
+        for id in KernelId::ALL {
+            let storage = id.bindings().len() as u64 - 1;
+            if storage > lim.max_storage_buffers_per_shader_stage as u64 {
+                return Err(NsaError::ExceedsLimit {
+                    what: "max_storage_buffers_per_shader_stage",
+                    needed: storage,
+                    limit: lim.max_storage_buffers_per_shader_stage as u64,
+                });
+            }
+            if id.workgroup_bytes() > lim.max_compute_workgroup_storage_size {
+                return Err(NsaError::ExceedsLimit {
+                    what: "max_compute_workgroup_storage_size",
+                    needed: id.workgroup_bytes() as u64,
+                    limit: lim.max_compute_workgroup_storage_size as u64,
+                });
+            }
+        }
+        if lim.max_compute_invocations_per_workgroup < 128 {
+            return Err(NsaError::ExceedsLimit {
+                what: "max_compute_invocations_per_workgroup",
+                needed: 128,
+                limit: lim.max_compute_invocations_per_workgroup as u64,
+            });
+        }
+        let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let kernels = KernelId::ALL.iter().map(|id| Kernel::new(&ctx.device, *id)).collect();
+        let dummy = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("nsa.dummy"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = scope.pop().await {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        Ok(Self {
+            ctx: ctx.clone(),
+            kernels,
+            limits: device_limits(&lim),
+            dummy,
+        })
+    }
+
+    /// The context the pipeline runs on.
+    pub fn context(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// The device limits plans are made for.
+    pub fn limits(&self) -> DeviceLimits {
+        self.limits
+    }
+
+    /// Plans a call on this device.
+    pub fn plan(&self, config: &NsaConfig, shape: &Shape) -> Result<Plan> {
+        Plan::new(config, shape, &self.limits)
+    }
+
+    /// Allocates the intermediate buffers and uniforms of `plan`.
+    pub fn scratch(&self, plan: &Plan) -> Result<NsaScratch> {
+        let device = &self.ctx.device;
+        let stride = (std::mem::size_of::<Params>() as u64).next_multiple_of(self.limits.uniform_align);
+        let mut bytes = vec![0u8; (stride * plan.steps.len().max(1) as u64) as usize];
+        for (i, step) in plan.steps.iter().enumerate() {
+            let at = i * stride as usize;
+            bytes[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&step.params));
+        }
+        let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("nsa.params"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut buffers = Vec::new();
+        for t in [Tensor::Kc, Tensor::Vc, Tensor::Lse, Tensor::Idx, Tensor::OCmp, Tensor::OSlc, Tensor::OWin] {
+            let size = plan.tensor_bytes(t);
+            if size > self.limits.max_buffer {
+                return Err(NsaError::ExceedsLimit {
+                    what: "max_buffer_size",
+                    needed: size,
+                    limit: self.limits.max_buffer,
+                });
+            }
+            let buf = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.scratch"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            buffers.push((t, buf));
+        }
+        Ok(NsaScratch {
+            plan: plan.clone(),
+            params,
+            params_stride: stride,
+            buffers,
+        })
+    }
+
+    /// The buffer a step binds for `tensor`, checked for size and usage.
+    fn resolve<'b>(&'b self, t: Tensor, plan: &Plan, scratch: &'b NsaScratch, bufs: &GpuBuffers<'b>) -> Result<&'b wgpu::Buffer> {
+        let kv = |i: usize, fallback: &'b wgpu::Buffer| bufs.branch_kv[i].unwrap_or(fallback);
+        let lin = |i: usize| -> Result<&'b wgpu::Buffer> {
+            if plan.tensor_len(t) == 0 {
+                return Ok(&self.dummy);
+            }
+            bufs.linear.map(|l| l[i]).ok_or(NsaError::MissingInput {
+                tensor: ["w_k", "pe_k", "w_v", "pe_v"][i],
+                why: "Compression::Linear needs w_k, pe_k, w_v, pe_v",
+            })
+        };
+        let scr = |t: Tensor| scratch.buffer(t).expect("scratch holds every intermediate");
+        let (name, buf) = match t {
+            Tensor::Q => ("q", bufs.q),
+            Tensor::Gates => ("gates", bufs.gates),
+            Tensor::KCmp => ("k_cmp", kv(0, bufs.k)),
+            Tensor::VCmp => ("v_cmp", kv(1, bufs.v)),
+            Tensor::KSlc => ("k_slc", kv(2, bufs.k)),
+            Tensor::VSlc => ("v_slc", kv(3, bufs.v)),
+            Tensor::KWin => ("k_win", kv(4, bufs.k)),
+            Tensor::VWin => ("v_win", kv(5, bufs.v)),
+            Tensor::WK => ("w_k", lin(0)?),
+            Tensor::PeK => ("pe_k", lin(1)?),
+            Tensor::WV => ("w_v", lin(2)?),
+            Tensor::PeV => ("pe_v", lin(3)?),
+            Tensor::Kc => ("kc", scr(t)),
+            Tensor::Vc => ("vc", scr(t)),
+            Tensor::Lse => ("lse", scr(t)),
+            Tensor::Idx => ("block_indices", bufs.block_indices.unwrap_or_else(|| scr(t))),
+            Tensor::OCmp => ("o_cmp", bufs.branches.map_or_else(|| scr(t), |b| b[0])),
+            Tensor::OSlc => ("o_slc", bufs.branches.map_or_else(|| scr(t), |b| b[1])),
+            Tensor::OWin => ("o_win", bufs.branches.map_or_else(|| scr(t), |b| b[2])),
+            Tensor::Out => ("out", bufs.out),
+        };
+        let need = if std::ptr::eq(buf, &self.dummy) { 4 } else { plan.tensor_bytes(t) };
+        if buf.size() < need {
+            return Err(NsaError::BadBuffer {
+                tensor: name,
+                problem: format!("holds {} bytes, the shape needs {need}", buf.size()),
+            });
+        }
+        if !buf.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(NsaError::BadBuffer {
+                tensor: name,
+                problem: format!("usage {:?} lacks STORAGE", buf.usage()),
+            });
+        }
+        Ok(buf)
+    }
+
+    /// Records the whole forward pass into `encoder`, reading and writing the caller's
+    /// buffers in place (no copies). Nothing runs until the caller submits.
+    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, scratch: &NsaScratch, bufs: &GpuBuffers) -> Result<()> {
+        let plan = &scratch.plan;
+        // Resolve every binding first, so a bad buffer fails before anything is recorded.
+        let mut groups = Vec::with_capacity(plan.steps.len());
+        for (i, step) in plan.steps.iter().enumerate() {
+            let kernel = &self.kernels[step.kernel as usize];
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &scratch.params,
+                    offset: i as u64 * scratch.params_stride,
+                    size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                }),
+            }];
+            for (slot, (tensor, window)) in step.bindings.iter().enumerate() {
+                let buffer = self.resolve(*tensor, plan, scratch, bufs)?;
+                let size = if std::ptr::eq(buffer, &self.dummy) { 16 } else { window.size };
+                entries.push(wgpu::BindGroupEntry {
+                    binding: slot as u32 + 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: if std::ptr::eq(buffer, &self.dummy) { 0 } else { window.offset },
+                        size: wgpu::BufferSize::new(size),
+                    }),
+                });
+            }
+            groups.push(self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(step.kernel.label()),
+                layout: &kernel.layout,
+                entries: &entries,
+            }));
+        }
+        for (step, group) in plan.steps.iter().zip(&groups) {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(step.kernel.label()),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&self.kernels[step.kernel as usize].pipeline);
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(step.grid[0], step.grid[1], 1);
+        }
+        Ok(())
+    }
+
+    /// Runs NSA on host slices: validates, uploads, encodes, submits and reads back.
+    pub async fn run(
+        &self,
+        config: &NsaConfig,
+        shape: &Shape,
+        inputs: &NsaInputs<'_>,
+        request: OutputRequest,
+    ) -> Result<NsaOutputs> {
+        inputs.validate(config, shape)?;
+        let plan = self.plan(config, shape)?;
+        let device = &self.ctx.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let upload = |label: &str, data: &[f32]| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let q = upload("nsa.q", inputs.q);
+        let k = upload("nsa.k", inputs.k);
+        let v = upload("nsa.v", inputs.v);
+        let gates = upload("nsa.gates", inputs.gates);
+        let branch: Vec<Option<wgpu::Buffer>> = [inputs.k_cmp, inputs.v_cmp, inputs.k_slc, inputs.v_slc, inputs.k_win, inputs.v_win]
+            .iter()
+            .map(|t| t.map(|d| upload("nsa.branch_kv", d)))
+            .collect();
+        let linear: Option<Vec<wgpu::Buffer>> = inputs
+            .linear
+            .filter(|_| plan.tensor_len(Tensor::WK) > 0)
+            .map(|l| [l.w_k, l.pe_k, l.w_v, l.pe_v].iter().map(|d| upload("nsa.linear", d)).collect());
+        let out = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("nsa.out"),
+            size: plan.tensor_bytes(Tensor::Out),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let scratch = self.scratch(&plan)?;
+        let mut bufs = GpuBuffers::new(&q, &k, &v, &gates, &out);
+        for (slot, b) in bufs.branch_kv.iter_mut().zip(&branch) {
+            *slot = b.as_ref();
+        }
+        bufs.linear = linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("nsa.run") });
+        self.encode(&mut encoder, &scratch, &bufs)?;
+        let mut wanted = vec![(Tensor::Out, &out)];
+        if request.block_indices {
+            wanted.push((Tensor::Idx, scratch.buffer(Tensor::Idx).expect("scratch idx")));
+        }
+        if request.branches {
+            for t in [Tensor::OCmp, Tensor::OSlc, Tensor::OWin] {
+                wanted.push((t, scratch.buffer(t).expect("scratch branch")));
+            }
+        }
+        let buffers: Vec<&wgpu::Buffer> = wanted.iter().map(|(_, b)| *b).collect();
+        let staging = stage_readback(device, &mut encoder, &buffers);
+        self.ctx.queue.submit([encoder.finish()]);
+        if let Some(e) = oom.pop().await {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        if let Some(e) = scope.pop().await {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        let mut data = read_staging(device, &staging).await?.into_iter();
+        let mut next_f32 = || -> Vec<f32> { bytemuck::cast_slice(&data.next().expect("one per wanted")).to_vec() };
+        let out = next_f32();
+        let block_indices = request
+            .block_indices
+            .then(|| bytemuck::cast_slice::<f32, i32>(&next_f32()).to_vec());
+        let branches = request.branches.then(|| BranchOutputs {
+            o_cmp: next_f32(),
+            o_slc: next_f32(),
+            o_win: next_f32(),
+        });
+        Ok(NsaOutputs {
+            out,
+            block_indices,
+            branches,
+        })
+    }
+
+    /// [`Self::run`], blocking on the result (native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn run_blocking(
+        &self,
+        config: &NsaConfig,
+        shape: &Shape,
+        inputs: &NsaInputs<'_>,
+        request: OutputRequest,
+    ) -> Result<NsaOutputs> {
+        pollster::block_on(self.run(config, shape, inputs, request))
+    }
+}
+
+/// Records copies of `buffers` into fresh `MAP_READ` buffers.
+pub fn stage_readback(device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder, buffers: &[&wgpu::Buffer]) -> Vec<wgpu::Buffer> {
+    buffers
+        .iter()
+        .map(|b| {
+            let staging = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.readback"),
+                size: b.size(),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            encoder.copy_buffer_to_buffer(b, 0, &staging, 0, b.size());
+            staging
+        })
+        .collect()
+}
+
+/// Maps staging buffers (after their copies were submitted) and returns their bytes. Works
+/// the same on native (polls the device) and on the web (the browser drives the mapping).
+pub async fn read_staging(device: &wgpu::Device, staging: &[wgpu::Buffer]) -> Result<Vec<Vec<u8>>> {
+    let mut receivers = Vec::new();
+    for b in staging {
+        let (tx, rx) = futures_channel::oneshot::channel();
+        b.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        receivers.push(rx);
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| NsaError::Readback(e.to_string()))?;
+    #[cfg(target_arch = "wasm32")]
+    let _ = device;
+    let mut out = Vec::new();
+    for (b, rx) in staging.iter().zip(receivers) {
+        rx.await
+            .map_err(|_| NsaError::Readback("the mapping callback was dropped".into()))?
+            .map_err(|e| NsaError::Readback(e.to_string()))?;
+        let view = b.slice(..).get_mapped_range().map_err(|e| NsaError::Readback(e.to_string()))?;
+        out.push(view.to_vec());
+        drop(view);
+        b.unmap();
+    }
+    Ok(out)
+}

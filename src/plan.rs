@@ -1,0 +1,455 @@
+//! Pure sizing: every buffer size, binding window and dispatch of one NSA call, computed from
+//! the config, the shapes and the adapter's limits. No GPU types: unit-testable anywhere.
+//!
+//! Work is split so that no binding exceeds `max_storage_buffer_binding_size` and no grid
+//! dimension exceeds `max_compute_workgroups_per_dimension`: whole batches per chunk when they
+//! fit, else ranges of query rows within one sequence. Where splitting cannot help (the keys
+//! of one sequence are larger than a binding, a buffer is larger than `max_buffer_size`), the
+//! plan fails with [`NsaError::ExceedsLimit`].
+
+use crate::config::{Compression, NsaConfig, Shape};
+use crate::error::{NsaError, Result};
+use crate::kernels::{KernelId, Params};
+
+/// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLimits {
+    /// `max_storage_buffer_binding_size`.
+    pub max_storage_binding: u64,
+    /// `max_buffer_size`.
+    pub max_buffer: u64,
+    /// `min_storage_buffer_offset_alignment`.
+    pub storage_align: u64,
+    /// `min_uniform_buffer_offset_alignment`.
+    pub uniform_align: u64,
+    /// `max_compute_workgroups_per_dimension`.
+    pub max_workgroups_per_dim: u32,
+}
+
+impl Default for DeviceLimits {
+    /// WebGPU's default limits.
+    fn default() -> Self {
+        Self {
+            max_storage_binding: 128 << 20,
+            max_buffer: 256 << 20,
+            storage_align: 256,
+            uniform_align: 256,
+            max_workgroups_per_dim: 65535,
+        }
+    }
+}
+
+/// The tensors a kernel binds. Per-branch keys/values fall back to `K`/`V` when not given,
+/// linear weights to a dummy buffer under `Mean`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Tensor {
+    Q,
+    Gates,
+    KCmp,
+    VCmp,
+    KSlc,
+    VSlc,
+    KWin,
+    VWin,
+    WK,
+    PeK,
+    WV,
+    PeV,
+    /// Compressed keys `[B, C, Hkv, Dk]` (scratch).
+    Kc,
+    /// Compressed values `[B, C, Hkv, Dv]` (scratch).
+    Vc,
+    /// Log-sum-exp of compressed attention `[B, Tq, Hq]` (scratch).
+    Lse,
+    /// `block_indices` `[B, Tq, Hkv, n]`.
+    Idx,
+    OCmp,
+    OSlc,
+    OWin,
+    Out,
+}
+
+/// A byte range of a buffer bound to one binding; its start is aligned to
+/// `min_storage_buffer_offset_alignment` (the element residual goes into `Params`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Byte offset (aligned).
+    pub offset: u64,
+    /// Byte size.
+    pub size: u64,
+}
+
+/// One dispatch: which kernel, its uniform, its grid and what each binding sees.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The kernel.
+    pub kernel: KernelId,
+    /// Its uniform.
+    pub params: Params,
+    /// Workgroups in x and y (x * y >= params.total_wg).
+    pub grid: [u32; 2],
+    /// `(tensor, window)` for bindings 1.. in order.
+    pub bindings: Vec<(Tensor, Window)>,
+}
+
+/// Every size and dispatch of one NSA call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The configuration.
+    pub config: NsaConfig,
+    /// The shapes.
+    pub shape: Shape,
+    /// Compressed tokens per sequence, `C`.
+    pub n_cmp: usize,
+    /// Keys per tile in the attention kernels.
+    pub kv_tile: u32,
+    /// Workgroups per (query, kv head) in the attention kernels (`ceil(G / 16)`).
+    pub head_chunks: u32,
+    /// The dispatches, in dataflow order.
+    pub steps: Vec<Step>,
+    /// The limits the plan was made for.
+    pub limits: DeviceLimits,
+}
+
+/// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
+pub const ROWS_PER_WORKGROUP: usize = 16;
+/// Floats in the attention tile (`TILE` in `shaders/shared/attention.wgsl`).
+const ATTN_TILE: usize = 4096;
+/// `KT_MAX` in `shaders/shared/attention.wgsl`.
+const KT_MAX: usize = 64;
+/// `PBUF` in `shaders/select.wgsl`.
+const SELECT_PBUF: usize = 2048;
+/// `NMAX` in `shaders/select.wgsl`.
+pub const MAX_TOP_N: usize = 256;
+
+/// A range of the work: whole batches (`q_count == Tq`) or query rows of one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Chunk {
+    b0: usize,
+    nb: usize,
+    q0: usize,
+    qc: usize,
+}
+
+fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
+    NsaError::ExceedsLimit {
+        what,
+        needed,
+        limit,
+    }
+}
+
+impl Plan {
+    /// Plans one call. Validates the config and shape first.
+    pub fn new(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits) -> Result<Plan> {
+        config.validate()?;
+        shape.validate()?;
+        let s = *shape;
+        if config.top_n > MAX_TOP_N {
+            return Err(exceeds("top_n (selection kernel's list)", config.top_n as u64, MAX_TOP_N as u64));
+        }
+        let m = config.sel_block / config.cmp_stride;
+        let u = config.cmp_block / config.cmp_stride;
+        if m + u - 1 > SELECT_PBUF {
+            return Err(exceeds(
+                "l'/d + l/d - 1 (selection kernel's token tile)",
+                (m + u - 1) as u64,
+                SELECT_PBUF as u64,
+            ));
+        }
+        let n_cmp = config.num_compressed(s.tk);
+        let kv_tile = (ATTN_TILE / s.dk.max(s.dv)).min(KT_MAX) as u32;
+        let head_chunks = s.group().div_ceil(ROWS_PER_WORKGROUP) as u32;
+        let mut plan = Plan {
+            config: *config,
+            shape: s,
+            n_cmp,
+            kv_tile,
+            head_chunks,
+            steps: Vec::new(),
+            limits: *limits,
+        };
+        for t in [Tensor::Q, Tensor::KCmp, Tensor::VCmp, Tensor::Gates, Tensor::Idx, Tensor::Out, Tensor::WK, Tensor::WV] {
+            let bytes = plan.tensor_bytes(t);
+            if bytes > limits.max_buffer {
+                return Err(exceeds("max_buffer_size", bytes, limits.max_buffer));
+            }
+        }
+        plan.plan_compress()?;
+        plan.plan_attention()?;
+        Ok(plan)
+    }
+
+    /// Elements of a tensor for the whole call.
+    pub fn tensor_len(&self, t: Tensor) -> u64 {
+        let s = &self.shape;
+        let (b, tq, tk, hq, hkv, dk, dv) = (s.batch, s.tq, s.tk, s.hq, s.hkv, s.dk, s.dv);
+        let l = self.config.cmp_block;
+        let linear = self.config.compression == Compression::Linear;
+        let n = match t {
+            Tensor::Q => b * tq * hq * dk,
+            Tensor::Gates => b * tq * hq * 3,
+            Tensor::KCmp | Tensor::KSlc | Tensor::KWin => b * tk * hkv * dk,
+            Tensor::VCmp | Tensor::VSlc | Tensor::VWin => b * tk * hkv * dv,
+            Tensor::WK if linear => hkv * l * dk * dk,
+            Tensor::PeK if linear => hkv * l * dk,
+            Tensor::WV if linear => hkv * l * dv * dv,
+            Tensor::PeV if linear => hkv * l * dv,
+            Tensor::WK | Tensor::PeK | Tensor::WV | Tensor::PeV => 0,
+            Tensor::Kc => b * self.n_cmp * hkv * dk,
+            Tensor::Vc => b * self.n_cmp * hkv * dv,
+            Tensor::Lse => b * tq * hq,
+            Tensor::Idx => b * tq * hkv * self.config.top_n,
+            Tensor::OCmp | Tensor::OSlc | Tensor::OWin | Tensor::Out => b * tq * hq * dv,
+        };
+        n as u64
+    }
+
+    /// Bytes of a tensor for the whole call (at least 4: wgpu buffers are never empty here).
+    pub fn tensor_bytes(&self, t: Tensor) -> u64 {
+        (self.tensor_len(t) * 4).max(4)
+    }
+
+    /// Elements a binding may hold, leaving room for the alignment residual.
+    fn binding_elems(&self) -> u64 {
+        (self.limits.max_storage_binding.saturating_sub(self.limits.storage_align)) / 4
+    }
+
+    fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
+        let align = self.limits.storage_align;
+        let byte0 = start * 4;
+        let offset = byte0 / align * align;
+        let end = (byte0 + len.max(1) * 4).min(self.tensor_bytes(t).max(offset + 4));
+        (
+            Window {
+                offset,
+                size: end - offset,
+            },
+            ((byte0 - offset) / 4) as u32,
+        )
+    }
+
+    fn base_params(&self) -> Params {
+        let (c, s) = (&self.config, &self.shape);
+        Params {
+            tq: s.tq as u32,
+            tk: s.tk as u32,
+            hq: s.hq as u32,
+            hkv: s.hkv as u32,
+            g: s.group() as u32,
+            dk: s.dk as u32,
+            dv: s.dv as u32,
+            cmp_block: c.cmp_block as u32,
+            cmp_stride: c.cmp_stride as u32,
+            sel_block: c.sel_block as u32,
+            top_n: c.top_n as u32,
+            init_blocks: c.init_blocks as u32,
+            local_blocks: c.local_blocks as u32,
+            window: c.window as u32,
+            n_cmp: self.n_cmp as u32,
+            scale: c.scale_for(s.dk),
+            linear: (c.compression == Compression::Linear) as u32,
+            head_chunks: self.head_chunks,
+            kv_tile: self.kv_tile,
+            ..Params::default()
+        }
+    }
+
+    /// A 2D grid for `total` workgroups.
+    fn grid(&self, total: u64) -> [u32; 2] {
+        let x = total.clamp(1, self.limits.max_workgroups_per_dim as u64);
+        [x as u32, total.div_ceil(x).max(1) as u32]
+    }
+
+    fn max_workgroups(&self) -> u64 {
+        let m = self.limits.max_workgroups_per_dim as u64;
+        (m * m).min(u32::MAX as u64)
+    }
+
+    fn plan_compress(&mut self) -> Result<()> {
+        let s = self.shape;
+        if self.n_cmp == 0 {
+            return Ok(());
+        }
+        let per_batch = (s.tk * s.hkv * s.dk.max(s.dv)) as u64;
+        let lim = self.binding_elems();
+        if per_batch > lim {
+            return Err(exceeds(
+                "max_storage_buffer_binding_size (keys or values of one sequence)",
+                per_batch * 4 + self.limits.storage_align,
+                self.limits.max_storage_binding,
+            ));
+        }
+        let wg_per_batch = (self.n_cmp * s.hkv) as u64;
+        let nb = (lim / per_batch).min(self.max_workgroups() / wg_per_batch).max(1) as usize;
+        let mut b0 = 0;
+        while b0 < s.batch {
+            let nb = nb.min(s.batch - b0);
+            for (src, dst, w, pe, dim) in [
+                (Tensor::KCmp, Tensor::Kc, Tensor::WK, Tensor::PeK, s.dk),
+                (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
+            ] {
+                let (sw, soff) = self.window(src, (b0 * s.tk * s.hkv * dim) as u64, (nb * s.tk * s.hkv * dim) as u64);
+                let (dw, doff) = self.window(dst, (b0 * self.n_cmp * s.hkv * dim) as u64, (nb * self.n_cmp * s.hkv * dim) as u64);
+                let total = wg_per_batch * nb as u64;
+                let params = Params {
+                    batch: nb as u32,
+                    dim: dim as u32,
+                    total_wg: total as u32,
+                    off_k: soff,
+                    off_kc: doff,
+                    ..self.base_params()
+                };
+                let whole = |t: Tensor| Window {
+                    offset: 0,
+                    size: self.tensor_bytes(t),
+                };
+                self.steps.push(Step {
+                    kernel: KernelId::Compress,
+                    params,
+                    grid: self.grid(total),
+                    bindings: vec![(src, sw), (dst, dw), (w, whole(w)), (pe, whole(pe))],
+                });
+            }
+            b0 += nb;
+        }
+        Ok(())
+    }
+
+    fn chunks(&self) -> Result<Vec<Chunk>> {
+        let s = self.shape;
+        let lim = self.binding_elems();
+        let kv = (s.tk * s.hkv * s.dk.max(s.dv)) as u64;
+        if kv > lim {
+            return Err(exceeds(
+                "max_storage_buffer_binding_size (keys or values of one sequence)",
+                kv * 4 + self.limits.storage_align,
+                self.limits.max_storage_binding,
+            ));
+        }
+        let row = (s.hq * s.dk.max(s.dv).max(3)).max(s.hkv * self.config.top_n) as u64;
+        let wg_row = (s.hkv as u64) * self.head_chunks as u64;
+        let max_rows = (lim / row).min(self.max_workgroups() / wg_row);
+        if max_rows == 0 {
+            return Err(exceeds(
+                "max_storage_buffer_binding_size (one query row of q, out or gates)",
+                row * 4 + self.limits.storage_align,
+                self.limits.max_storage_binding,
+            ));
+        }
+        let per_batch = (s.tq as u64 * row).max(kv);
+        let mut chunks = Vec::new();
+        if s.tq as u64 <= max_rows && per_batch <= lim {
+            let nb = (lim / per_batch).min(max_rows / s.tq as u64).max(1) as usize;
+            let mut b0 = 0;
+            while b0 < s.batch {
+                let n = nb.min(s.batch - b0);
+                chunks.push(Chunk { b0, nb: n, q0: 0, qc: s.tq });
+                b0 += n;
+            }
+        } else {
+            for b0 in 0..s.batch {
+                let mut q0 = 0;
+                while q0 < s.tq {
+                    let qc = (max_rows as usize).min(s.tq - q0);
+                    chunks.push(Chunk { b0, nb: 1, q0, qc });
+                    q0 += qc;
+                }
+            }
+        }
+        Ok(chunks)
+    }
+
+    fn plan_attention(&mut self) -> Result<()> {
+        let s = self.shape;
+        let n = self.config.top_n;
+        for ch in self.chunks()? {
+            let rows = (ch.b0 * s.tq + ch.q0) as u64;
+            let nrows = (ch.nb * ch.qc) as u64;
+            let keys = (ch.b0 * s.tk) as u64;
+            let nkeys = (ch.nb * s.tk) as u64;
+            let cmp0 = (ch.b0 * self.n_cmp) as u64;
+            let ncmp = (ch.nb * self.n_cmp) as u64;
+            let (hq, hkv, dk, dv) = (s.hq as u64, s.hkv as u64, s.dk as u64, s.dv as u64);
+            let q = self.window(Tensor::Q, rows * hq * dk, nrows * hq * dk);
+            let gates = self.window(Tensor::Gates, rows * hq * 3, nrows * hq * 3);
+            let lse = self.window(Tensor::Lse, rows * hq, nrows * hq);
+            let idx = self.window(Tensor::Idx, rows * hkv * n as u64, nrows * hkv * n as u64);
+            let kc = self.window(Tensor::Kc, cmp0 * hkv * dk, ncmp * hkv * dk);
+            let vc = self.window(Tensor::Vc, cmp0 * hkv * dv, ncmp * hkv * dv);
+            let o = |t| self.window(t, rows * hq * dv, nrows * hq * dv);
+            let (ocmp, oslc, owin, out) = (o(Tensor::OCmp), o(Tensor::OSlc), o(Tensor::OWin), o(Tensor::Out));
+            let k = |t| self.window(t, keys * hkv * dk, nkeys * hkv * dk);
+            let v = |t| self.window(t, keys * hkv * dv, nkeys * hkv * dv);
+            let base = Params {
+                batch: ch.nb as u32,
+                q_start: ch.q0 as u32,
+                q_count: ch.qc as u32,
+                off_q: q.1,
+                off_gates: gates.1,
+                off_lse: lse.1,
+                off_idx: idx.1,
+                off_kc: kc.1,
+                off_ocmp: ocmp.1,
+                off_oslc: oslc.1,
+                off_owin: owin.1,
+                off_out: out.1,
+                ..self.base_params()
+            };
+            let attn_total = nrows * hkv * self.head_chunks as u64;
+            let attn = Params {
+                total_wg: attn_total as u32,
+                ..base
+            };
+            let sel_total = nrows * hkv;
+            let (ks, vs, kw, vw) = (k(Tensor::KSlc), v(Tensor::VSlc), k(Tensor::KWin), v(Tensor::VWin));
+            self.steps.push(Step {
+                kernel: KernelId::CmpAttn,
+                params: Params { off_k: kc.1, off_v: vc.1, ..attn },
+                grid: self.grid(attn_total),
+                bindings: vec![
+                    (Tensor::Q, q.0),
+                    (Tensor::Kc, kc.0),
+                    (Tensor::Vc, vc.0),
+                    (Tensor::OCmp, ocmp.0),
+                    (Tensor::Lse, lse.0),
+                ],
+            });
+            self.steps.push(Step {
+                kernel: KernelId::Select,
+                params: Params { total_wg: sel_total as u32, ..base },
+                grid: self.grid(sel_total),
+                bindings: vec![(Tensor::Q, q.0), (Tensor::Kc, kc.0), (Tensor::Lse, lse.0), (Tensor::Idx, idx.0)],
+            });
+            self.steps.push(Step {
+                kernel: KernelId::SlcAttn,
+                params: Params { off_k: ks.1, off_v: vs.1, ..attn },
+                grid: self.grid(attn_total),
+                bindings: vec![
+                    (Tensor::Q, q.0),
+                    (Tensor::KSlc, ks.0),
+                    (Tensor::VSlc, vs.0),
+                    (Tensor::Idx, idx.0),
+                    (Tensor::OSlc, oslc.0),
+                ],
+            });
+            self.steps.push(Step {
+                kernel: KernelId::WinAttn,
+                params: Params { off_k: kw.1, off_v: vw.1, ..attn },
+                grid: self.grid(attn_total),
+                bindings: vec![
+                    (Tensor::Q, q.0),
+                    (Tensor::KWin, kw.0),
+                    (Tensor::VWin, vw.0),
+                    (Tensor::Gates, gates.0),
+                    (Tensor::OCmp, ocmp.0),
+                    (Tensor::OSlc, oslc.0),
+                    (Tensor::OWin, owin.0),
+                    (Tensor::Out, out.0),
+                ],
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+//! The WGSL sources and the tiny `#import` preprocessor that assembles them.
+//!
+//! Every file in `shaders/` is valid WGSL apart from `#import name` lines, which pull in
+//! `shaders/shared/name.wgsl` (once per shader, imports may nest). Nothing else is templated:
+//! sizes that vary at run time live in the `Params` uniform.
+
+/// Kernel sources, by kernel name (the name of the file in `shaders/`).
+pub const KERNELS: &[(&str, &str)] = &[
+    ("compress", include_str!("../shaders/compress.wgsl")),
+    ("cmp_attn", include_str!("../shaders/cmp_attn.wgsl")),
+    ("select", include_str!("../shaders/select.wgsl")),
+    ("slc_attn", include_str!("../shaders/slc_attn.wgsl")),
+    ("win_attn", include_str!("../shaders/win_attn.wgsl")),
+];
+
+/// Shared helper sources, by import name (the file name in `shaders/shared/`).
+const SHARED: &[(&str, &str)] = &[
+    ("params", include_str!("../shaders/shared/params.wgsl")),
+    ("attention", include_str!("../shaders/shared/attention.wgsl")),
+];
+
+/// The complete WGSL of kernel `name`, imports resolved; `None` for an unknown name.
+pub fn source(name: &str) -> Option<String> {
+    let (_, src) = KERNELS.iter().find(|(n, _)| *n == name)?;
+    let mut out = String::new();
+    let mut seen = Vec::new();
+    expand(src, &mut out, &mut seen);
+    Some(out)
+}
+
+fn expand(src: &str, out: &mut String, seen: &mut Vec<&'static str>) {
+    for line in src.lines() {
+        match line.trim().strip_prefix("#import ") {
+            Some(name) => {
+                let name = name.trim();
+                let Some((key, text)) = SHARED.iter().find(|(n, _)| *n == name) else {
+                    panic!("shader imports unknown module `{name}`");
+                };
+                if !seen.contains(key) {
+                    seen.push(key);
+                    expand(text, out, seen);
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+}
