@@ -1,0 +1,112 @@
+//! Test helpers shared by the test binaries: seeded inputs and `assert_close`.
+#![allow(dead_code)]
+
+use nsa_wgpu::{Compression, NsaConfig, Shape};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+/// Owned input tensors for one case.
+pub struct Data {
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub gates: Vec<f32>,
+    /// k_cmp, v_cmp, k_slc, v_slc, k_win, v_win
+    pub branch: Option<[Vec<f32>; 6]>,
+    /// w_k, pe_k, w_v, pe_v
+    pub linear: Option<[Vec<f32>; 4]>,
+}
+
+pub fn normal(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| StandardNormal.sample(rng)).collect()
+}
+
+impl Data {
+    pub fn new(cfg: &NsaConfig, s: &Shape, branch: bool, seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let kn = s.batch * s.tk * s.hkv * s.dk;
+        let vn = s.batch * s.tk * s.hkv * s.dv;
+        let q = normal(&mut rng, s.batch * s.tq * s.hq * s.dk);
+        let k = normal(&mut rng, kn);
+        let v = normal(&mut rng, vn);
+        let gates = (0..s.batch * s.tq * s.hq * 3).map(|_| rng.random::<f32>()).collect();
+        let branch = branch.then(|| {
+            [
+                normal(&mut rng, kn),
+                normal(&mut rng, vn),
+                normal(&mut rng, kn),
+                normal(&mut rng, vn),
+                normal(&mut rng, kn),
+                normal(&mut rng, vn),
+            ]
+        });
+        let linear = (cfg.compression == Compression::Linear).then(|| {
+            let l = cfg.cmp_block;
+            let w = |rng: &mut StdRng, d: usize| -> Vec<f32> {
+                normal(rng, s.hkv * l * d * d).iter().map(|x| x / (l as f32 * (d as f32).sqrt())).collect()
+            };
+            let wk = w(&mut rng, s.dk);
+            let pk = normal(&mut rng, s.hkv * l * s.dk).iter().map(|x| x * 0.1).collect();
+            let wv = w(&mut rng, s.dv);
+            let pv = normal(&mut rng, s.hkv * l * s.dv).iter().map(|x| x * 0.1).collect();
+            [wk, pk, wv, pv]
+        });
+        Self { q, k, v, gates, branch, linear }
+    }
+
+    pub fn inputs(&self) -> nsa_wgpu::NsaInputs<'_> {
+        let mut i = nsa_wgpu::NsaInputs::new(&self.q, &self.k, &self.v, &self.gates);
+        if let Some(b) = &self.branch {
+            i.k_cmp = Some(&b[0]);
+            i.v_cmp = Some(&b[1]);
+            i.k_slc = Some(&b[2]);
+            i.v_slc = Some(&b[3]);
+            i.k_win = Some(&b[4]);
+            i.v_win = Some(&b[5]);
+        }
+        if let Some(l) = &self.linear {
+            i.linear = Some(nsa_wgpu::LinearWeights { w_k: &l[0], pe_k: &l[1], w_v: &l[2], pe_v: &l[3] });
+        }
+        i
+    }
+}
+
+/// Asserts `got` matches `want` within `tol` max abs error; reports the worst element, its
+/// index, the RMS error ratio and any NaN.
+pub fn assert_close<T: Copy + Into<f64>>(what: &str, got: &[f32], want: &[T], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0.0f64, 0usize);
+    let (mut err2, mut ref2) = (0.0f64, 0.0f64);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (*g as f64, (*w).into());
+        assert!(!g.is_nan(), "{what}: NaN at index {i} (want {w}): unwritten or broken");
+        let e = (g - w).abs();
+        if e > worst.0 {
+            worst = (e, i);
+        }
+        err2 += e * e;
+        ref2 += w * w;
+    }
+    let rms = (err2 / ref2.max(1e-300)).sqrt();
+    assert!(
+        worst.0 <= tol,
+        "{what}: max abs error {:.3e} at index {} (got {}, want {}), rms ratio {:.3e}",
+        worst.0,
+        worst.1,
+        got[worst.1],
+        want[worst.1].into(),
+        rms
+    );
+}
+
+/// The config called "small" in the shape tables: l=16, d=8, l'=32, n=5 (2 free slots), w=40.
+pub fn small() -> NsaConfig {
+    NsaConfig {
+        cmp_block: 16,
+        cmp_stride: 8,
+        sel_block: 32,
+        top_n: 5,
+        window: 40,
+        ..NsaConfig::default()
+    }
+}

@@ -1,0 +1,303 @@
+//! The GPU test binary: every kernel against its CPU twin and the whole forward against the
+//! naive f64 reference, on a shape table with awkward sizes. Output buffers are pre-filled
+//! with sentinels (NaN, i32::MIN) so an unwritten element fails.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{assert_close, small, Data};
+use nsa_wgpu::cpu;
+use nsa_wgpu::pipeline::{read_staging, stage_readback};
+use nsa_wgpu::{
+    Compression, DeviceLimits, GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, OutputRequest, Plan, Shape,
+    Tensor,
+};
+use wgpu::util::DeviceExt;
+
+fn pipeline() -> &'static NsaPipeline {
+    static PIPE: OnceLock<NsaPipeline> = OnceLock::new();
+    PIPE.get_or_init(|| {
+        let ctx = pollster::block_on(GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
+        eprintln!("adapter: {}", ctx.describe());
+        pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline")
+    })
+}
+
+/// Everything the GPU wrote for one case.
+struct GpuResult {
+    out: Vec<f32>,
+    idx: Vec<i32>,
+    o_cmp: Vec<f32>,
+    o_slc: Vec<f32>,
+    o_win: Vec<f32>,
+    kc: Vec<f32>,
+    vc: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
+    let ctx = pipe.context();
+    let dev = &ctx.device;
+    let up = |d: &[f32]| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(d),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    };
+    let sentinel = |t: Tensor, bits: u32| {
+        let n = plan.tensor_len(t) as usize;
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&vec![bits; n.max(1)]),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        })
+    };
+    let nan = f32::NAN.to_bits();
+    let (q, k, v, g) = (up(&data.q), up(&data.k), up(&data.v), up(&data.gates));
+    let branch: Option<Vec<wgpu::Buffer>> = data.branch.as_ref().map(|b| b.iter().map(|t| up(t)).collect());
+    let linear: Option<Vec<wgpu::Buffer>> = data.linear.as_ref().map(|b| b.iter().map(|t| up(t)).collect());
+    let out = sentinel(Tensor::Out, nan);
+    let idx = sentinel(Tensor::Idx, i32::MIN as u32);
+    let (oc, os, ow) = (sentinel(Tensor::OCmp, nan), sentinel(Tensor::OSlc, nan), sentinel(Tensor::OWin, nan));
+    let scratch = pipe.scratch(plan).expect("scratch");
+    let mut bufs = GpuBuffers::new(&q, &k, &v, &g, &out);
+    if let Some(b) = &branch {
+        bufs.branch_kv = [Some(&b[0]), Some(&b[1]), Some(&b[2]), Some(&b[3]), Some(&b[4]), Some(&b[5])];
+    }
+    bufs.linear = linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
+    bufs.block_indices = Some(&idx);
+    bufs.branches = Some([&oc, &os, &ow]);
+    let mut enc = dev.create_command_encoder(&Default::default());
+    pipe.encode(&mut enc, &scratch, &bufs).expect("encode");
+    let sc = |t| scratch.buffer(t).unwrap();
+    let staging = stage_readback(dev, &mut enc, &[&out, &idx, &oc, &os, &ow, sc(Tensor::Kc), sc(Tensor::Vc), sc(Tensor::Lse)]);
+    ctx.queue.submit([enc.finish()]);
+    let r = pollster::block_on(read_staging(dev, &staging)).expect("readback");
+    let f = |i: usize, t: Tensor| -> Vec<f32> {
+        bytemuck::cast_slice::<u8, f32>(&r[i])[..plan.tensor_len(t) as usize].to_vec()
+    };
+    GpuResult {
+        out: f(0, Tensor::Out),
+        idx: bytemuck::cast_slice::<u8, i32>(&r[1])[..plan.tensor_len(Tensor::Idx) as usize].to_vec(),
+        o_cmp: f(2, Tensor::OCmp),
+        o_slc: f(3, Tensor::OSlc),
+        o_win: f(4, Tensor::OWin),
+        kc: f(5, Tensor::Kc),
+        vc: f(6, Tensor::Vc),
+        lse: f(7, Tensor::Lse),
+    }
+}
+
+/// Compares selections row by row; a block may differ only as a near tie (SPEC: scores within
+/// 1e-6 relative). Returns the rows whose selection differs from the reference.
+fn check_selection(cfg: &NsaConfig, got: &[i32], naive: &cpu::naive::NaiveOutputs) -> Vec<usize> {
+    let n = cfg.top_n;
+    let mut differing = Vec::new();
+    for (row, (g, w)) in got.chunks(n).zip(naive.block_indices.chunks(n)).enumerate() {
+        assert!(g.iter().all(|j| *j >= -1), "row {row}: unwritten index in {g:?}");
+        if g == w {
+            continue;
+        }
+        let sc = &naive.block_scores[row];
+        let extra: Vec<i32> = g.iter().filter(|j| !w.contains(j)).cloned().collect();
+        let missing: Vec<i32> = w.iter().filter(|j| !g.contains(j)).cloned().collect();
+        assert_eq!(extra.len(), missing.len(), "row {row}: got {g:?}, want {w:?}");
+        for (a, b) in extra.iter().zip(&missing) {
+            let (sa, sb) = (sc[*a as usize], sc[*b as usize]);
+            assert!(
+                (sa - sb).abs() <= 1e-6 * sa.abs().max(sb.abs()) + 1e-12,
+                "row {row}: got {g:?}, want {w:?}; block {a} scores {sa}, block {b} scores {sb}"
+            );
+        }
+        differing.push(row);
+    }
+    differing
+}
+
+const TOL: f64 = 1e-4;
+
+fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
+    let pipe = pipeline();
+    let plan = pipe.plan(&cfg, &shape).expect("plan");
+    check_plan(name, &plan, branch);
+}
+
+fn check_plan(name: &str, plan: &Plan, branch: bool) {
+    let (cfg, shape) = (plan.config, plan.shape);
+    let pipe = pipeline();
+    let data = Data::new(&cfg, &shape, branch, 0x5eed ^ shape.tq as u64);
+    let inputs = data.inputs();
+    let got = gpu_forward(pipe, plan, &data);
+    let s = &shape;
+    // Stage by stage against the CPU twins.
+    let (kci, vci) = inputs.cmp_kv();
+    let lin = data.linear.as_ref();
+    let kc = cpu::compress::compress(&cfg, s.batch, s.tk, s.hkv, s.dk, kci, lin.map(|l| (&l[0][..], &l[1][..])));
+    let vc = cpu::compress::compress(&cfg, s.batch, s.tk, s.hkv, s.dv, vci, lin.map(|l| (&l[2][..], &l[3][..])));
+    assert_close(&format!("{name} compress k"), &got.kc, &kc, TOL);
+    assert_close(&format!("{name} compress v"), &got.vc, &vc, TOL);
+    let (o_cmp, lse) = cpu::cmp_attn::cmp_attn(&cfg, s, &data.q, &kc, &vc);
+    assert_close(&format!("{name} cmp_attn"), &got.o_cmp, &o_cmp, TOL);
+    assert_close(&format!("{name} cmp_attn lse"), &got.lse, &lse, TOL);
+    let (ks, vs) = inputs.slc_kv();
+    let o_slc = cpu::slc_attn::slc_attn(&cfg, s, &data.q, ks, vs, &got.idx);
+    assert_close(&format!("{name} slc_attn"), &got.o_slc, &o_slc, TOL);
+    let (kw, vw) = inputs.win_kv();
+    let (o_win, out) = cpu::win_attn::win_attn(&cfg, s, &data.q, kw, vw, &data.gates, &got.o_cmp, &got.o_slc);
+    assert_close(&format!("{name} win_attn"), &got.o_win, &o_win, TOL);
+    assert_close(&format!("{name} combine"), &got.out, &out, TOL);
+    // End to end against the naive f64 reference.
+    let naive = cpu::naive::nsa(&cfg, s, &inputs).expect("naive");
+    let twin_idx = cpu::select::select(&cfg, s, &data.q, &kc, &lse);
+    check_selection(&cfg, &twin_idx, &naive);
+    let differing = check_selection(&cfg, &got.idx, &naive);
+    assert!(differing.len() * 100 <= got.idx.len() / cfg.top_n + 100, "{name}: too many near ties: {}", differing.len());
+    assert_close(&format!("{name} o_cmp vs naive"), &got.o_cmp, &naive.o_cmp, TOL);
+    assert_close(&format!("{name} o_win vs naive"), &got.o_win, &naive.o_win, TOL);
+    // Rows whose selection is a near tie away from the reference compare against the twin.
+    let (g, dv) = (s.group(), s.dv);
+    let mut want_slc = naive.o_slc.clone();
+    let mut want_out = naive.out.clone();
+    for row in differing {
+        for hq in 0..g {
+            let r = (row / s.hkv * s.hq + (row % s.hkv) * g + hq) * dv;
+            for e in r..r + dv {
+                want_slc[e] = o_slc[e] as f64;
+                want_out[e] = out[e] as f64;
+            }
+        }
+    }
+    assert_close(&format!("{name} o_slc vs naive"), &got.o_slc, &want_slc, TOL);
+    assert_close(&format!("{name} out vs naive"), &got.out, &want_out, TOL);
+}
+
+fn paper() -> NsaConfig {
+    NsaConfig::default()
+}
+
+macro_rules! cases {
+    ($($name:ident: $cfg:expr, [$b:expr, $tq:expr, $tk:expr, $hq:expr, $hkv:expr, $dk:expr, $dv:expr], $branch:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let shape = Shape { batch: $b, tq: $tq, tk: $tk, hq: $hq, hkv: $hkv, dk: $dk, dv: $dv };
+                check_case(stringify!($name), $cfg, shape, $branch);
+            }
+        )*
+    };
+}
+
+fn linear(mut c: NsaConfig) -> NsaConfig {
+    c.compression = Compression::Linear;
+    c
+}
+
+fn fla_like() -> NsaConfig {
+    NsaConfig { cmp_block: 16, cmp_stride: 16, sel_block: 16, top_n: 4, init_blocks: 0, local_blocks: 1, window: 20, ..NsaConfig::default() }
+}
+
+cases! {
+    t1_hq1_hkv1_dk16_dv16_paper: paper(), [1, 1, 1, 1, 1, 16, 16], false;
+    t31_hq2_hkv1_dk16_dv16_small: small(), [1, 31, 31, 2, 1, 16, 16], false;
+    t63_hq3_hkv1_dk100_dv64_small: small(), [1, 63, 63, 3, 1, 100, 64], false;
+    t65_hq16_hkv1_dk16_dv16_small: small(), [1, 65, 65, 16, 1, 16, 16], false;
+    t65_b3_hq2_hkv2_dk16_dv16_small: small(), [3, 65, 65, 2, 2, 16, 16], false;
+    t200_hq4_hkv2_dk100_dv64_small: small(), [1, 200, 200, 4, 2, 100, 64], false;
+    t200_hq16_hkv1_dk192_dv128_paper: paper(), [1, 200, 200, 16, 1, 192, 128], false;
+    t300_hq4_hkv2_dk192_dv128_small: small(), [1, 300, 300, 4, 2, 192, 128], false;
+    t700_hq2_hkv2_dk16_dv16_paper: paper(), [1, 700, 700, 2, 2, 16, 16], false;
+    t1500_hq4_hkv1_dk16_dv16_paper: paper(), [1, 1500, 1500, 4, 1, 16, 16], false;
+    t700_b2_hq6_hkv2_dk100_dv64_small: small(), [2, 700, 700, 6, 2, 100, 64], false;
+    t700_hq32_hkv2_dk16_dv16_small: small(), [1, 700, 700, 32, 2, 16, 16], false;
+    t40_hq20_hkv1_dk16_dv8_small: small(), [1, 40, 40, 20, 1, 16, 8], false;
+    chunk_tq37_tk200_hq4_hkv2_dk16_dv16_small: small(), [1, 37, 200, 4, 2, 16, 16], false;
+    decode_tq1_tk333_hq3_hkv1_dk100_dv64_small: small(), [2, 1, 333, 3, 1, 100, 64], false;
+    linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
+    linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
+    branch_kv_t150_hq4_hkv2_dk16_dv16_small: small(), [1, 150, 150, 4, 2, 16, 16], true;
+    fla_like_t100_hq2_hkv1_dk16_dv16: fla_like(), [1, 100, 100, 2, 1, 16, 16], false;
+}
+
+#[test]
+fn split_plan_matches_the_reference() {
+    // Tiny limits force query chunks, batch chunks, unaligned windows and 2D grids.
+    let pipe = pipeline();
+    let limits = DeviceLimits {
+        max_storage_binding: 24 << 10,
+        max_workgroups_per_dim: 7,
+        ..pipe.limits()
+    };
+    let shape = Shape { batch: 2, tq: 90, tk: 97, hq: 4, hkv: 2, dk: 12, dv: 10 };
+    let plan = Plan::new(&small(), &shape, &limits).expect("plan");
+    assert!(plan.steps.len() > 8, "the plan should split: {} steps", plan.steps.len());
+    check_plan("split", &plan, true);
+}
+
+#[test]
+fn run_returns_what_encode_writes() {
+    let pipe = pipeline();
+    let cfg = small();
+    let shape = Shape::prefill(1, 77, 4, 2, 24, 16);
+    let data = Data::new(&cfg, &shape, false, 7);
+    let res = pipe.run_blocking(&cfg, &shape, &data.inputs(), OutputRequest::all()).expect("run");
+    let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).unwrap();
+    assert_close("run out", &res.out, &naive.out, TOL);
+    assert_eq!(res.block_indices.as_deref(), Some(&naive.block_indices[..]));
+    let br = res.branches.expect("branches");
+    assert_close("run o_win", &br.o_win, &naive.o_win, TOL);
+    let plain = pipe.run_blocking(&cfg, &shape, &data.inputs(), OutputRequest::default()).unwrap();
+    assert_eq!(plain.out, res.out);
+    assert!(plain.block_indices.is_none() && plain.branches.is_none());
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let pipe = pipeline();
+    let cfg = small();
+    let shape = Shape::prefill(1, 40, 4, 2, 16, 16);
+    let data = Data::new(&cfg, &shape, false, 1);
+    let run = |cfg: &NsaConfig, shape: &Shape, i: &nsa_wgpu::NsaInputs| pipe.run_blocking(cfg, shape, i, OutputRequest::default());
+    // Wrong length.
+    let mut i = data.inputs();
+    i.k = &data.k[1..];
+    assert!(matches!(run(&cfg, &shape, &i), Err(NsaError::ShapeMismatch { tensor: "k", .. })));
+    // NaN.
+    let mut q = data.q.clone();
+    q[5] = f32::NAN;
+    let mut i = data.inputs();
+    i.q = &q;
+    assert!(matches!(run(&cfg, &shape, &i), Err(NsaError::NonFinite { tensor: "q", index: 5, .. })));
+    // Infinity in a branch tensor.
+    let mut kw = data.k.clone();
+    kw[9] = f32::INFINITY;
+    let mut i = data.inputs();
+    i.k_win = Some(&kw);
+    assert!(matches!(run(&cfg, &shape, &i), Err(NsaError::NonFinite { tensor: "k_win", index: 9, .. })));
+    // Invalid config.
+    let bad = NsaConfig { cmp_block: 20, ..cfg };
+    assert!(matches!(run(&bad, &shape, &data.inputs()), Err(NsaError::InvalidConfig { field: "cmp_block", .. })));
+    // Linear without weights.
+    let lin = linear(cfg);
+    assert!(matches!(run(&lin, &shape, &data.inputs()), Err(NsaError::MissingInput { .. })));
+    // Inconsistent shapes.
+    let s = Shape { hq: 5, ..shape };
+    assert!(matches!(run(&cfg, &s, &data.inputs()), Err(NsaError::InvalidShape { what: "hq", .. })));
+    let s = Shape { tq: 41, ..shape };
+    assert!(matches!(run(&cfg, &s, &data.inputs()), Err(NsaError::InvalidShape { what: "tq", .. })));
+    // A caller's buffer that is too small, or lacks STORAGE.
+    let dev = &pipe.context().device;
+    let plan = pipe.plan(&cfg, &shape).unwrap();
+    let scratch = pipe.scratch(&plan).unwrap();
+    let mk = |size: u64, usage| dev.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+    let st = wgpu::BufferUsages::STORAGE;
+    let (q, k, g, out) = (mk(plan.tensor_bytes(Tensor::Q), st), mk(plan.tensor_bytes(Tensor::KCmp), st), mk(plan.tensor_bytes(Tensor::Gates), st), mk(plan.tensor_bytes(Tensor::Out), st));
+    let small_v = mk(16, st);
+    let mut enc = dev.create_command_encoder(&Default::default());
+    let r = pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &small_v, &g, &out));
+    assert!(matches!(r, Err(NsaError::BadBuffer { tensor: "v_cmp", .. })), "{r:?}");
+    let no_storage = mk(plan.tensor_bytes(Tensor::Out), wgpu::BufferUsages::COPY_SRC);
+    let r = pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &k, &g, &no_storage));
+    assert!(matches!(r, Err(NsaError::BadBuffer { tensor: "out", .. })), "{r:?}");
+}

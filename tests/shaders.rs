@@ -1,0 +1,89 @@
+//! Every shader parses, validates and translates to SPIR-V, MSL and HLSL (how Metal and DX12
+//! portability is checked without those GPUs), and the `Params` struct matches naga's layout.
+
+use naga::back::{hlsl, msl, spv};
+use naga::valid::{Capabilities, ValidationFlags, Validator};
+use nsa_wgpu::kernels::{KernelId, Params};
+use nsa_wgpu::shaders;
+
+fn module(name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
+    let src = shaders::source(name).expect("known kernel");
+    let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    (module, info)
+}
+
+#[test]
+fn every_kernel_has_a_shader_and_a_main() {
+    for id in KernelId::ALL {
+        let (m, _) = module(id.name());
+        assert_eq!(m.entry_points.len(), 1, "{}", id.name());
+        assert_eq!(m.entry_points[0].name, "main");
+        assert_eq!(m.entry_points[0].stage, naga::ShaderStage::Compute);
+    }
+    assert_eq!(shaders::KERNELS.len(), KernelId::ALL.len());
+}
+
+#[test]
+fn shaders_translate_to_spirv_msl_hlsl() {
+    for id in KernelId::ALL {
+        let (m, info) = module(id.name());
+        spv::write_vec(&m, &info, &spv::Options::default(), None).unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
+        let pipeline = msl::PipelineOptions::default();
+        msl::write_string(&m, &info, &msl::Options::default(), &pipeline).unwrap_or_else(|e| panic!("{} msl: {e}", id.name()));
+        let mut out = String::new();
+        let opts = hlsl::Options::default();
+        let popts = hlsl::PipelineOptions::default();
+        let mut w = hlsl::Writer::new(&mut out, &opts, &popts);
+        w.write(&m, &info, None).unwrap_or_else(|e| panic!("{} hlsl: {e}", id.name()));
+        assert!(out.contains("main"), "{}", id.name());
+    }
+}
+
+#[test]
+fn bindings_match_the_binding_table() {
+    for id in KernelId::ALL {
+        let (m, _) = module(id.name());
+        let mut found: Vec<(u32, naga::AddressSpace)> = m
+            .global_variables
+            .iter()
+            .filter_map(|(_, g)| g.binding.as_ref().map(|b| (b.binding, g.space)))
+            .collect();
+        found.sort_by_key(|f| f.0);
+        let want = id.bindings();
+        assert_eq!(found.len(), want.len(), "{}", id.name());
+        for ((binding, space), (i, access)) in found.iter().zip(want.iter().enumerate()) {
+            assert_eq!(*binding as usize, i, "{}", id.name());
+            let ok = match access {
+                nsa_wgpu::kernels::Access::Uniform => *space == naga::AddressSpace::Uniform,
+                nsa_wgpu::kernels::Access::Read => matches!(space, naga::AddressSpace::Storage { access } if !access.contains(naga::StorageAccess::STORE)),
+                nsa_wgpu::kernels::Access::ReadWrite => matches!(space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE)),
+            };
+            assert!(ok, "{} binding {binding}: {space:?} vs {access:?}", id.name());
+        }
+    }
+}
+
+#[test]
+fn params_size_matches_wgsl() {
+    let (m, _) = module("compress");
+    let (_, ty) = m.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("Params");
+    let size = ty.inner.size(m.to_ctx());
+    assert_eq!(size as usize, std::mem::size_of::<Params>());
+}
+
+#[test]
+fn workgroup_memory_matches_the_declared_budget() {
+    for id in KernelId::ALL {
+        let (m, _) = module(id.name());
+        let bytes: u32 = m
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
+            .sum();
+        assert_eq!(bytes, id.workgroup_bytes(), "{}", id.name());
+    }
+}
