@@ -74,7 +74,11 @@ impl NsaConfig {
             return Err(invalid("cmp_block", self.cmp_block, "l % d == 0"));
         }
         if self.sel_block == 0 || self.sel_block % self.cmp_stride != 0 {
-            return Err(invalid("sel_block", self.sel_block, "l' % d == 0 and l' >= 1"));
+            return Err(invalid(
+                "sel_block",
+                self.sel_block,
+                "l' % d == 0 and l' >= 1",
+            ));
         }
         if self.top_n < self.init_blocks + self.local_blocks {
             return Err(invalid("top_n", self.top_n, "n >= init + local"));

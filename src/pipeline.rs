@@ -53,7 +53,9 @@ impl GpuContext {
                 all.into_iter()
                     .find(|a| a.get_info().name.to_lowercase().contains(&want))
                     .ok_or_else(|| {
-                        NsaError::NoAdapter(format!("no adapter name contains `{name}`; found {names:?}"))
+                        NsaError::NoAdapter(format!(
+                            "no adapter name contains `{name}`; found {names:?}"
+                        ))
                     })?
             }
             None => instance
@@ -80,7 +82,11 @@ impl GpuContext {
     }
 
     /// Wraps a caller's device and queue.
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue, adapter_info: wgpu::AdapterInfo) -> Self {
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_info: wgpu::AdapterInfo,
+    ) -> Self {
         Self {
             device,
             queue,
@@ -101,7 +107,7 @@ impl GpuContext {
 /// The limits of a device, as a plan needs them.
 pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
     DeviceLimits {
-        max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+        max_storage_binding: limits.max_storage_buffer_binding_size,
         max_buffer: limits.max_buffer_size,
         storage_align: limits.min_storage_buffer_offset_alignment as u64,
         uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
@@ -171,7 +177,10 @@ impl NsaScratch {
     /// The scratch buffer holding `tensor` (`Kc`, `Vc`, `Lse`, and `Idx`, `OCmp`, `OSlc`,
     /// `OWin` when the caller does not provide them), for inspection.
     pub fn buffer(&self, tensor: Tensor) -> Option<&wgpu::Buffer> {
-        self.buffers.iter().find(|(t, _)| *t == tensor).map(|(_, b)| b)
+        self.buffers
+            .iter()
+            .find(|(t, _)| *t == tensor)
+            .map(|(_, b)| b)
     }
 
     /// The plan this scratch was made for.
@@ -219,7 +228,10 @@ impl NsaPipeline {
             });
         }
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = KernelId::ALL.iter().map(|id| Kernel::new(&ctx.device, *id)).collect();
+        let kernels = KernelId::ALL
+            .iter()
+            .map(|id| Kernel::new(&ctx.device, *id))
+            .collect();
         let dummy = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.dummy"),
             size: 16,
@@ -255,11 +267,13 @@ impl NsaPipeline {
     /// Allocates the intermediate buffers and uniforms of `plan`.
     pub fn scratch(&self, plan: &Plan) -> Result<NsaScratch> {
         let device = &self.ctx.device;
-        let stride = (std::mem::size_of::<Params>() as u64).next_multiple_of(self.limits.uniform_align);
+        let stride =
+            (std::mem::size_of::<Params>() as u64).next_multiple_of(self.limits.uniform_align);
         let mut bytes = vec![0u8; (stride * plan.steps.len().max(1) as u64) as usize];
         for (i, step) in plan.steps.iter().enumerate() {
             let at = i * stride as usize;
-            bytes[at..at + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&step.params));
+            bytes[at..at + std::mem::size_of::<Params>()]
+                .copy_from_slice(bytemuck::bytes_of(&step.params));
         }
         let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("nsa.params"),
@@ -267,7 +281,15 @@ impl NsaPipeline {
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut buffers = Vec::new();
-        for t in [Tensor::Kc, Tensor::Vc, Tensor::Lse, Tensor::Idx, Tensor::OCmp, Tensor::OSlc, Tensor::OWin] {
+        for t in [
+            Tensor::Kc,
+            Tensor::Vc,
+            Tensor::Lse,
+            Tensor::Idx,
+            Tensor::OCmp,
+            Tensor::OSlc,
+            Tensor::OWin,
+        ] {
             let size = plan.tensor_bytes(t);
             if size > self.limits.max_buffer {
                 return Err(NsaError::ExceedsLimit {
@@ -293,7 +315,13 @@ impl NsaPipeline {
     }
 
     /// The buffer a step binds for `tensor`, checked for size and usage.
-    fn resolve<'b>(&'b self, t: Tensor, plan: &Plan, scratch: &'b NsaScratch, bufs: &GpuBuffers<'b>) -> Result<&'b wgpu::Buffer> {
+    fn resolve<'b>(
+        &'b self,
+        t: Tensor,
+        plan: &Plan,
+        scratch: &'b NsaScratch,
+        bufs: &GpuBuffers<'b>,
+    ) -> Result<&'b wgpu::Buffer> {
         let kv = |i: usize, fallback: &'b wgpu::Buffer| bufs.branch_kv[i].unwrap_or(fallback);
         let lin = |i: usize| -> Result<&'b wgpu::Buffer> {
             if plan.tensor_len(t) == 0 {
@@ -321,13 +349,20 @@ impl NsaPipeline {
             Tensor::Kc => ("kc", scr(t)),
             Tensor::Vc => ("vc", scr(t)),
             Tensor::Lse => ("lse", scr(t)),
-            Tensor::Idx => ("block_indices", bufs.block_indices.unwrap_or_else(|| scr(t))),
+            Tensor::Idx => (
+                "block_indices",
+                bufs.block_indices.unwrap_or_else(|| scr(t)),
+            ),
             Tensor::OCmp => ("o_cmp", bufs.branches.map_or_else(|| scr(t), |b| b[0])),
             Tensor::OSlc => ("o_slc", bufs.branches.map_or_else(|| scr(t), |b| b[1])),
             Tensor::OWin => ("o_win", bufs.branches.map_or_else(|| scr(t), |b| b[2])),
             Tensor::Out => ("out", bufs.out),
         };
-        let need = if std::ptr::eq(buf, &self.dummy) { 4 } else { plan.tensor_bytes(t) };
+        let need = if std::ptr::eq(buf, &self.dummy) {
+            4
+        } else {
+            plan.tensor_bytes(t)
+        };
         if buf.size() < need {
             return Err(NsaError::BadBuffer {
                 tensor: name,
@@ -345,7 +380,12 @@ impl NsaPipeline {
 
     /// Records the whole forward pass into `encoder`, reading and writing the caller's
     /// buffers in place (no copies). Nothing runs until the caller submits.
-    pub fn encode(&self, encoder: &mut wgpu::CommandEncoder, scratch: &NsaScratch, bufs: &GpuBuffers) -> Result<()> {
+    pub fn encode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        scratch: &NsaScratch,
+        bufs: &GpuBuffers,
+    ) -> Result<()> {
         let plan = &scratch.plan;
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
         let mut groups = Vec::with_capacity(plan.steps.len());
@@ -361,21 +401,33 @@ impl NsaPipeline {
             }];
             for (slot, (tensor, window)) in step.bindings.iter().enumerate() {
                 let buffer = self.resolve(*tensor, plan, scratch, bufs)?;
-                let size = if std::ptr::eq(buffer, &self.dummy) { 16 } else { window.size };
+                let size = if std::ptr::eq(buffer, &self.dummy) {
+                    16
+                } else {
+                    window.size
+                };
                 entries.push(wgpu::BindGroupEntry {
                     binding: slot as u32 + 1,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,
-                        offset: if std::ptr::eq(buffer, &self.dummy) { 0 } else { window.offset },
+                        offset: if std::ptr::eq(buffer, &self.dummy) {
+                            0
+                        } else {
+                            window.offset
+                        },
                         size: wgpu::BufferSize::new(size),
                     }),
                 });
             }
-            groups.push(self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some(step.kernel.label()),
-                layout: &kernel.layout,
-                entries: &entries,
-            }));
+            groups.push(
+                self.ctx
+                    .device
+                    .create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(step.kernel.label()),
+                        layout: &kernel.layout,
+                        entries: &entries,
+                    }),
+            );
         }
         for (step, group) in plan.steps.iter().zip(&groups) {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -413,14 +465,26 @@ impl NsaPipeline {
         let k = upload("nsa.k", inputs.k);
         let v = upload("nsa.v", inputs.v);
         let gates = upload("nsa.gates", inputs.gates);
-        let branch: Vec<Option<wgpu::Buffer>> = [inputs.k_cmp, inputs.v_cmp, inputs.k_slc, inputs.v_slc, inputs.k_win, inputs.v_win]
-            .iter()
-            .map(|t| t.map(|d| upload("nsa.branch_kv", d)))
-            .collect();
+        let branch: Vec<Option<wgpu::Buffer>> = [
+            inputs.k_cmp,
+            inputs.v_cmp,
+            inputs.k_slc,
+            inputs.v_slc,
+            inputs.k_win,
+            inputs.v_win,
+        ]
+        .iter()
+        .map(|t| t.map(|d| upload("nsa.branch_kv", d)))
+        .collect();
         let linear: Option<Vec<wgpu::Buffer>> = inputs
             .linear
             .filter(|_| plan.tensor_len(Tensor::WK) > 0)
-            .map(|l| [l.w_k, l.pe_k, l.w_v, l.pe_v].iter().map(|d| upload("nsa.linear", d)).collect());
+            .map(|l| {
+                [l.w_k, l.pe_k, l.w_v, l.pe_v]
+                    .iter()
+                    .map(|d| upload("nsa.linear", d))
+                    .collect()
+            });
         let out = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.out"),
             size: plan.tensor_bytes(Tensor::Out),
@@ -433,11 +497,16 @@ impl NsaPipeline {
             *slot = b.as_ref();
         }
         bufs.linear = linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("nsa.run") });
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("nsa.run"),
+        });
         self.encode(&mut encoder, &scratch, &bufs)?;
         let mut wanted = vec![(Tensor::Out, &out)];
         if request.block_indices {
-            wanted.push((Tensor::Idx, scratch.buffer(Tensor::Idx).expect("scratch idx")));
+            wanted.push((
+                Tensor::Idx,
+                scratch.buffer(Tensor::Idx).expect("scratch idx"),
+            ));
         }
         if request.branches {
             for t in [Tensor::OCmp, Tensor::OSlc, Tensor::OWin] {
@@ -454,7 +523,8 @@ impl NsaPipeline {
             return Err(NsaError::Gpu(e.to_string()));
         }
         let mut data = read_staging(device, &staging).await?.into_iter();
-        let mut next_f32 = || -> Vec<f32> { bytemuck::cast_slice(&data.next().expect("one per wanted")).to_vec() };
+        let mut next_f32 =
+            || -> Vec<f32> { bytemuck::cast_slice(&data.next().expect("one per wanted")).to_vec() };
         let out = next_f32();
         let block_indices = request
             .block_indices
@@ -485,7 +555,11 @@ impl NsaPipeline {
 }
 
 /// Records copies of `buffers` into fresh `MAP_READ` buffers.
-pub fn stage_readback(device: &wgpu::Device, encoder: &mut wgpu::CommandEncoder, buffers: &[&wgpu::Buffer]) -> Vec<wgpu::Buffer> {
+pub fn stage_readback(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    buffers: &[&wgpu::Buffer],
+) -> Vec<wgpu::Buffer> {
     buffers
         .iter()
         .map(|b| {
@@ -523,7 +597,10 @@ pub async fn read_staging(device: &wgpu::Device, staging: &[wgpu::Buffer]) -> Re
         rx.await
             .map_err(|_| NsaError::Readback("the mapping callback was dropped".into()))?
             .map_err(|e| NsaError::Readback(e.to_string()))?;
-        let view = b.slice(..).get_mapped_range().map_err(|e| NsaError::Readback(e.to_string()))?;
+        let view = b
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| NsaError::Readback(e.to_string()))?;
         out.push(view.to_vec());
         drop(view);
         b.unmap();

@@ -147,7 +147,11 @@ impl Plan {
         shape.validate()?;
         let s = *shape;
         if config.top_n > MAX_TOP_N {
-            return Err(exceeds("top_n (selection kernel's list)", config.top_n as u64, MAX_TOP_N as u64));
+            return Err(exceeds(
+                "top_n (selection kernel's list)",
+                config.top_n as u64,
+                MAX_TOP_N as u64,
+            ));
         }
         let m = config.sel_block / config.cmp_stride;
         let u = config.cmp_block / config.cmp_stride;
@@ -170,7 +174,16 @@ impl Plan {
             steps: Vec::new(),
             limits: *limits,
         };
-        for t in [Tensor::Q, Tensor::KCmp, Tensor::VCmp, Tensor::Gates, Tensor::Idx, Tensor::Out, Tensor::WK, Tensor::WV] {
+        for t in [
+            Tensor::Q,
+            Tensor::KCmp,
+            Tensor::VCmp,
+            Tensor::Gates,
+            Tensor::Idx,
+            Tensor::Out,
+            Tensor::WK,
+            Tensor::WV,
+        ] {
             let bytes = plan.tensor_bytes(t);
             if bytes > limits.max_buffer {
                 return Err(exceeds("max_buffer_size", bytes, limits.max_buffer));
@@ -213,7 +226,11 @@ impl Plan {
 
     /// Elements a binding may hold, leaving room for the alignment residual.
     fn binding_elems(&self) -> u64 {
-        (self.limits.max_storage_binding.saturating_sub(self.limits.storage_align)) / 4
+        (self
+            .limits
+            .max_storage_binding
+            .saturating_sub(self.limits.storage_align))
+            / 4
     }
 
     fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
@@ -282,7 +299,9 @@ impl Plan {
             ));
         }
         let wg_per_batch = (self.n_cmp * s.hkv) as u64;
-        let nb = (lim / per_batch).min(self.max_workgroups() / wg_per_batch).max(1) as usize;
+        let nb = (lim / per_batch)
+            .min(self.max_workgroups() / wg_per_batch)
+            .max(1) as usize;
         let mut b0 = 0;
         while b0 < s.batch {
             let nb = nb.min(s.batch - b0);
@@ -290,8 +309,16 @@ impl Plan {
                 (Tensor::KCmp, Tensor::Kc, Tensor::WK, Tensor::PeK, s.dk),
                 (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
             ] {
-                let (sw, soff) = self.window(src, (b0 * s.tk * s.hkv * dim) as u64, (nb * s.tk * s.hkv * dim) as u64);
-                let (dw, doff) = self.window(dst, (b0 * self.n_cmp * s.hkv * dim) as u64, (nb * self.n_cmp * s.hkv * dim) as u64);
+                let (sw, soff) = self.window(
+                    src,
+                    (b0 * s.tk * s.hkv * dim) as u64,
+                    (nb * s.tk * s.hkv * dim) as u64,
+                );
+                let (dw, doff) = self.window(
+                    dst,
+                    (b0 * self.n_cmp * s.hkv * dim) as u64,
+                    (nb * self.n_cmp * s.hkv * dim) as u64,
+                );
                 let total = wg_per_batch * nb as u64;
                 let params = Params {
                     batch: nb as u32,
@@ -345,7 +372,12 @@ impl Plan {
             let mut b0 = 0;
             while b0 < s.batch {
                 let n = nb.min(s.batch - b0);
-                chunks.push(Chunk { b0, nb: n, q0: 0, qc: s.tq });
+                chunks.push(Chunk {
+                    b0,
+                    nb: n,
+                    q0: 0,
+                    qc: s.tq,
+                });
                 b0 += n;
             }
         } else {
@@ -379,7 +411,12 @@ impl Plan {
             let kc = self.window(Tensor::Kc, cmp0 * hkv * dk, ncmp * hkv * dk);
             let vc = self.window(Tensor::Vc, cmp0 * hkv * dv, ncmp * hkv * dv);
             let o = |t| self.window(t, rows * hq * dv, nrows * hq * dv);
-            let (ocmp, oslc, owin, out) = (o(Tensor::OCmp), o(Tensor::OSlc), o(Tensor::OWin), o(Tensor::Out));
+            let (ocmp, oslc, owin, out) = (
+                o(Tensor::OCmp),
+                o(Tensor::OSlc),
+                o(Tensor::OWin),
+                o(Tensor::Out),
+            );
             let k = |t| self.window(t, keys * hkv * dk, nkeys * hkv * dk);
             let v = |t| self.window(t, keys * hkv * dv, nkeys * hkv * dv);
             let base = Params {
@@ -403,10 +440,19 @@ impl Plan {
                 ..base
             };
             let sel_total = nrows * hkv;
-            let (ks, vs, kw, vw) = (k(Tensor::KSlc), v(Tensor::VSlc), k(Tensor::KWin), v(Tensor::VWin));
+            let (ks, vs, kw, vw) = (
+                k(Tensor::KSlc),
+                v(Tensor::VSlc),
+                k(Tensor::KWin),
+                v(Tensor::VWin),
+            );
             self.steps.push(Step {
                 kernel: KernelId::CmpAttn,
-                params: Params { off_k: kc.1, off_v: vc.1, ..attn },
+                params: Params {
+                    off_k: kc.1,
+                    off_v: vc.1,
+                    ..attn
+                },
                 grid: self.grid(attn_total),
                 bindings: vec![
                     (Tensor::Q, q.0),
@@ -418,13 +464,25 @@ impl Plan {
             });
             self.steps.push(Step {
                 kernel: KernelId::Select,
-                params: Params { total_wg: sel_total as u32, ..base },
+                params: Params {
+                    total_wg: sel_total as u32,
+                    ..base
+                },
                 grid: self.grid(sel_total),
-                bindings: vec![(Tensor::Q, q.0), (Tensor::Kc, kc.0), (Tensor::Lse, lse.0), (Tensor::Idx, idx.0)],
+                bindings: vec![
+                    (Tensor::Q, q.0),
+                    (Tensor::Kc, kc.0),
+                    (Tensor::Lse, lse.0),
+                    (Tensor::Idx, idx.0),
+                ],
             });
             self.steps.push(Step {
                 kernel: KernelId::SlcAttn,
-                params: Params { off_k: ks.1, off_v: vs.1, ..attn },
+                params: Params {
+                    off_k: ks.1,
+                    off_v: vs.1,
+                    ..attn
+                },
                 grid: self.grid(attn_total),
                 bindings: vec![
                     (Tensor::Q, q.0),
@@ -436,7 +494,11 @@ impl Plan {
             });
             self.steps.push(Step {
                 kernel: KernelId::WinAttn,
-                params: Params { off_k: kw.1, off_v: vw.1, ..attn },
+                params: Params {
+                    off_k: kw.1,
+                    off_v: vw.1,
+                    ..attn
+                },
                 grid: self.grid(attn_total),
                 bindings: vec![
                     (Tensor::Q, q.0),

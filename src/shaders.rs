@@ -16,7 +16,10 @@ pub const KERNELS: &[(&str, &str)] = &[
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
 const SHARED: &[(&str, &str)] = &[
     ("params", include_str!("../shaders/shared/params.wgsl")),
-    ("attention", include_str!("../shaders/shared/attention.wgsl")),
+    (
+        "attention",
+        include_str!("../shaders/shared/attention.wgsl"),
+    ),
 ];
 
 /// The complete WGSL of kernel `name`, imports resolved; `None` for an unknown name.

@@ -10,8 +10,8 @@ use common::{assert_close, small, Data};
 use nsa_wgpu::cpu;
 use nsa_wgpu::pipeline::{read_staging, stage_readback};
 use nsa_wgpu::{
-    Compression, DeviceLimits, GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, OutputRequest, Plan, Shape,
-    Tensor,
+    Compression, DeviceLimits, GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline,
+    OutputRequest, Plan, Shape, Tensor,
 };
 use wgpu::util::DeviceExt;
 
@@ -56,15 +56,32 @@ fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
     };
     let nan = f32::NAN.to_bits();
     let (q, k, v, g) = (up(&data.q), up(&data.k), up(&data.v), up(&data.gates));
-    let branch: Option<Vec<wgpu::Buffer>> = data.branch.as_ref().map(|b| b.iter().map(|t| up(t)).collect());
-    let linear: Option<Vec<wgpu::Buffer>> = data.linear.as_ref().map(|b| b.iter().map(|t| up(t)).collect());
+    let branch: Option<Vec<wgpu::Buffer>> = data
+        .branch
+        .as_ref()
+        .map(|b| b.iter().map(|t| up(t)).collect());
+    let linear: Option<Vec<wgpu::Buffer>> = data
+        .linear
+        .as_ref()
+        .map(|b| b.iter().map(|t| up(t)).collect());
     let out = sentinel(Tensor::Out, nan);
     let idx = sentinel(Tensor::Idx, i32::MIN as u32);
-    let (oc, os, ow) = (sentinel(Tensor::OCmp, nan), sentinel(Tensor::OSlc, nan), sentinel(Tensor::OWin, nan));
+    let (oc, os, ow) = (
+        sentinel(Tensor::OCmp, nan),
+        sentinel(Tensor::OSlc, nan),
+        sentinel(Tensor::OWin, nan),
+    );
     let scratch = pipe.scratch(plan).expect("scratch");
     let mut bufs = GpuBuffers::new(&q, &k, &v, &g, &out);
     if let Some(b) = &branch {
-        bufs.branch_kv = [Some(&b[0]), Some(&b[1]), Some(&b[2]), Some(&b[3]), Some(&b[4]), Some(&b[5])];
+        bufs.branch_kv = [
+            Some(&b[0]),
+            Some(&b[1]),
+            Some(&b[2]),
+            Some(&b[3]),
+            Some(&b[4]),
+            Some(&b[5]),
+        ];
     }
     bufs.linear = linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
     bufs.block_indices = Some(&idx);
@@ -72,7 +89,20 @@ fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
     let mut enc = dev.create_command_encoder(&Default::default());
     pipe.encode(&mut enc, &scratch, &bufs).expect("encode");
     let sc = |t| scratch.buffer(t).unwrap();
-    let staging = stage_readback(dev, &mut enc, &[&out, &idx, &oc, &os, &ow, sc(Tensor::Kc), sc(Tensor::Vc), sc(Tensor::Lse)]);
+    let staging = stage_readback(
+        dev,
+        &mut enc,
+        &[
+            &out,
+            &idx,
+            &oc,
+            &os,
+            &ow,
+            sc(Tensor::Kc),
+            sc(Tensor::Vc),
+            sc(Tensor::Lse),
+        ],
+    );
     ctx.queue.submit([enc.finish()]);
     let r = pollster::block_on(read_staging(dev, &staging)).expect("readback");
     let f = |i: usize, t: Tensor| -> Vec<f32> {
@@ -80,7 +110,8 @@ fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
     };
     GpuResult {
         out: f(0, Tensor::Out),
-        idx: bytemuck::cast_slice::<u8, i32>(&r[1])[..plan.tensor_len(Tensor::Idx) as usize].to_vec(),
+        idx: bytemuck::cast_slice::<u8, i32>(&r[1])[..plan.tensor_len(Tensor::Idx) as usize]
+            .to_vec(),
         o_cmp: f(2, Tensor::OCmp),
         o_slc: f(3, Tensor::OSlc),
         o_win: f(4, Tensor::OWin),
@@ -96,14 +127,21 @@ fn check_selection(cfg: &NsaConfig, got: &[i32], naive: &cpu::naive::NaiveOutput
     let n = cfg.top_n;
     let mut differing = Vec::new();
     for (row, (g, w)) in got.chunks(n).zip(naive.block_indices.chunks(n)).enumerate() {
-        assert!(g.iter().all(|j| *j >= -1), "row {row}: unwritten index in {g:?}");
+        assert!(
+            g.iter().all(|j| *j >= -1),
+            "row {row}: unwritten index in {g:?}"
+        );
         if g == w {
             continue;
         }
         let sc = &naive.block_scores[row];
         let extra: Vec<i32> = g.iter().filter(|j| !w.contains(j)).cloned().collect();
         let missing: Vec<i32> = w.iter().filter(|j| !g.contains(j)).cloned().collect();
-        assert_eq!(extra.len(), missing.len(), "row {row}: got {g:?}, want {w:?}");
+        assert_eq!(
+            extra.len(),
+            missing.len(),
+            "row {row}: got {g:?}, want {w:?}"
+        );
         for (a, b) in extra.iter().zip(&missing) {
             let (sa, sb) = (sc[*a as usize], sc[*b as usize]);
             assert!(
@@ -134,8 +172,24 @@ fn check_plan(name: &str, plan: &Plan, branch: bool) {
     // Stage by stage against the CPU twins.
     let (kci, vci) = inputs.cmp_kv();
     let lin = data.linear.as_ref();
-    let kc = cpu::compress::compress(&cfg, s.batch, s.tk, s.hkv, s.dk, kci, lin.map(|l| (&l[0][..], &l[1][..])));
-    let vc = cpu::compress::compress(&cfg, s.batch, s.tk, s.hkv, s.dv, vci, lin.map(|l| (&l[2][..], &l[3][..])));
+    let kc = cpu::compress::compress(
+        &cfg,
+        s.batch,
+        s.tk,
+        s.hkv,
+        s.dk,
+        kci,
+        lin.map(|l| (&l[0][..], &l[1][..])),
+    );
+    let vc = cpu::compress::compress(
+        &cfg,
+        s.batch,
+        s.tk,
+        s.hkv,
+        s.dv,
+        vci,
+        lin.map(|l| (&l[2][..], &l[3][..])),
+    );
     assert_close(&format!("{name} compress k"), &got.kc, &kc, TOL);
     assert_close(&format!("{name} compress v"), &got.vc, &vc, TOL);
     let (o_cmp, lse) = cpu::cmp_attn::cmp_attn(&cfg, s, &data.q, &kc, &vc);
@@ -145,7 +199,16 @@ fn check_plan(name: &str, plan: &Plan, branch: bool) {
     let o_slc = cpu::slc_attn::slc_attn(&cfg, s, &data.q, ks, vs, &got.idx);
     assert_close(&format!("{name} slc_attn"), &got.o_slc, &o_slc, TOL);
     let (kw, vw) = inputs.win_kv();
-    let (o_win, out) = cpu::win_attn::win_attn(&cfg, s, &data.q, kw, vw, &data.gates, &got.o_cmp, &got.o_slc);
+    let (o_win, out) = cpu::win_attn::win_attn(
+        &cfg,
+        s,
+        &data.q,
+        kw,
+        vw,
+        &data.gates,
+        &got.o_cmp,
+        &got.o_slc,
+    );
     assert_close(&format!("{name} win_attn"), &got.o_win, &o_win, TOL);
     assert_close(&format!("{name} combine"), &got.out, &out, TOL);
     // End to end against the naive f64 reference.
@@ -153,9 +216,23 @@ fn check_plan(name: &str, plan: &Plan, branch: bool) {
     let twin_idx = cpu::select::select(&cfg, s, &data.q, &kc, &lse);
     check_selection(&cfg, &twin_idx, &naive);
     let differing = check_selection(&cfg, &got.idx, &naive);
-    assert!(differing.len() * 100 <= got.idx.len() / cfg.top_n + 100, "{name}: too many near ties: {}", differing.len());
-    assert_close(&format!("{name} o_cmp vs naive"), &got.o_cmp, &naive.o_cmp, TOL);
-    assert_close(&format!("{name} o_win vs naive"), &got.o_win, &naive.o_win, TOL);
+    assert!(
+        differing.len() * 100 <= got.idx.len() / cfg.top_n + 100,
+        "{name}: too many near ties: {}",
+        differing.len()
+    );
+    assert_close(
+        &format!("{name} o_cmp vs naive"),
+        &got.o_cmp,
+        &naive.o_cmp,
+        TOL,
+    );
+    assert_close(
+        &format!("{name} o_win vs naive"),
+        &got.o_win,
+        &naive.o_win,
+        TOL,
+    );
     // Rows whose selection is a near tie away from the reference compare against the twin.
     let (g, dv) = (s.group(), s.dv);
     let mut want_slc = naive.o_slc.clone();
@@ -169,7 +246,12 @@ fn check_plan(name: &str, plan: &Plan, branch: bool) {
             }
         }
     }
-    assert_close(&format!("{name} o_slc vs naive"), &got.o_slc, &want_slc, TOL);
+    assert_close(
+        &format!("{name} o_slc vs naive"),
+        &got.o_slc,
+        &want_slc,
+        TOL,
+    );
     assert_close(&format!("{name} out vs naive"), &got.out, &want_out, TOL);
 }
 
@@ -195,7 +277,16 @@ fn linear(mut c: NsaConfig) -> NsaConfig {
 }
 
 fn fla_like() -> NsaConfig {
-    NsaConfig { cmp_block: 16, cmp_stride: 16, sel_block: 16, top_n: 4, init_blocks: 0, local_blocks: 1, window: 20, ..NsaConfig::default() }
+    NsaConfig {
+        cmp_block: 16,
+        cmp_stride: 16,
+        sel_block: 16,
+        top_n: 4,
+        init_blocks: 0,
+        local_blocks: 1,
+        window: 20,
+        ..NsaConfig::default()
+    }
 }
 
 cases! {
@@ -229,9 +320,21 @@ fn split_plan_matches_the_reference() {
         max_workgroups_per_dim: 7,
         ..pipe.limits()
     };
-    let shape = Shape { batch: 2, tq: 90, tk: 97, hq: 4, hkv: 2, dk: 12, dv: 10 };
+    let shape = Shape {
+        batch: 2,
+        tq: 90,
+        tk: 97,
+        hq: 4,
+        hkv: 2,
+        dk: 12,
+        dv: 10,
+    };
     let plan = Plan::new(&small(), &shape, &limits).expect("plan");
-    assert!(plan.steps.len() > 8, "the plan should split: {} steps", plan.steps.len());
+    assert!(
+        plan.steps.len() > 8,
+        "the plan should split: {} steps",
+        plan.steps.len()
+    );
     check_plan("split", &plan, true);
 }
 
@@ -241,13 +344,17 @@ fn run_returns_what_encode_writes() {
     let cfg = small();
     let shape = Shape::prefill(1, 77, 4, 2, 24, 16);
     let data = Data::new(&cfg, &shape, false, 7);
-    let res = pipe.run_blocking(&cfg, &shape, &data.inputs(), OutputRequest::all()).expect("run");
+    let res = pipe
+        .run_blocking(&cfg, &shape, &data.inputs(), OutputRequest::all())
+        .expect("run");
     let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).unwrap();
     assert_close("run out", &res.out, &naive.out, TOL);
     assert_eq!(res.block_indices.as_deref(), Some(&naive.block_indices[..]));
     let br = res.branches.expect("branches");
     assert_close("run o_win", &br.o_win, &naive.o_win, TOL);
-    let plain = pipe.run_blocking(&cfg, &shape, &data.inputs(), OutputRequest::default()).unwrap();
+    let plain = pipe
+        .run_blocking(&cfg, &shape, &data.inputs(), OutputRequest::default())
+        .unwrap();
     assert_eq!(plain.out, res.out);
     assert!(plain.block_indices.is_none() && plain.branches.is_none());
 }
@@ -258,46 +365,115 @@ fn bad_inputs_are_errors_not_panics() {
     let cfg = small();
     let shape = Shape::prefill(1, 40, 4, 2, 16, 16);
     let data = Data::new(&cfg, &shape, false, 1);
-    let run = |cfg: &NsaConfig, shape: &Shape, i: &nsa_wgpu::NsaInputs| pipe.run_blocking(cfg, shape, i, OutputRequest::default());
+    let run = |cfg: &NsaConfig, shape: &Shape, i: &nsa_wgpu::NsaInputs| {
+        pipe.run_blocking(cfg, shape, i, OutputRequest::default())
+    };
     // Wrong length.
     let mut i = data.inputs();
     i.k = &data.k[1..];
-    assert!(matches!(run(&cfg, &shape, &i), Err(NsaError::ShapeMismatch { tensor: "k", .. })));
+    assert!(matches!(
+        run(&cfg, &shape, &i),
+        Err(NsaError::ShapeMismatch { tensor: "k", .. })
+    ));
     // NaN.
     let mut q = data.q.clone();
     q[5] = f32::NAN;
     let mut i = data.inputs();
     i.q = &q;
-    assert!(matches!(run(&cfg, &shape, &i), Err(NsaError::NonFinite { tensor: "q", index: 5, .. })));
+    assert!(matches!(
+        run(&cfg, &shape, &i),
+        Err(NsaError::NonFinite {
+            tensor: "q",
+            index: 5,
+            ..
+        })
+    ));
     // Infinity in a branch tensor.
     let mut kw = data.k.clone();
     kw[9] = f32::INFINITY;
     let mut i = data.inputs();
     i.k_win = Some(&kw);
-    assert!(matches!(run(&cfg, &shape, &i), Err(NsaError::NonFinite { tensor: "k_win", index: 9, .. })));
+    assert!(matches!(
+        run(&cfg, &shape, &i),
+        Err(NsaError::NonFinite {
+            tensor: "k_win",
+            index: 9,
+            ..
+        })
+    ));
     // Invalid config.
-    let bad = NsaConfig { cmp_block: 20, ..cfg };
-    assert!(matches!(run(&bad, &shape, &data.inputs()), Err(NsaError::InvalidConfig { field: "cmp_block", .. })));
+    let bad = NsaConfig {
+        cmp_block: 20,
+        ..cfg
+    };
+    assert!(matches!(
+        run(&bad, &shape, &data.inputs()),
+        Err(NsaError::InvalidConfig {
+            field: "cmp_block",
+            ..
+        })
+    ));
     // Linear without weights.
     let lin = linear(cfg);
-    assert!(matches!(run(&lin, &shape, &data.inputs()), Err(NsaError::MissingInput { .. })));
+    assert!(matches!(
+        run(&lin, &shape, &data.inputs()),
+        Err(NsaError::MissingInput { .. })
+    ));
     // Inconsistent shapes.
     let s = Shape { hq: 5, ..shape };
-    assert!(matches!(run(&cfg, &s, &data.inputs()), Err(NsaError::InvalidShape { what: "hq", .. })));
+    assert!(matches!(
+        run(&cfg, &s, &data.inputs()),
+        Err(NsaError::InvalidShape { what: "hq", .. })
+    ));
     let s = Shape { tq: 41, ..shape };
-    assert!(matches!(run(&cfg, &s, &data.inputs()), Err(NsaError::InvalidShape { what: "tq", .. })));
+    assert!(matches!(
+        run(&cfg, &s, &data.inputs()),
+        Err(NsaError::InvalidShape { what: "tq", .. })
+    ));
     // A caller's buffer that is too small, or lacks STORAGE.
     let dev = &pipe.context().device;
     let plan = pipe.plan(&cfg, &shape).unwrap();
     let scratch = pipe.scratch(&plan).unwrap();
-    let mk = |size: u64, usage| dev.create_buffer(&wgpu::BufferDescriptor { label: None, size, usage, mapped_at_creation: false });
+    let mk = |size: u64, usage| {
+        dev.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
     let st = wgpu::BufferUsages::STORAGE;
-    let (q, k, g, out) = (mk(plan.tensor_bytes(Tensor::Q), st), mk(plan.tensor_bytes(Tensor::KCmp), st), mk(plan.tensor_bytes(Tensor::Gates), st), mk(plan.tensor_bytes(Tensor::Out), st));
+    let (q, k, g, out) = (
+        mk(plan.tensor_bytes(Tensor::Q), st),
+        mk(plan.tensor_bytes(Tensor::KCmp), st),
+        mk(plan.tensor_bytes(Tensor::Gates), st),
+        mk(plan.tensor_bytes(Tensor::Out), st),
+    );
     let small_v = mk(16, st);
     let mut enc = dev.create_command_encoder(&Default::default());
-    let r = pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &small_v, &g, &out));
-    assert!(matches!(r, Err(NsaError::BadBuffer { tensor: "v_cmp", .. })), "{r:?}");
+    let r = pipe.encode(
+        &mut enc,
+        &scratch,
+        &GpuBuffers::new(&q, &k, &small_v, &g, &out),
+    );
+    assert!(
+        matches!(
+            r,
+            Err(NsaError::BadBuffer {
+                tensor: "v_cmp",
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     let no_storage = mk(plan.tensor_bytes(Tensor::Out), wgpu::BufferUsages::COPY_SRC);
-    let r = pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &k, &g, &no_storage));
-    assert!(matches!(r, Err(NsaError::BadBuffer { tensor: "out", .. })), "{r:?}");
+    let r = pipe.encode(
+        &mut enc,
+        &scratch,
+        &GpuBuffers::new(&q, &k, &k, &g, &no_storage),
+    );
+    assert!(
+        matches!(r, Err(NsaError::BadBuffer { tensor: "out", .. })),
+        "{r:?}"
+    );
 }

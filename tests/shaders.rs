@@ -8,7 +8,8 @@ use nsa_wgpu::shaders;
 
 fn module(name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
     let src = shaders::source(name).expect("known kernel");
-    let module = naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+    let module = naga::front::wgsl::parse_str(&src)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
     let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
@@ -30,14 +31,17 @@ fn every_kernel_has_a_shader_and_a_main() {
 fn shaders_translate_to_spirv_msl_hlsl() {
     for id in KernelId::ALL {
         let (m, info) = module(id.name());
-        spv::write_vec(&m, &info, &spv::Options::default(), None).unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
+        spv::write_vec(&m, &info, &spv::Options::default(), None)
+            .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
         let pipeline = msl::PipelineOptions::default();
-        msl::write_string(&m, &info, &msl::Options::default(), &pipeline).unwrap_or_else(|e| panic!("{} msl: {e}", id.name()));
+        msl::write_string(&m, &info, &msl::Options::default(), &pipeline)
+            .unwrap_or_else(|e| panic!("{} msl: {e}", id.name()));
         let mut out = String::new();
         let opts = hlsl::Options::default();
         let popts = hlsl::PipelineOptions::default();
         let mut w = hlsl::Writer::new(&mut out, &opts, &popts);
-        w.write(&m, &info, None).unwrap_or_else(|e| panic!("{} hlsl: {e}", id.name()));
+        w.write(&m, &info, None)
+            .unwrap_or_else(|e| panic!("{} hlsl: {e}", id.name()));
         assert!(out.contains("main"), "{}", id.name());
     }
 }
@@ -58,10 +62,18 @@ fn bindings_match_the_binding_table() {
             assert_eq!(*binding as usize, i, "{}", id.name());
             let ok = match access {
                 nsa_wgpu::kernels::Access::Uniform => *space == naga::AddressSpace::Uniform,
-                nsa_wgpu::kernels::Access::Read => matches!(space, naga::AddressSpace::Storage { access } if !access.contains(naga::StorageAccess::STORE)),
-                nsa_wgpu::kernels::Access::ReadWrite => matches!(space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE)),
+                nsa_wgpu::kernels::Access::Read => {
+                    matches!(space, naga::AddressSpace::Storage { access } if !access.contains(naga::StorageAccess::STORE))
+                }
+                nsa_wgpu::kernels::Access::ReadWrite => {
+                    matches!(space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE))
+                }
             };
-            assert!(ok, "{} binding {binding}: {space:?} vs {access:?}", id.name());
+            assert!(
+                ok,
+                "{} binding {binding}: {space:?} vs {access:?}",
+                id.name()
+            );
         }
     }
 }
@@ -69,7 +81,11 @@ fn bindings_match_the_binding_table() {
 #[test]
 fn params_size_matches_wgsl() {
     let (m, _) = module("compress");
-    let (_, ty) = m.types.iter().find(|(_, t)| t.name.as_deref() == Some("Params")).expect("Params");
+    let (_, ty) = m
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some("Params"))
+        .expect("Params");
     let size = ty.inner.size(m.to_ctx());
     assert_eq!(size as usize, std::mem::size_of::<Params>());
 }

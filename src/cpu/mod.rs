@@ -70,14 +70,39 @@ pub fn forward(
         (Compression::Linear, Some(lw)) => (Some((lw.w_k, lw.pe_k)), Some((lw.w_v, lw.pe_v))),
         _ => (None, None),
     };
-    let kc = compress::compress(config, shape.batch, shape.tk, shape.hkv, shape.dk, kc_in, wk);
-    let vc = compress::compress(config, shape.batch, shape.tk, shape.hkv, shape.dv, vc_in, wv);
+    let kc = compress::compress(
+        config,
+        shape.batch,
+        shape.tk,
+        shape.hkv,
+        shape.dk,
+        kc_in,
+        wk,
+    );
+    let vc = compress::compress(
+        config,
+        shape.batch,
+        shape.tk,
+        shape.hkv,
+        shape.dv,
+        vc_in,
+        wv,
+    );
     let (o_cmp, lse) = cmp_attn::cmp_attn(config, shape, inputs.q, &kc, &vc);
     let idx = select::select(config, shape, inputs.q, &kc, &lse);
     let (ks, vs) = inputs.slc_kv();
     let o_slc = slc_attn::slc_attn(config, shape, inputs.q, ks, vs, &idx);
     let (kw, vw) = inputs.win_kv();
-    let (o_win, out) = win_attn::win_attn(config, shape, inputs.q, kw, vw, inputs.gates, &o_cmp, &o_slc);
+    let (o_win, out) = win_attn::win_attn(
+        config,
+        shape,
+        inputs.q,
+        kw,
+        vw,
+        inputs.gates,
+        &o_cmp,
+        &o_slc,
+    );
     Ok(NsaOutputs {
         out,
         block_indices: request.block_indices.then_some(idx),

@@ -64,7 +64,12 @@ fn dot(a: &[f32], b: &[f64]) -> f64 {
 }
 
 /// Softmax attention of `q` over `(key, value)` rows; the empty set gives zeros.
-fn softmax_attend(q: &[f32], scale: f64, kv: &[(Vec<f64>, Vec<f64>)], dv: usize) -> (Vec<f64>, Vec<f64>) {
+fn softmax_attend(
+    q: &[f32],
+    scale: f64,
+    kv: &[(Vec<f64>, Vec<f64>)],
+    dv: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let s: Vec<f64> = kv.iter().map(|(k, _)| scale * dot(q, k)).collect();
     let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
@@ -75,6 +80,48 @@ fn softmax_attend(q: &[f32], scale: f64, kv: &[(Vec<f64>, Vec<f64>)], dv: usize)
         o.iter_mut().zip(v).for_each(|(a, b)| *a += pi * b);
     }
     (o, p)
+}
+
+/// SPEC §3 for one query head: the importance `p_slc[j]` of blocks `0..=c` from the
+/// probabilities `p_cmp` of the visible compressed tokens.
+pub fn block_importance(cfg: &NsaConfig, p_cmp: &[f64], c: usize) -> Vec<f64> {
+    let (l, d, lb) = (cfg.cmp_block, cfg.cmp_stride, cfg.sel_block);
+    (0..=c)
+        .map(|j| {
+            let mut sj = 0.0;
+            for m in 0..lb / d {
+                for u in 0..l / d {
+                    let idx = (lb / d * j + m) as isize - u as isize;
+                    if idx >= 0 && (idx as usize) < p_cmp.len() {
+                        sj += p_cmp[idx as usize];
+                    }
+                }
+            }
+            sj
+        })
+        .collect()
+}
+
+/// SPEC §4: the `n` selected blocks of a query whose own block is `c`, given the group
+/// scores `score[0..=c]`: ascending, padded with `-1`.
+pub fn select_blocks(cfg: &NsaConfig, score: &[f64], c: usize) -> Vec<i32> {
+    let n = cfg.top_n;
+    let mut chosen: Vec<usize> = (0..cfg.init_blocks)
+        .chain((c + 1).saturating_sub(cfg.local_blocks)..=c)
+        .filter(|j| *j <= c)
+        .collect();
+    chosen.sort_unstable();
+    chosen.dedup();
+    let mut rest: Vec<usize> = (0..=c).filter(|j| !chosen.contains(j)).collect();
+    rest.sort_by(|a, b| score[*b].total_cmp(&score[*a]).then(a.cmp(b)));
+    let free = n - chosen.len();
+    chosen.extend(rest.into_iter().take(free));
+    chosen.sort_unstable();
+    let mut out = vec![-1; n];
+    for (slot, j) in out.iter_mut().zip(chosen) {
+        *slot = j as i32;
+    }
+    out
 }
 
 /// Runs NSA exactly as SPEC.md states it.
@@ -96,14 +143,37 @@ pub fn nsa(cfg: &NsaConfig, shape: &Shape, inputs: &NsaInputs) -> Result<NaiveOu
     let (kcmp, vcmp) = inputs.cmp_kv();
     let (kslc, vslc) = inputs.slc_kv();
     let (kwin, vwin) = inputs.win_kv();
-    let lin = inputs.linear.filter(|_| cfg.compression == Compression::Linear);
+    let lin = inputs
+        .linear
+        .filter(|_| cfg.compression == Compression::Linear);
     let key = |x: &[f32], dim: usize, b: usize, t: usize, h: usize| -> Vec<f64> {
-        x[((b * s.tk + t) * s.hkv + h) * dim..][..dim].iter().map(|v| *v as f64).collect()
+        x[((b * s.tk + t) * s.hkv + h) * dim..][..dim]
+            .iter()
+            .map(|v| *v as f64)
+            .collect()
     };
     for b in 0..s.batch {
         for h in 0..s.hkv {
-            let kc = compress(cfg, kcmp, s.tk, s.hkv, s.dk, b, h, lin.map(|w| (w.w_k, w.pe_k)));
-            let vc = compress(cfg, vcmp, s.tk, s.hkv, s.dv, b, h, lin.map(|w| (w.w_v, w.pe_v)));
+            let kc = compress(
+                cfg,
+                kcmp,
+                s.tk,
+                s.hkv,
+                s.dk,
+                b,
+                h,
+                lin.map(|w| (w.w_k, w.pe_k)),
+            );
+            let vc = compress(
+                cfg,
+                vcmp,
+                s.tk,
+                s.hkv,
+                s.dv,
+                b,
+                h,
+                lin.map(|w| (w.w_v, w.pe_v)),
+            );
             for i in 0..s.tq {
                 let p = s.position(i);
                 // §2: compressed tokens whose whole block lies at or before p.
@@ -121,33 +191,18 @@ pub fn nsa(cfg: &NsaConfig, shape: &Shape, inputs: &NsaInputs) -> Result<NaiveOu
                     if !vis.is_empty() {
                         res.o_cmp[row * s.dv..][..s.dv].copy_from_slice(&o);
                     }
-                    for (j, sj) in score.iter_mut().enumerate() {
-                        for m in 0..lb / d {
-                            for u in 0..l / d {
-                                let idx = (lb / d * j + m) as isize - u as isize;
-                                if idx >= 0 && (idx as usize) < p_cmp.len() {
-                                    *sj += p_cmp[idx as usize];
-                                }
-                            }
-                        }
-                    }
+                    let sh = block_importance(cfg, &p_cmp, c);
+                    score.iter_mut().zip(sh).for_each(|(a, b)| *a += b);
                 }
                 // §4: forced blocks, then the highest scores, ties to the lower index.
-                let mut chosen: Vec<usize> = (0..cfg.init_blocks)
-                    .chain((c + 1).saturating_sub(cfg.local_blocks)..=c)
-                    .filter(|j| *j <= c)
+                let sel = select_blocks(cfg, &score, c);
+                let chosen: Vec<usize> = sel
+                    .iter()
+                    .filter(|j| **j >= 0)
+                    .map(|j| *j as usize)
                     .collect();
-                chosen.sort_unstable();
-                chosen.dedup();
-                let mut rest: Vec<usize> = (0..=c).filter(|j| !chosen.contains(j)).collect();
-                rest.sort_by(|a, b| score[*b].total_cmp(&score[*a]).then(a.cmp(b)));
-                let free = n - chosen.len();
-                chosen.extend(rest.into_iter().take(free));
-                chosen.sort_unstable();
                 let bi = ((b * s.tq + i) * s.hkv + h) * n;
-                for (slot, j) in chosen.iter().enumerate() {
-                    res.block_indices[bi + slot] = *j as i32;
-                }
+                res.block_indices[bi..bi + n].copy_from_slice(&sel);
                 res.block_scores[(b * s.tq + i) * s.hkv + h] = score;
                 // §5, §6, §7 per query head.
                 let slc: Vec<(Vec<f64>, Vec<f64>)> = chosen

@@ -29,7 +29,9 @@ impl Data {
         let q = normal(&mut rng, s.batch * s.tq * s.hq * s.dk);
         let k = normal(&mut rng, kn);
         let v = normal(&mut rng, vn);
-        let gates = (0..s.batch * s.tq * s.hq * 3).map(|_| rng.random::<f32>()).collect();
+        let gates = (0..s.batch * s.tq * s.hq * 3)
+            .map(|_| rng.random::<f32>())
+            .collect();
         let branch = branch.then(|| {
             [
                 normal(&mut rng, kn),
@@ -43,15 +45,31 @@ impl Data {
         let linear = (cfg.compression == Compression::Linear).then(|| {
             let l = cfg.cmp_block;
             let w = |rng: &mut StdRng, d: usize| -> Vec<f32> {
-                normal(rng, s.hkv * l * d * d).iter().map(|x| x / (l as f32 * (d as f32).sqrt())).collect()
+                normal(rng, s.hkv * l * d * d)
+                    .iter()
+                    .map(|x| x / (l as f32 * (d as f32).sqrt()))
+                    .collect()
             };
             let wk = w(&mut rng, s.dk);
-            let pk = normal(&mut rng, s.hkv * l * s.dk).iter().map(|x| x * 0.1).collect();
+            let pk = normal(&mut rng, s.hkv * l * s.dk)
+                .iter()
+                .map(|x| x * 0.1)
+                .collect();
             let wv = w(&mut rng, s.dv);
-            let pv = normal(&mut rng, s.hkv * l * s.dv).iter().map(|x| x * 0.1).collect();
+            let pv = normal(&mut rng, s.hkv * l * s.dv)
+                .iter()
+                .map(|x| x * 0.1)
+                .collect();
             [wk, pk, wv, pv]
         });
-        Self { q, k, v, gates, branch, linear }
+        Self {
+            q,
+            k,
+            v,
+            gates,
+            branch,
+            linear,
+        }
     }
 
     pub fn inputs(&self) -> nsa_wgpu::NsaInputs<'_> {
@@ -65,7 +83,12 @@ impl Data {
             i.v_win = Some(&b[5]);
         }
         if let Some(l) = &self.linear {
-            i.linear = Some(nsa_wgpu::LinearWeights { w_k: &l[0], pe_k: &l[1], w_v: &l[2], pe_v: &l[3] });
+            i.linear = Some(nsa_wgpu::LinearWeights {
+                w_k: &l[0],
+                pe_k: &l[1],
+                w_v: &l[2],
+                pe_v: &l[3],
+            });
         }
         i
     }
@@ -79,7 +102,10 @@ pub fn assert_close<T: Copy + Into<f64>>(what: &str, got: &[f32], want: &[T], to
     let (mut err2, mut ref2) = (0.0f64, 0.0f64);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let (g, w) = (*g as f64, (*w).into());
-        assert!(!g.is_nan(), "{what}: NaN at index {i} (want {w}): unwritten or broken");
+        assert!(
+            !g.is_nan(),
+            "{what}: NaN at index {i} (want {w}): unwritten or broken"
+        );
         let e = (g - w).abs();
         if e > worst.0 {
             worst = (e, i);

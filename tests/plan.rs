@@ -1,0 +1,233 @@
+//! Config validation and the pure plan: no GPU needed.
+
+use nsa_wgpu::kernels::KernelId;
+use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Shape, Tensor};
+
+fn field_of(r: Result<(), NsaError>) -> &'static str {
+    match r {
+        Err(NsaError::InvalidConfig { field, .. }) => field,
+        other => panic!("expected InvalidConfig, got {other:?}"),
+    }
+}
+
+#[test]
+fn paper_defaults() {
+    let c = NsaConfig::default();
+    assert_eq!(
+        (c.cmp_block, c.cmp_stride, c.sel_block, c.top_n),
+        (32, 16, 64, 16)
+    );
+    assert_eq!((c.init_blocks, c.local_blocks, c.window), (1, 2, 512));
+    assert_eq!(c.scale_for(64), 0.125);
+    c.validate().unwrap();
+}
+
+#[test]
+fn every_config_rule_is_checked() {
+    let c = NsaConfig::default();
+    assert_eq!(
+        field_of(NsaConfig { cmp_stride: 0, ..c }.validate()),
+        "cmp_stride"
+    );
+    assert_eq!(
+        field_of(NsaConfig { cmp_block: 8, ..c }.validate()),
+        "cmp_block"
+    );
+    assert_eq!(
+        field_of(NsaConfig { cmp_block: 40, ..c }.validate()),
+        "cmp_block"
+    );
+    assert_eq!(
+        field_of(NsaConfig { sel_block: 72, ..c }.validate()),
+        "sel_block"
+    );
+    assert_eq!(field_of(NsaConfig { top_n: 2, ..c }.validate()), "top_n");
+    assert_eq!(field_of(NsaConfig { window: 0, ..c }.validate()), "window");
+    assert_eq!(
+        field_of(
+            NsaConfig {
+                scale: Some(f32::NAN),
+                ..c
+            }
+            .validate()
+        ),
+        "scale"
+    );
+    let msg = NsaConfig { cmp_block: 40, ..c }
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("cmp_block") && msg.contains("40") && msg.contains("l % d == 0"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn compressed_token_counts() {
+    let c = NsaConfig::default();
+    assert_eq!(c.num_compressed(31), 0);
+    assert_eq!(c.num_compressed(32), 1);
+    assert_eq!(c.num_compressed(47), 1);
+    assert_eq!(c.num_compressed(48), 2);
+    assert_eq!(c.visible_compressed(30, 100), 0);
+    assert_eq!(c.visible_compressed(31, 100), 1);
+    assert_eq!(c.visible_compressed(47, 100), 2);
+    assert_eq!(c.visible_compressed(1000, 3), 3);
+}
+
+#[test]
+fn small_shapes_plan_one_chunk() {
+    let shape = Shape::prefill(2, 1000, 8, 2, 64, 64);
+    let plan = Plan::new(&NsaConfig::default(), &shape, &DeviceLimits::default()).unwrap();
+    let kinds: Vec<KernelId> = plan.steps.iter().map(|s| s.kernel).collect();
+    use KernelId::*;
+    assert_eq!(
+        kinds,
+        [Compress, Compress, CmpAttn, Select, SlcAttn, WinAttn]
+    );
+    assert_eq!(plan.n_cmp, 61);
+    assert_eq!(plan.head_chunks, 1);
+}
+
+/// Every query row of every batch is covered exactly once, every binding fits, every grid
+/// dimension fits and covers its workgroups.
+fn check_coverage(plan: &Plan) {
+    let s = plan.shape;
+    let lim = plan.limits;
+    let mut covered = vec![0u32; s.batch * s.tq];
+    for step in &plan.steps {
+        let p = &step.params;
+        assert!(
+            step.grid[0] <= lim.max_workgroups_per_dim
+                && step.grid[1] <= lim.max_workgroups_per_dim
+        );
+        assert!(step.grid[0] as u64 * step.grid[1] as u64 >= p.total_wg as u64);
+        for (t, w) in &step.bindings {
+            assert!(w.size <= lim.max_storage_binding, "{t:?}: {w:?}");
+            assert_eq!(w.offset % lim.storage_align, 0);
+            assert!(
+                w.offset + w.size <= plan.tensor_bytes(*t).max(4),
+                "{t:?}: {w:?}"
+            );
+        }
+        if step.kernel == KernelId::WinAttn {
+            let b0 =
+                (step.bindings[0].1.offset / 4 + p.off_q as u64) as usize / (s.tq * s.hq * s.dk);
+            for bb in 0..p.batch as usize {
+                for i in p.q_start..p.q_start + p.q_count {
+                    covered[(b0 + bb) * s.tq + i as usize] += 1;
+                }
+            }
+        }
+    }
+    assert!(covered.iter().all(|c| *c == 1), "{covered:?}");
+}
+
+#[test]
+fn plans_split_under_small_limits() {
+    let limits = DeviceLimits {
+        max_storage_binding: 64 << 10,
+        max_workgroups_per_dim: 100,
+        ..DeviceLimits::default()
+    };
+    for shape in [
+        Shape::prefill(3, 700, 8, 1, 20, 12),
+        Shape {
+            batch: 5,
+            tq: 33,
+            tk: 90,
+            hq: 4,
+            hkv: 4,
+            dk: 3,
+            dv: 7,
+        },
+        Shape::prefill(1, 4000, 1, 1, 4, 4),
+        Shape::prefill(2, 100, 40, 2, 16, 16),
+    ] {
+        let plan = Plan::new(&NsaConfig::default(), &shape, &limits).unwrap();
+        check_coverage(&plan);
+    }
+}
+
+#[test]
+fn sizes_beyond_splitting_are_exceeds_limit() {
+    let limits = DeviceLimits {
+        max_storage_binding: 1 << 20,
+        ..DeviceLimits::default()
+    };
+    // The keys of one sequence cannot be split across bindings.
+    let shape = Shape::prefill(1, 5000, 4, 4, 64, 64);
+    match Plan::new(&NsaConfig::default(), &shape, &limits) {
+        Err(NsaError::ExceedsLimit {
+            what,
+            needed,
+            limit,
+        }) => {
+            assert!(what.contains("max_storage_buffer_binding_size"), "{what}");
+            assert!(needed > limit);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A whole tensor over max_buffer_size.
+    let big = DeviceLimits {
+        max_buffer: 1 << 20,
+        ..DeviceLimits::default()
+    };
+    let shape = Shape::prefill(1, 2000, 8, 1, 64, 64);
+    assert!(matches!(
+        Plan::new(&NsaConfig::default(), &shape, &big),
+        Err(NsaError::ExceedsLimit {
+            what: "max_buffer_size",
+            ..
+        })
+    ));
+    // top_n beyond the selection kernel's list.
+    let cfg = NsaConfig {
+        top_n: 300,
+        ..NsaConfig::default()
+    };
+    assert!(matches!(
+        Plan::new(
+            &cfg,
+            &Shape::prefill(1, 10, 1, 1, 4, 4),
+            &DeviceLimits::default()
+        ),
+        Err(NsaError::ExceedsLimit { .. })
+    ));
+}
+
+#[test]
+fn bad_shapes_are_rejected() {
+    let cfg = NsaConfig::default();
+    let l = DeviceLimits::default();
+    let s = Shape::prefill(1, 10, 4, 2, 8, 8);
+    let what = |s: Shape| match Plan::new(&cfg, &s, &l) {
+        Err(NsaError::InvalidShape { what, .. }) => what,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(what(Shape { hq: 3, ..s }), "hq");
+    assert_eq!(what(Shape { tq: 11, ..s }), "tq");
+    assert_eq!(what(Shape { dk: 257, ..s }), "dk");
+    assert_eq!(what(Shape { dv: 0, ..s }), "dv");
+    assert_eq!(what(Shape { batch: 0, ..s }), "batch");
+}
+
+#[test]
+fn tensor_sizes() {
+    let shape = Shape {
+        batch: 2,
+        tq: 3,
+        tk: 40,
+        hq: 4,
+        hkv: 2,
+        dk: 5,
+        dv: 6,
+    };
+    let plan = Plan::new(&NsaConfig::default(), &shape, &DeviceLimits::default()).unwrap();
+    assert_eq!(plan.tensor_len(Tensor::Q), 2 * 3 * 4 * 5);
+    assert_eq!(plan.tensor_len(Tensor::Out), 2 * 3 * 4 * 6);
+    assert_eq!(plan.tensor_len(Tensor::Idx), 2 * 3 * 2 * 16);
+    assert_eq!(plan.tensor_len(Tensor::Kc), 2 * 2 * 5); // C = 1
+    assert_eq!(plan.tensor_len(Tensor::WK), 0);
+}

@@ -1,0 +1,224 @@
+//! The naive reference on hand-worked cases: the rules of SPEC.md checked one by one.
+
+mod common;
+
+use common::{assert_close, small, Data};
+use nsa_wgpu::cpu::naive::{block_importance, nsa, select_blocks};
+use nsa_wgpu::{Compression, LinearWeights, NsaConfig, NsaInputs, Shape};
+
+#[test]
+fn importance_weights_are_1_2_2_2_1_for_the_paper_config() {
+    let cfg = NsaConfig::default();
+    // One-hot p_cmp on token t: block 2 covers p_cmp[7..=11] with weights 1, 2, 2, 2, 1.
+    for (t, want) in (7..=11).zip([1.0, 2.0, 2.0, 2.0, 1.0]) {
+        let mut p = vec![0.0; 20];
+        p[t] = 1.0;
+        let s = block_importance(&cfg, &p, 4);
+        assert_eq!(s[2], want, "token {t}");
+        // A token covers l/d = 2 pieces, and each piece lies in exactly one block.
+        assert_eq!(s.iter().sum::<f64>(), 2.0, "token {t}");
+    }
+    // Token 3 straddles blocks 0 and 1: weight 1 in block 1 (its first piece is block 0's
+    // last), weight 1 in block 0.
+    let mut p = vec![0.0; 20];
+    p[3] = 1.0;
+    let s = block_importance(&cfg, &p, 4);
+    assert_eq!(&s[..3], &[1.0, 1.0, 0.0]);
+}
+
+#[test]
+fn forced_blocks_are_always_selected() {
+    let cfg = NsaConfig::default(); // n=16, 1 initial + 2 local
+    let c = 40;
+    // Every free block scores higher than the forced ones.
+    let score: Vec<f64> = (0..=c)
+        .map(|j| {
+            if j == 0 || j >= 39 {
+                0.0
+            } else {
+                1.0 + j as f64
+            }
+        })
+        .collect();
+    let sel = select_blocks(&cfg, &score, c);
+    assert!(
+        sel.contains(&0) && sel.contains(&39) && sel.contains(&40),
+        "{sel:?}"
+    );
+    // The 13 free slots go to the highest scores: blocks 26..=38.
+    let want: Vec<i32> = [0].into_iter().chain(26..=38).chain([39, 40]).collect();
+    assert_eq!(sel, want);
+}
+
+#[test]
+fn ties_go_to_the_lower_index() {
+    let cfg = NsaConfig::default();
+    let sel = select_blocks(&cfg, &[0.5; 31], 30);
+    let want: Vec<i32> = (0..=13).chain([29, 30]).collect();
+    assert_eq!(sel, want);
+}
+
+#[test]
+fn early_queries_pad_with_minus_one() {
+    let cfg = NsaConfig::default();
+    assert_eq!(
+        select_blocks(&cfg, &[0.0], 0),
+        [vec![0], vec![-1; 15]].concat()
+    );
+    assert_eq!(
+        select_blocks(&cfg, &[0.0; 2], 1),
+        [vec![0, 1], vec![-1; 14]].concat()
+    );
+    let few = select_blocks(&cfg, &[0.0; 5], 4);
+    assert_eq!(few, [vec![0, 1, 2, 3, 4], vec![-1; 11]].concat());
+}
+
+#[test]
+fn early_queries_see_no_compressed_token() {
+    let cfg = NsaConfig::default();
+    let shape = Shape::prefill(1, 40, 2, 1, 8, 8);
+    let data = Data::new(&cfg, &shape, false, 3);
+    let r = nsa(&cfg, &shape, &data.inputs()).unwrap();
+    let dv = shape.dv;
+    for i in 0..40 {
+        let row = &r.o_cmp[i * 2 * dv..(i + 1) * 2 * dv];
+        if i < 31 {
+            assert!(
+                row.iter().all(|x| *x == 0.0),
+                "query {i} sees no compressed token"
+            );
+        } else {
+            assert!(row.iter().any(|x| *x != 0.0), "query {i} sees token 0");
+        }
+    }
+}
+
+#[test]
+fn linear_with_identity_over_l_equals_mean() {
+    let mean = small();
+    let lin = NsaConfig {
+        compression: Compression::Linear,
+        ..mean
+    };
+    let shape = Shape::prefill(1, 90, 4, 2, 6, 5);
+    let data = Data::new(&mean, &shape, false, 4);
+    let eye = |d: usize| -> Vec<f32> {
+        let mut w = vec![0.0; shape.hkv * mean.cmp_block * d * d];
+        for blk in w.chunks_mut(d * d) {
+            (0..d).for_each(|i| blk[i * d + i] = 1.0 / mean.cmp_block as f32);
+        }
+        w
+    };
+    let (wk, wv) = (eye(shape.dk), eye(shape.dv));
+    let (pk, pv) = (
+        vec![0.0; shape.hkv * 16 * shape.dk],
+        vec![0.0; shape.hkv * 16 * shape.dv],
+    );
+    let mut inputs = data.inputs();
+    inputs.linear = Some(LinearWeights {
+        w_k: &wk,
+        pe_k: &pk,
+        w_v: &wv,
+        pe_v: &pv,
+    });
+    let a = nsa(&mean, &shape, &data.inputs()).unwrap();
+    let b = nsa(&lin, &shape, &inputs).unwrap();
+    assert_eq!(a.block_indices, b.block_indices);
+    let got: Vec<f32> = b.out.iter().map(|x| *x as f32).collect();
+    assert_close("linear vs mean", &got, &a.out, 1e-6);
+}
+
+/// Dense causal attention in f64, independent of the NSA code.
+fn dense(shape: &Shape, inputs: &NsaInputs, scale: f64) -> Vec<f64> {
+    let s = shape;
+    let mut o = vec![0.0; s.tq * s.hq * s.dv];
+    for i in 0..s.tq {
+        let p = s.position(i);
+        for hq in 0..s.hq {
+            let h = hq / s.group();
+            let q = &inputs.q[(i * s.hq + hq) * s.dk..][..s.dk];
+            let sc: Vec<f64> = (0..=p)
+                .map(|t| {
+                    scale
+                        * (0..s.dk)
+                            .map(|e| q[e] as f64 * inputs.k[(t * s.hkv + h) * s.dk + e] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+            for (t, x) in sc.iter().enumerate() {
+                let w = (x - mx).exp() / z;
+                for e in 0..s.dv {
+                    o[(i * s.hq + hq) * s.dv + e] +=
+                        w * inputs.v[(t * s.hkv + h) * s.dv + e] as f64;
+                }
+            }
+        }
+    }
+    o
+}
+
+#[test]
+fn window_covering_everything_is_dense_causal_attention() {
+    let cfg = NsaConfig {
+        window: 1000,
+        ..small()
+    };
+    let shape = Shape {
+        batch: 1,
+        tq: 50,
+        tk: 120,
+        hq: 3,
+        hkv: 1,
+        dk: 7,
+        dv: 5,
+    };
+    let data = Data::new(&cfg, &shape, false, 5);
+    let r = nsa(&cfg, &shape, &data.inputs()).unwrap();
+    let d = dense(&shape, &data.inputs(), cfg.scale_for(7) as f64);
+    let got: Vec<f32> = r.o_win.iter().map(|x| *x as f32).collect();
+    assert_close("window = dense", &got, &d, 1e-6);
+}
+
+#[test]
+fn all_blocks_selected_is_dense_causal_attention() {
+    let cfg = NsaConfig {
+        top_n: 8,
+        ..small()
+    }; // 120 keys = 4 blocks of 32
+    let shape = Shape {
+        batch: 1,
+        tq: 120,
+        tk: 120,
+        hq: 2,
+        hkv: 2,
+        dk: 9,
+        dv: 4,
+    };
+    let data = Data::new(&cfg, &shape, false, 6);
+    let r = nsa(&cfg, &shape, &data.inputs()).unwrap();
+    let d = dense(&shape, &data.inputs(), cfg.scale_for(9) as f64);
+    let got: Vec<f32> = r.o_slc.iter().map(|x| *x as f32).collect();
+    assert_close("all blocks = dense", &got, &d, 1e-6);
+}
+
+#[test]
+fn cpu_forward_matches_naive() {
+    let cfg = small();
+    let shape = Shape {
+        batch: 2,
+        tq: 70,
+        tk: 100,
+        hq: 6,
+        hkv: 2,
+        dk: 10,
+        dv: 6,
+    };
+    let data = Data::new(&cfg, &shape, true, 8);
+    let r = nsa_wgpu::cpu::forward(&cfg, &shape, &data.inputs(), nsa_wgpu::OutputRequest::all())
+        .unwrap();
+    let n = nsa(&cfg, &shape, &data.inputs()).unwrap();
+    assert_eq!(r.block_indices.unwrap(), n.block_indices);
+    assert_close("cpu forward", &r.out, &n.out, 1e-4);
+}
