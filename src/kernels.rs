@@ -57,7 +57,7 @@ pub enum Access {
     ReadWrite,
 }
 
-/// The five kernels, in dataflow order.
+/// The kernels: NSA's five in dataflow order, then the dense baseline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelId {
     /// `shaders/compress.wgsl`: blockwise compression of keys or values.
@@ -70,18 +70,21 @@ pub enum KernelId {
     SlcAttn,
     /// `shaders/win_attn.wgsl`: window attention fused with the gated combination.
     WinAttn,
+    /// `shaders/dense_attn.wgsl`: dense causal attention (the baseline).
+    Dense,
 }
 
 use Access::{Read, ReadWrite, Uniform};
 
 impl KernelId {
     /// Every kernel.
-    pub const ALL: [KernelId; 5] = [
+    pub const ALL: [KernelId; 6] = [
         KernelId::Compress,
         KernelId::CmpAttn,
         KernelId::Select,
         KernelId::SlcAttn,
         KernelId::WinAttn,
+        KernelId::Dense,
     ];
 
     /// The shader's file name (without `.wgsl`).
@@ -92,6 +95,7 @@ impl KernelId {
             KernelId::Select => "select",
             KernelId::SlcAttn => "slc_attn",
             KernelId::WinAttn => "win_attn",
+            KernelId::Dense => "dense_attn",
         }
     }
 
@@ -103,6 +107,7 @@ impl KernelId {
             KernelId::Select => "nsa.select",
             KernelId::SlcAttn => "nsa.slc_attn",
             KernelId::WinAttn => "nsa.win_attn",
+            KernelId::Dense => "nsa.dense_attn",
         }
     }
 
@@ -121,6 +126,8 @@ impl KernelId {
             KernelId::WinAttn => &[
                 Uniform, Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite,
             ],
+            // params, q, k, v, out
+            KernelId::Dense => &[Uniform, Read, Read, Read, ReadWrite],
         }
     }
 

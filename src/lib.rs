@@ -38,6 +38,7 @@ pub mod inputs;
 pub mod kernels;
 pub mod pipeline;
 pub mod plan;
+pub mod profile;
 pub mod shaders;
 
 pub use config::{Compression, NsaConfig, Shape};

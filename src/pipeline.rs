@@ -66,9 +66,15 @@ impl GpuContext {
                 .await
                 .map_err(|e| NsaError::NoAdapter(format!("{e} (backends {backends:?})")))?,
         };
+        // The optional features the crate can use, where the adapter has them.
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::SHADER_F16
+            | wgpu::Features::SUBGROUP;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("nsa-wgpu"),
+                required_features: adapter.features() & wanted,
                 required_limits: adapter.limits(),
                 ..Default::default()
             })
@@ -386,6 +392,38 @@ impl NsaPipeline {
         scratch: &NsaScratch,
         bufs: &GpuBuffers,
     ) -> Result<()> {
+        self.record(encoder, scratch, bufs, None)
+    }
+
+    /// [`Self::encode`], writing a timestamp before and after each step's pass into
+    /// `timer` (see [`crate::profile::StepTimer`]).
+    pub fn encode_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        scratch: &NsaScratch,
+        bufs: &GpuBuffers,
+        timer: &crate::profile::StepTimer,
+    ) -> Result<()> {
+        if timer.steps() < scratch.plan.steps.len() {
+            return Err(NsaError::BadBuffer {
+                tensor: "timestamps",
+                problem: format!(
+                    "the timer holds {} steps, the plan has {}",
+                    timer.steps(),
+                    scratch.plan.steps.len()
+                ),
+            });
+        }
+        self.record(encoder, scratch, bufs, Some(timer.query_set()))
+    }
+
+    fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        scratch: &NsaScratch,
+        bufs: &GpuBuffers,
+        timestamps: Option<&wgpu::QuerySet>,
+    ) -> Result<()> {
         let plan = &scratch.plan;
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
         let mut groups = Vec::with_capacity(plan.steps.len());
@@ -429,10 +467,14 @@ impl NsaPipeline {
                     }),
             );
         }
-        for (step, group) in plan.steps.iter().zip(&groups) {
+        for (i, (step, group)) in plan.steps.iter().zip(&groups).enumerate() {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(step.kernel.label()),
-                timestamp_writes: None,
+                timestamp_writes: timestamps.map(|query_set| wgpu::ComputePassTimestampWrites {
+                    query_set,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
             });
             pass.set_pipeline(&self.kernels[step.kernel as usize].pipeline);
             pass.set_bind_group(0, group, &[]);
@@ -539,6 +581,72 @@ impl NsaPipeline {
             block_indices,
             branches,
         })
+    }
+
+    /// Plans dense causal attention (the baseline kernel) on this device.
+    pub fn plan_dense(&self, shape: &Shape, scale: Option<f32>) -> Result<Plan> {
+        Plan::dense(shape, scale, &self.limits)
+    }
+
+    /// Buffers for a dense plan: `q`, `k`, `v` in, `out` written.
+    pub fn dense_buffers<'b>(
+        q: &'b wgpu::Buffer,
+        k: &'b wgpu::Buffer,
+        v: &'b wgpu::Buffer,
+        out: &'b wgpu::Buffer,
+    ) -> GpuBuffers<'b> {
+        // Dense attention binds no gates; any buffer fills the slot.
+        GpuBuffers::new(q, k, v, q, out)
+    }
+
+    /// Dense causal attention on host slices (`q: [B, Tq, Hq, Dk]`, `k`, `v` as for NSA),
+    /// returning `[B, Tq, Hq, Dv]`.
+    pub async fn dense_attention(
+        &self,
+        shape: &Shape,
+        scale: Option<f32>,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<Vec<f32>> {
+        use crate::inputs::check_tensor;
+        shape.validate()?;
+        check_tensor("q", q, &shape.q_shape())?;
+        check_tensor("k", k, &shape.k_shape())?;
+        check_tensor("v", v, &shape.v_shape())?;
+        let plan = self.plan_dense(shape, scale)?;
+        let device = &self.ctx.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let upload = |data: &[f32]| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("nsa.dense.input"),
+                contents: bytemuck::cast_slice(data),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        };
+        let (qb, kb, vb) = (upload(q), upload(k), upload(v));
+        let out = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("nsa.dense.out"),
+            size: plan.tensor_bytes(Tensor::Out),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let scratch = self.scratch(&plan)?;
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("nsa.dense"),
+        });
+        self.encode(
+            &mut encoder,
+            &scratch,
+            &Self::dense_buffers(&qb, &kb, &vb, &out),
+        )?;
+        let staging = stage_readback(device, &mut encoder, &[&out]);
+        self.ctx.queue.submit([encoder.finish()]);
+        if let Some(e) = scope.pop().await {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        let data = read_staging(device, &staging).await?;
+        Ok(bytemuck::cast_slice(&data[0]).to_vec())
     }
 
     /// [`Self::run`], blocking on the result (native only).

@@ -190,8 +190,60 @@ impl Plan {
             }
         }
         plan.plan_compress()?;
-        plan.plan_attention()?;
+        plan.plan_attention(false)?;
         Ok(plan)
+    }
+
+    /// Plans dense causal attention over the same shapes (the baseline kernel): `out` from
+    /// `q`, `k`, `v` only; the window field of the stored config is set to `Tk`.
+    pub fn dense(shape: &Shape, scale: Option<f32>, limits: &DeviceLimits) -> Result<Plan> {
+        shape.validate()?;
+        let config = NsaConfig {
+            window: shape.tk,
+            scale,
+            ..NsaConfig::default()
+        };
+        config.validate()?;
+        let mut plan = Plan {
+            config,
+            shape: *shape,
+            n_cmp: 0,
+            kv_tile: (ATTN_TILE / shape.dk.max(shape.dv)).min(KT_MAX) as u32,
+            head_chunks: shape.group().div_ceil(ROWS_PER_WORKGROUP) as u32,
+            steps: Vec::new(),
+            limits: *limits,
+        };
+        for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
+            let bytes = plan.tensor_bytes(t);
+            if bytes > limits.max_buffer {
+                return Err(exceeds("max_buffer_size", bytes, limits.max_buffer));
+            }
+        }
+        plan.plan_attention(true)?;
+        Ok(plan)
+    }
+
+    /// The tensors this plan keeps in scratch buffers (every intermediate it binds).
+    pub fn scratch_tensors(&self) -> Vec<Tensor> {
+        let mut ts: Vec<Tensor> = Vec::new();
+        for step in &self.steps {
+            for (t, _) in &step.bindings {
+                let scratch = matches!(
+                    t,
+                    Tensor::Kc
+                        | Tensor::Vc
+                        | Tensor::Lse
+                        | Tensor::Idx
+                        | Tensor::OCmp
+                        | Tensor::OSlc
+                        | Tensor::OWin
+                );
+                if scratch && !ts.contains(t) {
+                    ts.push(*t);
+                }
+            }
+        }
+        ts
     }
 
     /// Elements of a tensor for the whole call.
@@ -393,7 +445,7 @@ impl Plan {
         Ok(chunks)
     }
 
-    fn plan_attention(&mut self) -> Result<()> {
+    fn plan_attention(&mut self, dense: bool) -> Result<()> {
         let s = self.shape;
         let n = self.config.top_n;
         for ch in self.chunks()? {
@@ -439,6 +491,25 @@ impl Plan {
                 total_wg: attn_total as u32,
                 ..base
             };
+            if dense {
+                let (kw, vw) = (k(Tensor::KWin), v(Tensor::VWin));
+                self.steps.push(Step {
+                    kernel: KernelId::Dense,
+                    params: Params {
+                        off_k: kw.1,
+                        off_v: vw.1,
+                        ..attn
+                    },
+                    grid: self.grid(attn_total),
+                    bindings: vec![
+                        (Tensor::Q, q.0),
+                        (Tensor::KWin, kw.0),
+                        (Tensor::VWin, vw.0),
+                        (Tensor::Out, out.0),
+                    ],
+                });
+                continue;
+            }
             let sel_total = nrows * hkv;
             let (ks, vs, kw, vw) = (
                 k(Tensor::KSlc),

@@ -11,6 +11,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("select", include_str!("../shaders/select.wgsl")),
     ("slc_attn", include_str!("../shaders/slc_attn.wgsl")),
     ("win_attn", include_str!("../shaders/win_attn.wgsl")),
+    ("dense_attn", include_str!("../shaders/dense_attn.wgsl")),
 ];
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).

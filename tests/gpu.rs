@@ -477,3 +477,27 @@ fn bad_inputs_are_errors_not_panics() {
         "{r:?}"
     );
 }
+
+#[test]
+fn dense_attention_matches_the_reference() {
+    let pipe = pipeline();
+    // A window longer than the sequence is dense causal attention (SEMANTICS.md §6).
+    let cfg = NsaConfig {
+        window: 1000,
+        ..small()
+    };
+    let shape = Shape {
+        batch: 2,
+        tq: 50,
+        tk: 130,
+        hq: 6,
+        hkv: 2,
+        dk: 24,
+        dv: 20,
+    };
+    let data = Data::new(&cfg, &shape, false, 9);
+    let got =
+        pollster::block_on(pipe.dense_attention(&shape, None, &data.q, &data.k, &data.v)).unwrap();
+    let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).unwrap();
+    assert_close("dense", &got, &naive.o_win, TOL);
+}

@@ -1,0 +1,256 @@
+//! `nsa`: run NSA on safetensors files, list adapters, benchmark.
+//!
+//! Every failure ends with one line on stderr and exit status 2; outputs are written to a
+//! temporary file and renamed into place, so a failed run never leaves a partial file.
+
+mod bench;
+mod io;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nsa_wgpu::{AdapterOptions, Compression, GpuContext, NsaConfig, NsaPipeline, OutputRequest};
+
+#[derive(Parser)]
+#[command(
+    name = "nsa",
+    version,
+    about = "Native Sparse Attention on wgpu: run, inspect adapters, benchmark"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run NSA on the tensors of a safetensors file and write the results to another.
+    Run(RunArgs),
+    /// List every adapter with its backend, type, driver, features and limits.
+    Info(AdapterArgs),
+    /// Time NSA per stage against dense causal attention at several lengths.
+    Bench(bench::BenchArgs),
+}
+
+/// Which adapter to run on.
+#[derive(Args, Clone, Default)]
+pub struct AdapterArgs {
+    /// Use the first adapter whose name contains this (case-insensitive).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Restrict to one backend.
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl AdapterArgs {
+    fn options(&self) -> AdapterOptions {
+        AdapterOptions {
+            backends: self.backend.map(|b| match b {
+                Backend::Vulkan => wgpu::Backends::VULKAN,
+                Backend::Metal => wgpu::Backends::METAL,
+                Backend::Dx12 => wgpu::Backends::DX12,
+                Backend::Gl => wgpu::Backends::GL,
+            }),
+            name: self.adapter.clone(),
+        }
+    }
+
+    /// Opens the chosen adapter and compiles the kernels on it.
+    pub fn pipeline(&self) -> Result<NsaPipeline, String> {
+        let ctx = pollster::block_on(GpuContext::with_options(&self.options()))
+            .map_err(|e| e.to_string())?;
+        pollster::block_on(NsaPipeline::new(&ctx)).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum CompressionArg {
+    Mean,
+    Linear,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Precision {
+    F32,
+    F16,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Input safetensors file: q, k, v, gates (+ optional k_cmp … v_win, w_k, pe_k, w_v, pe_v).
+    #[arg(long)]
+    input: std::path::PathBuf,
+    /// Output safetensors file: out, block_indices (+ o_cmp, o_slc, o_win with --branches).
+    #[arg(long)]
+    output: std::path::PathBuf,
+    /// Compression block length l.
+    #[arg(long, default_value_t = 32)]
+    cmp_block: usize,
+    /// Compression stride d.
+    #[arg(long, default_value_t = 16)]
+    cmp_stride: usize,
+    /// Selection block length l'.
+    #[arg(long, default_value_t = 64)]
+    sel_block: usize,
+    /// Selected blocks per query n (forced blocks included).
+    #[arg(long, default_value_t = 16)]
+    top_n: usize,
+    /// Forced initial blocks.
+    #[arg(long, default_value_t = 1)]
+    init_blocks: usize,
+    /// Forced local blocks.
+    #[arg(long, default_value_t = 2)]
+    local_blocks: usize,
+    /// Sliding window, in keys (the query's own included).
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Softmax scale (default 1/sqrt(Dk)).
+    #[arg(long)]
+    scale: Option<f32>,
+    /// Compression function.
+    #[arg(long, value_enum, default_value = "mean")]
+    compression: CompressionArg,
+    /// Storage precision on the GPU.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+    /// Also write the branch outputs o_cmp, o_slc, o_win.
+    #[arg(long)]
+    branches: bool,
+    /// Use the CPU reference instead of the GPU (same outputs).
+    #[arg(long)]
+    cpu: bool,
+    #[command(flatten)]
+    adapter: AdapterArgs,
+}
+
+fn run(args: &RunArgs) -> Result<(), String> {
+    let config = NsaConfig {
+        cmp_block: args.cmp_block,
+        cmp_stride: args.cmp_stride,
+        sel_block: args.sel_block,
+        top_n: args.top_n,
+        init_blocks: args.init_blocks,
+        local_blocks: args.local_blocks,
+        window: args.window,
+        scale: args.scale,
+        compression: match args.compression {
+            CompressionArg::Mean => Compression::Mean,
+            CompressionArg::Linear => Compression::Linear,
+        },
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    let loaded = io::Loaded::read(&args.input)?;
+    let problem = loaded.problem(&config)?;
+    let inputs = problem.inputs();
+    let request = OutputRequest {
+        block_indices: true,
+        branches: args.branches,
+    };
+    let start = Instant::now();
+    let (res, device) = if args.cpu {
+        let r = nsa_wgpu::cpu::forward(&config, &problem.shape, &inputs, request)
+            .map_err(|e| e.to_string())?;
+        (r, "CPU reference".to_string())
+    } else {
+        let pipe = args.adapter.pipeline()?;
+        if args.precision == Precision::F16 {
+            let has = pipe
+                .context()
+                .device
+                .features()
+                .contains(wgpu::Features::SHADER_F16);
+            return Err(format!(
+                "--precision f16: {} ; this build's kernels store f32 only, run with --precision f32",
+                if has { "the adapter supports shader-f16" } else { "the adapter lacks shader-f16" }
+            ));
+        }
+        let r = pipe
+            .run_blocking(&config, &problem.shape, &inputs, request)
+            .map_err(|e| e.to_string())?;
+        (r, pipe.context().describe())
+    };
+    let took = start.elapsed();
+    io::write_outputs(&args.output, &problem.shape, config.top_n, &res)?;
+    eprintln!("ran on: {device}");
+    eprintln!(
+        "time: {:.3} ms (including upload and readback)",
+        took.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn info(args: &AdapterArgs) -> Result<(), String> {
+    let opts = args.options();
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if let Some(b) = opts.backends {
+        desc.backends = b;
+    }
+    let backends = desc.backends;
+    let instance = wgpu::Instance::new(desc);
+    let adapters = pollster::block_on(instance.enumerate_adapters(backends));
+    if adapters.is_empty() {
+        return Err(format!("no adapter found (backends {backends:?})"));
+    }
+    for a in adapters {
+        let i = a.get_info();
+        if let Some(n) = &opts.name {
+            if !i.name.to_lowercase().contains(&n.to_lowercase()) {
+                continue;
+            }
+        }
+        let f = a.features();
+        let l = a.limits();
+        println!("{}", i.name);
+        println!(
+            "  backend {:?}, type {:?}, driver {} ({})",
+            i.backend, i.device_type, i.driver, i.driver_info
+        );
+        let yes = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        println!(
+            "  features: shader-f16 {}, subgroups {}, timestamps {} (inside passes {}), cooperative matrix {}",
+            yes(wgpu::Features::SHADER_F16),
+            yes(wgpu::Features::SUBGROUP),
+            yes(wgpu::Features::TIMESTAMP_QUERY),
+            yes(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            yes(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+        );
+        println!(
+            "  limits: storage binding {} B, buffer {} B, workgroup storage {} B, invocations/workgroup {}, \
+             workgroups/dimension {}, storage buffers/stage {}, storage offset alignment {}",
+            l.max_storage_buffer_binding_size,
+            l.max_buffer_size,
+            l.max_compute_workgroup_storage_size,
+            l.max_compute_invocations_per_workgroup,
+            l.max_compute_workgroups_per_dimension,
+            l.max_storage_buffers_per_shader_stage,
+            l.min_storage_buffer_offset_alignment,
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Run(a) => run(a),
+        Command::Info(a) => info(a),
+        Command::Bench(a) => bench::bench(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
