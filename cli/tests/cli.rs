@@ -1,0 +1,381 @@
+//! End-to-end tests of the `nsa` binary on files they write.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+
+fn nsa(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nsa"))
+        .args(args)
+        .output()
+        .expect("the nsa binary runs")
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A tensor to write: name, shape, f32 data, stored as F32 or F16.
+struct T {
+    name: &'static str,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn t(name: &'static str, shape: &[usize], seed: u64) -> T {
+    let n = shape.iter().product();
+    let mut data = values(n, seed);
+    if name == "gates" {
+        data.iter_mut().for_each(|x| *x = 0.5 + 0.5 * *x);
+    }
+    T {
+        name,
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+fn write(path: &Path, tensors: &[T], f16: bool) {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| {
+            if f16 {
+                t.data
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect()
+            } else {
+                t.data.iter().flat_map(|x| x.to_le_bytes()).collect()
+            }
+        })
+        .collect();
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            (
+                t.name,
+                TensorView::new(
+                    if f16 { Dtype::F16 } else { Dtype::F32 },
+                    t.shape.clone(),
+                    b,
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn standard(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, dk: usize, dv: usize) -> Vec<T> {
+    vec![
+        t("q", &[b, tq, hq, dk], 1),
+        t("k", &[b, tk, hkv, dk], 2),
+        t("v", &[b, tk, hkv, dv], 3),
+        t("gates", &[b, tq, hq, 3], 4),
+    ]
+}
+
+fn read(path: &Path) -> Vec<(String, Vec<usize>, Dtype, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec(), v.dtype(), v.data().to_vec()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+struct Dir(tempfile::TempDir);
+impl Dir {
+    fn new() -> Self {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.p(name).display().to_string()
+    }
+}
+
+const SMALL: [&str; 8] = [
+    "--cmp-block",
+    "16",
+    "--cmp-stride",
+    "8",
+    "--sel-block",
+    "32",
+    "--top-n",
+    "5",
+];
+
+fn assert_same(a: &Path, b: &Path, tol: f32) {
+    let (x, y) = (read(a), read(b));
+    assert_eq!(x.len(), y.len());
+    for ((n1, s1, d1, b1), (n2, s2, d2, b2)) in x.iter().zip(&y) {
+        assert_eq!((n1, s1, d1), (n2, s2, d2));
+        if *d1 == Dtype::I32 {
+            assert_eq!(b1, b2, "{n1}");
+        } else {
+            let worst = f32s(b1)
+                .iter()
+                .zip(f32s(b2))
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= tol, "{n1}: max abs difference {worst}");
+        }
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_with_branches() {
+    let d = Dir::new();
+    write(
+        &d.p("in.safetensors"),
+        &standard(2, 90, 90, 4, 2, 20, 12),
+        false,
+    );
+    let input = d.s("in.safetensors");
+    let mut gpu = vec!["run", "--input", &input];
+    let o1 = d.s("gpu.safetensors");
+    gpu.extend(["--output", &o1, "--branches", "--window", "40"]);
+    gpu.extend(SMALL);
+    let r = nsa(&gpu);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("ran on:") && err.contains("time:"), "{err}");
+    let o2 = d.s("cpu.safetensors");
+    let mut cpu = gpu.clone();
+    cpu[4] = &o2;
+    cpu.push("--cpu");
+    let r = nsa(&cpu);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_same(&d.p("gpu.safetensors"), &d.p("cpu.safetensors"), 1e-4);
+    let names: Vec<String> = read(&d.p("gpu.safetensors"))
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert_eq!(names, ["block_indices", "o_cmp", "o_slc", "o_win", "out"]);
+    let out = read(&d.p("gpu.safetensors"));
+    assert_eq!(out[4].1, vec![2, 90, 4, 12]);
+    assert_eq!(out[0].1, vec![2, 90, 2, 5]);
+}
+
+#[test]
+fn rank3_linear_and_branch_kv() {
+    let d = Dir::new();
+    let (t, hq, hkv, dk, dv, l) = (70, 2, 1, 8, 6, 16);
+    let mut ts = vec![
+        t_("q", &[t, hq, dk], 1),
+        t_("k", &[t, hkv, dk], 2),
+        t_("v", &[t, hkv, dv], 3),
+        t_("gates", &[t, hq, 3], 4),
+        t_("k_slc", &[t, hkv, dk], 5),
+        t_("v_win", &[t, hkv, dv], 6),
+        t_("w_k", &[hkv, l, dk, dk], 7),
+        t_("pe_k", &[hkv, l, dk], 8),
+        t_("w_v", &[hkv, l, dv, dv], 9),
+        t_("pe_v", &[hkv, l, dv], 10),
+    ];
+    ts.iter_mut()
+        .filter(|x| x.name.starts_with("w_"))
+        .for_each(|x| x.data.iter_mut().for_each(|v| *v *= 0.1));
+    write(&d.p("in.safetensors"), &ts, false);
+    let (a, b) = (d.s("a.safetensors"), d.s("b.safetensors"));
+    let input = d.s("in.safetensors");
+    let base = [
+        "run",
+        "--input",
+        &input,
+        "--compression",
+        "linear",
+        "--window",
+        "20",
+    ];
+    let run = |out: &str, cpu: bool| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--output", out]);
+        args.extend(SMALL);
+        if cpu {
+            args.push("--cpu");
+        }
+        let r = nsa(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    };
+    run(&a, false);
+    run(&b, true);
+    assert_same(Path::new(&a), Path::new(&b), 1e-4);
+    assert_eq!(read(Path::new(&a))[1].1, vec![1, t, hq, dv]);
+}
+
+fn t_(name: &'static str, shape: &[usize], seed: u64) -> T {
+    t(name, shape, seed)
+}
+
+#[test]
+fn f16_inputs_round_trip() {
+    let d = Dir::new();
+    let ts = standard(1, 50, 64, 4, 1, 16, 16);
+    write(&d.p("f16.safetensors"), &ts, true);
+    // The same values, rounded to f16, stored as f32.
+    let rounded: Vec<T> = ts
+        .iter()
+        .map(|x| T {
+            name: x.name,
+            shape: x.shape.clone(),
+            data: x
+                .data
+                .iter()
+                .map(|v| half::f16::from_f32(*v).to_f32())
+                .collect(),
+        })
+        .collect();
+    write(&d.p("f32.safetensors"), &rounded, false);
+    for (i, o) in [
+        ("f16.safetensors", "a.safetensors"),
+        ("f32.safetensors", "b.safetensors"),
+    ] {
+        let r = nsa(&[
+            "run",
+            "--input",
+            &d.s(i),
+            "--output",
+            &d.s(o),
+            "--window",
+            "30",
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    assert_same(&d.p("a.safetensors"), &d.p("b.safetensors"), 0.0);
+}
+
+/// Runs a failing command: exit status 2, one line on stderr containing `want`, no output file.
+fn fails(d: &Dir, input: &str, extra: &[&str], want: &str) {
+    let out = d.s("never.safetensors");
+    let mut args = vec!["run", "--input", input, "--output", &out];
+    args.extend(extra);
+    let r = nsa(&args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.contains("XDG_RUNTIME_DIR"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(
+        lines[0].contains(want),
+        "{args:?}: `{}` lacks `{want}`",
+        lines[0]
+    );
+    assert!(!d.p("never.safetensors").exists(), "partial output written");
+    assert!(!d.p("never.safetensors.partial").exists());
+}
+
+#[test]
+fn bad_input_is_a_one_line_error_with_status_2() {
+    let d = Dir::new();
+    let good = standard(1, 20, 20, 4, 2, 8, 8);
+    let file = |name: &str, ts: &[T]| {
+        write(&d.p(name), ts, false);
+        d.s(name)
+    };
+    // Missing tensor.
+    let f = file("missing.safetensors", &good[..3]);
+    fails(&d, &f, &[], "missing tensor `gates`");
+    // Hq not a multiple of Hkv.
+    let mut ts = standard(1, 20, 20, 3, 2, 8, 8);
+    ts[3] = t("gates", &[1, 20, 3, 3], 4);
+    let f = file("hq.safetensors", &ts);
+    fails(&d, &f, &[], "not a multiple of Hkv");
+    // Gates of the wrong shape.
+    let mut ts = standard(1, 20, 20, 4, 2, 8, 8);
+    ts[3] = t("gates", &[1, 20, 4, 2], 4);
+    let f = file("gates.safetensors", &ts);
+    fails(
+        &d,
+        &f,
+        &[],
+        "tensor `gates` has shape [1, 20, 4, 2]; expected [1, 20, 4, 3]",
+    );
+    // Tq > Tk.
+    let f = file("tq.safetensors", &standard(1, 30, 20, 4, 2, 8, 8));
+    fails(&d, &f, &[], "exceeds Tk");
+    // Wrong dtype.
+    let bytes: Vec<u8> = vec![0; 20 * 4 * 8 * 8];
+    let mut tensors: Vec<(&str, TensorView)> = Vec::new();
+    let qb: Vec<u8> = vec![0; 20 * 4 * 8 * 8];
+    tensors.push((
+        "q",
+        TensorView::new(Dtype::I64, vec![1, 20, 4, 8], &qb).unwrap(),
+    ));
+    tensors.push((
+        "k",
+        TensorView::new(Dtype::F32, vec![1, 20, 2, 8], &bytes[..20 * 2 * 8 * 4]).unwrap(),
+    ));
+    std::fs::write(
+        d.p("dtype.safetensors"),
+        safetensors::serialize(tensors, None).unwrap(),
+    )
+    .unwrap();
+    fails(&d, &d.s("dtype.safetensors"), &[], "dtype I64");
+    // Unreadable and truncated files.
+    fails(&d, &d.s("does-not-exist.safetensors"), &[], "cannot read");
+    let full = std::fs::read(d.p("tq.safetensors")).unwrap();
+    std::fs::write(d.p("cut.safetensors"), &full[..full.len() / 2]).unwrap();
+    fails(
+        &d,
+        &d.s("cut.safetensors"),
+        &[],
+        "not a valid safetensors file",
+    );
+    // Invalid config.
+    let f = file("good.safetensors", &good);
+    fails(&d, &f, &["--cmp-block", "20"], "cmp_block = 20");
+    // Linear compression without weights.
+    fails(&d, &f, &["--compression", "linear"], "missing tensor `w_k`");
+    // NaN in an input.
+    let mut ts = standard(1, 20, 20, 4, 2, 8, 8);
+    ts[1].data[7] = f32::NAN;
+    let f = file("nan.safetensors", &ts);
+    fails(&d, &f, &[], "`k` holds a non-finite value");
+}
+
+#[test]
+fn info_lists_adapters() {
+    let r = nsa(&["info"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("backend") && out.contains("shader-f16") && out.contains("storage binding"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bench_quick_prints_a_table() {
+    let r = nsa(&["bench", "--quick"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("| 256 |") && out.contains("| 700 |") && out.contains("dense/NSA"),
+        "{out}"
+    );
+}
