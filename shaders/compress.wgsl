@@ -29,8 +29,8 @@ fn main(
     let l = params.cmp_block;
     let h = wid % params.hkv;
     let rest = wid / params.hkv;
-    let i = rest % params.n_cmp;
-    let bb = rest / params.n_cmp;
+    let i = params.c_start + rest % params.c_count;
+    let bb = rest / params.c_count;
     var accum: array<f32, PER>;
     for (var a = 0u; a < PER; a++) {
         accum[a] = 0.0;

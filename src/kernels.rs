@@ -43,7 +43,11 @@ pub struct Params {
     pub off_owin: u32,
     pub off_lse: u32,
     pub off_idx: u32,
-    pub _pad: u32,
+    pub c_start: u32,
+    pub c_count: u32,
+    pub _pad0: u32,
+    pub _pad1: u32,
+    pub _pad2: u32,
 }
 
 /// How a kernel accesses one binding.

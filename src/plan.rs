@@ -80,6 +80,19 @@ pub struct Window {
     pub size: u64,
 }
 
+/// Where a call's keys live when they come from a [`crate::NsaCache`]: one sequence whose
+/// key rows start at `key_row0` of the cache's key buffers and whose compressed rows start at
+/// `cmp_row0` of its compressed buffers, of which the first `cmp_done` already exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheRows {
+    /// First key row of the sequence in the cache's `[S * capacity, Hkv, D]` buffers.
+    pub key_row0: u64,
+    /// First compressed row of the sequence in the cache's compressed buffers.
+    pub cmp_row0: u64,
+    /// Compressed tokens already in the cache (only later ones are computed).
+    pub cmp_done: usize,
+}
+
 /// One dispatch: which kernel, its uniform, its grid and what each binding sees.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
@@ -110,6 +123,8 @@ pub struct Plan {
     pub steps: Vec<Step>,
     /// The limits the plan was made for.
     pub limits: DeviceLimits,
+    /// Set when the keys come from a KV cache.
+    pub cache: Option<CacheRows>,
 }
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
@@ -143,6 +158,23 @@ fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
 impl Plan {
     /// Plans one call. Validates the config and shape first.
     pub fn new(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits) -> Result<Plan> {
+        Self::build(config, shape, limits, None)
+    }
+
+    /// Plans the rows of one sequence whose keys live in a KV cache (`shape.batch == 1`):
+    /// compresses only the compressed tokens after `rows.cmp_done`, then attends.
+    pub fn cached(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits, rows: CacheRows) -> Result<Plan> {
+        if shape.batch != 1 {
+            return Err(NsaError::InvalidShape {
+                what: "batch",
+                value: shape.batch,
+                rule: "a cached plan covers one sequence",
+            });
+        }
+        Self::build(config, shape, limits, Some(rows))
+    }
+
+    fn build(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits, cache: Option<CacheRows>) -> Result<Plan> {
         config.validate()?;
         shape.validate()?;
         let s = *shape;
@@ -173,6 +205,7 @@ impl Plan {
             head_chunks,
             steps: Vec::new(),
             limits: *limits,
+            cache,
         };
         for t in [
             Tensor::Q,
@@ -212,6 +245,7 @@ impl Plan {
             head_chunks: shape.group().div_ceil(ROWS_PER_WORKGROUP) as u32,
             steps: Vec::new(),
             limits: *limits,
+            cache: None,
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
             let bytes = plan.tensor_bytes(t);
@@ -285,11 +319,11 @@ impl Plan {
             / 4
     }
 
-    fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
+    fn window(&self, start: u64, len: u64) -> (Window, u32) {
         let align = self.limits.storage_align;
         let byte0 = start * 4;
         let offset = byte0 / align * align;
-        let end = (byte0 + len.max(1) * 4).min(self.tensor_bytes(t).max(offset + 4));
+        let end = byte0 + len.max(1) * 4;
         (
             Window {
                 offset,
@@ -338,7 +372,9 @@ impl Plan {
 
     fn plan_compress(&mut self) -> Result<()> {
         let s = self.shape;
-        if self.n_cmp == 0 {
+        let rows = self.cache.unwrap_or_default();
+        let c_count = self.n_cmp.saturating_sub(rows.cmp_done);
+        if c_count == 0 {
             return Ok(());
         }
         let per_batch = (s.tk * s.hkv * s.dk.max(s.dv)) as u64;
@@ -350,7 +386,7 @@ impl Plan {
                 self.limits.max_storage_binding,
             ));
         }
-        let wg_per_batch = (self.n_cmp * s.hkv) as u64;
+        let wg_per_batch = (c_count * s.hkv) as u64;
         let nb = (lim / per_batch)
             .min(self.max_workgroups() / wg_per_batch)
             .max(1) as usize;
@@ -361,14 +397,10 @@ impl Plan {
                 (Tensor::KCmp, Tensor::Kc, Tensor::WK, Tensor::PeK, s.dk),
                 (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
             ] {
-                let (sw, soff) = self.window(
-                    src,
-                    (b0 * s.tk * s.hkv * dim) as u64,
+                let (sw, soff) = self.window((rows.key_row0 + (b0 * s.tk) as u64) * (s.hkv * dim) as u64,
                     (nb * s.tk * s.hkv * dim) as u64,
                 );
-                let (dw, doff) = self.window(
-                    dst,
-                    (b0 * self.n_cmp * s.hkv * dim) as u64,
+                let (dw, doff) = self.window((rows.cmp_row0 + (b0 * self.n_cmp) as u64) * (s.hkv * dim) as u64,
                     (nb * self.n_cmp * s.hkv * dim) as u64,
                 );
                 let total = wg_per_batch * nb as u64;
@@ -378,6 +410,8 @@ impl Plan {
                     total_wg: total as u32,
                     off_k: soff,
                     off_kc: doff,
+                    c_start: rows.cmp_done as u32,
+                    c_count: c_count as u32,
                     ..self.base_params()
                 };
                 let whole = |t: Tensor| Window {
@@ -451,26 +485,23 @@ impl Plan {
         for ch in self.chunks()? {
             let rows = (ch.b0 * s.tq + ch.q0) as u64;
             let nrows = (ch.nb * ch.qc) as u64;
-            let keys = (ch.b0 * s.tk) as u64;
+            let rows0 = self.cache.unwrap_or_default();
+            let keys = rows0.key_row0 + (ch.b0 * s.tk) as u64;
             let nkeys = (ch.nb * s.tk) as u64;
-            let cmp0 = (ch.b0 * self.n_cmp) as u64;
+            let cmp0 = rows0.cmp_row0 + (ch.b0 * self.n_cmp) as u64;
             let ncmp = (ch.nb * self.n_cmp) as u64;
             let (hq, hkv, dk, dv) = (s.hq as u64, s.hkv as u64, s.dk as u64, s.dv as u64);
-            let q = self.window(Tensor::Q, rows * hq * dk, nrows * hq * dk);
-            let gates = self.window(Tensor::Gates, rows * hq * 3, nrows * hq * 3);
-            let lse = self.window(Tensor::Lse, rows * hq, nrows * hq);
-            let idx = self.window(Tensor::Idx, rows * hkv * n as u64, nrows * hkv * n as u64);
-            let kc = self.window(Tensor::Kc, cmp0 * hkv * dk, ncmp * hkv * dk);
-            let vc = self.window(Tensor::Vc, cmp0 * hkv * dv, ncmp * hkv * dv);
-            let o = |t| self.window(t, rows * hq * dv, nrows * hq * dv);
-            let (ocmp, oslc, owin, out) = (
-                o(Tensor::OCmp),
-                o(Tensor::OSlc),
-                o(Tensor::OWin),
-                o(Tensor::Out),
-            );
-            let k = |t| self.window(t, keys * hkv * dk, nkeys * hkv * dk);
-            let v = |t| self.window(t, keys * hkv * dv, nkeys * hkv * dv);
+            let q = self.window(rows * hq * dk, nrows * hq * dk);
+            let gates = self.window(rows * hq * 3, nrows * hq * 3);
+            let lse = self.window(rows * hq, nrows * hq);
+            let idx = self.window(rows * hkv * n as u64, nrows * hkv * n as u64);
+            let kc = self.window(cmp0 * hkv * dk, ncmp * hkv * dk);
+            let vc = self.window(cmp0 * hkv * dv, ncmp * hkv * dv);
+            // out and the three branch outputs share one layout, as do all key (value) tensors.
+            let out = self.window(rows * hq * dv, nrows * hq * dv);
+            let (ocmp, oslc, owin) = (out, out, out);
+            let kw = self.window(keys * hkv * dk, nkeys * hkv * dk);
+            let vw = self.window(keys * hkv * dv, nkeys * hkv * dv);
             let base = Params {
                 batch: ch.nb as u32,
                 q_start: ch.q0 as u32,
@@ -492,7 +523,6 @@ impl Plan {
                 ..base
             };
             if dense {
-                let (kw, vw) = (k(Tensor::KWin), v(Tensor::VWin));
                 self.steps.push(Step {
                     kernel: KernelId::Dense,
                     params: Params {
@@ -511,12 +541,7 @@ impl Plan {
                 continue;
             }
             let sel_total = nrows * hkv;
-            let (ks, vs, kw, vw) = (
-                k(Tensor::KSlc),
-                v(Tensor::VSlc),
-                k(Tensor::KWin),
-                v(Tensor::VWin),
-            );
+            let (ks, vs) = (kw, vw);
             self.steps.push(Step {
                 kernel: KernelId::CmpAttn,
                 params: Params {

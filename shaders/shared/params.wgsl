@@ -38,7 +38,11 @@ struct Params {
     off_owin: u32,
     off_lse: u32,
     off_idx: u32,
-    _pad: u32,
+    c_start: u32,      // compress: first compressed token of this dispatch
+    c_count: u32,      // compress: compressed tokens per sequence in this dispatch
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
