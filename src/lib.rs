@@ -31,6 +31,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod config;
 pub mod cpu;
 pub mod error;
@@ -41,6 +42,7 @@ pub mod plan;
 pub mod profile;
 pub mod shaders;
 
+pub use cache::{CacheOptions, NsaCache, SeqChunk};
 pub use config::{Compression, NsaConfig, Shape};
 pub use error::{NsaError, Result};
 pub use inputs::{BranchOutputs, LinearWeights, NsaInputs, NsaOutputs, OutputRequest};

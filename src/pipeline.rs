@@ -144,6 +144,8 @@ pub struct GpuBuffers<'a> {
     pub block_indices: Option<&'a wgpu::Buffer>,
     /// `o_cmp, o_slc, o_win`, each `[B, Tq, Hq, Dv]` (written when given).
     pub branches: Option<[&'a wgpu::Buffer; 3]>,
+    /// Compressed keys and values (a KV cache's); `None`: the scratch's.
+    pub compressed: Option<[&'a wgpu::Buffer; 2]>,
 }
 
 impl<'a> GpuBuffers<'a> {
@@ -165,6 +167,7 @@ impl<'a> GpuBuffers<'a> {
             out,
             block_indices: None,
             branches: None,
+            compressed: None,
         }
     }
 }
@@ -352,8 +355,8 @@ impl NsaPipeline {
             Tensor::PeK => ("pe_k", lin(1)?),
             Tensor::WV => ("w_v", lin(2)?),
             Tensor::PeV => ("pe_v", lin(3)?),
-            Tensor::Kc => ("kc", scr(t)),
-            Tensor::Vc => ("vc", scr(t)),
+            Tensor::Kc => ("kc", bufs.compressed.map_or_else(|| scr(t), |c| c[0])),
+            Tensor::Vc => ("vc", bufs.compressed.map_or_else(|| scr(t), |c| c[1])),
             Tensor::Lse => ("lse", scr(t)),
             Tensor::Idx => (
                 "block_indices",

@@ -163,7 +163,12 @@ impl Plan {
 
     /// Plans the rows of one sequence whose keys live in a KV cache (`shape.batch == 1`):
     /// compresses only the compressed tokens after `rows.cmp_done`, then attends.
-    pub fn cached(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits, rows: CacheRows) -> Result<Plan> {
+    pub fn cached(
+        config: &NsaConfig,
+        shape: &Shape,
+        limits: &DeviceLimits,
+        rows: CacheRows,
+    ) -> Result<Plan> {
         if shape.batch != 1 {
             return Err(NsaError::InvalidShape {
                 what: "batch",
@@ -174,7 +179,12 @@ impl Plan {
         Self::build(config, shape, limits, Some(rows))
     }
 
-    fn build(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits, cache: Option<CacheRows>) -> Result<Plan> {
+    fn build(
+        config: &NsaConfig,
+        shape: &Shape,
+        limits: &DeviceLimits,
+        cache: Option<CacheRows>,
+    ) -> Result<Plan> {
         config.validate()?;
         shape.validate()?;
         let s = *shape;
@@ -272,7 +282,8 @@ impl Plan {
                         | Tensor::OSlc
                         | Tensor::OWin
                 );
-                if scratch && !ts.contains(t) {
+                let cached = self.cache.is_some() && matches!(t, Tensor::Kc | Tensor::Vc);
+                if scratch && !cached && !ts.contains(t) {
                     ts.push(*t);
                 }
             }
@@ -397,10 +408,12 @@ impl Plan {
                 (Tensor::KCmp, Tensor::Kc, Tensor::WK, Tensor::PeK, s.dk),
                 (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
             ] {
-                let (sw, soff) = self.window((rows.key_row0 + (b0 * s.tk) as u64) * (s.hkv * dim) as u64,
+                let (sw, soff) = self.window(
+                    (rows.key_row0 + (b0 * s.tk) as u64) * (s.hkv * dim) as u64,
                     (nb * s.tk * s.hkv * dim) as u64,
                 );
-                let (dw, doff) = self.window((rows.cmp_row0 + (b0 * self.n_cmp) as u64) * (s.hkv * dim) as u64,
+                let (dw, doff) = self.window(
+                    (rows.cmp_row0 + (b0 * self.n_cmp) as u64) * (s.hkv * dim) as u64,
                     (nb * self.n_cmp * s.hkv * dim) as u64,
                 );
                 let total = wg_per_batch * nb as u64;

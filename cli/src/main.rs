@@ -4,6 +4,7 @@
 //! temporary file and renamed into place, so a failed run never leaves a partial file.
 
 mod bench;
+mod cached;
 mod io;
 
 use std::process::ExitCode;
@@ -129,6 +130,13 @@ struct RunArgs {
     /// Use the CPU reference instead of the GPU (same outputs).
     #[arg(long)]
     cpu: bool,
+    /// Prefill positions [0, P) at once, then decode each later position one step at a time
+    /// through the KV cache (needs Tq == Tk). Writes the same outputs as a plain run.
+    #[arg(long, value_name = "P")]
+    decode_from: Option<usize>,
+    /// Chunked prefill through the KV cache, N positions per chunk (needs Tq == Tk).
+    #[arg(long, value_name = "N", conflicts_with = "decode_from")]
+    chunk: Option<usize>,
     #[command(flatten)]
     adapter: AdapterArgs,
 }
@@ -174,9 +182,27 @@ fn run(args: &RunArgs) -> Result<(), String> {
                 if has { "the adapter supports shader-f16" } else { "the adapter lacks shader-f16" }
             ));
         }
-        let r = pipe
-            .run_blocking(&config, &problem.shape, &inputs, request)
-            .map_err(|e| e.to_string())?;
+        let r = match (args.decode_from, args.chunk) {
+            (None, None) => pipe.run_blocking(&config, &problem.shape, &inputs, request),
+            (p, n) => {
+                let s = &problem.shape;
+                if s.tq != s.tk {
+                    return Err(format!(
+                        "--decode-from/--chunk need Tq == Tk, got Tq = {} and Tk = {}",
+                        s.tq, s.tk
+                    ));
+                }
+                // The first call covers [0, first), every later one `step` positions.
+                let (first, step) = match (p, n) {
+                    (Some(p), _) => (p.min(s.tk), 1),
+                    (_, Some(0)) => return Err("--chunk must be at least 1".into()),
+                    (_, Some(n)) => (n.min(s.tk), n),
+                    (None, None) => unreachable!("handled above"),
+                };
+                cached::run(&pipe, &config, s, &inputs, request, first, step)
+            }
+        }
+        .map_err(|e| e.to_string())?;
         (r, pipe.context().describe())
     };
     let took = start.elapsed();

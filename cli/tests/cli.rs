@@ -379,3 +379,48 @@ fn bench_quick_prints_a_table() {
         "{out}"
     );
 }
+
+#[test]
+fn decode_from_and_chunk_write_what_a_plain_run_writes() {
+    let d = Dir::new();
+    write(
+        &d.p("in.safetensors"),
+        &standard(2, 75, 75, 4, 2, 8, 8),
+        false,
+    );
+    let input = d.s("in.safetensors");
+    let go = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--input",
+            &input,
+            "--output",
+            out,
+            "--branches",
+            "--window",
+            "24",
+        ];
+        args.extend(SMALL);
+        args.extend(extra);
+        let r = nsa(&args);
+        assert!(
+            r.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+    };
+    let (plain, dec, chk) = (
+        d.s("plain.safetensors"),
+        d.s("dec.safetensors"),
+        d.s("chunk.safetensors"),
+    );
+    go(&plain, &[]);
+    go(&dec, &["--decode-from", "30"]);
+    go(&chk, &["--chunk", "7"]);
+    assert_same(Path::new(&plain), Path::new(&dec), 1e-4);
+    assert_same(Path::new(&plain), Path::new(&chk), 1e-4);
+    // Tq != Tk is refused.
+    let f = d.s("tq.safetensors");
+    write(Path::new(&f), &standard(1, 20, 30, 4, 2, 8, 8), false);
+    fails(&d, &f, &["--decode-from", "5"], "need Tq == Tk");
+}

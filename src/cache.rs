@@ -1,0 +1,556 @@
+//! [`NsaCache`]: GPU-resident keys, values and compressed tokens for decode, chunked prefill
+//! and variable-length batches.
+//!
+//! Appending tokens writes their keys and values into the cache and compresses only the
+//! compressed tokens the new tokens complete; earlier ones are never recomputed. The rows of
+//! the new tokens are then computed against the whole cached context, for every sequence of
+//! the call in one submission.
+
+use wgpu::util::DeviceExt;
+
+use crate::config::{Compression, NsaConfig, Shape};
+use crate::error::{NsaError, Result};
+use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
+use crate::pipeline::{read_staging, stage_readback, GpuBuffers, NsaPipeline};
+use crate::plan::{CacheRows, Plan, Tensor};
+
+/// The sizes of a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Sequences held (each grows independently).
+    pub seqs: usize,
+    /// Query heads of the calls (`Hq = G * Hkv`).
+    pub hq: usize,
+    /// Key/value heads.
+    pub hkv: usize,
+    /// Key head dimension.
+    pub dk: usize,
+    /// Value head dimension.
+    pub dv: usize,
+    /// Key rows reserved per sequence at creation.
+    pub capacity: usize,
+    /// The hard limit on rows per sequence; appending beyond it is an error. Growth beyond
+    /// the adapter's binding or buffer limits is also an error.
+    pub max_capacity: usize,
+    /// Whether each branch has its own keys/values (`k_cmp … v_win`).
+    pub independent_kv: bool,
+}
+
+/// Keys and values of the sequences, as the kernels need them, on the GPU.
+#[derive(Debug)]
+pub struct NsaCache {
+    config: NsaConfig,
+    opts: CacheOptions,
+    capacity: usize,
+    lens: Vec<usize>,
+    /// `[k, v]`, or `[k_cmp, v_cmp, k_slc, v_slc, k_win, v_win]` with independent K/V; each
+    /// `[S, capacity, Hkv, D]`.
+    raw: Vec<wgpu::Buffer>,
+    /// Compressed keys and values, `[S, C(capacity), Hkv, D]`.
+    compressed: [wgpu::Buffer; 2],
+    linear: Option<[wgpu::Buffer; 4]>,
+    compressed_tokens: u64,
+}
+
+/// New tokens of one sequence: `n` rows of each tensor, in SPEC's layouts without `B`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    /// Which sequence of the cache.
+    pub seq: usize,
+    /// `q`: `[n, Hq, Dk]`.
+    pub q: &'a [f32],
+    /// `k`: `[n, Hkv, Dk]` (ignored with independent K/V).
+    pub k: &'a [f32],
+    /// `v`: `[n, Hkv, Dv]` (ignored with independent K/V).
+    pub v: &'a [f32],
+    /// `gates`: `[n, Hq, 3]`.
+    pub gates: &'a [f32],
+    /// With independent K/V: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`, each `[n, Hkv, D]`.
+    pub branch_kv: Option<[&'a [f32]; 6]>,
+}
+
+fn raw_dims(opts: &CacheOptions) -> Vec<usize> {
+    let n = if opts.independent_kv { 3 } else { 1 };
+    (0..2 * n)
+        .map(|i| if i % 2 == 0 { opts.dk } else { opts.dv })
+        .collect()
+}
+
+impl NsaCache {
+    /// An empty cache on `pipe`'s device. `linear` is required by `Compression::Linear`.
+    pub fn new(
+        pipe: &NsaPipeline,
+        config: &NsaConfig,
+        opts: CacheOptions,
+        linear: Option<LinearWeights>,
+    ) -> Result<Self> {
+        config.validate()?;
+        Shape::prefill(opts.seqs, 1, opts.hq, opts.hkv, opts.dk, opts.dv).validate()?;
+        if opts.capacity == 0 || opts.capacity > opts.max_capacity {
+            return Err(NsaError::InvalidShape {
+                what: "capacity",
+                value: opts.capacity,
+                rule: "1 <= capacity <= max_capacity",
+            });
+        }
+        let device = &pipe.context().device;
+        let linear = match (config.compression, linear) {
+            (Compression::Linear, None) => {
+                return Err(NsaError::MissingInput {
+                    tensor: "w_k",
+                    why: "Compression::Linear needs w_k, pe_k, w_v, pe_v",
+                })
+            }
+            (Compression::Linear, Some(w)) => {
+                let (h, l, dk, dv) = (opts.hkv, config.cmp_block, opts.dk, opts.dv);
+                check_tensor("w_k", w.w_k, &[h, l, dk, dk])?;
+                check_tensor("pe_k", w.pe_k, &[h, l, dk])?;
+                check_tensor("w_v", w.w_v, &[h, l, dv, dv])?;
+                check_tensor("pe_v", w.pe_v, &[h, l, dv])?;
+                let up = |d: &[f32]| {
+                    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("nsa.cache.linear"),
+                        contents: bytemuck::cast_slice(d),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+                };
+                Some([up(w.w_k), up(w.pe_k), up(w.w_v), up(w.pe_v)])
+            }
+            (Compression::Mean, _) => None,
+        };
+        let (raw, compressed) = Self::allocate(pipe, config, &opts, opts.capacity)?;
+        Ok(Self {
+            config: *config,
+            opts,
+            capacity: opts.capacity,
+            lens: vec![0; opts.seqs],
+            raw,
+            compressed,
+            linear,
+            compressed_tokens: 0,
+        })
+    }
+
+    fn allocate(
+        pipe: &NsaPipeline,
+        config: &NsaConfig,
+        opts: &CacheOptions,
+        capacity: usize,
+    ) -> Result<(Vec<wgpu::Buffer>, [wgpu::Buffer; 2])> {
+        let limits = pipe.limits();
+        let device = &pipe.context().device;
+        let cap_c = config.num_compressed(capacity).max(1);
+        let make = |rows: usize, d: usize| -> Result<wgpu::Buffer> {
+            let per_seq = (rows * opts.hkv * d * 4) as u64;
+            if per_seq + limits.storage_align > limits.max_storage_binding {
+                return Err(NsaError::ExceedsLimit {
+                    what: "max_storage_buffer_binding_size (one cached sequence)",
+                    needed: per_seq + limits.storage_align,
+                    limit: limits.max_storage_binding,
+                });
+            }
+            let size = per_seq * opts.seqs as u64;
+            if size > limits.max_buffer {
+                return Err(NsaError::ExceedsLimit {
+                    what: "max_buffer_size (cache)",
+                    needed: size,
+                    limit: limits.max_buffer,
+                });
+            }
+            Ok(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.cache"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            }))
+        };
+        let raw = raw_dims(opts)
+            .into_iter()
+            .map(|d| make(capacity, d))
+            .collect::<Result<Vec<_>>>()?;
+        let compressed = [make(cap_c, opts.dk)?, make(cap_c, opts.dv)?];
+        Ok((raw, compressed))
+    }
+
+    /// Tokens held per sequence.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Key rows reserved per sequence now.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Compressed tokens computed so far, over all sequences. Each is computed exactly once,
+    /// so this equals the sum of `C(len)` over the sequences.
+    pub fn compressed_tokens(&self) -> u64 {
+        self.compressed_tokens
+    }
+
+    /// Grows every sequence's reservation to at least `rows` (up to `max_capacity`), copying
+    /// what is cached.
+    pub fn reserve(&mut self, pipe: &NsaPipeline, rows: usize) -> Result<()> {
+        if rows <= self.capacity {
+            return Ok(());
+        }
+        if rows > self.opts.max_capacity {
+            return Err(NsaError::ExceedsLimit {
+                what: "NsaCache max_capacity (rows per sequence)",
+                needed: rows as u64,
+                limit: self.opts.max_capacity as u64,
+            });
+        }
+        let new_cap = rows.max(self.capacity * 2).min(self.opts.max_capacity);
+        let (raw, compressed) = Self::allocate(pipe, &self.config, &self.opts, new_cap)?;
+        let ctx = pipe.context();
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("nsa.cache.grow"),
+            });
+        let (old_c, new_c) = (
+            self.config.num_compressed(self.capacity).max(1),
+            self.config.num_compressed(new_cap).max(1),
+        );
+        let dims = raw_dims(&self.opts);
+        for (s, len) in self.lens.iter().enumerate() {
+            for ((old, new), d) in self.raw.iter().zip(&raw).zip(&dims) {
+                let row = (self.opts.hkv * d * 4) as u64;
+                enc.copy_buffer_to_buffer(
+                    old,
+                    s as u64 * self.capacity as u64 * row,
+                    new,
+                    s as u64 * new_cap as u64 * row,
+                    *len as u64 * row,
+                );
+            }
+            let nc = self.config.num_compressed(*len) as u64;
+            for ((old, new), d) in self
+                .compressed
+                .iter()
+                .zip(&compressed)
+                .zip([self.opts.dk, self.opts.dv])
+            {
+                let row = (self.opts.hkv * d * 4) as u64;
+                enc.copy_buffer_to_buffer(
+                    old,
+                    s as u64 * old_c as u64 * row,
+                    new,
+                    s as u64 * new_c as u64 * row,
+                    nc * row,
+                );
+            }
+        }
+        ctx.queue.submit([enc.finish()]);
+        self.raw = raw;
+        self.compressed = compressed;
+        self.capacity = new_cap;
+        Ok(())
+    }
+}
+
+impl NsaPipeline {
+    /// Appends each chunk's tokens to its sequence in `cache` and computes their rows
+    /// (`n = 1` is a decode step, larger `n` chunked prefill), for all chunks in one
+    /// submission. Returns one result per chunk, each shaped `[1, n, ...]`.
+    pub async fn extend(
+        &self,
+        cache: &mut NsaCache,
+        chunks: &[SeqChunk<'_>],
+        request: OutputRequest,
+    ) -> Result<Vec<NsaOutputs>> {
+        let o = cache.opts;
+        let cfg = cache.config;
+        // Validate everything before touching the cache.
+        let mut sizes = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            if c.seq >= o.seqs || chunks[..i].iter().any(|d| d.seq == c.seq) {
+                return Err(NsaError::InvalidShape {
+                    what: "seq",
+                    value: c.seq,
+                    rule: "each chunk names a distinct sequence < seqs",
+                });
+            }
+            let n = c.gates.len() / (o.hq * 3).max(1);
+            if n == 0 {
+                return Err(NsaError::ShapeMismatch {
+                    tensor: "gates",
+                    expected: vec![1, o.hq, 3],
+                    got: c.gates.len(),
+                });
+            }
+            check_tensor("q", c.q, &[n, o.hq, o.dk])?;
+            check_tensor("gates", c.gates, &[n, o.hq, 3])?;
+            match (o.independent_kv, c.branch_kv) {
+                (true, Some(b)) => {
+                    let names = ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"];
+                    for (j, (name, t)) in names.iter().zip(b).enumerate() {
+                        check_tensor(name, t, &[n, o.hkv, if j % 2 == 0 { o.dk } else { o.dv }])?;
+                    }
+                }
+                (false, None) => {
+                    check_tensor("k", c.k, &[n, o.hkv, o.dk])?;
+                    check_tensor("v", c.v, &[n, o.hkv, o.dv])?;
+                }
+                (true, None) => {
+                    return Err(NsaError::MissingInput {
+                        tensor: "k_cmp",
+                        why: "the cache holds independent keys/values per branch",
+                    })
+                }
+                (false, Some(_)) => {
+                    return Err(NsaError::InvalidShape {
+                        what: "branch_kv",
+                        value: 6,
+                        rule: "the cache was created without independent keys/values",
+                    })
+                }
+            }
+            sizes.push(n);
+        }
+        let need = chunks
+            .iter()
+            .zip(&sizes)
+            .map(|(c, n)| cache.lens[c.seq] + n)
+            .max()
+            .unwrap_or(0);
+        cache.reserve(self, need)?;
+        let ctx = self.context();
+        let device = &ctx.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let cap = cache.capacity as u64;
+        let cap_c = cfg.num_compressed(cache.capacity).max(1) as u64;
+        let dims = raw_dims(&o);
+        // Queue the new keys and values (written before this call's commands run).
+        for (c, n) in chunks.iter().zip(&sizes) {
+            let data: Vec<&[f32]> = match c.branch_kv {
+                Some(b) => b.to_vec(),
+                None => vec![c.k, c.v],
+            };
+            for ((buf, d), rows) in cache.raw.iter().zip(&dims).zip(data) {
+                let row = (o.hkv * d * 4) as u64;
+                ctx.queue.write_buffer(
+                    buf,
+                    (c.seq as u64 * cap + cache.lens[c.seq] as u64) * row,
+                    bytemuck::cast_slice(&rows[..n * o.hkv * d]),
+                );
+            }
+        }
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("nsa.extend"),
+        });
+        let mut kept = Vec::new();
+        for (c, n) in chunks.iter().zip(&sizes) {
+            let len = cache.lens[c.seq];
+            let shape = Shape {
+                batch: 1,
+                tq: *n,
+                tk: len + n,
+                hq: o.hq,
+                hkv: o.hkv,
+                dk: o.dk,
+                dv: o.dv,
+            };
+            let rows = CacheRows {
+                key_row0: c.seq as u64 * cap,
+                cmp_row0: c.seq as u64 * cap_c,
+                cmp_done: cfg.num_compressed(len),
+            };
+            let plan = Plan::cached(&cfg, &shape, &self.limits(), rows)?;
+            let scratch = self.scratch(&plan)?;
+            let up = |label: &str, d: &[f32]| {
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(d),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+            };
+            let (q, g) = (up("nsa.extend.q", c.q), up("nsa.extend.gates", c.gates));
+            let out = device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.extend.out"),
+                size: plan.tensor_bytes(Tensor::Out),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let r = &cache.raw;
+            let mut bufs = GpuBuffers::new(&q, &r[0], &r[1], &g, &out);
+            if o.independent_kv {
+                bufs.branch_kv = [
+                    Some(&r[0]),
+                    Some(&r[1]),
+                    Some(&r[2]),
+                    Some(&r[3]),
+                    Some(&r[4]),
+                    Some(&r[5]),
+                ];
+            }
+            bufs.linear = cache.linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
+            bufs.compressed = Some([&cache.compressed[0], &cache.compressed[1]]);
+            self.encode(&mut encoder, &scratch, &bufs)?;
+            let mut wanted: Vec<&wgpu::Buffer> = vec![&out];
+            let sb = |t| scratch.buffer(t).expect("scratch holds the outputs");
+            if request.block_indices {
+                wanted.push(sb(Tensor::Idx));
+            }
+            if request.branches {
+                wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
+            }
+            let staging = stage_readback(device, &mut encoder, &wanted);
+            kept.push((staging, scratch, out));
+        }
+        ctx.queue.submit([encoder.finish()]);
+        if let Some(e) = scope.pop().await {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        for (c, n) in chunks.iter().zip(&sizes) {
+            let len = cache.lens[c.seq];
+            cache.compressed_tokens +=
+                (cfg.num_compressed(len + n) - cfg.num_compressed(len)) as u64;
+            cache.lens[c.seq] = len + n;
+        }
+        let mut results = Vec::with_capacity(chunks.len());
+        for (staging, _, _) in &kept {
+            let mut data = read_staging(device, staging).await?.into_iter();
+            let mut f = || -> Vec<f32> {
+                bytemuck::cast_slice(&data.next().expect("one per wanted")).to_vec()
+            };
+            let out = f();
+            let block_indices = request
+                .block_indices
+                .then(|| bytemuck::cast_slice::<f32, i32>(&f()).to_vec());
+            let branches = request.branches.then(|| BranchOutputs {
+                o_cmp: f(),
+                o_slc: f(),
+                o_win: f(),
+            });
+            results.push(NsaOutputs {
+                out,
+                block_indices,
+                branches,
+            });
+        }
+        Ok(results)
+    }
+
+    /// Variable-length prefill: sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]` of
+    /// `q: [total, Hq, Dk]`, `k: [total, Hkv, Dk]`, `v: [total, Hkv, Dv]`,
+    /// `gates: [total, Hq, 3]` (FlashAttention's convention). Runs every sequence in one
+    /// submission; the outputs are concatenated the same way.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_varlen(
+        &self,
+        config: &NsaConfig,
+        cu_seqlens: &[usize],
+        hq: usize,
+        hkv: usize,
+        dk: usize,
+        dv: usize,
+        inputs: &crate::NsaInputs<'_>,
+        request: OutputRequest,
+    ) -> Result<NsaOutputs> {
+        if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || cu_seqlens.windows(2).any(|w| w[1] <= w[0])
+        {
+            return Err(NsaError::InvalidShape {
+                what: "cu_seqlens",
+                value: cu_seqlens.len(),
+                rule: "starts at 0, strictly increasing, at least one sequence",
+            });
+        }
+        let total = *cu_seqlens.last().expect("non-empty");
+        let longest = cu_seqlens
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(1);
+        let shape = Shape::prefill(1, total, hq, hkv, dk, dv);
+        inputs.validate(config, &shape)?;
+        let opts = CacheOptions {
+            seqs: cu_seqlens.len() - 1,
+            hq,
+            hkv,
+            dk,
+            dv,
+            capacity: longest,
+            max_capacity: longest,
+            independent_kv: inputs.k_cmp.is_some(),
+        };
+        let mut cache = NsaCache::new(self, config, opts, inputs.linear)?;
+        let part = |t: &'_ [f32], s: usize, w: usize| -> Vec<f32> {
+            t[cu_seqlens[s] * w..cu_seqlens[s + 1] * w].to_vec()
+        };
+        let mut owned = Vec::new();
+        for s in 0..opts.seqs {
+            let kv: Vec<Vec<f32>> = if opts.independent_kv {
+                let b = [
+                    inputs.k_cmp,
+                    inputs.v_cmp,
+                    inputs.k_slc,
+                    inputs.v_slc,
+                    inputs.k_win,
+                    inputs.v_win,
+                ];
+                b.iter()
+                    .enumerate()
+                    .map(|(j, t)| {
+                        let t = t.ok_or(NsaError::MissingInput {
+                            tensor: "k_cmp … v_win",
+                            why: "independent keys/values need all six tensors",
+                        })?;
+                        Ok(part(t, s, hkv * if j % 2 == 0 { dk } else { dv }))
+                    })
+                    .collect::<Result<_>>()?
+            } else {
+                vec![part(inputs.k, s, hkv * dk), part(inputs.v, s, hkv * dv)]
+            };
+            owned.push((
+                part(inputs.q, s, hq * dk),
+                part(inputs.gates, s, hq * 3),
+                kv,
+            ));
+        }
+        let chunks: Vec<SeqChunk> = owned
+            .iter()
+            .enumerate()
+            .map(|(s, (q, g, kv))| SeqChunk {
+                seq: s,
+                q,
+                k: &kv[0],
+                v: &kv[1],
+                gates: g,
+                branch_kv: opts
+                    .independent_kv
+                    .then(|| [&kv[0][..], &kv[1], &kv[2], &kv[3], &kv[4], &kv[5]]),
+            })
+            .collect();
+        let parts = self.extend(&mut cache, &chunks, request).await?;
+        Ok(concat(parts, request))
+    }
+}
+
+/// Concatenates per-chunk results along the query rows.
+pub fn concat(parts: Vec<NsaOutputs>, request: OutputRequest) -> NsaOutputs {
+    let mut out = NsaOutputs {
+        out: Vec::new(),
+        block_indices: request.block_indices.then(Vec::new),
+        branches: request.branches.then(|| BranchOutputs {
+            o_cmp: Vec::new(),
+            o_slc: Vec::new(),
+            o_win: Vec::new(),
+        }),
+    };
+    for p in parts {
+        out.out.extend(p.out);
+        if let (Some(a), Some(b)) = (out.block_indices.as_mut(), p.block_indices) {
+            a.extend(b);
+        }
+        if let (Some(a), Some(b)) = (out.branches.as_mut(), p.branches) {
+            a.o_cmp.extend(b.o_cmp);
+            a.o_slc.extend(b.o_slc);
+            a.o_win.extend(b.o_win);
+        }
+    }
+    out
+}

@@ -1,0 +1,354 @@
+//! Decode, chunked prefill and variable-length batches through the KV cache, held against
+//! the plain prefill on the GPU (itself held against the reference in tests/gpu.rs).
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::{assert_close, small, Data};
+use nsa_wgpu::{
+    CacheOptions, Compression, GpuContext, NsaCache, NsaConfig, NsaError, NsaOutputs, NsaPipeline,
+    OutputRequest, SeqChunk, Shape,
+};
+
+fn pipeline() -> &'static NsaPipeline {
+    static PIPE: OnceLock<NsaPipeline> = OnceLock::new();
+    PIPE.get_or_init(|| {
+        let ctx = pollster::block_on(GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
+        eprintln!("adapter: {}", ctx.describe());
+        pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline")
+    })
+}
+
+fn opts(s: &Shape, capacity: usize, independent_kv: bool) -> CacheOptions {
+    CacheOptions {
+        seqs: s.batch,
+        hq: s.hq,
+        hkv: s.hkv,
+        dk: s.dk,
+        dv: s.dv,
+        capacity,
+        max_capacity: s.tk,
+        independent_kv,
+    }
+}
+
+/// Rows `[a, b)` of sequence `bi` of a `[B, T, H, D]` tensor, flattened.
+fn rows(t: &[f32], s: &Shape, bi: usize, a: usize, b: usize, width: usize) -> Vec<f32> {
+    t[(bi * s.tk + a) * width..(bi * s.tk + b) * width].to_vec()
+}
+
+/// Feeds every sequence of `data` through a cache in chunks of `chunk` tokens (all sequences
+/// in each call), and reassembles `[B, T, ...]` outputs.
+fn through_cache(
+    cfg: &NsaConfig,
+    s: &Shape,
+    data: &Data,
+    chunk: usize,
+    capacity: usize,
+) -> (NsaOutputs, NsaCache) {
+    let pipe = pipeline();
+    let inputs = data.inputs();
+    let mut cache = NsaCache::new(
+        pipe,
+        cfg,
+        opts(s, capacity, data.branch.is_some()),
+        inputs.linear,
+    )
+    .expect("cache");
+    let req = OutputRequest::all();
+    let mut per_seq: Vec<Vec<NsaOutputs>> = (0..s.batch).map(|_| Vec::new()).collect();
+    let mut pos = 0;
+    while pos < s.tk {
+        let end = (pos + chunk).min(s.tk);
+        let owned: Vec<_> = (0..s.batch)
+            .map(|b| {
+                let kw = s.hkv * s.dk;
+                let vw = s.hkv * s.dv;
+                let branch: Option<Vec<Vec<f32>>> = data.branch.as_ref().map(|br| {
+                    br.iter()
+                        .enumerate()
+                        .map(|(j, t)| rows(t, s, b, pos, end, if j % 2 == 0 { kw } else { vw }))
+                        .collect()
+                });
+                (
+                    rows(&data.q, s, b, pos, end, s.hq * s.dk),
+                    rows(&data.k, s, b, pos, end, kw),
+                    rows(&data.v, s, b, pos, end, vw),
+                    rows(&data.gates, s, b, pos, end, s.hq * 3),
+                    branch,
+                )
+            })
+            .collect();
+        let chunks: Vec<SeqChunk> = owned
+            .iter()
+            .enumerate()
+            .map(|(b, (q, k, v, g, br))| SeqChunk {
+                seq: b,
+                q,
+                k,
+                v,
+                gates: g,
+                branch_kv: br
+                    .as_ref()
+                    .map(|x| [&x[0][..], &x[1], &x[2], &x[3], &x[4], &x[5]]),
+            })
+            .collect();
+        let res = pollster::block_on(pipe.extend(&mut cache, &chunks, req)).expect("extend");
+        for (b, r) in res.into_iter().enumerate() {
+            per_seq[b].push(r);
+        }
+        pos = end;
+    }
+    let parts: Vec<NsaOutputs> = per_seq.into_iter().flatten().collect();
+    (nsa_wgpu::cache::concat(parts, req), cache)
+}
+
+fn check(name: &str, cfg: NsaConfig, s: Shape, chunk: usize, branch: bool) {
+    let pipe = pipeline();
+    let data = Data::new(&cfg, &s, branch, 11 + chunk as u64);
+    let full = pipe
+        .run_blocking(&cfg, &s, &data.inputs(), OutputRequest::all())
+        .expect("prefill");
+    let (got, cache) = through_cache(&cfg, &s, &data, chunk, 8);
+    assert_close(&format!("{name} out"), &got.out, &full.out, 1e-4);
+    assert_eq!(
+        got.block_indices, full.block_indices,
+        "{name} block_indices"
+    );
+    let (a, b) = (got.branches.unwrap(), full.branches.unwrap());
+    assert_close(&format!("{name} o_cmp"), &a.o_cmp, &b.o_cmp, 1e-4);
+    assert_close(&format!("{name} o_slc"), &a.o_slc, &b.o_slc, 1e-4);
+    // Each compressed token was computed exactly once.
+    assert_eq!(
+        cache.compressed_tokens(),
+        (s.batch * cfg.num_compressed(s.tk)) as u64,
+        "{name}"
+    );
+    assert!(cache.lens().iter().all(|l| *l == s.tk));
+}
+
+#[test]
+fn decode_g1_small() {
+    check(
+        "decode g1",
+        small(),
+        Shape::prefill(1, 150, 2, 2, 16, 8),
+        1,
+        false,
+    );
+}
+
+#[test]
+fn decode_g4_paper() {
+    check(
+        "decode g4",
+        NsaConfig {
+            window: 100,
+            ..NsaConfig::default()
+        },
+        Shape::prefill(2, 200, 4, 1, 8, 8),
+        1,
+        false,
+    );
+}
+
+#[test]
+fn decode_g16_small_linear() {
+    let cfg = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    check(
+        "decode g16 linear",
+        cfg,
+        Shape::prefill(1, 120, 16, 1, 8, 12),
+        1,
+        false,
+    );
+}
+
+#[test]
+fn decode_independent_kv() {
+    check(
+        "decode branch kv",
+        small(),
+        Shape::prefill(2, 100, 4, 2, 8, 8),
+        1,
+        true,
+    );
+}
+
+#[test]
+fn chunked_prefill_matches_prefill() {
+    for chunk in [1, 7, 64, 100] {
+        check(
+            &format!("chunk {chunk}"),
+            small(),
+            Shape::prefill(2, 230, 6, 2, 12, 10),
+            chunk,
+            false,
+        );
+    }
+}
+
+#[test]
+fn prefix_invariance() {
+    let pipe = pipeline();
+    let cfg = small();
+    let long = Shape::prefill(1, 260, 4, 2, 16, 16);
+    let data = Data::new(&cfg, &long, false, 21);
+    let full = pipe
+        .run_blocking(&cfg, &long, &data.inputs(), OutputRequest::all())
+        .unwrap();
+    let t = 173;
+    let short = Shape::prefill(1, t, 4, 2, 16, 16);
+    let cut = |x: &[f32], w: usize| x[..t * w].to_vec();
+    let (q, k, v, g) = (
+        cut(&data.q, 64),
+        cut(&data.k, 32),
+        cut(&data.v, 32),
+        cut(&data.gates, 12),
+    );
+    let part = pipe
+        .run_blocking(
+            &cfg,
+            &short,
+            &nsa_wgpu::NsaInputs::new(&q, &k, &v, &g),
+            OutputRequest::all(),
+        )
+        .unwrap();
+    assert_close("prefix", &part.out, &full.out[..t * 64], 1e-5);
+    assert_eq!(
+        part.block_indices.unwrap()[..],
+        full.block_indices.unwrap()[..t * 2 * cfg.top_n]
+    );
+}
+
+#[test]
+fn varlen_batch_equals_each_sequence_alone() {
+    let pipe = pipeline();
+    let cfg = small();
+    let lens = [37usize, 150, 1, 90];
+    let cu: Vec<usize> = std::iter::once(0)
+        .chain(lens.iter().scan(0, |a, l| {
+            *a += l;
+            Some(*a)
+        }))
+        .collect();
+    let total = *cu.last().unwrap();
+    let all = Shape::prefill(1, total, 4, 2, 8, 8);
+    let data = Data::new(&cfg, &all, false, 5);
+    let got = pollster::block_on(pipe.run_varlen(
+        &cfg,
+        &cu,
+        4,
+        2,
+        8,
+        8,
+        &data.inputs(),
+        OutputRequest::all(),
+    ))
+    .unwrap();
+    let idx = got.block_indices.as_ref().unwrap();
+    for (i, w) in cu.windows(2).enumerate() {
+        let (a, b) = (w[0], w[1]);
+        let s = Shape::prefill(1, b - a, 4, 2, 8, 8);
+        let sl = |x: &[f32], width: usize| x[a * width..b * width].to_vec();
+        let (q, k, v, g) = (
+            sl(&data.q, 32),
+            sl(&data.k, 16),
+            sl(&data.v, 16),
+            sl(&data.gates, 12),
+        );
+        let alone = pipe
+            .run_blocking(
+                &cfg,
+                &s,
+                &nsa_wgpu::NsaInputs::new(&q, &k, &v, &g),
+                OutputRequest::all(),
+            )
+            .unwrap();
+        assert_close(
+            &format!("varlen seq {i}"),
+            &got.out[a * 32..b * 32],
+            &alone.out,
+            1e-5,
+        );
+        assert_eq!(
+            &idx[a * 2 * cfg.top_n..b * 2 * cfg.top_n],
+            &alone.block_indices.unwrap()[..],
+            "seq {i}"
+        );
+    }
+}
+
+#[test]
+fn cache_overflow_and_bad_chunks_are_errors() {
+    let pipe = pipeline();
+    let cfg = small();
+    let s = Shape::prefill(1, 40, 2, 1, 4, 4);
+    let data = Data::new(&cfg, &s, false, 2);
+    let mut cache = NsaCache::new(
+        pipe,
+        &cfg,
+        CacheOptions {
+            max_capacity: 32,
+            ..opts(&s, 16, false)
+        },
+        None,
+    )
+    .unwrap();
+    let chunk = |a: usize, b: usize| {
+        (
+            rows(&data.q, &s, 0, a, b, 8),
+            rows(&data.k, &s, 0, a, b, 4),
+            rows(&data.v, &s, 0, a, b, 4),
+            rows(&data.gates, &s, 0, a, b, 6),
+        )
+    };
+    let (q, k, v, g) = chunk(0, 30);
+    let c = SeqChunk {
+        seq: 0,
+        q: &q,
+        k: &k,
+        v: &v,
+        gates: &g,
+        branch_kv: None,
+    };
+    // Grows from 16 to 32 rows.
+    pollster::block_on(pipe.extend(&mut cache, &[c], OutputRequest::default())).unwrap();
+    assert_eq!(cache.capacity(), 32);
+    let (q, k, v, g) = chunk(30, 40);
+    let c = SeqChunk {
+        seq: 0,
+        q: &q,
+        k: &k,
+        v: &v,
+        gates: &g,
+        branch_kv: None,
+    };
+    let r = pollster::block_on(pipe.extend(&mut cache, &[c], OutputRequest::default()));
+    assert!(
+        matches!(
+            r,
+            Err(NsaError::ExceedsLimit {
+                needed: 40,
+                limit: 32,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(cache.lens(), &[30], "a failed append changes nothing");
+    let bad = SeqChunk { seq: 3, ..c };
+    assert!(matches!(
+        pollster::block_on(pipe.extend(&mut cache, &[bad], OutputRequest::default())),
+        Err(NsaError::InvalidShape { what: "seq", .. })
+    ));
+    let short_k = SeqChunk { k: &k[1..], ..c };
+    assert!(matches!(
+        pollster::block_on(pipe.extend(&mut cache, &[short_k], OutputRequest::default())),
+        Err(NsaError::ShapeMismatch { tensor: "k", .. })
+    ));
+}
