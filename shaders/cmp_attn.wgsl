@@ -17,17 +17,22 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid);
-    attn_keys(lid, r, params.n_cmp, 0u, visible_compressed(r.pos));
-    for (var a = 0u; a < ACC; a++) {
-        let o = lid + a * WG;
-        if o >= r.n * params.dv {
-            break;
+    attn_begin(lid, r);
+    if lid < ROWS {
+        row_lo[lid] = 0u;
+        row_hi[lid] = select(0u, visible_compressed(attn_pos(r, lid)), lid < r.n);
+    }
+    workgroupBarrier();
+    // Rows are ordered by position, so the last one sees the most tokens.
+    attn_keys(lid, r, params.n_cmp, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
+    for (var slot = 0u; slot < 32u; slot++) {
+        let o = attn_result(lid, slot, r);
+        if o.valid {
+            o_cmp[params.off_ocmp + o.row * params.dv + o.e] = o.value;
         }
-        o_cmp[params.off_ocmp + r.row0 * params.dv + o] = attn_value(a, o / params.dv);
     }
     if lid < r.n {
         let l = row_sum[lid];
-        lse[params.off_lse + r.row0 + lid] = select(0.0, row_max[lid] + log(l), l > 0.0);
+        lse[params.off_lse + attn_row(r, lid)] = select(0.0, row_max[lid] + log(l), l > 0.0);
     }
 }

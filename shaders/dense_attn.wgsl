@@ -15,13 +15,17 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid);
-    attn_keys(lid, r, params.tk, 0u, r.pos + 1u);
-    for (var a = 0u; a < ACC; a++) {
-        let o = lid + a * WG;
-        if o >= r.n * params.dv {
-            break;
+    attn_begin(lid, r);
+    if lid < ROWS {
+        row_lo[lid] = 0u;
+        row_hi[lid] = select(0u, attn_pos(r, min(lid, r.n - 1u)) + 1u, lid < r.n);
+    }
+    workgroupBarrier();
+    attn_keys(lid, r, params.tk, 0u, attn_pos(r, r.n - 1u) + 1u);
+    for (var slot = 0u; slot < 32u; slot++) {
+        let o = attn_result(lid, slot, r);
+        if o.valid {
+            out[params.off_out + o.row * params.dv + o.e] = o.value;
         }
-        out[params.off_out + r.row0 * params.dv + o] = attn_value(a, o / params.dv);
     }
 }

@@ -12,26 +12,31 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
 ) {
+    // One query per workgroup (q_block = 1): its heads share one selection.
     let r = attn_rows(linear_workgroup(wg, nwg));
     if !r.valid {
         return;
     }
-    attn_begin(lid);
-    let ib = params.off_idx + ((r.bb * params.q_count + r.iq) * params.hkv + r.h) * params.top_n;
+    attn_begin(lid, r);
+    let pos = attn_pos(r, 0u);
+    if lid < ROWS {
+        row_lo[lid] = 0u;
+        row_hi[lid] = select(0u, pos + 1u, lid < r.n);
+    }
+    workgroupBarrier();
+    let ib = params.off_idx + ((r.bb * params.q_count + r.iq0) * params.hkv + r.h) * params.top_n;
     for (var s = 0u; s < params.top_n; s++) {
         let j = block_indices[ib + s];
         if j < 0 {
             break;
         }
         let lo = u32(j) * params.sel_block;
-        let hi = min(lo + params.sel_block, r.pos + 1u);
-        attn_keys(lid, r, params.tk, lo, hi);
+        attn_keys(lid, r, params.tk, lo, min(lo + params.sel_block, pos + 1u));
     }
-    for (var a = 0u; a < ACC; a++) {
-        let o = lid + a * WG;
-        if o >= r.n * params.dv {
-            break;
+    for (var slot = 0u; slot < 32u; slot++) {
+        let o = attn_result(lid, slot, r);
+        if o.valid {
+            o_slc[params.off_oslc + o.row * params.dv + o.e] = o.value;
         }
-        o_slc[params.off_oslc + r.row0 * params.dv + o] = attn_value(a, o / params.dv);
     }
 }

@@ -9,6 +9,10 @@
 @group(0) @binding(7) var<storage, read_write> o_win: array<f32>;  // [B, Tq, Hq, Dv]
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;    // [B, Tq, Hq, Dv]
 
+fn window_start(p: u32) -> u32 {
+    return select(0u, p + 1u - params.window, p + 1u > params.window);
+}
+
 @compute @workgroup_size(128)
 fn main(
     @builtin(local_invocation_index) lid: u32,
@@ -19,22 +23,24 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid);
-    let lo = select(0u, r.pos + 1u - params.window, r.pos + 1u > params.window);
-    attn_keys(lid, r, params.tk, lo, r.pos + 1u);
-    let dv = params.dv;
-    for (var a = 0u; a < ACC; a++) {
-        let o = lid + a * WG;
-        if o >= r.n * dv {
-            break;
+    attn_begin(lid, r);
+    if lid < ROWS {
+        let p = attn_pos(r, min(lid, r.n - 1u));
+        row_lo[lid] = window_start(p);
+        row_hi[lid] = select(0u, p + 1u, lid < r.n);
+    }
+    workgroupBarrier();
+    let last = attn_pos(r, r.n - 1u);
+    attn_keys(lid, r, params.tk, window_start(attn_pos(r, 0u)), last + 1u);
+    for (var slot = 0u; slot < 32u; slot++) {
+        let o = attn_result(lid, slot, r);
+        if o.valid {
+            let flat = o.row * params.dv + o.e;
+            let gb = params.off_gates + o.row * 3u;
+            o_win[params.off_owin + flat] = o.value;
+            out[params.off_out + flat] = gates[gb] * o_cmp[params.off_ocmp + flat]
+                + gates[gb + 1u] * o_slc[params.off_oslc + flat]
+                + gates[gb + 2u] * o.value;
         }
-        let row = o / dv;
-        let flat = r.row0 * dv + o;
-        let w = attn_value(a, row);
-        let gb = params.off_gates + (r.row0 + row) * 3u;
-        o_win[params.off_owin + flat] = w;
-        out[params.off_out + flat] = gates[gb] * o_cmp[params.off_ocmp + flat]
-            + gates[gb + 1u] * o_slc[params.off_oslc + flat]
-            + gates[gb + 2u] * w;
     }
 }

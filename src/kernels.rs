@@ -45,7 +45,7 @@ pub struct Params {
     pub off_idx: u32,
     pub c_start: u32,
     pub c_count: u32,
-    pub _pad0: u32,
+    pub q_block: u32,
     pub _pad1: u32,
     pub _pad2: u32,
 }
@@ -140,7 +140,8 @@ impl KernelId {
         match self {
             KernelId::Compress => 256 * 4,
             KernelId::Select => (2048 + 128 + 4 * 256) * 4,
-            _ => (4096 + 1024 + 3 * 16) * 4,
+            // qs, tile, scores, red, 5 per-row arrays
+            _ => (1024 * 4 + 512 * 4 + 1024 + 128 + 5 * 16) * 4,
         }
     }
 }

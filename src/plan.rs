@@ -129,8 +129,8 @@ pub struct Plan {
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
 pub const ROWS_PER_WORKGROUP: usize = 16;
-/// Floats in the attention tile (`TILE` in `shaders/shared/attention.wgsl`).
-const ATTN_TILE: usize = 4096;
+/// vec4s in the attention tile (`TILE4` in `shaders/shared/attention.wgsl`).
+const ATTN_TILE4: usize = 512;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// `PBUF` in `shaders/select.wgsl`.
@@ -145,6 +145,11 @@ struct Chunk {
     nb: usize,
     q0: usize,
     qc: usize,
+}
+
+/// Keys per attention tile: as many as fit `TILE4` vec4s, at most `KT_MAX`.
+fn kv_tile(s: &Shape) -> u32 {
+    (ATTN_TILE4 / s.dk.max(s.dv).div_ceil(4)).min(KT_MAX) as u32
 }
 
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
@@ -205,7 +210,7 @@ impl Plan {
             ));
         }
         let n_cmp = config.num_compressed(s.tk);
-        let kv_tile = (ATTN_TILE / s.dk.max(s.dv)).min(KT_MAX) as u32;
+        let kv_tile = kv_tile(&s);
         let head_chunks = s.group().div_ceil(ROWS_PER_WORKGROUP) as u32;
         let mut plan = Plan {
             config: *config,
@@ -251,7 +256,7 @@ impl Plan {
             config,
             shape: *shape,
             n_cmp: 0,
-            kv_tile: (ATTN_TILE / shape.dk.max(shape.dv)).min(KT_MAX) as u32,
+            kv_tile: kv_tile(shape),
             head_chunks: shape.group().div_ceil(ROWS_PER_WORKGROUP) as u32,
             steps: Vec::new(),
             limits: *limits,
@@ -530,9 +535,20 @@ impl Plan {
                 off_out: out.1,
                 ..self.base_params()
             };
-            let attn_total = nrows * hkv * self.head_chunks as u64;
+            // Consecutive queries share a workgroup when the group is smaller than its rows;
+            // selected attention keeps one query per workgroup (each has its own blocks).
+            let q_block = (ROWS_PER_WORKGROUP / s.group().min(ROWS_PER_WORKGROUP)) as u64;
+            let per_query = hkv * self.head_chunks as u64;
+            let attn_total = ch.nb as u64 * (ch.qc as u64).div_ceil(q_block) * per_query;
             let attn = Params {
                 total_wg: attn_total as u32,
+                q_block: q_block as u32,
+                ..base
+            };
+            let slc_total = nrows * per_query;
+            let slc = Params {
+                total_wg: slc_total as u32,
+                q_block: 1,
                 ..base
             };
             if dense {
@@ -590,9 +606,9 @@ impl Plan {
                 params: Params {
                     off_k: ks.1,
                     off_v: vs.1,
-                    ..attn
+                    ..slc
                 },
-                grid: self.grid(attn_total),
+                grid: self.grid(slc_total),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::KSlc, ks.0),

@@ -1,6 +1,11 @@
-// The attention core shared by cmp_attn, slc_attn and win_attn: one workgroup owns the query
-// heads of one kv group at one query position (up to ROWS of them), streams key/value tiles
-// through workgroup memory once for all those heads, and keeps an online softmax per head.
+// The attention core shared by cmp_attn, slc_attn, win_attn and dense_attn.
+//
+// One workgroup owns up to ROWS query rows that read the same kv head: `nq` consecutive
+// queries times `nh` of the group's query heads. Key/value tiles stream through workgroup
+// memory once for all rows; each row keeps an online softmax (running max and sum) and masks
+// the keys outside its own range [row_lo, row_hi). The queries sit in workgroup memory, and
+// each invocation computes 4 rows x 1 key of the scores and 4 rows x 4 dims of the output
+// from vec4 loads, so most work is register-blocked FMAs.
 
 #import params
 
@@ -9,30 +14,34 @@
 @group(0) @binding(3) var<storage, read> v: array<f32>;  // [B, T, Hkv, Dv]
 
 const WG: u32 = 128u;          // invocations per workgroup
-const ROWS: u32 = 16u;         // query heads per workgroup
-const TILE: u32 = 4096u;       // floats of one key (or value) tile; kv_tile * max(Dk, Dv) <= TILE
+const ROWS: u32 = 16u;         // query rows per workgroup
+const DMAX4: u32 = 64u;        // vec4s per row at Dk, Dv <= 256
+const TILE4: u32 = 512u;       // vec4s of one key (or value) tile: kv_tile * ceil(D / 4) <= TILE4
 const KT_MAX: u32 = 64u;       // keys per tile at most
-const ACC: u32 = 32u;          // ROWS * 256 / WG: output elements each invocation accumulates
 const NEG_BIG: f32 = -3.0e38;
 
-var<workgroup> tile: array<f32, TILE>;
-var<workgroup> scores: array<f32, 1024>;   // [ROWS, KT_MAX]
+var<workgroup> qs: array<vec4<f32>, 1024>;     // [ROWS, DMAX4], zero past Dk
+var<workgroup> tile: array<vec4<f32>, TILE4>;  // [kv_tile, ceil(D/4)], zero past D
+var<workgroup> scores: array<f32, 1024>;       // [ROWS, KT_MAX]
+var<workgroup> red: array<f32, WG>;            // per-invocation partial max / sum
 var<workgroup> row_max: array<f32, ROWS>;
 var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;
-var<private> acc: array<f32, ACC>;
+var<workgroup> row_lo: array<u32, ROWS>;
+var<workgroup> row_hi: array<u32, ROWS>;
+var<private> acc: array<vec4<f32>, 8>;          // 2 items x 4 rows, 4 dims each
 
 // Which rows a workgroup owns. Every field derives from the workgroup id and the params
 // only, so control flow on them stays uniform (barriers inside it are legal).
 struct Rows {
     valid: bool,
     bb: u32,       // batch within the chunk
-    iq: u32,       // query row within the chunk
+    iq0: u32,      // first query row within the chunk
+    nq: u32,       // queries owned
     h: u32,        // kv head
     hq0: u32,      // first query head
-    n: u32,        // query heads owned (<= ROWS)
-    row0: u32,     // flat [B, Tq, Hq] row of the first head, relative to the chunk
-    pos: u32,      // absolute position of the query
+    nh: u32,       // query heads per query owned
+    n: u32,        // rows owned: nq * nh
 }
 
 fn attn_rows(wid: u32) -> Rows {
@@ -42,95 +51,195 @@ fn attn_rows(wid: u32) -> Rows {
     var rest = wid / params.head_chunks;
     r.h = rest % params.hkv;
     rest = rest / params.hkv;
-    r.iq = rest % params.q_count;
-    r.bb = rest / params.q_count;
+    let nqb = (params.q_count + params.q_block - 1u) / params.q_block;
+    let qb = rest % nqb;
+    r.bb = rest / nqb;
+    r.iq0 = qb * params.q_block;
+    r.nq = min(params.q_block, params.q_count - min(r.iq0, params.q_count));
     r.hq0 = r.h * params.g + hc * ROWS;
-    r.n = min(ROWS, params.g - hc * ROWS);
-    r.row0 = (r.bb * params.q_count + r.iq) * params.hq + r.hq0;
-    r.pos = query_position(params.q_start + r.iq);
+    r.nh = min(ROWS, params.g - hc * ROWS);
+    r.n = r.nq * r.nh;
     return r;
 }
 
-// Resets the softmax state. Call once before the first attn_keys.
-fn attn_begin(lid: u32) {
+// Flat [B, Tq, Hq] row (relative to the chunk) of owned row `i`.
+fn attn_row(r: Rows, i: u32) -> u32 {
+    return (r.bb * params.q_count + r.iq0 + i / r.nh) * params.hq + r.hq0 + i % r.nh;
+}
+
+// Absolute position of owned row `i`'s query.
+fn attn_pos(r: Rows, i: u32) -> u32 {
+    return query_position(params.q_start + r.iq0 + i / r.nh);
+}
+
+// Loads the queries and resets the softmax state. Call once first; then set row_lo and
+// row_hi for every row (empty for i >= n) and barrier before attn_keys.
+fn attn_begin(lid: u32, r: Rows) {
+    let dk4 = (params.dk + 3u) / 4u;
+    for (var x = lid; x < ROWS * dk4; x += WG) {
+        let i = x / dk4;
+        let e = (x % dk4) * 4u;
+        var val = vec4<f32>(0.0);
+        if i < r.n {
+            let base = params.off_q + attn_row(r, i) * params.dk + e;
+            for (var c = 0u; c < 4u; c++) {
+                if e + c < params.dk {
+                    val[c] = q[base + c];
+                }
+            }
+        }
+        qs[i * DMAX4 + x % dk4] = val;
+    }
     if lid < ROWS {
         row_max[lid] = NEG_BIG;
         row_sum[lid] = 0.0;
     }
-    for (var a = 0u; a < ACC; a++) {
-        acc[a] = 0.0;
+    for (var a = 0u; a < 8u; a++) {
+        acc[a] = vec4<f32>(0.0);
     }
-    workgroupBarrier();
 }
 
-// Attends every owned row to keys [start, end) of the bound k, v (sequence length `tlen`).
+// Loads `nk` rows of `src` (row `t` of kv head h at `base + (t * Hkv) * d`) into `tile` as
+// vec4s, zero past `d`.
+fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
+    let d4 = (d + 3u) / 4u;
+    for (var x = lid; x < nk * d4; x += WG) {
+        let j = x / d4;
+        let e = (x % d4) * 4u;
+        let at = base + j * params.hkv * d + e;
+        var val = vec4<f32>(0.0);
+        for (var c = 0u; c < 4u; c++) {
+            if e + c < d {
+                if from_k {
+                    val[c] = k[at + c];
+                } else {
+                    val[c] = v[at + c];
+                }
+            }
+        }
+        tile[x] = val;
+    }
+}
+
+// Attends every owned row to keys [start, end) of the bound k, v (sequence length `tlen`),
+// each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
 fn attn_keys(lid: u32, r: Rows, tlen: u32, start: u32, end: u32) {
-    let dk = params.dk;
-    let dv = params.dv;
+    let dk4 = (params.dk + 3u) / 4u;
+    let dv4 = (params.dv + 3u) / 4u;
     let kt = params.kv_tile;
+    let nrg = (r.n + 3u) / 4u;
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
-        let kbase = params.off_k + ((r.bb * tlen + t0) * params.hkv + r.h) * dk;
-        for (var x = lid; x < nk * dk; x += WG) {
-            let j = x / dk;
-            tile[x] = k[kbase + j * params.hkv * dk + x % dk];
-        }
+        load_tile(lid, params.off_k + ((r.bb * tlen + t0) * params.hkv + r.h) * params.dk, nk, params.dk, true);
         workgroupBarrier();
-        for (var x = lid; x < r.n * nk; x += WG) {
-            let row = x / nk;
+        // Scores: 4 rows x 1 key per item.
+        for (var x = lid; x < nrg * nk; x += WG) {
+            let rg = x / nk;
             let j = x % nk;
-            let qb = params.off_q + (r.row0 + row) * dk;
-            var s = 0.0;
-            for (var e = 0u; e < dk; e++) {
-                s += q[qb + e] * tile[j * dk + e];
+            var s = vec4<f32>(0.0);
+            for (var e = 0u; e < dk4; e++) {
+                let kv = tile[j * dk4 + e];
+                s[0] += dot(qs[(rg * 4u) * DMAX4 + e], kv);
+                s[1] += dot(qs[(rg * 4u + 1u) * DMAX4 + e], kv);
+                s[2] += dot(qs[(rg * 4u + 2u) * DMAX4 + e], kv);
+                s[3] += dot(qs[(rg * 4u + 3u) * DMAX4 + e], kv);
             }
-            scores[row * KT_MAX + j] = s * params.scale;
+            for (var c = 0u; c < 4u; c++) {
+                let i = rg * 4u + c;
+                let t = t0 + j;
+                let inside = i < r.n && t >= row_lo[i] && t < row_hi[i];
+                scores[i * KT_MAX + j] = select(NEG_BIG, s[c] * params.scale, inside);
+            }
         }
         workgroupBarrier();
-        if lid < r.n {
-            let m_old = row_max[lid];
-            var m_new = m_old;
-            for (var j = 0u; j < nk; j++) {
-                m_new = max(m_new, scores[lid * KT_MAX + j]);
-            }
-            let alpha = exp(m_old - m_new);
-            var sum = row_sum[lid] * alpha;
-            for (var j = 0u; j < nk; j++) {
-                let p = exp(scores[lid * KT_MAX + j] - m_new);
-                scores[lid * KT_MAX + j] = p;
-                sum += p;
-            }
-            row_max[lid] = m_new;
-            row_sum[lid] = sum;
-            row_alpha[lid] = alpha;
+        // The value tile replaces the key tile; meanwhile each row's new maximum, from 8
+        // invocations per row.
+        load_tile(lid, params.off_v + ((r.bb * tlen + t0) * params.hkv + r.h) * params.dv, nk, params.dv, false);
+        let i = lid / 8u;
+        let part = lid % 8u;
+        var m = NEG_BIG;
+        for (var j = part; j < nk; j += 8u) {
+            m = max(m, scores[i * KT_MAX + j]);
         }
-        let vbase = params.off_v + ((r.bb * tlen + t0) * params.hkv + r.h) * dv;
-        for (var x = lid; x < nk * dv; x += WG) {
-            let j = x / dv;
-            tile[x] = v[vbase + j * params.hkv * dv + x % dv];
+        red[lid] = m;
+        workgroupBarrier();
+        var m_new = row_max[i];
+        for (var c = 0u; c < 8u; c++) {
+            m_new = max(m_new, red[i * 8u + c]);
+        }
+        var sum = 0.0;
+        for (var j = part; j < nk; j += 8u) {
+            let s = scores[i * KT_MAX + j];
+            let p = select(exp(s - m_new), 0.0, s == NEG_BIG);
+            scores[i * KT_MAX + j] = p;
+            sum += p;
         }
         workgroupBarrier();
-        for (var a = 0u; a < ACC; a++) {
-            let o = lid + a * WG;
-            if o >= r.n * dv {
-                break;
+        red[lid] = sum;
+        workgroupBarrier();
+        if part == 0u {
+            var total = 0.0;
+            for (var c = 0u; c < 8u; c++) {
+                total += red[i * 8u + c];
             }
-            let row = o / dv;
-            let e = o % dv;
-            var sum = acc[a] * row_alpha[row];
-            for (var j = 0u; j < nk; j++) {
-                sum += scores[row * KT_MAX + j] * tile[j * dv + e];
+            let alpha = exp(row_max[i] - m_new);
+            row_alpha[i] = alpha;
+            row_sum[i] = row_sum[i] * alpha + total;
+            row_max[i] = m_new;
+        }
+        workgroupBarrier();
+        // Output: 4 rows x 4 dims per item, at most 2 items per invocation.
+        for (var it = 0u; it < 2u; it++) {
+            let x = lid + it * WG;
+            if x < nrg * dv4 {
+                let rg = x / dv4;
+                let e = x % dv4;
+                var o0 = acc[it * 4u] * row_alpha[rg * 4u];
+                var o1 = acc[it * 4u + 1u] * row_alpha[rg * 4u + 1u];
+                var o2 = acc[it * 4u + 2u] * row_alpha[rg * 4u + 2u];
+                var o3 = acc[it * 4u + 3u] * row_alpha[rg * 4u + 3u];
+                for (var j = 0u; j < nk; j++) {
+                    let vv = tile[j * dv4 + e];
+                    o0 += scores[(rg * 4u) * KT_MAX + j] * vv;
+                    o1 += scores[(rg * 4u + 1u) * KT_MAX + j] * vv;
+                    o2 += scores[(rg * 4u + 2u) * KT_MAX + j] * vv;
+                    o3 += scores[(rg * 4u + 3u) * KT_MAX + j] * vv;
+                }
+                acc[it * 4u] = o0;
+                acc[it * 4u + 1u] = o1;
+                acc[it * 4u + 2u] = o2;
+                acc[it * 4u + 3u] = o3;
             }
-            acc[a] = sum;
         }
         workgroupBarrier();
     }
 }
 
-// The normalised value of accumulator slot `a`, which belongs to owned row `row`
-// (0 for a row that saw no key). Slot `a` of invocation `lid` is output element
-// `lid + a * WG` of the owned rows, i.e. flat element `r.row0 * Dv + lid + a * WG`.
-fn attn_value(a: u32, row: u32) -> f32 {
-    let l = row_sum[row];
-    return select(0.0, acc[a] / l, l > 0.0);
+// One output element: flat [.., Dv] index `row * Dv + e` (relative to the chunk) and value.
+struct AttnOut {
+    valid: bool,
+    row: u32,
+    e: u32,
+    value: f32,
+}
+
+// Output slot `slot` (0 .. 32) of invocation `lid`: item `slot / 16` (4 rows x 4 dims),
+// row `slot / 4 % 4` of its group, component `slot % 4`. A row that saw no key gives 0.
+fn attn_result(lid: u32, slot: u32, r: Rows) -> AttnOut {
+    var o: AttnOut;
+    let dv4 = (params.dv + 3u) / 4u;
+    let it = slot / 16u;
+    let c = (slot / 4u) % 4u;
+    let comp = slot % 4u;
+    let x = lid + it * WG;
+    let rg = x / dv4;
+    let i = rg * 4u + c;
+    o.e = (x % dv4) * 4u + comp;
+    o.valid = x < ((r.n + 3u) / 4u) * dv4 && i < r.n && o.e < params.dv;
+    if o.valid {
+        let l = row_sum[i];
+        o.value = select(0.0, acc[it * 4u + c][comp] / l, l > 0.0);
+        o.row = attn_row(r, i);
+    }
+    return o;
 }

@@ -40,7 +40,7 @@ struct Params {
     off_idx: u32,
     c_start: u32,      // compress: first compressed token of this dispatch
     c_count: u32,      // compress: compressed tokens per sequence in this dispatch
-    _pad0: u32,
+    q_block: u32,      // attention: consecutive queries per workgroup
     _pad1: u32,
     _pad2: u32,
 }
