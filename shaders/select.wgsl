@@ -13,10 +13,18 @@
 @group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;   // [B, Tq, Hkv, n]
 
 const WG: u32 = 128u;
-const PBUF: u32 = 2048u;   // compressed tokens one chunk may overlap
+const ROWS: u32 = 16u;     // query heads scored at once
+const DMAX4: u32 = 64u;    // vec4s per row at Dk <= 256
+const TILE4: u32 = 512u;   // vec4s of one tile of compressed keys
+const KT_MAX: u32 = 64u;   // tokens per tile at most
+const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
 const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG)
 const NMAX: u32 = 256u;    // top_n at most
 
+var<workgroup> qs: array<vec4<f32>, 1024>;      // [ROWS, DMAX4]: the group's queries, zero past Dk
+var<workgroup> tile: array<vec4<f32>, TILE4>;   // [kv_tile, ceil(Dk/4)] compressed keys
+var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads
+var<workgroup> lse_s: array<f32, ROWS>;
 var<workgroup> pbuf: array<f32, PBUF>;          // group-summed p_cmp of the chunk's tokens
 var<workgroup> bscore: array<f32, BCHUNK>;      // chunk block scores, -1 for forced blocks
 var<workgroup> top_score: array<f32, NMAX>;
@@ -49,6 +57,8 @@ fn main(
     let m = params.sel_block / params.cmp_stride;   // pieces per selection block
     let u = params.cmp_block / params.cmp_stride;   // pieces per compressed token
     let bc = min(BCHUNK, (PBUF - (u - 1u)) / m);
+    let dk4 = (params.dk + 3u) / 4u;
+    let kt = params.kv_tile;
     // Forced blocks are [0, fa) and [fl, c]: disjoint, nf of them.
     let fa = min(params.init_blocks, c + 1u);
     let fl = max(c + 1u - min(params.local_blocks, c + 1u), fa);
@@ -59,21 +69,78 @@ fn main(
     for (var j0 = 0u; j0 <= c; j0 += bc) {
         let jn = min(bc, c + 1u - j0);
         let ntok = m * jn + u - 1u;
+        // pbuf[x] holds token m*j0 + x - (u-1); tokens outside [0, nv) stay 0.
         for (var x = lid; x < ntok; x += WG) {
-            let t = i32(m * j0 + x) - i32(u - 1u);
-            var acc = 0.0;
-            if t >= 0 && u32(t) < nv {
-                let kb = params.off_kc + ((bb * params.n_cmp + u32(t)) * params.hkv + h) * params.dk;
-                for (var gi = 0u; gi < params.g; gi++) {
-                    let qb = params.off_q + (row0 + gi) * params.dk;
-                    var s = 0.0;
-                    for (var e = 0u; e < params.dk; e++) {
-                        s += q[qb + e] * kc[kb + e];
+            pbuf[x] = 0.0;
+        }
+        let t_first = max(i32(m * j0) - i32(u - 1u), 0);
+        let t_lo = u32(t_first);
+        let t_hi = min(m * (j0 + jn), nv);
+        for (var h0 = 0u; h0 < params.g; h0 += ROWS) {
+            let nh = min(ROWS, params.g - h0);
+            let nrg = (nh + 3u) / 4u;
+            workgroupBarrier();
+            for (var x = lid; x < ROWS * dk4; x += WG) {
+                let i = x / dk4;
+                let e = (x % dk4) * 4u;
+                var val = vec4<f32>(0.0);
+                if i < nh {
+                    let base = params.off_q + (row0 + h0 + i) * params.dk + e;
+                    for (var cc = 0u; cc < 4u; cc++) {
+                        if e + cc < params.dk {
+                            val[cc] = q[base + cc];
+                        }
                     }
-                    acc += exp(s * params.scale - lse[params.off_lse + row0 + gi]);
+                }
+                qs[i * DMAX4 + x % dk4] = val;
+            }
+            if lid < ROWS {
+                lse_s[lid] = select(0.0, lse[params.off_lse + row0 + h0 + lid], lid < nh);
+            }
+            for (var t0 = t_lo; t0 < t_hi; t0 += kt) {
+                let nk = min(kt, t_hi - t0);
+                for (var x = lid; x < nk * dk4; x += WG) {
+                    let j = x / dk4;
+                    let e = (x % dk4) * 4u;
+                    let at = params.off_kc + ((bb * params.n_cmp + t0 + j) * params.hkv + h) * params.dk + e;
+                    var val = vec4<f32>(0.0);
+                    for (var cc = 0u; cc < 4u; cc++) {
+                        if e + cc < params.dk {
+                            val[cc] = kc[at + cc];
+                        }
+                    }
+                    tile[x] = val;
+                }
+                workgroupBarrier();
+                for (var x = lid; x < nrg * nk; x += WG) {
+                    let rg = x / nk;
+                    let j = x % nk;
+                    var s = vec4<f32>(0.0);
+                    for (var e = 0u; e < dk4; e++) {
+                        let kv = tile[j * dk4 + e];
+                        s[0] += dot(qs[(rg * 4u) * DMAX4 + e], kv);
+                        s[1] += dot(qs[(rg * 4u + 1u) * DMAX4 + e], kv);
+                        s[2] += dot(qs[(rg * 4u + 2u) * DMAX4 + e], kv);
+                        s[3] += dot(qs[(rg * 4u + 3u) * DMAX4 + e], kv);
+                    }
+                    var acc = 0.0;
+                    for (var cc = 0u; cc < 4u; cc++) {
+                        let i = rg * 4u + cc;
+                        if i < nh {
+                            acc += exp(s[cc] * params.scale - lse_s[i]);
+                        }
+                    }
+                    partial[rg * KT_MAX + j] = acc;
+                }
+                workgroupBarrier();
+                if lid < nk {
+                    var acc = 0.0;
+                    for (var rg = 0u; rg < nrg; rg++) {
+                        acc += partial[rg * KT_MAX + lid];
+                    }
+                    pbuf[t0 + lid + u - 1u - m * j0] += acc;
                 }
             }
-            pbuf[x] = acc;
         }
         workgroupBarrier();
         if lid < jn {

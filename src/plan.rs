@@ -134,7 +134,7 @@ const ATTN_TILE4: usize = 512;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// `PBUF` in `shaders/select.wgsl`.
-const SELECT_PBUF: usize = 2048;
+const SELECT_PBUF: usize = 512;
 /// `NMAX` in `shaders/select.wgsl`.
 pub const MAX_TOP_N: usize = 256;
 
