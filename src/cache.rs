@@ -13,6 +13,7 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
 use crate::pipeline::{read_staging, stage_readback, GpuBuffers, NsaPipeline};
 use crate::plan::{CacheRows, Plan, Tensor};
+use crate::profile::StepTimer;
 
 /// The sizes of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +180,13 @@ impl NsaCache {
         &self.lens
     }
 
+    /// The cached keys and values, `[seqs, capacity, Hkv, D]` each: `[k, v]`, or with
+    /// independent K/V `[k_cmp, v_cmp, k_slc, v_slc, k_win, v_win]`. Rows at and past a
+    /// sequence's length are unspecified.
+    pub fn key_value_buffers(&self) -> &[wgpu::Buffer] {
+        &self.raw
+    }
+
     /// Key rows reserved per sequence now.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -262,6 +270,43 @@ impl NsaPipeline {
         chunks: &[SeqChunk<'_>],
         request: OutputRequest,
     ) -> Result<Vec<NsaOutputs>> {
+        Ok(self
+            .extend_with(cache, chunks, request, true, None)
+            .await?
+            .0)
+    }
+
+    /// [`Self::extend`], timing every pass with `timer` (which must hold enough steps:
+    /// 6 per chunk is always enough). Also returns each pass's GPU time in milliseconds.
+    pub async fn extend_timed(
+        &self,
+        cache: &mut NsaCache,
+        chunks: &[SeqChunk<'_>],
+        request: OutputRequest,
+        timer: &StepTimer,
+    ) -> Result<(Vec<NsaOutputs>, Vec<f64>)> {
+        let (out, ms) = self
+            .extend_with(cache, chunks, request, true, Some(timer))
+            .await?;
+        Ok((out, ms.unwrap_or_default()))
+    }
+
+    /// Appends keys and values only (`q` and `gates` of the chunks are ignored and may be
+    /// empty) and compresses the blocks they complete: context that needs no output rows.
+    pub async fn append(&self, cache: &mut NsaCache, chunks: &[SeqChunk<'_>]) -> Result<()> {
+        self.extend_with(cache, chunks, OutputRequest::default(), false, None)
+            .await
+            .map(|_| ())
+    }
+
+    async fn extend_with(
+        &self,
+        cache: &mut NsaCache,
+        chunks: &[SeqChunk<'_>],
+        request: OutputRequest,
+        attend: bool,
+        timer: Option<&StepTimer>,
+    ) -> Result<(Vec<NsaOutputs>, Option<Vec<f64>>)> {
         let o = cache.opts;
         let cfg = cache.config;
         // Validate everything before touching the cache.
@@ -274,16 +319,26 @@ impl NsaPipeline {
                     rule: "each chunk names a distinct sequence < seqs",
                 });
             }
-            let n = c.gates.len() / (o.hq * 3).max(1);
+            let n = match (attend, c.branch_kv) {
+                (true, _) => c.gates.len() / (o.hq * 3),
+                (false, Some(b)) => b[0].len() / (o.hkv * o.dk),
+                (false, None) => c.k.len() / (o.hkv * o.dk),
+            };
             if n == 0 {
                 return Err(NsaError::ShapeMismatch {
-                    tensor: "gates",
-                    expected: vec![1, o.hq, 3],
-                    got: c.gates.len(),
+                    tensor: if attend { "gates" } else { "k" },
+                    expected: if attend {
+                        vec![1, o.hq, 3]
+                    } else {
+                        vec![1, o.hkv, o.dk]
+                    },
+                    got: if attend { c.gates.len() } else { c.k.len() },
                 });
             }
-            check_tensor("q", c.q, &[n, o.hq, o.dk])?;
-            check_tensor("gates", c.gates, &[n, o.hq, 3])?;
+            if attend {
+                check_tensor("q", c.q, &[n, o.hq, o.dk])?;
+                check_tensor("gates", c.gates, &[n, o.hq, 3])?;
+            }
             match (o.independent_kv, c.branch_kv) {
                 (true, Some(b)) => {
                     let names = ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"];
@@ -343,6 +398,7 @@ impl NsaPipeline {
             label: Some("nsa.extend"),
         });
         let mut kept = Vec::new();
+        let mut timed_steps = 0;
         for (c, n) in chunks.iter().zip(&sizes) {
             let len = cache.lens[c.seq];
             let shape = Shape {
@@ -359,7 +415,14 @@ impl NsaPipeline {
                 cmp_row0: c.seq as u64 * cap_c,
                 cmp_done: cfg.num_compressed(len),
             };
-            let plan = Plan::cached(&cfg, &shape, &self.limits(), rows)?;
+            let mut plan = Plan::cached(&cfg, &shape, &self.limits(), rows)?;
+            if !attend {
+                plan.steps
+                    .retain(|s| s.kernel == crate::kernels::KernelId::Compress);
+                if plan.steps.is_empty() {
+                    continue;
+                }
+            }
             let scratch = self.scratch(&plan)?;
             let up = |label: &str, d: &[f32]| {
                 device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -368,7 +431,13 @@ impl NsaPipeline {
                     usage: wgpu::BufferUsages::STORAGE,
                 })
             };
-            let (q, g) = (up("nsa.extend.q", c.q), up("nsa.extend.gates", c.gates));
+            // Appending without rows binds no queries or gates: a placeholder fills the slots.
+            let (qd, gd) = if attend {
+                (c.q, c.gates)
+            } else {
+                (&[0.0f32][..], &[0.0f32][..])
+            };
+            let (q, g) = (up("nsa.extend.q", qd), up("nsa.extend.gates", gd));
             let out = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("nsa.extend.out"),
                 size: plan.tensor_bytes(Tensor::Out),
@@ -389,7 +458,15 @@ impl NsaPipeline {
             }
             bufs.linear = cache.linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
             bufs.compressed = Some([&cache.compressed[0], &cache.compressed[1]]);
-            self.encode(&mut encoder, &scratch, &bufs)?;
+            match timer {
+                Some(t) => self.encode_timed(&mut encoder, &scratch, &bufs, t, timed_steps)?,
+                None => self.encode(&mut encoder, &scratch, &bufs)?,
+            }
+            timed_steps += plan.steps.len();
+            if !attend {
+                kept.push((Vec::new(), scratch, out));
+                continue;
+            }
             let mut wanted: Vec<&wgpu::Buffer> = vec![&out];
             let sb = |t| scratch.buffer(t).expect("scratch holds the outputs");
             if request.block_indices {
@@ -401,10 +478,15 @@ impl NsaPipeline {
             let staging = stage_readback(device, &mut encoder, &wanted);
             kept.push((staging, scratch, out));
         }
+        let stamps = timer.map(|t| t.resolve(ctx, &mut encoder, timed_steps));
         ctx.queue.submit([encoder.finish()]);
         if let Some(e) = scope.pop().await {
             return Err(NsaError::Gpu(e.to_string()));
         }
+        let ms = match stamps {
+            Some(s) => Some(StepTimer::read(ctx, s).await?),
+            None => None,
+        };
         for (c, n) in chunks.iter().zip(&sizes) {
             let len = cache.lens[c.seq];
             cache.compressed_tokens +=
@@ -412,7 +494,7 @@ impl NsaPipeline {
             cache.lens[c.seq] = len + n;
         }
         let mut results = Vec::with_capacity(chunks.len());
-        for (staging, _, _) in &kept {
+        for (staging, _, _) in kept.iter().filter(|_| attend) {
             let mut data = read_staging(device, staging).await?.into_iter();
             let mut f = || -> Vec<f32> {
                 bytemuck::cast_slice(&data.next().expect("one per wanted")).to_vec()
@@ -432,7 +514,7 @@ impl NsaPipeline {
                 branches,
             });
         }
-        Ok(results)
+        Ok((results, ms))
     }
 
     /// Variable-length prefill: sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]` of

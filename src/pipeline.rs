@@ -399,25 +399,32 @@ impl NsaPipeline {
     }
 
     /// [`Self::encode`], writing a timestamp before and after each step's pass into
-    /// `timer` (see [`crate::profile::StepTimer`]).
+    /// `timer` (see [`crate::profile::StepTimer`]), step `i` of the plan into slot
+    /// `first_step + i` (several plans can share one timer).
     pub fn encode_timed(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         scratch: &NsaScratch,
         bufs: &GpuBuffers,
         timer: &crate::profile::StepTimer,
+        first_step: usize,
     ) -> Result<()> {
-        if timer.steps() < scratch.plan.steps.len() {
+        if timer.steps() < first_step + scratch.plan.steps.len() {
             return Err(NsaError::BadBuffer {
                 tensor: "timestamps",
                 problem: format!(
-                    "the timer holds {} steps, the plan has {}",
+                    "the timer holds {} steps, the plan needs {} from step {first_step}",
                     timer.steps(),
                     scratch.plan.steps.len()
                 ),
             });
         }
-        self.record(encoder, scratch, bufs, Some(timer.query_set()))
+        self.record(
+            encoder,
+            scratch,
+            bufs,
+            Some((timer.query_set(), first_step as u32)),
+        )
     }
 
     fn record(
@@ -425,7 +432,7 @@ impl NsaPipeline {
         encoder: &mut wgpu::CommandEncoder,
         scratch: &NsaScratch,
         bufs: &GpuBuffers,
-        timestamps: Option<&wgpu::QuerySet>,
+        timestamps: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<()> {
         let plan = &scratch.plan;
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
@@ -473,10 +480,12 @@ impl NsaPipeline {
         for (i, (step, group)) in plan.steps.iter().zip(&groups).enumerate() {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(step.kernel.label()),
-                timestamp_writes: timestamps.map(|query_set| wgpu::ComputePassTimestampWrites {
-                    query_set,
-                    beginning_of_pass_write_index: Some(2 * i as u32),
-                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                timestamp_writes: timestamps.map(|(query_set, first)| {
+                    wgpu::ComputePassTimestampWrites {
+                        query_set,
+                        beginning_of_pass_write_index: Some(2 * (first + i as u32)),
+                        end_of_pass_write_index: Some(2 * (first + i as u32) + 1),
+                    }
                 }),
             });
             pass.set_pipeline(&self.kernels[step.kernel as usize].pipeline);

@@ -352,3 +352,60 @@ fn cache_overflow_and_bad_chunks_are_errors() {
         Err(NsaError::ShapeMismatch { tensor: "k", .. })
     ));
 }
+
+#[test]
+fn append_then_decode_equals_prefill() {
+    // Context appended without rows, then decoded: the last rows match a full prefill.
+    let pipe = pipeline();
+    let cfg = small();
+    let s = Shape::prefill(1, 140, 4, 2, 8, 8);
+    let data = Data::new(&cfg, &s, false, 31);
+    let full = pipe
+        .run_blocking(&cfg, &s, &data.inputs(), OutputRequest::all())
+        .unwrap();
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 64, false), None).unwrap();
+    let ctx_len = 120;
+    let (k, v) = (
+        rows(&data.k, &s, 0, 0, ctx_len, 16),
+        rows(&data.v, &s, 0, 0, ctx_len, 16),
+    );
+    let c = SeqChunk {
+        seq: 0,
+        q: &[],
+        k: &k,
+        v: &v,
+        gates: &[],
+        branch_kv: None,
+    };
+    pollster::block_on(pipe.append(&mut cache, &[c])).unwrap();
+    assert_eq!(cache.lens(), &[ctx_len]);
+    assert_eq!(
+        cache.compressed_tokens(),
+        cfg.num_compressed(ctx_len) as u64
+    );
+    for t in ctx_len..s.tk {
+        let (q, k, v, g) = (
+            rows(&data.q, &s, 0, t, t + 1, 32),
+            rows(&data.k, &s, 0, t, t + 1, 16),
+            rows(&data.v, &s, 0, t, t + 1, 16),
+            rows(&data.gates, &s, 0, t, t + 1, 12),
+        );
+        let c = SeqChunk {
+            seq: 0,
+            q: &q,
+            k: &k,
+            v: &v,
+            gates: &g,
+            branch_kv: None,
+        };
+        let r =
+            pollster::block_on(pipe.extend(&mut cache, &[c], OutputRequest::default())).unwrap();
+        assert_close(
+            &format!("row {t}"),
+            &r[0].out,
+            &full.out[t * 32..(t + 1) * 32],
+            1e-4,
+        );
+    }
+    assert_eq!(cache.compressed_tokens(), cfg.num_compressed(s.tk) as u64);
+}

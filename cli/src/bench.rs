@@ -43,6 +43,13 @@ pub struct BenchArgs {
     /// A tiny run for CI on software adapters: lengths 256 and 700, Hq=4, Hkv=2, D=32, 2 iterations.
     #[arg(long)]
     quick: bool,
+    /// Benchmark one decode step through the KV cache at each length (cache length), for
+    /// each batch size of --batches, instead of prefill.
+    #[arg(long)]
+    decode: bool,
+    /// Batch sizes for --decode (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    batches: Vec<usize>,
     #[command(flatten)]
     adapter: AdapterArgs,
 }
@@ -81,7 +88,7 @@ fn time_plan(
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         let staging = match &timer {
             Some(t) => {
-                pipe.encode_timed(&mut enc, &scratch, bufs, t)
+                pipe.encode_timed(&mut enc, &scratch, bufs, t, 0)
                     .map_err(|e| e.to_string())?;
                 Some(t.resolve(ctx, &mut enc, plan.steps.len()))
             }
@@ -128,6 +135,9 @@ fn time_plan(
 }
 
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
+    if args.decode {
+        return bench_decode(args);
+    }
     let (lengths, hq, hkv, dk, dv, iters) = if args.quick {
         (vec![256, 700], 4, 2, 32, 32, 2)
     } else {
@@ -218,5 +228,189 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         );
     }
     println!("times in ms");
+    Ok(())
+}
+
+/// Device-to-device copy bandwidth (bytes read + written per second), from a 1 GiB copy.
+fn copy_bandwidth(ctx: &nsa_wgpu::GpuContext) -> f64 {
+    let size = 1u64 << 30;
+    let mk = |usage| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench.copy"),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let (a, b) = (
+        mk(wgpu::BufferUsages::COPY_SRC),
+        mk(wgpu::BufferUsages::COPY_DST),
+    );
+    let mut times = Vec::new();
+    for _ in 0..6 {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&a, 0, &b, 0, size);
+        let start = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+        times.push(start.elapsed().as_secs_f64());
+    }
+    2.0 * size as f64 / median(times[1..].to_vec())
+}
+
+fn bench_decode(args: &BenchArgs) -> Result<(), String> {
+    use nsa_wgpu::{CacheOptions, NsaCache, OutputRequest, SeqChunk};
+    let (lengths, batches, hq, hkv, dk, dv, iters) = if args.quick {
+        (vec![300, 700], vec![1, 2], 4, 2, 32, 32, 2)
+    } else {
+        (
+            args.lengths.clone(),
+            args.batches.clone(),
+            args.hq,
+            args.hkv,
+            args.dk,
+            args.dv,
+            args.iters,
+        )
+    };
+    let pipe = args.adapter.pipeline()?;
+    let ctx = pipe.context();
+    let bw = copy_bandwidth(ctx);
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {:.0} GB/s",
+        bw / 1e9
+    );
+    println!("| B | cache length | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let cfg = NsaConfig::default();
+    for &b in &batches {
+        for &len in &lengths {
+            let steps = args.warmup + iters;
+            let cap = len + steps;
+            let opts = CacheOptions {
+                seqs: b,
+                hq,
+                hkv,
+                dk,
+                dv,
+                capacity: cap,
+                max_capacity: cap,
+                independent_kv: false,
+            };
+            let mut cache = NsaCache::new(&pipe, &cfg, opts, None).map_err(|e| e.to_string())?;
+            // Fill the context in slices, every sequence per call.
+            let slice = 8192.min(len);
+            let mut pos = 0;
+            while pos < len {
+                let n = slice.min(len - pos);
+                let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..b)
+                    .map(|s| {
+                        (
+                            values(n * hkv * dk, (s * 7 + pos) as u64 + 1),
+                            values(n * hkv * dv, (s * 7 + pos) as u64 + 2),
+                        )
+                    })
+                    .collect();
+                let chunks: Vec<SeqChunk> = kv
+                    .iter()
+                    .enumerate()
+                    .map(|(s, (k, v))| SeqChunk {
+                        seq: s,
+                        q: &[],
+                        k,
+                        v,
+                        gates: &[],
+                        branch_kv: None,
+                    })
+                    .collect();
+                pollster::block_on(pipe.append(&mut cache, &chunks)).map_err(|e| e.to_string())?;
+                pos += n;
+            }
+            let timer = StepTimer::new(ctx, 8 * b);
+            let (q, k, v) = (values(hq * dk, 5), values(hkv * dk, 6), values(hkv * dv, 7));
+            let g: Vec<f32> = values(hq * 3, 8).iter().map(|x| 0.5 + 0.5 * x).collect();
+            let mut nsa_ms = Vec::new();
+            for it in 0..steps {
+                let chunks: Vec<SeqChunk> = (0..b)
+                    .map(|s| SeqChunk {
+                        seq: s,
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        gates: &g,
+                        branch_kv: None,
+                    })
+                    .collect();
+                let start = Instant::now();
+                let ms = match &timer {
+                    Some(t) => {
+                        let (_, ms) = pollster::block_on(pipe.extend_timed(
+                            &mut cache,
+                            &chunks,
+                            OutputRequest::default(),
+                            t,
+                        ))
+                        .map_err(|e| e.to_string())?;
+                        ms.iter().sum::<f64>()
+                    }
+                    None => {
+                        pollster::block_on(pipe.extend(
+                            &mut cache,
+                            &chunks,
+                            OutputRequest::default(),
+                        ))
+                        .map_err(|e| e.to_string())?;
+                        start.elapsed().as_secs_f64() * 1e3
+                    }
+                };
+                if it >= args.warmup {
+                    nsa_ms.push(ms);
+                }
+            }
+            let nsa = median(nsa_ms);
+            // Dense decode over the same cached keys (the cache's stride is its capacity).
+            let shape = Shape {
+                batch: b,
+                tq: 1,
+                tk: cap,
+                hq,
+                hkv,
+                dk,
+                dv,
+            };
+            let dplan = pipe.plan_dense(&shape, None).map_err(|e| e.to_string())?;
+            let up = |d: &[f32]| {
+                ctx.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("bench.decode"),
+                        contents: bytemuck::cast_slice(d),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            };
+            let qb = up(&values(b * hq * dk, 9));
+            let out = up(&vec![0.0; b * hq * dv]);
+            let kvb = cache.key_value_buffers();
+            let dense = time_plan(
+                &pipe,
+                &dplan,
+                &NsaPipeline::dense_buffers(&qb, &kvb[0], &kvb[1], &out),
+                iters,
+                args.warmup,
+            )?
+            .1;
+            let tokens = cfg.num_compressed(len) + cfg.top_n * cfg.sel_block + cfg.window;
+            let bytes =
+                (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv) * 4) as f64;
+            let achieved = bytes / (nsa / 1e3);
+            println!(
+                "| {b} | {len} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {:.1}% |",
+                dense / nsa,
+                bytes / 1e6,
+                achieved / 1e9,
+                100.0 * achieved / bw
+            );
+        }
+    }
     Ok(())
 }
