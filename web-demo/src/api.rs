@@ -1,0 +1,330 @@
+//! The JavaScript API: sessions that run NSA, dense attention, the CPU reference and decode
+//! steps on `Float32Array`s in SPEC's layouts with `B = 1`, and an inspector for the viewer.
+
+use js_sys::{Array, Float32Array, Int32Array, Object, Reflect};
+use nsa_wgpu::cpu;
+use nsa_wgpu::{
+    CacheOptions, Compression, GpuContext, NsaCache, NsaConfig, NsaInputs, NsaOutputs, NsaPipeline,
+    OutputRequest, SeqChunk, Shape,
+};
+use wasm_bindgen::prelude::*;
+
+fn err(e: impl std::fmt::Display) -> JsError {
+    JsError::new(&e.to_string())
+}
+
+fn get(obj: &JsValue, name: &str) -> Option<f64> {
+    Reflect::get(obj, &JsValue::from_str(name))
+        .ok()
+        .and_then(|v| v.as_f64())
+}
+
+fn get_usize(obj: &JsValue, name: &str, default: usize) -> Result<usize, JsError> {
+    match get(obj, name) {
+        None => Ok(default),
+        Some(v) if v >= 0.0 && v.fract() == 0.0 => Ok(v as usize),
+        Some(v) => Err(JsError::new(&format!(
+            "option `{name}` must be a non-negative integer, got {v}"
+        ))),
+    }
+}
+
+fn set(obj: &Object, name: &str, value: impl Into<JsValue>) {
+    // Setting a property on a fresh plain object cannot fail.
+    let _ = Reflect::set(obj, &JsValue::from_str(name), &value.into());
+}
+
+/// The inputs of the last run, kept for the inspector.
+struct LastRun {
+    q: Vec<f32>,
+    kc: Vec<f32>,
+    gates: Vec<f32>,
+    block_indices: Vec<i32>,
+}
+
+/// One configuration and shape on one WebGPU device.
+#[wasm_bindgen]
+pub struct NsaSession {
+    pipe: NsaPipeline,
+    config: NsaConfig,
+    shape: Shape,
+    last: Option<LastRun>,
+    cache: Option<NsaCache>,
+}
+
+fn outputs_to_js(r: &NsaOutputs, ms: f64) -> Object {
+    let o = Object::new();
+    set(&o, "out", Float32Array::from(&r.out[..]));
+    if let Some(b) = &r.block_indices {
+        set(&o, "blockIndices", Int32Array::from(&b[..]));
+    }
+    if let Some(b) = &r.branches {
+        set(&o, "oCmp", Float32Array::from(&b.o_cmp[..]));
+        set(&o, "oSlc", Float32Array::from(&b.o_slc[..]));
+        set(&o, "oWin", Float32Array::from(&b.o_win[..]));
+    }
+    set(&o, "ms", ms);
+    o
+}
+
+fn now_ms() -> f64 {
+    js_sys::Date::now()
+}
+
+#[wasm_bindgen]
+impl NsaSession {
+    /// `await NsaSession.create({t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN,
+    /// initBlocks, localBlocks, window, scale})`: picks the browser's WebGPU adapter and
+    /// compiles the kernels. Missing config fields take the paper's defaults.
+    pub async fn create(opts: JsValue) -> Result<NsaSession, JsError> {
+        console_error_panic_hook::set_once();
+        let d = NsaConfig::default();
+        let config = NsaConfig {
+            cmp_block: get_usize(&opts, "cmpBlock", d.cmp_block)?,
+            cmp_stride: get_usize(&opts, "cmpStride", d.cmp_stride)?,
+            sel_block: get_usize(&opts, "selBlock", d.sel_block)?,
+            top_n: get_usize(&opts, "topN", d.top_n)?,
+            init_blocks: get_usize(&opts, "initBlocks", d.init_blocks)?,
+            local_blocks: get_usize(&opts, "localBlocks", d.local_blocks)?,
+            window: get_usize(&opts, "window", d.window)?,
+            scale: get(&opts, "scale").map(|s| s as f32),
+            compression: Compression::Mean,
+        };
+        config.validate().map_err(err)?;
+        let t = get_usize(&opts, "t", 0)?;
+        let shape = Shape::prefill(
+            1,
+            t,
+            get_usize(&opts, "hq", 4)?,
+            get_usize(&opts, "hkv", 1)?,
+            get_usize(&opts, "dk", 32)?,
+            get_usize(&opts, "dv", 32)?,
+        );
+        shape.validate().map_err(err)?;
+        let ctx = GpuContext::new().await.map_err(err)?;
+        let pipe = NsaPipeline::new(&ctx).await.map_err(err)?;
+        pipe.plan(&config, &shape).map_err(err)?;
+        Ok(NsaSession {
+            pipe,
+            config,
+            shape,
+            last: None,
+            cache: None,
+        })
+    }
+
+    /// The adapter the session runs on: name, backend, type, driver.
+    #[wasm_bindgen(js_name = adapterInfo)]
+    pub fn adapter_info(&self) -> String {
+        self.pipe.context().describe()
+    }
+
+    /// `{t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN, window, nCmp}` of the session.
+    pub fn layout(&self) -> Object {
+        let (s, c) = (&self.shape, &self.config);
+        let o = Object::new();
+        for (k, v) in [
+            ("t", s.tk),
+            ("hq", s.hq),
+            ("hkv", s.hkv),
+            ("dk", s.dk),
+            ("dv", s.dv),
+            ("cmpBlock", c.cmp_block),
+            ("cmpStride", c.cmp_stride),
+            ("selBlock", c.sel_block),
+            ("topN", c.top_n),
+            ("initBlocks", c.init_blocks),
+            ("localBlocks", c.local_blocks),
+            ("window", c.window),
+            ("nCmp", c.num_compressed(s.tk)),
+        ] {
+            set(&o, k, v as f64);
+        }
+        o
+    }
+
+    /// `await session.run(q, k, v, gates)` on WebGPU: resolves to `{out, blockIndices, oCmp,
+    /// oSlc, oWin, ms}` (`ms`: wall time of the call, upload and readback included).
+    pub async fn run(
+        &mut self,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        gates: Float32Array,
+    ) -> Result<Object, JsError> {
+        let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
+        let inputs = NsaInputs::new(&q, &k, &v, &gates);
+        let start = now_ms();
+        let r = self
+            .pipe
+            .run(&self.config, &self.shape, &inputs, OutputRequest::all())
+            .await
+            .map_err(err)?;
+        let ms = now_ms() - start;
+        let s = &self.shape;
+        let kc = cpu::compress::compress(&self.config, 1, s.tk, s.hkv, s.dk, &k, None);
+        self.last = Some(LastRun {
+            q,
+            kc,
+            gates,
+            block_indices: r.block_indices.clone().unwrap_or_default(),
+        });
+        Ok(outputs_to_js(&r, ms))
+    }
+
+    /// `await session.dense(q, k, v)`: dense causal attention on WebGPU, `{out, ms}`.
+    pub async fn dense(
+        &self,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+    ) -> Result<Object, JsError> {
+        let (q, k, v) = (q.to_vec(), k.to_vec(), v.to_vec());
+        let start = now_ms();
+        let out = self
+            .pipe
+            .dense_attention(&self.shape, self.config.scale, &q, &k, &v)
+            .await
+            .map_err(err)?;
+        let o = Object::new();
+        set(&o, "out", Float32Array::from(&out[..]));
+        set(&o, "ms", now_ms() - start);
+        Ok(o)
+    }
+
+    /// `session.reference(q, k, v, gates)`: the CPU reference (compiled to wasm), same result
+    /// shape as `run`.
+    pub fn reference(
+        &self,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        gates: Float32Array,
+    ) -> Result<Object, JsError> {
+        let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
+        let start = now_ms();
+        let r = cpu::forward(
+            &self.config,
+            &self.shape,
+            &NsaInputs::new(&q, &k, &v, &gates),
+            OutputRequest::all(),
+        )
+        .map_err(err)?;
+        Ok(outputs_to_js(&r, now_ms() - start))
+    }
+
+    /// `session.inspect(query, head)` after a run: what query row `query` of head `head` saw:
+    /// `{position, pCmp, headScores, groupScores, selected, windowStart, windowEnd, gates}`.
+    pub fn inspect(&self, query: usize, head: usize) -> Result<Object, JsError> {
+        let last = self
+            .last
+            .as_ref()
+            .ok_or_else(|| JsError::new("inspect needs a run first"))?;
+        let (s, c) = (&self.shape, &self.config);
+        if query >= s.tq || head >= s.hq {
+            return Err(JsError::new(&format!(
+                "query {query} / head {head} out of range (Tq = {}, Hq = {})",
+                s.tq, s.hq
+            )));
+        }
+        let p = s.position(query);
+        let n_cmp = c.num_compressed(s.tk);
+        let nv = c.visible_compressed(p, n_cmp);
+        let g = s.group();
+        let h = head / g;
+        let scale = c.scale_for(s.dk) as f64;
+        let blocks = p / c.sel_block + 1;
+        let probs = |hq: usize| -> Vec<f64> {
+            let qr = &last.q[(query * s.hq + hq) * s.dk..][..s.dk];
+            let sc: Vec<f64> = (0..nv)
+                .map(|t| {
+                    let kr = &last.kc[(t * s.hkv + h) * s.dk..][..s.dk];
+                    scale
+                        * qr.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+            sc.iter().map(|x| (x - mx).exp() / z).collect()
+        };
+        let mine = probs(head);
+        let head_scores = cpu::naive::block_importance(c, &mine, blocks - 1);
+        let mut group = vec![0.0; blocks];
+        for hq in h * g..(h + 1) * g {
+            let sc = cpu::naive::block_importance(c, &probs(hq), blocks - 1);
+            group.iter_mut().zip(sc).for_each(|(a, b)| *a += b);
+        }
+        let to32 =
+            |x: &[f64]| Float32Array::from(&x.iter().map(|v| *v as f32).collect::<Vec<_>>()[..]);
+        let o = Object::new();
+        set(&o, "position", p as f64);
+        set(&o, "pCmp", to32(&mine));
+        set(&o, "headScores", to32(&head_scores));
+        set(&o, "groupScores", to32(&group));
+        let sel = &last.block_indices[(query * s.hkv + h) * c.top_n..][..c.top_n];
+        set(&o, "selected", Int32Array::from(sel));
+        set(&o, "windowStart", (p + 1).saturating_sub(c.window) as f64);
+        set(&o, "windowEnd", p as f64);
+        let gates = Array::new();
+        for x in &last.gates[(query * s.hq + head) * 3..][..3] {
+            gates.push(&JsValue::from_f64(*x as f64));
+        }
+        set(&o, "gates", gates);
+        Ok(o)
+    }
+
+    /// `await session.decodeStep(q, k, v, gates)`: appends `n` tokens (`q: [n, Hq, Dk]`,
+    /// `k: [n, Hkv, Dk]`, `v: [n, Hkv, Dv]`, `gates: [n, Hq, 3]`) to the session's KV cache and
+    /// returns their rows `{out, blockIndices, ms, length}` (`length`: tokens now cached).
+    #[wasm_bindgen(js_name = decodeStep)]
+    pub async fn decode_step(
+        &mut self,
+        q: Float32Array,
+        k: Float32Array,
+        v: Float32Array,
+        gates: Float32Array,
+    ) -> Result<Object, JsError> {
+        let s = self.shape;
+        if self.cache.is_none() {
+            let opts = CacheOptions {
+                seqs: 1,
+                hq: s.hq,
+                hkv: s.hkv,
+                dk: s.dk,
+                dv: s.dv,
+                capacity: 1024,
+                max_capacity: 1 << 20,
+                independent_kv: false,
+            };
+            self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, None).map_err(err)?);
+        }
+        let cache = self.cache.as_mut().expect("created above");
+        let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
+        let chunk = SeqChunk {
+            seq: 0,
+            q: &q,
+            k: &k,
+            v: &v,
+            gates: &gates,
+            branch_kv: None,
+        };
+        let req = OutputRequest {
+            block_indices: true,
+            branches: false,
+        };
+        let start = now_ms();
+        let mut r = self.pipe.extend(cache, &[chunk], req).await.map_err(err)?;
+        let o = outputs_to_js(&r.remove(0), now_ms() - start);
+        set(&o, "length", cache.lens()[0] as f64);
+        Ok(o)
+    }
+
+    /// Forgets the KV cache of `decodeStep`.
+    #[wasm_bindgen(js_name = resetCache)]
+    pub fn reset_cache(&mut self) {
+        self.cache = None;
+    }
+}

@@ -1,0 +1,107 @@
+// Browser test: serves web-demo/www, loads it in headless Chromium (WebGPU on SwiftShader;
+// playwright gives it a fresh profile),
+// runs NSA through the page's API on a small input and checks `out` and `blockIndices`
+// against the CPU reference compiled into the same wasm, checks decode steps against the
+// prefill rows, then runs the demo UI, saves a screenshot of the rendered pattern
+// (test/screenshot.png) and fails if the page logged an error.
+import { chromium } from "playwright-core";
+import { spawn } from "node:child_process";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const port = process.env.PORT || "8765";
+const url = `http://127.0.0.1:${port}/`;
+const server = spawn("python3", ["-m", "http.server", "--bind", "127.0.0.1", port], {
+  cwd: join(here, "..", "www"),
+  stdio: "ignore",
+});
+const fail = (msg) => {
+  console.error(`browser test FAILED: ${msg}`);
+  process.exitCode = 1;
+};
+
+async function waitForServer() {
+  for (let i = 0; i < 100; i++) {
+    try {
+      if ((await fetch(url)).ok) return;
+    } catch {}
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`server at ${url} did not start`);
+}
+
+let browser;
+try {
+  await waitForServer();
+  browser = await chromium.launch({
+    executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+    headless: true,
+    args: [
+      "--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--no-sandbox", "--no-first-run",
+      "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    ],
+  });
+  const page = await browser.newPage({ viewport: { width: 860, height: 1100 } });
+  const errors = [];
+  page.on("console", (m) => { if (m.type() === "error") errors.push(m.text()); });
+  page.on("pageerror", (e) => errors.push(e.message));
+  await page.goto(url);
+  await page.waitForFunction(() => ["ready", "error"].includes(document.body.dataset.state), null, { timeout: 120000 });
+  const state = await page.evaluate(() => [document.body.dataset.state, document.getElementById("status").textContent]);
+  if (state[0] !== "ready") throw new Error(`page not ready: ${state[1]}`);
+
+  const api = await page.evaluate(async () => {
+    const shape = { t: 200, hq: 4, hkv: 2, dk: 16, dv: 12 };
+    const s = await window.nsaWgpu.createSession({ ...shape, cmpBlock: 16, cmpStride: 8, selBlock: 32, topN: 5, window: 40 });
+    const inp = window.nsaWgpu.generate({ ...shape, needles: 3, seed: 7 });
+    const gpu = await s.run(inp.q, inp.k, inp.v, inp.gates);
+    const ref = s.reference(inp.q, inp.k, inp.v, inp.gates);
+    let worst = 0, nan = 0, mismatches = 0;
+    for (let i = 0; i < ref.out.length; i++) {
+      if (Number.isNaN(gpu.out[i])) nan++;
+      worst = Math.max(worst, Math.abs(gpu.out[i] - ref.out[i]));
+    }
+    for (let i = 0; i < ref.blockIndices.length; i++) if (gpu.blockIndices[i] !== ref.blockIndices[i]) mismatches++;
+    // Decode: 150 tokens at once, then one at a time; rows must match the prefill.
+    const rows = (a, w, from, to) => a.subarray(from * w, to * w);
+    await s.decodeStep(rows(inp.q, 64, 0, 150), rows(inp.k, 32, 0, 150), rows(inp.v, 24, 0, 150), rows(inp.gates, 12, 0, 150));
+    let decodeWorst = 0;
+    for (let p = 150; p < 160; p++) {
+      const r = await s.decodeStep(rows(inp.q, 64, p, p + 1), rows(inp.k, 32, p, p + 1), rows(inp.v, 24, p, p + 1), rows(inp.gates, 12, p, p + 1));
+      for (let i = 0; i < 48; i++) decodeWorst = Math.max(decodeWorst, Math.abs(r.out[i] - gpu.out[p * 48 + i]));
+    }
+    let rejected = "";
+    try { await s.run(inp.q.subarray(1), inp.k, inp.v, inp.gates); } catch (e) { rejected = String(e.message || e); }
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected };
+  });
+  console.log(`adapter: ${api.adapter}`);
+  console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
+    `${api.mismatches}/${api.idx} block indices differ, decode max abs ${api.decodeWorst.toExponential(2)}`);
+  if (api.nan > 0) fail(`${api.nan} NaN outputs`);
+  if (!(api.worst <= 1e-4)) fail(`out differs from the reference by ${api.worst}`);
+  if (api.mismatches !== 0) fail(`${api.mismatches} block indices differ from the reference`);
+  if (!(api.decodeWorst <= 1e-4)) fail(`decode rows differ from prefill by ${api.decodeWorst}`);
+  if (!api.rejected.includes("shape mismatch for `q`")) fail(`a wrong shape was not rejected clearly: "${api.rejected}"`);
+
+  // The demo itself, at 2048 tokens (32 blocks, 16 selected per query).
+  await page.selectOption("#length", "2048");
+  await page.click("#run");
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 600000 });
+  const status = await page.evaluate(() => document.getElementById("status").textContent);
+  console.log(`demo: ${status}`);
+  if (!status.startsWith("done")) fail(`demo did not finish: ${status}`);
+  const box = await page.locator("#overview").boundingBox();
+  await page.mouse.click(box.x + box.width / 2, box.y + box.height * 0.8);
+  const info = await page.evaluate(() => document.getElementById("qinfo").textContent);
+  if (!info.startsWith("query ")) fail(`inspecting a query failed: ${info}`);
+  await page.screenshot({ path: join(here, "screenshot.png"), fullPage: true });
+  console.log(`screenshot: ${join(here, "screenshot.png")}`);
+  if (errors.length) fail(`the page logged errors:\n${errors.join("\n")}`);
+} catch (e) {
+  fail(e.stack || String(e));
+} finally {
+  if (browser) await browser.close();
+  server.kill();
+}
+if (!process.exitCode) console.log("browser test passed");
