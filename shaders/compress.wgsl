@@ -3,10 +3,11 @@
 // (batch, token, head); for Linear, each input row is staged once in workgroup memory and
 // shared by every output column.
 
+#import input
 #import params
 
-@group(0) @binding(1) var<storage, read> src: array<f32>;         // [B, Tk, Hkv, D]
-@group(0) @binding(2) var<storage, read_write> dst: array<f32>;   // [B, C, Hkv, D]
+@group(0) @binding(1) var<storage, read> src: array<in_t>;        // [B, Tk, Hkv, D]
+@group(0) @binding(2) var<storage, read_write> dst: array<in_t>;   // [B, C, Hkv, D]
 @group(0) @binding(3) var<storage, read> w: array<f32>;           // [Hkv, l, D, D] (Linear)
 @group(0) @binding(4) var<storage, read> pe: array<f32>;          // [Hkv, l, D] (Linear)
 
@@ -41,13 +42,13 @@ fn main(
             for (var a = 0u; a < PER; a++) {
                 let e = lid + a * WG;
                 if e < dim {
-                    accum[a] += src[sb + e];
+                    accum[a] += f32(src[sb + e]);
                 }
             }
         } else {
             let pb = (h * l + j) * dim;
             for (var e = lid; e < dim; e += WG) {
-                xrow[e] = src[sb + e] + pe[pb + e];
+                xrow[e] = f32(src[sb + e]) + pe[pb + e];
             }
             workgroupBarrier();
             for (var a = 0u; a < PER; a++) {
@@ -67,7 +68,7 @@ fn main(
     for (var a = 0u; a < PER; a++) {
         let e = lid + a * WG;
         if e < dim {
-            dst[db + e] = select(accum[a], accum[a] / f32(l), params.linear == 0u);
+            dst[db + e] = in_t(select(accum[a], accum[a] / f32(l), params.linear == 0u));
         }
     }
 }

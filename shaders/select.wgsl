@@ -5,10 +5,11 @@
 // overlap weights, and merges the chunk into a running top list in workgroup memory.
 // No [T, C] or [T, blocks] matrix ever reaches device memory.
 
+#import input
 #import params
 
-@group(0) @binding(1) var<storage, read> q: array<f32>;                     // [B, Tq, Hq, Dk]
-@group(0) @binding(2) var<storage, read> kc: array<f32>;                    // [B, C, Hkv, Dk]
+@group(0) @binding(1) var<storage, read> q: array<in_t>;                    // [B, Tq, Hq, Dk]
+@group(0) @binding(2) var<storage, read> kc: array<in_t>;                   // [B, C, Hkv, Dk]
 @group(0) @binding(3) var<storage, read> lse: array<f32>;                   // [B, Tq, Hq]
 @group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;   // [B, Tq, Hkv, n]
 
@@ -88,7 +89,7 @@ fn main(
                     let base = params.off_q + (row0 + h0 + i) * params.dk + e;
                     for (var cc = 0u; cc < 4u; cc++) {
                         if e + cc < params.dk {
-                            val[cc] = q[base + cc];
+                            val[cc] = f32(q[base + cc]);
                         }
                     }
                 }
@@ -106,7 +107,7 @@ fn main(
                     var val = vec4<f32>(0.0);
                     for (var cc = 0u; cc < 4u; cc++) {
                         if e + cc < params.dk {
-                            val[cc] = kc[at + cc];
+                            val[cc] = f32(kc[at + cc]);
                         }
                     }
                     tile[x] = val;

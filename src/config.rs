@@ -14,6 +14,28 @@ pub enum Compression {
     Linear,
 }
 
+/// How the inputs (`q`, `k`, `v`, per-branch keys/values) and the compressed keys/values are
+/// stored on the GPU. Arithmetic is f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// 4-byte floats.
+    #[default]
+    F32,
+    /// 2-byte floats (needs the adapter's `shader-f16`): half the memory traffic, inputs rounded
+    /// to f16 (SPEC's f16 tolerance, 1e-2 max abs error on `out`).
+    F16,
+}
+
+impl Precision {
+    /// Bytes per stored input element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
+}
+
 /// NSA's hyper-parameters. [`Default`] gives the paper's values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NsaConfig {

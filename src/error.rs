@@ -72,6 +72,14 @@ pub enum NsaError {
         /// What is wrong with it.
         problem: String,
     },
+    /// The device lacks a feature the call needs.
+    #[error("the adapter lacks `{feature}`, needed for {why}")]
+    MissingFeature {
+        /// The WebGPU / wgpu feature's name.
+        feature: &'static str,
+        /// What needs it.
+        why: &'static str,
+    },
     /// No adapter was found.
     #[error("no GPU adapter found: {0}")]
     NoAdapter(String),

@@ -155,8 +155,9 @@ pub(crate) struct Kernel {
 }
 
 impl Kernel {
-    /// Builds the layout from the binding table and compiles the shader.
-    pub fn new(device: &wgpu::Device, id: KernelId) -> Kernel {
+    /// Builds the layout from the binding table and compiles the shader for inputs stored at
+    /// `precision`.
+    pub fn new(device: &wgpu::Device, id: KernelId, precision: crate::config::Precision) -> Kernel {
         let entries: Vec<wgpu::BindGroupLayoutEntry> = id
             .bindings()
             .iter()
@@ -192,7 +193,8 @@ impl Kernel {
             bind_group_layouts: &[Some(&layout)],
             immediate_size: 0,
         });
-        let source = crate::shaders::source(id.name()).expect("every KernelId has a shader");
+        let source =
+            crate::shaders::source_for(id.name(), precision).expect("every KernelId has a shader");
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(id.label()),
             source: wgpu::ShaderSource::Wgsl(source.into()),

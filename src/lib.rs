@@ -43,7 +43,7 @@ pub mod profile;
 pub mod shaders;
 
 pub use cache::{CacheOptions, NsaCache, SeqChunk};
-pub use config::{Compression, NsaConfig, Shape};
+pub use config::{Compression, NsaConfig, Precision, Shape};
 pub use error::{NsaError, Result};
 pub use inputs::{BranchOutputs, LinearWeights, NsaInputs, NsaOutputs, OutputRequest};
 pub use pipeline::{AdapterOptions, GpuBuffers, GpuContext, NsaPipeline, NsaScratch};

@@ -4,7 +4,7 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::config::{NsaConfig, Shape};
+use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{Kernel, KernelId, Params};
@@ -203,6 +203,8 @@ impl NsaScratch {
 pub struct NsaPipeline {
     ctx: GpuContext,
     kernels: Vec<Kernel>,
+    /// The same kernels for f16 inputs, where the device has `shader-f16`.
+    kernels_f16: Option<Vec<Kernel>>,
     limits: DeviceLimits,
     dummy: wgpu::Buffer,
 }
@@ -237,10 +239,18 @@ impl NsaPipeline {
             });
         }
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let kernels = KernelId::ALL
-            .iter()
-            .map(|id| Kernel::new(&ctx.device, *id))
-            .collect();
+        let build = |p: Precision| {
+            KernelId::ALL
+                .iter()
+                .map(|id| Kernel::new(&ctx.device, *id, p))
+                .collect()
+        };
+        let kernels = build(Precision::F32);
+        let kernels_f16 = ctx
+            .device
+            .features()
+            .contains(wgpu::Features::SHADER_F16)
+            .then(|| build(Precision::F16));
         let dummy = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.dummy"),
             size: 16,
@@ -253,6 +263,7 @@ impl NsaPipeline {
         Ok(Self {
             ctx: ctx.clone(),
             kernels,
+            kernels_f16,
             limits: device_limits(&lim),
             dummy,
         })
@@ -435,10 +446,17 @@ impl NsaPipeline {
         timestamps: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<()> {
         let plan = &scratch.plan;
+        let kernels = match plan.precision {
+            Precision::F32 => &self.kernels,
+            Precision::F16 => self.kernels_f16.as_ref().ok_or(NsaError::MissingFeature {
+                feature: "shader-f16",
+                why: "f16 storage",
+            })?,
+        };
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
         let mut groups = Vec::with_capacity(plan.steps.len());
         for (i, step) in plan.steps.iter().enumerate() {
-            let kernel = &self.kernels[step.kernel as usize];
+            let kernel = &kernels[step.kernel as usize];
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -488,7 +506,7 @@ impl NsaPipeline {
                     }
                 }),
             });
-            pass.set_pipeline(&self.kernels[step.kernel as usize].pipeline);
+            pass.set_pipeline(&kernels[step.kernel as usize].pipeline);
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(step.grid[0], step.grid[1], 1);
         }
@@ -503,22 +521,62 @@ impl NsaPipeline {
         inputs: &NsaInputs<'_>,
         request: OutputRequest,
     ) -> Result<NsaOutputs> {
+        self.run_with(config, shape, inputs, request, Precision::F32)
+            .await
+    }
+
+    /// Whether this device can store inputs at `precision`.
+    pub fn supports(&self, precision: Precision) -> bool {
+        precision == Precision::F32 || self.kernels_f16.is_some()
+    }
+
+    /// [`Self::run`] with the inputs stored on the GPU at `precision` (converted on upload).
+    /// F16 needs the adapter's `shader-f16`: [`NsaError::MissingFeature`] otherwise.
+    pub async fn run_with(
+        &self,
+        config: &NsaConfig,
+        shape: &Shape,
+        inputs: &NsaInputs<'_>,
+        request: OutputRequest,
+        precision: Precision,
+    ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
-        let plan = self.plan(config, shape)?;
+        if !self.supports(precision) {
+            return Err(NsaError::MissingFeature {
+                feature: "shader-f16",
+                why: "f16 storage",
+            });
+        }
+        let plan = Plan::with_precision(config, shape, &self.limits, precision)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let upload = |label: &str, data: &[f32]| {
+        let upload_f32 = |label: &str, data: &[f32]| {
             device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some(label),
                 contents: bytemuck::cast_slice(data),
                 usage: wgpu::BufferUsages::STORAGE,
             })
         };
+        // Inputs go up at the plan's precision (create_buffer_init pads to 4 bytes).
+        let upload = |label: &str, data: &[f32]| match precision {
+            Precision::F32 => upload_f32(label, data),
+            Precision::F16 => {
+                let half: Vec<u16> = data
+                    .iter()
+                    .map(|x| half::f16::from_f32(*x).to_bits())
+                    .collect();
+                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytemuck::cast_slice(&half),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+            }
+        };
         let q = upload("nsa.q", inputs.q);
         let k = upload("nsa.k", inputs.k);
         let v = upload("nsa.v", inputs.v);
-        let gates = upload("nsa.gates", inputs.gates);
+        let gates = upload_f32("nsa.gates", inputs.gates);
         let branch: Vec<Option<wgpu::Buffer>> = [
             inputs.k_cmp,
             inputs.v_cmp,
@@ -536,7 +594,7 @@ impl NsaPipeline {
             .map(|l| {
                 [l.w_k, l.pe_k, l.w_v, l.pe_v]
                     .iter()
-                    .map(|d| upload("nsa.linear", d))
+                    .map(|d| upload_f32("nsa.linear", d))
                     .collect()
             });
         let out = device.create_buffer(&wgpu::BufferDescriptor {

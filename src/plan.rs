@@ -7,7 +7,7 @@
 //! of one sequence are larger than a binding, a buffer is larger than `max_buffer_size`), the
 //! plan fails with [`NsaError::ExceedsLimit`].
 
-use crate::config::{Compression, NsaConfig, Shape};
+use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::kernels::{KernelId, Params};
 
@@ -125,6 +125,8 @@ pub struct Plan {
     pub limits: DeviceLimits,
     /// Set when the keys come from a KV cache.
     pub cache: Option<CacheRows>,
+    /// How inputs and compressed keys/values are stored.
+    pub precision: Precision,
 }
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
@@ -163,7 +165,17 @@ fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
 impl Plan {
     /// Plans one call. Validates the config and shape first.
     pub fn new(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits) -> Result<Plan> {
-        Self::build(config, shape, limits, None)
+        Self::build(config, shape, limits, None, Precision::F32)
+    }
+
+    /// Plans one call whose inputs are stored at `precision` (see [`Precision`]).
+    pub fn with_precision(
+        config: &NsaConfig,
+        shape: &Shape,
+        limits: &DeviceLimits,
+        precision: Precision,
+    ) -> Result<Plan> {
+        Self::build(config, shape, limits, None, precision)
     }
 
     /// Plans the rows of one sequence whose keys live in a KV cache (`shape.batch == 1`):
@@ -181,7 +193,7 @@ impl Plan {
                 rule: "a cached plan covers one sequence",
             });
         }
-        Self::build(config, shape, limits, Some(rows))
+        Self::build(config, shape, limits, Some(rows), Precision::F32)
     }
 
     fn build(
@@ -189,6 +201,7 @@ impl Plan {
         shape: &Shape,
         limits: &DeviceLimits,
         cache: Option<CacheRows>,
+        precision: Precision,
     ) -> Result<Plan> {
         config.validate()?;
         shape.validate()?;
@@ -221,6 +234,7 @@ impl Plan {
             steps: Vec::new(),
             limits: *limits,
             cache,
+            precision,
         };
         for t in [
             Tensor::Q,
@@ -261,6 +275,7 @@ impl Plan {
             steps: Vec::new(),
             limits: *limits,
             cache: None,
+            precision: Precision::F32,
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
             let bytes = plan.tensor_bytes(t);
@@ -323,7 +338,26 @@ impl Plan {
 
     /// Bytes of a tensor for the whole call (at least 4: wgpu buffers are never empty here).
     pub fn tensor_bytes(&self, t: Tensor) -> u64 {
-        (self.tensor_len(t) * 4).max(4)
+        (self.tensor_len(t) * self.elem_bytes(t))
+            .next_multiple_of(4)
+            .max(4)
+    }
+
+    /// Bytes per element of a tensor: inputs and compressed keys/values follow the plan's
+    /// precision, everything else is 4-byte (f32, or i32 indices).
+    pub fn elem_bytes(&self, t: Tensor) -> u64 {
+        match t {
+            Tensor::Q
+            | Tensor::KCmp
+            | Tensor::VCmp
+            | Tensor::KSlc
+            | Tensor::VSlc
+            | Tensor::KWin
+            | Tensor::VWin
+            | Tensor::Kc
+            | Tensor::Vc => self.precision.bytes(),
+            _ => 4,
+        }
     }
 
     /// Elements a binding may hold, leaving room for the alignment residual.
@@ -335,17 +369,19 @@ impl Plan {
             / 4
     }
 
-    fn window(&self, start: u64, len: u64) -> (Window, u32) {
-        let align = self.limits.storage_align;
-        let byte0 = start * 4;
+    /// The binding window of elements `[start, start + len)` of tensor `t`: an aligned byte
+    /// range (its size a multiple of 4) and the element residual the shader adds.
+    fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
+        let (align, eb) = (self.limits.storage_align, self.elem_bytes(t));
+        let byte0 = start * eb;
         let offset = byte0 / align * align;
-        let end = byte0 + len.max(1) * 4;
+        let end = (byte0 + len.max(1) * eb).next_multiple_of(4);
         (
             Window {
                 offset,
                 size: end - offset,
             },
-            ((byte0 - offset) / 4) as u32,
+            ((byte0 - offset) / eb) as u32,
         )
     }
 
@@ -414,10 +450,12 @@ impl Plan {
                 (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
             ] {
                 let (sw, soff) = self.window(
+                    src,
                     (rows.key_row0 + (b0 * s.tk) as u64) * (s.hkv * dim) as u64,
                     (nb * s.tk * s.hkv * dim) as u64,
                 );
                 let (dw, doff) = self.window(
+                    dst,
                     (rows.cmp_row0 + (b0 * self.n_cmp) as u64) * (s.hkv * dim) as u64,
                     (nb * self.n_cmp * s.hkv * dim) as u64,
                 );
@@ -509,17 +547,17 @@ impl Plan {
             let cmp0 = rows0.cmp_row0 + (ch.b0 * self.n_cmp) as u64;
             let ncmp = (ch.nb * self.n_cmp) as u64;
             let (hq, hkv, dk, dv) = (s.hq as u64, s.hkv as u64, s.dk as u64, s.dv as u64);
-            let q = self.window(rows * hq * dk, nrows * hq * dk);
-            let gates = self.window(rows * hq * 3, nrows * hq * 3);
-            let lse = self.window(rows * hq, nrows * hq);
-            let idx = self.window(rows * hkv * n as u64, nrows * hkv * n as u64);
-            let kc = self.window(cmp0 * hkv * dk, ncmp * hkv * dk);
-            let vc = self.window(cmp0 * hkv * dv, ncmp * hkv * dv);
+            let q = self.window(Tensor::Q, rows * hq * dk, nrows * hq * dk);
+            let gates = self.window(Tensor::Gates, rows * hq * 3, nrows * hq * 3);
+            let lse = self.window(Tensor::Lse, rows * hq, nrows * hq);
+            let idx = self.window(Tensor::Idx, rows * hkv * n as u64, nrows * hkv * n as u64);
+            let kc = self.window(Tensor::Kc, cmp0 * hkv * dk, ncmp * hkv * dk);
+            let vc = self.window(Tensor::Vc, cmp0 * hkv * dv, ncmp * hkv * dv);
             // out and the three branch outputs share one layout, as do all key (value) tensors.
-            let out = self.window(rows * hq * dv, nrows * hq * dv);
+            let out = self.window(Tensor::Out, rows * hq * dv, nrows * hq * dv);
             let (ocmp, oslc, owin) = (out, out, out);
-            let kw = self.window(keys * hkv * dk, nkeys * hkv * dk);
-            let vw = self.window(keys * hkv * dv, nkeys * hkv * dv);
+            let kw = self.window(Tensor::KWin, keys * hkv * dk, nkeys * hkv * dk);
+            let vw = self.window(Tensor::VWin, keys * hkv * dv, nkeys * hkv * dv);
             let base = Params {
                 batch: ch.nb as u32,
                 q_start: ch.q0 as u32,

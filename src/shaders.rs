@@ -2,7 +2,10 @@
 //!
 //! Every file in `shaders/` is valid WGSL apart from `#import name` lines, which pull in
 //! `shaders/shared/name.wgsl` (once per shader, imports may nest). Nothing else is templated:
-//! sizes that vary at run time live in the `Params` uniform.
+//! sizes that vary at run time live in the `Params` uniform. The one choice made here is the
+//! input storage type: `#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`.
+
+use crate::config::Precision;
 
 /// Kernel sources, by kernel name (the name of the file in `shaders/`).
 pub const KERNELS: &[(&str, &str)] = &[
@@ -16,6 +19,14 @@ pub const KERNELS: &[(&str, &str)] = &[
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
 const SHARED: &[(&str, &str)] = &[
+    (
+        "input_f32",
+        include_str!("../shaders/shared/input_f32.wgsl"),
+    ),
+    (
+        "input_f16",
+        include_str!("../shaders/shared/input_f16.wgsl"),
+    ),
     ("params", include_str!("../shaders/shared/params.wgsl")),
     (
         "attention",
@@ -23,26 +34,37 @@ const SHARED: &[(&str, &str)] = &[
     ),
 ];
 
-/// The complete WGSL of kernel `name`, imports resolved; `None` for an unknown name.
+/// The complete WGSL of kernel `name` with f32 inputs, imports resolved; `None` for an
+/// unknown name.
 pub fn source(name: &str) -> Option<String> {
+    source_for(name, Precision::F32)
+}
+
+/// The complete WGSL of kernel `name` for inputs stored at `precision`: `#import input`
+/// resolves to `shared/input_f32.wgsl` or `shared/input_f16.wgsl`.
+pub fn source_for(name: &str, precision: Precision) -> Option<String> {
     let (_, src) = KERNELS.iter().find(|(n, _)| *n == name)?;
     let mut out = String::new();
     let mut seen = Vec::new();
-    expand(src, &mut out, &mut seen);
+    expand(src, precision, &mut out, &mut seen);
     Some(out)
 }
 
-fn expand(src: &str, out: &mut String, seen: &mut Vec<&'static str>) {
+fn expand(src: &str, precision: Precision, out: &mut String, seen: &mut Vec<&'static str>) {
     for line in src.lines() {
         match line.trim().strip_prefix("#import ") {
             Some(name) => {
-                let name = name.trim();
+                let name = match (name.trim(), precision) {
+                    ("input", Precision::F32) => "input_f32",
+                    ("input", Precision::F16) => "input_f16",
+                    (other, _) => other,
+                };
                 let Some((key, text)) = SHARED.iter().find(|(n, _)| *n == name) else {
                     panic!("shader imports unknown module `{name}`");
                 };
                 if !seen.contains(key) {
                     seen.push(key);
-                    expand(text, out, seen);
+                    expand(text, precision, out, seen);
                 }
             }
             None => {

@@ -501,3 +501,85 @@ fn dense_attention_matches_the_reference() {
     let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).unwrap();
     assert_close("dense", &got, &naive.o_win, TOL);
 }
+
+#[test]
+fn f16_storage_matches_the_reference_within_f16_tolerance() {
+    let pipe = pipeline();
+    if !pipe.supports(nsa_wgpu::Precision::F16) {
+        eprintln!("adapter lacks shader-f16: the f16 path is not exercised here");
+        return;
+    }
+    let round =
+        |x: &[f32]| -> Vec<f32> { x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() };
+    for (name, cfg, shape) in [
+        (
+            "f16 small",
+            small(),
+            Shape {
+                batch: 2,
+                tq: 150,
+                tk: 200,
+                hq: 4,
+                hkv: 2,
+                dk: 100,
+                dv: 64,
+            },
+        ),
+        ("f16 paper", paper(), Shape::prefill(1, 300, 16, 1, 64, 48)),
+    ] {
+        let data = Data::new(&cfg, &shape, false, 77);
+        let got = pipe
+            .run_with(
+                &cfg,
+                &shape,
+                &data.inputs(),
+                OutputRequest::all(),
+                nsa_wgpu::Precision::F16,
+            )
+            .block_on()
+            .expect("f16 run");
+        // The reference sees the inputs as the GPU stores them.
+        let (q, k, v) = (round(&data.q), round(&data.k), round(&data.v));
+        let naive = cpu::naive::nsa(
+            &cfg,
+            &shape,
+            &nsa_wgpu::NsaInputs::new(&q, &k, &v, &data.gates),
+        )
+        .unwrap();
+        let idx = got.block_indices.unwrap();
+        let (n, g, dv) = (cfg.top_n, shape.group(), shape.dv);
+        let mut same = 0;
+        let mut worst = 0.0f64;
+        for (row, (a, b)) in idx.chunks(n).zip(naive.block_indices.chunks(n)).enumerate() {
+            if a != b {
+                continue; // compressed keys are stored in f16 too: near ties may flip
+            }
+            same += 1;
+            let (bi, h) = (row / shape.hkv, row % shape.hkv);
+            for hq in h * g..(h + 1) * g {
+                let r = (bi * shape.hq + hq) * dv;
+                for e in r..r + dv {
+                    worst = worst.max((got.out[e] as f64 - naive.out[e]).abs());
+                }
+            }
+        }
+        let rows = idx.len() / n;
+        assert!(
+            same * 100 >= rows * 95,
+            "{name}: only {same} of {rows} selections match"
+        );
+        assert!(worst <= 1e-2, "{name}: max abs error {worst:.3e} on out");
+        assert!(
+            got.out.iter().all(|x| x.is_finite()),
+            "{name}: non-finite output"
+        );
+    }
+}
+
+/// `pollster::block_on` as a method, to keep the calls above readable.
+trait BlockOn: std::future::Future + Sized {
+    fn block_on(self) -> Self::Output {
+        pollster::block_on(self)
+    }
+}
+impl<F: std::future::Future> BlockOn for F {}

@@ -5,14 +5,23 @@ use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use nsa_wgpu::kernels::{KernelId, Params};
 use nsa_wgpu::shaders;
+use nsa_wgpu::Precision;
 
 fn module(name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
-    let src = shaders::source(name).expect("known kernel");
+    module_for(name, Precision::F32)
+}
+
+fn module_for(name: &str, precision: Precision) -> (naga::Module, naga::valid::ModuleInfo) {
+    let src = shaders::source_for(name, precision).expect("known kernel");
     let module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+    let caps = match precision {
+        Precision::F32 => Capabilities::empty(),
+        Precision::F16 => Capabilities::SHADER_FLOAT16,
+    };
+    let info = Validator::new(ValidationFlags::all(), caps)
         .validate(&module)
-        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
+        .unwrap_or_else(|e| panic!("{name} {precision:?}: {}", e.emit_to_string(&src)));
     (module, info)
 }
 
@@ -29,8 +38,11 @@ fn every_kernel_has_a_shader_and_a_main() {
 
 #[test]
 fn shaders_translate_to_spirv_msl_hlsl() {
-    for id in KernelId::ALL {
-        let (m, info) = module(id.name());
+    for (id, precision) in KernelId::ALL
+        .iter()
+        .flat_map(|id| [(*id, Precision::F32), (*id, Precision::F16)])
+    {
+        let (m, info) = module_for(id.name(), precision);
         spv::write_vec(&m, &info, &spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
         let pipeline = msl::PipelineOptions::default();

@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// each batch size of --batches, instead of prefill.
     #[arg(long)]
     decode: bool,
+    /// Storage precision of the inputs for prefill (f16 needs shader-f16).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: crate::Precision,
     /// Batch sizes for --decode (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
@@ -170,21 +173,38 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA |\n|---|---|---|---|---|---|---|---|---|"
     );
     let cfg = NsaConfig::default();
+    let precision = match args.precision {
+        crate::Precision::F32 => nsa_wgpu::Precision::F32,
+        crate::Precision::F16 => nsa_wgpu::Precision::F16,
+    };
+    if !pipe.supports(precision) {
+        return Err("--precision f16: the adapter lacks shader-f16".into());
+    }
+    println!("input storage: {precision:?}");
     for t in lengths {
         let shape = Shape::prefill(args.batch, t, hq, hkv, dk, dv);
-        let plan = pipe.plan(&cfg, &shape).map_err(|e| e.to_string())?;
-        let up = |label: &str, n: u64, seed: u64| {
+        let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)
+            .map_err(|e| e.to_string())?;
+        let up = |label: &str, t: Tensor, seed: u64| {
+            let data = values(plan.tensor_len(t) as usize, seed);
+            let bytes: Vec<u8> = if plan.elem_bytes(t) == 2 {
+                data.iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect()
+            } else {
+                bytemuck::cast_slice(&data).to_vec()
+            };
             ctx.device
                 .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                     label: Some(label),
-                    contents: bytemuck::cast_slice(&values(n as usize, seed)),
+                    contents: &bytes,
                     usage: wgpu::BufferUsages::STORAGE,
                 })
         };
-        let q = up("q", plan.tensor_len(Tensor::Q), 1);
-        let k = up("k", plan.tensor_len(Tensor::KCmp), 2);
-        let v = up("v", plan.tensor_len(Tensor::VCmp), 3);
-        let g = up("gates", plan.tensor_len(Tensor::Gates), 4);
+        let q = up("q", Tensor::Q, 1);
+        let k = up("k", Tensor::KCmp, 2);
+        let v = up("v", Tensor::VCmp, 3);
+        let g = up("gates", Tensor::Gates, 4);
         let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("out"),
             size: plan.tensor_bytes(Tensor::Out),
@@ -198,7 +218,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             iters,
             args.warmup,
         )?;
-        let dense = if t <= args.dense_max {
+        let dense = if t <= args.dense_max && precision == nsa_wgpu::Precision::F32 {
             let dplan = pipe.plan_dense(&shape, None).map_err(|e| e.to_string())?;
             Some(
                 time_plan(

@@ -81,7 +81,7 @@ enum CompressionArg {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
-enum Precision {
+pub enum Precision {
     F32,
     F16,
 }
@@ -171,19 +171,29 @@ fn run(args: &RunArgs) -> Result<(), String> {
         (r, "CPU reference".to_string())
     } else {
         let pipe = args.adapter.pipeline()?;
-        if args.precision == Precision::F16 {
-            let has = pipe
-                .context()
-                .device
-                .features()
-                .contains(wgpu::Features::SHADER_F16);
+        let precision = match args.precision {
+            Precision::F32 => nsa_wgpu::Precision::F32,
+            Precision::F16 => nsa_wgpu::Precision::F16,
+        };
+        if !pipe.supports(precision) {
             return Err(format!(
-                "--precision f16: {} ; this build's kernels store f32 only, run with --precision f32",
-                if has { "the adapter supports shader-f16" } else { "the adapter lacks shader-f16" }
+                "--precision f16: the adapter {} lacks shader-f16; run with --precision f32",
+                pipe.context().adapter_info.name
             ));
         }
+        if precision == nsa_wgpu::Precision::F16
+            && (args.decode_from.is_some() || args.chunk.is_some())
+        {
+            return Err("--precision f16 works for plain runs; the KV cache (--decode-from, --chunk) stores f32".into());
+        }
         let r = match (args.decode_from, args.chunk) {
-            (None, None) => pipe.run_blocking(&config, &problem.shape, &inputs, request),
+            (None, None) => pollster::block_on(pipe.run_with(
+                &config,
+                &problem.shape,
+                &inputs,
+                request,
+                precision,
+            )),
             (p, n) => {
                 let s = &problem.shape;
                 if s.tq != s.tk {

@@ -424,3 +424,51 @@ fn decode_from_and_chunk_write_what_a_plain_run_writes() {
     write(Path::new(&f), &standard(1, 20, 30, 4, 2, 8, 8), false);
     fails(&d, &f, &["--decode-from", "5"], "need Tq == Tk");
 }
+
+#[test]
+fn precision_f16_is_within_f16_tolerance_of_f32() {
+    let d = Dir::new();
+    write(
+        &d.p("in.safetensors"),
+        &standard(1, 90, 90, 4, 2, 16, 16),
+        false,
+    );
+    let input = d.s("in.safetensors");
+    let run = |out: &str, p: &str| {
+        let mut args = vec![
+            "run",
+            "--input",
+            &input,
+            "--output",
+            out,
+            "--precision",
+            p,
+            "--window",
+            "30",
+        ];
+        args.extend(SMALL);
+        nsa(&args)
+    };
+    let (a, b) = (d.s("f32.safetensors"), d.s("f16.safetensors"));
+    assert!(run(&a, "f32").status.success());
+    let r = run(&b, "f16");
+    let err = String::from_utf8_lossy(&r.stderr);
+    if err.contains("lacks shader-f16") {
+        assert_eq!(r.status.code(), Some(2));
+        return;
+    }
+    assert!(r.status.success(), "{err}");
+    let (x, y) = (read(Path::new(&a)), read(Path::new(&b)));
+    let out = |t: &[(String, Vec<usize>, Dtype, Vec<u8>)]| {
+        f32s(&t.iter().find(|e| e.0 == "out").unwrap().3)
+    };
+    let worst = out(&x)
+        .iter()
+        .zip(out(&y))
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst <= 2e-2 && worst > 0.0,
+        "f16 vs f32 max abs difference {worst}"
+    );
+}

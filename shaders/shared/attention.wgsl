@@ -7,11 +7,12 @@
 // each invocation computes 4 rows x 1 key of the scores and 4 rows x 4 dims of the output
 // from vec4 loads, so most work is register-blocked FMAs.
 
+#import input
 #import params
 
-@group(0) @binding(1) var<storage, read> q: array<f32>;  // [B, Tq, Hq, Dk]
-@group(0) @binding(2) var<storage, read> k: array<f32>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
-@group(0) @binding(3) var<storage, read> v: array<f32>;  // [B, T, Hkv, Dv]
+@group(0) @binding(1) var<storage, read> q: array<in_t>;  // [B, Tq, Hq, Dk]
+@group(0) @binding(2) var<storage, read> k: array<in_t>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
+@group(0) @binding(3) var<storage, read> v: array<in_t>;  // [B, T, Hkv, Dv]
 
 const WG: u32 = 128u;          // invocations per workgroup
 const ROWS: u32 = 16u;         // query rows per workgroup
@@ -84,7 +85,7 @@ fn attn_begin(lid: u32, r: Rows) {
             let base = params.off_q + attn_row(r, i) * params.dk + e;
             for (var c = 0u; c < 4u; c++) {
                 if e + c < params.dk {
-                    val[c] = q[base + c];
+                    val[c] = f32(q[base + c]);
                 }
             }
         }
@@ -111,9 +112,9 @@ fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
         for (var c = 0u; c < 4u; c++) {
             if e + c < d {
                 if from_k {
-                    val[c] = k[at + c];
+                    val[c] = f32(k[at + c]);
                 } else {
-                    val[c] = v[at + c];
+                    val[c] = f32(v[at + c]);
                 }
             }
         }
