@@ -158,7 +158,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let timed = StepTimer::new(ctx, 1).is_some();
     println!("adapter: {}", ctx.describe());
     println!(
-        "NSA (paper config) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters} ({})",
+        "NSA (paper config) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, median of {iters} ({})",
         args.batch,
         if timed { "GPU timestamps" } else { "wall clock: no timestamp queries" }
     );
