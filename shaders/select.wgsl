@@ -5,25 +5,17 @@
 // overlap weights, and merges the chunk into a running top list in workgroup memory.
 // No [T, C] or [T, blocks] matrix ever reaches device memory.
 
-#import input
-#import params
+// Bindings 1 and 2 (q, and the compressed keys as `k`: [B, C, Hkv, Dk]) come from qk.
+#import qk
 
-@group(0) @binding(1) var<storage, read> q: array<in_t>;                    // [B, Tq, Hq, Dk]
-@group(0) @binding(2) var<storage, read> kc: array<in_t>;                   // [B, C, Hkv, Dk]
 @group(0) @binding(3) var<storage, read> lse: array<f32>;                   // [B, Tq, Hq]
 @group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;   // [B, Tq, Hkv, n]
 
-const WG: u32 = 128u;
-const ROWS: u32 = 16u;     // query heads scored at once
-const DMAX4: u32 = 64u;    // vec4s per row at Dk <= 256
-const TILE4: u32 = 512u;   // vec4s of one tile of compressed keys
 const KT_MAX: u32 = 64u;   // tokens per tile at most
 const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
 const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG)
 const NMAX: u32 = 256u;    // top_n at most
 
-var<workgroup> qs: array<vec4<f32>, 1024>;      // [ROWS, DMAX4]: the group's queries, zero past Dk
-var<workgroup> tile: array<vec4<f32>, TILE4>;   // [kv_tile, ceil(Dk/4)] compressed keys
 var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads
 var<workgroup> lse_s: array<f32, ROWS>;
 var<workgroup> pbuf: array<f32, PBUF>;          // group-summed p_cmp of the chunk's tokens
@@ -32,6 +24,11 @@ var<workgroup> top_score: array<f32, NMAX>;
 var<workgroup> top_idx: array<u32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
+
+// The element load behind load_tile: compressed keys only.
+fn fetch_kv(from_k: bool, at: u32) -> f32 {
+    return f32(k[at]);
+}
 
 // True when (sa, ja) ranks before (sb, jb): higher score first, ties to the lower block.
 fn beats(sa: f32, ja: u32, sb: f32, jb: u32) -> bool {
@@ -58,7 +55,6 @@ fn main(
     let m = params.sel_block / params.cmp_stride;   // pieces per selection block
     let u = params.cmp_block / params.cmp_stride;   // pieces per compressed token
     let bc = min(BCHUNK, (PBUF - (u - 1u)) / m);
-    let dk4 = (params.dk + 3u) / 4u;
     let kt = params.kv_tile;
     // Forced blocks are [0, fa) and [fl, c]: disjoint, nf of them.
     let fa = min(params.init_blocks, c + 1u);
@@ -81,49 +77,18 @@ fn main(
             let nh = min(ROWS, params.g - h0);
             let nrg = (nh + 3u) / 4u;
             workgroupBarrier();
-            for (var x = lid; x < ROWS * dk4; x += WG) {
-                let i = x / dk4;
-                let e = (x % dk4) * 4u;
-                var val = vec4<f32>(0.0);
-                if i < nh {
-                    let base = params.off_q + (row0 + h0 + i) * params.dk + e;
-                    for (var cc = 0u; cc < 4u; cc++) {
-                        if e + cc < params.dk {
-                            val[cc] = f32(q[base + cc]);
-                        }
-                    }
-                }
-                qs[i * DMAX4 + x % dk4] = val;
-            }
+            load_queries(lid, nh, nh, row0 + h0);
             if lid < ROWS {
                 lse_s[lid] = select(0.0, lse[params.off_lse + row0 + h0 + lid], lid < nh);
             }
             for (var t0 = t_lo; t0 < t_hi; t0 += kt) {
                 let nk = min(kt, t_hi - t0);
-                for (var x = lid; x < nk * dk4; x += WG) {
-                    let j = x / dk4;
-                    let e = (x % dk4) * 4u;
-                    let at = params.off_kc + ((bb * params.n_cmp + t0 + j) * params.hkv + h) * params.dk + e;
-                    var val = vec4<f32>(0.0);
-                    for (var cc = 0u; cc < 4u; cc++) {
-                        if e + cc < params.dk {
-                            val[cc] = f32(kc[at + cc]);
-                        }
-                    }
-                    tile[x] = val;
-                }
+                load_tile(lid, params.off_kc + ((bb * params.n_cmp + t0) * params.hkv + h) * params.dk, nk, params.dk, true);
                 workgroupBarrier();
                 for (var x = lid; x < nrg * nk; x += WG) {
                     let rg = x / nk;
                     let j = x % nk;
-                    var s = vec4<f32>(0.0);
-                    for (var e = 0u; e < dk4; e++) {
-                        let kv = tile[j * dk4 + e];
-                        s[0] += dot(qs[(rg * 4u) * DMAX4 + e], kv);
-                        s[1] += dot(qs[(rg * 4u + 1u) * DMAX4 + e], kv);
-                        s[2] += dot(qs[(rg * 4u + 2u) * DMAX4 + e], kv);
-                        s[3] += dot(qs[(rg * 4u + 3u) * DMAX4 + e], kv);
-                    }
+                    let s = score4(rg, j);
                     var acc = 0.0;
                     for (var cc = 0u; cc < 4u; cc++) {
                         let i = rg * 4u + cc;

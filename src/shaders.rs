@@ -19,6 +19,7 @@ pub const KERNELS: &[(&str, &str)] = &[
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
 const SHARED: &[(&str, &str)] = &[
+    ("qk", include_str!("../shaders/shared/qk.wgsl")),
     (
         "input_f32",
         include_str!("../shaders/shared/input_f32.wgsl"),

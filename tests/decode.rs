@@ -3,22 +3,11 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
-use common::{assert_close, small, Data};
+use common::{assert_close, pipeline, small, Data};
 use nsa_wgpu::{
-    CacheOptions, Compression, GpuContext, NsaCache, NsaConfig, NsaError, NsaOutputs, NsaPipeline,
-    OutputRequest, SeqChunk, Shape,
+    CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, OutputRequest, SeqChunk,
+    Shape,
 };
-
-fn pipeline() -> &'static NsaPipeline {
-    static PIPE: OnceLock<NsaPipeline> = OnceLock::new();
-    PIPE.get_or_init(|| {
-        let ctx = pollster::block_on(GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
-        eprintln!("adapter: {}", ctx.describe());
-        pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline")
-    })
-}
 
 fn opts(s: &Shape, capacity: usize, independent_kv: bool) -> CacheOptions {
     CacheOptions {

@@ -4,25 +4,14 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
-use common::{assert_close, small, Data};
+use common::{assert_close, pipeline, small, Data};
 use nsa_wgpu::cpu;
 use nsa_wgpu::pipeline::{read_staging, stage_readback};
 use nsa_wgpu::{
-    Compression, DeviceLimits, GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline,
-    OutputRequest, Plan, Shape, Tensor,
+    Compression, DeviceLimits, GpuBuffers, NsaConfig, NsaError, NsaPipeline, OutputRequest, Plan,
+    Shape, Tensor,
 };
 use wgpu::util::DeviceExt;
-
-fn pipeline() -> &'static NsaPipeline {
-    static PIPE: OnceLock<NsaPipeline> = OnceLock::new();
-    PIPE.get_or_init(|| {
-        let ctx = pollster::block_on(GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
-        eprintln!("adapter: {}", ctx.describe());
-        pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline")
-    })
-}
 
 /// Everything the GPU wrote for one case.
 struct GpuResult {

@@ -7,22 +7,13 @@
 // each invocation computes 4 rows x 1 key of the scores and 4 rows x 4 dims of the output
 // from vec4 loads, so most work is register-blocked FMAs.
 
-#import input
-#import params
+#import qk
 
-@group(0) @binding(1) var<storage, read> q: array<in_t>;  // [B, Tq, Hq, Dk]
-@group(0) @binding(2) var<storage, read> k: array<in_t>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
 @group(0) @binding(3) var<storage, read> v: array<in_t>;  // [B, T, Hkv, Dv]
 
-const WG: u32 = 128u;          // invocations per workgroup
-const ROWS: u32 = 16u;         // query rows per workgroup
-const DMAX4: u32 = 64u;        // vec4s per row at Dk, Dv <= 256
-const TILE4: u32 = 512u;       // vec4s of one key (or value) tile: kv_tile * ceil(D / 4) <= TILE4
 const KT_MAX: u32 = 64u;       // keys per tile at most
 const NEG_BIG: f32 = -3.0e38;
 
-var<workgroup> qs: array<vec4<f32>, 1024>;     // [ROWS, DMAX4], zero past Dk
-var<workgroup> tile: array<vec4<f32>, TILE4>;  // [kv_tile, ceil(D/4)], zero past D
 var<workgroup> scores: array<f32, 1024>;       // [ROWS, KT_MAX]
 var<workgroup> red: array<f32, WG>;            // per-invocation partial max / sum
 var<workgroup> row_max: array<f32, ROWS>;
@@ -76,21 +67,7 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 // Loads the queries and resets the softmax state. Call once first; then set row_lo and
 // row_hi for every row (empty for i >= n) and barrier before attn_keys.
 fn attn_begin(lid: u32, r: Rows) {
-    let dk4 = (params.dk + 3u) / 4u;
-    for (var x = lid; x < ROWS * dk4; x += WG) {
-        let i = x / dk4;
-        let e = (x % dk4) * 4u;
-        var val = vec4<f32>(0.0);
-        if i < r.n {
-            let base = params.off_q + attn_row(r, i) * params.dk + e;
-            for (var c = 0u; c < 4u; c++) {
-                if e + c < params.dk {
-                    val[c] = f32(q[base + c]);
-                }
-            }
-        }
-        qs[i * DMAX4 + x % dk4] = val;
-    }
+    load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     if lid < ROWS {
         row_max[lid] = NEG_BIG;
         row_sum[lid] = 0.0;
@@ -100,32 +77,17 @@ fn attn_begin(lid: u32, r: Rows) {
     }
 }
 
-// Loads `nk` rows of `src` (row `t` of kv head h at `base + (t * Hkv) * d`) into `tile` as
-// vec4s, zero past `d`.
-fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
-    let d4 = (d + 3u) / 4u;
-    for (var x = lid; x < nk * d4; x += WG) {
-        let j = x / d4;
-        let e = (x % d4) * 4u;
-        let at = base + j * params.hkv * d + e;
-        var val = vec4<f32>(0.0);
-        for (var c = 0u; c < 4u; c++) {
-            if e + c < d {
-                if from_k {
-                    val[c] = f32(k[at + c]);
-                } else {
-                    val[c] = f32(v[at + c]);
-                }
-            }
-        }
-        tile[x] = val;
+// The element load behind load_tile: keys or values.
+fn fetch_kv(from_k: bool, at: u32) -> f32 {
+    if from_k {
+        return f32(k[at]);
     }
+    return f32(v[at]);
 }
 
 // Attends every owned row to keys [start, end) of the bound k, v (sequence length `tlen`),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
 fn attn_keys(lid: u32, r: Rows, tlen: u32, start: u32, end: u32) {
-    let dk4 = (params.dk + 3u) / 4u;
     let dv4 = (params.dv + 3u) / 4u;
     let kt = params.kv_tile;
     let nrg = (r.n + 3u) / 4u;
@@ -137,14 +99,7 @@ fn attn_keys(lid: u32, r: Rows, tlen: u32, start: u32, end: u32) {
         for (var x = lid; x < nrg * nk; x += WG) {
             let rg = x / nk;
             let j = x % nk;
-            var s = vec4<f32>(0.0);
-            for (var e = 0u; e < dk4; e++) {
-                let kv = tile[j * dk4 + e];
-                s[0] += dot(qs[(rg * 4u) * DMAX4 + e], kv);
-                s[1] += dot(qs[(rg * 4u + 1u) * DMAX4 + e], kv);
-                s[2] += dot(qs[(rg * 4u + 2u) * DMAX4 + e], kv);
-                s[3] += dot(qs[(rg * 4u + 3u) * DMAX4 + e], kv);
-            }
+            let s = score4(rg, j);
             for (var c = 0u; c < 4u; c++) {
                 let i = rg * 4u + c;
                 let t = t0 + j;

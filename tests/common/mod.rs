@@ -5,6 +5,17 @@ use nsa_wgpu::{Compression, NsaConfig, Shape};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
+/// The GPU pipeline shared by a test binary's tests (lavapipe in CI); prints the adapter.
+pub fn pipeline() -> &'static nsa_wgpu::NsaPipeline {
+    static PIPE: std::sync::OnceLock<nsa_wgpu::NsaPipeline> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let ctx = pollster::block_on(nsa_wgpu::GpuContext::new())
+            .expect("a GPU adapter (lavapipe in CI)");
+        eprintln!("adapter: {}", ctx.describe());
+        pollster::block_on(nsa_wgpu::NsaPipeline::new(&ctx)).expect("pipeline")
+    })
+}
+
 /// Owned input tensors for one case.
 pub struct Data {
     pub q: Vec<f32>,
