@@ -1,7 +1,8 @@
 // Browser test: serves web-demo/www, loads it in headless Chromium (WebGPU on SwiftShader;
 // playwright gives it a fresh profile),
 // runs NSA through the page's API on a small input and checks `out` and `blockIndices`
-// against the CPU reference compiled into the same wasm, checks decode steps against the
+// against the CPU reference compiled into the same wasm, runs the same call in a Web Worker,
+// checks decode steps against the
 // prefill rows, then runs the demo UI, saves a screenshot of the rendered pattern
 // (test/screenshot.png) and fails if the page logged an error.
 import { chromium } from "playwright-core";
@@ -73,7 +74,12 @@ try {
     }
     let rejected = "";
     try { await s.run(inp.q.subarray(1), inp.k, inp.v, inp.gates); } catch (e) { rejected = String(e.message || e); }
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected };
+    // The same call in a Web Worker.
+    const w = await window.nsaWgpu.runInWorker({ ...shape, cmpBlock: 16, cmpStride: 8, selBlock: 32, topN: 5, window: 40 }, inp.q, inp.k, inp.v, inp.gates);
+    let workerWorst = 0, workerMismatches = 0;
+    for (let i = 0; i < ref.out.length; i++) workerWorst = Math.max(workerWorst, Math.abs(w.out[i] - ref.out[i]));
+    for (let i = 0; i < ref.blockIndices.length; i++) if (w.blockIndices[i] !== ref.blockIndices[i]) workerMismatches++;
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -83,6 +89,8 @@ try {
   if (api.mismatches !== 0) fail(`${api.mismatches} block indices differ from the reference`);
   if (!(api.decodeWorst <= 1e-4)) fail(`decode rows differ from prefill by ${api.decodeWorst}`);
   if (!api.rejected.includes("shape mismatch for `q`")) fail(`a wrong shape was not rejected clearly: "${api.rejected}"`);
+  console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
+  if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
   // The demo itself, at 2048 tokens (32 blocks, 16 selected per query).
   await page.selectOption("#length", "2048");

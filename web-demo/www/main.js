@@ -192,6 +192,21 @@ window.nsaWgpu = {
   runDemo,
   inspect: (query) => inspect(query),
   last: () => ({ input, result, layout }),
+  // Runs one NSA call in a module Web Worker (worker.js); rejects with the library's message.
+  runInWorker: (opts, q, k, v, gates) =>
+    new Promise((resolve, reject) => {
+      const w = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+      w.onmessage = (ev) => {
+        w.terminate();
+        if (ev.data.ok) resolve(ev.data);
+        else reject(new Error(ev.data.error));
+      };
+      w.onerror = (e) => {
+        w.terminate();
+        reject(new Error(e.message || "worker failed"));
+      };
+      w.postMessage({ opts, q, k, v, gates });
+    }),
 };
 
 window.nsaWgpu.ready = (async () => {
