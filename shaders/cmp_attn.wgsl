@@ -24,7 +24,7 @@ fn main(
     }
     workgroupBarrier();
     // Rows are ordered by position, so the last one sees the most tokens.
-    attn_keys(lid, r, params.n_cmp, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
+    attn_keys(lid, r, params.c_stride, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {

@@ -37,7 +37,7 @@ fn main(
         accum[a] = 0.0;
     }
     for (var j = 0u; j < l; j++) {
-        let sb = params.off_k + ((bb * params.tk + i * params.cmp_stride + j) * params.hkv + h) * dim;
+        let sb = params.off_k + ((bb * params.k_stride + i * params.cmp_stride + j) * params.hkv + h) * dim;
         if params.linear == 0u {
             for (var a = 0u; a < PER; a++) {
                 let e = lid + a * WG;
@@ -64,7 +64,7 @@ fn main(
             workgroupBarrier();
         }
     }
-    let db = params.off_kc + ((bb * params.n_cmp + i) * params.hkv + h) * dim;
+    let db = params.off_kc + ((bb * params.c_stride + i) * params.hkv + h) * dim;
     for (var a = 0u; a < PER; a++) {
         let e = lid + a * WG;
         if e < dim {

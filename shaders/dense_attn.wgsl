@@ -21,7 +21,7 @@ fn main(
         row_hi[lid] = select(0u, attn_pos(r, min(lid, r.n - 1u)) + 1u, lid < r.n);
     }
     workgroupBarrier();
-    attn_keys(lid, r, params.tk, 0u, attn_pos(r, r.n - 1u) + 1u);
+    attn_keys(lid, r, params.k_stride, 0u, attn_pos(r, r.n - 1u) + 1u);
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {

@@ -83,7 +83,7 @@ fn main(
             }
             for (var t0 = t_lo; t0 < t_hi; t0 += kt) {
                 let nk = min(kt, t_hi - t0);
-                load_tile(lid, params.off_kc + ((bb * params.n_cmp + t0) * params.hkv + h) * params.dk, nk, params.dk, true);
+                load_tile(lid, params.off_kc + ((bb * params.c_stride + t0) * params.hkv + h) * params.dk, nk, params.dk, true);
                 workgroupBarrier();
                 for (var x = lid; x < nrg * nk; x += WG) {
                     let rg = x / nk;

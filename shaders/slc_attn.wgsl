@@ -31,7 +31,7 @@ fn main(
             break;
         }
         let lo = u32(j) * params.sel_block;
-        attn_keys(lid, r, params.tk, lo, min(lo + params.sel_block, pos + 1u));
+        attn_keys(lid, r, params.k_stride, lo, min(lo + params.sel_block, pos + 1u));
     }
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);

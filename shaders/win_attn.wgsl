@@ -31,7 +31,7 @@ fn main(
     }
     workgroupBarrier();
     let last = attn_pos(r, r.n - 1u);
-    attn_keys(lid, r, params.tk, window_start(attn_pos(r, 0u)), last + 1u);
+    attn_keys(lid, r, params.k_stride, window_start(attn_pos(r, 0u)), last + 1u);
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {

@@ -399,11 +399,27 @@ impl NsaPipeline {
         });
         let mut kept = Vec::new();
         let mut timed_steps = 0;
-        for (c, n) in chunks.iter().zip(&sizes) {
-            let len = cache.lens[c.seq];
+        // Consecutive sequences of equal length that add equally many tokens share one plan:
+        // one dispatch per stage for all of them.
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
+        for i in 0..chunks.len() {
+            let joins = groups.last().is_some_and(|g| {
+                let p = g.end - 1;
+                chunks[i].seq == chunks[p].seq + 1
+                    && cache.lens[chunks[i].seq] == cache.lens[chunks[p].seq]
+                    && sizes[i] == sizes[p]
+            });
+            match groups.last_mut() {
+                Some(g) if joins => g.end = i + 1,
+                _ => groups.push(i..i + 1),
+            }
+        }
+        for group in &groups {
+            let first = &chunks[group.start];
+            let (len, n, nb) = (cache.lens[first.seq], sizes[group.start], group.len());
             let shape = Shape {
-                batch: 1,
-                tq: *n,
+                batch: nb,
+                tq: n,
                 tk: len + n,
                 hq: o.hq,
                 hkv: o.hkv,
@@ -411,9 +427,11 @@ impl NsaPipeline {
                 dv: o.dv,
             };
             let rows = CacheRows {
-                key_row0: c.seq as u64 * cap,
-                cmp_row0: c.seq as u64 * cap_c,
+                key_row0: first.seq as u64 * cap,
+                cmp_row0: first.seq as u64 * cap_c,
                 cmp_done: cfg.num_compressed(len),
+                capacity: cache.capacity,
+                cmp_capacity: cap_c as usize,
             };
             let mut plan = Plan::cached(&cfg, &shape, &self.limits(), rows)?;
             if !attend {
@@ -432,12 +450,16 @@ impl NsaPipeline {
                 })
             };
             // Appending without rows binds no queries or gates: a placeholder fills the slots.
-            let (qd, gd) = if attend {
-                (c.q, c.gates)
+            let (qd, gd): (Vec<f32>, Vec<f32>) = if attend {
+                let cs = &chunks[group.clone()];
+                (
+                    cs.iter().flat_map(|c| c.q.iter().copied()).collect(),
+                    cs.iter().flat_map(|c| c.gates.iter().copied()).collect(),
+                )
             } else {
-                (&[0.0f32][..], &[0.0f32][..])
+                (vec![0.0], vec![0.0])
             };
-            let (q, g) = (up("nsa.extend.q", qd), up("nsa.extend.gates", gd));
+            let (q, g) = (up("nsa.extend.q", &qd), up("nsa.extend.gates", &gd));
             let out = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("nsa.extend.out"),
                 size: plan.tensor_bytes(Tensor::Out),
@@ -464,7 +486,7 @@ impl NsaPipeline {
             }
             timed_steps += plan.steps.len();
             if !attend {
-                kept.push((Vec::new(), scratch, out));
+                kept.push((Vec::new(), scratch, out, nb));
                 continue;
             }
             let mut wanted: Vec<&wgpu::Buffer> = vec![&out];
@@ -476,7 +498,7 @@ impl NsaPipeline {
                 wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
             }
             let staging = stage_readback(device, &mut encoder, &wanted);
-            kept.push((staging, scratch, out));
+            kept.push((staging, scratch, out, nb));
         }
         let stamps = timer.map(|t| t.resolve(ctx, &mut encoder, timed_steps));
         ctx.queue.submit([encoder.finish()]);
@@ -494,25 +516,35 @@ impl NsaPipeline {
             cache.lens[c.seq] = len + n;
         }
         let mut results = Vec::with_capacity(chunks.len());
-        for (staging, _, _) in kept.iter().filter(|_| attend) {
-            let mut data = read_staging(device, staging).await?.into_iter();
-            let mut f = || -> Vec<f32> {
-                bytemuck::cast_slice(&data.next().expect("one per wanted")).to_vec()
+        for (staging, _, _, nb) in kept.iter().filter(|_| attend) {
+            // Each group's outputs are [nb, n, ...]: one equal slice per sequence.
+            let parts = read_staging(device, staging).await?;
+            let split = |i: usize| -> Vec<Vec<f32>> {
+                let all: &[f32] = bytemuck::cast_slice(&parts[i]);
+                let per = all.len() / nb;
+                all.chunks(per).take(*nb).map(|c| c.to_vec()).collect()
             };
-            let out = f();
-            let block_indices = request
-                .block_indices
-                .then(|| bytemuck::cast_slice::<f32, i32>(&f()).to_vec());
-            let branches = request.branches.then(|| BranchOutputs {
-                o_cmp: f(),
-                o_slc: f(),
-                o_win: f(),
-            });
-            results.push(NsaOutputs {
-                out,
-                block_indices,
-                branches,
-            });
+            let mut next = 0;
+            let mut take = || {
+                next += 1;
+                split(next - 1)
+            };
+            let outs = take();
+            let idx = request.block_indices.then(&mut take);
+            let br = request.branches.then(|| (take(), take(), take()));
+            for s in 0..*nb {
+                results.push(NsaOutputs {
+                    out: outs[s].clone(),
+                    block_indices: idx
+                        .as_ref()
+                        .map(|x| bytemuck::cast_slice::<f32, i32>(&x[s]).to_vec()),
+                    branches: br.as_ref().map(|(a, b, c)| BranchOutputs {
+                        o_cmp: a[s].clone(),
+                        o_slc: b[s].clone(),
+                        o_win: c[s].clone(),
+                    }),
+                });
+            }
         }
         Ok((results, ms))
     }

@@ -46,8 +46,8 @@ pub struct Params {
     pub c_start: u32,
     pub c_count: u32,
     pub q_block: u32,
-    pub _pad1: u32,
-    pub _pad2: u32,
+    pub k_stride: u32,
+    pub c_stride: u32,
 }
 
 /// How a kernel accesses one binding.

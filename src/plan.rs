@@ -80,17 +80,23 @@ pub struct Window {
     pub size: u64,
 }
 
-/// Where a call's keys live when they come from a [`crate::NsaCache`]: one sequence whose
-/// key rows start at `key_row0` of the cache's key buffers and whose compressed rows start at
-/// `cmp_row0` of its compressed buffers, of which the first `cmp_done` already exist.
+/// Where a call's keys live when they come from a [`crate::NsaCache`]: `shape.batch`
+/// consecutive sequences of equal length, the first one's key rows starting at `key_row0` of
+/// the cache's key buffers (`capacity` rows per sequence) and its compressed rows at
+/// `cmp_row0` of the compressed buffers (`cmp_capacity` per sequence), of which the first
+/// `cmp_done` already exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CacheRows {
-    /// First key row of the sequence in the cache's `[S * capacity, Hkv, D]` buffers.
+    /// First key row of the first sequence in the cache's `[S * capacity, Hkv, D]` buffers.
     pub key_row0: u64,
-    /// First compressed row of the sequence in the cache's compressed buffers.
+    /// First compressed row of the first sequence in the cache's compressed buffers.
     pub cmp_row0: u64,
     /// Compressed tokens already in the cache (only later ones are computed).
     pub cmp_done: usize,
+    /// Key rows per sequence in the cache.
+    pub capacity: usize,
+    /// Compressed rows per sequence in the cache.
+    pub cmp_capacity: usize,
 }
 
 /// One dispatch: which kernel, its uniform, its grid and what each binding sees.
@@ -178,19 +184,19 @@ impl Plan {
         Self::build(config, shape, limits, None, precision)
     }
 
-    /// Plans the rows of one sequence whose keys live in a KV cache (`shape.batch == 1`):
-    /// compresses only the compressed tokens after `rows.cmp_done`, then attends.
+    /// Plans the rows of `shape.batch` consecutive, equally long sequences whose keys live in
+    /// a KV cache: compresses only the compressed tokens after `rows.cmp_done`, then attends.
     pub fn cached(
         config: &NsaConfig,
         shape: &Shape,
         limits: &DeviceLimits,
         rows: CacheRows,
     ) -> Result<Plan> {
-        if shape.batch != 1 {
+        if rows.capacity < shape.tk || rows.cmp_capacity < config.num_compressed(shape.tk) {
             return Err(NsaError::InvalidShape {
-                what: "batch",
-                value: shape.batch,
-                rule: "a cached plan covers one sequence",
+                what: "capacity",
+                value: rows.capacity,
+                rule: "a cache holds at least Tk rows and C(Tk) compressed rows per sequence",
             });
         }
         Self::build(config, shape, limits, Some(rows), Precision::F32)
@@ -311,6 +317,16 @@ impl Plan {
         ts
     }
 
+    /// Key rows per sequence in the key/value buffers: `Tk`, or the cache's capacity.
+    pub fn k_stride(&self) -> usize {
+        self.cache.map_or(self.shape.tk, |c| c.capacity)
+    }
+
+    /// Compressed rows per sequence in the compressed buffers: `C`, or the cache's.
+    pub fn c_stride(&self) -> usize {
+        self.cache.map_or(self.n_cmp, |c| c.cmp_capacity)
+    }
+
     /// Elements of a tensor for the whole call.
     pub fn tensor_len(&self, t: Tensor) -> u64 {
         let s = &self.shape;
@@ -407,6 +423,8 @@ impl Plan {
             linear: (c.compression == Compression::Linear) as u32,
             head_chunks: self.head_chunks,
             kv_tile: self.kv_tile,
+            k_stride: self.k_stride() as u32,
+            c_stride: self.c_stride() as u32,
             ..Params::default()
         }
     }
@@ -429,7 +447,7 @@ impl Plan {
         if c_count == 0 {
             return Ok(());
         }
-        let per_batch = (s.tk * s.hkv * s.dk.max(s.dv)) as u64;
+        let per_batch = (self.k_stride() * s.hkv * s.dk.max(s.dv)) as u64;
         let lim = self.binding_elems();
         if per_batch > lim {
             return Err(exceeds(
@@ -449,15 +467,16 @@ impl Plan {
                 (Tensor::KCmp, Tensor::Kc, Tensor::WK, Tensor::PeK, s.dk),
                 (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
             ] {
+                let (ks, cs) = (self.k_stride() as u64, self.c_stride() as u64);
                 let (sw, soff) = self.window(
                     src,
-                    (rows.key_row0 + (b0 * s.tk) as u64) * (s.hkv * dim) as u64,
-                    (nb * s.tk * s.hkv * dim) as u64,
+                    (rows.key_row0 + b0 as u64 * ks) * (s.hkv * dim) as u64,
+                    ((nb as u64 - 1) * ks + s.tk as u64) * (s.hkv * dim) as u64,
                 );
                 let (dw, doff) = self.window(
                     dst,
-                    (rows.cmp_row0 + (b0 * self.n_cmp) as u64) * (s.hkv * dim) as u64,
-                    (nb * self.n_cmp * s.hkv * dim) as u64,
+                    (rows.cmp_row0 + b0 as u64 * cs) * (s.hkv * dim) as u64,
+                    ((nb as u64 - 1) * cs + self.n_cmp as u64) * (s.hkv * dim) as u64,
                 );
                 let total = wg_per_batch * nb as u64;
                 let params = Params {
@@ -489,7 +508,7 @@ impl Plan {
     fn chunks(&self) -> Result<Vec<Chunk>> {
         let s = self.shape;
         let lim = self.binding_elems();
-        let kv = (s.tk * s.hkv * s.dk.max(s.dv)) as u64;
+        let kv = (self.k_stride() * s.hkv * s.dk.max(s.dv)) as u64;
         if kv > lim {
             return Err(exceeds(
                 "max_storage_buffer_binding_size (keys or values of one sequence)",
@@ -542,10 +561,11 @@ impl Plan {
             let rows = (ch.b0 * s.tq + ch.q0) as u64;
             let nrows = (ch.nb * ch.qc) as u64;
             let rows0 = self.cache.unwrap_or_default();
-            let keys = rows0.key_row0 + (ch.b0 * s.tk) as u64;
-            let nkeys = (ch.nb * s.tk) as u64;
-            let cmp0 = rows0.cmp_row0 + (ch.b0 * self.n_cmp) as u64;
-            let ncmp = (ch.nb * self.n_cmp) as u64;
+            let (ks, cs) = (self.k_stride() as u64, self.c_stride() as u64);
+            let keys = rows0.key_row0 + ch.b0 as u64 * ks;
+            let nkeys = (ch.nb as u64 - 1) * ks + s.tk as u64;
+            let cmp0 = rows0.cmp_row0 + ch.b0 as u64 * cs;
+            let ncmp = (ch.nb as u64 - 1) * cs + self.n_cmp as u64;
             let (hq, hkv, dk, dv) = (s.hq as u64, s.hkv as u64, s.dk as u64, s.dv as u64);
             let q = self.window(Tensor::Q, rows * hq * dk, nrows * hq * dk);
             let gates = self.window(Tensor::Gates, rows * hq * 3, nrows * hq * 3);

@@ -85,15 +85,15 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return f32(v[at]);
 }
 
-// Attends every owned row to keys [start, end) of the bound k, v (sequence length `tlen`),
+// Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
-fn attn_keys(lid: u32, r: Rows, tlen: u32, start: u32, end: u32) {
+fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
     let dv4 = (params.dv + 3u) / 4u;
     let kt = params.kv_tile;
     let nrg = (r.n + 3u) / 4u;
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
-        load_tile(lid, params.off_k + ((r.bb * tlen + t0) * params.hkv + r.h) * params.dk, nk, params.dk, true);
+        load_tile(lid, params.off_k + ((r.bb * stride + t0) * params.hkv + r.h) * params.dk, nk, params.dk, true);
         workgroupBarrier();
         // Scores: 4 rows x 1 key per item.
         for (var x = lid; x < nrg * nk; x += WG) {
@@ -110,7 +110,7 @@ fn attn_keys(lid: u32, r: Rows, tlen: u32, start: u32, end: u32) {
         workgroupBarrier();
         // The value tile replaces the key tile; meanwhile each row's new maximum, from 8
         // invocations per row.
-        load_tile(lid, params.off_v + ((r.bb * tlen + t0) * params.hkv + r.h) * params.dv, nk, params.dv, false);
+        load_tile(lid, params.off_v + ((r.bb * stride + t0) * params.hkv + r.h) * params.dv, nk, params.dv, false);
         let i = lid / 8u;
         let part = lid % 8u;
         var m = NEG_BIG;

@@ -41,8 +41,8 @@ struct Params {
     c_start: u32,      // compress: first compressed token of this dispatch
     c_count: u32,      // compress: compressed tokens per sequence in this dispatch
     q_block: u32,      // attention: consecutive queries per workgroup
-    _pad1: u32,
-    _pad2: u32,
+    k_stride: u32,     // key/value rows per sequence in the bound buffers (Tk, or a cache's capacity)
+    c_stride: u32,     // compressed rows per sequence in the bound buffers (C, or a cache's)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
