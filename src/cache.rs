@@ -417,9 +417,11 @@ impl NsaPipeline {
         for group in &groups {
             let first = &chunks[group.start];
             let (len, n, nb) = (cache.lens[first.seq], sizes[group.start], group.len());
+            // Appending without rows plans only the compression: one query row stands in for
+            // the rows no kernel computes (so query-sized limits do not apply).
             let shape = Shape {
                 batch: nb,
-                tq: n,
+                tq: if attend { n } else { 1 },
                 tk: len + n,
                 hq: o.hq,
                 hkv: o.hkv,
