@@ -572,3 +572,15 @@ trait BlockOn: std::future::Future + Sized {
     }
 }
 impl<F: std::future::Future> BlockOn for F {}
+
+#[test]
+fn no_matching_adapter_is_an_error() {
+    let opts = nsa_wgpu::AdapterOptions {
+        backends: None,
+        name: Some("no adapter has this name".into()),
+    };
+    match pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)) {
+        Err(NsaError::NoAdapter(msg)) => assert!(msg.contains("no adapter has this name"), "{msg}"),
+        other => panic!("expected NoAdapter, got {:?}", other.map(|c| c.describe())),
+    }
+}
