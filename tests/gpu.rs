@@ -489,6 +489,9 @@ fn dense_attention_matches_the_reference() {
         pollster::block_on(pipe.dense_attention(&shape, None, &data.q, &data.k, &data.v)).unwrap();
     let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).unwrap();
     assert_close("dense", &got, &naive.o_win, TOL);
+    let twin =
+        cpu::dense_attn::dense_attn(&shape, cfg.scale_for(shape.dk), &data.q, &data.k, &data.v);
+    assert_close("dense twin", &got, &twin, TOL);
 }
 
 #[test]

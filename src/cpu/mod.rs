@@ -7,6 +7,7 @@
 
 pub mod cmp_attn;
 pub mod compress;
+pub mod dense_attn;
 pub mod naive;
 pub mod select;
 pub mod slc_attn;
