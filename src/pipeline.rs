@@ -40,8 +40,16 @@ impl GpuContext {
     /// An adapter chosen by backend and name, and a device with its limits.
     pub async fn with_options(options: &AdapterOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-        if let Some(b) = options.backends {
-            desc.backends = b;
+        match options.backends {
+            Some(b) => desc.backends = b,
+            // By default only the primary backends (Vulkan, Metal, DX12, WebGPU): wgpu's GL
+            // fallback is not supported (its compute path on Mesa's llvmpipe never finishes
+            // these kernels), so a machine without a driver gets NoAdapter instead.
+            // WGPU_BACKEND still chooses explicitly.
+            None if std::env::var_os("WGPU_BACKEND").is_none() => {
+                desc.backends = wgpu::Backends::PRIMARY
+            }
+            None => {}
         }
         let backends = desc.backends;
         let instance = wgpu::Instance::new(desc);
@@ -64,7 +72,12 @@ impl GpuContext {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| NsaError::NoAdapter(format!("{e} (backends {backends:?})")))?,
+                .map_err(|e| {
+                    NsaError::NoAdapter(format!(
+                        "{e} (backends {backends:?}); without a GPU driver, install a Vulkan one \
+                         (Debian: apt-get install mesa-vulkan-drivers libvulkan1)"
+                    ))
+                })?,
         };
         // The optional features the crate can use, where the adapter has them.
         let wanted = wgpu::Features::TIMESTAMP_QUERY
