@@ -155,7 +155,13 @@ async function runDemo() {
       ["needles", input.planted.map((p) => `${p.pos} (block ${Math.floor(p.pos / layout.selBlock)})`).join(", ")],
     ]);
     drawOverview();
-    inspect(t - 1);
+    // Start with the last query that looks for a needle (if any), else the last query.
+    let start = t - 1;
+    for (let p = t - 1; p >= 0; p--) {
+      const n = (p * 7919) % input.planted.length;
+      if (p % 3 === 0 && p >= input.planted[n].pos + 600) { start = p; break; }
+    }
+    inspect(start);
     $("decode").disabled = false;
     setState("done", "done: click the overview to inspect a query");
   } catch (e) {
