@@ -38,6 +38,7 @@
 pub mod cache;
 pub mod config;
 pub mod cpu;
+pub mod data;
 pub mod error;
 pub mod inputs;
 pub mod kernels;

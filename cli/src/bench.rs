@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use clap::Args;
+use nsa_wgpu::data::sample_values;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::profile::StepTimer;
 use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
@@ -55,18 +56,6 @@ pub struct BenchArgs {
     batches: Vec<usize>,
     #[command(flatten)]
     adapter: AdapterArgs,
-}
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -186,7 +175,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)
             .map_err(|e| e.to_string())?;
         let up = |label: &str, t: Tensor, seed: u64| {
-            let data = values(plan.tensor_len(t) as usize, seed);
+            let data = sample_values(plan.tensor_len(t) as usize, seed);
             let bytes: Vec<u8> = if plan.elem_bytes(t) == 2 {
                 data.iter()
                     .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
@@ -327,8 +316,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..b)
                     .map(|s| {
                         (
-                            values(n * hkv * dk, (s * 7 + pos) as u64 + 1),
-                            values(n * hkv * dv, (s * 7 + pos) as u64 + 2),
+                            sample_values(n * hkv * dk, (s * 7 + pos) as u64 + 1),
+                            sample_values(n * hkv * dv, (s * 7 + pos) as u64 + 2),
                         )
                     })
                     .collect();
@@ -348,8 +337,15 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 pos += n;
             }
             let timer = StepTimer::new(ctx, 8 * b);
-            let (q, k, v) = (values(hq * dk, 5), values(hkv * dk, 6), values(hkv * dv, 7));
-            let g: Vec<f32> = values(hq * 3, 8).iter().map(|x| 0.5 + 0.5 * x).collect();
+            let (q, k, v) = (
+                sample_values(hq * dk, 5),
+                sample_values(hkv * dk, 6),
+                sample_values(hkv * dv, 7),
+            );
+            let g: Vec<f32> = sample_values(hq * 3, 8)
+                .iter()
+                .map(|x| 0.5 + 0.5 * x)
+                .collect();
             let mut nsa_ms = Vec::new();
             for it in 0..steps {
                 let chunks: Vec<SeqChunk> = (0..b)
@@ -408,7 +404,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                         usage: wgpu::BufferUsages::STORAGE,
                     })
             };
-            let qb = up(&values(b * hq * dk, 9));
+            let qb = up(&sample_values(b * hq * dk, 9));
             let out = up(&vec![0.0; b * hq * dv]);
             let kvb = cache.key_value_buffers();
             let dense = time_plan(

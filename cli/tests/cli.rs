@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use nsa_wgpu::data::sample_values;
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 
 fn nsa(args: &[&str]) -> Output {
@@ -10,18 +11,6 @@ fn nsa(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("the nsa binary runs")
-}
-
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
 }
 
 /// A tensor to write: name, shape, f32 data, stored as F32 or F16.
@@ -33,7 +22,7 @@ struct T {
 
 fn t(name: &'static str, shape: &[usize], seed: u64) -> T {
     let n = shape.iter().product();
-    let mut data = values(n, seed);
+    let mut data = sample_values(n, seed);
     if name == "gates" {
         data.iter_mut().for_each(|x| *x = 0.5 + 0.5 * *x);
     }
