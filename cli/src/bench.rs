@@ -51,11 +51,24 @@ pub struct BenchArgs {
     /// Storage precision of the inputs for prefill (f16 needs shader-f16).
     #[arg(long, value_enum, default_value = "f32")]
     precision: crate::Precision,
+    /// The device's copy bandwidth in GB/s (bytes read + written), e.g. from
+    /// torch_baselines.py in the same run; --decode reports the step's bandwidth against it.
+    #[arg(long)]
+    copy_gbps: Option<f64>,
     /// Batch sizes for --decode (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
     #[command(flatten)]
     adapter: AdapterArgs,
+}
+
+/// Heads, head dims and iterations: the arguments, or the tiny ones of --quick.
+fn sizes(args: &BenchArgs) -> (usize, usize, usize, usize, usize) {
+    if args.quick {
+        (4, 2, 32, 32, 2)
+    } else {
+        (args.hq, args.hkv, args.dk, args.dv, args.iters)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -130,18 +143,12 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.decode {
         return bench_decode(args);
     }
-    let (lengths, hq, hkv, dk, dv, iters) = if args.quick {
-        (vec![256, 700], 4, 2, 32, 32, 2)
+    let lengths = if args.quick {
+        vec![256, 700]
     } else {
-        (
-            args.lengths.clone(),
-            args.hq,
-            args.hkv,
-            args.dk,
-            args.dv,
-            args.iters,
-        )
+        args.lengths.clone()
     };
+    let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = args.adapter.pipeline()?;
     let ctx = pipe.context();
     let timed = StepTimer::new(ctx, 1).is_some();
@@ -240,55 +247,20 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Device-to-device copy bandwidth (bytes read + written per second), from a 1 GiB copy.
-fn copy_bandwidth(ctx: &nsa_wgpu::GpuContext) -> f64 {
-    let size = 1u64 << 30;
-    let mk = |usage| {
-        ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("bench.copy"),
-            size,
-            usage,
-            mapped_at_creation: false,
-        })
-    };
-    let (a, b) = (
-        mk(wgpu::BufferUsages::COPY_SRC),
-        mk(wgpu::BufferUsages::COPY_DST),
-    );
-    let mut times = Vec::new();
-    for _ in 0..6 {
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        enc.copy_buffer_to_buffer(&a, 0, &b, 0, size);
-        let start = Instant::now();
-        ctx.queue.submit([enc.finish()]);
-        let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
-        times.push(start.elapsed().as_secs_f64());
-    }
-    2.0 * size as f64 / median(times[1..].to_vec())
-}
-
 fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     use nsa_wgpu::{CacheOptions, NsaCache, OutputRequest, SeqChunk};
-    let (lengths, batches, hq, hkv, dk, dv, iters) = if args.quick {
-        (vec![300, 700], vec![1, 2], 4, 2, 32, 32, 2)
+    let (lengths, batches) = if args.quick {
+        (vec![300, 700], vec![1, 2])
     } else {
-        (
-            args.lengths.clone(),
-            args.batches.clone(),
-            args.hq,
-            args.hkv,
-            args.dk,
-            args.dv,
-            args.iters,
-        )
+        (args.lengths.clone(), args.batches.clone())
     };
+    let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = args.adapter.pipeline()?;
     let ctx = pipe.context();
-    let bw = copy_bandwidth(ctx);
     println!("adapter: {}", ctx.describe());
     println!(
-        "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {:.0} GB/s",
-        bw / 1e9
+        "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
+        args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
     println!("| B | cache length | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -420,11 +392,11 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv) * 4) as f64;
             let achieved = bytes / (nsa / 1e3);
             println!(
-                "| {b} | {len} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {:.1}% |",
+                "| {b} | {len} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} |",
                 dense / nsa,
                 bytes / 1e6,
                 achieved / 1e9,
-                100.0 * achieved / bw
+                args.copy_gbps.map_or("-".into(), |g| format!("{:.1}%", 100.0 * achieved / (g * 1e9)))
             );
         }
     }
