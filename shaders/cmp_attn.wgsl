@@ -28,7 +28,7 @@ fn main(
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {
-            o_cmp[params.off_ocmp + o.row * params.dv + o.e] = o.value;
+            o_cmp[params.off_ocmp + o.row * DV + o.e] = o.value;
         }
     }
     if lid < r.n {

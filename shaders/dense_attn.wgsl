@@ -25,7 +25,7 @@ fn main(
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {
-            out[params.off_out + o.row * params.dv + o.e] = o.value;
+            out[params.off_out + o.row * DV + o.e] = o.value;
         }
     }
 }

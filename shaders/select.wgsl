@@ -55,7 +55,7 @@ fn main(
     let m = params.sel_block / params.cmp_stride;   // pieces per selection block
     let u = params.cmp_block / params.cmp_stride;   // pieces per compressed token
     let bc = min(BCHUNK, (PBUF - (u - 1u)) / m);
-    let kt = params.kv_tile;
+    let kt = KT;
     // Forced blocks are [0, fa) and [fl, c]: disjoint, nf of them.
     let fa = min(params.init_blocks, c + 1u);
     let fl = max(c + 1u - min(params.local_blocks, c + 1u), fa);
@@ -83,7 +83,7 @@ fn main(
             }
             for (var t0 = t_lo; t0 < t_hi; t0 += kt) {
                 let nk = min(kt, t_hi - t0);
-                load_tile(lid, params.off_kc + ((bb * params.c_stride + t0) * params.hkv + h) * params.dk, nk, params.dk, true);
+                load_tile(lid, params.off_kc + ((bb * params.c_stride + t0) * params.hkv + h) * DK, nk, DK, true);
                 workgroupBarrier();
                 for (var x = lid; x < nrg * nk; x += WG) {
                     let rg = x / nk;

@@ -36,7 +36,7 @@ fn main(
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {
-            o_slc[params.off_oslc + o.row * params.dv + o.e] = o.value;
+            o_slc[params.off_oslc + o.row * DV + o.e] = o.value;
         }
     }
 }

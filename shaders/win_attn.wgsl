@@ -35,7 +35,7 @@ fn main(
     for (var slot = 0u; slot < 32u; slot++) {
         let o = attn_result(lid, slot, r);
         if o.valid {
-            let flat = o.row * params.dv + o.e;
+            let flat = o.row * DV + o.e;
             let gb = params.off_gates + o.row * 3u;
             o_win[params.off_owin + flat] = o.value;
             out[params.off_out + flat] = gates[gb] * o_cmp[params.off_ocmp + flat]

@@ -16,7 +16,7 @@ pub enum Compression {
 
 /// How the inputs (`q`, `k`, `v`, per-branch keys/values) and the compressed keys/values are
 /// stored on the GPU. Arithmetic is f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Precision {
     /// 4-byte floats.
     #[default]

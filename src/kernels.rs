@@ -62,7 +62,7 @@ pub enum Access {
 }
 
 /// The kernels: NSA's five in dataflow order, then the dense baseline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelId {
     /// `shaders/compress.wgsl`: blockwise compression of keys or values.
     Compress,
@@ -140,24 +140,56 @@ impl KernelId {
         match self {
             KernelId::Compress => 256 * 4,
             // qs, tile, partial, lse_s, pbuf, bscore, 4 top lists
-            KernelId::Select => (1024 * 4 + 512 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
+            KernelId::Select => (1024 * 4 + 528 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
             // qs, tile, scores, red, 5 per-row arrays
-            _ => (1024 * 4 + 512 * 4 + 1024 + 128 + 5 * 16) * 4,
+            _ => (1024 * 4 + 528 * 4 + 1024 + 128 + 5 * 16) * 4,
         }
     }
 }
 
-/// One compiled kernel: its pipeline and bind group layout.
-#[derive(Debug)]
-pub(crate) struct Kernel {
-    pub pipeline: wgpu::ComputePipeline,
-    pub layout: wgpu::BindGroupLayout,
+/// The shape constants an attention or selection kernel is compiled for: WGSL's `DK`, `DV`
+/// and `KT` overrides (`shaders/shared/qk.wgsl`), so that loops over head dimensions and tile
+/// keys have constant bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Specialization {
+    /// Key/query head dimension.
+    pub dk: u32,
+    /// Value head dimension.
+    pub dv: u32,
+    /// Keys per workgroup-memory tile.
+    pub kv_tile: u32,
 }
 
-impl Kernel {
-    /// Builds the layout from the binding table and compiles the shader for inputs stored at
-    /// `precision`.
-    pub fn new(device: &wgpu::Device, id: KernelId, precision: crate::config::Precision) -> Kernel {
+impl Specialization {
+    /// The pipeline-overridable constants, by name.
+    pub fn constants(&self) -> [(&'static str, f64); 3] {
+        [
+            ("DK", self.dk as f64),
+            ("DV", self.dv as f64),
+            ("KT", self.kv_tile as f64),
+        ]
+    }
+}
+
+impl KernelId {
+    /// Whether the shader declares the [`Specialization`] overrides (every kernel but
+    /// `Compress`, which has no tiles).
+    pub fn specialized(self) -> bool {
+        self != KernelId::Compress
+    }
+}
+
+/// One kernel's bind group layout and the pipeline layout built on it, shared by every
+/// compiled variant of the kernel.
+#[derive(Debug)]
+pub(crate) struct KernelLayout {
+    pub bind_group: wgpu::BindGroupLayout,
+    pub pipeline: wgpu::PipelineLayout,
+}
+
+impl KernelLayout {
+    /// Builds the layouts from the binding table.
+    pub fn new(device: &wgpu::Device, id: KernelId) -> KernelLayout {
         let entries: Vec<wgpu::BindGroupLayoutEntry> = id
             .bindings()
             .iter()
@@ -184,29 +216,47 @@ impl Kernel {
                 count: None,
             })
             .collect();
-        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        let bind_group = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some(id.label()),
             entries: &entries,
         });
-        let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        let pipeline = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(id.label()),
-            bind_group_layouts: &[Some(&layout)],
+            bind_group_layouts: &[Some(&bind_group)],
             immediate_size: 0,
         });
+        KernelLayout {
+            bind_group,
+            pipeline,
+        }
+    }
+
+    /// Compiles the kernel for inputs stored at `precision`, specialized to `spec`. Workgroup
+    /// memory is not zero-initialized: every kernel writes what it reads.
+    pub fn compile(
+        &self,
+        device: &wgpu::Device,
+        id: KernelId,
+        precision: crate::config::Precision,
+        spec: &Specialization,
+    ) -> wgpu::ComputePipeline {
         let source =
             crate::shaders::source_for(id.name(), precision).expect("every KernelId has a shader");
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(id.label()),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        let constants = spec.constants();
+        device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(id.label()),
-            layout: Some(&pipeline_layout),
+            layout: Some(&self.pipeline),
             module: &module,
             entry_point: Some("main"),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: if id.specialized() { &constants } else { &[] },
+                zero_initialize_workgroup_memory: false,
+            },
             cache: None,
-        });
-        Kernel { pipeline, layout }
+        })
     }
 }

@@ -2,12 +2,15 @@
 //! [`NsaScratch`] (intermediate buffers of one plan), `encode()` into a caller's command
 //! encoder, and the convenience `run()` on host slices.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use wgpu::util::DeviceExt;
 
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
-use crate::kernels::{Kernel, KernelId, Params};
+use crate::kernels::{KernelId, KernelLayout, Params, Specialization};
 use crate::plan::{DeviceLimits, Plan, Tensor};
 
 /// A device and queue to run on, and what adapter they came from.
@@ -215,9 +218,13 @@ impl NsaScratch {
 #[derive(Debug)]
 pub struct NsaPipeline {
     ctx: GpuContext,
-    kernels: Vec<Kernel>,
-    /// The same kernels for f16 inputs, where the device has `shader-f16`.
-    kernels_f16: Option<Vec<Kernel>>,
+    /// Each kernel's layouts, in `KernelId::ALL` order.
+    layouts: Vec<KernelLayout>,
+    /// Compiled kernels per input precision and specialization, built the first time a plan
+    /// needs them.
+    compiled: Mutex<HashMap<(KernelId, Precision, Specialization), wgpu::ComputePipeline>>,
+    /// Whether the device has `shader-f16` (f16 storage).
+    f16: bool,
     limits: DeviceLimits,
     dummy: wgpu::Buffer,
 }
@@ -252,18 +259,10 @@ impl NsaPipeline {
             });
         }
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let build = |p: Precision| {
-            KernelId::ALL
-                .iter()
-                .map(|id| Kernel::new(&ctx.device, *id, p))
-                .collect()
-        };
-        let kernels = build(Precision::F32);
-        let kernels_f16 = ctx
-            .device
-            .features()
-            .contains(wgpu::Features::SHADER_F16)
-            .then(|| build(Precision::F16));
+        let layouts = KernelId::ALL
+            .iter()
+            .map(|id| KernelLayout::new(&ctx.device, *id))
+            .collect();
         let dummy = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.dummy"),
             size: 16,
@@ -275,8 +274,9 @@ impl NsaPipeline {
         }
         Ok(Self {
             ctx: ctx.clone(),
-            kernels,
-            kernels_f16,
+            layouts,
+            compiled: Mutex::new(HashMap::new()),
+            f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
             limits: device_limits(&lim),
             dummy,
         })
@@ -451,6 +451,36 @@ impl NsaPipeline {
         )
     }
 
+    /// The pipelines of `plan`'s steps, compiled for its precision and shape on first use.
+    fn kernels(&self, plan: &Plan) -> Result<Vec<wgpu::ComputePipeline>> {
+        if !self.supports(plan.precision) {
+            return Err(NsaError::MissingFeature {
+                feature: "shader-f16",
+                why: "f16 storage",
+            });
+        }
+        let spec = plan.specialization();
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(plan
+            .steps
+            .iter()
+            .map(|step| {
+                let id = step.kernel;
+                compiled
+                    .entry((id, plan.precision, spec))
+                    .or_insert_with(|| {
+                        self.layouts[id as usize].compile(
+                            &self.ctx.device,
+                            id,
+                            plan.precision,
+                            &spec,
+                        )
+                    })
+                    .clone()
+            })
+            .collect())
+    }
+
     fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -459,17 +489,11 @@ impl NsaPipeline {
         timestamps: Option<(&wgpu::QuerySet, u32)>,
     ) -> Result<()> {
         let plan = &scratch.plan;
-        let kernels = match plan.precision {
-            Precision::F32 => &self.kernels,
-            Precision::F16 => self.kernels_f16.as_ref().ok_or(NsaError::MissingFeature {
-                feature: "shader-f16",
-                why: "f16 storage",
-            })?,
-        };
+        let kernels = self.kernels(plan)?;
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
         let mut groups = Vec::with_capacity(plan.steps.len());
         for (i, step) in plan.steps.iter().enumerate() {
-            let kernel = &kernels[step.kernel as usize];
+            let layout = &self.layouts[step.kernel as usize].bind_group;
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -503,7 +527,7 @@ impl NsaPipeline {
                     .device
                     .create_bind_group(&wgpu::BindGroupDescriptor {
                         label: Some(step.kernel.label()),
-                        layout: &kernel.layout,
+                        layout,
                         entries: &entries,
                     }),
             );
@@ -519,7 +543,7 @@ impl NsaPipeline {
                     }
                 }),
             });
-            pass.set_pipeline(&kernels[step.kernel as usize].pipeline);
+            pass.set_pipeline(&kernels[i]);
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(step.grid[0], step.grid[1], 1);
         }
@@ -540,7 +564,7 @@ impl NsaPipeline {
 
     /// Whether this device can store inputs at `precision`.
     pub fn supports(&self, precision: Precision) -> bool {
-        precision == Precision::F32 || self.kernels_f16.is_some()
+        precision == Precision::F32 || self.f16
     }
 
     /// [`Self::run`] with the inputs stored on the GPU at `precision` (converted on upload).

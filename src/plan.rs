@@ -9,7 +9,7 @@
 
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::kernels::{KernelId, Params};
+use crate::kernels::{KernelId, Params, Specialization};
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +138,7 @@ pub struct Plan {
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
 pub const ROWS_PER_WORKGROUP: usize = 16;
 /// vec4s in the attention tile (`TILE4` in `shaders/shared/attention.wgsl`).
-const ATTN_TILE4: usize = 512;
+const ATTN_TILE4: usize = 528;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// `PBUF` in `shaders/select.wgsl`.
@@ -155,9 +155,10 @@ struct Chunk {
     qc: usize,
 }
 
-/// Keys per attention tile: as many as fit `TILE4` vec4s, at most `KT_MAX`.
+/// Keys per attention tile: as many rows of `tile_stride()` vec4s (the wider of Dk, Dv in
+/// vec4s, rounded up to odd) as fit `TILE4`, at most `KT_MAX`.
 fn kv_tile(s: &Shape) -> u32 {
-    (ATTN_TILE4 / s.dk.max(s.dv).div_ceil(4)).min(KT_MAX) as u32
+    (ATTN_TILE4 / (s.dk.max(s.dv).div_ceil(4) | 1)).min(KT_MAX) as u32
 }
 
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
@@ -169,6 +170,15 @@ fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
 }
 
 impl Plan {
+    /// The shape constants its kernels are compiled for.
+    pub fn specialization(&self) -> Specialization {
+        Specialization {
+            dk: self.shape.dk as u32,
+            dv: self.shape.dv as u32,
+            kv_tile: self.kv_tile,
+        }
+    }
+
     /// Plans one call. Validates the config and shape first.
     pub fn new(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits) -> Result<Plan> {
         Self::build(config, shape, limits, None, Precision::F32)

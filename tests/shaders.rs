@@ -3,7 +3,7 @@
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
-use nsa_wgpu::kernels::{KernelId, Params};
+use nsa_wgpu::kernels::{KernelId, Params, Specialization};
 use nsa_wgpu::shaders;
 use nsa_wgpu::Precision;
 
@@ -38,21 +38,47 @@ fn every_kernel_has_a_shader_and_a_main() {
 
 #[test]
 fn shaders_translate_to_spirv_msl_hlsl() {
-    for (id, precision) in KernelId::ALL
-        .iter()
-        .flat_map(|id| [(*id, Precision::F32), (*id, Precision::F16)])
-    {
+    // Head sizes the tests use: small, odd, the paper's Dk/Dv, the largest.
+    let specs = [
+        (8, 8, 64),
+        (100, 64, 21),
+        (192, 128, 10),
+        (128, 128, 16),
+        (256, 256, 8),
+    ]
+    .map(|(dk, dv, kv_tile)| Specialization { dk, dv, kv_tile });
+    for (id, precision, spec) in KernelId::ALL.iter().flat_map(|id| {
+        [Precision::F32, Precision::F16]
+            .into_iter()
+            .flat_map(move |p| specs.map(move |s| (*id, p, s)))
+    }) {
         let (m, info) = module_for(id.name(), precision);
-        spv::write_vec(&m, &info, &spv::Options::default(), None)
+        let constants: naga::back::PipelineConstants = if id.specialized() {
+            spec.constants()
+                .iter()
+                .map(|(name, value)| (name.to_string(), *value))
+                .collect()
+        } else {
+            Default::default()
+        };
+        let (m, info) = naga::back::pipeline_constants::process_overrides(
+            &m,
+            &info,
+            Some((naga::ShaderStage::Compute, "main")),
+            &constants,
+        )
+        .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
+        let (m, info) = (m.as_ref(), info.as_ref());
+        spv::write_vec(m, info, &spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
         let pipeline = msl::PipelineOptions::default();
-        msl::write_string(&m, &info, &msl::Options::default(), &pipeline)
+        msl::write_string(m, info, &msl::Options::default(), &pipeline)
             .unwrap_or_else(|e| panic!("{} msl: {e}", id.name()));
         let mut out = String::new();
         let opts = hlsl::Options::default();
         let popts = hlsl::PipelineOptions::default();
         let mut w = hlsl::Writer::new(&mut out, &opts, &popts);
-        w.write(&m, &info, None)
+        w.write(m, info, None)
             .unwrap_or_else(|e| panic!("{} hlsl: {e}", id.name()));
         assert!(out.contains("main"), "{}", id.name());
     }

@@ -88,12 +88,13 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
-    let dv4 = (params.dv + 3u) / 4u;
-    let kt = params.kv_tile;
+    let dv4 = (DV + 3u) / 4u;
+    let ts = tile_stride();
+    let kt = KT;
     let nrg = (r.n + 3u) / 4u;
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
-        load_tile(lid, params.off_k + ((r.bb * stride + t0) * params.hkv + r.h) * params.dk, nk, params.dk, true);
+        load_tile(lid, params.off_k + ((r.bb * stride + t0) * params.hkv + r.h) * DK, nk, DK, true);
         workgroupBarrier();
         // Scores: 4 rows x 1 key per item.
         for (var x = lid; x < nrg * nk; x += WG) {
@@ -110,7 +111,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         workgroupBarrier();
         // The value tile replaces the key tile; meanwhile each row's new maximum, from 8
         // invocations per row.
-        load_tile(lid, params.off_v + ((r.bb * stride + t0) * params.hkv + r.h) * params.dv, nk, params.dv, false);
+        load_tile(lid, params.off_v + ((r.bb * stride + t0) * params.hkv + r.h) * DV, nk, DV, false);
         let i = lid / 8u;
         let part = lid % 8u;
         var m = NEG_BIG;
@@ -155,7 +156,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
                 var o2 = acc[it * 4u + 2u] * row_alpha[rg * 4u + 2u];
                 var o3 = acc[it * 4u + 3u] * row_alpha[rg * 4u + 3u];
                 for (var j = 0u; j < nk; j++) {
-                    let vv = tile[j * dv4 + e];
+                    let vv = tile[j * ts + e];
                     o0 += scores[(rg * 4u) * KT_MAX + j] * vv;
                     o1 += scores[(rg * 4u + 1u) * KT_MAX + j] * vv;
                     o2 += scores[(rg * 4u + 2u) * KT_MAX + j] * vv;
@@ -183,7 +184,7 @@ struct AttnOut {
 // row `slot / 4 % 4` of its group, component `slot % 4`. A row that saw no key gives 0.
 fn attn_result(lid: u32, slot: u32, r: Rows) -> AttnOut {
     var o: AttnOut;
-    let dv4 = (params.dv + 3u) / 4u;
+    let dv4 = (DV + 3u) / 4u;
     let it = slot / 16u;
     let c = (slot / 4u) % 4u;
     let comp = slot % 4u;
@@ -191,7 +192,7 @@ fn attn_result(lid: u32, slot: u32, r: Rows) -> AttnOut {
     let rg = x / dv4;
     let i = rg * 4u + c;
     o.e = (x % dv4) * 4u + comp;
-    o.valid = x < ((r.n + 3u) / 4u) * dv4 && i < r.n && o.e < params.dv;
+    o.valid = x < ((r.n + 3u) / 4u) * dv4 && i < r.n && o.e < DV;
     if o.valid {
         let l = row_sum[i];
         o.value = select(0.0, acc[it * 4u + c][comp] / l, l > 0.0);
