@@ -25,11 +25,9 @@ fn main(
     workgroupBarrier();
     // Rows are ordered by position, so the last one sees the most tokens.
     attn_keys(lid, r, params.c_stride, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
-    for (var slot = 0u; slot < 32u; slot++) {
-        let o = attn_result(lid, slot, r);
-        if o.valid {
-            o_cmp[params.off_ocmp + o.row * DV + o.e] = o.value;
-        }
+    attn_finish(lid, r);
+    for (var x = lid; x < r.n * DV; x += WG) {
+        o_cmp[params.off_ocmp + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }
     if lid < r.n {
         let l = row_sum[lid];

@@ -22,10 +22,8 @@ fn main(
     }
     workgroupBarrier();
     attn_keys(lid, r, params.k_stride, 0u, attn_pos(r, r.n - 1u) + 1u);
-    for (var slot = 0u; slot < 32u; slot++) {
-        let o = attn_result(lid, slot, r);
-        if o.valid {
-            out[params.off_out + o.row * DV + o.e] = o.value;
-        }
+    attn_finish(lid, r);
+    for (var x = lid; x < r.n * DV; x += WG) {
+        out[params.off_out + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }
 }

@@ -33,10 +33,8 @@ fn main(
         let lo = u32(j) * params.sel_block;
         attn_keys(lid, r, params.k_stride, lo, min(lo + params.sel_block, pos + 1u));
     }
-    for (var slot = 0u; slot < 32u; slot++) {
-        let o = attn_result(lid, slot, r);
-        if o.valid {
-            o_slc[params.off_oslc + o.row * DV + o.e] = o.value;
-        }
+    attn_finish(lid, r);
+    for (var x = lid; x < r.n * DV; x += WG) {
+        o_slc[params.off_oslc + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }
 }

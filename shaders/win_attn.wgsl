@@ -32,15 +32,15 @@ fn main(
     workgroupBarrier();
     let last = attn_pos(r, r.n - 1u);
     attn_keys(lid, r, params.k_stride, window_start(attn_pos(r, 0u)), last + 1u);
-    for (var slot = 0u; slot < 32u; slot++) {
-        let o = attn_result(lid, slot, r);
-        if o.valid {
-            let flat = o.row * DV + o.e;
-            let gb = params.off_gates + o.row * 3u;
-            o_win[params.off_owin + flat] = o.value;
-            out[params.off_out + flat] = gates[gb] * o_cmp[params.off_ocmp + flat]
-                + gates[gb + 1u] * o_slc[params.off_oslc + flat]
-                + gates[gb + 2u] * o.value;
-        }
+    attn_finish(lid, r);
+    for (var x = lid; x < r.n * DV; x += WG) {
+        let row = attn_row(r, x / DV);
+        let flat = row * DV + x % DV;
+        let gb = params.off_gates + row * 3u;
+        let value = attn_out(x / DV, x % DV);
+        o_win[params.off_owin + flat] = value;
+        out[params.off_out + flat] = gates[gb] * o_cmp[params.off_ocmp + flat]
+            + gates[gb + 1u] * o_slc[params.off_oslc + flat]
+            + gates[gb + 2u] * value;
     }
 }

@@ -139,10 +139,10 @@ impl KernelId {
     pub fn workgroup_bytes(self) -> u32 {
         match self {
             KernelId::Compress => 256 * 4,
-            // qs, tile, partial, lse_s, pbuf, bscore, 4 top lists
-            KernelId::Select => (1024 * 4 + 528 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
-            // qs, tile, scores, red, 5 per-row arrays
-            _ => (1024 * 4 + 528 * 4 + 1024 + 128 + 5 * 16) * 4,
+            // smem, partial, lse_s, pbuf, bscore, 4 top lists
+            KernelId::Select => (1536 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
+            // smem, scores, red, 5 per-row arrays
+            _ => (1536 * 4 + 1024 + 128 + 5 * 16) * 4,
         }
     }
 }

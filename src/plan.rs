@@ -137,8 +137,8 @@ pub struct Plan {
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
 pub const ROWS_PER_WORKGROUP: usize = 16;
-/// vec4s in the attention tile (`TILE4` in `shaders/shared/attention.wgsl`).
-const ATTN_TILE4: usize = 528;
+/// vec4s of workgroup memory for queries and one tile (`SMEM4` in `shaders/shared/qk.wgsl`).
+const SMEM4: usize = 1536;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// `PBUF` in `shaders/select.wgsl`.
@@ -156,9 +156,12 @@ struct Chunk {
 }
 
 /// Keys per attention tile: as many rows of `tile_stride()` vec4s (the wider of Dk, Dv in
-/// vec4s, rounded up to odd) as fit `TILE4`, at most `KT_MAX`.
+/// vec4s; rounded up to odd unless a multiple of 8) as fit `SMEM4` after the queries
+/// (`ROWS` rows of Dk), at most `KT_MAX`.
 fn kv_tile(s: &Shape) -> u32 {
-    (ATTN_TILE4 / (s.dk.max(s.dv).div_ceil(4) | 1)).min(KT_MAX) as u32
+    let d4 = s.dk.max(s.dv).div_ceil(4);
+    let stride = if d4 % 8 == 0 { d4 } else { d4 | 1 };
+    ((SMEM4 - ROWS_PER_WORKGROUP * s.dk.div_ceil(4)) / stride).min(KT_MAX) as u32
 }
 
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {

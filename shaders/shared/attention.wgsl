@@ -21,7 +21,16 @@ var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;
 var<workgroup> row_lo: array<u32, ROWS>;
 var<workgroup> row_hi: array<u32, ROWS>;
-var<private> acc: array<vec4<f32>, 8>;          // 2 items x 4 rows, 4 dims each
+// The output accumulators of an invocation's two items (4 rows x 4 dims each), as plain
+// private variables rather than an indexed array, so that they stay in registers.
+struct Acc {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+var<private> acc0: Acc;
+var<private> acc1: Acc;
 
 // Which rows a workgroup owns. Every field derives from the workgroup id and the params
 // only, so control flow on them stays uniform (barriers inside it are legal).
@@ -72,9 +81,8 @@ fn attn_begin(lid: u32, r: Rows) {
         row_max[lid] = NEG_BIG;
         row_sum[lid] = 0.0;
     }
-    for (var a = 0u; a < 8u; a++) {
-        acc[a] = vec4<f32>(0.0);
-    }
+    acc0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    acc1 = acc0;
 }
 
 // The element load behind load_tile: keys or values.
@@ -89,7 +97,6 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
     let dv4 = (DV + 3u) / 4u;
-    let ts = tile_stride();
     let kt = KT;
     let nrg = (r.n + 3u) / 4u;
     for (var t0 = start; t0 < end; t0 += kt) {
@@ -146,57 +153,66 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         }
         workgroupBarrier();
         // Output: 4 rows x 4 dims per item, at most 2 items per invocation.
-        for (var it = 0u; it < 2u; it++) {
-            let x = lid + it * WG;
-            if x < nrg * dv4 {
-                let rg = x / dv4;
-                let e = x % dv4;
-                var o0 = acc[it * 4u] * row_alpha[rg * 4u];
-                var o1 = acc[it * 4u + 1u] * row_alpha[rg * 4u + 1u];
-                var o2 = acc[it * 4u + 2u] * row_alpha[rg * 4u + 2u];
-                var o3 = acc[it * 4u + 3u] * row_alpha[rg * 4u + 3u];
-                for (var j = 0u; j < nk; j++) {
-                    let vv = tile[j * ts + e];
-                    o0 += scores[(rg * 4u) * KT_MAX + j] * vv;
-                    o1 += scores[(rg * 4u + 1u) * KT_MAX + j] * vv;
-                    o2 += scores[(rg * 4u + 2u) * KT_MAX + j] * vv;
-                    o3 += scores[(rg * 4u + 3u) * KT_MAX + j] * vv;
-                }
-                acc[it * 4u] = o0;
-                acc[it * 4u + 1u] = o1;
-                acc[it * 4u + 2u] = o2;
-                acc[it * 4u + 3u] = o3;
-            }
+        let items = nrg * dv4;
+        if lid < items {
+            acc0 = accumulate(acc0, lid / dv4, lid % dv4, nk);
+        }
+        if lid + WG < items {
+            acc1 = accumulate(acc1, (lid + WG) / dv4, (lid + WG) % dv4, nk);
         }
         workgroupBarrier();
     }
 }
 
-// One output element: flat [.., Dv] index `row * Dv + e` (relative to the chunk) and value.
-struct AttnOut {
-    valid: bool,
-    row: u32,
-    e: u32,
-    value: f32,
-}
-
-// Output slot `slot` (0 .. 32) of invocation `lid`: item `slot / 16` (4 rows x 4 dims),
-// row `slot / 4 % 4` of its group, component `slot % 4`. A row that saw no key gives 0.
-fn attn_result(lid: u32, slot: u32, r: Rows) -> AttnOut {
-    var o: AttnOut;
-    let dv4 = (DV + 3u) / 4u;
-    let it = slot / 16u;
-    let c = (slot / 4u) % 4u;
-    let comp = slot % 4u;
-    let x = lid + it * WG;
-    let rg = x / dv4;
-    let i = rg * 4u + c;
-    o.e = (x % dv4) * 4u + comp;
-    o.valid = x < ((r.n + 3u) / 4u) * dv4 && i < r.n && o.e < DV;
-    if o.valid {
-        let l = row_sum[i];
-        o.value = select(0.0, acc[it * 4u + c][comp] / l, l > 0.0);
-        o.row = attn_row(r, i);
+// Rescales item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) by the rows' alpha and adds the
+// tile's probabilities times its values.
+fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
+    var o = Acc(
+        a.r0 * row_alpha[rg * 4u],
+        a.r1 * row_alpha[rg * 4u + 1u],
+        a.r2 * row_alpha[rg * 4u + 2u],
+        a.r3 * row_alpha[rg * 4u + 3u],
+    );
+    for (var j = 0u; j < nk; j++) {
+        let vv = smem[tile_at(j, e)];
+        o.r0 += scores[(rg * 4u) * KT_MAX + j] * vv;
+        o.r1 += scores[(rg * 4u + 1u) * KT_MAX + j] * vv;
+        o.r2 += scores[(rg * 4u + 2u) * KT_MAX + j] * vv;
+        o.r3 += scores[(rg * 4u + 3u) * KT_MAX + j] * vv;
     }
     return o;
+}
+
+// Normalises every owned row (a row that saw no key gives 0) and stages it in `smem` (the
+// queries are no longer needed) as [ROWS, dv4()] vec4s, so that kernels write their outputs
+// with coalesced stores through attn_out.
+fn attn_finish(lid: u32, r: Rows) {
+    let dv4 = (DV + 3u) / 4u;
+    let items = ((r.n + 3u) / 4u) * dv4;
+    workgroupBarrier();
+    if lid < items {
+        stage_rows(acc0, lid / dv4, lid % dv4);
+    }
+    if lid + WG < items {
+        stage_rows(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
+    }
+    workgroupBarrier();
+}
+
+fn stage_rows(a: Acc, rg: u32, e: u32) {
+    let at = rg * 4u * dv4() + e;
+    smem[at] = normalized(a.r0, rg * 4u);
+    smem[at + dv4()] = normalized(a.r1, rg * 4u + 1u);
+    smem[at + 2u * dv4()] = normalized(a.r2, rg * 4u + 2u);
+    smem[at + 3u * dv4()] = normalized(a.r3, rg * 4u + 3u);
+}
+
+fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {
+    let l = row_sum[i];
+    return select(vec4<f32>(0.0), o / l, l > 0.0);
+}
+
+// Element e of owned row i's output, after attn_finish.
+fn attn_out(i: u32, e: u32) -> f32 {
+    return smem[i * dv4() + e / 4u][e % 4u];
 }

@@ -10,11 +10,11 @@
 
 const WG: u32 = 128u;          // invocations per workgroup
 const ROWS: u32 = 16u;         // query rows per workgroup
-const DMAX4: u32 = 64u;        // vec4s per row at Dk, Dv <= 256
-const TILE4: u32 = 528u;       // vec4s of one key (or value) tile: kv_tile * tile_stride() <= TILE4
+const SMEM4: u32 = 1536u;      // vec4s of workgroup memory for the queries and one tile
 
-var<workgroup> qs: array<vec4<f32>, 1024>;     // [ROWS, DMAX4], zero past Dk and past n rows
-var<workgroup> tile: array<vec4<f32>, TILE4>;  // [kv_tile, tile_stride()], zero past D
+// The queries, [ROWS, dk4()] (zero past Dk and past the owned rows), then one key or value
+// tile, [KT, tile_stride()] (zero past D). The smaller the heads, the more keys per tile.
+var<workgroup> smem: array<vec4<f32>, SMEM4>;
 
 // Head sizes and keys per tile, set per shape when the pipeline is created (Rust's
 // `Specialization`), so that the loops over head dimensions and tile keys have constant
@@ -23,16 +23,32 @@ override DK: u32;
 override DV: u32;
 override KT: u32;
 
-// vec4s per tile row: max(ceil(Dk/4), ceil(Dv/4)) rounded up to odd, so that the keys that
-// neighbouring invocations score sit in different banks.
-fn tile_stride() -> u32 {
-    return max((DK + 3u) / 4u, (DV + 3u) / 4u) | 1u;
+fn dk4() -> u32 {
+    return (DK + 3u) / 4u;
 }
 
-// Loads `n` query rows into `qs`: row i is flat [.., Hq] row `base + (i / nh) * Hq + i % nh`
-// (nh heads of consecutive queries).
+fn dv4() -> u32 {
+    return (DV + 3u) / 4u;
+}
+
+// vec4s per tile row: the wider of Dk, Dv. When that is a multiple of 8, rows are swizzled
+// (vec4 e of row j sits at e ^ (j % 8)); otherwise the stride is rounded up to odd. Either
+// way the keys that neighbouring invocations score sit in different banks.
+fn tile_stride() -> u32 {
+    let d4 = max(dk4(), dv4());
+    return select(d4 | 1u, d4, d4 % 8u == 0u);
+}
+
+// Where vec4 `e` of tile row `j` sits in `smem`.
+fn tile_at(j: u32, e: u32) -> u32 {
+    let ts = tile_stride();
+    return ROWS * dk4() + j * ts + select(e, e ^ (j & 7u), ts % 8u == 0u);
+}
+
+// Loads `n` query rows: row i is flat [.., Hq] row `base + (i / nh) * Hq + i % nh` (nh heads
+// of consecutive queries).
 fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
-    let dk4 = (DK + 3u) / 4u;
+    let dk4 = dk4();
     for (var x = lid; x < ROWS * dk4; x += WG) {
         let i = x / dk4;
         let e = (x % dk4) * 4u;
@@ -45,15 +61,14 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
                 }
             }
         }
-        qs[i * DMAX4 + x % dk4] = val;
+        smem[x] = val;
     }
 }
 
 // Loads `nk` rows of width `d` (row j at `base + j * Hkv * d`, keys or values as `from_k`
-// says) into `tile` as vec4s (row j at j * tile_stride()), zero past `d`.
+// says) into the tile, zero past `d`.
 fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
     let d4 = (d + 3u) / 4u;
-    let ts = tile_stride();
     for (var x = lid; x < nk * d4; x += WG) {
         let j = x / d4;
         let e = (x % d4) * 4u;
@@ -64,21 +79,21 @@ fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
                 val[c] = fetch_kv(from_k, at + c);
             }
         }
-        tile[j * ts + x % d4] = val;
+        smem[tile_at(j, x % d4)] = val;
     }
 }
 
 // q . k for query rows 4*rg .. 4*rg+3 and tile key j (unscaled).
 fn score4(rg: u32, j: u32) -> vec4<f32> {
-    let dk4 = (DK + 3u) / 4u;
-    let kb = j * tile_stride();
+    let dk4 = dk4();
+    let q0 = rg * 4u * dk4;
     var s = vec4<f32>(0.0);
     for (var e = 0u; e < dk4; e++) {
-        let kv = tile[kb + e];
-        s[0] += dot(qs[(rg * 4u) * DMAX4 + e], kv);
-        s[1] += dot(qs[(rg * 4u + 1u) * DMAX4 + e], kv);
-        s[2] += dot(qs[(rg * 4u + 2u) * DMAX4 + e], kv);
-        s[3] += dot(qs[(rg * 4u + 3u) * DMAX4 + e], kv);
+        let kv = smem[tile_at(j, e)];
+        s[0] += dot(smem[q0 + e], kv);
+        s[1] += dot(smem[q0 + dk4 + e], kv);
+        s[2] += dot(smem[q0 + 2u * dk4 + e], kv);
+        s[3] += dot(smem[q0 + 3u * dk4 + e], kv);
     }
     return s;
 }
