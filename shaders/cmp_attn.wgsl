@@ -4,7 +4,7 @@
 
 #import attention
 
-@group(0) @binding(4) var<storage, read_write> o_cmp: array<f32>;  // [B, Tq, Hq, Dv]
+@group(0) @binding(4) var<storage, read_write> o_cmp: array<f32>;  // [B, Tq, Hq, Dv], or partials when split
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;    // [B, Tq, Hq]
 
 @compute @workgroup_size(128)
@@ -24,8 +24,15 @@ fn main(
     }
     workgroupBarrier();
     // Rows are ordered by position, so the last one sees the most tokens.
-    attn_keys(lid, r, params.c_stride, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
+    let keys = split_range(r, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
+    attn_keys(lid, r, params.c_stride, keys.x, keys.y);
     attn_finish(lid, r);
+    if params.splits > 1u {
+        for (var x = lid; x < part_count(r); x += WG) {
+            o_cmp[params.off_ocmp + part_index(r, x)] = part_value(x);
+        }
+        return;
+    }
     for (var x = lid; x < r.n * DV; x += WG) {
         o_cmp[params.off_ocmp + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }

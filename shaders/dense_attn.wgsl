@@ -21,8 +21,15 @@ fn main(
         row_hi[lid] = select(0u, attn_pos(r, min(lid, r.n - 1u)) + 1u, lid < r.n);
     }
     workgroupBarrier();
-    attn_keys(lid, r, params.k_stride, 0u, attn_pos(r, r.n - 1u) + 1u);
+    let keys = split_range(r, 0u, attn_pos(r, r.n - 1u) + 1u);
+    attn_keys(lid, r, params.k_stride, keys.x, keys.y);
     attn_finish(lid, r);
+    if params.splits > 1u {
+        for (var x = lid; x < part_count(r); x += WG) {
+            out[params.off_out + part_index(r, x)] = part_value(x);
+        }
+        return;
+    }
     for (var x = lid; x < r.n * DV; x += WG) {
         out[params.off_out + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }

@@ -7,32 +7,27 @@
 
 // Bindings 1 and 2 (q, and the compressed keys as `k`: [B, C, Hkv, Dk]) come from qk.
 #import qk
+#import topn
 
 @group(0) @binding(3) var<storage, read> lse: array<f32>;                   // [B, Tq, Hq]
-@group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;   // [B, Tq, Hkv, n]
+// [B, Tq, Hkv, n]; when split, each split's candidates instead (see store_candidates)
+@group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;
 
 const KT_MAX: u32 = 64u;   // tokens per tile at most
 const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
 const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG)
-const NMAX: u32 = 256u;    // top_n at most
 
 var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads
 var<workgroup> lse_s: array<f32, ROWS>;
 var<workgroup> pbuf: array<f32, PBUF>;          // group-summed p_cmp of the chunk's tokens
 var<workgroup> bscore: array<f32, BCHUNK>;      // chunk block scores, -1 for forced blocks
 var<workgroup> top_score: array<f32, NMAX>;
-var<workgroup> top_idx: array<u32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
 
 // The element load behind load_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return f32(k[at]);
-}
-
-// True when (sa, ja) ranks before (sb, jb): higher score first, ties to the lower block.
-fn beats(sa: f32, ja: u32, sb: f32, jb: u32) -> bool {
-    return sa > sb || (sa == sb && ja < jb);
 }
 
 @compute @workgroup_size(128)
@@ -45,25 +40,26 @@ fn main(
     if wid >= params.total_wg {
         return;
     }
-    let h = wid % params.hkv;
-    let rest = wid / params.hkv;
+    let split = wid % params.splits;
+    let h = (wid / params.splits) % params.hkv;
+    let rest = wid / params.splits / params.hkv;
     let iq = rest % params.q_count;
     let bb = rest / params.q_count;
     let p = query_position(params.q_start + iq);
-    let c = p / params.sel_block;
     let nv = visible_compressed(p);
     let m = params.sel_block / params.cmp_stride;   // pieces per selection block
     let u = params.cmp_block / params.cmp_stride;   // pieces per compressed token
-    let bc = min(BCHUNK, (PBUF - (u - 1u)) / m);
+    let bc = params.sel_chunk;  // <= min(BCHUNK, (PBUF - (u - 1)) / m)
     let kt = KT;
-    // Forced blocks are [0, fa) and [fl, c]: disjoint, nf of them.
-    let fa = min(params.init_blocks, c + 1u);
-    let fl = max(c + 1u - min(params.local_blocks, c + 1u), fa);
-    let nf = fa + (c + 1u - fl);
-    let slots = params.top_n - nf;
+    let f = forced_blocks(p);
+    let c = f.c;
+    let fa = f.fa;
+    let fl = f.fl;
+    let slots = params.top_n - f.nf;
     let row0 = (bb * params.q_count + iq) * params.hq + h * params.g;  // first head of the group
     var cnt = 0u;
-    for (var j0 = 0u; j0 <= c; j0 += bc) {
+    // Split s takes chunks s, s + splits, ...
+    for (var j0 = split * bc; j0 <= c; j0 += params.splits * bc) {
         let jn = min(bc, c + 1u - j0);
         let ntok = m * jn + u - 1u;
         // pbuf[x] holds token m*j0 + x - (u-1); tokens outside [0, nv) stay 0.
@@ -167,22 +163,21 @@ fn main(
         }
         workgroupBarrier();
     }
-    // Write forced and chosen blocks in ascending order, then pad with -1.
-    let ob = params.off_idx + ((bb * params.q_count + iq) * params.hkv + h) * params.top_n;
-    for (var x = lid; x < nf + cnt; x += WG) {
-        var j: u32;
-        if x < nf {
-            j = select(fl + (x - fa), x, x < fa);
-        } else {
-            j = top_idx[x - nf];
-        }
-        var pos = min(j, fa) + select(0u, min(j, c + 1u) - fl, j > fl);
-        for (var y = 0u; y < cnt; y++) {
-            pos += u32(top_idx[y] < j);
-        }
-        block_indices[ob + pos] = i32(j);
+    let row = (bb * params.q_count + iq) * params.hkv + h;
+    if params.splits > 1u {
+        store_candidates(lid, row, split, cnt);
+        return;
     }
-    for (var x = nf + cnt + lid; x < params.top_n; x += WG) {
-        block_indices[ob + x] = -1;
+    write_selection(lid, params.off_idx + row * params.top_n, f, cnt);
+}
+
+// Split mode: this split's `cnt` best (score, block) pairs, padded with (-1, -1) to n, at
+// [rows, splits, n, 2] (scores as i32 bits); select_merge.wgsl picks the overall best.
+fn store_candidates(lid: u32, row: u32, split: u32, cnt: u32) {
+    let base = params.off_idx + (row * params.splits + split) * params.top_n * 2u;
+    for (var x = lid; x < params.top_n; x += WG) {
+        let valid = x < cnt;
+        block_indices[base + 2u * x] = bitcast<i32>(select(-1.0, top_score[x], valid));
+        block_indices[base + 2u * x + 1u] = select(-1, i32(top_idx[x]), valid);
     }
 }

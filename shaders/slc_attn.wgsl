@@ -25,7 +25,7 @@ fn main(
     }
     workgroupBarrier();
     let ib = params.off_idx + ((r.bb * params.q_count + r.iq0) * params.hkv + r.h) * params.top_n;
-    for (var s = 0u; s < params.top_n; s++) {
+    for (var s = r.split; s < params.top_n; s += params.splits) {
         let j = block_indices[ib + s];
         if j < 0 {
             break;
@@ -34,6 +34,12 @@ fn main(
         attn_keys(lid, r, params.k_stride, lo, min(lo + params.sel_block, pos + 1u));
     }
     attn_finish(lid, r);
+    if params.splits > 1u {
+        for (var x = lid; x < part_count(r); x += WG) {
+            o_slc[params.off_oslc + part_index(r, x)] = part_value(x);
+        }
+        return;
+    }
     for (var x = lid; x < r.n * DV; x += WG) {
         o_slc[params.off_oslc + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }

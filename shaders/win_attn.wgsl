@@ -9,10 +9,6 @@
 @group(0) @binding(7) var<storage, read_write> o_win: array<f32>;  // [B, Tq, Hq, Dv]
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;    // [B, Tq, Hq, Dv]
 
-fn window_start(p: u32) -> u32 {
-    return select(0u, p + 1u - params.window, p + 1u > params.window);
-}
-
 @compute @workgroup_size(128)
 fn main(
     @builtin(local_invocation_index) lid: u32,
@@ -31,8 +27,15 @@ fn main(
     }
     workgroupBarrier();
     let last = attn_pos(r, r.n - 1u);
-    attn_keys(lid, r, params.k_stride, window_start(attn_pos(r, 0u)), last + 1u);
+    let keys = split_range(r, window_start(attn_pos(r, 0u)), last + 1u);
+    attn_keys(lid, r, params.k_stride, keys.x, keys.y);
     attn_finish(lid, r);
+    if params.splits > 1u {
+        for (var x = lid; x < part_count(r); x += WG) {
+            out[params.off_out + part_index(r, x)] = part_value(x);
+        }
+        return;
+    }
     for (var x = lid; x < r.n * DV; x += WG) {
         let row = attn_row(r, x / DV);
         let flat = row * DV + x % DV;

@@ -11,6 +11,7 @@ use wgpu::util::DeviceExt;
 use crate::config::{Compression, NsaConfig, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
+use crate::kernels::KernelId;
 use crate::pipeline::{read_staging, stage_readback, GpuBuffers, NsaPipeline};
 use crate::plan::{CacheRows, Plan, Tensor};
 use crate::profile::StepTimer;
@@ -277,14 +278,15 @@ impl NsaPipeline {
     }
 
     /// [`Self::extend`], timing every pass with `timer` (which must hold enough steps:
-    /// 6 per chunk is always enough). Also returns each pass's GPU time in milliseconds.
+    /// 10 per chunk is always enough). Also returns each pass's kernel and GPU time in
+    /// milliseconds, in order.
     pub async fn extend_timed(
         &self,
         cache: &mut NsaCache,
         chunks: &[SeqChunk<'_>],
         request: OutputRequest,
         timer: &StepTimer,
-    ) -> Result<(Vec<NsaOutputs>, Vec<f64>)> {
+    ) -> Result<(Vec<NsaOutputs>, Vec<(KernelId, f64)>)> {
         let (out, ms) = self
             .extend_with(cache, chunks, request, true, Some(timer))
             .await?;
@@ -306,7 +308,7 @@ impl NsaPipeline {
         request: OutputRequest,
         attend: bool,
         timer: Option<&StepTimer>,
-    ) -> Result<(Vec<NsaOutputs>, Option<Vec<f64>>)> {
+    ) -> Result<(Vec<NsaOutputs>, Option<Vec<(KernelId, f64)>>)> {
         let o = cache.opts;
         let cfg = cache.config;
         // Validate everything before touching the cache.
@@ -398,7 +400,7 @@ impl NsaPipeline {
             label: Some("nsa.extend"),
         });
         let mut kept = Vec::new();
-        let mut timed_steps = 0;
+        let mut timed: Vec<KernelId> = Vec::new();
         // Consecutive sequences of equal length that add equally many tokens share one plan:
         // one dispatch per stage for all of them.
         let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
@@ -437,8 +439,7 @@ impl NsaPipeline {
             };
             let mut plan = Plan::cached(&cfg, &shape, &self.limits(), rows)?;
             if !attend {
-                plan.steps
-                    .retain(|s| s.kernel == crate::kernels::KernelId::Compress);
+                plan.steps.retain(|s| s.kernel == KernelId::Compress);
                 if plan.steps.is_empty() {
                     continue;
                 }
@@ -483,10 +484,10 @@ impl NsaPipeline {
             bufs.linear = cache.linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
             bufs.compressed = Some([&cache.compressed[0], &cache.compressed[1]]);
             match timer {
-                Some(t) => self.encode_timed(&mut encoder, &scratch, &bufs, t, timed_steps)?,
+                Some(t) => self.encode_timed(&mut encoder, &scratch, &bufs, t, timed.len())?,
                 None => self.encode(&mut encoder, &scratch, &bufs)?,
             }
-            timed_steps += plan.steps.len();
+            timed.extend(plan.steps.iter().map(|s| s.kernel));
             if !attend {
                 kept.push((Vec::new(), scratch, out, nb));
                 continue;
@@ -502,13 +503,18 @@ impl NsaPipeline {
             let staging = stage_readback(device, &mut encoder, &wanted);
             kept.push((staging, scratch, out, nb));
         }
-        let stamps = timer.map(|t| t.resolve(ctx, &mut encoder, timed_steps));
+        let stamps = timer.map(|t| t.resolve(ctx, &mut encoder, timed.len()));
         ctx.queue.submit([encoder.finish()]);
         if let Some(e) = scope.pop().await {
             return Err(NsaError::Gpu(e.to_string()));
         }
         let ms = match stamps {
-            Some(s) => Some(StepTimer::read(ctx, s).await?),
+            Some(s) => Some(
+                timed
+                    .into_iter()
+                    .zip(StepTimer::read(ctx, s).await?)
+                    .collect(),
+            ),
             None => None,
         };
         for (c, n) in chunks.iter().zip(&sizes) {

@@ -48,6 +48,9 @@ pub struct Params {
     pub q_block: u32,
     pub k_stride: u32,
     pub c_stride: u32,
+    pub splits: u32,
+    pub branch: u32,
+    pub sel_chunk: u32,
 }
 
 /// How a kernel accesses one binding.
@@ -76,19 +79,25 @@ pub enum KernelId {
     WinAttn,
     /// `shaders/dense_attn.wgsl`: dense causal attention (the baseline).
     Dense,
+    /// `shaders/merge.wgsl`: combines the partial results of split attention.
+    Merge,
+    /// `shaders/select_merge.wgsl`: combines the candidates of split selection.
+    SelectMerge,
 }
 
 use Access::{Read, ReadWrite, Uniform};
 
 impl KernelId {
     /// Every kernel.
-    pub const ALL: [KernelId; 6] = [
+    pub const ALL: [KernelId; 8] = [
         KernelId::Compress,
         KernelId::CmpAttn,
         KernelId::Select,
         KernelId::SlcAttn,
         KernelId::WinAttn,
         KernelId::Dense,
+        KernelId::Merge,
+        KernelId::SelectMerge,
     ];
 
     /// The shader's file name (without `.wgsl`).
@@ -100,6 +109,8 @@ impl KernelId {
             KernelId::SlcAttn => "slc_attn",
             KernelId::WinAttn => "win_attn",
             KernelId::Dense => "dense_attn",
+            KernelId::Merge => "merge",
+            KernelId::SelectMerge => "select_merge",
         }
     }
 
@@ -112,6 +123,8 @@ impl KernelId {
             KernelId::SlcAttn => "nsa.slc_attn",
             KernelId::WinAttn => "nsa.win_attn",
             KernelId::Dense => "nsa.dense_attn",
+            KernelId::Merge => "nsa.merge",
+            KernelId::SelectMerge => "nsa.select_merge",
         }
     }
 
@@ -132,6 +145,12 @@ impl KernelId {
             ],
             // params, q, k, v, out
             KernelId::Dense => &[Uniform, Read, Read, Read, ReadWrite],
+            // params, part, gates, lse, o_cmp, o_slc, o_win, out
+            KernelId::Merge => &[
+                Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite, ReadWrite,
+            ],
+            // params, cand, block_indices
+            KernelId::SelectMerge => &[Uniform, Read, ReadWrite],
         }
     }
 
@@ -141,6 +160,10 @@ impl KernelId {
             KernelId::Compress => 256 * 4,
             // smem, partial, lse_s, pbuf, bscore, 4 top lists
             KernelId::Select => (1536 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
+            // weight
+            KernelId::Merge => 64 * 4,
+            // top_idx, cand_score, cand_idx
+            KernelId::SelectMerge => (256 + 2 * 1024) * 4,
             // smem, scores, red, 5 per-row arrays
             _ => (1536 * 4 + 1024 + 128 + 5 * 16) * 4,
         }
@@ -172,10 +195,13 @@ impl Specialization {
 }
 
 impl KernelId {
-    /// Whether the shader declares the [`Specialization`] overrides (every kernel but
-    /// `Compress`, which has no tiles).
+    /// Whether the shader declares the [`Specialization`] overrides (the kernels with
+    /// key tiles: all but `Compress`, `Merge` and `SelectMerge`).
     pub fn specialized(self) -> bool {
-        self != KernelId::Compress
+        !matches!(
+            self,
+            KernelId::Compress | KernelId::Merge | KernelId::SelectMerge
+        )
     }
 }
 

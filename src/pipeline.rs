@@ -226,7 +226,10 @@ pub struct NsaPipeline {
     /// Whether the device has `shader-f16` (f16 storage).
     f16: bool,
     limits: DeviceLimits,
+    /// Fills read-only slots a dispatch does not use.
     dummy: wgpu::Buffer,
+    /// Fills writable slots a dispatch does not use (a buffer may not be bound both ways).
+    dummy_out: wgpu::Buffer,
 }
 
 impl NsaPipeline {
@@ -263,12 +266,15 @@ impl NsaPipeline {
             .iter()
             .map(|id| KernelLayout::new(&ctx.device, *id))
             .collect();
-        let dummy = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("nsa.dummy"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        let dummy_buffer = || {
+            ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.dummy"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let (dummy, dummy_out) = (dummy_buffer(), dummy_buffer());
         if let Some(e) = scope.pop().await {
             return Err(NsaError::Gpu(e.to_string()));
         }
@@ -279,6 +285,7 @@ impl NsaPipeline {
             f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
             limits: device_limits(&lim),
             dummy,
+            dummy_out,
         })
     }
 
@@ -322,6 +329,8 @@ impl NsaPipeline {
             Tensor::OCmp,
             Tensor::OSlc,
             Tensor::OWin,
+            Tensor::Part,
+            Tensor::Cand,
         ] {
             let size = plan.tensor_bytes(t);
             if size > self.limits.max_buffer {
@@ -348,6 +357,10 @@ impl NsaPipeline {
     }
 
     /// The buffer a step binds for `tensor`, checked for size and usage.
+    fn is_dummy(&self, buffer: &wgpu::Buffer) -> bool {
+        std::ptr::eq(buffer, &self.dummy) || std::ptr::eq(buffer, &self.dummy_out)
+    }
+
     fn resolve<'b>(
         &'b self,
         t: Tensor,
@@ -390,8 +403,12 @@ impl NsaPipeline {
             Tensor::OSlc => ("o_slc", bufs.branches.map_or_else(|| scr(t), |b| b[1])),
             Tensor::OWin => ("o_win", bufs.branches.map_or_else(|| scr(t), |b| b[2])),
             Tensor::Out => ("out", bufs.out),
+            Tensor::Part => ("partials", scr(t)),
+            Tensor::Cand => ("candidates", scr(t)),
+            Tensor::Unused => ("unused", &self.dummy),
+            Tensor::UnusedOut => ("unused", &self.dummy_out),
         };
-        let need = if std::ptr::eq(buf, &self.dummy) {
+        let need = if self.is_dummy(buf) {
             4
         } else {
             plan.tensor_bytes(t)
@@ -504,7 +521,7 @@ impl NsaPipeline {
             }];
             for (slot, (tensor, window)) in step.bindings.iter().enumerate() {
                 let buffer = self.resolve(*tensor, plan, scratch, bufs)?;
-                let size = if std::ptr::eq(buffer, &self.dummy) {
+                let size = if self.is_dummy(buffer) {
                     16
                 } else {
                     window.size
@@ -513,7 +530,7 @@ impl NsaPipeline {
                     binding: slot as u32 + 1,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,
-                        offset: if std::ptr::eq(buffer, &self.dummy) {
+                        offset: if self.is_dummy(buffer) {
                             0
                         } else {
                             window.offset

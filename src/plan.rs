@@ -68,6 +68,15 @@ pub enum Tensor {
     OSlc,
     OWin,
     Out,
+    /// Partial results of split attention `[rows, splits, Dv + 2]` (scratch, shared by the
+    /// chunks and branches of a plan, which run one after another).
+    Part,
+    /// Candidates of split selection `[B * Tq * Hkv, splits, n, 2]` (scratch).
+    Cand,
+    /// A read-only slot the dispatch does not use (bound to a small dummy buffer).
+    Unused,
+    /// A writable slot the dispatch does not use (bound to another small dummy buffer).
+    UnusedOut,
 }
 
 /// A byte range of a buffer bound to one binding; its start is aligned to
@@ -133,6 +142,10 @@ pub struct Plan {
     pub cache: Option<CacheRows>,
     /// How inputs and compressed keys/values are stored.
     pub precision: Precision,
+    /// Elements of the split-attention partials (`Tensor::Part`), 0 when nothing is split.
+    pub part_len: u64,
+    /// Elements of the split-selection candidates (`Tensor::Cand`), 0 when not split.
+    pub cand_len: u64,
 }
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
@@ -141,6 +154,15 @@ pub const ROWS_PER_WORKGROUP: usize = 16;
 const SMEM4: usize = 1536;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
+/// Workgroups a dispatch should have: below this, attention and selection split each row
+/// group's keys over several workgroups (decode, short chunks) and merge the parts.
+const SPLIT_TARGET: u64 = 1024;
+/// `SPLITS_MAX` in `shaders/merge.wgsl`.
+const SPLITS_MAX: u64 = 64;
+/// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
+const CAND_MAX: u64 = 1024;
+/// `BCHUNK` in `shaders/select.wgsl`.
+const SELECT_BCHUNK: usize = 128;
 /// `PBUF` in `shaders/select.wgsl`.
 const SELECT_PBUF: usize = 512;
 /// `NMAX` in `shaders/select.wgsl`.
@@ -254,6 +276,8 @@ impl Plan {
             limits: *limits,
             cache,
             precision,
+            part_len: 0,
+            cand_len: 0,
         };
         for t in [
             Tensor::Q,
@@ -295,6 +319,8 @@ impl Plan {
             limits: *limits,
             cache: None,
             precision: Precision::F32,
+            part_len: 0,
+            cand_len: 0,
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
             let bytes = plan.tensor_bytes(t);
@@ -320,6 +346,8 @@ impl Plan {
                         | Tensor::OCmp
                         | Tensor::OSlc
                         | Tensor::OWin
+                        | Tensor::Part
+                        | Tensor::Cand
                 );
                 let cached = self.cache.is_some() && matches!(t, Tensor::Kc | Tensor::Vc);
                 if scratch && !cached && !ts.contains(t) {
@@ -361,6 +389,9 @@ impl Plan {
             Tensor::Lse => b * tq * hq,
             Tensor::Idx => b * tq * hkv * self.config.top_n,
             Tensor::OCmp | Tensor::OSlc | Tensor::OWin | Tensor::Out => b * tq * hq * dv,
+            Tensor::Part => return self.part_len,
+            Tensor::Cand => return self.cand_len,
+            Tensor::Unused | Tensor::UnusedOut => 0,
         };
         n as u64
     }
@@ -438,6 +469,7 @@ impl Plan {
             kv_tile: self.kv_tile,
             k_stride: self.k_stride() as u32,
             c_stride: self.c_stride() as u32,
+            splits: 1,
             ..Params::default()
         }
     }
@@ -567,6 +599,50 @@ impl Plan {
         Ok(chunks)
     }
 
+    /// How many workgroups share one row group's keys in an attention dispatch of `groups`
+    /// workgroups over at most `tiles` key tiles: enough to reach `SPLIT_TARGET` workgroups,
+    /// each split keeping at least one tile, within the merge kernel's `SPLITS_MAX` and the
+    /// binding limit for the partials (`part_row` elements per split).
+    fn splits(&self, groups: u64, tiles: u64, part_row: u64) -> u32 {
+        if groups >= SPLIT_TARGET {
+            return 1;
+        }
+        SPLIT_TARGET
+            .div_ceil(groups)
+            .min(tiles)
+            .min(SPLITS_MAX)
+            .min(self.binding_elems() / part_row.max(1))
+            .max(1) as u32
+    }
+
+    /// Blocks per selection chunk: as many as the kernel's token tile holds.
+    fn select_chunk(&self) -> u64 {
+        let c = &self.config;
+        let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
+        SELECT_BCHUNK.min((SELECT_PBUF - (u - 1)) / m) as u64
+    }
+
+    /// Splits and blocks per chunk for the selection of `groups` (query, kv head) rows: splits
+    /// take every splits-th chunk of blocks, and their candidates must fit `CAND_MAX` per row
+    /// and a binding.
+    fn select_splits(&self, groups: u64, nrows: u64) -> (u32, u32) {
+        let chunk = self.select_chunk();
+        if groups >= SPLIT_TARGET {
+            return (1, chunk as u32);
+        }
+        let c = &self.config;
+        let blocks = self.shape.tk.div_ceil(c.sel_block) as u64;
+        let per_split = nrows * self.shape.hkv as u64 * c.top_n as u64 * 2;
+        let want = SPLIT_TARGET
+            .div_ceil(groups)
+            .min(blocks)
+            .min(CAND_MAX / c.top_n as u64)
+            .min(self.binding_elems() / per_split.max(1))
+            .max(1);
+        let chunk = chunk.min(blocks.div_ceil(want));
+        (blocks.div_ceil(chunk) as u32, chunk as u32)
+    }
+
     fn plan_attention(&mut self, dense: bool) -> Result<()> {
         let s = self.shape;
         let n = self.config.top_n;
@@ -622,80 +698,195 @@ impl Plan {
                 q_block: 1,
                 ..base
             };
+            // Few row groups (decode, short chunks): split each group's keys over several
+            // workgroups, then merge. One partials buffer serves every branch and chunk.
+            let part_row = nrows * hq * (dv + 2);
+            let kt = self.kv_tile as u64;
+            let tiles = |keys: u64| keys.div_ceil(kt);
+            let part = |plan: &mut Plan, splits: u32| {
+                let len = part_row * splits as u64;
+                plan.part_len = plan.part_len.max(len);
+                plan.window(Tensor::Part, 0, len)
+            };
+            let merge = |plan: &Plan, splits: u32, part: (Window, u32), branch: u32| {
+                let total = nrows * hq;
+                let unused = Window { offset: 0, size: 4 };
+                let bind = |t: Tensor, w: (Window, u32), used: bool| match (used, t) {
+                    (true, _) => (t, w.0),
+                    (false, Tensor::Gates) => (Tensor::Unused, unused),
+                    (false, _) => (Tensor::UnusedOut, unused),
+                };
+                Step {
+                    kernel: KernelId::Merge,
+                    params: Params {
+                        splits,
+                        branch,
+                        total_wg: total as u32,
+                        off_k: part.1,
+                        ..base
+                    },
+                    grid: plan.grid(total),
+                    bindings: vec![
+                        (Tensor::Part, part.0),
+                        bind(Tensor::Gates, gates, branch == 2),
+                        bind(Tensor::Lse, lse, branch == 0),
+                        bind(Tensor::OCmp, ocmp, branch == 0 || branch == 2),
+                        bind(Tensor::OSlc, oslc, branch == 1 || branch == 2),
+                        bind(Tensor::OWin, owin, branch == 2),
+                        bind(Tensor::Out, out, branch >= 2),
+                    ],
+                }
+            };
             if dense {
+                let sp = self.splits(attn_total, tiles(s.tk as u64), part_row);
+                let pw = part(self, sp);
+                let o = if sp > 1 {
+                    (Tensor::Part, pw)
+                } else {
+                    (Tensor::Out, out)
+                };
                 self.steps.push(Step {
                     kernel: KernelId::Dense,
                     params: Params {
                         off_k: kw.1,
                         off_v: vw.1,
+                        off_out: o.1 .1,
+                        splits: sp,
+                        total_wg: (attn_total * sp as u64) as u32,
                         ..attn
                     },
-                    grid: self.grid(attn_total),
+                    grid: self.grid(attn_total * sp as u64),
                     bindings: vec![
                         (Tensor::Q, q.0),
                         (Tensor::KWin, kw.0),
                         (Tensor::VWin, vw.0),
-                        (Tensor::Out, out.0),
+                        (o.0, o.1 .0),
                     ],
                 });
+                if sp > 1 {
+                    self.steps.push(merge(self, sp, pw, 3));
+                }
                 continue;
             }
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
+            let sp = self.splits(attn_total, tiles(self.n_cmp as u64), part_row);
+            let pw = part(self, sp);
+            let o = if sp > 1 {
+                (Tensor::Part, pw)
+            } else {
+                (Tensor::OCmp, ocmp)
+            };
             self.steps.push(Step {
                 kernel: KernelId::CmpAttn,
                 params: Params {
                     off_k: kc.1,
                     off_v: vc.1,
+                    off_ocmp: o.1 .1,
+                    splits: sp,
+                    total_wg: (attn_total * sp as u64) as u32,
                     ..attn
                 },
-                grid: self.grid(attn_total),
+                grid: self.grid(attn_total * sp as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::Kc, kc.0),
                     (Tensor::Vc, vc.0),
-                    (Tensor::OCmp, ocmp.0),
+                    (o.0, o.1 .0),
                     (Tensor::Lse, lse.0),
                 ],
             });
+            if sp > 1 {
+                self.steps.push(merge(self, sp, pw, 0));
+            }
+            let (sp, sel_chunk) = self.select_splits(sel_total, nrows);
+            let cand_len = sel_total * n as u64 * 2 * sp as u64;
+            let cw = self.window(Tensor::Cand, 0, cand_len);
+            let o = if sp > 1 {
+                self.cand_len = self.cand_len.max(cand_len);
+                (Tensor::Cand, cw)
+            } else {
+                (Tensor::Idx, idx)
+            };
             self.steps.push(Step {
                 kernel: KernelId::Select,
                 params: Params {
-                    total_wg: sel_total as u32,
+                    total_wg: (sel_total * sp as u64) as u32,
+                    splits: sp,
+                    sel_chunk,
+                    off_idx: o.1 .1,
                     ..base
                 },
-                grid: self.grid(sel_total),
+                grid: self.grid(sel_total * sp as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::Kc, kc.0),
                     (Tensor::Lse, lse.0),
-                    (Tensor::Idx, idx.0),
+                    (o.0, o.1 .0),
                 ],
             });
+            if sp > 1 {
+                self.steps.push(Step {
+                    kernel: KernelId::SelectMerge,
+                    params: Params {
+                        total_wg: sel_total as u32,
+                        splits: sp,
+                        off_kc: cw.1,
+                        ..base
+                    },
+                    grid: self.grid(sel_total),
+                    bindings: vec![(Tensor::Cand, cw.0), (Tensor::Idx, idx.0)],
+                });
+            }
+            let slc_tiles = n as u64 * tiles(self.config.sel_block as u64);
+            let sp = self.splits(slc_total, slc_tiles, part_row).min(n as u32);
+            let pw = part(self, sp);
+            let o = if sp > 1 {
+                (Tensor::Part, pw)
+            } else {
+                (Tensor::OSlc, oslc)
+            };
             self.steps.push(Step {
                 kernel: KernelId::SlcAttn,
                 params: Params {
                     off_k: ks.1,
                     off_v: vs.1,
+                    off_oslc: o.1 .1,
+                    splits: sp,
+                    total_wg: (slc_total * sp as u64) as u32,
                     ..slc
                 },
-                grid: self.grid(slc_total),
+                grid: self.grid(slc_total * sp as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::KSlc, ks.0),
                     (Tensor::VSlc, vs.0),
                     (Tensor::Idx, idx.0),
-                    (Tensor::OSlc, oslc.0),
+                    (o.0, o.1 .0),
                 ],
             });
+            if sp > 1 {
+                self.steps.push(merge(self, sp, pw, 1));
+            }
+            let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
+            let sp = self.splits(attn_total, tiles(win_keys), part_row);
+            let pw = part(self, sp);
+            let o = if sp > 1 {
+                (Tensor::Part, pw)
+            } else {
+                (Tensor::Out, out)
+            };
             self.steps.push(Step {
                 kernel: KernelId::WinAttn,
                 params: Params {
                     off_k: kw.1,
                     off_v: vw.1,
+                    off_out: o.1 .1,
+                    splits: sp,
+                    total_wg: (attn_total * sp as u64) as u32,
                     ..attn
                 },
-                grid: self.grid(attn_total),
+                grid: self.grid(attn_total * sp as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::KWin, kw.0),
@@ -704,9 +895,12 @@ impl Plan {
                     (Tensor::OCmp, ocmp.0),
                     (Tensor::OSlc, oslc.0),
                     (Tensor::OWin, owin.0),
-                    (Tensor::Out, out.0),
+                    (o.0, o.1 .0),
                 ],
             });
+            if sp > 1 {
+                self.steps.push(merge(self, sp, pw, 2));
+            }
         }
         Ok(())
     }

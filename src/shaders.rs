@@ -15,6 +15,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("slc_attn", include_str!("../shaders/slc_attn.wgsl")),
     ("win_attn", include_str!("../shaders/win_attn.wgsl")),
     ("dense_attn", include_str!("../shaders/dense_attn.wgsl")),
+    ("merge", include_str!("../shaders/merge.wgsl")),
+    ("select_merge", include_str!("../shaders/select_merge.wgsl")),
 ];
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
@@ -29,6 +31,7 @@ const SHARED: &[(&str, &str)] = &[
         include_str!("../shaders/shared/input_f16.wgsl"),
     ),
     ("params", include_str!("../shaders/shared/params.wgsl")),
+    ("topn", include_str!("../shaders/shared/topn.wgsl")),
     (
         "attention",
         include_str!("../shaders/shared/attention.wgsl"),

@@ -6,6 +6,7 @@ mod common;
 
 use common::{assert_close, pipeline, small, Data};
 use nsa_wgpu::cpu;
+use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::pipeline::{read_staging, stage_readback};
 use nsa_wgpu::{
     Compression, DeviceLimits, GpuBuffers, NsaConfig, NsaError, NsaPipeline, OutputRequest, Plan,
@@ -148,6 +149,21 @@ const TOL: f64 = 1e-4;
 fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
     let pipe = pipeline();
     let plan = pipe.plan(&cfg, &shape).expect("plan");
+    if name.starts_with("split_") {
+        // These shapes exist to run the split path of every branch and both merges.
+        for kernel in [
+            KernelId::CmpAttn,
+            KernelId::Select,
+            KernelId::SlcAttn,
+            KernelId::WinAttn,
+        ] {
+            let step = plan.steps.iter().find(|s| s.kernel == kernel).unwrap();
+            assert!(step.params.splits > 1, "{name}: {kernel:?} not split");
+        }
+        let merges = plan.steps.iter().filter(|s| s.kernel == KernelId::Merge);
+        assert_eq!(merges.count(), 3, "{name}");
+        assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+    }
     check_plan(name, &plan, branch);
 }
 
@@ -294,6 +310,10 @@ cases! {
     t40_hq20_hkv1_dk16_dv8_small: small(), [1, 40, 40, 20, 1, 16, 8], false;
     chunk_tq37_tk200_hq4_hkv2_dk16_dv16_small: small(), [1, 37, 200, 4, 2, 16, 16], false;
     decode_tq1_tk333_hq3_hkv1_dk100_dv64_small: small(), [2, 1, 333, 3, 1, 100, 64], false;
+    // Few row groups: every branch splits its keys over workgroups and merges the parts.
+    split_tq1_tk1500_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 1500, 16, 2, 128, 128], false;
+    split_tq3_tk1100_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 1100, 4, 1, 128, 64], false;
+    split_linear_tq2_tk900_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 900, 8, 2, 128, 128], true;
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
     branch_kv_t150_hq4_hkv2_dk16_dv16_small: small(), [1, 150, 150, 4, 2, 16, 16], true;

@@ -82,12 +82,71 @@ fn small_shapes_plan_one_chunk() {
     let plan = Plan::new(&NsaConfig::default(), &shape, &DeviceLimits::default()).unwrap();
     let kinds: Vec<KernelId> = plan.steps.iter().map(|s| s.kernel).collect();
     use KernelId::*;
+    // 1000 window workgroups (2 x 1000 / 4 queries x 2 heads) are below the split target:
+    // the window's keys are split in two and merged.
     assert_eq!(
         kinds,
-        [Compress, Compress, CmpAttn, Select, SlcAttn, WinAttn]
+        [Compress, Compress, CmpAttn, Select, SlcAttn, WinAttn, Merge]
     );
     assert_eq!(plan.n_cmp, 61);
     assert_eq!(plan.head_chunks, 1);
+    check_coverage(&plan);
+}
+
+#[test]
+fn decode_plans_split_every_branch_and_merge() {
+    let shape = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 65536, 64, 4, 128, 128)
+    };
+    let limits = DeviceLimits {
+        max_storage_binding: 1 << 30,
+        max_buffer: 1 << 32,
+        ..DeviceLimits::default()
+    };
+    let plan = Plan::new(&NsaConfig::default(), &shape, &limits).unwrap();
+    let kinds: Vec<KernelId> = plan.steps.iter().map(|s| s.kernel).collect();
+    use KernelId::*;
+    assert_eq!(
+        kinds,
+        [
+            Compress,
+            Compress,
+            CmpAttn,
+            Merge,
+            Select,
+            SelectMerge,
+            SlcAttn,
+            Merge,
+            WinAttn,
+            Merge
+        ]
+    );
+    let splits: Vec<u32> = plan.steps.iter().map(|s| s.params.splits).collect();
+    // 4 row groups: compressed attention over 4095 tokens (128 tiles of 32) takes the
+    // merge's 64 splits, selection 64 chunks of 16 of its 1024 blocks (64 x n candidates
+    // fill select_merge), selected attention one of its 16 blocks per split, the window's
+    // 513 keys one tile per split.
+    assert_eq!(splits, [1, 1, 64, 64, 64, 64, 16, 16, 17, 17]);
+    for step in &plan.steps {
+        let per_group = match step.kernel {
+            Merge => 64,
+            Compress => continue,
+            _ => 4,
+        };
+        assert_eq!(
+            step.params.total_wg,
+            per_group
+                * if step.kernel == Merge || step.kernel == SelectMerge {
+                    1
+                } else {
+                    step.params.splits
+                },
+            "{:?}",
+            step.kernel
+        );
+    }
+    check_coverage(&plan);
 }
 
 /// Every query row of every batch is covered exactly once, every binding fits, every grid

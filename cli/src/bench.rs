@@ -115,13 +115,7 @@ fn time_plan(
         match staging {
             Some(s) => {
                 let ms = pollster::block_on(StepTimer::read(ctx, s)).map_err(|e| e.to_string())?;
-                let mut sums: Vec<(KernelId, f64)> = Vec::new();
-                for (step, t) in plan.steps.iter().zip(&ms) {
-                    match sums.iter_mut().find(|(k, _)| *k == step.kernel) {
-                        Some((_, acc)) => *acc += t,
-                        None => sums.push((step.kernel, *t)),
-                    }
-                }
+                let sums = stage_sums(plan.steps.iter().map(|s| s.kernel).zip(ms.iter().copied()));
                 totals.push(ms.iter().sum());
                 for (k, t) in sums {
                     match per_kind.iter_mut().find(|(x, _)| *x == k) {
@@ -137,6 +131,32 @@ fn time_plan(
         per_kind.into_iter().map(|(k, v)| (k, median(v))).collect(),
         median(totals),
     ))
+}
+
+/// The NSA stages, in the tables' column order.
+const STAGES: [KernelId; 5] = [
+    KernelId::Compress,
+    KernelId::CmpAttn,
+    KernelId::Select,
+    KernelId::SlcAttn,
+    KernelId::WinAttn,
+];
+
+/// GPU time per NSA stage from per-step times: a merge of split work counts toward the
+/// stage it merges (the step before it).
+fn stage_sums(steps: impl Iterator<Item = (KernelId, f64)>) -> Vec<(KernelId, f64)> {
+    let mut sums: Vec<(KernelId, f64)> = Vec::new();
+    let mut stage = KernelId::Compress;
+    for (kernel, t) in steps {
+        if !matches!(kernel, KernelId::Merge | KernelId::SelectMerge) {
+            stage = kernel;
+        }
+        match sums.iter_mut().find(|(k, _)| *k == stage) {
+            Some((_, acc)) => *acc += t,
+            None => sums.push((stage, t)),
+        }
+    }
+    sums
 }
 
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
@@ -158,13 +178,6 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         args.batch,
         if timed { "GPU timestamps" } else { "wall clock: no timestamp queries" }
     );
-    let kinds = [
-        KernelId::Compress,
-        KernelId::CmpAttn,
-        KernelId::Select,
-        KernelId::SlcAttn,
-        KernelId::WinAttn,
-    ];
     println!(
         "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA |\n|---|---|---|---|---|---|---|---|---|"
     );
@@ -235,7 +248,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                 .find(|(x, _)| *x == k)
                 .map_or("-".to_string(), |(_, ms)| format!("{ms:.3}"))
         };
-        let cells: Vec<String> = kinds.iter().map(|k| cell(*k)).collect();
+        let cells: Vec<String> = STAGES.iter().map(|k| cell(*k)).collect();
         println!(
             "| {t} | {} | {total:.3} | {} | {} |",
             cells.join(" | "),
@@ -262,8 +275,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
-    println!("| B | cache length | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let cfg = NsaConfig::default();
     for &b in &batches {
         for &len in &lengths {
@@ -308,7 +321,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 pollster::block_on(pipe.append(&mut cache, &chunks)).map_err(|e| e.to_string())?;
                 pos += n;
             }
-            let timer = StepTimer::new(ctx, 8 * b);
+            let timer = StepTimer::new(ctx, 10 * b);
             let (q, k, v) = (
                 sample_values(hq * dk, 5),
                 sample_values(hkv * dk, 6),
@@ -319,6 +332,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 .map(|x| 0.5 + 0.5 * x)
                 .collect();
             let mut nsa_ms = Vec::new();
+            let mut stage_ms: Vec<Vec<(KernelId, f64)>> = Vec::new();
             for it in 0..steps {
                 let chunks: Vec<SeqChunk> = (0..b)
                     .map(|s| SeqChunk {
@@ -340,7 +354,10 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                             t,
                         ))
                         .map_err(|e| e.to_string())?;
-                        ms.iter().sum::<f64>()
+                        if it >= args.warmup {
+                            stage_ms.push(stage_sums(ms.iter().copied()));
+                        }
+                        ms.iter().map(|(_, t)| t).sum::<f64>()
                     }
                     None => {
                         pollster::block_on(pipe.extend(
@@ -391,8 +408,23 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             let bytes =
                 (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv) * 4) as f64;
             let achieved = bytes / (nsa / 1e3);
+            let stages: Vec<String> = STAGES
+                .iter()
+                .map(|k| {
+                    let v: Vec<f64> = stage_ms
+                        .iter()
+                        .map(|s| s.iter().filter(|(x, _)| x == k).map(|(_, t)| t).sum())
+                        .collect();
+                    if v.is_empty() {
+                        "-".into()
+                    } else {
+                        format!("{:.3}", median(v))
+                    }
+                })
+                .collect();
             println!(
-                "| {b} | {len} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} |",
+                "| {b} | {len} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} |",
+                stages.join(" / "),
                 dense / nsa,
                 bytes / 1e6,
                 achieved / 1e9,

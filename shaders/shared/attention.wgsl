@@ -36,6 +36,7 @@ var<private> acc1: Acc;
 // only, so control flow on them stays uniform (barriers inside it are legal).
 struct Rows {
     valid: bool,
+    split: u32,    // which of params.splits workgroups sharing these rows' keys
     bb: u32,       // batch within the chunk
     iq0: u32,      // first query row within the chunk
     nq: u32,       // queries owned
@@ -48,8 +49,9 @@ struct Rows {
 fn attn_rows(wid: u32) -> Rows {
     var r: Rows;
     r.valid = wid < params.total_wg;
-    let hc = wid % params.head_chunks;
-    var rest = wid / params.head_chunks;
+    r.split = wid % params.splits;
+    let hc = (wid / params.splits) % params.head_chunks;
+    var rest = wid / params.splits / params.head_chunks;
     r.h = rest % params.hkv;
     rest = rest / params.hkv;
     let nqb = (params.q_count + params.q_block - 1u) / params.q_block;
@@ -91,6 +93,14 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
         return f32(k[at]);
     }
     return f32(v[at]);
+}
+
+// The part of keys [start, end) that this workgroup's split attends: whole tiles, in order.
+fn split_range(r: Rows, start: u32, end: u32) -> vec2<u32> {
+    let n = select(0u, end - start, end > start);
+    let per = ((n + params.splits - 1u) / params.splits + KT - 1u) / KT * KT;
+    let lo = min(start + r.split * per, max(start, end));
+    return vec2<u32>(lo, min(lo + per, max(start, end)));
 }
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
@@ -183,7 +193,8 @@ fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
     return o;
 }
 
-// Normalises every owned row (a row that saw no key gives 0) and stages it in `smem` (the
+// Normalises every owned row (a row that saw no key gives 0; partial sums stay as they are
+// when params.splits > 1) and stages it in `smem` (the
 // queries are no longer needed) as [ROWS, dv4()] vec4s, so that kernels write their outputs
 // with coalesced stores through attn_out.
 fn attn_finish(lid: u32, r: Rows) {
@@ -208,6 +219,9 @@ fn stage_rows(a: Acc, rg: u32, e: u32) {
 }
 
 fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {
+    if params.splits > 1u {
+        return o;  // partial: the merge kernel normalises
+    }
     let l = row_sum[i];
     return select(vec4<f32>(0.0), o / l, l > 0.0);
 }
@@ -215,4 +229,26 @@ fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {
 // Element e of owned row i's output, after attn_finish.
 fn attn_out(i: u32, e: u32) -> f32 {
     return smem[i * dv4() + e / 4u][e % 4u];
+}
+
+// Split mode (params.splits > 1): each workgroup stores, per owned row, its DV unnormalised
+// output sums, then the row's running max and sum, at [rows of the chunk, splits, DV + 2];
+// merge.wgsl combines the splits. Element `x` of the owned rows' partials goes to
+// part_index(r, x) with value part_value(x), after attn_finish.
+fn part_count(r: Rows) -> u32 {
+    return r.n * (DV + 2u);
+}
+
+fn part_index(r: Rows, x: u32) -> u32 {
+    let w = DV + 2u;
+    return (attn_row(r, x / w) * params.splits + r.split) * w + x % w;
+}
+
+fn part_value(x: u32) -> f32 {
+    let i = x / (DV + 2u);
+    let e = x % (DV + 2u);
+    if e < DV {
+        return attn_out(i, e);
+    }
+    return select(row_sum[i], row_max[i], e == DV);
 }

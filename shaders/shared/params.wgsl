@@ -43,6 +43,9 @@ struct Params {
     q_block: u32,      // attention: consecutive queries per workgroup
     k_stride: u32,     // key/value rows per sequence in the bound buffers (Tk, or a cache's capacity)
     c_stride: u32,     // compressed rows per sequence in the bound buffers (C, or a cache's)
+    splits: u32,       // attention, select: workgroups sharing one row group's keys (1: none)
+    branch: u32,       // merge: 0 compressed, 1 selected, 2 window (then the gated sum), 3 dense
+    sel_chunk: u32,    // select: blocks per chunk (a split takes every splits-th chunk)
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -55,6 +58,11 @@ fn linear_workgroup(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
 // Absolute position of query row `i` (0-based within the whole call).
 fn query_position(i: u32) -> u32 {
     return params.tk - params.tq + i;
+}
+
+// First key of position `p`'s sliding window.
+fn window_start(p: u32) -> u32 {
+    return select(0u, p + 1u - params.window, p + 1u > params.window);
 }
 
 // Compressed tokens visible at position `p`: those with i*d + l - 1 <= p.
