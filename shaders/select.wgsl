@@ -84,15 +84,11 @@ fn main(
                 for (var x = lid; x < nrg * nk; x += WG) {
                     let rg = x / nk;
                     let j = x % nk;
-                    let s = score4(rg, j);
-                    var acc = 0.0;
-                    for (var cc = 0u; cc < 4u; cc++) {
-                        let i = rg * 4u + cc;
-                        if i < nh {
-                            acc += exp(s[cc] * params.scale - lse_s[i]);
-                        }
-                    }
-                    partial[rg * KT_MAX + j] = acc;
+                    let i = rg * 4u;
+                    let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
+                    let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
+                    let p = select(vec4<f32>(0.0), exp(score4(rg, j) * params.scale - lse4), live);
+                    partial[rg * KT_MAX + j] = p.x + p.y + p.z + p.w;
                 }
                 workgroupBarrier();
                 if lid < nk {

@@ -1,7 +1,9 @@
 // Merges split selection (select.wgsl with params.splits > 1): each split left its best
-// candidates over its own chunks of blocks; the overall top n - nf are the candidates that
-// fewer than n - nf others beat (the ranking is a strict order, so ranks are distinct).
-// One workgroup per (batch, query, kv head) row; the output is what unsplit select writes.
+// candidates over its own chunks of blocks, best first, padded with score -1. A candidate's
+// overall rank is its place in its own list plus, for every other split, how many of that
+// split's candidates beat it (a binary search: each list is sorted by the same strict
+// order); the top n - nf are those ranked below n - nf. One workgroup per (batch, query, kv
+// head) row; the output is what unsplit select writes.
 
 #import topn
 
@@ -13,6 +15,7 @@ const CAND_MAX: u32 = 1024u;  // splits * n at most
 
 var<workgroup> cand_score: array<f32, CAND_MAX>;
 var<workgroup> cand_idx: array<u32, CAND_MAX>;
+var<workgroup> valid: atomic<u32>;  // candidates with a score, at most slots per split
 
 @compute @workgroup_size(128)
 fn main(
@@ -33,24 +36,42 @@ fn main(
         cand_score[x] = bitcast<f32>(cand[base + 2u * x]);
         cand_idx[x] = u32(cand[base + 2u * x + 1u]);
     }
-    workgroupBarrier();
-    var valid = 0u;
-    for (var y = 0u; y < total; y++) {
-        valid += u32(cand_score[y] >= 0.0);
+    if lid == 0u {
+        atomicStore(&valid, 0u);
     }
+    workgroupBarrier();
+    let n = params.top_n;
     for (var x = lid; x < total; x += WG) {
         let sa = cand_score[x];
         let ja = cand_idx[x];
-        if sa >= 0.0 {
-            var rank = 0u;
-            for (var y = 0u; y < total; y++) {
-                rank += u32(cand_score[y] >= 0.0 && beats(cand_score[y], cand_idx[y], sa, ja));
+        let own = x / n;
+        var rank = x % n;
+        if sa < 0.0 || rank >= slots {
+            continue;
+        }
+        atomicAdd(&valid, 1u);
+        for (var s = 0u; s < params.splits; s++) {
+            if s == own {
+                continue;
             }
-            if rank < slots {
-                top_idx[rank] = ja;
+            // The first entry of split s that does not beat (sa, ja).
+            var lo = s * n;
+            var hi = lo + n;
+            while lo < hi {
+                let mid = (lo + hi) / 2u;
+                if cand_score[mid] >= 0.0 && beats(cand_score[mid], cand_idx[mid], sa, ja) {
+                    lo = mid + 1u;
+                } else {
+                    hi = mid;
+                }
             }
+            rank += lo - s * n;
+        }
+        if rank < slots {
+            top_idx[rank] = ja;
         }
     }
     workgroupBarrier();
-    write_selection(lid, params.off_idx + row * params.top_n, f, min(slots, valid));
+    let chosen = min(slots, atomicLoad(&valid));
+    write_selection(lid, params.off_idx + row * params.top_n, f, chosen);
 }

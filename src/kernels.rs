@@ -162,8 +162,8 @@ impl KernelId {
             KernelId::Select => (1536 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
             // weight
             KernelId::Merge => 64 * 4,
-            // top_idx, cand_score, cand_idx
-            KernelId::SelectMerge => (256 + 2 * 1024) * 4,
+            // top_idx, cand_score, cand_idx, valid
+            KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
             // smem, scores, red, 5 per-row arrays
             _ => (1536 * 4 + 1024 + 128 + 5 * 16) * 4,
         }

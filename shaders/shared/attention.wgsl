@@ -95,6 +95,12 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return f32(v[at]);
 }
 
+// Row i's scaled score of key t (tile column j), or NEG_BIG outside its range.
+fn store_score(i: u32, t: u32, j: u32, s: f32, n: u32) {
+    let inside = i < n && t >= row_lo[i] && t < row_hi[i];
+    scores[i * KT_MAX + j] = select(NEG_BIG, s, inside);
+}
+
 // The part of keys [start, end) that this workgroup's split attends: whole tiles, in order.
 fn split_range(r: Rows, start: u32, end: u32) -> vec2<u32> {
     let n = select(0u, end - start, end > start);
@@ -117,13 +123,12 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         for (var x = lid; x < nrg * nk; x += WG) {
             let rg = x / nk;
             let j = x % nk;
-            let s = score4(rg, j);
-            for (var c = 0u; c < 4u; c++) {
-                let i = rg * 4u + c;
-                let t = t0 + j;
-                let inside = i < r.n && t >= row_lo[i] && t < row_hi[i];
-                scores[i * KT_MAX + j] = select(NEG_BIG, s[c] * params.scale, inside);
-            }
+            let s = score4(rg, j) * params.scale;
+            let t = t0 + j;
+            store_score(rg * 4u, t, j, s.x, r.n);
+            store_score(rg * 4u + 1u, t, j, s.y, r.n);
+            store_score(rg * 4u + 2u, t, j, s.z, r.n);
+            store_score(rg * 4u + 3u, t, j, s.w, r.n);
         }
         workgroupBarrier();
         // The value tile replaces the key tile; meanwhile each row's new maximum, from 8

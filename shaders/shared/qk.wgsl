@@ -65,21 +65,44 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
     }
 }
 
+// vec4s one invocation loads per tile at most: SMEM4 / WG.
+const LOADS: u32 = 12u;
+
 // Loads `nk` rows of width `d` (row j at `base + j * Hkv * d`, keys or values as `from_k`
-// says) into the tile, zero past `d`.
+// says) into the tile, zero past `d`. Every load is issued before the first store, so an
+// invocation has all its loads in flight at once rather than one round trip per vec4.
 fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
     let d4 = (d + 3u) / 4u;
-    for (var x = lid; x < nk * d4; x += WG) {
-        let j = x / d4;
-        let e = (x % d4) * 4u;
-        let at = base + j * params.hkv * d + e;
-        var val = vec4<f32>(0.0);
-        for (var c = 0u; c < 4u; c++) {
-            if e + c < d {
-                val[c] = fetch_kv(from_k, at + c);
+    let n = nk * d4;
+    var vals: array<vec4<f32>, LOADS>;
+    for (var i = 0u; i < LOADS; i++) {
+        let x = lid + i * WG;
+        if x < n {
+            let e = (x % d4) * 4u;
+            let at = base + (x / d4) * params.hkv * d + e;
+            var val = vec4<f32>(0.0);
+            if e + 4u <= d {
+                val = vec4<f32>(
+                    fetch_kv(from_k, at),
+                    fetch_kv(from_k, at + 1u),
+                    fetch_kv(from_k, at + 2u),
+                    fetch_kv(from_k, at + 3u),
+                );
+            } else {
+                for (var c = 0u; c < 4u; c++) {
+                    if e + c < d {
+                        val[c] = fetch_kv(from_k, at + c);
+                    }
+                }
             }
+            vals[i] = val;
         }
-        smem[tile_at(j, x % d4)] = val;
+    }
+    for (var i = 0u; i < LOADS; i++) {
+        let x = lid + i * WG;
+        if x < n {
+            smem[tile_at(x / d4, x % d4)] = vals[i];
+        }
     }
 }
 
@@ -87,13 +110,16 @@ fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
 fn score4(rg: u32, j: u32) -> vec4<f32> {
     let dk4 = dk4();
     let q0 = rg * 4u * dk4;
-    var s = vec4<f32>(0.0);
+    var s0 = 0.0;
+    var s1 = 0.0;
+    var s2 = 0.0;
+    var s3 = 0.0;
     for (var e = 0u; e < dk4; e++) {
         let kv = smem[tile_at(j, e)];
-        s[0] += dot(smem[q0 + e], kv);
-        s[1] += dot(smem[q0 + dk4 + e], kv);
-        s[2] += dot(smem[q0 + 2u * dk4 + e], kv);
-        s[3] += dot(smem[q0 + 3u * dk4 + e], kv);
+        s0 += dot(smem[q0 + e], kv);
+        s1 += dot(smem[q0 + dk4 + e], kv);
+        s2 += dot(smem[q0 + 2u * dk4 + e], kv);
+        s3 += dot(smem[q0 + 3u * dk4 + e], kv);
     }
-    return s;
+    return vec4<f32>(s0, s1, s2, s3);
 }
