@@ -159,6 +159,11 @@ const KT_MAX: usize = 64;
 const SPLIT_TARGET: u64 = 1024;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
+/// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the
+/// partials cost more than the parallelism gains (measured on an H200).
+const ATTN_SPLITS_MAX: u64 = 32;
+/// Selection splits at most: each adds n candidates for every other to be ranked against.
+const SELECT_SPLITS_MAX: u64 = 16;
 /// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
 const CAND_MAX: u64 = 1024;
 /// `BCHUNK` in `shaders/select.wgsl`.
@@ -610,7 +615,7 @@ impl Plan {
         SPLIT_TARGET
             .div_ceil(groups)
             .min(tiles)
-            .min(SPLITS_MAX)
+            .min(ATTN_SPLITS_MAX)
             .min(self.binding_elems() / part_row.max(1))
             .max(1) as u32
     }
@@ -636,7 +641,7 @@ impl Plan {
         let want = SPLIT_TARGET
             .div_ceil(groups)
             .min(blocks)
-            .min(CAND_MAX / c.top_n as u64)
+            .min(SELECT_SPLITS_MAX.min(CAND_MAX / c.top_n as u64))
             .min(self.binding_elems() / per_split.max(1))
             .max(1);
         let chunk = chunk.min(blocks.div_ceil(want));

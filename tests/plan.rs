@@ -123,14 +123,15 @@ fn decode_plans_split_every_branch_and_merge() {
         ]
     );
     let splits: Vec<u32> = plan.steps.iter().map(|s| s.params.splits).collect();
-    // 4 row groups: compressed attention over 4095 tokens (128 tiles of 32) takes the
-    // merge's 64 splits, selection 64 chunks of 16 of its 1024 blocks (64 x n candidates
-    // fill select_merge), selected attention one of its 16 blocks per split, the window's
-    // 513 keys one tile per split.
-    assert_eq!(splits, [1, 1, 64, 64, 64, 64, 16, 16, 17, 17]);
+    // 4 row groups: compressed attention over 4095 tokens (128 tiles of 32) takes 32 splits
+    // (ATTN_SPLITS_MAX), selection 16 chunks of 64 of its 1024 blocks (SELECT_SPLITS_MAX),
+    // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
+    // split.
+    assert_eq!(splits, [1, 1, 32, 32, 16, 16, 16, 16, 17, 17]);
     for step in &plan.steps {
         let per_group = match step.kernel {
             Merge => 64,
+            SelectMerge => 4,
             Compress => continue,
             _ => 4,
         };
