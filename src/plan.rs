@@ -162,6 +162,7 @@ const SPLITS_MAX: u64 = 64;
 /// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the
 /// partials cost more than the parallelism gains (measured on an H200).
 const ATTN_SPLITS_MAX: u64 = 32;
+const _: () = assert!(ATTN_SPLITS_MAX <= SPLITS_MAX);
 /// Selection splits at most: each adds n candidates for every other to be ranked against.
 const SELECT_SPLITS_MAX: u64 = 16;
 /// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
