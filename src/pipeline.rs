@@ -266,15 +266,17 @@ impl NsaPipeline {
             .iter()
             .map(|id| KernelLayout::new(&ctx.device, *id))
             .collect();
-        let dummy_buffer = || {
+        let dummy_buffer = |size: u64| {
             ctx.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("nsa.dummy"),
-                size: 16,
+                size,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })
         };
-        let (dummy, dummy_out) = (dummy_buffer(), dummy_buffer());
+        // Room for the five aligned pieces of Tensor::UnusedOut.
+        let align = lim.min_storage_buffer_offset_alignment as u64;
+        let (dummy, dummy_out) = (dummy_buffer(16), dummy_buffer(4 * align + 16));
         if let Some(e) = scope.pop().await {
             return Err(NsaError::Gpu(e.to_string()));
         }
@@ -530,7 +532,7 @@ impl NsaPipeline {
                     binding: slot as u32 + 1,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,
-                        offset: if self.is_dummy(buffer) {
+                        offset: if std::ptr::eq(buffer, &self.dummy) {
                             0
                         } else {
                             window.offset

@@ -75,7 +75,8 @@ pub enum Tensor {
     Cand,
     /// A read-only slot the dispatch does not use (bound to a small dummy buffer).
     Unused,
-    /// A writable slot the dispatch does not use (bound to another small dummy buffer).
+    /// A writable slot the dispatch does not use: a separate 16-byte piece, at an aligned
+    /// offset, of another dummy buffer (writable bindings may not overlap).
     UnusedOut,
 }
 
@@ -397,7 +398,9 @@ impl Plan {
             Tensor::OCmp | Tensor::OSlc | Tensor::OWin | Tensor::Out => b * tq * hq * dv,
             Tensor::Part => return self.part_len,
             Tensor::Cand => return self.cand_len,
-            Tensor::Unused | Tensor::UnusedOut => 0,
+            Tensor::Unused => 4,
+            // Five aligned 16-byte pieces, one per unused writable slot of the merge kernel.
+            Tensor::UnusedOut => (4 * self.limits.storage_align as usize + 16) / 4,
         };
         n as u64
     }
@@ -716,11 +719,25 @@ impl Plan {
             };
             let merge = |plan: &Plan, splits: u32, part: (Window, u32), branch: u32| {
                 let total = nrows * hq;
-                let unused = Window { offset: 0, size: 4 };
-                let bind = |t: Tensor, w: (Window, u32), used: bool| match (used, t) {
+                // WebGPU forbids overlapping writable bindings of one buffer: each unused
+                // writable slot gets its own aligned piece of the dummy.
+                let align = plan.limits.storage_align;
+                let bind = |t: Tensor, w: (Window, u32), used: bool, slot: u64| match (used, t) {
                     (true, _) => (t, w.0),
-                    (false, Tensor::Gates) => (Tensor::Unused, unused),
-                    (false, _) => (Tensor::UnusedOut, unused),
+                    (false, Tensor::Gates) => (
+                        Tensor::Unused,
+                        Window {
+                            offset: 0,
+                            size: 16,
+                        },
+                    ),
+                    (false, _) => (
+                        Tensor::UnusedOut,
+                        Window {
+                            offset: slot * align,
+                            size: 16,
+                        },
+                    ),
                 };
                 Step {
                     kernel: KernelId::Merge,
@@ -734,12 +751,12 @@ impl Plan {
                     grid: plan.grid(total),
                     bindings: vec![
                         (Tensor::Part, part.0),
-                        bind(Tensor::Gates, gates, branch == 2),
-                        bind(Tensor::Lse, lse, branch == 0),
-                        bind(Tensor::OCmp, ocmp, branch == 0 || branch == 2),
-                        bind(Tensor::OSlc, oslc, branch == 1 || branch == 2),
-                        bind(Tensor::OWin, owin, branch == 2),
-                        bind(Tensor::Out, out, branch >= 2),
+                        bind(Tensor::Gates, gates, branch == 2, 0),
+                        bind(Tensor::Lse, lse, branch == 0, 0),
+                        bind(Tensor::OCmp, ocmp, branch == 0 || branch == 2, 1),
+                        bind(Tensor::OSlc, oslc, branch == 1 || branch == 2, 2),
+                        bind(Tensor::OWin, owin, branch == 2, 3),
+                        bind(Tensor::Out, out, branch >= 2, 4),
                     ],
                 }
             };
