@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Prefill: independent input sets the runs take in turn, so that no run finds its
+    /// inputs in cache from the run before.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    rotate: u64,
     /// Skip the dense baseline above this length (it grows quadratically).
     #[arg(long, default_value_t = usize::MAX)]
     dense_max: usize,
@@ -76,11 +80,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Median milliseconds per kernel kind (summed over its steps) and in total.
+/// Median milliseconds per kernel kind (summed over its steps) and in total; run `it` reads
+/// the input set `sets[it % sets.len()]`.
 fn time_plan(
     pipe: &NsaPipeline,
     plan: &Plan,
-    bufs: &GpuBuffers,
+    sets: &[GpuBuffers],
     iters: usize,
     warmup: usize,
 ) -> Result<(Vec<(KernelId, f64)>, f64), String> {
@@ -90,6 +95,7 @@ fn time_plan(
     let mut per_kind: Vec<(KernelId, Vec<f64>)> = Vec::new();
     let mut totals = Vec::new();
     for it in 0..warmup + iters {
+        let bufs = &sets[it % sets.len()];
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         let staging = match &timer {
             Some(t) => {
@@ -174,8 +180,9 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let timed = StepTimer::new(ctx, 1).is_some();
     println!("adapter: {}", ctx.describe());
     println!(
-        "NSA (paper config) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, median of {iters} ({})",
+        "NSA (paper config) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, median of {iters}, {} input sets in turn ({})",
         args.batch,
+        args.rotate,
         if timed { "GPU timestamps" } else { "wall clock: no timestamp queries" }
     );
     println!(
@@ -210,30 +217,38 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                     usage: wgpu::BufferUsages::STORAGE,
                 })
         };
-        let q = up("q", Tensor::Q, 1);
-        let k = up("k", Tensor::KCmp, 2);
-        let v = up("v", Tensor::VCmp, 3);
-        let g = up("gates", Tensor::Gates, 4);
+        let inputs: Vec<[wgpu::Buffer; 4]> = (0..args.rotate)
+            .map(|r| {
+                let seed = 16 * r;
+                [
+                    up("q", Tensor::Q, seed + 1),
+                    up("k", Tensor::KCmp, seed + 2),
+                    up("v", Tensor::VCmp, seed + 3),
+                    up("gates", Tensor::Gates, seed + 4),
+                ]
+            })
+            .collect();
         let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("out"),
             size: plan.tensor_bytes(Tensor::Out),
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        let (stages, total) = time_plan(
-            &pipe,
-            &plan,
-            &GpuBuffers::new(&q, &k, &v, &g, &out),
-            iters,
-            args.warmup,
-        )?;
+        let sets: Vec<GpuBuffers> = inputs
+            .iter()
+            .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
+            .collect();
+        let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup)?;
         let dense = if t <= args.dense_max && precision == nsa_wgpu::Precision::F32 {
             let dplan = pipe.plan_dense(&shape, None).map_err(|e| e.to_string())?;
             Some(
                 time_plan(
                     &pipe,
                     &dplan,
-                    &NsaPipeline::dense_buffers(&q, &k, &v, &out),
+                    &inputs
+                        .iter()
+                        .map(|[q, k, v, _]| NsaPipeline::dense_buffers(q, k, v, &out))
+                        .collect::<Vec<_>>(),
                     iters,
                     args.warmup,
                 )?
@@ -399,7 +414,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             let dense = time_plan(
                 &pipe,
                 &dplan,
-                &NsaPipeline::dense_buffers(&qb, &kvb[0], &kvb[1], &out),
+                &[NsaPipeline::dense_buffers(&qb, &kvb[0], &kvb[1], &out)],
                 iters,
                 args.warmup,
             )?
