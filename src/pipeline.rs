@@ -323,17 +323,9 @@ impl NsaPipeline {
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut buffers = Vec::new();
-        for t in [
-            Tensor::Kc,
-            Tensor::Vc,
-            Tensor::Lse,
-            Tensor::Idx,
-            Tensor::OCmp,
-            Tensor::OSlc,
-            Tensor::OWin,
-            Tensor::Part,
-            Tensor::Cand,
-        ] {
+        // Only what the plan's dispatches bind (a cached plan binds the cache's compressed
+        // keys and values, and a dense one no NSA intermediates).
+        for t in plan.scratch_tensors() {
             let size = plan.tensor_bytes(t);
             if size > self.limits.max_buffer {
                 return Err(NsaError::ExceedsLimit {
