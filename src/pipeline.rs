@@ -189,14 +189,29 @@ impl<'a> GpuBuffers<'a> {
 }
 
 /// The intermediate buffers and uniforms of one [`Plan`]. Create once per shape, reuse for
-/// every call with that plan.
+/// every call with that plan: it also keeps the bind groups of the last few sets of buffers
+/// it was encoded with (holding those buffers alive), so repeated calls create none.
 #[derive(Debug)]
 pub struct NsaScratch {
     plan: Plan,
     params: wgpu::Buffer,
     params_stride: u64,
     buffers: Vec<(Tensor, wgpu::Buffer)>,
+    /// Bind groups of recent calls, keyed by the buffers every binding resolved to (the
+    /// plan's windows are fixed), so that repeated calls on the same buffers create none.
+    groups: Mutex<Vec<BoundGroups>>,
 }
+
+/// The bind groups of one call: the buffers of every step's bindings, in order, and the
+/// groups made from them.
+#[derive(Debug)]
+struct BoundGroups {
+    buffers: Vec<wgpu::Buffer>,
+    groups: Vec<wgpu::BindGroup>,
+}
+
+/// Calls (sets of buffers) whose bind groups a scratch keeps, e.g. rotating inputs.
+const KEPT_BIND_GROUPS: usize = 4;
 
 impl NsaScratch {
     /// The scratch buffer holding `tensor` (`Kc`, `Vc`, `Lse`, and `Idx`, `OCmp`, `OSlc`,
@@ -347,6 +362,7 @@ impl NsaPipeline {
             params,
             params_stride: stride,
             buffers,
+            groups: Mutex::new(Vec::new()),
         })
     }
 
@@ -492,6 +508,55 @@ impl NsaPipeline {
             .collect())
     }
 
+    /// One bind group per step of the scratch's plan, on `resolved` (every step's binding
+    /// buffers, in order).
+    fn bind_groups(
+        &self,
+        scratch: &NsaScratch,
+        resolved: &[&wgpu::Buffer],
+    ) -> Vec<wgpu::BindGroup> {
+        let mut next = resolved.iter();
+        let mut groups = Vec::with_capacity(scratch.plan.steps.len());
+        for (i, step) in scratch.plan.steps.iter().enumerate() {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &scratch.params,
+                    offset: i as u64 * scratch.params_stride,
+                    size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                }),
+            }];
+            for (slot, (_, window)) in step.bindings.iter().enumerate() {
+                let buffer: &wgpu::Buffer = next.next().expect("one buffer per binding");
+                let (offset, size) = if std::ptr::eq(buffer, &self.dummy) {
+                    (0, 16)
+                } else if self.is_dummy(buffer) {
+                    (window.offset, 16)
+                } else {
+                    (window.offset, window.size)
+                };
+                entries.push(wgpu::BindGroupEntry {
+                    binding: slot as u32 + 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset,
+                        size: wgpu::BufferSize::new(size),
+                    }),
+                });
+            }
+            groups.push(
+                self.ctx
+                    .device
+                    .create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some(step.kernel.label()),
+                        layout: &self.layouts[step.kernel as usize].bind_group,
+                        entries: &entries,
+                    }),
+            );
+        }
+        groups
+    }
+
     fn record(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -502,47 +567,31 @@ impl NsaPipeline {
         let plan = &scratch.plan;
         let kernels = self.kernels(plan)?;
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
-        let mut groups = Vec::with_capacity(plan.steps.len());
-        for (i, step) in plan.steps.iter().enumerate() {
-            let layout = &self.layouts[step.kernel as usize].bind_group;
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &scratch.params,
-                    offset: i as u64 * scratch.params_stride,
-                    size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
-                }),
-            }];
-            for (slot, (tensor, window)) in step.bindings.iter().enumerate() {
-                let buffer = self.resolve(*tensor, plan, scratch, bufs)?;
-                let size = if self.is_dummy(buffer) {
-                    16
-                } else {
-                    window.size
-                };
-                entries.push(wgpu::BindGroupEntry {
-                    binding: slot as u32 + 1,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer,
-                        offset: if std::ptr::eq(buffer, &self.dummy) {
-                            0
-                        } else {
-                            window.offset
-                        },
-                        size: wgpu::BufferSize::new(size),
-                    }),
-                });
+        let mut resolved: Vec<&wgpu::Buffer> = Vec::new();
+        for step in &plan.steps {
+            for (tensor, _) in &step.bindings {
+                resolved.push(self.resolve(*tensor, plan, scratch, bufs)?);
             }
-            groups.push(
-                self.ctx
-                    .device
-                    .create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some(step.kernel.label()),
-                        layout,
-                        entries: &entries,
-                    }),
-            );
         }
+        let mut kept = scratch.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let hit = kept
+            .iter()
+            .position(|k| k.buffers.iter().eq(resolved.iter().copied()));
+        let groups = match hit {
+            Some(at) => kept[at].groups.clone(),
+            None => {
+                let groups = self.bind_groups(scratch, &resolved);
+                if kept.len() == KEPT_BIND_GROUPS {
+                    kept.remove(0);
+                }
+                kept.push(BoundGroups {
+                    buffers: resolved.iter().map(|b| (*b).clone()).collect(),
+                    groups: groups.clone(),
+                });
+                groups
+            }
+        };
+        drop(kept);
         for (i, (step, group)) in plan.steps.iter().zip(&groups).enumerate() {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(step.kernel.label()),

@@ -607,3 +607,64 @@ fn no_matching_adapter_is_an_error() {
         other => panic!("expected NoAdapter, got {:?}", other.map(|c| c.describe())),
     }
 }
+
+#[test]
+fn a_kept_scratch_reuses_bind_groups_and_follows_new_buffers() {
+    // A split plan (merges, dummy slots) encoded three times on one scratch: twice into the
+    // same output (the second call reuses the bind groups), then into a fresh one.
+    let pipe = pipeline();
+    let (cfg, shape) = (
+        small(),
+        Shape {
+            batch: 1,
+            tq: 2,
+            tk: 600,
+            hq: 8,
+            hkv: 2,
+            dk: 128,
+            dv: 128,
+        },
+    );
+    let plan = pipe.plan(&cfg, &shape).expect("plan");
+    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::Merge));
+    let data = Data::new(&cfg, &shape, false, 7);
+    let want = cpu::naive::nsa(&cfg, &shape, &data.inputs())
+        .expect("naive")
+        .out;
+    let ctx = pipe.context();
+    let dev = &ctx.device;
+    let up = |d: &[f32], usage: wgpu::BufferUsages| {
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(d),
+            usage: wgpu::BufferUsages::STORAGE | usage,
+        })
+    };
+    let none = wgpu::BufferUsages::empty();
+    let (q, k, v, g) = (
+        up(&data.q, none),
+        up(&data.k, none),
+        up(&data.v, none),
+        up(&data.gates, none),
+    );
+    let sentinel = vec![f32::NAN; want.len()];
+    let outs = [
+        up(&sentinel, wgpu::BufferUsages::COPY_SRC),
+        up(&sentinel, wgpu::BufferUsages::COPY_SRC),
+    ];
+    let scratch = pipe.scratch(&plan).expect("scratch");
+    for out in [&outs[0], &outs[0], &outs[1]] {
+        let mut enc = dev.create_command_encoder(&Default::default());
+        pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &v, &g, out))
+            .expect("encode");
+        ctx.queue.submit([enc.finish()]);
+    }
+    let mut enc = dev.create_command_encoder(&Default::default());
+    let staging = stage_readback(dev, &mut enc, &[&outs[0], &outs[1]]);
+    ctx.queue.submit([enc.finish()]);
+    let r = pollster::block_on(read_staging(dev, &staging)).expect("readback");
+    for (i, bytes) in r.iter().enumerate() {
+        let got = &bytemuck::cast_slice::<u8, f32>(bytes)[..want.len()];
+        assert_close(&format!("output {i}"), got, &want, TOL);
+    }
+}
