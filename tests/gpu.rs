@@ -313,6 +313,7 @@ cases! {
     // Few row groups: every branch splits its keys over workgroups and merges the parts.
     split_tq1_tk1500_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 1500, 16, 2, 128, 128], false;
     split_tq3_tk1100_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 1100, 4, 1, 128, 64], false;
+    split_tq1_tk4200_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 4200, 16, 1, 32, 32], false;
     split_linear_tq2_tk900_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 900, 8, 2, 128, 128], true;
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
