@@ -1,7 +1,11 @@
-//! GPU timing with timestamp queries: one timestamp before and after each step's pass.
+//! GPU timing with timestamp queries (one timestamp before and after each step's pass), and
+//! the benchmark loop `nsa bench` and `benches/` share.
 
 use crate::error::{NsaError, Result};
+use crate::kernels::KernelId;
 use crate::pipeline::{read_staging, GpuContext};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::{GpuBuffers, NsaPipeline, Plan};
 
 /// Timestamps for the passes of up to `steps` plan steps (see
 /// [`crate::NsaPipeline::encode_timed`]).
@@ -86,4 +90,97 @@ impl StepTimer {
             .map(|t| t[1].saturating_sub(t[0]) as f64 * period / 1e6)
             .collect())
     }
+}
+
+/// The median of `v` (the upper one of an even count). `v` must not be empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs `plan` `warmup + iters` times, one submission each, and returns the median
+/// milliseconds per NSA stage (see [`stage_sums`]) and in total over the last `iters`; run
+/// `it` reads the input set `sets[it % sets.len()]`, so that rotating sets keep caches from
+/// flattering the figures. GPU timestamps where the device has them, else wall clock (and no
+/// stages).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn time_plan(
+    pipe: &NsaPipeline,
+    plan: &Plan,
+    sets: &[GpuBuffers],
+    iters: usize,
+    warmup: usize,
+) -> Result<(Vec<(KernelId, f64)>, f64)> {
+    let ctx = pipe.context();
+    let scratch = pipe.scratch(plan)?;
+    let timer = StepTimer::new(ctx, plan.steps.len());
+    let mut per_kind: Vec<(KernelId, Vec<f64>)> = Vec::new();
+    let mut totals = Vec::new();
+    for it in 0..warmup + iters {
+        let bufs = &sets[it % sets.len()];
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let staging = match &timer {
+            Some(t) => {
+                pipe.encode_timed(&mut enc, &scratch, bufs, t, 0)?;
+                Some(t.resolve(ctx, &mut enc, plan.steps.len()))
+            }
+            None => {
+                pipe.encode(&mut enc, &scratch, bufs)?;
+                None
+            }
+        };
+        let start = std::time::Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| NsaError::Gpu(e.to_string()))?;
+        let wall = start.elapsed().as_secs_f64() * 1e3;
+        if it < warmup {
+            continue;
+        }
+        match staging {
+            Some(s) => {
+                let ms = pollster::block_on(StepTimer::read(ctx, s))?;
+                let sums = stage_sums(plan.steps.iter().map(|s| s.kernel).zip(ms.iter().copied()));
+                totals.push(ms.iter().sum());
+                for (k, t) in sums {
+                    match per_kind.iter_mut().find(|(x, _)| *x == k) {
+                        Some((_, v)) => v.push(t),
+                        None => per_kind.push((k, vec![t])),
+                    }
+                }
+            }
+            None => totals.push(wall),
+        }
+    }
+    Ok((
+        per_kind.into_iter().map(|(k, v)| (k, median(v))).collect(),
+        median(totals),
+    ))
+}
+
+/// The NSA stages, in the benchmark tables' column order.
+pub const STAGES: [KernelId; 5] = [
+    KernelId::Compress,
+    KernelId::CmpAttn,
+    KernelId::Select,
+    KernelId::SlcAttn,
+    KernelId::WinAttn,
+];
+
+/// GPU time per NSA stage from per-step times: a merge of split work counts toward the
+/// stage it merges (the step before it).
+pub fn stage_sums(steps: impl Iterator<Item = (KernelId, f64)>) -> Vec<(KernelId, f64)> {
+    let mut sums: Vec<(KernelId, f64)> = Vec::new();
+    let mut stage = KernelId::Compress;
+    for (kernel, t) in steps {
+        if !matches!(kernel, KernelId::Merge | KernelId::SelectMerge) {
+            stage = kernel;
+        }
+        match sums.iter_mut().find(|(k, _)| *k == stage) {
+            Some((_, acc)) => *acc += t,
+            None => sums.push((stage, t)),
+        }
+    }
+    sums
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use nsa_wgpu::data::sample_values;
 use nsa_wgpu::kernels::KernelId;
-use nsa_wgpu::profile::StepTimer;
+use nsa_wgpu::profile::{median, stage_sums, time_plan, StepTimer, STAGES};
 use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
 use wgpu::util::DeviceExt;
 
@@ -73,96 +73,6 @@ fn sizes(args: &BenchArgs) -> (usize, usize, usize, usize, usize) {
     } else {
         (args.hq, args.hkv, args.dk, args.dv, args.iters)
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Median milliseconds per kernel kind (summed over its steps) and in total; run `it` reads
-/// the input set `sets[it % sets.len()]`.
-fn time_plan(
-    pipe: &NsaPipeline,
-    plan: &Plan,
-    sets: &[GpuBuffers],
-    iters: usize,
-    warmup: usize,
-) -> Result<(Vec<(KernelId, f64)>, f64), String> {
-    let ctx = pipe.context();
-    let scratch = pipe.scratch(plan).map_err(|e| e.to_string())?;
-    let timer = StepTimer::new(ctx, plan.steps.len());
-    let mut per_kind: Vec<(KernelId, Vec<f64>)> = Vec::new();
-    let mut totals = Vec::new();
-    for it in 0..warmup + iters {
-        let bufs = &sets[it % sets.len()];
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let staging = match &timer {
-            Some(t) => {
-                pipe.encode_timed(&mut enc, &scratch, bufs, t, 0)
-                    .map_err(|e| e.to_string())?;
-                Some(t.resolve(ctx, &mut enc, plan.steps.len()))
-            }
-            None => {
-                pipe.encode(&mut enc, &scratch, bufs)
-                    .map_err(|e| e.to_string())?;
-                None
-            }
-        };
-        let start = Instant::now();
-        ctx.queue.submit([enc.finish()]);
-        ctx.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string())?;
-        let wall = start.elapsed().as_secs_f64() * 1e3;
-        if it < warmup {
-            continue;
-        }
-        match staging {
-            Some(s) => {
-                let ms = pollster::block_on(StepTimer::read(ctx, s)).map_err(|e| e.to_string())?;
-                let sums = stage_sums(plan.steps.iter().map(|s| s.kernel).zip(ms.iter().copied()));
-                totals.push(ms.iter().sum());
-                for (k, t) in sums {
-                    match per_kind.iter_mut().find(|(x, _)| *x == k) {
-                        Some((_, v)) => v.push(t),
-                        None => per_kind.push((k, vec![t])),
-                    }
-                }
-            }
-            None => totals.push(wall),
-        }
-    }
-    Ok((
-        per_kind.into_iter().map(|(k, v)| (k, median(v))).collect(),
-        median(totals),
-    ))
-}
-
-/// The NSA stages, in the tables' column order.
-const STAGES: [KernelId; 5] = [
-    KernelId::Compress,
-    KernelId::CmpAttn,
-    KernelId::Select,
-    KernelId::SlcAttn,
-    KernelId::WinAttn,
-];
-
-/// GPU time per NSA stage from per-step times: a merge of split work counts toward the
-/// stage it merges (the step before it).
-fn stage_sums(steps: impl Iterator<Item = (KernelId, f64)>) -> Vec<(KernelId, f64)> {
-    let mut sums: Vec<(KernelId, f64)> = Vec::new();
-    let mut stage = KernelId::Compress;
-    for (kernel, t) in steps {
-        if !matches!(kernel, KernelId::Merge | KernelId::SelectMerge) {
-            stage = kernel;
-        }
-        match sums.iter_mut().find(|(k, _)| *k == stage) {
-            Some((_, acc)) => *acc += t,
-            None => sums.push((stage, t)),
-        }
-    }
-    sums
 }
 
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
@@ -238,7 +148,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             .iter()
             .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
             .collect();
-        let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup)?;
+        let (stages, total) =
+            time_plan(&pipe, &plan, &sets, iters, args.warmup).map_err(|e| e.to_string())?;
         let dense = if t <= args.dense_max && precision == nsa_wgpu::Precision::F32 {
             let dplan = pipe.plan_dense(&shape, None).map_err(|e| e.to_string())?;
             Some(
@@ -251,7 +162,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                         .collect::<Vec<_>>(),
                     iters,
                     args.warmup,
-                )?
+                )
+                .map_err(|e| e.to_string())?
                 .1,
             )
         } else {
@@ -417,7 +329,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 &[NsaPipeline::dense_buffers(&qb, &kvb[0], &kvb[1], &out)],
                 iters,
                 args.warmup,
-            )?
+            )
+            .map_err(|e| e.to_string())?
             .1;
             let tokens = cfg.num_compressed(len) + cfg.top_n * cfg.sel_block + cfg.window;
             let bytes =

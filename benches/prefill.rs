@@ -1,0 +1,83 @@
+//! NSA prefill against dense causal attention on the best adapter, timed with GPU timestamps
+//! (medians over rotating input sets), per stage. The full table with every option is
+//! `nsa bench`; this is the same loop (`nsa_wgpu::profile::time_plan`) as a cargo bench.
+//!
+//! cargo bench --bench prefill [-- T ...]   (default: 2048 4096; Hq=16, Hkv=1, D=64)
+
+use nsa_wgpu::data::sample_values;
+use nsa_wgpu::profile::{time_plan, STAGES};
+use nsa_wgpu::{GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, Plan, Shape, Tensor};
+use wgpu::util::DeviceExt;
+
+fn main() -> Result<(), NsaError> {
+    // cargo passes --bench; lengths are the numeric arguments.
+    let mut lengths: Vec<usize> = std::env::args().filter_map(|a| a.parse().ok()).collect();
+    if lengths.is_empty() {
+        lengths = vec![2048, 4096];
+    }
+    let ctx = pollster::block_on(GpuContext::new())?;
+    let pipe = pollster::block_on(NsaPipeline::new(&ctx))?;
+    let cfg = NsaConfig::default();
+    println!("adapter: {}", ctx.describe());
+    println!(
+        "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA | dense | dense/NSA |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for t in lengths {
+        let shape = Shape::prefill(1, t, 16, 1, 64, 64);
+        let plan = pipe.plan(&cfg, &shape)?;
+        let up = |tensor: Tensor, seed: u64| {
+            let data = sample_values(plan.tensor_len(tensor) as usize, seed);
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("bench.input"),
+                    contents: bytemuck::cast_slice(&data),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let sets: Vec<[wgpu::Buffer; 4]> = (0..2)
+            .map(|r| {
+                let seed = 16 * r;
+                [
+                    up(Tensor::Q, seed + 1),
+                    up(Tensor::KCmp, seed + 2),
+                    up(Tensor::VCmp, seed + 3),
+                    up(Tensor::Gates, seed + 4),
+                ]
+            })
+            .collect();
+        let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench.out"),
+            size: plan.tensor_bytes(Tensor::Out),
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let nsa_sets: Vec<GpuBuffers> = sets
+            .iter()
+            .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
+            .collect();
+        let (stages, nsa) = time_plan(&pipe, &plan, &nsa_sets, 5, 1)?;
+        let dense_plan: Plan = pipe.plan_dense(&shape, None)?;
+        let dense_sets: Vec<GpuBuffers> = sets
+            .iter()
+            .map(|[q, k, v, _]| NsaPipeline::dense_buffers(q, k, v, &out))
+            .collect();
+        let dense = time_plan(&pipe, &dense_plan, &dense_sets, 5, 1)?.1;
+        let cells: Vec<String> = STAGES
+            .iter()
+            .map(|k| {
+                stages
+                    .iter()
+                    .find(|(x, _)| x == k)
+                    .map_or("-".into(), |(_, ms)| format!("{ms:.3}"))
+            })
+            .collect();
+        println!(
+            "| {t} | {} | {nsa:.3} | {dense:.3} | {:.2}x |",
+            cells.join(" | "),
+            dense / nsa
+        );
+    }
+    println!("times in ms");
+    Ok(())
+}
