@@ -4,10 +4,8 @@
 //!
 //! cargo bench --bench prefill [-- T ...]   (default: 2048 4096; Hq=16, Hkv=1, D=64)
 
-use nsa_wgpu::data::sample_values;
-use nsa_wgpu::profile::{time_plan, STAGES};
+use nsa_wgpu::profile::{sample_input_sets, time_plan, STAGES};
 use nsa_wgpu::{GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, Plan, Shape, Tensor};
-use wgpu::util::DeviceExt;
 
 fn main() -> Result<(), NsaError> {
     // cargo passes --bench; lengths are the numeric arguments.
@@ -26,26 +24,7 @@ fn main() -> Result<(), NsaError> {
     for t in lengths {
         let shape = Shape::prefill(1, t, 16, 1, 64, 64);
         let plan = pipe.plan(&cfg, &shape)?;
-        let up = |tensor: Tensor, seed: u64| {
-            let data = sample_values(plan.tensor_len(tensor) as usize, seed);
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("bench.input"),
-                    contents: bytemuck::cast_slice(&data),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-        };
-        let sets: Vec<[wgpu::Buffer; 4]> = (0..2)
-            .map(|r| {
-                let seed = 16 * r;
-                [
-                    up(Tensor::Q, seed + 1),
-                    up(Tensor::KCmp, seed + 2),
-                    up(Tensor::VCmp, seed + 3),
-                    up(Tensor::Gates, seed + 4),
-                ]
-            })
-            .collect();
+        let sets = sample_input_sets(&ctx.device, &plan, 2);
         let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("bench.out"),
             size: plan.tensor_bytes(Tensor::Out),

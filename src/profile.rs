@@ -4,8 +4,9 @@
 use crate::error::{NsaError, Result};
 use crate::kernels::KernelId;
 use crate::pipeline::{read_staging, GpuContext};
+use crate::plan::{Plan, Tensor};
 #[cfg(not(target_arch = "wasm32"))]
-use crate::{GpuBuffers, NsaPipeline, Plan};
+use crate::{GpuBuffers, NsaPipeline};
 
 /// Timestamps for the passes of up to `steps` plan steps (see
 /// [`crate::NsaPipeline::encode_timed`]).
@@ -157,6 +158,39 @@ pub fn time_plan(
         per_kind.into_iter().map(|(k, v)| (k, median(v))).collect(),
         median(totals),
     ))
+}
+
+/// `sets` independent input sets `[q, k, v, gates]` for `plan`, from
+/// [`crate::data::sample_values`] (set `r` seeded apart from the others), stored at the plan's
+/// precision: what [`time_plan`] rotates through.
+pub fn sample_input_sets(device: &wgpu::Device, plan: &Plan, sets: u64) -> Vec<[wgpu::Buffer; 4]> {
+    use wgpu::util::DeviceExt;
+    let up = |t: Tensor, seed: u64| {
+        let data = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
+        let bytes: Vec<u8> = if plan.elem_bytes(t) == 2 {
+            data.iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect()
+        } else {
+            bytemuck::cast_slice(&data).to_vec()
+        };
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("nsa.bench.input"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    };
+    (0..sets)
+        .map(|r| {
+            let seed = 16 * r;
+            [
+                up(Tensor::Q, seed + 1),
+                up(Tensor::KCmp, seed + 2),
+                up(Tensor::VCmp, seed + 3),
+                up(Tensor::Gates, seed + 4),
+            ]
+        })
+        .collect()
 }
 
 /// The NSA stages, in the benchmark tables' column order.

@@ -6,7 +6,7 @@ use std::time::Instant;
 use clap::Args;
 use nsa_wgpu::data::sample_values;
 use nsa_wgpu::kernels::KernelId;
-use nsa_wgpu::profile::{median, stage_sums, time_plan, StepTimer, STAGES};
+use nsa_wgpu::profile::{median, sample_input_sets, stage_sums, time_plan, StepTimer, STAGES};
 use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
 use wgpu::util::DeviceExt;
 
@@ -111,33 +111,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         let shape = Shape::prefill(args.batch, t, hq, hkv, dk, dv);
         let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)
             .map_err(|e| e.to_string())?;
-        let up = |label: &str, t: Tensor, seed: u64| {
-            let data = sample_values(plan.tensor_len(t) as usize, seed);
-            let bytes: Vec<u8> = if plan.elem_bytes(t) == 2 {
-                data.iter()
-                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                    .collect()
-            } else {
-                bytemuck::cast_slice(&data).to_vec()
-            };
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: &bytes,
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-        };
-        let inputs: Vec<[wgpu::Buffer; 4]> = (0..args.rotate)
-            .map(|r| {
-                let seed = 16 * r;
-                [
-                    up("q", Tensor::Q, seed + 1),
-                    up("k", Tensor::KCmp, seed + 2),
-                    up("v", Tensor::VCmp, seed + 3),
-                    up("gates", Tensor::Gates, seed + 4),
-                ]
-            })
-            .collect();
+        let inputs = sample_input_sets(&ctx.device, &plan, args.rotate);
         let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("out"),
             size: plan.tensor_bytes(Tensor::Out),
