@@ -164,8 +164,8 @@ impl KernelId {
             KernelId::Merge => 64 * 4,
             // top_idx, cand_score, cand_idx, valid
             KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
-            // smem, scores, red, 5 per-row arrays
-            _ => (1536 * 4 + 1024 + 128 + 5 * 16) * 4,
+            // smem, scores, red_max, red_sum, 5 per-row arrays
+            _ => (1536 * 4 + 1024 + 2 * 128 + 5 * 16) * 4,
         }
     }
 }

@@ -15,7 +15,8 @@ const KT_MAX: u32 = 64u;       // keys per tile at most
 const NEG_BIG: f32 = -3.0e38;
 
 var<workgroup> scores: array<f32, 1024>;       // [ROWS, KT_MAX]
-var<workgroup> red: array<f32, WG>;            // per-invocation partial max / sum
+var<workgroup> red_max: array<f32, WG>;        // per-invocation partial max
+var<workgroup> red_sum: array<f32, WG>;        // per-invocation partial sum
 var<workgroup> row_max: array<f32, ROWS>;
 var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;
@@ -111,14 +112,25 @@ fn split_range(r: Rows, start: u32, end: u32) -> vec2<u32> {
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
+//
+// Per tile, five barriers: the key tile is stored; scores are stored; the rows' partial
+// maxima are in; probabilities and rescale factors are in; the values are used. The value
+// tile is fetched while the scores are computed and the next key tile while the values are
+// accumulated, so neither load stalls the workgroup on its own.
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
     let nrg = (r.n + 3u) / 4u;
+    let i = lid / 8u;      // the row this invocation helps reduce, with 7 others
+    let part = lid % 8u;
+    if start < end {
+        fetch_tile(lid, attn_kv(r, stride, start, true), min(kt, end - start), DK, true);
+    }
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
-        load_tile(lid, params.off_k + ((r.bb * stride + t0) * params.hkv + r.h) * DK, nk, DK, true);
+        store_tile(lid, nk, DK);
         workgroupBarrier();
+        fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
         // Scores: 4 rows x 1 key per item.
         for (var x = lid; x < nrg * nk; x += WG) {
             let rg = x / nk;
@@ -131,20 +143,17 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
             store_score(rg * 4u + 3u, t, j, s.w, r.n);
         }
         workgroupBarrier();
-        // The value tile replaces the key tile; meanwhile each row's new maximum, from 8
-        // invocations per row.
-        load_tile(lid, params.off_v + ((r.bb * stride + t0) * params.hkv + r.h) * DV, nk, DV, false);
-        let i = lid / 8u;
-        let part = lid % 8u;
+        // The value tile replaces the key tile; each row's new maximum from 8 invocations.
+        store_tile(lid, nk, DV);
         var m = NEG_BIG;
         for (var j = part; j < nk; j += 8u) {
             m = max(m, scores[i * KT_MAX + j]);
         }
-        red[lid] = m;
+        red_max[lid] = m;
         workgroupBarrier();
         var m_new = row_max[i];
         for (var c = 0u; c < 8u; c++) {
-            m_new = max(m_new, red[i * 8u + c]);
+            m_new = max(m_new, red_max[i * 8u + c]);
         }
         var sum = 0.0;
         for (var j = part; j < nk; j += 8u) {
@@ -153,20 +162,24 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
             scores[i * KT_MAX + j] = p;
             sum += p;
         }
+        red_sum[lid] = sum;
+        if part == 0u {
+            row_alpha[i] = exp(row_max[i] - m_new);
+        }
         workgroupBarrier();
-        red[lid] = sum;
-        workgroupBarrier();
+        // Row i's running max and sum move on (nothing reads them again before the next
+        // tile's third barrier); meanwhile every item rescales and accumulates.
         if part == 0u {
             var total = 0.0;
             for (var c = 0u; c < 8u; c++) {
-                total += red[i * 8u + c];
+                total += red_sum[i * 8u + c];
             }
-            let alpha = exp(row_max[i] - m_new);
-            row_alpha[i] = alpha;
-            row_sum[i] = row_sum[i] * alpha + total;
+            row_sum[i] = row_sum[i] * row_alpha[i] + total;
             row_max[i] = m_new;
         }
-        workgroupBarrier();
+        if t0 + kt < end {
+            fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
+        }
         // Output: 4 rows x 4 dims per item, at most 2 items per invocation.
         let items = nrg * dv4;
         if lid < items {
@@ -177,6 +190,15 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         }
         workgroupBarrier();
     }
+}
+
+// Where the key (or value) row of position t0 of this workgroup's kv head starts.
+fn attn_kv(r: Rows, stride: u32, t0: u32, key: bool) -> u32 {
+    let row = (r.bb * stride + t0) * params.hkv + r.h;
+    if key {
+        return params.off_k + row * DK;
+    }
+    return params.off_v + row * DV;
 }
 
 // Rescales item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) by the rows' alpha and adds the

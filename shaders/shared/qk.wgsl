@@ -68,14 +68,23 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
 // vec4s one invocation loads per tile at most: SMEM4 / WG.
 const LOADS: u32 = 12u;
 
-// Loads `nk` rows of width `d` (row j at `base + j * Hkv * d`, keys or values as `from_k`
-// says) into the tile, zero past `d`. Every load is issued before the first store, so an
+// One invocation's share of a tile between fetch_tile and store_tile: the loads stay in
+// registers while the workgroup computes, and land in workgroup memory after a barrier.
+var<private> pre: array<vec4<f32>, LOADS>;
+
+// vec4s of a tile of rows of width `d` one invocation fetches: a constant per pipeline, so
+// the fetch and store loops unroll exactly.
+fn tile_loads(d: u32) -> u32 {
+    return (KT * ((d + 3u) / 4u) + WG - 1u) / WG;
+}
+
+// Fetches `nk` rows of width `d` (row j at `base + j * Hkv * d`, keys or values as `from_k`
+// says) into `pre`, zero past `d`. Every load is issued before any is used, so an
 // invocation has all its loads in flight at once rather than one round trip per vec4.
-fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
+fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
     let d4 = (d + 3u) / 4u;
     let n = nk * d4;
-    var vals: array<vec4<f32>, LOADS>;
-    for (var i = 0u; i < LOADS; i++) {
+    for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
         if x < n {
             let e = (x % d4) * 4u;
@@ -95,15 +104,26 @@ fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
                     }
                 }
             }
-            vals[i] = val;
+            pre[i] = val;
         }
     }
-    for (var i = 0u; i < LOADS; i++) {
+}
+
+// Stores what fetch_tile fetched (`nk` rows of width `d`) into the tile.
+fn store_tile(lid: u32, nk: u32, d: u32) {
+    let d4 = (d + 3u) / 4u;
+    for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
-        if x < n {
-            smem[tile_at(x / d4, x % d4)] = vals[i];
+        if x < nk * d4 {
+            smem[tile_at(x / d4, x % d4)] = pre[i];
         }
     }
+}
+
+// fetch_tile, then store_tile.
+fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
+    fetch_tile(lid, base, nk, d, from_k);
+    store_tile(lid, nk, d);
 }
 
 // q . k for query rows 4*rg .. 4*rg+3 and tile key j (unscaled).
