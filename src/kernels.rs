@@ -154,25 +154,47 @@ impl KernelId {
         }
     }
 
-    /// Workgroup memory the kernel declares, in bytes (checked against the adapter).
-    pub fn workgroup_bytes(self) -> u32 {
+    /// Workgroup memory the kernel declares besides the specialised kernels' `smem` buffer
+    /// (`SMEM4` vec4s, see [`smem_vec4s`]), in bytes.
+    pub fn fixed_workgroup_bytes(self) -> u32 {
         match self {
             KernelId::Compress => 256 * 4,
-            // smem, partial, lse_s, pbuf, bscore, 4 top lists
-            KernelId::Select => (1536 * 4 + 256 + 16 + 512 + 128 + 4 * 256) * 4,
+            // partial, lse_s, pbuf, bscore, 4 top lists
+            KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256) * 4,
             // weight
             KernelId::Merge => 64 * 4,
             // top_idx, cand_score, cand_idx, valid
             KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
-            // smem, scores, red_max, red_sum, 5 per-row arrays
-            _ => (1536 * 4 + 1024 + 2 * 128 + 5 * 16) * 4,
+            // scores, red_max, red_sum, 5 per-row arrays
+            _ => (1024 + 2 * 128 + 5 * 16) * 4,
         }
     }
 }
 
-/// The shape constants an attention or selection kernel is compiled for: WGSL's `DK`, `DV`
-/// and `KT` overrides (`shaders/shared/qk.wgsl`), so that loops over head dimensions and tile
-/// keys have constant bounds.
+/// The largest `smem` buffer (WGSL's `SMEM4`, in vec4s) a specialised kernel declares: 40
+/// KiB, which holds 64 keys per tile at Dk = Dv = 128.
+pub const SMEM4_MAX: u32 = 2560;
+
+/// The `smem` buffer (vec4s) for an adapter with `limit` bytes of workgroup memory: what
+/// every specialised kernel has left after its fixed arrays, at most [`SMEM4_MAX`]. More keys
+/// per tile mean fewer barriers per key.
+pub fn smem_vec4s(limit: u32) -> u32 {
+    (limit.saturating_sub(specialized_fixed_bytes()) / 16).min(SMEM4_MAX)
+}
+
+/// The most workgroup memory a specialised kernel declares besides `smem`, in bytes.
+pub fn specialized_fixed_bytes() -> u32 {
+    KernelId::ALL
+        .iter()
+        .filter(|k| k.specialized())
+        .map(|k| k.fixed_workgroup_bytes())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The constants an attention or selection kernel is compiled for: WGSL's `DK`, `DV`, `KT`
+/// and `SMEM4` overrides (`shaders/shared/qk.wgsl`), so that loops over head dimensions and
+/// tile keys have constant bounds and the tile fills the adapter's workgroup memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Specialization {
     /// Key/query head dimension.
@@ -181,15 +203,18 @@ pub struct Specialization {
     pub dv: u32,
     /// Keys per workgroup-memory tile.
     pub kv_tile: u32,
+    /// vec4s of the `smem` buffer that holds the queries and one tile.
+    pub smem4: u32,
 }
 
 impl Specialization {
     /// The pipeline-overridable constants, by name.
-    pub fn constants(&self) -> [(&'static str, f64); 3] {
+    pub fn constants(&self) -> [(&'static str, f64); 4] {
         [
             ("DK", self.dk as f64),
             ("DV", self.dv as f64),
             ("KT", self.kv_tile as f64),
+            ("SMEM4", self.smem4 as f64),
         ]
     }
 }

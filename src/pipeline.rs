@@ -134,6 +134,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         storage_align: limits.min_storage_buffer_offset_alignment as u64,
         uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
         max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+        workgroup_storage: limits.max_compute_workgroup_storage_size,
     }
 }
 
@@ -261,10 +262,10 @@ impl NsaPipeline {
                     limit: lim.max_storage_buffers_per_shader_stage as u64,
                 });
             }
-            if id.workgroup_bytes() > lim.max_compute_workgroup_storage_size {
+            if id.fixed_workgroup_bytes() > lim.max_compute_workgroup_storage_size {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_compute_workgroup_storage_size",
-                    needed: id.workgroup_bytes() as u64,
+                    needed: id.fixed_workgroup_bytes() as u64,
                     limit: lim.max_compute_workgroup_storage_size as u64,
                 });
             }

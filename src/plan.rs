@@ -9,7 +9,7 @@
 
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::kernels::{KernelId, Params, Specialization};
+use crate::kernels::{smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization};
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,10 +24,13 @@ pub struct DeviceLimits {
     pub uniform_align: u64,
     /// `max_compute_workgroups_per_dimension`.
     pub max_workgroups_per_dim: u32,
+    /// `max_compute_workgroup_storage_size`: sizes the attention tiles.
+    pub workgroup_storage: u32,
 }
 
 impl Default for DeviceLimits {
-    /// WebGPU's default limits.
+    /// WebGPU's default limits, except 32 KiB of workgroup memory instead of 16 KiB (what
+    /// lavapipe and SwiftShader offer; at Dk = 128 the kernels need more than 16 KiB).
     fn default() -> Self {
         Self {
             max_storage_binding: 128 << 20,
@@ -35,6 +38,7 @@ impl Default for DeviceLimits {
             storage_align: 256,
             uniform_align: 256,
             max_workgroups_per_dim: 65535,
+            workgroup_storage: 32 << 10,
         }
     }
 }
@@ -151,8 +155,6 @@ pub struct Plan {
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
 pub const ROWS_PER_WORKGROUP: usize = 16;
-/// vec4s of workgroup memory for queries and one tile (`SMEM4` in `shaders/shared/qk.wgsl`).
-const SMEM4: usize = 1536;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// Workgroups a dispatch should have: below this, attention and selection split each row
@@ -185,12 +187,22 @@ struct Chunk {
 }
 
 /// Keys per attention tile: as many rows of `tile_stride()` vec4s (the wider of Dk, Dv in
-/// vec4s; rounded up to odd unless a multiple of 8) as fit `SMEM4` after the queries
-/// (`ROWS` rows of Dk), at most `KT_MAX`.
-fn kv_tile(s: &Shape) -> u32 {
+/// vec4s; rounded up to odd unless a multiple of 8) as fit the `smem` buffer the adapter's
+/// workgroup memory allows ([`smem_vec4s`]) after the queries (`ROWS` rows of Dk), at most
+/// `KT_MAX`; an error when not even one fits.
+fn kv_tile(s: &Shape, limits: &DeviceLimits) -> Result<u32> {
     let d4 = s.dk.max(s.dv).div_ceil(4);
     let stride = if d4 % 8 == 0 { d4 } else { d4 | 1 };
-    ((SMEM4 - ROWS_PER_WORKGROUP * s.dk.div_ceil(4)) / stride).min(KT_MAX) as u32
+    let queries = ROWS_PER_WORKGROUP * s.dk.div_ceil(4);
+    let smem4 = smem_vec4s(limits.workgroup_storage) as usize;
+    if smem4 < queries + stride {
+        return Err(exceeds(
+            "max_compute_workgroup_storage_size (queries and one key of Dk, Dv)",
+            specialized_fixed_bytes() as u64 + 16 * (queries + stride) as u64,
+            limits.workgroup_storage as u64,
+        ));
+    }
+    Ok(((smem4 - queries) / stride).min(KT_MAX) as u32)
 }
 
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
@@ -208,6 +220,7 @@ impl Plan {
             dk: self.shape.dk as u32,
             dv: self.shape.dv as u32,
             kv_tile: self.kv_tile,
+            smem4: smem_vec4s(self.limits.workgroup_storage),
         }
     }
 
@@ -271,7 +284,7 @@ impl Plan {
             ));
         }
         let n_cmp = config.num_compressed(s.tk);
-        let kv_tile = kv_tile(&s);
+        let kv_tile = kv_tile(&s, limits)?;
         let head_chunks = s.group().div_ceil(ROWS_PER_WORKGROUP) as u32;
         let mut plan = Plan {
             config: *config,
@@ -320,7 +333,7 @@ impl Plan {
             config,
             shape: *shape,
             n_cmp: 0,
-            kv_tile: kv_tile(shape),
+            kv_tile: kv_tile(shape, limits)?,
             head_chunks: shape.group().div_ceil(ROWS_PER_WORKGROUP) as u32,
             steps: Vec::new(),
             limits: *limits,

@@ -323,11 +323,13 @@ cases! {
 
 #[test]
 fn split_plan_matches_the_reference() {
-    // Tiny limits force query chunks, batch chunks, unaligned windows and 2D grids.
+    // Tiny limits force query chunks, batch chunks, unaligned windows and 2D grids, and
+    // little workgroup memory a smaller `smem` buffer: five keys per tile.
     let pipe = pipeline();
     let limits = DeviceLimits {
         max_storage_binding: 24 << 10,
         max_workgroups_per_dim: 7,
+        workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes() + 16 * (16 * 3 + 5 * 3),
         ..pipe.limits()
     };
     let shape = Shape {
@@ -340,6 +342,7 @@ fn split_plan_matches_the_reference() {
         dv: 10,
     };
     let plan = Plan::new(&small(), &shape, &limits).expect("plan");
+    assert_eq!(plan.kv_tile, 5);
     assert!(
         plan.steps.len() > 8,
         "the plan should split: {} steps",

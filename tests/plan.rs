@@ -291,3 +291,36 @@ fn tensor_sizes() {
     assert_eq!(plan.tensor_len(Tensor::Kc), 2 * 2 * 5); // C = 1
     assert_eq!(plan.tensor_len(Tensor::WK), 0);
 }
+
+#[test]
+fn tiles_grow_with_the_adapters_workgroup_memory() {
+    let shape = Shape::prefill(1, 4096, 64, 4, 128, 128);
+    let tile = |kib: u32| {
+        let limits = DeviceLimits {
+            workgroup_storage: kib << 10,
+            ..DeviceLimits::default()
+        };
+        Plan::new(&NsaConfig::default(), &shape, &limits)
+            .map(|p| (p.kv_tile, p.specialization().smem4))
+    };
+    // 32 KiB (lavapipe, SwiftShader): 32 keys of D = 128; 48 KiB (an H200): 64, the most.
+    assert_eq!(tile(32).unwrap(), (32, 1564));
+    assert_eq!(tile(48).unwrap(), (64, 2560));
+    assert_eq!(tile(64).unwrap(), (64, 2560));
+    // WebGPU's default 16 KiB holds the queries but not one key besides the fixed arrays.
+    match tile(16) {
+        Err(NsaError::ExceedsLimit {
+            what,
+            needed,
+            limit,
+        }) => {
+            assert!(
+                what.starts_with("max_compute_workgroup_storage_size"),
+                "{what}"
+            );
+            assert_eq!(limit, 16 << 10);
+            assert!(needed > limit);
+        }
+        other => panic!("expected ExceedsLimit, got {other:?}"),
+    }
+}

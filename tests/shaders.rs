@@ -40,13 +40,19 @@ fn every_kernel_has_a_shader_and_a_main() {
 fn shaders_translate_to_spirv_msl_hlsl() {
     // Head sizes the tests use: small, odd, the paper's Dk/Dv, the largest.
     let specs = [
-        (8, 8, 64),
-        (100, 64, 21),
-        (192, 128, 10),
-        (128, 128, 16),
-        (256, 256, 8),
+        (8, 8, 64, 1536),
+        (100, 64, 21, 1536),
+        (192, 128, 37, 2560),
+        (128, 128, 64, 2560),
+        (256, 256, 8, 1536),
+        (12, 10, 5, 63),
     ]
-    .map(|(dk, dv, kv_tile)| Specialization { dk, dv, kv_tile });
+    .map(|(dk, dv, kv_tile, smem4)| Specialization {
+        dk,
+        dv,
+        kv_tile,
+        smem4,
+    });
     for (id, precision, spec) in KernelId::ALL.iter().flat_map(|id| {
         [Precision::F32, Precision::F16]
             .into_iter()
@@ -132,12 +138,32 @@ fn params_size_matches_wgsl() {
 fn workgroup_memory_matches_the_declared_budget() {
     for id in KernelId::ALL {
         let (m, _) = module(id.name());
-        let bytes: u32 = m
+        let vars: Vec<_> = m
             .global_variables
             .iter()
             .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .collect();
+        // The fixed arrays; `smem` is sized by the SMEM4 override.
+        let bytes: u32 = vars
+            .iter()
+            .filter(|(_, g)| g.name.as_deref() != Some("smem"))
             .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
             .sum();
-        assert_eq!(bytes, id.workgroup_bytes(), "{}", id.name());
+        assert_eq!(bytes, id.fixed_workgroup_bytes(), "{}", id.name());
+        let smem = vars.iter().find(|(_, g)| g.name.as_deref() == Some("smem"));
+        assert_eq!(smem.is_some(), id.specialized(), "{}", id.name());
+        if let Some((_, g)) = smem {
+            assert!(
+                matches!(
+                    m.types[g.ty].inner,
+                    naga::TypeInner::Array {
+                        size: naga::ArraySize::Pending(_),
+                        ..
+                    }
+                ),
+                "{}: smem is override-sized",
+                id.name()
+            );
+        }
     }
 }

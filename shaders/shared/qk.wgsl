@@ -10,18 +10,20 @@
 
 const WG: u32 = 128u;          // invocations per workgroup
 const ROWS: u32 = 16u;         // query rows per workgroup
-const SMEM4: u32 = 1536u;      // vec4s of workgroup memory for the queries and one tile
+
+// Head sizes, keys per tile and the vec4s of `smem`, set per shape and adapter when the
+// pipeline is created (Rust's `Specialization`), so that the loops over head dimensions and
+// tile keys have constant bounds the driver can unroll. DK, DV and KT equal params.dk,
+// params.dv and params.kv_tile; SMEM4 is as large as the adapter's workgroup memory allows
+// (at most SMEM4_MAX), and KT as many keys as fit it after the queries.
+override DK: u32;
+override DV: u32;
+override KT: u32;
+override SMEM4: u32;
 
 // The queries, [ROWS, dk4()] (zero past Dk and past the owned rows), then one key or value
 // tile, [KT, tile_stride()] (zero past D). The smaller the heads, the more keys per tile.
 var<workgroup> smem: array<vec4<f32>, SMEM4>;
-
-// Head sizes and keys per tile, set per shape when the pipeline is created (Rust's
-// `Specialization`), so that the loops over head dimensions and tile keys have constant
-// bounds the driver can unroll. They equal params.dk, params.dv and params.kv_tile.
-override DK: u32;
-override DV: u32;
-override KT: u32;
 
 fn dk4() -> u32 {
     return (DK + 3u) / 4u;
@@ -65,8 +67,8 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
     }
 }
 
-// vec4s one invocation loads per tile at most: SMEM4 / WG.
-const LOADS: u32 = 12u;
+// vec4s one invocation loads per tile at most: SMEM4_MAX / WG (Rust's `SMEM4_MAX`).
+const LOADS: u32 = 20u;
 
 // One invocation's share of a tile between fetch_tile and store_tile: the loads stay in
 // registers while the workgroup computes, and land in workgroup memory after a barrier.
