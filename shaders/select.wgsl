@@ -25,7 +25,7 @@ var<workgroup> top_score: array<f32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
 
-// The element load behind load_tile: compressed keys only.
+// The element load behind fetch_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return f32(k[at]);
 }
@@ -77,10 +77,19 @@ fn main(
             if lid < ROWS {
                 lse_s[lid] = select(0.0, lse[params.off_lse + row0 + h0 + lid], lid < nh);
             }
+            // The next tile's keys are fetched while this tile is scored.
+            let kbase = params.off_kc + (bb * params.c_stride * params.hkv + h) * DK;
+            let kstep = params.hkv * DK;
+            if t_lo < t_hi {
+                fetch_tile(lid, kbase + t_lo * kstep, min(kt, t_hi - t_lo), DK, true);
+            }
             for (var t0 = t_lo; t0 < t_hi; t0 += kt) {
                 let nk = min(kt, t_hi - t0);
-                load_tile(lid, params.off_kc + ((bb * params.c_stride + t0) * params.hkv + h) * DK, nk, DK, true);
+                store_tile(lid, nk, DK);
                 workgroupBarrier();
+                if t0 + kt < t_hi {
+                    fetch_tile(lid, kbase + (t0 + kt) * kstep, min(kt, t_hi - t0 - kt), DK, true);
+                }
                 for (var x = lid; x < nrg * nk; x += WG) {
                     let rg = x / nk;
                     let j = x % nk;

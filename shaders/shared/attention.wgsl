@@ -88,7 +88,7 @@ fn attn_begin(lid: u32, r: Rows) {
     acc1 = acc0;
 }
 
-// The element load behind load_tile: keys or values.
+// The element load behind fetch_tile: keys or values.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
     if from_k {
         return f32(k[at]);

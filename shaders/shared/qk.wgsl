@@ -1,6 +1,6 @@
 // Queries and key tiles in workgroup memory, and the register-blocked score they feed:
 // shared by the attention core and the selection kernel. The including kernel defines
-// `fn fetch_kv(from_k: bool, at: u32) -> f32`, the element load behind `load_tile`.
+// `fn fetch_kv(from_k: bool, at: u32) -> f32`, the element load behind `fetch_tile`.
 
 #import input
 #import params
@@ -120,12 +120,6 @@ fn store_tile(lid: u32, nk: u32, d: u32) {
             smem[tile_at(x / d4, x % d4)] = pre[i];
         }
     }
-}
-
-// fetch_tile, then store_tile.
-fn load_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
-    fetch_tile(lid, base, nk, d, from_k);
-    store_tile(lid, nk, d);
 }
 
 // q . k for query rows 4*rg .. 4*rg+3 and tile key j (unscaled).
