@@ -27,7 +27,7 @@ fn main(
     let keys = split_range(r, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
     attn_keys(lid, r, params.c_stride, keys.x, keys.y);
     attn_finish(lid, r);
-    if params.splits > 1u {
+    if params.partials != 0u {
         for (var x = lid; x < part_count(r); x += WG) {
             o_cmp[params.off_ocmp + part_index(r, x)] = part_value(x);
         }

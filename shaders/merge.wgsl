@@ -1,24 +1,56 @@
-// Combines the partial results of split attention (params.splits workgroups per row group,
-// each over its own part of the keys; see part_index in shared/attention.wgsl) into one row:
+// Combines the partial results of split attention (workgroups that each attended one part of a
+// row group's keys; see part_index in shared/attention.wgsl) into whole rows:
 // o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s over splits that saw a
-// key. Then what the unsplit kernel would have written for params.branch: 0 compressed
-// (o_cmp and its log-sum-exp), 1 selected (o_slc), 2 window (o_win and the gated sum into
-// out), 3 dense (out). One workgroup per [B, Tq, Hq] row of the chunk.
+// key. params.branch 0 (dense): one part, into out. 1 (NSA): the compressed, selected and
+// window parts (at off_k, off_pslc, off_pwin), into o_cmp, o_slc, o_win and their gated sum
+// into out: the one pass after a decode step's attention. One workgroup per [B, Tq, Hq] row
+// of the chunk.
 
 #import params
+#import partials
 
-@group(0) @binding(1) var<storage, read> part: array<f32>;        // [rows, splits, Dv + 2]
+@group(0) @binding(1) var<storage, read> part: array<f32>;        // [rows, splits, Dv + 2] per part
 @group(0) @binding(2) var<storage, read> gates: array<f32>;       // [B, Tq, Hq, 3]
-@group(0) @binding(3) var<storage, read_write> lse: array<f32>;   // [B, Tq, Hq]
-@group(0) @binding(4) var<storage, read_write> o_cmp: array<f32>; // [B, Tq, Hq, Dv]
-@group(0) @binding(5) var<storage, read_write> o_slc: array<f32>; // [B, Tq, Hq, Dv]
-@group(0) @binding(6) var<storage, read_write> o_win: array<f32>; // [B, Tq, Hq, Dv]
-@group(0) @binding(7) var<storage, read_write> out: array<f32>;   // [B, Tq, Hq, Dv]
+@group(0) @binding(3) var<storage, read_write> o_cmp: array<f32>; // [B, Tq, Hq, Dv]
+@group(0) @binding(4) var<storage, read_write> o_slc: array<f32>; // [B, Tq, Hq, Dv]
+@group(0) @binding(5) var<storage, read_write> o_win: array<f32>; // [B, Tq, Hq, Dv]
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;   // [B, Tq, Hq, Dv]
 
 const WG: u32 = 64u;
 const SPLITS_MAX: u32 = 64u;
 
-var<workgroup> weight: array<f32, SPLITS_MAX>;  // e^(m_s - M) / L, 0 for empty splits
+var<workgroup> weight: array<f32, 3 * SPLITS_MAX>;  // [part, split]: see split_weight
+
+fn part_at(i: u32) -> f32 {
+    return part[i];
+}
+
+// A part of one row: its first split's offset, and how many splits it has.
+struct Part {
+    base: u32,
+    splits: u32,
+}
+
+// Stores the weights of part `slot`'s splits. Every invocation finds the statistics itself
+// (splits are few), then weighs one split.
+fn weigh(lid: u32, slot: u32, p: Part) {
+    let st = split_stats(p.base, p.splits);
+    if lid < p.splits {
+        weight[slot * SPLITS_MAX + lid] = split_weight(p.base, lid, st);
+    }
+}
+
+// Element e of part `slot`'s merged row.
+fn combine(slot: u32, p: Part, e: u32) -> f32 {
+    var o = 0.0;
+    for (var s = 0u; s < p.splits; s++) {
+        let ws = weight[slot * SPLITS_MAX + s];
+        if ws > 0.0 {
+            o += ws * part[p.base + s * (params.dv + 2u) + e];
+        }
+    }
+    return o;
+}
 
 @compute @workgroup_size(64)
 fn main(
@@ -32,55 +64,29 @@ fn main(
     }
     let dv = params.dv;
     let w = dv + 2u;
-    let base = params.off_k + row * params.splits * w;  // off_k: the partials' offset
-    // Every invocation finds M and L itself (splits are few), then weighs one split.
-    var m = -3.0e38;
-    for (var s = 0u; s < params.splits; s++) {
-        if part[base + s * w + dv + 1u] > 0.0 {
-            m = max(m, part[base + s * w + dv]);
-        }
-    }
-    var l = 0.0;
-    for (var s = 0u; s < params.splits; s++) {
-        let ls = part[base + s * w + dv + 1u];
-        if ls > 0.0 {
-            l += exp(part[base + s * w + dv] - m) * ls;
-        }
-    }
-    if lid < params.splits {
-        let ls = part[base + lid * w + dv + 1u];
-        weight[lid] = select(0.0, exp(part[base + lid * w + dv] - m) / l, ls > 0.0);
+    let nsa = params.branch == 1u;
+    let pc = Part(params.off_k + row * params.splits * w, params.splits);
+    let ps = Part(params.off_pslc + row * params.slc_splits * w, params.slc_splits);
+    let pw = Part(params.off_pwin + row * params.win_splits * w, params.win_splits);
+    weigh(lid, 0u, pc);
+    if nsa {
+        weigh(lid, 1u, ps);
+        weigh(lid, 2u, pw);
     }
     workgroupBarrier();
     for (var e = lid; e < dv; e += WG) {
-        var o = 0.0;
-        for (var s = 0u; s < params.splits; s++) {
-            let ws = weight[s];
-            if ws > 0.0 {
-                o += ws * part[base + s * w + e];
-            }
-        }
         let flat = row * dv + e;
-        switch params.branch {
-            case 0u: {
-                o_cmp[params.off_ocmp + flat] = o;
-            }
-            case 1u: {
-                o_slc[params.off_oslc + flat] = o;
-            }
-            case 2u: {
-                let gb = params.off_gates + row * 3u;
-                o_win[params.off_owin + flat] = o;
-                out[params.off_out + flat] = gates[gb] * o_cmp[params.off_ocmp + flat]
-                    + gates[gb + 1u] * o_slc[params.off_oslc + flat]
-                    + gates[gb + 2u] * o;
-            }
-            default: {
-                out[params.off_out + flat] = o;
-            }
+        let o = combine(0u, pc, e);
+        if !nsa {
+            out[params.off_out + flat] = o;
+            continue;
         }
-    }
-    if lid == 0u && params.branch == 0u {
-        lse[params.off_lse + row] = select(0.0, m + log(l), l > 0.0);
+        let os = combine(1u, ps, e);
+        let ow = combine(2u, pw, e);
+        o_cmp[params.off_ocmp + flat] = o;
+        o_slc[params.off_oslc + flat] = os;
+        o_win[params.off_owin + flat] = ow;
+        let gb = params.off_gates + row * 3u;
+        out[params.off_out + flat] = gates[gb] * o + gates[gb + 1u] * os + gates[gb + 2u] * ow;
     }
 }

@@ -8,8 +8,10 @@
 // Bindings 1 and 2 (q, and the compressed keys as `k`: [B, C, Hkv, Dk]) come from qk.
 #import qk
 #import topn
+#import partials
 
-@group(0) @binding(3) var<storage, read> lse: array<f32>;                   // [B, Tq, Hq]
+// [B, Tq, Hq]; or cmp_attn's partials when params.cmp_splits > 0 (see row_lse)
+@group(0) @binding(3) var<storage, read> lse: array<f32>;
 // [B, Tq, Hkv, n]; when split, each split's candidates instead (see store_candidates)
 @group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;
 
@@ -24,6 +26,20 @@ var<workgroup> bscore: array<f32, BCHUNK>;      // chunk block scores, -1 for fo
 var<workgroup> top_score: array<f32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
+
+fn part_at(i: u32) -> f32 {
+    return lse[i];
+}
+
+// Row `row`'s compressed-attention log-sum-exp: as cmp_attn stored it, or combined from its
+// split partials when cmp_attn wrote those (a decode step).
+fn row_lse(row: u32) -> f32 {
+    if params.cmp_splits == 0u {
+        return lse[params.off_lse + row];
+    }
+    let base = params.off_lse + row * params.cmp_splits * (params.dv + 2u);
+    return split_lse(split_stats(base, params.cmp_splits));
+}
 
 // The element load behind fetch_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
@@ -75,7 +91,7 @@ fn main(
             workgroupBarrier();
             load_queries(lid, nh, nh, row0 + h0);
             if lid < ROWS {
-                lse_s[lid] = select(0.0, lse[params.off_lse + row0 + h0 + lid], lid < nh);
+                lse_s[lid] = select(0.0, row_lse(row0 + h0 + lid), lid < nh);
             }
             // The next tile's keys are fetched while this tile is scored.
             let kbase = params.off_kc + (bb * params.c_stride * params.hkv + h) * DK;

@@ -34,7 +34,7 @@ fn main(
         attn_keys(lid, r, params.k_stride, lo, min(lo + params.sel_block, pos + 1u));
     }
     attn_finish(lid, r);
-    if params.splits > 1u {
+    if params.partials != 0u {
         for (var x = lid; x < part_count(r); x += WG) {
             o_slc[params.off_oslc + part_index(r, x)] = part_value(x);
         }

@@ -30,7 +30,7 @@ fn main(
     let keys = split_range(r, window_start(attn_pos(r, 0u)), last + 1u);
     attn_keys(lid, r, params.k_stride, keys.x, keys.y);
     attn_finish(lid, r);
-    if params.splits > 1u {
+    if params.partials != 0u {
         for (var x = lid; x < part_count(r); x += WG) {
             out[params.off_out + part_index(r, x)] = part_value(x);
         }

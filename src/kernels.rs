@@ -51,6 +51,12 @@ pub struct Params {
     pub splits: u32,
     pub branch: u32,
     pub sel_chunk: u32,
+    pub partials: u32,
+    pub cmp_splits: u32,
+    pub slc_splits: u32,
+    pub win_splits: u32,
+    pub off_pslc: u32,
+    pub off_pwin: u32,
 }
 
 /// How a kernel accesses one binding.
@@ -145,9 +151,9 @@ impl KernelId {
             ],
             // params, q, k, v, out
             KernelId::Dense => &[Uniform, Read, Read, Read, ReadWrite],
-            // params, part, gates, lse, o_cmp, o_slc, o_win, out
+            // params, part, gates, o_cmp, o_slc, o_win, out
             KernelId::Merge => &[
-                Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite, ReadWrite,
+                Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite,
             ],
             // params, cand, block_indices
             KernelId::SelectMerge => &[Uniform, Read, ReadWrite],
@@ -161,8 +167,8 @@ impl KernelId {
             KernelId::Compress => 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists
             KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256) * 4,
-            // weight
-            KernelId::Merge => 64 * 4,
+            // weight (three parts)
+            KernelId::Merge => 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, valid
             KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
             // scores, red_max, red_sum, 5 per-row arrays

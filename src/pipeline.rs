@@ -290,9 +290,9 @@ impl NsaPipeline {
                 mapped_at_creation: false,
             })
         };
-        // Room for the five aligned pieces of Tensor::UnusedOut.
+        // Room for the three aligned pieces of Tensor::UnusedOut (at slots 1 to 3).
         let align = lim.min_storage_buffer_offset_alignment as u64;
-        let (dummy, dummy_out) = (dummy_buffer(16), dummy_buffer(4 * align + 16));
+        let (dummy, dummy_out) = (dummy_buffer(16), dummy_buffer(3 * align + 16));
         if let Some(e) = scope.pop().await {
             return Err(NsaError::Gpu(e.to_string()));
         }

@@ -412,8 +412,9 @@ impl Plan {
             Tensor::Part => return self.part_len,
             Tensor::Cand => return self.cand_len,
             Tensor::Unused => 4,
-            // Five aligned 16-byte pieces, one per unused writable slot of the merge kernel.
-            Tensor::UnusedOut => (4 * self.limits.storage_align as usize + 16) / 4,
+            // Aligned 16-byte pieces at slots 1 to 3, one per unused writable slot of the
+            // dense merge.
+            Tensor::UnusedOut => (3 * self.limits.storage_align as usize + 16) / 4,
         };
         n as u64
     }
@@ -721,62 +722,36 @@ impl Plan {
                 ..base
             };
             // Few row groups (decode, short chunks): split each group's keys over several
-            // workgroups, then merge. One partials buffer serves every branch and chunk.
+            // workgroups, which write partials, and merge them in one pass at the end.
             let part_row = nrows * hq * (dv + 2);
             let kt = self.kv_tile as u64;
             let tiles = |keys: u64| keys.div_ceil(kt);
-            let part = |plan: &mut Plan, splits: u32| {
-                let len = part_row * splits as u64;
-                plan.part_len = plan.part_len.max(len);
-                plan.window(Tensor::Part, 0, len)
-            };
-            let merge = |plan: &Plan, splits: u32, part: (Window, u32), branch: u32| {
-                let total = nrows * hq;
-                // WebGPU forbids overlapping writable bindings of one buffer: each unused
-                // writable slot gets its own aligned piece of the dummy.
-                let align = plan.limits.storage_align;
-                let bind = |t: Tensor, w: (Window, u32), used: bool, slot: u64| match (used, t) {
-                    (true, _) => (t, w.0),
-                    (false, Tensor::Gates) => (
-                        Tensor::Unused,
-                        Window {
-                            offset: 0,
-                            size: 16,
-                        },
-                    ),
-                    (false, _) => (
-                        Tensor::UnusedOut,
-                        Window {
-                            offset: slot * align,
-                            size: 16,
-                        },
-                    ),
-                };
-                Step {
-                    kernel: KernelId::Merge,
-                    params: Params {
-                        splits,
-                        branch,
-                        total_wg: total as u32,
-                        off_k: part.1,
-                        ..base
+            let align = self.limits.storage_align;
+            // The dense merge's unused slots: WebGPU forbids overlapping writable bindings of
+            // one buffer, so each writable one gets its own aligned piece of the dummy.
+            let unused = |t: Tensor, slot: u64| match t {
+                Tensor::Gates => (
+                    Tensor::Unused,
+                    Window {
+                        offset: 0,
+                        size: 16,
                     },
-                    grid: plan.grid(total),
-                    bindings: vec![
-                        (Tensor::Part, part.0),
-                        bind(Tensor::Gates, gates, branch == 2, 0),
-                        bind(Tensor::Lse, lse, branch == 0, 0),
-                        bind(Tensor::OCmp, ocmp, branch == 0 || branch == 2, 1),
-                        bind(Tensor::OSlc, oslc, branch == 1 || branch == 2, 2),
-                        bind(Tensor::OWin, owin, branch == 2, 3),
-                        bind(Tensor::Out, out, branch >= 2, 4),
-                    ],
-                }
+                ),
+                _ => (
+                    Tensor::UnusedOut,
+                    Window {
+                        offset: slot * align,
+                        size: 16,
+                    },
+                ),
             };
+            let merge_total = nrows * hq;
             if dense {
                 let sp = self.splits(attn_total, tiles(s.tk as u64), part_row);
-                let pw = part(self, sp);
+                let len = part_row * sp as u64;
+                let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
+                    self.part_len = self.part_len.max(len);
                     (Tensor::Part, pw)
                 } else {
                     (Tensor::Out, out)
@@ -788,6 +763,7 @@ impl Plan {
                         off_v: vw.1,
                         off_out: o.1 .1,
                         splits: sp,
+                        partials: (sp > 1) as u32,
                         total_wg: (attn_total * sp as u64) as u32,
                         ..attn
                     },
@@ -800,16 +776,50 @@ impl Plan {
                     ],
                 });
                 if sp > 1 {
-                    self.steps.push(merge(self, sp, pw, 3));
+                    self.steps.push(Step {
+                        kernel: KernelId::Merge,
+                        params: Params {
+                            splits: sp,
+                            branch: 0,
+                            total_wg: merge_total as u32,
+                            off_k: pw.1,
+                            ..base
+                        },
+                        grid: self.grid(merge_total),
+                        bindings: vec![
+                            (Tensor::Part, pw.0),
+                            unused(Tensor::Gates, 0),
+                            unused(Tensor::OCmp, 1),
+                            unused(Tensor::OSlc, 2),
+                            unused(Tensor::OWin, 3),
+                            (Tensor::Out, out.0),
+                        ],
+                    });
                 }
                 continue;
             }
+            // When any branch splits, all three write partials (a third of a binding each at
+            // most) and one merge pass combines them with the gates.
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
-            let sp = self.splits(attn_total, tiles(self.n_cmp as u64), part_row);
-            let pw = part(self, sp);
-            let o = if sp > 1 {
-                (Tensor::Part, pw)
+            let sp_c = self.splits(attn_total, tiles(self.n_cmp as u64), 3 * part_row);
+            let slc_tiles = n as u64 * tiles(self.config.sel_block as u64);
+            let sp_s = self
+                .splits(slc_total, slc_tiles, 3 * part_row)
+                .min(n as u32);
+            let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
+            let sp_w = self.splits(attn_total, tiles(win_keys), 3 * part_row);
+            let split = sp_c > 1 || sp_s > 1 || sp_w > 1;
+            let lens = [sp_c, sp_s, sp_w].map(|sp| part_row * sp as u64 * split as u64);
+            let pc = self.window(Tensor::Part, 0, lens[0]);
+            let ps = self.window(Tensor::Part, lens[0], lens[1]);
+            let pw = self.window(Tensor::Part, lens[0] + lens[1], lens[2]);
+            let pall = self.window(Tensor::Part, 0, lens.iter().sum());
+            if split {
+                self.part_len = self.part_len.max(lens.iter().sum());
+            }
+            let o = if split {
+                (Tensor::Part, pc)
             } else {
                 (Tensor::OCmp, ocmp)
             };
@@ -819,11 +829,12 @@ impl Plan {
                     off_k: kc.1,
                     off_v: vc.1,
                     off_ocmp: o.1 .1,
-                    splits: sp,
-                    total_wg: (attn_total * sp as u64) as u32,
+                    splits: sp_c,
+                    partials: split as u32,
+                    total_wg: (attn_total * sp_c as u64) as u32,
                     ..attn
                 },
-                grid: self.grid(attn_total * sp as u64),
+                grid: self.grid(attn_total * sp_c as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::Kc, kc.0),
@@ -832,9 +843,12 @@ impl Plan {
                     (Tensor::Lse, lse.0),
                 ],
             });
-            if sp > 1 {
-                self.steps.push(merge(self, sp, pw, 0));
-            }
+            // The selection reads the log-sum-exp, or derives it from the partials.
+            let l = if split {
+                (Tensor::Part, pc)
+            } else {
+                (Tensor::Lse, lse)
+            };
             let (sp, sel_chunk) = self.select_splits(sel_total, nrows);
             let cand_len = sel_total * n as u64 * 2 * sp as u64;
             let cw = self.window(Tensor::Cand, 0, cand_len);
@@ -851,13 +865,15 @@ impl Plan {
                     splits: sp,
                     sel_chunk,
                     off_idx: o.1 .1,
+                    off_lse: l.1 .1,
+                    cmp_splits: if split { sp_c } else { 0 },
                     ..base
                 },
                 grid: self.grid(sel_total * sp as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::Kc, kc.0),
-                    (Tensor::Lse, lse.0),
+                    (l.0, l.1 .0),
                     (o.0, o.1 .0),
                 ],
             });
@@ -874,11 +890,8 @@ impl Plan {
                     bindings: vec![(Tensor::Cand, cw.0), (Tensor::Idx, idx.0)],
                 });
             }
-            let slc_tiles = n as u64 * tiles(self.config.sel_block as u64);
-            let sp = self.splits(slc_total, slc_tiles, part_row).min(n as u32);
-            let pw = part(self, sp);
-            let o = if sp > 1 {
-                (Tensor::Part, pw)
+            let o = if split {
+                (Tensor::Part, ps)
             } else {
                 (Tensor::OSlc, oslc)
             };
@@ -888,11 +901,12 @@ impl Plan {
                     off_k: ks.1,
                     off_v: vs.1,
                     off_oslc: o.1 .1,
-                    splits: sp,
-                    total_wg: (slc_total * sp as u64) as u32,
+                    splits: sp_s,
+                    partials: split as u32,
+                    total_wg: (slc_total * sp_s as u64) as u32,
                     ..slc
                 },
-                grid: self.grid(slc_total * sp as u64),
+                grid: self.grid(slc_total * sp_s as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::KSlc, ks.0),
@@ -901,13 +915,7 @@ impl Plan {
                     (o.0, o.1 .0),
                 ],
             });
-            if sp > 1 {
-                self.steps.push(merge(self, sp, pw, 1));
-            }
-            let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
-            let sp = self.splits(attn_total, tiles(win_keys), part_row);
-            let pw = part(self, sp);
-            let o = if sp > 1 {
+            let o = if split {
                 (Tensor::Part, pw)
             } else {
                 (Tensor::Out, out)
@@ -918,11 +926,12 @@ impl Plan {
                     off_k: kw.1,
                     off_v: vw.1,
                     off_out: o.1 .1,
-                    splits: sp,
-                    total_wg: (attn_total * sp as u64) as u32,
+                    splits: sp_w,
+                    partials: split as u32,
+                    total_wg: (attn_total * sp_w as u64) as u32,
                     ..attn
                 },
-                grid: self.grid(attn_total * sp as u64),
+                grid: self.grid(attn_total * sp_w as u64),
                 bindings: vec![
                     (Tensor::Q, q.0),
                     (Tensor::KWin, kw.0),
@@ -934,8 +943,30 @@ impl Plan {
                     (o.0, o.1 .0),
                 ],
             });
-            if sp > 1 {
-                self.steps.push(merge(self, sp, pw, 2));
+            if split {
+                self.steps.push(Step {
+                    kernel: KernelId::Merge,
+                    params: Params {
+                        splits: sp_c,
+                        slc_splits: sp_s,
+                        win_splits: sp_w,
+                        branch: 1,
+                        total_wg: merge_total as u32,
+                        off_k: pall.1,
+                        off_pslc: pall.1 + lens[0] as u32,
+                        off_pwin: pall.1 + (lens[0] + lens[1]) as u32,
+                        ..base
+                    },
+                    grid: self.grid(merge_total),
+                    bindings: vec![
+                        (Tensor::Part, pall.0),
+                        (Tensor::Gates, gates.0),
+                        (Tensor::OCmp, ocmp.0),
+                        (Tensor::OSlc, oslc.0),
+                        (Tensor::OWin, owin.0),
+                        (Tensor::Out, out.0),
+                    ],
+                });
             }
         }
         Ok(())

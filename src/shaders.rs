@@ -32,6 +32,7 @@ const SHARED: &[(&str, &str)] = &[
     ),
     ("params", include_str!("../shaders/shared/params.wgsl")),
     ("topn", include_str!("../shaders/shared/topn.wgsl")),
+    ("partials", include_str!("../shaders/shared/partials.wgsl")),
     (
         "attention",
         include_str!("../shaders/shared/attention.wgsl"),

@@ -150,7 +150,8 @@ fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
     let pipe = pipeline();
     let plan = pipe.plan(&cfg, &shape).expect("plan");
     if name.starts_with("split_") {
-        // These shapes exist to run the split path of every branch and both merges.
+        // These shapes exist to run the split path of every branch, the merge of all three
+        // branches' partials and the selection merge.
         for kernel in [
             KernelId::CmpAttn,
             KernelId::Select,
@@ -160,8 +161,13 @@ fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
             let step = plan.steps.iter().find(|s| s.kernel == kernel).unwrap();
             assert!(step.params.splits > 1, "{name}: {kernel:?} not split");
         }
-        let merges = plan.steps.iter().filter(|s| s.kernel == KernelId::Merge);
-        assert_eq!(merges.count(), 3, "{name}");
+        let merges: Vec<_> = plan
+            .steps
+            .iter()
+            .filter(|s| s.kernel == KernelId::Merge)
+            .collect();
+        assert!(!merges.is_empty(), "{name}");
+        assert!(merges.iter().all(|s| s.params.branch == 1), "{name}");
         assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
     }
     check_plan(name, &plan, branch);
@@ -199,7 +205,15 @@ fn check_plan(name: &str, plan: &Plan, branch: bool) {
     assert_close(&format!("{name} compress v"), &got.vc, &vc, TOL);
     let (o_cmp, lse) = cpu::cmp_attn::cmp_attn(&cfg, s, &data.q, &kc, &vc);
     assert_close(&format!("{name} cmp_attn"), &got.o_cmp, &o_cmp, TOL);
-    assert_close(&format!("{name} cmp_attn lse"), &got.lse, &lse, TOL);
+    // Split plans never store the log-sum-exp (the selection derives it from the partials,
+    // and its block indices, compared exactly below, show whether it did so right).
+    if plan
+        .steps
+        .iter()
+        .all(|st| st.kernel != KernelId::CmpAttn || st.params.partials == 0)
+    {
+        assert_close(&format!("{name} cmp_attn lse"), &got.lse, &lse, TOL);
+    }
     let (ks, vs) = inputs.slc_kv();
     let o_slc = cpu::slc_attn::slc_attn(&cfg, s, &data.q, ks, vs, &got.idx);
     assert_close(&format!("{name} slc_attn"), &got.o_slc, &o_slc, TOL);

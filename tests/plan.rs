@@ -113,11 +113,9 @@ fn decode_plans_split_every_branch_and_merge() {
             Compress,
             Compress,
             CmpAttn,
-            Merge,
             Select,
             SelectMerge,
             SlcAttn,
-            Merge,
             WinAttn,
             Merge
         ]
@@ -126,8 +124,18 @@ fn decode_plans_split_every_branch_and_merge() {
     // 4 row groups: compressed attention over 4095 tokens (128 tiles of 32) takes 32 splits
     // (ATTN_SPLITS_MAX), selection 16 chunks of 64 of its 1024 blocks (SELECT_SPLITS_MAX),
     // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
-    // split.
-    assert_eq!(splits, [1, 1, 32, 32, 16, 16, 16, 16, 17, 17]);
+    // split; one merge takes the three branches' partials.
+    assert_eq!(splits, [1, 1, 32, 16, 16, 16, 17, 32]);
+    let merge = &plan.steps.last().unwrap().params;
+    assert_eq!(
+        (merge.branch, merge.slc_splits, merge.win_splits),
+        (1, 16, 17)
+    );
+    let select = &plan.steps[3].params;
+    assert_eq!(
+        select.cmp_splits, 32,
+        "the selection derives lse from the partials"
+    );
     for step in &plan.steps {
         let per_group = match step.kernel {
             Merge => 64,

@@ -221,7 +221,7 @@ fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
 }
 
 // Normalises every owned row (a row that saw no key gives 0; partial sums stay as they are
-// when params.splits > 1) and stages it in `smem` (the
+// when params.partials != 0) and stages it in `smem` (the
 // queries are no longer needed) as [ROWS, dv4()] vec4s, so that kernels write their outputs
 // with coalesced stores through attn_out.
 fn attn_finish(lid: u32, r: Rows) {
@@ -246,7 +246,7 @@ fn stage_rows(a: Acc, rg: u32, e: u32) {
 }
 
 fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {
-    if params.splits > 1u {
+    if params.partials != 0u {
         return o;  // partial: the merge kernel normalises
     }
     let l = row_sum[i];
@@ -258,7 +258,7 @@ fn attn_out(i: u32, e: u32) -> f32 {
     return smem[i * dv4() + e / 4u][e % 4u];
 }
 
-// Split mode (params.splits > 1): each workgroup stores, per owned row, its DV unnormalised
+// Partials mode (params.partials != 0; always when params.splits > 1): each workgroup stores, per owned row, its DV unnormalised
 // output sums, then the row's running max and sum, at [rows of the chunk, splits, DV + 2];
 // merge.wgsl combines the splits. Element `x` of the owned rows' partials goes to
 // part_index(r, x) with value part_value(x), after attn_finish.

@@ -44,8 +44,14 @@ struct Params {
     k_stride: u32,     // key/value rows per sequence in the bound buffers (Tk, or a cache's capacity)
     c_stride: u32,     // compressed rows per sequence in the bound buffers (C, or a cache's)
     splits: u32,       // attention, select: workgroups sharing one row group's keys (1: none)
-    branch: u32,       // merge: 0 compressed, 1 selected, 2 window (then the gated sum), 3 dense
+    branch: u32,       // merge: 0 dense, 1 NSA (all three branches, then the gated sum)
     sel_chunk: u32,    // select: blocks per chunk (a split takes every splits-th chunk)
+    partials: u32,     // attention: 1 = write split partials for merge.wgsl (see part_index)
+    cmp_splits: u32,   // select: 0 = read lse; else combine it from cmp_attn's partials
+    slc_splits: u32,   // merge: splits of the selected branch's partials, at off_pslc
+    win_splits: u32,   // merge: splits of the window branch's partials, at off_pwin
+    off_pslc: u32,
+    off_pwin: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
