@@ -20,6 +20,8 @@ const WG: u32 = 64u;
 const SPLITS_MAX: u32 = 64u;
 
 var<workgroup> weight: array<f32, 3 * SPLITS_MAX>;  // [part, split]: see split_weight
+var<workgroup> stat_m: array<f32, 3 * WG>;          // [part, invocation]: reduced in place
+var<workgroup> stat_l: array<f32, 3 * WG>;
 
 fn part_at(i: u32) -> f32 {
     return part[i];
@@ -31,11 +33,35 @@ struct Part {
     splits: u32,
 }
 
-// Stores the weights of part `slot`'s splits. Every invocation finds the statistics itself
-// (splits are few), then weighs one split.
+// Stores this invocation's share of part `slot`'s statistics: its splits lid, lid + WG, ...
+fn share(lid: u32, slot: u32, p: Part) {
+    let st = split_stats(p.base, p.splits, lid, WG);
+    stat_m[slot * WG + lid] = st.m;
+    stat_l[slot * WG + lid] = st.l;
+}
+
+// Merges the shares of the first `parts` parts into their first entries, by halves.
+fn reduce_shares(lid: u32, parts: u32) {
+    for (var half = WG / 2u; half > 0u; half /= 2u) {
+        if lid < half {
+            for (var slot = 0u; slot < parts; slot++) {
+                let a = slot * WG + lid;
+                let st = merge_stats(
+                    SplitStats(stat_m[a], stat_l[a]),
+                    SplitStats(stat_m[a + half], stat_l[a + half]),
+                );
+                stat_m[a] = st.m;
+                stat_l[a] = st.l;
+            }
+        }
+        workgroupBarrier();
+    }
+}
+
+// Stores the weights of part `slot`'s splits (after reduce_shares), one per invocation.
 fn weigh(lid: u32, slot: u32, p: Part) {
-    let st = split_stats(p.base, p.splits);
     if lid < p.splits {
+        let st = SplitStats(stat_m[slot * WG], stat_l[slot * WG]);
         weight[slot * SPLITS_MAX + lid] = split_weight(p.base, lid, st);
     }
 }
@@ -68,6 +94,13 @@ fn main(
     let pc = Part(params.off_k + row * params.splits * w, params.splits);
     let ps = Part(params.off_pslc + row * params.slc_splits * w, params.slc_splits);
     let pw = Part(params.off_pwin + row * params.win_splits * w, params.win_splits);
+    share(lid, 0u, pc);
+    if nsa {
+        share(lid, 1u, ps);
+        share(lid, 2u, pw);
+    }
+    workgroupBarrier();
+    reduce_shares(lid, select(1u, 3u, nsa));
     weigh(lid, 0u, pc);
     if nsa {
         weigh(lid, 1u, ps);

@@ -31,14 +31,34 @@ fn part_at(i: u32) -> f32 {
     return lse[i];
 }
 
-// Row `row`'s compressed-attention log-sum-exp: as cmp_attn stored it, or combined from its
-// split partials when cmp_attn wrote those (a decode step).
-fn row_lse(row: u32) -> f32 {
+// Stores the compressed-attention log-sum-exp of rows row0 .. row0 + nh into lse_s: as
+// cmp_attn stored it, or combined from its split partials when cmp_attn wrote those (a
+// decode step): 8 invocations per row take every 8th split, then one merges their shares.
+// Uses `partial` as scratch; the caller barriers before reading lse_s or writing `partial`.
+fn load_lse(lid: u32, row0: u32, nh: u32) {
     if params.cmp_splits == 0u {
-        return lse[params.off_lse + row];
+        if lid < ROWS {
+            lse_s[lid] = select(0.0, lse[params.off_lse + row0 + lid], lid < nh);
+        }
+        return;
     }
-    let base = params.off_lse + row * params.cmp_splits * (params.dv + 2u);
-    return split_lse(split_stats(base, params.cmp_splits));
+    let i = lid / 8u;
+    var st = no_keys();
+    if i < nh {
+        let base = params.off_lse + (row0 + i) * params.cmp_splits * (params.dv + 2u);
+        st = split_stats(base, params.cmp_splits, lid % 8u, 8u);
+    }
+    partial[2u * lid] = st.m;
+    partial[2u * lid + 1u] = st.l;
+    workgroupBarrier();
+    if lid < ROWS {
+        var t = no_keys();
+        for (var c = 0u; c < 8u; c++) {
+            let at = 2u * (8u * lid + c);
+            t = merge_stats(t, SplitStats(partial[at], partial[at + 1u]));
+        }
+        lse_s[lid] = split_lse(t);
+    }
 }
 
 // The element load behind fetch_tile: compressed keys only.
@@ -90,9 +110,7 @@ fn main(
             let nrg = (nh + 3u) / 4u;
             workgroupBarrier();
             load_queries(lid, nh, nh, row0 + h0);
-            if lid < ROWS {
-                lse_s[lid] = select(0.0, row_lse(row0 + h0 + lid), lid < nh);
-            }
+            load_lse(lid, row0 + h0, nh);
             // The next tile's keys are fetched while this tile is scored.
             let kbase = params.off_kc + (bb * params.c_stride * params.hkv + h) * DK;
             let kstep = params.hkv * DK;

@@ -288,9 +288,25 @@ impl NsaPipeline {
         timer: &StepTimer,
     ) -> Result<(Vec<NsaOutputs>, Vec<(KernelId, f64)>)> {
         let (out, ms) = self
-            .extend_with(cache, chunks, request, true, Some(timer))
+            .extend_with(cache, chunks, request, true, Some((timer, false)))
             .await?;
         Ok((out, ms.unwrap_or_default()))
+    }
+
+    /// [`Self::extend`], also returning its GPU time in milliseconds: each group of
+    /// sequences' plan runs as one pass, as [`Self::extend`] runs it, timed as a whole
+    /// (`timer` needs a slot per group: one per chunk is always enough).
+    pub async fn extend_timed_whole(
+        &self,
+        cache: &mut NsaCache,
+        chunks: &[SeqChunk<'_>],
+        request: OutputRequest,
+        timer: &StepTimer,
+    ) -> Result<(Vec<NsaOutputs>, f64)> {
+        let (out, ms) = self
+            .extend_with(cache, chunks, request, true, Some((timer, true)))
+            .await?;
+        Ok((out, ms.unwrap_or_default().iter().map(|(_, t)| t).sum()))
     }
 
     /// Appends keys and values only (`q` and `gates` of the chunks are ignored and may be
@@ -307,7 +323,7 @@ impl NsaPipeline {
         chunks: &[SeqChunk<'_>],
         request: OutputRequest,
         attend: bool,
-        timer: Option<&StepTimer>,
+        timer: Option<(&StepTimer, bool)>,
     ) -> Result<(Vec<NsaOutputs>, Option<Vec<(KernelId, f64)>>)> {
         let o = cache.opts;
         let cfg = cache.config;
@@ -483,11 +499,18 @@ impl NsaPipeline {
             }
             bufs.linear = cache.linear.as_ref().map(|l| [&l[0], &l[1], &l[2], &l[3]]);
             bufs.compressed = Some([&cache.compressed[0], &cache.compressed[1]]);
+            // Timed as a whole, a plan's time goes with its first kernel.
             match timer {
-                Some(t) => self.encode_timed(&mut encoder, &scratch, &bufs, t, timed.len())?,
+                Some((t, false)) => {
+                    self.encode_timed(&mut encoder, &scratch, &bufs, t, timed.len())?;
+                    timed.extend(plan.steps.iter().map(|s| s.kernel));
+                }
+                Some((t, true)) => {
+                    self.encode_timed_whole(&mut encoder, &scratch, &bufs, t, timed.len())?;
+                    timed.push(plan.steps[0].kernel);
+                }
                 None => self.encode(&mut encoder, &scratch, &bufs)?,
             }
-            timed.extend(plan.steps.iter().map(|s| s.kernel));
             if !attend {
                 kept.push((Vec::new(), scratch, out, nb));
                 continue;
@@ -503,7 +526,7 @@ impl NsaPipeline {
             let staging = stage_readback(device, &mut encoder, &wanted);
             kept.push((staging, scratch, out, nb));
         }
-        let stamps = timer.map(|t| t.resolve(ctx, &mut encoder, timed.len()));
+        let stamps = timer.map(|(t, _)| t.resolve(ctx, &mut encoder, timed.len()));
         ctx.queue.submit([encoder.finish()]);
         if let Some(e) = scope.pop().await {
             return Err(NsaError::Gpu(e.to_string()));

@@ -167,8 +167,8 @@ impl KernelId {
             KernelId::Compress => 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists
             KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256) * 4,
-            // weight (three parts)
-            KernelId::Merge => 3 * 64 * 4,
+            // weight, stat_m, stat_l (three parts each)
+            KernelId::Merge => 3 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, valid
             KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
             // scores, red_max, red_sum, 5 per-row arrays

@@ -214,6 +214,29 @@ struct BoundGroups {
 /// Calls (sets of buffers) whose bind groups a scratch keeps, e.g. rotating inputs.
 const KEPT_BIND_GROUPS: usize = 4;
 
+/// How `record` lays out its passes: one for the whole plan (untimed, or timed as a whole),
+/// or one per step, each timed.
+#[derive(Clone, Copy)]
+enum Timing<'a> {
+    Off,
+    Whole(&'a wgpu::QuerySet, u32),
+    Steps(&'a wgpu::QuerySet, u32),
+}
+
+/// An error unless `timer` has slots `first .. first + n`.
+fn check_slots(timer: &crate::profile::StepTimer, first: usize, n: usize) -> Result<()> {
+    if timer.steps() < first + n {
+        return Err(NsaError::BadBuffer {
+            tensor: "timestamps",
+            problem: format!(
+                "the timer holds {} slots, {n} are needed from slot {first}",
+                timer.steps()
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl NsaScratch {
     /// The scratch buffer holding `tensor` (`Kc`, `Vc`, `Lse`, and `Idx`, `OCmp`, `OSlc`,
     /// `OWin` when the caller does not provide them), for inspection.
@@ -439,20 +462,22 @@ impl NsaPipeline {
         Ok(buf)
     }
 
-    /// Records the whole forward pass into `encoder`, reading and writing the caller's
-    /// buffers in place (no copies). Nothing runs until the caller submits.
+    /// Records the whole forward pass into `encoder` as one compute pass, reading and
+    /// writing the caller's buffers in place (no copies). Nothing runs until the caller
+    /// submits.
     pub fn encode(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         scratch: &NsaScratch,
         bufs: &GpuBuffers,
     ) -> Result<()> {
-        self.record(encoder, scratch, bufs, None)
+        self.record(encoder, scratch, bufs, Timing::Off)
     }
 
-    /// [`Self::encode`], writing a timestamp before and after each step's pass into
-    /// `timer` (see [`crate::profile::StepTimer`]), step `i` of the plan into slot
-    /// `first_step + i` (several plans can share one timer).
+    /// [`Self::encode`], but each step in a pass of its own with a timestamp before and after
+    /// it in `timer` (see [`crate::profile::StepTimer`]): step `i` of the plan into slot
+    /// `first_step + i` (several plans can share one timer). Per-stage times; the passes'
+    /// boundaries add some time of their own.
     pub fn encode_timed(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -461,21 +486,31 @@ impl NsaPipeline {
         timer: &crate::profile::StepTimer,
         first_step: usize,
     ) -> Result<()> {
-        if timer.steps() < first_step + scratch.plan.steps.len() {
-            return Err(NsaError::BadBuffer {
-                tensor: "timestamps",
-                problem: format!(
-                    "the timer holds {} steps, the plan needs {} from step {first_step}",
-                    timer.steps(),
-                    scratch.plan.steps.len()
-                ),
-            });
-        }
+        check_slots(timer, first_step, scratch.plan.steps.len())?;
         self.record(
             encoder,
             scratch,
             bufs,
-            Some((timer.query_set(), first_step as u32)),
+            Timing::Steps(timer.query_set(), first_step as u32),
+        )
+    }
+
+    /// [`Self::encode`] (one pass), with a timestamp before and after the whole pass in slot
+    /// `slot` of `timer`: the forward pass's GPU time as [`Self::encode`] runs it.
+    pub fn encode_timed_whole(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        scratch: &NsaScratch,
+        bufs: &GpuBuffers,
+        timer: &crate::profile::StepTimer,
+        slot: usize,
+    ) -> Result<()> {
+        check_slots(timer, slot, 1)?;
+        self.record(
+            encoder,
+            scratch,
+            bufs,
+            Timing::Whole(timer.query_set(), slot as u32),
         )
     }
 
@@ -563,7 +598,7 @@ impl NsaPipeline {
         encoder: &mut wgpu::CommandEncoder,
         scratch: &NsaScratch,
         bufs: &GpuBuffers,
-        timestamps: Option<(&wgpu::QuerySet, u32)>,
+        timing: Timing,
     ) -> Result<()> {
         let plan = &scratch.plan;
         let kernels = self.kernels(plan)?;
@@ -593,16 +628,31 @@ impl NsaPipeline {
             }
         };
         drop(kept);
+        let stamps = |query_set, slot: u32| {
+            Some(wgpu::ComputePassTimestampWrites {
+                query_set,
+                beginning_of_pass_write_index: Some(2 * slot),
+                end_of_pass_write_index: Some(2 * slot + 1),
+            })
+        };
+        let mut pass = None;
         for (i, (step, group)) in plan.steps.iter().zip(&groups).enumerate() {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some(step.kernel.label()),
-                timestamp_writes: timestamps.map(|(query_set, first)| {
-                    wgpu::ComputePassTimestampWrites {
-                        query_set,
-                        beginning_of_pass_write_index: Some(2 * (first + i as u32)),
-                        end_of_pass_write_index: Some(2 * (first + i as u32) + 1),
-                    }
-                }),
+            // wgpu orders the dispatches of one pass by their buffer uses.
+            let timestamp_writes = match timing {
+                Timing::Steps(qs, first) => {
+                    pass = None;
+                    stamps(qs, first + i as u32)
+                }
+                Timing::Whole(qs, slot) => stamps(qs, slot),
+                Timing::Off => None,
+            };
+            let pass = pass.get_or_insert_with(|| {
+                encoder
+                    .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some(step.kernel.label()),
+                        timestamp_writes,
+                    })
+                    .forget_lifetime()
             });
             pass.set_pipeline(&kernels[i]);
             pass.set_bind_group(0, group, &[]);

@@ -12,23 +12,29 @@ struct SplitStats {
     l: f32,
 }
 
-// The statistics of the row whose first split starts at `base`.
-fn split_stats(base: u32, splits: u32) -> SplitStats {
+// The statistics of no split at all.
+fn no_keys() -> SplitStats {
+    return SplitStats(-3.0e38, 0.0);
+}
+
+// The statistics of splits first, first + step, ... < splits of the row whose first split
+// starts at `base` (invocations share a row's splits this way, then merge_stats).
+fn split_stats(base: u32, splits: u32, first: u32, step: u32) -> SplitStats {
     let w = params.dv + 2u;
-    var m = -3.0e38;
-    for (var s = 0u; s < splits; s++) {
-        if part_at(base + s * w + params.dv + 1u) > 0.0 {
-            m = max(m, part_at(base + s * w + params.dv));
+    var st = no_keys();
+    for (var s = first; s < splits; s += step) {
+        let at = base + s * w + params.dv;
+        if part_at(at + 1u) > 0.0 {
+            st = merge_stats(st, SplitStats(part_at(at), part_at(at + 1u)));
         }
     }
-    var l = 0.0;
-    for (var s = 0u; s < splits; s++) {
-        let ls = part_at(base + s * w + params.dv + 1u);
-        if ls > 0.0 {
-            l += exp(part_at(base + s * w + params.dv) - m) * ls;
-        }
-    }
-    return SplitStats(m, l);
+    return st;
+}
+
+// The statistics of two disjoint sets of splits together.
+fn merge_stats(a: SplitStats, b: SplitStats) -> SplitStats {
+    let m = max(a.m, b.m);
+    return SplitStats(m, a.l * exp(a.m - m) + b.l * exp(b.m - m));
 }
 
 // Split s's weight in the merged row: e^(m_s - M) / L, 0 for a split that saw no key.
