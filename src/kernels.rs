@@ -171,7 +171,7 @@ impl KernelId {
             KernelId::Merge => 3 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, valid
             KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
-            // scores, red_max, red_sum, 5 per-row arrays
+            // scores, red_max, red_sum (reduce_shared.wgsl), 5 per-row arrays
             _ => (1024 + 2 * 128 + 5 * 16) * 4,
         }
     }
@@ -288,18 +288,19 @@ impl KernelLayout {
         }
     }
 
-    /// Compiles the kernel for inputs stored at `precision`, specialized to `spec`. Workgroup
-    /// memory is not zero-initialized (every kernel writes what it reads), and naga's loop
-    /// bounding is off (every loop is bounded).
+    /// Compiles the kernel for inputs stored at `precision`, specialized to `spec`, with
+    /// subgroup reductions when `subgroups`. Workgroup memory is not zero-initialized (every
+    /// kernel writes what it reads), and naga's loop bounding is off (every loop is bounded).
     pub fn compile(
         &self,
         device: &wgpu::Device,
         id: KernelId,
         precision: crate::config::Precision,
         spec: &Specialization,
+        subgroups: bool,
     ) -> wgpu::ComputePipeline {
-        let source =
-            crate::shaders::source_for(id.name(), precision).expect("every KernelId has a shader");
+        let source = crate::shaders::source_for(id.name(), precision, subgroups)
+            .expect("every KernelId has a shader");
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(id.label()),
             source: wgpu::ShaderSource::Wgsl(source.into()),

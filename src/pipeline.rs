@@ -214,6 +214,13 @@ struct BoundGroups {
 /// Calls (sets of buffers) whose bind groups a scratch keeps, e.g. rotating inputs.
 const KEPT_BIND_GROUPS: usize = 4;
 
+/// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
+/// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
+fn subgroups_usable(ctx: &GpuContext) -> bool {
+    ctx.device.features().contains(wgpu::Features::SUBGROUP)
+        && ctx.adapter_info.subgroup_min_size >= 8
+}
+
 /// How `record` lays out its passes: one for the whole plan (untimed, or timed as a whole),
 /// or one per step, each timed.
 #[derive(Clone, Copy)]
@@ -264,6 +271,9 @@ pub struct NsaPipeline {
     compiled: Mutex<HashMap<(KernelId, Precision, Specialization), wgpu::ComputePipeline>>,
     /// Whether the device has `shader-f16` (f16 storage).
     f16: bool,
+    /// Whether attention reduces its rows with subgroup operations (see
+    /// [`Self::set_subgroup_reductions`]).
+    subgroups: bool,
     limits: DeviceLimits,
     /// Fills read-only slots a dispatch does not use.
     dummy: wgpu::Buffer,
@@ -324,6 +334,7 @@ impl NsaPipeline {
             layouts,
             compiled: Mutex::new(HashMap::new()),
             f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
+            subgroups: subgroups_usable(ctx),
             limits: device_limits(&lim),
             dummy,
             dummy_out,
@@ -537,6 +548,7 @@ impl NsaPipeline {
                             id,
                             plan.precision,
                             &spec,
+                            self.subgroups,
                         )
                     })
                     .clone()
@@ -671,6 +683,27 @@ impl NsaPipeline {
     ) -> Result<NsaOutputs> {
         self.run_with(config, shape, inputs, request, Precision::F32)
             .await
+    }
+
+    /// Whether attention reduces each row's maximum and sum with subgroup shuffles (the
+    /// default where the device has `SUBGROUP` and subgroups of at least 8 invocations) or
+    /// through workgroup memory with one more barrier per tile (the plain-WGSL fallback).
+    pub fn subgroup_reductions(&self) -> bool {
+        self.subgroups
+    }
+
+    /// Chooses the reductions for kernels compiled from now on: subgroup shuffles when `on`
+    /// and the device can, else the fallback. Returns the choice in effect.
+    pub fn set_subgroup_reductions(&mut self, on: bool) -> bool {
+        let want = on && subgroups_usable(&self.ctx);
+        if want != self.subgroups {
+            self.subgroups = want;
+            self.compiled
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+        self.subgroups
     }
 
     /// Whether this device can store inputs at `precision`.

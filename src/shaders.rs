@@ -2,8 +2,10 @@
 //!
 //! Every file in `shaders/` is valid WGSL apart from `#import name` lines, which pull in
 //! `shaders/shared/name.wgsl` (once per shader, imports may nest). Nothing else is templated:
-//! sizes that vary at run time live in the `Params` uniform. The one choice made here is the
-//! input storage type: `#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`.
+//! sizes that vary at run time live in the `Params` uniform. Two choices are made here: the
+//! input storage type (`#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`)
+//! and how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
+//! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier).
 
 use crate::config::Precision;
 
@@ -34,34 +36,44 @@ const SHARED: &[(&str, &str)] = &[
     ("topn", include_str!("../shaders/shared/topn.wgsl")),
     ("partials", include_str!("../shaders/shared/partials.wgsl")),
     (
+        "reduce_shared",
+        include_str!("../shaders/shared/reduce_shared.wgsl"),
+    ),
+    (
+        "reduce_subgroup",
+        include_str!("../shaders/shared/reduce_subgroup.wgsl"),
+    ),
+    (
         "attention",
         include_str!("../shaders/shared/attention.wgsl"),
     ),
 ];
 
-/// The complete WGSL of kernel `name` with f32 inputs, imports resolved; `None` for an
-/// unknown name.
+/// The complete WGSL of kernel `name` with f32 inputs and workgroup-memory reductions,
+/// imports resolved; `None` for an unknown name.
 pub fn source(name: &str) -> Option<String> {
-    source_for(name, Precision::F32)
+    source_for(name, Precision::F32, false)
 }
 
-/// The complete WGSL of kernel `name` for inputs stored at `precision`: `#import input`
-/// resolves to `shared/input_f32.wgsl` or `shared/input_f16.wgsl`.
-pub fn source_for(name: &str, precision: Precision) -> Option<String> {
+/// The complete WGSL of kernel `name` for inputs stored at `precision`, reducing attention
+/// rows with subgroup operations when `subgroups` (the device must have `SUBGROUP`).
+pub fn source_for(name: &str, precision: Precision, subgroups: bool) -> Option<String> {
     let (_, src) = KERNELS.iter().find(|(n, _)| *n == name)?;
     let mut out = String::new();
     let mut seen = Vec::new();
-    expand(src, precision, &mut out, &mut seen);
+    expand(src, (precision, subgroups), &mut out, &mut seen);
     Some(out)
 }
 
-fn expand(src: &str, precision: Precision, out: &mut String, seen: &mut Vec<&'static str>) {
+fn expand(src: &str, variant: (Precision, bool), out: &mut String, seen: &mut Vec<&'static str>) {
     for line in src.lines() {
         match line.trim().strip_prefix("#import ") {
             Some(name) => {
-                let name = match (name.trim(), precision) {
-                    ("input", Precision::F32) => "input_f32",
-                    ("input", Precision::F16) => "input_f16",
+                let name = match (name.trim(), variant) {
+                    ("input", (Precision::F32, _)) => "input_f32",
+                    ("input", (Precision::F16, _)) => "input_f16",
+                    ("reduce", (_, true)) => "reduce_subgroup",
+                    ("reduce", (_, false)) => "reduce_shared",
                     (other, _) => other,
                 };
                 let Some((key, text)) = SHARED.iter().find(|(n, _)| *n == name) else {
@@ -69,7 +81,7 @@ fn expand(src: &str, precision: Precision, out: &mut String, seen: &mut Vec<&'st
                 };
                 if !seen.contains(key) {
                     seen.push(key);
-                    expand(text, precision, out, seen);
+                    expand(text, variant, out, seen);
                 }
             }
             None => {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, pipeline, small, Data};
+use common::{assert_close, fallback_pipeline, pipeline, small, Data};
 use nsa_wgpu::cpu;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::pipeline::{read_staging, stage_readback};
@@ -174,8 +174,11 @@ fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
 }
 
 fn check_plan(name: &str, plan: &Plan, branch: bool) {
+    check_plan_on(pipeline(), name, plan, branch);
+}
+
+fn check_plan_on(pipe: &NsaPipeline, name: &str, plan: &Plan, branch: bool) {
     let (cfg, shape) = (plan.config, plan.shape);
-    let pipe = pipeline();
     let data = Data::new(&cfg, &shape, branch, 0x5eed ^ shape.tq as u64);
     let inputs = data.inputs();
     let got = gpu_forward(pipe, plan, &data);
@@ -684,5 +687,36 @@ fn a_kept_scratch_reuses_bind_groups_and_follows_new_buffers() {
     for (i, bytes) in r.iter().enumerate() {
         let got = &bytemuck::cast_slice::<u8, f32>(bytes)[..want.len()];
         assert_close(&format!("output {i}"), got, &want, TOL);
+    }
+}
+
+#[test]
+fn fallback_reductions_match_the_reference() {
+    // The workgroup-memory reductions (what browsers get) on shapes that take several tiles,
+    // split plans and small groups; the other cases run the adapter's default.
+    let pipe = fallback_pipeline();
+    assert!(!pipe.subgroup_reductions());
+    for (name, cfg, shape) in [
+        (
+            "fallback_t300",
+            small(),
+            Shape::prefill(1, 300, 4, 2, 192, 128),
+        ),
+        (
+            "fallback_t700_b2",
+            small(),
+            Shape::prefill(2, 700, 6, 2, 100, 64),
+        ),
+        (
+            "fallback_split_tq1_tk1500",
+            small(),
+            Shape {
+                tq: 1,
+                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
+            },
+        ),
+    ] {
+        let plan = pipe.plan(&cfg, &shape).expect("plan");
+        check_plan_on(pipe, name, &plan, false);
     }
 }

@@ -8,18 +8,31 @@ use nsa_wgpu::shaders;
 use nsa_wgpu::Precision;
 
 fn module(name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
-    module_for(name, Precision::F32)
+    module_for(name, Precision::F32, false)
 }
 
-fn module_for(name: &str, precision: Precision) -> (naga::Module, naga::valid::ModuleInfo) {
-    let src = shaders::source_for(name, precision).expect("known kernel");
+fn module_for(
+    name: &str,
+    precision: Precision,
+    subgroups: bool,
+) -> (naga::Module, naga::valid::ModuleInfo) {
+    let src = shaders::source_for(name, precision, subgroups).expect("known kernel");
     let module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
-    let caps = match precision {
+    let mut caps = match precision {
         Precision::F32 => Capabilities::empty(),
         Precision::F16 => Capabilities::SHADER_FLOAT16,
     };
-    let info = Validator::new(ValidationFlags::all(), caps)
+    if subgroups {
+        caps |= Capabilities::SUBGROUP;
+    }
+    let mut validator = Validator::new(ValidationFlags::all(), caps);
+    if subgroups {
+        validator
+            .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+            .subgroup_operations(naga::valid::SubgroupOperationSet::all());
+    }
+    let info = validator
         .validate(&module)
         .unwrap_or_else(|e| panic!("{name} {precision:?}: {}", e.emit_to_string(&src)));
     (module, info)
@@ -53,12 +66,26 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         kv_tile,
         smem4,
     });
-    for (id, precision, spec) in KernelId::ALL.iter().flat_map(|id| {
-        [Precision::F32, Precision::F16]
-            .into_iter()
-            .flat_map(move |p| specs.map(move |s| (*id, p, s)))
-    }) {
-        let (m, info) = module_for(id.name(), precision);
+    // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
+    // reports SUBGROUP has.
+    let msl_opts = msl::Options {
+        lang_version: (2, 1),
+        ..Default::default()
+    };
+    let hlsl_opts = hlsl::Options {
+        shader_model: hlsl::ShaderModel::V6_0,
+        ..Default::default()
+    };
+    for ((id, precision, spec), subgroups) in KernelId::ALL
+        .iter()
+        .flat_map(|id| {
+            [Precision::F32, Precision::F16]
+                .into_iter()
+                .flat_map(move |p| specs.map(move |s| (*id, p, s)))
+        })
+        .flat_map(|k| [(k, false), (k, true)])
+    {
+        let (m, info) = module_for(id.name(), precision, subgroups);
         let constants: naga::back::PipelineConstants = if id.specialized() {
             spec.constants()
                 .iter()
@@ -78,12 +105,11 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         spv::write_vec(m, info, &spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
         let pipeline = msl::PipelineOptions::default();
-        msl::write_string(m, info, &msl::Options::default(), &pipeline)
+        msl::write_string(m, info, &msl_opts, &pipeline)
             .unwrap_or_else(|e| panic!("{} msl: {e}", id.name()));
         let mut out = String::new();
-        let opts = hlsl::Options::default();
         let popts = hlsl::PipelineOptions::default();
-        let mut w = hlsl::Writer::new(&mut out, &opts, &popts);
+        let mut w = hlsl::Writer::new(&mut out, &hlsl_opts, &popts);
         w.write(m, info, None)
             .unwrap_or_else(|e| panic!("{} hlsl: {e}", id.name()));
         assert!(out.contains("main"), "{}", id.name());

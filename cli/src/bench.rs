@@ -62,8 +62,24 @@ pub struct BenchArgs {
     /// Batch sizes for --decode (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
+    /// Reduce attention rows through workgroup memory (the plain-WGSL fallback) even where
+    /// the adapter has subgroup operations.
+    #[arg(long)]
+    no_subgroups: bool,
     #[command(flatten)]
     adapter: AdapterArgs,
+}
+
+/// The pipeline on the chosen adapter, with the chosen reductions; prints both.
+fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
+    let mut pipe = args.adapter.pipeline()?;
+    let subgroups = pipe.set_subgroup_reductions(!args.no_subgroups);
+    println!(
+        "adapter: {}; subgroup reductions: {}",
+        pipe.context().describe(),
+        if subgroups { "on" } else { "off" }
+    );
+    Ok(pipe)
 }
 
 /// Heads, head dims and iterations: the arguments, or the tiny ones of --quick.
@@ -85,10 +101,9 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         args.lengths.clone()
     };
     let (hq, hkv, dk, dv, iters) = sizes(args);
-    let pipe = args.adapter.pipeline()?;
+    let pipe = bench_pipeline(args)?;
     let ctx = pipe.context();
     let timed = StepTimer::new(ctx, 1).is_some();
-    println!("adapter: {}", ctx.describe());
     println!(
         "NSA (paper config) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, median of {iters}, {} input sets in turn ({})",
         args.batch,
@@ -169,9 +184,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
         (args.lengths.clone(), args.batches.clone())
     };
     let (hq, hkv, dk, dv, iters) = sizes(args);
-    let pipe = args.adapter.pipeline()?;
+    let pipe = bench_pipeline(args)?;
     let ctx = pipe.context();
-    println!("adapter: {}", ctx.describe());
     println!(
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))

@@ -8,6 +8,7 @@
 // from vec4 loads, so most work is register-blocked FMAs.
 
 #import qk
+#import reduce
 
 @group(0) @binding(3) var<storage, read> v: array<in_t>;  // [B, T, Hkv, Dv]
 
@@ -15,8 +16,6 @@ const KT_MAX: u32 = 64u;       // keys per tile at most
 const NEG_BIG: f32 = -3.0e38;
 
 var<workgroup> scores: array<f32, 1024>;       // [ROWS, KT_MAX]
-var<workgroup> red_max: array<f32, WG>;        // per-invocation partial max
-var<workgroup> red_sum: array<f32, WG>;        // per-invocation partial sum
 var<workgroup> row_max: array<f32, ROWS>;
 var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;
@@ -32,6 +31,10 @@ struct Acc {
 }
 var<private> acc0: Acc;
 var<private> acc1: Acc;
+// The running max and sum of row lid / 8, held alike by its 8 invocations (published to
+// row_max, row_sum by attn_finish).
+var<private> run_max: f32;
+var<private> run_sum: f32;
 
 // Which rows a workgroup owns. Every field derives from the workgroup id and the params
 // only, so control flow on them stays uniform (barriers inside it are legal).
@@ -80,10 +83,8 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 // row_hi for every row (empty for i >= n) and barrier before attn_keys.
 fn attn_begin(lid: u32, r: Rows) {
     load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
-    if lid < ROWS {
-        row_max[lid] = NEG_BIG;
-        row_sum[lid] = 0.0;
-    }
+    run_max = NEG_BIG;
+    run_sum = 0.0;
     acc0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     acc1 = acc0;
 }
@@ -113,10 +114,11 @@ fn split_range(r: Rows, start: u32, end: u32) -> vec2<u32> {
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
 //
-// Per tile, five barriers: the key tile is stored; scores are stored; the rows' partial
-// maxima are in; probabilities and rescale factors are in; the values are used. The value
-// tile is fetched while the scores are computed and the next key tile while the values are
-// accumulated, so neither load stalls the workgroup on its own.
+// Per tile, four or five barriers: the key tile is stored; scores are stored; (without
+// subgroup operations) the rows' partial maxima are in; probabilities and rescale factors
+// are in; the values are used. The value tile is fetched while the scores are computed and
+// the next key tile while the values are accumulated, so neither load stalls the workgroup
+// on its own.
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
@@ -149,12 +151,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         for (var j = part; j < nk; j += 8u) {
             m = max(m, scores[i * KT_MAX + j]);
         }
-        red_max[lid] = m;
-        workgroupBarrier();
-        var m_new = row_max[i];
-        for (var c = 0u; c < 8u; c++) {
-            m_new = max(m_new, red_max[i * 8u + c]);
-        }
+        let m_new = max(run_max, row_max8(lid, m));
         var sum = 0.0;
         for (var j = part; j < nk; j += 8u) {
             let s = scores[i * KT_MAX + j];
@@ -162,21 +159,15 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
             scores[i * KT_MAX + j] = p;
             sum += p;
         }
-        red_sum[lid] = sum;
+        publish_sum(lid, sum);
+        let alpha = exp(run_max - m_new);
         if part == 0u {
-            row_alpha[i] = exp(row_max[i] - m_new);
+            row_alpha[i] = alpha;
         }
         workgroupBarrier();
-        // Row i's running max and sum move on (nothing reads them again before the next
-        // tile's third barrier); meanwhile every item rescales and accumulates.
-        if part == 0u {
-            var total = 0.0;
-            for (var c = 0u; c < 8u; c++) {
-                total += red_sum[i * 8u + c];
-            }
-            row_sum[i] = row_sum[i] * row_alpha[i] + total;
-            row_max[i] = m_new;
-        }
+        // Row i's running max and sum move on; meanwhile every item rescales and accumulates.
+        run_sum = run_sum * alpha + row_sum8(lid, sum);
+        run_max = m_new;
         if t0 + kt < end {
             fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
         }
@@ -227,6 +218,10 @@ fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
 fn attn_finish(lid: u32, r: Rows) {
     let dv4 = (DV + 3u) / 4u;
     let items = ((r.n + 3u) / 4u) * dv4;
+    if lid % 8u == 0u {
+        row_max[lid / 8u] = run_max;
+        row_sum[lid / 8u] = run_sum;
+    }
     workgroupBarrier();
     if lid < items {
         stage_rows(acc0, lid / dv4, lid % dv4);

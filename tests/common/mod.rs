@@ -5,15 +5,27 @@ use nsa_wgpu::{Compression, NsaConfig, Shape};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-/// The GPU pipeline shared by a test binary's tests (lavapipe in CI); prints the adapter.
+/// The GPU pipeline shared by a test binary's tests (lavapipe in CI), with subgroup
+/// reductions where the adapter has them; prints the adapter.
 pub fn pipeline() -> &'static nsa_wgpu::NsaPipeline {
     static PIPE: std::sync::OnceLock<nsa_wgpu::NsaPipeline> = std::sync::OnceLock::new();
-    PIPE.get_or_init(|| {
-        let ctx = pollster::block_on(nsa_wgpu::GpuContext::new())
-            .expect("a GPU adapter (lavapipe in CI)");
-        eprintln!("adapter: {}", ctx.describe());
-        pollster::block_on(nsa_wgpu::NsaPipeline::new(&ctx)).expect("pipeline")
-    })
+    PIPE.get_or_init(|| make_pipeline(true))
+}
+
+/// A second pipeline on the same kind of adapter that always uses the workgroup-memory
+/// reductions (the fallback browsers get).
+pub fn fallback_pipeline() -> &'static nsa_wgpu::NsaPipeline {
+    static PIPE: std::sync::OnceLock<nsa_wgpu::NsaPipeline> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| make_pipeline(false))
+}
+
+fn make_pipeline(subgroups: bool) -> nsa_wgpu::NsaPipeline {
+    let ctx =
+        pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
+    let mut pipe = pollster::block_on(nsa_wgpu::NsaPipeline::new(&ctx)).expect("pipeline");
+    let on = pipe.set_subgroup_reductions(subgroups);
+    eprintln!("adapter: {}; subgroup reductions: {on}", ctx.describe());
+    pipe
 }
 
 /// Owned input tensors for one case.

@@ -1,0 +1,21 @@
+// Reductions over the 8 invocations that share one attention row (lid / 8), by subgroup
+// shuffles: used where the adapter has subgroup operations with subgroups of at least 8
+// (so the 8 consecutive invocations of a row share one). reduce_shared.wgsl is the fallback
+// with the same contract.
+
+// The largest `v` among the row's 8 invocations.
+fn row_max8(lid: u32, v: f32) -> f32 {
+    var m = max(v, subgroupShuffleXor(v, 1u));
+    m = max(m, subgroupShuffleXor(m, 2u));
+    return max(m, subgroupShuffleXor(m, 4u));
+}
+
+// Nothing to publish: row_sum8 shuffles the parts directly.
+fn publish_sum(lid: u32, v: f32) {}
+
+// The sum of the row's 8 parts `v`.
+fn row_sum8(lid: u32, v: f32) -> f32 {
+    var s = v + subgroupShuffleXor(v, 1u);
+    s += subgroupShuffleXor(s, 2u);
+    return s + subgroupShuffleXor(s, 4u);
+}
