@@ -1,7 +1,9 @@
 // Reductions over the 8 invocations that share one attention row (lid / 8), by subgroup
-// shuffles: used where the adapter has subgroup operations with subgroups of at least 8
-// (so the 8 consecutive invocations of a row share one). reduce_shared.wgsl is the fallback
-// with the same contract.
+// shuffles: used where the adapter has subgroup operations with subgroups of at least 8, so
+// that the 8 consecutive invocations of a row share one (this takes subgroup lanes to follow
+// local_invocation_index in a one-dimensional workgroup, as on every driver we know; the
+// GPU tests check it on lavapipe, whose subgroups are 8 wide). reduce_shared.wgsl is the
+// fallback with the same contract.
 
 // The largest `v` among the row's 8 invocations.
 fn row_max8(lid: u32, v: f32) -> f32 {
