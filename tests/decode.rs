@@ -398,3 +398,99 @@ fn append_then_decode_equals_prefill() {
     }
     assert_eq!(cache.compressed_tokens(), cfg.num_compressed(s.tk) as u64);
 }
+
+#[test]
+fn timed_extends_write_what_extend_writes() {
+    // The same context and step through three caches: plain (one pass), timed per pass, and
+    // timed as a whole; outputs must agree exactly, and timings must be positive where the
+    // adapter has timestamps.
+    let pipe = pipeline();
+    let cfg = small();
+    let s = Shape::prefill(2, 301, 4, 2, 16, 16);
+    let data = Data::new(&cfg, &s, false, 33);
+    let (kw, vw, qw, gw) = (s.hkv * s.dk, s.hkv * s.dv, s.hq * s.dk, s.hq * 3);
+    let ctx_len = s.tk - 1;
+    let owned: Vec<[Vec<f32>; 4]> = (0..s.batch)
+        .map(|b| {
+            [
+                rows(&data.q, &s, b, ctx_len, s.tk, qw),
+                rows(&data.k, &s, b, 0, s.tk, kw),
+                rows(&data.v, &s, b, 0, s.tk, vw),
+                rows(&data.gates, &s, b, ctx_len, s.tk, gw),
+            ]
+        })
+        .collect();
+    let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 10 * s.batch);
+    let mut results = Vec::new();
+    for mode in 0..3 {
+        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
+        let context: Vec<SeqChunk> = owned
+            .iter()
+            .enumerate()
+            .map(|(seq, o)| SeqChunk {
+                seq,
+                q: &[],
+                k: &o[1][..ctx_len * kw],
+                v: &o[2][..ctx_len * vw],
+                gates: &[],
+                branch_kv: None,
+            })
+            .collect();
+        pollster::block_on(pipe.append(&mut cache, &context)).expect("append");
+        let step: Vec<SeqChunk> = owned
+            .iter()
+            .enumerate()
+            .map(|(seq, o)| SeqChunk {
+                seq,
+                q: &o[0],
+                k: &o[1][ctx_len * kw..],
+                v: &o[2][ctx_len * vw..],
+                gates: &o[3],
+                branch_kv: None,
+            })
+            .collect();
+        let req = OutputRequest::all();
+        let out = match (mode, &timer) {
+            (1, Some(t)) => {
+                let (out, ms) =
+                    pollster::block_on(pipe.extend_timed(&mut cache, &step, req, t)).unwrap();
+                assert!(!ms.is_empty() && ms.iter().all(|(_, t)| *t >= 0.0));
+                assert!(ms.iter().map(|(_, t)| t).sum::<f64>() > 0.0);
+                out
+            }
+            (2, Some(t)) => {
+                let (out, ms) =
+                    pollster::block_on(pipe.extend_timed_whole(&mut cache, &step, req, t)).unwrap();
+                assert!(ms > 0.0, "whole-pass time {ms}");
+                out
+            }
+            _ => pollster::block_on(pipe.extend(&mut cache, &step, req)).unwrap(),
+        };
+        results.push(out);
+    }
+    for r in &results[1..] {
+        for (a, b) in r.iter().zip(&results[0]) {
+            assert_eq!(a.out, b.out);
+            assert_eq!(a.block_indices, b.block_indices);
+        }
+    }
+    // A timer too small for the plan is an error, not a panic.
+    if let Some(t) = nsa_wgpu::profile::StepTimer::new(pipe.context(), 1) {
+        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
+        let step: Vec<SeqChunk> = owned
+            .iter()
+            .enumerate()
+            .map(|(seq, o)| SeqChunk {
+                seq,
+                q: &o[0],
+                k: &o[1][..kw],
+                v: &o[2][..vw],
+                gates: &o[3],
+                branch_kv: None,
+            })
+            .collect();
+        let r =
+            pollster::block_on(pipe.extend_timed(&mut cache, &step, OutputRequest::default(), &t));
+        assert!(matches!(r, Err(NsaError::BadBuffer { .. })), "{r:?}");
+    }
+}
