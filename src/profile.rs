@@ -207,8 +207,9 @@ pub const STAGES: [KernelId; 5] = [
     KernelId::WinAttn,
 ];
 
-/// GPU time per NSA stage from per-step times: a merge of split work counts toward the
-/// stage it merges (the step before it).
+/// GPU time per NSA stage from per-step times: a merge counts toward the stage of the step
+/// before it (the selection's merge toward the selection; the merge of all three branches'
+/// partials, which also applies the gates, toward window attention and the combination).
 pub fn stage_sums(steps: impl Iterator<Item = (KernelId, f64)>) -> Vec<(KernelId, f64)> {
     let mut sums: Vec<(KernelId, f64)> = Vec::new();
     let mut stage = KernelId::Compress;

@@ -399,6 +399,29 @@ fn append_then_decode_equals_prefill() {
     assert_eq!(cache.compressed_tokens(), cfg.num_compressed(s.tk) as u64);
 }
 
+/// One chunk per sequence of `owned` ([q, k, v, gates] rows): the keys and values of
+/// positions `kv` (the whole sequence's rows), with the queries and gates when `attend`.
+fn seq_chunks<'a>(
+    owned: &'a [[Vec<f32>; 4]],
+    s: &Shape,
+    kv: std::ops::Range<usize>,
+    attend: bool,
+) -> Vec<SeqChunk<'a>> {
+    let (kw, vw) = (s.hkv * s.dk, s.hkv * s.dv);
+    owned
+        .iter()
+        .enumerate()
+        .map(|(seq, o)| SeqChunk {
+            seq,
+            q: if attend { &o[0] } else { &[] },
+            k: &o[1][kv.start * kw..kv.end * kw],
+            v: &o[2][kv.start * vw..kv.end * vw],
+            gates: if attend { &o[3] } else { &[] },
+            branch_kv: None,
+        })
+        .collect()
+}
+
 #[test]
 fn timed_extends_write_what_extend_writes() {
     // The same context and step through three caches: plain (one pass), timed per pass, and
@@ -409,14 +432,14 @@ fn timed_extends_write_what_extend_writes() {
     let s = Shape::prefill(2, 301, 4, 2, 16, 16);
     let data = Data::new(&cfg, &s, false, 33);
     let (kw, vw, qw, gw) = (s.hkv * s.dk, s.hkv * s.dv, s.hq * s.dk, s.hq * 3);
-    let ctx_len = s.tk - 1;
+    let last = s.tk - 1;
     let owned: Vec<[Vec<f32>; 4]> = (0..s.batch)
         .map(|b| {
             [
-                rows(&data.q, &s, b, ctx_len, s.tk, qw),
+                rows(&data.q, &s, b, last, s.tk, qw),
                 rows(&data.k, &s, b, 0, s.tk, kw),
                 rows(&data.v, &s, b, 0, s.tk, vw),
-                rows(&data.gates, &s, b, ctx_len, s.tk, gw),
+                rows(&data.gates, &s, b, last, s.tk, gw),
             ]
         })
         .collect();
@@ -424,31 +447,9 @@ fn timed_extends_write_what_extend_writes() {
     let mut results = Vec::new();
     for mode in 0..3 {
         let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
-        let context: Vec<SeqChunk> = owned
-            .iter()
-            .enumerate()
-            .map(|(seq, o)| SeqChunk {
-                seq,
-                q: &[],
-                k: &o[1][..ctx_len * kw],
-                v: &o[2][..ctx_len * vw],
-                gates: &[],
-                branch_kv: None,
-            })
-            .collect();
+        let context = seq_chunks(&owned, &s, 0..last, false);
         pollster::block_on(pipe.append(&mut cache, &context)).expect("append");
-        let step: Vec<SeqChunk> = owned
-            .iter()
-            .enumerate()
-            .map(|(seq, o)| SeqChunk {
-                seq,
-                q: &o[0],
-                k: &o[1][ctx_len * kw..],
-                v: &o[2][ctx_len * vw..],
-                gates: &o[3],
-                branch_kv: None,
-            })
-            .collect();
+        let step = seq_chunks(&owned, &s, last..s.tk, true);
         let req = OutputRequest::all();
         let out = match (mode, &timer) {
             (1, Some(t)) => {
@@ -477,18 +478,7 @@ fn timed_extends_write_what_extend_writes() {
     // A timer too small for the plan is an error, not a panic.
     if let Some(t) = nsa_wgpu::profile::StepTimer::new(pipe.context(), 1) {
         let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
-        let step: Vec<SeqChunk> = owned
-            .iter()
-            .enumerate()
-            .map(|(seq, o)| SeqChunk {
-                seq,
-                q: &o[0],
-                k: &o[1][..kw],
-                v: &o[2][..vw],
-                gates: &o[3],
-                branch_kv: None,
-            })
-            .collect();
+        let step = seq_chunks(&owned, &s, 0..1, true);
         let r =
             pollster::block_on(pipe.extend_timed(&mut cache, &step, OutputRequest::default(), &t));
         assert!(matches!(r, Err(NsaError::BadBuffer { .. })), "{r:?}");
