@@ -225,7 +225,52 @@ impl Specialization {
     }
 }
 
+/// Rows of the attention core's query block (`ROWS` in `shaders/shared/qk.wgsl`).
+const ROWS: u32 = 16;
+
+/// Workgroup memory of an attention kernel on tensor cores (`shaders/shared/attn_mma.wgsl`)
+/// for head sizes `dk`, `dv` and `kv_tile` keys per tile, in bytes: the fixed arrays, `smem`
+/// (queries, then the staged output, as f32) and the f16 query, tile and probability arrays
+/// and the f32 products.
+pub fn mma_workgroup_bytes(dk: u32, dv: u32, kv_tile: u32) -> u32 {
+    let (dkp, dvp) = (dk.div_ceil(16) * 16, dv.div_ceil(16) * 16);
+    let (qs, ts) = (dkp + 8, dkp.max(dvp) + 8);
+    KernelId::Dense.fixed_workgroup_bytes()
+        + 16 * mma_smem_vec4s(dk, dv)
+        + 2 * (ROWS * qs + kv_tile * ts + ROWS * 64)
+        + 4 * ROWS * dvp
+}
+
+fn mma_smem_vec4s(dk: u32, dv: u32) -> u32 {
+    ROWS * dk.max(dv).div_ceil(4)
+}
+
+/// The specialization of an attention kernel on tensor cores for an adapter with `limit`
+/// bytes of workgroup memory: as many keys per tile (a multiple of 16, at most 64) as fit;
+/// `None` when not even 16 do (the kernel then runs on the shader cores).
+pub fn mma_specialization(dk: u32, dv: u32, limit: u32) -> Option<Specialization> {
+    (1..=4)
+        .rev()
+        .map(|blocks| 16 * blocks)
+        .find(|&kt| mma_workgroup_bytes(dk, dv, kt) <= limit)
+        .map(|kv_tile| Specialization {
+            dk,
+            dv,
+            kv_tile,
+            smem4: mma_smem_vec4s(dk, dv),
+        })
+}
+
 impl KernelId {
+    /// Whether the kernel runs the attention core (`shaders/shared/attention.wgsl`), which
+    /// has a tensor-core variant.
+    pub fn attention_core(self) -> bool {
+        matches!(
+            self,
+            KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn | KernelId::Dense
+        )
+    }
+
     /// Whether the shader declares the [`Specialization`] overrides (the kernels with
     /// key tiles: all but `Compress`, `Merge` and `SelectMerge`).
     pub fn specialized(self) -> bool {
@@ -288,18 +333,17 @@ impl KernelLayout {
         }
     }
 
-    /// Compiles the kernel for inputs stored at `precision`, specialized to `spec`, with
-    /// subgroup reductions when `subgroups`. Workgroup memory is not zero-initialized (every
-    /// kernel writes what it reads), and naga's loop bounding is off (every loop is bounded).
+    /// Compiles the kernel in `variant` (input storage, reductions, tensor cores),
+    /// specialized to `spec`. Workgroup memory is not zero-initialized (every kernel writes
+    /// what it reads), and naga's loop bounding is off (every loop is bounded).
     pub fn compile(
         &self,
         device: &wgpu::Device,
         id: KernelId,
-        precision: crate::config::Precision,
+        variant: &crate::shaders::Variant,
         spec: &Specialization,
-        subgroups: bool,
     ) -> wgpu::ComputePipeline {
-        let source = crate::shaders::source_for(id.name(), precision, subgroups)
+        let source = crate::shaders::source_variant(id.name(), variant)
             .expect("every KernelId has a shader");
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(id.label()),

@@ -10,7 +10,8 @@ use wgpu::util::DeviceExt;
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
-use crate::kernels::{KernelId, KernelLayout, Params, Specialization};
+use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
+use crate::shaders::Variant;
 use crate::plan::{DeviceLimits, Plan, Tensor};
 
 /// A device and queue to run on, and what adapter they came from.
@@ -22,6 +23,12 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     /// The adapter the device belongs to.
     pub adapter_info: wgpu::AdapterInfo,
+    /// Whether the device was created with `EXPERIMENTAL_COOPERATIVE_MATRIX` on an adapter
+    /// that multiplies 16x16x16 cooperative matrices of f16 into f32 (tensor cores): the
+    /// attention core then runs on them for f16-stored inputs (see
+    /// [`NsaPipeline::tensor_cores`]). [`GpuContext::new`] finds out; with
+    /// [`GpuContext::from_device`] it is `false` unless the caller sets it.
+    pub coop_f16: bool,
 }
 
 /// Which adapter [`GpuContext::with_options`] picks.
@@ -83,15 +90,29 @@ impl GpuContext {
                 })?,
         };
         // The optional features the crate can use, where the adapter has them.
-        let wanted = wgpu::Features::TIMESTAMP_QUERY
+        let mut wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
             | wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP;
+        let coop_f16 = adapter.cooperative_matrix_properties().iter().any(|p| {
+            (p.m_size, p.n_size, p.k_size) == (16, 16, 16)
+                && p.ab_type == wgpu::CooperativeScalarType::F16
+                && p.cr_type == wgpu::CooperativeScalarType::F32
+        });
+        if coop_f16 {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        let required_features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("nsa-wgpu"),
-                required_features: adapter.features() & wanted,
+                required_features,
                 required_limits: adapter.limits(),
+                // SAFETY: the only experimental feature requested is cooperative matrices,
+                // used by one shader module (attn_mma.wgsl) whose loads and stores stay inside
+                // workgroup arrays sized for them; the GPU tests check its results against
+                // the reference wherever an adapter has it.
+                experimental_features: unsafe { wgpu::ExperimentalFeatures::enabled() },
                 ..Default::default()
             })
             .await
@@ -100,6 +121,8 @@ impl GpuContext {
             device,
             queue,
             adapter_info: adapter.get_info(),
+            coop_f16: coop_f16
+                && required_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
         })
     }
 
@@ -113,6 +136,7 @@ impl GpuContext {
             device,
             queue,
             adapter_info,
+            coop_f16: false,
         }
     }
 
@@ -216,6 +240,13 @@ const KEPT_BIND_GROUPS: usize = 4;
 
 /// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
 /// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
+fn tensor_cores_usable(ctx: &GpuContext) -> bool {
+    let f = ctx.device.features();
+    ctx.coop_f16
+        && subgroups_usable(ctx)
+        && f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16)
+}
+
 fn subgroups_usable(ctx: &GpuContext) -> bool {
     ctx.device.features().contains(wgpu::Features::SUBGROUP)
         && ctx.adapter_info.subgroup_min_size >= 8
@@ -268,12 +299,15 @@ pub struct NsaPipeline {
     layouts: Vec<KernelLayout>,
     /// Compiled kernels per input precision and specialization, built the first time a plan
     /// needs them.
-    compiled: Mutex<HashMap<(KernelId, Precision, Specialization), wgpu::ComputePipeline>>,
+    compiled: Mutex<HashMap<(KernelId, Variant, Specialization), wgpu::ComputePipeline>>,
     /// Whether the device has `shader-f16` (f16 storage).
     f16: bool,
     /// Whether attention reduces its rows with subgroup operations (see
     /// [`Self::set_subgroup_reductions`]).
     subgroups: bool,
+    /// Whether the attention core runs on tensor cores for f16 inputs (see
+    /// [`Self::set_tensor_cores`]).
+    tensor_cores: bool,
     limits: DeviceLimits,
     /// Fills read-only slots a dispatch does not use.
     dummy: wgpu::Buffer,
@@ -335,6 +369,7 @@ impl NsaPipeline {
             compiled: Mutex::new(HashMap::new()),
             f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
             subgroups: subgroups_usable(ctx),
+            tensor_cores: tensor_cores_usable(ctx),
             limits: device_limits(&lim),
             dummy,
             dummy_out,
@@ -533,23 +568,33 @@ impl NsaPipeline {
                 why: "f16 storage",
             });
         }
-        let spec = plan.specialization();
+        let plain = plan.specialization();
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         Ok(plan
             .steps
             .iter()
             .map(|step| {
                 let id = step.kernel;
+                // The attention core on tensor cores where it applies and fits; its own tile
+                // size (a multiple of 16 keys) and workgroup-memory layout.
+                let mma = if self.tensor_cores()
+                    && plan.precision == Precision::F16
+                    && id.attention_core()
+                {
+                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
+                } else {
+                    None
+                };
+                let variant = Variant {
+                    precision: plan.precision,
+                    subgroups: self.subgroups,
+                    tensor_cores: mma.is_some(),
+                };
+                let spec = mma.unwrap_or(plain);
                 compiled
-                    .entry((id, plan.precision, spec))
+                    .entry((id, variant, spec))
                     .or_insert_with(|| {
-                        self.layouts[id as usize].compile(
-                            &self.ctx.device,
-                            id,
-                            plan.precision,
-                            &spec,
-                            self.subgroups,
-                        )
+                        self.layouts[id as usize].compile(&self.ctx.device, id, &variant, &spec)
                     })
                     .clone()
             })
@@ -704,6 +749,28 @@ impl NsaPipeline {
                 .clear();
         }
         self.subgroups
+    }
+
+    /// Whether attention on f16-stored inputs runs on tensor cores: 16x16x16 cooperative
+    /// matrices with f16 operands and f32 accumulation (probabilities round to f16). The
+    /// default where the device has them ([`GpuContext::coop_f16`]) and subgroup
+    /// reductions are on; f32 inputs always run on the shader cores.
+    pub fn tensor_cores(&self) -> bool {
+        self.tensor_cores && self.subgroups
+    }
+
+    /// Chooses tensor cores (when `on` and the device can) or the shader cores for kernels
+    /// compiled from now on. Returns the choice in effect.
+    pub fn set_tensor_cores(&mut self, on: bool) -> bool {
+        let want = on && tensor_cores_usable(&self.ctx);
+        if want != self.tensor_cores {
+            self.tensor_cores = want;
+            self.compiled
+                .get_mut()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+        }
+        self.tensor_cores()
     }
 
     /// Whether this device can store inputs at `precision`.

@@ -322,6 +322,16 @@ impl Plan {
     /// Plans dense causal attention over the same shapes (the baseline kernel): `out` from
     /// `q`, `k`, `v` only; the window field of the stored config is set to `Tk`.
     pub fn dense(shape: &Shape, scale: Option<f32>, limits: &DeviceLimits) -> Result<Plan> {
+        Self::dense_with_precision(shape, scale, limits, Precision::F32)
+    }
+
+    /// [`Self::dense`] with `q`, `k`, `v` stored at `precision`.
+    pub fn dense_with_precision(
+        shape: &Shape,
+        scale: Option<f32>,
+        limits: &DeviceLimits,
+        precision: Precision,
+    ) -> Result<Plan> {
         shape.validate()?;
         let config = NsaConfig {
             window: shape.tk,
@@ -338,7 +348,7 @@ impl Plan {
             steps: Vec::new(),
             limits: *limits,
             cache: None,
-            precision: Precision::F32,
+            precision,
             part_len: 0,
             cand_len: 0,
         };

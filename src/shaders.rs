@@ -4,8 +4,10 @@
 //! `shaders/shared/name.wgsl` (once per shader, imports may nest). Nothing else is templated:
 //! sizes that vary at run time live in the `Params` uniform. Two choices are made here: the
 //! input storage type (`#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`)
-//! and how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
-//! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier).
+//! how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
+//! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier), and
+//! where the attention core multiplies (`#import attn_tiles` is `shared/attn_simt.wgsl`, the
+//! shader cores, or `shared/attn_mma.wgsl`, tensor cores through cooperative matrices).
 
 use crate::config::Precision;
 
@@ -47,7 +49,34 @@ const SHARED: &[(&str, &str)] = &[
         "attention",
         include_str!("../shaders/shared/attention.wgsl"),
     ),
+    (
+        "attn_simt",
+        include_str!("../shaders/shared/attn_simt.wgsl"),
+    ),
+    (
+        "attn_mma",
+        include_str!("../shaders/shared/attn_mma.wgsl"),
+    ),
 ];
+
+/// Which variant of a kernel to assemble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Variant {
+    /// How the inputs are stored.
+    pub precision: Precision,
+    /// Row reductions by subgroup shuffles (the device needs `SUBGROUP`).
+    pub subgroups: bool,
+    /// The attention core on tensor cores: 16x16x16 cooperative matrices with f16 operands
+    /// and f32 accumulators (the device needs `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SUBGROUP`
+    /// and `SHADER_F16`). Only with f16 storage and subgroups; ignored otherwise.
+    pub tensor_cores: bool,
+}
+
+impl Variant {
+    fn mma(&self) -> bool {
+        self.tensor_cores && self.subgroups && self.precision == Precision::F16
+    }
+}
 
 /// The complete WGSL of kernel `name` with f32 inputs and workgroup-memory reductions,
 /// imports resolved; `None` for an unknown name.
@@ -58,23 +87,43 @@ pub fn source(name: &str) -> Option<String> {
 /// The complete WGSL of kernel `name` for inputs stored at `precision`, reducing attention
 /// rows with subgroup operations when `subgroups` (the device must have `SUBGROUP`).
 pub fn source_for(name: &str, precision: Precision, subgroups: bool) -> Option<String> {
+    source_variant(
+        name,
+        &Variant {
+            precision,
+            subgroups,
+            tensor_cores: false,
+        },
+    )
+}
+
+/// The complete WGSL of kernel `name` in `variant`; `None` for an unknown name.
+pub fn source_variant(name: &str, variant: &Variant) -> Option<String> {
     let (_, src) = KERNELS.iter().find(|(n, _)| *n == name)?;
     let mut out = String::new();
+    if variant.mma() && src.contains("#import attention") {
+        // Directives come before any declaration. The subgroup-uniform loops that hand out
+        // matrix blocks are not workgroup-uniform, which naga's uniformity analysis (made
+        // for derivatives) would reject; cooperative matrices need subgroup uniformity only.
+        out.push_str("enable wgpu_cooperative_matrix;\ndiagnostic(off, derivative_uniformity);\n");
+    }
     let mut seen = Vec::new();
-    expand(src, (precision, subgroups), &mut out, &mut seen);
+    expand(src, variant, &mut out, &mut seen);
     Some(out)
 }
 
-fn expand(src: &str, variant: (Precision, bool), out: &mut String, seen: &mut Vec<&'static str>) {
+fn expand(src: &str, variant: &Variant, out: &mut String, seen: &mut Vec<&'static str>) {
     for line in src.lines() {
         match line.trim().strip_prefix("#import ") {
             Some(name) => {
-                let name = match (name.trim(), variant) {
-                    ("input", (Precision::F32, _)) => "input_f32",
-                    ("input", (Precision::F16, _)) => "input_f16",
-                    ("reduce", (_, true)) => "reduce_subgroup",
-                    ("reduce", (_, false)) => "reduce_shared",
-                    (other, _) => other,
+                let name = match name.trim() {
+                    "input" if variant.precision == Precision::F32 => "input_f32",
+                    "input" => "input_f16",
+                    "reduce" if variant.subgroups => "reduce_subgroup",
+                    "reduce" => "reduce_shared",
+                    "attn_tiles" if variant.mma() => "attn_mma",
+                    "attn_tiles" => "attn_simt",
+                    other => other,
                 };
                 let Some((key, text)) = SHARED.iter().find(|(n, _)| *n == name) else {
                     panic!("shader imports unknown module `{name}`");

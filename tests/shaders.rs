@@ -193,3 +193,67 @@ fn workgroup_memory_matches_the_declared_budget() {
         }
     }
 }
+
+#[test]
+fn tensor_core_variant_validates_and_translates_to_spirv() {
+    use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes};
+    let variant = shaders::Variant {
+        precision: Precision::F16,
+        subgroups: true,
+        tensor_cores: true,
+    };
+    let mut checked = 0;
+    for id in KernelId::ALL.into_iter().filter(|k| k.attention_core()) {
+        let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
+        assert!(src.contains("coopMultiplyAdd"), "{}: not the tensor-core core", id.name());
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
+        let caps = Capabilities::SHADER_FLOAT16
+            | Capabilities::SUBGROUP
+            | Capabilities::COOPERATIVE_MATRIX;
+        let info = Validator::new(ValidationFlags::all(), caps)
+            .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+            .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
+        for (dk, dv, limit) in [
+            (8, 8, 32768),
+            (100, 64, 32768),
+            (192, 128, 49152),
+            (128, 128, 49152),
+            (128, 128, 32768),
+            (12, 10, 16384),
+        ] {
+            let spec = mma_specialization(dk, dv, limit).expect("fits");
+            assert_eq!(spec.kv_tile % 16, 0);
+            let constants: naga::back::PipelineConstants = spec
+                .constants()
+                .iter()
+                .map(|(name, value)| (name.to_string(), *value))
+                .collect();
+            let (m, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, "main")),
+                &constants,
+            )
+            .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
+            // Every workgroup array, as sized for this specialization, within the budget.
+            let bytes: u32 = m
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
+                .sum();
+            assert!(
+                bytes <= mma_workgroup_bytes(dk, dv, spec.kv_tile) && bytes <= limit,
+                "{} {spec:?}: {bytes} bytes",
+                id.name()
+            );
+            spv::write_vec(&m, &info, &spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 24);
+}

@@ -63,9 +63,13 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
     /// Reduce attention rows through workgroup memory (the plain-WGSL fallback) even where
-    /// the adapter has subgroup operations.
+    /// the adapter has subgroup operations (this also turns tensor cores off).
     #[arg(long)]
     no_subgroups: bool,
+    /// Run f16 attention on the shader cores even where the adapter has tensor cores
+    /// (cooperative matrices).
+    #[arg(long)]
+    no_tensor_cores: bool,
     #[command(flatten)]
     adapter: AdapterArgs,
 }
@@ -74,10 +78,13 @@ pub struct BenchArgs {
 fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let mut pipe = args.adapter.pipeline()?;
     let subgroups = pipe.set_subgroup_reductions(!args.no_subgroups);
+    let tensor_cores = pipe.set_tensor_cores(!args.no_tensor_cores);
+    let on = |b: bool| if b { "on" } else { "off" };
     println!(
-        "adapter: {}; subgroup reductions: {}",
+        "adapter: {}; subgroup reductions: {}; tensor cores for f16: {}",
         pipe.context().describe(),
-        if subgroups { "on" } else { "off" }
+        on(subgroups),
+        on(tensor_cores)
     );
     Ok(pipe)
 }
@@ -139,8 +146,9 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             .collect();
         let (stages, total) =
             time_plan(&pipe, &plan, &sets, iters, args.warmup).map_err(|e| e.to_string())?;
-        let dense = if t <= args.dense_max && precision == nsa_wgpu::Precision::F32 {
-            let dplan = pipe.plan_dense(&shape, None).map_err(|e| e.to_string())?;
+        let dense = if t <= args.dense_max {
+            let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
+                .map_err(|e| e.to_string())?;
             Some(
                 time_plan(
                     &pipe,

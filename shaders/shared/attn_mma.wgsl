@@ -1,0 +1,168 @@
+// The attention core's tile loop on tensor cores (wgpu's cooperative matrices, 16x16x16 with
+// f16 operands and f32 accumulators): used for f16-stored inputs on adapters that have them,
+// with the same contract as attn_simt.wgsl. Queries, key and value tiles and probabilities
+// sit in workgroup memory as f16 (the inputs are f16 already; probabilities round to f16,
+// as in FlashAttention); scores, the softmax and the output accumulate in f32.
+//
+// Each subgroup multiplies whole 16x16 blocks: the scores of 16 keys for the 16 rows, then 16
+// output dims; the results go through workgroup memory (`scores`, `pv`), where the online
+// softmax and the rescaling run as in the plain core. Subgroups are numbered lid / size, so
+// this takes subgroup lanes to follow local_invocation_index (as reduce_subgroup.wgsl does).
+
+const MM: u32 = 16u;  // cooperative matrix rows, columns and depth
+
+// Dk, Dv rounded up to whole matrices (zero-padded), and row strides in f16 padded by 8 so
+// that neighbouring rows start in different banks (rows stay 16-byte aligned).
+override DKP: u32 = (DK + 15u) / 16u * 16u;
+override DVP: u32 = (DV + 15u) / 16u * 16u;
+override QS: u32 = DKP + 8u;
+override TS: u32 = select(DVP, DKP, DKP > DVP) + 8u;
+override QH_LEN: u32 = ROWS * QS;
+override KVH_LEN: u32 = KT * TS;
+override PV_LEN: u32 = ROWS * DVP;
+
+var<workgroup> qh: array<f16, QH_LEN>;    // [ROWS, QS] queries
+var<workgroup> kvh: array<f16, KVH_LEN>;  // [KT, TS] the key tile, then the value tile
+var<workgroup> ph: array<f16, 1024>;      // [ROWS, KT_MAX] probabilities
+var<workgroup> pv: array<f32, PV_LEN>;    // [ROWS, DVP] one tile's probabilities x values
+
+// Stores what fetch_tile fetched (`nk` rows of width `d`) into kvh as f16, and zeros the
+// rest of the tile (columns d .. dp, rows nk .. KT): padding must be finite, as a product
+// with NaN would poison whole output blocks.
+fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
+    let d4 = (d + 3u) / 4u;
+    for (var i = 0u; i < tile_loads(d); i++) {
+        let x = lid + i * WG;
+        if x < nk * d4 {
+            let at = (x / d4) * TS + (x % d4) * 4u;
+            let val = pre[i];
+            for (var c = 0u; c < 4u; c++) {
+                if (x % d4) * 4u + c < d {
+                    kvh[at + c] = f16(val[c]);
+                }
+            }
+        }
+    }
+    if d < dp {
+        let w = dp - d;
+        for (var x = lid; x < nk * w; x += WG) {
+            kvh[(x / w) * TS + d + x % w] = f16(0.0);
+        }
+    }
+    for (var x = nk * dp + lid; x < KT * dp; x += WG) {
+        kvh[(x / dp) * TS + x % dp] = f16(0.0);
+    }
+}
+
+// Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
+// this tile's products from `pv`.
+fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
+    let i = rg * 4u;
+    return Acc(
+        a.r0 * row_alpha[i] + pv_at(i, e),
+        a.r1 * row_alpha[i + 1u] + pv_at(i + 1u, e),
+        a.r2 * row_alpha[i + 2u] + pv_at(i + 2u, e),
+        a.r3 * row_alpha[i + 3u] + pv_at(i + 3u, e),
+    );
+}
+
+fn pv_at(i: u32, e: u32) -> vec4<f32> {
+    let at = i * DVP + e * 4u;
+    return vec4<f32>(pv[at], pv[at + 1u], pv[at + 2u], pv[at + 3u]);
+}
+
+// Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
+// each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
+//
+// Per tile, four barriers: the key tile is stored; the scores are stored; the probabilities
+// and the value tile are stored; the products are stored. The value tile is fetched while
+// the scores are computed and the next key tile while the values are multiplied.
+fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
+    let dv4 = (DV + 3u) / 4u;
+    let kt = KT;
+    let nrg = (r.n + 3u) / 4u;
+    let i = lid / 8u;
+    let part = lid % 8u;
+    let size = subgroupAdd(1u);
+    let sg = lid / size;
+    let nsg = WG / size;
+    // The queries (in smem as f32 since attn_begin) as f16, zero past Dk.
+    for (var x = lid; x < ROWS * DKP; x += WG) {
+        let e = x % DKP;
+        let row = x / DKP;
+        var val = 0.0;
+        if e < DK {
+            val = smem[row * dk4() + e / 4u][e % 4u];
+        }
+        qh[row * QS + e] = f16(val);
+    }
+    if start < end {
+        fetch_tile(lid, attn_kv(r, stride, start, true), min(kt, end - start), DK, true);
+    }
+    for (var t0 = start; t0 < end; t0 += kt) {
+        let nk = min(kt, end - t0);
+        let nkb = (nk + MM - 1u) / MM;
+        store_tile_h(lid, nk, DK, DKP);
+        workgroupBarrier();
+        fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
+        // Scores of 16 keys per block: Q [ROWS, DKP] x K^T (the tile read column-major).
+        for (var kb = sg; kb < nkb; kb += nsg) {
+            var s = coop_mat16x16<f32, C>();
+            for (var d0 = 0u; d0 < DKP; d0 += MM) {
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&qh[d0], QS);
+                let b = coopLoad<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + d0], TS);
+                s = coopMultiplyAdd(a, b, s);
+            }
+            coopStoreT(s, &scores[kb * MM], KT_MAX);
+        }
+        workgroupBarrier();
+        // The value tile replaces the key tile; each row's probabilities (f16) from 8
+        // invocations, zero for masked keys and past the tile.
+        store_tile_h(lid, nk, DV, DVP);
+        var m = NEG_BIG;
+        for (var j = part; j < kt; j += 8u) {
+            let t = t0 + j;
+            let inside = j < nk && i < r.n && t >= row_lo[i] && t < row_hi[i];
+            let s = select(NEG_BIG, scores[i * KT_MAX + j] * params.scale, inside);
+            scores[i * KT_MAX + j] = s;
+            m = max(m, s);
+        }
+        let m_new = max(run_max, row_max8(lid, m));
+        var sum = 0.0;
+        for (var j = part; j < kt; j += 8u) {
+            let s = scores[i * KT_MAX + j];
+            let p = f16(select(exp(s - m_new), 0.0, s == NEG_BIG));
+            ph[i * KT_MAX + j] = p;
+            sum += f32(p);
+        }
+        publish_sum(lid, sum);
+        let alpha = exp(run_max - m_new);
+        if part == 0u {
+            row_alpha[i] = alpha;
+        }
+        workgroupBarrier();
+        run_sum = run_sum * alpha + row_sum8(lid, sum);
+        run_max = m_new;
+        if t0 + kt < end {
+            fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
+        }
+        // This tile's output, 16 dims per block: P [ROWS, 16 * nkb] x V.
+        for (var cb = sg; cb < DVP / MM; cb += nsg) {
+            var o = coop_mat16x16<f32, C>();
+            for (var kb = 0u; kb < nkb; kb++) {
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[kb * MM], KT_MAX);
+                let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
+                o = coopMultiplyAdd(a, b, o);
+            }
+            coopStoreT(o, &pv[cb * MM], DVP);
+        }
+        workgroupBarrier();
+        let items = nrg * dv4;
+        if lid < items {
+            acc0 = add_tile(acc0, lid / dv4, lid % dv4);
+        }
+        if lid + WG < items {
+            acc1 = add_tile(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
+        }
+    }
+}
