@@ -11,8 +11,8 @@ use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
-use crate::shaders::Variant;
 use crate::plan::{DeviceLimits, Plan, Tensor};
+use crate::shaders::Variant;
 
 /// A device and queue to run on, and what adapter they came from.
 #[derive(Debug, Clone)]
@@ -240,6 +240,27 @@ const KEPT_BIND_GROUPS: usize = 4;
 
 /// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
 /// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
+/// A storage buffer holding `data` at `precision` (create_buffer_init pads to 4 bytes).
+fn upload_at(
+    device: &wgpu::Device,
+    label: &str,
+    data: &[f32],
+    precision: Precision,
+) -> wgpu::Buffer {
+    let bytes: Vec<u8> = match precision {
+        Precision::F32 => bytemuck::cast_slice(data).to_vec(),
+        Precision::F16 => data
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+    };
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: &bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    })
+}
+
 fn tensor_cores_usable(ctx: &GpuContext) -> bool {
     let f = ctx.device.features();
     ctx.coop_f16
@@ -799,28 +820,8 @@ impl NsaPipeline {
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let upload_f32 = |label: &str, data: &[f32]| {
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::cast_slice(data),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-        };
-        // Inputs go up at the plan's precision (create_buffer_init pads to 4 bytes).
-        let upload = |label: &str, data: &[f32]| match precision {
-            Precision::F32 => upload_f32(label, data),
-            Precision::F16 => {
-                let half: Vec<u16> = data
-                    .iter()
-                    .map(|x| half::f16::from_f32(*x).to_bits())
-                    .collect();
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: bytemuck::cast_slice(&half),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-            }
-        };
+        let upload_f32 = |label: &str, data: &[f32]| upload_at(device, label, data, Precision::F32);
+        let upload = |label: &str, data: &[f32]| upload_at(device, label, data, precision);
         let q = upload("nsa.q", inputs.q);
         let k = upload("nsa.k", inputs.k);
         let v = upload("nsa.v", inputs.v);
@@ -927,21 +928,36 @@ impl NsaPipeline {
         k: &[f32],
         v: &[f32],
     ) -> Result<Vec<f32>> {
+        self.dense_attention_with(shape, scale, q, k, v, Precision::F32)
+            .await
+    }
+
+    /// [`Self::dense_attention`] with `q`, `k`, `v` stored on the GPU at `precision`
+    /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`]).
+    pub async fn dense_attention_with(
+        &self,
+        shape: &Shape,
+        scale: Option<f32>,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        precision: Precision,
+    ) -> Result<Vec<f32>> {
         use crate::inputs::check_tensor;
         shape.validate()?;
         check_tensor("q", q, &shape.q_shape())?;
         check_tensor("k", k, &shape.k_shape())?;
         check_tensor("v", v, &shape.v_shape())?;
-        let plan = self.plan_dense(shape, scale)?;
+        if !self.supports(precision) {
+            return Err(NsaError::MissingFeature {
+                feature: "shader-f16",
+                why: "f16 storage",
+            });
+        }
+        let plan = Plan::dense_with_precision(shape, scale, &self.limits, precision)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let upload = |data: &[f32]| {
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("nsa.dense.input"),
-                contents: bytemuck::cast_slice(data),
-                usage: wgpu::BufferUsages::STORAGE,
-            })
-        };
+        let upload = |data: &[f32]| upload_at(device, "nsa.dense.input", data, precision);
         let (qb, kb, vb) = (upload(q), upload(k), upload(v));
         let out = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.dense.out"),

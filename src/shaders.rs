@@ -53,10 +53,7 @@ const SHARED: &[(&str, &str)] = &[
         "attn_simt",
         include_str!("../shaders/shared/attn_simt.wgsl"),
     ),
-    (
-        "attn_mma",
-        include_str!("../shaders/shared/attn_mma.wgsl"),
-    ),
+    ("attn_mma", include_str!("../shaders/shared/attn_mma.wgsl")),
 ];
 
 /// Which variant of a kernel to assemble.

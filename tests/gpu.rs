@@ -148,8 +148,19 @@ const TOL: f64 = 1e-4;
 
 fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
     let pipe = pipeline();
-    let plan = pipe.plan(&cfg, &shape).expect("plan");
-    if name.starts_with("split_") {
+    let split = name.starts_with("split_");
+    // The split cases plan for 32 KiB of workgroup memory on every adapter, so that the
+    // tiles, and with them the splits, are the same on a GPU with more.
+    let limits = DeviceLimits {
+        workgroup_storage: if split {
+            32 << 10
+        } else {
+            pipe.limits().workgroup_storage
+        },
+        ..pipe.limits()
+    };
+    let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
+    if split {
         // These shapes exist to run the split path of every branch, the merge of all three
         // branches' partials and the selection merge.
         for kernel in [
@@ -559,6 +570,19 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
             },
         ),
         ("f16 paper", paper(), Shape::prefill(1, 300, 16, 1, 64, 48)),
+        (
+            "f16 paper dk192",
+            paper(),
+            Shape::prefill(1, 200, 16, 1, 192, 128),
+        ),
+        (
+            "f16 split",
+            small(),
+            Shape {
+                tq: 1,
+                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
+            },
+        ),
     ] {
         let data = Data::new(&cfg, &shape, false, 77);
         let got = pipe
@@ -606,6 +630,20 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
             got.out.iter().all(|x| x.is_finite()),
             "{name}: non-finite output"
         );
+        // Dense attention at f16 (on tensor cores where the adapter has them).
+        let dense = pipe
+            .dense_attention_with(
+                &shape,
+                None,
+                &data.q,
+                &data.k,
+                &data.v,
+                nsa_wgpu::Precision::F16,
+            )
+            .block_on()
+            .expect("f16 dense");
+        let want = cpu::dense_attn::dense_attn(&shape, cfg.scale_for(shape.dk), &q, &k, &v);
+        assert_close(&format!("{name} dense"), &dense, &want, 1e-2);
     }
 }
 

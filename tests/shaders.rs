@@ -205,7 +205,11 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
     let mut checked = 0;
     for id in KernelId::ALL.into_iter().filter(|k| k.attention_core()) {
         let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
-        assert!(src.contains("coopMultiplyAdd"), "{}: not the tensor-core core", id.name());
+        assert!(
+            src.contains("coopMultiplyAdd"),
+            "{}: not the tensor-core core",
+            id.name()
+        );
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
         let caps = Capabilities::SHADER_FLOAT16
