@@ -4,7 +4,7 @@
 //!
 //! cargo bench --bench prefill [-- T ...]   (default: 2048 4096; Hq=16, Hkv=1, D=64)
 
-use nsa_wgpu::profile::{sample_input_sets, time_plan, STAGES};
+use nsa_wgpu::profile::{sample_input_sets, time_plan, Warmer, STAGES};
 use nsa_wgpu::{GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, Plan, Shape, Tensor};
 
 fn main() -> Result<(), NsaError> {
@@ -17,6 +17,12 @@ fn main() -> Result<(), NsaError> {
     let pipe = pollster::block_on(NsaPipeline::new(&ctx))?;
     let cfg = NsaConfig::default();
     println!("adapter: {}", ctx.describe());
+    // Each timed run follows 20 ms of other GPU work and a cache flush (not on software
+    // adapters): see `Warmer`.
+    let warm = match Warmer::needed(&ctx) {
+        true => Some(Warmer::new(&pipe, std::time::Duration::from_millis(20))?),
+        false => None,
+    };
     println!(
         "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA | dense | dense/NSA |"
     );
@@ -35,13 +41,13 @@ fn main() -> Result<(), NsaError> {
             .iter()
             .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
             .collect();
-        let (stages, nsa) = time_plan(&pipe, &plan, &nsa_sets, 5, 1)?;
+        let (stages, nsa) = time_plan(&pipe, &plan, &nsa_sets, 5, 1, warm.as_ref())?;
         let dense_plan: Plan = pipe.plan_dense(&shape, None)?;
         let dense_sets: Vec<GpuBuffers> = sets
             .iter()
             .map(|[q, k, v, _]| NsaPipeline::dense_buffers(q, k, v, &out))
             .collect();
-        let dense = time_plan(&pipe, &dense_plan, &dense_sets, 5, 1)?.1;
+        let dense = time_plan(&pipe, &dense_plan, &dense_sets, 5, 1, warm.as_ref())?.1;
         let cells: Vec<String> = STAGES
             .iter()
             .map(|k| {

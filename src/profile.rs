@@ -99,10 +99,105 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Brings a GPU to its working clocks and empties its caches before a timed run.
+///
+/// A benchmark that waits for each result leaves the GPU idle between runs, and an idle GPU
+/// drops its clocks: on the H200, 345 MHz instead of 1980 MHz, which made batched decode steps
+/// (too short to bring the clocks back up) up to 5x slower from run to run. In a model, the
+/// GPU is busy between attention calls (the other layers) and their caches hold other data;
+/// [`Warmer::warm`] stands in for that: it keeps the GPU busy with dense attention for a
+/// while, then overwrites a buffer several times the size of any GPU's L2 cache, and waits
+/// for both, so that the timed run starts on a busy-clocked GPU with cold caches.
+#[cfg(not(target_arch = "wasm32"))]
+#[derive(Debug)]
+pub struct Warmer<'p> {
+    pipe: &'p NsaPipeline,
+    scratch: crate::NsaScratch,
+    buffers: [wgpu::Buffer; 4],
+    flush: wgpu::Buffer,
+    busy: std::time::Duration,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl<'p> Warmer<'p> {
+    /// Whether timing on `ctx` needs a warmer: not on a software adapter, whose clocks do
+    /// not idle (and where the dense warm-up work is slow).
+    pub fn needed(ctx: &GpuContext) -> bool {
+        ctx.adapter_info.device_type != wgpu::DeviceType::Cpu
+    }
+
+    /// A warmer on `pipe`'s device that keeps it busy for `busy` before each timed run.
+    pub fn new(pipe: &'p NsaPipeline, busy: std::time::Duration) -> Result<Self> {
+        use wgpu::util::DeviceExt;
+        let ctx = pipe.context();
+        let plan = pipe.plan_dense(&crate::Shape::prefill(1, 1024, 16, 1, 64, 64), None)?;
+        let scratch = pipe.scratch(&plan)?;
+        let make = |t: Tensor, seed: u64| {
+            ctx.device
+                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("nsa.warmer"),
+                    contents: bytemuck::cast_slice(&crate::data::sample_values(
+                        plan.tensor_len(t) as usize,
+                        seed,
+                    )),
+                    usage: wgpu::BufferUsages::STORAGE,
+                })
+        };
+        let buffers = [
+            make(Tensor::Q, 1),
+            make(Tensor::KWin, 2),
+            make(Tensor::VWin, 3),
+            make(Tensor::Out, 4),
+        ];
+        // 512 MiB (or half the largest buffer): over twice the largest last-level cache of
+        // today's GPUs.
+        let size = (512u64 << 20).min(pipe.limits().max_buffer / 2) / 4 * 4;
+        let flush = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("nsa.warmer.flush"),
+            size,
+            usage: wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Ok(Self {
+            pipe,
+            scratch,
+            buffers,
+            flush,
+            busy,
+        })
+    }
+
+    /// Runs dense attention until `busy` has passed, then overwrites the flush buffer, and
+    /// waits for the GPU to finish.
+    pub fn warm(&self) -> Result<()> {
+        let ctx = self.pipe.context();
+        let [q, k, v, out] = &self.buffers;
+        let bufs = NsaPipeline::dense_buffers(q, k, v, out);
+        let start = std::time::Instant::now();
+        loop {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let last = start.elapsed() >= self.busy;
+            if last {
+                enc.clear_buffer(&self.flush, 0, None);
+            } else {
+                self.pipe.encode(&mut enc, &self.scratch, &bufs)?;
+            }
+            ctx.queue.submit([enc.finish()]);
+            ctx.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| NsaError::Gpu(e.to_string()))?;
+            if last {
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Runs `plan` `warmup + iters` times, one submission each, and returns the median
 /// milliseconds per NSA stage (see [`stage_sums`]) and in total over the last `iters`; run
 /// `it` reads the input set `sets[it % sets.len()]`, so that rotating sets keep caches from
-/// flattering the figures. GPU timestamps where the device has them, else wall clock (and no
+/// flattering the figures. With a `warmer`, each run starts on a warmed GPU with cold caches
+/// (see [`Warmer`]). GPU timestamps where the device has them, else wall clock (and no
 /// stages). With timestamps, each submission runs the plan twice: a pass per step, timed per
 /// step, for the stages, then (on the next input set) one pass as
 /// [`NsaPipeline::encode`] records it, timed as a whole, for the total.
@@ -113,6 +208,7 @@ pub fn time_plan(
     sets: &[GpuBuffers],
     iters: usize,
     warmup: usize,
+    warmer: Option<&Warmer>,
 ) -> Result<(Vec<(KernelId, f64)>, f64)> {
     let ctx = pipe.context();
     let scratch = pipe.scratch(plan)?;
@@ -135,6 +231,9 @@ pub fn time_plan(
                 None
             }
         };
+        if let Some(w) = warmer {
+            w.warm()?;
+        }
         let start = std::time::Instant::now();
         ctx.queue.submit([enc.finish()]);
         ctx.device

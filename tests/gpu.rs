@@ -758,3 +758,31 @@ fn fallback_reductions_match_the_reference() {
         check_plan_on(pipe, name, &plan, false);
     }
 }
+
+#[test]
+fn time_plan_runs_after_a_warmer() {
+    use nsa_wgpu::profile::{sample_input_sets, time_plan, Warmer};
+    let pipe = pipeline();
+    let plan = pipe
+        .plan(&small(), &Shape::prefill(1, 100, 4, 2, 16, 16))
+        .expect("plan");
+    let sets = sample_input_sets(&pipe.context().device, &plan, 2);
+    let out = pipe
+        .context()
+        .device
+        .create_buffer(&wgpu::BufferDescriptor {
+            label: Some("out"),
+            size: plan.tensor_bytes(nsa_wgpu::Tensor::Out),
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+    let bufs: Vec<GpuBuffers> = sets
+        .iter()
+        .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
+        .collect();
+    // No busy time: each run follows the cache flush only (the dense warm-up is slow here).
+    let warm = Warmer::new(pipe, std::time::Duration::ZERO).expect("warmer");
+    let (stages, total) = time_plan(pipe, &plan, &bufs, 2, 1, Some(&warm)).expect("timed");
+    assert!(total > 0.0, "total {total}");
+    assert!(stages.iter().all(|(_, ms)| *ms >= 0.0), "{stages:?}");
+}

@@ -6,7 +6,9 @@ use std::time::Instant;
 use clap::Args;
 use nsa_wgpu::data::sample_values;
 use nsa_wgpu::kernels::KernelId;
-use nsa_wgpu::profile::{median, sample_input_sets, stage_sums, time_plan, StepTimer, STAGES};
+use nsa_wgpu::profile::{
+    median, sample_input_sets, stage_sums, time_plan, StepTimer, Warmer, STAGES,
+};
 use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
 use wgpu::util::DeviceExt;
 
@@ -66,6 +68,14 @@ pub struct BenchArgs {
     /// the adapter has subgroup operations (this also turns tensor cores off).
     #[arg(long)]
     no_subgroups: bool,
+    /// Time an idle GPU: skip the warm-up (dense attention for --warm-ms, then a cache flush)
+    /// before each timed run. An idle GPU lowers its clocks, so short runs then measure
+    /// the clock ramp more than the kernels.
+    #[arg(long)]
+    idle: bool,
+    /// Milliseconds of warm-up work before each timed run.
+    #[arg(long, default_value_t = 20)]
+    warm_ms: u64,
     /// Run f16 attention on the shader cores even where the adapter has tensor cores
     /// (cooperative matrices).
     #[arg(long)]
@@ -89,6 +99,24 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     Ok(pipe)
 }
 
+/// The warm-up before each timed run (none with --idle or on a software adapter).
+fn warmer<'p>(pipe: &'p NsaPipeline, args: &BenchArgs) -> Result<Option<Warmer<'p>>, String> {
+    if args.idle {
+        return Ok(None);
+    }
+    if !Warmer::needed(pipe.context()) {
+        println!("software adapter: no warm-up before timed runs");
+        return Ok(None);
+    }
+    println!(
+        "each timed run follows {} ms of other GPU work and a cache flush (--idle: none)",
+        args.warm_ms
+    );
+    Warmer::new(pipe, std::time::Duration::from_millis(args.warm_ms))
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
 /// Heads, head dims and iterations: the arguments, or the tiny ones of --quick.
 fn sizes(args: &BenchArgs) -> (usize, usize, usize, usize, usize) {
     if args.quick {
@@ -109,6 +137,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     };
     let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = bench_pipeline(args)?;
+    let warm = warmer(&pipe, args)?;
     let ctx = pipe.context();
     let timed = StepTimer::new(ctx, 1).is_some();
     println!(
@@ -144,8 +173,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             .iter()
             .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
             .collect();
-        let (stages, total) =
-            time_plan(&pipe, &plan, &sets, iters, args.warmup).map_err(|e| e.to_string())?;
+        let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup, warm.as_ref())
+            .map_err(|e| e.to_string())?;
         let dense = if t <= args.dense_max {
             let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
                 .map_err(|e| e.to_string())?;
@@ -159,6 +188,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                         .collect::<Vec<_>>(),
                     iters,
                     args.warmup,
+                    warm.as_ref(),
                 )
                 .map_err(|e| e.to_string())?
                 .1,
@@ -193,6 +223,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     };
     let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = bench_pipeline(args)?;
+    let warm = warmer(&pipe, args)?;
     let ctx = pipe.context();
     println!(
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
@@ -269,8 +300,11 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                         branch_kv: None,
                     })
                     .collect();
+                if let Some(w) = &warm {
+                    w.warm().map_err(|e| e.to_string())?;
+                }
                 let start = Instant::now();
-                let warm = it >= 2 * args.warmup;
+                let counted = it >= 2 * args.warmup;
                 let ms = match &timer {
                     Some(t) if it % 2 == 0 => {
                         let (_, ms) = pollster::block_on(pipe.extend_timed(
@@ -280,7 +314,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                             t,
                         ))
                         .map_err(|e| e.to_string())?;
-                        if warm {
+                        if counted {
                             stage_ms.push(stage_sums(ms.iter().copied()));
                         }
                         continue;
@@ -305,7 +339,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                         start.elapsed().as_secs_f64() * 1e3
                     }
                 };
-                if warm {
+                if counted {
                     nsa_ms.push(ms);
                 }
             }
@@ -338,6 +372,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 &[NsaPipeline::dense_buffers(&qb, &kvb[0], &kvb[1], &out)],
                 iters,
                 args.warmup,
+                warm.as_ref(),
             )
             .map_err(|e| e.to_string())?
             .1;
