@@ -61,9 +61,13 @@ fn load_lse(lid: u32, row0: u32, nh: u32) {
     }
 }
 
-// The element load behind fetch_tile: compressed keys only.
+// The element loads behind fetch_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
-    return f32(k[at]);
+    return load_k1(at);
+}
+
+fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
+    return load_k4(at);
 }
 
 @compute @workgroup_size(128)

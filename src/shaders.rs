@@ -2,8 +2,10 @@
 //!
 //! Every file in `shaders/` is valid WGSL apart from `#import name` lines, which pull in
 //! `shaders/shared/name.wgsl` (once per shader, imports may nest). Nothing else is templated:
-//! sizes that vary at run time live in the `Params` uniform. Two choices are made here: the
-//! input storage type (`#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`)
+//! sizes that vary at run time live in the `Params` uniform. The choices made here: the
+//! input storage type (`#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`,
+//! and the loads from it, `#import load` / `load_v`, `shared/load_f32.wgsl` or
+//! `shared/load_f16.wgsl` / `shared/load_v_*.wgsl`),
 //! how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
 //! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier), and
 //! where the attention core multiplies (`#import attn_tiles` is `shared/attn_simt.wgsl`, the
@@ -35,6 +37,16 @@ const SHARED: &[(&str, &str)] = &[
         include_str!("../shaders/shared/input_f16.wgsl"),
     ),
     ("params", include_str!("../shaders/shared/params.wgsl")),
+    ("load_f32", include_str!("../shaders/shared/load_f32.wgsl")),
+    ("load_f16", include_str!("../shaders/shared/load_f16.wgsl")),
+    (
+        "load_v_f32",
+        include_str!("../shaders/shared/load_v_f32.wgsl"),
+    ),
+    (
+        "load_v_f16",
+        include_str!("../shaders/shared/load_v_f16.wgsl"),
+    ),
     ("topn", include_str!("../shaders/shared/topn.wgsl")),
     ("partials", include_str!("../shaders/shared/partials.wgsl")),
     (
@@ -118,6 +130,10 @@ fn expand(src: &str, variant: &Variant, out: &mut String, seen: &mut Vec<&'stati
                     "input" => "input_f16",
                     "reduce" if variant.subgroups => "reduce_subgroup",
                     "reduce" => "reduce_shared",
+                    "load" if variant.precision == Precision::F32 => "load_f32",
+                    "load" => "load_f16",
+                    "load_v" if variant.precision == Precision::F32 => "load_v_f32",
+                    "load_v" => "load_v_f16",
                     "attn_tiles" if variant.mma() => "attn_mma",
                     "attn_tiles" => "attn_simt",
                     other => other,

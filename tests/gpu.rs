@@ -575,6 +575,8 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
             paper(),
             Shape::prefill(1, 200, 16, 1, 192, 128),
         ),
+        // Odd head sizes: f16 pairs straddle rows, and loads start at odd elements.
+        ("f16 odd dims", small(), Shape::prefill(1, 90, 4, 2, 37, 21)),
         (
             "f16 split",
             small(),

@@ -11,7 +11,10 @@
 #import reduce
 #import attn_tiles
 
-@group(0) @binding(3) var<storage, read> v: array<in_t>;  // [B, T, Hkv, Dv]
+#import load_v
+
+// Read through load_v1, load_v4 (load_v_f32.wgsl / load_v_f16.wgsl), by element index.
+@group(0) @binding(3) var<storage, read> v: array<in_s>;  // [B, T, Hkv, Dv]
 
 const KT_MAX: u32 = 64u;       // keys per tile at most
 const NEG_BIG: f32 = -3.0e38;
@@ -90,12 +93,19 @@ fn attn_begin(lid: u32, r: Rows) {
     acc1 = acc0;
 }
 
-// The element load behind fetch_tile: keys or values.
+// The element loads behind fetch_tile: keys or values.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
     if from_k {
-        return f32(k[at]);
+        return load_k1(at);
     }
-    return f32(v[at]);
+    return load_v1(at);
+}
+
+fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
+    if from_k {
+        return load_k4(at);
+    }
+    return load_v4(at);
 }
 
 // The part of keys [start, end) that this workgroup's split attends: whole tiles, in order.

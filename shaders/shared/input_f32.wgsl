@@ -1,3 +1,6 @@
 // Storage type of the inputs (q, k, v and the compressed keys/values): f32.
 // Import as `#import input`, first in a kernel; the f16 build imports input_f16 instead.
+// `in_t` is one element; `in_s` what the attention kernels' q, k, v arrays hold (see
+// load_f32.wgsl).
 alias in_t = f32;
+alias in_s = f32;

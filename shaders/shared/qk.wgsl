@@ -1,12 +1,15 @@
 // Queries and key tiles in workgroup memory, and the register-blocked score they feed:
 // shared by the attention core and the selection kernel. The including kernel defines
-// `fn fetch_kv(from_k: bool, at: u32) -> f32`, the element load behind `fetch_tile`.
+// `fn fetch_kv(from_k: bool, at: u32) -> f32` and `fn fetch4(from_k: bool, at: u32) ->
+// vec4<f32>`, the element and four-element loads behind `fetch_tile`.
 
 #import input
 #import params
+#import load
 
-@group(0) @binding(1) var<storage, read> q: array<in_t>;  // [B, Tq, Hq, Dk]
-@group(0) @binding(2) var<storage, read> k: array<in_t>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
+// Read through load_q1, load_k1, load_k4 (load_f32.wgsl / load_f16.wgsl), by element index.
+@group(0) @binding(1) var<storage, read> q: array<in_s>;  // [B, Tq, Hq, Dk]
+@group(0) @binding(2) var<storage, read> k: array<in_s>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
 
 const WG: u32 = 128u;          // invocations per workgroup
 const ROWS: u32 = 16u;         // query rows per workgroup
@@ -59,7 +62,7 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
             let at = params.off_q + (base + (i / nh) * params.hq + i % nh) * DK + e;
             for (var c = 0u; c < 4u; c++) {
                 if e + c < DK {
-                    val[c] = f32(q[at + c]);
+                    val[c] = load_q1(at + c);
                 }
             }
         }
@@ -93,12 +96,7 @@ fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
             let at = base + (x / d4) * params.hkv * d + e;
             var val = vec4<f32>(0.0);
             if e + 4u <= d {
-                val = vec4<f32>(
-                    fetch_kv(from_k, at),
-                    fetch_kv(from_k, at + 1u),
-                    fetch_kv(from_k, at + 2u),
-                    fetch_kv(from_k, at + 3u),
-                );
+                val = fetch4(from_k, at);
             } else {
                 for (var c = 0u; c < 4u; c++) {
                     if e + c < d {
