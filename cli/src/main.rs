@@ -260,6 +260,20 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             yes(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
             yes(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
         );
+        let coop: Vec<String> = a
+            .cooperative_matrix_properties()
+            .iter()
+            .map(|p| {
+                format!(
+                    "{}x{}x{} {:?}->{:?}",
+                    p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type
+                )
+            })
+            .collect();
+        if !coop.is_empty() {
+            // 16x16x16 F16->F32 is what the tensor-core attention core uses.
+            println!("  cooperative matrices (MxNxK A,B->C): {}", coop.join(", "));
+        }
         println!(
             "  limits: storage binding {} B, buffer {} B, workgroup storage {} B, invocations/workgroup {}, \
              workgroups/dimension {}, storage buffers/stage {}, storage offset alignment {}",
