@@ -2,19 +2,22 @@
 // row group's keys; see part_index in shared/attention.wgsl) into whole rows:
 // o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s over splits that saw a
 // key. params.branch 0 (dense): one part, into out. 1 (NSA): the compressed, selected and
-// window parts (at off_k, off_pslc, off_pwin), into o_cmp, o_slc, o_win and their gated sum
-// into out: the one pass after a decode step's attention. One workgroup per [B, Tq, Hq] row
-// of the chunk.
+// window parts (each in its own buffer, at off_k, off_pslc, off_pwin), into o_cmp, o_slc,
+// o_win and their gated sum into out: the one pass after a decode step's attention. One
+// workgroup per [B, Tq, Hq] row of the chunk.
 
 #import params
 #import partials
 
-@group(0) @binding(1) var<storage, read> part: array<f32>;        // [rows, splits, Dv + 2] per part
-@group(0) @binding(2) var<storage, read> gates: array<f32>;       // [B, Tq, Hq, 3]
-@group(0) @binding(3) var<storage, read_write> o_cmp: array<f32>; // [B, Tq, Hq, Dv]
-@group(0) @binding(4) var<storage, read_write> o_slc: array<f32>; // [B, Tq, Hq, Dv]
-@group(0) @binding(5) var<storage, read_write> o_win: array<f32>; // [B, Tq, Hq, Dv]
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;   // [B, Tq, Hq, Dv]
+// Each [rows, splits, Dv + 2]; the dense merge reads `part` only.
+@group(0) @binding(1) var<storage, read> part: array<f32>;
+@group(0) @binding(2) var<storage, read> part_slc: array<f32>;
+@group(0) @binding(3) var<storage, read> part_win: array<f32>;
+@group(0) @binding(4) var<storage, read> gates: array<f32>;       // [B, Tq, Hq, 3]
+@group(0) @binding(5) var<storage, read_write> o_cmp: array<f32>; // [B, Tq, Hq, Dv]
+@group(0) @binding(6) var<storage, read_write> o_slc: array<f32>; // [B, Tq, Hq, Dv]
+@group(0) @binding(7) var<storage, read_write> o_win: array<f32>; // [B, Tq, Hq, Dv]
+@group(0) @binding(8) var<storage, read_write> out: array<f32>;   // [B, Tq, Hq, Dv]
 
 const WG: u32 = 64u;
 const SPLITS_MAX: u32 = 64u;
@@ -23,8 +26,26 @@ var<workgroup> weight: array<f32, 3 * SPLITS_MAX>;  // [part, split]: see split_
 var<workgroup> stat_m: array<f32, 3 * WG>;          // [part, invocation]: reduced in place
 var<workgroup> stat_l: array<f32, 3 * WG>;
 
+// Which part split_stats and split_weight (shared/partials.wgsl) read through part_at.
+var<private> reading: u32;
+
 fn part_at(i: u32) -> f32 {
-    return part[i];
+    return part_in(reading, i);
+}
+
+// Element i of part `slot`'s buffer.
+fn part_in(slot: u32, i: u32) -> f32 {
+    switch slot {
+        case 1u: {
+            return part_slc[i];
+        }
+        case 2u: {
+            return part_win[i];
+        }
+        default: {
+            return part[i];
+        }
+    }
 }
 
 // A part of one row: its first split's offset, and how many splits it has.
@@ -35,6 +56,7 @@ struct Part {
 
 // Stores this invocation's share of part `slot`'s statistics: its splits lid, lid + WG, ...
 fn share(lid: u32, slot: u32, p: Part) {
+    reading = slot;
     let st = split_stats(p.base, p.splits, lid, WG);
     stat_m[slot * WG + lid] = st.m;
     stat_l[slot * WG + lid] = st.l;
@@ -61,6 +83,7 @@ fn reduce_shares(lid: u32, parts: u32) {
 // Stores the weights of part `slot`'s splits (after reduce_shares), one per invocation.
 fn weigh(lid: u32, slot: u32, p: Part) {
     if lid < p.splits {
+        reading = slot;
         let st = SplitStats(stat_m[slot * WG], stat_l[slot * WG]);
         weight[slot * SPLITS_MAX + lid] = split_weight(p.base, lid, st);
     }
@@ -72,7 +95,7 @@ fn combine(slot: u32, p: Part, e: u32) -> f32 {
     for (var s = 0u; s < p.splits; s++) {
         let ws = weight[slot * SPLITS_MAX + s];
         if ws > 0.0 {
-            o += ws * part[p.base + s * (params.dv + 2u) + e];
+            o += ws * part_in(slot, p.base + s * (params.dv + 2u) + e);
         }
     }
     return o;

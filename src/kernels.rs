@@ -151,9 +151,9 @@ impl KernelId {
             ],
             // params, q, k, v, out
             KernelId::Dense => &[Uniform, Read, Read, Read, ReadWrite],
-            // params, part, gates, o_cmp, o_slc, o_win, out
+            // params, part, part_slc, part_win, gates, o_cmp, o_slc, o_win, out
             KernelId::Merge => &[
-                Uniform, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite,
+                Uniform, Read, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite, ReadWrite,
             ],
             // params, cand, block_indices
             KernelId::SelectMerge => &[Uniform, Read, ReadWrite],

@@ -505,6 +505,8 @@ impl NsaPipeline {
             Tensor::OWin => ("o_win", bufs.branches.map_or_else(|| scr(t), |b| b[2])),
             Tensor::Out => ("out", bufs.out),
             Tensor::Part => ("partials", scr(t)),
+            Tensor::PartSlc => ("selected partials", scr(t)),
+            Tensor::PartWin => ("window partials", scr(t)),
             Tensor::Cand => ("candidates", scr(t)),
             Tensor::Unused => ("unused", &self.dummy),
             Tensor::UnusedOut => ("unused", &self.dummy_out),

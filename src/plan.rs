@@ -72,9 +72,16 @@ pub enum Tensor {
     OSlc,
     OWin,
     Out,
-    /// Partial results of split attention `[rows, splits, Dv + 2]` (scratch, shared by the
-    /// chunks and branches of a plan, which run one after another).
+    /// Partial results of split attention `[rows, splits, Dv + 2]`: the compressed branch's
+    /// (or dense attention's) (scratch, shared by the chunks of a plan, which run one after
+    /// another).
     Part,
+    /// The selected branch's partial results, as `Part`.
+    PartSlc,
+    /// The window branch's partial results, as `Part`: a buffer apart from the compressed
+    /// branch's, so that the two dispatches, which run back to back in a decode step, need
+    /// no barrier between them and may overlap on the GPU.
+    PartWin,
     /// Candidates of split selection `[B * Tq * Hkv, splits, n, 2]` (scratch).
     Cand,
     /// A read-only slot the dispatch does not use (bound to a small dummy buffer).
@@ -147,8 +154,9 @@ pub struct Plan {
     pub cache: Option<CacheRows>,
     /// How inputs and compressed keys/values are stored.
     pub precision: Precision,
-    /// Elements of the split-attention partials (`Tensor::Part`), 0 when nothing is split.
-    pub part_len: u64,
+    /// Elements of the split-attention partials (`Tensor::Part`, `PartSlc`, `PartWin`), 0
+    /// when nothing is split.
+    pub part_len: [u64; 3],
     /// Elements of the split-selection candidates (`Tensor::Cand`), 0 when not split.
     pub cand_len: u64,
 }
@@ -296,7 +304,7 @@ impl Plan {
             limits: *limits,
             cache,
             precision,
-            part_len: 0,
+            part_len: [0; 3],
             cand_len: 0,
         };
         for t in [
@@ -349,7 +357,7 @@ impl Plan {
             limits: *limits,
             cache: None,
             precision,
-            part_len: 0,
+            part_len: [0; 3],
             cand_len: 0,
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
@@ -377,6 +385,8 @@ impl Plan {
                         | Tensor::OSlc
                         | Tensor::OWin
                         | Tensor::Part
+                        | Tensor::PartSlc
+                        | Tensor::PartWin
                         | Tensor::Cand
                 );
                 let cached = self.cache.is_some() && matches!(t, Tensor::Kc | Tensor::Vc);
@@ -419,7 +429,9 @@ impl Plan {
             Tensor::Lse => b * tq * hq,
             Tensor::Idx => b * tq * hkv * self.config.top_n,
             Tensor::OCmp | Tensor::OSlc | Tensor::OWin | Tensor::Out => b * tq * hq * dv,
-            Tensor::Part => return self.part_len,
+            Tensor::Part => return self.part_len[0],
+            Tensor::PartSlc => return self.part_len[1],
+            Tensor::PartWin => return self.part_len[2],
             Tensor::Cand => return self.cand_len,
             Tensor::Unused => 4,
             // Aligned 16-byte pieces at slots 1 to 3, one per unused writable slot of the
@@ -740,7 +752,7 @@ impl Plan {
             // The dense merge's unused slots: WebGPU forbids overlapping writable bindings of
             // one buffer, so each writable one gets its own aligned piece of the dummy.
             let unused = |t: Tensor, slot: u64| match t {
-                Tensor::Gates => (
+                Tensor::Gates | Tensor::PartSlc | Tensor::PartWin => (
                     Tensor::Unused,
                     Window {
                         offset: 0,
@@ -761,7 +773,7 @@ impl Plan {
                 let len = part_row * sp as u64;
                 let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
-                    self.part_len = self.part_len.max(len);
+                    self.part_len[0] = self.part_len[0].max(len);
                     (Tensor::Part, pw)
                 } else {
                     (Tensor::Out, out)
@@ -798,6 +810,8 @@ impl Plan {
                         grid: self.grid(merge_total),
                         bindings: vec![
                             (Tensor::Part, pw.0),
+                            unused(Tensor::PartSlc, 0),
+                            unused(Tensor::PartWin, 0),
                             unused(Tensor::Gates, 0),
                             unused(Tensor::OCmp, 1),
                             unused(Tensor::OSlc, 2),
@@ -809,7 +823,8 @@ impl Plan {
                 continue;
             }
             // When any branch splits, all three write partials (a third of a binding each at
-            // most) and one merge pass combines them with the gates.
+            // most, in three buffers) and one merge pass combines them with the gates; the
+            // window then runs right after the compressed branch (it no longer combines).
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
             let sp_c = self.splits(attn_total, tiles(self.n_cmp as u64), 3 * part_row);
@@ -822,12 +837,39 @@ impl Plan {
             let split = sp_c > 1 || sp_s > 1 || sp_w > 1;
             let lens = [sp_c, sp_s, sp_w].map(|sp| part_row * sp as u64 * split as u64);
             let pc = self.window(Tensor::Part, 0, lens[0]);
-            let ps = self.window(Tensor::Part, lens[0], lens[1]);
-            let pw = self.window(Tensor::Part, lens[0] + lens[1], lens[2]);
-            let pall = self.window(Tensor::Part, 0, lens.iter().sum());
-            if split {
-                self.part_len = self.part_len.max(lens.iter().sum());
+            let ps = self.window(Tensor::PartSlc, 0, lens[1]);
+            let pw = self.window(Tensor::PartWin, 0, lens[2]);
+            for (have, len) in self.part_len.iter_mut().zip(lens) {
+                *have = (*have).max(len);
             }
+            let o = if split {
+                (Tensor::PartWin, pw)
+            } else {
+                (Tensor::Out, out)
+            };
+            let win = Step {
+                kernel: KernelId::WinAttn,
+                params: Params {
+                    off_k: kw.1,
+                    off_v: vw.1,
+                    off_out: o.1 .1,
+                    splits: sp_w,
+                    partials: split as u32,
+                    total_wg: (attn_total * sp_w as u64) as u32,
+                    ..attn
+                },
+                grid: self.grid(attn_total * sp_w as u64),
+                bindings: vec![
+                    (Tensor::Q, q.0),
+                    (Tensor::KWin, kw.0),
+                    (Tensor::VWin, vw.0),
+                    (Tensor::Gates, gates.0),
+                    (Tensor::OCmp, ocmp.0),
+                    (Tensor::OSlc, oslc.0),
+                    (Tensor::OWin, owin.0),
+                    (o.0, o.1 .0),
+                ],
+            };
             let o = if split {
                 (Tensor::Part, pc)
             } else {
@@ -853,6 +895,9 @@ impl Plan {
                     (Tensor::Lse, lse.0),
                 ],
             });
+            if split {
+                self.steps.push(win.clone());
+            }
             // The selection reads the log-sum-exp, or derives it from the partials.
             let l = if split {
                 (Tensor::Part, pc)
@@ -901,7 +946,7 @@ impl Plan {
                 });
             }
             let o = if split {
-                (Tensor::Part, ps)
+                (Tensor::PartSlc, ps)
             } else {
                 (Tensor::OSlc, oslc)
             };
@@ -925,35 +970,9 @@ impl Plan {
                     (o.0, o.1 .0),
                 ],
             });
-            let o = if split {
-                (Tensor::Part, pw)
+            if !split {
+                self.steps.push(win);
             } else {
-                (Tensor::Out, out)
-            };
-            self.steps.push(Step {
-                kernel: KernelId::WinAttn,
-                params: Params {
-                    off_k: kw.1,
-                    off_v: vw.1,
-                    off_out: o.1 .1,
-                    splits: sp_w,
-                    partials: split as u32,
-                    total_wg: (attn_total * sp_w as u64) as u32,
-                    ..attn
-                },
-                grid: self.grid(attn_total * sp_w as u64),
-                bindings: vec![
-                    (Tensor::Q, q.0),
-                    (Tensor::KWin, kw.0),
-                    (Tensor::VWin, vw.0),
-                    (Tensor::Gates, gates.0),
-                    (Tensor::OCmp, ocmp.0),
-                    (Tensor::OSlc, oslc.0),
-                    (Tensor::OWin, owin.0),
-                    (o.0, o.1 .0),
-                ],
-            });
-            if split {
                 self.steps.push(Step {
                     kernel: KernelId::Merge,
                     params: Params {
@@ -962,14 +981,16 @@ impl Plan {
                         win_splits: sp_w,
                         branch: 1,
                         total_wg: merge_total as u32,
-                        off_k: pall.1,
-                        off_pslc: pall.1 + lens[0] as u32,
-                        off_pwin: pall.1 + (lens[0] + lens[1]) as u32,
+                        off_k: pc.1,
+                        off_pslc: ps.1,
+                        off_pwin: pw.1,
                         ..base
                     },
                     grid: self.grid(merge_total),
                     bindings: vec![
-                        (Tensor::Part, pall.0),
+                        (Tensor::Part, pc.0),
+                        (Tensor::PartSlc, ps.0),
+                        (Tensor::PartWin, pw.0),
                         (Tensor::Gates, gates.0),
                         (Tensor::OCmp, ocmp.0),
                         (Tensor::OSlc, oslc.0),

@@ -307,15 +307,20 @@ pub const STAGES: [KernelId; 5] = [
 ];
 
 /// GPU time per NSA stage from per-step times: a merge counts toward the stage of the step
-/// before it (the selection's merge toward the selection; the merge of all three branches'
-/// partials, which also applies the gates, toward window attention and the combination).
+/// before it (the selection's merge toward the selection, the dense merge toward dense
+/// attention), except the merge of all three branches' partials, which also applies the
+/// gates: it counts toward window attention and the combination, the stage that combines
+/// when nothing is split.
 pub fn stage_sums(steps: impl Iterator<Item = (KernelId, f64)>) -> Vec<(KernelId, f64)> {
     let mut sums: Vec<(KernelId, f64)> = Vec::new();
     let mut stage = KernelId::Compress;
     for (kernel, t) in steps {
-        if !matches!(kernel, KernelId::Merge | KernelId::SelectMerge) {
-            stage = kernel;
-        }
+        stage = match kernel {
+            KernelId::SelectMerge => stage,
+            KernelId::Merge if stage == KernelId::Dense => stage,
+            KernelId::Merge => KernelId::WinAttn,
+            other => other,
+        };
         match sums.iter_mut().find(|(k, _)| *k == stage) {
             Some((_, acc)) => *acc += t,
             None => sums.push((stage, t)),
