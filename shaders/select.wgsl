@@ -62,11 +62,11 @@ fn load_lse(lid: u32, row0: u32, nh: u32) {
 }
 
 // The element loads behind fetch_tile: compressed keys only.
-fn fetch_kv(from_k: bool, at: u32) -> in_t {
+fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return load_k1(at);
 }
 
-fn fetch4(from_k: bool, at: u32) -> pre_t {
+fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
     return load_k4(at);
 }
 

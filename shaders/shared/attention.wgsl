@@ -94,14 +94,14 @@ fn attn_begin(lid: u32, r: Rows) {
 }
 
 // The element loads behind fetch_tile: keys or values.
-fn fetch_kv(from_k: bool, at: u32) -> in_t {
+fn fetch_kv(from_k: bool, at: u32) -> f32 {
     if from_k {
         return load_k1(at);
     }
     return load_v1(at);
 }
 
-fn fetch4(from_k: bool, at: u32) -> pre_t {
+fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
     if from_k {
         return load_k4(at);
     }

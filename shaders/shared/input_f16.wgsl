@@ -4,7 +4,3 @@
 enable f16;
 alias in_t = f16;
 alias in_s = vec2<f16>;
-// Four loaded elements as they wait in registers for the workgroup tile (qk.wgsl's `pre`):
-// still f16, converted only when stored, so that no instruction waits on a load before the
-// tile is needed (a conversion right after each load made the prefetch a stall).
-alias pre_t = vec4<f16>;

@@ -4,5 +4,3 @@
 // load_f32.wgsl).
 alias in_t = f32;
 alias in_s = f32;
-// Four loaded elements as they wait in registers for the workgroup tile (qk.wgsl's `pre`).
-alias pre_t = vec4<f32>;

@@ -10,6 +10,6 @@ fn load_k1(at: u32) -> f32 {
 }
 
 // Elements at .. at + 3 of k.
-fn load_k4(at: u32) -> pre_t {
+fn load_k4(at: u32) -> vec4<f32> {
     return vec4<f32>(k[at], k[at + 1u], k[at + 2u], k[at + 3u]);
 }

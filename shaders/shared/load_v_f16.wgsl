@@ -1,10 +1,10 @@
 // Element loads from attention's v (`array<in_s>`, in_s = vec2<f16>): as load_f16.wgsl for k.
 
-fn load_v1(at: u32) -> in_t {
-    return v[at >> 1u][at & 1u];
+fn load_v1(at: u32) -> f32 {
+    return f32(v[at >> 1u][at & 1u]);
 }
 
-fn load_v4(at: u32) -> pre_t {
+fn load_v4(at: u32) -> vec4<f32> {
     let w = at >> 1u;
     return quad(at, v[w], v[w + 1u], v[w + 2u * (at & 1u)]);
 }

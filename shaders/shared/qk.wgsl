@@ -1,8 +1,7 @@
 // Queries and key tiles in workgroup memory, and the register-blocked score they feed:
 // shared by the attention core and the selection kernel. The including kernel defines
-// `fn fetch_kv(from_k: bool, at: u32) -> in_t` and `fn fetch4(from_k: bool, at: u32) ->
-// pre_t`, the element and four-element loads behind `fetch_tile` (as stored: no conversion
-// until store_tile).
+// `fn fetch_kv(from_k: bool, at: u32) -> f32` and `fn fetch4(from_k: bool, at: u32) ->
+// vec4<f32>`, the element and four-element loads behind `fetch_tile`.
 
 #import input
 #import params
@@ -76,7 +75,7 @@ const LOADS: u32 = 20u;
 
 // One invocation's share of a tile between fetch_tile and store_tile: the loads stay in
 // registers while the workgroup computes, and land in workgroup memory after a barrier.
-var<private> pre: array<pre_t, LOADS>;
+var<private> pre: array<vec4<f32>, LOADS>;
 
 // vec4s of a tile of rows of width `d` one invocation fetches: a constant per pipeline, so
 // the fetch and store loops unroll exactly.
@@ -95,7 +94,7 @@ fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
         if x < n {
             let e = (x % d4) * 4u;
             let at = base + (x / d4) * params.hkv * d + e;
-            var val = pre_t();
+            var val = vec4<f32>(0.0);
             if e + 4u <= d {
                 val = fetch4(from_k, at);
             } else {
@@ -116,7 +115,7 @@ fn store_tile(lid: u32, nk: u32, d: u32) {
     for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
         if x < nk * d4 {
-            smem[tile_at(x / d4, x % d4)] = vec4<f32>(pre[i]);
+            smem[tile_at(x / d4, x % d4)] = pre[i];
         }
     }
 }
