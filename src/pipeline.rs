@@ -585,12 +585,7 @@ impl NsaPipeline {
 
     /// The pipelines of `plan`'s steps, compiled for its precision and shape on first use.
     fn kernels(&self, plan: &Plan) -> Result<Vec<wgpu::ComputePipeline>> {
-        if !self.supports(plan.precision) {
-            return Err(NsaError::MissingFeature {
-                feature: "shader-f16",
-                why: "f16 storage",
-            });
-        }
+        self.require(plan.precision)?;
         let plain = plan.specialization();
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         Ok(plan
@@ -766,10 +761,7 @@ impl NsaPipeline {
         let want = on && subgroups_usable(&self.ctx);
         if want != self.subgroups {
             self.subgroups = want;
-            self.compiled
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            self.forget_compiled();
         }
         self.subgroups
     }
@@ -788,12 +780,29 @@ impl NsaPipeline {
         let want = on && tensor_cores_usable(&self.ctx);
         if want != self.tensor_cores {
             self.tensor_cores = want;
-            self.compiled
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
+            self.forget_compiled();
         }
         self.tensor_cores()
+    }
+
+    /// Drops the compiled kernels (after a change of variant).
+    fn forget_compiled(&mut self) {
+        self.compiled
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// [`NsaError::MissingFeature`] unless this device can store inputs at `precision`.
+    fn require(&self, precision: Precision) -> Result<()> {
+        if self.supports(precision) {
+            Ok(())
+        } else {
+            Err(NsaError::MissingFeature {
+                feature: "shader-f16",
+                why: "f16 storage",
+            })
+        }
     }
 
     /// Whether this device can store inputs at `precision`.
@@ -812,12 +821,7 @@ impl NsaPipeline {
         precision: Precision,
     ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
-        if !self.supports(precision) {
-            return Err(NsaError::MissingFeature {
-                feature: "shader-f16",
-                why: "f16 storage",
-            });
-        }
+        self.require(precision)?;
         let plan = Plan::with_precision(config, shape, &self.limits, precision)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -950,12 +954,7 @@ impl NsaPipeline {
         check_tensor("q", q, &shape.q_shape())?;
         check_tensor("k", k, &shape.k_shape())?;
         check_tensor("v", v, &shape.v_shape())?;
-        if !self.supports(precision) {
-            return Err(NsaError::MissingFeature {
-                feature: "shader-f16",
-                why: "f16 storage",
-            });
-        }
+        self.require(precision)?;
         let plan = Plan::dense_with_precision(shape, scale, &self.limits, precision)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

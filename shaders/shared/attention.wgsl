@@ -108,6 +108,21 @@ fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
     return load_v4(at);
 }
 
+// After a tile's probabilities: publishes this invocation's part `sum` of its row's sum and
+// the row's rescale factor (row_alpha), barriers, and moves the row's running max and sum on
+// to `m_new` (the tile's new maximum). Both tile loops (attn_simt.wgsl, attn_mma.wgsl) end
+// their softmax with it.
+fn tile_stats(lid: u32, sum: f32, m_new: f32) {
+    publish_sum(lid, sum);
+    let alpha = exp(run_max - m_new);
+    if lid % 8u == 0u {
+        row_alpha[lid / 8u] = alpha;
+    }
+    workgroupBarrier();
+    run_sum = run_sum * alpha + row_sum8(lid, sum);
+    run_max = m_new;
+}
+
 // The part of keys [start, end) that this workgroup's split attends: whole tiles, in order.
 fn split_range(r: Rows, start: u32, end: u32) -> vec2<u32> {
     let n = select(0u, end - start, end > start);

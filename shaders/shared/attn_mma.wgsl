@@ -135,14 +135,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
             ph[i * KT_MAX + j] = p;
             sum += f32(p);
         }
-        publish_sum(lid, sum);
-        let alpha = exp(run_max - m_new);
-        if part == 0u {
-            row_alpha[i] = alpha;
-        }
-        workgroupBarrier();
-        run_sum = run_sum * alpha + row_sum8(lid, sum);
-        run_max = m_new;
+        tile_stats(lid, sum, m_new);
         if t0 + kt < end {
             fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
         }

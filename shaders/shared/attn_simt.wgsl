@@ -51,15 +51,8 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
             scores[i * KT_MAX + j] = p;
             sum += p;
         }
-        publish_sum(lid, sum);
-        let alpha = exp(run_max - m_new);
-        if part == 0u {
-            row_alpha[i] = alpha;
-        }
-        workgroupBarrier();
-        // Row i's running max and sum move on; meanwhile every item rescales and accumulates.
-        run_sum = run_sum * alpha + row_sum8(lid, sum);
-        run_max = m_new;
+        tile_stats(lid, sum, m_new);
+        // Every item rescales and accumulates.
         if t0 + kt < end {
             fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
         }
