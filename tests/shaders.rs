@@ -21,7 +21,7 @@ fn module_for(
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
     let mut caps = match precision {
         Precision::F32 => Capabilities::empty(),
-        Precision::F16 => Capabilities::SHADER_FLOAT16,
+        Precision::F16 => Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32,
     };
     if subgroups {
         caps |= Capabilities::SUBGROUP;
@@ -213,6 +213,7 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
         let caps = Capabilities::SHADER_FLOAT16
+            | Capabilities::SHADER_FLOAT16_IN_FLOAT32
             | Capabilities::SUBGROUP
             | Capabilities::COOPERATIVE_MATRIX;
         let info = Validator::new(ValidationFlags::all(), caps)

@@ -1,7 +1,7 @@
-// Element loads from attention's v (`array<in_s>`, in_s = vec2<f16>): as load_f16.wgsl for k.
+// Element loads from attention's v (`array<in_s>`, in_s = u32): as load_f16.wgsl for k.
 
 fn load_v1(at: u32) -> f32 {
-    return f32(v[at >> 1u][at & 1u]);
+    return unpack2x16float(v[at >> 1u])[at & 1u];
 }
 
 fn load_v4(at: u32) -> vec4<f32> {
