@@ -333,3 +333,33 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
         other => panic!("expected ExceedsLimit, got {other:?}"),
     }
 }
+
+#[test]
+fn stage_sums_file_each_merge_under_its_stage() {
+    use nsa_wgpu::profile::stage_sums;
+    use KernelId::*;
+    // A split decode step: the window right after the compressed branch, the merge of all
+    // three branches last (counted with the window and the combination).
+    let split = [
+        (CmpAttn, 1.0),
+        (WinAttn, 2.0),
+        (Select, 4.0),
+        (SelectMerge, 8.0),
+        (SlcAttn, 16.0),
+        (Merge, 32.0),
+    ];
+    assert_eq!(
+        stage_sums(split.into_iter()),
+        [
+            (CmpAttn, 1.0),
+            (WinAttn, 34.0),
+            (Select, 12.0),
+            (SlcAttn, 16.0)
+        ]
+    );
+    // A split dense plan: its merge counts toward dense attention.
+    assert_eq!(
+        stage_sums([(Dense, 1.0), (Merge, 2.0)].into_iter()),
+        [(Dense, 3.0)]
+    );
+}
