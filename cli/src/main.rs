@@ -213,7 +213,12 @@ fn run(args: &RunArgs) -> Result<(), String> {
             }
         }
         .map_err(|e| e.to_string())?;
-        (r, pipe.context().describe())
+        let core = if precision == nsa_wgpu::Precision::F16 && pipe.tensor_cores() {
+            "tensor cores"
+        } else {
+            "shader cores"
+        };
+        (r, format!("{} ({core})", pipe.context().describe()))
     };
     let took = start.elapsed();
     io::write_outputs(&args.output, &problem.shape, config.top_n, &res)?;
