@@ -132,6 +132,32 @@ fn decode_plans_split_every_branch_and_merge() {
         (merge.branch, merge.slc_splits, merge.win_splits),
         (1, 16, 17)
     );
+    // Nothing the compressed branch writes is bound by the window's dispatch, nor the other
+    // way round, so that the two need no barrier between them.
+    let (cmp, win) = (&plan.steps[2], &plan.steps[3]);
+    let written = |step: &nsa_wgpu::plan::Step| -> Vec<Tensor> {
+        step.bindings
+            .iter()
+            .zip(step.kernel.bindings()[1..].iter())
+            .filter(|(_, a)| **a == nsa_wgpu::kernels::Access::ReadWrite)
+            .map(|((t, _), _)| *t)
+            .collect()
+    };
+    let bound = |step: &nsa_wgpu::plan::Step| -> Vec<Tensor> {
+        step.bindings.iter().map(|(t, _)| *t).collect()
+    };
+    for t in written(cmp) {
+        assert!(
+            !bound(win).contains(&t),
+            "{t:?} written by cmp_attn, bound by win_attn"
+        );
+    }
+    for t in written(win) {
+        assert!(
+            !bound(cmp).contains(&t),
+            "{t:?} written by win_attn, bound by cmp_attn"
+        );
+    }
     let select = &plan.steps[4].params;
     assert_eq!(
         select.cmp_splits, 32,
