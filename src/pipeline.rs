@@ -240,6 +240,30 @@ const KEPT_BIND_GROUPS: usize = 4;
 
 /// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
 /// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
+/// The pipeline `compile` makes, or `None` when creating it raised a validation or internal
+/// error (captured, not reported).
+#[cfg(not(target_arch = "wasm32"))]
+fn checked_compile(
+    device: &wgpu::Device,
+    compile: impl FnOnce() -> wgpu::ComputePipeline,
+) -> Option<wgpu::ComputePipeline> {
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let pipeline = compile();
+    let invalid = pollster::block_on(validation.pop()).is_some();
+    let failed = pollster::block_on(internal.pop()).is_some();
+    (!invalid && !failed).then_some(pipeline)
+}
+
+/// Browsers have no tensor-core kernels to check.
+#[cfg(target_arch = "wasm32")]
+fn checked_compile(
+    _device: &wgpu::Device,
+    compile: impl FnOnce() -> wgpu::ComputePipeline,
+) -> Option<wgpu::ComputePipeline> {
+    Some(compile())
+}
+
 /// A storage buffer holding `data` at `precision` (create_buffer_init pads to 4 bytes).
 fn upload_at(
     device: &wgpu::Device,
@@ -612,7 +636,21 @@ impl NsaPipeline {
                 compiled
                     .entry((id, variant, spec))
                     .or_insert_with(|| {
-                        self.layouts[id as usize].compile(&self.ctx.device, id, &variant, &spec)
+                        let layout = &self.layouts[id as usize];
+                        let device = &self.ctx.device;
+                        if !variant.tensor_cores {
+                            return layout.compile(device, id, &variant, &spec);
+                        }
+                        // An experimental feature: where the driver rejects the tensor-core
+                        // kernel, the plain one takes its place (under the same key).
+                        checked_compile(device, || layout.compile(device, id, &variant, &spec))
+                            .unwrap_or_else(|| {
+                                let plain_variant = Variant {
+                                    tensor_cores: false,
+                                    ..variant
+                                };
+                                layout.compile(device, id, &plain_variant, &plain)
+                            })
                     })
                     .clone()
             })
