@@ -46,6 +46,21 @@ pub enum NsaError {
         /// The bad value.
         value: f32,
     },
+    /// A finite value that the storage precision cannot hold: beyond f16's largest finite
+    /// value (65504) for f16 storage, where it would become infinite.
+    #[error("`{tensor}` holds {value} at flat index {index}, too large for {precision} storage (largest finite value {limit})")]
+    OutOfRange {
+        /// Which tensor.
+        tensor: &'static str,
+        /// The first bad flat index.
+        index: usize,
+        /// The bad value.
+        value: f32,
+        /// The storage precision.
+        precision: &'static str,
+        /// Its largest finite value.
+        limit: f32,
+    },
     /// A tensor needed by the configuration was not given (e.g. linear compression weights).
     #[error("missing input `{tensor}`: {why}")]
     MissingInput {

@@ -1,6 +1,6 @@
 //! Host-side inputs and outputs of one NSA call, and their validation.
 
-use crate::config::{Compression, NsaConfig, Shape};
+use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 
 /// Learned compression weights for [`Compression::Linear`], separately for keys and values.
@@ -138,6 +138,27 @@ pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> R
         });
     }
     Ok(())
+}
+
+/// Checks that every value of `data` stays finite when stored at `precision`
+/// ([`NsaError::OutOfRange`] otherwise).
+pub fn check_storable(tensor: &'static str, data: &[f32], precision: Precision) -> Result<()> {
+    if precision == Precision::F32 {
+        return Ok(());
+    }
+    match data
+        .iter()
+        .position(|x| half::f16::from_f32(*x).is_infinite() && x.is_finite())
+    {
+        Some(index) => Err(NsaError::OutOfRange {
+            tensor,
+            index,
+            value: data[index],
+            precision: "f16",
+            limit: half::f16::MAX.to_f32(),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Which outputs besides `out` a call should return.

@@ -9,7 +9,7 @@ use wgpu::util::DeviceExt;
 
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+use crate::inputs::{check_storable, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
 use crate::plan::{DeviceLimits, Plan, Tensor};
 use crate::shaders::Variant;
@@ -849,7 +849,9 @@ impl NsaPipeline {
     }
 
     /// [`Self::run`] with the inputs stored on the GPU at `precision` (converted on upload).
-    /// F16 needs the adapter's `shader-f16`: [`NsaError::MissingFeature`] otherwise.
+    /// F16 needs the adapter's `shader-f16`: [`NsaError::MissingFeature`] otherwise; a value
+    /// beyond f16's range in `q`, `k`, `v` or the branch keys/values is
+    /// [`NsaError::OutOfRange`].
     pub async fn run_with(
         &self,
         config: &NsaConfig,
@@ -860,6 +862,22 @@ impl NsaPipeline {
     ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
         self.require(precision)?;
+        let stored = [
+            ("q", Some(inputs.q)),
+            ("k", Some(inputs.k)),
+            ("v", Some(inputs.v)),
+            ("k_cmp", inputs.k_cmp),
+            ("v_cmp", inputs.v_cmp),
+            ("k_slc", inputs.k_slc),
+            ("v_slc", inputs.v_slc),
+            ("k_win", inputs.k_win),
+            ("v_win", inputs.v_win),
+        ];
+        for (tensor, data) in stored {
+            if let Some(d) = data {
+                check_storable(tensor, d, precision)?;
+            }
+        }
         let plan = Plan::with_precision(config, shape, &self.limits, precision)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -977,7 +995,8 @@ impl NsaPipeline {
     }
 
     /// [`Self::dense_attention`] with `q`, `k`, `v` stored on the GPU at `precision`
-    /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`]).
+    /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`]; values
+    /// beyond f16's range are [`NsaError::OutOfRange`]).
     pub async fn dense_attention_with(
         &self,
         shape: &Shape,
@@ -993,6 +1012,9 @@ impl NsaPipeline {
         check_tensor("k", k, &shape.k_shape())?;
         check_tensor("v", v, &shape.v_shape())?;
         self.require(precision)?;
+        for (tensor, data) in [("q", q), ("k", k), ("v", v)] {
+            check_storable(tensor, data, precision)?;
+        }
         let plan = Plan::dense_with_precision(shape, scale, &self.limits, precision)?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);

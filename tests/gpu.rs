@@ -649,6 +649,72 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
     }
 }
 
+#[test]
+fn values_beyond_f16_are_errors_for_f16_storage() {
+    let pipe = pipeline();
+    if !pipe.supports(nsa_wgpu::Precision::F16) {
+        eprintln!("adapter lacks shader-f16: the f16 path is not exercised here");
+        return;
+    }
+    let (cfg, shape) = (small(), Shape::prefill(1, 40, 4, 2, 16, 16));
+    let data = Data::new(&cfg, &shape, false, 3);
+    let mut v = data.v.clone();
+    v[7] = 70000.0; // finite in f32, infinite in f16
+    let mut inputs = data.inputs();
+    inputs.v = &v;
+    let got = pipe
+        .run_with(
+            &cfg,
+            &shape,
+            &inputs,
+            OutputRequest::default(),
+            nsa_wgpu::Precision::F16,
+        )
+        .block_on();
+    assert!(
+        matches!(
+            got,
+            Err(NsaError::OutOfRange {
+                tensor: "v",
+                index: 7,
+                ..
+            })
+        ),
+        "{got:?}"
+    );
+    let dense = pipe
+        .dense_attention_with(&shape, None, &data.q, &data.k, &v, nsa_wgpu::Precision::F16)
+        .block_on();
+    assert!(
+        matches!(dense, Err(NsaError::OutOfRange { tensor: "v", .. })),
+        "{dense:?}"
+    );
+    // The same values are fine at f32, and 65504 (f16's largest) is fine at f16.
+    assert!(pipe
+        .run_with(
+            &cfg,
+            &shape,
+            &inputs,
+            OutputRequest::default(),
+            nsa_wgpu::Precision::F32
+        )
+        .block_on()
+        .is_ok());
+    v[7] = 65504.0;
+    let mut inputs = data.inputs();
+    inputs.v = &v;
+    assert!(pipe
+        .run_with(
+            &cfg,
+            &shape,
+            &inputs,
+            OutputRequest::default(),
+            nsa_wgpu::Precision::F16
+        )
+        .block_on()
+        .is_ok());
+}
+
 /// `pollster::block_on` as a method, to keep the calls above readable.
 trait BlockOn: std::future::Future + Sized {
     fn block_on(self) -> Self::Output {
