@@ -127,9 +127,11 @@ impl<'p> Warmer<'p> {
     }
 
     /// A warmer on `pipe`'s device that keeps it busy for `busy` before each timed run.
+    /// [`NsaError::Gpu`] when the device cannot hold its buffers.
     pub fn new(pipe: &'p NsaPipeline, busy: std::time::Duration) -> Result<Self> {
         use wgpu::util::DeviceExt;
         let ctx = pipe.context();
+        let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let plan = pipe.plan_dense(&crate::Shape::prefill(1, 1024, 16, 1, 64, 64), None)?;
         let scratch = pipe.scratch(&plan)?;
         let make = |t: Tensor, seed: u64| {
@@ -158,6 +160,9 @@ impl<'p> Warmer<'p> {
             usage: wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(NsaError::Gpu(format!("the warm-up's buffers: {e}")));
+        }
         Ok(Self {
             pipe,
             scratch,

@@ -112,9 +112,13 @@ fn warmer<'p>(pipe: &'p NsaPipeline, args: &BenchArgs) -> Result<Option<Warmer<'
         "each timed run follows {} ms of other GPU work and a cache flush (--idle: none)",
         args.warm_ms
     );
-    Warmer::new(pipe, std::time::Duration::from_millis(args.warm_ms))
-        .map(Some)
-        .map_err(|e| e.to_string())
+    match Warmer::new(pipe, std::time::Duration::from_millis(args.warm_ms)) {
+        Ok(w) => Ok(Some(w)),
+        Err(e) => {
+            println!("no warm-up after all ({e}); the times below are from an idle GPU");
+            Ok(None)
+        }
+    }
 }
 
 /// Heads, head dims and iterations: the arguments, or the tiny ones of --quick.
