@@ -240,28 +240,31 @@ const KEPT_BIND_GROUPS: usize = 4;
 
 /// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
 /// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
-/// The pipeline `compile` makes, or `None` when creating it raised a validation or internal
-/// error (captured, not reported).
+/// The pipeline `compile` makes, or the validation or internal error creating it raised
+/// (captured, not reported to the device's handler).
 #[cfg(not(target_arch = "wasm32"))]
 fn checked_compile(
     device: &wgpu::Device,
     compile: impl FnOnce() -> wgpu::ComputePipeline,
-) -> Option<wgpu::ComputePipeline> {
+) -> std::result::Result<wgpu::ComputePipeline, wgpu::Error> {
     let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let pipeline = compile();
-    let invalid = pollster::block_on(validation.pop()).is_some();
-    let failed = pollster::block_on(internal.pop()).is_some();
-    (!invalid && !failed).then_some(pipeline)
+    let invalid = pollster::block_on(validation.pop());
+    let failed = pollster::block_on(internal.pop());
+    match invalid.or(failed) {
+        Some(e) => Err(e),
+        None => Ok(pipeline),
+    }
 }
 
-/// Browsers have no tensor-core kernels to check.
+/// In browsers, errors go to the device's handler (error scopes cannot be waited on here).
 #[cfg(target_arch = "wasm32")]
 fn checked_compile(
     _device: &wgpu::Device,
     compile: impl FnOnce() -> wgpu::ComputePipeline,
-) -> Option<wgpu::ComputePipeline> {
-    Some(compile())
+) -> std::result::Result<wgpu::ComputePipeline, wgpu::Error> {
+    Ok(compile())
 }
 
 /// A storage buffer holding `data` at `precision` (create_buffer_init pads to 4 bytes).
@@ -608,53 +611,62 @@ impl NsaPipeline {
     }
 
     /// The pipelines of `plan`'s steps, compiled for its precision and shape on first use.
+    /// A kernel the driver rejects is [`NsaError::Gpu`] naming it (natively; a tensor-core
+    /// kernel falls back to the plain one instead).
     fn kernels(&self, plan: &Plan) -> Result<Vec<wgpu::ComputePipeline>> {
         self.require(plan.precision)?;
         let plain = plan.specialization();
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(plan
-            .steps
-            .iter()
-            .map(|step| {
-                let id = step.kernel;
-                // The attention core on tensor cores where it applies and fits; its own tile
-                // size (a multiple of 16 keys) and workgroup-memory layout.
-                let mma = if self.tensor_cores()
-                    && plan.precision == Precision::F16
-                    && id.attention_core()
-                {
+        let device = &self.ctx.device;
+        let mut pipelines = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            let id = step.kernel;
+            let layout = &self.layouts[id as usize];
+            // The attention core on tensor cores where it applies and fits; its own tile size
+            // (a multiple of 16 keys) and workgroup-memory layout.
+            let mma =
+                if self.tensor_cores() && plan.precision == Precision::F16 && id.attention_core() {
                     mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
                 } else {
                     None
                 };
-                let variant = Variant {
-                    precision: plan.precision,
-                    subgroups: self.subgroups,
-                    tensor_cores: mma.is_some(),
-                };
-                let spec = mma.unwrap_or(plain);
-                compiled
-                    .entry((id, variant, spec))
-                    .or_insert_with(|| {
-                        let layout = &self.layouts[id as usize];
-                        let device = &self.ctx.device;
-                        if !variant.tensor_cores {
-                            return layout.compile(device, id, &variant, &spec);
-                        }
-                        // An experimental feature: where the driver rejects the tensor-core
-                        // kernel, the plain one takes its place (under the same key).
-                        checked_compile(device, || layout.compile(device, id, &variant, &spec))
-                            .unwrap_or_else(|| {
-                                let plain_variant = Variant {
-                                    tensor_cores: false,
-                                    ..variant
-                                };
-                                layout.compile(device, id, &plain_variant, &plain)
-                            })
-                    })
-                    .clone()
-            })
-            .collect())
+            let variant = Variant {
+                precision: plan.precision,
+                subgroups: self.subgroups,
+                tensor_cores: mma.is_some(),
+            };
+            let spec = mma.unwrap_or(plain);
+            let key = (id, variant, spec);
+            if let Some(p) = compiled.get(&key) {
+                pipelines.push(p.clone());
+                continue;
+            }
+            let compile = |variant: &Variant, spec: &Specialization| {
+                checked_compile(device, || layout.compile(device, id, variant, spec))
+            };
+            // An experimental feature: where the driver rejects the tensor-core kernel, the
+            // plain one takes its place (under the same key).
+            let tensor = if variant.tensor_cores {
+                compile(&variant, &spec).ok()
+            } else {
+                None
+            };
+            let pipeline = match tensor {
+                Some(p) => p,
+                None => {
+                    let plain_variant = Variant {
+                        tensor_cores: false,
+                        ..variant
+                    };
+                    compile(&plain_variant, &plain).map_err(|e| {
+                        NsaError::Gpu(format!("compiling kernel {}: {e}", id.name()))
+                    })?
+                }
+            };
+            compiled.insert(key, pipeline.clone());
+            pipelines.push(pipeline);
+        }
+        Ok(pipelines)
     }
 
     /// One bind group per step of the scratch's plan, on `resolved` (every step's binding
