@@ -140,25 +140,31 @@ pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> R
     Ok(())
 }
 
-/// Checks that every value of `data` stays finite when stored at `precision`
-/// ([`NsaError::OutOfRange`] otherwise).
-pub fn check_storable(tensor: &'static str, data: &[f32], precision: Precision) -> Result<()> {
+/// `data` as the GPU stores it at `precision` (little-endian f32 or f16), converted in one
+/// pass that also checks that every value stays finite ([`NsaError::OutOfRange`] otherwise).
+pub(crate) fn stored_bytes(
+    tensor: &'static str,
+    data: &[f32],
+    precision: Precision,
+) -> Result<Vec<u8>> {
     if precision == Precision::F32 {
-        return Ok(());
+        return Ok(bytemuck::cast_slice(data).to_vec());
     }
-    match data
-        .iter()
-        .position(|x| half::f16::from_f32(*x).is_infinite() && x.is_finite())
-    {
-        Some(index) => Err(NsaError::OutOfRange {
-            tensor,
-            index,
-            value: data[index],
-            precision: "f16",
-            limit: half::f16::MAX.to_f32(),
-        }),
-        None => Ok(()),
+    let mut bytes = Vec::with_capacity(2 * data.len());
+    for (index, x) in data.iter().enumerate() {
+        let h = half::f16::from_f32(*x);
+        if h.is_infinite() && x.is_finite() {
+            return Err(NsaError::OutOfRange {
+                tensor,
+                index,
+                value: *x,
+                precision: "f16",
+                limit: half::f16::MAX.to_f32(),
+            });
+        }
+        bytes.extend(h.to_le_bytes());
     }
+    Ok(bytes)
 }
 
 /// Which outputs besides `out` a call should return.

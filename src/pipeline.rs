@@ -9,7 +9,7 @@ use wgpu::util::DeviceExt;
 
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::inputs::{check_storable, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
 use crate::plan::{DeviceLimits, Plan, Tensor};
 use crate::shaders::Variant;
@@ -267,23 +267,11 @@ fn checked_compile(
     Ok(compile())
 }
 
-/// A storage buffer holding `data` at `precision` (create_buffer_init pads to 4 bytes).
-fn upload_at(
-    device: &wgpu::Device,
-    label: &str,
-    data: &[f32],
-    precision: Precision,
-) -> wgpu::Buffer {
-    let bytes: Vec<u8> = match precision {
-        Precision::F32 => bytemuck::cast_slice(data).to_vec(),
-        Precision::F16 => data
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-    };
+/// A storage buffer holding `bytes` (create_buffer_init pads to 4 bytes).
+fn upload(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some(label),
-        contents: &bytes,
+        contents: bytes,
         usage: wgpu::BufferUsages::STORAGE,
     })
 }
@@ -874,43 +862,38 @@ impl NsaPipeline {
     ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
         self.require(precision)?;
-        let stored = [
-            ("q", Some(inputs.q)),
-            ("k", Some(inputs.k)),
-            ("v", Some(inputs.v)),
+        let plan = Plan::with_precision(config, shape, &self.limits, precision)?;
+        // The tensors stored at `precision`, converted (and range-checked) before anything
+        // is allocated.
+        let [q, k, v] = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)]
+            .map(|(name, d)| stored_bytes(name, d, precision));
+        let (q, k, v) = (q?, k?, v?);
+        let branch: Vec<Option<Vec<u8>>> = [
             ("k_cmp", inputs.k_cmp),
             ("v_cmp", inputs.v_cmp),
             ("k_slc", inputs.k_slc),
             ("v_slc", inputs.v_slc),
             ("k_win", inputs.k_win),
             ("v_win", inputs.v_win),
-        ];
-        for (tensor, data) in stored {
-            if let Some(d) = data {
-                check_storable(tensor, d, precision)?;
-            }
-        }
-        let plan = Plan::with_precision(config, shape, &self.limits, precision)?;
+        ]
+        .into_iter()
+        .map(|(name, t)| t.map(|d| stored_bytes(name, d, precision)).transpose())
+        .collect::<Result<_>>()?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let upload_f32 = |label: &str, data: &[f32]| upload_at(device, label, data, Precision::F32);
-        let upload = |label: &str, data: &[f32]| upload_at(device, label, data, precision);
-        let q = upload("nsa.q", inputs.q);
-        let k = upload("nsa.k", inputs.k);
-        let v = upload("nsa.v", inputs.v);
+        let upload_f32 =
+            |label: &str, data: &[f32]| upload(device, label, bytemuck::cast_slice(data));
+        let (q, k, v) = (
+            upload(device, "nsa.q", &q),
+            upload(device, "nsa.k", &k),
+            upload(device, "nsa.v", &v),
+        );
         let gates = upload_f32("nsa.gates", inputs.gates);
-        let branch: Vec<Option<wgpu::Buffer>> = [
-            inputs.k_cmp,
-            inputs.v_cmp,
-            inputs.k_slc,
-            inputs.v_slc,
-            inputs.k_win,
-            inputs.v_win,
-        ]
-        .iter()
-        .map(|t| t.map(|d| upload("nsa.branch_kv", d)))
-        .collect();
+        let branch: Vec<Option<wgpu::Buffer>> = branch
+            .iter()
+            .map(|b| b.as_ref().map(|b| upload(device, "nsa.branch_kv", b)))
+            .collect();
         let linear: Option<Vec<wgpu::Buffer>> = inputs
             .linear
             .filter(|_| plan.tensor_len(Tensor::WK) > 0)
@@ -1024,14 +1007,17 @@ impl NsaPipeline {
         check_tensor("k", k, &shape.k_shape())?;
         check_tensor("v", v, &shape.v_shape())?;
         self.require(precision)?;
-        for (tensor, data) in [("q", q), ("k", k), ("v", v)] {
-            check_storable(tensor, data, precision)?;
-        }
         let plan = Plan::dense_with_precision(shape, scale, &self.limits, precision)?;
+        let [q, k, v] =
+            [("q", q), ("k", k), ("v", v)].map(|(name, d)| stored_bytes(name, d, precision));
+        let (q, k, v) = (q?, k?, v?);
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let upload = |data: &[f32]| upload_at(device, "nsa.dense.input", data, precision);
-        let (qb, kb, vb) = (upload(q), upload(k), upload(v));
+        let (qb, kb, vb) = (
+            upload(device, "nsa.dense.input", &q),
+            upload(device, "nsa.dense.input", &k),
+            upload(device, "nsa.dense.input", &v),
+        );
         let out = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.dense.out"),
             size: plan.tensor_bytes(Tensor::Out),

@@ -548,11 +548,9 @@ fn dense_attention_matches_the_reference() {
 
 #[test]
 fn f16_storage_matches_the_reference_within_f16_tolerance() {
-    let pipe = pipeline();
-    if !pipe.supports(nsa_wgpu::Precision::F16) {
-        eprintln!("adapter lacks shader-f16: the f16 path is not exercised here");
+    let Some(pipe) = f16_pipeline() else {
         return;
-    }
+    };
     let round =
         |x: &[f32]| -> Vec<f32> { x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() };
     for (name, cfg, shape) in [
@@ -651,11 +649,9 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
 
 #[test]
 fn values_beyond_f16_are_errors_for_f16_storage() {
-    let pipe = pipeline();
-    if !pipe.supports(nsa_wgpu::Precision::F16) {
-        eprintln!("adapter lacks shader-f16: the f16 path is not exercised here");
+    let Some(pipe) = f16_pipeline() else {
         return;
-    }
+    };
     let (cfg, shape) = (small(), Shape::prefill(1, 40, 4, 2, 16, 16));
     let data = Data::new(&cfg, &shape, false, 3);
     let mut v = data.v.clone();
@@ -713,6 +709,17 @@ fn values_beyond_f16_are_errors_for_f16_storage() {
         )
         .block_on()
         .is_ok());
+}
+
+/// The shared pipeline where the adapter has shader-f16 (else `None`, and says so).
+fn f16_pipeline() -> Option<&'static NsaPipeline> {
+    let pipe = pipeline();
+    if pipe.supports(nsa_wgpu::Precision::F16) {
+        Some(pipe)
+    } else {
+        eprintln!("adapter lacks shader-f16: the f16 path is not exercised here");
+        None
+    }
 }
 
 /// `pollster::block_on` as a method, to keep the calls above readable.

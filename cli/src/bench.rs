@@ -100,23 +100,23 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
 }
 
 /// The warm-up before each timed run (none with --idle or on a software adapter).
-fn warmer<'p>(pipe: &'p NsaPipeline, args: &BenchArgs) -> Result<Option<Warmer<'p>>, String> {
+fn warmer<'p>(pipe: &'p NsaPipeline, args: &BenchArgs) -> Option<Warmer<'p>> {
     if args.idle {
-        return Ok(None);
+        return None;
     }
     if !Warmer::needed(pipe.context()) {
         println!("software adapter: no warm-up before timed runs");
-        return Ok(None);
+        return None;
     }
     println!(
         "each timed run follows {} ms of other GPU work and a cache flush (--idle: none)",
         args.warm_ms
     );
     match Warmer::new(pipe, std::time::Duration::from_millis(args.warm_ms)) {
-        Ok(w) => Ok(Some(w)),
+        Ok(w) => Some(w),
         Err(e) => {
             println!("no warm-up after all ({e}); the times below are from an idle GPU");
-            Ok(None)
+            None
         }
     }
 }
@@ -141,7 +141,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     };
     let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = bench_pipeline(args)?;
-    let warm = warmer(&pipe, args)?;
+    let warm = warmer(&pipe, args);
     let ctx = pipe.context();
     let timed = StepTimer::new(ctx, 1).is_some();
     println!(
@@ -227,7 +227,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     };
     let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = bench_pipeline(args)?;
-    let warm = warmer(&pipe, args)?;
+    let warm = warmer(&pipe, args);
     let ctx = pipe.context();
     println!(
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
