@@ -686,29 +686,16 @@ fn values_beyond_f16_are_errors_for_f16_storage() {
         "{dense:?}"
     );
     // The same values are fine at f32, and 65504 (f16's largest) is fine at f16.
-    assert!(pipe
-        .run_with(
-            &cfg,
-            &shape,
-            &inputs,
-            OutputRequest::default(),
-            nsa_wgpu::Precision::F32
-        )
-        .block_on()
-        .is_ok());
+    let runs = |v: &[f32], precision| {
+        let mut inputs = data.inputs();
+        inputs.v = v;
+        pipe.run_with(&cfg, &shape, &inputs, OutputRequest::default(), precision)
+            .block_on()
+            .is_ok()
+    };
+    assert!(runs(&v, nsa_wgpu::Precision::F32));
     v[7] = 65504.0;
-    let mut inputs = data.inputs();
-    inputs.v = &v;
-    assert!(pipe
-        .run_with(
-            &cfg,
-            &shape,
-            &inputs,
-            OutputRequest::default(),
-            nsa_wgpu::Precision::F16
-        )
-        .block_on()
-        .is_ok());
+    assert!(runs(&v, nsa_wgpu::Precision::F16));
 }
 
 /// The shared pipeline where the adapter has shader-f16 (else `None`, and says so).
