@@ -19,7 +19,6 @@
 const KT_MAX: u32 = 64u;       // keys per tile at most
 const NEG_BIG: f32 = -3.0e38;
 
-var<workgroup> scores: array<f32, 1024>;       // [ROWS, KT_MAX]
 var<workgroup> row_max: array<f32, ROWS>;
 var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;

@@ -23,6 +23,7 @@ override PV_LEN: u32 = ROWS * DVP;
 
 var<workgroup> qh: array<f16, QH_LEN>;    // [ROWS, QS] queries
 var<workgroup> kvh: array<f16, KVH_LEN>;  // [KT, TS] the key tile, then the value tile
+var<workgroup> scores: array<f32, 1024>;  // [ROWS, KT_MAX] one tile's scores
 var<workgroup> ph: array<f16, 1024>;      // [ROWS, KT_MAX] probabilities
 var<workgroup> pv: array<f32, PV_LEN>;    // [ROWS, DVP] one tile's probabilities x values
 

@@ -3,6 +3,11 @@
 // tiles in `smem` (see qk.wgsl). attn_mma.wgsl is the tensor-core variant with the same
 // contract.
 
+// One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
+// accumulation reads four probabilities of a row with one load.
+var<workgroup> scores: array<vec4<f32>, 256>;
+const KT4: u32 = KT_MAX / 4u;
+
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
 //
@@ -39,17 +44,20 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         workgroupBarrier();
         // The value tile replaces the key tile; each row's new maximum from 8 invocations.
         store_tile(lid, nk, DV);
+        // Four keys per load; keys past nk count as masked (their stale scores are skipped).
+        let n4 = (nk + 3u) / 4u;
         var m = NEG_BIG;
-        for (var j = part; j < nk; j += 8u) {
-            m = max(m, scores[i * KT_MAX + j]);
+        for (var j4 = part; j4 < n4; j4 += 8u) {
+            let s = tile_scores(i, j4, nk);
+            m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
         }
         let m_new = max(run_max, row_max8(lid, m));
         var sum = 0.0;
-        for (var j = part; j < nk; j += 8u) {
-            let s = scores[i * KT_MAX + j];
-            let p = select(exp(s - m_new), 0.0, s == NEG_BIG);
-            scores[i * KT_MAX + j] = p;
-            sum += p;
+        for (var j4 = part; j4 < n4; j4 += 8u) {
+            let s = tile_scores(i, j4, nk);
+            let p = select(exp(s - m_new), vec4<f32>(0.0), s == vec4<f32>(NEG_BIG));
+            scores[i * KT4 + j4] = p;
+            sum += p.x + p.y + p.z + p.w;
         }
         tile_stats(lid, sum, m_new);
         // Every item rescales and accumulates.
@@ -77,18 +85,44 @@ fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
         a.r2 * row_alpha[rg * 4u + 2u],
         a.r3 * row_alpha[rg * 4u + 3u],
     );
-    for (var j = 0u; j < nk; j++) {
+    let at = rg * 4u * KT4;
+    // Four keys per step: four value loads and one probability load per row feed 64 FMAs.
+    let n4 = nk / 4u;
+    for (var j4 = 0u; j4 < n4; j4++) {
+        let j = j4 * 4u;
+        let v0 = smem[tile_at(j, e)];
+        let v1 = smem[tile_at(j + 1u, e)];
+        let v2 = smem[tile_at(j + 2u, e)];
+        let v3 = smem[tile_at(j + 3u, e)];
+        o.r0 += weigh4(scores[at + j4], v0, v1, v2, v3);
+        o.r1 += weigh4(scores[at + KT4 + j4], v0, v1, v2, v3);
+        o.r2 += weigh4(scores[at + 2u * KT4 + j4], v0, v1, v2, v3);
+        o.r3 += weigh4(scores[at + 3u * KT4 + j4], v0, v1, v2, v3);
+    }
+    for (var j = n4 * 4u; j < nk; j++) {
         let vv = smem[tile_at(j, e)];
-        o.r0 += scores[(rg * 4u) * KT_MAX + j] * vv;
-        o.r1 += scores[(rg * 4u + 1u) * KT_MAX + j] * vv;
-        o.r2 += scores[(rg * 4u + 2u) * KT_MAX + j] * vv;
-        o.r3 += scores[(rg * 4u + 3u) * KT_MAX + j] * vv;
+        let c = j % 4u;
+        o.r0 += scores[at + j / 4u][c] * vv;
+        o.r1 += scores[at + KT4 + j / 4u][c] * vv;
+        o.r2 += scores[at + 2u * KT4 + j / 4u][c] * vv;
+        o.r3 += scores[at + 3u * KT4 + j / 4u][c] * vv;
     }
     return o;
+}
+
+// p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3.
+fn weigh4(p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
+    return p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3;
 }
 
 // Row i's scaled score of key t (tile column j), or NEG_BIG outside its range.
 fn store_score(i: u32, t: u32, j: u32, s: f32, n: u32) {
     let inside = i < n && t >= row_lo[i] && t < row_hi[i];
-    scores[i * KT_MAX + j] = select(NEG_BIG, s, inside);
+    scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s, inside);
+}
+
+// Row i's scores of tile columns 4 * j4 .. 4 * j4 + 3, NEG_BIG for columns past nk.
+fn tile_scores(i: u32, j4: u32, nk: u32) -> vec4<f32> {
+    let j = vec4<u32>(4u * j4) + vec4<u32>(0u, 1u, 2u, 3u);
+    return select(vec4<f32>(NEG_BIG), scores[i * KT4 + j4], j < vec4<u32>(nk));
 }
