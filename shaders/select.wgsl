@@ -61,6 +61,16 @@ fn load_lse(lid: u32, row0: u32, nh: u32) {
     }
 }
 
+// The probabilities of heads 4*rg .. 4*rg+3 (of nh) for one token, from their unscaled
+// scores `s` and the heads' log-sum-exp, summed.
+fn head_sum(rg: u32, nh: u32, s: vec4<f32>) -> f32 {
+    let i = rg * 4u;
+    let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
+    let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
+    let p = select(vec4<f32>(0.0), exp(s * params.scale - lse4), live);
+    return p.x + p.y + p.z + p.w;
+}
+
 // The element loads behind fetch_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return load_k1(at);
@@ -128,14 +138,17 @@ fn main(
                 if t0 + kt < t_hi {
                     fetch_tile(lid, kbase + (t0 + kt) * kstep, min(kt, t_hi - t0 - kt), DK, true);
                 }
-                for (var x = lid; x < nrg * nk; x += WG) {
-                    let rg = x / nk;
-                    let j = x % nk;
-                    let i = rg * 4u;
-                    let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
-                    let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
-                    let p = select(vec4<f32>(0.0), exp(score4(rg, j) * params.scale - lse4), live);
-                    partial[rg * KT_MAX + j] = p.x + p.y + p.z + p.w;
+                // 4 heads x 2 tokens per item (tokens j and j + half, as in attn_simt.wgsl).
+                let half = (nk + 1u) / 2u;
+                for (var x = lid; x < nrg * half; x += WG) {
+                    let rg = x / half;
+                    let j = x % half;
+                    let j1 = j + half;
+                    let s = score8(rg, j, min(j1, nk - 1u));
+                    partial[rg * KT_MAX + j] = head_sum(rg, nh, s.a);
+                    if j1 < nk {
+                        partial[rg * KT_MAX + j1] = head_sum(rg, nh, s.b);
+                    }
                 }
                 workgroupBarrier();
                 if lid < nk {

@@ -1,5 +1,5 @@
 // The attention core's tile loop on plain WGSL: every product on the shader cores, the
-// scores 4 rows x 1 key and the output 4 rows x 4 dims per item, from vec4 loads of the
+// scores 4 rows x 2 keys and the output 4 rows x 4 dims per item, from vec4 loads of the
 // tiles in `smem` (see qk.wgsl). attn_mma.wgsl is the tensor-core variant with the same
 // contract.
 
@@ -30,16 +30,18 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         store_tile(lid, nk, DK);
         workgroupBarrier();
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
-        // Scores: 4 rows x 1 key per item.
-        for (var x = lid; x < nrg * nk; x += WG) {
-            let rg = x / nk;
-            let j = x % nk;
-            let s = score4(rg, j) * params.scale;
-            let t = t0 + j;
-            store_score(rg * 4u, t, j, s.x, r.n);
-            store_score(rg * 4u + 1u, t, j, s.y, r.n);
-            store_score(rg * 4u + 2u, t, j, s.z, r.n);
-            store_score(rg * 4u + 3u, t, j, s.w, r.n);
+        // Scores: 4 rows x 2 keys per item, keys j and j + half, so that neighbouring
+        // invocations read neighbouring tile rows.
+        let half = (nk + 1u) / 2u;
+        for (var x = lid; x < nrg * half; x += WG) {
+            let rg = x / half;
+            let j = x % half;
+            let j1 = j + half;
+            let s = score8(rg, j, min(j1, nk - 1u));
+            store_scores(rg, t0, j, s.a * params.scale, r.n);
+            if j1 < nk {
+                store_scores(rg, t0, j1, s.b * params.scale, r.n);
+            }
         }
         workgroupBarrier();
         // The value tile replaces the key tile; each row's new maximum from 8 invocations.
@@ -115,10 +117,15 @@ fn weigh4(p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f3
     return p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3;
 }
 
-// Row i's scaled score of key t (tile column j), or NEG_BIG outside its range.
-fn store_score(i: u32, t: u32, j: u32, s: f32, n: u32) {
-    let inside = i < n && t >= row_lo[i] && t < row_hi[i];
-    scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s, inside);
+// Rows 4*rg .. 4*rg+3's scaled scores `s` of tile column j (key t0 + j), NEG_BIG outside
+// each row's range.
+fn store_scores(rg: u32, t0: u32, j: u32, s: vec4<f32>, n: u32) {
+    let t = t0 + j;
+    for (var c = 0u; c < 4u; c++) {
+        let i = rg * 4u + c;
+        let inside = i < n && t >= row_lo[i] && t < row_hi[i];
+        scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s[c], inside);
+    }
 }
 
 // Row i's scores of tile columns 4 * j4 .. 4 * j4 + 3, NEG_BIG for columns past nk.

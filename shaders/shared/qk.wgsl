@@ -120,20 +120,28 @@ fn store_tile(lid: u32, nk: u32, d: u32) {
     }
 }
 
-// q . k for query rows 4*rg .. 4*rg+3 and tile key j (unscaled).
-fn score4(rg: u32, j: u32) -> vec4<f32> {
+// Scores of query rows 4*rg .. 4*rg+3 against two tile keys: `a` for one, `b` for the other.
+struct Score8 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+// q . k for query rows 4*rg .. 4*rg+3 and tile keys j0, j1 (unscaled). Two keys per item
+// share each query load: per vec4 of the head, six loads feed 32 FMAs.
+fn score8(rg: u32, j0: u32, j1: u32) -> Score8 {
     let dk4 = dk4();
     let q0 = rg * 4u * dk4;
-    var s0 = 0.0;
-    var s1 = 0.0;
-    var s2 = 0.0;
-    var s3 = 0.0;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
     for (var e = 0u; e < dk4; e++) {
-        let kv = smem[tile_at(j, e)];
-        s0 += dot(smem[q0 + e], kv);
-        s1 += dot(smem[q0 + dk4 + e], kv);
-        s2 += dot(smem[q0 + 2u * dk4 + e], kv);
-        s3 += dot(smem[q0 + 3u * dk4 + e], kv);
+        let k0 = smem[tile_at(j0, e)];
+        let k1 = smem[tile_at(j1, e)];
+        let x0 = smem[q0 + e];
+        let x1 = smem[q0 + dk4 + e];
+        let x2 = smem[q0 + 2u * dk4 + e];
+        let x3 = smem[q0 + 3u * dk4 + e];
+        a += vec4<f32>(dot(x0, k0), dot(x1, k0), dot(x2, k0), dot(x3, k0));
+        b += vec4<f32>(dot(x0, k1), dot(x1, k1), dot(x2, k1), dot(x3, k1));
     }
-    return vec4<f32>(s0, s1, s2, s3);
+    return Score8(a, b);
 }
