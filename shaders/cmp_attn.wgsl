@@ -25,7 +25,7 @@ fn main(
     workgroupBarrier();
     // Rows are ordered by position, so the last one sees the most tokens.
     let keys = split_range(r, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
-    attn_keys(lid, r, params.c_stride, keys.x, keys.y);
+    attn_keys(lid, r, params.c_stride, keys.x, keys.y, vec2<u32>(0u));
     attn_finish(lid, r);
     if params.partials != 0u {
         for (var x = lid; x < part_count(r); x += WG) {

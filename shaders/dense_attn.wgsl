@@ -22,7 +22,7 @@ fn main(
     }
     workgroupBarrier();
     let keys = split_range(r, 0u, attn_pos(r, r.n - 1u) + 1u);
-    attn_keys(lid, r, params.k_stride, keys.x, keys.y);
+    attn_keys(lid, r, params.k_stride, keys.x, keys.y, vec2<u32>(0u));
     attn_finish(lid, r);
     if params.partials != 0u {
         for (var x = lid; x < part_count(r); x += WG) {

@@ -6,6 +6,22 @@
 @group(0) @binding(4) var<storage, read> block_indices: array<i32>;  // [B, Tq, Hkv, n]
 @group(0) @binding(5) var<storage, read_write> o_slc: array<f32>;    // [B, Tq, Hq, Dv]
 
+const NONE: u32 = 0xffffffffu;
+
+// The keys of entry `s` of the selection at `ib` for the query at `pos`: its block up to the
+// query; NONE (and an empty range) past the list's end.
+fn selected_keys(ib: u32, s: u32, pos: u32) -> vec2<u32> {
+    if s >= params.top_n {
+        return vec2<u32>(NONE, 0u);
+    }
+    let j = block_indices[ib + s];
+    if j < 0 {
+        return vec2<u32>(NONE, 0u);
+    }
+    let lo = u32(j) * params.sel_block;
+    return vec2<u32>(lo, min(lo + params.sel_block, pos + 1u));
+}
+
 @compute @workgroup_size(128)
 fn main(
     @builtin(local_invocation_index) lid: u32,
@@ -25,13 +41,15 @@ fn main(
     }
     workgroupBarrier();
     let ib = params.off_idx + ((r.bb * params.q_count + r.iq0) * params.hkv + r.h) * params.top_n;
+    // Each block's first tile is fetched while the block before it finishes.
+    var keys = selected_keys(ib, r.split, pos);
     for (var s = r.split; s < params.top_n; s += params.splits) {
-        let j = block_indices[ib + s];
-        if j < 0 {
+        if keys.x == NONE {
             break;
         }
-        let lo = u32(j) * params.sel_block;
-        attn_keys(lid, r, params.k_stride, lo, min(lo + params.sel_block, pos + 1u));
+        let next = selected_keys(ib, s + params.splits, pos);
+        attn_keys(lid, r, params.k_stride, keys.x, keys.y, next);
+        keys = next;
     }
     attn_finish(lid, r);
     if params.partials != 0u {

@@ -28,7 +28,7 @@ fn main(
     workgroupBarrier();
     let last = attn_pos(r, r.n - 1u);
     let keys = split_range(r, window_start(attn_pos(r, 0u)), last + 1u);
-    attn_keys(lid, r, params.k_stride, keys.x, keys.y);
+    attn_keys(lid, r, params.k_stride, keys.x, keys.y, vec2<u32>(0u));
     attn_finish(lid, r);
     if params.partials != 0u {
         for (var x = lid; x < part_count(r); x += WG) {

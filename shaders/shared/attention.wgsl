@@ -38,6 +38,9 @@ var<private> acc1: Acc;
 // row_max, row_sum by attn_finish).
 var<private> run_max: f32;
 var<private> run_sum: f32;
+// Whether the first key tile of this attn_keys call is in `pre` already: fetched during the
+// previous call's last tile, which named this call's range as its `next`.
+var<private> prefetched: bool;
 
 // Which rows a workgroup owns. Every field derives from the workgroup id and the params
 // only, so control flow on them stays uniform (barriers inside it are legal).
@@ -88,6 +91,7 @@ fn attn_begin(lid: u32, r: Rows) {
     load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     run_max = NEG_BIG;
     run_sum = 0.0;
+    prefetched = false;
     acc0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     acc1 = acc0;
 }
@@ -105,6 +109,27 @@ fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
         return load_k4(at);
     }
     return load_v4(at);
+}
+
+// Fetches the first key tile of [start, end) into `pre`, unless the previous attn_keys call
+// did (see fetch_following).
+fn fetch_first(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
+    if start < end && !prefetched {
+        fetch_tile(lid, attn_kv(r, stride, start, true), min(KT, end - start), DK, true);
+    }
+    prefetched = false;
+}
+
+// Fetches the key tile after tile t0 of [start, end): the range's next tile, or else the
+// first of `next`, the range of the following attn_keys call (selected attention's next
+// block; empty for none), so that no block starts with a stall on its first load.
+fn fetch_following(lid: u32, r: Rows, stride: u32, t0: u32, end: u32, next: vec2<u32>) {
+    if t0 + KT < end {
+        fetch_tile(lid, attn_kv(r, stride, t0 + KT, true), min(KT, end - t0 - KT), DK, true);
+    } else if next.x < next.y {
+        fetch_tile(lid, attn_kv(r, stride, next.x, true), min(KT, next.y - next.x), DK, true);
+        prefetched = true;
+    }
 }
 
 // After a tile's probabilities: publishes this invocation's part `sum` of its row's sum and

@@ -73,12 +73,14 @@ fn pv_at(i: u32, e: u32) -> vec4<f32> {
 }
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
-// each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
+// each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
+// `next` is the range of the next call (empty when none follows), whose first tile is
+// fetched during this range's last.
 //
 // Per tile, four barriers: the key tile is stored; the scores are stored; the probabilities
 // and the value tile are stored; the products are stored. The value tile is fetched while
 // the scores are computed and the next key tile while the values are multiplied.
-fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
+fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
     let nrg = (r.n + 3u) / 4u;
@@ -97,9 +99,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         }
         qh[row * QS + e] = f16(val);
     }
-    if start < end {
-        fetch_tile(lid, attn_kv(r, stride, start, true), min(kt, end - start), DK, true);
-    }
+    fetch_first(lid, r, stride, start, end);
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
         let nkb = (nk + MM - 1u) / MM;
@@ -137,9 +137,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
             sum += f32(p);
         }
         tile_stats(lid, sum, m_new);
-        if t0 + kt < end {
-            fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
-        }
+        fetch_following(lid, r, stride, t0, end, next);
         // This tile's output, 16 dims per block: P [ROWS, 16 * nkb] x V.
         for (var cb = sg; cb < DVP / MM; cb += nsg) {
             var o = coop_mat16x16<f32, C>();

@@ -9,22 +9,22 @@ var<workgroup> scores: array<vec4<f32>, 256>;
 const KT4: u32 = KT_MAX / 4u;
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
-// each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform.
+// each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
+// `next` is the range of the next call (empty when none follows), whose first tile is
+// fetched during this range's last.
 //
 // Per tile, four or five barriers: the key tile is stored; scores are stored; (without
 // subgroup operations) the rows' partial maxima are in; probabilities and rescale factors
 // are in; the values are used. The value tile is fetched while the scores are computed and
 // the next key tile while the values are accumulated, so neither load stalls the workgroup
 // on its own.
-fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
+fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
     let nrg = (r.n + 3u) / 4u;
     let i = lid / 8u;      // the row this invocation helps reduce, with 7 others
     let part = lid % 8u;
-    if start < end {
-        fetch_tile(lid, attn_kv(r, stride, start, true), min(kt, end - start), DK, true);
-    }
+    fetch_first(lid, r, stride, start, end);
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
         store_tile(lid, nk, DK);
@@ -63,9 +63,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
         }
         tile_stats(lid, sum, m_new);
         // Every item rescales and accumulates.
-        if t0 + kt < end {
-            fetch_tile(lid, attn_kv(r, stride, t0 + kt, true), min(kt, end - t0 - kt), DK, true);
-        }
+        fetch_following(lid, r, stride, t0, end, next);
         // Output: 4 rows x 4 dims per item, at most 2 items per invocation.
         let items = nrg * dv4;
         if lid < items {
