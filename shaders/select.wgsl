@@ -61,12 +61,12 @@ fn load_lse(lid: u32, row0: u32, nh: u32) {
     }
 }
 
-// The probabilities of item rg's heads (item_row, those below nh) for one token, from their
-// unscaled scores `s` and the heads' log-sum-exp, summed.
-fn head_sum(rg: u32, nrg: u32, nh: u32, s: vec4<f32>) -> f32 {
-    let i = vec4<u32>(item_row(rg, 0u, nrg), item_row(rg, 1u, nrg), item_row(rg, 2u, nrg), item_row(rg, 3u, nrg));
-    let live = i < vec4<u32>(nh);
-    let lse4 = vec4<f32>(lse_s[i.x], lse_s[i.y], lse_s[i.z], lse_s[i.w]);
+// The probabilities of heads 4*rg .. 4*rg+3 (of nh) for one token, from their unscaled
+// scores `s` and the heads' log-sum-exp, summed.
+fn head_sum(rg: u32, nh: u32, s: vec4<f32>) -> f32 {
+    let i = rg * 4u;
+    let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
+    let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
     let p = select(vec4<f32>(0.0), exp(s * params.scale - lse4), live);
     return p.x + p.y + p.z + p.w;
 }
@@ -140,16 +140,14 @@ fn main(
                 }
                 // 4 heads x 2 tokens per item (tokens j and j + half, as in attn_simt.wgsl).
                 let half = (nk + 1u) / 2u;
-                for (var x = lid; x < item_count(nrg, half); x += WG) {
-                    let rg = item_rg(x, nrg);
-                    let j = item_col(x, nrg);
+                for (var x = lid; x < nrg * half; x += WG) {
+                    let rg = x / half;
+                    let j = x % half;
                     let j1 = j + half;
-                    if j < half {
-                        let s = score8(rg, nrg, j, min(j1, nk - 1u));
-                        partial[rg * KT_MAX + j] = head_sum(rg, nrg, nh, s.a);
-                        if j1 < nk {
-                            partial[rg * KT_MAX + j1] = head_sum(rg, nrg, nh, s.b);
-                        }
+                    let s = score8(rg, j, min(j1, nk - 1u));
+                    partial[rg * KT_MAX + j] = head_sum(rg, nh, s.a);
+                    if j1 < nk {
+                        partial[rg * KT_MAX + j1] = head_sum(rg, nh, s.b);
                     }
                 }
                 workgroupBarrier();

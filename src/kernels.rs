@@ -171,17 +171,15 @@ impl KernelId {
             KernelId::Merge => 3 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, valid
             KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
-            // scores (16 rows of 17 vec4s), red_max, red_sum (reduce_shared.wgsl), 5 per-row
-            // arrays
-            _ => (16 * 17 * 4 + 2 * 128 + 5 * 16) * 4,
+            // scores, red_max, red_sum (reduce_shared.wgsl), 5 per-row arrays
+            _ => (1024 + 2 * 128 + 5 * 16) * 4,
         }
     }
 }
 
-/// The largest `smem` buffer (WGSL's `SMEM4`, in vec4s) a specialised kernel declares:
-/// 40.25 KiB, which holds the queries (16 rows of 33 vec4s) and 64 keys per tile at Dk = Dv
-/// = 128.
-pub const SMEM4_MAX: u32 = 2576;
+/// The largest `smem` buffer (WGSL's `SMEM4`, in vec4s) a specialised kernel declares: 40
+/// KiB, which holds 64 keys per tile at Dk = Dv = 128.
+pub const SMEM4_MAX: u32 = 2560;
 
 /// The `smem` buffer (vec4s) for an adapter with `limit` bytes of workgroup memory: what
 /// every specialised kernel has left after its fixed arrays, at most [`SMEM4_MAX`]. More keys
@@ -237,16 +235,14 @@ const ROWS: u32 = 16;
 pub fn mma_workgroup_bytes(dk: u32, dv: u32, kv_tile: u32) -> u32 {
     let (dkp, dvp) = (dk.div_ceil(16) * 16, dv.div_ceil(16) * 16);
     let (qs, ts) = (dkp + 8, dkp.max(dvp) + 8);
-    // attn_mma.wgsl's own scores ([16, 64] f32) and the 5 per-row arrays (the tensor-core
-    // core always reduces with subgroup operations, so reduce_shared.wgsl's arrays are absent)
-    (1024 + 5 * 16) * 4
+    KernelId::Dense.fixed_workgroup_bytes()
         + 16 * mma_smem_vec4s(dk, dv)
         + 2 * (ROWS * qs + kv_tile * ts + ROWS * 64)
         + 4 * ROWS * dvp
 }
 
 fn mma_smem_vec4s(dk: u32, dv: u32) -> u32 {
-    ROWS * (dk.div_ceil(4) | 1).max(dv.div_ceil(4))
+    ROWS * dk.max(dv).div_ceil(4)
 }
 
 /// The specialization of an attention kernel on tensor cores for an adapter with `limit`

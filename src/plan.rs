@@ -201,8 +201,7 @@ struct Chunk {
 fn kv_tile(s: &Shape, limits: &DeviceLimits) -> Result<u32> {
     let d4 = s.dk.max(s.dv).div_ceil(4);
     let stride = if d4 % 8 == 0 { d4 } else { d4 | 1 };
-    // Query rows are padded to an odd number of vec4s (`q_stride()`).
-    let queries = ROWS_PER_WORKGROUP * (s.dk.div_ceil(4) | 1);
+    let queries = ROWS_PER_WORKGROUP * s.dk.div_ceil(4);
     let smem4 = smem_vec4s(limits.workgroup_storage) as usize;
     if smem4 < queries + stride {
         return Err(exceeds(

@@ -24,8 +24,7 @@ var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;
 var<workgroup> row_lo: array<u32, ROWS>;
 var<workgroup> row_hi: array<u32, ROWS>;
-// The output accumulators of an invocation's two items (4 rows x 4 dims each; the rows are
-// item_row's, r0 .. r3 for c = 0 .. 3), as plain
+// The output accumulators of an invocation's two items (4 rows x 4 dims each), as plain
 // private variables rather than an indexed array, so that they stay in registers.
 struct Acc {
     r0: vec4<f32>,
@@ -171,28 +170,27 @@ fn attn_kv(r: Rows, stride: u32, t0: u32, key: bool) -> u32 {
 // with coalesced stores through attn_out.
 fn attn_finish(lid: u32, r: Rows) {
     let dv4 = (DV + 3u) / 4u;
-    let nrg = (r.n + 3u) / 4u;
-    let items = item_count(nrg, dv4);
+    let items = ((r.n + 3u) / 4u) * dv4;
     if lid % 8u == 0u {
         row_max[lid / 8u] = run_max;
         row_sum[lid / 8u] = run_sum;
     }
     workgroupBarrier();
-    if lid < items && item_col(lid, nrg) < dv4 {
-        stage_rows(acc0, item_rg(lid, nrg), item_col(lid, nrg), nrg);
+    if lid < items {
+        stage_rows(acc0, lid / dv4, lid % dv4);
     }
-    if lid + WG < items && item_col(lid + WG, nrg) < dv4 {
-        stage_rows(acc1, item_rg(lid + WG, nrg), item_col(lid + WG, nrg), nrg);
+    if lid + WG < items {
+        stage_rows(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
     }
     workgroupBarrier();
 }
 
-fn stage_rows(a: Acc, rg: u32, e: u32, nrg: u32) {
-    let i = vec4<u32>(item_row(rg, 0u, nrg), item_row(rg, 1u, nrg), item_row(rg, 2u, nrg), item_row(rg, 3u, nrg));
-    smem[i.x * dv4() + e] = normalized(a.r0, i.x);
-    smem[i.y * dv4() + e] = normalized(a.r1, i.y);
-    smem[i.z * dv4() + e] = normalized(a.r2, i.z);
-    smem[i.w * dv4() + e] = normalized(a.r3, i.w);
+fn stage_rows(a: Acc, rg: u32, e: u32) {
+    let at = rg * 4u * dv4() + e;
+    smem[at] = normalized(a.r0, rg * 4u);
+    smem[at + dv4()] = normalized(a.r1, rg * 4u + 1u);
+    smem[at + 2u * dv4()] = normalized(a.r2, rg * 4u + 2u);
+    smem[at + 3u * dv4()] = normalized(a.r3, rg * 4u + 3u);
 }
 
 fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {

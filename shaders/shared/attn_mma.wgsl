@@ -55,15 +55,15 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
     }
 }
 
-// Output item rg (rows item_row, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus this
-// tile's products from `pv`.
-fn add_tile(a: Acc, rg: u32, e: u32, nrg: u32) -> Acc {
-    let i = vec4<u32>(item_row(rg, 0u, nrg), item_row(rg, 1u, nrg), item_row(rg, 2u, nrg), item_row(rg, 3u, nrg));
+// Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
+// this tile's products from `pv`.
+fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
+    let i = rg * 4u;
     return Acc(
-        a.r0 * row_alpha[i.x] + pv_at(i.x, e),
-        a.r1 * row_alpha[i.y] + pv_at(i.y, e),
-        a.r2 * row_alpha[i.z] + pv_at(i.z, e),
-        a.r3 * row_alpha[i.w] + pv_at(i.w, e),
+        a.r0 * row_alpha[i] + pv_at(i, e),
+        a.r1 * row_alpha[i + 1u] + pv_at(i + 1u, e),
+        a.r2 * row_alpha[i + 2u] + pv_at(i + 2u, e),
+        a.r3 * row_alpha[i + 3u] + pv_at(i + 3u, e),
     );
 }
 
@@ -95,7 +95,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         let row = x / DKP;
         var val = 0.0;
         if e < DK {
-            val = smem[row * q_stride() + e / 4u][e % 4u];
+            val = smem[row * dk4() + e / 4u][e % 4u];
         }
         qh[row * QS + e] = f16(val);
     }
@@ -149,12 +149,12 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             coopStoreT(o, &pv[cb * MM], DVP);
         }
         workgroupBarrier();
-        let items = item_count(nrg, dv4);
-        if lid < items && item_col(lid, nrg) < dv4 {
-            acc0 = add_tile(acc0, item_rg(lid, nrg), item_col(lid, nrg), nrg);
+        let items = nrg * dv4;
+        if lid < items {
+            acc0 = add_tile(acc0, lid / dv4, lid % dv4);
         }
-        if lid + WG < items && item_col(lid + WG, nrg) < dv4 {
-            acc1 = add_tile(acc1, item_rg(lid + WG, nrg), item_col(lid + WG, nrg), nrg);
+        if lid + WG < items {
+            acc1 = add_tile(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
         }
     }
 }

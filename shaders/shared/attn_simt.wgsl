@@ -3,11 +3,10 @@
 // tiles in `smem` (see qk.wgsl). attn_mma.wgsl is the tensor-core variant with the same
 // contract.
 
-// One tile's scores, then probabilities: [ROWS, KT4], four keys per vec4, so that the
-// accumulation reads four probabilities of a row with one load; rows padded to 17 vec4s so
-// that neighbouring rows start in different banks.
-const KT4: u32 = KT_MAX / 4u + 1u;
-var<workgroup> scores: array<vec4<f32>, 272>;
+// One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
+// accumulation reads four probabilities of a row with one load.
+var<workgroup> scores: array<vec4<f32>, 256>;
+const KT4: u32 = KT_MAX / 4u;
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
@@ -34,16 +33,14 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // Scores: 4 rows x 2 keys per item, keys j and j + half, so that neighbouring
         // invocations read neighbouring tile rows.
         let half = (nk + 1u) / 2u;
-        for (var x = lid; x < item_count(nrg, half); x += WG) {
-            let rg = item_rg(x, nrg);
-            let j = item_col(x, nrg);
+        for (var x = lid; x < nrg * half; x += WG) {
+            let rg = x / half;
+            let j = x % half;
             let j1 = j + half;
-            if j < half {
-                let s = score8(rg, nrg, j, min(j1, nk - 1u));
-                store_scores(rg, nrg, t0, j, s.a * params.scale, r.n);
-                if j1 < nk {
-                    store_scores(rg, nrg, t0, j1, s.b * params.scale, r.n);
-                }
+            let s = score8(rg, j, min(j1, nk - 1u));
+            store_scores(rg, t0, j, s.a * params.scale, r.n);
+            if j1 < nk {
+                store_scores(rg, t0, j1, s.b * params.scale, r.n);
             }
         }
         workgroupBarrier();
@@ -68,28 +65,27 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // Every item rescales and accumulates.
         fetch_following(lid, r, stride, t0, end, next);
         // Output: 4 rows x 4 dims per item, at most 2 items per invocation.
-        let items = item_count(nrg, dv4);
-        if lid < items && item_col(lid, nrg) < dv4 {
-            acc0 = accumulate(acc0, item_rg(lid, nrg), item_col(lid, nrg), nrg, nk);
+        let items = nrg * dv4;
+        if lid < items {
+            acc0 = accumulate(acc0, lid / dv4, lid % dv4, nk);
         }
-        if lid + WG < items && item_col(lid + WG, nrg) < dv4 {
-            acc1 = accumulate(acc1, item_rg(lid + WG, nrg), item_col(lid + WG, nrg), nrg, nk);
+        if lid + WG < items {
+            acc1 = accumulate(acc1, (lid + WG) / dv4, (lid + WG) % dv4, nk);
         }
         workgroupBarrier();
     }
 }
 
-// Rescales item rg's rows (item_row) at dims 4*e .. 4*e+3 by the rows' alpha and adds the
+// Rescales item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) by the rows' alpha and adds the
 // tile's probabilities times its values.
-fn accumulate(a: Acc, rg: u32, e: u32, nrg: u32, nk: u32) -> Acc {
-    let i = vec4<u32>(item_row(rg, 0u, nrg), item_row(rg, 1u, nrg), item_row(rg, 2u, nrg), item_row(rg, 3u, nrg));
+fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
     var o = Acc(
-        a.r0 * row_alpha[i.x],
-        a.r1 * row_alpha[i.y],
-        a.r2 * row_alpha[i.z],
-        a.r3 * row_alpha[i.w],
+        a.r0 * row_alpha[rg * 4u],
+        a.r1 * row_alpha[rg * 4u + 1u],
+        a.r2 * row_alpha[rg * 4u + 2u],
+        a.r3 * row_alpha[rg * 4u + 3u],
     );
-    let at = i * KT4;
+    let at = rg * 4u * KT4;
     // Four keys per step: four value loads and one probability load per row feed 64 FMAs.
     let n4 = nk / 4u;
     for (var j4 = 0u; j4 < n4; j4++) {
@@ -98,18 +94,18 @@ fn accumulate(a: Acc, rg: u32, e: u32, nrg: u32, nk: u32) -> Acc {
         let v1 = smem[tile_at(j + 1u, e)];
         let v2 = smem[tile_at(j + 2u, e)];
         let v3 = smem[tile_at(j + 3u, e)];
-        o.r0 += weigh4(scores[at.x + j4], v0, v1, v2, v3);
-        o.r1 += weigh4(scores[at.y + j4], v0, v1, v2, v3);
-        o.r2 += weigh4(scores[at.z + j4], v0, v1, v2, v3);
-        o.r3 += weigh4(scores[at.w + j4], v0, v1, v2, v3);
+        o.r0 += weigh4(scores[at + j4], v0, v1, v2, v3);
+        o.r1 += weigh4(scores[at + KT4 + j4], v0, v1, v2, v3);
+        o.r2 += weigh4(scores[at + 2u * KT4 + j4], v0, v1, v2, v3);
+        o.r3 += weigh4(scores[at + 3u * KT4 + j4], v0, v1, v2, v3);
     }
     for (var j = n4 * 4u; j < nk; j++) {
         let vv = smem[tile_at(j, e)];
         let c = j % 4u;
-        o.r0 += scores[at.x + j / 4u][c] * vv;
-        o.r1 += scores[at.y + j / 4u][c] * vv;
-        o.r2 += scores[at.z + j / 4u][c] * vv;
-        o.r3 += scores[at.w + j / 4u][c] * vv;
+        o.r0 += scores[at + j / 4u][c] * vv;
+        o.r1 += scores[at + KT4 + j / 4u][c] * vv;
+        o.r2 += scores[at + 2u * KT4 + j / 4u][c] * vv;
+        o.r3 += scores[at + 3u * KT4 + j / 4u][c] * vv;
     }
     return o;
 }
@@ -119,12 +115,12 @@ fn weigh4(p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f3
     return p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3;
 }
 
-// Item rg's scaled scores `s` of tile column j (key t0 + j), NEG_BIG outside each row's
-// range.
-fn store_scores(rg: u32, nrg: u32, t0: u32, j: u32, s: vec4<f32>, n: u32) {
+// Rows 4*rg .. 4*rg+3's scaled scores `s` of tile column j (key t0 + j), NEG_BIG outside
+// each row's range.
+fn store_scores(rg: u32, t0: u32, j: u32, s: vec4<f32>, n: u32) {
     let t = t0 + j;
     for (var c = 0u; c < 4u; c++) {
-        let i = item_row(rg, c, nrg);
+        let i = rg * 4u + c;
         let inside = i < n && t >= row_lo[i] && t < row_hi[i];
         scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s[c], inside);
     }

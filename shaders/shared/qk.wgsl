@@ -24,18 +24,12 @@ override DV: u32;
 override KT: u32;
 override SMEM4: u32;
 
-// The queries, [ROWS, q_stride()] (zero past Dk and past the owned rows), then one key or value
+// The queries, [ROWS, dk4()] (zero past Dk and past the owned rows), then one key or value
 // tile, [KT, tile_stride()] (zero past D). The smaller the heads, the more keys per tile.
 var<workgroup> smem: array<vec4<f32>, SMEM4>;
 
 fn dk4() -> u32 {
     return (DK + 3u) / 4u;
-}
-
-// vec4s per query row in `smem`: Dk's, rounded up to odd, so that four neighbouring rows
-// start in different banks.
-fn q_stride() -> u32 {
-    return dk4() | 1u;
 }
 
 fn dv4() -> u32 {
@@ -53,7 +47,7 @@ fn tile_stride() -> u32 {
 // Where vec4 `e` of tile row `j` sits in `smem`.
 fn tile_at(j: u32, e: u32) -> u32 {
     let ts = tile_stride();
-    return ROWS * q_stride() + j * ts + select(e, e ^ (j & 7u), ts % 8u == 0u);
+    return ROWS * dk4() + j * ts + select(e, e ^ (j & 7u), ts % 8u == 0u);
 }
 
 // Loads `n` query rows: row i is flat [.., Hq] row `base + (i / nh) * Hq + i % nh` (nh heads
@@ -72,35 +66,11 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
                 }
             }
         }
-        smem[i * q_stride() + x % dk4] = val;
+        smem[x] = val;
     }
 }
 
-// Register-blocked work is cut into items of 4 rows by one column (a pair of keys, a vec4 of
-// the output): item rows rg, rg + nrg, rg + 2 nrg, rg + 3 nrg (item_row) of the owned rows,
-// nrg = ceil(rows / 4). Items go to invocations as blocks of 8 columns by the nrg row
-// groups, so that 32 neighbouring invocations load 8 neighbouring columns for 4 neighbouring
-// rows: a single bank-conflict-free wavefront per load where the old one-column-per-
-// invocation order took four.
-fn item_rg(x: u32, nrg: u32) -> u32 {
-    return (x / 8u) % nrg;
-}
-
-fn item_col(x: u32, nrg: u32) -> u32 {
-    return x / 8u / nrg * 8u + x % 8u;
-}
-
-// Item indices that cover `cols` columns (some, past the last block of 8, have none).
-fn item_count(nrg: u32, cols: u32) -> u32 {
-    return nrg * ((cols + 7u) / 8u) * 8u;
-}
-
-fn item_row(rg: u32, c: u32, nrg: u32) -> u32 {
-    return rg + c * nrg;
-}
-
-// vec4s one invocation loads per tile at most: a tile is at most Rust's `SMEM4_MAX` less the
-// smallest query block (16 rows of one vec4), 2560 vec4s, over WG invocations.
+// vec4s one invocation loads per tile at most: SMEM4_MAX / WG (Rust's `SMEM4_MAX`).
 const LOADS: u32 = 20u;
 
 // One invocation's share of a tile between fetch_tile and store_tile: the loads stay in
@@ -150,28 +120,26 @@ fn store_tile(lid: u32, nk: u32, d: u32) {
     }
 }
 
-// Scores of an item's 4 query rows against two tile keys: `a` for one, `b` for the other.
+// Scores of query rows 4*rg .. 4*rg+3 against two tile keys: `a` for one, `b` for the other.
 struct Score8 {
     a: vec4<f32>,
     b: vec4<f32>,
 }
 
-// q . k for item rg's query rows (see item_row) and tile keys j0, j1 (unscaled). Two keys
-// per item share each query load: per vec4 of the head, six loads feed 32 FMAs.
-fn score8(rg: u32, nrg: u32, j0: u32, j1: u32) -> Score8 {
+// q . k for query rows 4*rg .. 4*rg+3 and tile keys j0, j1 (unscaled). Two keys per item
+// share each query load: per vec4 of the head, six loads feed 32 FMAs.
+fn score8(rg: u32, j0: u32, j1: u32) -> Score8 {
     let dk4 = dk4();
-    let qs = q_stride();
-    let q0 = rg * qs;
-    let qn = nrg * qs;
+    let q0 = rg * 4u * dk4;
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
     for (var e = 0u; e < dk4; e++) {
         let k0 = smem[tile_at(j0, e)];
         let k1 = smem[tile_at(j1, e)];
         let x0 = smem[q0 + e];
-        let x1 = smem[q0 + qn + e];
-        let x2 = smem[q0 + 2u * qn + e];
-        let x3 = smem[q0 + 3u * qn + e];
+        let x1 = smem[q0 + dk4 + e];
+        let x2 = smem[q0 + 2u * dk4 + e];
+        let x3 = smem[q0 + 3u * dk4 + e];
         a += vec4<f32>(dot(x0, k0), dot(x1, k0), dot(x2, k0), dot(x3, k0));
         b += vec4<f32>(dot(x0, k1), dot(x1, k1), dot(x2, k1), dot(x3, k1));
     }
