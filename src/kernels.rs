@@ -271,17 +271,6 @@ impl KernelId {
         )
     }
 
-    /// Whether `@binding(binding)` is the keys (`k`) or values (`v`) the kernel reads through
-    /// the loads of `shaders/shared/load_*.wgsl`, as vec4s in the `vec4_loads` variant
-    /// ([`crate::shaders::Variant`]).
-    pub fn keys_or_values(self, binding: u32) -> bool {
-        match self {
-            KernelId::Select => binding == 2,
-            k if k.attention_core() => binding == 2 || binding == 3,
-            _ => false,
-        }
-    }
-
     /// Whether the shader declares the [`Specialization`] overrides (the kernels with
     /// key tiles: all but `Compress`, `Merge` and `SelectMerge`).
     pub fn specialized(self) -> bool {

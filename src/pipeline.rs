@@ -622,7 +622,6 @@ impl NsaPipeline {
                 precision: plan.precision,
                 subgroups: self.subgroups,
                 tensor_cores: mma.is_some(),
-                vec4_loads: Variant::vec4_loads_fit(plain.dk, plain.dv),
             };
             let spec = mma.unwrap_or(plain);
             let key = (id, variant, spec);
@@ -678,25 +677,12 @@ impl NsaPipeline {
             }];
             for (slot, (_, window)) in step.bindings.iter().enumerate() {
                 let buffer: &wgpu::Buffer = next.next().expect("one buffer per binding");
-                let (buffer, offset, size) = if std::ptr::eq(buffer, &self.dummy) {
-                    (buffer, 0, 16)
+                let (offset, size) = if std::ptr::eq(buffer, &self.dummy) {
+                    (0, 16)
                 } else if self.is_dummy(buffer) {
-                    (buffer, window.offset, 16)
-                } else if step.kernel.keys_or_values(slot as u32 + 1) {
-                    // Whole vec4s where the kernel reads keys and values as vec4s: a window
-                    // of fewer elements (an empty tensor binds one) grows to 16 bytes, or
-                    // is the dummy when its buffer is smaller still (then it is empty: a
-                    // tensor of vec4 rows with any element has 16 bytes).
-                    let size = window.size.next_multiple_of(16);
-                    if window.offset + size <= buffer.size() {
-                        (buffer, window.offset, size)
-                    } else if window.size >= 16 {
-                        (buffer, window.offset, window.size)
-                    } else {
-                        (&self.dummy, 0, 16)
-                    }
+                    (window.offset, 16)
                 } else {
-                    (buffer, window.offset, window.size)
+                    (window.offset, window.size)
                 };
                 entries.push(wgpu::BindGroupEntry {
                     binding: slot as u32 + 1,

@@ -4,9 +4,8 @@
 //! `shaders/shared/name.wgsl` (once per shader, imports may nest). Nothing else is templated:
 //! sizes that vary at run time live in the `Params` uniform. The choices made here: the
 //! input storage type (`#import input` is `shared/input_f32.wgsl` or `shared/input_f16.wgsl`,
-//! and the loads from it, `#import load` / `load_v`, `shared/load_f32.wgsl`,
-//! `shared/load_f32x4.wgsl` (keys and values as vec4s) or `shared/load_f16.wgsl` /
-//! `shared/load_v_*.wgsl`),
+//! and the loads from it, `#import load` / `load_v`, `shared/load_f32.wgsl` or
+//! `shared/load_f16.wgsl` / `shared/load_v_*.wgsl`),
 //! how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
 //! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier), and
 //! where the attention core multiplies (`#import attn_tiles` is `shared/attn_simt.wgsl`, the
@@ -40,14 +39,6 @@ const SHARED: &[(&str, &str)] = &[
     ("params", include_str!("../shaders/shared/params.wgsl")),
     ("load_f32", include_str!("../shaders/shared/load_f32.wgsl")),
     ("load_f16", include_str!("../shaders/shared/load_f16.wgsl")),
-    (
-        "load_f32x4",
-        include_str!("../shaders/shared/load_f32x4.wgsl"),
-    ),
-    (
-        "load_v_f32x4",
-        include_str!("../shaders/shared/load_v_f32x4.wgsl"),
-    ),
     (
         "load_v_f32",
         include_str!("../shaders/shared/load_v_f32.wgsl"),
@@ -88,25 +79,11 @@ pub struct Variant {
     /// and f32 accumulators (the device needs `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SUBGROUP`
     /// and `SHADER_F16`). Only with f16 storage and subgroups; ignored otherwise.
     pub tensor_cores: bool,
-    /// Keys and values read as vec4s (`shared/load_f32x4.wgsl`): only for f32 storage, and
-    /// only valid when Dk and Dv are multiples of 4 (see [`Variant::vec4_loads_fit`]);
-    /// ignored for f16.
-    pub vec4_loads: bool,
 }
 
 impl Variant {
     fn mma(&self) -> bool {
         self.tensor_cores && self.subgroups && self.precision == Precision::F16
-    }
-
-    fn vec4(&self) -> bool {
-        self.vec4_loads && self.precision == Precision::F32
-    }
-
-    /// Whether keys and values of head sizes `dk`, `dv` may be read as vec4s: every row,
-    /// window and element offset of them is then a whole number of vec4s.
-    pub fn vec4_loads_fit(dk: u32, dv: u32) -> bool {
-        dk % 4 == 0 && dv % 4 == 0
     }
 }
 
@@ -125,7 +102,6 @@ pub fn source_for(name: &str, precision: Precision, subgroups: bool) -> Option<S
             precision,
             subgroups,
             tensor_cores: false,
-            vec4_loads: false,
         },
     )
 }
@@ -154,10 +130,8 @@ fn expand(src: &str, variant: &Variant, out: &mut String, seen: &mut Vec<&'stati
                     "input" => "input_f16",
                     "reduce" if variant.subgroups => "reduce_subgroup",
                     "reduce" => "reduce_shared",
-                    "load" if variant.vec4() => "load_f32x4",
                     "load" if variant.precision == Precision::F32 => "load_f32",
                     "load" => "load_f16",
-                    "load_v" if variant.vec4() => "load_v_f32x4",
                     "load_v" if variant.precision == Precision::F32 => "load_v_f32",
                     "load_v" => "load_v_f16",
                     "attn_tiles" if variant.mma() => "attn_mma",

@@ -16,23 +16,7 @@ fn module_for(
     precision: Precision,
     subgroups: bool,
 ) -> (naga::Module, naga::valid::ModuleInfo) {
-    module_variant(
-        name,
-        &shaders::Variant {
-            precision,
-            subgroups,
-            tensor_cores: false,
-            vec4_loads: false,
-        },
-    )
-}
-
-fn module_variant(
-    name: &str,
-    variant: &shaders::Variant,
-) -> (naga::Module, naga::valid::ModuleInfo) {
-    let (precision, subgroups) = (variant.precision, variant.subgroups);
-    let src = shaders::source_variant(name, variant).expect("known kernel");
+    let src = shaders::source_for(name, precision, subgroups).expect("known kernel");
     let module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
     let mut caps = match precision {
@@ -92,29 +76,16 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         shader_model: hlsl::ShaderModel::V6_0,
         ..Default::default()
     };
-    // f32 with plain loads, f32 with vec4 loads (for head sizes that allow them), f16.
-    let storage = [
-        (Precision::F32, false),
-        (Precision::F32, true),
-        (Precision::F16, false),
-    ];
-    for ((id, (precision, vec4_loads), spec), subgroups) in KernelId::ALL
+    for ((id, precision, spec), subgroups) in KernelId::ALL
         .iter()
         .flat_map(|id| {
-            storage
+            [Precision::F32, Precision::F16]
                 .into_iter()
                 .flat_map(move |p| specs.map(move |s| (*id, p, s)))
         })
-        .filter(|(_, (_, vec4), s)| !vec4 || shaders::Variant::vec4_loads_fit(s.dk, s.dv))
         .flat_map(|k| [(k, false), (k, true)])
     {
-        let variant = shaders::Variant {
-            precision,
-            subgroups,
-            tensor_cores: false,
-            vec4_loads,
-        };
-        let (m, info) = module_variant(id.name(), &variant);
+        let (m, info) = module_for(id.name(), precision, subgroups);
         let constants: naga::back::PipelineConstants = if id.specialized() {
             spec.constants()
                 .iter()
@@ -230,7 +201,6 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         precision: Precision::F16,
         subgroups: true,
         tensor_cores: true,
-        vec4_loads: false,
     };
     let mut checked = 0;
     for id in KernelId::ALL.into_iter().filter(|k| k.attention_core()) {

@@ -13,9 +13,8 @@
 
 #import load_v
 
-// Read through load_v1, load_v4 (load_v_f32.wgsl, load_v_f32x4.wgsl, load_v_f16.wgsl), by
-// element index.
-@group(0) @binding(3) var<storage, read> v: array<in_kv>;  // [B, T, Hkv, Dv]
+// Read through load_v1, load_v4 (load_v_f32.wgsl / load_v_f16.wgsl), by element index.
+@group(0) @binding(3) var<storage, read> v: array<in_s>;  // [B, T, Hkv, Dv]
 
 const KT_MAX: u32 = 64u;       // keys per tile at most
 const NEG_BIG: f32 = -3.0e38;

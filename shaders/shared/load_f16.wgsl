@@ -1,8 +1,6 @@
-// Element loads from the attention kernels' q and k (`array<in_s>`, `array<in_kv>`, both
-// u32: two f16 per word, unpacked with unpack2x16float), by element index. load_f32.wgsl has
-// the same functions for f32.
-
-alias in_kv = u32;
+// Element loads from the attention kernels' q and k (`array<in_s>`, in_s = u32: two f16 per
+// word, unpacked with unpack2x16float), by element index. load_f32.wgsl has the same
+// functions for f32.
 
 fn load_q1(at: u32) -> f32 {
     return unpack2x16float(q[at >> 1u])[at & 1u];

@@ -1,8 +1,5 @@
-// Element loads from the attention kernels' q and k (`array<in_s>`, `array<in_kv>`, both
-// f32), by element index. load_f32x4.wgsl has the same functions for k read as vec4s,
-// load_f16.wgsl for pairs of f16.
-
-alias in_kv = f32;
+// Element loads from the attention kernels' q and k (`array<in_s>`, in_s = f32), by element
+// index. load_f16.wgsl has the same functions for pairs of f16.
 
 fn load_q1(at: u32) -> f32 {
     return q[at];

@@ -1,4 +1,4 @@
-// Element loads from attention's v (`array<in_kv>`, u32): as load_f16.wgsl for k.
+// Element loads from attention's v (`array<in_s>`, in_s = u32): as load_f16.wgsl for k.
 
 fn load_v1(at: u32) -> f32 {
     return unpack2x16float(v[at >> 1u])[at & 1u];

@@ -1,4 +1,4 @@
-// Element loads from attention's v (`array<in_kv>`, f32): as load_f32.wgsl for k.
+// Element loads from attention's v (`array<in_s>`, in_s = f32): as load_f32.wgsl for k.
 
 fn load_v1(at: u32) -> f32 {
     return v[at];

@@ -7,10 +7,9 @@
 #import params
 #import load
 
-// Read through load_q1, load_k1, load_k4 (load_f32.wgsl, load_f32x4.wgsl, load_f16.wgsl), by
-// element index; k's element type `in_kv` comes with the loads.
+// Read through load_q1, load_k1, load_k4 (load_f32.wgsl / load_f16.wgsl), by element index.
 @group(0) @binding(1) var<storage, read> q: array<in_s>;  // [B, Tq, Hq, Dk]
-@group(0) @binding(2) var<storage, read> k: array<in_kv>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
+@group(0) @binding(2) var<storage, read> k: array<in_s>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
 
 const WG: u32 = 128u;          // invocations per workgroup
 const ROWS: u32 = 16u;         // query rows per workgroup
