@@ -335,14 +335,15 @@ impl KernelLayout {
 
     /// Compiles the kernel in `variant` (input storage, reductions, tensor cores),
     /// specialized to `spec`. Workgroup memory is not zero-initialized (every kernel writes
-    /// what it reads), and naga's loop bounding and bounds checks are off (every loop is
-    /// bounded, every index in range).
+    /// what it reads), and naga's loop bounding is off (every loop is bounded), as are its
+    /// bounds checks (every index is in range) unless `bounds_checks`.
     pub fn compile(
         &self,
         device: &wgpu::Device,
         id: KernelId,
         variant: &crate::shaders::Variant,
         spec: &Specialization,
+        bounds_checks: bool,
     ) -> wgpu::ComputePipeline {
         let source = crate::shaders::source_variant(id.name(), variant)
             .expect("every KernelId has a shader");
@@ -357,7 +358,7 @@ impl KernelLayout {
         // into the loads (about 1.3x on an H200). Division checks stay on.
         let checks = wgpu::ShaderRuntimeChecks {
             force_loop_bounding: false,
-            bounds_checks: false,
+            bounds_checks,
             ..wgpu::ShaderRuntimeChecks::checked()
         };
         // SAFETY: every index stays inside its array. Storage arrays are indexed inside the

@@ -344,6 +344,8 @@ pub struct NsaPipeline {
     /// Whether the attention core runs on tensor cores for f16 inputs (see
     /// [`Self::set_tensor_cores`]).
     tensor_cores: bool,
+    /// Whether kernels compile with naga's bounds checks (see [`Self::set_bounds_checks`]).
+    bounds_checks: bool,
     limits: DeviceLimits,
     /// Fills read-only slots a dispatch does not use.
     dummy: wgpu::Buffer,
@@ -406,6 +408,7 @@ impl NsaPipeline {
             f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
             subgroups: subgroups_usable(ctx),
             tensor_cores: tensor_cores_usable(ctx),
+            bounds_checks: false,
             limits: device_limits(&lim),
             dummy,
             dummy_out,
@@ -630,7 +633,9 @@ impl NsaPipeline {
                 continue;
             }
             let compile = |variant: &Variant, spec: &Specialization| {
-                checked_compile(device, || layout.compile(device, id, variant, spec))
+                checked_compile(device, || {
+                    layout.compile(device, id, variant, spec, self.bounds_checks)
+                })
             };
             // An experimental feature: where the driver rejects the tensor-core kernel, the
             // plain one takes its place (under the same key).
@@ -821,6 +826,24 @@ impl NsaPipeline {
             self.forget_compiled();
         }
         self.tensor_cores()
+    }
+
+    /// Whether kernels compile with naga's bounds checks, which clamp every array index in
+    /// the shaders. Off by default: every index the kernels compute is in range, and the
+    /// clamps cost about 1.3x on an H200 (browsers add their own checks regardless).
+    pub fn bounds_checks(&self) -> bool {
+        self.bounds_checks
+    }
+
+    /// Compiles kernels from now on with (`on`) or without naga's bounds checks: a
+    /// debugging aid, and how the tests check that the unchecked kernels index nothing out
+    /// of range (both must write the same bits). Returns the choice in effect.
+    pub fn set_bounds_checks(&mut self, on: bool) -> bool {
+        if on != self.bounds_checks {
+            self.bounds_checks = on;
+            self.forget_compiled();
+        }
+        self.bounds_checks
     }
 
     /// Drops the compiled kernels (after a change of variant).

@@ -380,6 +380,114 @@ fn split_plan_matches_the_reference() {
 }
 
 #[test]
+fn bounds_checked_kernels_write_the_same_bits() {
+    // The kernels compile without naga's bounds checks. Compiled with them, any index out of
+    // range would be clamped and read or write something else: on shapes that straddle every
+    // tile, row and split limit, both must write exactly the same outputs.
+    let ctx = pipeline().context().clone();
+    let mut checked = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+    assert!(!checked.bounds_checks());
+    assert!(checked.set_bounds_checks(true));
+    checked.set_subgroup_reductions(pipeline().subgroup_reductions());
+    let tiny = DeviceLimits {
+        max_storage_binding: 24 << 10,
+        max_workgroups_per_dim: 7,
+        workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes() + 16 * (16 * 3 + 5 * 3),
+        ..pipeline().limits()
+    };
+    let cases = [
+        (small(), Shape::prefill(1, 63, 3, 1, 100, 64), None),
+        (paper(), Shape::prefill(1, 200, 16, 1, 192, 128), None),
+        (small(), Shape::prefill(1, 40, 20, 1, 16, 8), None),
+        (linear(small()), Shape::prefill(2, 130, 4, 2, 16, 16), None),
+        (
+            small(),
+            Shape {
+                tq: 1,
+                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
+            },
+            None,
+        ),
+        (
+            small(),
+            Shape {
+                batch: 2,
+                tq: 90,
+                tk: 97,
+                hq: 4,
+                hkv: 2,
+                dk: 12,
+                dv: 10,
+            },
+            Some(tiny),
+        ),
+    ];
+    for (i, (cfg, shape, limits)) in cases.into_iter().enumerate() {
+        let plan = match limits {
+            Some(l) => Plan::new(&cfg, &shape, &l).expect("plan"),
+            None => pipeline().plan(&cfg, &shape).expect("plan"),
+        };
+        let data = Data::new(&cfg, &shape, false, 40 + i as u64);
+        let a = gpu_forward(pipeline(), &plan, &data);
+        let b = gpu_forward(&checked, &plan, &data);
+        for (what, x, y) in [
+            ("out", &a.out, &b.out),
+            ("o_cmp", &a.o_cmp, &b.o_cmp),
+            ("o_slc", &a.o_slc, &b.o_slc),
+            ("o_win", &a.o_win, &b.o_win),
+            ("kc", &a.kc, &b.kc),
+            ("vc", &a.vc, &b.vc),
+            ("lse", &a.lse, &b.lse),
+        ] {
+            assert_eq!(x.len(), y.len());
+            let differ = x
+                .iter()
+                .zip(y)
+                .position(|(p, q)| p.to_bits() != q.to_bits());
+            assert!(
+                differ.is_none(),
+                "case {i} {shape:?}: {what}[{}] is {} unchecked, {} checked",
+                differ.unwrap(),
+                x[differ.unwrap()],
+                y[differ.unwrap()]
+            );
+        }
+        assert_eq!(a.idx, b.idx, "case {i} {shape:?}: block indices");
+    }
+    // f16 storage reads pairs of halves as words, which straddle rows at odd head sizes.
+    if f16_pipeline().is_none() {
+        return;
+    }
+    for (cfg, shape) in [
+        (small(), Shape::prefill(1, 90, 4, 2, 37, 21)),
+        (
+            small(),
+            Shape {
+                tq: 1,
+                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
+            },
+        ),
+    ] {
+        let data = Data::new(&cfg, &shape, false, 91);
+        let run = |pipe: &NsaPipeline| {
+            pipe.run_with(
+                &cfg,
+                &shape,
+                &data.inputs(),
+                OutputRequest::all(),
+                nsa_wgpu::Precision::F16,
+            )
+            .block_on()
+            .expect("f16 run")
+        };
+        let (a, b) = (run(pipeline()), run(&checked));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&a.out) == bits(&b.out), "f16 {shape:?}: out differs");
+        assert_eq!(a.block_indices, b.block_indices, "f16 {shape:?}");
+    }
+}
+
+#[test]
 fn run_returns_what_encode_writes() {
     let pipe = pipeline();
     let cfg = small();
