@@ -138,16 +138,13 @@ fn main(
                 if t0 + kt < t_hi {
                     fetch_tile(lid, kbase + (t0 + kt) * kstep, min(kt, t_hi - t0 - kt), DK, true);
                 }
-                // 4 heads x 2 tokens per item (tokens j and j + half, as in attn_simt.wgsl).
+                // 4 heads x 2 tokens per item (score_item).
                 let half = (nk + 1u) / 2u;
                 for (var x = lid; x < nrg * half; x += WG) {
-                    let rg = x / half;
-                    let j = x % half;
-                    let j1 = j + half;
-                    let s = score8(rg, j, min(j1, nk - 1u));
-                    partial[rg * KT_MAX + j] = head_sum(rg, nh, s.a);
-                    if j1 < nk {
-                        partial[rg * KT_MAX + j1] = head_sum(rg, nh, s.b);
+                    let it = score_item(x, half, nk);
+                    partial[it.rg * KT_MAX + it.j] = head_sum(it.rg, nh, it.s.a);
+                    if it.j1 < nk {
+                        partial[it.rg * KT_MAX + it.j1] = head_sum(it.rg, nh, it.s.b);
                     }
                 }
                 workgroupBarrier();

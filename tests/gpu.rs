@@ -349,16 +349,14 @@ cases! {
     fla_like_t100_hq2_hkv1_dk16_dv16: fla_like(), [1, 100, 100, 2, 1, 16, 16], false;
 }
 
-#[test]
-fn split_plan_matches_the_reference() {
-    // Tiny limits force query chunks, batch chunks, unaligned windows and 2D grids, and
-    // little workgroup memory a smaller `smem` buffer: five keys per tile.
-    let pipe = pipeline();
+/// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and
+/// five keys per tile.
+fn tiny() -> (Shape, DeviceLimits) {
     let limits = DeviceLimits {
         max_storage_binding: 24 << 10,
         max_workgroups_per_dim: 7,
         workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes() + 16 * (16 * 3 + 5 * 3),
-        ..pipe.limits()
+        ..pipeline().limits()
     };
     let shape = Shape {
         batch: 2,
@@ -369,6 +367,14 @@ fn split_plan_matches_the_reference() {
         dk: 12,
         dv: 10,
     };
+    (shape, limits)
+}
+
+#[test]
+fn split_plan_matches_the_reference() {
+    // Tiny limits force query chunks, batch chunks, unaligned windows and 2D grids, and
+    // little workgroup memory a smaller `smem` buffer: five keys per tile.
+    let (shape, limits) = tiny();
     let plan = Plan::new(&small(), &shape, &limits).expect("plan");
     assert_eq!(plan.kv_tile, 5);
     assert!(
@@ -389,12 +395,7 @@ fn bounds_checked_kernels_write_the_same_bits() {
     assert!(!checked.bounds_checks());
     assert!(checked.set_bounds_checks(true));
     checked.set_subgroup_reductions(pipeline().subgroup_reductions());
-    let tiny = DeviceLimits {
-        max_storage_binding: 24 << 10,
-        max_workgroups_per_dim: 7,
-        workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes() + 16 * (16 * 3 + 5 * 3),
-        ..pipeline().limits()
-    };
+    let (tiny_shape, tiny_limits) = tiny();
     let cases = [
         (small(), Shape::prefill(1, 63, 3, 1, 100, 64), None),
         (paper(), Shape::prefill(1, 200, 16, 1, 192, 128), None),
@@ -408,19 +409,7 @@ fn bounds_checked_kernels_write_the_same_bits() {
             },
             None,
         ),
-        (
-            small(),
-            Shape {
-                batch: 2,
-                tq: 90,
-                tk: 97,
-                hq: 4,
-                hkv: 2,
-                dk: 12,
-                dv: 10,
-            },
-            Some(tiny),
-        ),
+        (small(), tiny_shape, Some(tiny_limits)),
     ];
     for (i, (cfg, shape, limits)) in cases.into_iter().enumerate() {
         let plan = match limits {
@@ -469,18 +458,8 @@ fn bounds_checked_kernels_write_the_same_bits() {
         ),
     ] {
         let data = Data::new(&cfg, &shape, false, 91);
-        let run = |pipe: &NsaPipeline| {
-            pipe.run_with(
-                &cfg,
-                &shape,
-                &data.inputs(),
-                OutputRequest::all(),
-                nsa_wgpu::Precision::F16,
-            )
-            .block_on()
-            .expect("f16 run")
-        };
-        let (a, b) = (run(pipeline()), run(&checked));
+        let a = run_f16(pipeline(), &cfg, &shape, &data);
+        let b = run_f16(&checked, &cfg, &shape, &data);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert!(bits(&a.out) == bits(&b.out), "f16 {shape:?}: out differs");
         assert_eq!(a.block_indices, b.block_indices, "f16 {shape:?}");
@@ -693,16 +672,7 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
         ),
     ] {
         let data = Data::new(&cfg, &shape, false, 77);
-        let got = pipe
-            .run_with(
-                &cfg,
-                &shape,
-                &data.inputs(),
-                OutputRequest::all(),
-                nsa_wgpu::Precision::F16,
-            )
-            .block_on()
-            .expect("f16 run");
+        let got = run_f16(pipe, &cfg, &shape, &data);
         // The reference sees the inputs as the GPU stores them.
         let (q, k, v) = (round(&data.q), round(&data.k), round(&data.v));
         let naive = cpu::naive::nsa(
@@ -807,6 +777,24 @@ fn values_beyond_f16_are_errors_for_f16_storage() {
 }
 
 /// The shared pipeline where the adapter has shader-f16 (else `None`, and says so).
+/// Every output of `data` run with f16 storage.
+fn run_f16(
+    pipe: &NsaPipeline,
+    cfg: &NsaConfig,
+    shape: &Shape,
+    data: &Data,
+) -> nsa_wgpu::NsaOutputs {
+    pipe.run_with(
+        cfg,
+        shape,
+        &data.inputs(),
+        OutputRequest::all(),
+        nsa_wgpu::Precision::F16,
+    )
+    .block_on()
+    .expect("f16 run")
+}
+
 fn f16_pipeline() -> Option<&'static NsaPipeline> {
     let pipe = pipeline();
     if pipe.supports(nsa_wgpu::Precision::F16) {

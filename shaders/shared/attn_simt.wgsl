@@ -30,17 +30,13 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         store_tile(lid, nk, DK);
         workgroupBarrier();
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
-        // Scores: 4 rows x 2 keys per item, keys j and j + half, so that neighbouring
-        // invocations read neighbouring tile rows.
+        // Scores: 4 rows x 2 keys per item (score_item).
         let half = (nk + 1u) / 2u;
         for (var x = lid; x < nrg * half; x += WG) {
-            let rg = x / half;
-            let j = x % half;
-            let j1 = j + half;
-            let s = score8(rg, j, min(j1, nk - 1u));
-            store_scores(rg, t0, j, s.a * params.scale, r.n);
-            if j1 < nk {
-                store_scores(rg, t0, j1, s.b * params.scale, r.n);
+            let it = score_item(x, half, nk);
+            store_scores(it.rg, t0, it.j, it.s.a * params.scale, r.n);
+            if it.j1 < nk {
+                store_scores(it.rg, t0, it.j1, it.s.b * params.scale, r.n);
             }
         }
         workgroupBarrier();

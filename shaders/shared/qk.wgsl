@@ -126,6 +126,23 @@ struct Score8 {
     b: vec4<f32>,
 }
 
+// Item x of a tile's scores, 4 rows x 2 keys: rows 4*rg .. 4*rg+3 against keys j and j1 = j
+// + half (half = ceil(nk / 2), so that neighbouring invocations read neighbouring tile rows);
+// `s.b` is to be dropped when j1 >= nk.
+struct ScoreItem {
+    rg: u32,
+    j: u32,
+    j1: u32,
+    s: Score8,
+}
+
+fn score_item(x: u32, half: u32, nk: u32) -> ScoreItem {
+    let rg = x / half;
+    let j = x % half;
+    let j1 = j + half;
+    return ScoreItem(rg, j, j1, score8(rg, j, min(j1, nk - 1u)));
+}
+
 // q . k for query rows 4*rg .. 4*rg+3 and tile keys j0, j1 (unscaled). Two keys per item
 // share each query load: per vec4 of the head, six loads feed 32 FMAs.
 fn score8(rg: u32, j0: u32, j1: u32) -> Score8 {
