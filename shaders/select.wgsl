@@ -138,19 +138,32 @@ fn main(
                 if t0 + kt < t_hi {
                     fetch_tile(lid, kbase + (t0 + kt) * kstep, min(kt, t_hi - t0 - kt), DK, true);
                 }
-                // 4 heads x 2 tokens per item (score_item).
+                // 4 heads x 2 tokens per item (score_item), or, for 4 heads at most, 1 head
+                // x 2 tokens (row_item); `partial` then holds one row per head.
                 let half = (nk + 1u) / 2u;
-                for (var x = lid; x < nrg * half; x += WG) {
-                    let it = score_item(x, half, nk);
-                    partial[it.rg * KT_MAX + it.j] = head_sum(it.rg, nh, it.s.a);
-                    if it.j1 < nk {
-                        partial[it.rg * KT_MAX + it.j1] = head_sum(it.rg, nh, it.s.b);
+                let narrow = FEW_ROWS != 0u && nrg == 1u;
+                if narrow {
+                    for (var x = lid; x < nh * half; x += WG) {
+                        let it = row_item(x, half, nk);
+                        let p = exp(it.s * params.scale - lse_s[it.i]);
+                        partial[it.i * KT_MAX + it.j] = p.x;
+                        if it.j1 < nk {
+                            partial[it.i * KT_MAX + it.j1] = p.y;
+                        }
+                    }
+                } else {
+                    for (var x = lid; x < nrg * half; x += WG) {
+                        let it = score_item(x, half, nk);
+                        partial[it.rg * KT_MAX + it.j] = head_sum(it.rg, nh, it.s.a);
+                        if it.j1 < nk {
+                            partial[it.rg * KT_MAX + it.j1] = head_sum(it.rg, nh, it.s.b);
+                        }
                     }
                 }
                 workgroupBarrier();
                 if lid < nk {
                     var acc = 0.0;
-                    for (var rg = 0u; rg < nrg; rg++) {
+                    for (var rg = 0u; rg < select(nrg, nh, narrow); rg++) {
                         acc += partial[rg * KT_MAX + lid];
                     }
                     pbuf[t0 + lid + u - 1u - m * j0] += acc;

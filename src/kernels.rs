@@ -198,9 +198,10 @@ pub fn specialized_fixed_bytes() -> u32 {
         .unwrap_or(0)
 }
 
-/// The constants an attention or selection kernel is compiled for: WGSL's `DK`, `DV`, `KT`
-/// and `SMEM4` overrides (`shaders/shared/qk.wgsl`), so that loops over head dimensions and
-/// tile keys have constant bounds and the tile fills the adapter's workgroup memory.
+/// The constants an attention or selection kernel is compiled for: WGSL's `DK`, `DV`, `KT`,
+/// `SMEM4` and `FEW_ROWS` overrides (`shaders/shared/qk.wgsl`), so that loops over head
+/// dimensions and tile keys have constant bounds, the tile fills the adapter's workgroup
+/// memory, and the one-row score path is compiled only where it is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Specialization {
     /// Key/query head dimension.
@@ -211,16 +212,21 @@ pub struct Specialization {
     pub kv_tile: u32,
     /// vec4s of the `smem` buffer that holds the queries and one tile.
     pub smem4: u32,
+    /// Whether some workgroups own 4 query rows or fewer (groups of at most 4 heads, in
+    /// selected attention and selection): their scores then take one row per item, so that
+    /// every invocation has work. Off, that path is compiled out.
+    pub few_rows: bool,
 }
 
 impl Specialization {
     /// The pipeline-overridable constants, by name.
-    pub fn constants(&self) -> [(&'static str, f64); 4] {
+    pub fn constants(&self) -> [(&'static str, f64); 5] {
         [
             ("DK", self.dk as f64),
             ("DV", self.dv as f64),
             ("KT", self.kv_tile as f64),
             ("SMEM4", self.smem4 as f64),
+            ("FEW_ROWS", self.few_rows as u32 as f64),
         ]
     }
 }
@@ -258,6 +264,8 @@ pub fn mma_specialization(dk: u32, dv: u32, limit: u32) -> Option<Specialization
             dv,
             kv_tile,
             smem4: mma_smem_vec4s(dk, dv),
+            // The tensor-core core scores whole 16x16 blocks; it has no one-row path.
+            few_rows: false,
         })
 }
 

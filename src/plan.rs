@@ -229,6 +229,8 @@ impl Plan {
             dv: self.shape.dv as u32,
             kv_tile: self.kv_tile,
             smem4: smem_vec4s(self.limits.workgroup_storage),
+            // The fewest heads a workgroup owns: the group's last chunk of 16.
+            few_rows: (self.shape.group() - 1) % ROWS_PER_WORKGROUP < 4,
         }
     }
 

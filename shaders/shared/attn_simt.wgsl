@@ -30,13 +30,24 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         store_tile(lid, nk, DK);
         workgroupBarrier();
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
-        // Scores: 4 rows x 2 keys per item (score_item).
+        // Scores: 4 rows x 2 keys per item (score_item), or 1 row x 2 keys (row_item) when
+        // there are 4 rows at most.
         let half = (nk + 1u) / 2u;
-        for (var x = lid; x < nrg * half; x += WG) {
-            let it = score_item(x, half, nk);
-            store_scores(it.rg, t0, it.j, it.s.a * params.scale, r.n);
-            if it.j1 < nk {
-                store_scores(it.rg, t0, it.j1, it.s.b * params.scale, r.n);
+        if FEW_ROWS != 0u && nrg == 1u {
+            for (var x = lid; x < r.n * half; x += WG) {
+                let it = row_item(x, half, nk);
+                store_score(it.i, t0, it.j, it.s.x * params.scale, r.n);
+                if it.j1 < nk {
+                    store_score(it.i, t0, it.j1, it.s.y * params.scale, r.n);
+                }
+            }
+        } else {
+            for (var x = lid; x < nrg * half; x += WG) {
+                let it = score_item(x, half, nk);
+                store_scores(it.rg, t0, it.j, it.s.a * params.scale, r.n);
+                if it.j1 < nk {
+                    store_scores(it.rg, t0, it.j1, it.s.b * params.scale, r.n);
+                }
             }
         }
         workgroupBarrier();
@@ -114,12 +125,16 @@ fn weigh4(p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f3
 // Rows 4*rg .. 4*rg+3's scaled scores `s` of tile column j (key t0 + j), NEG_BIG outside
 // each row's range.
 fn store_scores(rg: u32, t0: u32, j: u32, s: vec4<f32>, n: u32) {
-    let t = t0 + j;
     for (var c = 0u; c < 4u; c++) {
-        let i = rg * 4u + c;
-        let inside = i < n && t >= row_lo[i] && t < row_hi[i];
-        scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s[c], inside);
+        store_score(rg * 4u + c, t0, j, s[c], n);
     }
+}
+
+// Row i's scaled score `s` of tile column j (key t0 + j), NEG_BIG outside its range.
+fn store_score(i: u32, t0: u32, j: u32, s: f32, n: u32) {
+    let t = t0 + j;
+    let inside = i < n && t >= row_lo[i] && t < row_hi[i];
+    scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s, inside);
 }
 
 // Row i's scores of tile columns 4 * j4 .. 4 * j4 + 3, NEG_BIG for columns past nk.

@@ -23,6 +23,9 @@ override DK: u32;
 override DV: u32;
 override KT: u32;
 override SMEM4: u32;
+// 1 where some workgroups own 4 rows or fewer (groups of at most 4 heads): their scores then
+// take one row per item (row_item); 0 compiles that path out.
+override FEW_ROWS: u32;
 
 // The queries, [ROWS, dk4()] (zero past Dk and past the owned rows), then one key or value
 // tile, [KT, tile_stride()] (zero past D). The smaller the heads, the more keys per tile.
@@ -141,6 +144,28 @@ fn score_item(x: u32, half: u32, nk: u32) -> ScoreItem {
     let j = x % half;
     let j1 = j + half;
     return ScoreItem(rg, j, j1, score8(rg, j, min(j1, nk - 1u)));
+}
+
+// The same for few rows (4 at most, selected attention and selection in small groups): item
+// x is one row i against keys j and j1, so that every invocation has work.
+struct RowItem {
+    i: u32,
+    j: u32,
+    j1: u32,
+    s: vec2<f32>,
+}
+
+fn row_item(x: u32, half: u32, nk: u32) -> RowItem {
+    let i = x / half;
+    let j = x % half;
+    let j1 = j + half;
+    let k1 = min(j1, nk - 1u);
+    var s = vec2<f32>(0.0);
+    for (var e = 0u; e < dk4(); e++) {
+        let qv = smem[i * dk4() + e];
+        s += vec2<f32>(dot(qv, smem[tile_at(j, e)]), dot(qv, smem[tile_at(k1, e)]));
+    }
+    return RowItem(i, j, j1, s);
 }
 
 // q . k for query rows 4*rg .. 4*rg+3 and tile keys j0, j1 (unscaled). Two keys per item
