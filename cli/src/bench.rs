@@ -80,6 +80,10 @@ pub struct BenchArgs {
     /// (cooperative matrices).
     #[arg(long)]
     no_tensor_cores: bool,
+    /// Compile the kernels with naga's bounds checks (every array index clamped), to measure
+    /// what the library saves by leaving them out.
+    #[arg(long)]
+    bounds_checks: bool,
     #[command(flatten)]
     adapter: AdapterArgs,
 }
@@ -89,12 +93,14 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let mut pipe = args.adapter.pipeline()?;
     let subgroups = pipe.set_subgroup_reductions(!args.no_subgroups);
     let tensor_cores = pipe.set_tensor_cores(!args.no_tensor_cores);
+    let checks = pipe.set_bounds_checks(args.bounds_checks);
     let on = |b: bool| if b { "on" } else { "off" };
     println!(
-        "adapter: {}; subgroup reductions: {}; tensor cores for f16: {}",
+        "adapter: {}; subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}",
         pipe.context().describe(),
         on(subgroups),
-        on(tensor_cores)
+        on(tensor_cores),
+        on(checks)
     );
     Ok(pipe)
 }

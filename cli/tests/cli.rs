@@ -370,6 +370,19 @@ fn bench_quick_prints_a_table() {
 }
 
 #[test]
+fn bench_with_bounds_checks_says_so() {
+    let r = nsa(&["bench", "--quick", "--bounds-checks"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("bounds checks: on") && out.contains("| 700 |"),
+        "{out}"
+    );
+    let plain = nsa(&["bench", "--quick"]);
+    assert!(String::from_utf8_lossy(&plain.stdout).contains("bounds checks: off"));
+}
+
+#[test]
 fn decode_from_and_chunk_write_what_a_plain_run_writes() {
     let d = Dir::new();
     write(
