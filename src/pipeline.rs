@@ -238,8 +238,6 @@ struct BoundGroups {
 /// Calls (sets of buffers) whose bind groups a scratch keeps, e.g. rotating inputs.
 const KEPT_BIND_GROUPS: usize = 4;
 
-/// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
-/// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
 /// The pipeline `compile` makes, or the validation or internal error creating it raised
 /// (captured, not reported to the device's handler).
 #[cfg(not(target_arch = "wasm32"))]
@@ -283,6 +281,8 @@ fn tensor_cores_usable(ctx: &GpuContext) -> bool {
         && f.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16)
 }
 
+/// Whether the device can run the subgroup reductions: `SUBGROUP`, and subgroups of at least
+/// 8 invocations, so that the 8 consecutive invocations of an attention row share one.
 fn subgroups_usable(ctx: &GpuContext) -> bool {
     ctx.device.features().contains(wgpu::Features::SUBGROUP)
         && ctx.adapter_info.subgroup_min_size >= 8
@@ -830,7 +830,8 @@ impl NsaPipeline {
 
     /// Whether kernels compile with naga's bounds checks, which clamp every array index in
     /// the shaders. Off by default: every index the kernels compute is in range, and the
-    /// clamps cost about 1.3x on an H200 (browsers add their own checks regardless).
+    /// clamps cost 1.1-1.3x on an H200 in earlier measurements (BENCHMARKS.md; browsers add
+    /// their own checks regardless).
     pub fn bounds_checks(&self) -> bool {
         self.bounds_checks
     }

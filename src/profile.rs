@@ -276,13 +276,13 @@ pub fn sample_input_sets(device: &wgpu::Device, plan: &Plan, sets: u64) -> Vec<[
     use wgpu::util::DeviceExt;
     let up = |t: Tensor, seed: u64| {
         let data = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
-        let bytes: Vec<u8> = if plan.elem_bytes(t) == 2 {
-            data.iter()
-                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-                .collect()
+        let precision = if plan.elem_bytes(t) == 2 {
+            crate::Precision::F16
         } else {
-            bytemuck::cast_slice(&data).to_vec()
+            crate::Precision::F32
         };
+        let bytes = crate::inputs::stored_bytes("sample", &data, precision)
+            .expect("sample values lie within f16's range");
         device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("nsa.bench.input"),
             contents: &bytes,

@@ -69,9 +69,9 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             sum += p.x + p.y + p.z + p.w;
         }
         tile_stats(lid, sum, m_new);
-        // Every item rescales and accumulates.
         fetch_following(lid, r, stride, t0, end, next);
-        // Output: 4 rows x 4 dims per item, at most 2 items per invocation.
+        // Every item rescales and accumulates: 4 rows x 4 dims per item, at most 2 items per
+        // invocation.
         let items = nrg * dv4;
         if lid < items {
             acc0 = accumulate(acc0, lid / dv4, lid % dv4, nk);
