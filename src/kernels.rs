@@ -169,8 +169,8 @@ impl KernelId {
             KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256) * 4,
             // weight, stat_m, stat_l (three parts each)
             KernelId::Merge => 3 * 3 * 64 * 4,
-            // top_idx, cand_score, cand_idx, valid
-            KernelId::SelectMerge => (256 + 2 * 1024 + 1) * 4,
+            // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
+            KernelId::SelectMerge => (256 + 4 * 1024 + 2 * 64 + 3) * 4,
             // scores, red_max, red_sum (reduce_shared.wgsl), 5 per-row arrays
             _ => (1024 + 2 * 128 + 5 * 16) * 4,
         }

@@ -484,3 +484,62 @@ fn timed_extends_write_what_extend_writes() {
         assert!(matches!(r, Err(NsaError::BadBuffer { .. })), "{r:?}");
     }
 }
+
+#[test]
+fn split_selection_ranks_ties_to_the_lower_block() {
+    // One decode step over 4095 cached tokens splits the selection of its 128 blocks into 16
+    // chunks of 8 (full candidate lists: 2 free slots) and merges the candidates. With every key equal, every whole
+    // block scores the same (each one's probabilities are the same numbers added in the same
+    // order), so the merge must keep the lowest-numbered ones, exactly as the reference does.
+    let pipe = pipeline();
+    let cfg = small();
+    let s = Shape::prefill(1, 4096, 4, 2, 8, 8);
+    let mut data = Data::new(&cfg, &s, false, 41);
+    data.k = (0..data.k.len()).map(|i| 0.25 * (i % 8) as f32).collect();
+    let naive = nsa_wgpu::cpu::naive::nsa(&cfg, &s, &data.inputs()).unwrap();
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).unwrap();
+    let last = s.tk - 1;
+    let (k, v) = (
+        rows(&data.k, &s, 0, 0, last, 16),
+        rows(&data.v, &s, 0, 0, last, 16),
+    );
+    let c = SeqChunk {
+        seq: 0,
+        q: &[],
+        k: &k,
+        v: &v,
+        gates: &[],
+        branch_kv: None,
+    };
+    pollster::block_on(pipe.append(&mut cache, &[c])).unwrap();
+    let (q, k, v, g) = (
+        rows(&data.q, &s, 0, last, s.tk, 32),
+        rows(&data.k, &s, 0, last, s.tk, 16),
+        rows(&data.v, &s, 0, last, s.tk, 16),
+        rows(&data.gates, &s, 0, last, s.tk, 12),
+    );
+    let c = SeqChunk {
+        seq: 0,
+        q: &q,
+        k: &k,
+        v: &v,
+        gates: &g,
+        branch_kv: None,
+    };
+    let request = OutputRequest {
+        block_indices: true,
+        ..OutputRequest::default()
+    };
+    let r = pollster::block_on(pipe.extend(&mut cache, &[c], request)).unwrap();
+    let n = cfg.top_n;
+    let want = &naive.block_indices[last * 2 * n..s.tk * 2 * n];
+    // The reference picks blocks 0, 1, 2 (lowest free ones) and the forced ones.
+    assert_eq!(&want[..n], &[0, 1, 2, 126, 127]);
+    assert_eq!(r[0].block_indices.as_deref(), Some(want));
+    assert_close(
+        "last row",
+        &r[0].out,
+        &naive.out[last * 32..s.tk * 32],
+        1e-4,
+    );
+}
