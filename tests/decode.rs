@@ -488,9 +488,10 @@ fn timed_extends_write_what_extend_writes() {
 #[test]
 fn split_selection_ranks_ties_to_the_lower_block() {
     // One decode step over 4095 cached tokens splits the selection of its 128 blocks into 16
-    // chunks of 8 (full candidate lists: 2 free slots) and merges the candidates. With every key equal, every whole
-    // block scores the same (each one's probabilities are the same numbers added in the same
-    // order), so the merge must keep the lowest-numbered ones, exactly as the reference does.
+    // chunks of 8 (full candidate lists: 2 free slots) and merges the candidates. With every
+    // key equal, every whole block scores the same (each one's probabilities are the same
+    // numbers added in the same order), so the merge must keep the lowest-numbered ones,
+    // exactly as the reference does.
     let pipe = pipeline();
     let cfg = small();
     let s = Shape::prefill(1, 4096, 4, 2, 8, 8);
