@@ -20,18 +20,16 @@
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;   // [B, Tq, Hq, Dv]
 
 const WG: u32 = 64u;
-const SPLITS_MAX: u32 = 64u;
+const SPLITS_MAX: u32 = 64u;  // at most WG: one invocation loads each split's statistics
+const BATCH: u32 = 16u;       // splits whose partials combine loads at once
 
-var<workgroup> weight: array<f32, 3 * SPLITS_MAX>;  // [part, split]: see split_weight
+// [part, split]: each split's running max and sum (no_keys() for a split that saw none), as
+// loaded once by share; then its weight in the merged row.
+var<workgroup> split_m: array<f32, 3 * SPLITS_MAX>;
+var<workgroup> split_l: array<f32, 3 * SPLITS_MAX>;
+var<workgroup> weight: array<f32, 3 * SPLITS_MAX>;
 var<workgroup> stat_m: array<f32, 3 * WG>;          // [part, invocation]: reduced in place
 var<workgroup> stat_l: array<f32, 3 * WG>;
-
-// Which part split_stats and split_weight (shared/partials.wgsl) read through part_at.
-var<private> reading: u32;
-
-fn part_at(i: u32) -> f32 {
-    return part_in(reading, i);
-}
 
 // Element i of part `slot`'s buffer.
 fn part_in(slot: u32, i: u32) -> f32 {
@@ -54,12 +52,21 @@ struct Part {
     splits: u32,
 }
 
-// Stores this invocation's share of part `slot`'s statistics: its splits lid, lid + WG, ...
+// Loads split lid's statistics of part `slot` (none past its splits) into split_m, split_l
+// and this invocation's share of the reduction. The load does not depend on the split count,
+// so the three parts' loads are in flight together.
 fn share(lid: u32, slot: u32, p: Part) {
-    reading = slot;
-    let st = split_stats(p.base, p.splits, lid, WG);
+    let at = p.base + min(lid, p.splits - 1u) * (params.dv + 2u) + params.dv;
+    let m = part_in(slot, at);
+    let l = part_in(slot, at + 1u);
+    var st = no_keys();
+    if lid < p.splits && l > 0.0 {
+        st = SplitStats(m, l);
+    }
     stat_m[slot * WG + lid] = st.m;
     stat_l[slot * WG + lid] = st.l;
+    split_m[slot * SPLITS_MAX + lid] = st.m;
+    split_l[slot * SPLITS_MAX + lid] = st.l;
 }
 
 // Merges the shares of the first `parts` parts into their first entries, by halves.
@@ -80,22 +87,28 @@ fn reduce_shares(lid: u32, parts: u32) {
     }
 }
 
-// Stores the weights of part `slot`'s splits (after reduce_shares), one per invocation.
-fn weigh(lid: u32, slot: u32, p: Part) {
-    if lid < p.splits {
-        reading = slot;
-        let st = SplitStats(stat_m[slot * WG], stat_l[slot * WG]);
-        weight[slot * SPLITS_MAX + lid] = split_weight(p.base, lid, st);
-    }
+// Stores split lid's weight in part `slot`'s merged row (after reduce_shares):
+// e^(m_s - M) / L, 0 for a split that saw no key.
+fn weigh(lid: u32, slot: u32) {
+    let i = slot * SPLITS_MAX + lid;
+    let w = exp(split_m[i] - stat_m[slot * WG]) / stat_l[slot * WG];
+    weight[i] = select(0.0, w, split_l[i] > 0.0);
 }
 
-// Element e of part `slot`'s merged row.
+// Element e of part `slot`'s merged row. BATCH partials are loaded before any is used (the
+// indices past the splits repeat the last one), so that a batch costs one round trip.
 fn combine(slot: u32, p: Part, e: u32) -> f32 {
+    let w = params.dv + 2u;
     var o = 0.0;
-    for (var s = 0u; s < p.splits; s++) {
-        let ws = weight[slot * SPLITS_MAX + s];
-        if ws > 0.0 {
-            o += ws * part_in(slot, p.base + s * (params.dv + 2u) + e);
+    for (var s0 = 0u; s0 < p.splits; s0 += BATCH) {
+        var v: array<f32, BATCH>;
+        for (var c = 0u; c < BATCH; c++) {
+            v[c] = part_in(slot, p.base + min(s0 + c, p.splits - 1u) * w + e);
+        }
+        for (var c = 0u; c < BATCH; c++) {
+            let s = min(s0 + c, SPLITS_MAX - 1u);
+            let ws = select(0.0, weight[slot * SPLITS_MAX + s], s0 + c < p.splits);
+            o += select(0.0, ws * v[c], ws > 0.0);
         }
     }
     return o;
@@ -124,10 +137,10 @@ fn main(
     }
     workgroupBarrier();
     reduce_shares(lid, select(1u, 3u, nsa));
-    weigh(lid, 0u, pc);
+    weigh(lid, 0u);
     if nsa {
-        weigh(lid, 1u, ps);
-        weigh(lid, 2u, pw);
+        weigh(lid, 1u);
+        weigh(lid, 2u);
     }
     workgroupBarrier();
     for (var e = lid; e < dv; e += WG) {

@@ -27,8 +27,28 @@ var<workgroup> top_score: array<f32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
 
-fn part_at(i: u32) -> f32 {
-    return lse[i];
+// The statistics of cmp_attn's splits first, first + step, ... < splits (its partials) of
+// the row whose first split starts at `base` (invocations share a row's splits this way,
+// then merge_stats). Four splits' statistics are loaded before any is used, so that they
+// cost one round trip.
+fn split_stats(base: u32, splits: u32, first: u32, step: u32) -> SplitStats {
+    let w = params.dv + 2u;
+    var st = no_keys();
+    for (var s0 = first; s0 < splits; s0 += 4u * step) {
+        var m: array<f32, 4>;
+        var l: array<f32, 4>;
+        for (var c = 0u; c < 4u; c++) {
+            let at = base + min(s0 + c * step, splits - 1u) * w + params.dv;
+            m[c] = lse[at];
+            l[c] = lse[at + 1u];
+        }
+        for (var c = 0u; c < 4u; c++) {
+            if s0 + c * step < splits && l[c] > 0.0 {
+                st = merge_stats(st, SplitStats(m[c], l[c]));
+            }
+        }
+    }
+    return st;
 }
 
 // Stores the compressed-attention log-sum-exp of rows row0 .. row0 + nh into lse_s: as

@@ -167,8 +167,8 @@ impl KernelId {
             KernelId::Compress => 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists
             KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256) * 4,
-            // weight, stat_m, stat_l (three parts each)
-            KernelId::Merge => 3 * 3 * 64 * 4,
+            // split_m, split_l, weight, stat_m, stat_l (three parts each)
+            KernelId::Merge => 5 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
             KernelId::SelectMerge => (256 + 4 * 1024 + 2 * 64 + 3) * 4,
             // scores, red_max, red_sum (reduce_shared.wgsl), 5 per-row arrays
