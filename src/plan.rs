@@ -828,8 +828,7 @@ impl Plan {
                 continue;
             }
             // When any branch splits, all three write partials (a third of a binding each at
-            // most, in three buffers) and one merge pass combines them with the gates; the
-            // window then runs right after the compressed branch (it no longer combines).
+            // most, in three buffers) and one merge pass combines them with the gates.
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
             let sp_c = self.splits(attn_total, tiles(self.n_cmp as u64), 3 * part_row);
@@ -900,9 +899,6 @@ impl Plan {
                     (Tensor::Lse, lse.0),
                 ],
             });
-            if split {
-                self.steps.push(win.clone());
-            }
             // The selection reads the log-sum-exp, or derives it from the partials.
             let l = if split {
                 (Tensor::Part, pc)
@@ -975,9 +971,12 @@ impl Plan {
                     (o.0, o.1 .0),
                 ],
             });
-            if !split {
-                self.steps.push(win);
-            } else {
+            // Split, the window still goes last before the merge: its workgroups then run
+            // beside the selected branch's rather than with the compressed branch's, which
+            // the rest of the step waits for (an H200 decode step at 64k, B=1: 0.124 ms
+            // against 0.137 ms with the window right after the compressed branch).
+            self.steps.push(win);
+            if split {
                 self.steps.push(Step {
                     kernel: KernelId::Merge,
                     params: Params {

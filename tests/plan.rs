@@ -86,7 +86,7 @@ fn small_shapes_plan_one_chunk() {
     // the window's keys are split in two and merged.
     assert_eq!(
         kinds,
-        [Compress, Compress, CmpAttn, WinAttn, Select, SlcAttn, Merge]
+        [Compress, Compress, CmpAttn, Select, SlcAttn, WinAttn, Merge]
     );
     assert_eq!(plan.n_cmp, 61);
     assert_eq!(plan.head_chunks, 1);
@@ -113,10 +113,10 @@ fn decode_plans_split_every_branch_and_merge() {
             Compress,
             Compress,
             CmpAttn,
-            WinAttn,
             Select,
             SelectMerge,
             SlcAttn,
+            WinAttn,
             Merge
         ]
     );
@@ -124,17 +124,17 @@ fn decode_plans_split_every_branch_and_merge() {
     // 4 row groups: compressed attention over 4095 tokens (128 tiles of 32) takes 32 splits
     // (ATTN_SPLITS_MAX), selection 16 chunks of 64 of its 1024 blocks (SELECT_SPLITS_MAX),
     // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
-    // split (right after the compressed branch: they need no barrier between them); one
-    // merge takes the three branches' partials.
-    assert_eq!(splits, [1, 1, 32, 17, 16, 16, 16, 32]);
+    // split (right after the selected branch: they need no barrier between them); one merge
+    // takes the three branches' partials.
+    assert_eq!(splits, [1, 1, 32, 16, 16, 16, 17, 32]);
     let merge = &plan.steps.last().unwrap().params;
     assert_eq!(
         (merge.branch, merge.slc_splits, merge.win_splits),
         (1, 16, 17)
     );
-    // Nothing the compressed branch writes is bound by the window's dispatch, nor the other
+    // Nothing the selected branch writes is bound by the window's dispatch, nor the other
     // way round, so that the two need no barrier between them.
-    let (cmp, win) = (&plan.steps[2], &plan.steps[3]);
+    let (slc, win) = (&plan.steps[5], &plan.steps[6]);
     let written = |step: &nsa_wgpu::plan::Step| -> Vec<Tensor> {
         step.bindings
             .iter()
@@ -146,19 +146,19 @@ fn decode_plans_split_every_branch_and_merge() {
     let bound = |step: &nsa_wgpu::plan::Step| -> Vec<Tensor> {
         step.bindings.iter().map(|(t, _)| *t).collect()
     };
-    for t in written(cmp) {
+    for t in written(slc) {
         assert!(
             !bound(win).contains(&t),
-            "{t:?} written by cmp_attn, bound by win_attn"
+            "{t:?} written by slc_attn, bound by win_attn"
         );
     }
     for t in written(win) {
         assert!(
-            !bound(cmp).contains(&t),
-            "{t:?} written by win_attn, bound by cmp_attn"
+            !bound(slc).contains(&t),
+            "{t:?} written by win_attn, bound by slc_attn"
         );
     }
-    let select = &plan.steps[4].params;
+    let select = &plan.steps[3].params;
     assert_eq!(
         select.cmp_splits, 32,
         "the selection derives lse from the partials"
