@@ -19,13 +19,15 @@ const KT_MAX: u32 = 64u;   // tokens per tile at most
 const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
 const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG)
 
-var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads
+var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads; then
+                                                // the blocks entering the list (see main)
 var<workgroup> lse_s: array<f32, ROWS>;
 var<workgroup> pbuf: array<f32, PBUF>;          // group-summed p_cmp of the chunk's tokens
 var<workgroup> bscore: array<f32, BCHUNK>;      // chunk block scores, -1 for forced blocks
 var<workgroup> top_score: array<f32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
+var<workgroup> entering: atomic<u32>;           // chunk blocks that can enter the top list
 
 // The statistics of cmp_attn's splits first, first + step, ... < splits (its partials) of
 // the row whose first split starts at `base` (invocations share a row's splits this way,
@@ -128,6 +130,12 @@ fn main(
     let slots = params.top_n - f.nf;
     let row0 = (bb * params.q_count + iq) * params.hq + h * params.g;  // first head of the group
     var cnt = 0u;
+    // A group of ROWS heads at most loads its queries and log-sum-exps once for all chunks.
+    let once = params.g <= ROWS;
+    if once {
+        load_queries(lid, params.g, params.g, row0);
+        load_lse(lid, row0, params.g);
+    }
     // Split s takes chunks s, s + splits, ...
     for (var j0 = split * bc; j0 <= c; j0 += params.splits * bc) {
         let jn = min(bc, c + 1u - j0);
@@ -143,8 +151,10 @@ fn main(
             let nh = min(ROWS, params.g - h0);
             let nrg = (nh + 3u) / 4u;
             workgroupBarrier();
-            load_queries(lid, nh, nh, row0 + h0);
-            load_lse(lid, row0 + h0, nh);
+            if !once {
+                load_queries(lid, nh, nh, row0 + h0);
+                load_lse(lid, row0 + h0, nh);
+            }
             // The next tile's keys are fetched while this tile is scored.
             let kbase = params.off_kc + (bb * params.c_stride * params.hkv + h) * DK;
             let kstep = params.hkv * DK;
@@ -191,6 +201,9 @@ fn main(
             }
         }
         workgroupBarrier();
+        if lid == 0u {
+            atomicStore(&entering, 0u);
+        }
         if lid < jn {
             let j = j0 + lid;
             var s = -1.0;
@@ -206,42 +219,44 @@ fn main(
             bscore[lid] = s;
         }
         workgroupBarrier();
-        // Rank every candidate (running list and this chunk) against all others.
-        if lid < cnt {
-            let sa = top_score[lid];
-            let ja = top_idx[lid];
-            var rank = 0u;
-            for (var y = 0u; y < cnt; y++) {
-                rank += u32(beats(top_score[y], top_idx[y], sa, ja));
-            }
-            for (var y = 0u; y < jn; y++) {
-                rank += u32(bscore[y] >= 0.0 && beats(bscore[y], j0 + y, sa, ja));
-            }
-            if rank < slots {
-                new_score[rank] = sa;
-                new_idx[rank] = ja;
-            }
-        }
+        // Only the chunk's blocks that beat the list's last entry (any, while the list is not
+        // full) can enter it; they gather in `partial` ([score; block as bits], in no order).
+        // Whatever the list beats ranks below every entry, so leaving it out changes no rank.
         if lid < jn && bscore[lid] >= 0.0 {
             let sa = bscore[lid];
             let ja = j0 + lid;
+            if cnt < slots || (cnt > 0u && beats(sa, ja, top_score[cnt - 1u], top_idx[cnt - 1u])) {
+                let k = atomicAdd(&entering, 1u);
+                partial[k] = sa;
+                partial[BCHUNK + k] = bitcast<f32>(ja);
+            }
+        }
+        workgroupBarrier();
+        // Rank every entry of the list and every entering block against all of them.
+        let ne = atomicLoad(&entering);
+        for (var x = lid; x < cnt + ne; x += WG) {
+            var sa: f32;
+            var ja: u32;
+            if x < cnt {
+                sa = top_score[x];
+                ja = top_idx[x];
+            } else {
+                sa = partial[x - cnt];
+                ja = bitcast<u32>(partial[BCHUNK + x - cnt]);
+            }
             var rank = 0u;
             for (var y = 0u; y < cnt; y++) {
                 rank += u32(beats(top_score[y], top_idx[y], sa, ja));
             }
-            for (var y = 0u; y < jn; y++) {
-                rank += u32(bscore[y] >= 0.0 && beats(bscore[y], j0 + y, sa, ja));
+            for (var y = 0u; y < ne; y++) {
+                rank += u32(beats(partial[y], bitcast<u32>(partial[BCHUNK + y]), sa, ja));
             }
             if rank < slots {
                 new_score[rank] = sa;
                 new_idx[rank] = ja;
             }
         }
-        // Candidates in this chunk: its blocks minus the forced ones among them.
-        let lo = max(j0, fa);
-        let hi = min(j0 + jn, fl);
-        let fresh = select(0u, hi - lo, hi > lo);
-        cnt = min(slots, cnt + fresh);
+        cnt = min(slots, cnt + ne);
         workgroupBarrier();
         for (var x = lid; x < cnt; x += WG) {
             top_score[x] = new_score[x];

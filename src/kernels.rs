@@ -165,8 +165,8 @@ impl KernelId {
     pub fn fixed_workgroup_bytes(self) -> u32 {
         match self {
             KernelId::Compress => 256 * 4,
-            // partial, lse_s, pbuf, bscore, 4 top lists
-            KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256) * 4,
+            // partial, lse_s, pbuf, bscore, 4 top lists, entering
+            KernelId::Select => (256 + 16 + 512 + 128 + 4 * 256 + 1) * 4,
             // split_m, split_l, weight, stat_m, stat_l (three parts each)
             KernelId::Merge => 5 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals

@@ -322,6 +322,19 @@ fn fla_like() -> NsaConfig {
     }
 }
 
+/// Selection blocks of one compression stride: the selection walks a row's blocks in chunks
+/// of 128, so later rows rank several chunks into one list.
+fn many_blocks() -> NsaConfig {
+    NsaConfig {
+        cmp_block: 16,
+        cmp_stride: 8,
+        sel_block: 8,
+        top_n: 16,
+        window: 32,
+        ..NsaConfig::default()
+    }
+}
+
 cases! {
     t1_hq1_hkv1_dk16_dv16_paper: paper(), [1, 1, 1, 1, 1, 16, 16], false;
     t31_hq2_hkv1_dk16_dv16_small: small(), [1, 31, 31, 2, 1, 16, 16], false;
@@ -347,6 +360,7 @@ cases! {
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
     branch_kv_t150_hq4_hkv2_dk16_dv16_small: small(), [1, 150, 150, 4, 2, 16, 16], true;
     fla_like_t100_hq2_hkv1_dk16_dv16: fla_like(), [1, 100, 100, 2, 1, 16, 16], false;
+    many_blocks_t2100_hq4_hkv2_dk16_dv16: many_blocks(), [1, 2100, 2100, 4, 2, 16, 16], false;
 }
 
 /// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and
