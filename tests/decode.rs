@@ -27,6 +27,45 @@ fn rows(t: &[f32], s: &Shape, bi: usize, a: usize, b: usize, width: usize) -> Ve
     t[(bi * s.tk + a) * width..(bi * s.tk + b) * width].to_vec()
 }
 
+/// Appends positions `[0, len)` of sequence 0's keys and values to `cache`, without rows.
+fn append_context(cache: &mut NsaCache, data: &Data, s: &Shape, len: usize) {
+    let k = rows(&data.k, s, 0, 0, len, s.hkv * s.dk);
+    let v = rows(&data.v, s, 0, 0, len, s.hkv * s.dv);
+    let c = SeqChunk {
+        seq: 0,
+        q: &[],
+        k: &k,
+        v: &v,
+        gates: &[],
+        branch_kv: None,
+    };
+    pollster::block_on(pipeline().append(cache, &[c])).unwrap();
+}
+
+/// Decodes position `t` of sequence 0 through `cache`.
+fn decode_step(
+    cache: &mut NsaCache,
+    data: &Data,
+    s: &Shape,
+    t: usize,
+    request: OutputRequest,
+) -> NsaOutputs {
+    let q = rows(&data.q, s, 0, t, t + 1, s.hq * s.dk);
+    let k = rows(&data.k, s, 0, t, t + 1, s.hkv * s.dk);
+    let v = rows(&data.v, s, 0, t, t + 1, s.hkv * s.dv);
+    let g = rows(&data.gates, s, 0, t, t + 1, s.hq * 3);
+    let c = SeqChunk {
+        seq: 0,
+        q: &q,
+        k: &k,
+        v: &v,
+        gates: &g,
+        branch_kv: None,
+    };
+    let mut r = pollster::block_on(pipeline().extend(cache, &[c], request)).unwrap();
+    r.remove(0)
+}
+
 /// Feeds every sequence of `data` through a cache in chunks of `chunk` tokens (all sequences
 /// in each call), and reassembles `[B, T, ...]` outputs.
 fn through_cache(
@@ -354,44 +393,17 @@ fn append_then_decode_equals_prefill() {
         .unwrap();
     let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 64, false), None).unwrap();
     let ctx_len = 120;
-    let (k, v) = (
-        rows(&data.k, &s, 0, 0, ctx_len, 16),
-        rows(&data.v, &s, 0, 0, ctx_len, 16),
-    );
-    let c = SeqChunk {
-        seq: 0,
-        q: &[],
-        k: &k,
-        v: &v,
-        gates: &[],
-        branch_kv: None,
-    };
-    pollster::block_on(pipe.append(&mut cache, &[c])).unwrap();
+    append_context(&mut cache, &data, &s, ctx_len);
     assert_eq!(cache.lens(), &[ctx_len]);
     assert_eq!(
         cache.compressed_tokens(),
         cfg.num_compressed(ctx_len) as u64
     );
     for t in ctx_len..s.tk {
-        let (q, k, v, g) = (
-            rows(&data.q, &s, 0, t, t + 1, 32),
-            rows(&data.k, &s, 0, t, t + 1, 16),
-            rows(&data.v, &s, 0, t, t + 1, 16),
-            rows(&data.gates, &s, 0, t, t + 1, 12),
-        );
-        let c = SeqChunk {
-            seq: 0,
-            q: &q,
-            k: &k,
-            v: &v,
-            gates: &g,
-            branch_kv: None,
-        };
-        let r =
-            pollster::block_on(pipe.extend(&mut cache, &[c], OutputRequest::default())).unwrap();
+        let r = decode_step(&mut cache, &data, &s, t, OutputRequest::default());
         assert_close(
             &format!("row {t}"),
-            &r[0].out,
+            &r.out,
             &full.out[t * 32..(t + 1) * 32],
             1e-4,
         );
@@ -501,47 +513,16 @@ fn split_selection_ranks_ties_to_the_lower_block() {
     let naive = nsa_wgpu::cpu::naive::nsa(&cfg, &s, &data.inputs()).unwrap();
     let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).unwrap();
     let last = s.tk - 1;
-    let (k, v) = (
-        rows(&data.k, &s, 0, 0, last, 16),
-        rows(&data.v, &s, 0, 0, last, 16),
-    );
-    let c = SeqChunk {
-        seq: 0,
-        q: &[],
-        k: &k,
-        v: &v,
-        gates: &[],
-        branch_kv: None,
-    };
-    pollster::block_on(pipe.append(&mut cache, &[c])).unwrap();
-    let (q, k, v, g) = (
-        rows(&data.q, &s, 0, last, s.tk, 32),
-        rows(&data.k, &s, 0, last, s.tk, 16),
-        rows(&data.v, &s, 0, last, s.tk, 16),
-        rows(&data.gates, &s, 0, last, s.tk, 12),
-    );
-    let c = SeqChunk {
-        seq: 0,
-        q: &q,
-        k: &k,
-        v: &v,
-        gates: &g,
-        branch_kv: None,
-    };
+    append_context(&mut cache, &data, &s, last);
     let request = OutputRequest {
         block_indices: true,
         ..OutputRequest::default()
     };
-    let r = pollster::block_on(pipe.extend(&mut cache, &[c], request)).unwrap();
+    let r = decode_step(&mut cache, &data, &s, last, request);
     let n = cfg.top_n;
     let want = &naive.block_indices[last * 2 * n..s.tk * 2 * n];
     // The reference picks blocks 0, 1, 2 (lowest free ones) and the forced ones.
     assert_eq!(&want[..n], &[0, 1, 2, 280, 281]);
-    assert_eq!(r[0].block_indices.as_deref(), Some(want));
-    assert_close(
-        "last row",
-        &r[0].out,
-        &naive.out[last * 32..s.tk * 32],
-        1e-4,
-    );
+    assert_eq!(r.block_indices.as_deref(), Some(want));
+    assert_close("last row", &r.out, &naive.out[last * 32..s.tk * 32], 1e-4);
 }
