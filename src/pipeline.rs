@@ -830,8 +830,8 @@ impl NsaPipeline {
 
     /// Whether kernels compile with naga's bounds checks, which clamp every array index in
     /// the shaders. Off by default: every index the kernels compute is in range, and the
-    /// clamps cost 1.1-1.3x on an H200 in earlier measurements (BENCHMARKS.md; browsers add
-    /// their own checks regardless).
+    /// clamps cost 1.07-1.08x on an H200 at 8k (1.1-1.3x in earlier builds; BENCHMARKS.md;
+    /// browsers add their own checks regardless).
     pub fn bounds_checks(&self) -> bool {
         self.bounds_checks
     }
