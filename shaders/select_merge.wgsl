@@ -1,9 +1,8 @@
 // Merges split selection (select.wgsl with params.splits > 1): each split left its best
 // candidates over its own chunks of blocks, best first, padded with score -1. A candidate's
-// overall rank is its place in its own list plus, for every other split, how many of that
-// split's candidates beat it (a binary search: each list is sorted by the same strict
-// order); the top n - nf are those ranked below n - nf. One workgroup per (batch, query, kv
-// head) row; the output is what unsplit select writes.
+// overall rank is how many candidates beat it (under the one strict order: higher score,
+// ties to the lower block); the top n - nf are those ranked below n - nf. One workgroup per
+// (batch, query, kv head) row; the output is what unsplit select writes.
 //
 // Only candidates that can make the top are ranked: where a split's list is full (slots
 // entries), its last entry has slots - 1 others above it, so anything that entry beats ranks
