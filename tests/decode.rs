@@ -27,6 +27,19 @@ fn rows(t: &[f32], s: &Shape, bi: usize, a: usize, b: usize, width: usize) -> Ve
     t[(bi * s.tk + a) * width..(bi * s.tk + b) * width].to_vec()
 }
 
+/// A plain prefill of positions `[a, b)` of sequence 0 of `data` (shaped `s`) on their own.
+fn run_alone(cfg: &NsaConfig, data: &Data, s: &Shape, a: usize, b: usize) -> NsaOutputs {
+    let q = rows(&data.q, s, 0, a, b, s.hq * s.dk);
+    let k = rows(&data.k, s, 0, a, b, s.hkv * s.dk);
+    let v = rows(&data.v, s, 0, a, b, s.hkv * s.dv);
+    let g = rows(&data.gates, s, 0, a, b, s.hq * 3);
+    let shape = Shape::prefill(1, b - a, s.hq, s.hkv, s.dk, s.dv);
+    let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
+    pipeline()
+        .run_blocking(cfg, &shape, &inputs, OutputRequest::all())
+        .unwrap()
+}
+
 /// Appends positions `[0, len)` of sequence 0's keys and values to `cache`, without rows.
 fn append_context(cache: &mut NsaCache, data: &Data, s: &Shape, len: usize) {
     let k = rows(&data.k, s, 0, 0, len, s.hkv * s.dk);
@@ -230,22 +243,7 @@ fn prefix_invariance() {
         .run_blocking(&cfg, &long, &data.inputs(), OutputRequest::all())
         .unwrap();
     let t = 173;
-    let short = Shape::prefill(1, t, 4, 2, 16, 16);
-    let cut = |x: &[f32], w: usize| x[..t * w].to_vec();
-    let (q, k, v, g) = (
-        cut(&data.q, 64),
-        cut(&data.k, 32),
-        cut(&data.v, 32),
-        cut(&data.gates, 12),
-    );
-    let part = pipe
-        .run_blocking(
-            &cfg,
-            &short,
-            &nsa_wgpu::NsaInputs::new(&q, &k, &v, &g),
-            OutputRequest::all(),
-        )
-        .unwrap();
+    let part = run_alone(&cfg, &data, &long, 0, t);
     assert_close("prefix", &part.out, &full.out[..t * 64], 1e-5);
     assert_eq!(
         part.block_indices.unwrap()[..],
@@ -281,22 +279,7 @@ fn varlen_batch_equals_each_sequence_alone() {
     let idx = got.block_indices.as_ref().unwrap();
     for (i, w) in cu.windows(2).enumerate() {
         let (a, b) = (w[0], w[1]);
-        let s = Shape::prefill(1, b - a, 4, 2, 8, 8);
-        let sl = |x: &[f32], width: usize| x[a * width..b * width].to_vec();
-        let (q, k, v, g) = (
-            sl(&data.q, 32),
-            sl(&data.k, 16),
-            sl(&data.v, 16),
-            sl(&data.gates, 12),
-        );
-        let alone = pipe
-            .run_blocking(
-                &cfg,
-                &s,
-                &nsa_wgpu::NsaInputs::new(&q, &k, &v, &g),
-                OutputRequest::all(),
-            )
-            .unwrap();
+        let alone = run_alone(&cfg, &data, &all, a, b);
         assert_close(
             &format!("varlen seq {i}"),
             &got.out[a * 32..b * 32],
