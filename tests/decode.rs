@@ -27,12 +27,31 @@ fn rows(t: &[f32], s: &Shape, bi: usize, a: usize, b: usize, width: usize) -> Ve
     t[(bi * s.tk + a) * width..(bi * s.tk + b) * width].to_vec()
 }
 
+/// Positions `[a, b)` of sequence 0 of `data` (shaped `s`): q, k, v and gates rows.
+fn seq_rows(data: &Data, s: &Shape, a: usize, b: usize) -> [Vec<f32>; 4] {
+    [
+        rows(&data.q, s, 0, a, b, s.hq * s.dk),
+        rows(&data.k, s, 0, a, b, s.hkv * s.dk),
+        rows(&data.v, s, 0, a, b, s.hkv * s.dv),
+        rows(&data.gates, s, 0, a, b, s.hq * 3),
+    ]
+}
+
+/// The chunk of sequence 0 that appends and computes `rows` (from [`seq_rows`]).
+fn rows_chunk(rows: &[Vec<f32>; 4]) -> SeqChunk<'_> {
+    SeqChunk {
+        seq: 0,
+        q: &rows[0],
+        k: &rows[1],
+        v: &rows[2],
+        gates: &rows[3],
+        branch_kv: None,
+    }
+}
+
 /// A plain prefill of positions `[a, b)` of sequence 0 of `data` (shaped `s`) on their own.
 fn run_alone(cfg: &NsaConfig, data: &Data, s: &Shape, a: usize, b: usize) -> NsaOutputs {
-    let q = rows(&data.q, s, 0, a, b, s.hq * s.dk);
-    let k = rows(&data.k, s, 0, a, b, s.hkv * s.dk);
-    let v = rows(&data.v, s, 0, a, b, s.hkv * s.dv);
-    let g = rows(&data.gates, s, 0, a, b, s.hq * 3);
+    let [q, k, v, g] = seq_rows(data, s, a, b);
     let shape = Shape::prefill(1, b - a, s.hq, s.hkv, s.dk, s.dv);
     let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
     pipeline()
@@ -63,19 +82,8 @@ fn decode_step(
     t: usize,
     request: OutputRequest,
 ) -> NsaOutputs {
-    let q = rows(&data.q, s, 0, t, t + 1, s.hq * s.dk);
-    let k = rows(&data.k, s, 0, t, t + 1, s.hkv * s.dk);
-    let v = rows(&data.v, s, 0, t, t + 1, s.hkv * s.dv);
-    let g = rows(&data.gates, s, 0, t, t + 1, s.hq * 3);
-    let c = SeqChunk {
-        seq: 0,
-        q: &q,
-        k: &k,
-        v: &v,
-        gates: &g,
-        branch_kv: None,
-    };
-    let mut r = pollster::block_on(pipeline().extend(cache, &[c], request)).unwrap();
+    let r = seq_rows(data, s, t, t + 1);
+    let mut r = pollster::block_on(pipeline().extend(cache, &[rows_chunk(&r)], request)).unwrap();
     r.remove(0)
 }
 
@@ -310,35 +318,13 @@ fn cache_overflow_and_bad_chunks_are_errors() {
         None,
     )
     .unwrap();
-    let chunk = |a: usize, b: usize| {
-        (
-            rows(&data.q, &s, 0, a, b, 8),
-            rows(&data.k, &s, 0, a, b, 4),
-            rows(&data.v, &s, 0, a, b, 4),
-            rows(&data.gates, &s, 0, a, b, 6),
-        )
-    };
-    let (q, k, v, g) = chunk(0, 30);
-    let c = SeqChunk {
-        seq: 0,
-        q: &q,
-        k: &k,
-        v: &v,
-        gates: &g,
-        branch_kv: None,
-    };
+    let first = seq_rows(&data, &s, 0, 30);
     // Grows from 16 to 32 rows.
-    pollster::block_on(pipe.extend(&mut cache, &[c], OutputRequest::default())).unwrap();
+    pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&first)], OutputRequest::default()))
+        .unwrap();
     assert_eq!(cache.capacity(), 32);
-    let (q, k, v, g) = chunk(30, 40);
-    let c = SeqChunk {
-        seq: 0,
-        q: &q,
-        k: &k,
-        v: &v,
-        gates: &g,
-        branch_kv: None,
-    };
+    let next = seq_rows(&data, &s, 30, 40);
+    let c = rows_chunk(&next);
     let r = pollster::block_on(pipe.extend(&mut cache, &[c], OutputRequest::default()));
     assert!(
         matches!(
@@ -357,7 +343,10 @@ fn cache_overflow_and_bad_chunks_are_errors() {
         pollster::block_on(pipe.extend(&mut cache, &[bad], OutputRequest::default())),
         Err(NsaError::InvalidShape { what: "seq", .. })
     ));
-    let short_k = SeqChunk { k: &k[1..], ..c };
+    let short_k = SeqChunk {
+        k: &next[1][1..],
+        ..c
+    };
     assert!(matches!(
         pollster::block_on(pipe.extend(&mut cache, &[short_k], OutputRequest::default())),
         Err(NsaError::ShapeMismatch { tensor: "k", .. })
