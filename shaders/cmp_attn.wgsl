@@ -1,11 +1,23 @@
 // Compressed attention: each query head attends to the compressed tokens whose whole block
 // lies at or before its position (online softmax over tiles), and records its log-sum-exp
-// for the selection kernel.
+// for the selection kernel. Where the plan asks (params.kept_stride > 0: decode steps and
+// short chunks), it also keeps every scaled score it computes, so that the selection reads
+// them instead of multiplying the queries with the compressed keys a second time.
 
 #import attention
 
 @group(0) @binding(4) var<storage, read_write> o_cmp: array<f32>;  // [B, Tq, Hq, Dv], or partials when split
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;    // [B, Tq, Hq]
+// [B, Tq, Hq, kept_stride]: row r's score of compressed token t at r * kept_stride + t, for
+// the tokens the row sees (the rest unwritten)
+@group(0) @binding(6) var<storage, read_write> kept: array<f32>;
+
+// Rows past r.n may hold stale scores in the tile; they are not this workgroup's to write.
+fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
+    if params.kept_stride != 0u && i < r.n && s != NEG_BIG {
+        kept[params.off_kept + attn_row(r, i) * params.kept_stride + t] = s;
+    }
+}
 
 @compute @workgroup_size(128)
 fn main(

@@ -57,6 +57,8 @@ pub struct Params {
     pub win_splits: u32,
     pub off_pslc: u32,
     pub off_pwin: u32,
+    pub kept_stride: u32,
+    pub off_kept: u32,
 }
 
 /// How a kernel accesses one binding.
@@ -139,10 +141,10 @@ impl KernelId {
         match self {
             // params, src, dst, w, pe
             KernelId::Compress => &[Uniform, Read, ReadWrite, Read, Read],
-            // params, q, kc, vc, o_cmp, lse
-            KernelId::CmpAttn => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite],
-            // params, q, kc, lse, block_indices
-            KernelId::Select => &[Uniform, Read, Read, Read, ReadWrite],
+            // params, q, kc, vc, o_cmp, lse, kept
+            KernelId::CmpAttn => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
+            // params, q, kc, lse, block_indices, kept
+            KernelId::Select => &[Uniform, Read, Read, Read, ReadWrite, Read],
             // params, q, k, v, block_indices, o_slc
             KernelId::SlcAttn => &[Uniform, Read, Read, Read, Read, ReadWrite],
             // params, q, k, v, gates, o_cmp, o_slc, o_win, out
@@ -216,17 +218,22 @@ pub struct Specialization {
     /// selected attention and selection): their scores then take one row per item, so that
     /// every invocation has work. Off, that path is compiled out.
     pub few_rows: bool,
+    /// Whether compressed attention keeps its scores for the selection (a plan with split
+    /// chunks: decode steps, short chunks). Off, the keeping and the selection's path that
+    /// reads kept scores are compiled out.
+    pub kept: bool,
 }
 
 impl Specialization {
     /// The pipeline-overridable constants, by name.
-    pub fn constants(&self) -> [(&'static str, f64); 5] {
+    pub fn constants(&self) -> [(&'static str, f64); 6] {
         [
             ("DK", self.dk as f64),
             ("DV", self.dv as f64),
             ("KT", self.kv_tile as f64),
             ("SMEM4", self.smem4 as f64),
             ("FEW_ROWS", self.few_rows as u32 as f64),
+            ("KEPT", self.kept as u32 as f64),
         ]
     }
 }
@@ -266,6 +273,7 @@ pub fn mma_specialization(dk: u32, dv: u32, limit: u32) -> Option<Specialization
             smem4: mma_smem_vec4s(dk, dv),
             // The tensor-core core scores whole 16x16 blocks; it has no one-row path.
             few_rows: false,
+            kept: false,
         })
 }
 

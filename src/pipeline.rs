@@ -526,6 +526,7 @@ impl NsaPipeline {
             Tensor::PartSlc => ("selected partials", scr(t)),
             Tensor::PartWin => ("window partials", scr(t)),
             Tensor::Cand => ("candidates", scr(t)),
+            Tensor::Kept => ("kept scores", scr(t)),
             Tensor::Unused => ("unused", &self.dummy),
             Tensor::UnusedOut => ("unused", &self.dummy_out),
         };
@@ -617,7 +618,12 @@ impl NsaPipeline {
             // (a multiple of 16 keys) and workgroup-memory layout.
             let mma =
                 if self.tensor_cores() && plan.precision == Precision::F16 && id.attention_core() {
-                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
+                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage).map(|s| {
+                        Specialization {
+                            kept: plain.kept,
+                            ..s
+                        }
+                    })
                 } else {
                     None
                 };

@@ -84,6 +84,9 @@ pub enum Tensor {
     PartWin,
     /// Candidates of split selection `[B * Tq * Hkv, splits, n, 2]` (scratch).
     Cand,
+    /// Compressed attention's scaled scores, kept for the selection where the plan says so
+    /// (split chunks: decode steps and short chunks), `[B * Tq * Hq, C]` (scratch).
+    Kept,
     /// A read-only slot the dispatch does not use (bound to a small dummy buffer).
     Unused,
     /// A writable slot the dispatch does not use: a separate 16-byte piece, at an aligned
@@ -159,6 +162,8 @@ pub struct Plan {
     pub part_len: [u64; 3],
     /// Elements of the split-selection candidates (`Tensor::Cand`), 0 when not split.
     pub cand_len: u64,
+    /// Elements of the kept compressed-attention scores (`Tensor::Kept`), 0 when none.
+    pub kept_len: u64,
 }
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
@@ -183,6 +188,9 @@ const SELECT_SPLITS_MAX: u64 = 16;
 const _: () = assert!(SELECT_SPLITS_MAX <= 64);
 /// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
 const CAND_MAX: u64 = 1024;
+/// Elements of compressed-attention scores a plan keeps for the selection at most (64 MiB):
+/// a decode step of 16 sequences at 64k keeps 16 MiB.
+const KEPT_MAX: u64 = 16 << 20;
 /// `BCHUNK` in `shaders/select.wgsl`.
 const SELECT_BCHUNK: usize = 128;
 /// `PBUF` in `shaders/select.wgsl`.
@@ -236,6 +244,7 @@ impl Plan {
             smem4: smem_vec4s(self.limits.workgroup_storage),
             // The fewest heads a workgroup owns: the group's last chunk of 16.
             few_rows: (self.shape.group() - 1) % ROWS_PER_WORKGROUP < 4,
+            kept: self.kept_len > 0,
         }
     }
 
@@ -313,6 +322,7 @@ impl Plan {
             precision,
             part_len: [0; 3],
             cand_len: 0,
+            kept_len: 0,
         };
         for t in [
             Tensor::Q,
@@ -366,6 +376,7 @@ impl Plan {
             precision,
             part_len: [0; 3],
             cand_len: 0,
+            kept_len: 0,
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
             let bytes = plan.tensor_bytes(t);
@@ -395,6 +406,7 @@ impl Plan {
                         | Tensor::PartSlc
                         | Tensor::PartWin
                         | Tensor::Cand
+                        | Tensor::Kept
                 );
                 let cached = self.cache.is_some() && matches!(t, Tensor::Kc | Tensor::Vc);
                 if scratch && !cached && !ts.contains(t) {
@@ -440,6 +452,7 @@ impl Plan {
             Tensor::PartSlc => return self.part_len[1],
             Tensor::PartWin => return self.part_len[2],
             Tensor::Cand => return self.cand_len,
+            Tensor::Kept => return self.kept_len,
             Tensor::Unused => 4,
             // Aligned 16-byte pieces at slots 1 to 3, one per unused writable slot of the
             // dense merge.
@@ -848,6 +861,33 @@ impl Plan {
             for (have, len) in self.part_len.iter_mut().zip(lens) {
                 *have = (*have).max(len);
             }
+            // Split, compressed attention keeps its scores and the selection reads them: a
+            // decode step's selection then only sums probabilities and ranks blocks.
+            let kept_len = nrows * hq * self.n_cmp as u64;
+            let keep = split && kept_len > 0 && kept_len <= KEPT_MAX.min(self.binding_elems());
+            let (kept_w, kept_stride) = if keep {
+                self.kept_len = self.kept_len.max(kept_len);
+                (self.window(Tensor::Kept, 0, kept_len), self.n_cmp as u32)
+            } else {
+                (
+                    (
+                        Window {
+                            offset: 0,
+                            size: 16,
+                        },
+                        0,
+                    ),
+                    0,
+                )
+            };
+            let kept_out = match keep {
+                true => (Tensor::Kept, kept_w.0),
+                false => unused(Tensor::Kept, 0),
+            };
+            let kept_in = match keep {
+                true => (Tensor::Kept, kept_w.0),
+                false => unused(Tensor::Gates, 0),
+            };
             let o = if split {
                 (Tensor::PartWin, pw)
             } else {
@@ -890,6 +930,8 @@ impl Plan {
                     splits: sp_c,
                     partials: split as u32,
                     total_wg: (attn_total * sp_c as u64) as u32,
+                    kept_stride,
+                    off_kept: kept_w.1,
                     ..attn
                 },
                 grid: self.grid(attn_total * sp_c as u64),
@@ -899,6 +941,7 @@ impl Plan {
                     (Tensor::Vc, vc.0),
                     (o.0, o.1 .0),
                     (Tensor::Lse, lse.0),
+                    kept_out,
                 ],
             });
             // The selection reads the log-sum-exp, or derives it from the partials.
@@ -925,6 +968,8 @@ impl Plan {
                     off_idx: o.1 .1,
                     off_lse: l.1 .1,
                     cmp_splits: if split { sp_c } else { 0 },
+                    kept_stride,
+                    off_kept: kept_w.1,
                     ..base
                 },
                 grid: self.grid(sel_total * sp as u64),
@@ -933,6 +978,7 @@ impl Plan {
                     (Tensor::Kc, kc.0),
                     (l.0, l.1 .0),
                     (o.0, o.1 .0),
+                    kept_in,
                 ],
             });
             if sp > 1 {

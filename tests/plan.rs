@@ -163,6 +163,22 @@ fn decode_plans_split_every_branch_and_merge() {
         select.cmp_splits, 32,
         "the selection derives lse from the partials"
     );
+    // Compressed attention keeps its 64 rows x 4095 scores; the selection reads them.
+    let cmp = &plan.steps[2];
+    assert_eq!((cmp.params.kept_stride, select.kept_stride), (4095, 4095));
+    assert_eq!(cmp.bindings[5].0, Tensor::Kept);
+    assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
+    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4095);
+    assert!(plan.specialization().kept);
+    // A prefill keeps none, and its kernels compile the keeping out.
+    let prefill = Plan::new(
+        &NsaConfig::default(),
+        &Shape::prefill(1, 4096, 64, 4, 128, 128),
+        &limits,
+    )
+    .unwrap();
+    assert!(prefill.steps.iter().all(|s| s.params.kept_stride == 0));
+    assert!(!prefill.specialization().kept);
     for step in &plan.steps {
         let per_group = match step.kernel {
             Merge => 64,

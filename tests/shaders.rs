@@ -66,6 +66,7 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         kv_tile,
         smem4,
         few_rows: dk < 64,
+        kept: dk % 2 == 0,
     });
     // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
     // reports SUBGROUP has.

@@ -52,6 +52,8 @@ struct Params {
     win_splits: u32,   // merge: splits of the window branch's partials, at off_pwin
     off_pslc: u32,
     off_pwin: u32,
+    kept_stride: u32,  // cmp_attn, select: 0, or the row stride of the kept scores (see cmp_attn)
+    off_kept: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
