@@ -1,8 +1,9 @@
 // Compressed attention: each query head attends to the compressed tokens whose whole block
 // lies at or before its position (online softmax over tiles), and records its log-sum-exp
-// for the selection kernel. Where the plan asks (params.kept_stride > 0: decode steps and
-// short chunks), it also keeps every scaled score it computes, so that the selection reads
-// them instead of multiplying the queries with the compressed keys a second time.
+// for the selection kernel. Where the plan asks (params.kept_stride > 0, with the core's
+// keep_on.wgsl: decode steps and short chunks), it also keeps every scaled score it computes,
+// so that the selection reads them (select_kept.wgsl) instead of multiplying the queries
+// with the compressed keys a second time.
 
 #import attention
 
@@ -12,7 +13,8 @@
 // the tokens the row sees (the rest unwritten)
 @group(0) @binding(6) var<storage, read_write> kept: array<f32>;
 
-// Rows past r.n may hold stale scores in the tile; they are not this workgroup's to write.
+// Called through keep_on.wgsl. Rows past r.n may hold stale scores in the tile; they are
+// not this workgroup's to write.
 fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
     if params.kept_stride != 0u && i < r.n && s != NEG_BIG {
         kept[params.off_kept + attn_row(r, i) * params.kept_stride + t] = s;

@@ -5,9 +5,6 @@
 
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;  // [B, Tq, Hq, Dv]
 
-// Dense attention keeps no scores (see attention.wgsl).
-fn keep_score(r: Rows, i: u32, t: u32, s: f32) {}
-
 @compute @workgroup_size(128)
 fn main(
     @builtin(local_invocation_index) lid: u32,

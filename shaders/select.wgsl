@@ -1,8 +1,8 @@
 // Block importance, group sum and top-n selection, streamed: one workgroup per
 // (batch, query, kv head) walks its visible blocks in chunks, recomputes the group's
 // compressed-attention probabilities for just the compressed tokens a chunk overlaps
-// (from the log-sum-exp that cmp_attn stored; or reads the scores themselves where cmp_attn
-// kept them, params.kept_stride > 0), turns them into block scores with SPEC's
+// (from the log-sum-exp that cmp_attn stored; select_qk.wgsl, or select_kept.wgsl where
+// cmp_attn kept its scores), turns them into block scores with SPEC's
 // overlap weights, and merges the chunk into a running top list in workgroup memory.
 // No [T, C] or [T, blocks] matrix ever reaches device memory.
 
@@ -10,13 +10,12 @@
 #import qk
 #import topn
 #import partials
+#import select_scores
 
 // [B, Tq, Hq]; or cmp_attn's partials when params.cmp_splits > 0 (see row_lse)
 @group(0) @binding(3) var<storage, read> lse: array<f32>;
 // [B, Tq, Hkv, n]; when split, each split's candidates instead (see store_candidates)
 @group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;
-// cmp_attn's scaled scores when params.kept_stride > 0: [B, Tq, Hq, kept_stride]
-@group(0) @binding(5) var<storage, read> kept: array<f32>;
 
 const KT_MAX: u32 = 64u;   // tokens per tile at most
 const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
@@ -86,38 +85,6 @@ fn load_lse(lid: u32, row0: u32, nh: u32) {
     }
 }
 
-// The probabilities of heads 4*rg .. 4*rg+3 (of nh) for one token, from their scaled
-// scores `s` and the heads' log-sum-exp, summed.
-fn head_sum(rg: u32, nh: u32, s: vec4<f32>) -> f32 {
-    let i = rg * 4u;
-    let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
-    let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
-    let p = select(vec4<f32>(0.0), exp(s - lse4), live);
-    return p.x + p.y + p.z + p.w;
-}
-
-// The group sum of token t's probabilities over heads row .. row + nh, from the scores
-// cmp_attn kept: the sums the scoring loop below forms, in the same order (per head when
-// `narrow`, else per 4 heads).
-fn kept_sum(row: u32, nh: u32, t: u32, narrow: bool) -> f32 {
-    let at = params.off_kept + row * params.kept_stride + t;
-    var acc = 0.0;
-    if narrow {
-        for (var i = 0u; i < nh; i++) {
-            acc += exp(kept[at + i * params.kept_stride] - lse_s[i]);
-        }
-        return acc;
-    }
-    for (var rg = 0u; rg < (nh + 3u) / 4u; rg++) {
-        var s: vec4<f32>;
-        for (var c = 0u; c < 4u; c++) {
-            s[c] = kept[at + min(rg * 4u + c, nh - 1u) * params.kept_stride];
-        }
-        acc += head_sum(rg, nh, s);
-    }
-    return acc;
-}
-
 // The element loads behind fetch_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return load_k1(at);
@@ -147,7 +114,6 @@ fn main(
     let m = params.sel_block / params.cmp_stride;   // pieces per selection block
     let u = params.cmp_block / params.cmp_stride;   // pieces per compressed token
     let bc = params.sel_chunk;  // <= min(BCHUNK, (PBUF - (u - 1)) / m)
-    let kt = KT;
     let f = forced_blocks(p);
     let c = f.c;
     let fa = f.fa;
@@ -157,11 +123,8 @@ fn main(
     var cnt = 0u;
     // A group of ROWS heads at most loads its queries and log-sum-exps once for all chunks.
     let once = params.g <= ROWS;
-    let given = KEPT != 0u && params.kept_stride != 0u;
     if once {
-        if !given {
-            load_queries(lid, params.g, params.g, row0);
-        }
+        load_rows(lid, params.g, row0);
         load_lse(lid, row0, params.g);
     }
     // Split s takes chunks s, s + splits, ...
@@ -177,66 +140,12 @@ fn main(
         let t_hi = min(m * (j0 + jn), nv);
         for (var h0 = 0u; h0 < params.g; h0 += ROWS) {
             let nh = min(ROWS, params.g - h0);
-            let nrg = (nh + 3u) / 4u;
             workgroupBarrier();
             if !once {
-                if !given {
-                    load_queries(lid, nh, nh, row0 + h0);
-                }
+                load_rows(lid, nh, row0 + h0);
                 load_lse(lid, row0 + h0, nh);
             }
-            let narrow = FEW_ROWS != 0u && nrg == 1u;
-            if given {
-                workgroupBarrier();
-                for (var t = t_lo + lid; t < t_hi; t += WG) {
-                    pbuf[t + u - 1u - m * j0] += kept_sum(row0 + h0, nh, t, narrow);
-                }
-                continue;
-            }
-            // The next tile's keys are fetched while this tile is scored.
-            let kbase = params.off_kc + (bb * params.c_stride * params.hkv + h) * DK;
-            let kstep = params.hkv * DK;
-            if t_lo < t_hi {
-                fetch_tile(lid, kbase + t_lo * kstep, min(kt, t_hi - t_lo), DK, true);
-            }
-            for (var t0 = t_lo; t0 < t_hi; t0 += kt) {
-                let nk = min(kt, t_hi - t0);
-                store_tile(lid, nk, DK);
-                workgroupBarrier();
-                if t0 + kt < t_hi {
-                    fetch_tile(lid, kbase + (t0 + kt) * kstep, min(kt, t_hi - t0 - kt), DK, true);
-                }
-                // 4 heads x 2 tokens per item (score_item), or, for 4 heads at most, 1 head
-                // x 2 tokens (row_item); `partial` then holds one row per head.
-                let half = (nk + 1u) / 2u;
-                if narrow {
-                    for (var x = lid; x < nh * half; x += WG) {
-                        let it = row_item(x, half, nk);
-                        let p = exp(it.s * params.scale - lse_s[it.i]);
-                        partial[it.i * KT_MAX + it.j] = p.x;
-                        if it.j1 < nk {
-                            partial[it.i * KT_MAX + it.j1] = p.y;
-                        }
-                    }
-                } else {
-                    for (var x = lid; x < nrg * half; x += WG) {
-                        let it = score_item(x, half, nk);
-                        let s = it.s;
-                        partial[it.rg * KT_MAX + it.j] = head_sum(it.rg, nh, s.a * params.scale);
-                        if it.j1 < nk {
-                            partial[it.rg * KT_MAX + it.j1] = head_sum(it.rg, nh, s.b * params.scale);
-                        }
-                    }
-                }
-                workgroupBarrier();
-                if lid < nk {
-                    var acc = 0.0;
-                    for (var rg = 0u; rg < select(nrg, nh, narrow); rg++) {
-                        acc += partial[rg * KT_MAX + lid];
-                    }
-                    pbuf[t0 + lid + u - 1u - m * j0] += acc;
-                }
-            }
+            score_tokens(lid, bb, h, row0 + h0, nh, t_lo, t_hi, u - 1u - m * j0);
         }
         workgroupBarrier();
         if lid == 0u {

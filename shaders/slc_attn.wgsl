@@ -22,9 +22,6 @@ fn selected_keys(ib: u32, s: u32, pos: u32) -> vec2<u32> {
     return vec2<u32>(lo, min(lo + params.sel_block, pos + 1u));
 }
 
-// Selected attention keeps no scores (see attention.wgsl).
-fn keep_score(r: Rows, i: u32, t: u32, s: f32) {}
-
 @compute @workgroup_size(128)
 fn main(
     @builtin(local_invocation_index) lid: u32,

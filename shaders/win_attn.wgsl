@@ -9,9 +9,6 @@
 @group(0) @binding(7) var<storage, read_write> o_win: array<f32>;  // [B, Tq, Hq, Dv]
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;    // [B, Tq, Hq, Dv]
 
-// Window attention keeps no scores (see attention.wgsl).
-fn keep_score(r: Rows, i: u32, t: u32, s: f32) {}
-
 @compute @workgroup_size(128)
 fn main(
     @builtin(local_invocation_index) lid: u32,

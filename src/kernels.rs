@@ -218,22 +218,17 @@ pub struct Specialization {
     /// selected attention and selection): their scores then take one row per item, so that
     /// every invocation has work. Off, that path is compiled out.
     pub few_rows: bool,
-    /// Whether compressed attention keeps its scores for the selection (a plan with split
-    /// chunks: decode steps, short chunks). Off, the keeping and the selection's path that
-    /// reads kept scores are compiled out.
-    pub kept: bool,
 }
 
 impl Specialization {
     /// The pipeline-overridable constants, by name.
-    pub fn constants(&self) -> [(&'static str, f64); 6] {
+    pub fn constants(&self) -> [(&'static str, f64); 5] {
         [
             ("DK", self.dk as f64),
             ("DV", self.dv as f64),
             ("KT", self.kv_tile as f64),
             ("SMEM4", self.smem4 as f64),
             ("FEW_ROWS", self.few_rows as u32 as f64),
-            ("KEPT", self.kept as u32 as f64),
         ]
     }
 }
@@ -273,7 +268,6 @@ pub fn mma_specialization(dk: u32, dv: u32, limit: u32) -> Option<Specialization
             smem4: mma_smem_vec4s(dk, dv),
             // The tensor-core core scores whole 16x16 blocks; it has no one-row path.
             few_rows: false,
-            kept: false,
         })
 }
 

@@ -618,12 +618,7 @@ impl NsaPipeline {
             // (a multiple of 16 keys) and workgroup-memory layout.
             let mma =
                 if self.tensor_cores() && plan.precision == Precision::F16 && id.attention_core() {
-                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage).map(|s| {
-                        Specialization {
-                            kept: plain.kept,
-                            ..s
-                        }
-                    })
+                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
                 } else {
                     None
                 };
@@ -631,6 +626,7 @@ impl NsaPipeline {
                 precision: plan.precision,
                 subgroups: self.subgroups,
                 tensor_cores: mma.is_some(),
+                kept: plan.keeps_scores() && matches!(id, KernelId::CmpAttn | KernelId::Select),
             };
             let spec = mma.unwrap_or(plain);
             let key = (id, variant, spec);

@@ -244,8 +244,13 @@ impl Plan {
             smem4: smem_vec4s(self.limits.workgroup_storage),
             // The fewest heads a workgroup owns: the group's last chunk of 16.
             few_rows: (self.shape.group() - 1) % ROWS_PER_WORKGROUP < 4,
-            kept: self.kept_len > 0,
         }
+    }
+
+    /// Whether compressed attention keeps its scores for the selection in some step (then
+    /// both kernels compile with `Variant::kept`).
+    pub fn keeps_scores(&self) -> bool {
+        self.kept_len > 0
     }
 
     /// Plans one call. Validates the config and shape first.

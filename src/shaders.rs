@@ -7,7 +7,10 @@
 //! and the loads from it, `#import load` / `load_v`, `shared/load_f32.wgsl` or
 //! `shared/load_f16.wgsl` / `shared/load_v_*.wgsl`),
 //! how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
-//! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier), and
+//! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier),
+//! whether compressed attention keeps its scores for the selection (`#import keep`,
+//! `shared/keep_on.wgsl` or `shared/keep_off.wgsl`, and `#import select_scores`,
+//! `shared/select_kept.wgsl` or `shared/select_qk.wgsl`), and
 //! where the attention core multiplies (`#import attn_tiles` is `shared/attn_simt.wgsl`, the
 //! shader cores, or `shared/attn_mma.wgsl`, tensor cores through cooperative matrices).
 
@@ -66,6 +69,16 @@ const SHARED: &[(&str, &str)] = &[
         include_str!("../shaders/shared/attn_simt.wgsl"),
     ),
     ("attn_mma", include_str!("../shaders/shared/attn_mma.wgsl")),
+    ("keep_on", include_str!("../shaders/shared/keep_on.wgsl")),
+    ("keep_off", include_str!("../shaders/shared/keep_off.wgsl")),
+    (
+        "select_qk",
+        include_str!("../shaders/shared/select_qk.wgsl"),
+    ),
+    (
+        "select_kept",
+        include_str!("../shaders/shared/select_kept.wgsl"),
+    ),
 ];
 
 /// Which variant of a kernel to assemble.
@@ -79,6 +92,11 @@ pub struct Variant {
     /// and f32 accumulators (the device needs `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SUBGROUP`
     /// and `SHADER_F16`). Only with f16 storage and subgroups; ignored otherwise.
     pub tensor_cores: bool,
+    /// Compressed attention keeps its scores and the selection reads them
+    /// (`shared/keep_on.wgsl`, `shared/select_kept.wgsl`; otherwise `shared/keep_off.wgsl`,
+    /// `shared/select_qk.wgsl`): for plans that keep scores ([`crate::Plan::keeps_scores`]),
+    /// and only for those two kernels.
+    pub kept: bool,
 }
 
 impl Variant {
@@ -102,6 +120,7 @@ pub fn source_for(name: &str, precision: Precision, subgroups: bool) -> Option<S
             precision,
             subgroups,
             tensor_cores: false,
+            kept: false,
         },
     )
 }
@@ -136,6 +155,10 @@ fn expand(src: &str, variant: &Variant, out: &mut String, seen: &mut Vec<&'stati
                     "load_v" => "load_v_f16",
                     "attn_tiles" if variant.mma() => "attn_mma",
                     "attn_tiles" => "attn_simt",
+                    "keep" if variant.kept => "keep_on",
+                    "keep" => "keep_off",
+                    "select_scores" if variant.kept => "select_kept",
+                    "select_scores" => "select_qk",
                     other => other,
                 };
                 let Some((key, text)) = SHARED.iter().find(|(n, _)| *n == name) else {

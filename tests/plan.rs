@@ -169,7 +169,7 @@ fn decode_plans_split_every_branch_and_merge() {
     assert_eq!(cmp.bindings[5].0, Tensor::Kept);
     assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
     assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4095);
-    assert!(plan.specialization().kept);
+    assert!(plan.keeps_scores());
     // A prefill keeps none, and its kernels compile the keeping out.
     let prefill = Plan::new(
         &NsaConfig::default(),
@@ -178,7 +178,7 @@ fn decode_plans_split_every_branch_and_merge() {
     )
     .unwrap();
     assert!(prefill.steps.iter().all(|s| s.params.kept_stride == 0));
-    assert!(!prefill.specialization().kept);
+    assert!(!prefill.keeps_scores());
     for step in &plan.steps {
         let per_group = match step.kernel {
             Merge => 64,

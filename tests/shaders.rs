@@ -16,7 +16,28 @@ fn module_for(
     precision: Precision,
     subgroups: bool,
 ) -> (naga::Module, naga::valid::ModuleInfo) {
-    let src = shaders::source_for(name, precision, subgroups).expect("known kernel");
+    module_variant(
+        name,
+        &shaders::Variant {
+            precision,
+            subgroups,
+            tensor_cores: false,
+            kept: false,
+        },
+    )
+}
+
+/// Compressed attention and the selection also compile with kept scores.
+fn keeps(id: KernelId) -> bool {
+    matches!(id, KernelId::CmpAttn | KernelId::Select)
+}
+
+fn module_variant(
+    name: &str,
+    variant: &shaders::Variant,
+) -> (naga::Module, naga::valid::ModuleInfo) {
+    let (precision, subgroups) = (variant.precision, variant.subgroups);
+    let src = shaders::source_variant(name, variant).expect("known kernel");
     let module = naga::front::wgsl::parse_str(&src)
         .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(&src)));
     let mut caps = match precision {
@@ -66,7 +87,6 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         kv_tile,
         smem4,
         few_rows: dk < 64,
-        kept: dk % 2 == 0,
     });
     // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
     // reports SUBGROUP has.
@@ -78,7 +98,7 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         shader_model: hlsl::ShaderModel::V6_0,
         ..Default::default()
     };
-    for ((id, precision, spec), subgroups) in KernelId::ALL
+    for (((id, precision, spec), subgroups), kept) in KernelId::ALL
         .iter()
         .flat_map(|id| {
             [Precision::F32, Precision::F16]
@@ -86,8 +106,15 @@ fn shaders_translate_to_spirv_msl_hlsl() {
                 .flat_map(move |p| specs.map(move |s| (*id, p, s)))
         })
         .flat_map(|k| [(k, false), (k, true)])
+        .flat_map(|k| [(k, false), (k, keeps(k.0 .0))])
     {
-        let (m, info) = module_for(id.name(), precision, subgroups);
+        let variant = shaders::Variant {
+            precision,
+            subgroups,
+            tensor_cores: false,
+            kept,
+        };
+        let (m, info) = module_variant(id.name(), &variant);
         let constants: naga::back::PipelineConstants = if id.specialized() {
             spec.constants()
                 .iter()
@@ -121,7 +148,31 @@ fn shaders_translate_to_spirv_msl_hlsl() {
 #[test]
 fn bindings_match_the_binding_table() {
     for id in KernelId::ALL {
-        let (m, _) = module(id.name());
+        // With kept scores, every binding of the table; without, the selection leaves out
+        // its last (the kept scores).
+        let variant = shaders::Variant {
+            precision: Precision::F32,
+            subgroups: false,
+            tensor_cores: false,
+            kept: keeps(id),
+        };
+        let expect_plain = match id {
+            KernelId::Select => id.bindings().len() - 1,
+            _ => id.bindings().len(),
+        };
+        let declared = |m: &naga::Module| {
+            m.global_variables
+                .iter()
+                .filter(|(_, g)| g.binding.is_some())
+                .count()
+        };
+        assert_eq!(
+            declared(&module(id.name()).0),
+            expect_plain,
+            "{} without kept scores",
+            id.name()
+        );
+        let (m, _) = module_variant(id.name(), &variant);
         let mut found: Vec<(u32, naga::AddressSpace)> = m
             .global_variables
             .iter()
@@ -199,13 +250,14 @@ fn workgroup_memory_matches_the_declared_budget() {
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
     use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes};
-    let variant = shaders::Variant {
-        precision: Precision::F16,
-        subgroups: true,
-        tensor_cores: true,
-    };
     let mut checked = 0;
     for id in KernelId::ALL.into_iter().filter(|k| k.attention_core()) {
+        let variant = shaders::Variant {
+            precision: Precision::F16,
+            subgroups: true,
+            tensor_cores: true,
+            kept: keeps(id),
+        };
         let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
         assert!(
             src.contains("coopMultiplyAdd"),

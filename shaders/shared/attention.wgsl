@@ -13,10 +13,10 @@
 
 #import load_v
 
-// Every kernel that imports the core defines `fn keep_score(r: Rows, i: u32, t: u32, s: f32)`,
-// which the tile loops call (when KEPT, see qk.wgsl) with row i's scaled score of key t
-// (NEG_BIG where masked; rows past r.n may be stale) before its softmax: compressed attention keeps them for the selection (cmp_attn.wgsl),
-// the others ignore them.
+// The tile loops hand each row's scaled scores to keep4 / keep1 (`#import keep`) before its
+// softmax: keep_off.wgsl ignores them; keep_on.wgsl, which only compressed attention imports
+// and only where its plan keeps scores, passes them to cmp_attn.wgsl's keep_score.
+#import keep
 
 // Read through load_v1, load_v4 (load_v_f32.wgsl / load_v_f16.wgsl), by element index.
 @group(0) @binding(3) var<storage, read> v: array<in_s>;  // [B, T, Hkv, Dv]

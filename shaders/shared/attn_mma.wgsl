@@ -126,9 +126,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             let inside = j < nk && i < r.n && t >= row_lo[i] && t < row_hi[i];
             let s = select(NEG_BIG, scores[i * KT_MAX + j] * params.scale, inside);
             scores[i * KT_MAX + j] = s;
-            if KEPT != 0u {
-                keep_score(r, i, t, s);
-            }
+            keep1(r, i, t, s);
             m = max(m, s);
         }
         let m_new = max(run_max, row_max8(lid, m));

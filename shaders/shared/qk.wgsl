@@ -26,9 +26,6 @@ override SMEM4: u32;
 // 1 where some workgroups own 4 rows or fewer (groups of at most 4 heads): their scores then
 // take one row per item (row_item); 0 compiles that path out.
 override FEW_ROWS: u32;
-// 1 where compressed attention keeps its scores for the selection (see cmp_attn.wgsl); 0
-// compiles the keeping and the selection's reading of them out.
-override KEPT: u32;
 
 // The queries, [ROWS, dk4()] (zero past Dk and past the owned rows), then one key or value
 // tile, [KT, tile_stride()] (zero past D). The smaller the heads, the more keys per tile.
