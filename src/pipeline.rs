@@ -626,7 +626,8 @@ impl NsaPipeline {
                 precision: plan.precision,
                 subgroups: self.subgroups,
                 tensor_cores: mma.is_some(),
-                kept: plan.keeps_scores() && matches!(id, KernelId::CmpAttn | KernelId::Select),
+                // Per step: a plan's chunks may differ (a short last chunk splits and keeps).
+                kept: step.params.kept_stride > 0,
             };
             let spec = mma.unwrap_or(plain);
             let key = (id, variant, spec);

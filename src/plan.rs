@@ -247,8 +247,8 @@ impl Plan {
         }
     }
 
-    /// Whether compressed attention keeps its scores for the selection in some step (then
-    /// both kernels compile with `Variant::kept`).
+    /// Whether compressed attention keeps its scores for the selection in some step (those
+    /// steps compile with `Variant::kept`).
     pub fn keeps_scores(&self) -> bool {
         self.kept_len > 0
     }

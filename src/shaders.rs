@@ -94,8 +94,8 @@ pub struct Variant {
     pub tensor_cores: bool,
     /// Compressed attention keeps its scores and the selection reads them
     /// (`shared/keep_on.wgsl`, `shared/select_kept.wgsl`; otherwise `shared/keep_off.wgsl`,
-    /// `shared/select_qk.wgsl`): for plans that keep scores ([`crate::Plan::keeps_scores`]),
-    /// and only for those two kernels.
+    /// `shared/select_qk.wgsl`): for the steps of those two kernels whose plan keeps scores
+    /// (`Params::kept_stride` > 0).
     pub kept: bool,
 }
 

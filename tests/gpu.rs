@@ -958,3 +958,25 @@ fn time_plan_runs_after_a_warmer() {
     assert!(total > 0.0, "total {total}");
     assert!(stages.iter().all(|(_, ms)| *ms >= 0.0), "{stages:?}");
 }
+
+#[test]
+fn a_short_last_chunk_keeps_scores_and_the_long_one_does_not() {
+    // A binding of 3100 query rows: a chunk of 3100 rows (enough workgroups, no splits, the
+    // selection multiplies q.k itself) and one of 20 (split: compressed attention keeps its
+    // scores and the selection reads them). Each step compiles the variant its chunk needs.
+    let shape = Shape::prefill(1, 3120, 4, 2, 16, 16);
+    let limits = DeviceLimits {
+        max_storage_binding: 3100 * 4 * 16 * 4 + 256,
+        ..pipeline().limits()
+    };
+    let plan = Plan::new(&small(), &shape, &limits).expect("plan");
+    let kept: Vec<u32> = plan
+        .steps
+        .iter()
+        .filter(|s| s.kernel == KernelId::Select)
+        .map(|s| s.params.kept_stride)
+        .collect();
+    assert_eq!(kept.len(), 2, "two chunks");
+    assert!(kept[0] == 0 && kept[1] > 0, "kept strides {kept:?}");
+    check_plan("mixed", &plan, false);
+}
