@@ -188,9 +188,13 @@ const SELECT_SPLITS_MAX: u64 = 16;
 const _: () = assert!(SELECT_SPLITS_MAX <= 64);
 /// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
 const CAND_MAX: u64 = 1024;
-/// Elements of compressed-attention scores a plan keeps for the selection at most (64 MiB):
-/// a decode step of 16 sequences at 64k keeps 16 MiB.
-const KEPT_MAX: u64 = 16 << 20;
+/// Elements of compressed-attention scores one chunk keeps for the selection at most (1 GiB;
+/// less where a binding or buffer is smaller): a decode step of 16 sequences at 64k keeps 64
+/// MiB, a prefill at 64k chunks of 1024 query rows.
+const KEPT_MAX: u64 = 1 << 28;
+/// Query rows per chunk below which a prefill does not chunk itself to keep scores (it
+/// multiplies q.k a second time in the selection instead).
+const KEEP_MIN_ROWS: u64 = 256;
 /// `BCHUNK` in `shaders/select.wgsl`.
 const SELECT_BCHUNK: usize = 128;
 /// `PBUF` in `shaders/select.wgsl`.
@@ -633,7 +637,16 @@ impl Plan {
         }
         let row = (s.hq * s.dk.max(s.dv).max(3)).max(s.hkv * self.config.top_n) as u64;
         let wg_row = (s.hkv as u64) * self.head_chunks as u64;
-        let max_rows = (lim / row).min(self.max_workgroups() / wg_row);
+        // Chunks small enough that compressed attention can keep its scores for the
+        // selection, unless that takes chunks of fewer than KEEP_MIN_ROWS rows.
+        let keep_rows = self.kept_budget() / (s.hq * self.n_cmp).max(1) as u64;
+        let keep_cap = match keep_rows >= KEEP_MIN_ROWS.min(s.tq as u64) {
+            true => keep_rows,
+            false => u64::MAX,
+        };
+        let max_rows = (lim / row)
+            .min(self.max_workgroups() / wg_row)
+            .min(keep_cap);
         if max_rows == 0 {
             return Err(exceeds(
                 "max_storage_buffer_binding_size (one query row of q, out or gates)",
@@ -683,6 +696,13 @@ impl Plan {
             .min(ATTN_SPLITS_MAX)
             .min(self.binding_elems() / part_row.max(1))
             .max(1) as u32
+    }
+
+    /// Elements of kept scores one chunk may have: `KEPT_MAX`, a binding, a buffer.
+    fn kept_budget(&self) -> u64 {
+        KEPT_MAX
+            .min(self.binding_elems())
+            .min(self.limits.max_buffer / 4)
     }
 
     /// Blocks per selection chunk: as many as the kernel's token tile holds.
@@ -866,10 +886,10 @@ impl Plan {
             for (have, len) in self.part_len.iter_mut().zip(lens) {
                 *have = (*have).max(len);
             }
-            // Split, compressed attention keeps its scores and the selection reads them: a
-            // decode step's selection then only sums probabilities and ranks blocks.
+            // Compressed attention keeps its scores and the selection reads them where they
+            // fit: the selection then only sums probabilities and ranks blocks.
             let kept_len = nrows * hq * self.n_cmp as u64;
-            let keep = split && kept_len > 0 && kept_len <= KEPT_MAX.min(self.binding_elems());
+            let keep = kept_len > 0 && kept_len <= self.kept_budget();
             let (kept_w, kept_stride) = if keep {
                 self.kept_len = self.kept_len.max(kept_len);
                 (self.window(Tensor::Kept, 0, kept_len), self.n_cmp as u32)

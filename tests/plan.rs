@@ -170,15 +170,36 @@ fn decode_plans_split_every_branch_and_merge() {
     assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
     assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4095);
     assert!(plan.keeps_scores());
-    // A prefill keeps none, and its kernels compile the keeping out.
-    let prefill = Plan::new(
-        &NsaConfig::default(),
-        &Shape::prefill(1, 4096, 64, 4, 128, 128),
-        &limits,
-    )
-    .unwrap();
-    assert!(prefill.steps.iter().all(|s| s.params.kept_stride == 0));
-    assert!(!prefill.keeps_scores());
+    // A prefill keeps them too, in chunks whose scores fit 1 GiB: at 64k, 1024 query rows.
+    let long = Shape::prefill(1, 65536, 64, 4, 128, 128);
+    let prefill = Plan::new(&NsaConfig::default(), &long, &limits).unwrap();
+    let cmp: Vec<_> = prefill
+        .steps
+        .iter()
+        .filter(|s| s.kernel == CmpAttn)
+        .collect();
+    assert_eq!(cmp.len(), 64);
+    assert!(cmp
+        .iter()
+        .all(|s| s.params.kept_stride == 4095 && s.params.q_count == 1024));
+    // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 144 rows at 4k),
+    // the prefill does not chunk for it, and only its short last chunk keeps.
+    let small = DeviceLimits {
+        max_storage_binding: 9 << 20,
+        ..limits
+    };
+    let shape = Shape::prefill(1, 4096, 64, 4, 128, 128);
+    let chunked = Plan::new(&NsaConfig::default(), &shape, &small).unwrap();
+    let kept: Vec<(u32, u32)> = chunked
+        .steps
+        .iter()
+        .filter(|s| s.kernel == Select)
+        .map(|s| (s.params.q_count, s.params.kept_stride))
+        .collect();
+    // 287 rows per chunk, 78 in the last.
+    assert_eq!(kept[0], (287, 0));
+    assert_eq!(kept.last(), Some(&(78, 255)));
+    check_coverage(&chunked);
     for step in &plan.steps {
         let per_group = match step.kernel {
             Merge => 64,
