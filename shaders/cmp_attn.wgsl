@@ -9,15 +9,35 @@
 
 @group(0) @binding(4) var<storage, read_write> o_cmp: array<f32>;  // [B, Tq, Hq, Dv], or partials when split
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;    // [B, Tq, Hq]
-// [B, Tq, Hq, kept_stride]: row r's score of compressed token t at r * kept_stride + t, for
-// the tokens the row sees (the rest unwritten)
-@group(0) @binding(6) var<storage, read_write> kept: array<f32>;
+// [B, Tq, Hq, kept_stride] as vec4s (the stride a multiple of 4): row r's score of
+// compressed token t at element r * kept_stride + t, for the tokens the row sees (NEG_BIG or
+// unwritten past them)
+@group(0) @binding(6) var<storage, read_write> kept: array<vec4<f32>>;
 
-// Called through keep_on.wgsl. Rows past r.n may hold stale scores in the tile; they are
-// not this workgroup's to write.
+// Called through keep_on.wgsl: row i's scores of keys t .. t + 3, all four in this tile when
+// `whole`. Rows past r.n may hold stale scores in the tile; they are not this workgroup's to
+// write.
+fn keep_scores(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
+    if params.kept_stride == 0u || i >= r.n {
+        return;
+    }
+    let at = params.off_kept + attn_row(r, i) * params.kept_stride + t;
+    // One 16-byte store where the four are a whole, aligned vec4 of the row; its masked
+    // scores (NEG_BIG) are past the row's tokens, which the selection never reads.
+    if whole && (at & 3u) == 0u {
+        kept[at >> 2u] = s;
+        return;
+    }
+    for (var c = 0u; c < 4u; c++) {
+        keep_score(r, i, t + c, s[c]);
+    }
+}
+
+// Row i's score of key t, where it sees it.
 fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
     if params.kept_stride != 0u && i < r.n && s != NEG_BIG {
-        kept[params.off_kept + attn_row(r, i) * params.kept_stride + t] = s;
+        let at = params.off_kept + attn_row(r, i) * params.kept_stride + t;
+        kept[at >> 2u][at & 3u] = s;
     }
 }
 

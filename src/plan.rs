@@ -639,7 +639,7 @@ impl Plan {
         let wg_row = (s.hkv as u64) * self.head_chunks as u64;
         // Chunks small enough that compressed attention can keep its scores for the
         // selection, unless that takes chunks of fewer than KEEP_MIN_ROWS rows.
-        let keep_rows = self.kept_budget() / (s.hq * self.n_cmp).max(1) as u64;
+        let keep_rows = self.kept_budget() / (s.hq * self.n_cmp.next_multiple_of(4)).max(1) as u64;
         let keep_cap = match keep_rows >= KEEP_MIN_ROWS.min(s.tq as u64) {
             true => keep_rows,
             false => u64::MAX,
@@ -888,11 +888,13 @@ impl Plan {
             }
             // Compressed attention keeps its scores and the selection reads them where they
             // fit: the selection then only sums probabilities and ranks blocks.
-            let kept_len = nrows * hq * self.n_cmp as u64;
+            // Rows padded to whole vec4s (cmp_attn stores four scores at a time).
+            let kept_stride = self.n_cmp.next_multiple_of(4) as u64;
+            let kept_len = nrows * hq * kept_stride;
             let keep = kept_len > 0 && kept_len <= self.kept_budget();
             let (kept_w, kept_stride) = if keep {
                 self.kept_len = self.kept_len.max(kept_len);
-                (self.window(Tensor::Kept, 0, kept_len), self.n_cmp as u32)
+                (self.window(Tensor::Kept, 0, kept_len), kept_stride as u32)
             } else {
                 (
                     (

@@ -163,16 +163,23 @@ fn decode_plans_split_every_branch_and_merge() {
         select.cmp_splits, 32,
         "the selection derives lse from the partials"
     );
-    // Compressed attention keeps its 64 rows x 4095 scores; the selection reads them.
+    // Compressed attention keeps its 64 rows x 4095 scores (rows of 4096); the selection
+    // reads them.
     let cmp = &plan.steps[2];
-    assert_eq!((cmp.params.kept_stride, select.kept_stride), (4095, 4095));
+    assert_eq!((cmp.params.kept_stride, select.kept_stride), (4096, 4096));
     assert_eq!(cmp.bindings[5].0, Tensor::Kept);
     assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
-    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4095);
+    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4096);
     assert!(plan.keeps_scores());
-    // A prefill keeps them too, in chunks whose scores fit 1 GiB: at 64k, 1024 query rows.
+    // A prefill keeps them too, in chunks whose scores fit 1 GiB: at 64k, 1024 query rows
+    // (with 2 GiB bindings; a binding of 1 GiB holds a little less, 1023 rows).
     let long = Shape::prefill(1, 65536, 64, 4, 128, 128);
-    let prefill = Plan::new(&NsaConfig::default(), &long, &limits).unwrap();
+    let wide = DeviceLimits {
+        max_storage_binding: 2 << 30,
+        max_buffer: 4 << 30,
+        ..limits
+    };
+    let prefill = Plan::new(&NsaConfig::default(), &long, &wide).unwrap();
     let cmp: Vec<_> = prefill
         .steps
         .iter()
@@ -181,7 +188,7 @@ fn decode_plans_split_every_branch_and_merge() {
     assert_eq!(cmp.len(), 64);
     assert!(cmp
         .iter()
-        .all(|s| s.params.kept_stride == 4095 && s.params.q_count == 1024));
+        .all(|s| s.params.kept_stride == 4096 && s.params.q_count == 1024));
     // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 144 rows at 4k),
     // the prefill does not chunk for it, and only its short last chunk keeps.
     let small = DeviceLimits {
@@ -198,7 +205,7 @@ fn decode_plans_split_every_branch_and_merge() {
         .collect();
     // 287 rows per chunk, 78 in the last.
     assert_eq!(kept[0], (287, 0));
-    assert_eq!(kept.last(), Some(&(78, 255)));
+    assert_eq!(kept.last(), Some(&(78, 256)));
     check_coverage(&chunked);
     for step in &plan.steps {
         let per_group = match step.kernel {

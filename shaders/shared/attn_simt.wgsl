@@ -58,7 +58,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         var m = NEG_BIG;
         for (var j4 = part; j4 < n4; j4 += 8u) {
             let s = tile_scores(i, j4, nk);
-            keep4(r, i, t0 + 4u * j4, s);
+            keep4(r, i, t0 + 4u * j4, s, 4u * j4 + 3u < nk);
             m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
         }
         let m_new = max(run_max, row_max8(lid, m));

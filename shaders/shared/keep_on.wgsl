@@ -1,11 +1,9 @@
 // The attention core's score hooks (see attention.wgsl) for compressed attention keeping
-// its scores: row i's scores of keys t .. t + 3 (keep4) or of key t (keep1) go to
-// cmp_attn.wgsl's keep_score.
+// its scores: row i's scores of keys t .. t + 3 (keep4; `whole` when all four are keys of
+// this tile) or of key t (keep1) go to cmp_attn.wgsl.
 
-fn keep4(r: Rows, i: u32, t: u32, s: vec4<f32>) {
-    for (var c = 0u; c < 4u; c++) {
-        keep_score(r, i, t + c, s[c]);
-    }
+fn keep4(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
+    keep_scores(r, i, t, s, whole);
 }
 
 fn keep1(r: Rows, i: u32, t: u32, s: f32) {
