@@ -1,10 +1,10 @@
 // Block importance, group sum and top-n selection, streamed: one workgroup per
-// (batch, query, kv head) walks its visible blocks in chunks, recomputes the group's
-// compressed-attention probabilities for just the compressed tokens a chunk overlaps
-// (from the log-sum-exp that cmp_attn stored; select_qk.wgsl, or select_kept.wgsl where
-// cmp_attn kept its scores), turns them into block scores with SPEC's
-// overlap weights, and merges the chunk into a running top list in workgroup memory.
-// No [T, C] or [T, blocks] matrix ever reaches device memory.
+// (batch, query, kv head) walks its visible blocks in chunks, forms the group's
+// compressed-attention probabilities for just the compressed tokens a chunk overlaps, with
+// the log-sum-exp that cmp_attn stored (`#import select_scores`: from the scores cmp_attn
+// kept, select_kept.wgsl, or from q.k over the compressed keys, select_qk.wgsl), turns them
+// into block scores with SPEC's overlap weights, and merges the chunk into a running top
+// list in workgroup memory. No [T, blocks] matrix ever reaches device memory.
 
 // Bindings 1 and 2 (q, and the compressed keys as `k`: [B, C, Hkv, Dk]) come from qk.
 #import qk

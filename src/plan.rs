@@ -84,8 +84,9 @@ pub enum Tensor {
     PartWin,
     /// Candidates of split selection `[B * Tq * Hkv, splits, n, 2]` (scratch).
     Cand,
-    /// Compressed attention's scaled scores, kept for the selection where the plan says so
-    /// (split chunks: decode steps and short chunks), `[B * Tq * Hq, C]` (scratch).
+    /// Compressed attention's scaled scores, kept for the selection wherever a chunk's fit
+    /// the budget (decode steps, short chunks, prefills in chunks of query rows),
+    /// `[B * Tq * Hq, C rounded up to 4]` (scratch).
     Kept,
     /// A read-only slot the dispatch does not use (bound to a small dummy buffer).
     Unused,
@@ -640,9 +641,10 @@ impl Plan {
         // Chunks small enough that compressed attention can keep its scores for the
         // selection, unless that takes chunks of fewer than KEEP_MIN_ROWS rows.
         let keep_rows = self.kept_budget() / (s.hq * self.n_cmp.next_multiple_of(4)).max(1) as u64;
-        let keep_cap = match keep_rows >= KEEP_MIN_ROWS.min(s.tq as u64) {
-            true => keep_rows,
-            false => u64::MAX,
+        let keep_cap = if keep_rows >= KEEP_MIN_ROWS.min(s.tq as u64) {
+            keep_rows
+        } else {
+            u64::MAX
         };
         let max_rows = (lim / row)
             .min(self.max_workgroups() / wg_row)
@@ -887,33 +889,19 @@ impl Plan {
                 *have = (*have).max(len);
             }
             // Compressed attention keeps its scores and the selection reads them where they
-            // fit: the selection then only sums probabilities and ranks blocks.
-            // Rows padded to whole vec4s (cmp_attn stores four scores at a time).
-            let kept_stride = self.n_cmp.next_multiple_of(4) as u64;
-            let kept_len = nrows * hq * kept_stride;
+            // fit: the selection then only sums probabilities and ranks blocks. Rows are
+            // padded to whole vec4s (cmp_attn stores four scores at a time).
+            let stride = self.n_cmp.next_multiple_of(4) as u64;
+            let kept_len = nrows * hq * stride;
             let keep = kept_len > 0 && kept_len <= self.kept_budget();
-            let (kept_w, kept_stride) = if keep {
+            // Not kept: stride 0, a writable dummy piece for cmp_attn, a read-only dummy for
+            // the selection.
+            let (kept_out, kept_in, kept_stride, off_kept) = if keep {
                 self.kept_len = self.kept_len.max(kept_len);
-                (self.window(Tensor::Kept, 0, kept_len), kept_stride as u32)
+                let (w, off) = self.window(Tensor::Kept, 0, kept_len);
+                ((Tensor::Kept, w), (Tensor::Kept, w), stride as u32, off)
             } else {
-                (
-                    (
-                        Window {
-                            offset: 0,
-                            size: 16,
-                        },
-                        0,
-                    ),
-                    0,
-                )
-            };
-            let kept_out = match keep {
-                true => (Tensor::Kept, kept_w.0),
-                false => unused(Tensor::Kept, 0),
-            };
-            let kept_in = match keep {
-                true => (Tensor::Kept, kept_w.0),
-                false => unused(Tensor::Gates, 0),
+                (unused(Tensor::Kept, 0), unused(Tensor::Gates, 0), 0, 0)
             };
             let o = if split {
                 (Tensor::PartWin, pw)
@@ -958,7 +946,7 @@ impl Plan {
                     partials: split as u32,
                     total_wg: (attn_total * sp_c as u64) as u32,
                     kept_stride,
-                    off_kept: kept_w.1,
+                    off_kept,
                     ..attn
                 },
                 grid: self.grid(attn_total * sp_c as u64),
@@ -996,7 +984,7 @@ impl Plan {
                     off_lse: l.1 .1,
                     cmp_splits: if split { sp_c } else { 0 },
                     kept_stride,
-                    off_kept: kept_w.1,
+                    off_kept,
                     ..base
                 },
                 grid: self.grid(sel_total * sp as u64),
