@@ -11,7 +11,7 @@ use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
-use crate::plan::{DeviceLimits, Plan, Tensor};
+use crate::plan::{DeviceLimits, Plan, Tensor, DEFAULT_KEPT_SCORES};
 use crate::shaders::Variant;
 
 /// A device and queue to run on, and what adapter they came from.
@@ -159,6 +159,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
         max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
         workgroup_storage: limits.max_compute_workgroup_storage_size,
+        kept_scores: DEFAULT_KEPT_SCORES,
     }
 }
 
@@ -848,6 +849,14 @@ impl NsaPipeline {
             self.forget_compiled();
         }
         self.bounds_checks
+    }
+
+    /// Sets how many bytes of compressed-attention scores one chunk of a call may keep for
+    /// the selection ([`DeviceLimits::kept_scores`]; plans made from now on): fewer bytes
+    /// mean smaller scratch and more chunks, 0 none kept (the selection multiplies q.k a
+    /// second time, which on an H200 costs a 64k prefill 235 ms rather than 19 ms).
+    pub fn set_kept_scores(&mut self, bytes: u64) {
+        self.limits.kept_scores = bytes;
     }
 
     /// Drops the compiled kernels (after a change of variant).

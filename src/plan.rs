@@ -26,7 +26,16 @@ pub struct DeviceLimits {
     pub max_workgroups_per_dim: u32,
     /// `max_compute_workgroup_storage_size`: sizes the attention tiles.
     pub workgroup_storage: u32,
+    /// Not an adapter limit: the bytes of compressed-attention scores one chunk of a call
+    /// may keep for the selection ([`DEFAULT_KEPT_SCORES`]; within a binding and a buffer).
+    /// Long prefills run in chunks of query rows whose scores fit; 0 keeps none (the
+    /// selection then multiplies q.k over the compressed keys a second time).
+    pub kept_scores: u64,
 }
+
+/// The default [`DeviceLimits::kept_scores`]: 1 GiB, chunks of 1024 query rows for a prefill
+/// at 64k with 64 heads.
+pub const DEFAULT_KEPT_SCORES: u64 = 1 << 30;
 
 impl Default for DeviceLimits {
     /// WebGPU's default limits, except 32 KiB of workgroup memory instead of 16 KiB (what
@@ -39,6 +48,7 @@ impl Default for DeviceLimits {
             uniform_align: 256,
             max_workgroups_per_dim: 65535,
             workgroup_storage: 32 << 10,
+            kept_scores: DEFAULT_KEPT_SCORES,
         }
     }
 }
@@ -189,10 +199,6 @@ const SELECT_SPLITS_MAX: u64 = 16;
 const _: () = assert!(SELECT_SPLITS_MAX <= 64);
 /// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
 const CAND_MAX: u64 = 1024;
-/// Elements of compressed-attention scores one chunk keeps for the selection at most (1 GiB;
-/// less where a binding or buffer is smaller): a decode step of 16 sequences at 64k keeps 64
-/// MiB, a prefill at 64k chunks of 1024 query rows.
-const KEPT_MAX: u64 = 1 << 28;
 /// Query rows per chunk below which a prefill does not chunk itself to keep scores (it
 /// multiplies q.k a second time in the selection instead).
 const KEEP_MIN_ROWS: u64 = 256;
@@ -700,9 +706,10 @@ impl Plan {
             .max(1) as u32
     }
 
-    /// Elements of kept scores one chunk may have: `KEPT_MAX`, a binding, a buffer.
+    /// Elements of kept scores one chunk may have: `DeviceLimits::kept_scores`, a binding,
+    /// a buffer.
     fn kept_budget(&self) -> u64 {
-        KEPT_MAX
+        (self.limits.kept_scores / 4)
             .min(self.binding_elems())
             .min(self.limits.max_buffer / 4)
     }

@@ -980,3 +980,39 @@ fn a_short_last_chunk_keeps_scores_and_the_long_one_does_not() {
     assert!(kept[0] == 0 && kept[1] > 0, "kept strides {kept:?}");
     check_plan("mixed", &plan, false);
 }
+
+#[test]
+fn without_kept_scores_the_selection_multiplies_q_k_itself() {
+    // With no budget for kept scores every selection runs select_qk.wgsl (elsewhere the
+    // cases keep scores wherever they fit): prefill, batches, a split decode-like call, many
+    // blocks per list, a group larger than 16 heads.
+    for (name, cfg, shape) in [
+        (
+            "no_kept_b2_t700",
+            small(),
+            Shape::prefill(2, 700, 6, 2, 100, 64),
+        ),
+        (
+            "no_kept_split_t1500",
+            small(),
+            Shape {
+                tq: 1,
+                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
+            },
+        ),
+        (
+            "no_kept_many_blocks",
+            many_blocks(),
+            Shape::prefill(1, 2100, 4, 2, 16, 16),
+        ),
+        ("no_kept_hq20", small(), Shape::prefill(1, 40, 20, 1, 16, 8)),
+    ] {
+        let limits = DeviceLimits {
+            kept_scores: 0,
+            ..pipeline().limits()
+        };
+        let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
+        assert!(!plan.keeps_scores(), "{name}");
+        check_plan(name, &plan, false);
+    }
+}

@@ -171,6 +171,14 @@ fn decode_plans_split_every_branch_and_merge() {
     assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
     assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4096);
     assert!(plan.keeps_scores());
+    // Without a budget for them, none.
+    let none = DeviceLimits {
+        kept_scores: 0,
+        ..limits
+    };
+    let plain = Plan::new(&NsaConfig::default(), &shape, &none).unwrap();
+    assert!(!plain.keeps_scores());
+    assert!(plain.steps.iter().all(|s| s.params.kept_stride == 0));
     // A prefill keeps them too, in chunks whose scores fit 1 GiB: at 64k, 1024 query rows
     // (with 2 GiB bindings; a binding of 1 GiB holds a little less, 1023 rows).
     let long = Shape::prefill(1, 65536, 64, 4, 128, 128);

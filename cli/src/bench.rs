@@ -84,6 +84,11 @@ pub struct BenchArgs {
     /// what the library saves by leaving them out.
     #[arg(long)]
     bounds_checks: bool,
+    /// MiB of compressed-attention scores one chunk may keep for the selection (0: none,
+    /// the selection multiplies q.k a second time); long prefills run in chunks of query
+    /// rows whose scores fit.
+    #[arg(long, default_value_t = nsa_wgpu::DEFAULT_KEPT_SCORES >> 20)]
+    kept_mib: u64,
     #[command(flatten)]
     adapter: AdapterArgs,
 }
@@ -94,13 +99,16 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let subgroups = pipe.set_subgroup_reductions(!args.no_subgroups);
     let tensor_cores = pipe.set_tensor_cores(!args.no_tensor_cores);
     let checks = pipe.set_bounds_checks(args.bounds_checks);
+    pipe.set_kept_scores(args.kept_mib << 20);
     let on = |b: bool| if b { "on" } else { "off" };
     println!(
-        "adapter: {}; subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}",
+        "adapter: {}; subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}; \
+         kept scores: {} MiB per chunk",
         pipe.context().describe(),
         on(subgroups),
         on(tensor_cores),
-        on(checks)
+        on(checks),
+        args.kept_mib
     );
     Ok(pipe)
 }
