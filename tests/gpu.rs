@@ -191,8 +191,15 @@ fn check_plan(name: &str, plan: &Plan, branch: bool) {
 fn check_plan_on(pipe: &NsaPipeline, name: &str, plan: &Plan, branch: bool) {
     let (cfg, shape) = (plan.config, plan.shape);
     let data = Data::new(&cfg, &shape, branch, 0x5eed ^ shape.tq as u64);
+    check_data_on(pipe, name, plan, &data);
+}
+
+/// Runs `plan` on `data` and holds every stage against its CPU twin and the whole forward
+/// against the naive reference.
+fn check_data_on(pipe: &NsaPipeline, name: &str, plan: &Plan, data: &Data) {
+    let (cfg, shape) = (plan.config, plan.shape);
     let inputs = data.inputs();
-    let got = gpu_forward(pipe, plan, &data);
+    let got = gpu_forward(pipe, plan, data);
     let s = &shape;
     // Stage by stage against the CPU twins.
     let (kci, vci) = inputs.cmp_kv();
@@ -1014,5 +1021,39 @@ fn without_kept_scores_the_selection_multiplies_q_k_itself() {
         let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
         assert!(!plan.keeps_scores(), "{name}");
         check_plan(name, &plan, false);
+    }
+}
+
+#[test]
+fn the_group_sum_weighs_each_head_by_its_own_log_sum_exp() {
+    // Queries of head h scaled by 0.2 + 0.7 h: some heads attend almost evenly, others to a
+    // few compressed tokens, so the selection must sum each head's probabilities (each with
+    // its own log-sum-exp) for the block ranking to come out right. Both selection paths.
+    for (name, shape) in [
+        ("peaked_g8_t700", Shape::prefill(1, 700, 16, 2, 32, 16)),
+        ("peaked_g3_t700", Shape::prefill(1, 700, 6, 2, 32, 16)),
+        (
+            "peaked_g8_tq3_tk1500",
+            Shape {
+                tq: 3,
+                ..Shape::prefill(1, 1500, 16, 2, 32, 16)
+            },
+        ),
+    ] {
+        let cfg = small();
+        let mut data = Data::new(&cfg, &shape, false, 0xbead);
+        for (i, x) in data.q.iter_mut().enumerate() {
+            let h = (i / shape.dk) % shape.hq;
+            *x *= 0.2 + 0.7 * h as f32;
+        }
+        for kept in [nsa_wgpu::DEFAULT_KEPT_SCORES, 0] {
+            let limits = DeviceLimits {
+                kept_scores: kept,
+                ..pipeline().limits()
+            };
+            let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
+            assert_eq!(plan.keeps_scores(), kept > 0, "{name}");
+            check_data_on(pipeline(), &format!("{name} kept {kept}"), &plan, &data);
+        }
     }
 }
