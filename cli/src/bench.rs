@@ -64,6 +64,11 @@ pub struct BenchArgs {
     /// Batch sizes for --decode (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
     batches: Vec<usize>,
+    /// --decode with sequences of different lengths: sequence s of a batch holds
+    /// `RAGGED * s` tokens fewer than the cache length (the dense baseline and the bytes
+    /// still count every sequence at the full length).
+    #[arg(long, default_value_t = 0)]
+    ragged: usize,
     /// Reduce attention rows through workgroup memory (the plain-WGSL fallback) even where
     /// the adapter has subgroup operations (this also turns tensor cores off).
     #[arg(long)]
@@ -267,14 +272,18 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 independent_kv: false,
             };
             let mut cache = NsaCache::new(&pipe, &cfg, opts, None).map_err(|e| e.to_string())?;
-            // Fill the context in slices, every sequence per call.
+            // Fill the context in slices, every sequence per call (up to its own length).
+            let seq_len = |s: usize| len - (args.ragged * s).min(len - 1);
             let slice = 8192.min(len);
             let mut pos = 0;
             while pos < len {
                 let n = slice.min(len - pos);
-                let kv: Vec<(Vec<f32>, Vec<f32>)> = (0..b)
+                let kv: Vec<(usize, Vec<f32>, Vec<f32>)> = (0..b)
+                    .filter(|&s| seq_len(s) > pos)
                     .map(|s| {
+                        let n = n.min(seq_len(s) - pos);
                         (
+                            s,
                             sample_values(n * hkv * dk, (s * 7 + pos) as u64 + 1),
                             sample_values(n * hkv * dv, (s * 7 + pos) as u64 + 2),
                         )
@@ -282,9 +291,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                     .collect();
                 let chunks: Vec<SeqChunk> = kv
                     .iter()
-                    .enumerate()
-                    .map(|(s, (k, v))| SeqChunk {
-                        seq: s,
+                    .map(|(s, k, v)| SeqChunk {
+                        seq: *s,
                         q: &[],
                         k,
                         v,
@@ -412,8 +420,13 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                     }
                 })
                 .collect();
+            let lens = if args.ragged > 0 && b > 1 {
+                format!("{len} .. {}", seq_len(b - 1))
+            } else {
+                len.to_string()
+            };
             println!(
-                "| {b} | {len} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} |",
+                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} |",
                 stages.join(" / "),
                 dense / nsa,
                 bytes / 1e6,

@@ -383,6 +383,27 @@ fn bench_with_bounds_checks_says_so() {
 }
 
 #[test]
+fn ragged_decode_bench_times_sequences_of_different_lengths() {
+    let r = nsa(&[
+        "bench",
+        "--decode",
+        "--quick",
+        "--ragged",
+        "16",
+        "--kept-mib",
+        "0",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    // B=2: the second sequence holds 16 tokens fewer.
+    assert!(
+        out.contains("| 2 | 300 .. 284 |") && out.contains("| 2 | 700 .. 684 |"),
+        "{out}"
+    );
+    assert!(out.contains("kept scores: 0 MiB per chunk"), "{out}");
+}
+
+#[test]
 fn decode_from_and_chunk_write_what_a_plain_run_writes() {
     let d = Dir::new();
     write(
