@@ -1,9 +1,9 @@
 // Compressed attention: each query head attends to the compressed tokens whose whole block
 // lies at or before its position (online softmax over tiles), and records its log-sum-exp
-// for the selection kernel. Where the plan asks (params.kept_stride > 0, with the core's
-// keep_on.wgsl: decode steps and short chunks), it also keeps every scaled score it computes,
-// so that the selection reads them (select_kept.wgsl) instead of multiplying the queries
-// with the compressed keys a second time.
+// for the selection kernel. Where the plan keeps scores (the steps compiled with the core's
+// keep_on.wgsl, params.kept_stride > 0: every chunk whose scores fit the budget), it also
+// stores every scaled score it computes, so that the selection reads them (select_kept.wgsl)
+// instead of multiplying the queries with the compressed keys a second time.
 
 #import attention
 
@@ -18,10 +18,10 @@
 // `whole`. Rows past r.n may hold stale scores in the tile; they are not this workgroup's to
 // write.
 fn keep_scores(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
-    if params.kept_stride == 0u || i >= r.n {
+    if i >= r.n {
         return;
     }
-    let at = params.off_kept + attn_row(r, i) * params.kept_stride + t;
+    let at = kept_at(r, i, t);
     // One 16-byte store where the four are a whole, aligned vec4 of the row; its masked
     // scores (NEG_BIG) are past the row's tokens, which the selection never reads.
     if whole && (at & 3u) == 0u {
@@ -35,10 +35,16 @@ fn keep_scores(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
 
 // Row i's score of key t, where it sees it.
 fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
-    if params.kept_stride != 0u && i < r.n && s != NEG_BIG {
-        let at = params.off_kept + attn_row(r, i) * params.kept_stride + t;
+    if i < r.n && s != NEG_BIG {
+        let at = kept_at(r, i, t);
         kept[at >> 2u][at & 3u] = s;
     }
+}
+
+// The element of `kept` that holds row i's score of key t (only steps with
+// params.kept_stride > 0 compile keep_on.wgsl, which calls the two above).
+fn kept_at(r: Rows, i: u32, t: u32) -> u32 {
+    return params.off_kept + attn_row(r, i) * params.kept_stride + t;
 }
 
 @compute @workgroup_size(128)

@@ -968,9 +968,10 @@ fn time_plan_runs_after_a_warmer() {
 
 #[test]
 fn a_short_last_chunk_keeps_scores_and_the_long_one_does_not() {
-    // A binding of 3100 query rows: a chunk of 3100 rows (enough workgroups, no splits, the
-    // selection multiplies q.k itself) and one of 20 (split: compressed attention keeps its
-    // scores and the selection reads them). Each step compiles the variant its chunk needs.
+    // A binding of 3100 query rows, which holds the kept scores of only 127 (fewer than 256,
+    // so the prefill does not chunk for them): a chunk of 3100 rows, whose selection
+    // multiplies q.k itself, and one of 20, whose scores fit and are kept. Each step compiles
+    // the variant its chunk needs.
     let shape = Shape::prefill(1, 3120, 4, 2, 16, 16);
     let limits = DeviceLimits {
         max_storage_binding: 3100 * 4 * 16 * 4 + 256,

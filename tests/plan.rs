@@ -197,7 +197,7 @@ fn decode_plans_split_every_branch_and_merge() {
     assert!(cmp
         .iter()
         .all(|s| s.params.kept_stride == 4096 && s.params.q_count == 1024));
-    // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 144 rows at 4k),
+    // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 143 rows at 4k),
     // the prefill does not chunk for it, and only its short last chunk keeps.
     let small = DeviceLimits {
         max_storage_binding: 9 << 20,
