@@ -356,6 +356,9 @@ cases! {
     t700_b2_hq6_hkv2_dk100_dv64_small: small(), [2, 700, 700, 6, 2, 100, 64], false;
     t700_hq32_hkv2_dk16_dv16_small: small(), [1, 700, 700, 32, 2, 16, 16], false;
     t40_hq20_hkv1_dk16_dv8_small: small(), [1, 40, 40, 20, 1, 16, 8], false;
+    // Dv > 128: 16 rows have more output items (4 rows x 4 dims) than a workgroup has
+    // invocations, so some invocations own two (the core's TWO_ITEMS).
+    t150_hq16_hkv1_dk32_dv160_small: small(), [1, 150, 150, 16, 1, 32, 160], false;
     chunk_tq37_tk200_hq4_hkv2_dk16_dv16_small: small(), [1, 37, 200, 4, 2, 16, 16], false;
     decode_tq1_tk333_hq3_hkv1_dk100_dv64_small: small(), [2, 1, 333, 3, 1, 100, 64], false;
     // Few row groups: every branch splits its keys over workgroups and merges the parts.

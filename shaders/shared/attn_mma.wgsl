@@ -154,7 +154,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         if lid < items {
             acc0 = add_tile(acc0, lid / dv4, lid % dv4);
         }
-        if lid + WG < items {
+        if TWO_ITEMS && lid + WG < items {
             acc1 = add_tile(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
         }
     }

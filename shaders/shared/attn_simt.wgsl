@@ -77,7 +77,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         if lid < items {
             acc0 = accumulate(acc0, lid / dv4, lid % dv4, nk);
         }
-        if lid + WG < items {
+        if TWO_ITEMS && lid + WG < items {
             acc1 = accumulate(acc1, (lid + WG) / dv4, (lid + WG) % dv4, nk);
         }
         workgroupBarrier();
