@@ -33,9 +33,9 @@ pub struct DeviceLimits {
     pub kept_scores: u64,
 }
 
-/// The default [`DeviceLimits::kept_scores`]: 1 GiB, chunks of 1024 query rows for a prefill
-/// at 64k with 64 heads.
-pub const DEFAULT_KEPT_SCORES: u64 = 1 << 30;
+/// The default [`DeviceLimits::kept_scores`]: 2 GiB, chunks of 2048 query rows for a prefill
+/// at 64k with 64 heads (on an H200, 1.9% faster there than 1 GiB's 1024-row chunks).
+pub const DEFAULT_KEPT_SCORES: u64 = 2 << 30;
 
 impl Default for DeviceLimits {
     /// WebGPU's default limits, except 32 KiB of workgroup memory instead of 16 KiB (what
