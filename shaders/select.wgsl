@@ -109,7 +109,7 @@ fn main(
     let rest = wid / params.splits / params.hkv;
     let iq = rest % params.q_count;
     let bb = rest / params.q_count;
-    let p = query_position(params.q_start + iq);
+    let p = query_position(bb, params.q_start + iq);
     let nv = visible_compressed(p);
     let m = params.sel_block / params.cmp_stride;   // pieces per selection block
     let u = params.cmp_block / params.cmp_stride;   // pieces per compressed token

@@ -41,7 +41,8 @@ fn main(
         return;
     }
     let iq = row / params.hkv % params.q_count;
-    let f = forced_blocks(query_position(params.q_start + iq));
+    let bb = row / params.hkv / params.q_count;
+    let f = forced_blocks(query_position(bb, params.q_start + iq));
     let slots = params.top_n - f.nf;
     let n = params.top_n;
     let total = params.splits * n;

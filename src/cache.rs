@@ -13,7 +13,7 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
 use crate::kernels::KernelId;
 use crate::pipeline::{read_staging, stage_readback, GpuBuffers, NsaPipeline};
-use crate::plan::{CacheRows, Plan, Tensor};
+use crate::plan::{CacheRows, Plan, Tensor, RAGGED_MAX};
 use crate::profile::StepTimer;
 
 /// The sizes of a cache.
@@ -417,29 +417,52 @@ impl NsaPipeline {
         });
         let mut kept = Vec::new();
         let mut timed: Vec<KernelId> = Vec::new();
-        // Consecutive sequences of equal length that add equally many tokens share one plan:
-        // one dispatch per stage for all of them.
+        // Consecutive sequences that add equally many tokens share one plan: one dispatch per
+        // stage for all of them. Where their lengths differ (at most RAGGED_MAX of them: a
+        // decode step of a ragged batch), each run of equal length first compresses its new
+        // tokens with a plan of its own, then one ragged plan attends for all.
+        let len_of = |i: usize| cache.lens[chunks[i].seq];
+        let uniform = |g: &std::ops::Range<usize>| g.clone().all(|i| len_of(i) == len_of(g.start));
         let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
         for i in 0..chunks.len() {
             let joins = groups.last().is_some_and(|g| {
                 let p = g.end - 1;
                 chunks[i].seq == chunks[p].seq + 1
-                    && cache.lens[chunks[i].seq] == cache.lens[chunks[p].seq]
                     && sizes[i] == sizes[p]
+                    && ((uniform(g) && len_of(i) == len_of(p)) || (attend && g.len() < RAGGED_MAX))
             });
             match groups.last_mut() {
                 Some(g) if joins => g.end = i + 1,
                 _ => groups.push(i..i + 1),
             }
         }
-        for group in &groups {
+        // (sequences, computes rows, ragged)
+        let mut jobs: Vec<(std::ops::Range<usize>, bool, bool)> = Vec::new();
+        for g in groups {
+            if uniform(&g) {
+                jobs.push((g, attend, false));
+                continue;
+            }
+            let mut a = g.start;
+            while a < g.end {
+                let b = (a..g.end)
+                    .find(|&b| len_of(b) != len_of(a))
+                    .unwrap_or(g.end);
+                jobs.push((a..b, false, false));
+                a = b;
+            }
+            jobs.push((g, true, true));
+        }
+        for (group, rows_out, ragged) in &jobs {
+            let (rows_out, ragged) = (*rows_out, *ragged);
             let first = &chunks[group.start];
-            let (len, n, nb) = (cache.lens[first.seq], sizes[group.start], group.len());
-            // Appending without rows plans only the compression: one query row stands in for
-            // the rows no kernel computes (so query-sized limits do not apply).
+            let len = group.clone().map(len_of).max().unwrap_or(0);
+            let (n, nb) = (sizes[group.start], group.len());
+            // Planning only the compression, one query row stands in for the rows no kernel
+            // computes (so query-sized limits do not apply).
             let shape = Shape {
                 batch: nb,
-                tq: if attend { n } else { 1 },
+                tq: if rows_out { n } else { 1 },
                 tk: len + n,
                 hq: o.hq,
                 hkv: o.hkv,
@@ -453,8 +476,13 @@ impl NsaPipeline {
                 capacity: cache.capacity,
                 cmp_capacity: cap_c as usize,
             };
-            let mut plan = Plan::cached(&cfg, &shape, &self.limits(), rows)?;
-            if !attend {
+            let mut plan = if ragged {
+                let behind: Vec<usize> = group.clone().map(|i| len - len_of(i)).collect();
+                Plan::cached_ragged(&cfg, &shape, &self.limits(), rows, &behind)?
+            } else {
+                Plan::cached(&cfg, &shape, &self.limits(), rows)?
+            };
+            if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
                 if plan.steps.is_empty() {
                     continue;
@@ -468,8 +496,8 @@ impl NsaPipeline {
                     usage: wgpu::BufferUsages::STORAGE,
                 })
             };
-            // Appending without rows binds no queries or gates: a placeholder fills the slots.
-            let (qd, gd): (Vec<f32>, Vec<f32>) = if attend {
+            // Compressing only binds no queries or gates: a placeholder fills the slots.
+            let (qd, gd): (Vec<f32>, Vec<f32>) = if rows_out {
                 let cs = &chunks[group.clone()];
                 (
                     cs.iter().flat_map(|c| c.q.iter().copied()).collect(),
@@ -511,8 +539,8 @@ impl NsaPipeline {
                 }
                 None => self.encode(&mut encoder, &scratch, &bufs)?,
             }
-            if !attend {
-                kept.push((Vec::new(), scratch, out, nb));
+            if !rows_out {
+                kept.push((Vec::new(), scratch, out, 0));
                 continue;
             }
             let mut wanted: Vec<&wgpu::Buffer> = vec![&out];
@@ -547,7 +575,7 @@ impl NsaPipeline {
             cache.lens[c.seq] = len + n;
         }
         let mut results = Vec::with_capacity(chunks.len());
-        for (staging, _, _, nb) in kept.iter().filter(|_| attend) {
+        for (staging, _, _, nb) in kept.iter().filter(|k| k.3 > 0) {
             // Each group's outputs are [nb, n, ...]: one equal slice per sequence.
             let parts = read_staging(device, staging).await?;
             let split = |i: usize| -> Vec<Vec<f32>> {

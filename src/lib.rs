@@ -52,4 +52,4 @@ pub use config::{Compression, NsaConfig, Precision, Shape};
 pub use error::{NsaError, Result};
 pub use inputs::{BranchOutputs, LinearWeights, NsaInputs, NsaOutputs, OutputRequest};
 pub use pipeline::{AdapterOptions, GpuBuffers, GpuContext, NsaPipeline, NsaScratch};
-pub use plan::{DeviceLimits, Plan, Tensor, DEFAULT_KEPT_SCORES};
+pub use plan::{DeviceLimits, Plan, Tensor, DEFAULT_KEPT_SCORES, RAGGED_MAX};

@@ -116,7 +116,8 @@ pub struct Window {
 }
 
 /// Where a call's keys live when they come from a [`crate::NsaCache`]: `shape.batch`
-/// consecutive sequences of equal length, the first one's key rows starting at `key_row0` of
+/// consecutive sequences (of equal length, except in [`Plan::cached_ragged`]), the first
+/// one's key rows starting at `key_row0` of
 /// the cache's key buffers (`capacity` rows per sequence) and its compressed rows at
 /// `cmp_row0` of the compressed buffers (`cmp_capacity` per sequence), of which the first
 /// `cmp_done` already exist.
@@ -175,7 +176,14 @@ pub struct Plan {
     pub cand_len: u64,
     /// Elements of the kept compressed-attention scores (`Tensor::Kept`), 0 when none.
     pub kept_len: u64,
+    /// Per sequence, how many tokens fewer than `Tk` it holds ([`Plan::cached_ragged`]);
+    /// empty when all hold `Tk`.
+    pub behind: Vec<usize>,
 }
+
+/// Sequences of different lengths one plan may hold ([`Plan::cached_ragged`]): `behind` in
+/// `shaders/shared/params.wgsl`.
+pub const RAGGED_MAX: usize = 64;
 
 /// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
 pub const ROWS_PER_WORKGROUP: usize = 16;
@@ -266,7 +274,7 @@ impl Plan {
 
     /// Plans one call. Validates the config and shape first.
     pub fn new(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits) -> Result<Plan> {
-        Self::build(config, shape, limits, None, Precision::F32)
+        Self::build(config, shape, limits, None, Precision::F32, &[])
     }
 
     /// Plans one call whose inputs are stored at `precision` (see [`Precision`]).
@@ -276,7 +284,7 @@ impl Plan {
         limits: &DeviceLimits,
         precision: Precision,
     ) -> Result<Plan> {
-        Self::build(config, shape, limits, None, precision)
+        Self::build(config, shape, limits, None, precision, &[])
     }
 
     /// Plans the rows of `shape.batch` consecutive, equally long sequences whose keys live in
@@ -294,7 +302,44 @@ impl Plan {
                 rule: "a cache holds at least Tk rows and C(Tk) compressed rows per sequence",
             });
         }
-        Self::build(config, shape, limits, Some(rows), Precision::F32)
+        Self::build(config, shape, limits, Some(rows), Precision::F32, &[])
+    }
+
+    /// Plans the attention of `shape.batch` consecutive sequences of a KV cache that each add
+    /// `shape.tq` rows but hold different numbers of tokens: sequence `b` holds
+    /// `shape.tk - behind[b]` (its new rows included), so one chain of dispatches serves a
+    /// decode step of the whole batch. Compresses nothing: each sequence's new compressed
+    /// tokens must exist first ([`Plan::cached`] plans of its equal-length runs, compression
+    /// steps only, do that). At most [`RAGGED_MAX`] sequences.
+    pub fn cached_ragged(
+        config: &NsaConfig,
+        shape: &Shape,
+        limits: &DeviceLimits,
+        rows: CacheRows,
+        behind: &[usize],
+    ) -> Result<Plan> {
+        if behind.len() != shape.batch || shape.batch > RAGGED_MAX {
+            return Err(NsaError::InvalidShape {
+                what: "behind",
+                value: behind.len(),
+                rule: "one entry per sequence of the batch, at most 64 sequences",
+            });
+        }
+        if let Some(&b) = behind.iter().find(|&&b| b + shape.tq > shape.tk) {
+            return Err(NsaError::InvalidShape {
+                what: "behind",
+                value: b,
+                rule: "every sequence holds its new rows: behind + Tq <= Tk",
+            });
+        }
+        if rows.capacity < shape.tk || rows.cmp_capacity < config.num_compressed(shape.tk) {
+            return Err(NsaError::InvalidShape {
+                what: "capacity",
+                value: rows.capacity,
+                rule: "a cache holds at least Tk rows and C(Tk) compressed rows per sequence",
+            });
+        }
+        Self::build(config, shape, limits, Some(rows), Precision::F32, behind)
     }
 
     fn build(
@@ -303,6 +348,7 @@ impl Plan {
         limits: &DeviceLimits,
         cache: Option<CacheRows>,
         precision: Precision,
+        behind: &[usize],
     ) -> Result<Plan> {
         config.validate()?;
         shape.validate()?;
@@ -339,6 +385,7 @@ impl Plan {
             part_len: [0; 3],
             cand_len: 0,
             kept_len: 0,
+            behind: Vec::new(),
         };
         for t in [
             Tensor::Q,
@@ -355,7 +402,11 @@ impl Plan {
                 return Err(exceeds("max_buffer_size", bytes, limits.max_buffer));
             }
         }
-        plan.plan_compress()?;
+        if behind.is_empty() {
+            plan.plan_compress()?;
+        } else {
+            plan.behind = behind.to_vec();
+        }
         plan.plan_attention(false)?;
         Ok(plan)
     }
@@ -393,6 +444,7 @@ impl Plan {
             part_len: [0; 3],
             cand_len: 0,
             kept_len: 0,
+            behind: Vec::new(),
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
             let bytes = plan.tensor_bytes(t);
@@ -766,7 +818,7 @@ impl Plan {
             let (ocmp, oslc, owin) = (out, out, out);
             let kw = self.window(Tensor::KWin, keys * hkv * dk, nkeys * hkv * dk);
             let vw = self.window(Tensor::VWin, keys * hkv * dv, nkeys * hkv * dv);
-            let base = Params {
+            let mut base = Params {
                 batch: ch.nb as u32,
                 q_start: ch.q0 as u32,
                 q_count: ch.qc as u32,
@@ -781,6 +833,10 @@ impl Plan {
                 off_out: out.1,
                 ..self.base_params()
             };
+            let behind = self.behind.iter().skip(ch.b0).take(ch.nb);
+            for (bb, &b) in behind.enumerate() {
+                base.behind[bb / 4][bb % 4] = b as u32;
+            }
             // Consecutive queries share a workgroup when the group is smaller than its rows;
             // selected attention keeps one query per workgroup (each has its own blocks).
             let q_block = (ROWS_PER_WORKGROUP / s.group().min(ROWS_PER_WORKGROUP)) as u64;

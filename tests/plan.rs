@@ -441,3 +441,50 @@ fn stage_sums_file_each_merge_under_its_stage() {
         [(Dense, 3.0)]
     );
 }
+
+#[test]
+fn a_ragged_plan_moves_each_sequence_back_and_compresses_nothing() {
+    let cfg = NsaConfig::default();
+    let s = Shape {
+        batch: 3,
+        tq: 1,
+        tk: 5000,
+        hq: 64,
+        hkv: 4,
+        dk: 128,
+        dv: 128,
+    };
+    let rows = nsa_wgpu::plan::CacheRows {
+        capacity: 8192,
+        cmp_capacity: 1024,
+        ..Default::default()
+    };
+    let limits = DeviceLimits::default();
+    let plan = Plan::cached_ragged(&cfg, &s, &limits, rows, &[0, 4000, 17]).unwrap();
+    assert!(plan.steps.iter().all(|s| s.kernel != KernelId::Compress));
+    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::CmpAttn));
+    for step in &plan.steps {
+        assert_eq!(step.params.behind[0], [0, 4000, 17, 0], "{:?}", step.kernel);
+        assert!(step.params.behind[1..].iter().all(|b| *b == [0; 4]));
+    }
+    // The equal-length plan of the same rows compresses and moves nothing back.
+    let plain = Plan::cached(&cfg, &s, &limits, rows).unwrap();
+    assert!(plain.steps.iter().any(|s| s.kernel == KernelId::Compress));
+    assert!(plain.steps.iter().all(|s| s.params.behind == [[0; 4]; 16]));
+    // One entry per sequence, each sequence holding its new row, at most 64 sequences.
+    let bad = |behind: &[usize], batch: usize| {
+        let s = Shape { batch, ..s };
+        match Plan::cached_ragged(&cfg, &s, &limits, rows, behind) {
+            Err(NsaError::InvalidShape { what, .. }) => what,
+            other => panic!("expected InvalidShape, got {other:?}"),
+        }
+    };
+    assert_eq!(bad(&[0, 1], 3), "behind");
+    assert_eq!(bad(&[0, 5000, 1], 3), "behind");
+    assert_eq!(bad(&[0; 65], 65), "behind");
+    let small = nsa_wgpu::plan::CacheRows {
+        capacity: 4000,
+        ..rows
+    };
+    assert!(Plan::cached_ragged(&cfg, &s, &limits, small, &[0, 1, 2]).is_err());
+}

@@ -91,7 +91,7 @@ fn attn_row(r: Rows, i: u32) -> u32 {
 
 // Absolute position of owned row `i`'s query.
 fn attn_pos(r: Rows, i: u32) -> u32 {
-    return query_position(params.q_start + r.iq0 + i / r.nh);
+    return query_position(r.bb, params.q_start + r.iq0 + i / r.nh);
 }
 
 // Loads the queries and resets the softmax state. Call once first; then set row_lo and

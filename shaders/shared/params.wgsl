@@ -54,6 +54,11 @@ struct Params {
     off_pwin: u32,
     kept_stride: u32,  // cmp_attn, select: 0, or the row stride of the kept scores (see cmp_attn)
     off_kept: u32,
+    pad0: u32,         // aligns behind (explicitly, as Rust's Pod struct has no padding)
+    // Per batch element of this dispatch, at most 64 (a KV cache's sequences of different
+    // lengths in one plan, Rust's `Plan::cached_ragged`): how many tokens fewer than Tk its
+    // sequence holds. Its rows' positions are that much earlier; 0 everywhere else.
+    behind: array<vec4<u32>, 16>,
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
@@ -63,9 +68,10 @@ fn linear_workgroup(wg: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wg.x + wg.y * nwg.x;
 }
 
-// Absolute position of query row `i` (0-based within the whole call).
-fn query_position(i: u32) -> u32 {
-    return params.tk - params.tq + i;
+// Absolute position of query row `i` (0-based within the whole call) of batch element `bb`
+// (within the dispatch).
+fn query_position(bb: u32, i: u32) -> u32 {
+    return params.tk - params.tq + i - params.behind[bb / 4u][bb % 4u];
 }
 
 // First key of position `p`'s sliding window.
