@@ -393,16 +393,12 @@ fn seq_chunks<'a>(
     attend: bool,
 ) -> Vec<SeqChunk<'a>> {
     let (kw, vw) = (s.hkv * s.dk, s.hkv * s.dv);
-    owned
-        .iter()
-        .enumerate()
-        .map(|(seq, o)| SeqChunk {
-            seq,
-            q: if attend { &o[0] } else { &[] },
-            k: &o[1][kv.start * kw..kv.end * kw],
-            v: &o[2][kv.start * vw..kv.end * vw],
-            gates: if attend { &o[3] } else { &[] },
-            branch_kv: None,
+    all_chunks(owned, attend)
+        .into_iter()
+        .map(|c| SeqChunk {
+            k: &c.k[kv.start * kw..kv.end * kw],
+            v: &c.v[kv.start * vw..kv.end * vw],
+            ..c
         })
         .collect()
 }
