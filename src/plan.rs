@@ -117,10 +117,9 @@ pub struct Window {
 
 /// Where a call's keys live when they come from a [`crate::NsaCache`]: `shape.batch`
 /// consecutive sequences (of equal length, except in [`Plan::cached_ragged`]), the first
-/// one's key rows starting at `key_row0` of
-/// the cache's key buffers (`capacity` rows per sequence) and its compressed rows at
-/// `cmp_row0` of the compressed buffers (`cmp_capacity` per sequence), of which the first
-/// `cmp_done` already exist.
+/// one's key rows starting at `key_row0` of the cache's key buffers (`capacity` rows per
+/// sequence) and its compressed rows at `cmp_row0` of the compressed buffers (`cmp_capacity`
+/// per sequence), of which the first `cmp_done` already exist.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CacheRows {
     /// First key row of the first sequence in the cache's `[S * capacity, Hkv, D]` buffers.
@@ -133,6 +132,21 @@ pub struct CacheRows {
     pub capacity: usize,
     /// Compressed rows per sequence in the cache.
     pub cmp_capacity: usize,
+}
+
+impl CacheRows {
+    /// An error unless the cache holds `shape.tk` rows and their compressed tokens per
+    /// sequence.
+    fn check(&self, config: &NsaConfig, shape: &Shape) -> Result<()> {
+        if self.capacity < shape.tk || self.cmp_capacity < config.num_compressed(shape.tk) {
+            return Err(NsaError::InvalidShape {
+                what: "capacity",
+                value: self.capacity,
+                rule: "a cache holds at least Tk rows and C(Tk) compressed rows per sequence",
+            });
+        }
+        Ok(())
+    }
 }
 
 /// One dispatch: which kernel, its uniform, its grid and what each binding sees.
@@ -295,13 +309,7 @@ impl Plan {
         limits: &DeviceLimits,
         rows: CacheRows,
     ) -> Result<Plan> {
-        if rows.capacity < shape.tk || rows.cmp_capacity < config.num_compressed(shape.tk) {
-            return Err(NsaError::InvalidShape {
-                what: "capacity",
-                value: rows.capacity,
-                rule: "a cache holds at least Tk rows and C(Tk) compressed rows per sequence",
-            });
-        }
+        rows.check(config, shape)?;
         Self::build(config, shape, limits, Some(rows), Precision::F32, &[])
     }
 
@@ -332,13 +340,7 @@ impl Plan {
                 rule: "every sequence holds its new rows: behind + Tq <= Tk",
             });
         }
-        if rows.capacity < shape.tk || rows.cmp_capacity < config.num_compressed(shape.tk) {
-            return Err(NsaError::InvalidShape {
-                what: "capacity",
-                value: rows.capacity,
-                rule: "a cache holds at least Tk rows and C(Tk) compressed rows per sequence",
-            });
-        }
+        rows.check(config, shape)?;
         Self::build(config, shape, limits, Some(rows), Precision::F32, behind)
     }
 
