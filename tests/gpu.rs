@@ -1061,3 +1061,56 @@ fn the_group_sum_weighs_each_head_by_its_own_log_sum_exp() {
         }
     }
 }
+
+#[test]
+fn random_configs_and_shapes_match_the_reference() {
+    // A seeded sweep beyond the table: compression blocks and strides (d down to 1),
+    // selection blocks, top-n with forced initial and local blocks, windows, scales, Mean
+    // and Linear, group and head sizes, chunks (Tq < Tk), batches and per-branch K/V, all
+    // drawn at random among valid values; each case runs the full stage-by-stage check.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e73_6131);
+    let pick = |rng: &mut rand::rngs::StdRng, xs: &[usize]| xs[rng.random_range(0..xs.len())];
+    for case in 0..14 {
+        let d = pick(&mut rng, &[1, 2, 4, 8, 16]);
+        let init_blocks = rng.random_range(0..=2);
+        let local_blocks = rng.random_range(0..=3);
+        let cfg = NsaConfig {
+            cmp_block: d * rng.random_range(1..=4),
+            cmp_stride: d,
+            sel_block: d * rng.random_range(1..=4),
+            top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=6),
+            init_blocks,
+            local_blocks,
+            window: pick(&mut rng, &[1, 5, 16, 64]),
+            scale: rng.random_bool(0.3).then_some(0.3),
+            compression: if rng.random_bool(0.3) {
+                Compression::Linear
+            } else {
+                Compression::Mean
+            },
+        };
+        let hkv = rng.random_range(1..=2);
+        let tk = rng.random_range(1..=300);
+        let shape = Shape {
+            batch: rng.random_range(1..=2),
+            tq: if rng.random_bool(0.3) {
+                rng.random_range(1..=tk)
+            } else {
+                tk
+            },
+            tk,
+            hq: hkv * pick(&mut rng, &[1, 2, 3, 5, 16, 17]),
+            hkv,
+            dk: pick(&mut rng, &[4, 8, 12, 20, 36]),
+            dv: pick(&mut rng, &[4, 8, 16, 24]),
+        };
+        let branch = rng.random_bool(0.25);
+        check_case(
+            &format!("random {case}: {cfg:?} {shape:?} branch {branch}"),
+            cfg,
+            shape,
+            branch,
+        );
+    }
+}
