@@ -512,84 +512,104 @@ fn all_chunks(owned: &[[Vec<f32>; 4]], attend: bool) -> Vec<SeqChunk<'_>> {
         .collect()
 }
 
+/// Sequences of lengths `lens` (`hq`, `hkv` heads of `dk` dims) decode together through one
+/// cache: `steps` single-row steps, then a chunk of `tail` rows each, every call for all
+/// sequences. Each sequence's rows must equal its own plain prefill, and (where the adapter
+/// has timestamps) each call must attend in `chains` chains of dispatches.
+fn check_ragged(
+    hq: usize,
+    hkv: usize,
+    dk: usize,
+    lens: &[usize],
+    steps: usize,
+    tail: usize,
+    chains: usize,
+) {
+    let pipe = pipeline();
+    let cfg = small();
+    let t = lens.iter().max().unwrap() + steps + tail;
+    let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
+    let data = Data::new(&cfg, &s, false, 41);
+    let (qw, kw, gw) = (s.hq * s.dk, s.hkv * s.dk, s.hq * 3);
+    let seq = |b: usize, a: usize, e: usize| -> [Vec<f32>; 4] {
+        [
+            rows(&data.q, &s, b, a, e, qw),
+            rows(&data.k, &s, b, a, e, kw),
+            rows(&data.v, &s, b, a, e, kw),
+            rows(&data.gates, &s, b, a, e, gw),
+        ]
+    };
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16, false), None).unwrap();
+    let context: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &l)| seq(b, 0, l))
+        .collect();
+    pollster::block_on(pipe.append(&mut cache, &all_chunks(&context, false))).unwrap();
+    let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
+    let req = OutputRequest::all();
+    let mut got: Vec<Vec<NsaOutputs>> = lens.iter().map(|_| Vec::new()).collect();
+    for (i, n) in std::iter::repeat_n(1, steps).chain([tail]).enumerate() {
+        let at = |b: usize| lens[b] + i.min(steps);
+        let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at(b), at(b) + n)).collect();
+        let step = all_chunks(&owned, true);
+        let out = match &timer {
+            Some(tm) => {
+                let (out, ms) =
+                    pollster::block_on(pipe.extend_timed(&mut cache, &step, req, tm)).unwrap();
+                // Runs of equal length compress first; one chain attends for up to 64.
+                let attn = ms.iter().filter(|(k, _)| *k == KernelId::CmpAttn).count();
+                assert_eq!(attn, chains, "{hq}/{hkv} step {i}: {ms:?}");
+                out
+            }
+            None => pollster::block_on(pipe.extend(&mut cache, &step, req)).unwrap(),
+        };
+        for (b, o) in out.into_iter().enumerate() {
+            got[b].push(o);
+        }
+    }
+    let mut cmp_total = 0;
+    for (b, &l) in lens.iter().enumerate() {
+        let end = l + steps + tail;
+        let [q, k, v, g] = seq(b, 0, end);
+        let shape = Shape::prefill(1, end, s.hq, s.hkv, s.dk, s.dv);
+        let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
+        let alone = pipe.run_blocking(&cfg, &shape, &inputs, req).unwrap();
+        let part = nsa_wgpu::cache::concat(std::mem::take(&mut got[b]), req);
+        let (ow, iw) = (s.hq * s.dv, s.hkv * cfg.top_n);
+        let name = format!("{hq}/{hkv} seq {b} (length {l})");
+        assert_close(&name, &part.out, &alone.out[l * ow..end * ow], 1e-4);
+        let idx = alone.block_indices.unwrap();
+        assert_eq!(
+            part.block_indices.unwrap(),
+            &idx[l * iw..end * iw],
+            "{name}"
+        );
+        let (a, c) = (part.branches.unwrap(), alone.branches.unwrap());
+        assert_close(&name, &a.o_cmp, &c.o_cmp[l * ow..end * ow], 1e-4);
+        assert_close(&name, &a.o_win, &c.o_win[l * ow..end * ow], 1e-4);
+        cmp_total += cfg.num_compressed(end);
+    }
+    assert_eq!(
+        cache.compressed_tokens(),
+        cmp_total as u64,
+        "each block once"
+    );
+}
+
 #[test]
 fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
-    // Sequences of different lengths decode together: every step (and a final chunk of 3
-    // rows each) runs one chain of dispatches for the whole batch, and each sequence's rows
-    // equal its own plain prefill. Group 1 (split selection, 2 kv heads) and 16 (split
-    // attention over one head's 16 rows).
-    for (hq, hkv, dk) in [(4usize, 2usize, 16usize), (16, 1, 32)] {
-        let pipe = pipeline();
-        let cfg = small();
-        let lens = [50usize, 203, 1, 130, 129, 77];
-        let (steps, tail) = (4, 3);
-        let t = lens.iter().max().unwrap() + steps + tail;
-        let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
-        let data = Data::new(&cfg, &s, false, 41);
-        let (qw, kw, gw) = (s.hq * s.dk, s.hkv * s.dk, s.hq * 3);
-        let seq = |b: usize, a: usize, e: usize| -> [Vec<f32>; 4] {
-            [
-                rows(&data.q, &s, b, a, e, qw),
-                rows(&data.k, &s, b, a, e, kw),
-                rows(&data.v, &s, b, a, e, kw),
-                rows(&data.gates, &s, b, a, e, gw),
-            ]
-        };
-        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16, false), None).unwrap();
-        let context: Vec<_> = lens
-            .iter()
-            .enumerate()
-            .map(|(b, &l)| seq(b, 0, l))
-            .collect();
-        pollster::block_on(pipe.append(&mut cache, &all_chunks(&context, false))).unwrap();
-        let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
-        let req = OutputRequest::all();
-        let mut got: Vec<Vec<NsaOutputs>> = lens.iter().map(|_| Vec::new()).collect();
-        for (i, n) in std::iter::repeat_n(1, steps).chain([tail]).enumerate() {
-            let at = |b: usize| lens[b] + i.min(steps);
-            let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at(b), at(b) + n)).collect();
-            let step = all_chunks(&owned, true);
-            let out = match &timer {
-                Some(tm) => {
-                    let (out, ms) =
-                        pollster::block_on(pipe.extend_timed(&mut cache, &step, req, tm)).unwrap();
-                    // Runs of equal length compress first; one chain attends for all.
-                    let attn = ms.iter().filter(|(k, _)| *k == KernelId::CmpAttn).count();
-                    assert_eq!(attn, 1, "{hq}/{hkv} step {i}: {ms:?}");
-                    out
-                }
-                None => pollster::block_on(pipe.extend(&mut cache, &step, req)).unwrap(),
-            };
-            for (b, o) in out.into_iter().enumerate() {
-                got[b].push(o);
-            }
-        }
-        let mut cmp_total = 0;
-        for (b, &l) in lens.iter().enumerate() {
-            let end = l + steps + tail;
-            let [q, k, v, g] = seq(b, 0, end);
-            let shape = Shape::prefill(1, end, s.hq, s.hkv, s.dk, s.dv);
-            let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
-            let alone = pipe.run_blocking(&cfg, &shape, &inputs, req).unwrap();
-            let part = nsa_wgpu::cache::concat(std::mem::take(&mut got[b]), req);
-            let (ow, iw) = (s.hq * s.dv, s.hkv * cfg.top_n);
-            let name = format!("{hq}/{hkv} seq {b} (length {l})");
-            assert_close(&name, &part.out, &alone.out[l * ow..end * ow], 1e-4);
-            let idx = alone.block_indices.unwrap();
-            assert_eq!(
-                part.block_indices.unwrap(),
-                &idx[l * iw..end * iw],
-                "{name}"
-            );
-            let (a, c) = (part.branches.unwrap(), alone.branches.unwrap());
-            assert_close(&name, &a.o_cmp, &c.o_cmp[l * ow..end * ow], 1e-4);
-            assert_close(&name, &a.o_win, &c.o_win[l * ow..end * ow], 1e-4);
-            cmp_total += cfg.num_compressed(end);
-        }
-        assert_eq!(
-            cache.compressed_tokens(),
-            cmp_total as u64,
-            "each block once"
-        );
+    // Group 2 (split selection over 2 kv heads) and 16 (split attention over one head's 16
+    // rows), six lengths, one of them a single token.
+    for (hq, hkv, dk) in [(4, 2, 16), (16, 1, 32)] {
+        check_ragged(hq, hkv, dk, &[50, 203, 1, 130, 129, 77], 4, 3, 1);
     }
+}
+
+#[test]
+fn seventy_ragged_sequences_take_two_chains() {
+    // At most RAGGED_MAX (64) sequences of different lengths share a plan; pairs of equal
+    // lengths compress together.
+    let lens: Vec<usize> = (0..70).map(|i| 1 + (i / 2 * 13) % 90).collect();
+    check_ragged(4, 1, 8, &lens, 1, 2, 2);
 }
