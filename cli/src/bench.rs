@@ -252,7 +252,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
-    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth |");
+    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let cfg = NsaConfig::default();
     for &b in &batches {
@@ -314,6 +314,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 .map(|x| 0.5 + 0.5 * x)
                 .collect();
             let mut nsa_ms = Vec::new();
+            // Wall time of each whole extend: upload, encode, submit, wait, read back.
+            let mut host_ms = Vec::new();
             let mut stage_ms: Vec<Vec<(KernelId, f64)>> = Vec::new();
             for it in 0..steps {
                 let chunks: Vec<SeqChunk> = (0..b)
@@ -367,9 +369,11 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 };
                 if counted {
                     nsa_ms.push(ms);
+                    host_ms.push(start.elapsed().as_secs_f64() * 1e3);
                 }
             }
             let nsa = median(nsa_ms);
+            let host = median(host_ms);
             // Dense decode over the same cached keys (the cache's stride is its capacity).
             let shape = Shape {
                 batch: b,
@@ -426,7 +430,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 len.to_string()
             };
             println!(
-                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} |",
+                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} | {host:.3} ms |",
                 stages.join(" / "),
                 dense / nsa,
                 bytes / 1e6,
