@@ -257,9 +257,10 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     let cfg = NsaConfig::default();
     for &b in &batches {
         for &len in &lengths {
-            // With timestamps, steps alternate: a pass per kernel (the stages), then one
-            // pass for the whole step as `extend` runs it (the step time).
-            let steps = 2 * (args.warmup + iters);
+            // With timestamps, steps take turns: a pass per kernel (the stages), one pass for
+            // the whole step as `extend` runs it (the step time), and a plain `extend` (its
+            // host round trip, without reading timestamps back).
+            let steps = 3 * (args.warmup + iters);
             let cap = len + steps;
             let opts = CacheOptions {
                 seqs: b,
@@ -314,7 +315,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 .map(|x| 0.5 + 0.5 * x)
                 .collect();
             let mut nsa_ms = Vec::new();
-            // Wall time of each whole extend: upload, encode, submit, wait, read back.
+            // Wall time of each plain extend: upload, plan, encode, submit, wait, read back.
             let mut host_ms = Vec::new();
             let mut stage_ms: Vec<Vec<(KernelId, f64)>> = Vec::new();
             for it in 0..steps {
@@ -332,9 +333,9 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                     w.warm().map_err(|e| e.to_string())?;
                 }
                 let start = Instant::now();
-                let counted = it >= 2 * args.warmup;
+                let counted = it >= 3 * args.warmup;
                 let ms = match &timer {
-                    Some(t) if it % 2 == 0 => {
+                    Some(t) if it % 3 == 0 => {
                         let (_, ms) = pollster::block_on(pipe.extend_timed(
                             &mut cache,
                             &chunks,
@@ -347,7 +348,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                         }
                         continue;
                     }
-                    Some(t) => {
+                    Some(t) if it % 3 == 1 => {
                         pollster::block_on(pipe.extend_timed_whole(
                             &mut cache,
                             &chunks,
@@ -357,19 +358,25 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                         .map_err(|e| e.to_string())?
                         .1
                     }
-                    None => {
+                    _ => {
                         pollster::block_on(pipe.extend(
                             &mut cache,
                             &chunks,
                             OutputRequest::default(),
                         ))
                         .map_err(|e| e.to_string())?;
-                        start.elapsed().as_secs_f64() * 1e3
+                        let wall = start.elapsed().as_secs_f64() * 1e3;
+                        if counted {
+                            host_ms.push(wall);
+                        }
+                        if timer.is_some() {
+                            continue;
+                        }
+                        wall
                     }
                 };
                 if counted {
                     nsa_ms.push(ms);
-                    host_ms.push(start.elapsed().as_secs_f64() * 1e3);
                 }
             }
             let nsa = median(nsa_ms);
