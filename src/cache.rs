@@ -12,7 +12,7 @@ use crate::config::{Compression, NsaConfig, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
 use crate::kernels::KernelId;
-use crate::pipeline::{read_staging, stage_readback, GpuBuffers, NsaPipeline};
+use crate::pipeline::{read_staging, stage_readback_ranges, GpuBuffers, NsaPipeline};
 use crate::plan::{CacheRows, Plan, Tensor, RAGGED_MAX};
 use crate::profile::StepTimer;
 
@@ -52,7 +52,17 @@ pub struct NsaCache {
     compressed: [wgpu::Buffer; 2],
     linear: Option<[wgpu::Buffer; 4]>,
     compressed_tokens: u64,
+    /// Per plan of one `extend` call that computes rows: the buffers of its queries, gates and
+    /// outputs, kept for the next call (a decode loop) and replaced only when too small.
+    io: Vec<[wgpu::Buffer; 3]>,
 }
+
+/// Usages of the kept query, gate and output buffers.
+const IO_USAGES: [wgpu::BufferUsages; 3] = [
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST),
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST),
+    wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_SRC),
+];
 
 /// New tokens of one sequence: `n` rows of each tensor, in SPEC's layouts without `B`.
 #[derive(Debug, Clone, Copy)]
@@ -130,6 +140,7 @@ impl NsaCache {
             compressed,
             linear,
             compressed_tokens: 0,
+            io: Vec::new(),
         })
     }
 
@@ -415,7 +426,9 @@ impl NsaPipeline {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("nsa.extend"),
         });
-        let mut kept = Vec::new();
+        // Per plan: its readback buffers, its scratch, and how many sequences it computes rows
+        // for (0: compression only).
+        let mut kept: Vec<(Vec<wgpu::Buffer>, crate::NsaScratch, usize)> = Vec::new();
         let mut timed: Vec<KernelId> = Vec::new();
         // Consecutive sequences that add equally many tokens share one plan: one dispatch per
         // stage for all of them. Where their lengths differ (at most RAGGED_MAX of them: a
@@ -489,32 +502,33 @@ impl NsaPipeline {
                 }
             }
             let scratch = self.scratch(&plan)?;
-            let up = |label: &str, d: &[f32]| {
-                device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(label),
-                    contents: bytemuck::cast_slice(d),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
-            };
-            // Compressing only binds no queries or gates: a placeholder fills the slots.
-            let (qd, gd): (Vec<f32>, Vec<f32>) = if rows_out {
+            // The rows' queries and gates go straight into this plan's kept buffers (queued
+            // before the commands run); compressing only binds a placeholder.
+            let placeholder;
+            let (q, g, out) = if rows_out {
+                let j = kept.iter().filter(|k| k.2 > 0).count();
+                let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
+                fit_io(device, &mut cache.io, j, sizes);
                 let cs = &chunks[group.clone()];
-                (
-                    cs.iter().flat_map(|c| c.q.iter().copied()).collect(),
-                    cs.iter().flat_map(|c| c.gates.iter().copied()).collect(),
-                )
+                let rows: [Vec<&[f32]>; 2] = [
+                    cs.iter().map(|c| c.q).collect(),
+                    cs.iter().map(|c| c.gates).collect(),
+                ];
+                for (buf, r) in cache.io[j].iter().zip(rows.iter()) {
+                    upload_rows(&ctx.queue, buf, r)?;
+                }
+                let b = &cache.io[j];
+                (&b[0], &b[1], &b[2])
             } else {
-                (vec![0.0], vec![0.0])
+                placeholder = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("nsa.extend.placeholder"),
+                    contents: &[0; 16],
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                });
+                (&placeholder, &placeholder, &placeholder)
             };
-            let (q, g) = (up("nsa.extend.q", &qd), up("nsa.extend.gates", &gd));
-            let out = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("nsa.extend.out"),
-                size: plan.tensor_bytes(Tensor::Out),
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
             let r = &cache.raw;
-            let mut bufs = GpuBuffers::new(&q, &r[0], &r[1], &g, &out);
+            let mut bufs = GpuBuffers::new(q, &r[0], &r[1], g, out);
             if o.independent_kv {
                 bufs.branch_kv = [
                     Some(&r[0]),
@@ -540,19 +554,24 @@ impl NsaPipeline {
                 None => self.encode(&mut encoder, &scratch, &bufs)?,
             }
             if !rows_out {
-                kept.push((Vec::new(), scratch, out, 0));
+                kept.push((Vec::new(), scratch, 0));
                 continue;
             }
-            let mut wanted: Vec<&wgpu::Buffer> = vec![&out];
-            let sb = |t| scratch.buffer(t).expect("scratch holds the outputs");
+            let mut wanted: Vec<(&wgpu::Buffer, u64)> = vec![(out, plan.tensor_bytes(Tensor::Out))];
+            let sb = |t| {
+                (
+                    scratch.buffer(t).expect("scratch holds the outputs"),
+                    plan.tensor_bytes(t),
+                )
+            };
             if request.block_indices {
                 wanted.push(sb(Tensor::Idx));
             }
             if request.branches {
                 wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
             }
-            let staging = stage_readback(device, &mut encoder, &wanted);
-            kept.push((staging, scratch, out, nb));
+            let staging = stage_readback_ranges(device, &mut encoder, &wanted);
+            kept.push((staging, scratch, nb));
         }
         let stamps = timer.map(|(t, _)| t.resolve(ctx, &mut encoder, timed.len()));
         ctx.queue.submit([encoder.finish()]);
@@ -575,32 +594,37 @@ impl NsaPipeline {
             cache.lens[c.seq] = len + n;
         }
         let mut results = Vec::with_capacity(chunks.len());
-        for (staging, _, _, nb) in kept.iter().filter(|k| k.3 > 0) {
+        for (staging, _, nb) in kept.iter().filter(|k| k.2 > 0) {
             // Each group's outputs are [nb, n, ...]: one equal slice per sequence.
             let parts = read_staging(device, staging).await?;
-            let split = |i: usize| -> Vec<Vec<f32>> {
+            let split = |i: usize| {
                 let all: &[f32] = bytemuck::cast_slice(&parts[i]);
                 let per = all.len() / nb;
-                all.chunks(per).take(*nb).map(|c| c.to_vec()).collect()
+                all.chunks(per)
+                    .take(*nb)
+                    .map(|c| c.to_vec())
+                    .collect::<Vec<_>>()
+                    .into_iter()
             };
             let mut next = 0;
             let mut take = || {
                 next += 1;
                 split(next - 1)
             };
-            let outs = take();
-            let idx = request.block_indices.then(&mut take);
-            let br = request.branches.then(|| (take(), take(), take()));
-            for s in 0..*nb {
+            let mut outs = take();
+            let mut idx = request.block_indices.then(&mut take);
+            let mut br = request.branches.then(|| (take(), take(), take()));
+            for _ in 0..*nb {
+                let one = |x: &mut std::vec::IntoIter<Vec<f32>>| x.next().unwrap_or_default();
                 results.push(NsaOutputs {
-                    out: outs[s].clone(),
+                    out: one(&mut outs),
                     block_indices: idx
-                        .as_ref()
-                        .map(|x| bytemuck::cast_slice::<f32, i32>(&x[s]).to_vec()),
-                    branches: br.as_ref().map(|(a, b, c)| BranchOutputs {
-                        o_cmp: a[s].clone(),
-                        o_slc: b[s].clone(),
-                        o_win: c[s].clone(),
+                        .as_mut()
+                        .map(|x| bytemuck::cast_slice::<f32, i32>(&one(x)).to_vec()),
+                    branches: br.as_mut().map(|(a, b, c)| BranchOutputs {
+                        o_cmp: one(a),
+                        o_slc: one(b),
+                        o_win: one(c),
                     }),
                 });
             }
@@ -701,6 +725,49 @@ impl NsaPipeline {
         let parts = self.extend(&mut cache, &chunks, request).await?;
         Ok(concat(parts, request))
     }
+}
+
+/// Makes `io[j]` hold buffers of at least `sizes` bytes (queries, gates, outputs): kept
+/// while large enough and not more than four times too large (so a long prefill's buffers do
+/// not stay for the decode steps after it), else replaced by buffers of exactly that size.
+fn fit_io(device: &wgpu::Device, io: &mut Vec<[wgpu::Buffer; 3]>, j: usize, sizes: [u64; 3]) {
+    let make = |i: usize| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(["nsa.extend.q", "nsa.extend.gates", "nsa.extend.out"][i]),
+            size: sizes[i].max(16),
+            usage: IO_USAGES[i],
+            mapped_at_creation: false,
+        })
+    };
+    if io.len() <= j {
+        io.push([0, 1, 2].map(make));
+        return;
+    }
+    for (i, buf) in io[j].iter_mut().enumerate() {
+        let need = sizes[i].max(16);
+        if buf.size() < need || buf.size() > 4 * need {
+            *buf = make(i);
+        }
+    }
+}
+
+/// Queues `rows` (one slice per sequence) to be written one after another at the start of
+/// `buf`, straight into the queue's staging memory.
+fn upload_rows(queue: &wgpu::Queue, buf: &wgpu::Buffer, rows: &[&[f32]]) -> Result<()> {
+    let bytes: usize = rows.iter().map(|r| r.len() * 4).sum();
+    let Some(size) = wgpu::BufferSize::new(bytes as u64) else {
+        return Ok(());
+    };
+    let mut view = queue
+        .write_buffer_with(buf, 0, size)
+        .ok_or_else(|| NsaError::Gpu(format!("writing {bytes} bytes of rows failed")))?;
+    let mut at = 0;
+    for r in rows {
+        view.slice(at..at + r.len() * 4)
+            .copy_from_slice(bytemuck::cast_slice(r));
+        at += r.len() * 4;
+    }
+    Ok(())
 }
 
 /// Concatenates per-chunk results along the query rows.

@@ -1097,16 +1097,26 @@ pub fn stage_readback(
     encoder: &mut wgpu::CommandEncoder,
     buffers: &[&wgpu::Buffer],
 ) -> Vec<wgpu::Buffer> {
+    let whole: Vec<_> = buffers.iter().map(|b| (*b, b.size())).collect();
+    stage_readback_ranges(device, encoder, &whole)
+}
+
+/// [`stage_readback`] of the first `bytes` of each buffer.
+pub fn stage_readback_ranges(
+    device: &wgpu::Device,
+    encoder: &mut wgpu::CommandEncoder,
+    buffers: &[(&wgpu::Buffer, u64)],
+) -> Vec<wgpu::Buffer> {
     buffers
         .iter()
-        .map(|b| {
+        .map(|&(b, bytes)| {
             let staging = device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("nsa.readback"),
-                size: b.size(),
+                size: bytes,
                 usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
                 mapped_at_creation: false,
             });
-            encoder.copy_buffer_to_buffer(b, 0, &staging, 0, b.size());
+            encoder.copy_buffer_to_buffer(b, 0, &staging, 0, bytes);
             staging
         })
         .collect()
