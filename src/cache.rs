@@ -55,8 +55,6 @@ pub struct NsaCache {
     /// Per plan of one `extend` call that computes rows: the buffers of its queries, gates and
     /// outputs, kept for the next call (a decode loop) and replaced only when too small.
     io: Vec<[wgpu::Buffer; 3]>,
-    /// The new keys and values of an `extend` call, uploaded at once and copied into place.
-    upload: Option<wgpu::Buffer>,
 }
 
 /// Usages of the kept query, gate and output buffers.
@@ -143,7 +141,6 @@ impl NsaCache {
             linear,
             compressed_tokens: 0,
             io: Vec::new(),
-            upload: None,
         })
     }
 
@@ -411,35 +408,24 @@ impl NsaPipeline {
         let cap = cache.capacity as u64;
         let cap_c = cfg.num_compressed(cache.capacity).max(1) as u64;
         let dims = raw_dims(&o);
-        // The new keys and values: one upload (written before this call's commands run), then
-        // a copy into each sequence's place, first in the encoder.
-        let mut rows: Vec<&[f32]> = Vec::new();
-        let mut copies = Vec::new();
-        let mut at = 0;
+        // Queue the new keys and values (written before this call's commands run).
         for (c, n) in chunks.iter().zip(&sizes) {
             let data: Vec<&[f32]> = match c.branch_kv {
                 Some(b) => b.to_vec(),
                 None => vec![c.k, c.v],
             };
-            for (i, (d, r)) in dims.iter().zip(data).enumerate() {
+            for ((buf, d), rows) in cache.raw.iter().zip(&dims).zip(data) {
                 let row = (o.hkv * d * 4) as u64;
-                let bytes = *n as u64 * row;
-                let dst = (c.seq as u64 * cap + cache.lens[c.seq] as u64) * row;
-                rows.push(&r[..n * o.hkv * d]);
-                copies.push((i, at, dst, bytes));
-                at += bytes;
+                ctx.queue.write_buffer(
+                    buf,
+                    (c.seq as u64 * cap + cache.lens[c.seq] as u64) * row,
+                    bytemuck::cast_slice(&rows[..n * o.hkv * d]),
+                );
             }
         }
-        let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let upload = fitted(device, cache.upload.take(), at, usage, "nsa.extend.upload");
-        upload_rows(&ctx.queue, &upload, &rows)?;
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("nsa.extend"),
         });
-        for &(i, src, dst, bytes) in &copies {
-            encoder.copy_buffer_to_buffer(&upload, src, &cache.raw[i], dst, bytes);
-        }
-        cache.upload = Some(upload);
         // Per plan: its readback buffers, its scratch, and how many sequences it computes rows
         // for (0: compression only).
         let mut kept: Vec<(Vec<wgpu::Buffer>, crate::NsaScratch, usize)> = Vec::new();
@@ -741,39 +727,27 @@ impl NsaPipeline {
     }
 }
 
-/// `old` where it holds `need` bytes (at least 16) and not more than four times as many (so
-/// a long prefill's buffers do not stay for the decode steps after it), else a new buffer of
-/// exactly that size.
-fn fitted(
-    device: &wgpu::Device,
-    old: Option<wgpu::Buffer>,
-    need: u64,
-    usage: wgpu::BufferUsages,
-    label: &'static str,
-) -> wgpu::Buffer {
-    let need = need.max(16);
-    match old {
-        Some(b) if b.size() >= need && b.size() <= 4 * need && b.usage() == usage => b,
-        _ => device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size: need,
-            usage,
-            mapped_at_creation: false,
-        }),
-    }
-}
-
-/// Makes `io[j]` hold buffers of `sizes` bytes (queries, gates, outputs; see [`fitted`]).
+/// Makes `io[j]` hold buffers of at least `sizes` bytes (queries, gates, outputs): kept
+/// while large enough and not more than four times too large (so a long prefill's buffers do
+/// not stay for the decode steps after it), else replaced by buffers of exactly that size.
 fn fit_io(device: &wgpu::Device, io: &mut Vec<[wgpu::Buffer; 3]>, j: usize, sizes: [u64; 3]) {
-    let labels = ["nsa.extend.q", "nsa.extend.gates", "nsa.extend.out"];
-    let old = (j < io.len()).then(|| io[j].clone());
-    let new = [0, 1, 2].map(|i| {
-        let o = old.as_ref().map(|o| o[i].clone());
-        fitted(device, o, sizes[i], IO_USAGES[i], labels[i])
-    });
-    match io.get_mut(j) {
-        Some(slot) => *slot = new,
-        None => io.push(new),
+    let make = |i: usize| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(["nsa.extend.q", "nsa.extend.gates", "nsa.extend.out"][i]),
+            size: sizes[i].max(16),
+            usage: IO_USAGES[i],
+            mapped_at_creation: false,
+        })
+    };
+    if io.len() <= j {
+        io.push([0, 1, 2].map(make));
+        return;
+    }
+    for (i, buf) in io[j].iter_mut().enumerate() {
+        let need = sizes[i].max(16);
+        if buf.size() < need || buf.size() > 4 * need {
+            *buf = make(i);
+        }
     }
 }
 
