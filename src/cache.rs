@@ -53,7 +53,8 @@ pub struct NsaCache {
     linear: Option<[wgpu::Buffer; 4]>,
     compressed_tokens: u64,
     /// Per plan of one `extend` call that computes rows: the buffers of its queries, gates and
-    /// outputs, kept for the next call (a decode loop) and replaced only when too small.
+    /// outputs, kept for the next call (a decode loop; see `fit_io` for when they are
+    /// replaced).
     io: Vec<[wgpu::Buffer; 3]>,
 }
 
