@@ -496,50 +496,65 @@ fn split_selection_ranks_ties_to_the_lower_block() {
     assert_close("last row", &r.out, &naive.out[last * 32..s.tk * 32], 1e-4);
 }
 
-/// One chunk per sequence of `owned` ([q, k, v, gates] rows), with the rows when `attend`.
-fn all_chunks(owned: &[[Vec<f32>; 4]], attend: bool) -> Vec<SeqChunk<'_>> {
+/// One chunk per sequence of `owned` ([q, k, v, gates] rows, then the six per-branch
+/// tensors where there are), with the queries and gates when `attend`.
+fn all_chunks<T: AsRef<[Vec<f32>]>>(owned: &[T], attend: bool) -> Vec<SeqChunk<'_>> {
     owned
         .iter()
         .enumerate()
-        .map(|(seq, o)| SeqChunk {
-            seq,
-            q: if attend { &o[0] } else { &[] },
-            k: &o[1],
-            v: &o[2],
-            gates: if attend { &o[3] } else { &[] },
-            branch_kv: None,
+        .map(|(seq, o)| {
+            let o = o.as_ref();
+            SeqChunk {
+                seq,
+                q: if attend { &o[0] } else { &[] },
+                k: &o[1],
+                v: &o[2],
+                gates: if attend { &o[3] } else { &[] },
+                branch_kv: (o.len() == 10).then(|| [&o[4][..], &o[5], &o[6], &o[7], &o[8], &o[9]]),
+            }
         })
         .collect()
 }
 
-/// Sequences of lengths `lens` (`hq`, `hkv` heads of `dk` dims) decode together through one
-/// cache: `steps` single-row steps, then a chunk of `tail` rows each, every call for all
-/// sequences. Each sequence's rows must equal its own plain prefill, and (where the adapter
-/// has timestamps) each call must attend in `chains` chains of dispatches.
-fn check_ragged(
-    hq: usize,
-    hkv: usize,
-    dk: usize,
-    lens: &[usize],
+/// One ragged case: sequences of lengths `lens` (`hq`, `hkv` heads of `dk` dims, per-branch
+/// K/V when `branch`) decode together through one cache: `steps` single-row steps, then a
+/// chunk of `tail` rows each, every call for all sequences, each attending in `chains`
+/// chains of dispatches.
+struct Ragged<'a> {
+    cfg: NsaConfig,
+    branch: bool,
+    heads: (usize, usize, usize),
+    lens: &'a [usize],
     steps: usize,
     tail: usize,
     chains: usize,
-) {
+}
+
+/// Runs `c`: each sequence's rows must equal its own plain prefill, every compressed token
+/// must be computed once, and (where the adapter has timestamps) each call must attend in
+/// `c.chains` chains.
+fn check_ragged(c: Ragged) {
     let pipe = pipeline();
-    let cfg = small();
-    let t = lens.iter().max().unwrap() + steps + tail;
+    let (cfg, (hq, hkv, dk), lens) = (c.cfg, c.heads, c.lens);
+    let t = lens.iter().max().unwrap() + c.steps + c.tail;
     let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
-    let data = Data::new(&cfg, &s, false, 41);
+    let data = Data::new(&cfg, &s, c.branch, 41);
     let (qw, kw, gw) = (s.hq * s.dk, s.hkv * s.dk, s.hq * 3);
-    let seq = |b: usize, a: usize, e: usize| -> [Vec<f32>; 4] {
-        [
+    // q, k, v, gates, then the six per-branch tensors where there are.
+    let seq = |b: usize, a: usize, e: usize| -> Vec<Vec<f32>> {
+        let mut t = vec![
             rows(&data.q, &s, b, a, e, qw),
             rows(&data.k, &s, b, a, e, kw),
             rows(&data.v, &s, b, a, e, kw),
             rows(&data.gates, &s, b, a, e, gw),
-        ]
+        ];
+        for br in data.branch.iter().flatten() {
+            t.push(rows(br, &s, b, a, e, kw));
+        }
+        t
     };
-    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16, false), None).unwrap();
+    let linear = data.inputs().linear;
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16, c.branch), linear).unwrap();
     let context: Vec<_> = lens
         .iter()
         .enumerate()
@@ -549,8 +564,9 @@ fn check_ragged(
     let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
     let req = OutputRequest::all();
     let mut got: Vec<Vec<NsaOutputs>> = lens.iter().map(|_| Vec::new()).collect();
-    for (i, n) in std::iter::repeat_n(1, steps).chain([tail]).enumerate() {
-        let at = |b: usize| lens[b] + i.min(steps);
+    let name = format!("{hq}/{hkv} {:?} branch {}", cfg.compression, c.branch);
+    for (i, n) in std::iter::repeat_n(1, c.steps).chain([c.tail]).enumerate() {
+        let at = |b: usize| lens[b] + i.min(c.steps);
         let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at(b), at(b) + n)).collect();
         let step = all_chunks(&owned, true);
         let out = match &timer {
@@ -559,7 +575,7 @@ fn check_ragged(
                     pollster::block_on(pipe.extend_timed(&mut cache, &step, req, tm)).unwrap();
                 // Runs of equal length compress first; one chain attends for up to 64.
                 let attn = ms.iter().filter(|(k, _)| *k == KernelId::CmpAttn).count();
-                assert_eq!(attn, chains, "{hq}/{hkv} step {i}: {ms:?}");
+                assert_eq!(attn, c.chains, "{name} step {i}: {ms:?}");
                 out
             }
             None => pollster::block_on(pipe.extend(&mut cache, &step, req)).unwrap(),
@@ -570,14 +586,18 @@ fn check_ragged(
     }
     let mut cmp_total = 0;
     for (b, &l) in lens.iter().enumerate() {
-        let end = l + steps + tail;
-        let [q, k, v, g] = seq(b, 0, end);
+        let end = l + c.steps + c.tail;
+        let all = seq(b, 0, end);
         let shape = Shape::prefill(1, end, s.hq, s.hkv, s.dk, s.dv);
-        let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
+        let mut inputs = nsa_wgpu::NsaInputs::new(&all[0], &all[1], &all[2], &all[3]);
+        if c.branch {
+            common::set_branch_kv(&mut inputs, &all[4..]);
+        }
+        inputs.linear = linear;
         let alone = pipe.run_blocking(&cfg, &shape, &inputs, req).unwrap();
         let part = nsa_wgpu::cache::concat(std::mem::take(&mut got[b]), req);
         let (ow, iw) = (s.hq * s.dv, s.hkv * cfg.top_n);
-        let name = format!("{hq}/{hkv} seq {b} (length {l})");
+        let name = format!("{name} seq {b} (length {l})");
         assert_close(&name, &part.out, &alone.out[l * ow..end * ow], 1e-4);
         let idx = alone.block_indices.unwrap();
         assert_eq!(
@@ -585,24 +605,40 @@ fn check_ragged(
             &idx[l * iw..end * iw],
             "{name}"
         );
-        let (a, c) = (part.branches.unwrap(), alone.branches.unwrap());
-        assert_close(&name, &a.o_cmp, &c.o_cmp[l * ow..end * ow], 1e-4);
-        assert_close(&name, &a.o_win, &c.o_win[l * ow..end * ow], 1e-4);
+        let (a, r) = (part.branches.unwrap(), alone.branches.unwrap());
+        assert_close(&name, &a.o_cmp, &r.o_cmp[l * ow..end * ow], 1e-4);
+        assert_close(&name, &a.o_slc, &r.o_slc[l * ow..end * ow], 1e-4);
+        assert_close(&name, &a.o_win, &r.o_win[l * ow..end * ow], 1e-4);
         cmp_total += cfg.num_compressed(end);
     }
     assert_eq!(
         cache.compressed_tokens(),
         cmp_total as u64,
-        "each block once"
+        "{name}: each block once"
     );
 }
 
 #[test]
 fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
     // Group 2 (split selection over 2 kv heads) and 16 (split attention over one head's 16
-    // rows), six lengths, one of them a single token.
-    for (hq, hkv, dk) in [(4, 2, 16), (16, 1, 32)] {
-        check_ragged(hq, hkv, dk, &[50, 203, 1, 130, 129, 77], 4, 3, 1);
+    // rows), six lengths, one of them a single token; Mean with shared K/V, and Linear with
+    // per-branch K/V.
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    for (cfg, branch) in [(small(), false), (linear, true)] {
+        for heads in [(4, 2, 16), (16, 1, 32)] {
+            check_ragged(Ragged {
+                cfg,
+                branch,
+                heads,
+                lens: &[50, 203, 1, 130, 129, 77],
+                steps: 4,
+                tail: 3,
+                chains: 1,
+            });
+        }
     }
 }
 
@@ -611,5 +647,13 @@ fn seventy_ragged_sequences_take_two_chains() {
     // At most RAGGED_MAX (64) sequences of different lengths share a plan; pairs of equal
     // lengths compress together.
     let lens: Vec<usize> = (0..70).map(|i| 1 + (i / 2 * 13) % 90).collect();
-    check_ragged(4, 1, 8, &lens, 1, 2, 2);
+    check_ragged(Ragged {
+        cfg: small(),
+        branch: false,
+        heads: (4, 1, 8),
+        lens: &lens,
+        steps: 1,
+        tail: 2,
+        chains: 2,
+    });
 }

@@ -98,12 +98,7 @@ impl Data {
     pub fn inputs(&self) -> nsa_wgpu::NsaInputs<'_> {
         let mut i = nsa_wgpu::NsaInputs::new(&self.q, &self.k, &self.v, &self.gates);
         if let Some(b) = &self.branch {
-            i.k_cmp = Some(&b[0]);
-            i.v_cmp = Some(&b[1]);
-            i.k_slc = Some(&b[2]);
-            i.v_slc = Some(&b[3]);
-            i.k_win = Some(&b[4]);
-            i.v_win = Some(&b[5]);
+            set_branch_kv(&mut i, b);
         }
         if let Some(l) = &self.linear {
             i.linear = Some(nsa_wgpu::LinearWeights {
@@ -115,6 +110,16 @@ impl Data {
         }
         i
     }
+}
+
+/// Sets `i`'s per-branch keys and values to `b`: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`.
+pub fn set_branch_kv<'a>(i: &mut nsa_wgpu::NsaInputs<'a>, b: &'a [Vec<f32>]) {
+    i.k_cmp = Some(&b[0]);
+    i.v_cmp = Some(&b[1]);
+    i.k_slc = Some(&b[2]);
+    i.v_slc = Some(&b[3]);
+    i.k_win = Some(&b[4]);
+    i.v_win = Some(&b[5]);
 }
 
 /// Asserts `got` matches `want` within `tol` max abs error; reports the worst element, its
