@@ -58,6 +58,16 @@ pub struct NsaCache {
     io: Vec<[wgpu::Buffer; 3]>,
 }
 
+/// One plan of an `extend` call.
+struct Job {
+    /// Which of the call's chunks (consecutive sequences).
+    seqs: std::ops::Range<usize>,
+    /// Whether it computes their rows (else only compresses their new tokens).
+    rows_out: bool,
+    /// Whether their lengths differ ([`Plan::cached_ragged`]).
+    ragged: bool,
+}
+
 /// Usages of the kept query, gate and output buffers.
 const IO_USAGES: [wgpu::BufferUsages; 3] = [
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST),
@@ -450,11 +460,14 @@ impl NsaPipeline {
                 _ => groups.push(i..i + 1),
             }
         }
-        // (sequences, computes rows, ragged)
-        let mut jobs: Vec<(std::ops::Range<usize>, bool, bool)> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
         for g in groups {
             if uniform(&g) {
-                jobs.push((g, attend, false));
+                jobs.push(Job {
+                    seqs: g,
+                    rows_out: attend,
+                    ragged: false,
+                });
                 continue;
             }
             let mut a = g.start;
@@ -462,13 +475,21 @@ impl NsaPipeline {
                 let b = (a..g.end)
                     .find(|&b| len_of(b) != len_of(a))
                     .unwrap_or(g.end);
-                jobs.push((a..b, false, false));
+                jobs.push(Job {
+                    seqs: a..b,
+                    rows_out: false,
+                    ragged: false,
+                });
                 a = b;
             }
-            jobs.push((g, true, true));
+            jobs.push(Job {
+                seqs: g,
+                rows_out: true,
+                ragged: true,
+            });
         }
-        for (group, rows_out, ragged) in &jobs {
-            let (rows_out, ragged) = (*rows_out, *ragged);
+        for job in &jobs {
+            let (group, rows_out, ragged) = (&job.seqs, job.rows_out, job.ragged);
             let first = &chunks[group.start];
             let len = group.clone().map(len_of).max().unwrap_or(0);
             let (n, nb) = (sizes[group.start], group.len());
