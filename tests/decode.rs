@@ -560,7 +560,12 @@ fn check_ragged(c: Ragged) {
         .enumerate()
         .map(|(b, &l)| seq(b, 0, l))
         .collect();
-    pollster::block_on(pipe.append(&mut cache, &all_chunks(&context, false))).unwrap();
+    // (A sequence without context gets its first rows from the steps.)
+    let context: Vec<_> = all_chunks(&context, false)
+        .into_iter()
+        .filter(|c| !c.k.is_empty())
+        .collect();
+    pollster::block_on(pipe.append(&mut cache, &context)).unwrap();
     let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
     let req = OutputRequest::all();
     let mut got: Vec<Vec<NsaOutputs>> = lens.iter().map(|_| Vec::new()).collect();
@@ -621,8 +626,8 @@ fn check_ragged(c: Ragged) {
 #[test]
 fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
     // Group 2 (split selection over 2 kv heads) and 16 (split attention over one head's 16
-    // rows), six lengths, one of them a single token; Mean with shared K/V, and Linear with
-    // per-branch K/V.
+    // rows), seven lengths, one a single token and one empty; Mean with shared K/V, and Linear
+    // with per-branch K/V.
     let linear = NsaConfig {
         compression: Compression::Linear,
         ..small()
@@ -633,7 +638,7 @@ fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
                 cfg,
                 branch,
                 heads,
-                lens: &[50, 203, 1, 130, 129, 77],
+                lens: &[50, 203, 1, 0, 130, 129, 77],
                 steps: 4,
                 tail: 3,
                 chains: 1,
