@@ -554,7 +554,7 @@ fn check_ragged(c: Ragged) {
         t
     };
     let linear = data.inputs().linear;
-    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16, c.branch), linear).unwrap();
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16.min(t), c.branch), linear).unwrap();
     let context: Vec<_> = lens
         .iter()
         .enumerate()
@@ -661,4 +661,48 @@ fn seventy_ragged_sequences_take_two_chains() {
         tail: 2,
         chains: 2,
     });
+}
+
+#[test]
+fn random_ragged_batches_equal_each_sequence_alone() {
+    // Seeded random configs, head shapes and lengths (zero included) through the ragged path:
+    // compression blocks and strides, selection blocks, top-n with forced blocks, windows,
+    // Mean and Linear, shared and per-branch K/V.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7261_6767);
+    for _ in 0..4 {
+        let d = [1, 2, 4, 8][rng.random_range(0..4)];
+        let init_blocks = rng.random_range(0..=2);
+        let local_blocks = rng.random_range(0..=3);
+        let cfg = NsaConfig {
+            cmp_block: d * rng.random_range(1..=4),
+            cmp_stride: d,
+            sel_block: d * rng.random_range(1..=4),
+            top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=5),
+            init_blocks,
+            local_blocks,
+            window: [1, 7, 24][rng.random_range(0..3)],
+            scale: None,
+            compression: if rng.random_bool(0.5) {
+                Compression::Linear
+            } else {
+                Compression::Mean
+            },
+        };
+        let hkv = rng.random_range(1..=2);
+        let g = [1, 3, 16][rng.random_range(0..3)];
+        let lens: Vec<usize> = (0..rng.random_range(2..=6))
+            .map(|_| rng.random_range(0..=120))
+            .collect();
+        check_ragged(Ragged {
+            cfg,
+            branch: rng.random_bool(0.5),
+            heads: (hkv * g, hkv, [8, 12, 20][rng.random_range(0..3)]),
+            lens: &lens,
+            steps: 2,
+            tail: rng.random_range(1..=5),
+            // Lengths may all be equal (then the plain plan) or differ (one ragged one).
+            chains: 1,
+        });
+    }
 }
