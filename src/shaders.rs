@@ -16,69 +16,24 @@
 
 use crate::config::Precision;
 
+/// `(name, source)` pairs of the WGSL files `name.wgsl` in a folder under `shaders/`.
+macro_rules! sources {
+    ($dir:literal: $($name:literal),* $(,)?) => {
+        &[$(($name, include_str!(concat!("../shaders/", $dir, $name, ".wgsl")))),*]
+    };
+}
+
 /// Kernel sources, by kernel name (the name of the file in `shaders/`).
-pub const KERNELS: &[(&str, &str)] = &[
-    ("compress", include_str!("../shaders/compress.wgsl")),
-    ("cmp_attn", include_str!("../shaders/cmp_attn.wgsl")),
-    ("select", include_str!("../shaders/select.wgsl")),
-    ("slc_attn", include_str!("../shaders/slc_attn.wgsl")),
-    ("win_attn", include_str!("../shaders/win_attn.wgsl")),
-    ("dense_attn", include_str!("../shaders/dense_attn.wgsl")),
-    ("merge", include_str!("../shaders/merge.wgsl")),
-    ("select_merge", include_str!("../shaders/select_merge.wgsl")),
+pub const KERNELS: &[(&str, &str)] = sources!["":
+    "compress", "cmp_attn", "select", "slc_attn", "win_attn", "dense_attn", "merge",
+    "select_merge",
 ];
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
-const SHARED: &[(&str, &str)] = &[
-    ("qk", include_str!("../shaders/shared/qk.wgsl")),
-    (
-        "input_f32",
-        include_str!("../shaders/shared/input_f32.wgsl"),
-    ),
-    (
-        "input_f16",
-        include_str!("../shaders/shared/input_f16.wgsl"),
-    ),
-    ("params", include_str!("../shaders/shared/params.wgsl")),
-    ("load_f32", include_str!("../shaders/shared/load_f32.wgsl")),
-    ("load_f16", include_str!("../shaders/shared/load_f16.wgsl")),
-    (
-        "load_v_f32",
-        include_str!("../shaders/shared/load_v_f32.wgsl"),
-    ),
-    (
-        "load_v_f16",
-        include_str!("../shaders/shared/load_v_f16.wgsl"),
-    ),
-    ("topn", include_str!("../shaders/shared/topn.wgsl")),
-    ("partials", include_str!("../shaders/shared/partials.wgsl")),
-    (
-        "reduce_shared",
-        include_str!("../shaders/shared/reduce_shared.wgsl"),
-    ),
-    (
-        "reduce_subgroup",
-        include_str!("../shaders/shared/reduce_subgroup.wgsl"),
-    ),
-    (
-        "attention",
-        include_str!("../shaders/shared/attention.wgsl"),
-    ),
-    (
-        "attn_simt",
-        include_str!("../shaders/shared/attn_simt.wgsl"),
-    ),
-    ("attn_mma", include_str!("../shaders/shared/attn_mma.wgsl")),
-    ("keep_on", include_str!("../shaders/shared/keep_on.wgsl")),
-    ("keep_off", include_str!("../shaders/shared/keep_off.wgsl")),
-    (
-        "select_qk",
-        include_str!("../shaders/shared/select_qk.wgsl"),
-    ),
-    (
-        "select_kept",
-        include_str!("../shaders/shared/select_kept.wgsl"),
-    ),
+const SHARED: &[(&str, &str)] = sources!["shared/":
+    "qk", "input_f32", "input_f16", "params", "load_f32", "load_f16", "load_v_f32",
+    "load_v_f16", "topn", "partials", "reduce_shared", "reduce_subgroup", "attention",
+    "attn_simt", "attn_mma", "keep_on", "keep_off", "select_qk", "select_kept",
 ];
 
 /// Which variant of a kernel to assemble.
