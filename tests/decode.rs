@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, pipeline, small, Data};
+use common::{assert_close, pick, pipeline, random_config, small, Data};
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
     CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, OutputRequest, SeqChunk,
@@ -670,34 +670,17 @@ fn random_ragged_batches_equal_each_sequence_alone() {
     // Mean and Linear, shared and per-branch K/V.
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7261_6767);
-    for _ in 0..4 {
-        let d = [1, 2, 4, 8][rng.random_range(0..4)];
-        let init_blocks = rng.random_range(0..=2);
-        let local_blocks = rng.random_range(0..=3);
-        let cfg = NsaConfig {
-            cmp_block: d * rng.random_range(1..=4),
-            cmp_stride: d,
-            sel_block: d * rng.random_range(1..=4),
-            top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=5),
-            init_blocks,
-            local_blocks,
-            window: [1, 7, 24][rng.random_range(0..3)],
-            scale: None,
-            compression: if rng.random_bool(0.5) {
-                Compression::Linear
-            } else {
-                Compression::Mean
-            },
-        };
+    for _ in 0..8 {
+        let cfg = random_config(&mut rng, &[1, 2, 4, 8], &[1, 7, 24]);
         let hkv = rng.random_range(1..=2);
-        let g = [1, 3, 16][rng.random_range(0..3)];
+        let g = pick(&mut rng, &[1, 3, 16]);
         let lens: Vec<usize> = (0..rng.random_range(2..=6))
             .map(|_| rng.random_range(0..=120))
             .collect();
         check_ragged(Ragged {
             cfg,
             branch: rng.random_bool(0.5),
-            heads: (hkv * g, hkv, [8, 12, 20][rng.random_range(0..3)]),
+            heads: (hkv * g, hkv, pick(&mut rng, &[8, 12, 20])),
             lens: &lens,
             steps: 2,
             tail: rng.random_range(1..=5),

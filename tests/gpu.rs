@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, fallback_pipeline, pipeline, small, Data};
+use common::{assert_close, fallback_pipeline, pick, pipeline, random_config, small, Data};
 use nsa_wgpu::cpu;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::pipeline::{read_staging, stage_readback};
@@ -1070,26 +1070,8 @@ fn random_configs_and_shapes_match_the_reference() {
     // drawn at random among valid values; each case runs the full stage-by-stage check.
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e73_6131);
-    let pick = |rng: &mut rand::rngs::StdRng, xs: &[usize]| xs[rng.random_range(0..xs.len())];
-    for case in 0..14 {
-        let d = pick(&mut rng, &[1, 2, 4, 8, 16]);
-        let init_blocks = rng.random_range(0..=2);
-        let local_blocks = rng.random_range(0..=3);
-        let cfg = NsaConfig {
-            cmp_block: d * rng.random_range(1..=4),
-            cmp_stride: d,
-            sel_block: d * rng.random_range(1..=4),
-            top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=6),
-            init_blocks,
-            local_blocks,
-            window: pick(&mut rng, &[1, 5, 16, 64]),
-            scale: rng.random_bool(0.3).then_some(0.3),
-            compression: if rng.random_bool(0.3) {
-                Compression::Linear
-            } else {
-                Compression::Mean
-            },
-        };
+    for case in 0..24 {
+        let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
         let hkv = rng.random_range(1..=2);
         let tk = rng.random_range(1..=300);
         let shape = Shape {

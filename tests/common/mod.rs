@@ -112,6 +112,35 @@ impl Data {
     }
 }
 
+/// One of `xs`, at random.
+pub fn pick(rng: &mut StdRng, xs: &[usize]) -> usize {
+    xs[rng.random_range(0..xs.len())]
+}
+
+/// A random valid config: stride `d` one of `strides`, compression and selection blocks of
+/// 1 to 4 strides, 0-2 initial and 0-3 local blocks and up to 6 more, a window from
+/// `windows`, sometimes an explicit scale (0.3) and Linear compression.
+pub fn random_config(rng: &mut StdRng, strides: &[usize], windows: &[usize]) -> NsaConfig {
+    let d = pick(rng, strides);
+    let init_blocks = rng.random_range(0..=2);
+    let local_blocks = rng.random_range(0..=3);
+    NsaConfig {
+        cmp_block: d * rng.random_range(1..=4),
+        cmp_stride: d,
+        sel_block: d * rng.random_range(1..=4),
+        top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=6),
+        init_blocks,
+        local_blocks,
+        window: pick(rng, windows),
+        scale: rng.random_bool(0.3).then_some(0.3),
+        compression: if rng.random_bool(0.4) {
+            Compression::Linear
+        } else {
+            Compression::Mean
+        },
+    }
+}
+
 /// Sets `i`'s per-branch keys and values to `b`: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`.
 pub fn set_branch_kv<'a>(i: &mut nsa_wgpu::NsaInputs<'a>, b: &'a [Vec<f32>]) {
     i.k_cmp = Some(&b[0]);
