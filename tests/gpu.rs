@@ -910,34 +910,32 @@ fn a_kept_scratch_reuses_bind_groups_and_follows_new_buffers() {
     }
 }
 
-#[test]
-fn fallback_reductions_match_the_reference() {
-    // The workgroup-memory reductions (what browsers get) on shapes that take several tiles,
-    // split plans and small groups; the other cases run the adapter's default.
-    let pipe = fallback_pipeline();
-    assert!(!pipe.subgroup_reductions());
-    for (name, cfg, shape) in [
+/// Shapes that take several tiles, batches and a split plan: run again under other settings
+/// (the fallback reductions, no kept scores).
+fn several_tiles() -> [(&'static str, NsaConfig, Shape); 2] {
+    [
+        ("b2_t700", small(), Shape::prefill(2, 700, 6, 2, 100, 64)),
         (
-            "fallback_t300",
-            small(),
-            Shape::prefill(1, 300, 4, 2, 192, 128),
-        ),
-        (
-            "fallback_t700_b2",
-            small(),
-            Shape::prefill(2, 700, 6, 2, 100, 64),
-        ),
-        (
-            "fallback_split_tq1_tk1500",
+            "split_tq1_tk1500",
             small(),
             Shape {
                 tq: 1,
                 ..Shape::prefill(1, 1500, 16, 2, 128, 128)
             },
         ),
-    ] {
+    ]
+}
+
+#[test]
+fn fallback_reductions_match_the_reference() {
+    // The workgroup-memory reductions (what browsers get) on shapes that take several tiles,
+    // split plans and small groups; the other cases run the adapter's default.
+    let pipe = fallback_pipeline();
+    assert!(!pipe.subgroup_reductions());
+    let t300 = ("t300", small(), Shape::prefill(1, 300, 4, 2, 192, 128));
+    for (name, cfg, shape) in several_tiles().into_iter().chain([t300]) {
         let plan = pipe.plan(&cfg, &shape).expect("plan");
-        check_plan_on(pipe, name, &plan, false);
+        check_plan_on(pipe, &format!("fallback_{name}"), &plan, false);
     }
 }
 
@@ -997,27 +995,16 @@ fn without_kept_scores_the_selection_multiplies_q_k_itself() {
     // With no budget for kept scores every selection runs select_qk.wgsl (elsewhere the
     // cases keep scores wherever they fit): prefill, batches, a split decode-like call, many
     // blocks per list, a group larger than 16 heads.
-    for (name, cfg, shape) in [
+    let more = [
         (
-            "no_kept_b2_t700",
-            small(),
-            Shape::prefill(2, 700, 6, 2, 100, 64),
-        ),
-        (
-            "no_kept_split_t1500",
-            small(),
-            Shape {
-                tq: 1,
-                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
-            },
-        ),
-        (
-            "no_kept_many_blocks",
+            "many_blocks",
             many_blocks(),
             Shape::prefill(1, 2100, 4, 2, 16, 16),
         ),
-        ("no_kept_hq20", small(), Shape::prefill(1, 40, 20, 1, 16, 8)),
-    ] {
+        ("hq20", small(), Shape::prefill(1, 40, 20, 1, 16, 8)),
+    ];
+    for (name, cfg, shape) in several_tiles().into_iter().chain(more) {
+        let name = &format!("no_kept_{name}");
         let limits = DeviceLimits {
             kept_scores: 0,
             ..pipeline().limits()
