@@ -493,6 +493,11 @@ impl NsaPipeline {
             let first = &chunks[group.start];
             let len = group.clone().map(len_of).max().unwrap_or(0);
             let (n, nb) = (sizes[group.start], group.len());
+            // A compression-only job whose tokens complete no block has nothing to plan (most
+            // runs of a ragged decode step).
+            if !rows_out && cfg.num_compressed(len + n) == cfg.num_compressed(len) {
+                continue;
+            }
             // Planning only the compression, one query row stands in for the rows no kernel
             // computes (so query-sized limits do not apply).
             let shape = Shape {
@@ -519,9 +524,6 @@ impl NsaPipeline {
             };
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
-                if plan.steps.is_empty() {
-                    continue;
-                }
             }
             let scratch = self.scratch(&plan)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
