@@ -102,10 +102,10 @@ fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
         let v1 = smem[tile_at(j + 1u, e)];
         let v2 = smem[tile_at(j + 2u, e)];
         let v3 = smem[tile_at(j + 3u, e)];
-        o.r0 += weigh4(scores[at + j4], v0, v1, v2, v3);
-        o.r1 += weigh4(scores[at + KT4 + j4], v0, v1, v2, v3);
-        o.r2 += weigh4(scores[at + 2u * KT4 + j4], v0, v1, v2, v3);
-        o.r3 += weigh4(scores[at + 3u * KT4 + j4], v0, v1, v2, v3);
+        o.r0 = weigh4(o.r0, scores[at + j4], v0, v1, v2, v3);
+        o.r1 = weigh4(o.r1, scores[at + KT4 + j4], v0, v1, v2, v3);
+        o.r2 = weigh4(o.r2, scores[at + 2u * KT4 + j4], v0, v1, v2, v3);
+        o.r3 = weigh4(o.r3, scores[at + 3u * KT4 + j4], v0, v1, v2, v3);
     }
     for (var j = n4 * 4u; j < nk; j++) {
         let vv = smem[tile_at(j, e)];
@@ -118,9 +118,9 @@ fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
     return o;
 }
 
-// p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3.
-fn weigh4(p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
-    return p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3;
+// o + p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3, as four fused multiply-adds into o.
+fn weigh4(o: vec4<f32>, p: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>) -> vec4<f32> {
+    return fma(vec4<f32>(p.w), v3, fma(vec4<f32>(p.z), v2, fma(vec4<f32>(p.y), v1, fma(vec4<f32>(p.x), v0, o))));
 }
 
 // Rows 4*rg .. 4*rg+3's scaled scores `s` of tile column j (key t0 + j), NEG_BIG outside
