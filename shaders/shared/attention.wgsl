@@ -4,8 +4,8 @@
 // queries times `nh` of the group's query heads. Key/value tiles stream through workgroup
 // memory once for all rows; each row keeps an online softmax (running max and sum) and masks
 // the keys outside its own range [row_lo, row_hi). The queries sit in workgroup memory, and
-// each invocation computes 4 rows x 1 key of the scores and 4 rows x 4 dims of the output
-// from vec4 loads, so most work is register-blocked FMAs.
+// each invocation computes 4 rows x 2 keys of the scores and 4 rows x 4 dims of the output
+// from vec4 loads, so most work is register-blocked fused multiply-adds.
 
 #import qk
 #import reduce

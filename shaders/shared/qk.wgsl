@@ -163,7 +163,13 @@ fn row_item(x: u32, half: u32, nk: u32) -> RowItem {
     var s = vec2<f32>(0.0);
     for (var e = 0u; e < dk4(); e++) {
         let qv = smem[i * dk4() + e];
-        s += vec2<f32>(dot(qv, smem[tile_at(j, e)]), dot(qv, smem[tile_at(k1, e)]));
+        let a = smem[tile_at(j, e)];
+        let b = smem[tile_at(k1, e)];
+        // One fused multiply-add per product, as in score8.
+        s = fma(vec2<f32>(qv.x), vec2<f32>(a.x, b.x), s);
+        s = fma(vec2<f32>(qv.y), vec2<f32>(a.y, b.y), s);
+        s = fma(vec2<f32>(qv.z), vec2<f32>(a.z, b.z), s);
+        s = fma(vec2<f32>(qv.w), vec2<f32>(a.w, b.w), s);
     }
     return RowItem(i, j, j1, s);
 }
