@@ -56,6 +56,12 @@ pub struct NsaCache {
     /// outputs, kept for the next call (a decode loop; see `fit_io` for when they are
     /// replaced).
     io: Vec<[wgpu::Buffer; 3]>,
+    /// The scratches of the last call's plans, by kind (compression only, rows) and order,
+    /// which the next call refits to its plans (`NsaPipeline::refit_scratch`): a decode
+    /// step then allocates no intermediate buffers and mostly reuses its bind groups.
+    scratch: [Vec<Option<crate::NsaScratch>>; 2],
+    /// Per plan that computes rows, the last call's readback buffers, for the next call.
+    readback: Vec<Vec<wgpu::Buffer>>,
 }
 
 /// One plan of an `extend` call.
@@ -67,6 +73,11 @@ struct Job {
     /// Whether their lengths differ ([`Plan::cached_ragged`]).
     ragged: bool,
 }
+
+/// The largest scratch (all its buffers, in bytes), and the most readback bytes of one plan,
+/// a cache keeps between calls: a decode step's, even at B=16 and 64k (its kept scores and
+/// partials take tens of MB), but not a long chunk's.
+const KEEP_SCRATCH_BYTES: u64 = 256 << 20;
 
 /// Usages of the kept query, gate and output buffers.
 const IO_USAGES: [wgpu::BufferUsages; 3] = [
@@ -152,6 +163,8 @@ impl NsaCache {
             linear,
             compressed_tokens: 0,
             io: Vec::new(),
+            scratch: [Vec::new(), Vec::new()],
+            readback: Vec::new(),
         })
     }
 
@@ -279,6 +292,8 @@ impl NsaCache {
         self.raw = raw;
         self.compressed = compressed;
         self.capacity = new_cap;
+        // The kept scratches' bind groups hold the old buffers alive: let both go.
+        self.scratch = [Vec::new(), Vec::new()];
         Ok(())
     }
 }
@@ -440,6 +455,8 @@ impl NsaPipeline {
         // Per plan: its readback buffers, its scratch, and how many sequences it computes rows
         // for (0: compression only).
         let mut kept: Vec<(Vec<wgpu::Buffer>, crate::NsaScratch, usize)> = Vec::new();
+        // Plans of each kind so far (compression only, rows): which kept scratch to refit.
+        let mut nth = [0usize; 2];
         let mut timed: Vec<KernelId> = Vec::new();
         // Consecutive sequences that add equally many tokens share one plan: one dispatch per
         // stage for all of them. Where their lengths differ (at most RAGGED_MAX of them: a
@@ -525,7 +542,12 @@ impl NsaPipeline {
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
             }
-            let scratch = self.scratch(&plan)?;
+            let kind = rows_out as usize;
+            let old = cache.scratch[kind]
+                .get_mut(nth[kind])
+                .and_then(Option::take);
+            nth[kind] += 1;
+            let scratch = self.refit_scratch(old, &plan)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
             // before the commands run); compressing only binds a placeholder.
             let placeholder;
@@ -594,7 +616,10 @@ impl NsaPipeline {
             if request.branches {
                 wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
             }
-            let staging = stage_readback_ranges(device, &mut encoder, &wanted);
+            let j = kept.iter().filter(|k| k.2 > 0).count();
+            let old = cache.readback.get_mut(j).map(std::mem::take);
+            let staging =
+                stage_readback_ranges(device, &mut encoder, &wanted, old.unwrap_or_default());
             kept.push((staging, scratch, nb));
         }
         let stamps = timer.map(|(t, _)| t.resolve(ctx, &mut encoder, timed.len()));
@@ -652,6 +677,29 @@ impl NsaPipeline {
                     }),
                 });
             }
+        }
+        // Keep the scratches and readback buffers for the next call, in the order they were
+        // taken; not those of a long chunk (its kept scores take up to the plan's budget).
+        let mut nth = [0usize; 2];
+        for (staging, scratch, nb) in kept {
+            let kind = (nb > 0) as usize;
+            if nb > 0 {
+                if cache.readback.len() <= nth[1] {
+                    cache.readback.resize_with(nth[1] + 1, Vec::new);
+                }
+                let bytes: u64 = staging.iter().map(|b| b.size()).sum();
+                cache.readback[nth[1]] = if bytes <= KEEP_SCRATCH_BYTES {
+                    staging
+                } else {
+                    Vec::new()
+                };
+            }
+            let pool = &mut cache.scratch[kind];
+            if pool.len() <= nth[kind] {
+                pool.resize_with(nth[kind] + 1, || None);
+            }
+            pool[nth[kind]] = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
+            nth[kind] += 1;
         }
         Ok((results, ms))
     }

@@ -11,7 +11,7 @@ use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
-use crate::plan::{DeviceLimits, Plan, Tensor, DEFAULT_KEPT_SCORES};
+use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES};
 use crate::shaders::Variant;
 
 /// A device and queue to run on, and what adapter they came from.
@@ -223,17 +223,28 @@ pub struct NsaScratch {
     params: wgpu::Buffer,
     params_stride: u64,
     buffers: Vec<(Tensor, wgpu::Buffer)>,
-    /// Bind groups of recent calls, keyed by the buffers every binding resolved to (the
-    /// plan's windows are fixed), so that repeated calls on the same buffers create none.
+    /// Bind groups of recent calls, keyed by the buffers every binding resolved to and the
+    /// plan's kernels and binding windows (a refitted scratch's plan changes, see
+    /// [`NsaPipeline::refit_scratch`]), so that repeated calls on the same buffers create
+    /// none.
     groups: Mutex<Vec<BoundGroups>>,
 }
 
-/// The bind groups of one call: the buffers of every step's bindings, in order, and the
-/// groups made from them.
+/// The bind groups of one call: the buffers of every step's bindings, in order, the kernel
+/// and binding windows of every step, and the groups made from them.
 #[derive(Debug)]
 struct BoundGroups {
     buffers: Vec<wgpu::Buffer>,
+    steps: Vec<(KernelId, Vec<Window>)>,
     groups: Vec<wgpu::BindGroup>,
+}
+
+/// Every step's kernel and binding windows: with the buffers, what a bind group depends on.
+fn step_windows(plan: &Plan) -> Vec<(KernelId, Vec<Window>)> {
+    plan.steps
+        .iter()
+        .map(|s| (s.kernel, s.bindings.iter().map(|b| b.1).collect()))
+        .collect()
 }
 
 /// Calls (sets of buffers) whose bind groups a scratch keeps, e.g. rotating inputs.
@@ -325,6 +336,11 @@ impl NsaScratch {
     /// The plan this scratch was made for.
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// Bytes of its intermediate buffers.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.buffers.iter().map(|(_, b)| b.size()).sum()
     }
 }
 
@@ -433,6 +449,17 @@ impl NsaPipeline {
 
     /// Allocates the intermediate buffers and uniforms of `plan`.
     pub fn scratch(&self, plan: &Plan) -> Result<NsaScratch> {
+        self.refit_scratch(None, plan)
+    }
+
+    /// A scratch for `plan` that takes over `old`'s buffers where they are large enough and
+    /// at most 4x larger than needed (creating the others), and its uniform buffer where the
+    /// new parameters fit, rewritten through the queue; the bind groups it keeps stay valid
+    /// for calls whose buffers and windows match. A decode loop refits one scratch per step
+    /// instead of allocating one: consecutive steps' plans differ mostly in their parameters.
+    /// Commands already submitted with `old` still see its previous contents (queue writes
+    /// are ordered after them).
+    pub fn refit_scratch(&self, old: Option<NsaScratch>, plan: &Plan) -> Result<NsaScratch> {
         let device = &self.ctx.device;
         let stride =
             (std::mem::size_of::<Params>() as u64).next_multiple_of(self.limits.uniform_align);
@@ -442,11 +469,21 @@ impl NsaPipeline {
             bytes[at..at + std::mem::size_of::<Params>()]
                 .copy_from_slice(bytemuck::bytes_of(&step.params));
         }
-        let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("nsa.params"),
-            contents: &bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
+        let (mut old_buffers, params, groups) = match old {
+            Some(o) if o.params.size() >= bytes.len() as u64 => {
+                self.ctx.queue.write_buffer(&o.params, 0, &bytes);
+                (o.buffers, o.params, o.groups)
+            }
+            old => {
+                let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some("nsa.params"),
+                    contents: &bytes,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                });
+                let kept = old.map(|o| o.buffers).unwrap_or_default();
+                (kept, params, Mutex::new(Vec::new()))
+            }
+        };
         let mut buffers = Vec::new();
         // Only what the plan's dispatches bind (a cached plan binds the cache's compressed
         // keys and values, and a dense one no NSA intermediates).
@@ -459,12 +496,16 @@ impl NsaPipeline {
                     limit: self.limits.max_buffer,
                 });
             }
-            let buf = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("nsa.scratch"),
-                size,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
+            let fits = |b: &wgpu::Buffer| b.size() >= size && b.size() <= 4 * size;
+            let buf = match old_buffers.iter().position(|(u, b)| *u == t && fits(b)) {
+                Some(at) => old_buffers.swap_remove(at).1,
+                None => device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("nsa.scratch"),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: false,
+                }),
+            };
             buffers.push((t, buf));
         }
         Ok(NsaScratch {
@@ -472,7 +513,7 @@ impl NsaPipeline {
             params,
             params_stride: stride,
             buffers,
-            groups: Mutex::new(Vec::new()),
+            groups,
         })
     }
 
@@ -732,9 +773,10 @@ impl NsaPipeline {
             }
         }
         let mut kept = scratch.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let steps = step_windows(plan);
         let hit = kept
             .iter()
-            .position(|k| k.buffers.iter().eq(resolved.iter().copied()));
+            .position(|k| k.buffers.iter().eq(resolved.iter().copied()) && k.steps == steps);
         let groups = match hit {
             Some(at) => kept[at].groups.clone(),
             None => {
@@ -744,6 +786,7 @@ impl NsaPipeline {
                 }
                 kept.push(BoundGroups {
                     buffers: resolved.iter().map(|b| (*b).clone()).collect(),
+                    steps,
                     groups: groups.clone(),
                 });
                 groups
@@ -1098,24 +1141,31 @@ pub fn stage_readback(
     buffers: &[&wgpu::Buffer],
 ) -> Vec<wgpu::Buffer> {
     let whole: Vec<_> = buffers.iter().map(|b| (*b, b.size())).collect();
-    stage_readback_ranges(device, encoder, &whole)
+    stage_readback_ranges(device, encoder, &whole, Vec::new())
 }
 
-/// [`stage_readback`] of the first `bytes` of each buffer.
+/// [`stage_readback`] of the first `bytes` of each buffer, taking over the staging buffer at
+/// the same place in `old` where its size matches (a decode loop reads back the same sizes
+/// every step; `old`'s buffers must be unmapped, as [`read_staging`] leaves them).
 pub fn stage_readback_ranges(
     device: &wgpu::Device,
     encoder: &mut wgpu::CommandEncoder,
     buffers: &[(&wgpu::Buffer, u64)],
+    old: Vec<wgpu::Buffer>,
 ) -> Vec<wgpu::Buffer> {
+    let mut old = old.into_iter();
     buffers
         .iter()
         .map(|&(b, bytes)| {
-            let staging = device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("nsa.readback"),
-                size: bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+            let staging = match old.next() {
+                Some(s) if s.size() == bytes => s,
+                _ => device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("nsa.readback"),
+                    size: bytes,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+            };
             encoder.copy_buffer_to_buffer(b, 0, &staging, 0, bytes);
             staging
         })

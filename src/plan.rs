@@ -647,16 +647,17 @@ impl Plan {
                 (Tensor::KCmp, Tensor::Kc, Tensor::WK, Tensor::PeK, s.dk),
                 (Tensor::VCmp, Tensor::Vc, Tensor::WV, Tensor::PeV, s.dv),
             ] {
+                // Whole strides (see plan_attention).
                 let (ks, cs) = (self.k_stride() as u64, self.c_stride() as u64);
                 let (sw, soff) = self.window(
                     src,
                     (rows.key_row0 + b0 as u64 * ks) * (s.hkv * dim) as u64,
-                    ((nb as u64 - 1) * ks + s.tk as u64) * (s.hkv * dim) as u64,
+                    nb as u64 * ks * (s.hkv * dim) as u64,
                 );
                 let (dw, doff) = self.window(
                     dst,
                     (rows.cmp_row0 + b0 as u64 * cs) * (s.hkv * dim) as u64,
-                    ((nb as u64 - 1) * cs + self.n_cmp as u64) * (s.hkv * dim) as u64,
+                    nb as u64 * cs * (s.hkv * dim) as u64,
                 );
                 let total = wg_per_batch * nb as u64;
                 let params = Params {
@@ -804,10 +805,13 @@ impl Plan {
             let nrows = (ch.nb * ch.qc) as u64;
             let rows0 = self.cache.unwrap_or_default();
             let (ks, cs) = (self.k_stride() as u64, self.c_stride() as u64);
+            // Keys and compressed keys are bound by whole strides (Tk and C, or a cache's
+            // capacities, which chunks() fits into one binding), so that a cache's windows
+            // stay the same from one decode step to the next and its bind groups can be kept.
             let keys = rows0.key_row0 + ch.b0 as u64 * ks;
-            let nkeys = (ch.nb as u64 - 1) * ks + s.tk as u64;
+            let nkeys = ch.nb as u64 * ks;
             let cmp0 = rows0.cmp_row0 + ch.b0 as u64 * cs;
-            let ncmp = (ch.nb as u64 - 1) * cs + self.n_cmp as u64;
+            let ncmp = ch.nb as u64 * cs;
             let (hq, hkv, dk, dv) = (s.hq as u64, s.hkv as u64, s.dk as u64, s.dv as u64);
             let q = self.window(Tensor::Q, rows * hq * dk, nrows * hq * dk);
             let gates = self.window(Tensor::Gates, rows * hq * 3, nrows * hq * 3);

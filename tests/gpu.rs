@@ -26,16 +26,19 @@ struct GpuResult {
     lse: Vec<f32>,
 }
 
+/// A storage buffer (plus `usage`) holding `d`.
+fn storage(dev: &wgpu::Device, d: &[f32], usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: None,
+        contents: bytemuck::cast_slice(d),
+        usage: wgpu::BufferUsages::STORAGE | usage,
+    })
+}
+
 fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
     let ctx = pipe.context();
     let dev = &ctx.device;
-    let up = |d: &[f32]| {
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(d),
-            usage: wgpu::BufferUsages::STORAGE,
-        })
-    };
+    let up = |d: &[f32]| storage(dev, d, wgpu::BufferUsages::empty());
     let sentinel = |t: Tensor, bits: u32| {
         let n = plan.tensor_len(t) as usize;
         dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -874,13 +877,7 @@ fn a_kept_scratch_reuses_bind_groups_and_follows_new_buffers() {
         .out;
     let ctx = pipe.context();
     let dev = &ctx.device;
-    let up = |d: &[f32], usage: wgpu::BufferUsages| {
-        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: None,
-            contents: bytemuck::cast_slice(d),
-            usage: wgpu::BufferUsages::STORAGE | usage,
-        })
-    };
+    let up = |d: &[f32], usage: wgpu::BufferUsages| storage(dev, d, usage);
     let none = wgpu::BufferUsages::empty();
     let (q, k, v, g) = (
         up(&data.q, none),
@@ -907,6 +904,69 @@ fn a_kept_scratch_reuses_bind_groups_and_follows_new_buffers() {
     for (i, bytes) in r.iter().enumerate() {
         let got = &bytemuck::cast_slice::<u8, f32>(bytes)[..want.len()];
         assert_close(&format!("output {i}"), got, &want, TOL);
+    }
+}
+
+#[test]
+fn a_refitted_scratch_serves_other_plans() {
+    // As a decode loop through a cache does: one scratch made for a longer call, refitted to
+    // a shorter one (600 of the 700 keys, on the same input buffers: its intermediate buffers
+    // fit and are kept) and back. The two plans' steps and buffers are the same and only
+    // their parameters and key windows differ, so the longer call must not reuse the bind
+    // groups made for the shorter call's windows (it would read past them).
+    let pipe = pipeline();
+    let long = Shape {
+        batch: 1,
+        tq: 2,
+        tk: 700,
+        hq: 8,
+        hkv: 2,
+        dk: 128,
+        dv: 128,
+    };
+    let short = Shape { tk: 600, ..long };
+    let cfg = small();
+    let data = Data::new(&cfg, &long, false, 9);
+    let (nk, nv) = (short.tk * long.hkv * long.dk, short.tk * long.hkv * long.dv);
+    let prefix = nsa_wgpu::NsaInputs::new(&data.q, &data.k[..nk], &data.v[..nv], &data.gates);
+    let want = [
+        cpu::naive::nsa(&cfg, &short, &prefix).expect("naive").out,
+        cpu::naive::nsa(&cfg, &long, &data.inputs())
+            .expect("naive")
+            .out,
+    ];
+    let plans = [short, long].map(|s| pipe.plan(&cfg, &s).expect("plan"));
+    let kernels = |p: &Plan| p.steps.iter().map(|s| s.kernel).collect::<Vec<_>>();
+    assert_eq!(kernels(&plans[0]), kernels(&plans[1]));
+    let ctx = pipe.context();
+    let dev = &ctx.device;
+    let none = wgpu::BufferUsages::empty();
+    let (q, k, v, g) = (
+        storage(dev, &data.q, none),
+        storage(dev, &data.k, none),
+        storage(dev, &data.v, none),
+        storage(dev, &data.gates, none),
+    );
+    let copies = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let out = storage(dev, &vec![f32::NAN; want[0].len()], copies);
+    let mut scratch = pipe.scratch(&plans[1]).expect("scratch");
+    let idx = scratch.buffer(Tensor::Idx).expect("idx").clone();
+    for (plan, want) in plans.iter().zip(&want) {
+        scratch = pipe.refit_scratch(Some(scratch), plan).expect("refit");
+        assert!(
+            scratch.buffer(Tensor::Idx) == Some(&idx),
+            "kept its buffers"
+        );
+        let mut enc = dev.create_command_encoder(&Default::default());
+        pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &v, &g, &out))
+            .expect("encode");
+        let staging = stage_readback(dev, &mut enc, &[&out]);
+        ctx.queue.submit([enc.finish()]);
+        let r = pollster::block_on(read_staging(dev, &staging)).expect("readback");
+        let got = &bytemuck::cast_slice::<u8, f32>(&r[0])[..want.len()];
+        assert_close(&format!("tk {}", plan.shape.tk), got, want, TOL);
+        ctx.queue
+            .write_buffer(&out, 0, bytemuck::cast_slice(&vec![f32::NAN; want.len()]));
     }
 }
 
