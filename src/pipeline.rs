@@ -455,7 +455,8 @@ impl NsaPipeline {
     /// A scratch for `plan` that takes over `old`'s buffers where they are large enough and
     /// at most 4x larger than needed (creating the others), and its uniform buffer where the
     /// new parameters fit, rewritten through the queue; the bind groups it keeps stay valid
-    /// for calls whose buffers and windows match. A decode loop refits one scratch per step
+    /// for calls whose buffers and windows match (all are dropped where one of `old`'s
+    /// buffers is, so that none is held alive). A decode loop refits one scratch per step
     /// instead of allocating one: consecutive steps' plans differ mostly in their parameters.
     /// Commands already submitted with `old` still see its previous contents (queue writes
     /// are ordered after them).
@@ -469,7 +470,7 @@ impl NsaPipeline {
             bytes[at..at + std::mem::size_of::<Params>()]
                 .copy_from_slice(bytemuck::bytes_of(&step.params));
         }
-        let (mut old_buffers, params, groups) = match old {
+        let (mut old_buffers, params, mut groups) = match old {
             Some(o) if o.params.size() >= bytes.len() as u64 => {
                 self.ctx.queue.write_buffer(&o.params, 0, &bytes);
                 (o.buffers, o.params, o.groups)
@@ -507,6 +508,10 @@ impl NsaPipeline {
                 }),
             };
             buffers.push((t, buf));
+        }
+        // Bind groups on buffers this scratch let go would keep them alive (and never match).
+        if !old_buffers.is_empty() {
+            groups = Mutex::new(Vec::new());
         }
         Ok(NsaScratch {
             plan: plan.clone(),
