@@ -215,8 +215,9 @@ impl<'a> GpuBuffers<'a> {
 }
 
 /// The intermediate buffers and uniforms of one [`Plan`]. Create once per shape, reuse for
-/// every call with that plan: it also keeps the bind groups of the last few sets of buffers
-/// it was encoded with (holding those buffers alive), so repeated calls create none.
+/// every call with that plan (or refit it to the next plan, [`NsaPipeline::refit_scratch`]):
+/// it also keeps the bind groups of the last few sets of buffers it was encoded with
+/// (holding those buffers alive), so repeated calls create none.
 #[derive(Debug)]
 pub struct NsaScratch {
     plan: Plan,
