@@ -44,31 +44,31 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         } else {
             for (var x = lid; x < nrg * half; x += WG) {
                 let it = score_item(x, half, nk);
-                store_scores(it.rg, t0, it.j, it.s.a * params.scale, r.n);
-                if it.j1 < nk {
-                    store_scores(it.rg, t0, it.j1, it.s.b * params.scale, r.n);
-                }
+                store_scores(it, t0, nk, r.n);
             }
         }
         workgroupBarrier();
         // The value tile replaces the key tile; each row's new maximum from 8 invocations.
         store_tile(lid, nk, DV);
-        // Four keys per load; keys past nk count as masked (their stale scores are skipped).
+        // Each invocation takes two vec4s of its row (KT_MAX = 64 keys: columns 4 * part ..
+        // and 32 further), loaded once; keys past nk count as masked (their stale scores are
+        // skipped).
         let n4 = (nk + 3u) / 4u;
-        var m = NEG_BIG;
-        for (var j4 = part; j4 < n4; j4 += 8u) {
-            let s = tile_scores(i, j4, nk);
-            keep4(r, i, t0 + 4u * j4, s, 4u * j4 + 3u < nk);
-            m = max(m, max(max(s.x, s.y), max(s.z, s.w)));
+        let s0 = tile_scores(i, part, nk);
+        let s1 = tile_scores(i, part + 8u, nk);
+        if part < n4 {
+            keep4(r, i, t0 + 4u * part, s0, 4u * part + 3u < nk);
         }
+        if part + 8u < n4 {
+            keep4(r, i, t0 + 4u * part + 32u, s1, 4u * part + 35u < nk);
+        }
+        let m = max(max(max(s0.x, s0.y), max(s0.z, s0.w)), max(max(s1.x, s1.y), max(s1.z, s1.w)));
         let m_new = max(run_max, row_max8(lid, m));
-        var sum = 0.0;
-        for (var j4 = part; j4 < n4; j4 += 8u) {
-            let s = tile_scores(i, j4, nk);
-            let p = select(exp(s - m_new), vec4<f32>(0.0), s == vec4<f32>(NEG_BIG));
-            scores[i * KT4 + j4] = p;
-            sum += p.x + p.y + p.z + p.w;
-        }
+        let p0 = select(exp(s0 - m_new), vec4<f32>(0.0), s0 == vec4<f32>(NEG_BIG));
+        let p1 = select(exp(s1 - m_new), vec4<f32>(0.0), s1 == vec4<f32>(NEG_BIG));
+        scores[i * KT4 + part] = p0;
+        scores[i * KT4 + part + 8u] = p1;
+        let sum = (p0.x + p0.y) + (p0.z + p0.w) + (p1.x + p1.y) + (p1.z + p1.w);
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
         // Every item rescales and accumulates: 4 rows x 4 dims per item, at most 2 items per
@@ -134,19 +134,32 @@ fn weigh4(
     return fma(vec4<f32>(p.w), v3, o3);
 }
 
-// Rows 4*rg .. 4*rg+3's scaled scores `s` of tile column j (key t0 + j), NEG_BIG outside
-// each row's range.
-fn store_scores(rg: u32, t0: u32, j: u32, s: vec4<f32>, n: u32) {
+// Item `it`'s scaled scores (rows 4*rg .. 4*rg+3, tile columns j and, where j1 < nk, j1),
+// NEG_BIG outside each row's range, which is read once for both columns.
+fn store_scores(it: ScoreItem, t0: u32, nk: u32, n: u32) {
     for (var c = 0u; c < 4u; c++) {
-        store_score(rg * 4u + c, t0, j, s[c], n);
+        let i = it.rg * 4u + c;
+        let range = vec2<u32>(row_lo[i], row_hi[i]);
+        put_score(i, it.j, it.s.a[c] * params.scale, i < n && in_range(t0 + it.j, range));
+        if it.j1 < nk {
+            put_score(i, it.j1, it.s.b[c] * params.scale, i < n && in_range(t0 + it.j1, range));
+        }
     }
 }
 
 // Row i's scaled score `s` of tile column j (key t0 + j), NEG_BIG outside its range.
 fn store_score(i: u32, t0: u32, j: u32, s: f32, n: u32) {
-    let t = t0 + j;
-    let inside = i < n && t >= row_lo[i] && t < row_hi[i];
-    scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s, inside);
+    put_score(i, j, s, i < n && in_range(t0 + j, vec2<u32>(row_lo[i], row_hi[i])));
+}
+
+// Whether key t lies in [range.x, range.y).
+fn in_range(t: u32, range: vec2<u32>) -> bool {
+    return t >= range.x && t < range.y;
+}
+
+// Stores row i's score `s` of tile column j, or NEG_BIG where the row does not see the key.
+fn put_score(i: u32, j: u32, s: f32, sees: bool) {
+    scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s, sees);
 }
 
 // Row i's scores of tile columns 4 * j4 .. 4 * j4 + 3, NEG_BIG for columns past nk.
