@@ -12,7 +12,7 @@ use crate::config::{Compression, NsaConfig, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
 use crate::kernels::KernelId;
-use crate::pipeline::{read_staging, stage_readback_ranges, GpuBuffers, NsaPipeline};
+use crate::pipeline::{read_staging, reusable, stage_readback_ranges, GpuBuffers, NsaPipeline};
 use crate::plan::{CacheRows, Plan, Tensor, RAGGED_MAX};
 use crate::profile::StepTimer;
 
@@ -542,17 +542,16 @@ impl NsaPipeline {
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
             }
+            // This plan's place among the call's plans of its kind: which kept scratch, and
+            // for rows, which kept I/O and readback buffers, it takes.
             let kind = rows_out as usize;
-            let old = cache.scratch[kind]
-                .get_mut(nth[kind])
-                .and_then(Option::take);
+            let j = nth[kind];
             nth[kind] += 1;
+            let old = cache.scratch[kind].get_mut(j).and_then(Option::take);
             let scratch = self.refit_scratch(old, &plan)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
-            // before the commands run); compressing only binds a placeholder.
-            let placeholder;
+            // before the commands run); compressing binds none of them.
             let (q, g, out) = if rows_out {
-                let j = kept.iter().filter(|k| k.2 > 0).count();
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
                 fit_io(device, &mut cache.io, j, sizes);
                 let cs = &chunks[group.clone()];
@@ -566,12 +565,8 @@ impl NsaPipeline {
                 let b = &cache.io[j];
                 (&b[0], &b[1], &b[2])
             } else {
-                placeholder = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("nsa.extend.placeholder"),
-                    contents: &[0; 16],
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                });
-                (&placeholder, &placeholder, &placeholder)
+                let p = self.placeholder();
+                (p, p, p)
             };
             let r = &cache.raw;
             let mut bufs = GpuBuffers::new(q, &r[0], &r[1], g, out);
@@ -616,7 +611,6 @@ impl NsaPipeline {
             if request.branches {
                 wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
             }
-            let j = kept.iter().filter(|k| k.2 > 0).count();
             let old = cache.readback.get_mut(j).map(std::mem::take);
             let staging =
                 stage_readback_ranges(device, &mut encoder, &wanted, old.unwrap_or_default());
@@ -816,8 +810,7 @@ fn fit_io(device: &wgpu::Device, io: &mut Vec<[wgpu::Buffer; 3]>, j: usize, size
         return;
     }
     for (i, buf) in io[j].iter_mut().enumerate() {
-        let need = sizes[i].max(16);
-        if buf.size() < need || buf.size() > 4 * need {
+        if !reusable(buf.size(), sizes[i].max(16)) {
             *buf = make(i);
         }
     }

@@ -345,6 +345,13 @@ impl NsaScratch {
     }
 }
 
+/// Whether a kept buffer of `have` bytes can serve `need` bytes again: large enough, and not
+/// more than four times too large (so that a long call's buffers do not stay for the short
+/// calls after it). Shared by refitted scratches and a cache's kept buffers.
+pub(crate) fn reusable(have: u64, need: u64) -> bool {
+    have >= need && have <= 4 * need
+}
+
 /// The NSA forward pass: the compiled kernels on one device.
 #[derive(Debug)]
 pub struct NsaPipeline {
@@ -498,7 +505,7 @@ impl NsaPipeline {
                     limit: self.limits.max_buffer,
                 });
             }
-            let fits = |b: &wgpu::Buffer| b.size() >= size && b.size() <= 4 * size;
+            let fits = |b: &wgpu::Buffer| reusable(b.size(), size);
             let buf = match old_buffers.iter().position(|(u, b)| *u == t && fits(b)) {
                 Some(at) => old_buffers.swap_remove(at).1,
                 None => device.create_buffer(&wgpu::BufferDescriptor {
@@ -524,6 +531,12 @@ impl NsaPipeline {
     }
 
     /// The buffer a step binds for `tensor`, checked for size and usage.
+    /// A buffer to pass for tensors a plan does not bind (a cache's compression-only plans:
+    /// no queries, gates or outputs).
+    pub(crate) fn placeholder(&self) -> &wgpu::Buffer {
+        &self.dummy
+    }
+
     fn is_dummy(&self, buffer: &wgpu::Buffer) -> bool {
         std::ptr::eq(buffer, &self.dummy) || std::ptr::eq(buffer, &self.dummy_out)
     }

@@ -852,23 +852,26 @@ fn no_matching_adapter_is_an_error() {
     }
 }
 
+/// Two queries of 8 heads (G = 4, D = 128) against `tk` keys: a plan whose branches split
+/// (with the small config, from a few hundred keys on).
+fn split_shape(tk: usize) -> Shape {
+    Shape {
+        batch: 1,
+        tq: 2,
+        tk,
+        hq: 8,
+        hkv: 2,
+        dk: 128,
+        dv: 128,
+    }
+}
+
 #[test]
 fn a_kept_scratch_reuses_bind_groups_and_follows_new_buffers() {
     // A split plan (merges, dummy slots) encoded three times on one scratch: twice into the
     // same output (the second call reuses the bind groups), then into a fresh one.
     let pipe = pipeline();
-    let (cfg, shape) = (
-        small(),
-        Shape {
-            batch: 1,
-            tq: 2,
-            tk: 600,
-            hq: 8,
-            hkv: 2,
-            dk: 128,
-            dv: 128,
-        },
-    );
+    let (cfg, shape) = (small(), split_shape(600));
     let plan = pipe.plan(&cfg, &shape).expect("plan");
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::Merge));
     let data = Data::new(&cfg, &shape, false, 7);
@@ -915,16 +918,7 @@ fn a_refitted_scratch_serves_other_plans() {
     // their parameters and key windows differ, so the longer call must not reuse the bind
     // groups made for the shorter call's windows (it would read past them).
     let pipe = pipeline();
-    let long = Shape {
-        batch: 1,
-        tq: 2,
-        tk: 700,
-        hq: 8,
-        hkv: 2,
-        dk: 128,
-        dv: 128,
-    };
-    let short = Shape { tk: 600, ..long };
+    let (long, short) = (split_shape(700), split_shape(600));
     let cfg = small();
     let data = Data::new(&cfg, &long, false, 9);
     let (nk, nv) = (short.tk * long.hkv * long.dk, short.tk * long.hkv * long.dv);
