@@ -47,7 +47,7 @@ fn kept_at(r: Rows, i: u32, t: u32) -> u32 {
     return params.off_kept + attn_row(r, i) * params.kept_stride + t;
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,

@@ -5,7 +5,7 @@
 
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;  // [B, Tq, Hq, Dv]
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,

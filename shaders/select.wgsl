@@ -19,7 +19,7 @@
 
 const KT_MAX: u32 = 64u;   // tokens per tile at most
 const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
-const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG)
+const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG: compiled with ROWS = 16)
 
 var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads; then
                                                 // the blocks entering the list (see main)
@@ -94,7 +94,7 @@ fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
     return load_k4(at);
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,

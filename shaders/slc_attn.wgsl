@@ -22,7 +22,7 @@ fn selected_keys(ib: u32, s: u32, pos: u32) -> vec2<u32> {
     return vec2<u32>(lo, min(lo + params.sel_block, pos + 1u));
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,

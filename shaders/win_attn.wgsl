@@ -9,7 +9,7 @@
 @group(0) @binding(7) var<storage, read_write> o_win: array<f32>;  // [B, Tq, Hq, Dv]
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;    // [B, Tq, Hq, Dv]
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,

@@ -159,6 +159,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
         max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
         workgroup_storage: limits.max_compute_workgroup_storage_size,
+        max_invocations: limits.max_compute_invocations_per_workgroup,
         kept_scores: DEFAULT_KEPT_SCORES,
     }
 }
@@ -392,10 +393,11 @@ impl NsaPipeline {
                     limit: lim.max_storage_buffers_per_shader_stage as u64,
                 });
             }
-            if id.fixed_workgroup_bytes() > lim.max_compute_workgroup_storage_size {
+            let fixed = id.fixed_workgroup_bytes(crate::kernels::ROWS);
+            if fixed > lim.max_compute_workgroup_storage_size {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_compute_workgroup_storage_size",
-                    needed: id.fixed_workgroup_bytes() as u64,
+                    needed: fixed as u64,
                     limit: lim.max_compute_workgroup_storage_size as u64,
                 });
             }
@@ -668,21 +670,24 @@ impl NsaPipeline {
     /// kernel falls back to the plain one instead).
     fn kernels(&self, plan: &Plan) -> Result<Vec<wgpu::ComputePipeline>> {
         self.require(plan.precision)?;
-        let plain = plan.specialization();
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         let device = &self.ctx.device;
         let mut pipelines = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let id = step.kernel;
             let layout = &self.layouts[id as usize];
-            // The attention core on tensor cores where it applies and fits; its own tile size
-            // (a multiple of 16 keys) and workgroup-memory layout.
-            let mma =
-                if self.tensor_cores() && plan.precision == Precision::F16 && id.attention_core() {
-                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
-                } else {
-                    None
-                };
+            let plain = plan.specialization(step.rows);
+            // The attention core on tensor cores where it applies and fits (16 rows); its own
+            // tile size (a multiple of 16 keys) and workgroup-memory layout.
+            let mma = if self.tensor_cores()
+                && plan.precision == Precision::F16
+                && id.attention_core()
+                && step.rows == crate::kernels::ROWS
+            {
+                mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
+            } else {
+                None
+            };
             let variant = Variant {
                 precision: plan.precision,
                 subgroups: self.subgroups,

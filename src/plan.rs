@@ -9,7 +9,9 @@
 
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::kernels::{smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization};
+use crate::kernels::{
+    smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization, ROWS, WIDE_ROWS,
+};
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +28,8 @@ pub struct DeviceLimits {
     pub max_workgroups_per_dim: u32,
     /// `max_compute_workgroup_storage_size`: sizes the attention tiles.
     pub workgroup_storage: u32,
+    /// `max_compute_invocations_per_workgroup`: at least 256 for wide attention steps.
+    pub max_invocations: u32,
     /// Not an adapter limit: the bytes of compressed-attention scores one chunk of a call
     /// may keep for the selection ([`DEFAULT_KEPT_SCORES`]; within a binding and a buffer).
     /// Long prefills run in chunks of query rows whose scores fit; 0 keeps none (the
@@ -48,6 +52,7 @@ impl Default for DeviceLimits {
             uniform_align: 256,
             max_workgroups_per_dim: 65535,
             workgroup_storage: 32 << 10,
+            max_invocations: 256,
             kept_scores: DEFAULT_KEPT_SCORES,
         }
     }
@@ -158,6 +163,10 @@ pub struct Step {
     pub params: Params,
     /// Workgroups in x and y (x * y >= params.total_wg).
     pub grid: [u32; 2],
+    /// Query rows per workgroup the kernel is compiled for (`ROWS`): [`ROWS`] = 16, or
+    /// [`WIDE_ROWS`] = 32 for compressed, window and dense attention over a chunk of many
+    /// queries (see [`Plan::wide_kv_tile`]).
+    pub rows: u32,
     /// `(tensor, window)` for bindings 1.. in order.
     pub bindings: Vec<(Tensor, Window)>,
 }
@@ -175,6 +184,11 @@ pub struct Plan {
     pub kv_tile: u32,
     /// Workgroups per (query, kv head) in the attention kernels (`ceil(G / 16)`).
     pub head_chunks: u32,
+    /// Keys per tile of the wide attention steps ([`WIDE_ROWS`] query rows, 256
+    /// invocations); 0 where none runs wide: the adapter allows fewer than 256 invocations
+    /// per workgroup, or its workgroup memory holds fewer than [`WIDE_MIN_KEYS`] keys per
+    /// tile beside 32 query rows (large heads).
+    pub wide_kv_tile: u32,
     /// The dispatches, in dataflow order.
     pub steps: Vec<Step>,
     /// The limits the plan was made for.
@@ -199,8 +213,15 @@ pub struct Plan {
 /// `shaders/shared/params.wgsl`.
 pub const RAGGED_MAX: usize = 64;
 
-/// Query heads one attention workgroup owns (`ROWS` in `shaders/shared/attention.wgsl`).
-pub const ROWS_PER_WORKGROUP: usize = 16;
+/// Query rows one attention workgroup owns (`ROWS` in `shaders/shared/qk.wgsl`), except in
+/// wide steps ([`WIDE_ROWS`]).
+pub const ROWS_PER_WORKGROUP: usize = ROWS as usize;
+/// The fewest keys per tile a wide step may have: with fewer, the 16-row kernel's longer
+/// tiles are the better choice.
+pub const WIDE_MIN_KEYS: u32 = 32;
+/// Queries a chunk needs for wide steps: decode steps and short chunks keep 16 rows (and
+/// split each row group's keys over more workgroups instead).
+const WIDE_MIN_QUERIES: usize = 16;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// Workgroups a dispatch should have: below this, attention and selection split each row
@@ -240,23 +261,45 @@ struct Chunk {
     qc: usize,
 }
 
-/// Keys per attention tile: as many rows of `tile_stride()` vec4s (the wider of Dk, Dv in
-/// vec4s; rounded up to odd unless a multiple of 8) as fit the `smem` buffer the adapter's
-/// workgroup memory allows ([`smem_vec4s`]) after the queries (`ROWS` rows of Dk), at most
-/// `KT_MAX`; an error when not even one fits.
-fn kv_tile(s: &Shape, limits: &DeviceLimits) -> Result<u32> {
+/// Keys per attention tile for workgroups of `rows` query rows: as many rows of
+/// `tile_stride()` vec4s (the wider of Dk, Dv in vec4s; rounded up to odd unless a multiple
+/// of 8) as fit the `smem` buffer the adapter's workgroup memory allows ([`smem_vec4s`])
+/// after the queries (`rows` rows of Dk), at most `KT_MAX`; an error when not even one fits.
+fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32) -> Result<u32> {
     let d4 = s.dk.max(s.dv).div_ceil(4);
     let stride = if d4 % 8 == 0 { d4 } else { d4 | 1 };
-    let queries = ROWS_PER_WORKGROUP * s.dk.div_ceil(4);
-    let smem4 = smem_vec4s(limits.workgroup_storage) as usize;
+    let queries = rows as usize * s.dk.div_ceil(4);
+    let smem4 = smem_vec4s(limits.workgroup_storage, rows) as usize;
     if smem4 < queries + stride {
         return Err(exceeds(
             "max_compute_workgroup_storage_size (queries and one key of Dk, Dv)",
-            specialized_fixed_bytes() as u64 + 16 * (queries + stride) as u64,
+            specialized_fixed_bytes(rows) as u64 + 16 * (queries + stride) as u64,
             limits.workgroup_storage as u64,
         ));
     }
     Ok(((smem4 - queries) / stride).min(KT_MAX) as u32)
+}
+
+/// Keys per tile of the wide steps ([`Plan::wide_kv_tile`]), 0 for none.
+fn wide_kv_tile(s: &Shape, limits: &DeviceLimits) -> u32 {
+    if limits.max_invocations < 8 * WIDE_ROWS {
+        return 0;
+    }
+    match kv_tile(s, limits, WIDE_ROWS) {
+        Ok(kt) if kt >= WIDE_MIN_KEYS => kt,
+        _ => 0,
+    }
+}
+
+/// How the attention core's workgroups cover a chunk: `rows` per workgroup, `q_block`
+/// consecutive queries times up to `rows` of a group's heads, `head_chunks` workgroups per
+/// (query block, kv head), `kv_tile` keys per tile.
+#[derive(Debug, Clone, Copy)]
+struct Core {
+    rows: u32,
+    q_block: u32,
+    head_chunks: u32,
+    kv_tile: u32,
 }
 
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
@@ -268,15 +311,34 @@ fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
 }
 
 impl Plan {
-    /// The shape constants its kernels are compiled for.
-    pub fn specialization(&self) -> Specialization {
+    /// The shape constants its kernels of `rows` query rows per workgroup (a [`Step`]'s
+    /// `rows`) are compiled for.
+    pub fn specialization(&self, rows: u32) -> Specialization {
         Specialization {
             dk: self.shape.dk as u32,
             dv: self.shape.dv as u32,
-            kv_tile: self.kv_tile,
-            smem4: smem_vec4s(self.limits.workgroup_storage),
-            // The fewest heads a workgroup owns: the group's last chunk of 16.
-            few_rows: (self.shape.group() - 1) % ROWS_PER_WORKGROUP < 4,
+            kv_tile: self.core(rows == WIDE_ROWS).kv_tile,
+            smem4: smem_vec4s(self.limits.workgroup_storage, rows),
+            rows,
+            // The fewest heads a workgroup owns: the group's last chunk of `rows`.
+            few_rows: (self.shape.group() - 1) % (rows as usize) < 4,
+        }
+    }
+
+    /// The attention core's layout in wide steps or in the others.
+    fn core(&self, wide: bool) -> Core {
+        let (rows, kv_tile) = if wide {
+            (WIDE_ROWS, self.wide_kv_tile)
+        } else {
+            (ROWS, self.kv_tile)
+        };
+        let g = self.shape.group();
+        Core {
+            rows,
+            // Consecutive queries share a workgroup when the group is smaller than its rows.
+            q_block: (rows as usize / g.min(rows as usize)) as u32,
+            head_chunks: g.div_ceil(rows as usize) as u32,
+            kv_tile,
         }
     }
 
@@ -372,7 +434,7 @@ impl Plan {
             ));
         }
         let n_cmp = config.num_compressed(s.tk);
-        let kv_tile = kv_tile(&s, limits)?;
+        let kv_tile = kv_tile(&s, limits, ROWS)?;
         let head_chunks = s.group().div_ceil(ROWS_PER_WORKGROUP) as u32;
         let mut plan = Plan {
             config: *config,
@@ -380,6 +442,7 @@ impl Plan {
             n_cmp,
             kv_tile,
             head_chunks,
+            wide_kv_tile: wide_kv_tile(&s, limits),
             steps: Vec::new(),
             limits: *limits,
             cache,
@@ -437,8 +500,9 @@ impl Plan {
             config,
             shape: *shape,
             n_cmp: 0,
-            kv_tile: kv_tile(shape, limits)?,
+            kv_tile: kv_tile(shape, limits, ROWS)?,
             head_chunks: shape.group().div_ceil(ROWS_PER_WORKGROUP) as u32,
+            wide_kv_tile: wide_kv_tile(shape, limits),
             steps: Vec::new(),
             limits: *limits,
             cache: None,
@@ -676,6 +740,7 @@ impl Plan {
                 };
                 self.steps.push(Step {
                     kernel: KernelId::Compress,
+                    rows: ROWS,
                     params,
                     grid: self.grid(total),
                     bindings: vec![(src, sw), (dst, dw), (w, whole(w)), (pe, whole(pe))],
@@ -843,17 +908,21 @@ impl Plan {
             for (bb, &b) in behind.enumerate() {
                 base.behind[bb / 4][bb % 4] = b as u32;
             }
-            // Consecutive queries share a workgroup when the group is smaller than its rows;
-            // selected attention keeps one query per workgroup (each has its own blocks).
-            let q_block = (ROWS_PER_WORKGROUP / s.group().min(ROWS_PER_WORKGROUP)) as u64;
-            let per_query = hkv * self.head_chunks as u64;
-            let attn_total = ch.nb as u64 * (ch.qc as u64).div_ceil(q_block) * per_query;
+            // Compressed, window and dense attention over many queries run wide; selected
+            // attention keeps one query per workgroup (each has its own blocks).
+            let core = self.core(self.wide_kv_tile > 0 && ch.qc >= WIDE_MIN_QUERIES);
+            let attn_total = ch.nb as u64
+                * (ch.qc as u64).div_ceil(core.q_block as u64)
+                * hkv
+                * core.head_chunks as u64;
             let attn = Params {
                 total_wg: attn_total as u32,
-                q_block: q_block as u32,
+                q_block: core.q_block,
+                head_chunks: core.head_chunks,
+                kv_tile: core.kv_tile,
                 ..base
             };
-            let slc_total = nrows * per_query;
+            let slc_total = nrows * hkv * self.head_chunks as u64;
             let slc = Params {
                 total_wg: slc_total as u32,
                 q_block: 1,
@@ -862,8 +931,7 @@ impl Plan {
             // Few row groups (decode, short chunks): split each group's keys over several
             // workgroups, which write partials, and merge them in one pass at the end.
             let part_row = nrows * hq * (dv + 2);
-            let kt = self.kv_tile as u64;
-            let tiles = |keys: u64| keys.div_ceil(kt);
+            let tiles = |keys: u64, kt: u32| keys.div_ceil(kt as u64);
             let align = self.limits.storage_align;
             // The dense merge's unused slots: WebGPU forbids overlapping writable bindings of
             // one buffer, so each writable one gets its own aligned piece of the dummy.
@@ -885,7 +953,7 @@ impl Plan {
             };
             let merge_total = nrows * hq;
             if dense {
-                let sp = self.splits(attn_total, tiles(s.tk as u64), part_row);
+                let sp = self.splits(attn_total, tiles(s.tk as u64, core.kv_tile), part_row);
                 let len = part_row * sp as u64;
                 let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
@@ -896,6 +964,7 @@ impl Plan {
                 };
                 self.steps.push(Step {
                     kernel: KernelId::Dense,
+                    rows: core.rows,
                     params: Params {
                         off_k: kw.1,
                         off_v: vw.1,
@@ -916,6 +985,7 @@ impl Plan {
                 if sp > 1 {
                     self.steps.push(Step {
                         kernel: KernelId::Merge,
+                        rows: ROWS,
                         params: Params {
                             splits: sp,
                             branch: 0,
@@ -942,13 +1012,17 @@ impl Plan {
             // most, in three buffers) and one merge pass combines them with the gates.
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
-            let sp_c = self.splits(attn_total, tiles(self.n_cmp as u64), 3 * part_row);
-            let slc_tiles = n as u64 * tiles(self.config.sel_block as u64);
+            let sp_c = self.splits(
+                attn_total,
+                tiles(self.n_cmp as u64, core.kv_tile),
+                3 * part_row,
+            );
+            let slc_tiles = n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
             let sp_s = self
                 .splits(slc_total, slc_tiles, 3 * part_row)
                 .min(n as u32);
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
-            let sp_w = self.splits(attn_total, tiles(win_keys), 3 * part_row);
+            let sp_w = self.splits(attn_total, tiles(win_keys, core.kv_tile), 3 * part_row);
             let split = sp_c > 1 || sp_s > 1 || sp_w > 1;
             let lens = [sp_c, sp_s, sp_w].map(|sp| part_row * sp as u64 * split as u64);
             let pc = self.window(Tensor::Part, 0, lens[0]);
@@ -979,6 +1053,7 @@ impl Plan {
             };
             let win = Step {
                 kernel: KernelId::WinAttn,
+                rows: core.rows,
                 params: Params {
                     off_k: kw.1,
                     off_v: vw.1,
@@ -1007,6 +1082,7 @@ impl Plan {
             };
             self.steps.push(Step {
                 kernel: KernelId::CmpAttn,
+                rows: core.rows,
                 params: Params {
                     off_k: kc.1,
                     off_v: vc.1,
@@ -1045,6 +1121,7 @@ impl Plan {
             };
             self.steps.push(Step {
                 kernel: KernelId::Select,
+                rows: ROWS,
                 params: Params {
                     total_wg: (sel_total * sp as u64) as u32,
                     splits: sp,
@@ -1068,6 +1145,7 @@ impl Plan {
             if sp > 1 {
                 self.steps.push(Step {
                     kernel: KernelId::SelectMerge,
+                    rows: ROWS,
                     params: Params {
                         total_wg: sel_total as u32,
                         splits: sp,
@@ -1085,6 +1163,7 @@ impl Plan {
             };
             self.steps.push(Step {
                 kernel: KernelId::SlcAttn,
+                rows: ROWS,
                 params: Params {
                     off_k: ks.1,
                     off_v: vs.1,
@@ -1111,6 +1190,7 @@ impl Plan {
             if split {
                 self.steps.push(Step {
                     kernel: KernelId::Merge,
+                    rows: ROWS,
                     params: Params {
                         splits: sp_c,
                         slc_splits: sp_s,

@@ -382,7 +382,7 @@ fn tiny() -> (Shape, DeviceLimits) {
     let limits = DeviceLimits {
         max_storage_binding: 24 << 10,
         max_workgroups_per_dim: 7,
-        workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes() + 16 * (16 * 3 + 5 * 3),
+        workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes(16) + 16 * (16 * 3 + 5 * 3),
         ..pipeline().limits()
     };
     let shape = Shape {

@@ -388,7 +388,7 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
             ..DeviceLimits::default()
         };
         Plan::new(&NsaConfig::default(), &shape, &limits)
-            .map(|p| (p.kv_tile, p.specialization().smem4))
+            .map(|p| (p.kv_tile, p.specialization(16).smem4))
     };
     // 32 KiB (lavapipe, SwiftShader): 32 keys of D = 128; 48 KiB (an H200): 64, the most.
     assert_eq!(tile(32).unwrap(), (32, 1563));
@@ -409,6 +409,77 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
             assert!(needed > limit);
         }
         other => panic!("expected ExceedsLimit, got {other:?}"),
+    }
+}
+
+#[test]
+fn long_chunks_run_compressed_window_and_dense_attention_wide() {
+    use KernelId::*;
+    let h200 = DeviceLimits {
+        workgroup_storage: 48 << 10,
+        max_storage_binding: 1 << 30,
+        max_buffer: 1 << 32,
+        ..DeviceLimits::default()
+    };
+    let rows_of = |plan: &Plan, kernel: KernelId| -> Vec<(u32, u32, u32, u32)> {
+        let steps = plan.steps.iter().filter(|s| s.kernel == kernel);
+        steps
+            .map(|s| {
+                (
+                    s.rows,
+                    s.params.q_block,
+                    s.params.head_chunks,
+                    s.params.kv_tile,
+                )
+            })
+            .collect()
+    };
+    // G = 16 at D = 128: two queries per wide workgroup, 42 keys per tile (64 at 16 rows).
+    let shape = Shape::prefill(1, 4096, 64, 4, 128, 128);
+    let plan = Plan::new(&NsaConfig::default(), &shape, &h200).unwrap();
+    assert_eq!((plan.kv_tile, plan.wide_kv_tile), (64, 42));
+    assert_eq!(rows_of(&plan, CmpAttn), [(32, 2, 1, 42)]);
+    assert_eq!(rows_of(&plan, WinAttn), [(32, 2, 1, 42)]);
+    // Selected attention keeps one query per workgroup, the selection 16 heads per pass.
+    assert_eq!(rows_of(&plan, SlcAttn), [(16, 1, 1, 64)]);
+    assert_eq!(rows_of(&plan, Select)[0].0, 16);
+    // Every query row is covered once, with half the workgroups.
+    check_coverage(&plan);
+    let cmp = plan.steps.iter().find(|s| s.kernel == CmpAttn).unwrap();
+    assert_eq!(cmp.params.total_wg, 4096 / 2 * 4);
+    let spec = plan.specialization(32);
+    assert_eq!((spec.rows, spec.kv_tile, spec.smem4), (32, 42, 2392));
+    // G = 64: one query of 32 heads per workgroup, two workgroups per query.
+    let g64 = Plan::new(
+        &NsaConfig::default(),
+        &Shape::prefill(1, 256, 64, 1, 64, 64),
+        &h200,
+    )
+    .unwrap();
+    assert_eq!(rows_of(&g64, WinAttn), [(32, 1, 2, 64)]);
+    assert_eq!(rows_of(&g64, SlcAttn), [(16, 1, 4, 64)]);
+    let dense = Plan::dense(&shape, None, &h200).unwrap();
+    assert_eq!(rows_of(&dense, Dense), [(32, 2, 1, 42)]);
+    // A decode step (one query) and chunks of fewer than 16 queries stay at 16 rows.
+    for tq in [1, 15] {
+        let short = Shape { tq, ..shape };
+        let plan = Plan::new(&NsaConfig::default(), &short, &h200).unwrap();
+        assert!(plan.steps.iter().all(|s| s.rows == 16), "tq {tq}");
+    }
+    // 32 KiB of workgroup memory holds only 10 keys of D = 128 beside 32 rows, and an
+    // adapter with fewer than 256 invocations per workgroup runs no wide step.
+    let small = DeviceLimits {
+        workgroup_storage: 32 << 10,
+        ..h200
+    };
+    let narrow = DeviceLimits {
+        max_invocations: 128,
+        ..h200
+    };
+    for limits in [small, narrow] {
+        let plan = Plan::new(&NsaConfig::default(), &shape, &limits).unwrap();
+        assert_eq!(plan.wide_kv_tile, 0);
+        assert!(plan.steps.iter().all(|s| s.rows == 16));
     }
 }
 

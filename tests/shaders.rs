@@ -72,20 +72,24 @@ fn every_kernel_has_a_shader_and_a_main() {
 
 #[test]
 fn shaders_translate_to_spirv_msl_hlsl() {
-    // Head sizes the tests use: small, odd, the paper's Dk/Dv, the largest.
+    // Head sizes the tests use: small, odd, the paper's Dk/Dv, the largest; 16 rows, and 32
+    // for the wide steps.
     let specs = [
-        (8, 8, 64, 1536),
-        (100, 64, 21, 1536),
-        (192, 128, 37, 2560),
-        (128, 128, 64, 2560),
-        (256, 256, 8, 1536),
-        (12, 10, 5, 63),
+        (8, 8, 64, 1536, 16),
+        (100, 64, 21, 1536, 16),
+        (192, 128, 37, 2560, 16),
+        (128, 128, 64, 2560, 16),
+        (256, 256, 8, 1536, 16),
+        (12, 10, 5, 63, 16),
+        (8, 8, 64, 1368, 32),
+        (128, 128, 42, 2392, 32),
     ]
-    .map(|(dk, dv, kv_tile, smem4)| Specialization {
+    .map(|(dk, dv, kv_tile, smem4, rows)| Specialization {
         dk,
         dv,
         kv_tile,
         smem4,
+        rows,
         few_rows: dk < 64,
     });
     // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
@@ -215,21 +219,16 @@ fn params_size_matches_wgsl() {
 
 #[test]
 fn workgroup_memory_matches_the_declared_budget() {
-    for id in KernelId::ALL {
-        let (m, _) = module(id.name());
-        let vars: Vec<_> = m
+    for (id, rows, subgroups) in KernelId::ALL
+        .into_iter()
+        .flat_map(|id| [16, 32].map(move |rows| (id, rows)))
+        .flat_map(|(id, rows)| [false, true].map(move |sg| (id, rows, sg)))
+    {
+        let (m, info) = module_for(id.name(), Precision::F32, subgroups);
+        let smem = m
             .global_variables
             .iter()
-            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-            .collect();
-        // The fixed arrays; `smem` is sized by the SMEM4 override.
-        let bytes: u32 = vars
-            .iter()
-            .filter(|(_, g)| g.name.as_deref() != Some("smem"))
-            .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
-            .sum();
-        assert_eq!(bytes, id.fixed_workgroup_bytes(), "{}", id.name());
-        let smem = vars.iter().find(|(_, g)| g.name.as_deref() == Some("smem"));
+            .find(|(_, g)| g.name.as_deref() == Some("smem"));
         assert_eq!(smem.is_some(), id.specialized(), "{}", id.name());
         if let Some((_, g)) = smem {
             assert!(
@@ -244,6 +243,52 @@ fn workgroup_memory_matches_the_declared_budget() {
                 id.name()
             );
         }
+        // Every workgroup array as compiled for `rows` rows: the fixed ones, and `smem` as
+        // sized by the SMEM4 override.
+        let spec = Specialization {
+            dk: 128,
+            dv: 128,
+            kv_tile: 8,
+            smem4: 100,
+            rows,
+            few_rows: false,
+        };
+        let constants: naga::back::PipelineConstants = if id.specialized() {
+            spec.constants()
+                .iter()
+                .map(|(name, value)| (name.to_string(), *value))
+                .collect()
+        } else {
+            Default::default()
+        };
+        let (m, _) = naga::back::pipeline_constants::process_overrides(
+            &m,
+            &info,
+            Some((naga::ShaderStage::Compute, "main")),
+            &constants,
+        )
+        .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
+        let bytes: u32 = m
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
+            .sum();
+        let smem = if id.specialized() { 16 * spec.smem4 } else { 0 };
+        // With subgroups the attention core declares no reduction arrays (red_max, red_sum:
+        // one f32 per invocation each); the budget counts them anyway.
+        let budget = id.fixed_workgroup_bytes(rows) + smem;
+        let shared = if subgroups && id.attention_core() {
+            2 * 4 * 8 * rows
+        } else {
+            0
+        };
+        assert_eq!(
+            bytes + shared,
+            budget,
+            "{} rows {rows} subgroups {subgroups}",
+            id.name()
+        );
     }
 }
 

@@ -5,8 +5,9 @@
 
 // One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
 // accumulation reads four probabilities of a row with one load.
-var<workgroup> scores: array<vec4<f32>, 256>;
+var<workgroup> scores: array<vec4<f32>, SCORES4>;
 const KT4: u32 = KT_MAX / 4u;
+override SCORES4: u32 = ROWS * KT4;
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and

@@ -11,8 +11,11 @@
 @group(0) @binding(1) var<storage, read> q: array<in_s>;  // [B, Tq, Hq, Dk]
 @group(0) @binding(2) var<storage, read> k: array<in_s>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
 
-const WG: u32 = 128u;          // invocations per workgroup
-const ROWS: u32 = 16u;         // query rows per workgroup
+// Query rows per workgroup, and 8 invocations per row: 16 rows (128 invocations), or 32
+// (256) for the wide attention steps of long prefills, whose key tiles then serve twice the
+// rows (Rust's `Specialization::rows`).
+override ROWS: u32;
+override WG: u32 = 8u * ROWS;
 
 // Head sizes, keys per tile and the vec4s of `smem`, set per shape and adapter when the
 // pipeline is created (Rust's `Specialization`), so that the loops over head dimensions and
@@ -73,7 +76,8 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
     }
 }
 
-// vec4s one invocation loads per tile at most: SMEM4_MAX / WG (Rust's `SMEM4_MAX`).
+// vec4s one invocation loads per tile at most: SMEM4_MAX / 128 (Rust's `SMEM4_MAX`; the
+// fewest invocations a workgroup has).
 const LOADS: u32 = 20u;
 
 // One invocation's share of a tile between fetch_tile and store_tile: the loads stay in

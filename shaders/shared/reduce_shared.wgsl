@@ -2,8 +2,8 @@
 // workgroup memory: the fallback where the adapter has no subgroup operations. The same
 // functions, with the same contract, live in reduce_subgroup.wgsl.
 
-var<workgroup> red_max: array<f32, 128>;   // per-invocation partial max
-var<workgroup> red_sum: array<f32, 128>;   // per-invocation partial sum
+var<workgroup> red_max: array<f32, WG>;   // per-invocation partial max
+var<workgroup> red_sum: array<f32, WG>;   // per-invocation partial sum
 
 // The largest `v` among the row's 8 invocations. Contains a barrier: call it from uniform
 // control flow.
