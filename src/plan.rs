@@ -185,9 +185,9 @@ pub struct Plan {
     /// Workgroups per (query, kv head) in the attention kernels (`ceil(G / 16)`).
     pub head_chunks: u32,
     /// Keys per tile of the wide attention steps ([`WIDE_ROWS`] query rows, 256
-    /// invocations); 0 where none runs wide: the adapter allows fewer than 256 invocations
-    /// per workgroup, or its workgroup memory holds fewer than [`WIDE_MIN_KEYS`] keys per
-    /// tile beside 32 query rows (large heads).
+    /// invocations): [`WIDE_KEYS`], or 0 where none runs wide: the adapter allows fewer than
+    /// 256 invocations per workgroup, or its workgroup memory holds fewer than [`WIDE_KEYS`]
+    /// keys per tile beside 32 query rows (large heads).
     pub wide_kv_tile: u32,
     /// The dispatches, in dataflow order.
     pub steps: Vec<Step>,
@@ -216,9 +216,11 @@ pub const RAGGED_MAX: usize = 64;
 /// Query rows one attention workgroup owns (`ROWS` in `shaders/shared/qk.wgsl`), except in
 /// wide steps ([`WIDE_ROWS`]).
 pub const ROWS_PER_WORKGROUP: usize = ROWS as usize;
-/// The fewest keys per tile a wide step may have: with fewer, the 16-row kernel's longer
-/// tiles are the better choice.
-pub const WIDE_MIN_KEYS: u32 = 32;
+/// Keys per tile of the wide steps, where the workgroup memory holds them beside 32 query
+/// rows (else no step runs wide). The wide kernels declare only what 32 keys need (42.6 KiB
+/// at D = 128), so that five workgroups share an H200 multiprocessor; with the largest tile
+/// that fits 48 KiB (42 keys) four did, and 16k dense attention took 304.6 ms against 254.0.
+pub const WIDE_KEYS: u32 = 32;
 /// Queries a chunk needs for wide steps: decode steps and short chunks keep 16 rows (and
 /// split each row group's keys over more workgroups instead).
 const WIDE_MIN_QUERIES: usize = 16;
@@ -266,8 +268,7 @@ struct Chunk {
 /// of 8) as fit the `smem` buffer the adapter's workgroup memory allows ([`smem_vec4s`])
 /// after the queries (`rows` rows of Dk), at most `KT_MAX`; an error when not even one fits.
 fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32) -> Result<u32> {
-    let d4 = s.dk.max(s.dv).div_ceil(4);
-    let stride = if d4 % 8 == 0 { d4 } else { d4 | 1 };
+    let stride = tile_stride(s);
     let queries = rows as usize * s.dk.div_ceil(4);
     let smem4 = smem_vec4s(limits.workgroup_storage, rows) as usize;
     if smem4 < queries + stride {
@@ -280,13 +281,23 @@ fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32) -> Result<u32> {
     Ok(((smem4 - queries) / stride).min(KT_MAX) as u32)
 }
 
+/// vec4s per tile row (`tile_stride()` in `shaders/shared/qk.wgsl`).
+fn tile_stride(s: &Shape) -> usize {
+    let d4 = s.dk.max(s.dv).div_ceil(4);
+    if d4 % 8 == 0 {
+        d4
+    } else {
+        d4 | 1
+    }
+}
+
 /// Keys per tile of the wide steps ([`Plan::wide_kv_tile`]), 0 for none.
 fn wide_kv_tile(s: &Shape, limits: &DeviceLimits) -> u32 {
     if limits.max_invocations < 8 * WIDE_ROWS {
         return 0;
     }
     match kv_tile(s, limits, WIDE_ROWS) {
-        Ok(kt) if kt >= WIDE_MIN_KEYS => kt,
+        Ok(kt) if kt >= WIDE_KEYS => WIDE_KEYS,
         _ => 0,
     }
 }
@@ -314,11 +325,19 @@ impl Plan {
     /// The shape constants its kernels of `rows` query rows per workgroup (a [`Step`]'s
     /// `rows`) are compiled for.
     pub fn specialization(&self, rows: u32) -> Specialization {
+        let wide = rows == WIDE_ROWS;
         Specialization {
             dk: self.shape.dk as u32,
             dv: self.shape.dv as u32,
-            kv_tile: self.core(rows == WIDE_ROWS).kv_tile,
-            smem4: smem_vec4s(self.limits.workgroup_storage, rows),
+            kv_tile: self.core(wide).kv_tile,
+            // The wide kernels' buffer holds exactly the queries and one tile (see
+            // WIDE_KEYS); the others' as much as the adapter allows.
+            smem4: if wide {
+                (rows as usize * self.shape.dk.div_ceil(4)
+                    + WIDE_KEYS as usize * tile_stride(&self.shape)) as u32
+            } else {
+                smem_vec4s(self.limits.workgroup_storage, rows)
+            },
             rows,
             // The fewest heads a workgroup owns: the group's last chunk of `rows`.
             few_rows: (self.shape.group() - 1) % (rows as usize) < 4,

@@ -434,12 +434,12 @@ fn long_chunks_run_compressed_window_and_dense_attention_wide() {
             })
             .collect()
     };
-    // G = 16 at D = 128: two queries per wide workgroup, 42 keys per tile (64 at 16 rows).
+    // G = 16 at D = 128: two queries per wide workgroup, 32 keys per tile (64 at 16 rows).
     let shape = Shape::prefill(1, 4096, 64, 4, 128, 128);
     let plan = Plan::new(&NsaConfig::default(), &shape, &h200).unwrap();
-    assert_eq!((plan.kv_tile, plan.wide_kv_tile), (64, 42));
-    assert_eq!(rows_of(&plan, CmpAttn), [(32, 2, 1, 42)]);
-    assert_eq!(rows_of(&plan, WinAttn), [(32, 2, 1, 42)]);
+    assert_eq!((plan.kv_tile, plan.wide_kv_tile), (64, 32));
+    assert_eq!(rows_of(&plan, CmpAttn), [(32, 2, 1, 32)]);
+    assert_eq!(rows_of(&plan, WinAttn), [(32, 2, 1, 32)]);
     // Selected attention keeps one query per workgroup, the selection 16 heads per pass.
     assert_eq!(rows_of(&plan, SlcAttn), [(16, 1, 1, 64)]);
     assert_eq!(rows_of(&plan, Select)[0].0, 16);
@@ -448,7 +448,10 @@ fn long_chunks_run_compressed_window_and_dense_attention_wide() {
     let cmp = plan.steps.iter().find(|s| s.kernel == CmpAttn).unwrap();
     assert_eq!(cmp.params.total_wg, 4096 / 2 * 4);
     let spec = plan.specialization(32);
-    assert_eq!((spec.rows, spec.kv_tile, spec.smem4), (32, 42, 2392));
+    // Its buffer holds 32 rows of queries and 32 keys exactly (2048 vec4s; the adapter would
+    // allow 2392), the 16-row kernels' as much as fits.
+    assert_eq!((spec.rows, spec.kv_tile, spec.smem4), (32, 32, 2048));
+    assert_eq!(plan.specialization(16).smem4, 2560);
     // G = 64: one query of 32 heads per workgroup, two workgroups per query.
     let g64 = Plan::new(
         &NsaConfig::default(),
@@ -456,10 +459,10 @@ fn long_chunks_run_compressed_window_and_dense_attention_wide() {
         &h200,
     )
     .unwrap();
-    assert_eq!(rows_of(&g64, WinAttn), [(32, 1, 2, 64)]);
+    assert_eq!(rows_of(&g64, WinAttn), [(32, 1, 2, 32)]);
     assert_eq!(rows_of(&g64, SlcAttn), [(16, 1, 4, 64)]);
     let dense = Plan::dense(&shape, None, &h200).unwrap();
-    assert_eq!(rows_of(&dense, Dense), [(32, 2, 1, 42)]);
+    assert_eq!(rows_of(&dense, Dense), [(32, 2, 1, 32)]);
     // A decode step (one query) and chunks of fewer than 16 queries stay at 16 rows.
     for tq in [1, 15] {
         let short = Shape { tq, ..shape };
