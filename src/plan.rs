@@ -182,8 +182,6 @@ pub struct Plan {
     pub n_cmp: usize,
     /// Keys per tile in the attention kernels.
     pub kv_tile: u32,
-    /// Workgroups per (query, kv head) in the attention kernels (`ceil(G / 16)`).
-    pub head_chunks: u32,
     /// Keys per tile of the wide attention steps ([`WIDE_ROWS`] query rows, 256
     /// invocations): [`WIDE_KEYS`], or 0 where none runs wide: the adapter allows fewer than
     /// 256 invocations per workgroup, or its workgroup memory holds fewer than [`WIDE_KEYS`]
@@ -213,9 +211,6 @@ pub struct Plan {
 /// `shaders/shared/params.wgsl`.
 pub const RAGGED_MAX: usize = 64;
 
-/// Query rows one attention workgroup owns (`ROWS` in `shaders/shared/qk.wgsl`), except in
-/// wide steps ([`WIDE_ROWS`]).
-pub const ROWS_PER_WORKGROUP: usize = ROWS as usize;
 /// Keys per tile of the wide steps, where the workgroup memory holds them beside 32 query
 /// rows (else no step runs wide). The wide kernels declare only what 32 keys need (42.6 KiB
 /// at D = 128), so that five workgroups share an H200 multiprocessor; with the largest tile
@@ -454,13 +449,11 @@ impl Plan {
         }
         let n_cmp = config.num_compressed(s.tk);
         let kv_tile = kv_tile(&s, limits, ROWS)?;
-        let head_chunks = s.group().div_ceil(ROWS_PER_WORKGROUP) as u32;
         let mut plan = Plan {
             config: *config,
             shape: s,
             n_cmp,
             kv_tile,
-            head_chunks,
             wide_kv_tile: wide_kv_tile(&s, limits),
             steps: Vec::new(),
             limits: *limits,
@@ -520,7 +513,6 @@ impl Plan {
             shape: *shape,
             n_cmp: 0,
             kv_tile: kv_tile(shape, limits, ROWS)?,
-            head_chunks: shape.group().div_ceil(ROWS_PER_WORKGROUP) as u32,
             wide_kv_tile: wide_kv_tile(shape, limits),
             steps: Vec::new(),
             limits: *limits,
@@ -683,7 +675,7 @@ impl Plan {
             n_cmp: self.n_cmp as u32,
             scale: c.scale_for(s.dk),
             linear: (c.compression == Compression::Linear) as u32,
-            head_chunks: self.head_chunks,
+            head_chunks: self.core(false).head_chunks,
             kv_tile: self.kv_tile,
             k_stride: self.k_stride() as u32,
             c_stride: self.c_stride() as u32,
@@ -782,7 +774,7 @@ impl Plan {
             ));
         }
         let row = (s.hq * s.dk.max(s.dv).max(3)).max(s.hkv * self.config.top_n) as u64;
-        let wg_row = (s.hkv as u64) * self.head_chunks as u64;
+        let wg_row = (s.hkv as u64) * self.core(false).head_chunks as u64;
         // Chunks small enough that compressed attention can keep its scores for the
         // selection, unless that takes chunks of fewer than KEEP_MIN_ROWS rows.
         let keep_rows = self.kept_budget() / (s.hq * self.n_cmp.next_multiple_of(4)).max(1) as u64;
@@ -941,7 +933,7 @@ impl Plan {
                 kv_tile: core.kv_tile,
                 ..base
             };
-            let slc_total = nrows * hkv * self.head_chunks as u64;
+            let slc_total = nrows * hkv * self.core(false).head_chunks as u64;
             let slc = Params {
                 total_wg: slc_total as u32,
                 q_block: 1,

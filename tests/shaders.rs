@@ -27,6 +27,41 @@ fn module_for(
     )
 }
 
+/// `m` with `spec`'s overrides applied, as a pipeline compiles it (a kernel without
+/// [`Specialization`] overrides gets none).
+fn specialize(
+    id: KernelId,
+    m: &naga::Module,
+    info: &naga::valid::ModuleInfo,
+    spec: &Specialization,
+) -> (naga::Module, naga::valid::ModuleInfo) {
+    let constants: naga::back::PipelineConstants = if id.specialized() {
+        spec.constants()
+            .iter()
+            .map(|(name, value)| (name.to_string(), *value))
+            .collect()
+    } else {
+        Default::default()
+    };
+    let (m, info) = naga::back::pipeline_constants::process_overrides(
+        m,
+        info,
+        Some((naga::ShaderStage::Compute, "main")),
+        &constants,
+    )
+    .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
+    (m.into_owned(), info.into_owned())
+}
+
+/// The bytes of every workgroup array of a specialized module.
+fn workgroup_bytes(m: &naga::Module) -> u32 {
+    m.global_variables
+        .iter()
+        .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
+        .sum()
+}
+
 /// Compressed attention and the selection also compile with kept scores.
 fn keeps(id: KernelId) -> bool {
     matches!(id, KernelId::CmpAttn | KernelId::Select)
@@ -119,22 +154,8 @@ fn shaders_translate_to_spirv_msl_hlsl() {
             kept,
         };
         let (m, info) = module_variant(id.name(), &variant);
-        let constants: naga::back::PipelineConstants = if id.specialized() {
-            spec.constants()
-                .iter()
-                .map(|(name, value)| (name.to_string(), *value))
-                .collect()
-        } else {
-            Default::default()
-        };
-        let (m, info) = naga::back::pipeline_constants::process_overrides(
-            &m,
-            &info,
-            Some((naga::ShaderStage::Compute, "main")),
-            &constants,
-        )
-        .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
-        let (m, info) = (m.as_ref(), info.as_ref());
+        let (m, info) = specialize(id, &m, &info, &spec);
+        let (m, info) = (&m, &info);
         spv::write_vec(m, info, &spv::Options::default(), None)
             .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
         let pipeline = msl::PipelineOptions::default();
@@ -253,27 +274,7 @@ fn workgroup_memory_matches_the_declared_budget() {
             rows,
             few_rows: false,
         };
-        let constants: naga::back::PipelineConstants = if id.specialized() {
-            spec.constants()
-                .iter()
-                .map(|(name, value)| (name.to_string(), *value))
-                .collect()
-        } else {
-            Default::default()
-        };
-        let (m, _) = naga::back::pipeline_constants::process_overrides(
-            &m,
-            &info,
-            Some((naga::ShaderStage::Compute, "main")),
-            &constants,
-        )
-        .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
-        let bytes: u32 = m
-            .global_variables
-            .iter()
-            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-            .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
-            .sum();
+        let bytes = workgroup_bytes(&specialize(id, &m, &info, &spec).0);
         let smem = if id.specialized() { 16 * spec.smem4 } else { 0 };
         // With subgroups the attention core declares no reduction arrays (red_max, red_sum:
         // one f32 per invocation each); the budget counts them anyway.
@@ -330,25 +331,9 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         ] {
             let spec = mma_specialization(dk, dv, limit).expect("fits");
             assert_eq!(spec.kv_tile % 16, 0);
-            let constants: naga::back::PipelineConstants = spec
-                .constants()
-                .iter()
-                .map(|(name, value)| (name.to_string(), *value))
-                .collect();
-            let (m, info) = naga::back::pipeline_constants::process_overrides(
-                &module,
-                &info,
-                Some((naga::ShaderStage::Compute, "main")),
-                &constants,
-            )
-            .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
+            let (m, info) = specialize(id, &module, &info, &spec);
             // Every workgroup array, as sized for this specialization, within the budget.
-            let bytes: u32 = m
-                .global_variables
-                .iter()
-                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-                .map(|(_, g)| m.types[g.ty].inner.size(m.to_ctx()))
-                .sum();
+            let bytes = workgroup_bytes(&m);
             assert!(
                 bytes <= mma_workgroup_bytes(dk, dv, spec.kv_tile) && bytes <= limit,
                 "{} {spec:?}: {bytes} bytes",
