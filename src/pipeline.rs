@@ -434,7 +434,8 @@ impl NsaPipeline {
             compiled: Mutex::new(HashMap::new()),
             f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
             subgroups: subgroups_usable(ctx),
-            tensor_cores: tensor_cores_usable(ctx),
+            // Opt-in (see Self::tensor_cores).
+            tensor_cores: false,
             bounds_checks: false,
             limits: device_limits(&lim),
             dummy,
@@ -881,9 +882,12 @@ impl NsaPipeline {
     }
 
     /// Whether attention on f16-stored inputs runs on tensor cores: 16x16x16 cooperative
-    /// matrices with f16 operands and f32 accumulation (probabilities round to f16). The
-    /// default where the device has them ([`GpuContext::coop_f16`]) and subgroup
-    /// reductions are on; f32 inputs always run on the shader cores.
+    /// matrices with f16 operands and f32 accumulation (probabilities round to f16), where
+    /// [`Self::set_tensor_cores`] asked for them, the device has them
+    /// ([`GpuContext::coop_f16`]) and subgroup reductions are on; f32 inputs always run on
+    /// the shader cores. Off by default: on an H200 the tensor-core kernels (16 rows per
+    /// workgroup) were slower than the shader cores' (f16 prefill at 8k 61.9 against 57.2
+    /// ms, selected attention at 64k 453.6 against 421.8 ms).
     pub fn tensor_cores(&self) -> bool {
         self.tensor_cores && self.subgroups
     }

@@ -665,6 +665,20 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
     let Some(pipe) = f16_pipeline() else {
         return;
     };
+    check_f16(pipe);
+    match common::tensor_core_pipeline() {
+        Some(tensor_cores) => check_f16(tensor_cores),
+        None => eprintln!("no tensor cores for f16: the tensor-core core is not exercised here"),
+    }
+}
+
+/// The f16 cases on `pipe` (shader cores, or tensor cores where it has them on).
+fn check_f16(pipe: &NsaPipeline) {
+    let core = if pipe.tensor_cores() {
+        "tensor cores"
+    } else {
+        "shader cores"
+    };
     let round =
         |x: &[f32]| -> Vec<f32> { x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect() };
     for (name, cfg, shape) in [
@@ -728,14 +742,17 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
         let rows = idx.len() / n;
         assert!(
             same * 100 >= rows * 95,
-            "{name}: only {same} of {rows} selections match"
+            "{name} ({core}): only {same} of {rows} selections match"
         );
-        assert!(worst <= 1e-2, "{name}: max abs error {worst:.3e} on out");
+        assert!(
+            worst <= 1e-2,
+            "{name} ({core}): max abs error {worst:.3e} on out"
+        );
         assert!(
             got.out.iter().all(|x| x.is_finite()),
-            "{name}: non-finite output"
+            "{name} ({core}): non-finite output"
         );
-        // Dense attention at f16 (on tensor cores where the adapter has them).
+        // Dense attention at f16 (on tensor cores where `pipe` has them on).
         let dense = pipe
             .dense_attention_with(
                 &shape,
@@ -748,7 +765,7 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
             .block_on()
             .expect("f16 dense");
         let want = cpu::dense_attn::dense_attn(&shape, cfg.scale_for(shape.dk), &q, &k, &v);
-        assert_close(&format!("{name} dense"), &dense, &want, 1e-2);
+        assert_close(&format!("{name} ({core}) dense"), &dense, &want, 1e-2);
     }
 }
 

@@ -19,6 +19,17 @@ pub fn fallback_pipeline() -> &'static nsa_wgpu::NsaPipeline {
     PIPE.get_or_init(|| make_pipeline(false))
 }
 
+/// A third pipeline with the tensor-core attention core (opt-in) for f16 inputs, where the
+/// adapter has it (the H200; not lavapipe).
+pub fn tensor_core_pipeline() -> Option<&'static nsa_wgpu::NsaPipeline> {
+    static PIPE: std::sync::OnceLock<Option<nsa_wgpu::NsaPipeline>> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let mut pipe = make_pipeline(true);
+        pipe.set_tensor_cores(true).then_some(pipe)
+    })
+    .as_ref()
+}
+
 fn make_pipeline(subgroups: bool) -> nsa_wgpu::NsaPipeline {
     let ctx =
         pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
