@@ -25,8 +25,8 @@ pub struct GpuContext {
     pub adapter_info: wgpu::AdapterInfo,
     /// Whether the device was created with `EXPERIMENTAL_COOPERATIVE_MATRIX` on an adapter
     /// that multiplies 16x16x16 cooperative matrices of f16 into f32 (tensor cores): the
-    /// attention core then runs on them for f16-stored inputs (see
-    /// [`NsaPipeline::tensor_cores`]). [`GpuContext::new`] finds out; with
+    /// attention core can then run on them for f16-stored inputs (opt-in, see
+    /// [`NsaPipeline::set_tensor_cores`]). [`GpuContext::new`] finds out; with
     /// [`GpuContext::from_device`] it is `false` unless the caller sets it.
     pub coop_f16: bool,
 }
@@ -1097,7 +1097,8 @@ impl NsaPipeline {
     }
 
     /// [`Self::dense_attention`] with `q`, `k`, `v` stored on the GPU at `precision`
-    /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`]; values
+    /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`] and a
+    /// workgroup has 16 rows; values
     /// beyond f16's range are [`NsaError::OutOfRange`]).
     pub async fn dense_attention_with(
         &self,
