@@ -19,10 +19,12 @@
 
 const KT_MAX: u32 = 64u;   // tokens per tile at most
 const PBUF: u32 = 512u;    // compressed tokens one chunk may overlap
-const BCHUNK: u32 = 128u;  // blocks per chunk at most (== WG: compiled with ROWS = 16)
+const BCHUNK: u32 = 128u;  // blocks per chunk at most (<= WG)
 
-var<workgroup> partial: array<f32, 256>;        // [4, KT_MAX]: p summed over 4 heads; then
-                                                // the blocks entering the list (see main)
+// [ROWS / 4, KT_MAX]: p summed over 4 heads; also two f32 per invocation (load_lse), and the
+// blocks entering the list (see main)
+var<workgroup> partial: array<f32, PARTIAL_LEN>;
+override PARTIAL_LEN: u32 = max(ROWS / 4u * KT_MAX, 2u * BCHUNK);
 var<workgroup> lse_s: array<f32, ROWS>;
 var<workgroup> pbuf: array<f32, PBUF>;          // group-summed p_cmp of the chunk's tokens
 var<workgroup> bscore: array<f32, BCHUNK>;      // chunk block scores, -1 for forced blocks

@@ -174,7 +174,7 @@ impl KernelId {
         match self {
             KernelId::Compress => 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists, entering
-            KernelId::Select => (256 + rows + 512 + 128 + 4 * 256 + 1) * 4,
+            KernelId::Select => ((16 * rows).max(256) + rows + 512 + 128 + 4 * 256 + 1) * 4,
             // split_m, split_l, weight, stat_m, stat_l (three parts each)
             KernelId::Merge => 5 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
