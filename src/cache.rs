@@ -52,16 +52,26 @@ pub struct NsaCache {
     compressed: [wgpu::Buffer; 2],
     linear: Option<[wgpu::Buffer; 4]>,
     compressed_tokens: u64,
-    /// Per plan of one `extend` call that computes rows: the buffers of its queries, gates and
-    /// outputs, kept for the next call (a decode loop; see `fit_io` for when they are
+    /// What the last `extend` call's plans that compute rows leave to the next call's, in
+    /// order (a decode loop then allocates nothing per step).
+    rows_kept: Vec<RowsKept>,
+    /// The scratches of the last call's compression-only plans, in order, for the next
+    /// call's to refit.
+    compress_kept: Vec<Option<crate::NsaScratch>>,
+}
+
+/// What a cache keeps of one plan that computes rows, for the plan in the same place of its
+/// next `extend` call.
+#[derive(Debug, Default)]
+struct RowsKept {
+    /// The buffers of the plan's queries, gates and outputs (see `fit_io` for when they are
     /// replaced).
-    io: Vec<[wgpu::Buffer; 3]>,
-    /// The scratches of the last call's plans, by kind (compression only, rows) and order,
-    /// which the next call refits to its plans (`NsaPipeline::refit_scratch`): a decode
-    /// step then allocates no intermediate buffers and mostly reuses its bind groups.
-    scratch: [Vec<Option<crate::NsaScratch>>; 2],
-    /// Per plan that computes rows, the last call's readback buffers, for the next call.
-    readback: Vec<Vec<wgpu::Buffer>>,
+    io: Option<[wgpu::Buffer; 3]>,
+    /// Its readback buffers (`stage_readback_ranges` reuses those of equal size).
+    readback: Vec<wgpu::Buffer>,
+    /// Its scratch, which the next plan refits (`NsaPipeline::refit_scratch`): a decode step
+    /// then allocates no intermediate buffers and mostly reuses its bind groups.
+    scratch: Option<crate::NsaScratch>,
 }
 
 /// One plan of an `extend` call.
@@ -162,9 +172,8 @@ impl NsaCache {
             compressed,
             linear,
             compressed_tokens: 0,
-            io: Vec::new(),
-            scratch: [Vec::new(), Vec::new()],
-            readback: Vec::new(),
+            rows_kept: Vec::new(),
+            compress_kept: Vec::new(),
         })
     }
 
@@ -293,7 +302,10 @@ impl NsaCache {
         self.compressed = compressed;
         self.capacity = new_cap;
         // The kept scratches' bind groups hold the old buffers alive: let both go.
-        self.scratch = [Vec::new(), Vec::new()];
+        self.compress_kept.clear();
+        for kept in &mut self.rows_kept {
+            kept.scratch = None;
+        }
         Ok(())
     }
 }
@@ -542,27 +554,34 @@ impl NsaPipeline {
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
             }
-            // This plan's place among the call's plans of its kind: which kept scratch, and
-            // for rows, which kept I/O and readback buffers, it takes.
-            let kind = rows_out as usize;
-            let j = nth[kind];
-            nth[kind] += 1;
-            let old = cache.scratch[kind].get_mut(j).and_then(Option::take);
+            // This plan's place among the call's plans of its kind: what it takes of the kept
+            // plan in the same place (a scratch; for rows, also I/O and readback buffers).
+            let j = nth[rows_out as usize];
+            nth[rows_out as usize] += 1;
+            let mut old_readback = Vec::new();
+            let old = if rows_out {
+                if cache.rows_kept.len() <= j {
+                    cache.rows_kept.resize_with(j + 1, RowsKept::default);
+                }
+                old_readback = std::mem::take(&mut cache.rows_kept[j].readback);
+                cache.rows_kept[j].scratch.take()
+            } else {
+                cache.compress_kept.get_mut(j).and_then(Option::take)
+            };
             let scratch = self.refit_scratch(old, &plan)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
             // before the commands run); compressing binds none of them.
             let (q, g, out) = if rows_out {
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
-                fit_io(device, &mut cache.io, j, sizes);
+                let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
                 let cs = &chunks[group.clone()];
                 let rows: [Vec<&[f32]>; 2] = [
                     cs.iter().map(|c| c.q).collect(),
                     cs.iter().map(|c| c.gates).collect(),
                 ];
-                for (buf, r) in cache.io[j].iter().zip(rows.iter()) {
+                for (buf, r) in b.iter().zip(rows.iter()) {
                     upload_rows(&ctx.queue, buf, r)?;
                 }
-                let b = &cache.io[j];
                 (&b[0], &b[1], &b[2])
             } else {
                 let p = self.placeholder();
@@ -611,9 +630,7 @@ impl NsaPipeline {
             if request.branches {
                 wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
             }
-            let old = cache.readback.get_mut(j).map(std::mem::take);
-            let staging =
-                stage_readback_ranges(device, &mut encoder, &wanted, old.unwrap_or_default());
+            let staging = stage_readback_ranges(device, &mut encoder, &wanted, old_readback);
             kept.push((staging, scratch, nb));
         }
         let stamps = timer.map(|(t, _)| t.resolve(ctx, &mut encoder, timed.len()));
@@ -676,24 +693,24 @@ impl NsaPipeline {
         // taken; not those of a long chunk (its kept scores take up to the plan's budget).
         let mut nth = [0usize; 2];
         for (staging, scratch, nb) in kept {
-            let kind = (nb > 0) as usize;
+            let scratch = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
             if nb > 0 {
-                if cache.readback.len() <= nth[1] {
-                    cache.readback.resize_with(nth[1] + 1, Vec::new);
-                }
+                // Its place exists: the plan took its I/O buffers there.
+                let slot = &mut cache.rows_kept[nth[1]];
                 let bytes: u64 = staging.iter().map(|b| b.size()).sum();
-                cache.readback[nth[1]] = if bytes <= KEEP_SCRATCH_BYTES {
-                    staging
-                } else {
-                    Vec::new()
-                };
+                if bytes <= KEEP_SCRATCH_BYTES {
+                    slot.readback = staging;
+                }
+                slot.scratch = scratch;
+                nth[1] += 1;
+            } else {
+                let pool = &mut cache.compress_kept;
+                if pool.len() <= nth[0] {
+                    pool.resize_with(nth[0] + 1, || None);
+                }
+                pool[nth[0]] = scratch;
+                nth[0] += 1;
             }
-            let pool = &mut cache.scratch[kind];
-            if pool.len() <= nth[kind] {
-                pool.resize_with(nth[kind] + 1, || None);
-            }
-            pool[nth[kind]] = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
-            nth[kind] += 1;
         }
         Ok((results, ms))
     }
@@ -793,10 +810,15 @@ impl NsaPipeline {
     }
 }
 
-/// Makes `io[j]` hold buffers of at least `sizes` bytes (queries, gates, outputs): kept
-/// while large enough and not more than four times too large (so a long prefill's buffers do
-/// not stay for the decode steps after it), else replaced by buffers of exactly that size.
-fn fit_io(device: &wgpu::Device, io: &mut Vec<[wgpu::Buffer; 3]>, j: usize, sizes: [u64; 3]) {
+/// Makes `io` hold buffers of at least `sizes` bytes (queries, gates, outputs), and returns
+/// them: kept while large enough and not more than four times too large (so a long
+/// prefill's buffers do not stay for the decode steps after it), else replaced by buffers of
+/// exactly that size.
+fn fit_io<'a>(
+    device: &wgpu::Device,
+    io: &'a mut Option<[wgpu::Buffer; 3]>,
+    sizes: [u64; 3],
+) -> &'a [wgpu::Buffer; 3] {
     let make = |i: usize| {
         device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(["nsa.extend.q", "nsa.extend.gates", "nsa.extend.out"][i]),
@@ -805,15 +827,13 @@ fn fit_io(device: &wgpu::Device, io: &mut Vec<[wgpu::Buffer; 3]>, j: usize, size
             mapped_at_creation: false,
         })
     };
-    if io.len() <= j {
-        io.push([0, 1, 2].map(make));
-        return;
-    }
-    for (i, buf) in io[j].iter_mut().enumerate() {
+    let bufs = io.get_or_insert_with(|| [0, 1, 2].map(make));
+    for (i, buf) in bufs.iter_mut().enumerate() {
         if !reusable(buf.size(), sizes[i].max(16)) {
             *buf = make(i);
         }
     }
+    bufs
 }
 
 /// Queues `rows` (one slice per sequence) to be written one after another at the start of
