@@ -243,6 +243,23 @@ impl NsaCache {
         self.compressed_tokens
     }
 
+    /// Bytes of the GPU buffers the cache keeps between `extend` calls besides its keys and
+    /// values: the last call's query, gate and output buffers, readback buffers and
+    /// scratches (none of more than 256 MiB), which the next call reuses where they fit.
+    /// [`Self::reserve`] lets the scratches go.
+    pub fn kept_bytes(&self) -> u64 {
+        let scratch = |s: &Option<crate::NsaScratch>| s.as_ref().map_or(0, |s| s.bytes());
+        let rows: u64 = self
+            .rows_kept
+            .iter()
+            .map(|k| {
+                let buffers = k.io.iter().flatten().chain(&k.readback);
+                buffers.map(|b| b.size()).sum::<u64>() + scratch(&k.scratch)
+            })
+            .sum();
+        rows + self.compress_kept.iter().map(scratch).sum::<u64>()
+    }
+
     /// Grows every sequence's reservation to at least `rows` (up to `max_capacity`), copying
     /// what is cached.
     pub fn reserve(&mut self, pipe: &NsaPipeline, rows: usize) -> Result<()> {

@@ -384,6 +384,33 @@ fn append_then_decode_equals_prefill() {
     assert_eq!(cache.compressed_tokens(), cfg.num_compressed(s.tk) as u64);
 }
 
+#[test]
+fn a_cache_keeps_its_step_buffers_until_it_grows() {
+    let pipe = pipeline();
+    let cfg = small();
+    let s = Shape::prefill(1, 140, 4, 2, 8, 8);
+    let data = Data::new(&cfg, &s, false, 31);
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 128, false), None).unwrap();
+    assert_eq!(cache.kept_bytes(), 0);
+    append_context(&mut cache, &data, &s, 100);
+    for t in 100..104 {
+        decode_step(&mut cache, &data, &s, t, OutputRequest::all());
+    }
+    let kept = cache.kept_bytes();
+    assert!(kept > 0);
+    // Growing the cache lets the scratches go (their bind groups hold the old key buffers);
+    // the query, gate, output and readback buffers stay for the next step.
+    cache.reserve(pipe, 140).unwrap();
+    let after = cache.kept_bytes();
+    assert!(
+        after > 0 && after < kept,
+        "{after} bytes kept after growing, {kept} before"
+    );
+    let r = decode_step(&mut cache, &data, &s, 104, OutputRequest::default());
+    assert!(r.out.iter().all(|x| x.is_finite()));
+    assert!(cache.kept_bytes() > after);
+}
+
 /// One chunk per sequence of `owned` ([q, k, v, gates] rows): the keys and values of
 /// positions `kv` (the whole sequence's rows), with the queries and gates when `attend`.
 fn seq_chunks<'a>(
