@@ -159,7 +159,10 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         uniform_align: limits.min_uniform_buffer_offset_alignment as u64,
         max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
         workgroup_storage: limits.max_compute_workgroup_storage_size,
-        max_invocations: limits.max_compute_invocations_per_workgroup,
+        // Workgroups are one-dimensional.
+        max_invocations: limits
+            .max_compute_invocations_per_workgroup
+            .min(limits.max_compute_workgroup_size_x),
         kept_scores: DEFAULT_KEPT_SCORES,
     }
 }
@@ -402,11 +405,12 @@ impl NsaPipeline {
                 });
             }
         }
-        if lim.max_compute_invocations_per_workgroup < 128 {
+        let one_dim = device_limits(&lim).max_invocations;
+        if one_dim < 128 {
             return Err(NsaError::ExceedsLimit {
-                what: "max_compute_invocations_per_workgroup",
+                what: "max_compute_invocations_per_workgroup (or max_compute_workgroup_size_x)",
                 needed: 128,
-                limit: lim.max_compute_invocations_per_workgroup as u64,
+                limit: one_dim as u64,
             });
         }
         let scope = ctx.device.push_error_scope(wgpu::ErrorFilter::Validation);

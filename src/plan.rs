@@ -28,7 +28,8 @@ pub struct DeviceLimits {
     pub max_workgroups_per_dim: u32,
     /// `max_compute_workgroup_storage_size`: sizes the attention tiles.
     pub workgroup_storage: u32,
-    /// `max_compute_invocations_per_workgroup`: at least 256 for wide attention steps.
+    /// `max_compute_invocations_per_workgroup` (and `max_compute_workgroup_size_x`: the
+    /// kernels' workgroups are one-dimensional): at least 256 for wide attention steps.
     pub max_invocations: u32,
     /// Not an adapter limit: the bytes of compressed-attention scores one chunk of a call
     /// may keep for the selection ([`DEFAULT_KEPT_SCORES`]; within a binding and a buffer).
