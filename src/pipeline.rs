@@ -252,6 +252,15 @@ fn step_windows(plan: &Plan) -> Vec<(KernelId, Vec<Window>)> {
         .collect()
 }
 
+/// Whether `kept` (from [`step_windows`]) describes `plan`'s steps, compared in place: a
+/// call that finds its bind groups allocates nothing for the check.
+fn same_steps(kept: &[(KernelId, Vec<Window>)], plan: &Plan) -> bool {
+    kept.len() == plan.steps.len()
+        && kept.iter().zip(&plan.steps).all(|((id, windows), s)| {
+            *id == s.kernel && windows.iter().eq(s.bindings.iter().map(|b| &b.1))
+        })
+}
+
 /// Calls (sets of buffers) whose bind groups a scratch keeps, e.g. rotating inputs.
 const KEPT_BIND_GROUPS: usize = 4;
 
@@ -537,7 +546,6 @@ impl NsaPipeline {
         })
     }
 
-    /// The buffer a step binds for `tensor`, checked for size and usage.
     /// A buffer to pass for tensors a plan does not bind (a cache's compression-only plans:
     /// no queries, gates or outputs).
     pub(crate) fn placeholder(&self) -> &wgpu::Buffer {
@@ -548,6 +556,7 @@ impl NsaPipeline {
         std::ptr::eq(buffer, &self.dummy) || std::ptr::eq(buffer, &self.dummy_out)
     }
 
+    /// The buffer a step binds for `tensor`, checked for size and usage.
     fn resolve<'b>(
         &'b self,
         t: Tensor,
@@ -802,10 +811,9 @@ impl NsaPipeline {
             }
         }
         let mut kept = scratch.groups.lock().unwrap_or_else(|e| e.into_inner());
-        let steps = step_windows(plan);
-        let hit = kept
-            .iter()
-            .position(|k| k.buffers.iter().eq(resolved.iter().copied()) && k.steps == steps);
+        let hit = kept.iter().position(|k| {
+            k.buffers.iter().eq(resolved.iter().copied()) && same_steps(&k.steps, plan)
+        });
         let groups = match hit {
             Some(at) => kept[at].groups.clone(),
             None => {
@@ -815,7 +823,7 @@ impl NsaPipeline {
                 }
                 kept.push(BoundGroups {
                     buffers: resolved.iter().map(|b| (*b).clone()).collect(),
-                    steps,
+                    steps: step_windows(plan),
                     groups: groups.clone(),
                 });
                 groups
@@ -1102,8 +1110,7 @@ impl NsaPipeline {
 
     /// [`Self::dense_attention`] with `q`, `k`, `v` stored on the GPU at `precision`
     /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`] and a
-    /// workgroup has 16 rows; values
-    /// beyond f16's range are [`NsaError::OutOfRange`]).
+    /// workgroup has 16 rows; values beyond f16's range are [`NsaError::OutOfRange`]).
     pub async fn dense_attention_with(
         &self,
         shape: &Shape,
