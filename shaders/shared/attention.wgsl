@@ -30,7 +30,9 @@ var<workgroup> row_alpha: array<f32, ROWS>;
 var<workgroup> row_lo: array<u32, ROWS>;
 var<workgroup> row_hi: array<u32, ROWS>;
 // The output accumulators of an invocation's two items (4 rows x 4 dims each), as plain
-// private variables rather than an indexed array, so that they stay in registers.
+// private variables rather than an indexed array, so that they stay in registers. With
+// SPLIT_KEYS (attn_simt.wgsl) the two are one item of 8 rows: acc0 its rows 0-3, acc1 its
+// rows 4-7.
 struct Acc {
     r0: vec4<f32>,
     r1: vec4<f32>,
@@ -40,8 +42,8 @@ struct Acc {
 var<private> acc0: Acc;
 var<private> acc1: Acc;
 // Whether an invocation can own two output items: only where the rows' items (4 rows x 4
-// dims each) outnumber the invocations (Dv > 128). Otherwise acc1 is compiled out, which
-// takes 16 registers per invocation (108 -> 92 on the H200).
+// dims each) outnumber the invocations (Dv > 128). Otherwise, and without SPLIT_KEYS,
+// acc1 is compiled out, which takes 16 registers per invocation (108 -> 92 on the H200).
 override TWO_ITEMS: bool = (ROWS / 4u) * ((DV + 3u) / 4u) > WG;
 // The running max and sum of row lid / 8, held alike by its 8 invocations (published to
 // row_max, row_sum by attn_finish).
@@ -185,13 +187,60 @@ fn attn_finish(lid: u32, r: Rows) {
         row_sum[lid / 8u] = run_sum;
     }
     workgroupBarrier();
-    if lid < items {
-        stage_rows(acc0, lid / dv4, lid % dv4);
-    }
-    if TWO_ITEMS && lid + WG < items {
-        stage_rows(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
+    if SPLIT_KEYS {
+        // The second half's sums of its keys join the first half's, which stages the rows.
+        let it = split_item(lid);
+        if it.later && it.rg8 * 8u < r.n {
+            raw_rows(acc0, it.rg8 * 2u, it.e);
+            raw_rows(acc1, it.rg8 * 2u + 1u, it.e);
+        }
+        workgroupBarrier();
+        if !it.later && it.rg8 * 8u < r.n {
+            stage_rows(add_raw(acc0, it.rg8 * 2u, it.e), it.rg8 * 2u, it.e);
+            stage_rows(add_raw(acc1, it.rg8 * 2u + 1u, it.e), it.rg8 * 2u + 1u, it.e);
+        }
+    } else {
+        if lid < items {
+            stage_rows(acc0, lid / dv4, lid % dv4);
+        }
+        if TWO_ITEMS && lid + WG < items {
+            stage_rows(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
+        }
     }
     workgroupBarrier();
+}
+
+// With SPLIT_KEYS: invocation lid's output item (rows 8 * rg8 .. 8 * rg8 + 7, dims 4 * e ..
+// 4 * e + 3) and whether it sums the later part of every tile's keys.
+struct SplitItem {
+    rg8: u32,
+    e: u32,
+    later: bool,
+}
+
+fn split_item(lid: u32) -> SplitItem {
+    let it = lid % (WG / 2u);
+    return SplitItem(it / dv4(), it % dv4(), lid >= WG / 2u);
+}
+
+// Stores item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) as it is, where stage_rows puts it.
+fn raw_rows(a: Acc, rg: u32, e: u32) {
+    let at = rg * 4u * dv4() + e;
+    smem[at] = a.r0;
+    smem[at + dv4()] = a.r1;
+    smem[at + 2u * dv4()] = a.r2;
+    smem[at + 3u * dv4()] = a.r3;
+}
+
+// `a` plus what raw_rows stored for the same item.
+fn add_raw(a: Acc, rg: u32, e: u32) -> Acc {
+    let at = rg * 4u * dv4() + e;
+    return Acc(
+        a.r0 + smem[at],
+        a.r1 + smem[at + dv4()],
+        a.r2 + smem[at + 2u * dv4()],
+        a.r3 + smem[at + 3u * dv4()],
+    );
 }
 
 fn stage_rows(a: Acc, rg: u32, e: u32) {

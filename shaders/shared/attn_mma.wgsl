@@ -55,6 +55,10 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
     }
 }
 
+// The tensor cores' output items are 4 rows x 4 dims, one or two per invocation, over all
+// of a tile's keys (see attn_simt.wgsl).
+const SPLIT_KEYS: bool = false;
+
 // Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
 // this tile's products from `pv`.
 fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {

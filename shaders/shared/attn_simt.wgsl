@@ -3,6 +3,13 @@
 // tiles in `smem` (see qk.wgsl). attn_mma.wgsl is the tensor-core variant with the same
 // contract.
 
+// Whether each invocation accumulates 8 rows x 4 dims over one part of every tile's keys
+// (the first or the later half; attn_finish adds the two), rather than 4 rows x 4 dims over
+// all of them: four value loads and eight probability loads then feed 128 fused
+// multiply-adds instead of 64. Where the rows' 8-row items fill at most half the
+// invocations (Dv <= 128 at 8 invocations per row).
+override SPLIT_KEYS: bool = (ROWS / 8u) * ((DV + 3u) / 4u) * 2u <= WG;
+
 // One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
 // accumulation reads four probabilities of a row with one load.
 var<workgroup> scores: array<vec4<f32>, SCORES4>;
@@ -72,10 +79,20 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         let sum = (p0.x + p0.y) + (p0.z + p0.w) + (p1.x + p1.y) + (p1.z + p1.w);
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
-        // Every item rescales and accumulates: 4 rows x 4 dims per item, at most 2 items per
-        // invocation.
+        // Every item rescales and accumulates: 8 rows x 4 dims over half the keys per item
+        // (SPLIT_KEYS), or else 4 rows x 4 dims over all, at most 2 items per invocation.
         let items = nrg * dv4;
-        if lid < items {
+        if SPLIT_KEYS {
+            let it = split_item(lid);
+            // The first part ends on a whole vec4 of scores, so that the later starts on one.
+            let mid = min(nk, (KT + 7u) / 8u * 4u);
+            if it.rg8 * 8u < r.n {
+                let keys = select(vec2<u32>(0u, mid), vec2<u32>(mid, nk), it.later);
+                let both = accumulate8(Acc2(acc0, acc1), it.rg8, it.e, keys);
+                acc0 = both.a;
+                acc1 = both.b;
+            }
+        } else if lid < items {
             acc0 = accumulate(acc0, lid / dv4, lid % dv4, nk);
         }
         if TWO_ITEMS && lid + WG < items {
@@ -88,35 +105,96 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
 // Rescales item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) by the rows' alpha and adds the
 // tile's probabilities times its values.
 fn accumulate(a: Acc, rg: u32, e: u32, nk: u32) -> Acc {
-    var o = Acc(
+    var o = rescaled(a, rg);
+    let at = rg * 4u * KT4;
+    // Four keys per step: four value loads and one probability load per row feed 64 FMAs.
+    let n4 = nk / 4u;
+    for (var j4 = 0u; j4 < n4; j4++) {
+        let v = values4(j4 * 4u, e);
+        o = weigh_rows(o, at + j4, v);
+    }
+    for (var j = n4 * 4u; j < nk; j++) {
+        o = weigh_key(o, at, j, smem[tile_at(j, e)]);
+    }
+    return o;
+}
+
+// Two items that share their values: rows 8*rg8 .. 8*rg8+7 (`a` the first four, `b` the
+// rest), dims 4*e .. 4*e+3.
+struct Acc2 {
+    a: Acc,
+    b: Acc,
+}
+
+// As accumulate for the 8 rows of `x` and the tile's keys [keys.x, keys.y) (keys.x a
+// multiple of 4): four value loads and eight probability loads feed 128 FMAs.
+fn accumulate8(x: Acc2, rg8: u32, e: u32, keys: vec2<u32>) -> Acc2 {
+    var o = rescaled(x.a, rg8 * 2u);
+    var u = rescaled(x.b, rg8 * 2u + 1u);
+    let at = rg8 * 8u * KT4;
+    let n4 = keys.y / 4u;
+    for (var j4 = keys.x / 4u; j4 < n4; j4++) {
+        let v = values4(j4 * 4u, e);
+        o = weigh_rows(o, at + j4, v);
+        u = weigh_rows(u, at + 4u * KT4 + j4, v);
+    }
+    for (var j = max(n4 * 4u, keys.x); j < keys.y; j++) {
+        let vv = smem[tile_at(j, e)];
+        o = weigh_key(o, at, j, vv);
+        u = weigh_key(u, at + 4u * KT4, j, vv);
+    }
+    return Acc2(o, u);
+}
+
+// Item `a` (rows 4*rg .. 4*rg+3) times its rows' rescale factors.
+fn rescaled(a: Acc, rg: u32) -> Acc {
+    return Acc(
         a.r0 * row_alpha[rg * 4u],
         a.r1 * row_alpha[rg * 4u + 1u],
         a.r2 * row_alpha[rg * 4u + 2u],
         a.r3 * row_alpha[rg * 4u + 3u],
     );
-    let at = rg * 4u * KT4;
-    // Four keys per step: four value loads and one probability load per row feed 64 FMAs.
-    let n4 = nk / 4u;
-    for (var j4 = 0u; j4 < n4; j4++) {
-        let j = j4 * 4u;
-        let v0 = smem[tile_at(j, e)];
-        let v1 = smem[tile_at(j + 1u, e)];
-        let v2 = smem[tile_at(j + 2u, e)];
-        let v3 = smem[tile_at(j + 3u, e)];
-        o.r0 = weigh4(o.r0, scores[at + j4], v0, v1, v2, v3);
-        o.r1 = weigh4(o.r1, scores[at + KT4 + j4], v0, v1, v2, v3);
-        o.r2 = weigh4(o.r2, scores[at + 2u * KT4 + j4], v0, v1, v2, v3);
-        o.r3 = weigh4(o.r3, scores[at + 3u * KT4 + j4], v0, v1, v2, v3);
-    }
-    for (var j = n4 * 4u; j < nk; j++) {
-        let vv = smem[tile_at(j, e)];
-        let c = j % 4u;
-        o.r0 += scores[at + j / 4u][c] * vv;
-        o.r1 += scores[at + KT4 + j / 4u][c] * vv;
-        o.r2 += scores[at + 2u * KT4 + j / 4u][c] * vv;
-        o.r3 += scores[at + 3u * KT4 + j / 4u][c] * vv;
-    }
-    return o;
+}
+
+// Vec4 e of tile rows j .. j + 3.
+struct Values4 {
+    v0: vec4<f32>,
+    v1: vec4<f32>,
+    v2: vec4<f32>,
+    v3: vec4<f32>,
+}
+
+fn values4(j: u32, e: u32) -> Values4 {
+    return Values4(
+        smem[tile_at(j, e)],
+        smem[tile_at(j + 1u, e)],
+        smem[tile_at(j + 2u, e)],
+        smem[tile_at(j + 3u, e)],
+    );
+}
+
+// o plus four keys' values weighed by the probabilities of o's four rows, whose vec4s of
+// those keys sit at scores[at], scores[at + KT4], ...
+fn weigh_rows(o: Acc, at: u32, v: Values4) -> Acc {
+    return Acc(
+        weigh4(o.r0, scores[at], v.v0, v.v1, v.v2, v.v3),
+        weigh4(o.r1, scores[at + KT4], v.v0, v.v1, v.v2, v.v3),
+        weigh4(o.r2, scores[at + 2u * KT4], v.v0, v.v1, v.v2, v.v3),
+        weigh4(o.r3, scores[at + 3u * KT4], v.v0, v.v1, v.v2, v.v3),
+    );
+}
+
+// o plus one key j's values `vv`, weighed by the probabilities of o's four rows (row 0's
+// scores starting at scores[at]).
+fn weigh_key(o: Acc, at: u32, j: u32, vv: vec4<f32>) -> Acc {
+    let c = j % 4u;
+    let a = at + j / 4u;
+    return Acc(
+        o.r0 + scores[a][c] * vv,
+        o.r1 + scores[a + KT4][c] * vv,
+        o.r2 + scores[a + 2u * KT4][c] * vv,
+        o.r3 + scores[a + 3u * KT4][c] * vv,
+    );
 }
 
 // o + p.x * v0 + p.y * v1 + p.z * v2 + p.w * v3, as four fused multiply-adds into o (a
