@@ -1,0 +1,411 @@
+//! `pipeline-stats`: what a Vulkan driver reports about the compiled kernels of one NSA plan
+//! (registers per invocation, code size, workgroup memory), through
+//! `VK_KHR_pipeline_executable_properties`. wgpu does not expose these, so this tool
+//! translates each kernel to SPIR-V with naga as the crate compiles it (specialised, no
+//! bounds checks, no loop bounding, no workgroup-memory zeroing) and builds the pipeline on
+//! a Vulkan device of its own. Registers decide how many workgroups share a multiprocessor,
+//! which timings alone do not show.
+//!
+//! ```text
+//! cargo run --release -p pipeline-stats -- --t 16384 --hq 64 --hkv 4 --dk 128 --dv 128
+//! ```
+
+use ash::vk;
+use clap::Parser;
+use nsa_wgpu::kernels::KernelId;
+use nsa_wgpu::shaders::Variant;
+use nsa_wgpu::{DeviceLimits, NsaConfig, Plan, Precision, Shape};
+use std::ffi::CStr;
+
+/// The shape whose plan's kernels are compiled (the paper's config).
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Sequence length (keys); the plan is a prefill unless --tq says otherwise.
+    #[arg(long, default_value_t = 16384)]
+    t: usize,
+    /// Queries per sequence (1 for a decode step); defaults to --t.
+    #[arg(long)]
+    tq: Option<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    b: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 64)]
+    hq: usize,
+    /// Key/value heads.
+    #[arg(long, default_value_t = 4)]
+    hkv: usize,
+    /// Query/key head size.
+    #[arg(long, default_value_t = 128)]
+    dk: usize,
+    /// Value head size.
+    #[arg(long, default_value_t = 128)]
+    dv: usize,
+    /// Compile the workgroup-memory row reductions instead of the subgroup ones.
+    #[arg(long)]
+    no_subgroups: bool,
+}
+
+/// One pipeline the plan needs: a kernel, its rows per workgroup, whether it keeps scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kernel {
+    id: KernelId,
+    rows: u32,
+    kept: bool,
+}
+
+/// The distinct pipelines of `plan`'s steps, in the order they first run.
+fn kernels_of(plan: &Plan) -> Vec<Kernel> {
+    let mut out: Vec<Kernel> = Vec::new();
+    for step in &plan.steps {
+        let k = Kernel {
+            id: step.kernel,
+            rows: step.rows,
+            kept: step.params.kept_stride > 0,
+        };
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    out
+}
+
+/// SPIR-V of `k` specialised for `plan`, as the crate compiles it.
+fn spirv(plan: &Plan, k: Kernel, subgroups: bool) -> Result<Vec<u32>, String> {
+    let variant = Variant {
+        precision: Precision::F32,
+        subgroups,
+        tensor_cores: false,
+        kept: k.kept,
+    };
+    let src = nsa_wgpu::shaders::source_variant(k.id.name(), &variant)
+        .ok_or_else(|| format!("no shader for {}", k.id.name()))?;
+    let module = naga::front::wgsl::parse_str(&src).map_err(|e| e.emit_to_string(&src))?;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .map_err(|e| format!("{e:?}"))?;
+    let constants: naga::back::PipelineConstants = if k.id.specialized() {
+        plan.specialization(k.rows)
+            .constants()
+            .iter()
+            .map(|(n, v)| (n.to_string(), *v))
+            .collect()
+    } else {
+        Default::default()
+    };
+    let (module, info) = naga::back::pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((naga::ShaderStage::Compute, "main")),
+        &constants,
+    )
+    .map_err(|e| format!("{e:?}"))?;
+    let unchecked = naga::proc::BoundsCheckPolicy::Unchecked;
+    let mut options = naga::back::spv::Options {
+        lang_version: (1, 3),
+        bounds_check_policies: naga::proc::BoundsCheckPolicies {
+            index: unchecked,
+            buffer: unchecked,
+            image_load: unchecked,
+            binding_array: unchecked,
+        },
+        zero_initialize_workgroup_memory: naga::back::spv::ZeroInitializeWorkgroupMemoryMode::None,
+        force_loop_bounding: false,
+        ..Default::default()
+    };
+    options.flags.remove(naga::back::spv::WriterFlags::DEBUG);
+    let pipeline = naga::back::spv::PipelineOptions {
+        shader_stage: naga::ShaderStage::Compute,
+        entry_point: "main".into(),
+    };
+    naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline)).map_err(|e| e.to_string())
+}
+
+/// A Vulkan device with pipeline executable properties enabled.
+struct Gpu {
+    _entry: ash::Entry,
+    instance: ash::Instance,
+    device: ash::Device,
+    stats: ash::khr::pipeline_executable_properties::Device,
+    name: String,
+    limits: vk::PhysicalDeviceLimits,
+}
+
+impl Gpu {
+    fn new() -> Result<Gpu, String> {
+        // SAFETY: plain Vulkan calls on objects created here, in order, destroyed in Drop.
+        unsafe {
+            let entry = ash::Entry::load().map_err(|e| format!("no Vulkan loader: {e}"))?;
+            let app = vk::ApplicationInfo::default().api_version(vk::API_VERSION_1_3);
+            let instance = entry
+                .create_instance(
+                    &vk::InstanceCreateInfo::default().application_info(&app),
+                    None,
+                )
+                .map_err(|e| format!("vkCreateInstance: {e}"))?;
+            let ext = ash::khr::pipeline_executable_properties::NAME;
+            let devices = instance
+                .enumerate_physical_devices()
+                .map_err(|e| e.to_string())?;
+            let Some(&pd) = devices.iter().find(|&&pd| {
+                instance
+                    .enumerate_device_extension_properties(pd)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|p| p.extension_name_as_c_str() == Ok(ext))
+            }) else {
+                instance.destroy_instance(None);
+                return Err(format!(
+                    "none of {} Vulkan devices has {}",
+                    devices.len(),
+                    ext.to_string_lossy()
+                ));
+            };
+            let props = instance.get_physical_device_properties(pd);
+            let name = CStr::from_ptr(props.device_name.as_ptr())
+                .to_string_lossy()
+                .into_owned();
+            let queue = vk::DeviceQueueCreateInfo::default()
+                .queue_family_index(0)
+                .queue_priorities(&[1.0]);
+            let mut feature = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default()
+                .pipeline_executable_info(true);
+            let exts = [ext.as_ptr()];
+            let device = instance
+                .create_device(
+                    pd,
+                    &vk::DeviceCreateInfo::default()
+                        .queue_create_infos(std::slice::from_ref(&queue))
+                        .enabled_extension_names(&exts)
+                        .push_next(&mut feature),
+                    None,
+                )
+                .map_err(|e| format!("vkCreateDevice on {name}: {e}"))?;
+            let stats = ash::khr::pipeline_executable_properties::Device::new(&instance, &device);
+            Ok(Gpu {
+                _entry: entry,
+                instance,
+                device,
+                stats,
+                name,
+                limits: props.limits,
+            })
+        }
+    }
+
+    /// The plan limits this device's compute limits give.
+    fn plan_limits(&self) -> DeviceLimits {
+        DeviceLimits {
+            workgroup_storage: self.limits.max_compute_shared_memory_size,
+            max_invocations: self
+                .limits
+                .max_compute_work_group_invocations
+                .min(self.limits.max_compute_work_group_size[0]),
+            max_storage_binding: self.limits.max_storage_buffer_range as u64,
+            max_buffer: u64::MAX,
+            max_workgroups_per_dim: self.limits.max_compute_work_group_count[0],
+            ..DeviceLimits::default()
+        }
+    }
+
+    /// `(name, value)` of every statistic the driver reports for a compute pipeline of
+    /// `spirv` (storage buffers and one uniform at the bindings `module` declares).
+    fn statistics(
+        &self,
+        spirv: &[u32],
+        uniforms: &[u32],
+        storage: &[u32],
+    ) -> Result<Vec<(String, String)>, String> {
+        let binding = |b: u32, ty| {
+            vk::DescriptorSetLayoutBinding::default()
+                .binding(b)
+                .descriptor_type(ty)
+                .descriptor_count(1)
+                .stage_flags(vk::ShaderStageFlags::COMPUTE)
+        };
+        let bindings: Vec<_> = uniforms
+            .iter()
+            .map(|&b| binding(b, vk::DescriptorType::UNIFORM_BUFFER))
+            .chain(
+                storage
+                    .iter()
+                    .map(|&b| binding(b, vk::DescriptorType::STORAGE_BUFFER)),
+            )
+            .collect();
+        // SAFETY: the objects are created from valid create infos and destroyed before
+        // returning; the pipeline is never bound or dispatched.
+        unsafe {
+            let d = &self.device;
+            let module = d
+                .create_shader_module(&vk::ShaderModuleCreateInfo::default().code(spirv), None)
+                .map_err(|e| e.to_string())?;
+            let set = d
+                .create_descriptor_set_layout(
+                    &vk::DescriptorSetLayoutCreateInfo::default().bindings(&bindings),
+                    None,
+                )
+                .map_err(|e| e.to_string())?;
+            let layout = d
+                .create_pipeline_layout(
+                    &vk::PipelineLayoutCreateInfo::default().set_layouts(&[set]),
+                    None,
+                )
+                .map_err(|e| e.to_string())?;
+            let stage = vk::PipelineShaderStageCreateInfo::default()
+                .stage(vk::ShaderStageFlags::COMPUTE)
+                .module(module)
+                .name(c"main");
+            let info = vk::ComputePipelineCreateInfo::default()
+                .stage(stage)
+                .layout(layout)
+                .flags(vk::PipelineCreateFlags::CAPTURE_STATISTICS_KHR);
+            let pipeline = d
+                .create_compute_pipelines(vk::PipelineCache::null(), &[info], None)
+                .map_err(|(_, e)| format!("vkCreateComputePipelines: {e}"))?[0];
+            let mut out = Vec::new();
+            let executables = self
+                .stats
+                .get_pipeline_executable_properties(
+                    &vk::PipelineInfoKHR::default().pipeline(pipeline),
+                )
+                .map_err(|e| e.to_string())?;
+            for i in 0..executables.len() as u32 {
+                let which = vk::PipelineExecutableInfoKHR::default()
+                    .pipeline(pipeline)
+                    .executable_index(i);
+                for s in self
+                    .stats
+                    .get_pipeline_executable_statistics(&which)
+                    .map_err(|e| e.to_string())?
+                {
+                    let name = CStr::from_ptr(s.name.as_ptr())
+                        .to_string_lossy()
+                        .into_owned();
+                    let value = match s.format {
+                        vk::PipelineExecutableStatisticFormatKHR::BOOL32 => {
+                            (s.value.b32 != 0).to_string()
+                        }
+                        vk::PipelineExecutableStatisticFormatKHR::INT64 => s.value.i64.to_string(),
+                        vk::PipelineExecutableStatisticFormatKHR::UINT64 => s.value.u64.to_string(),
+                        _ => s.value.f64.to_string(),
+                    };
+                    out.push((name, value));
+                }
+            }
+            d.destroy_pipeline(pipeline, None);
+            d.destroy_pipeline_layout(layout, None);
+            d.destroy_descriptor_set_layout(set, None);
+            d.destroy_shader_module(module, None);
+            Ok(out)
+        }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // SAFETY: nothing created from the device outlives `statistics`.
+        unsafe {
+            self.device.destroy_device(None);
+            self.instance.destroy_instance(None);
+        }
+    }
+}
+
+/// The uniform and storage bindings of kernel `id` (group 0).
+fn bindings(id: KernelId) -> (Vec<u32>, Vec<u32>) {
+    let mut uniforms = Vec::new();
+    let mut storage = Vec::new();
+    for (b, access) in id.bindings().iter().enumerate() {
+        match access {
+            nsa_wgpu::kernels::Access::Uniform => uniforms.push(b as u32),
+            _ => storage.push(b as u32),
+        }
+    }
+    (uniforms, storage)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let gpu = Gpu::new()?;
+    let shape = Shape {
+        tq: args.tq.unwrap_or(args.t),
+        ..Shape::prefill(args.b, args.t, args.hq, args.hkv, args.dk, args.dv)
+    };
+    let plan =
+        Plan::new(&NsaConfig::default(), &shape, &gpu.plan_limits()).map_err(|e| e.to_string())?;
+    println!("{}: {:?}", gpu.name, shape);
+    println!("| kernel | rows | kept scores | statistics |");
+    println!("|---|---|---|---|");
+    for k in kernels_of(&plan) {
+        let (uniforms, storage) = bindings(k.id);
+        let stats = gpu.statistics(&spirv(&plan, k, !args.no_subgroups)?, &uniforms, &storage)?;
+        let text: Vec<String> = stats.iter().map(|(n, v)| format!("{n} {v}")).collect();
+        println!(
+            "| {} | {} | {} | {} |",
+            k.id.name(),
+            k.rows,
+            k.kept,
+            text.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run(&Args::parse()) {
+        eprintln!("pipeline-stats: {e}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(tq: usize, t: usize) -> Plan {
+        let limits = DeviceLimits {
+            workgroup_storage: 48 << 10,
+            max_storage_binding: 4 << 30,
+            max_buffer: u64::MAX,
+            ..DeviceLimits::default()
+        };
+        let shape = Shape {
+            tq,
+            ..Shape::prefill(1, t, 64, 4, 128, 128)
+        };
+        Plan::new(&NsaConfig::default(), &shape, &limits).unwrap()
+    }
+
+    #[test]
+    fn a_long_prefill_lists_its_wide_and_narrow_kernels_once_each() {
+        let ks = kernels_of(&plan(2048, 2048));
+        let has = |id, rows, kept| ks.contains(&Kernel { id, rows, kept });
+        assert!(has(KernelId::CmpAttn, 32, true), "{ks:?}");
+        assert!(has(KernelId::SlcAttn, 16, false), "{ks:?}");
+        assert!(has(KernelId::WinAttn, 32, false), "{ks:?}");
+        assert!(has(KernelId::Select, 16, true), "{ks:?}");
+        assert_eq!(ks.iter().filter(|k| k.id == KernelId::SlcAttn).count(), 1);
+        for (i, a) in ks.iter().enumerate() {
+            assert!(!ks[i + 1..].contains(a), "{a:?} twice");
+        }
+    }
+
+    #[test]
+    fn every_listed_kernel_translates_to_spirv() {
+        let p = plan(1, 4096);
+        let ks = kernels_of(&p);
+        assert!(
+            ks.iter().all(|k| k.rows == 16),
+            "a decode step runs no wide kernel: {ks:?}"
+        );
+        for k in ks.into_iter().chain(kernels_of(&plan(2048, 2048))) {
+            for subgroups in [false, true] {
+                let words = spirv(&p, k, subgroups).unwrap();
+                assert_eq!(words[0], 0x0723_0203, "{k:?}: not SPIR-V");
+            }
+        }
+    }
+}
