@@ -4,8 +4,9 @@
 // queries times `nh` of the group's query heads. Key/value tiles stream through workgroup
 // memory once for all rows; each row keeps an online softmax (running max and sum) and masks
 // the keys outside its own range [row_lo, row_hi). The queries sit in workgroup memory, and
-// each invocation computes 4 rows x 2 keys of the scores and 4 rows x 4 dims of the output
-// from vec4 loads, so most work is register-blocked fused multiply-adds.
+// each invocation computes 4 rows x 2 keys of the scores and 4 or 8 rows x 4 dims of the
+// output (attn_simt.wgsl) from vec4 loads, so most work is register-blocked fused
+// multiply-adds.
 
 #import qk
 #import reduce
@@ -43,7 +44,7 @@ var<private> acc0: Acc;
 var<private> acc1: Acc;
 // Whether an invocation can own two output items: only where the rows' items (4 rows x 4
 // dims each) outnumber the invocations (Dv > 128). Otherwise, and without SPLIT_KEYS,
-// acc1 is compiled out, which takes 16 registers per invocation (108 -> 92 on the H200).
+// acc1 is compiled out, which takes 16 registers per invocation (108 -> 92 on the H200, in an earlier build).
 override TWO_ITEMS: bool = (ROWS / 4u) * ((DV + 3u) / 4u) > WG;
 // The running max and sum of row lid / 8, held alike by its 8 invocations (published to
 // row_max, row_sum by attn_finish).
@@ -223,7 +224,8 @@ fn split_item(lid: u32) -> SplitItem {
     return SplitItem(it / dv4(), it % dv4(), lid >= WG / 2u);
 }
 
-// Stores item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) as it is, where stage_rows puts it.
+// Stores item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3) as it is, as [ROWS, dv4()] vec4s
+// (stage_rows stores it normalised).
 fn raw_rows(a: Acc, rg: u32, e: u32) {
     let at = rg * 4u * dv4() + e;
     smem[at] = a.r0;
@@ -244,11 +246,16 @@ fn add_raw(a: Acc, rg: u32, e: u32) -> Acc {
 }
 
 fn stage_rows(a: Acc, rg: u32, e: u32) {
-    let at = rg * 4u * dv4() + e;
-    smem[at] = normalized(a.r0, rg * 4u);
-    smem[at + dv4()] = normalized(a.r1, rg * 4u + 1u);
-    smem[at + 2u * dv4()] = normalized(a.r2, rg * 4u + 2u);
-    smem[at + 3u * dv4()] = normalized(a.r3, rg * 4u + 3u);
+    raw_rows(
+        Acc(
+            normalized(a.r0, rg * 4u),
+            normalized(a.r1, rg * 4u + 1u),
+            normalized(a.r2, rg * 4u + 2u),
+            normalized(a.r3, rg * 4u + 3u),
+        ),
+        rg,
+        e,
+    );
 }
 
 fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {

@@ -1,7 +1,7 @@
 // The attention core's tile loop on plain WGSL: every product on the shader cores, the
-// scores 4 rows x 2 keys and the output 4 rows x 4 dims per item, from vec4 loads of the
-// tiles in `smem` (see qk.wgsl). attn_mma.wgsl is the tensor-core variant with the same
-// contract.
+// scores 4 rows x 2 keys and the output 8 rows x 4 dims over half the keys (SPLIT_KEYS) or 4
+// rows x 4 dims per item, from vec4 loads of the tiles in `smem` (see qk.wgsl).
+// attn_mma.wgsl is the tensor-core variant with the same contract.
 
 // Whether each invocation accumulates 8 rows x 4 dims over one part of every tile's keys
 // (the first or the later half; attn_finish adds the two), rather than 4 rows x 4 dims over

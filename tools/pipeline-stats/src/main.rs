@@ -29,7 +29,7 @@ struct Args {
     tq: Option<usize>,
     /// Batch size.
     #[arg(long, default_value_t = 1)]
-    b: usize,
+    batch: usize,
     /// Query heads.
     #[arg(long, default_value_t = 64)]
     hq: usize,
@@ -213,7 +213,8 @@ impl Gpu {
     }
 
     /// `(name, value)` of every statistic the driver reports for a compute pipeline of
-    /// `spirv` (storage buffers and one uniform at the bindings `module` declares).
+    /// `spirv` whose group 0 has uniform buffers at `uniforms` and storage buffers at
+    /// `storage`.
     fn statistics(
         &self,
         spirv: &[u32],
@@ -332,7 +333,7 @@ fn run(args: &Args) -> Result<(), String> {
     let gpu = Gpu::new()?;
     let shape = Shape {
         tq: args.tq.unwrap_or(args.t),
-        ..Shape::prefill(args.b, args.t, args.hq, args.hkv, args.dk, args.dv)
+        ..Shape::prefill(args.batch, args.t, args.hq, args.hkv, args.dk, args.dv)
     };
     let plan =
         Plan::new(&NsaConfig::default(), &shape, &gpu.plan_limits()).map_err(|e| e.to_string())?;
