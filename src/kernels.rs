@@ -232,6 +232,16 @@ pub struct Specialization {
 }
 
 impl Specialization {
+    /// The overrides a pipeline of kernel `id` is created with: [`Self::constants`] for the
+    /// specialised kernels, none for the others (which declare no overrides).
+    pub fn constants_for(&self, id: KernelId) -> Vec<(&'static str, f64)> {
+        if id.specialized() {
+            self.constants().to_vec()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The pipeline-overridable constants, by name.
     pub fn constants(&self) -> [(&'static str, f64); 6] {
         [
@@ -402,14 +412,14 @@ impl KernelLayout {
         // loops by their counts >= 1), and select_merge's binary search narrows [lo, hi) on
         // every iteration.
         let module = unsafe { device.create_shader_module_trusted(desc, checks) };
-        let constants = spec.constants();
+        let constants = spec.constants_for(id);
         device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(id.label()),
             layout: Some(&self.pipeline),
             module: &module,
             entry_point: Some("main"),
             compilation_options: wgpu::PipelineCompilationOptions {
-                constants: if id.specialized() { &constants } else { &[] },
+                constants: &constants,
                 zero_initialize_workgroup_memory: false,
             },
             cache: None,

@@ -35,14 +35,11 @@ fn specialize(
     info: &naga::valid::ModuleInfo,
     spec: &Specialization,
 ) -> (naga::Module, naga::valid::ModuleInfo) {
-    let constants: naga::back::PipelineConstants = if id.specialized() {
-        spec.constants()
-            .iter()
-            .map(|(name, value)| (name.to_string(), *value))
-            .collect()
-    } else {
-        Default::default()
-    };
+    let constants: naga::back::PipelineConstants = spec
+        .constants_for(id)
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
     let (m, info) = naga::back::pipeline_constants::process_overrides(
         m,
         info,
