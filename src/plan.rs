@@ -857,7 +857,8 @@ impl Plan {
 
     /// Splits and blocks per chunk for the selection of `groups` (query, kv head) rows: splits
     /// take every splits-th chunk of blocks, and their candidates must fit `CAND_MAX` per row
-    /// and a binding.
+    /// and a binding. Where the kernel's token tile caps the chunks, there are more chunks
+    /// than splits (never more splits than `want`: the merge holds `CAND_MAX` candidates).
     fn select_splits(&self, groups: u64, nrows: u64) -> (u32, u32) {
         let chunk = self.select_chunk();
         if groups >= SPLIT_TARGET {
@@ -873,7 +874,7 @@ impl Plan {
             .min(self.binding_elems() / per_split.max(1))
             .max(1);
         let chunk = chunk.min(blocks.div_ceil(want));
-        (blocks.div_ceil(chunk) as u32, chunk as u32)
+        (blocks.div_ceil(chunk).min(want) as u32, chunk as u32)
     }
 
     fn plan_attention(&mut self, dense: bool) -> Result<()> {

@@ -411,6 +411,37 @@ fn a_cache_keeps_its_step_buffers_until_it_grows() {
     assert!(cache.kept_bytes() > after);
 }
 
+#[test]
+fn split_selection_of_many_blocks_with_a_large_top_n() {
+    // 563 blocks of 8 tokens and n = 256: the selection's token tile holds 128 blocks, so
+    // its chunks cannot shrink to 563 / 4; the merge holds 1024 candidates (4 lists of
+    // 256), so four splits must take the five chunks between them.
+    let pipe = pipeline();
+    let cfg = NsaConfig {
+        cmp_block: 16,
+        cmp_stride: 8,
+        sel_block: 8,
+        top_n: 256,
+        window: 40,
+        ..NsaConfig::default()
+    };
+    let s = Shape::prefill(1, 4500, 4, 2, 8, 8);
+    let data = Data::new(&cfg, &s, false, 43);
+    let naive = nsa_wgpu::cpu::naive::nsa(&cfg, &s, &data.inputs()).unwrap();
+    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).unwrap();
+    let last = s.tk - 1;
+    append_context(&mut cache, &data, &s, last);
+    let request = OutputRequest {
+        block_indices: true,
+        ..OutputRequest::default()
+    };
+    let r = decode_step(&mut cache, &data, &s, last, request);
+    let n = cfg.top_n;
+    let want = &naive.block_indices[last * 2 * n..s.tk * 2 * n];
+    assert_eq!(r.block_indices.as_deref(), Some(want));
+    assert_close("last row", &r.out, &naive.out[last * 32..s.tk * 32], 1e-4);
+}
+
 /// One chunk per sequence of `owned` ([q, k, v, gates] rows): the keys and values of
 /// positions `kv` (the whole sequence's rows), with the queries and gates when `attend`.
 fn seq_chunks<'a>(

@@ -94,6 +94,56 @@ fn small_shapes_plan_one_chunk() {
 }
 
 #[test]
+fn split_selections_fit_the_merge_and_the_token_tile() {
+    // select_merge holds 1024 candidates per row (splits * n), and a chunk of blocks must
+    // fit select.wgsl's token tile (PBUF = 512 tokens, BCHUNK = 128 blocks): where that caps
+    // the chunks, there are more chunks than splits.
+    for (sel_block, top_n, tk) in [
+        (8, 256, 4500),
+        (8, 256, 40000),
+        (8, 64, 9000),
+        (64, 256, 65536),
+        (64, 16, 65536),
+        (16, 100, 30000),
+    ] {
+        let cfg = NsaConfig {
+            cmp_block: 16,
+            cmp_stride: 8,
+            sel_block,
+            top_n,
+            ..NsaConfig::default()
+        };
+        for batch in [1, 3] {
+            let shape = Shape {
+                tq: 1,
+                ..Shape::prefill(batch, tk, 4, 2, 8, 8)
+            };
+            let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
+            let select = plan
+                .steps
+                .iter()
+                .find(|s| s.kernel == KernelId::Select)
+                .unwrap();
+            let (splits, chunk) = (select.params.splits, select.params.sel_chunk);
+            let blocks = tk.div_ceil(sel_block) as u32;
+            let case = format!("l'={sel_block} n={top_n} T={tk} B={batch}");
+            assert!(splits > 1, "{case}: decode steps split the selection");
+            assert!(splits * top_n as u32 <= 1024, "{case}: {splits} splits");
+            let m = (sel_block / cfg.cmp_stride) as u32;
+            let u = (cfg.cmp_block / cfg.cmp_stride) as u32;
+            assert!(
+                chunk <= 128.min((512 - (u - 1)) / m),
+                "{case}: chunk {chunk}"
+            );
+            assert!(
+                splits <= blocks.div_ceil(chunk),
+                "{case}: a split without blocks"
+            );
+        }
+    }
+}
+
+#[test]
 fn decode_plans_split_every_branch_and_merge() {
     let shape = Shape {
         tq: 1,
