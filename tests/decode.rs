@@ -416,7 +416,6 @@ fn split_selection_of_many_blocks_with_a_large_top_n() {
     // 563 blocks of 8 tokens and n = 256: the selection's token tile holds 128 blocks, so
     // its chunks cannot shrink to 563 / 4; the merge holds 1024 candidates (4 lists of
     // 256), so four splits must take the five chunks between them.
-    let pipe = pipeline();
     let cfg = NsaConfig {
         cmp_block: 16,
         cmp_stride: 8,
@@ -426,20 +425,27 @@ fn split_selection_of_many_blocks_with_a_large_top_n() {
         ..NsaConfig::default()
     };
     let s = Shape::prefill(1, 4500, 4, 2, 8, 8);
-    let data = Data::new(&cfg, &s, false, 43);
-    let naive = nsa_wgpu::cpu::naive::nsa(&cfg, &s, &data.inputs()).unwrap();
-    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).unwrap();
+    last_step_matches_the_reference(&cfg, &s, &Data::new(&cfg, &s, false, 43));
+}
+
+/// Appends all but the last position of sequence 0 of `data` to a cache, decodes the last
+/// one, and holds its output and block indices against the reference; returns the indices.
+fn last_step_matches_the_reference(cfg: &NsaConfig, s: &Shape, data: &Data) -> Vec<i32> {
+    let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &data.inputs()).unwrap();
+    let mut cache = NsaCache::new(pipeline(), cfg, opts(s, s.tk, false), None).unwrap();
     let last = s.tk - 1;
-    append_context(&mut cache, &data, &s, last);
+    append_context(&mut cache, data, s, last);
     let request = OutputRequest {
         block_indices: true,
         ..OutputRequest::default()
     };
-    let r = decode_step(&mut cache, &data, &s, last, request);
-    let n = cfg.top_n;
-    let want = &naive.block_indices[last * 2 * n..s.tk * 2 * n];
+    let r = decode_step(&mut cache, data, s, last, request);
+    let per = s.hkv * cfg.top_n;
+    let want = &naive.block_indices[last * per..s.tk * per];
     assert_eq!(r.block_indices.as_deref(), Some(want));
-    assert_close("last row", &r.out, &naive.out[last * 32..s.tk * 32], 1e-4);
+    let w = s.hq * s.dv;
+    assert_close("last row", &r.out, &naive.out[last * w..s.tk * w], 1e-4);
+    want.to_vec()
 }
 
 /// One chunk per sequence of `owned` ([q, k, v, gates] rows): the keys and values of
@@ -532,26 +538,13 @@ fn split_selection_ranks_ties_to_the_lower_block() {
     // loads). With every key equal, every whole block scores the same (each one's
     // probabilities are the same numbers added in the same order), so the merge must keep the
     // lowest-numbered ones, exactly as the reference does.
-    let pipe = pipeline();
     let cfg = small();
     let s = Shape::prefill(1, 9000, 4, 2, 8, 8);
     let mut data = Data::new(&cfg, &s, false, 41);
     data.k = (0..data.k.len()).map(|i| 0.25 * (i % 8) as f32).collect();
-    let naive = nsa_wgpu::cpu::naive::nsa(&cfg, &s, &data.inputs()).unwrap();
-    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).unwrap();
-    let last = s.tk - 1;
-    append_context(&mut cache, &data, &s, last);
-    let request = OutputRequest {
-        block_indices: true,
-        ..OutputRequest::default()
-    };
-    let r = decode_step(&mut cache, &data, &s, last, request);
-    let n = cfg.top_n;
-    let want = &naive.block_indices[last * 2 * n..s.tk * 2 * n];
+    let chosen = last_step_matches_the_reference(&cfg, &s, &data);
     // The reference picks blocks 0, 1, 2 (lowest free ones) and the forced ones.
-    assert_eq!(&want[..n], &[0, 1, 2, 280, 281]);
-    assert_eq!(r.block_indices.as_deref(), Some(want));
-    assert_close("last row", &r.out, &naive.out[last * 32..s.tk * 32], 1e-4);
+    assert_eq!(&chosen[..cfg.top_n], &[0, 1, 2, 280, 281]);
 }
 
 /// One chunk per sequence of `owned` ([q, k, v, gates] rows, then the six per-branch
