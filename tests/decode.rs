@@ -428,11 +428,37 @@ fn split_selection_of_many_blocks_with_a_large_top_n() {
     last_step_matches_the_reference(&cfg, &s, &Data::new(&cfg, &s, false, 43));
 }
 
+#[test]
+fn random_long_decode_steps_match_the_reference() {
+    // Seeded configs with many blocks and large top-n against the reference, one decode step
+    // each after thousands of cached tokens: selection splits whose chunks the selection's
+    // token tile caps, candidate lists past what selected attention could hold, every branch
+    // split, Mean and Linear.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6c6f_6e67);
+    for case in 0..6 {
+        let base = random_config(&mut rng, &[1, 2, 4, 8], &[1, 30, 300]);
+        let d = base.cmp_stride;
+        let cfg = NsaConfig {
+            sel_block: d * rng.random_range(1..=8),
+            top_n: pick(&mut rng, &[16, 64, 100, 256]),
+            ..base
+        };
+        let hkv = rng.random_range(1..=2);
+        let hq = hkv * pick(&mut rng, &[1, 4, 16]);
+        let tk = rng.random_range(1000..=6000);
+        let s = Shape::prefill(1, tk, hq, hkv, 8, 8);
+        println!("case {case}: {cfg:?} {s:?}");
+        last_step_matches_the_reference(&cfg, &s, &Data::new(&cfg, &s, false, case));
+    }
+}
+
 /// Appends all but the last position of sequence 0 of `data` to a cache, decodes the last
 /// one, and holds its output and block indices against the reference; returns the indices.
 fn last_step_matches_the_reference(cfg: &NsaConfig, s: &Shape, data: &Data) -> Vec<i32> {
-    let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &data.inputs()).unwrap();
-    let mut cache = NsaCache::new(pipeline(), cfg, opts(s, s.tk, false), None).unwrap();
+    let inputs = data.inputs();
+    let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &inputs).unwrap();
+    let mut cache = NsaCache::new(pipeline(), cfg, opts(s, s.tk, false), inputs.linear).unwrap();
     let last = s.tk - 1;
     append_context(&mut cache, data, s, last);
     let request = OutputRequest {
