@@ -93,11 +93,76 @@ fn small_shapes_plan_one_chunk() {
     check_coverage(&plan);
 }
 
+/// The kernels' fixed capacities every step of `plan` must respect: select.wgsl's token tile
+/// (PBUF = 512 tokens, BCHUNK = 128 blocks per chunk), select_merge.wgsl's 1024 candidates
+/// and 64 lists, merge.wgsl's 64 splits per branch, the attention core's 64 keys per tile,
+/// and the dispatch grid (65535 per dimension, covering every workgroup).
+fn check_capacities(plan: &Plan, case: &str) {
+    let c = &plan.config;
+    let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
+    let merged = plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge);
+    for step in &plan.steps {
+        let p = &step.params;
+        let [x, y] = step.grid;
+        assert!(
+            x <= 65535 && y <= 65535,
+            "{case}: {:?} grid {x} x {y}",
+            step.kernel
+        );
+        assert!(
+            x as u64 * y as u64 >= p.total_wg as u64,
+            "{case}: {:?}",
+            step.kernel
+        );
+        match step.kernel {
+            KernelId::Select => {
+                let chunk = p.sel_chunk as usize;
+                assert!(chunk >= 1 && chunk <= 128, "{case}: chunk {chunk}");
+                assert!(
+                    chunk * m + u - 1 <= 512,
+                    "{case}: chunk {chunk} of {m}-piece blocks"
+                );
+                let blocks = plan.shape.tk.div_ceil(c.sel_block);
+                assert!(
+                    p.splits as usize <= blocks.div_ceil(chunk),
+                    "{case}: an empty split"
+                );
+                if p.splits > 1 {
+                    assert!(merged, "{case}: split selection without select_merge");
+                    assert!(p.splits <= 64, "{case}: {} lists", p.splits);
+                    assert!(
+                        p.splits as usize * c.top_n <= 1024,
+                        "{case}: {} splits",
+                        p.splits
+                    );
+                }
+            }
+            KernelId::Merge => {
+                for sp in [p.splits, p.slc_splits, p.win_splits] {
+                    assert!(sp <= 64, "{case}: merge of {sp} splits");
+                }
+            }
+            KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn | KernelId::Dense => {
+                assert!(
+                    p.splits >= 1 && p.splits <= 64,
+                    "{case}: {} splits",
+                    p.splits
+                );
+                assert!(
+                    p.kv_tile >= 1 && p.kv_tile <= 64,
+                    "{case}: tile {}",
+                    p.kv_tile
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
 #[test]
 fn split_selections_fit_the_merge_and_the_token_tile() {
-    // select_merge holds 1024 candidates per row (splits * n), and a chunk of blocks must
-    // fit select.wgsl's token tile (PBUF = 512 tokens, BCHUNK = 128 blocks): where that caps
-    // the chunks, there are more chunks than splits.
+    // Decode steps over many blocks with a large n: where select.wgsl's token tile caps the
+    // chunks, there are more chunks than splits (select_merge holds 1024 candidates).
     for (sel_block, top_n, tk) in [
         (8, 256, 4500),
         (8, 256, 40000),
@@ -119,28 +184,68 @@ fn split_selections_fit_the_merge_and_the_token_tile() {
                 ..Shape::prefill(batch, tk, 4, 2, 8, 8)
             };
             let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
-            let select = plan
-                .steps
-                .iter()
-                .find(|s| s.kernel == KernelId::Select)
-                .unwrap();
-            let (splits, chunk) = (select.params.splits, select.params.sel_chunk);
-            let blocks = tk.div_ceil(sel_block) as u32;
             let case = format!("l'={sel_block} n={top_n} T={tk} B={batch}");
-            assert!(splits > 1, "{case}: decode steps split the selection");
-            assert!(splits * top_n as u32 <= 1024, "{case}: {splits} splits");
-            let m = (sel_block / cfg.cmp_stride) as u32;
-            let u = (cfg.cmp_block / cfg.cmp_stride) as u32;
-            assert!(
-                chunk <= 128.min((512 - (u - 1)) / m),
-                "{case}: chunk {chunk}"
-            );
-            assert!(
-                splits <= blocks.div_ceil(chunk),
-                "{case}: a split without blocks"
-            );
+            let select = plan.steps.iter().find(|s| s.kernel == KernelId::Select);
+            assert!(select.unwrap().params.splits > 1, "{case}: not split");
+            check_capacities(&plan, &case);
         }
     }
+}
+
+#[test]
+fn random_plans_respect_the_kernels_capacities() {
+    // Seeded configs (strides 1-16, blocks of 1-8 strides, n up to 256), lengths up to 70k,
+    // decode steps, short chunks and whole prefills, batches, groups and head sizes, on the
+    // default limits and on an H200's.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x706c_616e);
+    let h200 = DeviceLimits {
+        max_storage_binding: u32::MAX as u64,
+        max_buffer: 1 << 40,
+        workgroup_storage: 49152,
+        max_invocations: 1024,
+        ..DeviceLimits::default()
+    };
+    let mut planned = 0;
+    for i in 0..400 {
+        let d = [1, 2, 4, 8, 16][rng.random_range(0..5)];
+        let (init_blocks, local_blocks) = (rng.random_range(0..=2), rng.random_range(0..=3));
+        let cfg = NsaConfig {
+            cmp_block: d * rng.random_range(1..=8),
+            cmp_stride: d,
+            sel_block: d * rng.random_range(1..=8),
+            top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=250),
+            init_blocks,
+            local_blocks,
+            window: [1, 64, 512, 4096][rng.random_range(0..4)],
+            ..NsaConfig::default()
+        };
+        let tk = rng.random_range(1..=70000);
+        let tq = [1, 3, 37, tk][rng.random_range(0..4)].min(tk);
+        let hkv = rng.random_range(1..=4);
+        let hq = hkv * [1, 3, 16, 20][rng.random_range(0..4)];
+        let (dk, dv) = (
+            [8, 64, 128, 192][rng.random_range(0..4)],
+            [8, 64, 128][rng.random_range(0..3)],
+        );
+        let shape = Shape {
+            tq,
+            ..Shape::prefill(rng.random_range(1..=3), tk, hq, hkv, dk, dv)
+        };
+        let limits = if i % 2 == 0 {
+            h200
+        } else {
+            DeviceLimits::default()
+        };
+        // Configs whose selection blocks overflow the token tile, or shapes over a limit,
+        // are refused with an error, never planned past a capacity.
+        let Ok(plan) = Plan::new(&cfg, &shape, &limits) else {
+            continue;
+        };
+        check_capacities(&plan, &format!("{cfg:?} {shape:?}"));
+        planned += 1;
+    }
+    assert!(planned > 200, "only {planned} of 400 planned");
 }
 
 #[test]
