@@ -117,7 +117,7 @@ fn check_capacities(plan: &Plan, case: &str) {
         match step.kernel {
             KernelId::Select => {
                 let chunk = p.sel_chunk as usize;
-                assert!(chunk >= 1 && chunk <= 128, "{case}: chunk {chunk}");
+                assert!((1..=128).contains(&chunk), "{case}: chunk {chunk}");
                 assert!(
                     chunk * m + u - 1 <= 512,
                     "{case}: chunk {chunk} of {m}-piece blocks"
