@@ -1,5 +1,8 @@
 //! Config validation and the pure plan: no GPU needed.
 
+mod common;
+
+use common::random_config;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Shape, Tensor};
 
@@ -208,17 +211,13 @@ fn random_plans_respect_the_kernels_capacities() {
     };
     let mut planned = 0;
     for i in 0..400 {
-        let d = [1, 2, 4, 8, 16][rng.random_range(0..5)];
-        let (init_blocks, local_blocks) = (rng.random_range(0..=2), rng.random_range(0..=3));
+        let base = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512, 4096]);
+        let d = base.cmp_stride;
         let cfg = NsaConfig {
             cmp_block: d * rng.random_range(1..=8),
-            cmp_stride: d,
             sel_block: d * rng.random_range(1..=8),
-            top_n: (init_blocks + local_blocks).max(1) + rng.random_range(0..=250),
-            init_blocks,
-            local_blocks,
-            window: [1, 64, 512, 4096][rng.random_range(0..4)],
-            ..NsaConfig::default()
+            top_n: base.top_n + rng.random_range(0..=240),
+            ..base
         };
         let tk = rng.random_range(1..=70000);
         let tq = [1, 3, 37, tk][rng.random_range(0..4)].min(tk);
