@@ -1121,6 +1121,44 @@ fn the_group_sum_weighs_each_head_by_its_own_log_sum_exp() {
 }
 
 #[test]
+fn random_long_prefills_match_the_reference() {
+    // Thousands of tokens with larger n and selection blocks of up to 8 strides: many blocks
+    // per query, selection chunks that the token tile caps, long windows.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6c6f_6e67_7066);
+    for case in 0..4 {
+        let base = random_config(&mut rng, &[1, 2, 4, 8], &[1, 100, 700]);
+        let d = base.cmp_stride;
+        let cfg = NsaConfig {
+            sel_block: d * rng.random_range(1..=8),
+            top_n: base.top_n + rng.random_range(0..=60),
+            ..base
+        };
+        let hkv = rng.random_range(1..=2);
+        let tk = rng.random_range(1000..=2500);
+        let shape = Shape {
+            batch: 1,
+            tq: if rng.random_bool(0.3) {
+                rng.random_range(1..=tk)
+            } else {
+                tk
+            },
+            tk,
+            hq: hkv * pick(&mut rng, &[1, 4, 16]),
+            hkv,
+            dk: 8,
+            dv: 8,
+        };
+        check_case(
+            &format!("random long {case}: {cfg:?} {shape:?}"),
+            cfg,
+            shape,
+            false,
+        );
+    }
+}
+
+#[test]
 fn random_configs_and_shapes_match_the_reference() {
     // A seeded sweep beyond the table: compression blocks and strides (d down to 1),
     // selection blocks, top-n with forced initial and local blocks, windows, scales, Mean
