@@ -496,6 +496,27 @@ fn sizes_beyond_splitting_are_exceeds_limit() {
         ),
         Err(NsaError::ExceedsLimit { .. })
     ));
+    // Selection and compression blocks spanning more strides than the selection kernel's
+    // token tile (l'/d + l/d - 1 = 1024 + 2 - 1 > 512), though SPEC-valid.
+    let cfg = NsaConfig {
+        cmp_block: 2,
+        cmp_stride: 1,
+        sel_block: 1024,
+        ..NsaConfig::default()
+    };
+    cfg.validate().unwrap();
+    match Plan::new(
+        &cfg,
+        &Shape::prefill(1, 10, 1, 1, 4, 4),
+        &DeviceLimits::default(),
+    ) {
+        Err(NsaError::ExceedsLimit {
+            what,
+            needed: 1025,
+            limit: 512,
+        }) => assert!(what.contains("token tile"), "{what}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
