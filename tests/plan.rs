@@ -241,8 +241,24 @@ fn random_plans_respect_the_kernels_capacities() {
         let Ok(plan) = Plan::new(&cfg, &shape, &limits) else {
             continue;
         };
-        check_capacities(&plan, &format!("{cfg:?} {shape:?}"));
+        let case = format!("{cfg:?} {shape:?}");
+        check_capacities(&plan, &case);
         planned += 1;
+        // A KV cache's step or chunk for sequences of different lengths, as one ragged plan.
+        if tq < tk {
+            let behind: Vec<usize> = (0..shape.batch)
+                .map(|_| rng.random_range(0..=tk - tq))
+                .collect();
+            let rows = nsa_wgpu::plan::CacheRows {
+                key_row0: 0,
+                cmp_row0: 0,
+                cmp_done: cfg.num_compressed(tk),
+                capacity: tk + 5,
+                cmp_capacity: cfg.num_compressed(tk + 5).max(1),
+            };
+            let ragged = Plan::cached_ragged(&cfg, &shape, &limits, rows, &behind);
+            check_capacities(&ragged.unwrap(), &format!("{case} behind {behind:?}"));
+        }
     }
     assert!(planned > 200, "only {planned} of 400 planned");
 }
