@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, pick, pipeline, random_config, small, Data};
+use common::{assert_close, pick, pipeline, random_config, random_long_config, small, Data};
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
     CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, OutputRequest, SeqChunk,
@@ -432,18 +432,12 @@ fn split_selection_of_many_blocks_with_a_large_top_n() {
 fn random_long_decode_steps_match_the_reference() {
     // Seeded configs with many blocks and large top-n against the reference, one decode step
     // each after thousands of cached tokens: selection splits whose chunks the selection's
-    // token tile caps, candidate lists past what selected attention could hold, every branch
-    // split, Mean and Linear.
+    // token tile caps, long candidate lists for select_merge, every branch split, Mean and
+    // Linear (with the old split rule, it chose wrong blocks).
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6c6f_6e67);
     for case in 0..6 {
-        let base = random_config(&mut rng, &[1, 2, 4, 8], &[1, 30, 300]);
-        let d = base.cmp_stride;
-        let cfg = NsaConfig {
-            sel_block: d * rng.random_range(1..=8),
-            top_n: pick(&mut rng, &[16, 64, 100, 256]),
-            ..base
-        };
+        let cfg = random_long_config(&mut rng, &[1, 2, 4, 8], &[1, 30, 300], 245);
         let hkv = rng.random_range(1..=2);
         let hq = hkv * pick(&mut rng, &[1, 4, 16]);
         let tk = rng.random_range(1000..=6000);

@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_close, fallback_pipeline, pick, pipeline, random_config, small, Data};
+use common::{
+    assert_close, fallback_pipeline, pick, pipeline, random_config, random_long_config, small, Data,
+};
 use nsa_wgpu::cpu;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::pipeline::{read_staging, stage_readback};
@@ -1122,18 +1124,13 @@ fn the_group_sum_weighs_each_head_by_its_own_log_sum_exp() {
 
 #[test]
 fn random_long_prefills_match_the_reference() {
-    // Thousands of tokens with larger n and selection blocks of up to 8 strides: many blocks
-    // per query, selection chunks that the token tile caps, long windows.
+    // Thousands of tokens with larger n and compression and selection blocks of up to 8
+    // strides: many blocks per query, selection chunks that the token tile caps, long
+    // windows.
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6c6f_6e67_7066);
     for case in 0..4 {
-        let base = random_config(&mut rng, &[1, 2, 4, 8], &[1, 100, 700]);
-        let d = base.cmp_stride;
-        let cfg = NsaConfig {
-            sel_block: d * rng.random_range(1..=8),
-            top_n: base.top_n + rng.random_range(0..=60),
-            ..base
-        };
+        let cfg = random_long_config(&mut rng, &[1, 2, 4, 8], &[1, 100, 700], 60);
         let hkv = rng.random_range(1..=2);
         let tk = rng.random_range(1000..=2500);
         let shape = Shape {

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::random_config;
+use common::random_long_config;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Shape, Tensor};
 
@@ -211,14 +211,7 @@ fn random_plans_respect_the_kernels_capacities() {
     };
     let mut planned = 0;
     for i in 0..400 {
-        let base = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512, 4096]);
-        let d = base.cmp_stride;
-        let cfg = NsaConfig {
-            cmp_block: d * rng.random_range(1..=8),
-            sel_block: d * rng.random_range(1..=8),
-            top_n: base.top_n + rng.random_range(0..=240),
-            ..base
-        };
+        let cfg = random_long_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512, 4096], 240);
         let tk = rng.random_range(1..=70000);
         let tq = [1, 3, 37, tk][rng.random_range(0..4)].min(tk);
         let hkv = rng.random_range(1..=4);

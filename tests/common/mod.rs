@@ -152,6 +152,24 @@ pub fn random_config(rng: &mut StdRng, strides: &[usize], windows: &[usize]) -> 
     }
 }
 
+/// [`random_config`] with many blocks per query: compression and selection blocks of 1 to 8
+/// strides, and up to `more_n` more selected blocks (n stays within 256 for `more_n <= 245`).
+pub fn random_long_config(
+    rng: &mut StdRng,
+    strides: &[usize],
+    windows: &[usize],
+    more_n: usize,
+) -> NsaConfig {
+    let base = random_config(rng, strides, windows);
+    let d = base.cmp_stride;
+    NsaConfig {
+        cmp_block: d * rng.random_range(1..=8),
+        sel_block: d * rng.random_range(1..=8),
+        top_n: base.top_n + rng.random_range(0..=more_n),
+        ..base
+    }
+}
+
 /// Sets `i`'s per-branch keys and values to `b`: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`.
 pub fn set_branch_kv<'a>(i: &mut nsa_wgpu::NsaInputs<'a>, b: &'a [Vec<f32>]) {
     i.k_cmp = Some(&b[0]);
