@@ -1189,3 +1189,25 @@ fn random_configs_and_shapes_match_the_reference() {
         );
     }
 }
+
+macro_rules! long_cases {
+    ($($name:ident: [$hq:expr, $hkv:expr];)*) => {
+        $(
+            #[test]
+            #[ignore = "64k tokens: minutes of CPU reference; run with --ignored"]
+            fn $name() {
+                // The paper's config at the longest length the library is held to, with few
+                // small heads so that the f64 reference stays within minutes: 4095 compressed
+                // tokens, 1024 selection blocks, kept scores over several chunks, every stage
+                // against its twin and the whole forward against the naive NSA.
+                let shape = Shape::prefill(1, 65536, $hq, $hkv, 16, 16);
+                check_case(stringify!($name), paper(), shape, false);
+            }
+        )*
+    };
+}
+
+long_cases! {
+    long_64k_group_16: [16, 1];
+    long_64k_group_2: [4, 2];
+}
