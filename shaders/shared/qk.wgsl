@@ -90,29 +90,29 @@ fn tile_loads(d: u32) -> u32 {
     return (KT * ((d + 3u) / 4u) + WG - 1u) / WG;
 }
 
-// Fetches `nk` rows of width `d` (row j at `base + j * Hkv * d`, keys or values as `from_k`
-// says) into `pre`, zero past `d`. Every load is issued before any is used, so an
-// invocation has all its loads in flight at once rather than one round trip per vec4.
+// Fetches `nk` (>= 1) rows of width `d` (row j at `base + j * Hkv * d`, keys or values as
+// `from_k` says) into `pre`, zero past `d`. Every load is issued before any is used, so an
+// invocation has all its loads in flight at once rather than one round trip per vec4. An
+// invocation's loads past the tile's vec4s load its last one again (store_tile never stores
+// them): straight-line loads, with no branch around each.
 fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
     let d4 = (d + 3u) / 4u;
     let n = nk * d4;
     for (var i = 0u; i < tile_loads(d); i++) {
-        let x = lid + i * WG;
-        if x < n {
-            let e = (x % d4) * 4u;
-            let at = base + (x / d4) * params.hkv * d + e;
-            var val = vec4<f32>(0.0);
-            if e + 4u <= d {
-                val = fetch4(from_k, at);
-            } else {
-                for (var c = 0u; c < 4u; c++) {
-                    if e + c < d {
-                        val[c] = fetch_kv(from_k, at + c);
-                    }
+        let x = min(lid + i * WG, n - 1u);
+        let e = (x % d4) * 4u;
+        let at = base + (x / d4) * params.hkv * d + e;
+        var val = vec4<f32>(0.0);
+        if e + 4u <= d {
+            val = fetch4(from_k, at);
+        } else {
+            for (var c = 0u; c < 4u; c++) {
+                if e + c < d {
+                    val[c] = fetch_kv(from_k, at + c);
                 }
             }
-            pre[i] = val;
         }
+        pre[i] = val;
     }
 }
 
