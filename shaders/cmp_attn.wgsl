@@ -21,7 +21,7 @@ fn keep_scores(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
     if i >= r.n {
         return;
     }
-    let at = kept_at(r, i, t);
+    let at = kept_at(i, t);
     // One 16-byte store where the four are a whole, aligned vec4 of the row; its masked
     // scores (NEG_BIG) are past the row's tokens, which the selection never reads.
     if whole && (at & 3u) == 0u {
@@ -36,15 +36,15 @@ fn keep_scores(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
 // Row i's score of key t, where it sees it.
 fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
     if i < r.n && s != NEG_BIG {
-        let at = kept_at(r, i, t);
+        let at = kept_at(i, t);
         kept[at >> 2u][at & 3u] = s;
     }
 }
 
 // The element of `kept` that holds row i's score of key t (only steps with
 // params.kept_stride > 0 compile keep_on.wgsl, which calls the two above).
-fn kept_at(r: Rows, i: u32, t: u32) -> u32 {
-    return params.off_kept + attn_row(r, i) * params.kept_stride + t;
+fn kept_at(i: u32, t: u32) -> u32 {
+    return params.off_kept + attn_row(i) * params.kept_stride + t;
 }
 
 @compute @workgroup_size(WG)
@@ -74,10 +74,10 @@ fn main(
         return;
     }
     for (var x = lid; x < r.n * DV; x += WG) {
-        o_cmp[params.off_ocmp + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
+        o_cmp[params.off_ocmp + attn_row(x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }
     if lid < r.n {
         let l = row_sum[lid];
-        lse[params.off_lse + attn_row(r, lid)] = select(0.0, row_max[lid] + log(l), l > 0.0);
+        lse[params.off_lse + attn_row(lid)] = select(0.0, row_max[lid] + log(l), l > 0.0);
     }
 }

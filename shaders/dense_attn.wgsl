@@ -31,6 +31,6 @@ fn main(
         return;
     }
     for (var x = lid; x < r.n * DV; x += WG) {
-        out[params.off_out + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
+        out[params.off_out + attn_row(x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }
 }

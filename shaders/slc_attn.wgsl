@@ -59,6 +59,6 @@ fn main(
         return;
     }
     for (var x = lid; x < r.n * DV; x += WG) {
-        o_slc[params.off_oslc + attn_row(r, x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
+        o_slc[params.off_oslc + attn_row(x / DV) * DV + x % DV] = attn_out(x / DV, x % DV);
     }
 }

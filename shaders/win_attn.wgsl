@@ -37,7 +37,7 @@ fn main(
         return;
     }
     for (var x = lid; x < r.n * DV; x += WG) {
-        let row = attn_row(r, x / DV);
+        let row = attn_row(x / DV);
         let flat = row * DV + x % DV;
         let gb = params.off_gates + row * 3u;
         let value = attn_out(x / DV, x % DV);

@@ -180,8 +180,8 @@ impl KernelId {
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
             KernelId::SelectMerge => (256 + 4 * 1024 + 2 * 64 + 3) * 4,
             // scores (16 vec4s per row), red_max, red_sum (reduce_shared.wgsl, one per
-            // invocation), 5 per-row arrays
-            _ => (64 * rows + 2 * 8 * rows + 5 * rows) * 4,
+            // invocation), 6 per-row arrays
+            _ => (64 * rows + 2 * 8 * rows + 6 * rows) * 4,
         }
     }
 }

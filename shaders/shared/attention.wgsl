@@ -30,6 +30,9 @@ var<workgroup> row_sum: array<f32, ROWS>;
 var<workgroup> row_alpha: array<f32, ROWS>;
 var<workgroup> row_lo: array<u32, ROWS>;
 var<workgroup> row_hi: array<u32, ROWS>;
+// Each owned row's flat [B, Tq, Hq] row (relative to the chunk), set by attn_begin: a
+// division by the uniform r.nh per row, once, rather than per output element.
+var<workgroup> row_flat: array<u32, ROWS>;
 // The output accumulators of an invocation's two items (4 rows x 4 dims each), as plain
 // private variables rather than an indexed array, so that they stay in registers. With
 // SPLIT_KEYS (attn_simt.wgsl) the two are one item of 8 rows: acc0 its rows 0-3, acc1 its
@@ -87,9 +90,10 @@ fn attn_rows(wid: u32) -> Rows {
     return r;
 }
 
-// Flat [B, Tq, Hq] row (relative to the chunk) of owned row `i`.
-fn attn_row(r: Rows, i: u32) -> u32 {
-    return (r.bb * params.q_count + r.iq0 + i / r.nh) * params.hq + r.hq0 + i % r.nh;
+// Flat [B, Tq, Hq] row (relative to the chunk) of owned row `i`, after attn_begin and a
+// barrier.
+fn attn_row(i: u32) -> u32 {
+    return row_flat[i];
 }
 
 // Absolute position of owned row `i`'s query.
@@ -101,6 +105,10 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 // row_hi for every row (empty for i >= n) and barrier before attn_keys.
 fn attn_begin(lid: u32, r: Rows) {
     load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
+    if lid < ROWS {
+        let query = r.bb * params.q_count + r.iq0 + lid / r.nh;
+        row_flat[lid] = query * params.hq + r.hq0 + lid % r.nh;
+    }
     run_max = NEG_BIG;
     run_sum = 0.0;
     prefetched = false;
@@ -281,7 +289,7 @@ fn part_count(r: Rows) -> u32 {
 
 fn part_index(r: Rows, x: u32) -> u32 {
     let w = DV + 2u;
-    return (attn_row(r, x / w) * params.splits + r.split) * w + x % w;
+    return (attn_row(x / w) * params.splits + r.split) * w + x % w;
 }
 
 fn part_value(x: u32) -> f32 {
