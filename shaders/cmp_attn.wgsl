@@ -57,14 +57,14 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid, r);
+    // Rows are ordered by position, so the last one sees the most tokens.
+    let keys = split_range(r, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
+    attn_begin(lid, r, params.c_stride, keys);
     if lid < ROWS {
         row_lo[lid] = 0u;
         row_hi[lid] = select(0u, visible_compressed(attn_pos(r, lid)), lid < r.n);
     }
     workgroupBarrier();
-    // Rows are ordered by position, so the last one sees the most tokens.
-    let keys = split_range(r, 0u, visible_compressed(attn_pos(r, r.n - 1u)));
     attn_keys(lid, r, params.c_stride, keys.x, keys.y, vec2<u32>(0u));
     attn_finish(lid, r);
     if params.partials != 0u {

@@ -15,13 +15,13 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid, r);
+    let keys = split_range(r, 0u, attn_pos(r, r.n - 1u) + 1u);
+    attn_begin(lid, r, params.k_stride, keys);
     if lid < ROWS {
         row_lo[lid] = 0u;
         row_hi[lid] = select(0u, attn_pos(r, min(lid, r.n - 1u)) + 1u, lid < r.n);
     }
     workgroupBarrier();
-    let keys = split_range(r, 0u, attn_pos(r, r.n - 1u) + 1u);
     attn_keys(lid, r, params.k_stride, keys.x, keys.y, vec2<u32>(0u));
     attn_finish(lid, r);
     if params.partials != 0u {

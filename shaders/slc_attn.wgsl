@@ -33,16 +33,17 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid, r);
     let pos = attn_pos(r, 0u);
+    let ib = params.off_idx + ((r.bb * params.q_count + r.iq0) * params.hkv + r.h) * params.top_n;
+    // Each block's first tile is fetched while the block before it finishes (the first
+    // block's while the queries load).
+    var keys = selected_keys(ib, r.split, pos);
+    attn_begin(lid, r, params.k_stride, select(keys, vec2<u32>(0u), keys.x == NONE));
     if lid < ROWS {
         row_lo[lid] = 0u;
         row_hi[lid] = select(0u, pos + 1u, lid < r.n);
     }
     workgroupBarrier();
-    let ib = params.off_idx + ((r.bb * params.q_count + r.iq0) * params.hkv + r.h) * params.top_n;
-    // Each block's first tile is fetched while the block before it finishes.
-    var keys = selected_keys(ib, r.split, pos);
     for (var s = r.split; s < params.top_n; s += params.splits) {
         if keys.x == NONE {
             break;

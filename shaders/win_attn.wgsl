@@ -19,15 +19,15 @@ fn main(
     if !r.valid {
         return;
     }
-    attn_begin(lid, r);
+    let last = attn_pos(r, r.n - 1u);
+    let keys = split_range(r, window_start(attn_pos(r, 0u)), last + 1u);
+    attn_begin(lid, r, params.k_stride, keys);
     if lid < ROWS {
         let p = attn_pos(r, min(lid, r.n - 1u));
         row_lo[lid] = window_start(p);
         row_hi[lid] = select(0u, p + 1u, lid < r.n);
     }
     workgroupBarrier();
-    let last = attn_pos(r, r.n - 1u);
-    let keys = split_range(r, window_start(attn_pos(r, 0u)), last + 1u);
     attn_keys(lid, r, params.k_stride, keys.x, keys.y, vec2<u32>(0u));
     attn_finish(lid, r);
     if params.partials != 0u {

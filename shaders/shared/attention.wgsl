@@ -101,9 +101,15 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
     return query_position(r.bb, params.q_start + r.iq0 + i / r.nh);
 }
 
-// Loads the queries and resets the softmax state. Call once first; then set row_lo and
-// row_hi for every row (empty for i >= n) and barrier before attn_keys.
-fn attn_begin(lid: u32, r: Rows) {
+// Loads the queries and resets the softmax state, after issuing the loads of the first key
+// tile of `first` (the range the first attn_keys call attends, `stride` rows per sequence;
+// uniform, possibly empty), so that they are in flight together with the queries'. Call
+// once first; then set row_lo and row_hi for every row (empty for i >= n) and barrier before
+// attn_keys.
+fn attn_begin(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
+    prefetched = false;
+    fetch_first(lid, r, stride, first.x, first.y);
+    prefetched = first.x < first.y;
     load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     if lid < ROWS {
         let query = r.bb * params.q_count + r.iq0 + lid / r.nh;
@@ -111,7 +117,6 @@ fn attn_begin(lid: u32, r: Rows) {
     }
     run_max = NEG_BIG;
     run_sum = 0.0;
-    prefetched = false;
     acc0 = Acc(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     acc1 = acc0;
 }
