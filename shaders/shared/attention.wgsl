@@ -109,6 +109,7 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 fn attn_begin(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
     prefetched = false;
     fetch_first(lid, r, stride, first.x, first.y);
+    // attn_keys' fetch_first then finds the tile fetched.
     prefetched = first.x < first.y;
     load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     if lid < ROWS {
