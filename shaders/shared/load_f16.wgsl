@@ -10,9 +10,13 @@ fn load_k1(at: u32) -> f32 {
     return unpack2x16float(k[at >> 1u])[at & 1u];
 }
 
-// Elements at .. at + 3 of k.
+// Elements at .. at + 3 of k. With Dk even, every vec4 a tile fetch loads starts at an even
+// element (the plan's offsets and rows are multiples of Dk), so two whole words hold it.
 fn load_k4(at: u32) -> vec4<f32> {
     let w = at >> 1u;
+    if DK % 2u == 0u {
+        return vec4<f32>(unpack2x16float(k[w]), unpack2x16float(k[w + 1u]));
+    }
     return quad(at, k[w], k[w + 1u], k[w + 2u * (at & 1u)]);
 }
 
