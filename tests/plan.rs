@@ -4,7 +4,7 @@ mod common;
 
 use common::random_long_config;
 use nsa_wgpu::kernels::KernelId;
-use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Shape, Tensor};
+use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
 
 fn field_of(r: Result<(), NsaError>) -> &'static str {
     match r {
@@ -745,4 +745,61 @@ fn a_ragged_plan_moves_each_sequence_back_and_compresses_nothing() {
         ..rows
     };
     assert!(Plan::cached_ragged(&cfg, &s, &limits, small, &[0, 1, 2]).is_err());
+}
+
+#[test]
+fn f16_plans_bind_keys_and_values_at_even_elements() {
+    // With an even head size the f16 kernels read every vec4 of a key or value tile as two
+    // whole words (load_f16.wgsl, load_v_f16.wgsl), which is right only if every offset a
+    // plan binds keys, values or compressed keys at is even. Random f16 prefills, chunked by
+    // small bindings and buffers at several offset alignments, hold it.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3677);
+    let mut checked = 0;
+    for _ in 0..300 {
+        let cfg = random_long_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512], 60);
+        let tk = rng.random_range(1..=20000);
+        let hkv = rng.random_range(1..=3);
+        let (dk, dv) = (
+            [2, 6, 10, 64, 100, 128, 192][rng.random_range(0..7)],
+            [2, 6, 14, 64, 128][rng.random_range(0..5)],
+        );
+        let shape = Shape {
+            tq: [1, 37, tk][rng.random_range(0..3)].min(tk),
+            ..Shape::prefill(
+                rng.random_range(1..=3),
+                tk,
+                hkv * [1, 3, 16][rng.random_range(0..3)],
+                hkv,
+                dk,
+                dv,
+            )
+        };
+        let binding = [1u64 << 20, 3 << 20, 128 << 20][rng.random_range(0..3)];
+        let limits = DeviceLimits {
+            max_storage_binding: binding,
+            max_buffer: binding * 2,
+            storage_align: [32, 64, 256][rng.random_range(0..3)],
+            ..DeviceLimits::default()
+        };
+        let Ok(plan) = Plan::with_precision(&cfg, &shape, &limits, Precision::F16) else {
+            continue;
+        };
+        for step in &plan.steps {
+            use KernelId::*;
+            if matches!(step.kernel, CmpAttn | SlcAttn | WinAttn | Dense | Select) {
+                let p = &step.params;
+                assert!(
+                    p.off_k % 2 == 0 && p.off_v % 2 == 0 && p.off_kc % 2 == 0,
+                    "{cfg:?} {shape:?} {limits:?}: {:?} binds at {} / {} / {}",
+                    step.kernel,
+                    p.off_k,
+                    p.off_v,
+                    p.off_kc
+                );
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 150, "only {checked} of 300 planned");
 }
