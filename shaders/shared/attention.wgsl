@@ -53,9 +53,6 @@ override TWO_ITEMS: bool = (ROWS / 4u) * ((DV + 3u) / 4u) > WG;
 // row_max, row_sum by attn_finish).
 var<private> run_max: f32;
 var<private> run_sum: f32;
-// Whether the first key tile of this attn_keys call is in `pre` already: fetched during the
-// previous call's last tile, which named this call's range as its `next`.
-var<private> prefetched: bool;
 
 // Which rows a workgroup owns. Every field derives from the workgroup id and the params
 // only, so control flow on them stays uniform (barriers inside it are legal).
@@ -103,14 +100,14 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 
 // Loads the queries and resets the softmax state, after issuing the loads of the first key
 // tile of `first` (the range the first attn_keys call attends, `stride` rows per sequence;
-// uniform, possibly empty), so that they are in flight together with the queries'. Call
+// uniform, possibly empty), so that they are in flight together with the queries' (and
+// attn_keys finds that tile in `pre`). Call
 // once first; then set row_lo and row_hi for every row (empty for i >= n) and barrier before
 // attn_keys.
 fn attn_begin(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
-    prefetched = false;
-    fetch_first(lid, r, stride, first.x, first.y);
-    // attn_keys' fetch_first then finds the tile fetched.
-    prefetched = first.x < first.y;
+    if first.x < first.y {
+        fetch_tile(lid, attn_kv(r, stride, first.x, true), min(KT, first.y - first.x), DK, true);
+    }
     load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     if lid < ROWS {
         let query = r.bb * params.q_count + r.iq0 + lid / r.nh;
@@ -137,15 +134,6 @@ fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
     return load_v4(at);
 }
 
-// Fetches the first key tile of [start, end) into `pre`, unless the previous attn_keys call
-// did (see fetch_following).
-fn fetch_first(lid: u32, r: Rows, stride: u32, start: u32, end: u32) {
-    if start < end && !prefetched {
-        fetch_tile(lid, attn_kv(r, stride, start, true), min(KT, end - start), DK, true);
-    }
-    prefetched = false;
-}
-
 // Fetches the key tile after tile t0 of [start, end): the range's next tile, or else the
 // first of `next`, the range of the following attn_keys call (selected attention's next
 // block; empty for none), so that no block starts with a stall on its first load.
@@ -154,7 +142,6 @@ fn fetch_following(lid: u32, r: Rows, stride: u32, t0: u32, end: u32, next: vec2
         fetch_tile(lid, attn_kv(r, stride, t0 + KT, true), min(KT, end - t0 - KT), DK, true);
     } else if next.x < next.y {
         fetch_tile(lid, attn_kv(r, stride, next.x, true), min(KT, next.y - next.x), DK, true);
-        prefetched = true;
     }
 }
 

@@ -78,8 +78,10 @@ fn pv_at(i: u32, e: u32) -> vec4<f32> {
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
-// `next` is the range of the next call (empty when none follows), whose first tile is
-// fetched during this range's last.
+// the range's first key tile already fetched into `pre`: by attn_begin (its `first`) for a
+// workgroup's first call, else by the previous call, whose `next` this range was. `next` is
+// the range of the next call (empty when none follows), whose first tile is fetched during
+// this range's last.
 //
 // Per tile, four barriers: the key tile is stored; the scores are stored; the probabilities
 // and the value tile are stored; the products are stored. The value tile is fetched while
@@ -103,7 +105,6 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         }
         qh[row * QS + e] = f16(val);
     }
-    fetch_first(lid, r, stride, start, end);
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
         let nkb = (nk + MM - 1u) / MM;

@@ -18,8 +18,10 @@ override SCORES4: u32 = ROWS * KT4;
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
-// `next` is the range of the next call (empty when none follows), whose first tile is
-// fetched during this range's last.
+// the range's first key tile already fetched into `pre`: by attn_begin (its `first`) for a
+// workgroup's first call, else by the previous call, whose `next` this range was. `next` is
+// the range of the next call (empty when none follows), whose first tile is fetched during
+// this range's last.
 //
 // Per tile, four or five barriers: the key tile is stored; scores are stored; (without
 // subgroup operations) the rows' partial maxima are in; probabilities and rescale factors
@@ -32,7 +34,6 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
     let nrg = (r.n + 3u) / 4u;
     let i = lid / 8u;      // the row this invocation helps reduce, with 7 others
     let part = lid % 8u;
-    fetch_first(lid, r, stride, start, end);
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
         store_tile(lid, nk, DK);
