@@ -65,7 +65,7 @@ def summary(listing):
             c = collections.Counter(opcode(x) for _, x in body)
             top = ", ".join(f"{k} {n}" for k, n in c.most_common(6))
             loops.append(f"  loop {body[0][0]:#06x}-{a:#06x}: {len(body)} instructions ({top})")
-    return head, loops
+    return len(instrs), head, loops
 
 
 def main():
@@ -93,8 +93,8 @@ def main():
             listing = (run.stdout + run.stderr).splitlines()
             (a.out / f"{n:03d}.txt").write_text("\n".join(listing) + "\n")
             binary.unlink()
-            head, loops = summary(listing)
-            if "0 instructions" not in head:
+            count, head, loops = summary(listing)
+            if count:
                 print(f"{n:03d}: {head}")
                 print("\n".join(loops))
             n += 1
