@@ -92,8 +92,8 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return load_k1(at);
 }
 
-fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
-    return load_k4(at);
+fn fetch4(from_k: bool, at: u32) -> in_raw {
+    return raw_k4(at);
 }
 
 @compute @workgroup_size(WG)

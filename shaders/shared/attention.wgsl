@@ -19,7 +19,7 @@
 // and only where its plan keeps scores, passes them to cmp_attn.wgsl's keep_score.
 #import keep
 
-// Read through load_v1, load_v4 (load_v_f32.wgsl / load_v_f16.wgsl), by element index.
+// Read through load_v1, raw_v4 (load_v_f32.wgsl / load_v_f16.wgsl), by element index.
 @group(0) @binding(3) var<storage, read> v: array<in_s>;  // [B, T, Hkv, Dv]
 
 const KT_MAX: u32 = 64u;       // keys per tile at most
@@ -127,11 +127,11 @@ fn fetch_kv(from_k: bool, at: u32) -> f32 {
     return load_v1(at);
 }
 
-fn fetch4(from_k: bool, at: u32) -> vec4<f32> {
+fn fetch4(from_k: bool, at: u32) -> in_raw {
     if from_k {
-        return load_k4(at);
+        return raw_k4(at);
     }
-    return load_v4(at);
+    return raw_v4(at);
 }
 
 // Fetches the key tile after tile t0 of [start, end): the range's next tile, or else the

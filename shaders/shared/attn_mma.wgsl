@@ -36,7 +36,7 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
         let x = lid + i * WG;
         if x < nk * d4 {
             let at = (x / d4) * TS + (x % d4) * 4u;
-            let val = pre[i];
+            let val = tile_vec4(i, x, d);
             for (var c = 0u; c < 4u; c++) {
                 if (x % d4) * 4u + c < d {
                     kvh[at + c] = f16(val[c]);

@@ -4,3 +4,6 @@
 enable f16;
 alias in_t = f16;
 alias in_s = u32;
+// Four elements as a tile fetch holds them until it stores them (load_f16.wgsl's raw_k4):
+// two packed words, or the elements' bits where they do not start a word.
+alias in_raw = vec4<u32>;

@@ -4,3 +4,6 @@
 // load_f32.wgsl).
 alias in_t = f32;
 alias in_s = f32;
+// Four elements as a tile fetch holds them until it stores them (load_f32.wgsl's raw_k4):
+// the elements themselves.
+alias in_raw = vec4<f32>;

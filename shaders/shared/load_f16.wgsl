@@ -10,14 +10,25 @@ fn load_k1(at: u32) -> f32 {
     return unpack2x16float(k[at >> 1u])[at & 1u];
 }
 
-// Elements at .. at + 3 of k. With Dk even, every vec4 a tile fetch loads starts at an even
-// element (the plan's offsets and rows are multiples of Dk), so two whole words hold it.
-fn load_k4(at: u32) -> vec4<f32> {
+// Elements at .. at + 3 of k, as the raw words a tile fetch holds until it stores them. With
+// Dk even, every vec4 a tile fetch loads starts at an even element (the plan's offsets and
+// rows are multiples of Dk), so two whole words hold it, and they stay packed: nothing
+// consumes a load before the tile is stored, so the fetch never waits on its own loads.
+// With Dk odd the elements are unpacked at once (their bits in the words).
+fn raw_k4(at: u32) -> in_raw {
     let w = at >> 1u;
     if DK % 2u == 0u {
-        return vec4<f32>(unpack2x16float(k[w]), unpack2x16float(k[w + 1u]));
+        return vec4<u32>(k[w], k[w + 1u], 0u, 0u);
     }
-    return quad(at, k[w], k[w + 1u], k[w + 2u * (at & 1u)]);
+    return bitcast<vec4<u32>>(quad(at, k[w], k[w + 1u], k[w + 2u * (at & 1u)]));
+}
+
+// The elements of raw_k4's (raw_v4's) words, for tile rows of width `d` (Dk or Dv).
+fn unraw4(w: in_raw, d: u32) -> vec4<f32> {
+    if d % 2u == 0u {
+        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    }
+    return bitcast<vec4<f32>>(w);
 }
 
 // Elements at .. at + 3 from the words at / 2 (a), at / 2 + 1 (b) and, for an odd `at`,

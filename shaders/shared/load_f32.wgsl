@@ -9,7 +9,12 @@ fn load_k1(at: u32) -> f32 {
     return k[at];
 }
 
-// Elements at .. at + 3 of k.
-fn load_k4(at: u32) -> vec4<f32> {
+// Elements at .. at + 3 of k, as a tile fetch holds them (`in_raw`: for f32, the elements).
+fn raw_k4(at: u32) -> in_raw {
     return vec4<f32>(k[at], k[at + 1u], k[at + 2u], k[at + 3u]);
+}
+
+// The elements of raw_k4's (raw_v4's) `in_raw`, for tile rows of width `d` (Dk or Dv).
+fn unraw4(w: in_raw, d: u32) -> vec4<f32> {
+    return w;
 }

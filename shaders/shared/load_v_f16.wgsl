@@ -4,11 +4,11 @@ fn load_v1(at: u32) -> f32 {
     return unpack2x16float(v[at >> 1u])[at & 1u];
 }
 
-// As load_k4: with Dv even, at is even.
-fn load_v4(at: u32) -> vec4<f32> {
+// As raw_k4: with Dv even, at is even and the words stay packed.
+fn raw_v4(at: u32) -> in_raw {
     let w = at >> 1u;
     if DV % 2u == 0u {
-        return vec4<f32>(unpack2x16float(v[w]), unpack2x16float(v[w + 1u]));
+        return vec4<u32>(v[w], v[w + 1u], 0u, 0u);
     }
-    return quad(at, v[w], v[w + 1u], v[w + 2u * (at & 1u)]);
+    return bitcast<vec4<u32>>(quad(at, v[w], v[w + 1u], v[w + 2u * (at & 1u)]));
 }

@@ -4,6 +4,6 @@ fn load_v1(at: u32) -> f32 {
     return v[at];
 }
 
-fn load_v4(at: u32) -> vec4<f32> {
+fn raw_v4(at: u32) -> in_raw {
     return vec4<f32>(v[at], v[at + 1u], v[at + 2u], v[at + 3u]);
 }

@@ -1,13 +1,13 @@
 // Queries and key tiles in workgroup memory, and the register-blocked score they feed:
 // shared by the attention core and the selection kernel. The including kernel defines
 // `fn fetch_kv(from_k: bool, at: u32) -> f32` and `fn fetch4(from_k: bool, at: u32) ->
-// vec4<f32>`, the element and four-element loads behind `fetch_tile`.
+// in_raw`, the element and four-element (raw, see raw_k4) loads behind `fetch_tile`.
 
 #import input
 #import params
 #import load
 
-// Read through load_q1, load_k1, load_k4 (load_f32.wgsl / load_f16.wgsl), by element index.
+// Read through load_q1, load_k1, raw_k4 (load_f32.wgsl / load_f16.wgsl), by element index.
 @group(0) @binding(1) var<storage, read> q: array<in_s>;  // [B, Tq, Hq, Dk]
 @group(0) @binding(2) var<storage, read> k: array<in_s>;  // [B, T, Hkv, Dk] (T = Tk, or C for compressed keys)
 
@@ -81,8 +81,11 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
 const LOADS: u32 = 20u;
 
 // One invocation's share of a tile between fetch_tile and store_tile: the loads stay in
-// registers while the workgroup computes, and land in workgroup memory after a barrier.
-var<private> pre: array<vec4<f32>, LOADS>;
+// registers while the workgroup computes, and land in workgroup memory after a barrier. Whole
+// vec4s hold raw_k4 / raw_v4's `in_raw` (f16 pairs still packed), which only tile_vec4
+// reads, so no instruction waits on a load before the tile is stored; a row's last, partial
+// vec4 (d not a multiple of 4) holds its elements' bits.
+var<private> pre: array<in_raw, LOADS>;
 
 // vec4s of a tile of rows of width `d` one invocation fetches: a constant per pipeline, so
 // the fetch and store loops unroll exactly.
@@ -102,18 +105,32 @@ fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
         let x = min(lid + i * WG, n - 1u);
         let e = (x % d4) * 4u;
         let at = base + (x / d4) * params.hkv * d + e;
-        var val = vec4<f32>(0.0);
-        if e + 4u <= d {
-            val = fetch4(from_k, at);
+        if whole_vec4(x, d) {
+            pre[i] = fetch4(from_k, at);
         } else {
+            var val = vec4<f32>(0.0);
             for (var c = 0u; c < 4u; c++) {
                 if e + c < d {
                     val[c] = fetch_kv(from_k, at + c);
                 }
             }
+            pre[i] = bitcast<in_raw>(val);
         }
-        pre[i] = val;
     }
+}
+
+// Whether vec4 x of a tile of rows of width `d` lies inside its row (only a row's last one
+// may not, where d is not a multiple of 4: a constant condition otherwise).
+fn whole_vec4(x: u32, d: u32) -> bool {
+    return d % 4u == 0u || (x % ((d + 3u) / 4u)) * 4u + 4u <= d;
+}
+
+// The elements of the fetched vec4 `i`, x = lid + i * WG of a tile of rows of width `d`.
+fn tile_vec4(i: u32, x: u32, d: u32) -> vec4<f32> {
+    if whole_vec4(x, d) {
+        return unraw4(pre[i], d);
+    }
+    return bitcast<vec4<f32>>(pre[i]);
 }
 
 // Stores what fetch_tile fetched (`nk` rows of width `d`) into the tile.
@@ -122,7 +139,7 @@ fn store_tile(lid: u32, nk: u32, d: u32) {
     for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
         if x < nk * d4 {
-            smem[tile_at(x / d4, x % d4)] = pre[i];
+            smem[tile_at(x / d4, x % d4)] = tile_vec4(i, x, d);
         }
     }
 }
