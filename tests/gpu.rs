@@ -705,6 +705,13 @@ fn check_f16(pipe: &NsaPipeline) {
         ),
         // Odd head sizes: f16 pairs straddle rows, and loads start at odd elements.
         ("f16 odd dims", small(), Shape::prefill(1, 90, 4, 2, 37, 21)),
+        // Even head sizes that are not multiples of 4: a row's vec4s are packed word pairs
+        // until its last, whose two elements are unpacked at once (load_f16.wgsl).
+        (
+            "f16 dims 2 mod 4",
+            small(),
+            Shape::prefill(1, 70, 4, 2, 50, 30),
+        ),
         (
             "f16 split",
             small(),
