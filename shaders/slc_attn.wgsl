@@ -36,9 +36,9 @@ fn main(
     let pos = attn_pos(r, 0u);
     let ib = params.off_idx + ((r.bb * params.q_count + r.iq0) * params.hkv + r.h) * params.top_n;
     // Each block's first tile is fetched while the block before it finishes (the first
-    // block's while the queries load).
+    // block's while the queries load; none when the list is empty, whose range is empty).
     var keys = selected_keys(ib, r.split, pos);
-    attn_begin(lid, r, params.k_stride, select(keys, vec2<u32>(0u), keys.x == NONE));
+    attn_begin(lid, r, params.k_stride, keys);
     if lid < ROWS {
         row_lo[lid] = 0u;
         row_hi[lid] = select(0u, pos + 1u, lid < r.n);
