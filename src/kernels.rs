@@ -265,36 +265,45 @@ pub const ROWS: u32 = 16;
 pub const WIDE_ROWS: u32 = 32;
 
 /// Workgroup memory of an attention kernel on tensor cores (`shaders/shared/attn_mma.wgsl`)
-/// for head sizes `dk`, `dv` and `kv_tile` keys per tile, in bytes: the fixed arrays, `smem`
-/// (queries, then the staged output, as f32) and the f16 query, tile and probability arrays
-/// and the f32 products.
-pub fn mma_workgroup_bytes(dk: u32, dv: u32, kv_tile: u32) -> u32 {
+/// for head sizes `dk`, `dv`, `kv_tile` keys per tile and `rows` query rows, in bytes: the
+/// per-row arrays (its row reductions use subgroups, which declare none), a one-vec4 `smem`,
+/// the f16 query, tile and probability arrays, and the f32 array that holds a tile's scores,
+/// then its products, then the staged output.
+pub fn mma_workgroup_bytes(dk: u32, dv: u32, kv_tile: u32, rows: u32) -> u32 {
     let (dkp, dvp) = (dk.div_ceil(16) * 16, dv.div_ceil(16) * 16);
     let (qs, ts) = (dkp + 8, dkp.max(dvp) + 8);
-    KernelId::Dense.fixed_workgroup_bytes(ROWS)
-        + 16 * mma_smem_vec4s(dk, dv)
-        + 2 * (ROWS * qs + kv_tile * ts + ROWS * 64)
-        + 4 * ROWS * dvp
+    6 * rows * 4
+        + 16 * MMA_SMEM4
+        + 2 * (rows * qs + kv_tile * ts + rows * 64)
+        + 4 * rows * dvp.max(64)
 }
 
-fn mma_smem_vec4s(dk: u32, dv: u32) -> u32 {
-    ROWS * dk.max(dv).div_ceil(4)
-}
+/// `smem` of the tensor-core kernels, in vec4s: declared by the shared code, unused.
+const MMA_SMEM4: u32 = 1;
 
-/// The specialization of an attention kernel on tensor cores for an adapter with `limit`
-/// bytes of workgroup memory: as many keys per tile (a multiple of 16, at most 64) as fit;
+/// The vec4s one invocation holds of a fetched tile at most (`LOADS` in
+/// `shaders/shared/qk.wgsl`, the size of its prefetch array). The plain kernels stay within it
+/// through [`SMEM4_MAX`]; the tensor-core kernels' tiles are sized against it.
+pub const TILE_LOADS: u32 = 20;
+
+/// The specialization of an attention kernel on tensor cores of `rows` query rows (a
+/// multiple of 16) for an adapter with `limit` bytes of workgroup memory: as many keys per
+/// tile (a multiple of 16, at most 64) as fit, and as each invocation's [`TILE_LOADS`] hold;
 /// `None` when not even 16 do (the kernel then runs on the shader cores).
-pub fn mma_specialization(dk: u32, dv: u32, limit: u32) -> Option<Specialization> {
+pub fn mma_specialization(dk: u32, dv: u32, limit: u32, rows: u32) -> Option<Specialization> {
     (1..=4)
         .rev()
         .map(|blocks| 16 * blocks)
-        .find(|&kt| mma_workgroup_bytes(dk, dv, kt) <= limit)
+        .find(|&kt| {
+            mma_workgroup_bytes(dk, dv, kt, rows) <= limit
+                && kt * dk.max(dv).div_ceil(4) <= TILE_LOADS * 8 * rows
+        })
         .map(|kv_tile| Specialization {
             dk,
             dv,
             kv_tile,
-            smem4: mma_smem_vec4s(dk, dv),
-            rows: ROWS,
+            smem4: MMA_SMEM4,
+            rows,
             // The tensor-core core scores whole 16x16 blocks; it has no one-row path.
             few_rows: false,
         })

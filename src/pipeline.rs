@@ -691,17 +691,14 @@ impl NsaPipeline {
             let id = step.kernel;
             let layout = &self.layouts[id as usize];
             let plain = plan.specialization(step.rows);
-            // The attention core on tensor cores where it applies and fits (16 rows); its own
-            // tile size (a multiple of 16 keys) and workgroup-memory layout.
-            let mma = if self.tensor_cores()
-                && plan.precision == Precision::F16
-                && id.attention_core()
-                && step.rows == crate::kernels::ROWS
-            {
-                mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage)
-            } else {
-                None
-            };
+            // The attention core on tensor cores where it applies and fits; its own tile
+            // size (a multiple of 16 keys) and workgroup-memory layout.
+            let mma =
+                if self.tensor_cores() && plan.precision == Precision::F16 && id.attention_core() {
+                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage, step.rows)
+                } else {
+                    None
+                };
             let variant = Variant {
                 precision: plan.precision,
                 subgroups: self.subgroups,

@@ -30,7 +30,7 @@ pub const KERNELS: &[(&str, &str)] = sources!["":
 ];
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
-const SHARED: &[(&str, &str)] = sources!["shared/":
+pub const SHARED: &[(&str, &str)] = sources!["shared/":
     "qk", "input_f32", "input_f16", "params", "load_f32", "load_f16", "load_v_f32",
     "load_v_f16", "topn", "partials", "reduce_shared", "reduce_subgroup", "attention",
     "attn_simt", "attn_mma", "keep_on", "keep_off", "select_qk", "select_kept",

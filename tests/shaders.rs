@@ -292,7 +292,13 @@ fn workgroup_memory_matches_the_declared_budget() {
 
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
-    use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes};
+    use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes, TILE_LOADS};
+    let qk = shaders::SHARED
+        .iter()
+        .find(|(n, _)| *n == "qk")
+        .expect("qk.wgsl")
+        .1;
+    assert!(qk.contains(&format!("const LOADS: u32 = {TILE_LOADS}u;")));
     let mut checked = 0;
     for id in KernelId::ALL.into_iter().filter(|k| k.attention_core()) {
         let variant = shaders::Variant {
@@ -326,20 +332,31 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (128, 128, 32768),
             (12, 10, 16384),
         ] {
-            let spec = mma_specialization(dk, dv, limit).expect("fits");
-            assert_eq!(spec.kv_tile % 16, 0);
-            let (m, info) = specialize(id, &module, &info, &spec);
-            // Every workgroup array, as sized for this specialization, within the budget.
-            let bytes = workgroup_bytes(&m);
-            assert!(
-                bytes <= mma_workgroup_bytes(dk, dv, spec.kv_tile) && bytes <= limit,
-                "{} {spec:?}: {bytes} bytes",
-                id.name()
-            );
-            spv::write_vec(&m, &info, &spv::Options::default(), None)
-                .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
-            checked += 1;
+            for rows in [16, 32] {
+                let Some(spec) = mma_specialization(dk, dv, limit, rows) else {
+                    // Only where not even 16 keys per tile fit.
+                    assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
+                    continue;
+                };
+                assert_eq!(spec.kv_tile % 16, 0);
+                assert_eq!(spec.rows, rows);
+                // Each invocation's share of a tile fits its prefetch array (qk.wgsl's LOADS).
+                let d4 = dk.max(dv).div_ceil(4);
+                assert!(spec.kv_tile * d4 <= TILE_LOADS * 8 * rows, "{spec:?}");
+                let (m, info) = specialize(id, &module, &info, &spec);
+                // Every workgroup array, as sized for this specialization, within the budget.
+                let bytes = workgroup_bytes(&m);
+                assert!(
+                    bytes <= mma_workgroup_bytes(dk, dv, spec.kv_tile, rows) && bytes <= limit,
+                    "{} {spec:?}: {bytes} bytes",
+                    id.name()
+                );
+                spv::write_vec(&m, &info, &spv::Options::default(), None)
+                    .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
+                checked += 1;
+            }
         }
     }
-    assert_eq!(checked, 24);
+    // 16 rows fit every case; 32 rows all but (128, 128) in 32 KiB.
+    assert_eq!(checked, 44);
 }

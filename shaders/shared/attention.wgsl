@@ -6,7 +6,11 @@
 // the keys outside its own range [row_lo, row_hi). The queries sit in workgroup memory, and
 // each invocation computes 4 rows x 2 keys of the scores and 4 or 8 rows x 4 dims of the
 // output (attn_simt.wgsl) from vec4 loads, so most work is register-blocked fused
-// multiply-adds.
+// multiply-adds; or subgroups multiply 16x16 blocks on tensor cores (attn_mma.wgsl).
+//
+// The tile loop (`#import attn_tiles`) defines attn_keys, SPLIT_KEYS, core_queries (loads
+// the queries as load_queries numbers them) and stage_put / stage_get (the output's staging
+// after the last tile, [ROWS, dv4()] vec4s).
 
 #import qk
 #import reduce
@@ -101,14 +105,13 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 // Loads the queries and resets the softmax state, after issuing the loads of the first key
 // tile of `first` (the range the first attn_keys call attends, `stride` rows per sequence;
 // uniform, possibly empty), so that they are in flight together with the queries' (and
-// attn_keys finds that tile in `pre`). Call
-// once first; then set row_lo and row_hi for every row (empty for i >= n) and barrier before
+// attn_keys finds that tile in `pre`). Call once first; then set row_lo and row_hi for every row (empty for i >= n) and barrier before
 // attn_keys.
 fn attn_begin(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
     if first.x < first.y {
         fetch_tile(lid, attn_kv(r, stride, first.x, true), min(KT, first.y - first.x), DK, true);
     }
-    load_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
+    core_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     if lid < ROWS {
         let query = r.bb * params.q_count + r.iq0 + lid / r.nh;
         row_flat[lid] = query * params.hq + r.hq0 + lid % r.nh;
@@ -178,9 +181,9 @@ fn attn_kv(r: Rows, stride: u32, t0: u32, key: bool) -> u32 {
 }
 
 // Normalises every owned row (a row that saw no key gives 0; partial sums stay as they are
-// when params.partials != 0) and stages it in `smem` (the
-// queries are no longer needed) as [ROWS, dv4()] vec4s, so that kernels write their outputs
-// with coalesced stores through attn_out.
+// when params.partials != 0) and stages it through the tile loop's stage_put (workgroup
+// memory whose contents are no longer needed) as [ROWS, dv4()] vec4s, so that kernels write
+// their outputs with coalesced stores through attn_out.
 fn attn_finish(lid: u32, r: Rows) {
     let dv4 = (DV + 3u) / 4u;
     let items = ((r.n + 3u) / 4u) * dv4;
@@ -229,20 +232,20 @@ fn split_item(lid: u32) -> SplitItem {
 // (stage_rows stores it normalised).
 fn raw_rows(a: Acc, rg: u32, e: u32) {
     let at = rg * 4u * dv4() + e;
-    smem[at] = a.r0;
-    smem[at + dv4()] = a.r1;
-    smem[at + 2u * dv4()] = a.r2;
-    smem[at + 3u * dv4()] = a.r3;
+    stage_put(at, a.r0);
+    stage_put(at + dv4(), a.r1);
+    stage_put(at + 2u * dv4(), a.r2);
+    stage_put(at + 3u * dv4(), a.r3);
 }
 
 // `a` plus what raw_rows stored for the same item.
 fn add_raw(a: Acc, rg: u32, e: u32) -> Acc {
     let at = rg * 4u * dv4() + e;
     return Acc(
-        a.r0 + smem[at],
-        a.r1 + smem[at + dv4()],
-        a.r2 + smem[at + 2u * dv4()],
-        a.r3 + smem[at + 3u * dv4()],
+        a.r0 + stage_get(at),
+        a.r1 + stage_get(at + dv4()),
+        a.r2 + stage_get(at + 2u * dv4()),
+        a.r3 + stage_get(at + 3u * dv4()),
     );
 }
 
@@ -269,7 +272,7 @@ fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {
 
 // Element e of owned row i's output, after attn_finish.
 fn attn_out(i: u32, e: u32) -> f32 {
-    return smem[i * dv4() + e / 4u][e % 4u];
+    return stage_get(i * dv4() + e / 4u)[e % 4u];
 }
 
 // Partials mode (params.partials != 0; always when params.splits > 1): each workgroup stores, per owned row, its DV unnormalised

@@ -4,10 +4,12 @@
 // sit in workgroup memory as f16 (the inputs are f16 already; probabilities round to f16,
 // as in FlashAttention); scores, the softmax and the output accumulate in f32.
 //
-// Each subgroup multiplies whole 16x16 blocks: the scores of 16 keys for the 16 rows, then 16
-// output dims; the results go through workgroup memory (`scores`, `pv`), where the online
-// softmax and the rescaling run as in the plain core. Subgroups are numbered lid / size, so
-// this takes subgroup lanes to follow local_invocation_index (as reduce_subgroup.wgsl does).
+// Each subgroup multiplies whole 16x16 blocks: the scores of 16 rows against 16 keys, then
+// 16 rows x 16 output dims; the results go through workgroup memory (`spv`), where the online
+// softmax and the rescaling run as in the plain core. Any multiple of 16 rows (16 for
+// selected attention, 32 for the wide steps): the blocks of all row blocks are handed out
+// to the subgroups in turn. Subgroups are numbered lid / size, so this takes subgroup lanes
+// to follow local_invocation_index (as reduce_subgroup.wgsl does).
 
 const MM: u32 = 16u;  // cooperative matrix rows, columns and depth
 
@@ -19,13 +21,39 @@ override QS: u32 = DKP + 8u;
 override TS: u32 = select(DVP, DKP, DKP > DVP) + 8u;
 override QH_LEN: u32 = ROWS * QS;
 override KVH_LEN: u32 = KT * TS;
-override PV_LEN: u32 = ROWS * DVP;
+override PH_LEN: u32 = ROWS * KT_MAX;
+override SPV_LEN: u32 = ROWS * select(KT_MAX, DVP, DVP > KT_MAX);
 
 var<workgroup> qh: array<f16, QH_LEN>;    // [ROWS, QS] queries
 var<workgroup> kvh: array<f16, KVH_LEN>;  // [KT, TS] the key tile, then the value tile
-var<workgroup> scores: array<f32, 1024>;  // [ROWS, KT_MAX] one tile's scores
-var<workgroup> ph: array<f16, 1024>;      // [ROWS, KT_MAX] probabilities
-var<workgroup> pv: array<f32, PV_LEN>;    // [ROWS, DVP] one tile's probabilities x values
+var<workgroup> ph: array<f16, PH_LEN>;    // [ROWS, KT_MAX] probabilities
+// One tile's scores ([ROWS, KT_MAX]) until its probabilities are out, then its
+// probabilities x values ([ROWS, DVP]); after the last tile the staged output ([ROWS,
+// dv4()] vec4s). `smem` (qk.wgsl) goes unused: its SMEM4 is 1.
+var<workgroup> spv: array<f32, SPV_LEN>;
+
+// The queries straight into qh as f16 (exact: the inputs are f16), zero past Dk.
+fn core_queries(lid: u32, n: u32, nh: u32, base: u32) {
+    let w4 = DKP / 4u;
+    for (var x = lid; x < ROWS * w4; x += WG) {
+        let i = x / w4;
+        let e = (x % w4) * 4u;
+        let val = query_vec4(i, e, n, nh, base);
+        for (var c = 0u; c < 4u; c++) {
+            qh[i * QS + e + c] = f16(val[c]);
+        }
+    }
+}
+
+fn stage_put(at: u32, x: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        spv[at * 4u + c] = x[c];
+    }
+}
+
+fn stage_get(at: u32) -> vec4<f32> {
+    return vec4<f32>(spv[at * 4u], spv[at * 4u + 1u], spv[at * 4u + 2u], spv[at * 4u + 3u]);
+}
 
 // Stores what fetch_tile fetched (`nk` rows of width `d`) into kvh as f16, and zeros the
 // rest of the tile (columns d .. dp, rows nk .. KT): padding must be finite, as a product
@@ -60,7 +88,7 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
 const SPLIT_KEYS: bool = false;
 
 // Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
-// this tile's products from `pv`.
+// this tile's products from `spv`.
 fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
     let i = rg * 4u;
     return Acc(
@@ -73,7 +101,7 @@ fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
 
 fn pv_at(i: u32, e: u32) -> vec4<f32> {
     let at = i * DVP + e * 4u;
-    return vec4<f32>(pv[at], pv[at + 1u], pv[at + 2u], pv[at + 3u]);
+    return vec4<f32>(spv[at], spv[at + 1u], spv[at + 2u], spv[at + 3u]);
 }
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
@@ -90,36 +118,30 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
     let nrg = (r.n + 3u) / 4u;
+    let nrb = (r.n + MM - 1u) / MM;
     let i = lid / 8u;
     let part = lid % 8u;
     let size = subgroupAdd(1u);
     let sg = lid / size;
     let nsg = WG / size;
-    // The queries (in smem as f32 since attn_begin) as f16, zero past Dk.
-    for (var x = lid; x < ROWS * DKP; x += WG) {
-        let e = x % DKP;
-        let row = x / DKP;
-        var val = 0.0;
-        if e < DK {
-            val = smem[row * dk4() + e / 4u][e % 4u];
-        }
-        qh[row * QS + e] = f16(val);
-    }
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
         let nkb = (nk + MM - 1u) / MM;
         store_tile_h(lid, nk, DK, DKP);
         workgroupBarrier();
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
-        // Scores of 16 keys per block: Q [ROWS, DKP] x K^T (the tile read column-major).
-        for (var kb = sg; kb < nkb; kb += nsg) {
+        // Scores of 16 rows x 16 keys per block: Q [ROWS, DKP] x K^T (the tile read
+        // column-major).
+        for (var x = sg; x < nrb * nkb; x += nsg) {
+            let rb = x / nkb;
+            let kb = x % nkb;
             var s = coop_mat16x16<f32, C>();
             for (var d0 = 0u; d0 < DKP; d0 += MM) {
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&qh[d0], QS);
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&qh[rb * MM * QS + d0], QS);
                 let b = coopLoad<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + d0], TS);
                 s = coopMultiplyAdd(a, b, s);
             }
-            coopStoreT(s, &scores[kb * MM], KT_MAX);
+            coopStoreT(s, &spv[rb * MM * KT_MAX + kb * MM], KT_MAX);
         }
         workgroupBarrier();
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
@@ -129,30 +151,34 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         for (var j = part; j < kt; j += 8u) {
             let t = t0 + j;
             let inside = j < nk && i < r.n && t >= row_lo[i] && t < row_hi[i];
-            let s = select(NEG_BIG, scores[i * KT_MAX + j] * params.scale, inside);
-            scores[i * KT_MAX + j] = s;
+            let s = select(NEG_BIG, spv[i * KT_MAX + j] * params.scale, inside);
+            spv[i * KT_MAX + j] = s;
             keep1(r, i, t, s);
             m = max(m, s);
         }
         let m_new = max(run_max, row_max8(lid, m));
         var sum = 0.0;
         for (var j = part; j < kt; j += 8u) {
-            let s = scores[i * KT_MAX + j];
+            let s = spv[i * KT_MAX + j];
             let p = f16(select(exp(s - m_new), 0.0, s == NEG_BIG));
             ph[i * KT_MAX + j] = p;
             sum += f32(p);
         }
+        // Its barrier also ends every read of the scores, which the products replace.
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
-        // This tile's output, 16 dims per block: P [ROWS, 16 * nkb] x V.
-        for (var cb = sg; cb < DVP / MM; cb += nsg) {
+        // This tile's output, 16 rows x 16 dims per block: P [ROWS, 16 * nkb] x V.
+        let ncb = DVP / MM;
+        for (var x = sg; x < nrb * ncb; x += nsg) {
+            let rb = x / ncb;
+            let cb = x % ncb;
             var o = coop_mat16x16<f32, C>();
             for (var kb = 0u; kb < nkb; kb++) {
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[kb * MM], KT_MAX);
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * KT_MAX + kb * MM], KT_MAX);
                 let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
                 o = coopMultiplyAdd(a, b, o);
             }
-            coopStoreT(o, &pv[cb * MM], DVP);
+            coopStoreT(o, &spv[rb * MM * DVP + cb * MM], DVP);
         }
         workgroupBarrier();
         let items = nrg * dv4;

@@ -10,6 +10,19 @@
 // invocations (Dv <= 128 at 8 invocations per row).
 override SPLIT_KEYS: bool = (ROWS / 8u) * ((DV + 3u) / 4u) * 2u <= WG;
 
+// The queries and the staged output live in `smem` (qk.wgsl), before and after the tiles.
+fn core_queries(lid: u32, n: u32, nh: u32, base: u32) {
+    load_queries(lid, n, nh, base);
+}
+
+fn stage_put(at: u32, x: vec4<f32>) {
+    smem[at] = x;
+}
+
+fn stage_get(at: u32) -> vec4<f32> {
+    return smem[at];
+}
+
 // One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
 // accumulation reads four probabilities of a row with one load.
 var<workgroup> scores: array<vec4<f32>, SCORES4>;

@@ -61,19 +61,23 @@ fn tile_at(j: u32, e: u32) -> u32 {
 fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
     let dk4 = dk4();
     for (var x = lid; x < ROWS * dk4; x += WG) {
-        let i = x / dk4;
-        let e = (x % dk4) * 4u;
-        var val = vec4<f32>(0.0);
-        if i < n {
-            let at = params.off_q + (base + (i / nh) * params.hq + i % nh) * DK + e;
-            for (var c = 0u; c < 4u; c++) {
-                if e + c < DK {
-                    val[c] = load_q1(at + c);
-                }
+        smem[x] = query_vec4(x / dk4, (x % dk4) * 4u, n, nh, base);
+    }
+}
+
+// Elements e .. e + 3 of query row i as load_queries numbers them: zero past Dk and for
+// rows i >= n.
+fn query_vec4(i: u32, e: u32, n: u32, nh: u32, base: u32) -> vec4<f32> {
+    var val = vec4<f32>(0.0);
+    if i < n {
+        let at = params.off_q + (base + (i / nh) * params.hq + i % nh) * DK + e;
+        for (var c = 0u; c < 4u; c++) {
+            if e + c < DK {
+                val[c] = load_q1(at + c);
             }
         }
-        smem[x] = val;
     }
+    return val;
 }
 
 // vec4s one invocation loads per tile at most: SMEM4_MAX / 128 (Rust's `SMEM4_MAX`; the
