@@ -65,8 +65,10 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
         if x < nk * d4 {
             let at = (x / d4) * TS + (x % d4) * 4u;
             let val = tile_vec4(i, x, d);
+            // Whole vec4s (every one where d is a multiple of 4) without a test per element.
+            let whole = whole_vec4(x, d);
             for (var c = 0u; c < 4u; c++) {
-                if (x % d4) * 4u + c < d {
+                if whole || (x % d4) * 4u + c < d {
                     kvh[at + c] = f16(val[c]);
                 }
             }
@@ -147,21 +149,24 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
         // invocations, zero for masked keys and past the tile.
         store_tile_h(lid, nk, DV, DVP);
+        // The invocation's keys j = part + 8 * c stay in registers between the two passes.
+        var sc: array<f32, KT_MAX / 8u>;
         var m = NEG_BIG;
-        for (var j = part; j < kt; j += 8u) {
+        let lo = row_lo[i];
+        let hi = row_hi[i];
+        for (var c = 0u; c < kt / 8u; c++) {
+            let j = part + 8u * c;
             let t = t0 + j;
-            let inside = j < nk && i < r.n && t >= row_lo[i] && t < row_hi[i];
-            let s = select(NEG_BIG, spv[i * KT_MAX + j] * params.scale, inside);
-            spv[i * KT_MAX + j] = s;
-            keep1(r, i, t, s);
-            m = max(m, s);
+            let inside = j < nk && i < r.n && t >= lo && t < hi;
+            sc[c] = select(NEG_BIG, spv[i * KT_MAX + j] * params.scale, inside);
+            keep1(r, i, t, sc[c]);
+            m = max(m, sc[c]);
         }
         let m_new = max(run_max, row_max8(lid, m));
         var sum = 0.0;
-        for (var j = part; j < kt; j += 8u) {
-            let s = spv[i * KT_MAX + j];
-            let p = f16(select(exp(s - m_new), 0.0, s == NEG_BIG));
-            ph[i * KT_MAX + j] = p;
+        for (var c = 0u; c < kt / 8u; c++) {
+            let p = f16(select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG));
+            ph[i * KT_MAX + part + 8u * c] = p;
             sum += f32(p);
         }
         // Its barrier also ends every read of the scores, which the products replace.
