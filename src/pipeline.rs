@@ -25,7 +25,7 @@ pub struct GpuContext {
     pub adapter_info: wgpu::AdapterInfo,
     /// Whether the device was created with `EXPERIMENTAL_COOPERATIVE_MATRIX` on an adapter
     /// that multiplies 16x16x16 cooperative matrices of f16 into f32 (tensor cores): the
-    /// attention core can then run on them for f16-stored inputs (opt-in, see
+    /// attention core then runs on them for f16-stored inputs (by default, see
     /// [`NsaPipeline::set_tensor_cores`]). [`GpuContext::new`] finds out; with
     /// [`GpuContext::from_device`] it is `false` unless the caller sets it.
     pub coop_f16: bool,
@@ -447,8 +447,8 @@ impl NsaPipeline {
             compiled: Mutex::new(HashMap::new()),
             f16: ctx.device.features().contains(wgpu::Features::SHADER_F16),
             subgroups: subgroups_usable(ctx),
-            // Opt-in (see Self::tensor_cores).
-            tensor_cores: false,
+            // Wherever the device has them (see Self::tensor_cores).
+            tensor_cores: tensor_cores_usable(ctx),
             bounds_checks: false,
             limits: device_limits(&lim),
             dummy,
@@ -894,9 +894,9 @@ impl NsaPipeline {
     /// matrices with f16 operands and f32 accumulation (probabilities round to f16), where
     /// [`Self::set_tensor_cores`] asked for them, the device has them
     /// ([`GpuContext::coop_f16`]) and subgroup reductions are on; f32 inputs always run on
-    /// the shader cores. Off by default: on an H200 the tensor-core kernels (16 rows per
-    /// workgroup, so only selected attention uses them in long prefills) gain about 1%
-    /// (f16 prefill at 64k 488.8 against 490.6 ms, selected attention 150.9 against 153.1).
+    /// the shader cores. On by default where the device has them: on an H200 f16 prefill
+    /// at 64k takes 317 ms with them against 493 on the shader cores, 21.6 against 31.9 ms
+    /// at 8k (BENCHMARKS.md).
     pub fn tensor_cores(&self) -> bool {
         self.tensor_cores && self.subgroups
     }

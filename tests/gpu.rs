@@ -424,6 +424,8 @@ fn bounds_checked_kernels_write_the_same_bits() {
     assert!(!checked.bounds_checks());
     assert!(checked.set_bounds_checks(true));
     checked.set_subgroup_reductions(pipeline().subgroup_reductions());
+    // The same core as pipeline() (tensor cores are the default where the adapter has them).
+    checked.set_tensor_cores(pipeline().tensor_cores());
     let (tiny_shape, tiny_limits) = tiny();
     let cases = [
         (small(), Shape::prefill(1, 63, 3, 1, 100, 64), None),
@@ -487,11 +489,26 @@ fn bounds_checked_kernels_write_the_same_bits() {
         ),
     ] {
         let data = Data::new(&cfg, &shape, false, 91);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let a = run_f16(pipeline(), &cfg, &shape, &data);
         let b = run_f16(&checked, &cfg, &shape, &data);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert!(bits(&a.out) == bits(&b.out), "f16 {shape:?}: out differs");
         assert_eq!(a.block_indices, b.block_indices, "f16 {shape:?}");
+        // The tensor-core core, where the adapter has it, against itself with bounds checks.
+        if let Some(tc) = common::tensor_core_pipeline() {
+            checked.set_tensor_cores(true);
+            let a = run_f16(tc, &cfg, &shape, &data);
+            let b = run_f16(&checked, &cfg, &shape, &data);
+            checked.set_tensor_cores(false);
+            assert!(
+                bits(&a.out) == bits(&b.out),
+                "f16 {shape:?} tensor cores: out differs"
+            );
+            assert_eq!(
+                a.block_indices, b.block_indices,
+                "f16 {shape:?} tensor cores"
+            );
+        }
     }
 }
 

@@ -81,10 +81,10 @@ pub struct BenchArgs {
     /// Milliseconds of warm-up work before each timed run.
     #[arg(long, default_value_t = 20)]
     warm_ms: u64,
-    /// Run f16 attention on tensor cores (cooperative matrices) where the adapter has them;
-    /// by default it runs on the shader cores, which were faster on an H200.
+    /// Run f16 attention on the shader cores even where the adapter has tensor cores
+    /// (cooperative matrices), which it uses by default.
     #[arg(long)]
-    tensor_cores: bool,
+    shader_cores: bool,
     /// Compile the kernels with naga's bounds checks (every array index clamped), to measure
     /// what the library saves by leaving them out.
     #[arg(long)]
@@ -102,7 +102,7 @@ pub struct BenchArgs {
 fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let mut pipe = args.adapter.pipeline()?;
     let subgroups = pipe.set_subgroup_reductions(!args.no_subgroups);
-    let tensor_cores = pipe.set_tensor_cores(args.tensor_cores);
+    let tensor_cores = pipe.set_tensor_cores(!args.shader_cores);
     let checks = pipe.set_bounds_checks(args.bounds_checks);
     pipe.set_kept_scores(args.kept_mib << 20);
     let on = |b: bool| if b { "on" } else { "off" };

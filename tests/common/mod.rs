@@ -6,36 +6,41 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
 /// The GPU pipeline shared by a test binary's tests (lavapipe in CI), with subgroup
-/// reductions where the adapter has them; prints the adapter.
+/// reductions where the adapter has them and every product on the shader cores (the plain
+/// core; tensor_core_pipeline has the other); prints the adapter.
 pub fn pipeline() -> &'static nsa_wgpu::NsaPipeline {
     static PIPE: std::sync::OnceLock<nsa_wgpu::NsaPipeline> = std::sync::OnceLock::new();
-    PIPE.get_or_init(|| make_pipeline(true))
+    PIPE.get_or_init(|| make_pipeline(true, false))
 }
 
 /// A second pipeline on the same kind of adapter that always uses the workgroup-memory
 /// reductions (the fallback browsers get).
 pub fn fallback_pipeline() -> &'static nsa_wgpu::NsaPipeline {
     static PIPE: std::sync::OnceLock<nsa_wgpu::NsaPipeline> = std::sync::OnceLock::new();
-    PIPE.get_or_init(|| make_pipeline(false))
+    PIPE.get_or_init(|| make_pipeline(false, false))
 }
 
-/// A third pipeline with the tensor-core attention core (opt-in) for f16 inputs, where the
-/// adapter has it (the H200; not lavapipe).
+/// A third pipeline with the tensor-core attention core for f16 inputs (the default where
+/// the adapter has it: the H200; not lavapipe), or `None` without it.
 pub fn tensor_core_pipeline() -> Option<&'static nsa_wgpu::NsaPipeline> {
     static PIPE: std::sync::OnceLock<Option<nsa_wgpu::NsaPipeline>> = std::sync::OnceLock::new();
     PIPE.get_or_init(|| {
-        let mut pipe = make_pipeline(true);
-        pipe.set_tensor_cores(true).then_some(pipe)
+        let pipe = make_pipeline(true, true);
+        pipe.tensor_cores().then_some(pipe)
     })
     .as_ref()
 }
 
-fn make_pipeline(subgroups: bool) -> nsa_wgpu::NsaPipeline {
+fn make_pipeline(subgroups: bool, tensor_cores: bool) -> nsa_wgpu::NsaPipeline {
     let ctx =
         pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
     let mut pipe = pollster::block_on(nsa_wgpu::NsaPipeline::new(&ctx)).expect("pipeline");
     let on = pipe.set_subgroup_reductions(subgroups);
-    eprintln!("adapter: {}; subgroup reductions: {on}", ctx.describe());
+    let tc = pipe.set_tensor_cores(tensor_cores);
+    eprintln!(
+        "adapter: {}; subgroup reductions: {on}; tensor cores: {tc}",
+        ctx.describe()
+    );
     pipe
 }
 
