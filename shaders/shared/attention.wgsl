@@ -9,8 +9,9 @@
 // multiply-adds; or subgroups multiply 16x16 blocks on tensor cores (attn_mma.wgsl).
 //
 // The tile loop (`#import attn_tiles`) defines attn_keys, SPLIT_KEYS, core_queries (loads
-// the queries as load_queries numbers them) and stage_put / stage_get (the output's staging
-// after the last tile, [ROWS, dv4()] vec4s).
+// the queries as load_queries numbers them) and stage_put / stage_get / staged (the
+// output's staging after the last tile, [ROWS, dv4()] vec4s: a vec4 in and out, or one
+// element out).
 
 #import qk
 #import reduce
@@ -272,7 +273,7 @@ fn normalized(o: vec4<f32>, i: u32) -> vec4<f32> {
 
 // Element e of owned row i's output, after attn_finish.
 fn attn_out(i: u32, e: u32) -> f32 {
-    return stage_get(i * dv4() + e / 4u)[e % 4u];
+    return staged(i * dv4() + e / 4u, e % 4u);
 }
 
 // Partials mode (params.partials != 0; always when params.splits > 1): each workgroup stores, per owned row, its DV unnormalised

@@ -21,13 +21,18 @@ override QS: u32 = DKP + 8u;
 override TS: u32 = select(DVP, DKP, DKP > DVP) + 8u;
 override QH_LEN: u32 = ROWS * QS;
 override KVH_LEN: u32 = KT * TS;
-override PH_LEN: u32 = ROWS * KT_MAX;
-override SPV_LEN: u32 = ROWS * select(KT_MAX, DVP, DVP > KT_MAX);
+// Row strides of the scores (f32) and the probabilities (f16), padded so that the four rows
+// a subgroup's softmax reads or writes at once (8 invocations each, one tile column
+// apart) start in different banks: 72 floats, 80 halves (Rust's `mma_workgroup_bytes`).
+const SS: u32 = KT_MAX + 8u;
+const PS: u32 = KT_MAX + 16u;
+override PH_LEN: u32 = ROWS * PS;
+override SPV_LEN: u32 = ROWS * select(SS, DVP, DVP > SS);
 
 var<workgroup> qh: array<f16, QH_LEN>;    // [ROWS, QS] queries
 var<workgroup> kvh: array<f16, KVH_LEN>;  // [KT, TS] the key tile, then the value tile
-var<workgroup> ph: array<f16, PH_LEN>;    // [ROWS, KT_MAX] probabilities
-// One tile's scores ([ROWS, KT_MAX]) until its probabilities are out, then its
+var<workgroup> ph: array<f16, PH_LEN>;    // [ROWS, PS] probabilities
+// One tile's scores ([ROWS, SS]) until its probabilities are out, then its
 // probabilities x values ([ROWS, DVP]); after the last tile the staged output ([ROWS,
 // dv4()] vec4s). `smem` (qk.wgsl) goes unused: its SMEM4 is 1.
 var<workgroup> spv: array<f32, SPV_LEN>;
@@ -53,6 +58,10 @@ fn stage_put(at: u32, x: vec4<f32>) {
 
 fn stage_get(at: u32) -> vec4<f32> {
     return vec4<f32>(spv[at * 4u], spv[at * 4u + 1u], spv[at * 4u + 2u], spv[at * 4u + 3u]);
+}
+
+fn staged(at: u32, c: u32) -> f32 {
+    return spv[at * 4u + c];
 }
 
 // Stores what fetch_tile fetched (`nk` rows of width `d`) into kvh as f16, and zeros the
@@ -143,7 +152,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
                 let b = coopLoad<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + d0], TS);
                 s = coopMultiplyAdd(a, b, s);
             }
-            coopStoreT(s, &spv[rb * MM * KT_MAX + kb * MM], KT_MAX);
+            coopStoreT(s, &spv[rb * MM * SS + kb * MM], SS);
         }
         workgroupBarrier();
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
@@ -158,7 +167,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             let j = part + 8u * c;
             let t = t0 + j;
             let inside = j < nk && i < r.n && t >= lo && t < hi;
-            sc[c] = select(NEG_BIG, spv[i * KT_MAX + j] * params.scale, inside);
+            sc[c] = select(NEG_BIG, spv[i * SS + j] * params.scale, inside);
             keep1(r, i, t, sc[c]);
             m = max(m, sc[c]);
         }
@@ -166,7 +175,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         var sum = 0.0;
         for (var c = 0u; c < kt / 8u; c++) {
             let p = f16(select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG));
-            ph[i * KT_MAX + part + 8u * c] = p;
+            ph[i * PS + part + 8u * c] = p;
             sum += f32(p);
         }
         // Its barrier also ends every read of the scores, which the products replace.
@@ -179,7 +188,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             let cb = x % ncb;
             var o = coop_mat16x16<f32, C>();
             for (var kb = 0u; kb < nkb; kb++) {
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * KT_MAX + kb * MM], KT_MAX);
+                let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * PS + kb * MM], PS);
                 let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
                 o = coopMultiplyAdd(a, b, o);
             }

@@ -23,6 +23,10 @@ fn stage_get(at: u32) -> vec4<f32> {
     return smem[at];
 }
 
+fn staged(at: u32, c: u32) -> f32 {
+    return smem[at][c];
+}
+
 // One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
 // accumulation reads four probabilities of a row with one load.
 var<workgroup> scores: array<vec4<f32>, SCORES4>;
