@@ -272,11 +272,12 @@ pub const WIDE_ROWS: u32 = 32;
 pub fn mma_workgroup_bytes(dk: u32, dv: u32, kv_tile: u32, rows: u32) -> u32 {
     let (dkp, dvp) = (dk.div_ceil(16) * 16, dv.div_ceil(16) * 16);
     let (qs, ts) = (dkp + 8, dkp.max(dvp) + 8);
-    // The probabilities' and the scores' rows are 64 + 16 halves and 64 + 8 floats (PS, SS).
+    // The probabilities', the scores' and the products' rows are 64 + 8 halves, 64 + 8
+    // floats and dvp + 8 floats (PS, SS, VS).
     6 * rows * 4
         + 16 * MMA_SMEM4
-        + 2 * (rows * qs + kv_tile * ts + rows * 80)
-        + 4 * rows * dvp.max(72)
+        + 2 * (rows * qs + kv_tile * ts + rows * 72)
+        + 4 * rows * (dvp + 8).max(72)
 }
 
 /// `smem` of the tensor-core kernels, in vec4s: declared by the shared code, unused.

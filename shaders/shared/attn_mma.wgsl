@@ -21,19 +21,21 @@ override QS: u32 = DKP + 8u;
 override TS: u32 = select(DVP, DKP, DKP > DVP) + 8u;
 override QH_LEN: u32 = ROWS * QS;
 override KVH_LEN: u32 = KT * TS;
-// Row strides of the scores (f32) and the probabilities (f16), padded so that the four rows
-// a subgroup's softmax reads or writes at once (8 invocations each, one tile column
-// apart) start in different banks: 72 floats, 80 halves (Rust's `mma_workgroup_bytes`).
+// Row strides of the scores (f32), the probabilities (f16) and the products (f32), padded
+// so that the four rows a subgroup's softmax reads or writes at once (8 invocations each,
+// one tile column apart), and the rows of a matrix a subgroup stores, start in different
+// banks: 72 floats, 72 halves, Dv + 8 floats (Rust's `mma_workgroup_bytes`).
 const SS: u32 = KT_MAX + 8u;
-const PS: u32 = KT_MAX + 16u;
+const PS: u32 = KT_MAX + 8u;
+override VS: u32 = DVP + 8u;
 override PH_LEN: u32 = ROWS * PS;
-override SPV_LEN: u32 = ROWS * select(SS, DVP, DVP > SS);
+override SPV_LEN: u32 = ROWS * select(SS, VS, VS > SS);
 
 var<workgroup> qh: array<f16, QH_LEN>;    // [ROWS, QS] queries
 var<workgroup> kvh: array<f16, KVH_LEN>;  // [KT, TS] the key tile, then the value tile
 var<workgroup> ph: array<f16, PH_LEN>;    // [ROWS, PS] probabilities
 // One tile's scores ([ROWS, SS]) until its probabilities are out, then its
-// probabilities x values ([ROWS, DVP]); after the last tile the staged output ([ROWS,
+// probabilities x values ([ROWS, VS]); after the last tile the staged output ([ROWS,
 // dv4()] vec4s). `smem` (qk.wgsl) goes unused: its SMEM4 is 1.
 var<workgroup> spv: array<f32, SPV_LEN>;
 
@@ -111,7 +113,7 @@ fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
 }
 
 fn pv_at(i: u32, e: u32) -> vec4<f32> {
-    let at = i * DVP + e * 4u;
+    let at = i * VS + e * 4u;
     return vec4<f32>(spv[at], spv[at + 1u], spv[at + 2u], spv[at + 3u]);
 }
 
@@ -192,7 +194,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
                 let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
                 o = coopMultiplyAdd(a, b, o);
             }
-            coopStoreT(o, &spv[rb * MM * DVP + cb * MM], DVP);
+            coopStoreT(o, &spv[rb * MM * VS + cb * MM], VS);
         }
         workgroupBarrier();
         let items = nrg * dv4;
