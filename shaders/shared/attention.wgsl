@@ -106,8 +106,8 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 // Loads the queries and resets the softmax state, after issuing the loads of the first key
 // tile of `first` (the range the first attn_keys call attends, `stride` rows per sequence;
 // uniform, possibly empty), so that they are in flight together with the queries' (and
-// attn_keys finds that tile in `pre`). Call once first; then set row_lo and row_hi for every row (empty for i >= n) and barrier before
-// attn_keys.
+// attn_keys finds that tile in `pre`). Call once first; then set row_lo and row_hi for
+// every row (empty for i >= n) and barrier before attn_keys.
 fn attn_begin(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
     if first.x < first.y {
         fetch_tile(lid, attn_kv(r, stride, first.x, true), min(KT, first.y - first.x), DK, true);
