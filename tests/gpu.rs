@@ -729,6 +729,13 @@ fn check_f16(pipe: &NsaPipeline) {
             small(),
             Shape::prefill(1, 70, 4, 2, 50, 30),
         ),
+        // A group of 3 heads: 10 queries x 3 heads = 30 rows per wide workgroup, so the
+        // tensor cores' second row block is partly past the owned rows.
+        (
+            "f16 group of 3",
+            small(),
+            Shape::prefill(1, 130, 6, 2, 64, 48),
+        ),
         (
             "f16 split",
             small(),
