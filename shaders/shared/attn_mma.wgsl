@@ -189,7 +189,9 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             let rb = x / ncb;
             let cb = x % ncb;
             var o = coop_mat16x16<f32, C>();
-            for (var kb = 0u; kb < nkb; kb++) {
+            // Over every key block of the tile, a constant count: past the tile's keys the
+            // probabilities and values are zero.
+            for (var kb = 0u; kb < KT / MM; kb++) {
                 let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * PS + kb * MM], PS);
                 let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
                 o = coopMultiplyAdd(a, b, o);
