@@ -117,6 +117,14 @@ fn pv_at(i: u32, e: u32) -> vec4<f32> {
     return vec4<f32>(spv[at], spv[at + 1u], spv[at + 2u], spv[at + 3u]);
 }
 
+// o plus the probabilities of row block rb and key block kb times the values of key block
+// kb and output block cb.
+fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16<f32, C> {
+    let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * PS + kb * MM], PS);
+    let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
+    return coopMultiplyAdd(a, b, o);
+}
+
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
 // the range's first key tile already fetched into `pre`: by attn_begin (its `first`) for a
@@ -183,20 +191,23 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // Its barrier also ends every read of the scores, which the products replace.
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
-        // This tile's output, 16 rows x 16 dims per block: P [ROWS, 16 * nkb] x V.
+        // This tile's output, 16 rows x 16 dims per block: P [ROWS, KT] x V, two blocks at
+        // a time per subgroup (x and y = x + nsg), so that their loads and products
+        // interleave; a subgroup left with one block takes it twice (y = x).
         let ncb = DVP / MM;
-        for (var x = sg; x < nrb * ncb; x += nsg) {
-            let rb = x / ncb;
-            let cb = x % ncb;
+        let nb = nrb * ncb;
+        for (var x = sg; x < nb; x += 2u * nsg) {
+            let y = select(x, x + nsg, x + nsg < nb);
             var o = coop_mat16x16<f32, C>();
+            var o2 = coop_mat16x16<f32, C>();
             // Over every key block of the tile, a constant count: past the tile's keys the
             // probabilities and values are zero.
             for (var kb = 0u; kb < KT / MM; kb++) {
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * PS + kb * MM], PS);
-                let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
-                o = coopMultiplyAdd(a, b, o);
+                o = pv_step(o, x / ncb, x % ncb, kb);
+                o2 = pv_step(o2, y / ncb, y % ncb, kb);
             }
-            coopStoreT(o, &spv[rb * MM * VS + cb * MM], VS);
+            coopStoreT(o, &spv[(x / ncb) * MM * VS + (x % ncb) * MM], VS);
+            coopStoreT(o2, &spv[(y / ncb) * MM * VS + (y % ncb) * MM], VS);
         }
         workgroupBarrier();
         let items = nrg * dv4;
