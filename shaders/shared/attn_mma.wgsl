@@ -147,15 +147,15 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
     let nsg = WG / size;
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
-        let nkb = (nk + MM - 1u) / MM;
         store_tile_h(lid, nk, DK, DKP);
         workgroupBarrier();
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
         // Scores of 16 rows x 16 keys per block: Q [ROWS, DKP] x K^T (the tile read
-        // column-major).
-        for (var x = sg; x < nrb * nkb; x += nsg) {
-            let rb = x / nkb;
-            let kb = x % nkb;
+        // column-major), for every key block of the tile (a constant count: past the
+        // tile's keys the key rows are zero and their scores masked below).
+        for (var x = sg; x < nrb * (KT / MM); x += nsg) {
+            let rb = x / (KT / MM);
+            let kb = x % (KT / MM);
             var s = coop_mat16x16<f32, C>();
             for (var d0 = 0u; d0 < DKP; d0 += MM) {
                 let a = coopLoadT<coop_mat16x16<f16, A>>(&qh[rb * MM * QS + d0], QS);
