@@ -59,7 +59,12 @@ fn stage_put(at: u32, x: vec4<f32>) {
 }
 
 fn stage_get(at: u32) -> vec4<f32> {
-    return vec4<f32>(spv[at * 4u], spv[at * 4u + 1u], spv[at * 4u + 2u], spv[at * 4u + 3u]);
+    return spv4(at * 4u);
+}
+
+// spv[at .. at + 3].
+fn spv4(at: u32) -> vec4<f32> {
+    return vec4<f32>(spv[at], spv[at + 1u], spv[at + 2u], spv[at + 3u]);
 }
 
 fn staged(at: u32, c: u32) -> f32 {
@@ -105,16 +110,11 @@ const SPLIT_KEYS: bool = false;
 fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
     let i = rg * 4u;
     return Acc(
-        a.r0 * row_alpha[i] + pv_at(i, e),
-        a.r1 * row_alpha[i + 1u] + pv_at(i + 1u, e),
-        a.r2 * row_alpha[i + 2u] + pv_at(i + 2u, e),
-        a.r3 * row_alpha[i + 3u] + pv_at(i + 3u, e),
+        a.r0 * row_alpha[i] + spv4(i * VS + e * 4u),
+        a.r1 * row_alpha[i + 1u] + spv4((i + 1u) * VS + e * 4u),
+        a.r2 * row_alpha[i + 2u] + spv4((i + 2u) * VS + e * 4u),
+        a.r3 * row_alpha[i + 3u] + spv4((i + 3u) * VS + e * 4u),
     );
-}
-
-fn pv_at(i: u32, e: u32) -> vec4<f32> {
-    let at = i * VS + e * 4u;
-    return vec4<f32>(spv[at], spv[at + 1u], spv[at + 2u], spv[at + 3u]);
 }
 
 // o plus the probabilities of row block rb and key block kb times the values of key block

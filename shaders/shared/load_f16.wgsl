@@ -17,10 +17,17 @@ fn load_k1(at: u32) -> f32 {
 // With Dk odd the elements are unpacked at once (their bits in the words).
 fn raw_k4(at: u32) -> in_raw {
     let w = at >> 1u;
-    if DK % 2u == 0u {
-        return vec4<u32>(k[w], k[w + 1u], 0u, 0u);
+    return raw_words(at, DK, k[w], k[w + 1u], k[w + 2u * (at & 1u)]);
+}
+
+// raw_k4 (raw_v4) from the words at / 2 .. at / 2 + 2 of k (v) as `quad` takes them, for
+// rows of width `d`: with `d` even only the first two (the third load is then unused, and
+// compiled out).
+fn raw_words(at: u32, d: u32, a: u32, b: u32, c: u32) -> in_raw {
+    if d % 2u == 0u {
+        return vec4<u32>(a, b, 0u, 0u);
     }
-    return bitcast<vec4<u32>>(quad(at, k[w], k[w + 1u], k[w + 2u * (at & 1u)]));
+    return bitcast<vec4<u32>>(quad(at, a, b, c));
 }
 
 // The elements of raw_k4's (raw_v4's) words, for tile rows of width `d` (Dk or Dv).

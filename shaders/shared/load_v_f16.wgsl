@@ -7,8 +7,5 @@ fn load_v1(at: u32) -> f32 {
 // As raw_k4: with Dv even, at is even and the words stay packed.
 fn raw_v4(at: u32) -> in_raw {
     let w = at >> 1u;
-    if DV % 2u == 0u {
-        return vec4<u32>(v[w], v[w + 1u], 0u, 0u);
-    }
-    return bitcast<vec4<u32>>(quad(at, v[w], v[w + 1u], v[w + 2u * (at & 1u)]));
+    return raw_words(at, DV, v[w], v[w + 1u], v[w + 2u * (at & 1u)]);
 }
