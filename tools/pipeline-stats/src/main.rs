@@ -8,11 +8,12 @@
 //!
 //! ```text
 //! cargo run --release -p pipeline-stats -- --t 16384 --hq 64 --hkv 4 --dk 128 --dv 128
+//! cargo run --release -p pipeline-stats -- --t 16384 --precision f16 --tensor-cores
 //! ```
 
 use ash::vk;
-use clap::Parser;
-use nsa_wgpu::kernels::KernelId;
+use clap::{Parser, ValueEnum};
+use nsa_wgpu::kernels::{mma_specialization, KernelId, Specialization};
 use nsa_wgpu::shaders::Variant;
 use nsa_wgpu::{DeviceLimits, NsaConfig, Plan, Precision, Shape};
 use std::ffi::CStr;
@@ -45,6 +46,46 @@ struct Args {
     /// Compile the workgroup-memory row reductions instead of the subgroup ones.
     #[arg(long)]
     no_subgroups: bool,
+    /// How the inputs are stored (f16 needs shaderFloat16 and 16-bit storage buffers).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Storage,
+    /// The attention kernels on tensor cores, as the crate compiles them for f16 inputs on
+    /// devices with cooperative matrices (needs `--precision f16`, subgroup reductions and
+    /// VK_KHR_cooperative_matrix).
+    #[arg(long)]
+    tensor_cores: bool,
+}
+
+/// `--precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Storage {
+    F32,
+    F16,
+}
+
+/// How the kernels are compiled: the inputs' storage, subgroup reductions, tensor cores.
+#[derive(Debug, Clone, Copy)]
+struct Build {
+    precision: Precision,
+    subgroups: bool,
+    tensor_cores: bool,
+}
+
+impl Build {
+    fn of(args: &Args) -> Result<Build, String> {
+        let precision = match args.precision {
+            Storage::F32 => Precision::F32,
+            Storage::F16 => Precision::F16,
+        };
+        if args.tensor_cores && (precision != Precision::F16 || args.no_subgroups) {
+            return Err("--tensor-cores needs --precision f16 and subgroup reductions".into());
+        }
+        Ok(Build {
+            precision,
+            subgroups: !args.no_subgroups,
+            tensor_cores: args.tensor_cores,
+        })
+    }
 }
 
 /// One pipeline the plan needs: a kernel, its rows per workgroup, whether it keeps scores.
@@ -71,12 +112,29 @@ fn kernels_of(plan: &Plan) -> Vec<Kernel> {
     out
 }
 
+/// The specialization `k` compiles with in `plan` as `build` asks (the pipeline's choice:
+/// the tensor-core core's own tiles for attention kernels where they fit `workgroup_storage`),
+/// and whether it runs on tensor cores.
+fn specialization(
+    plan: &Plan,
+    k: Kernel,
+    build: Build,
+    workgroup_storage: u32,
+) -> (Specialization, bool) {
+    let plain = plan.specialization(k.rows);
+    let mma = (build.tensor_cores && k.id.attention_core())
+        .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, k.rows))
+        .flatten();
+    (mma.unwrap_or(plain), mma.is_some())
+}
+
 /// SPIR-V of `k` specialised for `plan`, as the crate compiles it.
-fn spirv(plan: &Plan, k: Kernel, subgroups: bool) -> Result<Vec<u32>, String> {
+fn spirv(plan: &Plan, k: Kernel, build: Build, workgroup_storage: u32) -> Result<Vec<u32>, String> {
+    let (spec, tensor_cores) = specialization(plan, k, build, workgroup_storage);
     let variant = Variant {
-        precision: Precision::F32,
-        subgroups,
-        tensor_cores: false,
+        precision: build.precision,
+        subgroups: build.subgroups,
+        tensor_cores,
         kept: k.kept,
     };
     let src = nsa_wgpu::shaders::source_variant(k.id.name(), &variant)
@@ -88,8 +146,7 @@ fn spirv(plan: &Plan, k: Kernel, subgroups: bool) -> Result<Vec<u32>, String> {
     )
     .validate(&module)
     .map_err(|e| format!("{e:?}"))?;
-    let constants: naga::back::PipelineConstants = plan
-        .specialization(k.rows)
+    let constants: naga::back::PipelineConstants = spec
         .constants_for(k.id)
         .into_iter()
         .map(|(n, v)| (n.to_string(), v))
@@ -122,7 +179,9 @@ fn spirv(plan: &Plan, k: Kernel, subgroups: bool) -> Result<Vec<u32>, String> {
     naga::back::spv::write_vec(&module, &info, &options, Some(&pipeline)).map_err(|e| e.to_string())
 }
 
-/// A Vulkan device with pipeline executable properties enabled.
+/// A Vulkan device with pipeline executable properties enabled, and what a [`Build`] needs:
+/// f16 arithmetic and 16-bit storage for f16 inputs, cooperative matrices and the Vulkan
+/// memory model (which naga's cooperative-matrix SPIR-V declares) for tensor cores.
 struct Gpu {
     _entry: ash::Entry,
     instance: ash::Instance,
@@ -133,7 +192,7 @@ struct Gpu {
 }
 
 impl Gpu {
-    fn new() -> Result<Gpu, String> {
+    fn new(build: Build) -> Result<Gpu, String> {
         // SAFETY: plain Vulkan calls on objects created here, in order, destroyed in Drop.
         unsafe {
             let entry = ash::Entry::load().map_err(|e| format!("no Vulkan loader: {e}"))?;
@@ -166,21 +225,64 @@ impl Gpu {
             let name = CStr::from_ptr(props.device_name.as_ptr())
                 .to_string_lossy()
                 .into_owned();
+            let mut has11 = vk::PhysicalDeviceVulkan11Features::default();
+            let mut has12 = vk::PhysicalDeviceVulkan12Features::default();
+            let mut has = vk::PhysicalDeviceFeatures2::default()
+                .push_next(&mut has11)
+                .push_next(&mut has12);
+            instance.get_physical_device_features2(pd, &mut has);
+            let coop = ash::khr::cooperative_matrix::NAME;
+            let has_coop = instance
+                .enumerate_device_extension_properties(pd)
+                .unwrap_or_default()
+                .iter()
+                .any(|p| p.extension_name_as_c_str() == Ok(coop));
+            let f16 = build.precision == Precision::F16;
+            let lacks = if f16 && has12.shader_float16 == vk::FALSE {
+                Some("shaderFloat16 (--precision f16)")
+            } else if build.tensor_cores && !has_coop {
+                Some("VK_KHR_cooperative_matrix (--tensor-cores)")
+            } else if build.tensor_cores && has12.vulkan_memory_model == vk::FALSE {
+                Some("vulkanMemoryModel (--tensor-cores)")
+            } else {
+                None
+            };
+            if let Some(what) = lacks {
+                instance.destroy_instance(None);
+                return Err(format!("{name} lacks {what}"));
+            }
             let queue = vk::DeviceQueueCreateInfo::default()
                 .queue_family_index(0)
                 .queue_priorities(&[1.0]);
             let mut feature = vk::PhysicalDevicePipelineExecutablePropertiesFeaturesKHR::default()
                 .pipeline_executable_info(true);
-            let exts = [ext.as_ptr()];
+            // What the device has of what f16 and tensor-core kernels use (as wgpu enables
+            // for SHADER_F16 and EXPERIMENTAL_COOPERATIVE_MATRIX).
+            let mut on11 = vk::PhysicalDeviceVulkan11Features::default()
+                .storage_buffer16_bit_access(f16 && has11.storage_buffer16_bit_access != 0)
+                .uniform_and_storage_buffer16_bit_access(
+                    f16 && has11.uniform_and_storage_buffer16_bit_access != 0,
+                );
+            let mut on12 = vk::PhysicalDeviceVulkan12Features::default()
+                .shader_float16(f16)
+                .vulkan_memory_model(build.tensor_cores)
+                .vulkan_memory_model_device_scope(
+                    build.tensor_cores && has12.vulkan_memory_model_device_scope != 0,
+                );
+            let mut on_coop =
+                vk::PhysicalDeviceCooperativeMatrixFeaturesKHR::default().cooperative_matrix(true);
+            let mut exts = vec![ext.as_ptr()];
+            let mut info = vk::DeviceCreateInfo::default()
+                .queue_create_infos(std::slice::from_ref(&queue))
+                .push_next(&mut feature)
+                .push_next(&mut on11)
+                .push_next(&mut on12);
+            if build.tensor_cores {
+                exts.push(coop.as_ptr());
+                info = info.push_next(&mut on_coop);
+            }
             let device = instance
-                .create_device(
-                    pd,
-                    &vk::DeviceCreateInfo::default()
-                        .queue_create_infos(std::slice::from_ref(&queue))
-                        .enabled_extension_names(&exts)
-                        .push_next(&mut feature),
-                    None,
-                )
+                .create_device(pd, &info.enabled_extension_names(&exts), None)
                 .map_err(|e| format!("vkCreateDevice on {name}: {e}"))?;
             let stats = ash::khr::pipeline_executable_properties::Device::new(&instance, &device);
             Ok(Gpu {
@@ -329,25 +431,31 @@ fn bindings(id: KernelId) -> (Vec<u32>, Vec<u32>) {
 }
 
 fn run(args: &Args) -> Result<(), String> {
-    let gpu = Gpu::new()?;
+    let build = Build::of(args)?;
+    let gpu = Gpu::new(build)?;
     let shape = Shape {
         tq: args.tq.unwrap_or(args.t),
         ..Shape::prefill(args.batch, args.t, args.hq, args.hkv, args.dk, args.dv)
     };
-    let plan =
-        Plan::new(&NsaConfig::default(), &shape, &gpu.plan_limits()).map_err(|e| e.to_string())?;
-    println!("{}: {:?}", gpu.name, shape);
-    println!("| kernel | rows | kept scores | statistics |");
-    println!("|---|---|---|---|");
+    let limits = gpu.plan_limits();
+    let plan = Plan::with_precision(&NsaConfig::default(), &shape, &limits, build.precision)
+        .map_err(|e| e.to_string())?;
+    println!("{}: {:?}, {:?}", gpu.name, shape, build);
+    println!("| kernel | rows | kept scores | tensor cores | keys per tile | statistics |");
+    println!("|---|---|---|---|---|---|");
     for k in kernels_of(&plan) {
         let (uniforms, storage) = bindings(k.id);
-        let stats = gpu.statistics(&spirv(&plan, k, !args.no_subgroups)?, &uniforms, &storage)?;
+        let (spec, tensor_cores) = specialization(&plan, k, build, limits.workgroup_storage);
+        let words = spirv(&plan, k, build, limits.workgroup_storage)?;
+        let stats = gpu.statistics(&words, &uniforms, &storage)?;
         let text: Vec<String> = stats.iter().map(|(n, v)| format!("{n} {v}")).collect();
         println!(
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
             k.id.name(),
             k.rows,
             k.kept,
+            tensor_cores,
+            spec.kv_tile,
             text.join(", ")
         );
     }
@@ -404,10 +512,59 @@ mod tests {
         for p in [decode, plan(2048, 2048)] {
             for k in kernels_of(&p) {
                 for subgroups in [false, true] {
-                    let words = spirv(&p, k, subgroups).unwrap();
+                    let build = Build {
+                        precision: Precision::F32,
+                        subgroups,
+                        tensor_cores: false,
+                    };
+                    let words = spirv(&p, k, build, 48 << 10).unwrap();
                     assert_eq!(words[0], 0x0723_0203, "{k:?}: not SPIR-V");
                 }
             }
         }
+    }
+
+    #[test]
+    fn tensor_core_builds_compile_the_attention_kernels_on_tensor_cores() {
+        let limits = DeviceLimits {
+            workgroup_storage: 48 << 10,
+            max_storage_binding: 4 << 30,
+            max_buffer: u64::MAX,
+            ..DeviceLimits::default()
+        };
+        let shape = Shape::prefill(1, 2048, 64, 4, 128, 128);
+        let p =
+            Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F16).unwrap();
+        let build = Build {
+            precision: Precision::F16,
+            subgroups: true,
+            tensor_cores: true,
+        };
+        for k in kernels_of(&p) {
+            let (spec, on) = specialization(&p, k, build, 48 << 10);
+            assert_eq!(on, k.id.attention_core(), "{k:?}");
+            if on {
+                assert_eq!(spec.kv_tile, 64, "{k:?}: {spec:?}");
+            }
+            let words = spirv(&p, k, build, 48 << 10).unwrap();
+            assert_eq!(words[0], 0x0723_0203, "{k:?}: not SPIR-V");
+        }
+    }
+
+    #[test]
+    fn tensor_cores_need_f16_and_subgroups() {
+        let args = |extra: &[&str]| {
+            Args::parse_from(["pipeline-stats"].iter().chain(extra.iter()).copied())
+        };
+        assert!(Build::of(&args(&["--tensor-cores"])).is_err());
+        assert!(Build::of(&args(&[
+            "--tensor-cores",
+            "--precision",
+            "f16",
+            "--no-subgroups"
+        ]))
+        .is_err());
+        let b = Build::of(&args(&["--tensor-cores", "--precision", "f16"])).unwrap();
+        assert!(b.tensor_cores && b.subgroups && b.precision == Precision::F16);
     }
 }
