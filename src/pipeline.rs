@@ -934,7 +934,8 @@ impl NsaPipeline {
     /// Sets how many bytes of compressed-attention scores one chunk of a call may keep for
     /// the selection ([`DeviceLimits::kept_scores`]; plans made from now on): fewer bytes
     /// mean smaller scratch and more chunks, 0 none kept (the selection multiplies q.k a
-    /// second time, which on an H200 costs a 64k prefill 235 ms rather than 19 ms).
+    /// second time: on an H200 an f16 prefill at 64k then spends 180 ms in the selection
+    /// rather than 17, while compressed attention saves 17 ms of writes).
     pub fn set_kept_scores(&mut self, bytes: u64) {
         self.limits.kept_scores = bytes;
     }
