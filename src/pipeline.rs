@@ -10,7 +10,7 @@ use wgpu::util::DeviceExt;
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
-use crate::kernels::{mma_specialization, KernelId, KernelLayout, Params, Specialization};
+use crate::kernels::{KernelId, KernelLayout, Params, Specialization};
 use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES};
 use crate::shaders::Variant;
 
@@ -690,23 +690,19 @@ impl NsaPipeline {
         for step in &plan.steps {
             let id = step.kernel;
             let layout = &self.layouts[id as usize];
-            let plain = plan.specialization(step.rows);
-            // The attention core on tensor cores where it applies and fits; its own tile
-            // size (a multiple of 16 keys) and workgroup-memory layout.
-            let mma =
-                if self.tensor_cores() && plan.precision == Precision::F16 && id.attention_core() {
-                    mma_specialization(plain.dk, plain.dv, self.limits.workgroup_storage, step.rows)
-                } else {
-                    None
-                };
+            let (spec, tensor_cores) = plan.kernel_specialization(
+                id,
+                step.rows,
+                self.tensor_cores(),
+                self.limits.workgroup_storage,
+            );
             let variant = Variant {
                 precision: plan.precision,
                 subgroups: self.subgroups,
-                tensor_cores: mma.is_some(),
+                tensor_cores,
                 // Per step: a plan's chunks may differ (a short last chunk splits and keeps).
                 kept: step.params.kept_stride > 0,
             };
-            let spec = mma.unwrap_or(plain);
             let key = (id, variant, spec);
             if let Some(p) = compiled.get(&key) {
                 pipelines.push(p.clone());
@@ -731,7 +727,7 @@ impl NsaPipeline {
                         tensor_cores: false,
                         ..variant
                     };
-                    compile(&plain_variant, &plain).map_err(|e| {
+                    compile(&plain_variant, &plan.specialization(step.rows)).map_err(|e| {
                         NsaError::Gpu(format!("compiling kernel {}: {e}", id.name()))
                     })?
                 }

@@ -10,7 +10,8 @@
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::kernels::{
-    smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization, ROWS, WIDE_ROWS,
+    mma_specialization, smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization,
+    ROWS, WIDE_ROWS,
 };
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
@@ -340,6 +341,25 @@ impl Plan {
             // The fewest heads a workgroup owns: the group's last chunk of `rows`.
             few_rows: (self.shape.group() - 1) % (rows as usize) < 4,
         }
+    }
+
+    /// The specialization kernel `id` of a step of `rows` query rows compiles with, and
+    /// whether it runs on tensor cores: with `tensor_cores` asked for, f16 inputs and a
+    /// kernel that runs the attention core, the tensor-core core's own (a multiple of 16
+    /// keys per tile, its workgroup-memory layout) where a tile fits `workgroup_storage`
+    /// bytes; else [`Self::specialization`].
+    pub fn kernel_specialization(
+        &self,
+        id: KernelId,
+        rows: u32,
+        tensor_cores: bool,
+        workgroup_storage: u32,
+    ) -> (Specialization, bool) {
+        let plain = self.specialization(rows);
+        let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
+            .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows))
+            .flatten();
+        (mma.unwrap_or(plain), mma.is_some())
     }
 
     /// The attention core's layout in wide steps or in the others.

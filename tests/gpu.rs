@@ -424,7 +424,7 @@ fn bounds_checked_kernels_write_the_same_bits() {
     assert!(!checked.bounds_checks());
     assert!(checked.set_bounds_checks(true));
     checked.set_subgroup_reductions(pipeline().subgroup_reductions());
-    // The same core as pipeline() (tensor cores are the default where the adapter has them).
+    // The shader cores, as pipeline() (a new pipeline takes tensor cores where it can).
     checked.set_tensor_cores(pipeline().tensor_cores());
     let (tiny_shape, tiny_limits) = tiny();
     let cases = [

@@ -803,3 +803,42 @@ fn f16_plans_bind_keys_and_values_at_even_elements() {
     }
     assert!(checked > 150, "only {checked} of 300 planned");
 }
+
+#[test]
+fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
+    let limits = DeviceLimits {
+        workgroup_storage: 48 << 10,
+        max_storage_binding: 4 << 30,
+        max_buffer: u64::MAX,
+        ..DeviceLimits::default()
+    };
+    let shape = Shape::prefill(1, 2048, 64, 4, 128, 128);
+    let f16 = Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F16).unwrap();
+    let f32 = Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F32).unwrap();
+    for step in &f16.steps {
+        let (id, rows) = (step.kernel, step.rows);
+        let plain = f16.specialization(rows);
+        let (spec, on) = f16.kernel_specialization(id, rows, true, 48 << 10);
+        assert_eq!(on, id.attention_core(), "{id:?}");
+        if on {
+            // 64 keys per tile fit 48 KiB at D = 128 for 16 and 32 rows.
+            assert_eq!((spec.kv_tile, spec.rows, spec.few_rows), (64, rows, false));
+        } else {
+            assert_eq!(spec, plain, "{id:?}");
+        }
+        assert_eq!(
+            f16.kernel_specialization(id, rows, false, 48 << 10),
+            (plain, false)
+        );
+        // Not where a tile does not fit (16 KiB), nor for f32 inputs.
+        assert_eq!(
+            f16.kernel_specialization(id, rows, true, 16 << 10),
+            (plain, false)
+        );
+        let plain32 = f32.specialization(rows);
+        assert_eq!(
+            f32.kernel_specialization(id, rows, true, 48 << 10),
+            (plain32, false)
+        );
+    }
+}

@@ -13,7 +13,7 @@
 
 use ash::vk;
 use clap::{Parser, ValueEnum};
-use nsa_wgpu::kernels::{mma_specialization, KernelId, Specialization};
+use nsa_wgpu::kernels::{KernelId, Specialization};
 use nsa_wgpu::shaders::Variant;
 use nsa_wgpu::{DeviceLimits, NsaConfig, Plan, Precision, Shape};
 use std::ffi::CStr;
@@ -112,8 +112,7 @@ fn kernels_of(plan: &Plan) -> Vec<Kernel> {
     out
 }
 
-/// The specialization `k` compiles with in `plan` as `build` asks (the pipeline's choice:
-/// the tensor-core core's own tiles for attention kernels where they fit `workgroup_storage`),
+/// The specialization `k` compiles with in `plan` as `build` asks (the pipeline's choice),
 /// and whether it runs on tensor cores.
 fn specialization(
     plan: &Plan,
@@ -121,11 +120,7 @@ fn specialization(
     build: Build,
     workgroup_storage: u32,
 ) -> (Specialization, bool) {
-    let plain = plan.specialization(k.rows);
-    let mma = (build.tensor_cores && k.id.attention_core())
-        .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, k.rows))
-        .flatten();
-    (mma.unwrap_or(plain), mma.is_some())
+    plan.kernel_specialization(k.id, k.rows, build.tensor_cores, workgroup_storage)
 }
 
 /// SPIR-V of `k` specialised for `plan`, as the crate compiles it.
