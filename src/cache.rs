@@ -8,9 +8,11 @@
 
 use wgpu::util::DeviceExt;
 
-use crate::config::{Compression, NsaConfig, Shape};
+use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::inputs::{check_tensor, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest};
+use crate::inputs::{
+    check_tensor, stored_bytes, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest,
+};
 use crate::kernels::KernelId;
 use crate::pipeline::{read_staging, reusable, stage_readback_ranges, GpuBuffers, NsaPipeline};
 use crate::plan::{CacheRows, Plan, Tensor, RAGGED_MAX};
@@ -36,6 +38,12 @@ pub struct CacheOptions {
     pub max_capacity: usize,
     /// Whether each branch has its own keys/values (`k_cmp … v_win`).
     pub independent_kv: bool,
+    /// How the cached keys, values, compressed tokens and the calls' queries are stored.
+    /// [`Precision::F16`] (needs the adapter's `shader-f16`) halves the cache's memory and
+    /// the bytes a decode step reads, and runs attention on tensor cores where the pipeline
+    /// has them ([`NsaPipeline::tensor_cores`]); `Hkv * Dk` and `Hkv * Dv` must then be even
+    /// (rows are written in 4-byte words). Arithmetic stays f32 either way.
+    pub precision: Precision,
 }
 
 /// Keys and values of the sequences, as the kernels need them, on the GPU.
@@ -113,6 +121,11 @@ pub struct SeqChunk<'a> {
     pub branch_kv: Option<[&'a [f32]; 6]>,
 }
 
+/// Bytes of one cached row (all heads) of a tensor whose heads hold `d` values.
+fn row_bytes(opts: &CacheOptions, d: usize) -> u64 {
+    (opts.hkv * d) as u64 * opts.precision.bytes()
+}
+
 fn raw_dims(opts: &CacheOptions) -> Vec<usize> {
     let n = if opts.independent_kv { 3 } else { 1 };
     (0..2 * n)
@@ -136,6 +149,21 @@ impl NsaCache {
                 value: opts.capacity,
                 rule: "1 <= capacity <= max_capacity",
             });
+        }
+        pipe.require(opts.precision)?;
+        if opts.precision == Precision::F16 {
+            for (what, width) in [
+                ("hkv * dk", opts.hkv * opts.dk),
+                ("hkv * dv", opts.hkv * opts.dv),
+            ] {
+                if width % 2 == 1 {
+                    return Err(NsaError::InvalidShape {
+                        what,
+                        value: width,
+                        rule: "even in an f16 cache (its rows are written in 4-byte words)",
+                    });
+                }
+            }
         }
         let device = &pipe.context().device;
         let linear = match (config.compression, linear) {
@@ -187,7 +215,7 @@ impl NsaCache {
         let device = &pipe.context().device;
         let cap_c = config.num_compressed(capacity).max(1);
         let make = |rows: usize, d: usize| -> Result<wgpu::Buffer> {
-            let per_seq = (rows * opts.hkv * d * 4) as u64;
+            let per_seq = rows as u64 * row_bytes(opts, d);
             if per_seq + limits.storage_align > limits.max_storage_binding {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_storage_buffer_binding_size (one cached sequence)",
@@ -288,7 +316,7 @@ impl NsaCache {
         let dims = raw_dims(&self.opts);
         for (s, len) in self.lens.iter().enumerate() {
             for ((old, new), d) in self.raw.iter().zip(&raw).zip(&dims) {
-                let row = (self.opts.hkv * d * 4) as u64;
+                let row = row_bytes(&self.opts, *d);
                 enc.copy_buffer_to_buffer(
                     old,
                     s as u64 * self.capacity as u64 * row,
@@ -304,7 +332,7 @@ impl NsaCache {
                 .zip(&compressed)
                 .zip([self.opts.dk, self.opts.dv])
             {
-                let row = (self.opts.hkv * d * 4) as u64;
+                let row = row_bytes(&self.opts, d);
                 enc.copy_buffer_to_buffer(
                     old,
                     s as u64 * old_c as u64 * row,
@@ -450,6 +478,30 @@ impl NsaPipeline {
             }
             sizes.push(n);
         }
+        // The new keys, values and queries as stored (converted, and range-checked for f16,
+        // before anything changes).
+        let dims = raw_dims(&o);
+        let mut stored_kv = Vec::with_capacity(chunks.len());
+        let mut stored_q = Vec::with_capacity(chunks.len());
+        for (c, n) in chunks.iter().zip(&sizes) {
+            let data: Vec<(&'static str, &[f32])> = match c.branch_kv {
+                Some(b) => ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"]
+                    .into_iter()
+                    .zip(b)
+                    .collect(),
+                None => vec![("k", c.k), ("v", c.v)],
+            };
+            let kv = dims
+                .iter()
+                .zip(data)
+                .map(|(d, (name, rows))| stored_bytes(name, &rows[..n * o.hkv * d], o.precision));
+            stored_kv.push(kv.collect::<Result<Vec<_>>>()?);
+            stored_q.push(if attend {
+                stored_bytes("q", c.q, o.precision)?
+            } else {
+                Vec::new()
+            });
+        }
         let need = chunks
             .iter()
             .zip(&sizes)
@@ -459,23 +511,14 @@ impl NsaPipeline {
         cache.reserve(self, need)?;
         let ctx = self.context();
         let device = &ctx.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let cap = cache.capacity as u64;
         let cap_c = cfg.num_compressed(cache.capacity).max(1) as u64;
-        let dims = raw_dims(&o);
-        // Queue the new keys and values (written before this call's commands run).
-        for (c, n) in chunks.iter().zip(&sizes) {
-            let data: Vec<&[f32]> = match c.branch_kv {
-                Some(b) => b.to_vec(),
-                None => vec![c.k, c.v],
-            };
-            for ((buf, d), rows) in cache.raw.iter().zip(&dims).zip(data) {
-                let row = (o.hkv * d * 4) as u64;
-                ctx.queue.write_buffer(
-                    buf,
-                    (c.seq as u64 * cap + cache.lens[c.seq] as u64) * row,
-                    bytemuck::cast_slice(&rows[..n * o.hkv * d]),
-                );
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        // Queued, so written before this call's commands run.
+        for (c, kv) in chunks.iter().zip(&stored_kv) {
+            for ((buf, d), bytes) in cache.raw.iter().zip(&dims).zip(kv) {
+                let row = (c.seq as u64 * cap + cache.lens[c.seq] as u64) * row_bytes(&o, *d);
+                ctx.queue.write_buffer(buf, row, bytes);
             }
         }
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -564,9 +607,9 @@ impl NsaPipeline {
             };
             let mut plan = if ragged {
                 let behind: Vec<usize> = group.clone().map(|i| len - len_of(i)).collect();
-                Plan::cached_ragged(&cfg, &shape, &self.limits(), rows, &behind)?
+                Plan::cached_ragged(&cfg, &shape, &self.limits(), rows, o.precision, &behind)?
             } else {
-                Plan::cached(&cfg, &shape, &self.limits(), rows)?
+                Plan::cached(&cfg, &shape, &self.limits(), rows, o.precision)?
             };
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
@@ -591,14 +634,13 @@ impl NsaPipeline {
             let (q, g, out) = if rows_out {
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
                 let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
-                let cs = &chunks[group.clone()];
-                let rows: [Vec<&[f32]>; 2] = [
-                    cs.iter().map(|c| c.q).collect(),
-                    cs.iter().map(|c| c.gates).collect(),
-                ];
-                for (buf, r) in b.iter().zip(rows.iter()) {
-                    upload_rows(&ctx.queue, buf, r)?;
-                }
+                let q: Vec<u8> = stored_q[group.clone()].concat();
+                let gates: Vec<u8> = chunks[group.clone()]
+                    .iter()
+                    .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c.gates).iter().copied())
+                    .collect();
+                upload(&ctx.queue, &b[0], q);
+                upload(&ctx.queue, &b[1], gates);
                 (&b[0], &b[1], &b[2])
             } else {
                 let p = self.placeholder();
@@ -773,6 +815,7 @@ impl NsaPipeline {
             capacity: longest,
             max_capacity: longest,
             independent_kv: inputs.k_cmp.is_some(),
+            precision: Precision::F32,
         };
         let mut cache = NsaCache::new(self, config, opts, inputs.linear)?;
         let part = |t: &'_ [f32], s: usize, w: usize| -> Vec<f32> {
@@ -853,23 +896,13 @@ fn fit_io<'a>(
     bufs
 }
 
-/// Queues `rows` (one slice per sequence) to be written one after another at the start of
-/// `buf`, straight into the queue's staging memory.
-fn upload_rows(queue: &wgpu::Queue, buf: &wgpu::Buffer, rows: &[&[f32]]) -> Result<()> {
-    let bytes: usize = rows.iter().map(|r| r.len() * 4).sum();
-    let Some(size) = wgpu::BufferSize::new(bytes as u64) else {
-        return Ok(());
-    };
-    let mut view = queue
-        .write_buffer_with(buf, 0, size)
-        .ok_or_else(|| NsaError::Gpu(format!("writing {bytes} bytes of rows failed")))?;
-    let mut at = 0;
-    for r in rows {
-        view.slice(at..at + r.len() * 4)
-            .copy_from_slice(bytemuck::cast_slice(r));
-        at += r.len() * 4;
+/// Queues `bytes` to be written at the start of `buf` (padded to whole words: an odd count
+/// of f16 values fills two bytes of the buffer's last word).
+fn upload(queue: &wgpu::Queue, buf: &wgpu::Buffer, mut bytes: Vec<u8>) {
+    bytes.resize(bytes.len().next_multiple_of(4), 0);
+    if !bytes.is_empty() {
+        queue.write_buffer(buf, 0, &bytes);
     }
-    Ok(())
 }
 
 /// Concatenates per-chunk results along the query rows.

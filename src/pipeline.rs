@@ -945,7 +945,7 @@ impl NsaPipeline {
     }
 
     /// [`NsaError::MissingFeature`] unless this device can store inputs at `precision`.
-    fn require(&self, precision: Precision) -> Result<()> {
+    pub(crate) fn require(&self, precision: Precision) -> Result<()> {
         if self.supports(precision) {
             Ok(())
         } else {

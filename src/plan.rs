@@ -401,15 +401,17 @@ impl Plan {
     }
 
     /// Plans the rows of `shape.batch` consecutive, equally long sequences whose keys live in
-    /// a KV cache: compresses only the compressed tokens after `rows.cmp_done`, then attends.
+    /// a KV cache stored at `precision`: compresses only the compressed tokens after
+    /// `rows.cmp_done`, then attends.
     pub fn cached(
         config: &NsaConfig,
         shape: &Shape,
         limits: &DeviceLimits,
         rows: CacheRows,
+        precision: Precision,
     ) -> Result<Plan> {
         rows.check(config, shape)?;
-        Self::build(config, shape, limits, Some(rows), Precision::F32, &[])
+        Self::build(config, shape, limits, Some(rows), precision, &[])
     }
 
     /// Plans the attention of `shape.batch` consecutive sequences of a KV cache that each add
@@ -423,6 +425,7 @@ impl Plan {
         shape: &Shape,
         limits: &DeviceLimits,
         rows: CacheRows,
+        precision: Precision,
         behind: &[usize],
     ) -> Result<Plan> {
         if behind.len() != shape.batch || shape.batch > RAGGED_MAX {
@@ -440,7 +443,7 @@ impl Plan {
             });
         }
         rows.check(config, shape)?;
-        Self::build(config, shape, limits, Some(rows), Precision::F32, behind)
+        Self::build(config, shape, limits, Some(rows), precision, behind)
     }
 
     fn build(

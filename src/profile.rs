@@ -273,22 +273,7 @@ pub fn time_plan(
 /// [`crate::data::sample_values`] (set `r` seeded apart from the others), stored at the plan's
 /// precision: what [`time_plan`] rotates through.
 pub fn sample_input_sets(device: &wgpu::Device, plan: &Plan, sets: u64) -> Vec<[wgpu::Buffer; 4]> {
-    use wgpu::util::DeviceExt;
-    let up = |t: Tensor, seed: u64| {
-        let data = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
-        let precision = if plan.elem_bytes(t) == 2 {
-            crate::Precision::F16
-        } else {
-            crate::Precision::F32
-        };
-        let bytes = crate::inputs::stored_bytes("sample", &data, precision)
-            .expect("sample values lie within f16's range");
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("nsa.bench.input"),
-            contents: &bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-        })
-    };
+    let up = |t: Tensor, seed: u64| sample_tensor(device, plan, t, seed);
     (0..sets)
         .map(|r| {
             let seed = 16 * r;
@@ -300,6 +285,25 @@ pub fn sample_input_sets(device: &wgpu::Device, plan: &Plan, sets: u64) -> Vec<[
             ]
         })
         .collect()
+}
+
+/// Tensor `t` of `plan` filled from [`crate::data::sample_values`] with `seed`, stored as the
+/// plan stores it (f16 or f32).
+pub fn sample_tensor(device: &wgpu::Device, plan: &Plan, t: Tensor, seed: u64) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    let data = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
+    let precision = if plan.elem_bytes(t) == 2 {
+        crate::Precision::F16
+    } else {
+        crate::Precision::F32
+    };
+    let bytes = crate::inputs::stored_bytes("sample", &data, precision)
+        .expect("sample values lie within f16's range");
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("nsa.bench.input"),
+        contents: &bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+    })
 }
 
 /// The NSA stages, in the benchmark tables' column order.

@@ -6,8 +6,8 @@ mod common;
 use common::{assert_close, pick, pipeline, random_config, random_long_config, small, Data};
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
-    CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, OutputRequest, SeqChunk,
-    Shape,
+    CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, NsaPipeline,
+    OutputRequest, Precision, SeqChunk, Shape,
 };
 
 fn opts(s: &Shape, capacity: usize, independent_kv: bool) -> CacheOptions {
@@ -20,6 +20,7 @@ fn opts(s: &Shape, capacity: usize, independent_kv: bool) -> CacheOptions {
         capacity,
         max_capacity: s.tk,
         independent_kv,
+        precision: Precision::F32,
     }
 }
 
@@ -88,24 +89,21 @@ fn decode_step(
     r.remove(0)
 }
 
-/// Feeds every sequence of `data` through a cache in chunks of `chunk` tokens (all sequences
-/// in each call), and reassembles `[B, T, ...]` outputs.
+/// Feeds every sequence of `data` through a cache on `pipe` stored at `precision`, in chunks
+/// of `chunk` tokens (all sequences in each call), and reassembles `[B, T, ...]` outputs.
 fn through_cache(
-    cfg: &NsaConfig,
-    s: &Shape,
-    data: &Data,
+    pipe: &NsaPipeline,
+    (cfg, s, data): (&NsaConfig, &Shape, &Data),
     chunk: usize,
     capacity: usize,
+    precision: Precision,
 ) -> (NsaOutputs, NsaCache) {
-    let pipe = pipeline();
     let inputs = data.inputs();
-    let mut cache = NsaCache::new(
-        pipe,
-        cfg,
-        opts(s, capacity, data.branch.is_some()),
-        inputs.linear,
-    )
-    .expect("cache");
+    let o = CacheOptions {
+        precision,
+        ..opts(s, capacity, data.branch.is_some())
+    };
+    let mut cache = NsaCache::new(pipe, cfg, o, inputs.linear).expect("cache");
     let req = OutputRequest::all();
     let mut per_seq: Vec<Vec<NsaOutputs>> = (0..s.batch).map(|_| Vec::new()).collect();
     let mut pos = 0;
@@ -160,7 +158,7 @@ fn check(name: &str, cfg: NsaConfig, s: Shape, chunk: usize, branch: bool) {
     let full = pipe
         .run_blocking(&cfg, &s, &data.inputs(), OutputRequest::all())
         .expect("prefill");
-    let (got, cache) = through_cache(&cfg, &s, &data, chunk, 8);
+    let (got, cache) = through_cache(pipe, (&cfg, &s, &data), chunk, 8, Precision::F32);
     assert_close(&format!("{name} out"), &got.out, &full.out, 1e-4);
     assert_eq!(
         got.block_indices, full.block_indices,
@@ -240,6 +238,157 @@ fn chunked_prefill_matches_prefill() {
             false,
         );
     }
+}
+
+/// The pipelines to test an f16 cache on: shader cores, and tensor cores where the adapter
+/// has them (the H200; not lavapipe). None without shader-f16.
+fn f16_pipelines() -> Vec<&'static NsaPipeline> {
+    if !pipeline().supports(Precision::F16) {
+        eprintln!("adapter lacks shader-f16: the f16 cache is not exercised here");
+        return Vec::new();
+    }
+    let mut pipes = vec![pipeline()];
+    pipes.extend(common::tensor_core_pipeline());
+    pipes
+}
+
+#[test]
+fn f16_cache_steps_and_chunks_equal_the_f16_prefill() {
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    let paper = NsaConfig {
+        window: 100,
+        ..NsaConfig::default()
+    };
+    for pipe in f16_pipelines() {
+        let core = if pipe.tensor_cores() {
+            "tensor cores"
+        } else {
+            "shader cores"
+        };
+        for (name, cfg, s, chunk) in [
+            ("g1 steps", small(), Shape::prefill(1, 150, 2, 2, 16, 8), 1),
+            (
+                "g4 paper steps",
+                paper,
+                Shape::prefill(2, 200, 4, 1, 64, 32),
+                1,
+            ),
+            (
+                "g16 linear chunks of 7",
+                linear,
+                Shape::prefill(1, 120, 16, 1, 8, 12),
+                7,
+            ),
+            (
+                "g16 d128 chunks of 64",
+                small(),
+                Shape::prefill(1, 300, 16, 1, 128, 128),
+                64,
+            ),
+            (
+                "g3 chunks of 100",
+                small(),
+                Shape::prefill(2, 230, 6, 2, 12, 10),
+                100,
+            ),
+        ] {
+            let name = format!("f16 cache {name} ({core})");
+            let data = Data::new(&cfg, &s, false, 41 + chunk as u64);
+            let full = pollster::block_on(pipe.run_with(
+                &cfg,
+                &s,
+                &data.inputs(),
+                OutputRequest::all(),
+                Precision::F16,
+            ))
+            .expect("f16 prefill");
+            let (got, cache) = through_cache(pipe, (&cfg, &s, &data), chunk, 8, Precision::F16);
+            // The same stored inputs; only the order of the softmax's sums differs.
+            assert_close(&format!("{name} out"), &got.out, &full.out, 5e-3);
+            assert_eq!(
+                got.block_indices, full.block_indices,
+                "{name} block_indices"
+            );
+            assert_eq!(
+                cache.compressed_tokens(),
+                (s.batch * cfg.num_compressed(s.tk)) as u64,
+                "{name}"
+            );
+        }
+    }
+}
+
+#[test]
+fn f16_cache_rejects_odd_rows_and_values_out_of_range() {
+    let pipe = pipeline();
+    let cfg = small();
+    let odd = Shape::prefill(1, 40, 2, 1, 5, 4);
+    let o = CacheOptions {
+        precision: Precision::F16,
+        ..opts(&odd, 16, false)
+    };
+    let r = NsaCache::new(pipe, &cfg, o, None);
+    if !pipe.supports(Precision::F16) {
+        assert!(matches!(r, Err(NsaError::MissingFeature { .. })), "{r:?}");
+        return;
+    }
+    assert!(
+        matches!(
+            r,
+            Err(NsaError::InvalidShape {
+                what: "hkv * dk",
+                value: 5,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    let s = Shape::prefill(1, 40, 2, 1, 4, 4);
+    let o = CacheOptions {
+        precision: Precision::F16,
+        ..opts(&s, 16, false)
+    };
+    let mut cache = NsaCache::new(pipe, &cfg, o, None).unwrap();
+    let data = Data::new(&cfg, &s, false, 3);
+    let mut rows = seq_rows(&data, &s, 0, 10);
+    rows[1][7] = 1e6;
+    let r =
+        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()));
+    assert!(
+        matches!(
+            r,
+            Err(NsaError::OutOfRange {
+                tensor: "k",
+                index: 7,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    rows[1][7] = 0.5;
+    rows[0][3] = -1e6;
+    let r =
+        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()));
+    assert!(
+        matches!(
+            r,
+            Err(NsaError::OutOfRange {
+                tensor: "q",
+                index: 3,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(cache.lens(), &[0], "a failed append changes nothing");
+    rows[0][3] = 0.5;
+    let r =
+        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()));
+    assert_eq!(r.unwrap()[0].out.len(), 10 * 2 * 4);
+    assert_eq!(cache.lens(), &[10]);
 }
 
 #[test]

@@ -249,7 +249,7 @@ fn random_plans_respect_the_kernels_capacities() {
                 capacity: tk + 5,
                 cmp_capacity: cfg.num_compressed(tk + 5).max(1),
             };
-            let ragged = Plan::cached_ragged(&cfg, &shape, &limits, rows, &behind);
+            let ragged = Plan::cached_ragged(&cfg, &shape, &limits, rows, Precision::F32, &behind);
             check_capacities(&ragged.unwrap(), &format!("{case} behind {behind:?}"));
         }
     }
@@ -718,7 +718,8 @@ fn a_ragged_plan_moves_each_sequence_back_and_compresses_nothing() {
         ..Default::default()
     };
     let limits = DeviceLimits::default();
-    let plan = Plan::cached_ragged(&cfg, &s, &limits, rows, &[0, 4000, 17]).unwrap();
+    let plan =
+        Plan::cached_ragged(&cfg, &s, &limits, rows, Precision::F32, &[0, 4000, 17]).unwrap();
     assert!(plan.steps.iter().all(|s| s.kernel != KernelId::Compress));
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::CmpAttn));
     for step in &plan.steps {
@@ -726,13 +727,13 @@ fn a_ragged_plan_moves_each_sequence_back_and_compresses_nothing() {
         assert!(step.params.behind[1..].iter().all(|b| *b == [0; 4]));
     }
     // The equal-length plan of the same rows compresses and moves nothing back.
-    let plain = Plan::cached(&cfg, &s, &limits, rows).unwrap();
+    let plain = Plan::cached(&cfg, &s, &limits, rows, Precision::F32).unwrap();
     assert!(plain.steps.iter().any(|s| s.kernel == KernelId::Compress));
     assert!(plain.steps.iter().all(|s| s.params.behind == [[0; 4]; 16]));
     // One entry per sequence, each sequence holding its new row, at most 64 sequences.
     let bad = |behind: &[usize], batch: usize| {
         let s = Shape { batch, ..s };
-        match Plan::cached_ragged(&cfg, &s, &limits, rows, behind) {
+        match Plan::cached_ragged(&cfg, &s, &limits, rows, Precision::F32, behind) {
             Err(NsaError::InvalidShape { what, .. }) => what,
             other => panic!("expected InvalidShape, got {other:?}"),
         }
@@ -744,7 +745,7 @@ fn a_ragged_plan_moves_each_sequence_back_and_compresses_nothing() {
         capacity: 4000,
         ..rows
     };
-    assert!(Plan::cached_ragged(&cfg, &s, &limits, small, &[0, 1, 2]).is_err());
+    assert!(Plan::cached_ragged(&cfg, &s, &limits, small, Precision::F32, &[0, 1, 2]).is_err());
 }
 
 #[test]

@@ -7,10 +7,9 @@ use clap::Args;
 use nsa_wgpu::data::sample_values;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::profile::{
-    median, sample_input_sets, stage_sums, time_plan, StepTimer, Warmer, STAGES,
+    median, sample_input_sets, sample_tensor, stage_sums, time_plan, StepTimer, Warmer, STAGES,
 };
 use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
-use wgpu::util::DeviceExt;
 
 use crate::AdapterArgs;
 
@@ -54,7 +53,8 @@ pub struct BenchArgs {
     /// each batch size of --batches, instead of prefill.
     #[arg(long)]
     decode: bool,
-    /// Storage precision of the inputs for prefill (f16 needs shader-f16).
+    /// Storage precision of the inputs (prefill) or of the KV cache (--decode); f16 needs
+    /// shader-f16.
     #[arg(long, value_enum, default_value = "f32")]
     precision: crate::Precision,
     /// The device's copy bandwidth in GB/s (bytes read + written), e.g. from
@@ -149,6 +149,18 @@ fn sizes(args: &BenchArgs) -> (usize, usize, usize, usize, usize) {
     }
 }
 
+/// The storage precision of `--precision`, or an error where the adapter lacks it.
+fn bench_precision(pipe: &NsaPipeline, args: &BenchArgs) -> Result<nsa_wgpu::Precision, String> {
+    let precision = match args.precision {
+        crate::Precision::F32 => nsa_wgpu::Precision::F32,
+        crate::Precision::F16 => nsa_wgpu::Precision::F16,
+    };
+    if !pipe.supports(precision) {
+        return Err("--precision f16: the adapter lacks shader-f16".into());
+    }
+    Ok(precision)
+}
+
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.decode {
         return bench_decode(args);
@@ -173,13 +185,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA |\n|---|---|---|---|---|---|---|---|---|"
     );
     let cfg = NsaConfig::default();
-    let precision = match args.precision {
-        crate::Precision::F32 => nsa_wgpu::Precision::F32,
-        crate::Precision::F16 => nsa_wgpu::Precision::F16,
-    };
-    if !pipe.supports(precision) {
-        return Err("--precision f16: the adapter lacks shader-f16".into());
-    }
+    let precision = bench_precision(&pipe, args)?;
     println!("input storage: {precision:?}");
     for t in lengths {
         let shape = Shape::prefill(args.batch, t, hq, hkv, dk, dv);
@@ -248,8 +254,9 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     let pipe = bench_pipeline(args)?;
     let warm = warmer(&pipe, args);
     let ctx = pipe.context();
+    let precision = bench_precision(&pipe, args)?;
     println!(
-        "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, f32, median of {iters}; copy bandwidth {}",
+        "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
     println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip |");
@@ -271,6 +278,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 capacity: cap,
                 max_capacity: cap,
                 independent_kv: false,
+                precision,
             };
             let mut cache = NsaCache::new(&pipe, &cfg, opts, None).map_err(|e| e.to_string())?;
             // Fill the context in slices, every sequence per call (up to its own length).
@@ -391,17 +399,10 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 dk,
                 dv,
             };
-            let dplan = pipe.plan_dense(&shape, None).map_err(|e| e.to_string())?;
-            let up = |d: &[f32]| {
-                ctx.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("bench.decode"),
-                        contents: bytemuck::cast_slice(d),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
-            };
-            let qb = up(&sample_values(b * hq * dk, 9));
-            let out = up(&vec![0.0; b * hq * dv]);
+            let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
+                .map_err(|e| e.to_string())?;
+            let qb = sample_tensor(&ctx.device, &dplan, Tensor::Q, 9);
+            let out = sample_tensor(&ctx.device, &dplan, Tensor::Out, 10);
             let kvb = cache.key_value_buffers();
             let dense = time_plan(
                 &pipe,
@@ -414,8 +415,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())?
             .1;
             let tokens = cfg.num_compressed(len) + cfg.top_n * cfg.sel_block + cfg.window;
-            let bytes =
-                (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv) * 4) as f64;
+            let bytes = (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv)) as f64
+                * precision.bytes() as f64;
             let achieved = bytes / (nsa / 1e3);
             let stages: Vec<String> = STAGES
                 .iter()

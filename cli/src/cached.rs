@@ -3,7 +3,7 @@
 
 use nsa_wgpu::{
     BranchOutputs, CacheOptions, NsaCache, NsaConfig, NsaInputs, NsaOutputs, NsaPipeline,
-    OutputRequest, Result, SeqChunk, Shape,
+    OutputRequest, Precision, Result, SeqChunk, Shape,
 };
 
 /// Rows `[a, b)` of sequence `bi` of a `[B, T, ...]` tensor whose rows hold `width` values.
@@ -11,15 +11,16 @@ fn rows(t: &[f32], tk: usize, bi: usize, a: usize, b: usize, width: usize) -> &[
     &t[(bi * tk + a) * width..(bi * tk + b) * width]
 }
 
-/// Runs positions `[0, first)` of every sequence as one call, then `step` positions per call.
+/// Runs positions `[0, first)` of every sequence as one call, then `step` positions per call,
+/// through a cache stored at `precision`.
 pub fn run(
     pipe: &NsaPipeline,
     config: &NsaConfig,
     s: &Shape,
     inputs: &NsaInputs,
     request: OutputRequest,
-    first: usize,
-    step: usize,
+    precision: Precision,
+    (first, step): (usize, usize),
 ) -> Result<NsaOutputs> {
     inputs.validate(config, s)?;
     let independent = inputs.k_cmp.is_some();
@@ -32,6 +33,7 @@ pub fn run(
         capacity: s.tk,
         max_capacity: s.tk,
         independent_kv: independent,
+        precision,
     };
     let mut cache = NsaCache::new(pipe, config, opts, inputs.linear)?;
     let n = config.top_n;

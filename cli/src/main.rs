@@ -121,7 +121,8 @@ struct RunArgs {
     /// Compression function.
     #[arg(long, value_enum, default_value = "mean")]
     compression: CompressionArg,
-    /// Storage precision on the GPU.
+    /// Storage precision on the GPU: of the inputs, or of the KV cache with --decode-from or
+    /// --chunk.
     #[arg(long, value_enum, default_value = "f32")]
     precision: Precision,
     /// Also write the branch outputs o_cmp, o_slc, o_win.
@@ -181,11 +182,6 @@ fn run(args: &RunArgs) -> Result<(), String> {
                 pipe.context().adapter_info.name
             ));
         }
-        if precision == nsa_wgpu::Precision::F16
-            && (args.decode_from.is_some() || args.chunk.is_some())
-        {
-            return Err("--precision f16 works for plain runs; the KV cache (--decode-from, --chunk) stores f32".into());
-        }
         let r = match (args.decode_from, args.chunk) {
             (None, None) => pollster::block_on(pipe.run_with(
                 &config,
@@ -209,7 +205,15 @@ fn run(args: &RunArgs) -> Result<(), String> {
                     (_, Some(n)) => (n.min(s.tk), n),
                     (None, None) => unreachable!("handled above"),
                 };
-                cached::run(&pipe, &config, s, &inputs, request, first, step)
+                cached::run(
+                    &pipe,
+                    &config,
+                    s,
+                    &inputs,
+                    request,
+                    precision,
+                    (first, step),
+                )
             }
         }
         .map_err(|e| e.to_string())?;

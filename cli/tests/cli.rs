@@ -412,7 +412,7 @@ fn decode_from_and_chunk_write_what_a_plain_run_writes() {
         false,
     );
     let input = d.s("in.safetensors");
-    let go = |out: &str, extra: &[&str]| {
+    let attempt = |out: &str, extra: &[&str]| {
         let mut args = vec![
             "run",
             "--input",
@@ -425,7 +425,10 @@ fn decode_from_and_chunk_write_what_a_plain_run_writes() {
         ];
         args.extend(SMALL);
         args.extend(extra);
-        let r = nsa(&args);
+        nsa(&args)
+    };
+    let go = |out: &str, extra: &[&str]| {
+        let r = attempt(out, extra);
         assert!(
             r.status.success(),
             "{extra:?}: {}",
@@ -442,6 +445,15 @@ fn decode_from_and_chunk_write_what_a_plain_run_writes() {
     go(&chk, &["--chunk", "7"]);
     assert_same(Path::new(&plain), Path::new(&dec), 1e-4);
     assert_same(Path::new(&plain), Path::new(&chk), 1e-4);
+    // With an f16 cache: what a plain f16 run writes (the same stored inputs), where the
+    // adapter has shader-f16.
+    let (plain16, dec16) = (d.s("plain16.safetensors"), d.s("dec16.safetensors"));
+    let r = attempt(&plain16, &["--precision", "f16"]);
+    if !String::from_utf8_lossy(&r.stderr).contains("lacks shader-f16") {
+        assert!(r.status.success());
+        go(&dec16, &["--precision", "f16", "--decode-from", "30"]);
+        assert_same(Path::new(&plain16), Path::new(&dec16), 5e-3);
+    }
     // Tq != Tk is refused.
     let f = d.s("tq.safetensors");
     write(Path::new(&f), &standard(1, 20, 30, 4, 2, 8, 8), false);

@@ -298,6 +298,7 @@ impl NsaSession {
                 capacity: 1024,
                 max_capacity: 1 << 20,
                 independent_kv: false,
+                precision: nsa_wgpu::Precision::F32,
             };
             self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, None).map_err(err)?);
         }
