@@ -496,11 +496,10 @@ impl NsaPipeline {
                 .zip(data)
                 .map(|(d, (name, rows))| stored_bytes(name, &rows[..n * o.hkv * d], o.precision));
             stored_kv.push(kv.collect::<Result<Vec<_>>>()?);
-            stored_q.push(if attend {
-                stored_bytes("q", c.q, o.precision)?
-            } else {
-                Vec::new()
-            });
+            // f32 queries go to the GPU as they are (see `upload`).
+            if attend && o.precision != Precision::F32 {
+                stored_q.push(stored_bytes("q", c.q, o.precision)?);
+            }
         }
         let need = chunks
             .iter()
@@ -634,13 +633,14 @@ impl NsaPipeline {
             let (q, g, out) = if rows_out {
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
                 let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
-                let q: Vec<u8> = stored_q[group.clone()].concat();
-                let gates: Vec<u8> = chunks[group.clone()]
-                    .iter()
-                    .flat_map(|c| bytemuck::cast_slice::<f32, u8>(c.gates).iter().copied())
-                    .collect();
-                upload(&ctx.queue, &b[0], q);
-                upload(&ctx.queue, &b[1], gates);
+                let cs = &chunks[group.clone()];
+                let q: Vec<&[u8]> = match stored_q.get(group.clone()) {
+                    Some(stored) => stored.iter().map(Vec::as_slice).collect(),
+                    None => cs.iter().map(|c| bytemuck::cast_slice(c.q)).collect(),
+                };
+                let gates: Vec<&[u8]> = cs.iter().map(|c| bytemuck::cast_slice(c.gates)).collect();
+                upload(&ctx.queue, &b[0], &q)?;
+                upload(&ctx.queue, &b[1], &gates)?;
                 (&b[0], &b[1], &b[2])
             } else {
                 let p = self.placeholder();
@@ -896,13 +896,23 @@ fn fit_io<'a>(
     bufs
 }
 
-/// Queues `bytes` to be written at the start of `buf` (padded to whole words: an odd count
-/// of f16 values fills two bytes of the buffer's last word).
-fn upload(queue: &wgpu::Queue, buf: &wgpu::Buffer, mut bytes: Vec<u8>) {
-    bytes.resize(bytes.len().next_multiple_of(4), 0);
-    if !bytes.is_empty() {
-        queue.write_buffer(buf, 0, &bytes);
+/// Queues `parts` to be written one after another at the start of `buf`, straight into the
+/// queue's staging memory (padded to whole words: an odd count of f16 values fills two bytes
+/// of the buffer's last word).
+fn upload(queue: &wgpu::Queue, buf: &wgpu::Buffer, parts: &[&[u8]]) -> Result<()> {
+    let bytes: usize = parts.iter().map(|p| p.len()).sum();
+    let Some(size) = wgpu::BufferSize::new(bytes.next_multiple_of(4) as u64) else {
+        return Ok(());
+    };
+    let mut view = queue
+        .write_buffer_with(buf, 0, size)
+        .ok_or_else(|| NsaError::Gpu(format!("writing {bytes} bytes of rows failed")))?;
+    let mut at = 0;
+    for p in parts {
+        view.slice(at..at + p.len()).copy_from_slice(p);
+        at += p.len();
     }
+    Ok(())
 }
 
 /// Concatenates per-chunk results along the query rows.

@@ -140,31 +140,35 @@ pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> R
     Ok(())
 }
 
-/// `data` as the GPU stores it at `precision` (little-endian f32 or f16), converted in one
-/// pass that also checks that every value stays finite ([`NsaError::OutOfRange`] otherwise).
+/// `data` as the GPU stores it at `precision` (little-endian f32 or f16; converted with the
+/// CPU's f16 instructions where it has them), every value still finite
+/// ([`NsaError::OutOfRange`] otherwise).
 pub(crate) fn stored_bytes(
     tensor: &'static str,
     data: &[f32],
     precision: Precision,
 ) -> Result<Vec<u8>> {
+    use half::slice::HalfFloatSliceExt;
     if precision == Precision::F32 {
         return Ok(bytemuck::cast_slice(data).to_vec());
     }
-    let mut bytes = Vec::with_capacity(2 * data.len());
-    for (index, x) in data.iter().enumerate() {
-        let h = half::f16::from_f32(*x);
-        if h.is_infinite() && x.is_finite() {
-            return Err(NsaError::OutOfRange {
-                tensor,
-                index,
-                value: *x,
-                precision: "f16",
-                limit: half::f16::MAX.to_f32(),
-            });
-        }
-        bytes.extend(h.to_le_bytes());
+    // The slice conversion uses the CPU's f16 instructions where it has them.
+    let mut halves = vec![half::f16::ZERO; data.len()];
+    halves.convert_from_f32_slice(data);
+    let overflow = halves
+        .iter()
+        .zip(data)
+        .position(|(h, x)| h.is_infinite() && x.is_finite());
+    if let Some(index) = overflow {
+        return Err(NsaError::OutOfRange {
+            tensor,
+            index,
+            value: data[index],
+            precision: "f16",
+            limit: half::f16::MAX.to_f32(),
+        });
     }
-    Ok(bytes)
+    Ok(bytemuck::cast_slice(halves.reinterpret_cast()).to_vec())
 }
 
 /// Which outputs besides `out` a call should return.
