@@ -29,8 +29,9 @@
 //!   [`NsaPipeline::run`] adds upload and readback;
 //! - [`NsaCache`] keeps keys, values and compressed tokens on the GPU for decode, chunked
 //!   prefill and variable-length batches ([`NsaPipeline::extend`], [`NsaPipeline::run_varlen`]);
-//! - inputs can be stored as f16 on adapters with `shader-f16` ([`Precision`],
-//!   [`NsaPipeline::run_with`]); arithmetic is f32 throughout;
+//! - inputs and the KV cache can be stored as f16 on adapters with `shader-f16`
+//!   ([`Precision`], [`NsaPipeline::run_with`], [`CacheOptions::precision`]); arithmetic is
+//!   f32 throughout;
 //! - [`cpu`] holds a twin of every kernel and a line-by-line f64 reference ([`cpu::naive`]).
 
 #![warn(missing_docs)]
