@@ -153,20 +153,41 @@ fn through_cache(
 }
 
 fn check(name: &str, cfg: NsaConfig, s: Shape, chunk: usize, branch: bool) {
-    let pipe = pipeline();
+    check_at(
+        pipeline(),
+        Precision::F32,
+        1e-4,
+        (name, cfg, s, chunk, branch),
+    );
+}
+
+/// [`check`] on `pipe` with inputs and cache stored at `precision`: the cache's rows within
+/// `tol` of the prefill's at the same precision (the same stored inputs; only the order of
+/// the softmax's sums differs), the same selections.
+fn check_at(
+    pipe: &NsaPipeline,
+    precision: Precision,
+    tol: f64,
+    (name, cfg, s, chunk, branch): (&str, NsaConfig, Shape, usize, bool),
+) {
     let data = Data::new(&cfg, &s, branch, 11 + chunk as u64);
-    let full = pipe
-        .run_blocking(&cfg, &s, &data.inputs(), OutputRequest::all())
-        .expect("prefill");
-    let (got, cache) = through_cache(pipe, (&cfg, &s, &data), chunk, 8, Precision::F32);
-    assert_close(&format!("{name} out"), &got.out, &full.out, 1e-4);
+    let full = pollster::block_on(pipe.run_with(
+        &cfg,
+        &s,
+        &data.inputs(),
+        OutputRequest::all(),
+        precision,
+    ))
+    .expect("prefill");
+    let (got, cache) = through_cache(pipe, (&cfg, &s, &data), chunk, 8, precision);
+    assert_close(&format!("{name} out"), &got.out, &full.out, tol);
     assert_eq!(
         got.block_indices, full.block_indices,
         "{name} block_indices"
     );
     let (a, b) = (got.branches.unwrap(), full.branches.unwrap());
-    assert_close(&format!("{name} o_cmp"), &a.o_cmp, &b.o_cmp, 1e-4);
-    assert_close(&format!("{name} o_slc"), &a.o_slc, &b.o_slc, 1e-4);
+    assert_close(&format!("{name} o_cmp"), &a.o_cmp, &b.o_cmp, tol);
+    assert_close(&format!("{name} o_slc"), &a.o_slc, &b.o_slc, tol);
     // Each compressed token was computed exactly once.
     assert_eq!(
         cache.compressed_tokens(),
@@ -296,27 +317,7 @@ fn f16_cache_steps_and_chunks_equal_the_f16_prefill() {
             ),
         ] {
             let name = format!("f16 cache {name} ({core})");
-            let data = Data::new(&cfg, &s, false, 41 + chunk as u64);
-            let full = pollster::block_on(pipe.run_with(
-                &cfg,
-                &s,
-                &data.inputs(),
-                OutputRequest::all(),
-                Precision::F16,
-            ))
-            .expect("f16 prefill");
-            let (got, cache) = through_cache(pipe, (&cfg, &s, &data), chunk, 8, Precision::F16);
-            // The same stored inputs; only the order of the softmax's sums differs.
-            assert_close(&format!("{name} out"), &got.out, &full.out, 5e-3);
-            assert_eq!(
-                got.block_indices, full.block_indices,
-                "{name} block_indices"
-            );
-            assert_eq!(
-                cache.compressed_tokens(),
-                (s.batch * cfg.num_compressed(s.tk)) as u64,
-                "{name}"
-            );
+            check_at(pipe, Precision::F16, 5e-3, (&name, cfg, s, chunk, false));
         }
     }
 }
