@@ -253,9 +253,9 @@ impl NsaCache {
         &self.lens
     }
 
-    /// The cached keys and values, `[seqs, capacity, Hkv, D]` each: `[k, v]`, or with
-    /// independent K/V `[k_cmp, v_cmp, k_slc, v_slc, k_win, v_win]`. Rows at and past a
-    /// sequence's length are unspecified.
+    /// The cached keys and values, `[seqs, capacity, Hkv, D]` each, stored at the cache's
+    /// precision: `[k, v]`, or with independent K/V `[k_cmp, v_cmp, k_slc, v_slc, k_win,
+    /// v_win]`. Rows at and past a sequence's length are unspecified.
     pub fn key_value_buffers(&self) -> &[wgpu::Buffer] {
         &self.raw
     }

@@ -755,7 +755,12 @@ struct Ragged<'a> {
 /// must be computed once, and (where the adapter has timestamps) each call must attend in
 /// `c.chains` chains.
 fn check_ragged(c: Ragged) {
-    let pipe = pipeline();
+    check_ragged_at(pipeline(), Precision::F32, 1e-4, c);
+}
+
+/// [`check_ragged`] on `pipe` with inputs and cache stored at `precision`, the rows within
+/// `tol` of each sequence's prefill at the same precision.
+fn check_ragged_at(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged) {
     let (cfg, (hq, hkv, dk), lens) = (c.cfg, c.heads, c.lens);
     let t = lens.iter().max().unwrap() + c.steps + c.tail;
     let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
@@ -775,7 +780,11 @@ fn check_ragged(c: Ragged) {
         t
     };
     let linear = data.inputs().linear;
-    let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 16.min(t), c.branch), linear).unwrap();
+    let o = CacheOptions {
+        precision,
+        ..opts(&s, 16.min(t), c.branch)
+    };
+    let mut cache = NsaCache::new(pipe, &cfg, o, linear).unwrap();
     let context: Vec<_> = lens
         .iter()
         .enumerate()
@@ -820,11 +829,12 @@ fn check_ragged(c: Ragged) {
             common::set_branch_kv(&mut inputs, &all[4..]);
         }
         inputs.linear = linear;
-        let alone = pipe.run_blocking(&cfg, &shape, &inputs, req).unwrap();
+        let alone = pollster::block_on(pipe.run_with(&cfg, &shape, &inputs, req, precision));
+        let alone = alone.unwrap();
         let part = nsa_wgpu::cache::concat(std::mem::take(&mut got[b]), req);
         let (ow, iw) = (s.hq * s.dv, s.hkv * cfg.top_n);
-        let name = format!("{name} seq {b} (length {l})");
-        assert_close(&name, &part.out, &alone.out[l * ow..end * ow], 1e-4);
+        let name = format!("{name} {precision:?} seq {b} (length {l})");
+        assert_close(&name, &part.out, &alone.out[l * ow..end * ow], tol);
         let idx = alone.block_indices.unwrap();
         assert_eq!(
             part.block_indices.unwrap(),
@@ -832,9 +842,9 @@ fn check_ragged(c: Ragged) {
             "{name}"
         );
         let (a, r) = (part.branches.unwrap(), alone.branches.unwrap());
-        assert_close(&name, &a.o_cmp, &r.o_cmp[l * ow..end * ow], 1e-4);
-        assert_close(&name, &a.o_slc, &r.o_slc[l * ow..end * ow], 1e-4);
-        assert_close(&name, &a.o_win, &r.o_win[l * ow..end * ow], 1e-4);
+        assert_close(&name, &a.o_cmp, &r.o_cmp[l * ow..end * ow], tol);
+        assert_close(&name, &a.o_slc, &r.o_slc[l * ow..end * ow], tol);
+        assert_close(&name, &a.o_win, &r.o_win[l * ow..end * ow], tol);
         cmp_total += cfg.num_compressed(end);
     }
     assert_eq!(
@@ -864,6 +874,28 @@ fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
                 tail: 3,
                 chains: 1,
             });
+        }
+    }
+}
+
+#[test]
+fn f16_ragged_batch_steps_equal_each_sequence_alone() {
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    for pipe in f16_pipelines() {
+        for (cfg, branch, heads) in [(small(), false, (16, 1, 32)), (linear, true, (4, 2, 16))] {
+            let c = Ragged {
+                cfg,
+                branch,
+                heads,
+                lens: &[50, 203, 1, 0, 130],
+                steps: 3,
+                tail: 3,
+                chains: 1,
+            };
+            check_ragged_at(pipe, Precision::F16, 5e-3, c);
         }
     }
 }
