@@ -260,7 +260,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
     println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let cfg = NsaConfig::default();
     for &b in &batches {
         for &len in &lengths {

@@ -404,6 +404,22 @@ fn ragged_decode_bench_times_sequences_of_different_lengths() {
 }
 
 #[test]
+fn decode_bench_with_an_f16_cache_says_so() {
+    let r = nsa(&["bench", "--decode", "--quick", "--precision", "f16"]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    if err.contains("lacks shader-f16") {
+        assert_eq!(r.status.code(), Some(2));
+        return;
+    }
+    assert!(r.status.success(), "{err}");
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("F16 cache") && out.contains("| 2 | 700 |"),
+        "{out}"
+    );
+}
+
+#[test]
 fn decode_from_and_chunk_write_what_a_plain_run_writes() {
     let d = Dir::new();
     write(
