@@ -790,6 +790,22 @@ impl NsaPipeline {
         inputs: &crate::NsaInputs<'_>,
         request: OutputRequest,
     ) -> Result<NsaOutputs> {
+        let heads = (hq, hkv, dk, dv);
+        self.run_varlen_with(config, cu_seqlens, heads, inputs, request, Precision::F32)
+            .await
+    }
+
+    /// [`Self::run_varlen`] with `heads = (Hq, Hkv, Dk, Dv)` and the inputs stored on the GPU
+    /// at `precision` (through a cache at that precision: see [`CacheOptions::precision`]).
+    pub async fn run_varlen_with(
+        &self,
+        config: &NsaConfig,
+        cu_seqlens: &[usize],
+        (hq, hkv, dk, dv): (usize, usize, usize, usize),
+        inputs: &crate::NsaInputs<'_>,
+        request: OutputRequest,
+        precision: Precision,
+    ) -> Result<NsaOutputs> {
         if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || cu_seqlens.windows(2).any(|w| w[1] <= w[0])
         {
             return Err(NsaError::InvalidShape {
@@ -815,7 +831,7 @@ impl NsaPipeline {
             capacity: longest,
             max_capacity: longest,
             independent_kv: inputs.k_cmp.is_some(),
-            precision: Precision::F32,
+            precision,
         };
         let mut cache = NsaCache::new(self, config, opts, inputs.linear)?;
         let part = |t: &'_ [f32], s: usize, w: usize| -> Vec<f32> {

@@ -53,11 +53,21 @@ fn rows_chunk(rows: &[Vec<f32>; 4]) -> SeqChunk<'_> {
 
 /// A plain prefill of positions `[a, b)` of sequence 0 of `data` (shaped `s`) on their own.
 fn run_alone(cfg: &NsaConfig, data: &Data, s: &Shape, a: usize, b: usize) -> NsaOutputs {
+    run_alone_at(pipeline(), Precision::F32, (cfg, data, s), a, b)
+}
+
+/// [`run_alone`] on `pipe` with the inputs stored at `precision`.
+fn run_alone_at(
+    pipe: &NsaPipeline,
+    precision: Precision,
+    (cfg, data, s): (&NsaConfig, &Data, &Shape),
+    a: usize,
+    b: usize,
+) -> NsaOutputs {
     let [q, k, v, g] = seq_rows(data, s, a, b);
     let shape = Shape::prefill(1, b - a, s.hq, s.hkv, s.dk, s.dv);
     let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
-    pipeline()
-        .run_blocking(cfg, &shape, &inputs, OutputRequest::all())
+    pollster::block_on(pipe.run_with(cfg, &shape, &inputs, OutputRequest::all(), precision))
         .unwrap()
 }
 
@@ -412,7 +422,17 @@ fn prefix_invariance() {
 
 #[test]
 fn varlen_batch_equals_each_sequence_alone() {
-    let pipe = pipeline();
+    let f16 = f16_pipelines()
+        .into_iter()
+        .map(|p| (p, Precision::F16, 5e-3));
+    for (pipe, precision, tol) in std::iter::once((pipeline(), Precision::F32, 1e-5)).chain(f16) {
+        check_varlen(pipe, precision, tol);
+    }
+}
+
+/// A packed batch on `pipe` at `precision`: each sequence's rows within `tol` of its own
+/// prefill at that precision, the same selections.
+fn check_varlen(pipe: &NsaPipeline, precision: Precision, tol: f64) {
     let cfg = small();
     let lens = [37usize, 150, 1, 90];
     let cu: Vec<usize> = std::iter::once(0)
@@ -424,26 +444,24 @@ fn varlen_batch_equals_each_sequence_alone() {
     let total = *cu.last().unwrap();
     let all = Shape::prefill(1, total, 4, 2, 8, 8);
     let data = Data::new(&cfg, &all, false, 5);
-    let got = pollster::block_on(pipe.run_varlen(
+    let got = pollster::block_on(pipe.run_varlen_with(
         &cfg,
         &cu,
-        4,
-        2,
-        8,
-        8,
+        (4, 2, 8, 8),
         &data.inputs(),
         OutputRequest::all(),
+        precision,
     ))
     .unwrap();
     let idx = got.block_indices.as_ref().unwrap();
     for (i, w) in cu.windows(2).enumerate() {
         let (a, b) = (w[0], w[1]);
-        let alone = run_alone(&cfg, &data, &all, a, b);
+        let alone = run_alone_at(pipe, precision, (&cfg, &data, &all), a, b);
         assert_close(
-            &format!("varlen seq {i}"),
+            &format!("varlen {precision:?} seq {i}"),
             &got.out[a * 32..b * 32],
             &alone.out,
-            1e-5,
+            tol,
         );
         assert_eq!(
             &idx[a * 2 * cfg.top_n..b * 2 * cfg.top_n],
