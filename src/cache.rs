@@ -496,8 +496,7 @@ impl NsaPipeline {
                 .zip(data)
                 .map(|(d, (name, rows))| stored_bytes(name, &rows[..n * o.hkv * d], o.precision));
             stored_kv.push(kv.collect::<Result<Vec<_>>>()?);
-            // f32 queries go to the GPU as they are (see `upload`).
-            if attend && o.precision != Precision::F32 {
+            if attend {
                 stored_q.push(stored_bytes("q", c.q, o.precision)?);
             }
         }
@@ -633,12 +632,11 @@ impl NsaPipeline {
             let (q, g, out) = if rows_out {
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
                 let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
-                let cs = &chunks[group.clone()];
-                let q: Vec<&[u8]> = match stored_q.get(group.clone()) {
-                    Some(stored) => stored.iter().map(Vec::as_slice).collect(),
-                    None => cs.iter().map(|c| bytemuck::cast_slice(c.q)).collect(),
-                };
-                let gates: Vec<&[u8]> = cs.iter().map(|c| bytemuck::cast_slice(c.gates)).collect();
+                let q: Vec<&[u8]> = stored_q[group.clone()].iter().map(|q| &q[..]).collect();
+                let gates: Vec<&[u8]> = chunks[group.clone()]
+                    .iter()
+                    .map(|c| bytemuck::cast_slice(c.gates))
+                    .collect();
                 upload(&ctx.queue, &b[0], &q)?;
                 upload(&ctx.queue, &b[1], &gates)?;
                 (&b[0], &b[1], &b[2])

@@ -140,19 +140,18 @@ pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> R
     Ok(())
 }
 
-/// `data` as the GPU stores it at `precision` (little-endian f32 or f16; converted with the
-/// CPU's f16 instructions where it has them), every value still finite
-/// ([`NsaError::OutOfRange`] otherwise).
-pub(crate) fn stored_bytes(
+/// `data` as the GPU stores it at `precision`: f32 as it is (borrowed), f16 converted with
+/// the CPU's f16 instructions where it has them, every value still finite
+/// ([`NsaError::OutOfRange`] otherwise). Little-endian, as wgpu's targets are.
+pub(crate) fn stored_bytes<'a>(
     tensor: &'static str,
-    data: &[f32],
+    data: &'a [f32],
     precision: Precision,
-) -> Result<Vec<u8>> {
+) -> Result<std::borrow::Cow<'a, [u8]>> {
     use half::slice::HalfFloatSliceExt;
     if precision == Precision::F32 {
-        return Ok(bytemuck::cast_slice(data).to_vec());
+        return Ok(bytemuck::cast_slice(data).into());
     }
-    // The slice conversion uses the CPU's f16 instructions where it has them.
     let mut halves = vec![half::f16::ZERO; data.len()];
     halves.convert_from_f32_slice(data);
     let overflow = halves
@@ -168,7 +167,9 @@ pub(crate) fn stored_bytes(
             limit: half::f16::MAX.to_f32(),
         });
     }
-    Ok(bytemuck::cast_slice(halves.reinterpret_cast()).to_vec())
+    Ok(bytemuck::cast_slice::<u16, u8>(halves.reinterpret_cast())
+        .to_vec()
+        .into())
 }
 
 /// Which outputs besides `out` a call should return.
