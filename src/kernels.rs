@@ -288,14 +288,28 @@ const MMA_SMEM4: u32 = 1;
 /// through [`SMEM4_MAX`]; the tensor-core kernels' tiles are sized against it.
 pub const TILE_LOADS: u32 = 20;
 
+/// Keys per tile at most for selected attention on tensor cores (the others take up to
+/// 64). Its workgroups of 16 rows (128 invocations) hold half as many fetched vec4s per
+/// invocation at 32 keys: 105 registers on the H200 against 135 at 64, so four workgroups
+/// share a multiprocessor instead of three; f16 prefill at 64k (D=128), selected attention
+/// 63.8 against 81.6 ms (BENCHMARKS.md, seventeenth session).
+pub const MMA_SELECTED_KT: u32 = 32;
+
 /// The specialization of an attention kernel on tensor cores of `rows` query rows (a
 /// multiple of 16) for an adapter with `limit` bytes of workgroup memory: as many keys per
-/// tile (a multiple of 16, at most 64) as fit, and as each invocation's [`TILE_LOADS`] hold;
-/// `None` when not even 16 do (the kernel then runs on the shader cores).
-pub fn mma_specialization(dk: u32, dv: u32, limit: u32, rows: u32) -> Option<Specialization> {
+/// tile (a multiple of 16, at most `max_kt` and 64) as fit, and as each invocation's
+/// [`TILE_LOADS`] hold; `None` when not even 16 do (the kernel then runs on the shader cores).
+pub fn mma_specialization(
+    dk: u32,
+    dv: u32,
+    limit: u32,
+    rows: u32,
+    max_kt: u32,
+) -> Option<Specialization> {
     (1..=4)
         .rev()
         .map(|blocks| 16 * blocks)
+        .filter(|&kt| kt <= max_kt)
         .find(|&kt| {
             mma_workgroup_bytes(dk, dv, kt, rows) <= limit
                 && kt * dk.max(dv).div_ceil(4) <= TILE_LOADS * 8 * rows

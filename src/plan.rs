@@ -11,7 +11,7 @@ use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::kernels::{
     mma_specialization, smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization,
-    ROWS, WIDE_ROWS,
+    MMA_SELECTED_KT, ROWS, WIDE_ROWS,
 };
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
@@ -356,8 +356,12 @@ impl Plan {
         workgroup_storage: u32,
     ) -> (Specialization, bool) {
         let plain = self.specialization(rows);
+        let max_kt = match id {
+            KernelId::SlcAttn => MMA_SELECTED_KT,
+            _ => KT_MAX as u32,
+        };
         let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
-            .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows))
+            .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
             .flatten();
         (mma.unwrap_or(plain), mma.is_some())
     }

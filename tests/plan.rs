@@ -822,8 +822,10 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
         let (spec, on) = f16.kernel_specialization(id, rows, true, 48 << 10);
         assert_eq!(on, id.attention_core(), "{id:?}");
         if on {
-            // 64 keys per tile fit 48 KiB at D = 128 for 16 and 32 rows.
-            assert_eq!((spec.kv_tile, spec.rows, spec.few_rows), (64, rows, false));
+            // 64 keys per tile fit 48 KiB at D = 128 for 16 and 32 rows; selected attention
+            // takes 32 (MMA_SELECTED_KT).
+            let kt = if id == KernelId::SlcAttn { 32 } else { 64 };
+            assert_eq!((spec.kv_tile, spec.rows, spec.few_rows), (kt, rows, false));
         } else {
             assert_eq!(spec, plain, "{id:?}");
         }

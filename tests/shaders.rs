@@ -333,7 +333,7 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (12, 10, 16384),
         ] {
             for rows in [16, 32] {
-                let Some(spec) = mma_specialization(dk, dv, limit, rows) else {
+                let Some(spec) = mma_specialization(dk, dv, limit, rows, 64) else {
                     // Only where not even 16 keys per tile fit.
                     assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
                     continue;
