@@ -292,7 +292,7 @@ fn workgroup_memory_matches_the_declared_budget() {
 
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
-    use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes, TILE_LOADS};
+    use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes, MMA_SELECTED_KT, TILE_LOADS};
     let qk = shaders::SHARED
         .iter()
         .find(|(n, _)| *n == "qk")
@@ -332,13 +332,19 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (128, 128, 32768),
             (12, 10, 16384),
         ] {
+            // Selected attention's tiles stop at MMA_SELECTED_KT keys.
+            let max_kt = match id {
+                KernelId::SlcAttn => MMA_SELECTED_KT,
+                _ => 64,
+            };
             for rows in [16, 32] {
-                let Some(spec) = mma_specialization(dk, dv, limit, rows, 64) else {
+                let Some(spec) = mma_specialization(dk, dv, limit, rows, max_kt) else {
                     // Only where not even 16 keys per tile fit.
                     assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
                     continue;
                 };
                 assert_eq!(spec.kv_tile % 16, 0);
+                assert!(spec.kv_tile <= max_kt);
                 assert_eq!(spec.rows, rows);
                 // Each invocation's share of a tile fits its prefetch array (qk.wgsl's LOADS).
                 let d4 = dk.max(dv).div_ceil(4);
