@@ -54,7 +54,9 @@ fn main() -> Result<(), nsa_wgpu::NsaError> {
         gates: &[],
         branch_kv: None,
     };
-    pollster::block_on(nsa.append(&mut cache, &[context_chunk]))?;
+    if context > 0 {
+        pollster::block_on(nsa.append(&mut cache, &[context_chunk]))?;
+    }
     let mut ms = Vec::with_capacity(steps);
     for s in 0..steps as u64 {
         let (q, k, v) = (
