@@ -288,12 +288,25 @@ const MMA_SMEM4: u32 = 1;
 /// through [`SMEM4_MAX`]; the tensor-core kernels' tiles are sized against it.
 pub const TILE_LOADS: u32 = 20;
 
-/// Keys per tile at most for selected attention on tensor cores (the others take up to
-/// 64). Its workgroups of 16 rows (128 invocations) hold half as many fetched vec4s per
-/// invocation at 32 keys: 105 registers on the H200 against 135 at 64, so four workgroups
-/// share a multiprocessor instead of three; f16 prefill at 64k (D=128), selected attention
-/// 63.8 against 81.6 ms (BENCHMARKS.md, seventeenth session).
-pub const MMA_SELECTED_KT: u32 = 32;
+/// Keys per tile at most for NSA's attention kernels of [`ROWS`] = 16 rows on tensor cores
+/// (selected attention; compressed and window attention in decode steps and short chunks).
+/// Their workgroups (128 invocations) hold half as many fetched vec4s per invocation at 32
+/// keys: 105 registers on the H200 against 135 at 64, so four workgroups share a
+/// multiprocessor instead of three. f16 prefill at 64k (D=128): selected attention 63.8
+/// against 81.6 ms; an f16 cache's decode step at 64k, B=16: 0.265 against 0.307 ms
+/// (BENCHMARKS.md, seventeenth and eighteenth sessions).
+pub const MMA_NARROW_KT: u32 = 32;
+
+/// Keys per tile at most for kernel `id` of `rows` query rows on tensor cores:
+/// [`MMA_NARROW_KT`] for compressed, selected and window attention of [`ROWS`] rows, 64
+/// otherwise. Dense attention keeps 64 at 16 rows: its decode at B=1 runs few workgroups of
+/// many serial tiles, where 32-key tiles made a 64k step 0.137 against 0.099 ms on the H200.
+pub fn mma_max_kt(id: KernelId, rows: u32) -> u32 {
+    match id {
+        KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn if rows == ROWS => MMA_NARROW_KT,
+        _ => 64,
+    }
+}
 
 /// The specialization of an attention kernel on tensor cores of `rows` query rows (a
 /// multiple of 16) for an adapter with `limit` bytes of workgroup memory: as many keys per

@@ -10,8 +10,8 @@
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::kernels::{
-    mma_specialization, smem_vec4s, specialized_fixed_bytes, KernelId, Params, Specialization,
-    MMA_SELECTED_KT, ROWS, WIDE_ROWS,
+    mma_max_kt, mma_specialization, smem_vec4s, specialized_fixed_bytes, KernelId, Params,
+    Specialization, ROWS, WIDE_ROWS,
 };
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
@@ -346,7 +346,7 @@ impl Plan {
     /// The specialization kernel `id` of a step of `rows` query rows compiles with, and
     /// whether it runs on tensor cores: with `tensor_cores` asked for, f16 inputs and a
     /// kernel that runs the attention core, the tensor-core core's own (a multiple of 16
-    /// keys per tile, at most [`MMA_SELECTED_KT`] for selected attention, and its
+    /// keys per tile, at most [`mma_max_kt`], and its
     /// workgroup-memory layout) where a tile fits `workgroup_storage` bytes; else
     /// [`Self::specialization`].
     pub fn kernel_specialization(
@@ -357,10 +357,7 @@ impl Plan {
         workgroup_storage: u32,
     ) -> (Specialization, bool) {
         let plain = self.specialization(rows);
-        let max_kt = match id {
-            KernelId::SlcAttn => MMA_SELECTED_KT,
-            _ => KT_MAX as u32,
-        };
+        let max_kt = mma_max_kt(id, rows);
         let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
             .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
             .flatten();

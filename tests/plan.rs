@@ -813,35 +813,69 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
         max_buffer: u64::MAX,
         ..DeviceLimits::default()
     };
+    let cfg = NsaConfig::default();
     let shape = Shape::prefill(1, 2048, 64, 4, 128, 128);
-    let f16 = Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F16).unwrap();
-    let f32 = Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F32).unwrap();
-    for step in &f16.steps {
-        let (id, rows) = (step.kernel, step.rows);
-        let plain = f16.specialization(rows);
-        let (spec, on) = f16.kernel_specialization(id, rows, true, 48 << 10);
-        assert_eq!(on, id.attention_core(), "{id:?}");
-        if on {
-            // 64 keys per tile fit 48 KiB at D = 128 for 16 and 32 rows; selected attention
-            // takes 32 (MMA_SELECTED_KT).
-            let kt = if id == KernelId::SlcAttn { 32 } else { 64 };
-            assert_eq!((spec.kv_tile, spec.rows, spec.few_rows), (kt, rows, false));
-        } else {
-            assert_eq!(spec, plain, "{id:?}");
+    // A decode step (one query row of 16 sequences) runs compressed, window and dense
+    // attention in 16-row workgroups, a long prefill in 32-row ones.
+    let step = Shape {
+        batch: 16,
+        tq: 1,
+        tk: 65536,
+        ..shape
+    };
+    let rows = nsa_wgpu::plan::CacheRows {
+        capacity: 65536,
+        cmp_capacity: 4096,
+        ..Default::default()
+    };
+    let plans = |precision| {
+        [
+            Plan::with_precision(&cfg, &shape, &limits, precision).unwrap(),
+            Plan::cached(&cfg, &step, &limits, rows, precision).unwrap(),
+            Plan::dense_with_precision(&shape, None, &limits, precision).unwrap(),
+            Plan::dense_with_precision(&step, None, &limits, precision).unwrap(),
+        ]
+    };
+    let mut narrow = Vec::new();
+    for (f16, f32) in plans(Precision::F16).iter().zip(&plans(Precision::F32)) {
+        for step in &f16.steps {
+            let (id, rows) = (step.kernel, step.rows);
+            let plain = f16.specialization(rows);
+            let (spec, on) = f16.kernel_specialization(id, rows, true, 48 << 10);
+            assert_eq!(on, id.attention_core(), "{id:?}");
+            if on {
+                // 64 keys per tile fit 48 KiB at D = 128 for 16 and 32 rows; NSA's 16-row
+                // kernels take 32 (MMA_NARROW_KT), dense attention's 64.
+                let kt = if rows == 16 && id != KernelId::Dense {
+                    narrow.push(id);
+                    32
+                } else {
+                    64
+                };
+                assert_eq!((spec.kv_tile, spec.rows, spec.few_rows), (kt, rows, false));
+            } else {
+                assert_eq!(spec, plain, "{id:?}");
+            }
+            assert_eq!(
+                f16.kernel_specialization(id, rows, false, 48 << 10),
+                (plain, false)
+            );
+            // Not where a tile does not fit (16 KiB), nor for f32 inputs.
+            assert_eq!(
+                f16.kernel_specialization(id, rows, true, 16 << 10),
+                (plain, false)
+            );
+            let plain32 = f32.specialization(rows);
+            assert_eq!(
+                f32.kernel_specialization(id, rows, true, 48 << 10),
+                (plain32, false)
+            );
         }
-        assert_eq!(
-            f16.kernel_specialization(id, rows, false, 48 << 10),
-            (plain, false)
-        );
-        // Not where a tile does not fit (16 KiB), nor for f32 inputs.
-        assert_eq!(
-            f16.kernel_specialization(id, rows, true, 16 << 10),
-            (plain, false)
-        );
-        let plain32 = f32.specialization(rows);
-        assert_eq!(
-            f32.kernel_specialization(id, rows, true, 48 << 10),
-            (plain32, false)
+    }
+    for id in [KernelId::CmpAttn, KernelId::SlcAttn, KernelId::WinAttn] {
+        assert!(
+            narrow.contains(&id),
+            "{id:?} never ran in 16 rows: {narrow:?}"
         );
     }
 }

@@ -292,7 +292,9 @@ fn workgroup_memory_matches_the_declared_budget() {
 
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
-    use nsa_wgpu::kernels::{mma_specialization, mma_workgroup_bytes, MMA_SELECTED_KT, TILE_LOADS};
+    use nsa_wgpu::kernels::{
+        mma_max_kt, mma_specialization, mma_workgroup_bytes, MMA_NARROW_KT, TILE_LOADS,
+    };
     let qk = shaders::SHARED
         .iter()
         .find(|(n, _)| *n == "qk")
@@ -332,12 +334,11 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (128, 128, 32768),
             (12, 10, 16384),
         ] {
-            // Selected attention's tiles stop at MMA_SELECTED_KT keys.
-            let max_kt = match id {
-                KernelId::SlcAttn => MMA_SELECTED_KT,
-                _ => 64,
-            };
             for rows in [16, 32] {
+                // NSA's 16-row kernels' tiles stop at MMA_NARROW_KT keys, the others' at 64.
+                let max_kt = mma_max_kt(id, rows);
+                let narrow = rows == 16 && id != KernelId::Dense;
+                assert_eq!(max_kt, if narrow { MMA_NARROW_KT } else { 64 });
                 let Some(spec) = mma_specialization(dk, dv, limit, rows, max_kt) else {
                     // Only where not even 16 keys per tile fit.
                     assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
