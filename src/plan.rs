@@ -346,9 +346,8 @@ impl Plan {
     /// The specialization kernel `id` of a step of `rows` query rows compiles with, and
     /// whether it runs on tensor cores: with `tensor_cores` asked for, f16 inputs and a
     /// kernel that runs the attention core, the tensor-core core's own (a multiple of 16
-    /// keys per tile, at most [`mma_max_kt`], and its
-    /// workgroup-memory layout) where a tile fits `workgroup_storage` bytes; else
-    /// [`Self::specialization`].
+    /// keys per tile, at most [`mma_max_kt`], and its workgroup-memory layout) where a tile
+    /// fits `workgroup_storage` bytes; else [`Self::specialization`].
     pub fn kernel_specialization(
         &self,
         id: KernelId,

@@ -423,7 +423,13 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 .map(|k| {
                     let v: Vec<f64> = stage_ms
                         .iter()
-                        .map(|s| s.iter().filter(|(x, _)| x == k).map(|(_, t)| t).sum())
+                        // A fold from +0 (a float sum starts at -0, which printed as
+                        // "-0.000" for steps that ran no compression).
+                        .map(|s| {
+                            s.iter()
+                                .filter(|(x, _)| x == k)
+                                .fold(0.0, |a, (_, t)| a + t)
+                        })
                         .collect();
                     if v.is_empty() {
                         "-".into()
