@@ -46,16 +46,8 @@ fn main() -> Result<(), nsa_wgpu::NsaError> {
         sample_values(context * hkv * d, 1),
         sample_values(context * hkv * d, 2),
     );
-    let context_chunk = SeqChunk {
-        seq: 0,
-        q: &[],
-        k: &k,
-        v: &v,
-        gates: &[],
-        branch_kv: None,
-    };
     if context > 0 {
-        pollster::block_on(nsa.append(&mut cache, &[context_chunk]))?;
+        pollster::block_on(nsa.append(&mut cache, &[SeqChunk::keys_values(0, &k, &v)]))?;
     }
     let mut ms = Vec::with_capacity(steps);
     for s in 0..steps as u64 {
@@ -65,14 +57,7 @@ fn main() -> Result<(), nsa_wgpu::NsaError> {
             sample_values(hkv * d, 30 + s),
         );
         let gates = vec![1.0; hq * 3];
-        let step = SeqChunk {
-            seq: 0,
-            q: &q,
-            k: &k,
-            v: &v,
-            gates: &gates,
-            branch_kv: None,
-        };
+        let step = SeqChunk::new(0, &q, &k, &v, &gates);
         let start = Instant::now();
         let out = pollster::block_on(nsa.extend(&mut cache, &[step], OutputRequest::default()))?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);

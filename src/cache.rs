@@ -121,6 +121,26 @@ pub struct SeqChunk<'a> {
     pub branch_kv: Option<[&'a [f32]; 6]>,
 }
 
+impl<'a> SeqChunk<'a> {
+    /// Rows of sequence `seq` to append and compute (`extend`), with keys and values shared
+    /// by the branches.
+    pub fn new(seq: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32], gates: &'a [f32]) -> Self {
+        SeqChunk {
+            seq,
+            q,
+            k,
+            v,
+            gates,
+            branch_kv: None,
+        }
+    }
+
+    /// Keys and values of sequence `seq` to append without computing rows (`append`).
+    pub fn keys_values(seq: usize, k: &'a [f32], v: &'a [f32]) -> Self {
+        Self::new(seq, &[], k, v, &[])
+    }
+}
+
 /// Bytes of one cached row (all heads) of a tensor whose heads hold `d` values.
 fn row_bytes(opts: &CacheOptions, d: usize) -> u64 {
     (opts.hkv * d) as u64 * opts.precision.bytes()

@@ -41,14 +41,7 @@ fn seq_rows(data: &Data, s: &Shape, a: usize, b: usize) -> [Vec<f32>; 4] {
 
 /// The chunk of sequence 0 that appends and computes `rows` (from [`seq_rows`]).
 fn rows_chunk(rows: &[Vec<f32>; 4]) -> SeqChunk<'_> {
-    SeqChunk {
-        seq: 0,
-        q: &rows[0],
-        k: &rows[1],
-        v: &rows[2],
-        gates: &rows[3],
-        branch_kv: None,
-    }
+    SeqChunk::new(0, &rows[0], &rows[1], &rows[2], &rows[3])
 }
 
 /// A plain prefill of positions `[a, b)` of sequence 0 of `data` (shaped `s`) on their own.
@@ -75,14 +68,7 @@ fn run_alone_at(
 fn append_context(cache: &mut NsaCache, data: &Data, s: &Shape, len: usize) {
     let k = rows(&data.k, s, 0, 0, len, s.hkv * s.dk);
     let v = rows(&data.v, s, 0, 0, len, s.hkv * s.dv);
-    let c = SeqChunk {
-        seq: 0,
-        q: &[],
-        k: &k,
-        v: &v,
-        gates: &[],
-        branch_kv: None,
-    };
+    let c = SeqChunk::keys_values(0, &k, &v);
     pollster::block_on(pipeline().append(cache, &[c])).unwrap();
 }
 
@@ -366,38 +352,21 @@ fn f16_cache_rejects_odd_rows_and_values_out_of_range() {
     let data = Data::new(&cfg, &s, false, 3);
     let mut rows = seq_rows(&data, &s, 0, 10);
     rows[1][7] = 1e6;
-    let r =
-        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()));
-    assert!(
-        matches!(
-            r,
-            Err(NsaError::OutOfRange {
-                tensor: "k",
-                index: 7,
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    let extend = |cache: &mut NsaCache, rows: &[Vec<f32>; 4]| {
+        pollster::block_on(pipe.extend(cache, &[rows_chunk(rows)], OutputRequest::default()))
+    };
+    // The tensor and index an OutOfRange error names.
+    let out_of_range = |r| match r {
+        Err(NsaError::OutOfRange { tensor, index, .. }) => (tensor, index),
+        other => panic!("expected OutOfRange, got {other:?}"),
+    };
+    assert_eq!(out_of_range(extend(&mut cache, &rows)), ("k", 7));
     rows[1][7] = 0.5;
     rows[0][3] = -1e6;
-    let r =
-        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()));
-    assert!(
-        matches!(
-            r,
-            Err(NsaError::OutOfRange {
-                tensor: "q",
-                index: 3,
-                ..
-            })
-        ),
-        "{r:?}"
-    );
+    assert_eq!(out_of_range(extend(&mut cache, &rows)), ("q", 3));
     assert_eq!(cache.lens(), &[0], "a failed append changes nothing");
     rows[0][3] = 0.5;
-    let r =
-        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()));
+    let r = extend(&mut cache, &rows);
     assert_eq!(r.unwrap()[0].out.len(), 10 * 2 * 4);
     assert_eq!(cache.lens(), &[10]);
 }

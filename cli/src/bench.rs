@@ -300,14 +300,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                     .collect();
                 let chunks: Vec<SeqChunk> = kv
                     .iter()
-                    .map(|(s, k, v)| SeqChunk {
-                        seq: *s,
-                        q: &[],
-                        k,
-                        v,
-                        gates: &[],
-                        branch_kv: None,
-                    })
+                    .map(|(s, k, v)| SeqChunk::keys_values(*s, k, v))
                     .collect();
                 pollster::block_on(pipe.append(&mut cache, &chunks)).map_err(|e| e.to_string())?;
                 pos += n;
@@ -327,16 +320,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             let mut host_ms = Vec::new();
             let mut stage_ms: Vec<Vec<(KernelId, f64)>> = Vec::new();
             for it in 0..steps {
-                let chunks: Vec<SeqChunk> = (0..b)
-                    .map(|s| SeqChunk {
-                        seq: s,
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        gates: &g,
-                        branch_kv: None,
-                    })
-                    .collect();
+                let chunks: Vec<SeqChunk> =
+                    (0..b).map(|s| SeqChunk::new(s, &q, &k, &v, &g)).collect();
                 if let Some(w) = &warm {
                     w.warm().map_err(|e| e.to_string())?;
                 }

@@ -304,14 +304,7 @@ impl NsaSession {
         }
         let cache = self.cache.as_mut().expect("created above");
         let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
-        let chunk = SeqChunk {
-            seq: 0,
-            q: &q,
-            k: &k,
-            v: &v,
-            gates: &gates,
-            branch_kv: None,
-        };
+        let chunk = SeqChunk::new(0, &q, &k, &v, &gates);
         let req = OutputRequest {
             block_indices: true,
             branches: false,

@@ -468,18 +468,22 @@ fn main() {
 mod tests {
     use super::*;
 
-    fn plan(tq: usize, t: usize) -> Plan {
-        let limits = DeviceLimits {
+    /// An H200's workgroup memory (48 KiB), no binding or buffer limit in the way.
+    fn limits() -> DeviceLimits {
+        DeviceLimits {
             workgroup_storage: 48 << 10,
             max_storage_binding: 4 << 30,
             max_buffer: u64::MAX,
             ..DeviceLimits::default()
-        };
+        }
+    }
+
+    fn plan(tq: usize, t: usize) -> Plan {
         let shape = Shape {
             tq,
             ..Shape::prefill(1, t, 64, 4, 128, 128)
         };
-        Plan::new(&NsaConfig::default(), &shape, &limits).unwrap()
+        Plan::new(&NsaConfig::default(), &shape, &limits()).unwrap()
     }
 
     #[test]
@@ -521,15 +525,9 @@ mod tests {
 
     #[test]
     fn tensor_core_builds_compile_the_attention_kernels_on_tensor_cores() {
-        let limits = DeviceLimits {
-            workgroup_storage: 48 << 10,
-            max_storage_binding: 4 << 30,
-            max_buffer: u64::MAX,
-            ..DeviceLimits::default()
-        };
         let shape = Shape::prefill(1, 2048, 64, 4, 128, 128);
         let p =
-            Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F16).unwrap();
+            Plan::with_precision(&NsaConfig::default(), &shape, &limits(), Precision::F16).unwrap();
         let build = Build {
             precision: Precision::F16,
             subgroups: true,
