@@ -10,7 +10,7 @@ use wgpu::util::DeviceExt;
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
-use crate::kernels::{KernelId, KernelLayout, Params, Specialization};
+use crate::kernels::{KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
 use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES};
 use crate::shaders::Variant;
 
@@ -164,6 +164,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
             .max_compute_invocations_per_workgroup
             .min(limits.max_compute_workgroup_size_x),
         kept_scores: DEFAULT_KEPT_SCORES,
+        tensor_cores: false,
     }
 }
 
@@ -450,7 +451,10 @@ impl NsaPipeline {
             // Wherever the device has them (see Self::tensor_cores).
             tensor_cores: tensor_cores_usable(ctx),
             bounds_checks: false,
-            limits: device_limits(&lim),
+            limits: DeviceLimits {
+                tensor_cores: tensor_cores_usable(ctx),
+                ..device_limits(&lim)
+            },
             dummy,
             dummy_out,
         })
@@ -723,6 +727,16 @@ impl NsaPipeline {
             let pipeline = match tensor {
                 Some(p) => p,
                 None => {
+                    if let Some(needed) = plan
+                        .plain_wide_overflow()
+                        .filter(|_| step.rows == WIDE_ROWS)
+                    {
+                        return Err(NsaError::ExceedsLimit {
+                            what: "max_compute_workgroup_storage_size (a wide step planned for tensor cores, which this pipeline does not use for it: plan again with its limits)",
+                            needed,
+                            limit: self.limits.workgroup_storage as u64,
+                        });
+                    }
                     let plain_variant = Variant {
                         tensor_cores: false,
                         ..variant
@@ -876,11 +890,13 @@ impl NsaPipeline {
     }
 
     /// Chooses the reductions for kernels compiled from now on: subgroup shuffles when `on`
-    /// and the device can, else the fallback. Returns the choice in effect.
+    /// and the device can, else the fallback (which also turns tensor cores off for plans
+    /// made from now on, [`DeviceLimits::tensor_cores`]). Returns the choice in effect.
     pub fn set_subgroup_reductions(&mut self, on: bool) -> bool {
         let want = on && subgroups_usable(&self.ctx);
         if want != self.subgroups {
             self.subgroups = want;
+            self.limits.tensor_cores = self.tensor_cores();
             self.forget_compiled();
         }
         self.subgroups
@@ -898,11 +914,13 @@ impl NsaPipeline {
     }
 
     /// Chooses tensor cores (when `on` and the device can) or the shader cores for kernels
-    /// compiled from now on. Returns the choice in effect.
+    /// compiled and plans made from now on ([`DeviceLimits::tensor_cores`]). Returns the
+    /// choice in effect.
     pub fn set_tensor_cores(&mut self, on: bool) -> bool {
         let want = on && tensor_cores_usable(&self.ctx);
         if want != self.tensor_cores {
             self.tensor_cores = want;
+            self.limits.tensor_cores = self.tensor_cores();
             self.forget_compiled();
         }
         self.tensor_cores()

@@ -37,6 +37,11 @@ pub struct DeviceLimits {
     /// Long prefills run in chunks of query rows whose scores fit; 0 keeps none (the
     /// selection then multiplies q.k over the compressed keys a second time).
     pub kept_scores: u64,
+    /// Not an adapter limit: whether attention on f16 inputs runs on tensor cores (what
+    /// [`crate::NsaPipeline::tensor_cores`] says; false by default). Their tiles are f16, so
+    /// wide steps then run for heads whose plain tiles do not fit beside 32 query rows
+    /// ([`Plan::wide_kv_tile`]; Dk = 192 on an H200).
+    pub tensor_cores: bool,
 }
 
 /// The default [`DeviceLimits::kept_scores`]: 2 GiB, chunks of 2048 query rows for a prefill
@@ -56,6 +61,7 @@ impl Default for DeviceLimits {
             workgroup_storage: 32 << 10,
             max_invocations: 256,
             kept_scores: DEFAULT_KEPT_SCORES,
+            tensor_cores: false,
         }
     }
 }
@@ -187,7 +193,8 @@ pub struct Plan {
     /// Keys per tile of the wide attention steps ([`WIDE_ROWS`] query rows, 256
     /// invocations): [`WIDE_KEYS`], or 0 where none runs wide: the adapter allows fewer than
     /// 256 invocations per workgroup, or its workgroup memory holds fewer than [`WIDE_KEYS`]
-    /// keys per tile beside 32 query rows (large heads).
+    /// keys per tile beside 32 query rows (large heads), neither as the plain kernels store
+    /// them nor, for f16 inputs on tensor cores ([`DeviceLimits::tensor_cores`]), as f16.
     pub wide_kv_tile: u32,
     /// The dispatches, in dataflow order.
     pub steps: Vec<Step>,
@@ -290,14 +297,29 @@ fn tile_stride(s: &Shape) -> usize {
     }
 }
 
-/// Keys per tile of the wide steps ([`Plan::wide_kv_tile`]), 0 for none.
-fn wide_kv_tile(s: &Shape, limits: &DeviceLimits) -> u32 {
+/// Keys per tile of the wide steps ([`Plan::wide_kv_tile`]), 0 for none. On tensor cores
+/// the wide kernels hold f16 tiles of their own size (`mma_specialization`), so large heads
+/// run wide there too: on an H200, f16 prefill at 64k with Dk = 192 took 318 ms wide
+/// against 462 ms in 16-row workgroups (compressed attention 131.5 against 245.1 ms).
+fn wide_kv_tile(s: &Shape, limits: &DeviceLimits, precision: Precision) -> u32 {
     if limits.max_invocations < 8 * WIDE_ROWS {
         return 0;
     }
-    match kv_tile(s, limits, WIDE_ROWS) {
-        Ok(kt) if kt >= WIDE_KEYS => WIDE_KEYS,
-        _ => 0,
+    let plain = matches!(kv_tile(s, limits, WIDE_ROWS), Ok(kt) if kt >= WIDE_KEYS);
+    let on_tensor_cores = precision == Precision::F16
+        && limits.tensor_cores
+        && mma_specialization(
+            s.dk as u32,
+            s.dv as u32,
+            limits.workgroup_storage,
+            WIDE_ROWS,
+            KT_MAX as u32,
+        )
+        .is_some_and(|spec| spec.kv_tile >= WIDE_KEYS);
+    if plain || on_tensor_cores {
+        WIDE_KEYS
+    } else {
+        0
     }
 }
 
@@ -361,6 +383,20 @@ impl Plan {
             .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
             .flatten();
         (mma.unwrap_or(plain), mma.is_some())
+    }
+
+    /// Workgroup memory the plain kernels of this plan's wide steps would need where it is
+    /// more than the adapter's limit: `Some` only for plans that run wide because their f16
+    /// tiles fit on tensor cores ([`DeviceLimits::tensor_cores`]), which the plain kernels'
+    /// f32 tiles do not.
+    pub(crate) fn plain_wide_overflow(&self) -> Option<u64> {
+        if self.wide_kv_tile == 0
+            || kv_tile(&self.shape, &self.limits, WIDE_ROWS).is_ok_and(|kt| kt >= WIDE_KEYS)
+        {
+            return None;
+        }
+        let spec = self.specialization(WIDE_ROWS);
+        Some(specialized_fixed_bytes(WIDE_ROWS) as u64 + 16 * spec.smem4 as u64)
     }
 
     /// The attention core's layout in wide steps or in the others.
@@ -481,7 +517,7 @@ impl Plan {
             shape: s,
             n_cmp,
             kv_tile,
-            wide_kv_tile: wide_kv_tile(&s, limits),
+            wide_kv_tile: wide_kv_tile(&s, limits, precision),
             steps: Vec::new(),
             limits: *limits,
             cache,
@@ -540,7 +576,7 @@ impl Plan {
             shape: *shape,
             n_cmp: 0,
             kv_tile: kv_tile(shape, limits, ROWS)?,
-            wide_kv_tile: wide_kv_tile(shape, limits),
+            wide_kv_tile: wide_kv_tile(shape, limits, precision),
             steps: Vec::new(),
             limits: *limits,
             cache: None,

@@ -652,6 +652,63 @@ fn bad_inputs_are_errors_not_panics() {
     );
 }
 
+/// A plan whose wide steps exist only on tensor cores (Dk = 192: 32 query rows and a tile of
+/// f32 keys exceed 48 KiB, an f16 tile does not), encoded by a pipeline that runs f16 on the
+/// shader cores: a clear error naming the limit, not a failed pipeline.
+#[test]
+fn a_plan_made_for_tensor_cores_is_an_error_without_them() {
+    let Some(pipe) = f16_pipeline() else {
+        return;
+    };
+    let (cfg, shape) = (paper(), Shape::prefill(1, 64, 16, 1, 192, 128));
+    let encode = |pipe: &NsaPipeline, limits: &DeviceLimits| {
+        let plan = Plan::with_precision(&cfg, &shape, limits, nsa_wgpu::Precision::F16).unwrap();
+        assert!(plan.wide_kv_tile > 0 && plan.steps.iter().any(|s| s.rows == 32));
+        let dev = &pipe.context().device;
+        let scratch = pipe.scratch(&plan).unwrap();
+        let mk = |t| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: plan.tensor_bytes(t),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let (q, k, v, g, out) = (
+            mk(Tensor::Q),
+            mk(Tensor::KCmp),
+            mk(Tensor::VCmp),
+            mk(Tensor::Gates),
+            mk(Tensor::Out),
+        );
+        let mut enc = dev.create_command_encoder(&Default::default());
+        pipe.encode(&mut enc, &scratch, &GpuBuffers::new(&q, &k, &v, &g, &out))
+    };
+    assert!(!pipe.tensor_cores());
+    let limits = DeviceLimits {
+        tensor_cores: true,
+        workgroup_storage: 48 << 10,
+        ..pipe.limits()
+    };
+    let r = encode(pipe, &limits);
+    assert!(
+        matches!(
+            &r,
+            Err(NsaError::ExceedsLimit { what, needed, limit })
+                if what.contains("tensor cores") && *needed > 49152
+                    && *limit == pipe.limits().workgroup_storage as u64
+        ),
+        "{r:?}"
+    );
+    // With tensor cores the same shape plans wide on the device's own limits (where they
+    // hold 48 KiB) and encodes.
+    if let Some(tc) = common::tensor_core_pipeline() {
+        if tc.limits().workgroup_storage >= 48 << 10 {
+            encode(tc, &tc.limits()).expect("encode on tensor cores");
+        }
+    }
+}
+
 #[test]
 fn dense_attention_matches_the_reference() {
     let pipe = pipeline();

@@ -3,7 +3,7 @@
 mod common;
 
 use common::random_long_config;
-use nsa_wgpu::kernels::KernelId;
+use nsa_wgpu::kernels::{mma_workgroup_bytes, KernelId};
 use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
 
 fn field_of(r: Result<(), NsaError>) -> &'static str {
@@ -878,4 +878,63 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
             "{id:?} never ran in 16 rows: {narrow:?}"
         );
     }
+}
+
+#[test]
+fn large_heads_run_wide_only_on_tensor_cores() {
+    // Dk = 192 against 48 KiB: 32 query rows and a plain tile of 32 keys (f32) do not fit,
+    // 32 rows and an f16 tile of 32 keys on tensor cores do.
+    let limits = DeviceLimits {
+        workgroup_storage: 48 << 10,
+        max_storage_binding: 4 << 30,
+        max_buffer: u64::MAX,
+        ..DeviceLimits::default()
+    };
+    let on = DeviceLimits {
+        tensor_cores: true,
+        ..limits
+    };
+    let (cfg, shape) = (
+        NsaConfig::default(),
+        Shape::prefill(1, 2048, 64, 4, 192, 128),
+    );
+    let wide_kernels = |plan: &Plan| {
+        let mut ids: Vec<KernelId> = plan
+            .steps
+            .iter()
+            .filter(|s| s.rows == 32)
+            .map(|s| s.kernel)
+            .collect();
+        ids.dedup();
+        ids
+    };
+    for (limits, precision, wide) in [
+        (limits, Precision::F16, false),
+        (on, Precision::F32, false),
+        (on, Precision::F16, true),
+    ] {
+        let plan = Plan::with_precision(&cfg, &shape, &limits, precision).unwrap();
+        let dense = Plan::dense_with_precision(&shape, None, &limits, precision).unwrap();
+        assert_eq!(plan.wide_kv_tile > 0, wide, "{precision:?}, {limits:?}");
+        let want = if wide {
+            vec![KernelId::CmpAttn, KernelId::WinAttn]
+        } else {
+            vec![]
+        };
+        assert_eq!(wide_kernels(&plan), want, "{precision:?}");
+        assert_eq!(wide_kernels(&dense).len(), usize::from(wide));
+        for step in plan.steps.iter().chain(&dense.steps) {
+            if step.rows == 32 {
+                // On tensor cores: 32 keys per f16 tile, within 48 KiB.
+                let (spec, mma) = plan.kernel_specialization(step.kernel, 32, true, 48 << 10);
+                assert!(mma, "{:?}", step.kernel);
+                assert_eq!((spec.kv_tile, spec.rows, spec.dk), (32, 32, 192));
+                assert!(mma_workgroup_bytes(192, 128, 32, 32) <= 48 << 10);
+            }
+        }
+    }
+    // Dk = 128 runs wide either way.
+    let d128 = Shape::prefill(1, 2048, 64, 4, 128, 128);
+    let plain = Plan::with_precision(&cfg, &d128, &limits, Precision::F16).unwrap();
+    assert_eq!(plain.wide_kv_tile, 32);
 }

@@ -432,7 +432,11 @@ fn run(args: &Args) -> Result<(), String> {
         tq: args.tq.unwrap_or(args.t),
         ..Shape::prefill(args.batch, args.t, args.hq, args.hkv, args.dk, args.dv)
     };
-    let limits = gpu.plan_limits();
+    // As the pipeline plans: wide steps of large heads where tensor cores run them.
+    let limits = DeviceLimits {
+        tensor_cores: build.tensor_cores,
+        ..gpu.plan_limits()
+    };
     let plan = Plan::with_precision(&NsaConfig::default(), &shape, &limits, build.precision)
         .map_err(|e| e.to_string())?;
     println!("{}: {:?}, {:?}", gpu.name, shape, build);
