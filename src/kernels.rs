@@ -297,13 +297,24 @@ pub const TILE_LOADS: u32 = 20;
 /// (BENCHMARKS.md, seventeenth and eighteenth sessions).
 pub const MMA_NARROW_KT: u32 = 32;
 
-/// Keys per tile at most for kernel `id` of `rows` query rows on tensor cores:
-/// [`MMA_NARROW_KT`] for compressed, selected and window attention of [`ROWS`] rows, 64
-/// (the core's `KT_MAX`) otherwise. Dense attention keeps 64 at 16 rows: its decode at B=1 runs few workgroups of
-/// many serial tiles, where 32-key tiles made a 64k step 0.137 against 0.099 ms on the H200.
-pub fn mma_max_kt(id: KernelId, rows: u32) -> u32 {
+/// Fetched vec4s per invocation and tile at most for those kernels: fewer keys per tile
+/// for heads wider than 128 (16 at Dk = 192). On the H200 at Dk = 192, Dv = 128 (f16),
+/// 16-key tiles made selected attention in a 64k prefill 104.7 against 126.1 ms, and a
+/// B=16 decode step at 64k 0.41 against 0.46 ms (BENCHMARKS.md, nineteenth session).
+pub const MMA_NARROW_LOADS: u32 = 8;
+
+/// Keys per tile at most for kernel `id` of `rows` query rows on tensor cores, for heads of
+/// `dk`, `dv`: for compressed, selected and window attention of [`ROWS`] rows, the most (a
+/// multiple of 16, at least 16) within [`MMA_NARROW_KT`] whose tile each invocation fetches
+/// in [`MMA_NARROW_LOADS`] vec4s; 64 (the core's `KT_MAX`) otherwise. Dense attention keeps
+/// 64 at 16 rows: its decode at B=1 runs few workgroups of many serial tiles, where 32-key
+/// tiles made a 64k step 0.137 against 0.099 ms on the H200.
+pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32) -> u32 {
     match id {
-        KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn if rows == ROWS => MMA_NARROW_KT,
+        KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn if rows == ROWS => {
+            let keys = MMA_NARROW_LOADS * 8 * ROWS / dk.max(dv).div_ceil(4);
+            (keys / 16 * 16).clamp(16, MMA_NARROW_KT)
+        }
         _ => 64,
     }
 }

@@ -378,7 +378,7 @@ impl Plan {
         workgroup_storage: u32,
     ) -> (Specialization, bool) {
         let plain = self.specialization(rows);
-        let max_kt = mma_max_kt(id, rows);
+        let max_kt = mma_max_kt(id, rows, plain.dk, plain.dv);
         let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
             .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
             .flatten();

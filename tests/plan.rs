@@ -930,6 +930,11 @@ fn large_heads_run_wide_only_on_tensor_cores() {
                 assert!(mma, "{:?}", step.kernel);
                 assert_eq!((spec.kv_tile, spec.rows, spec.dk), (32, 32, 192));
                 assert!(mma_workgroup_bytes(192, 128, 32, 32) <= 48 << 10);
+            } else if step.kernel == KernelId::SlcAttn && precision == Precision::F16 {
+                // 16 keys per tile in 16 rows (MMA_NARROW_LOADS).
+                let (spec, mma) = plan.kernel_specialization(step.kernel, 16, true, 48 << 10);
+                assert!(mma);
+                assert_eq!(spec.kv_tile, 16);
             }
         }
     }

@@ -293,7 +293,8 @@ fn workgroup_memory_matches_the_declared_budget() {
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
     use nsa_wgpu::kernels::{
-        mma_max_kt, mma_specialization, mma_workgroup_bytes, MMA_NARROW_KT, TILE_LOADS,
+        mma_max_kt, mma_specialization, mma_workgroup_bytes, MMA_NARROW_KT, MMA_NARROW_LOADS,
+        TILE_LOADS,
     };
     let qk = shaders::SHARED
         .iter()
@@ -335,10 +336,17 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (12, 10, 16384),
         ] {
             for rows in [16, 32] {
-                // NSA's 16-row kernels' tiles stop at MMA_NARROW_KT keys, the others' at 64.
-                let max_kt = mma_max_kt(id, rows);
+                // NSA's 16-row kernels' tiles stop at MMA_NARROW_KT keys (16 for heads
+                // of 192, whose 32 keys would take 12 vec4s per invocation), the others' at 64.
+                let max_kt = mma_max_kt(id, rows, dk, dv);
                 let narrow = rows == 16 && id != KernelId::Dense;
-                assert_eq!(max_kt, if narrow { MMA_NARROW_KT } else { 64 });
+                let want = match (narrow, dk) {
+                    (true, 192) => 16,
+                    (true, _) => MMA_NARROW_KT,
+                    (false, _) => 64,
+                };
+                assert_eq!(max_kt, want, "{id:?} {dk} {dv} {rows}");
+                assert!(!narrow || max_kt * dk.max(dv).div_ceil(4) <= MMA_NARROW_LOADS * 128);
                 let Some(spec) = mma_specialization(dk, dv, limit, rows, max_kt) else {
                     // Only where not even 16 keys per tile fit.
                     assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
