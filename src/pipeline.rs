@@ -728,7 +728,7 @@ impl NsaPipeline {
                 Some(p) => p,
                 None => {
                     if let Some(needed) = plan
-                        .plain_wide_overflow()
+                        .plain_wide_overflow(self.limits.workgroup_storage)
                         .filter(|_| step.rows == WIDE_ROWS)
                     {
                         return Err(NsaError::ExceedsLimit {

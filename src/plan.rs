@@ -385,18 +385,16 @@ impl Plan {
         (mma.unwrap_or(plain), mma.is_some())
     }
 
-    /// Workgroup memory the plain kernels of this plan's wide steps would need where it is
-    /// more than the adapter's limit: `Some` only for plans that run wide because their f16
-    /// tiles fit on tensor cores ([`DeviceLimits::tensor_cores`]), which the plain kernels'
-    /// f32 tiles do not.
-    pub(crate) fn plain_wide_overflow(&self) -> Option<u64> {
-        if self.wide_kv_tile == 0
-            || kv_tile(&self.shape, &self.limits, WIDE_ROWS).is_ok_and(|kt| kt >= WIDE_KEYS)
-        {
+    /// Workgroup memory the plain kernels of this plan's wide steps need, where that is more
+    /// than `limit` bytes: plans that run wide only because their f16 tiles fit on tensor
+    /// cores ([`DeviceLimits::tensor_cores`]) need more than the adapter has.
+    pub(crate) fn plain_wide_overflow(&self, limit: u32) -> Option<u64> {
+        if self.wide_kv_tile == 0 {
             return None;
         }
         let spec = self.specialization(WIDE_ROWS);
-        Some(specialized_fixed_bytes(WIDE_ROWS) as u64 + 16 * spec.smem4 as u64)
+        let needed = specialized_fixed_bytes(WIDE_ROWS) as u64 + 16 * spec.smem4 as u64;
+        (needed > limit as u64).then_some(needed)
     }
 
     /// The attention core's layout in wide steps or in the others.
