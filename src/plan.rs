@@ -221,7 +221,8 @@ pub struct Plan {
 pub const RAGGED_MAX: usize = 64;
 
 /// Keys per tile of the wide steps, where the workgroup memory holds them beside 32 query
-/// rows (else no step runs wide). The wide kernels declare only what 32 keys need (42.6 KiB
+/// rows (else no step runs wide, unless their f16 tiles on tensor cores fit:
+/// [`Plan::wide_kv_tile`]). The wide kernels declare only what 32 keys need (42.6 KiB
 /// at D = 128): on an H200, 16k dense attention took 254.0 ms with them against 304.6 ms
 /// with the largest tile that fits 48 KiB (42 keys). Not for occupancy: at 130-148
 /// registers per invocation (`tools/pipeline-stats`) one wide workgroup takes a

@@ -3,7 +3,7 @@
 mod common;
 
 use common::random_long_config;
-use nsa_wgpu::kernels::{mma_workgroup_bytes, KernelId};
+use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
 
 fn field_of(r: Result<(), NsaError>) -> &'static str {
@@ -929,7 +929,6 @@ fn large_heads_run_wide_only_on_tensor_cores() {
                 let (spec, mma) = plan.kernel_specialization(step.kernel, 32, true, 48 << 10);
                 assert!(mma, "{:?}", step.kernel);
                 assert_eq!((spec.kv_tile, spec.rows, spec.dk), (32, 32, 192));
-                assert!(mma_workgroup_bytes(192, 128, 32, 32) <= 48 << 10);
             } else if step.kernel == KernelId::SlcAttn && precision == Precision::F16 {
                 // 16 keys per tile in 16 rows (MMA_NARROW_LOADS).
                 let (spec, mma) = plan.kernel_specialization(step.kernel, 16, true, 48 << 10);
