@@ -805,14 +805,19 @@ fn f16_plans_bind_keys_and_values_at_even_elements() {
     assert!(checked > 150, "only {checked} of 300 planned");
 }
 
-#[test]
-fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
-    let limits = DeviceLimits {
+/// 48 KiB of workgroup memory (an H200's), and room for long prefills in one binding.
+fn limits_48k() -> DeviceLimits {
+    DeviceLimits {
         workgroup_storage: 48 << 10,
         max_storage_binding: 4 << 30,
         max_buffer: u64::MAX,
         ..DeviceLimits::default()
-    };
+    }
+}
+
+#[test]
+fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
+    let limits = limits_48k();
     let cfg = NsaConfig::default();
     let shape = Shape::prefill(1, 2048, 64, 4, 128, 128);
     // A decode step (one query row of 16 sequences) runs compressed, window and dense
@@ -884,12 +889,7 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
 fn large_heads_run_wide_only_on_tensor_cores() {
     // Dk = 192 against 48 KiB: 32 query rows and a plain tile of 32 keys (f32) do not fit,
     // 32 rows and an f16 tile of 32 keys on tensor cores do.
-    let limits = DeviceLimits {
-        workgroup_storage: 48 << 10,
-        max_storage_binding: 4 << 30,
-        max_buffer: u64::MAX,
-        ..DeviceLimits::default()
-    };
+    let limits = limits_48k();
     let on = DeviceLimits {
         tensor_cores: true,
         ..limits
