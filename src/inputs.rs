@@ -140,17 +140,36 @@ pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> R
     Ok(())
 }
 
+/// A tensor as the GPU stores it ([`stored_bytes`]): the caller's f32 values, or their f16
+/// conversion; its bytes through `Deref`.
+pub(crate) enum Stored<'a> {
+    F32(&'a [f32]),
+    F16(Vec<half::f16>),
+}
+
+impl std::ops::Deref for Stored<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Stored::F32(data) => bytemuck::cast_slice(data),
+            Stored::F16(halves) => bytemuck::cast_slice::<u16, u8>(halves.reinterpret_cast()),
+        }
+    }
+}
+
 /// `data` as the GPU stores it at `precision`: f32 as it is (borrowed), f16 converted with
-/// the CPU's f16 instructions where it has them, every value still finite
-/// ([`NsaError::OutOfRange`] otherwise). Little-endian, as wgpu's targets are.
+/// the CPU's f16 instructions where it has them (one pass, no further copy), every value
+/// still finite ([`NsaError::OutOfRange`] otherwise). Little-endian, as wgpu's targets are.
 pub(crate) fn stored_bytes<'a>(
     tensor: &'static str,
     data: &'a [f32],
     precision: Precision,
-) -> Result<std::borrow::Cow<'a, [u8]>> {
+) -> Result<Stored<'a>> {
     use half::slice::HalfFloatSliceExt;
     if precision == Precision::F32 {
-        return Ok(bytemuck::cast_slice(data).into());
+        return Ok(Stored::F32(data));
     }
     let mut halves = vec![half::f16::ZERO; data.len()];
     halves.convert_from_f32_slice(data);
@@ -167,9 +186,7 @@ pub(crate) fn stored_bytes<'a>(
             limit: half::f16::MAX.to_f32(),
         });
     }
-    Ok(bytemuck::cast_slice::<u16, u8>(halves.reinterpret_cast())
-        .to_vec()
-        .into())
+    Ok(Stored::F16(halves))
 }
 
 /// Which outputs besides `out` a call should return.

@@ -999,7 +999,7 @@ impl NsaPipeline {
         let [q, k, v] = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)]
             .map(|(name, d)| stored_bytes(name, d, precision));
         let (q, k, v) = (q?, k?, v?);
-        let branch: Vec<Option<std::borrow::Cow<[u8]>>> = [
+        let branch: Vec<Option<crate::inputs::Stored>> = [
             ("k_cmp", inputs.k_cmp),
             ("v_cmp", inputs.v_cmp),
             ("k_slc", inputs.k_slc),
