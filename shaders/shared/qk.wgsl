@@ -57,13 +57,29 @@ fn tile_at(j: u32, e: u32) -> u32 {
 }
 
 // Loads `n` query rows: row i is flat [.., Hq] row `base + (i / nh) * Hq + i % nh` (nh heads
-// of consecutive queries).
+// of consecutive queries). Each invocation's vec4s x = lid + l * WG are all loaded before
+// any is stored: one round trip for all of them. On an H200 (f32, D = 128) this made a 64k
+// prefill 513.9 -> 505.7 ms; the tensor-core core's own query loads (attn_mma.wgsl) got
+// slower that way and stay a plain loop (BENCHMARKS.md, twentieth session).
 fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
     let dk4 = dk4();
-    for (var x = lid; x < ROWS * dk4; x += WG) {
-        smem[x] = query_vec4(x / dk4, (x % dk4) * 4u, n, nh, base);
+    let loads = (ROWS * dk4 + WG - 1u) / WG;  // a constant per pipeline
+    var qv: array<vec4<f32>, QUERY_LOADS>;
+    for (var l = 0u; l < loads; l++) {
+        let x = min(lid + l * WG, ROWS * dk4 - 1u);
+        qv[l] = query_vec4(x / dk4, (x % dk4) * 4u, n, nh, base);
+    }
+    for (var l = 0u; l < loads; l++) {
+        let x = lid + l * WG;
+        if x < ROWS * dk4 {
+            smem[x] = qv[l];
+        }
     }
 }
+
+// vec4s of the queries one invocation loads at most: a row of Dk <= 256 is 64 vec4s, which
+// its 8 invocations share.
+const QUERY_LOADS: u32 = 8u;
 
 // Elements e .. e + 3 of query row i as load_queries numbers them: zero past Dk and for
 // rows i >= n.
