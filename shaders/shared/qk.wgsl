@@ -77,8 +77,8 @@ fn load_queries(lid: u32, n: u32, nh: u32, base: u32) {
     }
 }
 
-// vec4s of the queries one invocation loads at most: a row of Dk <= 256 is 64 vec4s, which
-// its 8 invocations share.
+// vec4s of the queries one invocation loads at most: a row of Dk <= 256 (the configuration's
+// limit) is 64 vec4s, which its 8 invocations share (WG = 8 * ROWS).
 const QUERY_LOADS: u32 = 8u;
 
 // Elements e .. e + 3 of query row i as load_queries numbers them: zero past Dk and for
