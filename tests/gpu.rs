@@ -835,14 +835,11 @@ fn core_of(pipe: &NsaPipeline) -> &'static str {
 /// finite. Returns the case's data.
 fn check_f16_case(pipes: &[&NsaPipeline], name: &str, cfg: &NsaConfig, shape: &Shape) -> Data {
     let data = Data::new(cfg, shape, false, 77);
-    // The reference sees the inputs as the GPU stores them.
+    // The reference sees the inputs as the GPU stores them (Linear's weights stay f32).
     let (q, k, v) = (f16_round(&data.q), f16_round(&data.k), f16_round(&data.v));
-    let naive = cpu::naive::nsa(
-        cfg,
-        shape,
-        &nsa_wgpu::NsaInputs::new(&q, &k, &v, &data.gates),
-    )
-    .unwrap();
+    let mut inputs = data.inputs();
+    (inputs.q, inputs.k, inputs.v) = (&q, &k, &v);
+    let naive = cpu::naive::nsa(cfg, shape, &inputs).unwrap();
     for pipe in pipes {
         let core = core_of(pipe);
         let got = run_f16(pipe, cfg, shape, &data);
@@ -1295,6 +1292,46 @@ fn random_configs_and_shapes_match_the_reference() {
             cfg,
             shape,
             branch,
+        );
+    }
+}
+
+#[test]
+fn random_f16_configs_and_shapes_match_the_reference() {
+    // The seeded sweep for f16 storage, on the shader cores and (where the adapter has them)
+    // the tensor cores: random configs (Mean and Linear), groups, chunks and batches, with
+    // head sizes from 2 to 256 (odd ones, 192, and ones the tensor cores pad to 16).
+    // At least 20 selection rows per case, so that check_f16_case's 95% rule tolerates one
+    // near tie that f16 flips.
+    use rand::{Rng, SeedableRng};
+    let Some(pipe) = f16_pipeline() else {
+        return;
+    };
+    let mut pipes = vec![pipe];
+    pipes.extend(common::tensor_core_pipeline());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3672);
+    for case in 0..8 {
+        let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64, 512]);
+        let hkv = rng.random_range(1..=2);
+        let tk = rng.random_range(20..=600);
+        let shape = Shape {
+            batch: rng.random_range(1..=2),
+            tq: if rng.random_bool(0.3) {
+                rng.random_range(20..=tk)
+            } else {
+                tk
+            },
+            tk,
+            hq: hkv * pick(&mut rng, &[1, 2, 3, 5, 16, 17]),
+            hkv,
+            dk: pick(&mut rng, &[2, 6, 16, 37, 64, 100, 128, 192, 256]),
+            dv: pick(&mut rng, &[2, 10, 16, 21, 64, 128, 256]),
+        };
+        check_f16_case(
+            &pipes,
+            &format!("random f16 {case}: {cfg:?} {shape:?}"),
+            &cfg,
+            &shape,
         );
     }
 }
