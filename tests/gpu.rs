@@ -1271,21 +1271,7 @@ fn random_configs_and_shapes_match_the_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e73_6131);
     for case in 0..24 {
         let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
-        let hkv = rng.random_range(1..=2);
-        let tk = rng.random_range(1..=300);
-        let shape = Shape {
-            batch: rng.random_range(1..=2),
-            tq: if rng.random_bool(0.3) {
-                rng.random_range(1..=tk)
-            } else {
-                tk
-            },
-            tk,
-            hq: hkv * pick(&mut rng, &[1, 2, 3, 5, 16, 17]),
-            hkv,
-            dk: pick(&mut rng, &[4, 8, 12, 20, 36]),
-            dv: pick(&mut rng, &[4, 8, 16, 24]),
-        };
+        let shape = random_shape(&mut rng, 1..=300, &[4, 8, 12, 20, 36], &[4, 8, 16, 24]);
         let branch = rng.random_bool(0.25);
         check_case(
             &format!("random {case}: {cfg:?} {shape:?} branch {branch}"),
@@ -1296,6 +1282,33 @@ fn random_configs_and_shapes_match_the_reference() {
     }
 }
 
+/// A random shape for the seeded sweeps: 1 or 2 kv heads, groups of 1 to 17, Tk in `t`,
+/// Tq = Tk or (three times in ten) a chunk of at least `t`'s start, 1 or 2 sequences, head
+/// sizes from `dks`, `dvs`.
+fn random_shape(
+    rng: &mut rand::rngs::StdRng,
+    t: std::ops::RangeInclusive<usize>,
+    dks: &[usize],
+    dvs: &[usize],
+) -> Shape {
+    use rand::Rng;
+    let hkv = rng.random_range(1..=2);
+    let tk = rng.random_range(t.clone());
+    Shape {
+        batch: rng.random_range(1..=2),
+        tq: if rng.random_bool(0.3) {
+            rng.random_range(*t.start()..=tk)
+        } else {
+            tk
+        },
+        tk,
+        hq: hkv * pick(rng, &[1, 2, 3, 5, 16, 17]),
+        hkv,
+        dk: pick(rng, dks),
+        dv: pick(rng, dvs),
+    }
+}
+
 #[test]
 fn random_f16_configs_and_shapes_match_the_reference() {
     // The seeded sweep for f16 storage, on the shader cores and (where the adapter has them)
@@ -1303,7 +1316,7 @@ fn random_f16_configs_and_shapes_match_the_reference() {
     // head sizes from 2 to 256 (odd ones, 192, and ones the tensor cores pad to 16).
     // At least 20 selection rows per case, so that check_f16_case's 95% rule tolerates one
     // near tie that f16 flips.
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let Some(pipe) = f16_pipeline() else {
         return;
     };
@@ -1312,21 +1325,8 @@ fn random_f16_configs_and_shapes_match_the_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3672);
     for case in 0..8 {
         let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64, 512]);
-        let hkv = rng.random_range(1..=2);
-        let tk = rng.random_range(20..=600);
-        let shape = Shape {
-            batch: rng.random_range(1..=2),
-            tq: if rng.random_bool(0.3) {
-                rng.random_range(20..=tk)
-            } else {
-                tk
-            },
-            tk,
-            hq: hkv * pick(&mut rng, &[1, 2, 3, 5, 16, 17]),
-            hkv,
-            dk: pick(&mut rng, &[2, 6, 16, 37, 64, 100, 128, 192, 256]),
-            dv: pick(&mut rng, &[2, 10, 16, 21, 64, 128, 256]),
-        };
+        let dk = [2, 6, 16, 37, 64, 100, 128, 192, 256];
+        let shape = random_shape(&mut rng, 20..=600, &dk, &[2, 10, 16, 21, 64, 128, 256]);
         check_f16_case(
             &pipes,
             &format!("random f16 {case}: {cfg:?} {shape:?}"),
