@@ -385,6 +385,8 @@ pub struct NsaPipeline {
     tensor_cores: bool,
     /// Whether kernels compile with naga's bounds checks (see [`Self::set_bounds_checks`]).
     bounds_checks: bool,
+    /// The adapter's limits and the kept-score budget; `tensor_cores` stays false here, as
+    /// [`Self::limits`] derives it from the current choice.
     limits: DeviceLimits,
     /// Fills read-only slots a dispatch does not use.
     dummy: wgpu::Buffer,
@@ -451,10 +453,7 @@ impl NsaPipeline {
             // Wherever the device has them (see Self::tensor_cores).
             tensor_cores: tensor_cores_usable(ctx),
             bounds_checks: false,
-            limits: DeviceLimits {
-                tensor_cores: tensor_cores_usable(ctx),
-                ..device_limits(&lim)
-            },
+            limits: device_limits(&lim),
             dummy,
             dummy_out,
         })
@@ -465,14 +464,18 @@ impl NsaPipeline {
         &self.ctx
     }
 
-    /// The device limits plans are made for.
+    /// The device limits plans are made for, with [`DeviceLimits::tensor_cores`] as
+    /// [`Self::tensor_cores`] says now.
     pub fn limits(&self) -> DeviceLimits {
-        self.limits
+        DeviceLimits {
+            tensor_cores: self.tensor_cores(),
+            ..self.limits
+        }
     }
 
     /// Plans a call on this device.
     pub fn plan(&self, config: &NsaConfig, shape: &Shape) -> Result<Plan> {
-        Plan::new(config, shape, &self.limits)
+        Plan::new(config, shape, &self.limits())
     }
 
     /// Allocates the intermediate buffers and uniforms of `plan`.
@@ -896,7 +899,6 @@ impl NsaPipeline {
         let want = on && subgroups_usable(&self.ctx);
         if want != self.subgroups {
             self.subgroups = want;
-            self.limits.tensor_cores = self.tensor_cores();
             self.forget_compiled();
         }
         self.subgroups
@@ -920,7 +922,6 @@ impl NsaPipeline {
         let want = on && tensor_cores_usable(&self.ctx);
         if want != self.tensor_cores {
             self.tensor_cores = want;
-            self.limits.tensor_cores = self.tensor_cores();
             self.forget_compiled();
         }
         self.tensor_cores()
@@ -993,7 +994,7 @@ impl NsaPipeline {
     ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
         self.require(precision)?;
-        let plan = Plan::with_precision(config, shape, &self.limits, precision)?;
+        let plan = Plan::with_precision(config, shape, &self.limits(), precision)?;
         // The tensors stored at `precision`, converted (and range-checked) before anything
         // is allocated.
         let [q, k, v] = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)]
@@ -1092,7 +1093,7 @@ impl NsaPipeline {
 
     /// Plans dense causal attention (the baseline kernel) on this device.
     pub fn plan_dense(&self, shape: &Shape, scale: Option<f32>) -> Result<Plan> {
-        Plan::dense(shape, scale, &self.limits)
+        Plan::dense(shape, scale, &self.limits())
     }
 
     /// Buffers for a dense plan: `q`, `k`, `v` in, `out` written.
@@ -1138,7 +1139,7 @@ impl NsaPipeline {
         check_tensor("k", k, &shape.k_shape())?;
         check_tensor("v", v, &shape.v_shape())?;
         self.require(precision)?;
-        let plan = Plan::dense_with_precision(shape, scale, &self.limits, precision)?;
+        let plan = Plan::dense_with_precision(shape, scale, &self.limits(), precision)?;
         let [q, k, v] =
             [("q", q), ("k", k), ("v", v)].map(|(name, d)| stored_bytes(name, d, precision));
         let (q, k, v) = (q?, k?, v?);

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{assert_close, pick, pipeline, random_config, random_long_config, small, Data};
+use common::{
+    assert_close, f16_pipelines, pick, pipeline, random_config, random_long_config, small, Data,
+};
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
     CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, NsaPipeline,
@@ -255,18 +257,6 @@ fn chunked_prefill_matches_prefill() {
             false,
         );
     }
-}
-
-/// The pipelines to test an f16 cache on: shader cores, and tensor cores where the adapter
-/// has them (the H200; not lavapipe). None without shader-f16.
-fn f16_pipelines() -> Vec<&'static NsaPipeline> {
-    if !pipeline().supports(Precision::F16) {
-        eprintln!("adapter lacks shader-f16: the f16 cache is not exercised here");
-        return Vec::new();
-    }
-    let mut pipes = vec![pipeline()];
-    pipes.extend(common::tensor_core_pipeline());
-    pipes
 }
 
 #[test]

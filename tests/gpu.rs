@@ -738,13 +738,8 @@ fn dense_attention_matches_the_reference() {
 
 #[test]
 fn f16_storage_matches_the_reference_within_f16_tolerance() {
-    let Some(pipe) = f16_pipeline() else {
-        return;
-    };
-    check_f16(pipe);
-    match common::tensor_core_pipeline() {
-        Some(tensor_cores) => check_f16(tensor_cores),
-        None => eprintln!("no tensor cores for f16: the tensor-core core is not exercised here"),
+    for pipe in common::f16_pipelines() {
+        check_f16(pipe);
     }
 }
 
@@ -1317,11 +1312,10 @@ fn random_f16_configs_and_shapes_match_the_reference() {
     // At least 20 selection rows per case, so that check_f16_case's 95% rule tolerates one
     // near tie that f16 flips.
     use rand::SeedableRng;
-    let Some(pipe) = f16_pipeline() else {
+    let pipes = common::f16_pipelines();
+    if pipes.is_empty() {
         return;
-    };
-    let mut pipes = vec![pipe];
-    pipes.extend(common::tensor_core_pipeline());
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3672);
     for case in 0..8 {
         let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64, 512]);
@@ -1364,11 +1358,10 @@ fn long_64k_f16() {
     // The paper's config at 64k with f16 storage, on the shader cores and (where the adapter
     // has them) the tensor cores: selections and outputs against the naive NSA as
     // check_f16_case holds them.
-    let Some(pipe) = f16_pipeline() else {
+    let pipes = common::f16_pipelines();
+    if pipes.is_empty() {
         return;
-    };
-    let mut pipes = vec![pipe];
-    pipes.extend(common::tensor_core_pipeline());
+    }
     let shape = Shape::prefill(1, 65536, 16, 1, 16, 16);
     check_f16_case(&pipes, "long 64k f16", &paper(), &shape);
 }

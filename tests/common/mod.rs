@@ -31,6 +31,18 @@ pub fn tensor_core_pipeline() -> Option<&'static nsa_wgpu::NsaPipeline> {
     .as_ref()
 }
 
+/// The pipelines to test f16 storage on: the shader cores, and the tensor cores where the
+/// adapter has them (the H200; not lavapipe). None without shader-f16.
+pub fn f16_pipelines() -> Vec<&'static nsa_wgpu::NsaPipeline> {
+    if !pipeline().supports(nsa_wgpu::Precision::F16) {
+        eprintln!("adapter lacks shader-f16: f16 storage is not exercised here");
+        return Vec::new();
+    }
+    let mut pipes = vec![pipeline()];
+    pipes.extend(tensor_core_pipeline());
+    pipes
+}
+
 fn make_pipeline(subgroups: bool, tensor_cores: bool) -> nsa_wgpu::NsaPipeline {
     let ctx =
         pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
