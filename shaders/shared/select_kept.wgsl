@@ -8,36 +8,55 @@
 // The queries are not needed.
 fn load_rows(lid: u32, nh: u32, row: u32) {}
 
-// As select_qk.wgsl's: token t's sum at pbuf[t + base], one invocation per token.
+// As select_qk.wgsl's: token t's sum at pbuf[t + base], one invocation per token, TOKENS
+// tokens (t, t + WG, ...) at a time whose scores load together: one round trip per group
+// of heads (4, or 1 when `narrow`) for all of them rather than per token. Each token's sum
+// runs over the heads in select_qk.wgsl's order: per head when `narrow`, else per 4 heads.
 fn score_tokens(lid: u32, bb: u32, h: u32, row: u32, nh: u32, t_lo: u32, t_hi: u32, base: u32) {
     workgroupBarrier();  // lse_s of these heads is in
     let narrow = FEW_ROWS != 0u && nh <= 4u;
-    for (var t = t_lo + lid; t < t_hi; t += WG) {
-        pbuf[t + base] += kept_sum(row, nh, t, narrow);
+    let stride = params.kept_stride;
+    for (var t0 = t_lo + lid; t0 < t_hi; t0 += TOKENS * WG) {
+        var at: array<u32, TOKENS>;
+        var acc: array<f32, TOKENS>;
+        for (var c = 0u; c < TOKENS; c++) {
+            at[c] = params.off_kept + row * stride + min(t0 + c * WG, t_hi - 1u);
+            acc[c] = 0.0;
+        }
+        if narrow {
+            for (var i = 0u; i < nh; i++) {
+                var s: array<f32, TOKENS>;
+                for (var c = 0u; c < TOKENS; c++) {
+                    s[c] = kept[at[c] + i * stride];
+                }
+                for (var c = 0u; c < TOKENS; c++) {
+                    acc[c] += exp(s[c] - lse_s[i]);
+                }
+            }
+        } else {
+            for (var rg = 0u; rg < (nh + 3u) / 4u; rg++) {
+                let i = rg * 4u;
+                var s: array<vec4<f32>, TOKENS>;
+                for (var c = 0u; c < TOKENS; c++) {
+                    for (var e = 0u; e < 4u; e++) {
+                        s[c][e] = kept[at[c] + min(i + e, nh - 1u) * stride];
+                    }
+                }
+                let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
+                let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
+                for (var c = 0u; c < TOKENS; c++) {
+                    let p = select(vec4<f32>(0.0), exp(s[c] - lse4), live);
+                    acc[c] += p.x + p.y + p.z + p.w;
+                }
+            }
+        }
+        for (var c = 0u; c < TOKENS; c++) {
+            let t = t0 + c * WG;
+            if t < t_hi {
+                pbuf[t + base] += acc[c];
+            }
+        }
     }
 }
 
-// The group sum of token t's probabilities over heads row .. row + nh: per head when
-// `narrow`, else per 4 heads, as select_qk.wgsl adds them.
-fn kept_sum(row: u32, nh: u32, t: u32, narrow: bool) -> f32 {
-    let at = params.off_kept + row * params.kept_stride + t;
-    var acc = 0.0;
-    if narrow {
-        for (var i = 0u; i < nh; i++) {
-            acc += exp(kept[at + i * params.kept_stride] - lse_s[i]);
-        }
-        return acc;
-    }
-    for (var rg = 0u; rg < (nh + 3u) / 4u; rg++) {
-        let i = rg * 4u;
-        var s: vec4<f32>;
-        for (var c = 0u; c < 4u; c++) {
-            s[c] = kept[at + min(i + c, nh - 1u) * params.kept_stride];
-        }
-        let lse4 = vec4<f32>(lse_s[i], lse_s[i + 1u], lse_s[i + 2u], lse_s[i + 3u]);
-        let live = vec4<u32>(i, i + 1u, i + 2u, i + 3u) < vec4<u32>(nh);
-        let p = select(vec4<f32>(0.0), exp(s - lse4), live);
-        acc += p.x + p.y + p.z + p.w;
-    }
-    return acc;
-}
+const TOKENS: u32 = 4u;  // tokens per invocation whose kept scores load together
