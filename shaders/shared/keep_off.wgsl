@@ -2,5 +2,3 @@
 // nothing.
 
 fn keep4(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {}
-
-fn keep1(r: Rows, i: u32, t: u32, s: f32) {}

@@ -1,11 +1,7 @@
 // The attention core's score hooks (see attention.wgsl) for compressed attention keeping
-// its scores: row i's scores of keys t .. t + 3 (keep4; `whole` when all four are keys of
-// this tile) or of key t (keep1) go to cmp_attn.wgsl.
+// its scores: row i's scores of keys t .. t + 3 (`whole` when all four are keys of this
+// tile) go to cmp_attn.wgsl.
 
 fn keep4(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
     keep_scores(r, i, t, s, whole);
-}
-
-fn keep1(r: Rows, i: u32, t: u32, s: f32) {
-    keep_score(r, i, t, s);
 }
