@@ -117,11 +117,20 @@ fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
     );
 }
 
+// The softmax's key c (of KT / 8) for invocation `part` of its row's 8: part + 8 * c, or
+// with `quads` (compressed attention keeping its scores, tiles of 32 keys or more) four
+// neighbours at a time, 32 * (c / 4) + 4 * part + c % 4, whose scores keep4 then stores as
+// one vec4. On an H200 with f16 inputs at 64k, compressed attention took 90.7 ms with one
+// store per score, 85.2 with keep_tile and 81.5 with quads; selected and window attention,
+// which keep nothing, were 0.5-6% slower with quads (more bank conflicts).
+fn tile_key(part: u32, c: u32, quads: bool) -> u32 {
+    return select(part + 8u * c, 32u * (c / 4u) + 4u * part + c % 4u, quads);
+}
+
 // Hands row i's scaled scores of this tile (still in `spv`) to keep4, four neighbouring keys
-// per invocation (keys 4 * part .. 4 * part + 3, then 32 further): kept scores then leave
-// as 16-byte stores, where the softmax's keys (part + 8 * c) would take one store each (an
-// H200's compressed attention at 64k: 90.7 -> 82.0 ms with f16 inputs). Where keep4 keeps
-// nothing (keep_off.wgsl), the loads feed nothing and compile out.
+// per invocation (keys 4 * part .. 4 * part + 3, then 32 further), for tiles the softmax
+// does not take in quads (tile_key): 16-byte stores there too. Where keep4 keeps nothing
+// (keep_off.wgsl), the loads feed nothing and compile out.
 fn keep_tile(r: Rows, i: u32, part: u32, t0: u32, nk: u32) {
     for (var j = 4u * part; j < nk; j += 32u) {
         let ts = vec4<u32>(t0 + j) + vec4<u32>(0u, 1u, 2u, 3u);
@@ -183,24 +192,33 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
         // invocations, zero for masked keys and past the tile.
         store_tile_h(lid, nk, DV, DVP);
-        // The invocation's keys j = part + 8 * c stay in registers between the two passes.
+        // The invocation's keys (tile_key) stay in registers between the two passes.
+        let quads = KEEPS && kt >= 32u;
         var sc: array<f32, KT_MAX / 8u>;
         var m = NEG_BIG;
         let lo = row_lo[i];
         let hi = row_hi[i];
         for (var c = 0u; c < kt / 8u; c++) {
-            let j = part + 8u * c;
+            let j = tile_key(part, c, quads);
             let t = t0 + j;
             let inside = j < nk && i < r.n && t >= lo && t < hi;
             sc[c] = select(NEG_BIG, spv[i * SS + j] * params.scale, inside);
             m = max(m, sc[c]);
         }
-        keep_tile(r, i, part, t0, nk);
+        if quads {
+            for (var g = 0u; g < kt / 32u; g++) {
+                let j = 32u * g + 4u * part;
+                let s = vec4<f32>(sc[4u * g], sc[4u * g + 1u], sc[4u * g + 2u], sc[4u * g + 3u]);
+                keep4(r, i, t0 + j, s, j + 3u < nk);
+            }
+        } else {
+            keep_tile(r, i, part, t0, nk);
+        }
         let m_new = max(run_max, row_max8(lid, m));
         var sum = 0.0;
         for (var c = 0u; c < kt / 8u; c++) {
             let p = f16(select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG));
-            ph[i * PS + part + 8u * c] = p;
+            ph[i * PS + tile_key(part, c, quads)] = p;
             sum += f32(p);
         }
         // Its barrier also ends every read of the scores, which the products replace.

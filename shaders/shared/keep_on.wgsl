@@ -2,6 +2,8 @@
 // its scores: row i's scores of keys t .. t + 3 (`whole` when all four are keys of this
 // tile) go to cmp_attn.wgsl.
 
+const KEEPS: bool = true;
+
 fn keep4(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
     keep_scores(r, i, t, s, whole);
 }
