@@ -122,7 +122,7 @@ fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
 // neighbours at a time, 32 * (c / 4) + 4 * part + c % 4, whose scores keep4 then stores as
 // one vec4. On an H200 with f16 inputs at 64k, compressed attention took 90.7 ms with one
 // store per score, 85.2 with keep_tile and 81.5 with quads; selected and window attention,
-// which keep nothing, were 0.5-6% slower with quads (more bank conflicts).
+// which keep nothing, were 0.5-5% slower with quads.
 fn tile_key(part: u32, c: u32, quads: bool) -> u32 {
     return select(part + 8u * c, 32u * (c / 4u) + 4u * part + c % 4u, quads);
 }
