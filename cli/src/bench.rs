@@ -53,9 +53,10 @@ pub struct BenchArgs {
     /// each batch size of --batches, instead of prefill.
     #[arg(long)]
     decode: bool,
-    /// Storage precision of the inputs (prefill) or of the KV cache (--decode); f16 needs
-    /// shader-f16.
-    #[arg(long, value_enum, default_value = "f32")]
+    /// Storage precision of the inputs (prefill) or of the KV cache (--decode): by default
+    /// f16 where the adapter has shader-f16 (the fast path, as CUDA baselines run bf16),
+    /// else f32.
+    #[arg(long, value_enum, default_value = "auto")]
     precision: crate::Precision,
     /// The device's copy bandwidth in GB/s (bytes read + written), e.g. from
     /// torch_baselines.py in the same run; --decode reports the step's bandwidth against it.
@@ -149,18 +150,6 @@ fn sizes(args: &BenchArgs) -> (usize, usize, usize, usize, usize) {
     }
 }
 
-/// The storage precision of `--precision`, or an error where the adapter lacks it.
-fn bench_precision(pipe: &NsaPipeline, args: &BenchArgs) -> Result<nsa_wgpu::Precision, String> {
-    let precision = match args.precision {
-        crate::Precision::F32 => nsa_wgpu::Precision::F32,
-        crate::Precision::F16 => nsa_wgpu::Precision::F16,
-    };
-    if !pipe.supports(precision) {
-        return Err("--precision f16: the adapter lacks shader-f16".into());
-    }
-    Ok(precision)
-}
-
 pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.decode {
         return bench_decode(args);
@@ -185,7 +174,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA |\n|---|---|---|---|---|---|---|---|---|"
     );
     let cfg = NsaConfig::default();
-    let precision = bench_precision(&pipe, args)?;
+    let precision = args.precision.resolve(&pipe)?;
     println!("input storage: {precision:?}");
     for t in lengths {
         let shape = Shape::prefill(args.batch, t, hq, hkv, dk, dv);
@@ -254,7 +243,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     let pipe = bench_pipeline(args)?;
     let warm = warmer(&pipe, args);
     let ctx = pipe.context();
-    let precision = bench_precision(&pipe, args)?;
+    let precision = args.precision.resolve(&pipe)?;
     println!(
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))

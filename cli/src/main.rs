@@ -80,10 +80,32 @@ enum CompressionArg {
     Linear,
 }
 
+/// Storage precision on the GPU (`--precision`).
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 pub enum Precision {
+    /// f16 where the adapter has shader-f16 (on its tensor cores where it has them), else
+    /// f32.
+    Auto,
+    /// Exact to f32 arithmetic, on the shader cores.
     F32,
+    /// Needs shader-f16; accumulates in f32.
     F16,
+}
+
+impl Precision {
+    /// The library's precision for this choice on `pipe`'s adapter, or an error naming the
+    /// adapter where it lacks shader-f16 for `f16`.
+    pub fn resolve(self, pipe: &NsaPipeline) -> Result<nsa_wgpu::Precision, String> {
+        let f16 = nsa_wgpu::Precision::F16;
+        match self {
+            Precision::F16 | Precision::Auto if pipe.supports(f16) => Ok(f16),
+            Precision::F16 => Err(format!(
+                "--precision f16: the adapter {} lacks shader-f16; run with --precision f32",
+                pipe.context().adapter_info.name
+            )),
+            Precision::Auto | Precision::F32 => Ok(nsa_wgpu::Precision::F32),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -172,16 +194,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
         (r, "CPU reference".to_string())
     } else {
         let pipe = args.adapter.pipeline()?;
-        let precision = match args.precision {
-            Precision::F32 => nsa_wgpu::Precision::F32,
-            Precision::F16 => nsa_wgpu::Precision::F16,
-        };
-        if !pipe.supports(precision) {
-            return Err(format!(
-                "--precision f16: the adapter {} lacks shader-f16; run with --precision f32",
-                pipe.context().adapter_info.name
-            ));
-        }
+        let precision = args.precision.resolve(&pipe)?;
         let r = match (args.decode_from, args.chunk) {
             (None, None) => pollster::block_on(pipe.run_with(
                 &config,

@@ -367,6 +367,12 @@ fn bench_quick_prints_a_table() {
         out.contains("| 256 |") && out.contains("| 700 |") && out.contains("dense/NSA"),
         "{out}"
     );
+    // By default f16 storage, unless the adapter lacks it.
+    if !out.contains("input storage: F16") {
+        assert!(out.contains("input storage: F32"), "{out}");
+        let f16 = nsa(&["bench", "--quick", "--precision", "f16"]);
+        assert!(String::from_utf8_lossy(&f16.stderr).contains("lacks shader-f16"));
+    }
 }
 
 #[test]
@@ -505,13 +511,18 @@ fn precision_f16_is_within_f16_tolerance_of_f32() {
     };
     let (a, b) = (d.s("f32.safetensors"), d.s("f16.safetensors"));
     assert!(run(&a, "f32").status.success());
+    // `auto` is f16 where the adapter has it, else f32: the same outputs as that run.
+    let auto = d.s("auto.safetensors");
+    assert!(run(&auto, "auto").status.success());
     let r = run(&b, "f16");
     let err = String::from_utf8_lossy(&r.stderr);
     if err.contains("lacks shader-f16") {
         assert_eq!(r.status.code(), Some(2));
+        assert_same(Path::new(&a), Path::new(&auto), 0.0);
         return;
     }
     assert!(r.status.success(), "{err}");
+    assert_same(Path::new(&b), Path::new(&auto), 0.0);
     let (x, y) = (read(Path::new(&a)), read(Path::new(&b)));
     let out = |t: &[(String, Vec<usize>, Dtype, Vec<u8>)]| {
         f32s(&t.iter().find(|e| e.0 == "out").unwrap().3)
