@@ -1,7 +1,14 @@
 // Blockwise compression: compressed token i of kv head h summarises rows [i*d, i*d + l) of
 // `src`, by their mean or by sum_j W[h][j]^T (x_j + pe[h][j]). One workgroup per
-// (batch, token, head); for Linear, each input row is staged once in workgroup memory and
-// shared by every output column.
+// (batch, token, head), one invocation per output column; for Linear, each input row is
+// staged once in workgroup memory and shared by every column, and each column's sum over the
+// row's D inputs takes four of them per loop iteration (in the same order as one at a time).
+//
+// Why so few loop iterations per invocation: software Vulkan (Mesa's llvmpipe) ends every
+// loop of an invocation once they have taken 65,535 iterations together, silently. With 4
+// columns per invocation and one input per iteration, Linear at l = 64, D = 256 needed
+// 65,536 and returned partial sums there; now it is about l * D / 4 (l up to about 1,000
+// at D = 256).
 
 #import input
 #import params
@@ -11,12 +18,11 @@
 @group(0) @binding(3) var<storage, read> w: array<f32>;           // [Hkv, l, D, D] (Linear)
 @group(0) @binding(4) var<storage, read> pe: array<f32>;          // [Hkv, l, D] (Linear)
 
-const WG: u32 = 64u;
-const PER: u32 = 4u;  // 256 / WG output columns per invocation
+const WG: u32 = 256u;  // the largest D: one output column per invocation
 
-var<workgroup> xrow: array<f32, 256>;
+var<workgroup> xrow: array<f32, WG>;
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -32,43 +38,47 @@ fn main(
     let rest = wid / params.hkv;
     let i = params.c_start + rest % params.c_count;
     let bb = rest / params.c_count;
-    var accum: array<f32, PER>;
-    for (var a = 0u; a < PER; a++) {
-        accum[a] = 0.0;
-    }
+    let e = lid;
+    let live = e < dim;
+    var accum = 0.0;
     for (var j = 0u; j < l; j++) {
         let sb = params.off_k + ((bb * params.k_stride + i * params.cmp_stride + j) * params.hkv + h) * dim;
         if params.linear == 0u {
-            for (var a = 0u; a < PER; a++) {
-                let e = lid + a * WG;
-                if e < dim {
-                    accum[a] += f32(src[sb + e]);
-                }
+            if live {
+                accum += f32(src[sb + e]);
             }
         } else {
             let pb = (h * l + j) * dim;
-            for (var e = lid; e < dim; e += WG) {
+            if live {
                 xrow[e] = f32(src[sb + e]) + pe[pb + e];
             }
             workgroupBarrier();
-            for (var a = 0u; a < PER; a++) {
-                let e = lid + a * WG;
-                if e < dim {
-                    var s = accum[a];
-                    for (var din = 0u; din < dim; din++) {
-                        s += w[(pb + din) * dim + e] * xrow[din];
-                    }
-                    accum[a] = s;
-                }
+            if live {
+                accum = linear_column(accum, pb, dim, e);
             }
             workgroupBarrier();
         }
     }
-    let db = params.off_kc + ((bb * params.c_stride + i) * params.hkv + h) * dim;
-    for (var a = 0u; a < PER; a++) {
-        let e = lid + a * WG;
-        if e < dim {
-            dst[db + e] = in_t(select(accum[a], accum[a] / f32(l), params.linear == 0u));
-        }
+    if live {
+        let db = params.off_kc + ((bb * params.c_stride + i) * params.hkv + h) * dim;
+        dst[db + e] = in_t(select(accum, accum / f32(l), params.linear == 0u));
     }
+}
+
+// `s` plus column e of the staged row times W's rows pb .. pb + dim (one block position's
+// [D, D] slice), the inputs in order, four per iteration.
+fn linear_column(s0: f32, pb: u32, dim: u32, e: u32) -> f32 {
+    var s = s0;
+    let whole = dim / 4u * 4u;
+    for (var din = 0u; din < whole; din += 4u) {
+        let at = (pb + din) * dim + e;
+        s += w[at] * xrow[din];
+        s += w[at + dim] * xrow[din + 1u];
+        s += w[at + 2u * dim] * xrow[din + 2u];
+        s += w[at + 3u * dim] * xrow[din + 3u];
+    }
+    for (var din = whole; din < dim; din++) {
+        s += w[(pb + din) * dim + e] * xrow[din];
+    }
+    return s;
 }

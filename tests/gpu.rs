@@ -347,6 +347,21 @@ fn many_blocks() -> NsaConfig {
     }
 }
 
+/// Linear compression of long blocks of wide heads: 64 rows of 256 inputs per compressed
+/// token, 4 Mi weights per kv head. Software Vulkan (llvmpipe) ends an invocation's loops
+/// after 65,535 iterations in all: the compression kernel must stay below that.
+fn long_linear() -> NsaConfig {
+    NsaConfig {
+        cmp_block: 64,
+        cmp_stride: 16,
+        sel_block: 64,
+        top_n: 4,
+        window: 32,
+        compression: Compression::Linear,
+        ..NsaConfig::default()
+    }
+}
+
 cases! {
     t1_hq1_hkv1_dk16_dv16_paper: paper(), [1, 1, 1, 1, 1, 16, 16], false;
     t31_hq2_hkv1_dk16_dv16_small: small(), [1, 31, 31, 2, 1, 16, 16], false;
@@ -373,6 +388,7 @@ cases! {
     split_linear_tq2_tk900_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 900, 8, 2, 128, 128], true;
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
+    long_linear_t150_hq2_hkv1_dk256_dv256: long_linear(), [1, 150, 150, 2, 1, 256, 256], false;
     branch_kv_t150_hq4_hkv2_dk16_dv16_small: small(), [1, 150, 150, 4, 2, 16, 16], true;
     fla_like_t100_hq2_hkv1_dk16_dv16: fla_like(), [1, 100, 100, 2, 1, 16, 16], false;
     many_blocks_t2100_hq4_hkv2_dk16_dv16: many_blocks(), [1, 2100, 2100, 4, 2, 16, 16], false;
