@@ -11,7 +11,7 @@ use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
-use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES};
+use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES};
 use crate::shaders::Variant;
 
 /// A device and queue to run on, and what adapter they came from.
@@ -165,6 +165,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
             .min(limits.max_compute_workgroup_size_x),
         kept_scores: DEFAULT_KEPT_SCORES,
         tensor_cores: false,
+        max_key_tiles: 0,
     }
 }
 
@@ -299,6 +300,13 @@ fn upload(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         contents: bytes,
         usage: wgpu::BufferUsages::STORAGE,
     })
+}
+
+/// Whether the adapter is Mesa's llvmpipe, which ends an invocation's loops after 65,535
+/// iterations in all (see [`DeviceLimits::max_key_tiles`]).
+fn loops_capped(ctx: &GpuContext) -> bool {
+    let info = &ctx.adapter_info;
+    info.name.contains("llvmpipe") || info.driver.contains("llvmpipe")
 }
 
 fn tensor_cores_usable(ctx: &GpuContext) -> bool {
@@ -453,7 +461,14 @@ impl NsaPipeline {
             // Wherever the device has them (see Self::tensor_cores).
             tensor_cores: tensor_cores_usable(ctx),
             bounds_checks: false,
-            limits: device_limits(&lim),
+            limits: DeviceLimits {
+                max_key_tiles: if loops_capped(ctx) {
+                    LLVMPIPE_KEY_TILES
+                } else {
+                    0
+                },
+                ..device_limits(&lim)
+            },
             dummy,
             dummy_out,
         })
@@ -953,6 +968,15 @@ impl NsaPipeline {
     /// rather than 17, while compressed attention saves 17 ms of writes).
     pub fn set_kept_scores(&mut self, bytes: u64) {
         self.limits.kept_scores = bytes;
+    }
+
+    /// Sets how many key tiles one attention workgroup may walk
+    /// ([`DeviceLimits::max_key_tiles`]; plans made from now on; 0 for any number): longer
+    /// key ranges split over several workgroups whose partial results a merge combines. A
+    /// new pipeline sets [`LLVMPIPE_KEY_TILES`] on llvmpipe, whose invocations stop looping
+    /// after 65,535 iterations, and 0 elsewhere.
+    pub fn set_max_key_tiles(&mut self, tiles: u64) {
+        self.limits.max_key_tiles = tiles;
     }
 
     /// Drops the compiled kernels (after a change of variant).

@@ -42,7 +42,20 @@ pub struct DeviceLimits {
     /// wide steps then run for heads whose plain tiles do not fit beside 32 query rows
     /// ([`Plan::wide_kv_tile`]; Dk = 192 on an H200).
     pub tensor_cores: bool,
+    /// Not a WebGPU limit: key tiles one attention workgroup may walk, 0 for any number.
+    /// Mesa's llvmpipe (software Vulkan) silently ends an invocation's loops once they have
+    /// taken 65,535 iterations together, so on it ([`LLVMPIPE_KEY_TILES`]) longer key
+    /// ranges split over several workgroups, whose partial results a merge combines as in
+    /// decode steps; where the most splits a binding holds cannot bring a range within it,
+    /// the plan fails with [`NsaError::ExceedsLimit`] rather than compute partial sums.
+    pub max_key_tiles: u64,
 }
+
+/// [`DeviceLimits::max_key_tiles`] on llvmpipe. Dense attention on it (Mesa 22.3, Hq = Hkv
+/// = 1) was exact over 512 key tiles at D = 128 (32k keys) and 1024 at D = 32 (64k), and off
+/// by 2.5e-2 over 1024 at D = 128 and 3.9e-2 at D = 256: the tile loop's iterations grow
+/// with D. Half of the largest that passed at D = 128 leaves room for D = 256.
+pub const LLVMPIPE_KEY_TILES: u64 = 256;
 
 /// The default [`DeviceLimits::kept_scores`]: 2 GiB, chunks of 2048 query rows for a prefill
 /// at 64k with 64 heads (on an H200, 1.9% faster there than 1 GiB's 1024-row chunks).
@@ -62,6 +75,7 @@ impl Default for DeviceLimits {
             max_invocations: 256,
             kept_scores: DEFAULT_KEPT_SCORES,
             tensor_cores: false,
+            max_key_tiles: 0,
         }
     }
 }
@@ -847,7 +861,8 @@ impl Plan {
         };
         let max_rows = (lim / row)
             .min(self.max_workgroups() / wg_row)
-            .min(keep_cap);
+            .min(keep_cap)
+            .min(self.split_rows());
         if max_rows == 0 {
             return Err(exceeds(
                 "max_storage_buffer_binding_size (one query row of q, out or gates)",
@@ -883,20 +898,61 @@ impl Plan {
         Ok(chunks)
     }
 
+    /// Query rows per chunk whose partial results fit a binding when `max_key_tiles` makes
+    /// every branch split its longest key range (all Tk keys, in the smallest tile any step
+    /// takes) as often as it must: three branches' worth per row and split.
+    fn split_rows(&self) -> u64 {
+        let s = self.shape;
+        let kt = [self.kv_tile, self.wide_kv_tile]
+            .into_iter()
+            .filter(|k| *k > 0)
+            .min()
+            .unwrap_or(1) as u64;
+        match self.limits.max_key_tiles {
+            0 => u64::MAX,
+            cap => match (s.tk as u64).div_ceil(kt).div_ceil(cap) {
+                0 | 1 => u64::MAX,
+                need => self.binding_elems() / (3 * need * (s.hq * (s.dv + 2)) as u64),
+            },
+        }
+    }
+
     /// How many workgroups share one row group's keys in an attention dispatch of `groups`
     /// workgroups over at most `tiles` key tiles: enough to reach `SPLIT_TARGET` workgroups,
-    /// each split keeping at least one tile, within the merge kernel's `SPLITS_MAX` and the
-    /// binding limit for the partials (`part_row` elements per split).
-    fn splits(&self, groups: u64, tiles: u64, part_row: u64) -> u32 {
-        if groups >= SPLIT_TARGET {
-            return 1;
-        }
-        SPLIT_TARGET
-            .div_ceil(groups)
-            .min(tiles)
-            .min(ATTN_SPLITS_MAX)
+    /// each split keeping at least one tile, and as many as `max_key_tiles` needs, within the
+    /// merge kernel's `SPLITS_MAX` and the binding limit for the partials (`part_row`
+    /// elements per split).
+    fn splits(&self, groups: u64, tiles: u64, part_row: u64) -> Result<u32> {
+        let cap = self.limits.max_key_tiles;
+        let need = if cap == 0 { 1 } else { tiles.div_ceil(cap) };
+        let want = if groups >= SPLIT_TARGET {
+            1
+        } else {
+            SPLIT_TARGET
+                .div_ceil(groups)
+                .min(tiles)
+                .min(ATTN_SPLITS_MAX)
+        };
+        let sp = want
+            .max(need)
+            .min(SPLITS_MAX)
             .min(self.binding_elems() / part_row.max(1))
-            .max(1) as u32
+            .max(1) as u32;
+        self.check_key_tiles(tiles, sp)?;
+        Ok(sp)
+    }
+
+    /// Whether `splits` workgroups bring `tiles` key tiles within `max_key_tiles` each.
+    fn check_key_tiles(&self, tiles: u64, splits: u32) -> Result<()> {
+        let (cap, per) = (self.limits.max_key_tiles, tiles.div_ceil(splits as u64));
+        if cap > 0 && per > cap {
+            return Err(exceeds(
+                "max_key_tiles (key tiles per attention workgroup: llvmpipe ends an invocation's loops after 65,535 iterations)",
+                per,
+                cap,
+            ));
+        }
+        Ok(())
     }
 
     /// Elements of kept scores one chunk may have: `DeviceLimits::kept_scores`, a binding,
@@ -1027,7 +1083,7 @@ impl Plan {
             };
             let merge_total = nrows * hq;
             if dense {
-                let sp = self.splits(attn_total, tiles(s.tk as u64, core.kv_tile), part_row);
+                let sp = self.splits(attn_total, tiles(s.tk as u64, core.kv_tile), part_row)?;
                 let len = part_row * sp as u64;
                 let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
@@ -1090,13 +1146,14 @@ impl Plan {
                 attn_total,
                 tiles(self.n_cmp as u64, core.kv_tile),
                 3 * part_row,
-            );
+            )?;
             let slc_tiles = n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
             let sp_s = self
-                .splits(slc_total, slc_tiles, 3 * part_row)
+                .splits(slc_total, slc_tiles, 3 * part_row)?
                 .min(n as u32);
+            self.check_key_tiles(slc_tiles, sp_s)?;
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
-            let sp_w = self.splits(attn_total, tiles(win_keys, core.kv_tile), 3 * part_row);
+            let sp_w = self.splits(attn_total, tiles(win_keys, core.kv_tile), 3 * part_row)?;
             let split = sp_c > 1 || sp_s > 1 || sp_w > 1;
             let lens = [sp_c, sp_s, sp_w].map(|sp| part_row * sp as u64 * split as u64);
             let pc = self.window(Tensor::Part, 0, lens[0]);

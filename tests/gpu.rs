@@ -1381,3 +1381,30 @@ fn long_64k_f16() {
     let shape = Shape::prefill(1, 65536, 16, 1, 16, 16);
     check_f16_case(&pipes, "long 64k f16", &paper(), &shape);
 }
+
+#[test]
+fn capped_key_tiles_split_every_branch_and_match_the_reference() {
+    // On llvmpipe, whose invocations stop looping after 65,535 iterations, a pipeline caps
+    // the key tiles one attention workgroup walks (LLVMPIPE_KEY_TILES) and plans split longer
+    // ranges, prefill included. A cap of 2 tiles makes every branch and dense attention split
+    // here, with kept scores and the selection's log-sum-exp taken from the partials.
+    let mut pipe = pollster::block_on(NsaPipeline::new(pipeline().context())).expect("pipeline");
+    pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
+    pipe.set_tensor_cores(pipeline().tensor_cores());
+    pipe.set_max_key_tiles(2);
+    let shape = Shape::prefill(1, 1500, 4, 2, 16, 16);
+    let plan = pipe.plan(&many_blocks(), &shape).expect("plan");
+    for kernel in [KernelId::CmpAttn, KernelId::SlcAttn, KernelId::WinAttn] {
+        let step = plan.steps.iter().find(|s| s.kernel == kernel).unwrap();
+        assert!(step.params.splits > 1, "{kernel:?} not split");
+    }
+    assert!(plan.keeps_scores());
+    check_plan_on(&pipe, "capped", &plan, false);
+    let shape = Shape::prefill(2, 700, 6, 2, 24, 20);
+    let data = Data::new(&small(), &shape, false, 11);
+    let got = pollster::block_on(pipe.dense_attention(&shape, None, &data.q, &data.k, &data.v))
+        .expect("dense");
+    let want =
+        cpu::dense_attn::dense_attn(&shape, small().scale_for(24), &data.q, &data.k, &data.v);
+    assert_close("capped dense", &got, &want, TOL);
+}

@@ -942,3 +942,60 @@ fn large_heads_run_wide_only_on_tensor_cores() {
     let plain = Plan::with_precision(&cfg, &d128, &limits, Precision::F16).unwrap();
     assert_eq!(plain.wide_kv_tile, 32);
 }
+
+#[test]
+fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
+    use KernelId::*;
+    // llvmpipe stops an invocation's loops after 65,535 iterations: its pipeline caps the key
+    // tiles one attention workgroup walks, and plans split longer ranges as decode steps do.
+    let capped = DeviceLimits {
+        max_key_tiles: 4,
+        ..DeviceLimits::default()
+    };
+    // Enough row groups that nothing splits for want of workgroups.
+    let shape = Shape::prefill(1, 3000, 64, 4, 16, 16);
+    let dense = Plan::dense(&shape, None, &capped).unwrap();
+    let tiles = 3000usize.div_ceil(dense.kv_tile as usize);
+    let step = dense.steps.iter().find(|s| s.kernel == Dense).unwrap();
+    assert!(tiles > 4, "{tiles} tiles: the cap must bite");
+    assert!(
+        tiles.div_ceil(step.params.splits as usize) <= 4,
+        "{tiles} tiles over {} splits",
+        step.params.splits
+    );
+    assert!(dense.steps.iter().any(|s| s.kernel == Merge));
+    let uncapped = Plan::dense(&shape, None, &DeviceLimits::default()).unwrap();
+    assert!(uncapped.steps.iter().all(|s| s.params.splits == 1));
+    // NSA: every branch whose range is longer than the cap splits.
+    let cfg = NsaConfig {
+        cmp_stride: 8,
+        cmp_block: 16,
+        sel_block: 8,
+        ..NsaConfig::default()
+    };
+    let plan = Plan::new(&cfg, &shape, &capped).unwrap();
+    for kernel in [CmpAttn, SlcAttn, WinAttn] {
+        let step = plan.steps.iter().find(|s| s.kernel == kernel).unwrap();
+        assert!(step.params.splits > 1, "{kernel:?} not split");
+    }
+    // Selected attention walks n blocks of l' = 8 keys: 16 tiles, at most 4 per split.
+    let slc = plan.steps.iter().find(|s| s.kernel == SlcAttn).unwrap();
+    assert!(slc.params.splits >= 4, "{} splits", slc.params.splits);
+    // Where the merge cannot take enough splits, the plan says which limit and by how much.
+    let one = DeviceLimits {
+        max_key_tiles: 1,
+        ..DeviceLimits::default()
+    };
+    let long = Shape::prefill(1, 100 * 64, 1, 1, 16, 16);
+    match Plan::dense(&long, None, &one) {
+        Err(NsaError::ExceedsLimit {
+            what,
+            needed,
+            limit,
+        }) => {
+            assert!(what.starts_with("max_key_tiles"), "{what}");
+            assert!(needed > limit && limit == 1, "{needed} {limit}");
+        }
+        other => panic!("expected ExceedsLimit, got {other:?}"),
+    }
+}
