@@ -838,7 +838,7 @@ impl Plan {
         Ok(())
     }
 
-    fn chunks(&self) -> Result<Vec<Chunk>> {
+    fn chunks(&self, dense: bool) -> Result<Vec<Chunk>> {
         let s = self.shape;
         let lim = self.binding_elems();
         let kv = (self.k_stride() * s.hkv * s.dk.max(s.dv)) as u64;
@@ -861,8 +861,16 @@ impl Plan {
         };
         let max_rows = (lim / row)
             .min(self.max_workgroups() / wg_row)
-            .min(keep_cap)
-            .min(self.split_rows());
+            .min(keep_cap);
+        let split_rows = self.split_rows(dense);
+        if split_rows == 0 {
+            return Err(exceeds(
+                "max_key_tiles (key tiles per attention workgroup: llvmpipe ends an invocation's loops after 65,535 iterations; the partials of one query row's splits exceed a binding)",
+                self.key_tiles(dense),
+                self.limits.max_key_tiles,
+            ));
+        }
+        let max_rows = max_rows.min(split_rows);
         if max_rows == 0 {
             return Err(exceeds(
                 "max_storage_buffer_binding_size (one query row of q, out or gates)",
@@ -898,21 +906,38 @@ impl Plan {
         Ok(chunks)
     }
 
-    /// Query rows per chunk whose partial results fit a binding when `max_key_tiles` makes
-    /// every branch split its longest key range (all Tk keys, in the smallest tile any step
-    /// takes) as often as it must: three branches' worth per row and split.
-    fn split_rows(&self) -> u64 {
-        let s = self.shape;
+    /// The most key tiles one attention workgroup of this plan walks that chunking cannot
+    /// shorten, in the smallest tile any step takes: all Tk keys for dense attention; for
+    /// NSA the compressed tokens or the selected blocks (the window's range grows with a
+    /// chunk's rows: splits() covers it).
+    fn key_tiles(&self, dense: bool) -> u64 {
         let kt = [self.kv_tile, self.wide_kv_tile]
             .into_iter()
             .filter(|k| *k > 0)
             .min()
             .unwrap_or(1) as u64;
+        let c = &self.config;
+        let keys = if dense {
+            self.shape.tk
+        } else {
+            self.n_cmp.max(c.top_n * c.sel_block)
+        };
+        (keys as u64).div_ceil(kt)
+    }
+
+    /// Query rows per chunk whose partial results fit a binding where `max_key_tiles` makes
+    /// the longest key range split as often as it must (three branches' partials per row and
+    /// split for NSA, one for dense attention); 0 where not even one row's do.
+    fn split_rows(&self, dense: bool) -> u64 {
+        let s = self.shape;
         match self.limits.max_key_tiles {
             0 => u64::MAX,
-            cap => match (s.tk as u64).div_ceil(kt).div_ceil(cap) {
+            cap => match self.key_tiles(dense).div_ceil(cap) {
                 0 | 1 => u64::MAX,
-                need => self.binding_elems() / (3 * need * (s.hq * (s.dv + 2)) as u64),
+                need => {
+                    let branches = if dense { 1 } else { 3 };
+                    self.binding_elems() / (branches * need * (s.hq * (s.dv + 2)) as u64)
+                }
             },
         }
     }
@@ -923,8 +948,14 @@ impl Plan {
     /// merge kernel's `SPLITS_MAX` and the binding limit for the partials (`part_row`
     /// elements per split).
     fn splits(&self, groups: u64, tiles: u64, part_row: u64) -> Result<u32> {
+        self.splits_walking(groups, tiles, tiles, part_row)
+    }
+
+    /// [`Self::splits`] where one workgroup walks at most `walk` of the `tiles` (the window:
+    /// its rows' own windows, not the chunk's).
+    fn splits_walking(&self, groups: u64, tiles: u64, walk: u64, part_row: u64) -> Result<u32> {
         let cap = self.limits.max_key_tiles;
-        let need = if cap == 0 { 1 } else { tiles.div_ceil(cap) };
+        let need = if cap == 0 { 1 } else { walk.div_ceil(cap) };
         let want = if groups >= SPLIT_TARGET {
             1
         } else {
@@ -938,7 +969,7 @@ impl Plan {
             .min(SPLITS_MAX)
             .min(self.binding_elems() / part_row.max(1))
             .max(1) as u32;
-        self.check_key_tiles(tiles, sp)?;
+        self.check_key_tiles(walk, sp)?;
         Ok(sp)
     }
 
@@ -995,7 +1026,7 @@ impl Plan {
     fn plan_attention(&mut self, dense: bool) -> Result<()> {
         let s = self.shape;
         let n = self.config.top_n;
-        for ch in self.chunks()? {
+        for ch in self.chunks(dense)? {
             let rows = (ch.b0 * s.tq + ch.q0) as u64;
             let nrows = (ch.nb * ch.qc) as u64;
             let rows0 = self.cache.unwrap_or_default();
@@ -1153,7 +1184,14 @@ impl Plan {
                 .min(n as u32);
             self.check_key_tiles(slc_tiles, sp_s)?;
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
-            let sp_w = self.splits(attn_total, tiles(win_keys, core.kv_tile), 3 * part_row)?;
+            // One workgroup's rows: nq <= q_block consecutive queries' windows.
+            let walk = (self.config.window + (core.q_block as usize).min(ch.qc)).min(s.tk) as u64;
+            let sp_w = self.splits_walking(
+                attn_total,
+                tiles(win_keys, core.kv_tile),
+                tiles(walk, core.kv_tile),
+                3 * part_row,
+            )?;
             let split = sp_c > 1 || sp_s > 1 || sp_w > 1;
             let lens = [sp_c, sp_s, sp_w].map(|sp| part_row * sp as u64 * split as u64);
             let pc = self.window(Tensor::Part, 0, lens[0]);
