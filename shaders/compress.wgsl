@@ -1,14 +1,15 @@
 // Blockwise compression: compressed token i of kv head h summarises rows [i*d, i*d + l) of
 // `src`, by their mean or by sum_j W[h][j]^T (x_j + pe[h][j]). One workgroup per
-// (batch, token, head), one invocation per output column; for Linear, each input row is
-// staged once in workgroup memory and shared by every column, and each column's sum over the
-// row's D inputs takes four of them per loop iteration (in the same order as one at a time).
+// (batch, token, head), each invocation owning two output columns; for Linear, each input
+// row is staged once in workgroup memory and shared by every column, and each column's sum
+// over the row's D inputs takes four of them per loop iteration (in the same order as one
+// at a time).
 //
 // Why so few loop iterations per invocation: software Vulkan (Mesa's llvmpipe) ends every
 // loop of an invocation once they have taken 65,535 iterations together, silently. With 4
 // columns per invocation and one input per iteration, Linear at l = 64, D = 256 needed
-// 65,536 and returned partial sums there; now it is about l * D / 4 (l up to about 1,000
-// at D = 256).
+// 65,536 and returned partial sums there; now it is about l * D / 2 (l up to about 500 at
+// D = 256). 128 invocations: what every adapter the pipeline accepts has.
 
 #import input
 #import params
@@ -18,9 +19,10 @@
 @group(0) @binding(3) var<storage, read> w: array<f32>;           // [Hkv, l, D, D] (Linear)
 @group(0) @binding(4) var<storage, read> pe: array<f32>;          // [Hkv, l, D] (Linear)
 
-const WG: u32 = 256u;  // the largest D: one output column per invocation
+const WG: u32 = 128u;
+const PER: u32 = 2u;  // 256 / WG: columns per invocation, for D up to 256
 
-var<workgroup> xrow: array<f32, WG>;
+var<workgroup> xrow: array<f32, 256>;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -38,30 +40,43 @@ fn main(
     let rest = wid / params.hkv;
     let i = params.c_start + rest % params.c_count;
     let bb = rest / params.c_count;
-    let e = lid;
-    let live = e < dim;
-    var accum = 0.0;
+    var accum: array<f32, PER>;
+    for (var a = 0u; a < PER; a++) {
+        accum[a] = 0.0;
+    }
     for (var j = 0u; j < l; j++) {
         let sb = params.off_k + ((bb * params.k_stride + i * params.cmp_stride + j) * params.hkv + h) * dim;
         if params.linear == 0u {
-            if live {
-                accum += f32(src[sb + e]);
+            for (var a = 0u; a < PER; a++) {
+                let e = lid + a * WG;
+                if e < dim {
+                    accum[a] += f32(src[sb + e]);
+                }
             }
         } else {
             let pb = (h * l + j) * dim;
-            if live {
-                xrow[e] = f32(src[sb + e]) + pe[pb + e];
+            for (var a = 0u; a < PER; a++) {
+                let e = lid + a * WG;
+                if e < dim {
+                    xrow[e] = f32(src[sb + e]) + pe[pb + e];
+                }
             }
             workgroupBarrier();
-            if live {
-                accum = linear_column(accum, pb, dim, e);
+            for (var a = 0u; a < PER; a++) {
+                let e = lid + a * WG;
+                if e < dim {
+                    accum[a] = linear_column(accum[a], pb, dim, e);
+                }
             }
             workgroupBarrier();
         }
     }
-    if live {
-        let db = params.off_kc + ((bb * params.c_stride + i) * params.hkv + h) * dim;
-        dst[db + e] = in_t(select(accum, accum / f32(l), params.linear == 0u));
+    let db = params.off_kc + ((bb * params.c_stride + i) * params.hkv + h) * dim;
+    for (var a = 0u; a < PER; a++) {
+        let e = lid + a * WG;
+        if e < dim {
+            dst[db + e] = in_t(select(accum[a], accum[a] / f32(l), params.linear == 0u));
+        }
     }
 }
 
