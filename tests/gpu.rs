@@ -1389,6 +1389,14 @@ fn capped_key_tiles_split_every_branch_and_match_the_reference() {
     // ranges, prefill included. A cap of 2 tiles makes every branch and dense attention split
     // here, with kept scores and the selection's log-sum-exp taken from the partials.
     let mut pipe = pollster::block_on(NsaPipeline::new(pipeline().context())).expect("pipeline");
+    let info = &pipe.context().adapter_info;
+    let llvmpipe = info.name.contains("llvmpipe") || info.driver.contains("llvmpipe");
+    let want = if llvmpipe {
+        nsa_wgpu::LLVMPIPE_KEY_TILES
+    } else {
+        0
+    };
+    assert_eq!(pipe.limits().max_key_tiles, want, "{}", info.name);
     pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
     pipe.set_tensor_cores(pipeline().tensor_cores());
     pipe.set_max_key_tiles(2);
