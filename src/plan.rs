@@ -52,9 +52,11 @@ pub struct DeviceLimits {
 }
 
 /// [`DeviceLimits::max_key_tiles`] on llvmpipe. Dense attention on it (Mesa 22.3, Hq = Hkv
-/// = 1) was exact over 512 key tiles at D = 128 (32k keys) and 1024 at D = 32 (64k), and off
-/// by 2.5e-2 over 1024 at D = 128 and 3.9e-2 at D = 256: the tile loop's iterations grow
-/// with D. Half of the largest that passed at D = 128 leaves room for D = 256.
+/// = 1; a throwaway check of the last 64 rows, whose D = 128 case tests/gpu
+/// `long_64k_dense` keeps) was exact over 512 key tiles at D = 128 (32k keys) and 1024 at
+/// D = 32 (64k), and off by 2.5e-2 over 1024 at D = 128 and 3.9e-2 at D = 256: the tile
+/// loop's iterations grow with D. Half of the largest that passed at D = 128 leaves room
+/// for D = 256 (exact there with it).
 pub const LLVMPIPE_KEY_TILES: u64 = 256;
 
 /// The default [`DeviceLimits::kept_scores`]: 2 GiB, chunks of 2048 query rows for a prefill

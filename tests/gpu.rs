@@ -435,13 +435,9 @@ fn bounds_checked_kernels_write_the_same_bits() {
     // The kernels compile without naga's bounds checks. Compiled with them, any index out of
     // range would be clamped and read or write something else: on shapes that straddle every
     // tile, row and split limit, both must write exactly the same outputs.
-    let ctx = pipeline().context().clone();
-    let mut checked = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+    let mut checked = common::pipeline_like(pipeline());
     assert!(!checked.bounds_checks());
     assert!(checked.set_bounds_checks(true));
-    checked.set_subgroup_reductions(pipeline().subgroup_reductions());
-    // The shader cores, as pipeline() (a new pipeline takes tensor cores where it can).
-    checked.set_tensor_cores(pipeline().tensor_cores());
     let (tiny_shape, tiny_limits) = tiny();
     let cases = [
         (small(), Shape::prefill(1, 63, 3, 1, 100, 64), None),
@@ -1388,7 +1384,7 @@ fn capped_key_tiles_split_every_branch_and_match_the_reference() {
     // the key tiles one attention workgroup walks (LLVMPIPE_KEY_TILES) and plans split longer
     // ranges, prefill included. A cap of 2 tiles makes every branch and dense attention split
     // here, with kept scores and the selection's log-sum-exp taken from the partials.
-    let mut pipe = pollster::block_on(NsaPipeline::new(pipeline().context())).expect("pipeline");
+    let mut pipe = common::pipeline_like(pipeline());
     let info = &pipe.context().adapter_info;
     let llvmpipe = info.name.contains("llvmpipe") || info.driver.contains("llvmpipe");
     let want = if llvmpipe {
@@ -1397,8 +1393,6 @@ fn capped_key_tiles_split_every_branch_and_match_the_reference() {
         0
     };
     assert_eq!(pipe.limits().max_key_tiles, want, "{}", info.name);
-    pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
-    pipe.set_tensor_cores(pipeline().tensor_cores());
     pipe.set_max_key_tiles(2);
     let shape = Shape::prefill(1, 1500, 4, 2, 16, 16);
     let plan = pipe.plan(&many_blocks(), &shape).expect("plan");
@@ -1415,4 +1409,60 @@ fn capped_key_tiles_split_every_branch_and_match_the_reference() {
     let want =
         cpu::dense_attn::dense_attn(&shape, small().scale_for(24), &data.q, &data.k, &data.v);
     assert_close("capped dense", &got, &want, TOL);
+}
+
+#[test]
+#[ignore = "64k keys of dense attention: minutes on lavapipe; run with --ignored --nocapture"]
+fn long_64k_dense() {
+    // Dense attention over 65,536 keys at D = 128, its last 64 rows against a direct f64
+    // computation. On llvmpipe, which ends an invocation's loops after 65,535 iterations,
+    // this holds only with the pipeline's key-tile cap (LLVMPIPE_KEY_TILES): the error
+    // without it is printed, not asserted (other adapters need no cap).
+    let (t, d) = (65536, 128);
+    let shape = Shape::prefill(1, t, 1, 1, d, d);
+    let data = Data::new(&small(), &shape, false, 5);
+    let scale = 1.0 / (d as f64).sqrt();
+    let worst = |got: &[f32]| {
+        let mut worst = 0.0f64;
+        for row in t - 64..t {
+            let q = &data.q[row * d..][..d];
+            let s: Vec<f64> = (0..=row)
+                .map(|j| {
+                    scale
+                        * (0..d)
+                            .map(|e| q[e] as f64 * data.k[j * d + e] as f64)
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::MIN, f64::max);
+            let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = p.iter().sum();
+            for e in 0..d {
+                let o: f64 = (0..=row)
+                    .map(|j| p[j] * data.v[j * d + e] as f64)
+                    .sum::<f64>()
+                    / z;
+                worst = worst.max((o - got[row * d + e] as f64).abs());
+            }
+        }
+        worst
+    };
+    let dense = |pipe: &NsaPipeline| {
+        pollster::block_on(pipe.dense_attention(&shape, None, &data.q, &data.k, &data.v))
+            .expect("dense")
+    };
+    let capped = worst(&dense(pipeline()));
+    eprintln!(
+        "dense, 64k keys, D = 128, key tiles per workgroup at most {}: max abs error {capped:.2e}",
+        pipeline().limits().max_key_tiles
+    );
+    if pipeline().limits().max_key_tiles > 0 {
+        let mut uncapped = common::pipeline_like(pipeline());
+        uncapped.set_max_key_tiles(0);
+        eprintln!(
+            "the same without the cap: max abs error {:.2e}",
+            worst(&dense(&uncapped))
+        );
+    }
+    assert!(capped <= 1e-4, "max abs error {capped:.2e}");
 }

@@ -43,6 +43,16 @@ pub fn f16_pipelines() -> Vec<&'static nsa_wgpu::NsaPipeline> {
     pipes
 }
 
+/// A new pipeline on `base`'s device with its subgroup and tensor-core choices (a new
+/// pipeline takes tensor cores where it can), for tests that change its other settings.
+pub fn pipeline_like(base: &nsa_wgpu::NsaPipeline) -> nsa_wgpu::NsaPipeline {
+    let mut pipe =
+        pollster::block_on(nsa_wgpu::NsaPipeline::new(base.context())).expect("pipeline");
+    pipe.set_subgroup_reductions(base.subgroup_reductions());
+    pipe.set_tensor_cores(base.tensor_cores());
+    pipe
+}
+
 fn make_pipeline(subgroups: bool, tensor_cores: bool) -> nsa_wgpu::NsaPipeline {
     let ctx =
         pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
