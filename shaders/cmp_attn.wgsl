@@ -1,9 +1,11 @@
 // Compressed attention: each query head attends to the compressed tokens whose whole block
 // lies at or before its position (online softmax over tiles), and records its log-sum-exp
-// for the selection kernel. Where the plan keeps scores (the steps compiled with the core's
-// keep_on.wgsl, params.kept_stride > 0: every chunk whose scores fit the budget), it also
-// stores every scaled score it computes, so that the selection reads them (select_kept.wgsl)
-// instead of multiplying the queries with the compressed keys a second time.
+// for the selection kernel. Where the plan keeps scores (params.kept_stride > 0: every chunk
+// whose scores fit the budget), it also stores what the selection needs, so that the
+// selection does not multiply the queries with the compressed keys a second time:
+// - with keep_on.wgsl, every scaled score it computes (select_kept.wgsl reads them);
+// - with keep_sums.wgsl (params.kept_tile > 0), per tile its block sums (keep_block_sums;
+//   select_sums.wgsl reads them): about a quarter of the bytes.
 
 #import attention
 
@@ -36,9 +38,70 @@ fn keep_scores(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
 // Row i's score of key t, where it sees it.
 fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
     if i < r.n && s != NEG_BIG {
-        let at = kept_at(i, t);
-        kept[at >> 2u][at & 3u] = s;
+        kept_put(kept_at(i, t), s);
     }
+}
+
+// Kept block sums (keep_sums.wgsl), for a selection block of M = l' / d pieces, M a multiple
+// of 4, and compressed tokens spanning U = l / d <= 5 pieces, with tiles of params.kept_tile
+// keys (a multiple of M, starting at multiples of it; Plan::kept_sums_tile). SPEC's block
+// importance gives the token at piece k = t % M of block t / M the weight min(M - k, U) in
+// its own block and max(U + k - M, 0) in the next. Per row and tile, kept_tile / 4 + 2
+// elements: for each 4 tokens of the tile, sum w * exp(s - m) over their own block's weights
+// plus, for the first 4 of a block, the weighted probabilities of the tokens before them in
+// this tile that reach into it (which all lie in the 4 just before, as U - 1 <= 4); then the
+// tile's last 4 tokens' weighted probabilities for the next block (in the next tile); then
+// the row's running max m. The selection weighs them with exp(m - lse).
+fn keep_block_sums(r: Rows, lid: u32, t0: u32, m: f32, p0: vec4<f32>, p1: vec4<f32>) {
+    let i = lid / 8u;
+    let part = lid % 8u;
+    let w0 = block_weights(t0 + 4u * part);
+    let w1 = block_weights(t0 + 32u + 4u * part);
+    let next0 = dot(p0, w0.next);
+    let next1 = dot(p1, w1.next);
+    // Part 0's 4 tokens follow part 7's of the quads before (p1 follows p0); its p0 follows
+    // the previous tile's, whose share the tile's `next` element holds.
+    let in0 = row_prev8(lid, next0);
+    let in1 = row_prev8(lid, next1);
+    let q0 = dot(p0, w0.own) + select(in0, 0.0, part == 0u);
+    let q1 = dot(p1, w1.own) + select(in1, in0, part == 0u);
+    if i >= r.n {
+        return;
+    }
+    let nq = params.kept_tile / 4u;
+    let at = params.off_kept + attn_row(i) * params.kept_stride + t0 / 4u / nq * (nq + 2u);
+    if part < nq {
+        kept_put(at + part, q0);
+    }
+    if part + 8u < nq {
+        kept_put(at + part + 8u, q1);
+    }
+    if part == (nq - 1u) % 8u {
+        kept_put(at + nq, select(next0, next1, nq > 8u));
+    }
+    if part == 0u {
+        kept_put(at + nq + 1u, m);
+    }
+}
+
+// The weights of tokens t .. t + 3 in their own block and in the next (keep_block_sums).
+struct BlockWeights {
+    own: vec4<f32>,
+    next: vec4<f32>,
+}
+
+fn block_weights(t: u32) -> BlockWeights {
+    let mb = i32(params.sel_block / params.cmp_stride);
+    let ub = i32(params.cmp_block / params.cmp_stride);
+    let k = vec4<i32>(i32(t % u32(mb))) + vec4<i32>(0, 1, 2, 3);
+    return BlockWeights(
+        vec4<f32>(min(vec4<i32>(mb) - k, vec4<i32>(ub))),
+        vec4<f32>(max(vec4<i32>(ub - mb) + k, vec4<i32>(0))),
+    );
+}
+
+fn kept_put(at: u32, x: f32) {
+    kept[at >> 2u][at & 3u] = x;
 }
 
 // The element of `kept` that holds row i's score of key t (only steps with

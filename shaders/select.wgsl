@@ -3,8 +3,9 @@
 // compressed-attention probabilities for just the compressed tokens a chunk overlaps, with
 // the log-sum-exp that cmp_attn stored (`#import select_scores`: from the scores cmp_attn
 // kept, select_kept.wgsl, or from q.k over the compressed keys, select_qk.wgsl), turns them
-// into block scores with SPEC's overlap weights, and merges the chunk into a running top
-// list in workgroup memory. No [T, blocks] matrix ever reaches device memory.
+// into block scores with SPEC's overlap weights (or, with select_sums.wgsl, sums the block
+// sums cmp_attn kept straight into block scores: BLOCK_SUMS), and merges the chunk into a
+// running top list in workgroup memory. No [T, blocks] matrix ever reaches device memory.
 
 // Bindings 1 and 2 (q, and the compressed keys as `k`: [B, C, Hkv, Dk]) come from qk.
 #import qk
@@ -147,7 +148,11 @@ fn main(
                 load_rows(lid, nh, row0 + h0);
                 load_lse(lid, row0 + h0, nh);
             }
-            score_tokens(lid, bb, h, row0 + h0, nh, t_lo, t_hi, u - 1u - m * j0);
+            if BLOCK_SUMS {
+                score_blocks(lid, row0 + h0, nh, j0, jn, nv);
+            } else {
+                score_tokens(lid, bb, h, row0 + h0, nh, t_lo, t_hi, u - 1u - m * j0);
+            }
         }
         workgroupBarrier();
         if lid == 0u {
@@ -156,7 +161,9 @@ fn main(
         if lid < jn {
             let j = j0 + lid;
             var s = -1.0;
-            if j >= fa && j < fl {
+            if j >= fa && j < fl && BLOCK_SUMS {
+                s = pbuf[lid];
+            } else if j >= fa && j < fl {
                 s = 0.0;
                 for (var mm = 0u; mm < m; mm++) {
                     for (var uu = 0u; uu < u; uu++) {

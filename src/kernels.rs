@@ -59,8 +59,7 @@ pub struct Params {
     pub off_pwin: u32,
     pub kept_stride: u32,
     pub off_kept: u32,
-    /// Unused: aligns `behind` to 16 bytes, as WGSL lays it out.
-    pub pad0: u32,
+    pub kept_tile: u32,
     /// Per batch element of the dispatch (`[bb / 4][bb % 4]`): tokens its sequence holds
     /// fewer than `tk` ([`crate::Plan::cached_ragged`]).
     pub behind: [[u32; 4]; 16],

@@ -724,6 +724,7 @@ impl NsaPipeline {
                 tensor_cores,
                 // Per step: a plan's chunks may differ (a short last chunk splits and keeps).
                 kept: step.params.kept_stride > 0,
+                kept_sums: step.params.kept_tile > 0,
             };
             let key = (id, variant, spec);
             if let Some(p) = compiled.get(&key) {
@@ -759,6 +760,18 @@ impl NsaPipeline {
                         tensor_cores: false,
                         ..variant
                     };
+                    // Kept block sums are laid out for the tensor-core kernel's tiles.
+                    let plain_tile = plan.specialization(step.rows).kv_tile;
+                    if variant.tensor_cores
+                        && variant.kept_sums
+                        && plain_tile != step.params.kept_tile
+                    {
+                        return Err(NsaError::Gpu(format!(
+                            "kernel {} on tensor cores failed to compile, and the plan's kept block sums are laid out for its {}-key tiles (the plain kernel's are {plain_tile}): plan again with tensor cores off",
+                            id.name(),
+                            step.params.kept_tile
+                        )));
+                    }
                     compile(&plain_variant, &plan.specialization(step.rows)).map_err(|e| {
                         NsaError::Gpu(format!("compiling kernel {}: {e}", id.name()))
                     })?

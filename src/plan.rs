@@ -855,7 +855,14 @@ impl Plan {
         let wg_row = (s.hkv as u64) * self.core(false).head_chunks as u64;
         // Chunks small enough that compressed attention can keep its scores for the
         // selection, unless that takes chunks of fewer than KEEP_MIN_ROWS rows.
-        let keep_rows = self.kept_budget() / (s.hq * self.n_cmp.next_multiple_of(4)).max(1) as u64;
+        // Chunks of that many rows run wide where the plan has wide steps.
+        let rows = if self.wide_kv_tile > 0 {
+            WIDE_ROWS
+        } else {
+            ROWS
+        };
+        let kept_row = self.kept_stride(self.kept_sums_tile(rows));
+        let keep_rows = self.kept_budget() / (s.hq as u64 * kept_row).max(1);
         let keep_cap = if keep_rows >= KEEP_MIN_ROWS.min(s.tq as u64) {
             keep_rows
         } else {
@@ -986,6 +993,41 @@ impl Plan {
             ));
         }
         Ok(())
+    }
+
+    /// Compressed tokens per tile of compressed attention's kept block sums in steps of
+    /// `rows` query rows (`keep_block_sums` in `shaders/cmp_attn.wgsl`), or 0 where it keeps
+    /// every score: block sums need selection blocks of a multiple of 4 pieces (`l' / d`),
+    /// compressed tokens of at most 5 (`l / d`), and key tiles of whole blocks (on tensor
+    /// cores, of 32 or 64 keys, which their softmax takes four neighbours at a time).
+    pub(crate) fn kept_sums_tile(&self, rows: u32) -> u32 {
+        let c = &self.config;
+        let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
+        let (spec, mma) = self.kernel_specialization(
+            KernelId::CmpAttn,
+            rows,
+            self.limits.tensor_cores,
+            self.limits.workgroup_storage,
+        );
+        let kt = spec.kv_tile as usize;
+        let quads = if mma { 32 } else { 4 };
+        if m % 4 == 0 && u <= 5 && kt % m == 0 && kt % quads == 0 {
+            kt as u32
+        } else {
+            0
+        }
+    }
+
+    /// Elements of one query head's kept scores (`tile` 0) or block sums (compressed tokens
+    /// per tile: `tile / 4 + 2` per tile), padded to whole vec4s.
+    fn kept_stride(&self, tile: u32) -> u64 {
+        let n = self.n_cmp as u64;
+        let len = if tile == 0 {
+            n
+        } else {
+            n.div_ceil(tile as u64) * (tile as u64 / 4 + 2)
+        };
+        len.next_multiple_of(4)
     }
 
     /// Elements of kept scores one chunk may have: `DeviceLimits::kept_scores`, a binding,
@@ -1202,10 +1244,11 @@ impl Plan {
             for (have, len) in self.part_len.iter_mut().zip(lens) {
                 *have = (*have).max(len);
             }
-            // Compressed attention keeps its scores and the selection reads them where they
-            // fit: the selection then only sums probabilities and ranks blocks. Rows are
-            // padded to whole vec4s (cmp_attn stores four scores at a time).
-            let stride = self.n_cmp.next_multiple_of(4) as u64;
+            // Compressed attention keeps its scores (or block sums) and the selection reads
+            // them where they fit: the selection then only sums probabilities and ranks
+            // blocks. Rows are padded to whole vec4s (cmp_attn stores four scores at a time).
+            let kept_tile = self.kept_sums_tile(core.rows);
+            let stride = self.kept_stride(kept_tile);
             let kept_len = nrows * hq * stride;
             let keep = kept_len > 0 && kept_len <= self.kept_budget();
             // Not kept: stride 0, a writable dummy piece for cmp_attn, a read-only dummy for
@@ -1217,6 +1260,7 @@ impl Plan {
             } else {
                 (unused(Tensor::Kept, 0), unused(Tensor::Gates, 0), 0, 0)
             };
+            let kept_tile = if keep { kept_tile } else { 0 };
             let o = if split {
                 (Tensor::PartWin, pw)
             } else {
@@ -1263,6 +1307,7 @@ impl Plan {
                     total_wg: (attn_total * sp_c as u64) as u32,
                     kept_stride,
                     off_kept,
+                    kept_tile,
                     ..attn
                 },
                 grid: self.grid(attn_total * sp_c as u64),
@@ -1302,6 +1347,7 @@ impl Plan {
                     cmp_splits: if split { sp_c } else { 0 },
                     kept_stride,
                     off_kept,
+                    kept_tile,
                     ..base
                 },
                 grid: self.grid(sel_total * sp as u64),

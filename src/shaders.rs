@@ -8,9 +8,10 @@
 //! `shared/load_f16.wgsl` / `shared/load_v_*.wgsl`),
 //! how attention rows are reduced (`#import reduce` is `shared/reduce_subgroup.wgsl`,
 //! subgroup shuffles, or `shared/reduce_shared.wgsl`, workgroup memory and a barrier),
-//! whether compressed attention keeps its scores for the selection (`#import keep`,
-//! `shared/keep_on.wgsl` or `shared/keep_off.wgsl`, and `#import select_scores`,
-//! `shared/select_kept.wgsl` or `shared/select_qk.wgsl`), and
+//! whether compressed attention keeps its scores or block sums for the selection
+//! (`#import keep`, `shared/keep_on.wgsl`, `shared/keep_sums.wgsl` or `shared/keep_off.wgsl`,
+//! and `#import select_scores`, `shared/select_kept.wgsl`, `shared/select_sums.wgsl` or
+//! `shared/select_qk.wgsl`), and
 //! where the attention core multiplies (`#import attn_tiles` is `shared/attn_simt.wgsl`, the
 //! shader cores, or `shared/attn_mma.wgsl`, tensor cores through cooperative matrices).
 
@@ -33,7 +34,8 @@ pub const KERNELS: &[(&str, &str)] = sources!["":
 pub const SHARED: &[(&str, &str)] = sources!["shared/":
     "qk", "input_f32", "input_f16", "params", "load_f32", "load_f16", "load_v_f32",
     "load_v_f16", "topn", "partials", "reduce_shared", "reduce_subgroup", "attention",
-    "attn_simt", "attn_mma", "keep_on", "keep_off", "select_qk", "select_kept",
+    "attn_simt", "attn_mma", "keep_on", "keep_off", "keep_sums", "select_qk", "select_kept",
+    "select_sums",
 ];
 
 /// Which variant of a kernel to assemble.
@@ -52,6 +54,10 @@ pub struct Variant {
     /// `shared/select_qk.wgsl`): for the steps of those two kernels whose plan keeps scores
     /// (`Params::kept_stride` > 0).
     pub kept: bool,
+    /// With `kept`: compressed attention keeps per-tile block sums instead of scores, and the
+    /// selection reads those (`shared/keep_sums.wgsl`, `shared/select_sums.wgsl`): for the
+    /// steps whose plan lays them out (`Params::kept_tile` > 0).
+    pub kept_sums: bool,
 }
 
 impl Variant {
@@ -76,6 +82,7 @@ pub fn source_for(name: &str, precision: Precision, subgroups: bool) -> Option<S
             subgroups,
             tensor_cores: false,
             kept: false,
+            kept_sums: false,
         },
     )
 }
@@ -110,8 +117,10 @@ fn expand(src: &str, variant: &Variant, out: &mut String, seen: &mut Vec<&'stati
                     "load_v" => "load_v_f16",
                     "attn_tiles" if variant.mma() => "attn_mma",
                     "attn_tiles" => "attn_simt",
+                    "keep" if variant.kept && variant.kept_sums => "keep_sums",
                     "keep" if variant.kept => "keep_on",
                     "keep" => "keep_off",
+                    "select_scores" if variant.kept && variant.kept_sums => "select_sums",
                     "select_scores" if variant.kept => "select_kept",
                     "select_scores" => "select_qk",
                     other => other,

@@ -1158,13 +1158,18 @@ fn a_short_last_chunk_keeps_scores_and_the_long_one_does_not() {
     // A binding of 3100 query rows, which holds the kept scores of only 127 (fewer than 256,
     // so the prefill does not chunk for them): a chunk of 3100 rows, whose selection
     // multiplies q.k itself, and one of 20, whose scores fit and are kept. Each step compiles
-    // the variant its chunk needs.
+    // the variant its chunk needs. Selection blocks of 2 pieces, which keep every score (not
+    // block sums, which would fit).
     let shape = Shape::prefill(1, 3120, 4, 2, 16, 16);
     let limits = DeviceLimits {
         max_storage_binding: 3100 * 4 * 16 * 4 + 256,
         ..pipeline().limits()
     };
-    let plan = Plan::new(&small(), &shape, &limits).expect("plan");
+    let cfg = NsaConfig {
+        sel_block: 16,
+        ..small()
+    };
+    let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
     let kept: Vec<u32> = plan
         .steps
         .iter()

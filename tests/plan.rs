@@ -326,13 +326,15 @@ fn decode_plans_split_every_branch_and_merge() {
         select.cmp_splits, 32,
         "the selection derives lse from the partials"
     );
-    // Compressed attention keeps its 64 rows x 4095 scores (rows of 4096); the selection
-    // reads them.
+    // Compressed attention keeps block sums for its 64 rows (4095 tokens in 128 tiles of 32:
+    // 8 sums of 4 tokens, the next block's share and the max per tile); the selection reads
+    // them.
     let cmp = &plan.steps[2];
-    assert_eq!((cmp.params.kept_stride, select.kept_stride), (4096, 4096));
+    assert_eq!((cmp.params.kept_stride, select.kept_stride), (1280, 1280));
+    assert_eq!((cmp.params.kept_tile, select.kept_tile), (32, 32));
     assert_eq!(cmp.bindings[5].0, Tensor::Kept);
     assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
-    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 4096);
+    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 1280);
     assert!(plan.keeps_scores());
     // Without a budget for them, none.
     let none = DeviceLimits {
@@ -342,8 +344,8 @@ fn decode_plans_split_every_branch_and_merge() {
     let plain = Plan::new(&NsaConfig::default(), &shape, &none).unwrap();
     assert!(!plain.keeps_scores());
     assert!(plain.steps.iter().all(|s| s.params.kept_stride == 0));
-    // A prefill keeps them too, in chunks whose scores fit 2 GiB: at 64k, 2048 query rows
-    // (with 3 GiB bindings; a binding of 2 GiB holds a little less, 2047 rows).
+    // A prefill keeps them too, in chunks whose block sums fit 2 GiB: at 64k, 6553 query
+    // rows of 64 heads x 1280 elements (with 3 GiB bindings), 6 in the last chunk.
     let long = Shape::prefill(1, 65536, 64, 4, 128, 128);
     let wide = DeviceLimits {
         max_storage_binding: 3 << 30,
@@ -356,28 +358,41 @@ fn decode_plans_split_every_branch_and_merge() {
         .iter()
         .filter(|s| s.kernel == CmpAttn)
         .collect();
-    assert_eq!(cmp.len(), 32);
+    assert_eq!(cmp.len(), 11);
     assert!(cmp
         .iter()
-        .all(|s| s.params.kept_stride == 4096 && s.params.q_count == 2048));
-    // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 143 rows at 4k),
-    // the prefill does not chunk for it, and only its short last chunk keeps.
+        .all(|s| s.params.kept_stride == 1280 && s.params.kept_tile == 32));
+    let rows: Vec<u32> = cmp.iter().map(|s| s.params.q_count).collect();
+    assert_eq!((rows[0], rows[9], rows[10]), (6553, 6553, 6));
+    // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 143 rows of 255
+    // scores at 4k, with selection blocks of 2 pieces, which keep scores), the prefill does
+    // not chunk for it, and only its short last chunk keeps.
     let small = DeviceLimits {
         max_storage_binding: 9 << 20,
         ..limits
     };
     let shape = Shape::prefill(1, 4096, 64, 4, 128, 128);
-    let chunked = Plan::new(&NsaConfig::default(), &shape, &small).unwrap();
-    let kept: Vec<(u32, u32)> = chunked
-        .steps
-        .iter()
-        .filter(|s| s.kernel == Select)
-        .map(|s| (s.params.q_count, s.params.kept_stride))
-        .collect();
+    let halves = NsaConfig {
+        sel_block: 32,
+        ..NsaConfig::default()
+    };
+    let kept_of = |plan: &Plan| -> Vec<(u32, u32, u32)> {
+        plan.steps
+            .iter()
+            .filter(|s| s.kernel == Select)
+            .map(|s| (s.params.q_count, s.params.kept_stride, s.params.kept_tile))
+            .collect()
+    };
+    let chunked = Plan::new(&halves, &shape, &small).unwrap();
+    let kept = kept_of(&chunked);
     // 287 rows per chunk, 78 in the last.
-    assert_eq!(kept[0], (287, 0));
-    assert_eq!(kept.last(), Some(&(78, 256)));
+    assert_eq!(kept[0], (287, 0, 0));
+    assert_eq!(kept.last(), Some(&(78, 256, 0)));
     check_coverage(&chunked);
+    // Block sums take 80 elements per row (8 tiles of 10), so every chunk keeps them.
+    let sums = Plan::new(&NsaConfig::default(), &shape, &small).unwrap();
+    assert!(kept_of(&sums).iter().all(|k| k.1 == 80 && k.2 == 32));
+    check_coverage(&sums);
     for step in &plan.steps {
         let per_group = match step.kernel {
             Merge => 64,

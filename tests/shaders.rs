@@ -23,6 +23,7 @@ fn module_for(
             subgroups,
             tensor_cores: false,
             kept: false,
+            kept_sums: false,
         },
     )
 }
@@ -134,7 +135,9 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         shader_model: hlsl::ShaderModel::V6_0,
         ..Default::default()
     };
-    for (((id, precision, spec), subgroups), kept) in KernelId::ALL
+    // Without kept scores, with them, and with kept block sums.
+    let kept_modes = |id: KernelId| [(false, false), (keeps(id), false), (keeps(id), keeps(id))];
+    for (((id, precision, spec), subgroups), (kept, kept_sums)) in KernelId::ALL
         .iter()
         .flat_map(|id| {
             [Precision::F32, Precision::F16]
@@ -142,13 +145,14 @@ fn shaders_translate_to_spirv_msl_hlsl() {
                 .flat_map(move |p| specs.map(move |s| (*id, p, s)))
         })
         .flat_map(|k| [(k, false), (k, true)])
-        .flat_map(|k| [(k, false), (k, keeps(k.0 .0))])
+        .flat_map(|k| kept_modes(k.0 .0).map(move |m| (k, m)))
     {
         let variant = shaders::Variant {
             precision,
             subgroups,
             tensor_cores: false,
             kept,
+            kept_sums,
         };
         let (m, info) = module_variant(id.name(), &variant);
         let (m, info) = specialize(id, &m, &info, &spec);
@@ -169,14 +173,18 @@ fn shaders_translate_to_spirv_msl_hlsl() {
 
 #[test]
 fn bindings_match_the_binding_table() {
-    for id in KernelId::ALL {
-        // With kept scores, every binding of the table; without, the selection leaves out
-        // its last (the kept scores).
+    // With kept scores or block sums, every binding of the table; without, the selection
+    // leaves out its last (the kept scores).
+    for (id, kept_sums) in KernelId::ALL
+        .into_iter()
+        .flat_map(|id| [(id, false), (id, true)])
+    {
         let variant = shaders::Variant {
             precision: Precision::F32,
             subgroups: false,
             tensor_cores: false,
             kept: keeps(id),
+            kept_sums,
         };
         let expect_plain = match id {
             KernelId::Select => id.bindings().len() - 1,
@@ -303,12 +311,17 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         .1;
     assert!(qk.contains(&format!("const LOADS: u32 = {TILE_LOADS}u;")));
     let mut checked = 0;
-    for id in KernelId::ALL.into_iter().filter(|k| k.attention_core()) {
+    for (id, kept_sums) in KernelId::ALL
+        .into_iter()
+        .filter(|k| k.attention_core())
+        .flat_map(|id| std::iter::once((id, false)).chain(keeps(id).then_some((id, true))))
+    {
         let variant = shaders::Variant {
             precision: Precision::F16,
             subgroups: true,
             tensor_cores: true,
             kept: keeps(id),
+            kept_sums,
         };
         let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
         assert!(
@@ -372,6 +385,7 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             }
         }
     }
-    // 16 rows fit every case; 32 rows all but (128, 128) in 32 KiB and (12, 10) in 16 KiB.
-    assert_eq!(checked, 40);
+    // 16 rows fit every case; 32 rows all but (128, 128) in 32 KiB and (12, 10) in 16 KiB;
+    // compressed attention twice (keeping scores, and block sums).
+    assert_eq!(checked, 50);
 }

@@ -20,9 +20,10 @@
 #import load_v
 
 // The tile loops hand each row's scaled scores, four neighbouring keys at a time, to keep4
-// (`#import keep`) before its softmax: keep_off.wgsl ignores them; keep_on.wgsl, which only
-// compressed attention imports and only where its plan keeps scores, passes them to
-// cmp_attn.wgsl's keep_scores.
+// (`#import keep`) before its softmax, and where KEEP_SUMS its probabilities to keep_probs
+// after it: keep_off.wgsl ignores both; keep_on.wgsl and keep_sums.wgsl, which only
+// compressed attention imports and only where its plan keeps scores, pass the scores to
+// cmp_attn.wgsl's keep_scores or the probabilities to its keep_block_sums.
 #import keep
 
 // Read through load_v1, raw_v4 (load_v_f32.wgsl / load_v_f16.wgsl), by element index.

@@ -216,10 +216,18 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         }
         let m_new = max(run_max, row_max8(lid, m));
         var sum = 0.0;
+        // The probabilities in f32 as well, for kept block sums (keep_sums.wgsl), whose
+        // tiles of 32 keys or more the softmax takes in quads.
+        var pf: array<f32, KT_MAX / 8u>;
         for (var c = 0u; c < kt / 8u; c++) {
-            let p = f16(select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG));
+            pf[c] = select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG);
+            let p = f16(pf[c]);
             ph[i * PS + tile_key(part, c, quads)] = p;
             sum += f32(p);
+        }
+        if KEEP_SUMS && quads {
+            let p0 = vec4<f32>(pf[0], pf[1], pf[2], pf[3]);
+            keep_probs(r, lid, t0, m_new, p0, vec4<f32>(pf[4], pf[5], pf[6], pf[7]));
         }
         // Its barrier also ends every read of the scores, which the products replace.
         tile_stats(lid, sum, m_new);

@@ -3,7 +3,10 @@
 // tile) go to cmp_attn.wgsl.
 
 const KEEPS: bool = true;
+const KEEP_SUMS: bool = false;
 
 fn keep4(r: Rows, i: u32, t: u32, s: vec4<f32>, whole: bool) {
     keep_scores(r, i, t, s, whole);
 }
+
+fn keep_probs(r: Rows, lid: u32, t0: u32, m: f32, p0: vec4<f32>, p1: vec4<f32>) {}

@@ -54,7 +54,7 @@ struct Params {
     off_pwin: u32,
     kept_stride: u32,  // cmp_attn, select: 0, or the row stride of the kept scores (see cmp_attn)
     off_kept: u32,
-    pad0: u32,         // aligns behind (explicitly, as Rust's Pod struct has no padding)
+    kept_tile: u32,    // cmp_attn, select: 0, or the tile of the kept block sums (see cmp_attn)
     // Per batch element of this dispatch, at most 64 (a KV cache's sequences of different
     // lengths in one plan, Rust's `Plan::cached_ragged`): how many tokens fewer than Tk its
     // sequence holds. Its rows' positions are that much earlier; 0 everywhere else.

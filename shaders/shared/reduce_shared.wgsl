@@ -30,3 +30,12 @@ fn row_sum8(lid: u32, v: f32) -> f32 {
     }
     return s;
 }
+
+// The `v` of the row's previous invocation (part - 1; part 7's for part 0). Contains
+// barriers: call it from uniform control flow.
+fn row_prev8(lid: u32, v: f32) -> f32 {
+    workgroupBarrier();  // every read of red_max before this call is done
+    red_max[lid] = v;
+    workgroupBarrier();
+    return red_max[(lid & ~7u) | ((lid + 7u) & 7u)];
+}

@@ -21,3 +21,10 @@ fn row_sum8(lid: u32, v: f32) -> f32 {
     s += subgroupShuffleXor(s, 2u);
     return s + subgroupShuffleXor(s, 4u);
 }
+
+// The `v` of the row's previous invocation (part - 1; part 7's for part 0).
+fn row_prev8(lid: u32, v: f32) -> f32 {
+    let up = subgroupShuffleUp(v, 1u);
+    let down = subgroupShuffleDown(v, 7u);
+    return select(up, down, lid % 8u == 0u);
+}

@@ -5,6 +5,12 @@
 // cmp_attn's scaled scores: [B, Tq, Hq, kept_stride]
 @group(0) @binding(5) var<storage, read> kept: array<f32>;
 
+// Token probabilities, which select.wgsl turns into block scores (select_sums.wgsl's
+// score_blocks is not used).
+const BLOCK_SUMS: bool = false;
+
+fn score_blocks(lid: u32, row: u32, nh: u32, j0: u32, jn: u32, nv: u32) {}
+
 // The queries are not needed.
 fn load_rows(lid: u32, nh: u32, row: u32) {}
 

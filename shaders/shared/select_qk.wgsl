@@ -2,6 +2,12 @@
 // select.wgsl imports unless compressed attention kept its scores (select_kept.wgsl). Both
 // define load_rows and score_tokens.
 
+// Token probabilities, which select.wgsl turns into block scores (select_sums.wgsl's
+// score_blocks is not used).
+const BLOCK_SUMS: bool = false;
+
+fn score_blocks(lid: u32, row: u32, nh: u32, j0: u32, jn: u32, nv: u32) {}
+
 // Loads the queries of heads row .. row + nh.
 fn load_rows(lid: u32, nh: u32, row: u32) {
     load_queries(lid, nh, nh, row);

@@ -88,12 +88,14 @@ impl Build {
     }
 }
 
-/// One pipeline the plan needs: a kernel, its rows per workgroup, whether it keeps scores.
+/// One pipeline the plan needs: a kernel, its rows per workgroup, whether it keeps scores
+/// (and whether as block sums).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Kernel {
     id: KernelId,
     rows: u32,
     kept: bool,
+    kept_sums: bool,
 }
 
 /// The distinct pipelines of `plan`'s steps, in the order they first run.
@@ -104,6 +106,7 @@ fn kernels_of(plan: &Plan) -> Vec<Kernel> {
             id: step.kernel,
             rows: step.rows,
             kept: step.params.kept_stride > 0,
+            kept_sums: step.params.kept_tile > 0,
         };
         if !out.contains(&k) {
             out.push(k);
@@ -131,6 +134,7 @@ fn spirv(plan: &Plan, k: Kernel, build: Build, workgroup_storage: u32) -> Result
         subgroups: build.subgroups,
         tensor_cores,
         kept: k.kept,
+        kept_sums: k.kept_sums,
     };
     let src = nsa_wgpu::shaders::source_variant(k.id.name(), &variant)
         .ok_or_else(|| format!("no shader for {}", k.id.name()))?;
@@ -493,7 +497,15 @@ mod tests {
     #[test]
     fn a_long_prefill_lists_its_wide_and_narrow_kernels_once_each() {
         let ks = kernels_of(&plan(2048, 2048));
-        let has = |id, rows, kept| ks.contains(&Kernel { id, rows, kept });
+        // The paper's config keeps block sums.
+        let has = |id, rows, kept| {
+            ks.contains(&Kernel {
+                id,
+                rows,
+                kept,
+                kept_sums: kept,
+            })
+        };
         assert!(has(KernelId::CmpAttn, 32, true), "{ks:?}");
         assert!(has(KernelId::SlcAttn, 16, false), "{ks:?}");
         assert!(has(KernelId::WinAttn, 32, false), "{ks:?}");
