@@ -55,16 +55,14 @@ fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
 fn keep_block_sums(r: Rows, lid: u32, t0: u32, m: f32, p0: vec4<f32>, p1: vec4<f32>) {
     let i = lid / 8u;
     let part = lid % 8u;
-    let w0 = block_weights(t0 + 4u * part);
-    let w1 = block_weights(t0 + 32u + 4u * part);
-    let next0 = dot(p0, w0.next);
-    let next1 = dot(p1, w1.next);
+    let s0 = block_sums(t0 + 4u * part, p0);
+    let s1 = block_sums(t0 + 32u + 4u * part, p1);
     // Part 0's 4 tokens follow part 7's of the quads before (p1 follows p0); its p0 follows
     // the previous tile's, whose share the tile's `next` element holds.
-    let in0 = row_prev8(lid, next0);
-    let in1 = row_prev8(lid, next1);
-    let q0 = dot(p0, w0.own) + select(in0, 0.0, part == 0u);
-    let q1 = dot(p1, w1.own) + select(in1, in0, part == 0u);
+    let in0 = row_prev8(lid, s0.y);
+    let in1 = row_prev8(lid, s1.y);
+    let q0 = s0.x + select(in0, 0.0, part == 0u);
+    let q1 = s1.x + select(in1, in0, part == 0u);
     if i >= r.n {
         return;
     }
@@ -77,27 +75,22 @@ fn keep_block_sums(r: Rows, lid: u32, t0: u32, m: f32, p0: vec4<f32>, p1: vec4<f
         kept_put(at + part + 8u, q1);
     }
     if part == (nq - 1u) % 8u {
-        kept_put(at + nq, select(next0, next1, nq > 8u));
+        kept_put(at + nq, select(s0.y, s1.y, nq > 8u));
     }
     if part == 0u {
         kept_put(at + nq + 1u, m);
     }
 }
 
-// The weights of tokens t .. t + 3 in their own block and in the next (keep_block_sums).
-struct BlockWeights {
-    own: vec4<f32>,
-    next: vec4<f32>,
-}
-
-fn block_weights(t: u32) -> BlockWeights {
+// Probabilities p of tokens t .. t + 3 weighted for their own block (x) and for the next
+// (y), by keep_block_sums' weights.
+fn block_sums(t: u32, p: vec4<f32>) -> vec2<f32> {
     let mb = i32(params.sel_block / params.cmp_stride);
     let ub = i32(params.cmp_block / params.cmp_stride);
     let k = vec4<i32>(i32(t % u32(mb))) + vec4<i32>(0, 1, 2, 3);
-    return BlockWeights(
-        vec4<f32>(min(vec4<i32>(mb) - k, vec4<i32>(ub))),
-        vec4<f32>(max(vec4<i32>(ub - mb) + k, vec4<i32>(0))),
-    );
+    let own = vec4<f32>(min(vec4<i32>(mb) - k, vec4<i32>(ub)));
+    let next = vec4<f32>(max(vec4<i32>(ub - mb) + k, vec4<i32>(0)));
+    return vec2<f32>(dot(p, own), dot(p, next));
 }
 
 fn kept_put(at: u32, x: f32) {

@@ -141,6 +141,11 @@ fn keep_tile(r: Rows, i: u32, part: u32, t0: u32, nk: u32) {
     }
 }
 
+// exp(s - m), 0 for masked keys.
+fn probs4(s: vec4<f32>, m: f32) -> vec4<f32> {
+    return select(exp(s - m), vec4<f32>(0.0), s == vec4<f32>(NEG_BIG));
+}
+
 // o plus the probabilities of row block rb and key block kb times the values of key block
 // kb and output block cb.
 fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16<f32, C> {
@@ -215,19 +220,19 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             keep_tile(r, i, part, t0, nk);
         }
         let m_new = max(run_max, row_max8(lid, m));
+        // Kept block sums (keep_sums.wgsl) take the probabilities in f32, in quads (tiles
+        // of 32 keys or more).
+        if KEEP_SUMS && quads {
+            let s0 = vec4<f32>(sc[0], sc[1], sc[2], sc[3]);
+            let s1 = vec4<f32>(sc[4], sc[5], sc[6], sc[7]);
+            let p1 = select(vec4<f32>(0.0), probs4(s1, m_new), kt >= 64u);
+            keep_probs(r, lid, t0, m_new, probs4(s0, m_new), p1);
+        }
         var sum = 0.0;
-        // The probabilities in f32 as well, for kept block sums (keep_sums.wgsl), whose
-        // tiles of 32 keys or more the softmax takes in quads.
-        var pf: array<f32, KT_MAX / 8u>;
         for (var c = 0u; c < kt / 8u; c++) {
-            pf[c] = select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG);
-            let p = f16(pf[c]);
+            let p = f16(select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG));
             ph[i * PS + tile_key(part, c, quads)] = p;
             sum += f32(p);
-        }
-        if KEEP_SUMS && quads {
-            let p0 = vec4<f32>(pf[0], pf[1], pf[2], pf[3]);
-            keep_probs(r, lid, t0, m_new, p0, vec4<f32>(pf[4], pf[5], pf[6], pf[7]));
         }
         // Its barrier also ends every read of the scores, which the products replace.
         tile_stats(lid, sum, m_new);

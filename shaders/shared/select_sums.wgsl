@@ -6,8 +6,8 @@
 @group(0) @binding(5) var<storage, read> kept: array<f32>;
 
 const BLOCK_SUMS: bool = true;
-// Heads whose kept sums load together: one round trip per 4 heads.
-const HEADS: u32 = 4u;
+// Heads whose kept sums load together: one round trip per 8 heads.
+const HEADS: u32 = 8u;
 
 // The queries are not needed.
 fn load_rows(lid: u32, nh: u32, row: u32) {}
@@ -30,14 +30,17 @@ fn score_blocks(lid: u32, row: u32, nh: u32, j0: u32, jn: u32, nv: u32) {
     let quads = params.sel_block / params.cmp_stride / 4u;
     let first = (j0 + lid) * quads * 4u;
     let tile = first / kt;
-    // Tiles past a row's last visible token hold nothing it wrote (or zeros).
+    // Tiles past a row's last visible token hold nothing it wrote (or zeros): their loads
+    // read the row's first elements instead, and count for nothing.
     let own = tile * kt < nv;
     let before = first % kt == 0u && tile > 0u && (tile - 1u) * kt < nv
         && params.cmp_block > params.cmp_stride;
-    let at = params.off_kept + row * params.kept_stride + tile * (nq + 2u);
-    let at_own = at + (first % kt) / 4u;
-    // The tile before's `next` and max (only read where `before`).
-    let at_before = select(at, at - 2u, before);
+    let row0 = params.off_kept + row * params.kept_stride;
+    let at = row0 + tile * (nq + 2u);
+    let at_own = select(row0, at + (first % kt) / 4u, own);
+    let at_max = select(row0, at + nq + 1u, own);
+    // The tile before's `next` and max.
+    let at_before = select(row0, at - 2u, before);
     var acc = 0.0;
     for (var i0 = 0u; i0 < nh; i0 += HEADS) {
         var q: array<f32, HEADS>;
@@ -46,28 +49,22 @@ fn score_blocks(lid: u32, row: u32, nh: u32, j0: u32, jn: u32, nv: u32) {
         var bm: array<f32, HEADS>;
         for (var e = 0u; e < HEADS; e++) {
             let o = min(i0 + e, nh - 1u) * params.kept_stride;
-            q[e] = 0.0;
-            if own {
-                for (var a = 0u; a < quads; a++) {
-                    q[e] += kept[at_own + o + a];
-                }
-                m[e] = kept[at + nq + 1u + o];
-            }
-            if before {
-                b[e] = kept[at_before + o];
-                bm[e] = kept[at_before + 1u + o];
+            q[e] = kept[at_own + o];
+            m[e] = kept[at_max + o];
+            b[e] = kept[at_before + o];
+            bm[e] = kept[at_before + 1u + o];
+        }
+        // Blocks of more than 4 pieces: their other sums.
+        for (var a = 1u; a < quads; a++) {
+            for (var e = 0u; e < HEADS; e++) {
+                q[e] += kept[at_own + a + min(i0 + e, nh - 1u) * params.kept_stride];
             }
         }
         for (var e = 0u; e < HEADS; e++) {
-            if i0 + e < nh {
-                let lse = lse_s[i0 + e];
-                if own {
-                    acc += q[e] * exp(m[e] - lse);
-                }
-                if before {
-                    acc += b[e] * exp(bm[e] - lse);
-                }
-            }
+            let lse = lse_s[min(i0 + e, nh - 1u)];
+            let x = select(0.0, q[e] * exp(m[e] - lse), own)
+                + select(0.0, b[e] * exp(bm[e] - lse), before);
+            acc += select(0.0, x, i0 + e < nh);
         }
     }
     pbuf[lid] += acc;
