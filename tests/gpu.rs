@@ -1113,6 +1113,66 @@ fn several_tiles() -> [(&'static str, NsaConfig, Shape); 2] {
 }
 
 #[test]
+fn kept_block_sums_match_the_reference_for_every_weighting() {
+    // Compressed attention keeps block sums (Params::kept_tile > 0) where a selection block
+    // spans a multiple of 4 pieces and a compressed token at most 5: blocks of 4 and 8
+    // pieces, tokens of 1 to 5, so that a block's first 4 tokens take shares from up to 4
+    // tokens of the quad (or tile) before. Both reductions (subgroup shuffles and workgroup
+    // memory pass those shares on); prefill, a query chunk and a split decode-like call.
+    // Blocks of 2 pieces keep every score instead.
+    let cfg = |cmp_block, cmp_stride, sel_block| NsaConfig {
+        cmp_block,
+        cmp_stride,
+        sel_block,
+        top_n: 6,
+        window: 24,
+        ..NsaConfig::default()
+    };
+    let shapes = [
+        Shape::prefill(1, 600, 4, 2, 32, 16),
+        Shape {
+            tq: 1,
+            ..Shape::prefill(1, 1500, 8, 1, 64, 64)
+        },
+        Shape {
+            tq: 90,
+            ..Shape::prefill(2, 700, 4, 1, 16, 16)
+        },
+    ];
+    for (l, d, ls, sums) in [
+        (32, 16, 64, true),
+        (40, 8, 64, true),
+        (20, 4, 16, true),
+        (4, 4, 16, true),
+        (16, 8, 16, false),
+    ] {
+        let cfg = cfg(l, d, ls);
+        for (i, shape) in shapes.iter().enumerate() {
+            for (pipe, kind) in [(pipeline(), "default"), (fallback_pipeline(), "fallback")] {
+                let plan = pipe.plan(&cfg, shape).expect("plan");
+                let cmp: Vec<_> = plan
+                    .steps
+                    .iter()
+                    .filter(|s| s.kernel == KernelId::CmpAttn)
+                    .collect();
+                assert!(cmp.iter().all(|s| s.params.kept_stride > 0));
+                assert!(
+                    cmp.iter().all(|s| (s.params.kept_tile > 0) == sums),
+                    "l={l} d={d} l'={ls}: kept tiles {:?}",
+                    cmp.iter().map(|s| s.params.kept_tile).collect::<Vec<_>>()
+                );
+                check_plan_on(
+                    pipe,
+                    &format!("sums_l{l}_d{d}_ls{ls}_{i}_{kind}"),
+                    &plan,
+                    false,
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn fallback_reductions_match_the_reference() {
     // The workgroup-memory reductions (what browsers get) on shapes that take several tiles,
     // split plans and small groups; the other cases run the adapter's default.

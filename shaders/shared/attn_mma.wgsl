@@ -220,14 +220,6 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             keep_tile(r, i, part, t0, nk);
         }
         let m_new = max(run_max, row_max8(lid, m));
-        // Kept block sums (keep_sums.wgsl) take the probabilities in f32, in quads (tiles
-        // of 32 keys or more).
-        if KEEP_SUMS && quads {
-            let s0 = vec4<f32>(sc[0], sc[1], sc[2], sc[3]);
-            let s1 = vec4<f32>(sc[4], sc[5], sc[6], sc[7]);
-            let p1 = select(vec4<f32>(0.0), probs4(s1, m_new), kt >= 64u);
-            keep_probs(r, lid, t0, m_new, probs4(s0, m_new), p1);
-        }
         var sum = 0.0;
         for (var c = 0u; c < kt / 8u; c++) {
             let p = f16(select(exp(sc[c] - m_new), 0.0, sc[c] == NEG_BIG));
@@ -237,6 +229,15 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // Its barrier also ends every read of the scores, which the products replace.
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
+        // Kept block sums (keep_sums.wgsl) take the probabilities in f32, in quads (tiles
+        // of 32 keys or more): here, off the softmax's path to its barrier (on an H200 at
+        // 64k compressed attention took 85.4 ms so, 92.0 before the softmax's loop).
+        if KEEP_SUMS && quads {
+            let s0 = vec4<f32>(sc[0], sc[1], sc[2], sc[3]);
+            let s1 = vec4<f32>(sc[4], sc[5], sc[6], sc[7]);
+            let p1 = select(vec4<f32>(0.0), probs4(s1, m_new), kt >= 64u);
+            keep_probs(r, lid, t0, m_new, probs4(s0, m_new), p1);
+        }
         // This tile's output, 16 rows x 16 dims per block: P [ROWS, KT] x V, two blocks at
         // a time per subgroup (x and y = x + nsg), so that their loads and products
         // interleave; a subgroup left with one block takes it twice (y = x).
