@@ -58,9 +58,13 @@ fn keep_block_sums(r: Rows, lid: u32, t0: u32, m: f32, p0: vec4<f32>, p1: vec4<f
     let s0 = block_sums(part, p0);
     let s1 = block_sums(part + 8u, p1);
     // Part 0's 4 tokens follow part 7's of the quads before (p1 follows p0); its p0 follows
-    // the previous tile's, whose share the tile's `next` element holds.
+    // the previous tile's, whose share the tile's `next` element holds. Tiles of 32 keys or
+    // fewer have no p1.
     let in0 = row_prev8(lid, s0.y);
-    let in1 = row_prev8(lid, s1.y);
+    var in1 = 0.0;
+    if KT > 32u {
+        in1 = row_prev8(lid, s1.y);
+    }
     let q0 = s0.x + select(in0, 0.0, part == 0u);
     let q1 = s1.x + select(in1, in0, part == 0u);
     if i >= r.n {

@@ -998,8 +998,11 @@ impl Plan {
     /// Compressed tokens per tile of compressed attention's kept block sums in steps of
     /// `rows` query rows (`keep_block_sums` in `shaders/cmp_attn.wgsl`), or 0 where it keeps
     /// every score: block sums need selection blocks of a multiple of 4 pieces (`l' / d`),
-    /// compressed tokens of at most 5 (`l / d`), and key tiles of whole blocks (on tensor
-    /// cores, of 32 or 64 keys, which their softmax takes four neighbours at a time).
+    /// compressed tokens of at most 5 (`l / d`), and key tiles of whole blocks; on tensor
+    /// cores, tiles of 64 keys (their softmax takes four neighbours at a time). On an H200 at
+    /// 64k (f16, tensor cores) block sums made a prefill at D = 128 (64-key tiles) 182.5 ->
+    /// 179.3 ms, but one at Dk = 192 (32-key tiles) 278.5 -> 279.7 ms; on the shader cores
+    /// (f32, 32-key tiles) 500.3 -> 493.2 ms.
     pub(crate) fn kept_sums_tile(&self, rows: u32) -> u32 {
         let c = &self.config;
         let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
@@ -1010,7 +1013,7 @@ impl Plan {
             self.limits.workgroup_storage,
         );
         let kt = spec.kv_tile as usize;
-        let quads = if mma { 32 } else { 4 };
+        let quads = if mma { 64 } else { 4 };
         if m % 4 == 0 && u <= 5 && kt % m == 0 && kt % quads == 0 {
             kt as u32
         } else {

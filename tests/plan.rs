@@ -1014,3 +1014,38 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
         other => panic!("expected ExceedsLimit, got {other:?}"),
     }
 }
+
+#[test]
+fn block_sums_are_kept_where_the_tiles_take_them() {
+    // f16 on tensor cores (48 KiB of workgroup memory): compressed attention at D = 128 runs
+    // 64-key tiles and keeps block sums; at Dk = 192 its tiles hold 32 keys, and it keeps
+    // every score (block sums measured slower there). The shader cores keep block sums in
+    // 32-key tiles. Selection blocks of 2 pieces keep scores anywhere.
+    let limits = DeviceLimits {
+        workgroup_storage: 48 << 10,
+        max_storage_binding: 4 << 30,
+        max_buffer: u64::MAX,
+        tensor_cores: true,
+        ..DeviceLimits::default()
+    };
+    let tiles = |cfg: &NsaConfig, dk: usize, precision: Precision| -> Vec<u32> {
+        let shape = Shape::prefill(1, 4096, 64, 4, dk, 128);
+        Plan::with_precision(cfg, &shape, &limits, precision)
+            .unwrap()
+            .steps
+            .iter()
+            .filter(|s| s.kernel == KernelId::CmpAttn)
+            .map(|s| s.params.kept_tile)
+            .collect()
+    };
+    let paper = NsaConfig::default();
+    assert_eq!(tiles(&paper, 128, Precision::F16), [64]);
+    assert_eq!(tiles(&paper, 192, Precision::F16), [0]);
+    assert_eq!(tiles(&paper, 128, Precision::F32), [32]);
+    let halves = NsaConfig {
+        sel_block: 32,
+        ..NsaConfig::default()
+    };
+    assert_eq!(tiles(&halves, 128, Precision::F16), [0]);
+    assert_eq!(tiles(&halves, 128, Precision::F32), [0]);
+}

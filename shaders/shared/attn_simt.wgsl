@@ -92,14 +92,15 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         let m_new = max(run_max, row_max8(lid, m));
         let p0 = select(exp(s0 - m_new), vec4<f32>(0.0), s0 == vec4<f32>(NEG_BIG));
         let p1 = select(exp(s1 - m_new), vec4<f32>(0.0), s1 == vec4<f32>(NEG_BIG));
-        if KEEP_SUMS {
-            keep_probs(r, lid, t0, m_new, p0, p1);
-        }
         scores[i * KT4 + part] = p0;
         scores[i * KT4 + part + 8u] = p1;
         let sum = (p0.x + p0.y) + (p0.z + p0.w) + (p1.x + p1.y) + (p1.z + p1.w);
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
+        // Kept block sums (keep_sums.wgsl), off the softmax's path to its barrier.
+        if KEEP_SUMS {
+            keep_probs(r, lid, t0, m_new, p0, p1);
+        }
         // Every item rescales and accumulates: 8 rows x 4 dims over half the keys per item
         // (SPLIT_KEYS), or else 4 rows x 4 dims over all, at most 2 items per invocation.
         let items = nrg * dv4;
