@@ -32,10 +32,10 @@ pub struct DeviceLimits {
     /// `max_compute_invocations_per_workgroup` (and `max_compute_workgroup_size_x`: the
     /// kernels' workgroups are one-dimensional): at least 256 for wide attention steps.
     pub max_invocations: u32,
-    /// Not an adapter limit: the bytes of compressed-attention scores one chunk of a call
-    /// may keep for the selection ([`DEFAULT_KEPT_SCORES`]; within a binding and a buffer).
-    /// Long prefills run in chunks of query rows whose scores fit; 0 keeps none (the
-    /// selection then multiplies q.k over the compressed keys a second time).
+    /// Not an adapter limit: the bytes of compressed-attention scores (or block sums) one
+    /// chunk of a call may keep for the selection ([`DEFAULT_KEPT_SCORES`]; within a binding
+    /// and a buffer). Long prefills run in chunks of query rows whose scores fit; 0 keeps
+    /// none (the selection then multiplies q.k over the compressed keys a second time).
     pub kept_scores: u64,
     /// Not an adapter limit: whether attention on f16 inputs runs on tensor cores (what
     /// [`crate::NsaPipeline::tensor_cores`] says; false by default). Their tiles are f16, so
@@ -59,8 +59,9 @@ pub struct DeviceLimits {
 /// for D = 256 (exact there with it).
 pub const LLVMPIPE_KEY_TILES: u64 = 256;
 
-/// The default [`DeviceLimits::kept_scores`]: 2 GiB, chunks of 2048 query rows for a prefill
-/// at 64k with 64 heads (on an H200, 1.9% faster there than 1 GiB's 1024-row chunks).
+/// The default [`DeviceLimits::kept_scores`]: 2 GiB, chunks of 2048 query rows of scores for
+/// a prefill at 64k with 64 heads (on an H200, 1.9% faster there than 1 GiB's 1024-row
+/// chunks), or 7281 of block sums in 64-key tiles.
 pub const DEFAULT_KEPT_SCORES: u64 = 2 << 30;
 
 impl Default for DeviceLimits {
@@ -125,7 +126,8 @@ pub enum Tensor {
     Cand,
     /// Compressed attention's scaled scores, kept for the selection wherever a chunk's fit
     /// the budget (decode steps, short chunks, prefills in chunks of query rows),
-    /// `[B * Tq * Hq, C rounded up to 4]` (scratch).
+    /// `[B * Tq * Hq, C rounded up to 4]`; or its block sums, `[B * Tq * Hq, tiles * (tile
+    /// / 4 + 2) rounded up to 4]` (see `Params::kept_tile`) (scratch).
     Kept,
     /// A read-only slot the dispatch does not use (bound to a small dummy buffer).
     Unused,
@@ -225,7 +227,8 @@ pub struct Plan {
     pub part_len: [u64; 3],
     /// Elements of the split-selection candidates (`Tensor::Cand`), 0 when not split.
     pub cand_len: u64,
-    /// Elements of the kept compressed-attention scores (`Tensor::Kept`), 0 when none.
+    /// Elements of the kept compressed-attention scores or block sums (`Tensor::Kept`), 0
+    /// when none.
     pub kept_len: u64,
     /// Per sequence, how many tokens fewer than `Tk` it holds ([`Plan::cached_ragged`]);
     /// empty when all hold `Tk`.
