@@ -46,12 +46,13 @@ fn keep_score(r: Rows, i: u32, t: u32, s: f32) {
 // of 4, and compressed tokens spanning U = l / d <= 5 pieces, with tiles of params.kept_tile
 // keys (a multiple of M, starting at multiples of it; Plan::kept_sums_tile). SPEC's block
 // importance gives the token at piece k = t % M of block t / M the weight min(M - k, U) in
-// its own block and max(U + k - M, 0) in the next (block_sums). Per row and tile, kept_tile / 4 + 2
-// elements: for each 4 tokens of the tile, sum w * exp(s - m) over their own block's weights
-// plus, for the first 4 of a block, the weighted probabilities of the tokens before them in
-// this tile that reach into it (which all lie in the 4 just before, as U - 1 <= 4); then the
-// tile's last 4 tokens' weighted probabilities for the next block (in the next tile); then
-// the row's running max m. The selection weighs them with exp(m - lse).
+// its own block and max(U + k - M, 0) in the next (block_sums). Per row and tile,
+// kept_tile / 4 + 2 elements: for each 4 tokens of the tile, sum w * exp(s - m) over their
+// own block's weights plus, for the first 4 of a block, the weighted probabilities of the
+// tokens before them in this tile that reach into it (which all lie in the 4 just before, as
+// U - 1 <= 4); then the tile's last 4 tokens' weighted probabilities for the next block (in
+// the next tile); then the row's running max m. The selection weighs them with
+// exp(m - lse) (select_sums.wgsl).
 fn keep_block_sums(r: Rows, lid: u32, t0: u32, m: f32, p0: vec4<f32>, p1: vec4<f32>) {
     let i = lid / 8u;
     let part = lid % 8u;
@@ -107,7 +108,7 @@ fn kept_put(at: u32, x: f32) {
 }
 
 // The element of `kept` that holds row i's score of key t (only steps with
-// params.kept_stride > 0 compile keep_on.wgsl, which calls the two above).
+// params.kept_stride > 0 compile keep_on.wgsl, which calls keep_scores and keep_score).
 fn kept_at(i: u32, t: u32) -> u32 {
     return params.off_kept + attn_row(i) * params.kept_stride + t;
 }

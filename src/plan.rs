@@ -1006,7 +1006,7 @@ impl Plan {
     /// 64k (f16, tensor cores) block sums made a prefill at D = 128 (64-key tiles) 182.5 ->
     /// 179.3 ms, but one at Dk = 192 (32-key tiles) 278.5 -> 279.7 ms; on the shader cores
     /// (f32, 32-key tiles) 500.3 -> 493.2 ms.
-    pub(crate) fn kept_sums_tile(&self, rows: u32) -> u32 {
+    fn kept_sums_tile(&self, rows: u32) -> u32 {
         let c = &self.config;
         let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
         let (spec, mma) = self.kernel_specialization(

@@ -1,6 +1,7 @@
 // The selection's token probabilities from a second q.k over the compressed keys: what
-// select.wgsl imports unless compressed attention kept its scores (select_kept.wgsl). Both
-// define load_rows and score_tokens.
+// select.wgsl imports unless compressed attention kept its scores (select_kept.wgsl) or
+// block sums (select_sums.wgsl). All three define BLOCK_SUMS, load_rows, score_tokens and
+// score_blocks.
 
 // Token probabilities, which select.wgsl turns into block scores (select_sums.wgsl's
 // score_blocks is not used).
