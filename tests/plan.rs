@@ -483,17 +483,9 @@ fn sizes_beyond_splitting_are_exceeds_limit() {
     };
     // The keys of one sequence cannot be split across bindings.
     let shape = Shape::prefill(1, 5000, 4, 4, 64, 64);
-    match Plan::new(&NsaConfig::default(), &shape, &limits) {
-        Err(NsaError::ExceedsLimit {
-            what,
-            needed,
-            limit,
-        }) => {
-            assert!(what.contains("max_storage_buffer_binding_size"), "{what}");
-            assert!(needed > limit);
-        }
-        other => panic!("{other:?}"),
-    }
+    let (what, needed, limit) = exceeded(Plan::new(&NsaConfig::default(), &shape, &limits));
+    assert!(what.contains("max_storage_buffer_binding_size"), "{what}");
+    assert!(needed > limit);
     // A whole tensor over max_buffer_size.
     let big = DeviceLimits {
         max_buffer: 1 << 20,
@@ -529,18 +521,13 @@ fn sizes_beyond_splitting_are_exceeds_limit() {
         ..NsaConfig::default()
     };
     cfg.validate().unwrap();
-    match Plan::new(
+    let (what, needed, limit) = exceeded(Plan::new(
         &cfg,
         &Shape::prefill(1, 10, 1, 1, 4, 4),
         &DeviceLimits::default(),
-    ) {
-        Err(NsaError::ExceedsLimit {
-            what,
-            needed: 1025,
-            limit: 512,
-        }) => assert!(what.contains("token tile"), "{what}"),
-        other => panic!("{other:?}"),
-    }
+    ));
+    assert!(what.contains("token tile"), "{what}");
+    assert_eq!((needed, limit), (1025, 512));
 }
 
 #[test]
@@ -594,21 +581,13 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
     assert_eq!(tile(48).unwrap(), (64, 2560));
     assert_eq!(tile(64).unwrap(), (64, 2560));
     // WebGPU's default 16 KiB holds the queries but not one key besides the fixed arrays.
-    match tile(16) {
-        Err(NsaError::ExceedsLimit {
-            what,
-            needed,
-            limit,
-        }) => {
-            assert!(
-                what.starts_with("max_compute_workgroup_storage_size"),
-                "{what}"
-            );
-            assert_eq!(limit, 16 << 10);
-            assert!(needed > limit);
-        }
-        other => panic!("expected ExceedsLimit, got {other:?}"),
-    }
+    let (what, needed, limit) = exceeded(tile(16));
+    assert!(
+        what.starts_with("max_compute_workgroup_storage_size"),
+        "{what}"
+    );
+    assert_eq!(limit, 16 << 10);
+    assert!(needed > limit);
 }
 
 #[test]
@@ -1002,17 +981,9 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
         ..DeviceLimits::default()
     };
     let long = Shape::prefill(1, 100 * 64, 1, 1, 16, 16);
-    match Plan::dense(&long, None, &one) {
-        Err(NsaError::ExceedsLimit {
-            what,
-            needed,
-            limit,
-        }) => {
-            assert!(what.starts_with("max_key_tiles"), "{what}");
-            assert!(needed > limit && limit == 1, "{needed} {limit}");
-        }
-        other => panic!("expected ExceedsLimit, got {other:?}"),
-    }
+    let (what, needed, limit) = exceeded(Plan::dense(&long, None, &one));
+    assert!(what.starts_with("max_key_tiles"), "{what}");
+    assert!(needed > limit && limit == 1, "{needed} {limit}");
 }
 
 #[test]
@@ -1040,6 +1011,16 @@ fn block_sums_are_kept_where_the_tiles_take_them() {
     };
     let paper = NsaConfig::default();
     assert_eq!(tiles(&paper, 128, Precision::F16), [64]);
+    // At 64k a chunk's block sums (64 heads x 1152 elements) fit 2 GiB for 7281 rows, where
+    // scores (4096 elements) fit 2048.
+    let long = Shape::prefill(1, 65536, 64, 4, 128, 128);
+    let plan = Plan::with_precision(&paper, &long, &limits, Precision::F16).unwrap();
+    let cmp = plan
+        .steps
+        .iter()
+        .find(|s| s.kernel == KernelId::CmpAttn)
+        .unwrap();
+    assert_eq!((cmp.params.kept_stride, cmp.params.q_count), (1152, 7281));
     assert_eq!(tiles(&paper, 192, Precision::F16), [0]);
     assert_eq!(tiles(&paper, 128, Precision::F32), [32]);
     let halves = NsaConfig {
@@ -1048,4 +1029,17 @@ fn block_sums_are_kept_where_the_tiles_take_them() {
     };
     assert_eq!(tiles(&halves, 128, Precision::F16), [0]);
     assert_eq!(tiles(&halves, 128, Precision::F32), [0]);
+}
+
+/// The limit an `ExceedsLimit` error names, and what was needed of it; panics on any other
+/// result.
+fn exceeded<T: std::fmt::Debug>(r: Result<T, NsaError>) -> (&'static str, u64, u64) {
+    match r {
+        Err(NsaError::ExceedsLimit {
+            what,
+            needed,
+            limit,
+        }) => (what, needed, limit),
+        other => panic!("expected ExceedsLimit, got {other:?}"),
+    }
 }
