@@ -2,9 +2,10 @@
 // row group's keys; see part_index in shared/attention.wgsl) into whole rows:
 // o = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s over splits that saw a
 // key. params.branch 0 (dense): one part, into out. 1 (NSA): the compressed, selected and
-// window parts (each in its own buffer, at off_k, off_pslc, off_pwin), into o_cmp, o_slc,
-// o_win and their gated sum into out: the one pass after a decode step's attention. One
-// workgroup per [B, Tq, Hq] row of the chunk.
+// window parts (each in its own buffer, at off_k, off_pslc, off_pwin), their gated sum into
+// out: the one pass after a decode step's attention; 2: and the parts into o_cmp, o_slc,
+// o_win (the branch outputs, where the plan asks for them). One workgroup per [B, Tq, Hq]
+// row of the chunk.
 
 #import params
 #import partials
@@ -126,7 +127,7 @@ fn main(
     }
     let dv = params.dv;
     let w = dv + 2u;
-    let nsa = params.branch == 1u;
+    let nsa = params.branch != 0u;
     let pc = Part(params.off_k + row * params.splits * w, params.splits);
     let ps = Part(params.off_pslc + row * params.slc_splits * w, params.slc_splits);
     let pw = Part(params.off_pwin + row * params.win_splits * w, params.win_splits);
@@ -152,9 +153,11 @@ fn main(
         }
         let os = combine(1u, ps, e);
         let ow = combine(2u, pw, e);
-        o_cmp[params.off_ocmp + flat] = o;
-        o_slc[params.off_oslc + flat] = os;
-        o_win[params.off_owin + flat] = ow;
+        if params.branch == 2u {
+            o_cmp[params.off_ocmp + flat] = o;
+            o_slc[params.off_oslc + flat] = os;
+            o_win[params.off_owin + flat] = ow;
+        }
         let gb = params.off_gates + row * 3u;
         out[params.off_out + flat] = gates[gb] * o + gates[gb + 1u] * os + gates[gb + 2u] * ow;
     }

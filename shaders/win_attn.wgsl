@@ -1,5 +1,6 @@
 // Sliding-window attention over keys max(0, p - w + 1) ..= p, fused with the gated
-// combination out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (it runs last).
+// combination out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (it runs last). o_win is
+// stored only where the plan asks for the branch outputs (params.branch 2).
 
 #import attention
 
@@ -58,7 +59,9 @@ fn main(
             if x < n {
                 let flat = combined_flat(x);
                 let value = attn_out(x / DV, x % DV);
-                o_win[params.off_owin + flat] = value;
+                if params.branch == 2u {
+                    o_win[params.off_owin + flat] = value;
+                }
                 out[params.off_out + flat] = g[c].x * oc[c] + g[c].y * os[c] + g[c].z * value;
             }
         }

@@ -631,6 +631,8 @@ impl NsaPipeline {
             };
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
+            } else if request.branches {
+                plan = plan.with_branch_outputs()?;
             }
             // This plan's place among the call's plans of its kind: what it takes of the kept
             // plan in the same place (a scratch; for rows, also I/O and readback buffers).

@@ -190,7 +190,8 @@ pub struct GpuBuffers<'a> {
     pub out: &'a wgpu::Buffer,
     /// `block_indices`: `[B, Tq, Hkv, n]` (written when given; else kept in the scratch).
     pub block_indices: Option<&'a wgpu::Buffer>,
-    /// `o_cmp, o_slc, o_win`, each `[B, Tq, Hq, Dv]` (written when given).
+    /// `o_cmp, o_slc, o_win`, each `[B, Tq, Hq, Dv]`: written when given, for a plan made
+    /// with [`Plan::with_branch_outputs`] (an error otherwise).
     pub branches: Option<[&'a wgpu::Buffer; 3]>,
     /// Compressed keys and values (a KV cache's); `None`: the scratch's.
     pub compressed: Option<[&'a wgpu::Buffer; 2]>,
@@ -840,6 +841,15 @@ impl NsaPipeline {
         timing: Timing,
     ) -> Result<()> {
         let plan = &scratch.plan;
+        if bufs.branches.is_some()
+            && !plan.branch_outputs
+            && plan.steps.iter().any(|s| s.kernel == KernelId::WinAttn)
+        {
+            return Err(NsaError::BadBuffer {
+                tensor: "o_cmp, o_slc, o_win",
+                problem: "given, but the plan does not write the branch outputs: plan with Plan::with_branch_outputs".into(),
+            });
+        }
         let kernels = self.kernels(plan)?;
         // Resolve every binding first, so a bad buffer fails before anything is recorded.
         let mut resolved: Vec<&wgpu::Buffer> = Vec::new();
@@ -1032,6 +1042,11 @@ impl NsaPipeline {
         inputs.validate(config, shape)?;
         self.require(precision)?;
         let plan = Plan::with_precision(config, shape, &self.limits(), precision)?;
+        let plan = if request.branches {
+            plan.with_branch_outputs()?
+        } else {
+            plan
+        };
         // The tensors stored at `precision`, converted (and range-checked) before anything
         // is allocated.
         let [q, k, v] = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)]

@@ -233,6 +233,10 @@ pub struct Plan {
     /// Per sequence, how many tokens fewer than `Tk` it holds ([`Plan::cached_ragged`]);
     /// empty when all hold `Tk`.
     pub behind: Vec<usize>,
+    /// Whether the steps write the branch outputs `o_cmp`, `o_slc`, `o_win`
+    /// ([`Plan::with_branch_outputs`]). Without them no step writes `o_win`, and `o_cmp`,
+    /// `o_slc` are only an unsplit prefill's intermediates.
+    pub branch_outputs: bool,
 }
 
 /// Sequences of different lengths one plan may hold ([`Plan::cached_ragged`]): `behind` in
@@ -442,7 +446,7 @@ impl Plan {
 
     /// Plans one call. Validates the config and shape first.
     pub fn new(config: &NsaConfig, shape: &Shape, limits: &DeviceLimits) -> Result<Plan> {
-        Self::build(config, shape, limits, None, Precision::F32, &[])
+        Self::build(config, shape, limits, None, Precision::F32, &[], false)
     }
 
     /// Plans one call whose inputs are stored at `precision` (see [`Precision`]).
@@ -452,7 +456,7 @@ impl Plan {
         limits: &DeviceLimits,
         precision: Precision,
     ) -> Result<Plan> {
-        Self::build(config, shape, limits, None, precision, &[])
+        Self::build(config, shape, limits, None, precision, &[], false)
     }
 
     /// Plans the rows of `shape.batch` consecutive, equally long sequences whose keys live in
@@ -466,7 +470,7 @@ impl Plan {
         precision: Precision,
     ) -> Result<Plan> {
         rows.check(config, shape)?;
-        Self::build(config, shape, limits, Some(rows), precision, &[])
+        Self::build(config, shape, limits, Some(rows), precision, &[], false)
     }
 
     /// Plans the attention of `shape.batch` consecutive sequences of a KV cache that each add
@@ -498,7 +502,27 @@ impl Plan {
             });
         }
         rows.check(config, shape)?;
-        Self::build(config, shape, limits, Some(rows), precision, behind)
+        Self::build(config, shape, limits, Some(rows), precision, behind, false)
+    }
+
+    /// This plan with steps that also write the branch outputs `o_cmp`, `o_slc` and `o_win`
+    /// (each `[B, Tq, Hq, Dv]`: [`crate::GpuBuffers::branches`], or the scratch's), for
+    /// inspection, planned again from the same inputs; the same plan where it has them
+    /// already, or has no branches (dense attention). Plans leave them out by default: at
+    /// 64k with the paper's shape `o_win` alone is 2 GiB of f32 that only inspection reads.
+    pub fn with_branch_outputs(&self) -> Result<Plan> {
+        if self.branch_outputs || self.steps.iter().any(|s| s.kernel == KernelId::Dense) {
+            return Ok(self.clone());
+        }
+        Self::build(
+            &self.config,
+            &self.shape,
+            &self.limits,
+            self.cache,
+            self.precision,
+            &self.behind,
+            true,
+        )
     }
 
     fn build(
@@ -508,6 +532,7 @@ impl Plan {
         cache: Option<CacheRows>,
         precision: Precision,
         behind: &[usize],
+        branch_outputs: bool,
     ) -> Result<Plan> {
         config.validate()?;
         shape.validate()?;
@@ -544,6 +569,7 @@ impl Plan {
             cand_len: 0,
             kept_len: 0,
             behind: Vec::new(),
+            branch_outputs,
         };
         for t in [
             Tensor::Q,
@@ -603,6 +629,7 @@ impl Plan {
             cand_len: 0,
             kept_len: 0,
             behind: Vec::new(),
+            branch_outputs: false,
         };
         for t in [Tensor::Q, Tensor::KWin, Tensor::VWin, Tensor::Out] {
             let bytes = plan.tensor_bytes(t);
@@ -1144,23 +1171,28 @@ impl Plan {
             let part_row = nrows * hq * (dv + 2);
             let tiles = |keys: u64, kt: u32| keys.div_ceil(kt as u64);
             let align = self.limits.storage_align;
-            // The dense merge's unused slots: WebGPU forbids overlapping writable bindings of
-            // one buffer, so each writable one gets its own aligned piece of the dummy.
-            let unused = |t: Tensor, slot: u64| match t {
-                Tensor::Gates | Tensor::PartSlc | Tensor::PartWin => (
-                    Tensor::Unused,
-                    Window {
-                        offset: 0,
-                        size: 16,
-                    },
-                ),
-                _ => (
-                    Tensor::UnusedOut,
-                    Window {
-                        offset: slot * align,
-                        size: 16,
-                    },
-                ),
+            // A piece of the dummy for a binding a step does not use: read-only, or writable.
+            // WebGPU forbids overlapping writable bindings of one buffer, and a buffer bound
+            // both ways in one dispatch, so each writable one takes its own aligned slot of
+            // the writable dummy.
+            let unused = |writable: bool, slot: u64| {
+                if writable {
+                    (
+                        Tensor::UnusedOut,
+                        Window {
+                            offset: slot * align,
+                            size: 16,
+                        },
+                    )
+                } else {
+                    (
+                        Tensor::Unused,
+                        Window {
+                            offset: 0,
+                            size: 16,
+                        },
+                    )
+                }
             };
             let merge_total = nrows * hq;
             if dense {
@@ -1207,12 +1239,12 @@ impl Plan {
                         grid: self.grid(merge_total),
                         bindings: vec![
                             (Tensor::Part, pw.0),
-                            unused(Tensor::PartSlc, 0),
-                            unused(Tensor::PartWin, 0),
-                            unused(Tensor::Gates, 0),
-                            unused(Tensor::OCmp, 1),
-                            unused(Tensor::OSlc, 2),
-                            unused(Tensor::OWin, 3),
+                            unused(false, 0),
+                            unused(false, 0),
+                            unused(false, 0),
+                            unused(true, 1),
+                            unused(true, 2),
+                            unused(true, 3),
                             (Tensor::Out, out.0),
                         ],
                     });
@@ -1264,7 +1296,7 @@ impl Plan {
                 let (w, off) = self.window(Tensor::Kept, 0, kept_len);
                 ((Tensor::Kept, w), (Tensor::Kept, w), stride as u32, off)
             } else {
-                (unused(Tensor::Kept, 0), unused(Tensor::Gates, 0), 0, 0)
+                (unused(true, 0), unused(false, 0), 0, 0)
             };
             let kept_tile = if keep { kept_tile } else { 0 };
             let o = if split {
@@ -1272,6 +1304,17 @@ impl Plan {
             } else {
                 (Tensor::Out, out)
             };
+            // The branch outputs where a step writes them: the window's combination reads
+            // o_cmp and o_slc unsplit and writes o_win when asked; split, the merge writes all
+            // three when asked and nothing else touches them.
+            let bound = |t: Tensor, w: Window, used: bool, writable: bool, slot: u64| {
+                if used {
+                    (t, w)
+                } else {
+                    unused(writable, slot)
+                }
+            };
+            let keep = self.branch_outputs;
             let win = Step {
                 kernel: KernelId::WinAttn,
                 rows: core.rows,
@@ -1281,6 +1324,7 @@ impl Plan {
                     off_out: o.1 .1,
                     splits: sp_w,
                     partials: split as u32,
+                    branch: if keep && !split { 2 } else { 1 },
                     total_wg: (attn_total * sp_w as u64) as u32,
                     ..attn
                 },
@@ -1290,9 +1334,9 @@ impl Plan {
                     (Tensor::KWin, kw.0),
                     (Tensor::VWin, vw.0),
                     (Tensor::Gates, gates.0),
-                    (Tensor::OCmp, ocmp.0),
-                    (Tensor::OSlc, oslc.0),
-                    (Tensor::OWin, owin.0),
+                    bound(Tensor::OCmp, ocmp.0, !split, false, 0),
+                    bound(Tensor::OSlc, oslc.0, !split, false, 0),
+                    bound(Tensor::OWin, owin.0, keep && !split, true, 3),
                     (o.0, o.1 .0),
                 ],
             };
@@ -1418,7 +1462,7 @@ impl Plan {
                         splits: sp_c,
                         slc_splits: sp_s,
                         win_splits: sp_w,
-                        branch: 1,
+                        branch: if keep { 2 } else { 1 },
                         total_wg: merge_total as u32,
                         off_k: pc.1,
                         off_pslc: ps.1,
@@ -1431,9 +1475,9 @@ impl Plan {
                         (Tensor::PartSlc, ps.0),
                         (Tensor::PartWin, pw.0),
                         (Tensor::Gates, gates.0),
-                        (Tensor::OCmp, ocmp.0),
-                        (Tensor::OSlc, oslc.0),
-                        (Tensor::OWin, owin.0),
+                        bound(Tensor::OCmp, ocmp.0, keep, true, 1),
+                        bound(Tensor::OSlc, oslc.0, keep, true, 2),
+                        bound(Tensor::OWin, owin.0, keep, true, 3),
                         (Tensor::Out, out.0),
                     ],
                 });

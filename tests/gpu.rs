@@ -37,7 +37,10 @@ fn storage(dev: &wgpu::Device, d: &[f32], usage: wgpu::BufferUsages) -> wgpu::Bu
     })
 }
 
+/// Runs `plan` with its branch outputs ([`Plan::with_branch_outputs`]) into sentinel-filled
+/// buffers.
 fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
+    let plan = &plan.with_branch_outputs().expect("branch outputs");
     let ctx = pipe.context();
     let dev = &ctx.device;
     let up = |d: &[f32]| storage(dev, d, wgpu::BufferUsages::empty());
@@ -184,6 +187,11 @@ fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
             .collect();
         assert!(!merges.is_empty(), "{name}");
         assert!(merges.iter().all(|s| s.params.branch == 1), "{name}");
+        let full = plan.with_branch_outputs().expect("branch outputs");
+        assert!(full
+            .steps
+            .iter()
+            .all(|s| s.kernel != KernelId::Merge || s.params.branch == 2));
         assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
     }
     check_plan(name, &plan, branch);
@@ -543,6 +551,75 @@ fn run_returns_what_encode_writes() {
         .unwrap();
     assert_eq!(plain.out, res.out);
     assert!(plain.block_indices.is_none() && plain.branches.is_none());
+}
+
+/// Plans leave the branch outputs out unless asked (`o_win` is then written nowhere, and a
+/// split step's merge writes none of them), which changes no bit of `out`, unsplit and
+/// split; branch buffers given to such a plan are an error, not ignored.
+#[test]
+fn branch_outputs_are_written_only_where_asked() {
+    let pipe = pipeline();
+    let cfg = small();
+    // Enough row groups that the prefill runs unsplit; the decode step splits.
+    for shape in [
+        Shape::prefill(4, 1100, 8, 8, 24, 16),
+        Shape {
+            tq: 1,
+            ..Shape::prefill(2, 150, 8, 2, 16, 24)
+        },
+    ] {
+        let data = Data::new(&cfg, &shape, false, 11);
+        let plan = pipe.plan(&cfg, &shape).expect("plan");
+        assert!(!plan.branch_outputs);
+        let split = plan.steps.iter().any(|s| s.kernel == KernelId::Merge);
+        assert_eq!(split, shape.tq == 1, "{shape:?}");
+        let full = plan.with_branch_outputs().expect("branch outputs");
+        assert!(full.branch_outputs && full.with_branch_outputs().unwrap() == full);
+        let dev = &pipe.context().device;
+        let buf = |t: Tensor| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: 4 * plan.tensor_len(t).max(1),
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let (q, k, v, g) = (
+            storage(dev, &data.q, wgpu::BufferUsages::empty()),
+            storage(dev, &data.k, wgpu::BufferUsages::empty()),
+            storage(dev, &data.v, wgpu::BufferUsages::empty()),
+            storage(dev, &data.gates, wgpu::BufferUsages::empty()),
+        );
+        let (out, oc, os, ow) = (
+            buf(Tensor::Out),
+            buf(Tensor::OCmp),
+            buf(Tensor::OSlc),
+            buf(Tensor::OWin),
+        );
+        let mut bufs = GpuBuffers::new(&q, &k, &v, &g, &out);
+        bufs.branches = Some([&oc, &os, &ow]);
+        let scratch = pipe.scratch(&plan).expect("scratch");
+        let mut enc = dev.create_command_encoder(&Default::default());
+        let err = pipe.encode(&mut enc, &scratch, &bufs).unwrap_err();
+        assert!(
+            matches!(err, NsaError::BadBuffer { .. })
+                && err.to_string().contains("with_branch_outputs"),
+            "{err}"
+        );
+        let run = |request| {
+            pipe.run_blocking(&cfg, &shape, &data.inputs(), request)
+                .expect("run")
+        };
+        let plain = run(OutputRequest::default());
+        let all = run(OutputRequest::all());
+        assert!(plain.branches.is_none() && all.branches.is_some());
+        assert_eq!(plain.out, all.out, "{shape:?}");
+        let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).unwrap();
+        assert_close("plain out", &plain.out, &naive.out, TOL);
+        let br = all.branches.unwrap();
+        assert_close("o_win", &br.o_win, &naive.o_win, TOL);
+        assert_close("o_cmp", &br.o_cmp, &naive.o_cmp, TOL);
+    }
 }
 
 #[test]

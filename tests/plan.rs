@@ -799,6 +799,77 @@ fn f16_plans_bind_keys_and_values_at_even_elements() {
     assert!(checked > 150, "only {checked} of 300 planned");
 }
 
+/// Branch outputs are bound only where asked: a prefill keeps o_cmp and o_slc as its
+/// combination's inputs but binds no o_win; a split step binds none of the three (its merge
+/// computes the combination from the partials); `with_branch_outputs` binds all three,
+/// keeps the rest of the plan, and plans a ragged cache step again as ragged.
+#[test]
+fn branch_outputs_are_bound_only_where_asked() {
+    let cfg = NsaConfig::default();
+    let scratch_has = |p: &Plan, t: Tensor| p.scratch_tensors().contains(&t);
+    let branch = [Tensor::OCmp, Tensor::OSlc, Tensor::OWin];
+    let prefill = Plan::new(
+        &cfg,
+        &Shape::prefill(1, 4096, 64, 4, 128, 128),
+        &limits_48k(),
+    )
+    .unwrap();
+    let decode = Plan::new(
+        &cfg,
+        &Shape {
+            tq: 1,
+            ..Shape::prefill(4, 4096, 64, 4, 128, 128)
+        },
+        &limits_48k(),
+    )
+    .unwrap();
+    assert!(scratch_has(&prefill, Tensor::OCmp) && scratch_has(&prefill, Tensor::OSlc));
+    assert!(!scratch_has(&prefill, Tensor::OWin));
+    assert!(branch.iter().all(|t| !scratch_has(&decode, *t)));
+    for plan in [&prefill, &decode] {
+        let full = plan.with_branch_outputs().unwrap();
+        assert!(branch.iter().all(|t| scratch_has(&full, *t)));
+        let kernels = |p: &Plan| {
+            p.steps
+                .iter()
+                .map(|s| (s.kernel, s.grid))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kernels(&full), kernels(plan));
+        let win = |p: &Plan| {
+            p.steps
+                .iter()
+                .find(|s| s.kernel == KernelId::WinAttn)
+                .unwrap()
+                .params
+                .branch
+        };
+        let split = plan.steps.iter().any(|s| s.kernel == KernelId::Merge);
+        assert_eq!((win(plan), win(&full)), (1, if split { 1 } else { 2 }));
+    }
+    let rows = nsa_wgpu::plan::CacheRows {
+        capacity: 8192,
+        cmp_capacity: 1024,
+        ..Default::default()
+    };
+    let s = Shape {
+        batch: 2,
+        tq: 1,
+        ..Shape::prefill(2, 5000, 64, 4, 128, 128)
+    };
+    let ragged =
+        Plan::cached_ragged(&cfg, &s, &limits_48k(), rows, Precision::F16, &[0, 300]).unwrap();
+    let full = ragged.with_branch_outputs().unwrap();
+    assert_eq!(
+        (full.behind.clone(), full.cache, full.precision),
+        (vec![0, 300], Some(rows), Precision::F16)
+    );
+    assert!(full.steps.iter().all(|s| s.kernel != KernelId::Compress));
+    // Dense attention has no branches: the same plan.
+    let dense = Plan::dense(&Shape::prefill(1, 300, 4, 2, 16, 16), None, &limits_48k()).unwrap();
+    assert_eq!(dense.with_branch_outputs().unwrap(), dense);
+}
+
 /// 48 KiB of workgroup memory (an H200's), and room for long prefills in one binding.
 fn limits_48k() -> DeviceLimits {
     DeviceLimits {
