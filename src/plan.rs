@@ -261,6 +261,12 @@ const KT_MAX: usize = 64;
 /// H200, 768 made a B=16 decode step at 64k 0.722 ms where 512, 1024 and 2048 gave 0.738,
 /// 0.787 and 0.810 ms (the dense decode baseline: 3.45 ms, against 4.05, 3.70 and 3.61 ms).
 const SPLIT_TARGET: u64 = 768;
+/// Workgroups selected attention's dispatch aims for when it splits (its workgroups each
+/// take one query's blocks, a share of `n`): fewer than [`SPLIT_TARGET`]. On an H200 (f16
+/// cache, B=16: 64 row groups) a decode step took 0.129 / 0.251-0.253 ms at 16k / 64k with
+/// 256 (4 splits) against 0.139 / 0.257 with 768 (12 splits) and 0.133 / 0.251-0.253 with
+/// 384 (BENCHMARKS.md, twenty-third session); B=1 keeps its 16 splits either way.
+const SLC_SPLIT_TARGET: u64 = 256;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
 /// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the
@@ -987,21 +993,26 @@ impl Plan {
     /// merge kernel's `SPLITS_MAX` and the binding limit for the partials (`part_row`
     /// elements per split).
     fn splits(&self, groups: u64, tiles: u64, part_row: u64) -> Result<u32> {
-        self.splits_walking(groups, tiles, tiles, part_row)
+        self.splits_toward(SPLIT_TARGET, groups, tiles, tiles, part_row)
     }
 
-    /// [`Self::splits`] where one workgroup walks at most `walk` of the `tiles` (the window:
-    /// its rows' own windows, not the chunk's).
-    fn splits_walking(&self, groups: u64, tiles: u64, walk: u64, part_row: u64) -> Result<u32> {
+    /// [`Self::splits`] toward `target` workgroups rather than `SPLIT_TARGET`, where one
+    /// workgroup walks at most `walk` of the `tiles` (the window: its rows' own windows, not
+    /// the chunk's).
+    fn splits_toward(
+        &self,
+        target: u64,
+        groups: u64,
+        tiles: u64,
+        walk: u64,
+        part_row: u64,
+    ) -> Result<u32> {
         let cap = self.limits.max_key_tiles;
         let need = if cap == 0 { 1 } else { walk.div_ceil(cap) };
-        let want = if groups >= SPLIT_TARGET {
+        let want = if groups >= target {
             1
         } else {
-            SPLIT_TARGET
-                .div_ceil(groups)
-                .min(tiles)
-                .min(ATTN_SPLITS_MAX)
+            target.div_ceil(groups).min(tiles).min(ATTN_SPLITS_MAX)
         };
         let sp = want
             .max(need)
@@ -1262,13 +1273,20 @@ impl Plan {
             )?;
             let slc_tiles = n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
             let sp_s = self
-                .splits(slc_total, slc_tiles, 3 * part_row)?
+                .splits_toward(
+                    SLC_SPLIT_TARGET,
+                    slc_total,
+                    slc_tiles,
+                    slc_tiles,
+                    3 * part_row,
+                )?
                 .min(n as u32);
             self.check_key_tiles(slc_tiles, sp_s)?;
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
             // One workgroup's rows: nq <= q_block consecutive queries' windows.
             let walk = (self.config.window + (core.q_block as usize).min(ch.qc)).min(s.tk) as u64;
-            let sp_w = self.splits_walking(
+            let sp_w = self.splits_toward(
+                SPLIT_TARGET,
                 attn_total,
                 tiles(win_keys, core.kv_tile),
                 tiles(walk, core.kv_tile),
