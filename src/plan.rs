@@ -263,10 +263,11 @@ const KT_MAX: usize = 64;
 const SPLIT_TARGET: u64 = 768;
 /// Workgroups selected attention's dispatch aims for when it splits (its workgroups each
 /// take one query's blocks, a share of `n`): fewer than [`SPLIT_TARGET`]. On an H200 (f16
-/// cache, B=16: 64 row groups) a decode step took 0.129 / 0.251-0.253 ms at 16k / 64k with
-/// 256 (4 splits) against 0.139 / 0.257 with 768 (12 splits) and 0.133 / 0.251-0.253 with
-/// 384 (BENCHMARKS.md, twenty-third session); B=1 keeps its 16 splits either way.
-const SLC_SPLIT_TARGET: u64 = 256;
+/// cache, B=16: 64 row groups) a decode step took 0.127 / 0.245-0.246 ms at 16k / 64k with
+/// 128 (2 splits), 0.129-0.130 / 0.252 with 256 (4 splits), 0.139 / 0.257 with 768 (12
+/// splits), and 0.155 / 0.246-0.279 unsplit (BENCHMARKS.md, twenty-third session); B=1
+/// keeps its 16 splits.
+const SLC_SPLIT_TARGET: u64 = 128;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
 /// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the

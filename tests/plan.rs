@@ -297,7 +297,7 @@ fn decode_plans_split_every_branch_and_merge() {
     );
     // 16 sequences (64 row groups): compressed attention and the window aim for 768
     // workgroups (SPLIT_TARGET: 12 splits; the window's 513 keys have 9 tiles of 64),
-    // selected attention for 256 (SLC_SPLIT_TARGET: 4 splits of 4 blocks each), which made
+    // selected attention for 128 (SLC_SPLIT_TARGET: 2 splits of 8 blocks each), which made
     // an H200's step faster.
     let b16 = Plan::new(
         &NsaConfig::default(),
@@ -313,7 +313,7 @@ fn decode_plans_split_every_branch_and_merge() {
             .params
             .splits
     };
-    assert_eq!([CmpAttn, SlcAttn, WinAttn].map(split_of), [12, 4, 9]);
+    assert_eq!([CmpAttn, SlcAttn, WinAttn].map(split_of), [12, 2, 9]);
     // Nothing the selected branch writes is bound by the window's dispatch, nor the other
     // way round, so that the two need no barrier between them.
     let (slc, win) = (&plan.steps[5], &plan.steps[6]);
