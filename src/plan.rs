@@ -257,7 +257,8 @@ const WIDE_MIN_QUERIES: usize = 16;
 /// `KT_MAX` in `shaders/shared/attention.wgsl`.
 const KT_MAX: usize = 64;
 /// Workgroups a dispatch should have: below this, attention and selection split each row
-/// group's keys over several workgroups (decode, short chunks) and merge the parts. On an
+/// group's keys over several workgroups (decode, short chunks) and merge the parts
+/// (selected attention aims for [`SLC_SPLIT_TARGET`] instead). On an
 /// H200, 768 made a B=16 decode step at 64k 0.722 ms where 512, 1024 and 2048 gave 0.738,
 /// 0.787 and 0.810 ms (the dense decode baseline: 3.45 ms, against 4.05, 3.70 and 3.61 ms).
 const SPLIT_TARGET: u64 = 768;
@@ -1333,7 +1334,7 @@ impl Plan {
                     unused(writable, slot)
                 }
             };
-            let keep = self.branch_outputs;
+            let branches = self.branch_outputs;
             let win = Step {
                 kernel: KernelId::WinAttn,
                 rows: core.rows,
@@ -1343,7 +1344,7 @@ impl Plan {
                     off_out: o.1 .1,
                     splits: sp_w,
                     partials: split as u32,
-                    branch: if keep && !split { 2 } else { 1 },
+                    branch: if branches && !split { 2 } else { 1 },
                     total_wg: (attn_total * sp_w as u64) as u32,
                     ..attn
                 },
@@ -1355,7 +1356,7 @@ impl Plan {
                     (Tensor::Gates, gates.0),
                     bound(Tensor::OCmp, ocmp.0, !split, false, 0),
                     bound(Tensor::OSlc, oslc.0, !split, false, 0),
-                    bound(Tensor::OWin, owin.0, keep && !split, true, 3),
+                    bound(Tensor::OWin, owin.0, branches && !split, true, 3),
                     (o.0, o.1 .0),
                 ],
             };
@@ -1481,7 +1482,7 @@ impl Plan {
                         splits: sp_c,
                         slc_splits: sp_s,
                         win_splits: sp_w,
-                        branch: if keep { 2 } else { 1 },
+                        branch: if branches { 2 } else { 1 },
                         total_wg: merge_total as u32,
                         off_k: pc.1,
                         off_pslc: ps.1,
@@ -1494,9 +1495,9 @@ impl Plan {
                         (Tensor::PartSlc, ps.0),
                         (Tensor::PartWin, pw.0),
                         (Tensor::Gates, gates.0),
-                        bound(Tensor::OCmp, ocmp.0, keep, true, 1),
-                        bound(Tensor::OSlc, oslc.0, keep, true, 2),
-                        bound(Tensor::OWin, owin.0, keep, true, 3),
+                        bound(Tensor::OCmp, ocmp.0, branches, true, 1),
+                        bound(Tensor::OSlc, oslc.0, branches, true, 2),
+                        bound(Tensor::OWin, owin.0, branches, true, 3),
                         (Tensor::Out, out.0),
                     ],
                 });
