@@ -266,8 +266,9 @@ const SPLIT_TARGET: u64 = 768;
 /// take one query's blocks, a share of `n`): fewer than [`SPLIT_TARGET`]. On an H200 (f16
 /// cache, B=16: 64 row groups) a decode step took 0.127 / 0.245-0.246 ms at 16k / 64k with
 /// 128 (2 splits), 0.129-0.130 / 0.252 with 256 (4 splits), 0.139 / 0.257 with 768 (12
-/// splits), and 0.155 / 0.246-0.279 unsplit (BENCHMARKS.md, twenty-third session); B=1
-/// keeps its 16 splits.
+/// splits), and 0.155 / 0.246-0.279 unsplit; B=4 and B=8 (8 and 4 splits) were 3-5%
+/// faster with 128 than with 768 (BENCHMARKS.md, twenty-third session); B=1 keeps its 16
+/// splits.
 const SLC_SPLIT_TARGET: u64 = 128;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
