@@ -194,7 +194,9 @@ pub(crate) fn stored_bytes<'a>(
 pub struct OutputRequest {
     /// Return the selected blocks, `[B, Tq, Hkv, n]`.
     pub block_indices: bool,
-    /// Return the three branch outputs, each `[B, Tq, Hq, Dv]`.
+    /// Return the three branch outputs, each `[B, Tq, Hq, Dv]`: the call then plans with
+    /// [`crate::Plan::with_branch_outputs`], whose kernels also store them (otherwise
+    /// `o_win` is never written, nor a decode step's three).
     pub branches: bool,
 }
 
