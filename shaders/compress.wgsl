@@ -20,9 +20,9 @@
 @group(0) @binding(4) var<storage, read> pe: array<f32>;          // [Hkv, l, D] (Linear)
 
 const WG: u32 = 128u;
-const PER: u32 = 2u;  // 256 / WG: columns per invocation, for D up to 256
+const PER: u32 = 2u;  // columns per invocation: WG * PER = 256, the largest D
 
-var<workgroup> xrow: array<f32, 256>;
+var<workgroup> xrow: array<f32, WG * PER>;
 
 @compute @workgroup_size(WG)
 fn main(

@@ -161,14 +161,16 @@ fn main(
         if lid < jn {
             let j = j0 + lid;
             var s = -1.0;
-            if j >= fa && j < fl && BLOCK_SUMS {
-                s = pbuf[lid];
-            } else if j >= fa && j < fl {
-                s = 0.0;
-                for (var mm = 0u; mm < m; mm++) {
-                    for (var uu = 0u; uu < u; uu++) {
-                        // token m*j + mm - uu sits at pbuf[m*lid + mm - uu + u - 1]
-                        s += pbuf[m * lid + mm + u - 1u - uu];
+            if j >= fa && j < fl {
+                if BLOCK_SUMS {
+                    s = pbuf[lid];
+                } else {
+                    s = 0.0;
+                    for (var mm = 0u; mm < m; mm++) {
+                        for (var uu = 0u; uu < u; uu++) {
+                            // token m*j + mm - uu sits at pbuf[m*lid + mm - uu + u - 1]
+                            s += pbuf[m * lid + mm + u - 1u - uu];
+                        }
                     }
                 }
             }

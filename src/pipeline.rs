@@ -841,10 +841,7 @@ impl NsaPipeline {
         timing: Timing,
     ) -> Result<()> {
         let plan = &scratch.plan;
-        if bufs.branches.is_some()
-            && !plan.branch_outputs
-            && plan.steps.iter().any(|s| s.kernel == KernelId::WinAttn)
-        {
+        if bufs.branches.is_some() && !plan.branch_outputs && plan.has_branches() {
             return Err(NsaError::BadBuffer {
                 tensor: "o_cmp, o_slc, o_win",
                 problem: "given, but the plan does not write the branch outputs: plan with Plan::with_branch_outputs".into(),

@@ -518,11 +518,11 @@ impl Plan {
     /// This plan with steps that also write the branch outputs `o_cmp`, `o_slc` and `o_win`
     /// (each `[B, Tq, Hq, Dv]`: [`crate::GpuBuffers::branches`], or the scratch's), for
     /// inspection, planned again from the same inputs; the same plan where it has them
-    /// already, or has no branches (dense attention). Plans leave them out by default: at
-    /// 64k with 64 heads of 128, `o_cmp` and `o_win` are 2 GiB of f32 each that only
-    /// inspection needs.
+    /// already, or has no branches (dense attention, a cache's compression-only plan).
+    /// Plans leave them out by default: at 64k with 64 heads of 128, `o_cmp` and `o_win` are
+    /// 2 GiB of f32 each that only inspection needs.
     pub fn with_branch_outputs(&self) -> Result<Plan> {
-        if self.branch_outputs || self.steps.iter().any(|s| s.kernel == KernelId::Dense) {
+        if self.branch_outputs || !self.has_branches() {
             return Ok(self.clone());
         }
         Self::build(
@@ -534,6 +534,12 @@ impl Plan {
             &self.behind,
             true,
         )
+    }
+
+    /// Whether the steps compute NSA's branches (and so could write their outputs): not a
+    /// dense plan's nor a compression-only one's.
+    pub(crate) fn has_branches(&self) -> bool {
+        self.steps.iter().any(|s| s.kernel == KernelId::WinAttn)
     }
 
     fn build(

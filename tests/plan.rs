@@ -893,7 +893,14 @@ fn branch_outputs_are_bound_only_where_asked() {
         (vec![0, 300], Some(rows), Precision::F16)
     );
     assert!(full.steps.iter().all(|s| s.kernel != KernelId::Compress));
-    // Dense attention has no branches: the same plan.
+    // A cache's compression-only plan (its steps kept by the cache) and dense attention
+    // have no branches: the same plan.
+    let mut compress_only = decode.clone();
+    compress_only
+        .steps
+        .retain(|s| s.kernel == KernelId::Compress);
+    assert!(!compress_only.steps.is_empty());
+    assert_eq!(compress_only.with_branch_outputs().unwrap(), compress_only);
     let dense = Plan::dense(&Shape::prefill(1, 300, 4, 2, 16, 16), None, &limits_48k()).unwrap();
     assert_eq!(dense.with_branch_outputs().unwrap(), dense);
 }
