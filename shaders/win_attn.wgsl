@@ -1,8 +1,6 @@
 // Sliding-window attention over keys max(0, p - w + 1) ..= p, fused with the gated
-// combination out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (it runs last). Where the
-// plan asks for the branch outputs (params.branch 2) it stores o_win too; where it does not
-// (3), compressed attention left o_cmp in `out` itself, whose elements each invocation reads
-// before it writes them (no o_cmp buffer then).
+// combination out = g_cmp * o_cmp + g_slc * o_slc + g_win * o_win (it runs last). o_win is
+// stored only where the plan asks for the branch outputs (params.branch 2).
 
 #import attention
 
@@ -53,11 +51,7 @@ fn main(
             let flat = combined_flat(min(x0 + c * WG, n - 1u));
             let gb = params.off_gates + flat / DV * 3u;
             g[c] = vec3<f32>(gates[gb], gates[gb + 1u], gates[gb + 2u]);
-            if params.branch == 3u {
-                oc[c] = out[params.off_out + flat];
-            } else {
-                oc[c] = o_cmp[params.off_ocmp + flat];
-            }
+            oc[c] = o_cmp[params.off_ocmp + flat];
             os[c] = o_slc[params.off_oslc + flat];
         }
         for (var c = 0u; c < COMBINE; c++) {

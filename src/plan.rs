@@ -234,9 +234,8 @@ pub struct Plan {
     /// empty when all hold `Tk`.
     pub behind: Vec<usize>,
     /// Whether the steps write the branch outputs `o_cmp`, `o_slc`, `o_win`
-    /// ([`Plan::with_branch_outputs`]). Without them no step writes `o_win`, an unsplit
-    /// prefill keeps `o_cmp` in `out` until the combination overwrites it and `o_slc` as its
-    /// one intermediate, and a split one keeps none.
+    /// ([`Plan::with_branch_outputs`]). Without them no step writes `o_win`, and `o_cmp`,
+    /// `o_slc` are only an unsplit prefill's intermediates.
     pub branch_outputs: bool,
 }
 
@@ -519,8 +518,8 @@ impl Plan {
     /// (each `[B, Tq, Hq, Dv]`: [`crate::GpuBuffers::branches`], or the scratch's), for
     /// inspection, planned again from the same inputs; the same plan where it has them
     /// already, or has no branches (dense attention, a cache's compression-only plan).
-    /// Plans leave them out by default: at 64k with 64 heads of 128, `o_cmp` and `o_win` are
-    /// 2 GiB of f32 each that only inspection needs.
+    /// Plans leave them out by default: at 64k with the paper's shape `o_win` alone is 2 GiB
+    /// of f32 that only inspection reads.
     pub fn with_branch_outputs(&self) -> Result<Plan> {
         if self.branch_outputs || !self.has_branches() {
             return Ok(self.clone());
@@ -1333,11 +1332,9 @@ impl Plan {
             } else {
                 (Tensor::Out, out)
             };
-            // The branch outputs where a step writes them: unsplit, compressed attention
-            // writes o_cmp (into `out` itself unless asked for it: the window's combination
-            // reads each element there before it overwrites it), selected attention o_slc,
-            // and the window's combination reads both and writes o_win when asked; split, the
-            // merge writes all three when asked and nothing else touches them.
+            // The branch outputs where a step writes them: the window's combination reads
+            // o_cmp and o_slc unsplit and writes o_win when asked; split, the merge writes all
+            // three when asked and nothing else touches them.
             let bound = |t: Tensor, w: Window, used: bool, writable: bool, slot: u64| {
                 if used {
                     (t, w)
@@ -1355,11 +1352,7 @@ impl Plan {
                     off_out: o.1 .1,
                     splits: sp_w,
                     partials: split as u32,
-                    branch: match (split, branches) {
-                        (true, _) => 1,
-                        (false, true) => 2,
-                        (false, false) => 3,
-                    },
+                    branch: if branches && !split { 2 } else { 1 },
                     total_wg: (attn_total * sp_w as u64) as u32,
                     ..attn
                 },
@@ -1369,7 +1362,7 @@ impl Plan {
                     (Tensor::KWin, kw.0),
                     (Tensor::VWin, vw.0),
                     (Tensor::Gates, gates.0),
-                    bound(Tensor::OCmp, ocmp.0, !split && branches, false, 0),
+                    bound(Tensor::OCmp, ocmp.0, !split, false, 0),
                     bound(Tensor::OSlc, oslc.0, !split, false, 0),
                     bound(Tensor::OWin, owin.0, branches && !split, true, 3),
                     (o.0, o.1 .0),
@@ -1377,10 +1370,8 @@ impl Plan {
             };
             let o = if split {
                 (Tensor::Part, pc)
-            } else if branches {
-                (Tensor::OCmp, ocmp)
             } else {
-                (Tensor::Out, out)
+                (Tensor::OCmp, ocmp)
             };
             self.steps.push(Step {
                 kernel: KernelId::CmpAttn,

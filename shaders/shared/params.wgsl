@@ -45,7 +45,7 @@ struct Params {
     c_stride: u32,     // compressed rows per sequence in the bound buffers (C, or a cache's)
     splits: u32,       // attention, select: workgroups sharing one row group's keys (1: none)
     branch: u32,       // merge: 0 dense, 1 NSA (all three branches, then the gated sum), 2 NSA
-                       // and the branch outputs; win_attn: 2 stores o_win, 3 reads o_cmp from out
+                       // and the branch outputs; win_attn: 2 stores o_win
     sel_chunk: u32,    // select: blocks per chunk (a split takes every splits-th chunk)
     partials: u32,     // attention: 1 = write split partials for merge.wgsl (see part_index)
     cmp_splits: u32,   // select: 0 = read lse; else combine it from cmp_attn's partials
