@@ -763,6 +763,23 @@ impl Plan {
             / 4
     }
 
+    /// One sequence's keys or values (the wider), `k_stride()` rows, in the 4-byte words of
+    /// [`Self::binding_elems`]: f16 keys take half as many as f32, so that a batch shares a
+    /// binding as its bytes allow. Too many for one binding is an error.
+    fn seq_kv_words(&self) -> Result<u64> {
+        let s = self.shape;
+        let bytes = (self.k_stride() * s.hkv * s.dk.max(s.dv)) as u64 * self.precision.bytes();
+        let words = bytes.div_ceil(4);
+        if words > self.binding_elems() {
+            return Err(exceeds(
+                "max_storage_buffer_binding_size (keys or values of one sequence)",
+                bytes + self.limits.storage_align,
+                self.limits.max_storage_binding,
+            ));
+        }
+        Ok(words)
+    }
+
     /// The binding window of elements `[start, start + len)` of tensor `t`: an aligned byte
     /// range (its size a multiple of 4) and the element residual the shader adds.
     fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
@@ -826,15 +843,8 @@ impl Plan {
         if c_count == 0 {
             return Ok(());
         }
-        let per_batch = (self.k_stride() * s.hkv * s.dk.max(s.dv)) as u64;
+        let per_batch = self.seq_kv_words()?;
         let lim = self.binding_elems();
-        if per_batch > lim {
-            return Err(exceeds(
-                "max_storage_buffer_binding_size (keys or values of one sequence)",
-                per_batch * 4 + self.limits.storage_align,
-                self.limits.max_storage_binding,
-            ));
-        }
         let wg_per_batch = (c_count * s.hkv) as u64;
         let nb = (lim / per_batch)
             .min(self.max_workgroups() / wg_per_batch)
@@ -889,14 +899,7 @@ impl Plan {
     fn chunks(&self, dense: bool) -> Result<Vec<Chunk>> {
         let s = self.shape;
         let lim = self.binding_elems();
-        let kv = (self.k_stride() * s.hkv * s.dk.max(s.dv)) as u64;
-        if kv > lim {
-            return Err(exceeds(
-                "max_storage_buffer_binding_size (keys or values of one sequence)",
-                kv * 4 + self.limits.storage_align,
-                self.limits.max_storage_binding,
-            ));
-        }
+        let kv = self.seq_kv_words()?;
         let row = (s.hq * s.dk.max(s.dv).max(3)).max(s.hkv * self.config.top_n) as u64;
         let wg_row = (s.hkv as u64) * self.core(false).head_chunks as u64;
         // Chunks small enough that compressed attention can keep its scores for the

@@ -1140,3 +1140,54 @@ fn exceeded<T: std::fmt::Debug>(r: Result<T, NsaError>) -> (&'static str, u64, u
         other => panic!("expected ExceedsLimit, got {other:?}"),
     }
 }
+
+/// A batch shares a binding as its keys' bytes allow: 16 cached sequences of 65575 rows (the
+/// decode benchmark's 64k cache) at Hkv = 4, D = 128 are 1.07 GB of f16 keys, one binding of
+/// 2 GiB, so one chain of dispatches; stored as f32 (2.15 GB) they take two. Every binding
+/// fits, and one sequence too large for a binding is an error that counts its bytes.
+#[test]
+fn f16_keys_share_a_binding_by_their_bytes() {
+    let cfg = NsaConfig::default();
+    let capacity = 65575;
+    let rows = nsa_wgpu::plan::CacheRows {
+        capacity,
+        cmp_capacity: cfg.num_compressed(capacity),
+        cmp_done: cfg.num_compressed(65536),
+        ..Default::default()
+    };
+    let shape = Shape {
+        tq: 1,
+        ..Shape::prefill(16, 65536, 64, 4, 128, 128)
+    };
+    let limits = DeviceLimits {
+        max_storage_binding: 2 << 30,
+        ..limits_48k()
+    };
+    let count = |plan: &Plan, k: KernelId| plan.steps.iter().filter(|s| s.kernel == k).count();
+    for (precision, chains) in [(Precision::F16, 1), (Precision::F32, 2)] {
+        let plan = Plan::cached(&cfg, &shape, &limits, rows, precision).unwrap();
+        assert_eq!(
+            [KernelId::CmpAttn, KernelId::WinAttn, KernelId::Merge].map(|k| count(&plan, k)),
+            [chains; 3],
+            "{precision:?}"
+        );
+        for step in &plan.steps {
+            for (t, w) in &step.bindings {
+                assert!(w.size <= limits.max_storage_binding, "{t:?}: {w:?}");
+            }
+        }
+        let dense = Plan::dense_with_precision(&shape, None, &limits, precision).unwrap();
+        assert_eq!(count(&dense, KernelId::Dense), chains, "{precision:?}");
+    }
+    // One sequence of 2^21 rows: 2 GiB of f16 keys, over a 2 GiB binding by the alignment.
+    let long = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 1 << 21, 64, 4, 128, 128)
+    };
+    match Plan::with_precision(&cfg, &long, &limits, Precision::F16) {
+        Err(NsaError::ExceedsLimit { needed, limit, .. }) => {
+            assert_eq!((needed, limit), ((2 << 30) + 256, 2 << 30))
+        }
+        other => panic!("expected ExceedsLimit, got {other:?}"),
+    }
+}
