@@ -38,12 +38,27 @@ fn storage(dev: &wgpu::Device, d: &[f32], usage: wgpu::BufferUsages) -> wgpu::Bu
 }
 
 /// Runs `plan` with its branch outputs ([`Plan::with_branch_outputs`]) into sentinel-filled
-/// buffers.
+/// buffers, its `q`, `k`, `v` (and branch keys) stored at the plan's precision.
 fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
     let plan = &plan.with_branch_outputs().expect("branch outputs");
     let ctx = pipe.context();
     let dev = &ctx.device;
     let up = |d: &[f32]| storage(dev, d, wgpu::BufferUsages::empty());
+    let f16 = plan.precision == nsa_wgpu::Precision::F16;
+    let up_in = |d: &[f32]| {
+        if !f16 {
+            return up(d);
+        }
+        let bits: Vec<u16> = d
+            .iter()
+            .map(|x| half::f16::from_f32(*x).to_bits())
+            .collect();
+        dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&bits),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    };
     let sentinel = |t: Tensor, bits: u32| {
         let n = plan.tensor_len(t) as usize;
         dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
@@ -53,11 +68,16 @@ fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
         })
     };
     let nan = f32::NAN.to_bits();
-    let (q, k, v, g) = (up(&data.q), up(&data.k), up(&data.v), up(&data.gates));
+    let (q, k, v, g) = (
+        up_in(&data.q),
+        up_in(&data.k),
+        up_in(&data.v),
+        up(&data.gates),
+    );
     let branch: Option<Vec<wgpu::Buffer>> = data
         .branch
         .as_ref()
-        .map(|b| b.iter().map(|t| up(t)).collect());
+        .map(|b| b.iter().map(|t| up_in(t)).collect());
     let linear: Option<Vec<wgpu::Buffer>> = data
         .linear
         .as_ref()
@@ -104,7 +124,15 @@ fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
     ctx.queue.submit([enc.finish()]);
     let r = pollster::block_on(read_staging(dev, &staging)).expect("readback");
     let f = |i: usize, t: Tensor| -> Vec<f32> {
-        bytemuck::cast_slice::<u8, f32>(&r[i])[..plan.tensor_len(t) as usize].to_vec()
+        let n = plan.tensor_len(t) as usize;
+        if plan.elem_bytes(t) == 2 {
+            let bits = &bytemuck::cast_slice::<u8, u16>(&r[i])[..n];
+            return bits
+                .iter()
+                .map(|b| half::f16::from_bits(*b).to_f32())
+                .collect();
+        }
+        bytemuck::cast_slice::<u8, f32>(&r[i])[..n].to_vec()
     };
     GpuResult {
         out: f(0, Tensor::Out),
@@ -1607,4 +1635,48 @@ fn long_64k_dense() {
         );
     }
     assert!(capped <= 1e-4, "max abs error {capped:.2e}");
+}
+
+/// f16 keys share a binding by their bytes: with a binding that holds two sequences' f16 keys
+/// but only one's f32 keys, a decode-shaped call of three sequences runs as two chains at f16
+/// (three at f32), and writes what the one-chain plan writes (every element: the outputs are
+/// sentinel-filled), with the same selections.
+#[test]
+fn f16_batches_share_a_binding_by_their_bytes() {
+    let Some(pipe) = f16_pipeline() else {
+        return;
+    };
+    let cfg = small();
+    let shape = Shape {
+        tq: 1,
+        ..Shape::prefill(3, 150, 4, 2, 64, 48)
+    };
+    let key_bytes = (shape.tk * shape.hkv * shape.dk * 2) as u64;
+    let whole_limits = pipe.limits();
+    let limits = DeviceLimits {
+        max_storage_binding: 2 * key_bytes + whole_limits.storage_align,
+        ..whole_limits
+    };
+    let chains = |plan: &Plan| {
+        plan.steps
+            .iter()
+            .filter(|s| s.kernel == KernelId::CmpAttn)
+            .count()
+    };
+    let plan = |limits: &DeviceLimits, p| Plan::with_precision(&cfg, &shape, limits, p).unwrap();
+    let chunked = plan(&limits, nsa_wgpu::Precision::F16);
+    let whole = plan(&whole_limits, nsa_wgpu::Precision::F16);
+    assert_eq!(
+        [&chunked, &plan(&limits, nsa_wgpu::Precision::F32), &whole].map(chains),
+        [2, 3, 1]
+    );
+    let data = Data::new(&cfg, &shape, false, 0xf16);
+    let (a, b) = (
+        gpu_forward(pipe, &chunked, &data),
+        gpu_forward(pipe, &whole, &data),
+    );
+    assert_eq!(a.idx, b.idx, "selections");
+    assert_close("f16 chunked out", &a.out, &b.out, 1e-5);
+    assert_close("f16 chunked o_cmp", &a.o_cmp, &b.o_cmp, 1e-5);
+    assert_close("f16 chunked kc", &a.kc, &b.kc, 0.0);
 }
