@@ -258,9 +258,10 @@ const WIDE_MIN_QUERIES: usize = 16;
 const KT_MAX: usize = 64;
 /// Workgroups a dispatch should have: below this, attention and selection split each row
 /// group's keys over several workgroups (decode, short chunks) and merge the parts
-/// (selected attention aims for [`SLC_SPLIT_TARGET`] instead). On an
-/// H200, 768 made a B=16 decode step at 64k 0.722 ms where 512, 1024 and 2048 gave 0.738,
-/// 0.787 and 0.810 ms (the dense decode baseline: 3.45 ms, against 4.05, 3.70 and 3.61 ms).
+/// (compressed and selected attention aim for [`CMP_SPLIT_TARGET`] and [`SLC_SPLIT_TARGET`]
+/// instead). On an H200, 768 made a B=16 decode step at 64k 0.722 ms where 512, 1024 and
+/// 2048 gave 0.738, 0.787 and 0.810 ms (the dense decode baseline: 3.45 ms, against 4.05,
+/// 3.70 and 3.61 ms).
 const SPLIT_TARGET: u64 = 768;
 /// Workgroups selected attention's dispatch aims for when it splits (its workgroups each
 /// take one query's blocks, a share of `n`): fewer than [`SPLIT_TARGET`]. On an H200 (f16
@@ -270,6 +271,13 @@ const SPLIT_TARGET: u64 = 768;
 /// faster with 128 than with 768 (BENCHMARKS.md, twenty-third session); B=1 keeps its 16
 /// splits.
 const SLC_SPLIT_TARGET: u64 = 128;
+/// Workgroups compressed attention's dispatch aims for when it splits: fewer than
+/// [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start fewer times.
+/// On an H200 (f16 cache, 64k) a decode step took 0.130 / 0.157-0.158 / 0.179 ms for 8 / 12
+/// / 16 sequences with 512 (16, 11, 8 splits) against 0.137 / 0.161-0.165 / 0.184 with 768,
+/// and the same for 1 to 4 sequences, whose splits stop at [`ATTN_SPLITS_MAX`] either way;
+/// 1536 made 16 sequences 0.198 (BENCHMARKS.md, twenty-fourth session).
+const CMP_SPLIT_TARGET: u64 = 512;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
 /// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the
@@ -1279,9 +1287,12 @@ impl Plan {
             // most, in three buffers) and one merge pass combines them with the gates.
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
-            let sp_c = self.splits(
+            let cmp_tiles = tiles(self.n_cmp as u64, core.kv_tile);
+            let sp_c = self.splits_toward(
+                CMP_SPLIT_TARGET,
                 attn_total,
-                tiles(self.n_cmp as u64, core.kv_tile),
+                cmp_tiles,
+                cmp_tiles,
                 3 * part_row,
             )?;
             let slc_tiles = n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);

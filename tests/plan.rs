@@ -295,10 +295,10 @@ fn decode_plans_split_every_branch_and_merge() {
         (merge.branch, merge.slc_splits, merge.win_splits),
         (1, 16, 17)
     );
-    // 16 sequences (64 row groups): compressed attention and the window aim for 768
-    // workgroups (SPLIT_TARGET: 12 splits; the window's 513 keys have 9 tiles of 64),
-    // selected attention for 128 (SLC_SPLIT_TARGET: 2 splits of 8 blocks each), which made
-    // an H200's step faster.
+    // 16 sequences (64 row groups): compressed attention aims for 512 workgroups
+    // (CMP_SPLIT_TARGET: 8 splits), the window for 768 (SPLIT_TARGET; its 513 keys have 9
+    // tiles of 64), selected attention for 128 (SLC_SPLIT_TARGET: 2 splits of 8 blocks
+    // each), which made an H200's step faster.
     let b16 = Plan::new(
         &NsaConfig::default(),
         &Shape { batch: 16, ..shape },
@@ -313,7 +313,7 @@ fn decode_plans_split_every_branch_and_merge() {
             .params
             .splits
     };
-    assert_eq!([CmpAttn, SlcAttn, WinAttn].map(split_of), [12, 2, 9]);
+    assert_eq!([CmpAttn, SlcAttn, WinAttn].map(split_of), [8, 2, 9]);
     // Nothing the selected branch writes is bound by the window's dispatch, nor the other
     // way round, so that the two need no barrier between them.
     let (slc, win) = (&plan.steps[5], &plan.steps[6]);
