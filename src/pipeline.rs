@@ -12,7 +12,7 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
 use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES};
-use crate::shaders::Variant;
+use crate::shaders::{Kept, Variant};
 
 /// A device and queue to run on, and what adapter they came from.
 #[derive(Debug, Clone)]
@@ -724,8 +724,7 @@ impl NsaPipeline {
                 subgroups: self.subgroups,
                 tensor_cores,
                 // Per step: a plan's chunks may differ (a short last chunk splits and keeps).
-                kept: step.params.kept_stride > 0,
-                kept_sums: step.params.kept_tile > 0,
+                kept: Kept::of(&step.params),
             };
             let key = (id, variant, spec);
             if let Some(p) = compiled.get(&key) {
@@ -764,7 +763,7 @@ impl NsaPipeline {
                     // Kept block sums are laid out for the tensor-core kernel's tiles.
                     let plain_tile = plan.specialization(step.rows).kv_tile;
                     if variant.tensor_cores
-                        && variant.kept_sums
+                        && variant.kept == Kept::BlockSums
                         && plain_tile != step.params.kept_tile
                     {
                         return Err(NsaError::Gpu(format!(

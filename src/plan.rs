@@ -455,8 +455,8 @@ impl Plan {
         }
     }
 
-    /// Whether compressed attention keeps its scores for the selection in some step (those
-    /// steps compile with `Variant::kept`).
+    /// Whether compressed attention keeps its scores (or block sums) for the selection in
+    /// some step (those steps compile with [`crate::shaders::Kept::of`] their params).
     pub fn keeps_scores(&self) -> bool {
         self.kept_len > 0
     }

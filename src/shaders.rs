@@ -16,6 +16,7 @@
 //! shader cores, or `shared/attn_mma.wgsl`, tensor cores through cooperative matrices).
 
 use crate::config::Precision;
+use crate::kernels::Params;
 
 /// `(name, source)` pairs of the WGSL files `name.wgsl` in a folder under `shaders/`.
 macro_rules! sources {
@@ -49,15 +50,37 @@ pub struct Variant {
     /// and f32 accumulators (the device needs `EXPERIMENTAL_COOPERATIVE_MATRIX`, `SUBGROUP`
     /// and `SHADER_F16`). Only with f16 storage and subgroups; ignored otherwise.
     pub tensor_cores: bool,
-    /// Compressed attention keeps its scores and the selection reads them
-    /// (`shared/keep_on.wgsl`, `shared/select_kept.wgsl`; otherwise `shared/keep_off.wgsl`,
-    /// `shared/select_qk.wgsl`): for the steps of those two kernels whose plan keeps scores
-    /// (`Params::kept_stride` > 0).
-    pub kept: bool,
-    /// With `kept`: compressed attention keeps per-tile block sums instead of scores, and the
-    /// selection reads those (`shared/keep_sums.wgsl`, `shared/select_sums.wgsl`): for the
-    /// steps whose plan lays them out (`Params::kept_tile` > 0).
-    pub kept_sums: bool,
+    /// What compressed attention keeps for the selection, and the selection reads (for the
+    /// other kernels, [`Kept::Nothing`]).
+    pub kept: Kept,
+}
+
+/// What compressed attention keeps for the selection, and so which sources the two kernels
+/// import for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Kept {
+    /// Nothing: the selection multiplies q.k over the compressed keys itself
+    /// (`shared/keep_off.wgsl`, `shared/select_qk.wgsl`).
+    #[default]
+    Nothing,
+    /// Every scaled score (`shared/keep_on.wgsl`, `shared/select_kept.wgsl`).
+    Scores,
+    /// Per-tile sums of the probabilities over each selection block
+    /// (`shared/keep_sums.wgsl`, `shared/select_sums.wgsl`).
+    BlockSums,
+}
+
+impl Kept {
+    /// What a step with `params` keeps: scores where its plan keeps them
+    /// (`Params::kept_stride` > 0), as block sums where it lays those out
+    /// (`Params::kept_tile` > 0 too).
+    pub fn of(params: &Params) -> Kept {
+        match (params.kept_stride > 0, params.kept_tile > 0) {
+            (false, _) => Kept::Nothing,
+            (true, false) => Kept::Scores,
+            (true, true) => Kept::BlockSums,
+        }
+    }
 }
 
 impl Variant {
@@ -81,8 +104,7 @@ pub fn source_for(name: &str, precision: Precision, subgroups: bool) -> Option<S
             precision,
             subgroups,
             tensor_cores: false,
-            kept: false,
-            kept_sums: false,
+            kept: Kept::Nothing,
         },
     )
 }
@@ -117,12 +139,16 @@ fn expand(src: &str, variant: &Variant, out: &mut String, seen: &mut Vec<&'stati
                     "load_v" => "load_v_f16",
                     "attn_tiles" if variant.mma() => "attn_mma",
                     "attn_tiles" => "attn_simt",
-                    "keep" if variant.kept && variant.kept_sums => "keep_sums",
-                    "keep" if variant.kept => "keep_on",
-                    "keep" => "keep_off",
-                    "select_scores" if variant.kept && variant.kept_sums => "select_sums",
-                    "select_scores" if variant.kept => "select_kept",
-                    "select_scores" => "select_qk",
+                    "keep" => match variant.kept {
+                        Kept::Nothing => "keep_off",
+                        Kept::Scores => "keep_on",
+                        Kept::BlockSums => "keep_sums",
+                    },
+                    "select_scores" => match variant.kept {
+                        Kept::Nothing => "select_qk",
+                        Kept::Scores => "select_kept",
+                        Kept::BlockSums => "select_sums",
+                    },
                     other => other,
                 };
                 let Some((key, text)) = SHARED.iter().find(|(n, _)| *n == name) else {

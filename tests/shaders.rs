@@ -5,6 +5,7 @@ use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use nsa_wgpu::kernels::{KernelId, Params, Specialization};
 use nsa_wgpu::shaders;
+use nsa_wgpu::shaders::Kept;
 use nsa_wgpu::Precision;
 
 fn module(name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
@@ -22,8 +23,7 @@ fn module_for(
             precision,
             subgroups,
             tensor_cores: false,
-            kept: false,
-            kept_sums: false,
+            kept: Kept::Nothing,
         },
     )
 }
@@ -63,6 +63,15 @@ fn workgroup_bytes(m: &naga::Module) -> u32 {
 /// Compressed attention and the selection also compile with kept scores.
 fn keeps(id: KernelId) -> bool {
     matches!(id, KernelId::CmpAttn | KernelId::Select)
+}
+
+/// What kernel `id` can keep as `kept` asks: nothing for the kernels that keep nothing.
+fn kept_for(id: KernelId, kept: Kept) -> Kept {
+    if keeps(id) {
+        kept
+    } else {
+        Kept::Nothing
+    }
 }
 
 fn module_variant(
@@ -136,8 +145,9 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         ..Default::default()
     };
     // Without kept scores, with them, and with kept block sums.
-    let kept_modes = |id: KernelId| [(false, false), (keeps(id), false), (keeps(id), keeps(id))];
-    for (((id, precision, spec), subgroups), (kept, kept_sums)) in KernelId::ALL
+    let kept_modes =
+        |id: KernelId| [Kept::Nothing, Kept::Scores, Kept::BlockSums].map(|k| kept_for(id, k));
+    for (((id, precision, spec), subgroups), kept) in KernelId::ALL
         .iter()
         .flat_map(|id| {
             [Precision::F32, Precision::F16]
@@ -152,7 +162,6 @@ fn shaders_translate_to_spirv_msl_hlsl() {
             subgroups,
             tensor_cores: false,
             kept,
-            kept_sums,
         };
         let (m, info) = module_variant(id.name(), &variant);
         let (m, info) = specialize(id, &m, &info, &spec);
@@ -175,16 +184,15 @@ fn shaders_translate_to_spirv_msl_hlsl() {
 fn bindings_match_the_binding_table() {
     // With kept scores or block sums, every binding of the table; without, the selection
     // leaves out its last (the kept scores).
-    for (id, kept_sums) in KernelId::ALL
+    for (id, kept) in KernelId::ALL
         .into_iter()
-        .flat_map(|id| [(id, false), (id, true)])
+        .flat_map(|id| [Kept::Scores, Kept::BlockSums].map(|k| (id, kept_for(id, k))))
     {
         let variant = shaders::Variant {
             precision: Precision::F32,
             subgroups: false,
             tensor_cores: false,
-            kept: keeps(id),
-            kept_sums,
+            kept,
         };
         let expect_plain = match id {
             KernelId::Select => id.bindings().len() - 1,
@@ -311,17 +319,19 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         .1;
     assert!(qk.contains(&format!("const LOADS: u32 = {TILE_LOADS}u;")));
     let mut checked = 0;
-    for (id, kept_sums) in KernelId::ALL
+    for (id, kept) in KernelId::ALL
         .into_iter()
         .filter(|k| k.attention_core())
-        .flat_map(|id| std::iter::once((id, false)).chain(keeps(id).then_some((id, true))))
+        .flat_map(|id| {
+            std::iter::once((id, kept_for(id, Kept::Scores)))
+                .chain(keeps(id).then_some((id, Kept::BlockSums)))
+        })
     {
         let variant = shaders::Variant {
             precision: Precision::F16,
             subgroups: true,
             tensor_cores: true,
-            kept: keeps(id),
-            kept_sums,
+            kept,
         };
         let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
         assert!(

@@ -14,7 +14,7 @@
 use ash::vk;
 use clap::{Parser, ValueEnum};
 use nsa_wgpu::kernels::{KernelId, Specialization};
-use nsa_wgpu::shaders::Variant;
+use nsa_wgpu::shaders::{Kept, Variant};
 use nsa_wgpu::{DeviceLimits, NsaConfig, Plan, Precision, Shape};
 use std::ffi::CStr;
 
@@ -88,14 +88,13 @@ impl Build {
     }
 }
 
-/// One pipeline the plan needs: a kernel, its rows per workgroup, whether it keeps scores
-/// (and whether as block sums).
+/// One pipeline the plan needs: a kernel, its rows per workgroup, and what it keeps for the
+/// selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Kernel {
     id: KernelId,
     rows: u32,
-    kept: bool,
-    kept_sums: bool,
+    kept: Kept,
 }
 
 /// The distinct pipelines of `plan`'s steps, in the order they first run.
@@ -105,8 +104,7 @@ fn kernels_of(plan: &Plan) -> Vec<Kernel> {
         let k = Kernel {
             id: step.kernel,
             rows: step.rows,
-            kept: step.params.kept_stride > 0,
-            kept_sums: step.params.kept_tile > 0,
+            kept: Kept::of(&step.params),
         };
         if !out.contains(&k) {
             out.push(k);
@@ -134,7 +132,6 @@ fn spirv(plan: &Plan, k: Kernel, build: Build, workgroup_storage: u32) -> Result
         subgroups: build.subgroups,
         tensor_cores,
         kept: k.kept,
-        kept_sums: k.kept_sums,
     };
     let src = nsa_wgpu::shaders::source_variant(k.id.name(), &variant)
         .ok_or_else(|| format!("no shader for {}", k.id.name()))?;
@@ -444,7 +441,9 @@ fn run(args: &Args) -> Result<(), String> {
     let plan = Plan::with_precision(&NsaConfig::default(), &shape, &limits, build.precision)
         .map_err(|e| e.to_string())?;
     println!("{}: {:?}, {:?}", gpu.name, shape, build);
-    println!("| kernel | rows | kept scores | tensor cores | keys per tile | statistics |");
+    println!(
+        "| kernel | rows | kept for the selection | tensor cores | keys per tile | statistics |"
+    );
     println!("|---|---|---|---|---|---|");
     for k in kernels_of(&plan) {
         let (uniforms, storage) = bindings(k.id);
@@ -453,7 +452,7 @@ fn run(args: &Args) -> Result<(), String> {
         let stats = gpu.statistics(&words, &uniforms, &storage)?;
         let text: Vec<String> = stats.iter().map(|(n, v)| format!("{n} {v}")).collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:?} | {} | {} | {} |",
             k.id.name(),
             k.rows,
             k.kept,
@@ -498,18 +497,11 @@ mod tests {
     fn a_long_prefill_lists_its_wide_and_narrow_kernels_once_each() {
         let ks = kernels_of(&plan(2048, 2048));
         // The paper's config keeps block sums.
-        let has = |id, rows, kept| {
-            ks.contains(&Kernel {
-                id,
-                rows,
-                kept,
-                kept_sums: kept,
-            })
-        };
-        assert!(has(KernelId::CmpAttn, 32, true), "{ks:?}");
-        assert!(has(KernelId::SlcAttn, 16, false), "{ks:?}");
-        assert!(has(KernelId::WinAttn, 32, false), "{ks:?}");
-        assert!(has(KernelId::Select, 16, true), "{ks:?}");
+        let has = |id, rows, kept| ks.contains(&Kernel { id, rows, kept });
+        assert!(has(KernelId::CmpAttn, 32, Kept::BlockSums), "{ks:?}");
+        assert!(has(KernelId::SlcAttn, 16, Kept::Nothing), "{ks:?}");
+        assert!(has(KernelId::WinAttn, 32, Kept::Nothing), "{ks:?}");
+        assert!(has(KernelId::Select, 16, Kept::BlockSums), "{ks:?}");
         assert_eq!(ks.iter().filter(|k| k.id == KernelId::SlcAttn).count(), 1);
         for (i, a) in ks.iter().enumerate() {
             assert!(!ks[i + 1..].contains(a), "{a:?} twice");
