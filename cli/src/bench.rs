@@ -141,6 +141,16 @@ fn warmer<'p>(pipe: &'p NsaPipeline, args: &BenchArgs) -> Option<Warmer<'p>> {
     }
 }
 
+/// Chains of dependent dispatches among `kernels` (a plan's steps in order): one per chunk
+/// of the batch or of the queries that the plan made to fit the adapter's bindings, each
+/// paying every dispatch level's latency again. Counted by the attention kernel each chain
+/// runs once (compressed attention for NSA, dense attention for the baseline).
+fn chains(kernels: impl Iterator<Item = KernelId>) -> usize {
+    kernels
+        .filter(|k| matches!(k, KernelId::CmpAttn | KernelId::Dense))
+        .count()
+}
+
 /// Heads, head dims and iterations: the arguments, or the tiny ones of --quick.
 fn sizes(args: &BenchArgs) -> (usize, usize, usize, usize, usize) {
     if args.quick {
@@ -171,7 +181,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         if timed { "GPU timestamps" } else { "wall clock: no timestamp queries" }
     );
     println!(
-        "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA |\n|---|---|---|---|---|---|---|---|---|"
+        "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA | chains (NSA / dense) |\n|---|---|---|---|---|---|---|---|---|---|"
     );
     let cfg = NsaConfig::default();
     let precision = args.precision.resolve(&pipe)?;
@@ -193,9 +203,9 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             .collect();
         let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup, warm.as_ref())
             .map_err(|e| e.to_string())?;
+        let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
+            .map_err(|e| e.to_string())?;
         let dense = if t <= args.dense_max {
-            let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
-                .map_err(|e| e.to_string())?;
             Some(
                 time_plan(
                     &pipe,
@@ -222,10 +232,12 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         };
         let cells: Vec<String> = STAGES.iter().map(|k| cell(*k)).collect();
         println!(
-            "| {t} | {} | {total:.3} | {} | {} |",
+            "| {t} | {} | {total:.3} | {} | {} | {} / {} |",
             cells.join(" | "),
             dense.map_or("-".into(), |d| format!("{d:.3}")),
             dense.map_or("-".into(), |d| format!("{:.2}x", d / total)),
+            chains(plan.steps.iter().map(|s| s.kernel)),
+            chains(dplan.steps.iter().map(|s| s.kernel)),
         );
     }
     println!("times in ms");
@@ -248,8 +260,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
-    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip | chains (NSA / dense) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let cfg = NsaConfig::default();
     for &b in &batches {
         for &len in &lengths {
@@ -308,6 +320,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             // Wall time of each plain extend: upload, plan, encode, submit, wait, read back.
             let mut host_ms = Vec::new();
             let mut stage_ms: Vec<Vec<(KernelId, f64)>> = Vec::new();
+            // Chains of the timed steps (their plans are the cache's).
+            let mut nsa_chains = 0;
             for it in 0..steps {
                 let chunks: Vec<SeqChunk> =
                     (0..b).map(|s| SeqChunk::new(s, &q, &k, &v, &g)).collect();
@@ -327,6 +341,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                         .map_err(|e| e.to_string())?;
                         if counted {
                             stage_ms.push(stage_sums(ms.iter().copied()));
+                            nsa_chains = chains(ms.iter().map(|(k, _)| *k));
                         }
                         continue;
                     }
@@ -418,12 +433,14 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 len.to_string()
             };
             println!(
-                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} | {host:.3} ms |",
+                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} | {host:.3} ms | {} / {} |",
                 stages.join(" / "),
                 dense / nsa,
                 bytes / 1e6,
                 achieved / 1e9,
-                args.copy_gbps.map_or("-".into(), |g| format!("{:.1}%", 100.0 * achieved / (g * 1e9)))
+                args.copy_gbps.map_or("-".into(), |g| format!("{:.1}%", 100.0 * achieved / (g * 1e9))),
+                if nsa_chains > 0 { nsa_chains.to_string() } else { "-".into() },
+                chains(dplan.steps.iter().map(|s| s.kernel)),
             );
         }
     }

@@ -367,6 +367,14 @@ fn bench_quick_prints_a_table() {
         out.contains("| 256 |") && out.contains("| 700 |") && out.contains("dense/NSA"),
         "{out}"
     );
+    // Each row ends with its chains of dispatches: one each at these sizes.
+    assert!(out.contains("chains (NSA / dense)"), "{out}");
+    for row in out
+        .lines()
+        .filter(|l| l.starts_with("| 256 |") || l.starts_with("| 700 |"))
+    {
+        assert!(row.ends_with("| 1 / 1 |"), "{row}");
+    }
     // By default f16 storage, unless the adapter lacks it.
     if !out.contains("input storage: F16") {
         assert!(out.contains("input storage: F32"), "{out}");
@@ -424,6 +432,9 @@ fn decode_bench_with_an_f16_cache_says_so() {
         out.contains("F16 cache") && out.contains("| 2 | 700 |"),
         "{out}"
     );
+    // One chain of dispatches for the step and for the dense baseline.
+    let row = out.lines().find(|l| l.starts_with("| 2 | 700 |")).unwrap();
+    assert!(row.ends_with("| 1 / 1 |"), "{row}");
     // Steps that compress nothing print 0, not a float sum's -0.
     assert!(!out.contains("-0.000"), "{out}");
 }
