@@ -203,10 +203,12 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             .collect();
         let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup, warm.as_ref())
             .map_err(|e| e.to_string())?;
-        let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
-            .map_err(|e| e.to_string())?;
+        // The dense baseline's time and chains, where it runs at this length.
         let dense = if t <= args.dense_max {
-            Some(
+            let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
+                .map_err(|e| e.to_string())?;
+            let dense_chains = chains(dplan.steps.iter().map(|s| s.kernel));
+            Some((
                 time_plan(
                     &pipe,
                     &dplan,
@@ -220,7 +222,8 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
                 )
                 .map_err(|e| e.to_string())?
                 .1,
-            )
+                dense_chains,
+            ))
         } else {
             None
         };
@@ -234,10 +237,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         println!(
             "| {t} | {} | {total:.3} | {} | {} | {} / {} |",
             cells.join(" | "),
-            dense.map_or("-".into(), |d| format!("{d:.3}")),
-            dense.map_or("-".into(), |d| format!("{:.2}x", d / total)),
+            dense.map_or("-".into(), |(d, _)| format!("{d:.3}")),
+            dense.map_or("-".into(), |(d, _)| format!("{:.2}x", d / total)),
             chains(plan.steps.iter().map(|s| s.kernel)),
-            chains(dplan.steps.iter().map(|s| s.kernel)),
+            dense.map_or("-".into(), |(_, c)| c.to_string()),
         );
     }
     println!("times in ms");
