@@ -4,8 +4,7 @@
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use nsa_wgpu::kernels::{KernelId, Params, Specialization};
-use nsa_wgpu::shaders;
-use nsa_wgpu::shaders::Kept;
+use nsa_wgpu::shaders::{self, Kept};
 use nsa_wgpu::Precision;
 
 fn module(name: &str) -> (naga::Module, naga::valid::ModuleInfo) {
