@@ -5,7 +5,7 @@
 //!
 //! cargo bench --bench prefill [-- T ...]   (default: 2048 4096; Hq=16, Hkv=1, D=64)
 
-use nsa_wgpu::profile::{sample_input_sets, time_plan, Warmer, STAGES};
+use nsa_wgpu::profile::{chains, sample_input_sets, time_plan, Warmer, STAGES};
 use nsa_wgpu::{
     GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, Plan, Precision, Shape, Tensor,
 };
@@ -32,9 +32,9 @@ fn main() -> Result<(), NsaError> {
         false => None,
     };
     println!(
-        "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA | dense | dense/NSA |"
+        "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA | dense | dense/NSA | chains (NSA / dense) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for t in lengths {
         let shape = Shape::prefill(1, t, 16, 1, 64, 64);
         let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)?;
@@ -66,9 +66,11 @@ fn main() -> Result<(), NsaError> {
             })
             .collect();
         println!(
-            "| {t} | {} | {nsa:.3} | {dense:.3} | {:.2}x |",
+            "| {t} | {} | {nsa:.3} | {dense:.3} | {:.2}x | {} / {} |",
             cells.join(" | "),
-            dense / nsa
+            dense / nsa,
+            chains(plan.steps.iter().map(|s| s.kernel)),
+            chains(dense_plan.steps.iter().map(|s| s.kernel)),
         );
     }
     println!("times in ms");

@@ -315,6 +315,17 @@ pub const STAGES: [KernelId; 5] = [
     KernelId::WinAttn,
 ];
 
+/// Chains of dependent dispatches among `kernels` (a plan's steps in order, or a timed run's
+/// per-step kernels): one per chunk of the batch or of the queries that the plan made to fit
+/// the adapter's bindings, each paying every dispatch level's latency again. Counted by the
+/// attention kernel each chain runs once (compressed attention for NSA, dense attention for
+/// the baseline).
+pub fn chains(kernels: impl Iterator<Item = KernelId>) -> usize {
+    kernels
+        .filter(|k| matches!(k, KernelId::CmpAttn | KernelId::Dense))
+        .count()
+}
+
 /// GPU time per NSA stage from per-step times: a merge counts toward the stage of the step
 /// before it (the selection's merge toward the selection, the dense merge toward dense
 /// attention), except the merge of all three branches' partials, which also applies the

@@ -1178,6 +1178,11 @@ fn f16_keys_share_a_binding_by_their_bytes() {
         }
         let dense = Plan::dense_with_precision(&shape, None, &limits, precision).unwrap();
         assert_eq!(count(&dense, KernelId::Dense), chains, "{precision:?}");
+        // As the benchmarks count them.
+        assert_eq!(
+            [&plan, &dense].map(|p| nsa_wgpu::profile::chains(p.steps.iter().map(|s| s.kernel))),
+            [chains; 2]
+        );
     }
     // One sequence of 2^21 rows: 2 GiB of f16 keys, over a 2 GiB binding by the alignment.
     let long = Shape {

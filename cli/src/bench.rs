@@ -7,7 +7,8 @@ use clap::Args;
 use nsa_wgpu::data::sample_values;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::profile::{
-    median, sample_input_sets, sample_tensor, stage_sums, time_plan, StepTimer, Warmer, STAGES,
+    chains, median, sample_input_sets, sample_tensor, stage_sums, time_plan, StepTimer, Warmer,
+    STAGES,
 };
 use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
 
@@ -139,16 +140,6 @@ fn warmer<'p>(pipe: &'p NsaPipeline, args: &BenchArgs) -> Option<Warmer<'p>> {
             None
         }
     }
-}
-
-/// Chains of dependent dispatches among `kernels` (a plan's steps in order): one per chunk
-/// of the batch or of the queries that the plan made to fit the adapter's bindings, each
-/// paying every dispatch level's latency again. Counted by the attention kernel each chain
-/// runs once (compressed attention for NSA, dense attention for the baseline).
-fn chains(kernels: impl Iterator<Item = KernelId>) -> usize {
-    kernels
-        .filter(|k| matches!(k, KernelId::CmpAttn | KernelId::Dense))
-        .count()
 }
 
 /// Heads, head dims and iterations: the arguments, or the tiny ones of --quick.
