@@ -259,9 +259,9 @@ const KT_MAX: usize = 64;
 /// Workgroups a dispatch should have: below this, attention and selection split each row
 /// group's keys over several workgroups (decode, short chunks) and merge the parts
 /// (compressed and selected attention aim for [`CMP_SPLIT_TARGET`] and [`SLC_SPLIT_TARGET`]
-/// instead). On an H200, 768 made a B=16 decode step at 64k 0.722 ms where 512, 1024 and
-/// 2048 gave 0.738, 0.787 and 0.810 ms (the dense decode baseline: 3.45 ms, against 4.05,
-/// 3.70 and 3.61 ms).
+/// instead). On an H200 with an f32 cache (an earlier build, one target for all branches),
+/// 768 made a B=16 decode step at 64k 0.722 ms where 512, 1024 and 2048 gave 0.738, 0.787
+/// and 0.810 ms (the dense decode baseline: 3.45 ms, against 4.05, 3.70 and 3.61 ms).
 const SPLIT_TARGET: u64 = 768;
 /// Workgroups selected attention's dispatch aims for when it splits (its workgroups each
 /// take one query's blocks, a share of `n`): fewer than [`SPLIT_TARGET`]. On an H200 (f16
