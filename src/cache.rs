@@ -6,15 +6,15 @@
 //! the new tokens are then computed against the whole cached context, for every sequence of
 //! the call in one submission.
 
-use wgpu::util::DeviceExt;
-
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{
     check_tensor, stored_bytes, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest,
 };
 use crate::kernels::KernelId;
-use crate::pipeline::{read_staging, reusable, stage_readback_ranges, GpuBuffers, NsaPipeline};
+use crate::pipeline::{
+    buffer_init, read_staging, reusable, stage_readback_ranges, GpuBuffers, NsaPipeline,
+};
 use crate::plan::{CacheRows, Plan, Tensor, RAGGED_MAX};
 use crate::profile::StepTimer;
 
@@ -200,11 +200,8 @@ impl NsaCache {
                 check_tensor("w_v", w.w_v, &[h, l, dv, dv])?;
                 check_tensor("pe_v", w.pe_v, &[h, l, dv])?;
                 let up = |d: &[f32]| {
-                    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("nsa.cache.linear"),
-                        contents: bytemuck::cast_slice(d),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
+                    let usage = wgpu::BufferUsages::STORAGE;
+                    buffer_init(device, "nsa.cache.linear", usage, bytemuck::cast_slice(d))
                 };
                 Some([up(w.w_k), up(w.pe_k), up(w.w_v), up(w.pe_v)])
             }
@@ -439,6 +436,7 @@ impl NsaPipeline {
         attend: bool,
         timer: Option<(&StepTimer, bool)>,
     ) -> Result<(Vec<NsaOutputs>, Option<Vec<(KernelId, f64)>>)> {
+        self.context().check_alive()?;
         let o = cache.opts;
         let cfg = cache.config;
         // Validate everything before touching the cache.

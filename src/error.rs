@@ -104,6 +104,10 @@ pub enum NsaError {
     /// wgpu reported a validation, out-of-memory or internal error.
     #[error("wgpu error: {0}")]
     Gpu(String),
+    /// The device was lost (a driver reset, a crash, or `wgpu::Device::destroy`): make a new
+    /// [`crate::GpuContext`].
+    #[error("the GPU device was lost ({0})")]
+    DeviceLost(String),
     /// Reading results back from the GPU failed.
     #[error("readback failed: {0}")]
     Readback(String),

@@ -3,9 +3,7 @@
 //! encoder, and the convenience `run()` on host slices.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-
-use wgpu::util::DeviceExt;
+use std::sync::{Arc, Mutex};
 
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
@@ -29,6 +27,8 @@ pub struct GpuContext {
     /// [`NsaPipeline::set_tensor_cores`]). [`GpuContext::new`] finds out; with
     /// [`GpuContext::from_device`] it is `false` unless the caller sets it.
     pub coop_f16: bool,
+    /// Why the device was lost, once it is (see [`GpuContext::lost`]).
+    lost: Arc<Mutex<Option<String>>>,
 }
 
 /// Which adapter [`GpuContext::with_options`] picks.
@@ -117,16 +117,29 @@ impl GpuContext {
             })
             .await
             .map_err(|e| NsaError::Device(e.to_string()))?;
+        let lost = Arc::new(Mutex::new(None));
+        let note = Arc::clone(&lost);
+        device.set_device_lost_callback(move |reason, message| {
+            let why = if message.is_empty() {
+                format!("{reason:?}")
+            } else {
+                format!("{reason:?}: {message}")
+            };
+            *note.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        });
         Ok(Self {
             device,
             queue,
             adapter_info: adapter.get_info(),
             coop_f16: coop_f16
                 && required_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
+            lost,
         })
     }
 
-    /// Wraps a caller's device and queue.
+    /// Wraps a caller's device and queue. The caller's device-lost callback stays in place,
+    /// so [`GpuContext::lost`] does not know about its loss: calls on a lost device then fail
+    /// with [`NsaError::Readback`] (or [`NsaError::Gpu`]) instead.
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,
@@ -137,6 +150,26 @@ impl GpuContext {
             queue,
             adapter_info,
             coop_f16: false,
+            lost: Arc::default(),
+        }
+    }
+
+    /// Why the device was lost (the reason and wgpu's message), for a device this crate
+    /// created ([`GpuContext::new`], [`GpuContext::with_options`]); `None` while it works.
+    /// Every call that records GPU work then fails with [`NsaError::DeviceLost`].
+    pub fn lost(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// [`NsaError::DeviceLost`] once the device is lost ([`GpuContext::lost`]). wgpu runs the
+    /// device-lost callback when it next maintains the device, so this polls it first
+    /// (without waiting).
+    pub(crate) fn check_alive(&self) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        match self.lost() {
+            Some(why) => Err(NsaError::DeviceLost(why)),
+            None => Ok(()),
         }
     }
 
@@ -294,13 +327,33 @@ fn checked_compile(
     Ok(compile())
 }
 
-/// A storage buffer holding `bytes` (create_buffer_init pads to 4 bytes).
+/// A storage buffer holding `bytes`.
 fn upload(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+    buffer_init(device, label, wgpu::BufferUsages::STORAGE, bytes)
+}
+
+/// A buffer of `usage` holding `bytes`, padded to whole 4-byte words, as wgpu's
+/// `create_buffer_init` makes it but without its panic on a lost device: the buffer is then
+/// invalid and left unwritten, and the error surfaces through the caller's error scope or
+/// [`GpuContext::lost`].
+pub(crate) fn buffer_init(
+    device: &wgpu::Device,
+    label: &str,
+    usage: wgpu::BufferUsages,
+    bytes: &[u8],
+) -> wgpu::Buffer {
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        contents: bytes,
-        usage: wgpu::BufferUsages::STORAGE,
-    })
+        size: (bytes.len() as u64).next_multiple_of(4).max(4),
+        usage,
+        mapped_at_creation: true,
+    });
+    if let Ok(mut view) = buffer.get_mapped_range_mut(..) {
+        view.slice(..bytes.len()).copy_from_slice(bytes);
+        drop(view);
+        buffer.unmap();
+    }
+    buffer
 }
 
 /// Whether the adapter is Mesa's llvmpipe, which ends an invocation's loops after 65,535
@@ -523,11 +576,8 @@ impl NsaPipeline {
                 (o.buffers, o.params, o.groups)
             }
             old => {
-                let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("nsa.params"),
-                    contents: &bytes,
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                });
+                let usage = wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST;
+                let params = buffer_init(device, "nsa.params", usage, &bytes);
                 let kept = old.map(|o| o.buffers).unwrap_or_default();
                 (kept, params, Mutex::new(Vec::new()))
             }
@@ -839,6 +889,7 @@ impl NsaPipeline {
         bufs: &GpuBuffers,
         timing: Timing,
     ) -> Result<()> {
+        self.ctx.check_alive()?;
         let plan = &scratch.plan;
         if bufs.branches.is_some() && !plan.branch_outputs && plan.has_branches() {
             return Err(NsaError::BadBuffer {
@@ -1275,7 +1326,10 @@ pub fn stage_readback_ranges(
 
 /// Maps staging buffers (after their copies were submitted) and returns their bytes. Works
 /// the same on native (polls the device) and on the web (the browser drives the mapping).
+/// An invalid buffer (a lost device's) is an error, not a panic in wgpu's default handler.
 pub async fn read_staging(device: &wgpu::Device, staging: &[wgpu::Buffer]) -> Result<Vec<Vec<u8>>> {
+    #[cfg(not(target_arch = "wasm32"))]
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let mut receivers = Vec::new();
     for b in staging {
         let (tx, rx) = futures_channel::oneshot::channel();
@@ -1283,6 +1337,10 @@ pub async fn read_staging(device: &wgpu::Device, staging: &[wgpu::Buffer]) -> Re
             let _ = tx.send(r);
         });
         receivers.push(rx);
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    if let Some(e) = scope.pop().await {
+        return Err(NsaError::Readback(e.to_string()));
     }
     #[cfg(not(target_arch = "wasm32"))]
     device

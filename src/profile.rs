@@ -3,7 +3,7 @@
 
 use crate::error::{NsaError, Result};
 use crate::kernels::KernelId;
-use crate::pipeline::{read_staging, GpuContext};
+use crate::pipeline::{buffer_init, read_staging, GpuContext};
 use crate::plan::{Plan, Tensor};
 #[cfg(not(target_arch = "wasm32"))]
 use crate::{GpuBuffers, NsaPipeline};
@@ -129,21 +129,19 @@ impl<'p> Warmer<'p> {
     /// A warmer on `pipe`'s device that keeps it busy for `busy` before each timed run.
     /// [`NsaError::Gpu`] when the device cannot hold its buffers.
     pub fn new(pipe: &'p NsaPipeline, busy: std::time::Duration) -> Result<Self> {
-        use wgpu::util::DeviceExt;
         let ctx = pipe.context();
         let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let plan = pipe.plan_dense(&crate::Shape::prefill(1, 1024, 16, 1, 64, 64), None)?;
         let scratch = pipe.scratch(&plan)?;
         let make = |t: Tensor, seed: u64| {
-            ctx.device
-                .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some("nsa.warmer"),
-                    contents: bytemuck::cast_slice(&crate::data::sample_values(
-                        plan.tensor_len(t) as usize,
-                        seed,
-                    )),
-                    usage: wgpu::BufferUsages::STORAGE,
-                })
+            let values = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
+            let usage = wgpu::BufferUsages::STORAGE;
+            buffer_init(
+                &ctx.device,
+                "nsa.warmer",
+                usage,
+                bytemuck::cast_slice(&values),
+            )
         };
         let buffers = [
             make(Tensor::Q, 1),
@@ -290,7 +288,6 @@ pub fn sample_input_sets(device: &wgpu::Device, plan: &Plan, sets: u64) -> Vec<[
 /// Tensor `t` of `plan` filled from [`crate::data::sample_values`] with `seed`, stored as the
 /// plan stores it (f16 or f32).
 pub fn sample_tensor(device: &wgpu::Device, plan: &Plan, t: Tensor, seed: u64) -> wgpu::Buffer {
-    use wgpu::util::DeviceExt;
     let data = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
     let precision = if plan.elem_bytes(t) == 2 {
         crate::Precision::F16
@@ -299,11 +296,12 @@ pub fn sample_tensor(device: &wgpu::Device, plan: &Plan, t: Tensor, seed: u64) -
     };
     let bytes = crate::inputs::stored_bytes("sample", &data, precision)
         .expect("sample values lie within f16's range");
-    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("nsa.bench.input"),
-        contents: &bytes,
-        usage: wgpu::BufferUsages::STORAGE,
-    })
+    buffer_init(
+        device,
+        "nsa.bench.input",
+        wgpu::BufferUsages::STORAGE,
+        &bytes,
+    )
 }
 
 /// The NSA stages, in the benchmark tables' column order.

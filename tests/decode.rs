@@ -919,3 +919,47 @@ fn random_ragged_batches_equal_each_sequence_alone() {
         });
     }
 }
+
+/// A lost device (here destroyed) makes every call an error that says so, never a panic in
+/// wgpu's default error handler: prefill, dense attention and cache steps on a device this
+/// crate made ([`NsaError::DeviceLost`]), and a run on a caller's device, whose loss the
+/// crate is not told of (the readback fails).
+#[test]
+fn a_lost_device_is_an_error_not_a_panic() {
+    let ctx = pollster::block_on(nsa_wgpu::GpuContext::new()).expect("adapter");
+    let theirs = nsa_wgpu::GpuContext::from_device(
+        ctx.device.clone(),
+        ctx.queue.clone(),
+        ctx.adapter_info.clone(),
+    );
+    let pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+    let other = pollster::block_on(NsaPipeline::new(&theirs)).expect("pipeline");
+    let cfg = small();
+    let s = Shape::prefill(1, 40, 2, 1, 8, 8);
+    let data = Data::new(&cfg, &s, false, 5);
+    let rows = seq_rows(&data, &s, 0, 10);
+    let mut cache = NsaCache::new(&pipe, &cfg, opts(&s, 16, false), None).unwrap();
+    let run = |p: &NsaPipeline| p.run_blocking(&cfg, &s, &data.inputs(), OutputRequest::default());
+    let dense = || pollster::block_on(pipe.dense_attention(&s, None, &data.q, &data.k, &data.v));
+    let mut extend = || {
+        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&rows)], OutputRequest::default()))
+    };
+    assert!(run(&pipe).is_ok() && run(&other).is_ok() && dense().is_ok());
+    assert!(extend().is_ok());
+    assert_eq!(ctx.lost(), None);
+    ctx.device.destroy();
+    let lost = |r: nsa_wgpu::error::Result<()>| match r {
+        Err(NsaError::DeviceLost(why)) => assert!(why.contains("Destroyed"), "{why}"),
+        other => panic!("expected DeviceLost, got {other:?}"),
+    };
+    lost(run(&pipe).map(drop));
+    lost(dense().map(drop));
+    lost(extend().map(drop));
+    assert_eq!(
+        theirs.lost(),
+        None,
+        "a caller's device keeps its own callback"
+    );
+    let r = run(&other).map(drop);
+    assert!(matches!(r, Err(NsaError::Readback(_))), "{r:?}");
+}
