@@ -975,7 +975,7 @@ impl Plan {
     /// The most key tiles one attention workgroup of this plan walks that chunking cannot
     /// shorten, in the smallest tile any step takes: all Tk keys for dense attention; for
     /// NSA the compressed tokens or the selected blocks (the window's range grows with a
-    /// chunk's rows: splits() covers it).
+    /// chunk's rows: splits_toward() covers it).
     fn key_tiles(&self, dense: bool) -> u64 {
         let kt = [self.kv_tile, self.wide_kv_tile]
             .into_iter()
@@ -1009,17 +1009,11 @@ impl Plan {
     }
 
     /// How many workgroups share one row group's keys in an attention dispatch of `groups`
-    /// workgroups over at most `tiles` key tiles: enough to reach `SPLIT_TARGET` workgroups,
-    /// each split keeping at least one tile, and as many as `max_key_tiles` needs, within the
-    /// merge kernel's `SPLITS_MAX` and the binding limit for the partials (`part_row`
-    /// elements per split).
-    fn splits(&self, groups: u64, tiles: u64, part_row: u64) -> Result<u32> {
-        self.splits_toward(SPLIT_TARGET, groups, tiles, tiles, part_row)
-    }
-
-    /// [`Self::splits`] toward `target` workgroups rather than `SPLIT_TARGET`, where one
-    /// workgroup walks at most `walk` of the `tiles` (the window: its rows' own windows, not
-    /// the chunk's).
+    /// workgroups over at most `tiles` key tiles, where one workgroup walks at most `walk` of
+    /// them (`tiles`, or for the window its rows' own windows, not the chunk's): enough to
+    /// reach `target` workgroups, each split keeping at least one tile, and as many as
+    /// `max_key_tiles` needs, within the merge kernel's `SPLITS_MAX` and the binding limit
+    /// for the partials (`part_row` elements per split).
     fn splits_toward(
         &self,
         target: u64,
@@ -1228,7 +1222,8 @@ impl Plan {
             };
             let merge_total = nrows * hq;
             if dense {
-                let sp = self.splits(attn_total, tiles(s.tk as u64, core.kv_tile), part_row)?;
+                let t = tiles(s.tk as u64, core.kv_tile);
+                let sp = self.splits_toward(SPLIT_TARGET, attn_total, t, t, part_row)?;
                 let len = part_row * sp as u64;
                 let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
