@@ -161,6 +161,7 @@ impl NsaCache {
         opts: CacheOptions,
         linear: Option<LinearWeights>,
     ) -> Result<Self> {
+        pipe.context().check_alive()?;
         config.validate()?;
         Shape::prefill(opts.seqs, 1, opts.hq, opts.hkv, opts.dk, opts.dv).validate()?;
         if opts.capacity == 0 || opts.capacity > opts.max_capacity {
@@ -308,6 +309,7 @@ impl NsaCache {
     /// Grows every sequence's reservation to at least `rows` (up to `max_capacity`), copying
     /// what is cached.
     pub fn reserve(&mut self, pipe: &NsaPipeline, rows: usize) -> Result<()> {
+        pipe.context().check_alive()?;
         if rows <= self.capacity {
             return Ok(());
         }

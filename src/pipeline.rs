@@ -156,7 +156,8 @@ impl GpuContext {
 
     /// Why the device was lost (the reason and wgpu's message), for a device this crate
     /// created ([`GpuContext::new`], [`GpuContext::with_options`]); `None` while it works.
-    /// Every call that records GPU work then fails with [`NsaError::DeviceLost`].
+    /// Every call that records GPU work, makes a pipeline or makes or grows a cache then fails
+    /// with [`NsaError::DeviceLost`].
     pub fn lost(&self) -> Option<String> {
         self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -460,6 +461,7 @@ impl NsaPipeline {
     /// Compiles every kernel on `ctx`'s device. Fails with [`NsaError::ExceedsLimit`] when the
     /// device cannot hold a kernel's bindings or workgroup memory.
     pub async fn new(ctx: &GpuContext) -> Result<Self> {
+        ctx.check_alive()?;
         let lim = ctx.device.limits();
         for id in KernelId::ALL {
             let storage = id.bindings().len() as u64 - 1;

@@ -921,9 +921,9 @@ fn random_ragged_batches_equal_each_sequence_alone() {
 }
 
 /// A lost device (here destroyed) makes every call an error that says so, never a panic in
-/// wgpu's default error handler: prefill, dense attention and cache steps on a device this
-/// crate made ([`NsaError::DeviceLost`]), and a run on a caller's device, whose loss the
-/// crate is not told of (the readback fails).
+/// wgpu's default error handler: prefill, dense attention, cache steps, growth and creation,
+/// and new pipelines on a device this crate made ([`NsaError::DeviceLost`]), and a run on a
+/// caller's device, whose loss the crate is not told of (the readback fails).
 #[test]
 fn a_lost_device_is_an_error_not_a_panic() {
     let ctx = pollster::block_on(nsa_wgpu::GpuContext::new()).expect("adapter");
@@ -955,6 +955,9 @@ fn a_lost_device_is_an_error_not_a_panic() {
     lost(run(&pipe).map(drop));
     lost(dense().map(drop));
     lost(extend().map(drop));
+    lost(cache.reserve(&pipe, 32));
+    lost(NsaCache::new(&pipe, &cfg, opts(&s, 16, false), None).map(drop));
+    lost(pollster::block_on(NsaPipeline::new(&ctx)).map(drop));
     assert_eq!(
         theirs.lost(),
         None,
