@@ -5,7 +5,7 @@
 //!
 //! cargo bench --bench prefill [-- T ...]   (default: 2048 4096; Hq=16, Hkv=1, D=64)
 
-use nsa_wgpu::profile::{chains, sample_input_sets, time_plan, Warmer, STAGES};
+use nsa_wgpu::profile::{sample_input_sets, time_plan, Warmer, STAGES};
 use nsa_wgpu::{
     GpuBuffers, GpuContext, NsaConfig, NsaError, NsaPipeline, Plan, Precision, Shape, Tensor,
 };
@@ -69,8 +69,8 @@ fn main() -> Result<(), NsaError> {
             "| {t} | {} | {nsa:.3} | {dense:.3} | {:.2}x | {} / {} |",
             cells.join(" | "),
             dense / nsa,
-            chains(plan.steps.iter().map(|s| s.kernel)),
-            chains(dense_plan.steps.iter().map(|s| s.kernel)),
+            plan.chains(),
+            dense_plan.chains(),
         );
     }
     println!("times in ms");

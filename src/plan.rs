@@ -455,6 +455,12 @@ impl Plan {
         }
     }
 
+    /// The plan's chains of dependent dispatches ([`crate::profile::chains`] of its steps):
+    /// one per chunk it made to fit the adapter's bindings.
+    pub fn chains(&self) -> usize {
+        crate::profile::chains(self.steps.iter().map(|s| s.kernel))
+    }
+
     /// Whether compressed attention keeps its scores (or block sums) for the selection in
     /// some step (those steps compile with [`crate::shaders::Kept::of`] their params).
     pub fn keeps_scores(&self) -> bool {

@@ -1657,12 +1657,11 @@ fn f16_batches_share_a_binding_by_their_bytes() {
         max_storage_binding: 2 * key_bytes + whole_limits.storage_align,
         ..whole_limits
     };
-    let chains = |plan: &Plan| nsa_wgpu::profile::chains(plan.steps.iter().map(|s| s.kernel));
     let plan = |limits: &DeviceLimits, p| Plan::with_precision(&cfg, &shape, limits, p).unwrap();
     let chunked = plan(&limits, nsa_wgpu::Precision::F16);
     let whole = plan(&whole_limits, nsa_wgpu::Precision::F16);
     assert_eq!(
-        [&chunked, &plan(&limits, nsa_wgpu::Precision::F32), &whole].map(chains),
+        [&chunked, &plan(&limits, nsa_wgpu::Precision::F32), &whole].map(Plan::chains),
         [2, 3, 1]
     );
     let data = Data::new(&cfg, &shape, false, 0xf16);

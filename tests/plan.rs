@@ -1120,10 +1120,7 @@ fn block_sums_are_kept_where_the_tiles_take_them() {
         .map(|s| (s.params.kept_stride, s.params.q_count))
         .collect();
     assert_eq!((cmp[0], cmp.len(), cmp[9].1), ((1152, 7281), 10, 7));
-    assert_eq!(
-        nsa_wgpu::profile::chains(plan.steps.iter().map(|s| s.kernel)),
-        10
-    );
+    assert_eq!(plan.chains(), 10);
     assert_eq!(tiles(&paper, 192, Precision::F16), [0]);
     assert_eq!(tiles(&paper, 128, Precision::F32), [32]);
     let halves = NsaConfig {
@@ -1171,12 +1168,11 @@ fn f16_keys_share_a_binding_by_their_bytes() {
     };
     let count = |plan: &Plan, k: KernelId| plan.steps.iter().filter(|s| s.kernel == k).count();
     // Chains as the benchmarks count them; each with its window and merge.
-    let chains_of = |p: &Plan| nsa_wgpu::profile::chains(p.steps.iter().map(|s| s.kernel));
     for (precision, chains) in [(Precision::F16, 1), (Precision::F32, 2)] {
         let plan = Plan::cached(&cfg, &shape, &limits, rows, precision).unwrap();
         assert_eq!(
             [
-                chains_of(&plan),
+                plan.chains(),
                 count(&plan, KernelId::WinAttn),
                 count(&plan, KernelId::Merge)
             ],
@@ -1189,7 +1185,7 @@ fn f16_keys_share_a_binding_by_their_bytes() {
             }
         }
         let dense = Plan::dense_with_precision(&shape, None, &limits, precision).unwrap();
-        assert_eq!(chains_of(&dense), chains, "{precision:?}");
+        assert_eq!(dense.chains(), chains, "{precision:?}");
     }
     // One sequence of 2^21 rows: 2 GiB of f16 keys, over a 2 GiB binding by the alignment.
     let long = Shape {

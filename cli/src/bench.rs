@@ -198,7 +198,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         let dense = if t <= args.dense_max {
             let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
                 .map_err(|e| e.to_string())?;
-            let dense_chains = chains(dplan.steps.iter().map(|s| s.kernel));
+            let dense_chains = dplan.chains();
             Some((
                 time_plan(
                     &pipe,
@@ -230,7 +230,7 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             cells.join(" | "),
             dense.map_or("-".into(), |(d, _)| format!("{d:.3}")),
             dense.map_or("-".into(), |(d, _)| format!("{:.2}x", d / total)),
-            chains(plan.steps.iter().map(|s| s.kernel)),
+            plan.chains(),
             dense.map_or("-".into(), |(_, c)| c.to_string()),
         );
     }
@@ -434,7 +434,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 achieved / 1e9,
                 args.copy_gbps.map_or("-".into(), |g| format!("{:.1}%", 100.0 * achieved / (g * 1e9))),
                 if nsa_chains > 0 { nsa_chains.to_string() } else { "-".into() },
-                chains(dplan.steps.iter().map(|s| s.kernel)),
+                dplan.chains(),
             );
         }
     }
