@@ -241,7 +241,8 @@ impl NsaCache {
                     limit: limits.max_storage_binding,
                 });
             }
-            let size = per_seq * opts.seqs as u64;
+            // Whole binding units: the last sequence's windows end at most there.
+            let size = (per_seq * opts.seqs as u64).next_multiple_of(8);
             if size > limits.max_buffer {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_buffer_size (cache)",

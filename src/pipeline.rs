@@ -333,7 +333,8 @@ fn upload(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     buffer_init(device, label, wgpu::BufferUsages::STORAGE, bytes)
 }
 
-/// A buffer of `usage` holding `bytes`, padded to whole 4-byte words, as wgpu's
+/// A buffer of `usage` holding `bytes`, padded to whole 8-byte units (f16 tensors are bound
+/// in them: [`crate::plan::binding_unit`]), as wgpu's
 /// `create_buffer_init` makes it but without its panic on a lost device: the buffer is then
 /// invalid and left unwritten, and the error surfaces through the caller's error scope or
 /// [`GpuContext::lost`].
@@ -345,7 +346,7 @@ pub(crate) fn buffer_init(
 ) -> wgpu::Buffer {
     let buffer = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some(label),
-        size: (bytes.len() as u64).next_multiple_of(4).max(4),
+        size: (bytes.len() as u64).next_multiple_of(8).max(8),
         usage,
         mapped_at_creation: true,
     });

@@ -136,6 +136,18 @@ pub enum Tensor {
     UnusedOut,
 }
 
+/// The bytes a binding of elements of `elem_bytes` bytes holds a whole multiple of: 8 for
+/// f16 (the kernels read f16 tensors as pairs of words, four elements per 8-byte load:
+/// `shaders/shared/input_f16.wgsl`), else 4. Buffers of f16 tensors are padded to it
+/// ([`Plan::tensor_bytes`]).
+pub fn binding_unit(elem_bytes: u64) -> u64 {
+    if elem_bytes == 2 {
+        8
+    } else {
+        4
+    }
+}
+
 /// A byte range of a buffer bound to one binding; its start is aligned to
 /// `min_storage_buffer_offset_alignment` (the element residual goes into `Params`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -744,11 +756,13 @@ impl Plan {
         n as u64
     }
 
-    /// Bytes of a tensor for the whole call (at least 4: wgpu buffers are never empty here).
+    /// Bytes of a tensor for the whole call, in whole binding units ([`binding_unit`]; so
+    /// at least one: wgpu buffers are never empty here).
     pub fn tensor_bytes(&self, t: Tensor) -> u64 {
+        let unit = binding_unit(self.elem_bytes(t));
         (self.tensor_len(t) * self.elem_bytes(t))
-            .next_multiple_of(4)
-            .max(4)
+            .next_multiple_of(unit)
+            .max(unit)
     }
 
     /// Bytes per element of a tensor: inputs and compressed keys/values follow the plan's
@@ -795,12 +809,13 @@ impl Plan {
     }
 
     /// The binding window of elements `[start, start + len)` of tensor `t`: an aligned byte
-    /// range (its size a multiple of 4) and the element residual the shader adds.
+    /// range (its size a multiple of [`binding_unit`]) and the element residual the shader
+    /// adds.
     fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
         let (align, eb) = (self.limits.storage_align, self.elem_bytes(t));
         let byte0 = start * eb;
         let offset = byte0 / align * align;
-        let end = (byte0 + len.max(1) * eb).next_multiple_of(4);
+        let end = (byte0 + len.max(1) * eb).next_multiple_of(binding_unit(eb));
         (
             Window {
                 offset,

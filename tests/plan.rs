@@ -762,11 +762,14 @@ fn a_ragged_plan_moves_each_sequence_back_and_compresses_nothing() {
 }
 
 #[test]
-fn f16_plans_bind_keys_and_values_at_even_elements() {
-    // With an even head size the f16 kernels read every vec4 of a key or value tile as two
-    // whole words (load_f16.wgsl, load_v_f16.wgsl), which is right only if every offset a
-    // plan binds keys, values or compressed keys at is even. Random f16 prefills, chunked by
-    // small bindings and buffers at several offset alignments, hold it.
+fn f16_plans_bind_keys_and_values_at_aligned_elements() {
+    // The f16 kernels read every vec4 of a key or value tile as one pair of words where the
+    // head size is a multiple of 4, else as two whole words where it is even
+    // (load_f16.wgsl, load_v_f16.wgsl), which is right only if every offset a plan binds
+    // keys, values or compressed keys at is a multiple of 4 (of 2). And they read f16
+    // tensors as pairs of words, so every binding of one must hold whole 8-byte units
+    // within the tensor's bytes. Random f16 prefills, chunked by small bindings and buffers
+    // at several offset alignments, hold both.
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3677);
     let mut checked = 0;
@@ -803,14 +806,26 @@ fn f16_plans_bind_keys_and_values_at_even_elements() {
             use KernelId::*;
             if matches!(step.kernel, CmpAttn | SlcAttn | WinAttn | Dense | Select) {
                 let p = &step.params;
+                // Every vec4 a tile loads starts at an offset plus a multiple of the head size.
+                let unit = |d: usize| if d % 4 == 0 { 4 } else { 2 };
+                let (uk, uv) = (unit(dk), unit(dv));
                 assert!(
-                    p.off_k % 2 == 0 && p.off_v % 2 == 0 && p.off_kc % 2 == 0,
+                    p.off_k % uk == 0 && p.off_v % uv == 0 && p.off_kc % uk == 0,
                     "{cfg:?} {shape:?} {limits:?}: {:?} binds at {} / {} / {}",
                     step.kernel,
                     p.off_k,
                     p.off_v,
                     p.off_kc
                 );
+            }
+            for &(t, w) in &step.bindings {
+                if plan.elem_bytes(t) == 2 {
+                    assert!(
+                        w.size % 8 == 0 && w.offset + w.size <= plan.tensor_bytes(t),
+                        "{cfg:?} {shape:?} {limits:?}: {:?} binds {t:?} at {w:?}",
+                        step.kernel
+                    );
+                }
             }
         }
         checked += 1;

@@ -1,23 +1,31 @@
-// Element loads from the attention kernels' q and k (`array<in_s>`, in_s = u32: two f16 per
-// word, unpacked with unpack2x16float), by element index. load_f32.wgsl has the same
-// functions for f32.
+// Element loads from the attention kernels' q and k (`array<in_s>`, in_s = vec2<u32>: four
+// f16 per pair of words, unpacked with unpack2x16float), by element index. load_f32.wgsl
+// has the same functions for f32.
 
 fn load_q1(at: u32) -> f32 {
-    return unpack2x16float(q[at >> 1u])[at & 1u];
+    return unpack2x16float(q[at >> 2u][(at >> 1u) & 1u])[at & 1u];
 }
 
 fn load_k1(at: u32) -> f32 {
-    return unpack2x16float(k[at >> 1u])[at & 1u];
+    return unpack2x16float(k_word(at >> 1u))[at & 1u];
+}
+
+// Word w (elements 2 w, 2 w + 1) of k.
+fn k_word(w: u32) -> u32 {
+    return k[w >> 1u][w & 1u];
 }
 
 // Elements at .. at + 3 of k, as the raw words a tile fetch holds until it stores them. With
-// Dk even, every vec4 a tile fetch loads starts at an even element (the plan's offsets and
-// rows are multiples of Dk), so two whole words hold it, and they stay packed: nothing
-// consumes a load before the tile is stored, so the fetch never waits on its own loads.
-// With Dk odd the elements are unpacked at once (their bits in the words).
+// Dk a multiple of 4, every vec4 a tile fetch loads starts at a multiple of 4 elements (the
+// plan's offsets and rows are multiples of Dk), so one 8-byte load holds it, and its words
+// stay packed: nothing consumes a load before the tile is stored, so the fetch never waits
+// on its own loads. Otherwise word by word, unpacked at once where Dk is odd.
 fn raw_k4(at: u32) -> in_raw {
+    if DK % 4u == 0u {
+        return vec4<u32>(k[at >> 2u], 0u, 0u);
+    }
     let w = at >> 1u;
-    return raw_words(at, DK, k[w], k[w + 1u], k[w + 2u * (at & 1u)]);
+    return raw_words(at, DK, k_word(w), k_word(w + 1u), k_word(w + 2u * (at & 1u)));
 }
 
 // raw_k4 (raw_v4) from the words at / 2 .. at / 2 + 2 of k (v) as `quad` takes them, for
