@@ -136,10 +136,10 @@ pub enum Tensor {
     UnusedOut,
 }
 
-/// The bytes a binding of elements of `elem_bytes` bytes holds a whole multiple of: 8 for
-/// f16 (the kernels read f16 tensors as pairs of words, four elements per 8-byte load:
-/// `shaders/shared/input_f16.wgsl`), else 4. Buffers of f16 tensors are padded to it
-/// ([`Plan::tensor_bytes`]).
+/// Every binding of a tensor whose elements take `elem_bytes` bytes spans a whole multiple
+/// of this many bytes: 8 for f16 (the kernels read f16 tensors as pairs of words, four
+/// elements per 8-byte load: `shaders/shared/input_f16.wgsl`), else 4. Buffers of f16
+/// tensors are padded to it ([`Plan::tensor_bytes`]).
 pub fn binding_unit(elem_bytes: u64) -> u64 {
     if elem_bytes == 2 {
         8
