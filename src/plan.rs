@@ -809,10 +809,12 @@ impl Plan {
     }
 
     /// The binding window of elements `[start, start + len)` of tensor `t`: an aligned byte
-    /// range (its size a multiple of [`binding_unit`]) and the element residual the shader
-    /// adds.
+    /// range (its start and size multiples of [`binding_unit`] too, so that no 8-byte load
+    /// of f16 is misaligned where the adapter allows 4-byte offsets) and the element
+    /// residual the shader adds.
     fn window(&self, t: Tensor, start: u64, len: u64) -> (Window, u32) {
-        let (align, eb) = (self.limits.storage_align, self.elem_bytes(t));
+        let eb = self.elem_bytes(t);
+        let align = self.limits.storage_align.max(binding_unit(eb));
         let byte0 = start * eb;
         let offset = byte0 / align * align;
         let end = (byte0 + len.max(1) * eb).next_multiple_of(binding_unit(eb));

@@ -767,9 +767,9 @@ fn f16_plans_bind_keys_and_values_at_aligned_elements() {
     // head size is a multiple of 4, else as two whole words where it is even
     // (load_f16.wgsl, load_v_f16.wgsl), which is right only if every offset a plan binds
     // keys, values or compressed keys at is a multiple of 4 (of 2). And they read f16
-    // tensors as pairs of words, so every binding of one must hold whole 8-byte units
+    // tensors as pairs of words, so every binding of one must start and end on 8-byte units
     // within the tensor's bytes. Random f16 prefills, chunked by small bindings and buffers
-    // at offset alignments from 8 to 256 bytes, hold both.
+    // at offset alignments from 4 to 256 bytes, hold both.
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3677);
     let mut checked = 0;
@@ -796,7 +796,7 @@ fn f16_plans_bind_keys_and_values_at_aligned_elements() {
         let limits = DeviceLimits {
             max_storage_binding: binding,
             max_buffer: binding * 2,
-            storage_align: [8, 16, 32, 64, 256][rng.random_range(0..5)],
+            storage_align: [4, 8, 16, 32, 64, 256][rng.random_range(0..6)],
             ..DeviceLimits::default()
         };
         let Ok(plan) = Plan::with_precision(&cfg, &shape, &limits, Precision::F16) else {
@@ -821,7 +821,9 @@ fn f16_plans_bind_keys_and_values_at_aligned_elements() {
             for &(t, w) in &step.bindings {
                 if plan.elem_bytes(t) == 2 {
                     assert!(
-                        w.size % 8 == 0 && w.offset + w.size <= plan.tensor_bytes(t),
+                        w.offset % 8 == 0
+                            && w.size % 8 == 0
+                            && w.offset + w.size <= plan.tensor_bytes(t),
                         "{cfg:?} {shape:?} {limits:?}: {:?} binds {t:?} at {w:?}",
                         step.kernel
                     );
