@@ -4,6 +4,7 @@ fn load_v1(at: u32) -> f32 {
     return unpack2x16float(v_word(at >> 1u))[at & 1u];
 }
 
+// Word w (elements 2 w, 2 w + 1) of v.
 fn v_word(w: u32) -> u32 {
     return v[w >> 1u][w & 1u];
 }
