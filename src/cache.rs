@@ -15,7 +15,7 @@ use crate::kernels::KernelId;
 use crate::pipeline::{
     buffer_init, read_staging, reusable, stage_readback_ranges, GpuBuffers, NsaPipeline,
 };
-use crate::plan::{CacheRows, Plan, Tensor, RAGGED_MAX};
+use crate::plan::{binding_unit, CacheRows, Plan, Tensor, RAGGED_MAX};
 use crate::profile::StepTimer;
 
 /// The sizes of a cache.
@@ -242,7 +242,8 @@ impl NsaCache {
                 });
             }
             // Whole binding units: the last sequence's windows end at most there.
-            let size = (per_seq * opts.seqs as u64).next_multiple_of(8);
+            let unit = binding_unit(opts.precision.bytes());
+            let size = (per_seq * opts.seqs as u64).next_multiple_of(unit);
             if size > limits.max_buffer {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_buffer_size (cache)",
