@@ -163,7 +163,10 @@ fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16
 //
 // Per tile, four barriers: the key tile is stored; the scores are stored; the probabilities
 // and the value tile are stored; the products are stored. The value tile is fetched while
-// the scores are computed and the next key tile while the values are multiplied.
+// the scores are computed, and the next key tile as soon as the value tile is stored, so
+// that its loads are in flight through the softmax as well as the products (on an H200 an
+// f16 prefill at 64k took 173.0 ms so against 174.8 after the softmax's barrier, and a
+// decode step of 16 sequences at 64k 0.172 against 0.179 ms).
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
@@ -197,6 +200,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
         // invocations, zero for masked keys and past the tile.
         store_tile_h(lid, nk, DV, DVP);
+        fetch_following(lid, r, stride, t0, end, next);
         // The invocation's keys (tile_key) stay in registers between the two passes.
         let quads = KEEPS && kt >= 32u;
         var sc: array<f32, KT_MAX / 8u>;
@@ -228,7 +232,6 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         }
         // Its barrier also ends every read of the scores, which the products replace.
         tile_stats(lid, sum, m_new);
-        fetch_following(lid, r, stride, t0, end, next);
         // Kept block sums (keep_sums.wgsl) take the probabilities in f32, in quads (tiles
         // of 32 keys or more): here, off the softmax's path to its barrier (on an H200 at
         // 64k compressed attention took 85.4 ms so, 92.0 before the softmax's loop).
