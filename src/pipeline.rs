@@ -997,7 +997,7 @@ impl NsaPipeline {
     /// [`Self::set_tensor_cores`] asked for them, the device has them
     /// ([`GpuContext::coop_f16`]) and subgroup reductions are on; f32 inputs always run on
     /// the shader cores. On by default where the device has them: on an H200 f16 prefill
-    /// at 64k takes 175 ms with them against 493 on the shader cores, 12.1 against 31.9 ms
+    /// at 64k takes 172.6 ms with them against 493 on the shader cores, 12.0 against 31.9 ms
     /// at 8k (BENCHMARKS.md; the shader cores' figures from older builds).
     pub fn tensor_cores(&self) -> bool {
         self.tensor_cores && self.subgroups

@@ -105,6 +105,14 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
 // of a tile's keys (see attn_simt.wgsl).
 const SPLIT_KEYS: bool = false;
 
+// Whether a tile's products are added into the output items (add_tiles) only once the
+// next key tile is stored and its value tile's loads issued, so that those loads are in
+// flight during the additions, rather than right after the products' barrier. 16-row
+// kernels only: on an H200 (f16, 64k) it took selected attention in a prefill from 59.1 to
+// 57.8 ms and a B=16 decode step from 0.172-0.174 to 0.169-0.171 ms, but made the wide
+// kernels' dense attention 3% slower (1078 against 1047 ms).
+override DEFER_ADD: bool = ROWS < 32u;
+
 // Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
 // this tile's products from `spv`.
 fn add_tile(a: Acc, rg: u32, e: u32) -> Acc {
@@ -161,12 +169,14 @@ fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16
 // the range of the next call (empty when none follows), whose first tile is fetched during
 // this range's last.
 //
-// Per tile, four barriers: the key tile is stored; the scores are stored; the probabilities
-// and the value tile are stored; the products are stored. The value tile is fetched while
-// the scores are computed, and the next key tile as soon as the value tile is stored, so
-// that its loads are in flight through the softmax as well as the products (on an H200 an
-// f16 prefill at 64k took 173.0 ms so against 174.8 after the softmax's barrier, and a
-// decode step of 16 sequences at 64k 0.172 against 0.179 ms).
+// Per tile, four barriers: the key tile is stored (and the value tile's loads issued); the
+// scores are stored; the probabilities and the value tile are stored; the products are
+// stored. The value tile is fetched while the scores are computed, and the next key tile
+// as soon as the value tile is stored, so that its loads are in flight through the softmax
+// as well as the products (on an H200 an f16 prefill at 64k took 173.0 ms so against
+// 174.8 with the fetch after the softmax's barrier, and a decode step of 16 sequences at
+// 64k 0.172 against 0.179 ms). The products reach the output items after the barrier that
+// ends them, or with DEFER_ADD at the next tile's start (and after the last tile).
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
@@ -180,8 +190,11 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
         store_tile_h(lid, nk, DK, DKP);
-        workgroupBarrier();
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
+        if DEFER_ADD && t0 != start {
+            add_tiles(lid, nrg * dv4, dv4);
+        }
+        workgroupBarrier();
         // Scores of 16 rows x 16 keys per block: Q [ROWS, DKP] x K^T (the tile read
         // column-major), for every key block of the tile (a constant count: past the
         // tile's keys the key rows are zero and their scores masked below).
@@ -260,12 +273,22 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             coopStoreT(o2, &spv[(y / ncb) * MM * VS + (y % ncb) * MM], VS);
         }
         workgroupBarrier();
-        let items = nrg * dv4;
-        if lid < items {
-            acc0 = add_tile(acc0, lid / dv4, lid % dv4);
+        if !DEFER_ADD {
+            add_tiles(lid, nrg * dv4, dv4);
         }
-        if TWO_ITEMS && lid + WG < items {
-            acc1 = add_tile(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
-        }
+    }
+    if DEFER_ADD && start < end {
+        add_tiles(lid, nrg * dv4, dv4);
+    }
+}
+
+// The invocation's output items (of `items`, dv4 per row group), rescaled, plus the last
+// tile's products (add_tile).
+fn add_tiles(lid: u32, items: u32, dv4: u32) {
+    if lid < items {
+        acc0 = add_tile(acc0, lid / dv4, lid % dv4);
+    }
+    if TWO_ITEMS && lid + WG < items {
+        acc1 = add_tile(acc1, (lid + WG) / dv4, (lid + WG) % dv4);
     }
 }
