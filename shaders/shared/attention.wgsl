@@ -188,6 +188,7 @@ fn attn_kv(r: Rows, stride: u32, t0: u32, key: bool) -> u32 {
 // memory whose contents are no longer needed) as [ROWS, dv4()] vec4s, so that kernels write
 // their outputs with coalesced stores through attn_out.
 fn attn_finish(lid: u32, r: Rows) {
+    core_flush(lid, r);
     let dv4 = (DV + 3u) / 4u;
     let items = ((r.n + 3u) / 4u) * dv4;
     if lid % 8u == 0u {

@@ -41,6 +41,7 @@ var<workgroup> spv: array<f32, SPV_LEN>;
 
 // The queries straight into qh as f16 (exact: the inputs are f16), zero past Dk.
 fn core_queries(lid: u32, n: u32, nh: u32, base: u32) {
+    pending = false;
     let w4 = DKP / 4u;
     for (var x = lid; x < ROWS * w4; x += WG) {
         let i = x / w4;
@@ -110,8 +111,14 @@ const SPLIT_KEYS: bool = false;
 // flight during the additions, rather than right after the products' barrier. 16-row
 // kernels only: on an H200 (f16, 64k) it took selected attention in a prefill from 59.1 to
 // 57.8 ms and a B=16 decode step from 0.172-0.174 to 0.169-0.171 ms, but made the wide
-// kernels' dense attention 3% slower (1078 against 1047 ms).
+// kernels' dense attention 3% slower (1078 against 1047 ms). A call's last tile waits for
+// the next call's first (selected attention's next block), or for attn_finish (core_flush):
+// selected attention in a 64k prefill then took 56.6 against 57.8 ms.
 override DEFER_ADD: bool = ROWS < 32u;
+// With DEFER_ADD, whether the last tile's products still wait in `spv` for add_tiles (at the
+// next tile's start, in this call or the next, or in core_flush). The same in every
+// invocation.
+var<private> pending: bool;
 
 // Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
 // this tile's products from `spv`.
@@ -176,7 +183,8 @@ fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16
 // as well as the products (on an H200 an f16 prefill at 64k took 173.0 ms so against
 // 174.8 with the fetch after the softmax's barrier, and a decode step of 16 sequences at
 // 64k 0.172 against 0.179 ms). The products reach the output items after the barrier that
-// ends them, or with DEFER_ADD at the next tile's start (and after the last tile).
+// ends them, or with DEFER_ADD at the next tile's start, which may be the next call's, or
+// in core_flush.
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
@@ -191,7 +199,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         let nk = min(kt, end - t0);
         store_tile_h(lid, nk, DK, DKP);
         fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
-        if DEFER_ADD && t0 != start {
+        if DEFER_ADD && pending {
             add_tiles(lid, nrg * dv4, dv4);
         }
         workgroupBarrier();
@@ -273,12 +281,19 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             coopStoreT(o2, &spv[(y / ncb) * MM * VS + (y % ncb) * MM], VS);
         }
         workgroupBarrier();
-        if !DEFER_ADD {
+        if DEFER_ADD {
+            pending = true;
+        } else {
             add_tiles(lid, nrg * dv4, dv4);
         }
     }
-    if DEFER_ADD && start < end {
-        add_tiles(lid, nrg * dv4, dv4);
+}
+
+// Adds the products still pending (DEFER_ADD) before attn_finish stages the outputs.
+fn core_flush(lid: u32, r: Rows) {
+    if DEFER_ADD && pending {
+        let dv4 = (DV + 3u) / 4u;
+        add_tiles(lid, ((r.n + 3u) / 4u) * dv4, dv4);
     }
 }
 

@@ -33,6 +33,9 @@ var<workgroup> scores: array<vec4<f32>, SCORES4>;
 const KT4: u32 = KT_MAX / 4u;
 override SCORES4: u32 = ROWS * KT4;
 
+// Nothing pending: the loop adds each tile's values itself.
+fn core_flush(lid: u32, r: Rows) {}
+
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
 // the range's first key tile already fetched into `pre`: by attn_begin (its `first`) for a
