@@ -9,7 +9,7 @@
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{
-    check_tensor, stored_bytes, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest,
+    check_tensor, stored_bytes, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest, Stored,
 };
 use crate::kernels::KernelId;
 use crate::pipeline::{
@@ -90,6 +90,163 @@ struct Job {
     rows_out: bool,
     /// Whether their lengths differ ([`Plan::cached_ragged`]).
     ragged: bool,
+}
+
+/// What an extend call records per plan: its readback buffers, its scratch, and how many
+/// sequences it computes rows for (0: compression only).
+type Recorded = (Vec<wgpu::Buffer>, crate::NsaScratch, usize);
+
+/// One extend call as `record_extend` takes it: sequence `seqs[i]` appends `sizes[i]`
+/// tokens from `feed`, whose rows are computed with `attend` (`request` says which outputs).
+struct Call<'c> {
+    seqs: &'c [usize],
+    sizes: &'c [usize],
+    feed: &'c Feed<'c, 'c>,
+    request: OutputRequest,
+    attend: bool,
+}
+
+/// Where an extend call's new tokens come from and where its rows go.
+enum Feed<'f, 'a> {
+    /// The caller's slices as stored (converted and checked): keys and values per chunk and
+    /// raw buffer, queries and gates per chunk. Written through the queue, rows read back.
+    Host {
+        kv: Vec<Vec<Stored<'a>>>,
+        q: Vec<Stored<'a>>,
+        gates: Vec<&'a [f32]>,
+    },
+    /// The caller's buffers, copied in its encoder; rows copied into its `out`.
+    Device(&'f DeviceStep<'a>),
+}
+
+/// New tokens of consecutive sequences in the caller's GPU buffers, for
+/// [`NsaPipeline::encode_extend`]: `tokens` rows for each of the cache's sequences
+/// `first_seq .. first_seq + seqs`, each tensor laid out as SPEC's with `B = seqs` and
+/// `T = tokens`. `q`, `k`, `v` and `branch_kv` hold the cache's [`CacheOptions::precision`]
+/// (f32, or IEEE half floats for f16), `gates` and `out` f32. The inputs need
+/// `COPY_SRC` usage, `out` `COPY_DST`; a buffer may be larger than its tensor (the tensor
+/// starts at offset 0).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceStep<'a> {
+    /// The first sequence of the cache the step extends.
+    pub first_seq: usize,
+    /// How many consecutive sequences it extends.
+    pub seqs: usize,
+    /// New tokens per sequence (1: a decode step).
+    pub tokens: usize,
+    /// `q`: `[seqs, tokens, Hq, Dk]`.
+    pub q: &'a wgpu::Buffer,
+    /// `k`: `[seqs, tokens, Hkv, Dk]` (ignored with independent K/V).
+    pub k: &'a wgpu::Buffer,
+    /// `v`: `[seqs, tokens, Hkv, Dv]` (ignored with independent K/V).
+    pub v: &'a wgpu::Buffer,
+    /// `gates`: `[seqs, tokens, Hq, 3]`.
+    pub gates: &'a wgpu::Buffer,
+    /// `out`: `[seqs, tokens, Hq, Dv]`, written.
+    pub out: &'a wgpu::Buffer,
+    /// With independent K/V: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`, each
+    /// `[seqs, tokens, Hkv, D]`.
+    pub branch_kv: Option<[&'a wgpu::Buffer; 6]>,
+}
+
+impl DeviceStep<'_> {
+    /// Bytes of one sequence's rows of `q`, `gates` and `out` in a cache of `opts`.
+    fn seq_bytes(&self, opts: &CacheOptions) -> [u64; 3] {
+        let rows = (self.tokens * opts.hq) as u64;
+        [
+            rows * opts.dk as u64 * opts.precision.bytes(),
+            rows * 3 * 4,
+            rows * opts.dv as u64 * 4,
+        ]
+    }
+
+    /// The key/value buffers in the order of the cache's raw buffers.
+    fn key_value_buffers(&self) -> Vec<&wgpu::Buffer> {
+        match self.branch_kv {
+            Some(b) => b.to_vec(),
+            None => vec![self.k, self.v],
+        }
+    }
+
+    /// Checks the step against a cache of `opts`: its sequences, and each buffer's size and
+    /// usage.
+    fn check(&self, opts: &CacheOptions) -> Result<()> {
+        if self.seqs == 0 || self.first_seq + self.seqs > opts.seqs {
+            return Err(NsaError::InvalidShape {
+                what: "first_seq + seqs",
+                value: self.first_seq + self.seqs,
+                rule: "at least one sequence, all < the cache's seqs",
+            });
+        }
+        if self.tokens == 0 {
+            return Err(NsaError::InvalidShape {
+                what: "tokens",
+                value: 0,
+                rule: "at least one new token per sequence",
+            });
+        }
+        match (opts.independent_kv, self.branch_kv.is_some()) {
+            (true, false) => {
+                return Err(NsaError::MissingInput {
+                    tensor: "k_cmp",
+                    why: "the cache holds independent keys/values per branch",
+                })
+            }
+            (false, true) => {
+                return Err(NsaError::InvalidShape {
+                    what: "branch_kv",
+                    value: 6,
+                    rule: "the cache was created without independent keys/values",
+                })
+            }
+            _ => {}
+        }
+        let n = (self.seqs * self.tokens) as u64;
+        let per = self.seq_bytes(opts);
+        let seqs = self.seqs as u64;
+        let mut wanted = vec![
+            ("q", self.q, seqs * per[0], wgpu::BufferUsages::COPY_SRC),
+            (
+                "gates",
+                self.gates,
+                seqs * per[1],
+                wgpu::BufferUsages::COPY_SRC,
+            ),
+            ("out", self.out, seqs * per[2], wgpu::BufferUsages::COPY_DST),
+        ];
+        let names: &[&'static str] = if self.branch_kv.is_some() {
+            &["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"]
+        } else {
+            &["k", "v"]
+        };
+        for ((name, buf), d) in names
+            .iter()
+            .zip(self.key_value_buffers())
+            .zip(raw_dims(opts))
+        {
+            wanted.push((
+                name,
+                buf,
+                n * row_bytes(opts, d),
+                wgpu::BufferUsages::COPY_SRC,
+            ));
+        }
+        for (tensor, buf, need, usage) in wanted {
+            if buf.size() < need {
+                return Err(NsaError::BadBuffer {
+                    tensor,
+                    problem: format!("holds {} bytes, the step needs {need}", buf.size()),
+                });
+            }
+            if !buf.usage().contains(usage) {
+                return Err(NsaError::BadBuffer {
+                    tensor,
+                    problem: format!("usage {:?} lacks {usage:?}", buf.usage()),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The largest scratch (all its buffers, in bytes), and the most readback bytes of one plan,
@@ -308,6 +465,43 @@ impl NsaCache {
         rows + self.compress_kept.iter().map(scratch).sum::<u64>()
     }
 
+    /// Counts the appended tokens: sequence `seqs[i]` grew by `sizes[i]`.
+    fn advance(&mut self, seqs: &[usize], sizes: &[usize]) {
+        for (s, n) in seqs.iter().zip(sizes) {
+            let len = self.lens[*s];
+            self.compressed_tokens +=
+                (self.config.num_compressed(len + n) - self.config.num_compressed(len)) as u64;
+            self.lens[*s] = len + n;
+        }
+    }
+
+    /// Keeps the scratches and readback buffers of an extend call's plans for the next call.
+    fn keep(&mut self, kept: Vec<Recorded>) {
+        // Keep the scratches and readback buffers for the next call, in the order they were
+        // taken; not those of a long chunk (its kept scores take up to the plan's budget).
+        let mut nth = [0usize; 2];
+        for (staging, scratch, nb) in kept {
+            let scratch = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
+            if nb > 0 {
+                // Its place exists: the plan took its I/O buffers there.
+                let slot = &mut self.rows_kept[nth[1]];
+                let bytes: u64 = staging.iter().map(|b| b.size()).sum();
+                if bytes <= KEEP_SCRATCH_BYTES {
+                    slot.readback = staging;
+                }
+                slot.scratch = scratch;
+                nth[1] += 1;
+            } else {
+                let pool = &mut self.compress_kept;
+                if pool.len() <= nth[0] {
+                    pool.resize_with(nth[0] + 1, || None);
+                }
+                pool[nth[0]] = scratch;
+                nth[0] += 1;
+            }
+        }
+    }
+
     /// Grows every sequence's reservation to at least `rows` (up to `max_capacity`), copying
     /// what is cached.
     pub fn reserve(&mut self, pipe: &NsaPipeline, rows: usize) -> Result<()> {
@@ -432,6 +626,51 @@ impl NsaPipeline {
             .map(|_| ())
     }
 
+    /// [`Self::extend`] with the inputs and outputs in the caller's GPU buffers, recorded
+    /// into the caller's `encoder` and not submitted: copies each sequence's new keys and
+    /// values into `cache`, compresses the blocks they complete, and writes the rows into
+    /// `step.out`. Nothing goes through the host, so a model can record the steps of all its
+    /// layers and submit them at once, and keep its activations on the GPU.
+    ///
+    /// The cache counts the tokens as appended when this returns, so `encoder` must be
+    /// submitted before the next call on `cache`: that call's queue writes, or a growth of the
+    /// cache, would otherwise run before these copies. Several steps may be recorded into one
+    /// encoder. Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
+    /// [`NsaError::InvalidShape`], capacity as in [`Self::extend`]); the values are not (they
+    /// never reach the host): non-finite inputs give non-finite rows.
+    pub async fn encode_extend(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &mut NsaCache,
+        step: &DeviceStep<'_>,
+    ) -> Result<()> {
+        self.context().check_alive()?;
+        step.check(&cache.opts)?;
+        let seqs: Vec<usize> = (step.first_seq..step.first_seq + step.seqs).collect();
+        let sizes = vec![step.tokens; step.seqs];
+        let feed = Feed::Device(step);
+        let scope = self
+            .context()
+            .device
+            .push_error_scope(wgpu::ErrorFilter::Validation);
+        let call = Call {
+            seqs: &seqs,
+            sizes: &sizes,
+            feed: &feed,
+            request: OutputRequest::default(),
+            attend: true,
+        };
+        let kept = self.record_extend(encoder, cache, call, None, &mut Vec::new());
+        let error = scope.pop().await;
+        let kept = kept?;
+        if let Some(e) = error {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        cache.advance(&seqs, &sizes);
+        cache.keep(kept);
+        Ok(())
+    }
+
     async fn extend_with(
         &self,
         cache: &mut NsaCache,
@@ -442,7 +681,6 @@ impl NsaPipeline {
     ) -> Result<(Vec<NsaOutputs>, Option<Vec<(KernelId, f64)>>)> {
         self.context().check_alive()?;
         let o = cache.opts;
-        let cfg = cache.config;
         // Validate everything before touching the cache.
         let mut sizes = Vec::with_capacity(chunks.len());
         for (i, c) in chunks.iter().enumerate() {
@@ -505,6 +743,7 @@ impl NsaPipeline {
         let dims = raw_dims(&o);
         let mut stored_kv = Vec::with_capacity(chunks.len());
         let mut stored_q = Vec::with_capacity(chunks.len());
+        let gates: Vec<&[f32]> = chunks.iter().map(|c| c.gates).collect();
         for (c, n) in chunks.iter().zip(&sizes) {
             let data: Vec<(&'static str, &[f32])> = match c.branch_kv {
                 Some(b) => ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"]
@@ -522,10 +761,116 @@ impl NsaPipeline {
                 stored_q.push(stored_bytes("q", c.q, o.precision)?);
             }
         }
-        let need = chunks
+        let seqs: Vec<usize> = chunks.iter().map(|c| c.seq).collect();
+        let feed = Feed::Host {
+            kv: stored_kv,
+            q: stored_q,
+            gates,
+        };
+        let ctx = self.context();
+        let device = &ctx.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("nsa.extend"),
+        });
+        let mut timed: Vec<KernelId> = Vec::new();
+        let call = Call {
+            seqs: &seqs,
+            sizes: &sizes,
+            feed: &feed,
+            request,
+            attend,
+        };
+        let kept = self.record_extend(&mut encoder, cache, call, timer, &mut timed);
+        let kept = match kept {
+            Ok(k) => k,
+            Err(e) => {
+                let _ = scope.pop().await;
+                return Err(e);
+            }
+        };
+        let stamps = timer.map(|(t, _)| t.resolve(ctx, &mut encoder, timed.len()));
+        ctx.queue.submit([encoder.finish()]);
+        if let Some(e) = scope.pop().await {
+            return Err(NsaError::Gpu(e.to_string()));
+        }
+        let ms = match stamps {
+            Some(s) => Some(
+                timed
+                    .into_iter()
+                    .zip(StepTimer::read(ctx, s).await?)
+                    .collect(),
+            ),
+            None => None,
+        };
+        cache.advance(&seqs, &sizes);
+        let mut results = Vec::with_capacity(chunks.len());
+        for (staging, _, nb) in kept.iter().filter(|k| k.2 > 0) {
+            // Each group's outputs are [nb, n, ...]: one equal slice per sequence.
+            let parts = read_staging(device, staging).await?;
+            let split = |i: usize| {
+                let all: &[f32] = bytemuck::cast_slice(&parts[i]);
+                let per = all.len() / nb;
+                all.chunks(per)
+                    .take(*nb)
+                    .map(|c| c.to_vec())
+                    .collect::<Vec<_>>()
+                    .into_iter()
+            };
+            let mut next = 0;
+            let mut take = || {
+                next += 1;
+                split(next - 1)
+            };
+            let mut outs = take();
+            let mut idx = request.block_indices.then(&mut take);
+            let mut br = request.branches.then(|| (take(), take(), take()));
+            for _ in 0..*nb {
+                let one = |x: &mut std::vec::IntoIter<Vec<f32>>| x.next().unwrap_or_default();
+                results.push(NsaOutputs {
+                    out: one(&mut outs),
+                    block_indices: idx
+                        .as_mut()
+                        .map(|x| bytemuck::cast_slice::<f32, i32>(&one(x)).to_vec()),
+                    branches: br.as_mut().map(|(a, b, c)| BranchOutputs {
+                        o_cmp: one(a),
+                        o_slc: one(b),
+                        o_win: one(c),
+                    }),
+                });
+            }
+        }
+        cache.keep(kept);
+        Ok((results, ms))
+    }
+
+    /// Records an extend call into `encoder`: sequence `seqs[i]` appends `sizes[i]` tokens
+    /// from `feed` (written through the queue from the host, or copied from the caller's
+    /// buffers in `encoder`), the blocks they complete are compressed, and with `attend` their
+    /// rows are computed (read back from the host, or copied into the caller's `out`).
+    /// Returns, per plan, its readback buffers, its scratch and how many sequences it
+    /// computes rows for (0: compression only), for [`NsaCache::keep`].
+    fn record_extend(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &mut NsaCache,
+        call: Call<'_>,
+        timer: Option<(&StepTimer, bool)>,
+        timed: &mut Vec<KernelId>,
+    ) -> Result<Vec<Recorded>> {
+        let Call {
+            seqs,
+            sizes,
+            feed,
+            request,
+            attend,
+        } = call;
+        let o = cache.opts;
+        let cfg = cache.config;
+        let need = seqs
             .iter()
-            .zip(&sizes)
-            .map(|(c, n)| cache.lens[c.seq] + n)
+            .zip(sizes)
+            .map(|(s, n)| cache.lens[*s] + n)
             .max()
             .unwrap_or(0);
         cache.reserve(self, need)?;
@@ -533,34 +878,44 @@ impl NsaPipeline {
         let device = &ctx.device;
         let cap = cache.capacity as u64;
         let cap_c = cfg.num_compressed(cache.capacity).max(1) as u64;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        // Queued, so written before this call's commands run.
-        for (c, kv) in chunks.iter().zip(&stored_kv) {
-            for ((buf, d), bytes) in cache.raw.iter().zip(&dims).zip(kv) {
-                let row = (c.seq as u64 * cap + cache.lens[c.seq] as u64) * row_bytes(&o, *d);
-                ctx.queue.write_buffer(buf, row, bytes);
+        let dims = raw_dims(&o);
+        for (i, (seq, n)) in seqs.iter().zip(sizes).enumerate() {
+            for (r, (buf, d)) in cache.raw.iter().zip(&dims).enumerate() {
+                let bytes = row_bytes(&o, *d);
+                let row = (*seq as u64 * cap + cache.lens[*seq] as u64) * bytes;
+                match feed {
+                    // Queued, so written before this call's commands run.
+                    Feed::Host { kv, .. } => ctx.queue.write_buffer(buf, row, &kv[i][r]),
+                    Feed::Device(step) => {
+                        let src = step.key_value_buffers()[r];
+                        let n = *n as u64;
+                        encoder.copy_buffer_to_buffer(
+                            src,
+                            i as u64 * n * bytes,
+                            buf,
+                            row,
+                            n * bytes,
+                        );
+                    }
+                }
             }
         }
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("nsa.extend"),
-        });
         // Per plan: its readback buffers, its scratch, and how many sequences it computes rows
         // for (0: compression only).
-        let mut kept: Vec<(Vec<wgpu::Buffer>, crate::NsaScratch, usize)> = Vec::new();
+        let mut kept: Vec<Recorded> = Vec::new();
         // Plans of each kind so far (compression only, rows): which kept scratch to refit.
         let mut nth = [0usize; 2];
-        let mut timed: Vec<KernelId> = Vec::new();
         // Consecutive sequences that add equally many tokens share one plan: one dispatch per
         // stage for all of them. Where their lengths differ (at most RAGGED_MAX of them: a
         // decode step of a ragged batch), each run of equal length first compresses its new
         // tokens with a plan of its own, then one ragged plan attends for all.
-        let len_of = |i: usize| cache.lens[chunks[i].seq];
+        let len_of = |i: usize| cache.lens[seqs[i]];
         let uniform = |g: &std::ops::Range<usize>| g.clone().all(|i| len_of(i) == len_of(g.start));
         let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
-        for i in 0..chunks.len() {
+        for i in 0..seqs.len() {
             let joins = groups.last().is_some_and(|g| {
                 let p = g.end - 1;
-                chunks[i].seq == chunks[p].seq + 1
+                seqs[i] == seqs[p] + 1
                     && sizes[i] == sizes[p]
                     && ((uniform(g) && len_of(i) == len_of(p)) || (attend && g.len() < RAGGED_MAX))
             });
@@ -599,7 +954,7 @@ impl NsaPipeline {
         }
         for job in &jobs {
             let (group, rows_out, ragged) = (&job.seqs, job.rows_out, job.ragged);
-            let first = &chunks[group.start];
+            let first = seqs[group.start] as u64;
             let len = group.clone().map(len_of).max().unwrap_or(0);
             let (n, nb) = (sizes[group.start], group.len());
             // A compression-only job whose tokens complete no block has nothing to plan (most
@@ -619,8 +974,8 @@ impl NsaPipeline {
                 dv: o.dv,
             };
             let rows = CacheRows {
-                key_row0: first.seq as u64 * cap,
-                cmp_row0: first.seq as u64 * cap_c,
+                key_row0: first * cap,
+                cmp_row0: first * cap_c,
                 cmp_done: cfg.num_compressed(len),
                 capacity: cache.capacity,
                 cmp_capacity: cap_c as usize,
@@ -650,19 +1005,38 @@ impl NsaPipeline {
             } else {
                 cache.compress_kept.get_mut(j).and_then(Option::take)
             };
-            let scratch = self.refit_scratch(old, &plan)?;
+            // Recorded into the caller's encoder, the new parameters go there too.
+            let params_in = matches!(feed, Feed::Device(_)).then_some(&mut *encoder);
+            let scratch = self.refit_scratch_in(old, &plan, params_in)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
             // before the commands run); compressing binds none of them.
             let (q, g, out) = if rows_out {
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
                 let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
-                let q: Vec<&[u8]> = stored_q[group.clone()].iter().map(|q| &q[..]).collect();
-                let gates: Vec<&[u8]> = chunks[group.clone()]
-                    .iter()
-                    .map(|c| bytemuck::cast_slice(c.gates))
-                    .collect();
-                upload(&ctx.queue, &b[0], &q)?;
-                upload(&ctx.queue, &b[1], &gates)?;
+                match feed {
+                    Feed::Host { q, gates, .. } => {
+                        let q: Vec<&[u8]> = q[group.clone()].iter().map(|q| &q[..]).collect();
+                        let gates: Vec<&[u8]> = gates[group.clone()]
+                            .iter()
+                            .map(|g| bytemuck::cast_slice(g))
+                            .collect();
+                        upload(&ctx.queue, &b[0], &q)?;
+                        upload(&ctx.queue, &b[1], &gates)?;
+                    }
+                    Feed::Device(step) => {
+                        // The group's sequences are consecutive in the step's buffers.
+                        let per = step.seq_bytes(&o);
+                        let (at, nb) = (group.start as u64, nb as u64);
+                        encoder.copy_buffer_to_buffer(step.q, at * per[0], &b[0], 0, nb * per[0]);
+                        encoder.copy_buffer_to_buffer(
+                            step.gates,
+                            at * per[1],
+                            &b[1],
+                            0,
+                            nb * per[1],
+                        );
+                    }
+                }
                 (&b[0], &b[1], &b[2])
             } else {
                 let p = self.placeholder();
@@ -685,14 +1059,14 @@ impl NsaPipeline {
             // Timed as a whole, a plan's time goes with its first kernel.
             match timer {
                 Some((t, false)) => {
-                    self.encode_timed(&mut encoder, &scratch, &bufs, t, timed.len())?;
+                    self.encode_timed(encoder, &scratch, &bufs, t, timed.len())?;
                     timed.extend(plan.steps.iter().map(|s| s.kernel));
                 }
                 Some((t, true)) => {
-                    self.encode_timed_whole(&mut encoder, &scratch, &bufs, t, timed.len())?;
+                    self.encode_timed_whole(encoder, &scratch, &bufs, t, timed.len())?;
                     timed.push(plan.steps[0].kernel);
                 }
-                None => self.encode(&mut encoder, &scratch, &bufs)?,
+                None => self.encode(encoder, &scratch, &bufs)?,
             }
             if !rows_out {
                 kept.push((Vec::new(), scratch, 0));
@@ -711,89 +1085,18 @@ impl NsaPipeline {
             if request.branches {
                 wanted.extend([sb(Tensor::OCmp), sb(Tensor::OSlc), sb(Tensor::OWin)]);
             }
-            let staging = stage_readback_ranges(device, &mut encoder, &wanted, old_readback);
+            let staging = match feed {
+                Feed::Host { .. } => stage_readback_ranges(device, encoder, &wanted, old_readback),
+                Feed::Device(step) => {
+                    let per = step.seq_bytes(&o)[2];
+                    let (at, nb) = (group.start as u64, nb as u64);
+                    encoder.copy_buffer_to_buffer(out, 0, step.out, at * per, nb * per);
+                    old_readback
+                }
+            };
             kept.push((staging, scratch, nb));
         }
-        let stamps = timer.map(|(t, _)| t.resolve(ctx, &mut encoder, timed.len()));
-        ctx.queue.submit([encoder.finish()]);
-        if let Some(e) = scope.pop().await {
-            return Err(NsaError::Gpu(e.to_string()));
-        }
-        let ms = match stamps {
-            Some(s) => Some(
-                timed
-                    .into_iter()
-                    .zip(StepTimer::read(ctx, s).await?)
-                    .collect(),
-            ),
-            None => None,
-        };
-        for (c, n) in chunks.iter().zip(&sizes) {
-            let len = cache.lens[c.seq];
-            cache.compressed_tokens +=
-                (cfg.num_compressed(len + n) - cfg.num_compressed(len)) as u64;
-            cache.lens[c.seq] = len + n;
-        }
-        let mut results = Vec::with_capacity(chunks.len());
-        for (staging, _, nb) in kept.iter().filter(|k| k.2 > 0) {
-            // Each group's outputs are [nb, n, ...]: one equal slice per sequence.
-            let parts = read_staging(device, staging).await?;
-            let split = |i: usize| {
-                let all: &[f32] = bytemuck::cast_slice(&parts[i]);
-                let per = all.len() / nb;
-                all.chunks(per)
-                    .take(*nb)
-                    .map(|c| c.to_vec())
-                    .collect::<Vec<_>>()
-                    .into_iter()
-            };
-            let mut next = 0;
-            let mut take = || {
-                next += 1;
-                split(next - 1)
-            };
-            let mut outs = take();
-            let mut idx = request.block_indices.then(&mut take);
-            let mut br = request.branches.then(|| (take(), take(), take()));
-            for _ in 0..*nb {
-                let one = |x: &mut std::vec::IntoIter<Vec<f32>>| x.next().unwrap_or_default();
-                results.push(NsaOutputs {
-                    out: one(&mut outs),
-                    block_indices: idx
-                        .as_mut()
-                        .map(|x| bytemuck::cast_slice::<f32, i32>(&one(x)).to_vec()),
-                    branches: br.as_mut().map(|(a, b, c)| BranchOutputs {
-                        o_cmp: one(a),
-                        o_slc: one(b),
-                        o_win: one(c),
-                    }),
-                });
-            }
-        }
-        // Keep the scratches and readback buffers for the next call, in the order they were
-        // taken; not those of a long chunk (its kept scores take up to the plan's budget).
-        let mut nth = [0usize; 2];
-        for (staging, scratch, nb) in kept {
-            let scratch = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
-            if nb > 0 {
-                // Its place exists: the plan took its I/O buffers there.
-                let slot = &mut cache.rows_kept[nth[1]];
-                let bytes: u64 = staging.iter().map(|b| b.size()).sum();
-                if bytes <= KEEP_SCRATCH_BYTES {
-                    slot.readback = staging;
-                }
-                slot.scratch = scratch;
-                nth[1] += 1;
-            } else {
-                let pool = &mut cache.compress_kept;
-                if pool.len() <= nth[0] {
-                    pool.resize_with(nth[0] + 1, || None);
-                }
-                pool[nth[0]] = scratch;
-                nth[0] += 1;
-            }
-        }
-        Ok((results, ms))
+        Ok(kept)
     }
 
     /// Variable-length prefill: sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]` of

@@ -48,7 +48,7 @@ pub mod plan;
 pub mod profile;
 pub mod shaders;
 
-pub use cache::{CacheOptions, NsaCache, SeqChunk};
+pub use cache::{CacheOptions, DeviceStep, NsaCache, SeqChunk};
 pub use config::{Compression, NsaConfig, Precision, Shape};
 pub use error::{NsaError, Result};
 pub use inputs::{BranchOutputs, LinearWeights, NsaInputs, NsaOutputs, OutputRequest};

@@ -564,10 +564,23 @@ impl NsaPipeline {
     /// Commands already submitted with `old` still see its previous contents (queue writes
     /// are ordered after them).
     pub fn refit_scratch(&self, old: Option<NsaScratch>, plan: &Plan) -> Result<NsaScratch> {
+        self.refit_scratch_in(old, plan, None)
+    }
+
+    /// [`Self::refit_scratch`]; with `encoder`, a reused uniform buffer is rewritten by a copy
+    /// recorded there instead of through the queue, so that commands recorded earlier in the
+    /// same encoder with `old` still see its previous contents.
+    pub(crate) fn refit_scratch_in(
+        &self,
+        old: Option<NsaScratch>,
+        plan: &Plan,
+        encoder: Option<&mut wgpu::CommandEncoder>,
+    ) -> Result<NsaScratch> {
         let device = &self.ctx.device;
         let stride =
             (std::mem::size_of::<Params>() as u64).next_multiple_of(self.limits.uniform_align);
         let mut bytes = vec![0u8; (stride * plan.steps.len().max(1) as u64) as usize];
+        const COPY_SRC: wgpu::BufferUsages = wgpu::BufferUsages::COPY_SRC;
         for (i, step) in plan.steps.iter().enumerate() {
             let at = i * stride as usize;
             bytes[at..at + std::mem::size_of::<Params>()]
@@ -575,7 +588,13 @@ impl NsaPipeline {
         }
         let (mut old_buffers, params, mut groups) = match old {
             Some(o) if o.params.size() >= bytes.len() as u64 => {
-                self.ctx.queue.write_buffer(&o.params, 0, &bytes);
+                match encoder {
+                    Some(enc) => {
+                        let upload = buffer_init(device, "nsa.params.upload", COPY_SRC, &bytes);
+                        enc.copy_buffer_to_buffer(&upload, 0, &o.params, 0, bytes.len() as u64);
+                    }
+                    None => self.ctx.queue.write_buffer(&o.params, 0, &bytes),
+                }
                 (o.buffers, o.params, o.groups)
             }
             old => {

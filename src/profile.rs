@@ -286,7 +286,7 @@ pub fn sample_input_sets(device: &wgpu::Device, plan: &Plan, sets: u64) -> Vec<[
 }
 
 /// Tensor `t` of `plan` filled from [`crate::data::sample_values`] with `seed`, stored as the
-/// plan stores it (f16 or f32).
+/// plan stores it (f16 or f32), usable in storage bindings and as a copy's source or destination.
 pub fn sample_tensor(device: &wgpu::Device, plan: &Plan, t: Tensor, seed: u64) -> wgpu::Buffer {
     let data = crate::data::sample_values(plan.tensor_len(t) as usize, seed);
     let precision = if plan.elem_bytes(t) == 2 {
@@ -299,7 +299,7 @@ pub fn sample_tensor(device: &wgpu::Device, plan: &Plan, t: Tensor, seed: u64) -
     buffer_init(
         device,
         "nsa.bench.input",
-        wgpu::BufferUsages::STORAGE,
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         &bytes,
     )
 }

@@ -966,3 +966,274 @@ fn a_lost_device_is_an_error_not_a_panic() {
     let r = run(&other).map(drop);
     assert!(matches!(r, Err(NsaError::Readback(_))), "{r:?}");
 }
+
+/// A buffer holding `values` as a cache of `precision` stores them (f16 or f32; `f32_only`:
+/// always f32, as gates are), with the usages a [`DeviceStep`] input needs.
+fn input_buffer(
+    pipe: &NsaPipeline,
+    values: &[f32],
+    precision: Precision,
+    f32_only: bool,
+) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    let bytes: Vec<u8> = if precision == Precision::F16 && !f32_only {
+        values
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect()
+    } else {
+        bytemuck::cast_slice(values).to_vec()
+    };
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::STORAGE;
+    pipe.context()
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test.step input"),
+            contents: &bytes,
+            usage,
+        })
+}
+
+/// An output buffer of `len` f32 filled with NaN (so an unwritten element fails).
+fn sentinel_out(pipe: &NsaPipeline, len: usize) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
+    pipe.context()
+        .device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test.step out"),
+            contents: bytemuck::cast_slice(&vec![f32::NAN; len]),
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+        })
+}
+
+/// Reads `bufs` back as f32.
+fn read_f32(pipe: &NsaPipeline, bufs: &[wgpu::Buffer]) -> Vec<Vec<f32>> {
+    let device = &pipe.context().device;
+    let mut enc = device.create_command_encoder(&Default::default());
+    let staging =
+        nsa_wgpu::pipeline::stage_readback(device, &mut enc, &bufs.iter().collect::<Vec<_>>());
+    pipe.context().queue.submit([enc.finish()]);
+    let bytes = pollster::block_on(nsa_wgpu::pipeline::read_staging(device, &staging)).unwrap();
+    bytes
+        .iter()
+        .map(|b| bytemuck::cast_slice(b).to_vec())
+        .collect()
+}
+
+/// Sequences of lengths `lens` (`heads` as in [`Ragged`], per-branch K/V when `branch`) go
+/// through two caches alike, one with `extend` from host slices, the other with
+/// `encode_extend` from GPU buffers (two single-row steps recorded into each encoder before
+/// it is submitted, then a chunk of `tail` rows): every row, bit for bit, and both caches'
+/// lengths and compressed-token counts must agree.
+fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
+    let (cfg, (hq, hkv, dk), lens) = (c.cfg, c.heads, c.lens);
+    let t = lens.iter().max().unwrap() + c.steps + c.tail;
+    let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
+    let data = Data::new(&cfg, &s, c.branch, 43);
+    let widths = [s.hq * s.dk, s.hkv * s.dk, s.hkv * s.dv, s.hq * 3];
+    let seq = |b: usize, a: usize, e: usize| -> Vec<Vec<f32>> {
+        let mut t: Vec<Vec<f32>> = [&data.q, &data.k, &data.v, &data.gates]
+            .iter()
+            .zip(widths)
+            .map(|(x, w)| rows(x, &s, b, a, e, w))
+            .collect();
+        for br in data.branch.iter().flatten() {
+            t.push(rows(br, &s, b, a, e, widths[1]));
+        }
+        t
+    };
+    let linear = data.inputs().linear;
+    let o = CacheOptions {
+        precision,
+        ..opts(&s, 16.min(t), c.branch)
+    };
+    let mut host = NsaCache::new(pipe, &cfg, o, linear).unwrap();
+    let mut dev = NsaCache::new(pipe, &cfg, o, linear).unwrap();
+    let context: Vec<_> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &l)| seq(b, 0, l))
+        .collect();
+    let context: Vec<_> = all_chunks(&context, false)
+        .into_iter()
+        .filter(|c| !c.k.is_empty())
+        .collect();
+    for cache in [&mut host, &mut dev] {
+        pollster::block_on(pipe.append(cache, &context)).unwrap();
+    }
+    let calls: Vec<usize> = std::iter::repeat_n(1, c.steps).chain([c.tail]).collect();
+    let mut at: Vec<usize> = lens.to_vec();
+    let name = format!(
+        "{hq}/{hkv} {:?} branch {} {precision:?}",
+        cfg.compression, c.branch
+    );
+    for (i, pair) in calls.chunks(2).enumerate() {
+        let device = &pipe.context().device;
+        let mut enc = device.create_command_encoder(&Default::default());
+        let mut want = Vec::new();
+        let mut outs = Vec::new();
+        for &n in pair {
+            let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at[b], at[b] + n)).collect();
+            let step = all_chunks(&owned, true);
+            let out = pollster::block_on(pipe.extend(&mut host, &step, OutputRequest::default()));
+            want.push(
+                out.unwrap()
+                    .into_iter()
+                    .flat_map(|o| o.out)
+                    .collect::<Vec<f32>>(),
+            );
+            // The same tensors, [seqs, n, ...], in GPU buffers.
+            let cat = |j: usize| {
+                owned
+                    .iter()
+                    .flat_map(|o| o[j].clone())
+                    .collect::<Vec<f32>>()
+            };
+            let bufs: Vec<wgpu::Buffer> = (0..owned[0].len())
+                .map(|j| input_buffer(pipe, &cat(j), precision, j == 3))
+                .collect();
+            let out = sentinel_out(pipe, lens.len() * n * s.hq * s.dv);
+            let step = nsa_wgpu::DeviceStep {
+                first_seq: 0,
+                seqs: lens.len(),
+                tokens: n,
+                q: &bufs[0],
+                k: &bufs[1],
+                v: &bufs[2],
+                gates: &bufs[3],
+                out: &out,
+                branch_kv: c
+                    .branch
+                    .then(|| [&bufs[4], &bufs[5], &bufs[6], &bufs[7], &bufs[8], &bufs[9]]),
+            };
+            pollster::block_on(pipe.encode_extend(&mut enc, &mut dev, &step)).unwrap();
+            outs.push(out);
+            at.iter_mut().for_each(|a| *a += n);
+        }
+        assert_eq!(
+            dev.lens(),
+            host.lens(),
+            "{name} call {i}: counted when recorded"
+        );
+        pipe.context().queue.submit([enc.finish()]);
+        for (j, (got, want)) in read_f32(pipe, &outs).iter().zip(&want).enumerate() {
+            let same = got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same && got.len() == want.len(),
+                "{name} call {i}.{j}: device rows differ"
+            );
+        }
+    }
+    assert_eq!(dev.compressed_tokens(), host.compressed_tokens(), "{name}");
+}
+
+#[test]
+fn device_steps_equal_host_steps() {
+    // Ragged lengths (one empty), a cache that grows during the steps, decode steps two to
+    // an encoder, then a chunk; Mean with shared K/V, Linear with per-branch K/V; f32, and
+    // f16 on every f16 pipeline.
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    let cases = [(small(), false, (4, 2, 16)), (linear, true, (16, 1, 32))];
+    for (cfg, branch, heads) in cases {
+        let c = |lens| Ragged {
+            cfg,
+            branch,
+            heads,
+            lens,
+            steps: 4,
+            tail: 5,
+            chains: 1,
+        };
+        check_device_steps(pipeline(), Precision::F32, c(&[50, 203, 0, 130]));
+        for pipe in f16_pipelines() {
+            check_device_steps(pipe, Precision::F16, c(&[77, 1, 140]));
+        }
+    }
+}
+
+#[test]
+fn bad_device_steps_are_errors_and_change_nothing() {
+    let s = Shape::prefill(2, 64, 4, 2, 16, 16);
+    let pipe = pipeline();
+    let mut cache = NsaCache::new(pipe, &small(), opts(&s, 64, false), None).unwrap();
+    let buf = |n: usize| input_buffer(pipe, &vec![0.5; n], Precision::F32, true);
+    let (q, k, v, g) = (buf(2 * 64), buf(2 * 32), buf(2 * 32), buf(2 * 12));
+    let out = sentinel_out(pipe, 2 * 64);
+    let good = nsa_wgpu::DeviceStep {
+        first_seq: 0,
+        seqs: 2,
+        tokens: 1,
+        q: &q,
+        k: &k,
+        v: &v,
+        gates: &g,
+        out: &out,
+        branch_kv: None,
+    };
+    let small_q = buf(64);
+    let no_copy_out = pipe
+        .context()
+        .device
+        .create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 2 * 64 * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+    let six = [&k, &v, &k, &v, &k, &v];
+    let bad = [
+        nsa_wgpu::DeviceStep {
+            q: &small_q,
+            ..good
+        },
+        nsa_wgpu::DeviceStep {
+            out: &no_copy_out,
+            ..good
+        },
+        nsa_wgpu::DeviceStep {
+            first_seq: 1,
+            ..good
+        },
+        nsa_wgpu::DeviceStep { tokens: 0, ..good },
+        nsa_wgpu::DeviceStep { tokens: 2, ..good },
+        nsa_wgpu::DeviceStep {
+            branch_kv: Some(six),
+            ..good
+        },
+    ];
+    let device = &pipe.context().device;
+    for (i, step) in bad.iter().enumerate() {
+        let mut enc = device.create_command_encoder(&Default::default());
+        let err = pollster::block_on(pipe.encode_extend(&mut enc, &mut cache, step)).unwrap_err();
+        let text = err.to_string();
+        let expect = [
+            "`q`: holds 256 bytes",
+            "`out`: usage",
+            "first_seq + seqs",
+            "tokens",
+            "`q`: holds 512 bytes",
+            "branch_kv",
+        ];
+        assert!(text.contains(expect[i]), "case {i}: {text}");
+        assert_eq!(cache.lens(), &[0, 0], "case {i}");
+    }
+    // Beyond the cache's hard limit: an error, nothing appended.
+    for _ in 0..64 {
+        let mut enc = device.create_command_encoder(&Default::default());
+        pollster::block_on(pipe.encode_extend(&mut enc, &mut cache, &good)).unwrap();
+        pipe.context().queue.submit([enc.finish()]);
+    }
+    let mut enc = device.create_command_encoder(&Default::default());
+    let err = pollster::block_on(pipe.encode_extend(&mut enc, &mut cache, &good)).unwrap_err();
+    assert!(matches!(err, NsaError::ExceedsLimit { .. }), "{err}");
+    assert_eq!(cache.lens(), &[64, 64]);
+    // The good steps wrote finite rows.
+    let rows = read_f32(pipe, std::slice::from_ref(&out));
+    assert!(rows[0].iter().all(|x| x.is_finite()));
+}

@@ -238,6 +238,62 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Decode steps per submission in the "from GPU buffers" column: a model's layers.
+const LAYERS: usize = 8;
+
+/// The host's wall time per step of decode steps for every sequence of `cache` whose inputs
+/// and outputs stay in GPU buffers (`encode_extend`), LAYERS recorded into one encoder, then
+/// submitted and waited for (median over the runs, after the warm-up).
+fn device_steps(
+    pipe: &NsaPipeline,
+    cache: &mut nsa_wgpu::NsaCache,
+    precision: nsa_wgpu::Precision,
+    args: &BenchArgs,
+    warm: Option<&Warmer>,
+) -> Result<f64, String> {
+    let ctx = pipe.context();
+    let (hq, hkv, dk, dv, iters) = sizes(args);
+    let seqs = cache.lens().len();
+    // The tensors of one token per sequence, as a one-token prefill holds them.
+    let shape = Shape::prefill(seqs, 1, hq, hkv, dk, dv);
+    let plan = Plan::with_precision(&NsaConfig::default(), &shape, &pipe.limits(), precision)
+        .map_err(|e| e.to_string())?;
+    let t = |x: Tensor, seed| sample_tensor(&ctx.device, &plan, x, seed);
+    let (q, k, v) = (t(Tensor::Q, 11), t(Tensor::KCmp, 12), t(Tensor::VCmp, 13));
+    let (gates, out) = (t(Tensor::Gates, 14), t(Tensor::Out, 15));
+    let step = nsa_wgpu::DeviceStep {
+        first_seq: 0,
+        seqs,
+        tokens: 1,
+        q: &q,
+        k: &k,
+        v: &v,
+        gates: &gates,
+        out: &out,
+        branch_kv: None,
+    };
+    let mut ms = Vec::new();
+    for it in 0..args.warmup + iters {
+        if let Some(w) = warm {
+            w.warm().map_err(|e| e.to_string())?;
+        }
+        let start = Instant::now();
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        for _ in 0..LAYERS {
+            pollster::block_on(pipe.encode_extend(&mut encoder, cache, &step))
+                .map_err(|e| e.to_string())?;
+        }
+        ctx.queue.submit([encoder.finish()]);
+        ctx.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| e.to_string())?;
+        if it >= args.warmup {
+            ms.push(start.elapsed().as_secs_f64() * 1e3 / LAYERS as f64);
+        }
+    }
+    Ok(median(ms))
+}
+
 fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     use nsa_wgpu::{CacheOptions, NsaCache, OutputRequest, SeqChunk};
     let (lengths, batches) = if args.quick {
@@ -254,8 +310,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
         "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
-    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip | chains (NSA / dense) |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip | from GPU buffers, {LAYERS} per submission | chains (NSA / dense) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let cfg = NsaConfig::default();
     for &b in &batches {
         for &len in &lengths {
@@ -263,7 +319,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             // the whole step as `extend` runs it (the step time), and a plain `extend` (its
             // host round trip, without reading timestamps back).
             let steps = 3 * (args.warmup + iters);
-            let cap = len + steps;
+            // Then the steps from GPU buffers, LAYERS to a submission.
+            let cap = len + steps + LAYERS * (args.warmup + iters);
             let opts = CacheOptions {
                 seqs: b,
                 hq,
@@ -372,6 +429,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             }
             let nsa = median(nsa_ms);
             let host = median(host_ms);
+            let device_host = device_steps(&pipe, &mut cache, precision, args, warm.as_ref())?;
             // Dense decode over the same cached keys (the cache's stride is its capacity).
             let shape = Shape {
                 batch: b,
@@ -427,7 +485,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 len.to_string()
             };
             println!(
-                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} | {host:.3} ms | {} / {} |",
+                "| {b} | {lens} | {} | {nsa:.3} ms | {dense:.3} ms | {:.2}x | {:.1} MB | {:.0} GB/s | {} | {host:.3} ms | {device_host:.3} ms | {} / {} |",
                 stages.join(" / "),
                 dense / nsa,
                 bytes / 1e6,
