@@ -718,6 +718,7 @@ fn all_chunks<T: AsRef<[Vec<f32>]>>(owned: &[T], attend: bool) -> Vec<SeqChunk<'
 /// K/V when `branch`) decode together through one cache: `steps` single-row steps, then a
 /// chunk of `tail` rows each, every call for all sequences, each attending in `chains`
 /// chains of dispatches.
+#[derive(Clone, Copy)]
 struct Ragged<'a> {
     cfg: NsaConfig,
     branch: bool,
@@ -895,9 +896,9 @@ fn seventy_ragged_sequences_take_two_chains() {
 
 #[test]
 fn random_ragged_batches_equal_each_sequence_alone() {
-    // Seeded random configs, head shapes and lengths (zero included) through the ragged path:
-    // compression blocks and strides, selection blocks, top-n with forced blocks, windows,
-    // Mean and Linear, shared and per-branch K/V.
+    // Seeded random configs, head shapes and lengths (zero included) through the ragged path,
+    // from host slices and from GPU buffers: compression blocks and strides, selection
+    // blocks, top-n with forced blocks, windows, Mean and Linear, shared and per-branch K/V.
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7261_6767);
     for _ in 0..8 {
@@ -907,7 +908,7 @@ fn random_ragged_batches_equal_each_sequence_alone() {
         let lens: Vec<usize> = (0..rng.random_range(2..=6))
             .map(|_| rng.random_range(0..=120))
             .collect();
-        check_ragged(Ragged {
+        let case = Ragged {
             cfg,
             branch: rng.random_bool(0.5),
             heads: (hkv * g, hkv, pick(&mut rng, &[8, 12, 20])),
@@ -916,7 +917,10 @@ fn random_ragged_batches_equal_each_sequence_alone() {
             tail: rng.random_range(1..=5),
             // Lengths may all be equal (then the plain plan) or differ (one ragged one).
             chains: 1,
-        });
+        };
+        check_ragged(case);
+        // The same steps from GPU buffers write the same rows.
+        check_device_steps(pipeline(), Precision::F32, case);
     }
 }
 
