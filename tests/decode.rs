@@ -729,6 +729,59 @@ struct Ragged<'a> {
     chains: usize,
 }
 
+/// The inputs of a [`Ragged`] case: every sequence padded to the longest's end.
+struct RaggedData {
+    shape: Shape,
+    data: Data,
+}
+
+impl RaggedData {
+    fn new(c: &Ragged) -> Self {
+        let (hq, hkv, dk) = c.heads;
+        let t = c.lens.iter().max().unwrap() + c.steps + c.tail;
+        let shape = Shape::prefill(c.lens.len(), t, hq, hkv, dk, dk);
+        let data = Data::new(&c.cfg, &shape, c.branch, 41);
+        RaggedData { shape, data }
+    }
+
+    /// Positions `[a, e)` of sequence `b`: q, k, v, gates, then the six per-branch tensors
+    /// where there are.
+    fn seq(&self, b: usize, a: usize, e: usize) -> Vec<Vec<f32>> {
+        let (s, d) = (&self.shape, &self.data);
+        let widths = [s.hq * s.dk, s.hkv * s.dk, s.hkv * s.dv, s.hq * 3];
+        let mut t: Vec<Vec<f32>> = [&d.q, &d.k, &d.v, &d.gates]
+            .iter()
+            .zip(widths)
+            .map(|(x, w)| rows(x, s, b, a, e, w))
+            .collect();
+        for br in d.branch.iter().flatten() {
+            t.push(rows(br, s, b, a, e, widths[1]));
+        }
+        t
+    }
+
+    /// A cache at `precision` (room for 16 rows at first, so that it grows) holding each
+    /// sequence's keys and values before its first step.
+    fn cache(&self, pipe: &NsaPipeline, precision: Precision, c: &Ragged) -> NsaCache {
+        let o = CacheOptions {
+            precision,
+            ..opts(&self.shape, 16.min(self.shape.tk), c.branch)
+        };
+        let linear = self.data.inputs().linear;
+        let mut cache = NsaCache::new(pipe, &c.cfg, o, linear).unwrap();
+        let context: Vec<_> = (0..c.lens.len())
+            .map(|b| self.seq(b, 0, c.lens[b]))
+            .collect();
+        // (A sequence without context gets its first rows from the steps.)
+        let context: Vec<_> = all_chunks(&context, false)
+            .into_iter()
+            .filter(|c| !c.k.is_empty())
+            .collect();
+        pollster::block_on(pipe.append(&mut cache, &context)).unwrap();
+        cache
+    }
+}
+
 /// Runs `c`: each sequence's rows must equal its own plain prefill, every compressed token
 /// must be computed once, and (where the adapter has timestamps) each call must attend in
 /// `c.chains` chains.
@@ -739,41 +792,11 @@ fn check_ragged(c: Ragged) {
 /// [`check_ragged`] on `pipe` with inputs and cache stored at `precision`, the rows within
 /// `tol` of each sequence's prefill at the same precision.
 fn check_ragged_at(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged) {
-    let (cfg, (hq, hkv, dk), lens) = (c.cfg, c.heads, c.lens);
-    let t = lens.iter().max().unwrap() + c.steps + c.tail;
-    let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
-    let data = Data::new(&cfg, &s, c.branch, 41);
-    let (qw, kw, gw) = (s.hq * s.dk, s.hkv * s.dk, s.hq * 3);
-    // q, k, v, gates, then the six per-branch tensors where there are.
-    let seq = |b: usize, a: usize, e: usize| -> Vec<Vec<f32>> {
-        let mut t = vec![
-            rows(&data.q, &s, b, a, e, qw),
-            rows(&data.k, &s, b, a, e, kw),
-            rows(&data.v, &s, b, a, e, kw),
-            rows(&data.gates, &s, b, a, e, gw),
-        ];
-        for br in data.branch.iter().flatten() {
-            t.push(rows(br, &s, b, a, e, kw));
-        }
-        t
-    };
-    let linear = data.inputs().linear;
-    let o = CacheOptions {
-        precision,
-        ..opts(&s, 16.min(t), c.branch)
-    };
-    let mut cache = NsaCache::new(pipe, &cfg, o, linear).unwrap();
-    let context: Vec<_> = lens
-        .iter()
-        .enumerate()
-        .map(|(b, &l)| seq(b, 0, l))
-        .collect();
-    // (A sequence without context gets its first rows from the steps.)
-    let context: Vec<_> = all_chunks(&context, false)
-        .into_iter()
-        .filter(|c| !c.k.is_empty())
-        .collect();
-    pollster::block_on(pipe.append(&mut cache, &context)).unwrap();
+    let (cfg, (hq, hkv, _), lens) = (c.cfg, c.heads, c.lens);
+    let r = RaggedData::new(&c);
+    let (s, linear) = (r.shape, r.data.inputs().linear);
+    let seq = |b: usize, a: usize, e: usize| r.seq(b, a, e);
+    let mut cache = r.cache(pipe, precision, &c);
     let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
     let req = OutputRequest::all();
     let mut got: Vec<Vec<NsaOutputs>> = lens.iter().map(|_| Vec::new()).collect();
@@ -1030,41 +1053,12 @@ fn read_f32(pipe: &NsaPipeline, bufs: &[wgpu::Buffer]) -> Vec<Vec<f32>> {
 /// it is submitted, then a chunk of `tail` rows): every row, bit for bit, and both caches'
 /// lengths and compressed-token counts must agree.
 fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
-    let (cfg, (hq, hkv, dk), lens) = (c.cfg, c.heads, c.lens);
-    let t = lens.iter().max().unwrap() + c.steps + c.tail;
-    let s = Shape::prefill(lens.len(), t, hq, hkv, dk, dk);
-    let data = Data::new(&cfg, &s, c.branch, 43);
-    let widths = [s.hq * s.dk, s.hkv * s.dk, s.hkv * s.dv, s.hq * 3];
-    let seq = |b: usize, a: usize, e: usize| -> Vec<Vec<f32>> {
-        let mut t: Vec<Vec<f32>> = [&data.q, &data.k, &data.v, &data.gates]
-            .iter()
-            .zip(widths)
-            .map(|(x, w)| rows(x, &s, b, a, e, w))
-            .collect();
-        for br in data.branch.iter().flatten() {
-            t.push(rows(br, &s, b, a, e, widths[1]));
-        }
-        t
-    };
-    let linear = data.inputs().linear;
-    let o = CacheOptions {
-        precision,
-        ..opts(&s, 16.min(t), c.branch)
-    };
-    let mut host = NsaCache::new(pipe, &cfg, o, linear).unwrap();
-    let mut dev = NsaCache::new(pipe, &cfg, o, linear).unwrap();
-    let context: Vec<_> = lens
-        .iter()
-        .enumerate()
-        .map(|(b, &l)| seq(b, 0, l))
-        .collect();
-    let context: Vec<_> = all_chunks(&context, false)
-        .into_iter()
-        .filter(|c| !c.k.is_empty())
-        .collect();
-    for cache in [&mut host, &mut dev] {
-        pollster::block_on(pipe.append(cache, &context)).unwrap();
-    }
+    let (cfg, (hq, hkv, _), lens) = (c.cfg, c.heads, c.lens);
+    let r = RaggedData::new(&c);
+    let s = r.shape;
+    let seq = |b: usize, a: usize, e: usize| r.seq(b, a, e);
+    let mut host = r.cache(pipe, precision, &c);
+    let mut dev = r.cache(pipe, precision, &c);
     let calls: Vec<usize> = std::iter::repeat_n(1, c.steps).chain([c.tail]).collect();
     let mut at: Vec<usize> = lens.to_vec();
     let name = format!(
