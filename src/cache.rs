@@ -92,8 +92,9 @@ struct Job {
     ragged: bool,
 }
 
-/// What an extend call records per plan: its readback buffers, its scratch, and how many
-/// sequences it computes rows for (0: compression only).
+/// What an extend call records per plan: its readback buffers (for a step from GPU buffers,
+/// those it took over, unused), its scratch, and how many sequences it computes rows for (0:
+/// compression only).
 type Recorded = (Vec<wgpu::Buffer>, crate::NsaScratch, usize);
 
 /// One extend call as `record_extend` takes it: sequence `seqs[i]` appends `sizes[i]`
@@ -475,10 +476,10 @@ impl NsaCache {
         }
     }
 
-    /// Keeps the scratches and readback buffers of an extend call's plans for the next call.
+    /// Keeps the scratches and readback buffers of an extend call's plans for the next call,
+    /// in the order they were taken; not those of a long chunk (its kept scores take up to
+    /// the plan's budget).
     fn keep(&mut self, kept: Vec<Recorded>) {
-        // Keep the scratches and readback buffers for the next call, in the order they were
-        // taken; not those of a long chunk (its kept scores take up to the plan's budget).
         let mut nth = [0usize; 2];
         for (staging, scratch, nb) in kept {
             let scratch = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
@@ -1009,7 +1010,8 @@ impl NsaPipeline {
             let params_in = matches!(feed, Feed::Device(_)).then_some(&mut *encoder);
             let scratch = self.refit_scratch_in(old, &plan, params_in)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
-            // before the commands run); compressing binds none of them.
+            // before the commands run, or copied first in the caller's encoder); compressing
+            // binds none of them.
             let (q, g, out) = if rows_out {
                 let sizes = [Tensor::Q, Tensor::Gates, Tensor::Out].map(|t| plan.tensor_bytes(t));
                 let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
