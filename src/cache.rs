@@ -638,7 +638,9 @@ impl NsaPipeline {
     /// cache, would otherwise run before these copies. Several steps may be recorded into one
     /// encoder. Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
     /// [`NsaError::InvalidShape`], capacity as in [`Self::extend`]); the values are not (they
-    /// never reach the host): non-finite inputs give non-finite rows.
+    /// never reach the host): non-finite inputs give non-finite rows. After an error the
+    /// cache's lengths are unchanged, and whatever part of the step `encoder` holds writes
+    /// only past them, so submitting or dropping it is safe.
     pub async fn encode_extend(
         &self,
         encoder: &mut wgpu::CommandEncoder,
