@@ -172,10 +172,11 @@ impl DeviceStep<'_> {
     /// Checks the step against a cache of `opts`: its sequences, and each buffer's size and
     /// usage.
     fn check(&self, opts: &CacheOptions) -> Result<()> {
-        if self.seqs == 0 || self.first_seq + self.seqs > opts.seqs {
+        let end = self.first_seq.saturating_add(self.seqs);
+        if self.seqs == 0 || end > opts.seqs {
             return Err(NsaError::InvalidShape {
                 what: "first_seq + seqs",
-                value: self.first_seq + self.seqs,
+                value: end,
                 rule: "at least one sequence, all < the cache's seqs",
             });
         }
@@ -184,6 +185,14 @@ impl DeviceStep<'_> {
                 what: "tokens",
                 value: 0,
                 rule: "at least one new token per sequence",
+            });
+        }
+        // (More than a sequence may ever hold fails here, before any size is computed.)
+        if self.tokens > opts.max_capacity {
+            return Err(NsaError::ExceedsLimit {
+                what: "NsaCache max_capacity (rows per sequence)",
+                needed: self.tokens as u64,
+                limit: opts.max_capacity as u64,
             });
         }
         match (opts.independent_kv, self.branch_kv.is_some()) {

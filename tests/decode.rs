@@ -1204,6 +1204,14 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             branch_kv: Some(six),
             ..good
         },
+        nsa_wgpu::DeviceStep {
+            first_seq: usize::MAX,
+            ..good
+        },
+        nsa_wgpu::DeviceStep {
+            tokens: usize::MAX,
+            ..good
+        },
     ];
     let device = &pipe.context().device;
     for (i, step) in bad.iter().enumerate() {
@@ -1217,6 +1225,8 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             "tokens",
             "`q`: holds 512 bytes",
             "branch_kv",
+            "first_seq + seqs",
+            "max_capacity",
         ];
         assert!(text.contains(expect[i]), "case {i}: {text}");
         assert_eq!(cache.lens(), &[0, 0], "case {i}");
