@@ -33,11 +33,16 @@ fn rows(t: &[f32], s: &Shape, bi: usize, a: usize, b: usize, width: usize) -> Ve
 
 /// Positions `[a, b)` of sequence 0 of `data` (shaped `s`): q, k, v and gates rows.
 fn seq_rows(data: &Data, s: &Shape, a: usize, b: usize) -> [Vec<f32>; 4] {
+    seq_rows_at(data, s, 0, a, b)
+}
+
+/// [`seq_rows`] of sequence `bi`.
+fn seq_rows_at(data: &Data, s: &Shape, bi: usize, a: usize, b: usize) -> [Vec<f32>; 4] {
     [
-        rows(&data.q, s, 0, a, b, s.hq * s.dk),
-        rows(&data.k, s, 0, a, b, s.hkv * s.dk),
-        rows(&data.v, s, 0, a, b, s.hkv * s.dv),
-        rows(&data.gates, s, 0, a, b, s.hq * 3),
+        rows(&data.q, s, bi, a, b, s.hq * s.dk),
+        rows(&data.k, s, bi, a, b, s.hkv * s.dk),
+        rows(&data.v, s, bi, a, b, s.hkv * s.dv),
+        rows(&data.gates, s, bi, a, b, s.hq * 3),
     ]
 }
 
@@ -1244,4 +1249,53 @@ fn bad_device_steps_are_errors_and_change_nothing() {
     // The good steps wrote finite rows.
     let rows = read_f32(pipe, std::slice::from_ref(&out));
     assert!(rows[0].iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn large_appends_equal_small_ones() {
+    // Keys and values of more than 4 MiB in one call (here 2199 tokens of two sequences, f32
+    // Hkv = 1, D = 128: 4.5 MB) are written a sequence and tensor at a time, smaller ones
+    // through one upload: the same cache either way (then one step on it, bit for bit).
+    let cfg = NsaConfig::default();
+    let s = Shape::prefill(2, 2200, 4, 1, 128, 128);
+    let data = Data::new(&cfg, &s, false, 47);
+    let pipe = pipeline();
+    let w = s.hkv * s.dk;
+    let kv = |b: usize, a: usize, e: usize| {
+        (rows(&data.k, &s, b, a, e, w), rows(&data.v, &s, b, a, e, w))
+    };
+    let mut outs = Vec::new();
+    for piece in [2199, 300] {
+        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).unwrap();
+        let mut at = 0;
+        while at < 2199 {
+            let end = (at + piece).min(2199);
+            let owned: Vec<_> = (0..2).map(|b| kv(b, at, end)).collect();
+            let chunks: Vec<SeqChunk> = owned
+                .iter()
+                .enumerate()
+                .map(|(b, (k, v))| SeqChunk::keys_values(b, k, v))
+                .collect();
+            pollster::block_on(pipe.append(&mut cache, &chunks)).unwrap();
+            at = end;
+        }
+        let owned: Vec<_> = (0..2)
+            .map(|b| seq_rows_at(&data, &s, b, 2199, 2200))
+            .collect();
+        let step: Vec<SeqChunk> = owned
+            .iter()
+            .enumerate()
+            .map(|(b, [q, k, v, g])| SeqChunk::new(b, q, k, v, g))
+            .collect();
+        let out = pollster::block_on(pipe.extend(&mut cache, &step, OutputRequest::default()));
+        outs.push(out.unwrap());
+    }
+    for (a, b) in outs[0].iter().zip(&outs[1]) {
+        assert!(a
+            .out
+            .iter()
+            .zip(&b.out)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(a.out.iter().all(|x| x.is_finite()));
+    }
 }
