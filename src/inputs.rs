@@ -249,6 +249,7 @@ pub struct NsaOutputs {
     /// The branch outputs (when requested).
     pub branches: Option<BranchOutputs>,
 }
+
 #[cfg(test)]
 mod tests {
     use super::{check_tensor, stored_bytes};
