@@ -524,6 +524,18 @@ impl NsaCache {
     /// Grows every sequence's reservation to at least `rows` (up to `max_capacity`), copying
     /// what is cached.
     pub fn reserve(&mut self, pipe: &NsaPipeline, rows: usize) -> Result<()> {
+        self.reserve_in(pipe, rows, None)
+    }
+
+    /// [`Self::reserve`]; with `encoder`, the copies are recorded there instead of submitted
+    /// at once, so that they follow what that encoder already wrote into the cache (steps
+    /// recorded by `encode_extend` and not yet submitted).
+    fn reserve_in(
+        &mut self,
+        pipe: &NsaPipeline,
+        rows: usize,
+        encoder: Option<&mut wgpu::CommandEncoder>,
+    ) -> Result<()> {
         pipe.context().check_alive()?;
         if rows <= self.capacity {
             return Ok(());
@@ -538,11 +550,15 @@ impl NsaCache {
         let new_cap = rows.max(self.capacity * 2).min(self.opts.max_capacity);
         let (raw, compressed) = Self::allocate(pipe, &self.config, &self.opts, new_cap)?;
         let ctx = pipe.context();
-        let mut enc = ctx
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("nsa.cache.grow"),
-            });
+        let mut own = None;
+        let enc = match encoder {
+            Some(e) => e,
+            None => own.insert(ctx.device.create_command_encoder(
+                &wgpu::CommandEncoderDescriptor {
+                    label: Some("nsa.cache.grow"),
+                },
+            )),
+        };
         let (old_c, new_c) = (
             self.config.num_compressed(self.capacity).max(1),
             self.config.num_compressed(new_cap).max(1),
@@ -576,7 +592,9 @@ impl NsaCache {
                 );
             }
         }
-        ctx.queue.submit([enc.finish()]);
+        if let Some(own) = own {
+            ctx.queue.submit([own.finish()]);
+        }
         self.raw = raw;
         self.compressed = compressed;
         self.capacity = new_cap;
@@ -651,10 +669,10 @@ impl NsaPipeline {
     /// `step.out`. Nothing goes through the host, so a model can record the steps of all its
     /// layers and submit them at once, and keep its activations on the GPU.
     ///
-    /// The cache counts the tokens as appended when this returns, so `encoder` must be
-    /// submitted before the next call on `cache`: that call's queue writes, or a growth of the
-    /// cache, would otherwise run before these copies. Several steps may be recorded into one
-    /// encoder. Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
+    /// The cache counts the tokens as appended when this returns. Several steps may be
+    /// recorded into one encoder (a growth of the cache is recorded there too), but `encoder`
+    /// must be submitted before any other call on `cache` (`extend`, `append`, `reserve`):
+    /// their queue writes and growth would otherwise run before these copies. Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
     /// [`NsaError::InvalidShape`], capacity as in [`Self::extend`]); the values are not (they
     /// never reach the host): non-finite inputs give non-finite rows. After an error the
     /// cache's lengths are unchanged, and whatever part of the step `encoder` holds writes
@@ -894,7 +912,9 @@ impl NsaPipeline {
             .map(|(s, n)| cache.lens[*s] + n)
             .max()
             .unwrap_or(0);
-        cache.reserve(self, need)?;
+        // Growth follows the steps this encoder already holds (encode_extend).
+        let grow_in = matches!(feed, Feed::Device(_)).then_some(&mut *encoder);
+        cache.reserve_in(self, need, grow_in)?;
         let ctx = self.context();
         let device = &ctx.device;
         let cap = cache.capacity as u64;

@@ -1135,8 +1135,8 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
 
 #[test]
 fn device_steps_equal_host_steps() {
-    // Ragged lengths (one empty), a cache that grows during the steps, decode steps two to
-    // an encoder, then a chunk; Mean with shared K/V, Linear with per-branch K/V; f32, and
+    // Ragged lengths (one empty), a cache that grows during the steps (once between two
+    // steps of one encoder), decode steps two to an encoder, then a chunk; Mean with shared K/V, Linear with per-branch K/V; f32, and
     // f16 on every f16 pipeline.
     let linear = NsaConfig {
         compression: Compression::Linear,
@@ -1154,6 +1154,9 @@ fn device_steps_equal_host_steps() {
             chains: 1,
         };
         check_device_steps(pipeline(), Precision::F32, c(&[50, 203, 0, 130]));
+        // The cache (32 rows after this context) is full after the first step and grows
+        // while that step waits in the encoder.
+        check_device_steps(pipeline(), Precision::F32, c(&[31, 5, 0]));
         for pipe in f16_pipelines() {
             check_device_steps(pipe, Precision::F16, c(&[77, 1, 140]));
         }
