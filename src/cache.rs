@@ -197,22 +197,7 @@ impl DeviceStep<'_> {
                 limit: opts.max_capacity as u64,
             });
         }
-        match (opts.independent_kv, self.branch_kv.is_some()) {
-            (true, false) => {
-                return Err(NsaError::MissingInput {
-                    tensor: "k_cmp",
-                    why: "the cache holds independent keys/values per branch",
-                })
-            }
-            (false, true) => {
-                return Err(NsaError::InvalidShape {
-                    what: "branch_kv",
-                    value: 6,
-                    rule: "the cache was created without independent keys/values",
-                })
-            }
-            _ => {}
-        }
+        check_kv_mode(opts, self.branch_kv.is_some())?;
         let n = (self.seqs * self.tokens) as u64;
         let per = self.seq_bytes(opts);
         let seqs = self.seqs as u64;
@@ -226,12 +211,7 @@ impl DeviceStep<'_> {
             ),
             ("out", self.out, seqs * per[2], wgpu::BufferUsages::COPY_DST),
         ];
-        let names: &[&'static str] = if self.branch_kv.is_some() {
-            &["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"]
-        } else {
-            &["k", "v"]
-        };
-        for ((name, buf), d) in names
+        for ((name, buf), d) in kv_names(opts)
             .iter()
             .zip(self.key_value_buffers())
             .zip(raw_dims(opts))
@@ -317,6 +297,41 @@ impl<'a> SeqChunk<'a> {
 /// Bytes of one cached row (all heads) of a tensor whose heads hold `d` values.
 fn row_bytes(opts: &CacheOptions, d: usize) -> u64 {
     (opts.hkv * d) as u64 * opts.precision.bytes()
+}
+
+/// The names of the cache's raw key/value tensors, in the order of `raw_dims`.
+fn kv_names(opts: &CacheOptions) -> &'static [&'static str] {
+    if opts.independent_kv {
+        &["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"]
+    } else {
+        &["k", "v"]
+    }
+}
+
+/// A chunk's new keys and values in the order of `raw_dims` (the per-branch ones where it
+/// has them; `check_kv_mode` says whether that matches the cache).
+fn chunk_kv<'a>(c: &SeqChunk<'a>) -> Vec<&'a [f32]> {
+    match c.branch_kv {
+        Some(b) => b.to_vec(),
+        None => vec![c.k, c.v],
+    }
+}
+
+/// An error unless a call brings per-branch keys/values (`branch`) exactly where the cache
+/// holds them.
+fn check_kv_mode(opts: &CacheOptions, branch: bool) -> Result<()> {
+    match (opts.independent_kv, branch) {
+        (true, false) => Err(NsaError::MissingInput {
+            tensor: "k_cmp",
+            why: "the cache holds independent keys/values per branch",
+        }),
+        (false, true) => Err(NsaError::InvalidShape {
+            what: "branch_kv",
+            value: 6,
+            rule: "the cache was created without independent keys/values",
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn raw_dims(opts: &CacheOptions) -> Vec<usize> {
@@ -672,7 +687,9 @@ impl NsaPipeline {
     /// The cache counts the tokens as appended when this returns. Several steps may be
     /// recorded into one encoder (a growth of the cache is recorded there too), but `encoder`
     /// must be submitted before any other call on `cache` (`extend`, `append`, `reserve`):
-    /// their queue writes and growth would otherwise run before these copies. Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
+    /// their queue writes and growth would otherwise run before these copies.
+    ///
+    /// Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
     /// [`NsaError::InvalidShape`], capacity as in [`Self::extend`]); the values are not (they
     /// never reach the host): non-finite inputs give non-finite rows. After an error the
     /// cache's lengths are unchanged, and whatever part of the step `encoder` holds writes
@@ -750,51 +767,22 @@ impl NsaPipeline {
                 check_tensor("q", c.q, &[n, o.hq, o.dk])?;
                 check_tensor("gates", c.gates, &[n, o.hq, 3])?;
             }
-            match (o.independent_kv, c.branch_kv) {
-                (true, Some(b)) => {
-                    let names = ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"];
-                    for (j, (name, t)) in names.iter().zip(b).enumerate() {
-                        check_tensor(name, t, &[n, o.hkv, if j % 2 == 0 { o.dk } else { o.dv }])?;
-                    }
-                }
-                (false, None) => {
-                    check_tensor("k", c.k, &[n, o.hkv, o.dk])?;
-                    check_tensor("v", c.v, &[n, o.hkv, o.dv])?;
-                }
-                (true, None) => {
-                    return Err(NsaError::MissingInput {
-                        tensor: "k_cmp",
-                        why: "the cache holds independent keys/values per branch",
-                    })
-                }
-                (false, Some(_)) => {
-                    return Err(NsaError::InvalidShape {
-                        what: "branch_kv",
-                        value: 6,
-                        rule: "the cache was created without independent keys/values",
-                    })
-                }
+            check_kv_mode(&o, c.branch_kv.is_some())?;
+            for ((name, t), d) in kv_names(&o).iter().zip(chunk_kv(c)).zip(raw_dims(&o)) {
+                check_tensor(name, t, &[n, o.hkv, d])?;
             }
             sizes.push(n);
         }
         // The new keys, values and queries as stored (converted, and range-checked for f16,
         // before anything changes).
-        let dims = raw_dims(&o);
         let mut stored_kv = Vec::with_capacity(chunks.len());
         let mut stored_q = Vec::with_capacity(chunks.len());
         let gates: Vec<&[f32]> = chunks.iter().map(|c| c.gates).collect();
-        for (c, n) in chunks.iter().zip(&sizes) {
-            let data: Vec<(&'static str, &[f32])> = match c.branch_kv {
-                Some(b) => ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"]
-                    .into_iter()
-                    .zip(b)
-                    .collect(),
-                None => vec![("k", c.k), ("v", c.v)],
-            };
-            let kv = dims
+        for c in chunks {
+            let kv = kv_names(&o)
                 .iter()
-                .zip(data)
-                .map(|(d, (name, rows))| stored_bytes(name, &rows[..n * o.hkv * d], o.precision));
+                .zip(chunk_kv(c))
+                .map(|(name, rows)| stored_bytes(name, rows, o.precision));
             stored_kv.push(kv.collect::<Result<Vec<_>>>()?);
             if attend {
                 stored_q.push(stored_bytes("q", c.q, o.precision)?);
