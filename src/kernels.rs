@@ -320,8 +320,14 @@ pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32) -> u32 {
 
 /// The specialization of an attention kernel on tensor cores of `rows` query rows (a
 /// multiple of 16) for an adapter with `limit` bytes of workgroup memory: as many keys per
-/// tile (a multiple of 16, at most `max_kt` and 64) as fit, and as each invocation's
-/// [`TILE_LOADS`] hold; `None` when not even 16 do (the kernel then runs on the shader cores).
+/// tile (64, 32 or 16, at most `max_kt`) as fit, and as each invocation's [`TILE_LOADS`]
+/// hold; `None` when not even 16 do (the kernel then runs on the shader cores).
+///
+/// Never 48: the softmax of a tile whose scores are kept takes its keys in quads of 32
+/// (`tile_key` in `shaders/shared/attn_mma.wgsl`), so a 48-key tile left 16 of its keys
+/// out of the softmax and read 16 past it. On the H200, f16 compressed attention with
+/// Dk = 192 and Dv <= 56 (whose wide tiles fit 48 keys) was wrong so until the twenty-ninth
+/// session (found by the random f16 sweep, `NSA_SWEEP_SEED` 1000-1011).
 pub fn mma_specialization(
     dk: u32,
     dv: u32,
@@ -329,9 +335,8 @@ pub fn mma_specialization(
     rows: u32,
     max_kt: u32,
 ) -> Option<Specialization> {
-    (1..=4)
-        .rev()
-        .map(|blocks| 16 * blocks)
+    [64, 32, 16]
+        .into_iter()
         .filter(|&kt| kt <= max_kt)
         .find(|&kt| {
             mma_workgroup_bytes(dk, dv, kt, rows) <= limit

@@ -566,16 +566,16 @@ fn random_long_decode_steps_match_the_reference() {
     // each after thousands of cached tokens: selection splits whose chunks the selection's
     // token tile caps, long candidate lists for select_merge, every branch split, Mean and
     // Linear (with the old split rule, it chose wrong blocks).
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6c6f_6e67);
-    for case in 0..6 {
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random long decode", 0x6c6f_6e67, 6);
+    for case in 0..cases {
         let cfg = random_long_config(&mut rng, &[1, 2, 4, 8], &[1, 30, 300], 245);
         let hkv = rng.random_range(1..=2);
         let hq = hkv * pick(&mut rng, &[1, 4, 16]);
         let tk = rng.random_range(1000..=6000);
         let s = Shape::prefill(1, tk, hq, hkv, 8, 8);
         println!("case {case}: {cfg:?} {s:?}");
-        last_step_matches_the_reference(&cfg, &s, &Data::new(&cfg, &s, false, case));
+        last_step_matches_the_reference(&cfg, &s, &Data::new(&cfg, &s, false, case as u64));
     }
 }
 
@@ -927,9 +927,9 @@ fn random_ragged_batches_equal_each_sequence_alone() {
     // Seeded random configs, head shapes and lengths (zero included) through the ragged path,
     // from host slices and from GPU buffers: compression blocks and strides, selection
     // blocks, top-n with forced blocks, windows, Mean and Linear, shared and per-branch K/V.
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7261_6767);
-    for _ in 0..8 {
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random ragged", 0x7261_6767, 8);
+    for _ in 0..cases {
         let cfg = random_config(&mut rng, &[1, 2, 4, 8], &[1, 7, 24]);
         let hkv = rng.random_range(1..=2);
         let g = pick(&mut rng, &[1, 3, 16]);

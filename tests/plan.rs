@@ -200,8 +200,8 @@ fn random_plans_respect_the_kernels_capacities() {
     // Seeded configs (strides 1-16, blocks of 1-8 strides, n up to 256), lengths up to 70k,
     // decode steps, short chunks and whole prefills, batches, groups and head sizes, on the
     // default limits and on an H200's.
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x706c_616e);
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random plans", 0x706c_616e, 400);
     let h200 = DeviceLimits {
         max_storage_binding: u32::MAX as u64,
         max_buffer: 1 << 40,
@@ -210,7 +210,7 @@ fn random_plans_respect_the_kernels_capacities() {
         ..DeviceLimits::default()
     };
     let mut planned = 0;
-    for i in 0..400 {
+    for i in 0..cases {
         let cfg = random_long_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512, 4096], 240);
         let tk = rng.random_range(1..=70000);
         let tq = [1, 3, 37, tk][rng.random_range(0..4)].min(tk);
@@ -253,7 +253,7 @@ fn random_plans_respect_the_kernels_capacities() {
             check_capacities(&ragged.unwrap(), &format!("{case} behind {behind:?}"));
         }
     }
-    assert!(planned > 200, "only {planned} of 400 planned");
+    assert!(planned > cases / 2, "only {planned} of {cases} planned");
 }
 
 #[test]
@@ -770,10 +770,10 @@ fn f16_plans_bind_keys_and_values_at_aligned_elements() {
     // tensors as pairs of words, so every binding of one must start and end on 8-byte units
     // within the tensor's bytes. Random f16 prefills, chunked by small bindings and buffers
     // at offset alignments from 4 to 256 bytes, hold both.
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6631_3677);
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random f16 bindings", 0x6631_3677, 300);
     let mut checked = 0;
-    for _ in 0..300 {
+    for _ in 0..cases {
         let cfg = random_long_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512], 60);
         let tk = rng.random_range(1..=20000);
         let hkv = rng.random_range(1..=3);
@@ -832,7 +832,7 @@ fn f16_plans_bind_keys_and_values_at_aligned_elements() {
         }
         checked += 1;
     }
-    assert!(checked > 150, "only {checked} of 300 planned");
+    assert!(checked > cases / 2, "only {checked} of {cases} planned");
 }
 
 /// Branch outputs are bound only where asked: a prefill keeps o_cmp and o_slc as its

@@ -353,6 +353,8 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (8, 8, 32768),
             (100, 64, 32768),
             (192, 128, 49152),
+            // Wide tiles of 48 keys would fit here: they must be 32 (mma_specialization).
+            (192, 64, 49152),
             (128, 128, 49152),
             (128, 128, 32768),
             (12, 10, 16384),
@@ -374,7 +376,8 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
                     assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
                     continue;
                 };
-                assert_eq!(spec.kv_tile % 16, 0);
+                // The tile loop's softmax takes a kept tile's keys in quads of 32.
+                assert!([16, 32, 64].contains(&spec.kv_tile), "{spec:?}");
                 assert!(spec.kv_tile <= max_kt);
                 assert_eq!(spec.rows, rows);
                 // Each invocation's share of a tile fits its prefetch array (qk.wgsl's LOADS).
@@ -396,5 +399,15 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
     }
     // 16 rows fit every case; 32 rows all but (128, 128) in 32 KiB and (12, 10) in 16 KiB;
     // compressed attention twice (keeping scores, and block sums).
-    assert_eq!(checked, 50);
+    assert_eq!(checked, 60);
+    // Every head size and workgroup memory: tiles of 16, 32 or 64 keys, never 48.
+    for dk in 1..=256 {
+        for dv in 1..=256 {
+            for (limit, rows) in [(49152, 32), (49152, 16), (32768, 16), (65536, 32)] {
+                if let Some(spec) = mma_specialization(dk, dv, limit, rows, 64) {
+                    assert!([16, 32, 64].contains(&spec.kv_tile), "{dk} {dv} {spec:?}");
+                }
+            }
+        }
+    }
 }

@@ -150,6 +150,26 @@ impl Data {
     }
 }
 
+/// The generator and case count of a seeded sweep: `seed` and `cases` as written, so that CI
+/// always runs the same cases, unless the environment asks for others. `NSA_SWEEP_SEED=S`
+/// mixes `S` into the seed (other cases of the same kinds: a fuzzing loop runs S = 1, 2, ...)
+/// and `NSA_SWEEP_CASES=N` runs `N` cases. The sweep prints the seed it runs with; a failing
+/// case's message names its config and shape.
+pub fn sweep(name: &str, seed: u64, cases: usize) -> (StdRng, usize) {
+    let var = |key: &str| {
+        std::env::var(key).ok().map(|v| {
+            v.parse::<u64>()
+                .unwrap_or_else(|_| panic!("{key}={v} is not a whole number"))
+        })
+    };
+    let extra = var("NSA_SWEEP_SEED").unwrap_or(0);
+    let cases = var("NSA_SWEEP_CASES").map_or(cases, |n| n as usize);
+    // Times an odd constant: distinct extras give distinct seeds, and 0 keeps CI's.
+    let seed = seed ^ extra.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    println!("sweep {name}: seed {seed:#x} (NSA_SWEEP_SEED {extra}), {cases} cases");
+    (StdRng::seed_from_u64(seed), cases)
+}
+
 /// One of `xs`, at random.
 pub fn pick(rng: &mut StdRng, xs: &[usize]) -> usize {
     xs[rng.random_range(0..xs.len())]
