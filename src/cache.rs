@@ -126,9 +126,12 @@ enum Feed<'f, 'a> {
 /// [`NsaPipeline::encode_extend`]: `tokens` rows for each of the cache's sequences
 /// `first_seq .. first_seq + seqs`, each tensor laid out as SPEC's with `B = seqs` and
 /// `T = tokens`. `q`, `k`, `v` and `branch_kv` hold the cache's [`CacheOptions::precision`]
-/// (f32, or IEEE half floats for f16), `gates` and `out` f32. The inputs need
-/// `COPY_SRC` usage, `out` `COPY_DST`; a buffer may be larger than its tensor (the tensor
-/// starts at offset 0).
+/// (f32, or IEEE half floats for f16), `gates` and `out` f32.
+///
+/// Each tensor is a [`wgpu::BufferSlice`] (`buffer.slice(..)` for a whole buffer): the
+/// tensor starts at the slice's offset, which must be a multiple of 4
+/// ([`wgpu::COPY_BUFFER_ALIGNMENT`]), and the slice may be longer than the tensor, so that
+/// several tensors can share one buffer. Inputs need `COPY_SRC` usage, `out` `COPY_DST`.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceStep<'a> {
     /// The first sequence of the cache the step extends.
@@ -138,18 +141,18 @@ pub struct DeviceStep<'a> {
     /// New tokens per sequence (1: a decode step).
     pub tokens: usize,
     /// `q`: `[seqs, tokens, Hq, Dk]`.
-    pub q: &'a wgpu::Buffer,
+    pub q: wgpu::BufferSlice<'a>,
     /// `k`: `[seqs, tokens, Hkv, Dk]` (ignored with independent K/V).
-    pub k: &'a wgpu::Buffer,
+    pub k: wgpu::BufferSlice<'a>,
     /// `v`: `[seqs, tokens, Hkv, Dv]` (ignored with independent K/V).
-    pub v: &'a wgpu::Buffer,
+    pub v: wgpu::BufferSlice<'a>,
     /// `gates`: `[seqs, tokens, Hq, 3]`.
-    pub gates: &'a wgpu::Buffer,
+    pub gates: wgpu::BufferSlice<'a>,
     /// `out`: `[seqs, tokens, Hq, Dv]`, written.
-    pub out: &'a wgpu::Buffer,
+    pub out: wgpu::BufferSlice<'a>,
     /// With independent K/V: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`, each
     /// `[seqs, tokens, Hkv, D]`.
-    pub branch_kv: Option<[&'a wgpu::Buffer; 6]>,
+    pub branch_kv: Option<[wgpu::BufferSlice<'a>; 6]>,
 }
 
 impl DeviceStep<'_> {
@@ -164,15 +167,15 @@ impl DeviceStep<'_> {
     }
 
     /// The key/value buffers in the order of the cache's raw buffers.
-    fn key_value_buffers(&self) -> Vec<&wgpu::Buffer> {
+    fn key_value_buffers(&self) -> Vec<wgpu::BufferSlice<'_>> {
         match self.branch_kv {
             Some(b) => b.to_vec(),
             None => vec![self.k, self.v],
         }
     }
 
-    /// Checks the step against a cache of `opts`: its sequences, and each buffer's size and
-    /// usage.
+    /// Checks the step against a cache of `opts`: its sequences, and each slice's size,
+    /// offset and usage.
     fn check(&self, opts: &CacheOptions) -> Result<()> {
         let end = self.first_seq.saturating_add(self.seqs);
         if self.seqs == 0 || end > opts.seqs {
@@ -223,18 +226,24 @@ impl DeviceStep<'_> {
                 wgpu::BufferUsages::COPY_SRC,
             ));
         }
-        for (tensor, buf, need, usage) in wanted {
-            if buf.size() < need {
-                return Err(NsaError::BadBuffer {
-                    tensor,
-                    problem: format!("holds {} bytes, the step needs {need}", buf.size()),
-                });
+        for (tensor, slice, need, usage) in wanted {
+            let bad = |problem| Err(NsaError::BadBuffer { tensor, problem });
+            if slice.size() < need {
+                return bad(format!(
+                    "holds {} bytes, the step needs {need}",
+                    slice.size()
+                ));
             }
-            if !buf.usage().contains(usage) {
-                return Err(NsaError::BadBuffer {
-                    tensor,
-                    problem: format!("usage {:?} lacks {usage:?}", buf.usage()),
-                });
+            if slice.offset() % wgpu::COPY_BUFFER_ALIGNMENT != 0 {
+                return bad(format!(
+                    "starts at byte {}, not a multiple of {} (COPY_BUFFER_ALIGNMENT)",
+                    slice.offset(),
+                    wgpu::COPY_BUFFER_ALIGNMENT
+                ));
+            }
+            let has = slice.buffer().usage();
+            if !has.contains(usage) {
+                return bad(format!("usage {has:?} lacks {usage:?}"));
             }
         }
         Ok(())
@@ -689,7 +698,7 @@ impl NsaPipeline {
     /// must be submitted before any other call on `cache` (`extend`, `append`, `reserve`):
     /// their queue writes and growth would otherwise run before these copies.
     ///
-    /// Sizes, usages and sequences are checked ([`NsaError::BadBuffer`],
+    /// Sizes, offsets, usages and sequences are checked ([`NsaError::BadBuffer`],
     /// [`NsaError::InvalidShape`], capacity as in [`Self::extend`]); the values are not (they
     /// never reach the host): non-finite inputs give non-finite rows. After an error the
     /// cache's lengths are unchanged, and whatever part of the step `encoder` holds writes
@@ -938,7 +947,8 @@ impl NsaPipeline {
                 match (feed, &uploaded) {
                     (Feed::Device(step), _) => {
                         let src = step.key_value_buffers()[r];
-                        encoder.copy_buffer_to_buffer(src, i as u64 * len, buf, row, len);
+                        let from = src.offset() + i as u64 * len;
+                        encoder.copy_buffer_to_buffer(src.buffer(), from, buf, row, len);
                     }
                     (Feed::Host { .. }, Some(up)) => {
                         encoder.copy_buffer_to_buffer(up, at, buf, row, len);
@@ -1076,14 +1086,12 @@ impl NsaPipeline {
                         // The group's sequences are consecutive in the step's buffers.
                         let per = step.seq_bytes(&o);
                         let (at, nb) = (group.start as u64, nb as u64);
-                        encoder.copy_buffer_to_buffer(step.q, at * per[0], &b[0], 0, nb * per[0]);
-                        encoder.copy_buffer_to_buffer(
-                            step.gates,
-                            at * per[1],
-                            &b[1],
-                            0,
-                            nb * per[1],
-                        );
+                        for (src, dst, per) in
+                            [(step.q, &b[0], per[0]), (step.gates, &b[1], per[1])]
+                        {
+                            let from = src.offset() + at * per;
+                            encoder.copy_buffer_to_buffer(src.buffer(), from, dst, 0, nb * per);
+                        }
                     }
                 }
                 (&b[0], &b[1], &b[2])
@@ -1139,7 +1147,8 @@ impl NsaPipeline {
                 Feed::Device(step) => {
                     let per = step.seq_bytes(&o)[2];
                     let (at, nb) = (group.start as u64, nb as u64);
-                    encoder.copy_buffer_to_buffer(out, 0, step.out, at * per, nb * per);
+                    let to = step.out.offset() + at * per;
+                    encoder.copy_buffer_to_buffer(out, 0, step.out.buffer(), to, nb * per);
                     old_readback
                 }
             };

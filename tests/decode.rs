@@ -999,31 +999,62 @@ fn a_lost_device_is_an_error_not_a_panic() {
     assert!(matches!(r, Err(NsaError::Readback(_))), "{r:?}");
 }
 
-/// A buffer holding `values` as a cache of `precision` stores them (f16 or f32; `f32_only`:
-/// always f32, as gates are), with the usages a [`DeviceStep`] input needs.
-fn input_buffer(
-    pipe: &NsaPipeline,
-    values: &[f32],
-    precision: Precision,
-    f32_only: bool,
-) -> wgpu::Buffer {
-    use wgpu::util::DeviceExt;
-    let bytes: Vec<u8> = if precision == Precision::F16 && !f32_only {
+/// `values` as a cache of `precision` stores them (f16 or f32; `f32_only`: always f32, as
+/// gates are).
+fn stored_bytes(values: &[f32], precision: Precision, f32_only: bool) -> Vec<u8> {
+    if precision == Precision::F16 && !f32_only {
         values
             .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
             .collect()
     } else {
         bytemuck::cast_slice(values).to_vec()
-    };
+    }
+}
+
+/// A buffer holding `bytes`, with the usages a [`DeviceStep`] input needs.
+fn bytes_buffer(pipe: &NsaPipeline, bytes: &[u8]) -> wgpu::Buffer {
+    use wgpu::util::DeviceExt;
     let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::STORAGE;
     pipe.context()
         .device
         .create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("test.step input"),
-            contents: &bytes,
+            contents: bytes,
             usage,
         })
+}
+
+/// A buffer holding `values` as a cache of `precision` stores them (see [`stored_bytes`]).
+fn input_buffer(
+    pipe: &NsaPipeline,
+    values: &[f32],
+    precision: Precision,
+    f32_only: bool,
+) -> wgpu::Buffer {
+    bytes_buffer(pipe, &stored_bytes(values, precision, f32_only))
+}
+
+/// Bytes of junk before each tensor that [`packed_inputs`] puts into one buffer.
+const PACK_GAP: usize = 12;
+
+/// NaN floats before and after the rows of a step whose `out` is a slice of a larger buffer.
+const OUT_PAD: usize = 3;
+
+/// One buffer holding `tensors` one after another, each after [`PACK_GAP`] bytes of junk
+/// (NaN bits), and each one's range in it.
+fn packed_inputs(
+    pipe: &NsaPipeline,
+    tensors: &[Vec<u8>],
+) -> (wgpu::Buffer, Vec<std::ops::Range<u64>>) {
+    let mut bytes = Vec::new();
+    let mut ranges = Vec::new();
+    for t in tensors {
+        bytes.resize(bytes.len().next_multiple_of(4) + PACK_GAP, 0xff);
+        ranges.push(bytes.len() as u64..(bytes.len() + t.len()) as u64);
+        bytes.extend_from_slice(t);
+    }
+    (bytes_buffer(pipe, &bytes), ranges)
 }
 
 /// An output buffer of `len` f32 filled with NaN (so an unwritten element fails).
@@ -1056,7 +1087,9 @@ fn read_f32(pipe: &NsaPipeline, bufs: &[wgpu::Buffer]) -> Vec<Vec<f32>> {
 /// through two caches alike, one with `extend` from host slices, the other with
 /// `encode_extend` from GPU buffers (two single-row steps recorded into each encoder before
 /// it is submitted, then a chunk of `tail` rows): every row, bit for bit, and both caches'
-/// lengths and compressed-token counts must agree.
+/// lengths and compressed-token counts must agree. Every other encoder's steps take their
+/// tensors from one buffer at offsets ([`packed_inputs`]) and write their rows into the
+/// middle of a larger one, whose elements around them must stay NaN.
 fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
     let (cfg, (hq, hkv, _), lens) = (c.cfg, c.heads, c.lens);
     let r = RaggedData::new(&c);
@@ -1092,25 +1125,35 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
                     .flat_map(|o| o[j].clone())
                     .collect::<Vec<f32>>()
             };
-            let bufs: Vec<wgpu::Buffer> = (0..owned[0].len())
-                .map(|j| input_buffer(pipe, &cat(j), precision, j == 3))
+            let bytes: Vec<Vec<u8>> = (0..owned[0].len())
+                .map(|j| stored_bytes(&cat(j), precision, j == 3))
                 .collect();
-            let out = sentinel_out(pipe, lens.len() * n * s.hq * s.dv);
+            let packed = i % 2 == 1;
+            let (bufs, ranges) = if packed {
+                let (buf, ranges) = packed_inputs(pipe, &bytes);
+                (vec![buf], ranges)
+            } else {
+                let bufs: Vec<_> = bytes.iter().map(|b| bytes_buffer(pipe, b)).collect();
+                let whole = bufs.iter().map(|b| 0..b.size()).collect();
+                (bufs, whole)
+            };
+            let slice = |j: usize| bufs[j.min(bufs.len() - 1)].slice(ranges[j].clone());
+            let rows = lens.len() * n * s.hq * s.dv;
+            let pad = if packed { OUT_PAD } else { 0 };
+            let out = sentinel_out(pipe, rows + 2 * pad);
             let step = nsa_wgpu::DeviceStep {
                 first_seq: 0,
                 seqs: lens.len(),
                 tokens: n,
-                q: &bufs[0],
-                k: &bufs[1],
-                v: &bufs[2],
-                gates: &bufs[3],
-                out: &out,
-                branch_kv: c
-                    .branch
-                    .then(|| [&bufs[4], &bufs[5], &bufs[6], &bufs[7], &bufs[8], &bufs[9]]),
+                q: slice(0),
+                k: slice(1),
+                v: slice(2),
+                gates: slice(3),
+                out: out.slice(pad as u64 * 4..(pad + rows) as u64 * 4),
+                branch_kv: c.branch.then(|| [4, 5, 6, 7, 8, 9].map(slice)),
             };
             pollster::block_on(pipe.encode_extend(&mut enc, &mut dev, &step)).unwrap();
-            outs.push(out);
+            outs.push((out, pad));
             at.iter_mut().for_each(|a| *a += n);
         }
         assert_eq!(
@@ -1119,7 +1162,14 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
             "{name} call {i}: counted when recorded"
         );
         pipe.context().queue.submit([enc.finish()]);
+        let (outs, pads): (Vec<_>, Vec<_>) = outs.into_iter().unzip();
         for (j, (got, want)) in read_f32(pipe, &outs).iter().zip(&want).enumerate() {
+            let (pad, end) = (pads[j], got.len() - pads[j]);
+            assert!(
+                got[..pad].iter().chain(&got[end..]).all(|x| x.is_nan()),
+                "{name} call {i}.{j}: written outside the out slice"
+            );
+            let got = &got[pad..end];
             let same = got
                 .iter()
                 .zip(want)
@@ -1175,11 +1225,11 @@ fn bad_device_steps_are_errors_and_change_nothing() {
         first_seq: 0,
         seqs: 2,
         tokens: 1,
-        q: &q,
-        k: &k,
-        v: &v,
-        gates: &g,
-        out: &out,
+        q: q.slice(..),
+        k: k.slice(..),
+        v: v.slice(..),
+        gates: g.slice(..),
+        out: out.slice(..),
         branch_kv: None,
     };
     let small_q = buf(64);
@@ -1192,14 +1242,15 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-    let six = [&k, &v, &k, &v, &k, &v];
+    let six = [&k, &v, &k, &v, &k, &v].map(|b| b.slice(..));
+    let big_v = buf(2 * 32 + 4);
     let bad = [
         nsa_wgpu::DeviceStep {
-            q: &small_q,
+            q: small_q.slice(..),
             ..good
         },
         nsa_wgpu::DeviceStep {
-            out: &no_copy_out,
+            out: no_copy_out.slice(..),
             ..good
         },
         nsa_wgpu::DeviceStep {
@@ -1220,6 +1271,15 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             tokens: usize::MAX,
             ..good
         },
+        // A slice of a large enough buffer that is too short, and one off the copy alignment.
+        nsa_wgpu::DeviceStep {
+            k: k.slice(..2 * 32 * 4 - 4),
+            ..good
+        },
+        nsa_wgpu::DeviceStep {
+            v: big_v.slice(2..),
+            ..good
+        },
     ];
     let device = &pipe.context().device;
     for (i, step) in bad.iter().enumerate() {
@@ -1235,6 +1295,8 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             "branch_kv",
             "first_seq + seqs",
             "max_capacity",
+            "`k`: holds 252 bytes, the step needs 256",
+            "`v`: starts at byte 2, not a multiple of 4",
         ];
         assert!(text.contains(expect[i]), "case {i}: {text}");
         assert_eq!(cache.lens(), &[0, 0], "case {i}");

@@ -265,11 +265,11 @@ fn device_steps(
         first_seq: 0,
         seqs,
         tokens: 1,
-        q: &q,
-        k: &k,
-        v: &v,
-        gates: &gates,
-        out: &out,
+        q: q.slice(..),
+        k: k.slice(..),
+        v: v.slice(..),
+        gates: gates.slice(..),
+        out: out.slice(..),
         branch_kv: None,
     };
     let mut ms = Vec::new();
