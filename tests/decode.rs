@@ -314,6 +314,31 @@ fn f16_cache_steps_and_chunks_equal_the_f16_prefill() {
 }
 
 #[test]
+fn random_f16_caches_equal_the_f16_prefill() {
+    // Seeded configs (Mean and Linear), groups and head sizes up to 256 (192 and Dk != Dv
+    // among them: the tensor cores' narrow and wide tiles of every size) through an f16 cache
+    // in decode steps or chunks, on the shader cores and (where the adapter has them) the
+    // tensor cores, as f16_cache_steps_and_chunks_equal_the_f16_prefill holds its table.
+    use rand::Rng;
+    let pipes = f16_pipelines();
+    let (mut rng, cases) = common::sweep("random f16 cache", 0x6631_3663, 3);
+    for case in 0..cases {
+        let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 16, 64, 512]);
+        let hkv = rng.random_range(1..=2);
+        let g = pick(&mut rng, &[1, 3, 16]);
+        let dims = [16, 64, 100, 128, 192, 256];
+        let (dk, dv) = (pick(&mut rng, &dims), pick(&mut rng, &dims));
+        let tk = rng.random_range(20..=90);
+        let s = Shape::prefill(rng.random_range(1..=2), tk, hkv * g, hkv, dk, dv);
+        let chunk = pick(&mut rng, &[1, 7, 40]);
+        for pipe in &pipes {
+            let name = format!("random f16 cache {case}: {cfg:?} {s:?} chunks of {chunk}");
+            check_at(pipe, Precision::F16, 5e-3, (&name, cfg, s, chunk, false));
+        }
+    }
+}
+
+#[test]
 fn f16_cache_rejects_odd_rows_and_values_out_of_range() {
     let pipe = pipeline();
     let cfg = small();
