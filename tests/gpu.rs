@@ -1555,6 +1555,112 @@ fn long_64k_f16() {
 }
 
 #[test]
+#[ignore = "64k tokens at the benchmarks' head sizes: GBs of inputs; run on a GPU with --ignored"]
+fn long_64k_full_heads_spot_checks() {
+    // The benchmarks' shapes at 64k (Hq = 64, Hkv = 4; D = 128, and the paper's Dk = 192,
+    // Dv = 128): rows at the start, the window's edge, a kept-score chunk boundary of the f16
+    // D = 128 plan, the middle and the end.
+    for (dk, dv) in [(128, 128), (192, 128)] {
+        let shape = Shape::prefill(1, 65536, 64, 4, dk, dv);
+        spot_check(&paper(), &shape, &[3, 514, 7283, 32770, 49999, 65536]);
+    }
+}
+
+#[test]
+fn spot_checks_hold_rows_of_a_long_prefill() {
+    // spot_check (which holds the 64k shapes above) on a shape lavapipe runs in seconds.
+    let cfg = NsaConfig {
+        window: 40,
+        ..small()
+    };
+    spot_check(
+        &cfg,
+        &Shape::prefill(1, 700, 8, 2, 16, 8),
+        &[3, 41, 350, 700],
+    );
+}
+
+/// NSA on `shape` (one sequence) with f32 on the shader cores and f16 on every f16 pipeline,
+/// its rows `end - 3 .. end` for each of `ends` against the naive NSA run on just those
+/// queries and the keys up to them (a causal row depends on nothing later): at least 95% of
+/// the selections equal, and where they are, the outputs within 1e-4 (f32) or 1e-2 (f16,
+/// against the naive NSA on the inputs as f16 stores them).
+fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize]) {
+    let data = Data::new(cfg, shape, false, 64);
+    let (hq, hkv, g, dk, dv, n) = (
+        shape.hq,
+        shape.hkv,
+        shape.group(),
+        shape.dk,
+        shape.dv,
+        cfg.top_n,
+    );
+    let request = OutputRequest {
+        block_indices: true,
+        branches: false,
+    };
+    let mut runs = vec![(pipeline(), nsa_wgpu::Precision::F32, 1e-4)];
+    runs.extend(
+        common::f16_pipelines()
+            .into_iter()
+            .map(|p| (p, nsa_wgpu::Precision::F16, 1e-2)),
+    );
+    for (pipe, precision, tol) in runs {
+        let f16 = precision == nsa_wgpu::Precision::F16;
+        let name = format!("{shape:?} {precision:?} ({})", core_of(pipe));
+        let got = pipe
+            .run_with(cfg, shape, &data.inputs(), request, precision)
+            .block_on()
+            .expect("run");
+        let idx = got.block_indices.expect("block indices");
+        let (mut same, mut rows, mut worst) = (0, 0, 0.0f64);
+        for &end in ends {
+            let part = Shape {
+                tq: 3,
+                tk: end,
+                ..*shape
+            };
+            let round = |x: &[f32]| if f16 { f16_round(x) } else { x.to_vec() };
+            let q = round(&data.q[(end - 3) * hq * dk..end * hq * dk]);
+            let (k, v) = (
+                round(&data.k[..end * hkv * dk]),
+                round(&data.v[..end * hkv * dv]),
+            );
+            let gates = &data.gates[(end - 3) * hq * 3..end * hq * 3];
+            let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, gates);
+            let naive = cpu::naive::nsa(cfg, &part, &inputs).expect("naive");
+            let got_idx = &idx[(end - 3) * hkv * n..end * hkv * n];
+            for (row, (a, b)) in got_idx
+                .chunks(n)
+                .zip(naive.block_indices.chunks(n))
+                .enumerate()
+            {
+                rows += 1;
+                if a != b {
+                    continue;
+                }
+                same += 1;
+                // Selection row `row` is query t's kv head h: its g query heads.
+                let (t, h) = (row / hkv, row % hkv);
+                for head in h * g..(h + 1) * g {
+                    let want = &naive.out[(t * hq + head) * dv..][..dv];
+                    let out = &got.out[((end - 3 + t) * hq + head) * dv..][..dv];
+                    for (x, y) in out.iter().zip(want) {
+                        worst = worst.max((*x as f64 - y).abs());
+                    }
+                }
+            }
+        }
+        println!("{name}: {same} of {rows} selections equal, max abs error {worst:.2e}");
+        assert!(
+            same * 100 >= rows * 95,
+            "{name}: {same} of {rows} selections equal"
+        );
+        assert!(worst <= tol, "{name}: max abs error {worst:.3e}");
+    }
+}
+
+#[test]
 fn capped_key_tiles_split_every_branch_and_match_the_reference() {
     // On llvmpipe, whose invocations stop looping after 65,535 iterations, a pipeline caps
     // the key tiles one attention workgroup walks (LLVMPIPE_KEY_TILES) and plans split longer
