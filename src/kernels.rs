@@ -325,9 +325,11 @@ pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32) -> u32 {
 ///
 /// Never 48: the softmax of a tile whose scores are kept takes its keys in quads of 32
 /// (`tile_key` in `shaders/shared/attn_mma.wgsl`), so a 48-key tile left 16 of its keys
-/// out of the softmax and read 16 past it. On the H200, f16 compressed attention with
-/// Dk = 192 and Dv <= 56 (whose wide tiles fit 48 keys) was wrong so until the twenty-ninth
-/// session (found by the random f16 sweep, `NSA_SWEEP_SEED` 1000-1011).
+/// out of the softmax and read 16 past it. On the H200 (48 KiB), f16 compressed attention
+/// was wrong so until the twenty-ninth session for heads whose 32-row tiles fit 48 keys but
+/// not 64: Dk = 192 with Dv <= 80, Dk = 176 with Dv <= 96, Dk = 128 with Dv of 129-144, and
+/// others where one head size exceeds 128 (found by the random f16 sweep, `NSA_SWEEP_SEED`
+/// 1000-1011). D = 128 and the paper's Dk = 192, Dv = 128 never had 48-key tiles.
 pub fn mma_specialization(
     dk: u32,
     dv: u32,
