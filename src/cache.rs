@@ -153,6 +153,9 @@ pub struct DeviceStep<'a> {
     /// With independent K/V: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`, each
     /// `[seqs, tokens, Hkv, D]`.
     pub branch_kv: Option<[wgpu::BufferSlice<'a>; 6]>,
+    /// Where wanted, the selected blocks, written as `extend` returns them: `[seqs, tokens,
+    /// Hkv, n]` i32 (`COPY_DST` usage).
+    pub block_indices: Option<wgpu::BufferSlice<'a>>,
 }
 
 impl DeviceStep<'_> {
@@ -174,9 +177,14 @@ impl DeviceStep<'_> {
         }
     }
 
-    /// Checks the step against a cache of `opts`: its sequences, and each slice's size,
-    /// offset and usage.
-    fn check(&self, opts: &CacheOptions) -> Result<()> {
+    /// Bytes of one sequence's rows of `block_indices` with `n` selected blocks per row.
+    fn idx_seq_bytes(&self, opts: &CacheOptions, n: usize) -> u64 {
+        (self.tokens * opts.hkv * n * 4) as u64
+    }
+
+    /// Checks the step against a cache of `opts` (selecting `top_n` blocks per row): its
+    /// sequences, and each slice's size, offset and usage.
+    fn check(&self, opts: &CacheOptions, top_n: usize) -> Result<()> {
         let end = self.first_seq.saturating_add(self.seqs);
         if self.seqs == 0 || end > opts.seqs {
             return Err(NsaError::InvalidShape {
@@ -214,6 +222,10 @@ impl DeviceStep<'_> {
             ),
             ("out", self.out, seqs * per[2], wgpu::BufferUsages::COPY_DST),
         ];
+        if let Some(idx) = self.block_indices {
+            let need = seqs * self.idx_seq_bytes(opts, top_n);
+            wanted.push(("block_indices", idx, need, wgpu::BufferUsages::COPY_DST));
+        }
         for ((name, buf), d) in kv_names(opts)
             .iter()
             .zip(self.key_value_buffers())
@@ -690,8 +702,10 @@ impl NsaPipeline {
     /// [`Self::extend`] with the inputs and outputs in the caller's GPU buffers, recorded
     /// into the caller's `encoder` and not submitted: copies each sequence's new keys and
     /// values into `cache`, compresses the blocks they complete, and writes the rows into
-    /// `step.out`. Nothing goes through the host, so a model can record the steps of all its
-    /// layers and submit them at once, and keep its activations on the GPU.
+    /// `step.out` (and the selected blocks into `step.block_indices` where given; the branch
+    /// outputs only `extend` returns). Nothing goes through the host, so a model can record
+    /// the steps of all its layers and submit them at once, and keep its activations on the
+    /// GPU.
     ///
     /// The cache counts the tokens as appended when this returns. Several steps may be
     /// recorded into one encoder (a growth of the cache is recorded there too), but `encoder`
@@ -710,7 +724,7 @@ impl NsaPipeline {
         step: &DeviceStep<'_>,
     ) -> Result<()> {
         self.context().check_alive()?;
-        step.check(&cache.opts)?;
+        step.check(&cache.opts, cache.config.top_n)?;
         let seqs: Vec<usize> = (step.first_seq..step.first_seq + step.seqs).collect();
         let sizes = vec![step.tokens; step.seqs];
         let feed = Feed::Device(step);
@@ -1149,6 +1163,13 @@ impl NsaPipeline {
                     let (at, nb) = (group.start as u64, nb as u64);
                     let to = step.out.offset() + at * per;
                     encoder.copy_buffer_to_buffer(out, 0, step.out.buffer(), to, nb * per);
+                    if let Some(dst) = step.block_indices {
+                        // The plan's selection, [nb, tokens, Hkv, n] like the caller's.
+                        let (idx, _) = sb(Tensor::Idx);
+                        let per = step.idx_seq_bytes(&o, cfg.top_n);
+                        let to = dst.offset() + at * per;
+                        encoder.copy_buffer_to_buffer(idx, 0, dst.buffer(), to, nb * per);
+                    }
                     old_readback
                 }
             };

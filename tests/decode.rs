@@ -936,7 +936,7 @@ fn seventy_ragged_sequences_take_two_chains() {
     // At most RAGGED_MAX (64) sequences of different lengths share a plan; pairs of equal
     // lengths compress together.
     let lens: Vec<usize> = (0..70).map(|i| 1 + (i / 2 * 13) % 90).collect();
-    check_ragged(Ragged {
+    let case = Ragged {
         cfg: small(),
         branch: false,
         heads: (4, 1, 8),
@@ -944,7 +944,11 @@ fn seventy_ragged_sequences_take_two_chains() {
         steps: 1,
         tail: 2,
         chains: 2,
-    });
+    };
+    check_ragged(case);
+    // From GPU buffers the second plan's rows (and selected blocks) go to the caller's
+    // buffers after the first's.
+    check_device_steps(pipeline(), Precision::F32, case);
 }
 
 #[test]
@@ -1112,9 +1116,10 @@ fn read_f32(pipe: &NsaPipeline, bufs: &[wgpu::Buffer]) -> Vec<Vec<f32>> {
 /// through two caches alike, one with `extend` from host slices, the other with
 /// `encode_extend` from GPU buffers (two single-row steps recorded into each encoder before
 /// it is submitted, then a chunk of `tail` rows): every row, bit for bit, and both caches'
-/// lengths and compressed-token counts must agree. Every other encoder's steps take their
-/// tensors from one buffer at offsets ([`packed_inputs`]) and write their rows into the
-/// middle of a larger one, whose elements around them must stay NaN.
+/// lengths and compressed-token counts must agree. The second step of each encoder takes its
+/// tensors from one buffer at offsets ([`packed_inputs`]), writes its rows into the middle of
+/// a larger one, whose elements around them must stay NaN, and its selected blocks likewise
+/// (equal to `extend`'s); the first asks for no selected blocks.
 fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
     let (cfg, (hq, hkv, _), lens) = (c.cfg, c.heads, c.lens);
     let r = RaggedData::new(&c);
@@ -1132,16 +1137,26 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
         let device = &pipe.context().device;
         let mut enc = device.create_command_encoder(&Default::default());
         let mut want = Vec::new();
+        let mut want_idx = Vec::new();
         let mut outs = Vec::new();
-        for &n in pair {
+        let mut idxs = Vec::new();
+        for (k, &n) in pair.iter().enumerate() {
             let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at[b], at[b] + n)).collect();
             let step = all_chunks(&owned, true);
-            let out = pollster::block_on(pipe.extend(&mut host, &step, OutputRequest::default()));
+            let request = OutputRequest {
+                block_indices: true,
+                branches: false,
+            };
+            let rows = pollster::block_on(pipe.extend(&mut host, &step, request)).unwrap();
             want.push(
-                out.unwrap()
-                    .into_iter()
-                    .flat_map(|o| o.out)
+                rows.iter()
+                    .flat_map(|o| o.out.clone())
                     .collect::<Vec<f32>>(),
+            );
+            want_idx.push(
+                rows.iter()
+                    .flat_map(|o| o.block_indices.clone().unwrap())
+                    .collect::<Vec<i32>>(),
             );
             // The same tensors, [seqs, n, ...], in GPU buffers.
             let cat = |j: usize| {
@@ -1153,7 +1168,7 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
             let bytes: Vec<Vec<u8>> = (0..owned[0].len())
                 .map(|j| stored_bytes(&cat(j), precision, j == 3))
                 .collect();
-            let packed = i % 2 == 1;
+            let packed = k == 1;
             let (bufs, ranges) = if packed {
                 let (buf, ranges) = packed_inputs(pipe, &bytes);
                 (vec![buf], ranges)
@@ -1166,6 +1181,9 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
             let rows = lens.len() * n * s.hq * s.dv;
             let pad = if packed { OUT_PAD } else { 0 };
             let out = sentinel_out(pipe, rows + 2 * pad);
+            // The selected blocks too, in the packed calls (behind NaN words).
+            let idx_len = lens.len() * n * s.hkv * cfg.top_n;
+            let idx = sentinel_out(pipe, idx_len + 2 * pad);
             let step = nsa_wgpu::DeviceStep {
                 first_seq: 0,
                 seqs: lens.len(),
@@ -1176,9 +1194,12 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
                 gates: slice(3),
                 out: out.slice(pad as u64 * 4..(pad + rows) as u64 * 4),
                 branch_kv: c.branch.then(|| [4, 5, 6, 7, 8, 9].map(slice)),
+                block_indices: packed
+                    .then(|| idx.slice(pad as u64 * 4..(pad + idx_len) as u64 * 4)),
             };
             pollster::block_on(pipe.encode_extend(&mut enc, &mut dev, &step)).unwrap();
             outs.push((out, pad));
+            idxs.push((idx, packed.then_some(pad)));
             at.iter_mut().for_each(|a| *a += n);
         }
         assert_eq!(
@@ -1202,6 +1223,28 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
             assert!(
                 same && got.len() == want.len(),
                 "{name} call {i}.{j}: device rows differ"
+            );
+        }
+        let (idxs, pads): (Vec<_>, Vec<_>) = idxs.into_iter().unzip();
+        for (j, (got, want)) in read_f32(pipe, &idxs).iter().zip(&want_idx).enumerate() {
+            let got: &[i32] = bytemuck::cast_slice(got);
+            let Some(pad) = pads[j] else {
+                // Not asked for: left as it was.
+                assert!(got.iter().all(|x| f32::from_bits(*x as u32).is_nan()));
+                continue;
+            };
+            let end = got.len() - pad;
+            assert!(
+                got[..pad]
+                    .iter()
+                    .chain(&got[end..])
+                    .all(|x| f32::from_bits(*x as u32).is_nan()),
+                "{name} call {i}.{j}: written outside the block_indices slice"
+            );
+            assert_eq!(
+                &got[pad..end],
+                &want[..],
+                "{name} call {i}.{j}: block indices"
             );
         }
     }
@@ -1256,6 +1299,7 @@ fn bad_device_steps_are_errors_and_change_nothing() {
         gates: g.slice(..),
         out: out.slice(..),
         branch_kv: None,
+        block_indices: None,
     };
     let small_q = buf(64);
     let no_copy_out = pipe
@@ -1305,6 +1349,15 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             v: big_v.slice(2..),
             ..good
         },
+        // Selected blocks into a buffer that cannot be copied to, and one too small.
+        nsa_wgpu::DeviceStep {
+            block_indices: Some(q.slice(..)),
+            ..good
+        },
+        nsa_wgpu::DeviceStep {
+            block_indices: Some(out.slice(..76)),
+            ..good
+        },
     ];
     let device = &pipe.context().device;
     for (i, step) in bad.iter().enumerate() {
@@ -1322,6 +1375,8 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             "max_capacity",
             "`k`: holds 252 bytes, the step needs 256",
             "`v`: starts at byte 2, not a multiple of 4",
+            "`block_indices`: usage",
+            "`block_indices`: holds 76 bytes, the step needs 80",
         ];
         assert!(text.contains(expect[i]), "case {i}: {text}");
         assert_eq!(cache.lens(), &[0, 0], "case {i}");

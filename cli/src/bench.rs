@@ -271,6 +271,7 @@ fn device_steps(
         gates: gates.slice(..),
         out: out.slice(..),
         branch_kv: None,
+        block_indices: None,
     };
     let mut ms = Vec::new();
     for it in 0..args.warmup + iters {
