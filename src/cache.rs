@@ -156,6 +156,10 @@ pub struct DeviceStep<'a> {
     /// Where wanted, the selected blocks, written as `extend` returns them: `[seqs, tokens,
     /// Hkv, n]` i32 (`COPY_DST` usage).
     pub block_indices: Option<wgpu::BufferSlice<'a>>,
+    /// Where wanted, the branch outputs `o_cmp, o_slc, o_win`, each laid out as `out`
+    /// (`COPY_DST` usage). The step then plans with [`crate::Plan::with_branch_outputs`],
+    /// whose kernels also store them, as `extend` does when asked for them.
+    pub branches: Option<[wgpu::BufferSlice<'a>; 3]>,
 }
 
 impl DeviceStep<'_> {
@@ -225,6 +229,12 @@ impl DeviceStep<'_> {
         if let Some(idx) = self.block_indices {
             let need = seqs * self.idx_seq_bytes(opts, top_n);
             wanted.push(("block_indices", idx, need, wgpu::BufferUsages::COPY_DST));
+        }
+        for (name, b) in ["o_cmp", "o_slc", "o_win"]
+            .into_iter()
+            .zip(self.branches.iter().flatten())
+        {
+            wanted.push((name, *b, seqs * per[2], wgpu::BufferUsages::COPY_DST));
         }
         for ((name, buf), d) in kv_names(opts)
             .iter()
@@ -702,10 +712,10 @@ impl NsaPipeline {
     /// [`Self::extend`] with the inputs and outputs in the caller's GPU buffers, recorded
     /// into the caller's `encoder` and not submitted: copies each sequence's new keys and
     /// values into `cache`, compresses the blocks they complete, and writes the rows into
-    /// `step.out` (and the selected blocks into `step.block_indices` where given; the branch
-    /// outputs only `extend` returns). Nothing goes through the host, so a model can record
-    /// the steps of all its layers and submit them at once, and keep its activations on the
-    /// GPU.
+    /// `step.out` (and, where given, the selected blocks into `step.block_indices` and the
+    /// branch outputs into `step.branches`). Nothing goes through the host, so a model can
+    /// record the steps of all its layers and submit them at once, and keep its activations
+    /// on the GPU.
     ///
     /// The cache counts the tokens as appended when this returns. Several steps may be
     /// recorded into one encoder (a growth of the cache is recorded there too), but `encoder`
@@ -736,7 +746,10 @@ impl NsaPipeline {
             seqs: &seqs,
             sizes: &sizes,
             feed: &feed,
-            request: OutputRequest::default(),
+            request: OutputRequest {
+                block_indices: false,
+                branches: step.branches.is_some(),
+            },
             attend: true,
         };
         let kept = self.record_extend(encoder, cache, call, None, &mut Vec::new());
@@ -1163,12 +1176,18 @@ impl NsaPipeline {
                     let (at, nb) = (group.start as u64, nb as u64);
                     let to = step.out.offset() + at * per;
                     encoder.copy_buffer_to_buffer(out, 0, step.out.buffer(), to, nb * per);
-                    if let Some(dst) = step.block_indices {
-                        // The plan's selection, [nb, tokens, Hkv, n] like the caller's.
-                        let (idx, _) = sb(Tensor::Idx);
-                        let per = step.idx_seq_bytes(&o, cfg.top_n);
+                    // The plan's selection, [nb, tokens, Hkv, n], and branch outputs, [nb,
+                    // tokens, Hq, Dv], laid out like the caller's.
+                    let per_idx = step.idx_seq_bytes(&o, cfg.top_n);
+                    let more = step.block_indices.map(|d| (Tensor::Idx, d, per_idx));
+                    let branches = [Tensor::OCmp, Tensor::OSlc, Tensor::OWin]
+                        .into_iter()
+                        .zip(step.branches.into_iter().flatten())
+                        .map(|(t, d)| (t, d, per));
+                    for (t, dst, per) in more.into_iter().chain(branches) {
+                        let (src, _) = sb(t);
                         let to = dst.offset() + at * per;
-                        encoder.copy_buffer_to_buffer(idx, 0, dst.buffer(), to, nb * per);
+                        encoder.copy_buffer_to_buffer(src, 0, dst.buffer(), to, nb * per);
                     }
                     old_readback
                 }

@@ -1138,14 +1138,18 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
         let mut enc = device.create_command_encoder(&Default::default());
         let mut want = Vec::new();
         let mut want_idx = Vec::new();
+        let mut want_br = Vec::new();
         let mut outs = Vec::new();
         let mut idxs = Vec::new();
+        let mut brs = Vec::new();
         for (k, &n) in pair.iter().enumerate() {
             let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at[b], at[b] + n)).collect();
             let step = all_chunks(&owned, true);
+            let packed = k == 1;
+            // The packed step asks for the branch outputs too (a plan that stores them).
             let request = OutputRequest {
                 block_indices: true,
-                branches: false,
+                branches: packed,
             };
             let rows = pollster::block_on(pipe.extend(&mut host, &step, request)).unwrap();
             want.push(
@@ -1158,6 +1162,14 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
                     .flat_map(|o| o.block_indices.clone().unwrap())
                     .collect::<Vec<i32>>(),
             );
+            if packed {
+                let cat = |f: fn(&nsa_wgpu::BranchOutputs) -> &Vec<f32>| {
+                    rows.iter()
+                        .flat_map(|o| f(o.branches.as_ref().unwrap()).clone())
+                        .collect::<Vec<f32>>()
+                };
+                want_br.extend([cat(|b| &b.o_cmp), cat(|b| &b.o_slc), cat(|b| &b.o_win)]);
+            }
             // The same tensors, [seqs, n, ...], in GPU buffers.
             let cat = |j: usize| {
                 owned
@@ -1168,7 +1180,6 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
             let bytes: Vec<Vec<u8>> = (0..owned[0].len())
                 .map(|j| stored_bytes(&cat(j), precision, j == 3))
                 .collect();
-            let packed = k == 1;
             let (bufs, ranges) = if packed {
                 let (buf, ranges) = packed_inputs(pipe, &bytes);
                 (vec![buf], ranges)
@@ -1184,6 +1195,7 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
             // The selected blocks too, in the packed calls (behind NaN words).
             let idx_len = lens.len() * n * s.hkv * cfg.top_n;
             let idx = sentinel_out(pipe, idx_len + 2 * pad);
+            let br: Vec<wgpu::Buffer> = (0..3).map(|_| sentinel_out(pipe, rows)).collect();
             let step = nsa_wgpu::DeviceStep {
                 first_seq: 0,
                 seqs: lens.len(),
@@ -1196,10 +1208,14 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
                 branch_kv: c.branch.then(|| [4, 5, 6, 7, 8, 9].map(slice)),
                 block_indices: packed
                     .then(|| idx.slice(pad as u64 * 4..(pad + idx_len) as u64 * 4)),
+                branches: packed.then(|| [0, 1, 2].map(|b| br[b].slice(..))),
             };
             pollster::block_on(pipe.encode_extend(&mut enc, &mut dev, &step)).unwrap();
             outs.push((out, pad));
             idxs.push((idx, packed.then_some(pad)));
+            if packed {
+                brs.extend(br);
+            }
             at.iter_mut().for_each(|a| *a += n);
         }
         assert_eq!(
@@ -1245,6 +1261,17 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
                 &got[pad..end],
                 &want[..],
                 "{name} call {i}.{j}: block indices"
+            );
+        }
+        assert_eq!(brs.len(), want_br.len());
+        for (j, (got, want)) in read_f32(pipe, &brs).iter().zip(&want_br).enumerate() {
+            let same = got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same && got.len() == want.len(),
+                "{name} call {i}: branch output {j} differs"
             );
         }
     }
@@ -1300,6 +1327,7 @@ fn bad_device_steps_are_errors_and_change_nothing() {
         out: out.slice(..),
         branch_kv: None,
         block_indices: None,
+        branches: None,
     };
     let small_q = buf(64);
     let no_copy_out = pipe
@@ -1358,6 +1386,11 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             block_indices: Some(out.slice(..76)),
             ..good
         },
+        // A branch output too small.
+        nsa_wgpu::DeviceStep {
+            branches: Some([out.slice(..), out.slice(..508), out.slice(..)]),
+            ..good
+        },
     ];
     let device = &pipe.context().device;
     for (i, step) in bad.iter().enumerate() {
@@ -1377,6 +1410,7 @@ fn bad_device_steps_are_errors_and_change_nothing() {
             "`v`: starts at byte 2, not a multiple of 4",
             "`block_indices`: usage",
             "`block_indices`: holds 76 bytes, the step needs 80",
+            "`o_slc`: holds 508 bytes, the step needs 512",
         ];
         assert!(text.contains(expect[i]), "case {i}: {text}");
         assert_eq!(cache.lens(), &[0, 0], "case {i}");

@@ -272,6 +272,7 @@ fn device_steps(
         out: out.slice(..),
         branch_kv: None,
         block_indices: None,
+        branches: None,
     };
     let mut ms = Vec::new();
     for it in 0..args.warmup + iters {
