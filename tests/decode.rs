@@ -1098,6 +1098,15 @@ fn sentinel_out(pipe: &NsaPipeline, len: usize) -> wgpu::Buffer {
         })
 }
 
+/// Whether `got` and `want` hold the same f32 values bit for bit (NaNs included).
+fn bit_equal(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
 /// Reads `bufs` back as f32.
 fn read_f32(pipe: &NsaPipeline, bufs: &[wgpu::Buffer]) -> Vec<Vec<f32>> {
     let device = &pipe.context().device;
@@ -1231,13 +1240,8 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
                 got[..pad].iter().chain(&got[end..]).all(|x| x.is_nan()),
                 "{name} call {i}.{j}: written outside the out slice"
             );
-            let got = &got[pad..end];
-            let same = got
-                .iter()
-                .zip(want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(
-                same && got.len() == want.len(),
+                bit_equal(&got[pad..end], want),
                 "{name} call {i}.{j}: device rows differ"
             );
         }
@@ -1265,12 +1269,8 @@ fn check_device_steps(pipe: &NsaPipeline, precision: Precision, c: Ragged) {
         }
         assert_eq!(brs.len(), want_br.len());
         for (j, (got, want)) in read_f32(pipe, &brs).iter().zip(&want_br).enumerate() {
-            let same = got
-                .iter()
-                .zip(want)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(
-                same && got.len() == want.len(),
+                bit_equal(got, want),
                 "{name} call {i}: branch output {j} differs"
             );
         }
@@ -1470,11 +1470,7 @@ fn large_appends_equal_small_ones() {
         outs.push(out.unwrap());
     }
     for (a, b) in outs[0].iter().zip(&outs[1]) {
-        assert!(a
-            .out
-            .iter()
-            .zip(&b.out)
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(bit_equal(&a.out, &b.out));
         assert!(a.out.iter().all(|x| x.is_finite()));
     }
 }
