@@ -249,8 +249,14 @@ fn random_plans_respect_the_kernels_capacities() {
                 capacity: tk + 5,
                 cmp_capacity: cfg.num_compressed(tk + 5).max(1),
             };
-            let ragged = Plan::cached_ragged(&cfg, &shape, &limits, rows, Precision::F32, &behind);
-            check_capacities(&ragged.unwrap(), &format!("{case} behind {behind:?}"));
+            match Plan::cached_ragged(&cfg, &shape, &limits, rows, Precision::F32, &behind) {
+                Ok(ragged) => check_capacities(&ragged, &format!("{case} behind {behind:?}")),
+                // A sequence's keys bound at the cache's capacity (5 rows past the prefill's)
+                // may pass the binding limit that the prefill's met: refused, as it must be
+                // (NSA_SWEEP_SEED 193).
+                Err(NsaError::ExceedsLimit { what, .. }) if what.contains("of one sequence") => {}
+                Err(e) => panic!("{case} behind {behind:?}: {e}"),
+            }
         }
     }
     assert!(planned > cases / 2, "only {planned} of {cases} planned");
