@@ -1466,6 +1466,27 @@ fn random_configs_and_shapes_match_the_reference() {
     }
 }
 
+#[test]
+fn random_configs_in_16_kib_match_the_reference() {
+    // The seeded sweep's kinds of configs and shapes planned for 16 KiB of workgroup memory
+    // (WebGPU's default limit, which some adapters keep): small and odd key tiles in every
+    // branch, run on the shader cores of this adapter, which has at least that much.
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random configs 16 KiB", 0x6e73_6132, 6);
+    let limits = DeviceLimits {
+        workgroup_storage: 16 << 10,
+        ..pipeline().limits()
+    };
+    for case in 0..cases {
+        let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
+        let shape = random_shape(&mut rng, 1..=300, &[4, 8, 12, 20, 36], &[4, 8, 16, 24]);
+        let branch = rng.random_bool(0.25);
+        let name = format!("random 16 KiB {case}: {cfg:?} {shape:?} branch {branch}");
+        let plan = Plan::new(&cfg, &shape, &limits).expect(&name);
+        check_plan(&name, &plan, branch);
+    }
+}
+
 /// A random shape for the seeded sweeps: 1 or 2 kv heads, groups of 1 to 17, Tk in `t`,
 /// Tq = Tk or (three times in ten) a chunk of at least `t`'s start, 1 or 2 sequences, head
 /// sizes from `dks`, `dvs`.
