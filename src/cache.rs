@@ -173,12 +173,9 @@ impl DeviceStep<'_> {
         ]
     }
 
-    /// The key/value buffers in the order of the cache's raw buffers.
+    /// The key/value slices in the order of the cache's raw buffers.
     fn key_value_buffers(&self) -> Vec<wgpu::BufferSlice<'_>> {
-        match self.branch_kv {
-            Some(b) => b.to_vec(),
-            None => vec![self.k, self.v],
-        }
+        kv_order([self.k, self.v], self.branch_kv)
     }
 
     /// Bytes of one sequence's rows of `block_indices` with `n` selected blocks per row.
@@ -339,13 +336,10 @@ fn kv_names(opts: &CacheOptions) -> &'static [&'static str] {
     }
 }
 
-/// A chunk's new keys and values in the order of `raw_dims` (the per-branch ones where it
-/// has them; `check_kv_mode` says whether that matches the cache).
-fn chunk_kv<'a>(c: &SeqChunk<'a>) -> Vec<&'a [f32]> {
-    match c.branch_kv {
-        Some(b) => b.to_vec(),
-        None => vec![c.k, c.v],
-    }
+/// New keys and values in the order of `raw_dims`: the per-branch ones where a call has
+/// them, else the shared pair (`check_kv_mode` says whether that matches the cache).
+fn kv_order<T: Copy>(shared: [T; 2], branch: Option<[T; 6]>) -> Vec<T> {
+    branch.map_or(shared.to_vec(), |b| b.to_vec())
 }
 
 /// An error unless a call brings per-branch keys/values (`branch`) exactly where the cache
@@ -804,7 +798,11 @@ impl NsaPipeline {
                 check_tensor("gates", c.gates, &[n, o.hq, 3])?;
             }
             check_kv_mode(&o, c.branch_kv.is_some())?;
-            for ((name, t), d) in kv_names(&o).iter().zip(chunk_kv(c)).zip(raw_dims(&o)) {
+            for ((name, t), d) in kv_names(&o)
+                .iter()
+                .zip(kv_order([c.k, c.v], c.branch_kv))
+                .zip(raw_dims(&o))
+            {
                 check_tensor(name, t, &[n, o.hkv, d])?;
             }
             sizes.push(n);
@@ -817,7 +815,7 @@ impl NsaPipeline {
         for c in chunks {
             let kv = kv_names(&o)
                 .iter()
-                .zip(chunk_kv(c))
+                .zip(kv_order([c.k, c.v], c.branch_kv))
                 .map(|(name, rows)| stored_bytes(name, rows, o.precision));
             stored_kv.push(kv.collect::<Result<Vec<_>>>()?);
             if attend {
@@ -1172,20 +1170,22 @@ impl NsaPipeline {
             let staging = match feed {
                 Feed::Host { .. } => stage_readback_ranges(device, encoder, &wanted, old_readback),
                 Feed::Device(step) => {
+                    // The rows, [nb, tokens, Hq, Dv], and where asked the plan's selection,
+                    // [nb, tokens, Hkv, n], and branch outputs (as the rows), each into the
+                    // caller's slice after the earlier groups' sequences.
                     let per = step.seq_bytes(&o)[2];
-                    let (at, nb) = (group.start as u64, nb as u64);
-                    let to = step.out.offset() + at * per;
-                    encoder.copy_buffer_to_buffer(out, 0, step.out.buffer(), to, nb * per);
-                    // The plan's selection, [nb, tokens, Hkv, n], and branch outputs, [nb,
-                    // tokens, Hq, Dv], laid out like the caller's.
                     let per_idx = step.idx_seq_bytes(&o, cfg.top_n);
-                    let more = step.block_indices.map(|d| (Tensor::Idx, d, per_idx));
+                    let idx = step.block_indices.map(|d| (sb(Tensor::Idx).0, d, per_idx));
                     let branches = [Tensor::OCmp, Tensor::OSlc, Tensor::OWin]
                         .into_iter()
                         .zip(step.branches.into_iter().flatten())
-                        .map(|(t, d)| (t, d, per));
-                    for (t, dst, per) in more.into_iter().chain(branches) {
-                        let (src, _) = sb(t);
+                        .map(|(t, d)| (sb(t).0, d, per));
+                    let (at, nb) = (group.start as u64, nb as u64);
+                    for (src, dst, per) in [(out, step.out, per)]
+                        .into_iter()
+                        .chain(idx)
+                        .chain(branches)
+                    {
                         let to = dst.offset() + at * per;
                         encoder.copy_buffer_to_buffer(src, 0, dst.buffer(), to, nb * per);
                     }

@@ -189,11 +189,13 @@ pub(crate) fn stored_bytes<'a>(
     // Only a value of f16's largest magnitude or more can round to infinity: the exact scan
     // runs only where there is one.
     let max = half::f16::MAX.to_f32();
-    let overflow = first_where(data, |x| x.abs() >= max).and_then(|_| {
-        halves
+    let overflow = first_where(data, |x| x.abs() >= max).and_then(|from| {
+        let past = |(h, x): (&half::f16, &f32)| h.is_infinite() && x.is_finite();
+        halves[from..]
             .iter()
-            .zip(data)
-            .position(|(h, x)| h.is_infinite() && x.is_finite())
+            .zip(&data[from..])
+            .position(past)
+            .map(|i| from + i)
     });
     if let Some(index) = overflow {
         return Err(NsaError::OutOfRange {
