@@ -114,7 +114,11 @@ const SPLIT_KEYS: bool = false;
 // kernels' dense attention 3% slower (1078 against 1047 ms). A call's last tile waits for
 // the next call's first (selected attention's next block), or for attn_finish (core_flush):
 // selected attention in a 64k prefill then took 56.6 against 57.8 ms.
-override DEFER_ADD: bool = ROWS < 32u;
+// Wide kernels that keep scores (compressed attention in a prefill) defer too: on an H200
+// (f16, 64k, twenty-ninth session) compressed attention took 80.8 / 80.8 ms against 81.8 /
+// 82.4 (builds alternating); the gpu and decode tests, the 64k spot checks and random
+// seeds 3000-3004 pass on its tensor cores (thirtieth session).
+override DEFER_ADD: bool = ROWS < 32u || KEEPS;
 // With DEFER_ADD, whether the last tile's products still wait in `spv` for add_tiles (at the
 // next tile's start, in this call or the next, or in core_flush). The same in every
 // invocation.
