@@ -1396,10 +1396,7 @@ fn the_group_sum_weighs_each_head_by_its_own_log_sum_exp() {
     ] {
         let cfg = small();
         let mut data = Data::new(&cfg, &shape, false, 0xbead);
-        for (i, x) in data.q.iter_mut().enumerate() {
-            let h = (i / shape.dk) % shape.hq;
-            *x *= 0.2 + 0.7 * h as f32;
-        }
+        peak_queries(&mut data, &shape, usize::MAX);
         for kept in [nsa_wgpu::DEFAULT_KEPT_SCORES, 0] {
             let limits = DeviceLimits {
                 kept_scores: kept,
@@ -1409,6 +1406,15 @@ fn the_group_sum_weighs_each_head_by_its_own_log_sum_exp() {
             assert_eq!(plan.keeps_scores(), kept > 0, "{name}");
             check_data_on(pipeline(), &format!("{name} kept {kept}"), &plan, &data);
         }
+    }
+}
+
+/// Scales the queries of head h by 0.2 + 0.7 (h % period): heads from nearly even attention
+/// to a few keys (scaled scores with a deviation of up to 0.2 + 0.7 (period - 1)).
+fn peak_queries(data: &mut Data, shape: &Shape, period: usize) {
+    for (i, x) in data.q.iter_mut().enumerate() {
+        let h = (i / shape.dk) % shape.hq;
+        *x *= 0.2 + 0.7 * (h % period) as f32;
     }
 }
 
@@ -1583,12 +1589,18 @@ fn long_64k_f16() {
 #[ignore = "64k tokens at the benchmarks' head sizes: GBs of inputs; run on a GPU with --ignored"]
 fn long_64k_full_heads_spot_checks() {
     // The benchmarks' shapes at 64k (Hq = 64, Hkv = 4; D = 128, and the paper's Dk = 192,
-    // Dv = 128): rows at the start, the window's edge, a kept-score chunk boundary of the f16
-    // D = 128 plan, the middle and the end.
-    for (dk, dv) in [(128, 128), (192, 128)] {
-        let shape = Shape::prefill(1, 65536, 64, 4, dk, dv);
-        spot_check(&paper(), &shape, &[3, 514, 7283, 32770, 49999, 65536]);
+    // Dv = 128; and the small group, Hq = 32, Hkv = 8): rows at the start, the window's edge,
+    // a kept-score chunk boundary of the f16 D = 128 plan, the middle and the end. Then
+    // D = 128 with peaked heads (scaled scores with deviations up to 5.1, whose softmax
+    // takes a few keys) and with Linear compression.
+    let ends = [3, 514, 7283, 32770, 49999, 65536];
+    for (hq, hkv, dk, dv) in [(64, 4, 128, 128), (64, 4, 192, 128), (32, 8, 128, 128)] {
+        let shape = Shape::prefill(1, 65536, hq, hkv, dk, dv);
+        spot_check(&paper(), &shape, &ends, None);
     }
+    let shape = Shape::prefill(1, 65536, 64, 4, 128, 128);
+    spot_check(&paper(), &shape, &ends, Some(8));
+    spot_check(&linear(paper()), &shape, &ends, None);
 }
 
 #[test]
@@ -1598,20 +1610,21 @@ fn spot_checks_hold_rows_of_a_long_prefill() {
         window: 40,
         ..small()
     };
-    spot_check(
-        &cfg,
-        &Shape::prefill(1, 700, 8, 2, 16, 8),
-        &[3, 41, 350, 700],
-    );
+    let shape = Shape::prefill(1, 700, 8, 2, 16, 8);
+    spot_check(&cfg, &shape, &[3, 41, 350, 700], None);
+    spot_check(&linear(cfg), &shape, &[3, 41, 350, 700], Some(8));
 }
 
-/// NSA on `shape` (one sequence) with f32 on the shader cores and f16 on every f16 pipeline,
-/// its rows `end - 3 .. end` for each of `ends` against the naive NSA run on just those
+/// NSA on `shape` (one sequence; queries peaked by peak_queries with period `peaked`, if
+/// any) with f32 on the shader cores and f16 on every f16 pipeline, its rows `end - 3 .. end` for each of `ends` against the naive NSA run on just those
 /// queries and the keys up to them (a causal row depends on nothing later): at least 95% of
 /// the selections equal, and where they are, the outputs within 1e-4 (f32) or 1e-2 (f16,
 /// against the naive NSA on the inputs as f16 stores them).
-fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize]) {
-    let data = Data::new(cfg, shape, false, 64);
+fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], peaked: Option<usize>) {
+    let mut data = Data::new(cfg, shape, false, 64);
+    if let Some(period) = peaked {
+        peak_queries(&mut data, shape, period);
+    }
     let (hq, hkv, g, dk, dv, n) = (
         shape.hq,
         shape.hkv,
@@ -1632,7 +1645,11 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize]) {
     );
     for (pipe, precision, tol) in runs {
         let f16 = precision == nsa_wgpu::Precision::F16;
-        let name = format!("{shape:?} {precision:?} ({})", core_of(pipe));
+        let name = format!(
+            "{shape:?} {:?} peaked {peaked:?} {precision:?} ({})",
+            cfg.compression,
+            core_of(pipe)
+        );
         let got = pipe
             .run_with(cfg, shape, &data.inputs(), request, precision)
             .block_on()
@@ -1652,7 +1669,9 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize]) {
                 round(&data.v[..end * hkv * dv]),
             );
             let gates = &data.gates[(end - 3) * hq * 3..end * hq * 3];
-            let inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, gates);
+            // Linear's weights (f32 in every precision) as the run had them.
+            let mut inputs = data.inputs();
+            (inputs.q, inputs.k, inputs.v, inputs.gates) = (&q, &k, &v, gates);
             let naive = cpu::naive::nsa(cfg, &part, &inputs).expect("naive");
             let got_idx = &idx[(end - 3) * hkv * n..end * hkv * n];
             for (row, (a, b)) in got_idx
