@@ -247,9 +247,13 @@ fn check_plan_on(pipe: &NsaPipeline, name: &str, plan: &Plan, branch: bool) {
 }
 
 /// Runs `plan` on `data` and holds every stage against its CPU twin and the whole forward
-/// against the naive reference.
-/// Returns the GPU's selected blocks.
-fn check_data_on(pipe: &NsaPipeline, name: &str, plan: &Plan, data: &Data) -> Vec<i32> {
+/// against the naive reference; returns the GPU's selected blocks and the naive outputs.
+fn check_data_on(
+    pipe: &NsaPipeline,
+    name: &str,
+    plan: &Plan,
+    data: &Data,
+) -> (Vec<i32>, cpu::naive::NaiveOutputs) {
     let (cfg, shape) = (plan.config, plan.shape);
     let inputs = data.inputs();
     let got = gpu_forward(pipe, plan, data);
@@ -346,7 +350,7 @@ fn check_data_on(pipe: &NsaPipeline, name: &str, plan: &Plan, data: &Data) -> Ve
         TOL,
     );
     assert_close(&format!("{name} out vs naive"), &got.out, &want_out, TOL);
-    got.idx
+    (got.idx, naive)
 }
 
 fn paper() -> NsaConfig {
@@ -1874,8 +1878,7 @@ fn an_attention_sink_keeps_the_order_of_the_faint_blocks() {
         }
         let name = format!("sink {:?} {shape:?}", cfg.compression);
         let plan = pipeline().plan(&cfg, &shape).expect("plan");
-        let idx = check_data_on(pipeline(), &name, &plan, &data);
-        let naive = cpu::naive::nsa(&cfg, &shape, &data.inputs()).expect("naive");
+        let (idx, naive) = check_data_on(pipeline(), &name, &plan, &data);
         check_selection_within(&cfg, &idx, &naive, 0.0);
     }
 }
