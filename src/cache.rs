@@ -482,6 +482,11 @@ impl NsaCache {
         Ok((raw, compressed))
     }
 
+    /// The NSA configuration the cache was made for.
+    pub fn config(&self) -> &NsaConfig {
+        &self.config
+    }
+
     /// Tokens held per sequence.
     pub fn lens(&self) -> &[usize] {
         &self.lens

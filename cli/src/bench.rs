@@ -10,7 +10,8 @@ use nsa_wgpu::profile::{
     chains, median, sample_input_sets, sample_tensor, stage_sums, time_plan, StepTimer, Warmer,
     STAGES,
 };
-use nsa_wgpu::{GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
+use nsa_wgpu::{Compression, GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
+use wgpu::util::DeviceExt;
 
 use crate::AdapterArgs;
 
@@ -97,6 +98,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = nsa_wgpu::DEFAULT_KEPT_SCORES >> 20)]
     kept_mib: u64,
     #[command(flatten)]
+    config: crate::ConfigArgs,
+    #[command(flatten)]
     adapter: AdapterArgs,
 }
 
@@ -165,8 +168,12 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     let warm = warmer(&pipe, args);
     let ctx = pipe.context();
     let timed = StepTimer::new(ctx, 1).is_some();
+    let cfg = args.config.config()?;
+    let precision = args.precision.resolve(&pipe)?;
+    println!("input storage: {precision:?}");
     println!(
-        "NSA (paper config) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, median of {iters}, {} input sets in turn ({})",
+        "NSA ({}) vs dense causal attention, B={} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, median of {iters}, {} input sets in turn ({})",
+        describe(&cfg),
         args.batch,
         args.rotate,
         if timed { "GPU timestamps" } else { "wall clock: no timestamp queries" }
@@ -174,9 +181,6 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     println!(
         "| T | compress | cmp_attn | select | slc_attn | win+combine | NSA total | dense | dense/NSA | chains (NSA / dense) |\n|---|---|---|---|---|---|---|---|---|---|"
     );
-    let cfg = NsaConfig::default();
-    let precision = args.precision.resolve(&pipe)?;
-    println!("input storage: {precision:?}");
     for t in lengths {
         let shape = Shape::prefill(args.batch, t, hq, hkv, dk, dv);
         let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)
@@ -188,9 +192,22 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let linear = (cfg.compression == Compression::Linear).then(|| {
+            linear_weights(hkv, cfg.cmp_block, dk, dv).map(|w| {
+                ctx.device
+                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some("nsa.bench.linear"),
+                        contents: bytemuck::cast_slice(&w),
+                        usage: wgpu::BufferUsages::STORAGE,
+                    })
+            })
+        });
         let sets: Vec<GpuBuffers> = inputs
             .iter()
-            .map(|[q, k, v, g]| GpuBuffers::new(q, k, v, g, &out))
+            .map(|[q, k, v, g]| GpuBuffers {
+                linear: linear.as_ref().map(|[a, b, c, d]| [a, b, c, d]),
+                ..GpuBuffers::new(q, k, v, g, &out)
+            })
             .collect();
         let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup, warm.as_ref())
             .map_err(|e| e.to_string())?;
@@ -238,6 +255,40 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `cfg` in a table's heading.
+fn describe(cfg: &NsaConfig) -> String {
+    format!(
+        "l={} d={} l'={} n={} init={} local={} w={}, {:?}",
+        cfg.cmp_block,
+        cfg.cmp_stride,
+        cfg.sel_block,
+        cfg.top_n,
+        cfg.init_blocks,
+        cfg.local_blocks,
+        cfg.window,
+        cfg.compression
+    )
+}
+
+/// Linear compression weights for `--compression linear`, `[w_k, pe_k, w_v, pe_v]` in
+/// [`nsa_wgpu::LinearWeights`]' layouts, the weights scaled by 1/sqrt(l * D) so that
+/// compressed keys and values keep the inputs' magnitude.
+fn linear_weights(hkv: usize, l: usize, dk: usize, dv: usize) -> [Vec<f32>; 4] {
+    let w = |d: usize, seed| {
+        let s = ((l * d) as f32).sqrt().recip();
+        sample_values(hkv * l * d * d, seed)
+            .into_iter()
+            .map(|x| x * s)
+            .collect()
+    };
+    [
+        w(dk, 21),
+        sample_values(hkv * l * dk, 22),
+        w(dv, 23),
+        sample_values(hkv * l * dv, 24),
+    ]
+}
+
 /// Decode steps per submission in the "from GPU buffers" column: a model's layers.
 const LAYERS: usize = 8;
 
@@ -256,7 +307,7 @@ fn device_steps(
     let seqs = cache.lens().len();
     // The tensors of one token per sequence, as a one-token prefill holds them.
     let shape = Shape::prefill(seqs, 1, hq, hkv, dk, dv);
-    let plan = Plan::with_precision(&NsaConfig::default(), &shape, &pipe.limits(), precision)
+    let plan = Plan::with_precision(cache.config(), &shape, &pipe.limits(), precision)
         .map_err(|e| e.to_string())?;
     let t = |x: Tensor, seed| sample_tensor(&ctx.device, &plan, x, seed);
     let (q, k, v) = (t(Tensor::Q, 11), t(Tensor::KCmp, 12), t(Tensor::VCmp, 13));
@@ -297,7 +348,7 @@ fn device_steps(
 }
 
 fn bench_decode(args: &BenchArgs) -> Result<(), String> {
-    use nsa_wgpu::{CacheOptions, NsaCache, OutputRequest, SeqChunk};
+    use nsa_wgpu::{CacheOptions, LinearWeights, NsaCache, OutputRequest, SeqChunk};
     let (lengths, batches) = if args.quick {
         (vec![300, 700], vec![1, 2])
     } else {
@@ -307,14 +358,16 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     let pipe = bench_pipeline(args)?;
     let warm = warmer(&pipe, args);
     let ctx = pipe.context();
+    let cfg = args.config.config()?;
     let precision = args.precision.resolve(&pipe)?;
     println!(
-        "NSA decode step (paper config) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
+        "NSA decode step ({}) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
+        describe(&cfg),
         args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
     println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip | from GPU buffers, {LAYERS} per submission | chains (NSA / dense) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let cfg = NsaConfig::default();
+    let weights = linear_weights(hkv, cfg.cmp_block, dk, dv);
     for &b in &batches {
         for &len in &lengths {
             // With timestamps, steps take turns: a pass per kernel (the stages), one pass for
@@ -334,7 +387,13 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 independent_kv: false,
                 precision,
             };
-            let mut cache = NsaCache::new(&pipe, &cfg, opts, None).map_err(|e| e.to_string())?;
+            let linear = (cfg.compression == Compression::Linear).then(|| LinearWeights {
+                w_k: &weights[0],
+                pe_k: &weights[1],
+                w_v: &weights[2],
+                pe_v: &weights[3],
+            });
+            let mut cache = NsaCache::new(&pipe, &cfg, opts, linear).map_err(|e| e.to_string())?;
             // Fill the context in slices, every sequence per call (up to its own length).
             let seq_len = |s: usize| len - (args.ragged * s).min(len - 1);
             let slice = 8192.min(len);

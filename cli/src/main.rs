@@ -108,14 +108,9 @@ impl Precision {
     }
 }
 
+/// NSA's configuration (`--cmp-block` ... `--compression`): the paper's defaults.
 #[derive(Args)]
-struct RunArgs {
-    /// Input safetensors file: q, k, v, gates (+ optional k_cmp … v_win, w_k, pe_k, w_v, pe_v).
-    #[arg(long)]
-    input: std::path::PathBuf,
-    /// Output safetensors file: out, block_indices (+ o_cmp, o_slc, o_win with --branches).
-    #[arg(long)]
-    output: std::path::PathBuf,
+pub struct ConfigArgs {
     /// Compression block length l.
     #[arg(long, default_value_t = 32)]
     cmp_block: usize,
@@ -143,6 +138,40 @@ struct RunArgs {
     /// Compression function.
     #[arg(long, value_enum, default_value = "mean")]
     compression: CompressionArg,
+}
+
+impl ConfigArgs {
+    /// The configuration, validated.
+    pub fn config(&self) -> Result<NsaConfig, String> {
+        let config = NsaConfig {
+            cmp_block: self.cmp_block,
+            cmp_stride: self.cmp_stride,
+            sel_block: self.sel_block,
+            top_n: self.top_n,
+            init_blocks: self.init_blocks,
+            local_blocks: self.local_blocks,
+            window: self.window,
+            scale: self.scale,
+            compression: match self.compression {
+                CompressionArg::Mean => Compression::Mean,
+                CompressionArg::Linear => Compression::Linear,
+            },
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Input safetensors file: q, k, v, gates (+ optional k_cmp … v_win, w_k, pe_k, w_v, pe_v).
+    #[arg(long)]
+    input: std::path::PathBuf,
+    /// Output safetensors file: out, block_indices (+ o_cmp, o_slc, o_win with --branches).
+    #[arg(long)]
+    output: std::path::PathBuf,
+    #[command(flatten)]
+    config: ConfigArgs,
     /// Storage precision on the GPU: of the inputs, or of the KV cache with --decode-from or
     /// --chunk.
     #[arg(long, value_enum, default_value = "f32")]
@@ -165,21 +194,7 @@ struct RunArgs {
 }
 
 fn run(args: &RunArgs) -> Result<(), String> {
-    let config = NsaConfig {
-        cmp_block: args.cmp_block,
-        cmp_stride: args.cmp_stride,
-        sel_block: args.sel_block,
-        top_n: args.top_n,
-        init_blocks: args.init_blocks,
-        local_blocks: args.local_blocks,
-        window: args.window,
-        scale: args.scale,
-        compression: match args.compression {
-            CompressionArg::Mean => Compression::Mean,
-            CompressionArg::Linear => Compression::Linear,
-        },
-    };
-    config.validate().map_err(|e| e.to_string())?;
+    let config = args.config.config()?;
     let loaded = io::Loaded::read(&args.input)?;
     let problem = loaded.problem(&config)?;
     let inputs = problem.inputs();
