@@ -1613,11 +1613,29 @@ fn long_64k_full_heads_spot_checks() {
     let ends = [3, 514, 7283, 32770, 49999, 65536];
     for (hq, hkv, dk, dv) in [(64, 4, 128, 128), (64, 4, 192, 128), (32, 8, 128, 128)] {
         let shape = Shape::prefill(1, 65536, hq, hkv, dk, dv);
-        spot_check(&paper(), &shape, &ends, None);
+        spot_check(&paper(), &shape, &ends, None, None);
     }
     let shape = Shape::prefill(1, 65536, 64, 4, 128, 128);
-    spot_check(&paper(), &shape, &ends, Some(8));
-    spot_check(&linear(paper()), &shape, &ends, None);
+    spot_check(&paper(), &shape, &ends, Some(8), None);
+    spot_check(&linear(paper()), &shape, &ends, None, None);
+}
+
+#[test]
+#[ignore = "64k tokens at the benchmarks' head sizes: GBs of inputs; run on a GPU with --ignored"]
+fn long_64k_other_paths_spot_checks() {
+    // The benchmarks' D = 128 shape at 64k down the paths the paper's config does not take:
+    // fla's blocks (l = d = l' = 64: kept scores, not block sums, over 1023 compressed
+    // tokens), and no kept scores at all (the selection multiplies q.k again).
+    let ends = [3, 514, 7283, 32770, 49999, 65536];
+    let shape = Shape::prefill(1, 65536, 64, 4, 128, 128);
+    let fla = NsaConfig {
+        cmp_block: 64,
+        cmp_stride: 64,
+        sel_block: 64,
+        ..paper()
+    };
+    spot_check(&fla, &shape, &ends, None, None);
+    spot_check(&paper(), &shape, &ends, None, Some(0));
 }
 
 #[test]
@@ -1628,17 +1646,33 @@ fn spot_checks_hold_rows_of_a_long_prefill() {
         ..small()
     };
     let shape = Shape::prefill(1, 700, 8, 2, 16, 8);
-    spot_check(&cfg, &shape, &[3, 41, 350, 700], None);
-    spot_check(&linear(cfg), &shape, &[3, 41, 350, 700], Some(8));
+    let ends = [3, 41, 350, 700];
+    spot_check(&cfg, &shape, &ends, None, None);
+    spot_check(&linear(cfg), &shape, &ends, Some(8), None);
+    let blocks = NsaConfig {
+        cmp_block: 16,
+        cmp_stride: 16,
+        sel_block: 16,
+        ..cfg
+    };
+    spot_check(&blocks, &shape, &ends, None, None);
+    spot_check(&cfg, &shape, &ends, None, Some(0));
 }
 
 /// NSA on `shape` (one sequence; queries peaked by peak_queries with period `peaked`, if
-/// any) with f32 on the shader cores and f16 on every f16 pipeline, its rows `end - 3 .. end`
+/// any; with `kept` bytes of kept scores per chunk where given, else the pipelines' budget)
+/// with f32 on the shader cores and f16 on every f16 pipeline, its rows `end - 3 .. end`
 /// for each of `ends` against the naive NSA run on just those queries and the keys up to them
 /// (a causal row depends on nothing later): every f32 selection equal up to near ties
 /// (check_selection), at least 95% of all equal, and where they are, the outputs within 1e-4
 /// (f32) or 1e-2 (f16, against the naive NSA on the inputs as f16 stores them).
-fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], peaked: Option<usize>) {
+fn spot_check(
+    cfg: &NsaConfig,
+    shape: &Shape,
+    ends: &[usize],
+    peaked: Option<usize>,
+    kept: Option<u64>,
+) {
     let mut data = Data::new(cfg, shape, false, 64);
     if let Some(period) = peaked {
         peak_queries(&mut data, shape, period);
@@ -1661,11 +1695,26 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], peaked: Option<usi
             .into_iter()
             .map(|p| (p, nsa_wgpu::Precision::F16, 1e-2)),
     );
-    for (pipe, precision, tol) in runs {
+    // Pipelines of their own where the kept scores' budget is not the default.
+    let budgeted: Vec<_> = runs
+        .iter()
+        .filter_map(|(p, _, _)| {
+            kept.map(|bytes| {
+                let mut pipe = common::pipeline_like(p);
+                pipe.set_kept_scores(bytes);
+                pipe
+            })
+        })
+        .collect();
+    for (i, (pipe, precision, tol)) in runs.into_iter().enumerate() {
+        let pipe = budgeted.get(i).unwrap_or(pipe);
+        if kept == Some(0) {
+            let plan = pipe.plan(cfg, shape).expect("plan");
+            assert!(!plan.keeps_scores(), "a budget of 0 keeps no scores");
+        }
         let f16 = precision == nsa_wgpu::Precision::F16;
         let name = format!(
-            "{shape:?} {:?} peaked {peaked:?} {precision:?} ({})",
-            cfg.compression,
+            "{shape:?} {cfg:?} peaked {peaked:?} kept {kept:?} {precision:?} ({})",
             core_of(pipe)
         );
         let got = pipe
