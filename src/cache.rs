@@ -11,7 +11,7 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{
     check_tensor, stored_bytes, BranchOutputs, LinearWeights, NsaOutputs, OutputRequest, Stored,
 };
-use crate::kernels::KernelId;
+use crate::kernels::{KernelId, Params};
 use crate::pipeline::{
     buffer_init, read_staging, reusable, stage_readback_ranges, GpuBuffers, NsaPipeline,
 };
@@ -66,8 +66,21 @@ pub struct NsaCache {
     /// The scratches of the last call's compression-only plans, in order, for the next
     /// call's to refit.
     compress_kept: Vec<Option<crate::NsaScratch>>,
-    /// Where `extend` uploads its new keys and values (replaced when too small).
+    /// Where `extend` uploads its new keys and values (replaced when too small), and the
+    /// append kernel's staging buffer.
     upload: Option<wgpu::Buffer>,
+    /// The append kernel's bind groups on `upload` and `raw` (remade when either changes).
+    append: Option<AppendBinding>,
+}
+
+/// The append kernel's bindings for a cache (`shaders/append.wgsl`): the staging and raw
+/// buffers they were made on, and one bind group per pair of raw buffers (keys, values),
+/// whose `Params` name where the two tensors' entries of the staging table start.
+#[derive(Debug)]
+struct AppendBinding {
+    staging: wgpu::Buffer,
+    raw: Vec<wgpu::Buffer>,
+    groups: Vec<wgpu::BindGroup>,
 }
 
 /// What a cache keeps of one plan that computes rows, for the plan in the same place of its
@@ -278,6 +291,15 @@ const KEEP_SCRATCH_BYTES: u64 = 256 << 20;
 /// `record_extend`): a decode step of 16 sequences at Hkv = 4, D = 128 in f16 takes 32 KB.
 const UPLOAD_MAX: u64 = 4 << 20;
 
+/// Sequences a call appends to at least for the append kernel, which takes a dispatch per
+/// pair of cached tensors (and, from GPU buffers, a copy of the table and one per tensor),
+/// instead of a copy per sequence and tensor, which wgpu orders by a barrier each (the same
+/// written usage of one buffer twice). On an H200 (f16 cache at 64k, BENCHMARKS.md,
+/// thirty-first session), 32 such copies took a 16-sequence decode step from GPU buffers
+/// to 0.38 ms against 0.29 without them; the kernel made it 0.32-0.34 ms, 8 sequences
+/// 0.26 against 0.275, and left 4 within the noise (0.22-0.25 either way).
+const APPEND_MIN_SEQS: usize = 3;
+
 /// Usages of the kept query, gate and output buffers.
 const IO_USAGES: [wgpu::BufferUsages; 3] = [
     wgpu::BufferUsages::STORAGE.union(wgpu::BufferUsages::COPY_DST),
@@ -434,6 +456,7 @@ impl NsaCache {
             rows_kept: Vec::new(),
             compress_kept: Vec::new(),
             upload: None,
+            append: None,
         })
     }
 
@@ -762,6 +785,228 @@ impl NsaPipeline {
         Ok(())
     }
 
+    /// Records the writes of the call's new keys and values into `cache`: sequence `seqs[i]`
+    /// appends `sizes[i]` rows of each raw tensor at its length.
+    ///
+    /// For [`APPEND_MIN_SEQS`] sequences or more (and UPLOAD_MAX bytes of rows at most), the
+    /// append kernel writes every sequence's rows in one dispatch per pair of tensors (keys,
+    /// values), reading the rows and a table of where each goes from the cache's upload
+    /// buffer: queued there from the host in one write, or copied there in `encoder` (the
+    /// caller's rows one copy per tensor, the table from a buffer of its own). Otherwise:
+    /// host rows of UPLOAD_MAX bytes at most are queued into the upload buffer in one piece
+    /// (a queue write per sequence and tensor allocates staging memory each: on lavapipe a
+    /// 16-sequence step's host time up to its submission went from 97 to 74 µs so) and
+    /// copied from there, larger ones take a queue write per sequence and tensor (no large
+    /// buffer kept), and the caller's rows a copy per sequence and tensor.
+    fn append_rows(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &mut NsaCache,
+        seqs: &[usize],
+        sizes: &[usize],
+        feed: &Feed,
+    ) -> Result<()> {
+        let o = cache.opts;
+        let ctx = self.context();
+        let device = &ctx.device;
+        let limits = self.limits();
+        let cap = cache.capacity as u64;
+        let dims = raw_dims(&o);
+        // Bytes of sequence i's new rows of tensor r, and where they go in it.
+        let len = |i: usize, r: usize| sizes[i] as u64 * row_bytes(&o, dims[r]);
+        let dst = |i: usize, r: usize| {
+            (seqs[i] as u64 * cap + cache.lens[seqs[i]] as u64) * row_bytes(&o, dims[r])
+        };
+        let rows: u64 = (0..seqs.len())
+            .flat_map(|i| (0..dims.len()).map(move |r| (i, r)))
+            .map(|(i, r)| len(i, r))
+            .sum();
+        if rows > UPLOAD_MAX {
+            // Only from the host: the caller's buffers are copied from directly below.
+            if let Feed::Host { kv, .. } = feed {
+                for (i, kv) in kv.iter().enumerate() {
+                    for (r, buf) in cache.raw.iter().enumerate() {
+                        ctx.queue.write_buffer(buf, dst(i, r), &kv[r]);
+                    }
+                }
+                return Ok(());
+            }
+        }
+        // The kernel's table: the count, then per tensor `o.seqs` entries (staging word,
+        // cache word, words), tensor by tensor; the rows follow, tensor by tensor, sequence
+        // by sequence (so each tensor of the caller's buffers is one piece).
+        let kernel = seqs.len() >= APPEND_MIN_SEQS
+            && rows <= UPLOAD_MAX
+            && seqs.len() <= limits.max_workgroups_per_dim as usize
+            && cache
+                .raw
+                .iter()
+                .all(|b| b.size() <= limits.max_storage_binding);
+        let table_bytes = if kernel {
+            4 * (1 + 3 * dims.len() * o.seqs) as u64
+        } else {
+            0
+        };
+        let mut table = vec![0u32; (table_bytes / 4) as usize];
+        let mut at = table_bytes;
+        let mut pieces = Vec::new();
+        for r in 0..dims.len() {
+            for i in 0..seqs.len() {
+                pieces.push((i, r, at));
+                at += len(i, r);
+            }
+        }
+        if kernel {
+            table[0] = seqs.len() as u32;
+            for &(i, r, at) in &pieces {
+                let e = 1 + 3 * (r * o.seqs + i);
+                // Word offsets within a binding (so below 2^32 words).
+                table[e] = (at / 4) as u32;
+                table[e + 1] = (dst(i, r) / 4) as u32;
+                table[e + 2] = (len(i, r) / 4) as u32;
+            }
+        }
+        let up = match feed {
+            Feed::Host { kv, .. } if rows <= UPLOAD_MAX => {
+                let up = fit_upload(device, &mut cache.upload, at).clone();
+                let mut parts: Vec<&[u8]> = vec![bytemuck::cast_slice(&table)];
+                parts.extend(pieces.iter().map(|&(i, r, _)| &kv[i][r][..]));
+                upload(&ctx.queue, &up, &parts)?;
+                Some(up)
+            }
+            Feed::Device(_) if kernel => {
+                let up = fit_upload(device, &mut cache.upload, at).clone();
+                let usage = wgpu::BufferUsages::COPY_SRC;
+                let t = buffer_init(
+                    device,
+                    "nsa.append.table",
+                    usage,
+                    bytemuck::cast_slice(&table),
+                );
+                encoder.copy_buffer_to_buffer(&t, 0, &up, 0, table_bytes);
+                Some(up)
+            }
+            _ => None,
+        };
+        // The caller's rows: one copy per tensor into the upload, or per sequence and tensor
+        // into the cache.
+        if let Feed::Device(step) = feed {
+            for (r, src) in step.key_value_buffers().into_iter().enumerate() {
+                match &up {
+                    Some(up) => {
+                        let first = pieces[r * seqs.len()].2;
+                        let bytes: u64 = (0..seqs.len()).map(|i| len(i, r)).sum();
+                        encoder.copy_buffer_to_buffer(src.buffer(), src.offset(), up, first, bytes);
+                    }
+                    None => {
+                        for i in 0..seqs.len() {
+                            let from = src.offset() + i as u64 * len(i, r);
+                            encoder.copy_buffer_to_buffer(
+                                src.buffer(),
+                                from,
+                                &cache.raw[r],
+                                dst(i, r),
+                                len(i, r),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let Some(up) = up else {
+            return Ok(());
+        };
+        if !kernel {
+            // Rows of whole f16 pairs or f32s: every offset and length is a multiple of 4.
+            for &(i, r, at) in &pieces {
+                encoder.copy_buffer_to_buffer(&up, at, &cache.raw[r], dst(i, r), len(i, r));
+            }
+            return Ok(());
+        }
+        let (pipeline, layout) = self.append_kernel()?;
+        let fresh = cache
+            .append
+            .as_ref()
+            .is_none_or(|a| a.staging != up || a.raw != cache.raw);
+        if fresh {
+            cache.append = Some(self.append_binding(layout, &up, &cache.raw, o.seqs));
+        }
+        let groups = &cache.append.as_ref().expect("made above").groups;
+        let words = (0..seqs.len()).map(|i| len(i, 0).max(len(i, dims.len() - 1)) / 4);
+        let y = words.max().unwrap_or(0).div_ceil(256).clamp(1, 64) as u32;
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("nsa.append"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        for group in groups {
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(seqs.len() as u32, y, 2);
+        }
+        Ok(())
+    }
+
+    /// The append kernel's bind groups on `staging` and each pair of `raw` (keys, values),
+    /// whose table entries start after the count at `1 + 3 * r * seqs` for tensor `r`.
+    fn append_binding(
+        &self,
+        layout: &wgpu::BindGroupLayout,
+        staging: &wgpu::Buffer,
+        raw: &[wgpu::Buffer],
+        seqs: usize,
+    ) -> AppendBinding {
+        let device = &self.context().device;
+        let size = std::mem::size_of::<Params>() as u64;
+        let stride = size.next_multiple_of(self.limits().uniform_align);
+        let pairs = raw.len() / 2;
+        let mut bytes = vec![0u8; (stride * pairs as u64) as usize];
+        for p in 0..pairs {
+            let params = Params {
+                off_k: (1 + 3 * 2 * p * seqs) as u32,
+                off_v: (1 + 3 * (2 * p + 1) * seqs) as u32,
+                ..Params::default()
+            };
+            bytes[p * stride as usize..][..size as usize]
+                .copy_from_slice(bytemuck::bytes_of(&params));
+        }
+        let usage = wgpu::BufferUsages::UNIFORM;
+        let params = buffer_init(device, "nsa.append.params", usage, &bytes);
+        let whole = |buffer| {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset: 0,
+                size: None,
+            })
+        };
+        let groups = (0..pairs)
+            .map(|p| {
+                let entry = |binding, resource| wgpu::BindGroupEntry { binding, resource };
+                device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("nsa.append"),
+                    layout,
+                    entries: &[
+                        entry(
+                            0,
+                            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: &params,
+                                offset: p as u64 * stride,
+                                size: wgpu::BufferSize::new(size),
+                            }),
+                        ),
+                        entry(1, whole(staging)),
+                        entry(2, whole(&raw[2 * p])),
+                        entry(3, whole(&raw[2 * p + 1])),
+                    ],
+                })
+            })
+            .collect();
+        AppendBinding {
+            staging: staging.clone(),
+            raw: raw.to_vec(),
+            groups,
+        }
+    }
+
     async fn extend_with(
         &self,
         cache: &mut NsaCache,
@@ -946,48 +1191,7 @@ impl NsaPipeline {
         let device = &ctx.device;
         let cap = cache.capacity as u64;
         let cap_c = cfg.num_compressed(cache.capacity).max(1) as u64;
-        let dims = raw_dims(&o);
-        // The host's new keys and values: for a decode step or a short chunk (UPLOAD_MAX bytes
-        // in all), one upload, queued so written before this call's commands run, from which
-        // the encoder copies each sequence's rows into the cache (a queue write per sequence
-        // and tensor allocates staging memory each: on lavapipe a 16-sequence step's host
-        // time up to its submission went from 97 to 74 µs so); larger ones a queue write each
-        // (no large buffer kept). The caller's buffers are copied from directly.
-        let uploaded = match feed {
-            Feed::Host { kv, .. } => {
-                let parts: Vec<&[u8]> = kv.iter().flatten().map(|p| &p[..]).collect();
-                let total = parts.iter().map(|p| p.len() as u64).sum();
-                if total <= UPLOAD_MAX {
-                    let up = fit_upload(device, &mut cache.upload, total);
-                    upload(&ctx.queue, up, &parts)?;
-                    Some(up.clone())
-                } else {
-                    None
-                }
-            }
-            Feed::Device(_) => None,
-        };
-        let mut at = 0;
-        for (i, (seq, n)) in seqs.iter().zip(sizes).enumerate() {
-            for (r, (buf, d)) in cache.raw.iter().zip(&dims).enumerate() {
-                let bytes = row_bytes(&o, *d);
-                let row = (*seq as u64 * cap + cache.lens[*seq] as u64) * bytes;
-                // Rows of whole f16 pairs or f32s: every offset and length is a multiple of 4.
-                let len = *n as u64 * bytes;
-                match (feed, &uploaded) {
-                    (Feed::Device(step), _) => {
-                        let src = step.key_value_buffers()[r];
-                        let from = src.offset() + i as u64 * len;
-                        encoder.copy_buffer_to_buffer(src.buffer(), from, buf, row, len);
-                    }
-                    (Feed::Host { .. }, Some(up)) => {
-                        encoder.copy_buffer_to_buffer(up, at, buf, row, len);
-                        at += len;
-                    }
-                    (Feed::Host { kv, .. }, None) => ctx.queue.write_buffer(buf, row, &kv[i][r]),
-                }
-            }
-        }
+        self.append_rows(encoder, cache, seqs, sizes, feed)?;
         // Per plan: its readback buffers, its scratch, and how many sequences it computes rows
         // for (0: compression only).
         let mut kept: Vec<Recorded> = Vec::new();
@@ -1351,7 +1555,9 @@ fn fit_upload<'a>(
         *slot = Some(device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("nsa.extend.kv"),
             size: bytes.next_multiple_of(4).max(16),
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         }));
     }

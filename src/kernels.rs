@@ -76,7 +76,8 @@ pub enum Access {
     ReadWrite,
 }
 
-/// The kernels: NSA's five in dataflow order, then the dense baseline.
+/// The kernels: NSA's five in dataflow order, the dense baseline, the merges, and the KV
+/// cache's append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KernelId {
     /// `shaders/compress.wgsl`: blockwise compression of keys or values.
@@ -95,13 +96,16 @@ pub enum KernelId {
     Merge,
     /// `shaders/select_merge.wgsl`: combines the candidates of split selection.
     SelectMerge,
+    /// `shaders/append.wgsl`: copies a call's new key and value rows into a KV cache, every
+    /// sequence in one dispatch per pair of cached tensors.
+    Append,
 }
 
 use Access::{Read, ReadWrite, Uniform};
 
 impl KernelId {
     /// Every kernel.
-    pub const ALL: [KernelId; 8] = [
+    pub const ALL: [KernelId; 9] = [
         KernelId::Compress,
         KernelId::CmpAttn,
         KernelId::Select,
@@ -110,6 +114,7 @@ impl KernelId {
         KernelId::Dense,
         KernelId::Merge,
         KernelId::SelectMerge,
+        KernelId::Append,
     ];
 
     /// The shader's file name (without `.wgsl`).
@@ -123,6 +128,7 @@ impl KernelId {
             KernelId::Dense => "dense_attn",
             KernelId::Merge => "merge",
             KernelId::SelectMerge => "select_merge",
+            KernelId::Append => "append",
         }
     }
 
@@ -137,6 +143,7 @@ impl KernelId {
             KernelId::Dense => "nsa.dense_attn",
             KernelId::Merge => "nsa.merge",
             KernelId::SelectMerge => "nsa.select_merge",
+            KernelId::Append => "nsa.append",
         }
     }
 
@@ -163,6 +170,8 @@ impl KernelId {
             ],
             // params, cand, block_indices
             KernelId::SelectMerge => &[Uniform, Read, ReadWrite],
+            // params, staging, dst_k, dst_v
+            KernelId::Append => &[Uniform, Read, ReadWrite, ReadWrite],
         }
     }
 
@@ -178,6 +187,7 @@ impl KernelId {
             KernelId::Merge => 5 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
             KernelId::SelectMerge => (256 + 4 * 1024 + 2 * 64 + 3) * 4,
+            KernelId::Append => 0,
             // scores (16 vec4s per row), red_max, red_sum (reduce_shared.wgsl, one per
             // invocation), 6 per-row arrays
             _ => (64 * rows + 2 * 8 * rows + 6 * rows) * 4,
@@ -366,11 +376,11 @@ impl KernelId {
     }
 
     /// Whether the shader declares the [`Specialization`] overrides (the kernels with
-    /// key tiles: all but `Compress`, `Merge` and `SelectMerge`).
+    /// key tiles: all but `Compress`, `Merge`, `SelectMerge` and `Append`).
     pub fn specialized(self) -> bool {
         !matches!(
             self,
-            KernelId::Compress | KernelId::Merge | KernelId::SelectMerge
+            KernelId::Compress | KernelId::Merge | KernelId::SelectMerge | KernelId::Append
         )
     }
 }

@@ -855,6 +855,39 @@ impl NsaPipeline {
         Ok(pipelines)
     }
 
+    /// The KV cache's append kernel (`shaders/append.wgsl`), compiled on first use, and its
+    /// bind group layout.
+    pub(crate) fn append_kernel(&self) -> Result<(wgpu::ComputePipeline, &wgpu::BindGroupLayout)> {
+        let id = KernelId::Append;
+        let layout = &self.layouts[id as usize];
+        // It reads no inputs and declares no overrides: one variant.
+        let variant = Variant {
+            precision: Precision::F32,
+            subgroups: false,
+            tensor_cores: false,
+            kept: Kept::Nothing,
+        };
+        let spec = Specialization {
+            dk: 0,
+            dv: 0,
+            kv_tile: 0,
+            smem4: 0,
+            rows: 0,
+            few_rows: false,
+        };
+        let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = compiled.get(&(id, variant, spec)) {
+            return Ok((p.clone(), &layout.bind_group));
+        }
+        let device = &self.ctx.device;
+        let pipeline = checked_compile(device, || {
+            layout.compile(device, id, &variant, &spec, self.bounds_checks)
+        })
+        .map_err(|e| NsaError::Gpu(format!("compiling kernel {}: {e}", id.name())))?;
+        compiled.insert((id, variant, spec), pipeline.clone());
+        Ok((pipeline, &layout.bind_group))
+    }
+
     /// One bind group per step of the scratch's plan, on `resolved` (every step's binding
     /// buffers, in order).
     fn bind_groups(

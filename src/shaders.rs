@@ -28,7 +28,7 @@ macro_rules! sources {
 /// Kernel sources, by kernel name (the name of the file in `shaders/`).
 pub const KERNELS: &[(&str, &str)] = sources!["":
     "compress", "cmp_attn", "select", "slc_attn", "win_attn", "dense_attn", "merge",
-    "select_merge",
+    "select_merge", "append",
 ];
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
