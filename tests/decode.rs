@@ -1432,11 +1432,13 @@ fn bad_device_steps_are_errors_and_change_nothing() {
 
 #[test]
 fn large_appends_equal_small_ones() {
-    // Keys and values of more than 4 MiB in one call (here 2199 tokens of two sequences, f32
-    // Hkv = 1, D = 128: 4.5 MB) are written a sequence and tensor at a time, smaller ones
-    // through one upload: the same cache either way (then one step on it, bit for bit).
+    // Keys and values of more than 4 MiB in one call (here 2199 tokens of three sequences,
+    // f32 Hkv = 1, D = 128: 6.8 MB) are written a sequence and tensor at a time, smaller ones
+    // through one upload by the append kernel (300 tokens: 38,400 words per sequence and
+    // tensor, which its workgroups take in several rounds): the same cache either way (then
+    // one step on it, bit for bit).
     let cfg = NsaConfig::default();
-    let s = Shape::prefill(2, 2200, 4, 1, 128, 128);
+    let s = Shape::prefill(3, 2200, 4, 1, 128, 128);
     let data = Data::new(&cfg, &s, false, 47);
     let pipe = pipeline();
     let w = s.hkv * s.dk;
@@ -1449,7 +1451,7 @@ fn large_appends_equal_small_ones() {
         let mut at = 0;
         while at < 2199 {
             let end = (at + piece).min(2199);
-            let owned: Vec<_> = (0..2).map(|b| kv(b, at, end)).collect();
+            let owned: Vec<_> = (0..3).map(|b| kv(b, at, end)).collect();
             let chunks: Vec<SeqChunk> = owned
                 .iter()
                 .enumerate()
@@ -1458,7 +1460,7 @@ fn large_appends_equal_small_ones() {
             pollster::block_on(pipe.append(&mut cache, &chunks)).unwrap();
             at = end;
         }
-        let owned: Vec<_> = (0..2)
+        let owned: Vec<_> = (0..3)
             .map(|b| seq_rows_at(&data, &s, b, 2199, 2200))
             .collect();
         let step: Vec<SeqChunk> = owned
