@@ -2,12 +2,13 @@
 // pair of cached tensors (keys and values), where a copy per sequence and tensor would each
 // wait for the one before (copies into one buffer are ordered by a barrier each).
 //
-// `staging` holds a table, then the rows. Word 0 is the number of sequences `count`; the
-// entries of this dispatch's two tensors start at words `params.off_k` (into `dst_k`) and
-// `params.off_v` (into `dst_v`), three words each: where the sequence's rows start in
-// `staging`, where they go in the cached tensor, and how many words they are (f16 rows hold
-// whole pairs, so every row is whole words). Workgroup (x, y, z) copies entry x of tensor z,
-// the workgroups along y sharing its words.
+// `staging` holds a table, then the rows. Word 0 is the number of sequences `count`; then
+// come `params.dim` words per sequence, three per cached tensor: where the sequence's rows
+// start in `staging`, where they go in the tensor, and how many words they are (f16 rows
+// hold whole pairs, so every row is whole words). This dispatch's two tensors' entries of
+// the first sequence sit at `params.off_k` (into `dst_k`) and `params.off_v` (into
+// `dst_v`). Workgroup (x, y, z) copies sequence x's rows of tensor z, the workgroups along
+// y sharing its words.
 
 #import params
 
@@ -26,7 +27,7 @@ fn main(
     if wg.x >= staging[0] {
         return;
     }
-    let at = select(params.off_k, params.off_v, wg.z == 1u) + 3u * wg.x;
+    let at = select(params.off_k, params.off_v, wg.z == 1u) + params.dim * wg.x;
     let src = staging[at];
     let to = staging[at + 1u];
     let words = staging[at + 2u];

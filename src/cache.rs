@@ -832,9 +832,9 @@ impl NsaPipeline {
                 return Ok(());
             }
         }
-        // The kernel's table: the count, then per tensor `o.seqs` entries (staging word,
-        // cache word, words), tensor by tensor; the rows follow, tensor by tensor, sequence
-        // by sequence (so each tensor of the caller's buffers is one piece).
+        // The kernel's table: the count, then per sequence one entry per tensor (staging
+        // word, cache word, words); the rows follow, tensor by tensor, sequence by sequence
+        // (so each tensor of the caller's buffers is one piece).
         let kernel = seqs.len() >= APPEND_MIN_SEQS
             && rows <= UPLOAD_MAX
             && seqs.len() <= limits.max_workgroups_per_dim as usize
@@ -843,7 +843,7 @@ impl NsaPipeline {
                 .iter()
                 .all(|b| b.size() <= limits.max_storage_binding);
         let table_bytes = if kernel {
-            4 * (1 + 3 * dims.len() * o.seqs) as u64
+            4 * (1 + 3 * dims.len() * seqs.len()) as u64
         } else {
             0
         };
@@ -859,7 +859,7 @@ impl NsaPipeline {
         if kernel {
             table[0] = seqs.len() as u32;
             for &(i, r, at) in &pieces {
-                let e = 1 + 3 * (r * o.seqs + i);
+                let e = 1 + 3 * (i * dims.len() + r);
                 // Word offsets within a binding (so below 2^32 words).
                 table[e] = (at / 4) as u32;
                 table[e + 1] = (dst(i, r) / 4) as u32;
@@ -929,7 +929,7 @@ impl NsaPipeline {
             .as_ref()
             .is_none_or(|a| a.staging != up || a.raw != cache.raw);
         if fresh {
-            cache.append = Some(self.append_binding(layout, &up, &cache.raw, o.seqs));
+            cache.append = Some(self.append_binding(layout, &up, &cache.raw));
         }
         let groups = &cache.append.as_ref().expect("made above").groups;
         let words = (0..seqs.len()).map(|i| len(i, 0).max(len(i, dims.len() - 1)) / 4);
@@ -946,14 +946,14 @@ impl NsaPipeline {
         Ok(())
     }
 
-    /// The append kernel's bind groups on `staging` and each pair of `raw` (keys, values),
-    /// whose table entries start after the count at `1 + 3 * r * seqs` for tensor `r`.
+    /// The append kernel's bind groups on `staging` and each pair of `raw` (keys, values):
+    /// sequence i's entry for tensor r sits at word `1 + 3 * (i * raw.len() + r)` of the
+    /// table.
     fn append_binding(
         &self,
         layout: &wgpu::BindGroupLayout,
         staging: &wgpu::Buffer,
         raw: &[wgpu::Buffer],
-        seqs: usize,
     ) -> AppendBinding {
         let device = &self.context().device;
         let size = std::mem::size_of::<Params>() as u64;
@@ -962,8 +962,9 @@ impl NsaPipeline {
         let mut bytes = vec![0u8; (stride * pairs as u64) as usize];
         for p in 0..pairs {
             let params = Params {
-                off_k: (1 + 3 * 2 * p * seqs) as u32,
-                off_v: (1 + 3 * (2 * p + 1) * seqs) as u32,
+                off_k: (1 + 3 * 2 * p) as u32,
+                off_v: (1 + 3 * (2 * p + 1)) as u32,
+                dim: (3 * raw.len()) as u32,
                 ..Params::default()
             };
             bytes[p * stride as usize..][..size as usize]

@@ -22,13 +22,13 @@ struct Params {
     q_start: u32,      // first query row of this chunk
     q_count: u32,      // query rows in this chunk
     linear: u32,       // compress: 1 = Linear, 0 = Mean
-    dim: u32,          // compress: row width of the tensor being compressed
+    dim: u32,          // compress: row width of the tensor being compressed; append: table words per sequence
     head_chunks: u32,  // attention: workgroups per (query, kv head)
     kv_tile: u32,      // attention: keys per workgroup tile
     total_wg: u32,     // workgroups in this dispatch (the grid may round up)
     // Element offsets of each binding inside its bound window (windows start at aligned bytes).
     off_q: u32,
-    off_k: u32,
+    off_k: u32,        // (append: the table word of the first sequence's key entry, off_v its value entry)
     off_v: u32,
     off_kc: u32,
     off_gates: u32,
