@@ -367,7 +367,8 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     );
     println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip | from GPU buffers, {LAYERS} per submission | chains (NSA / dense) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let weights = linear_weights(hkv, cfg.cmp_block, dk, dv);
+    let weights = (cfg.compression == Compression::Linear)
+        .then(|| linear_weights(hkv, cfg.cmp_block, dk, dv));
     for &b in &batches {
         for &len in &lengths {
             // With timestamps, steps take turns: a pass per kernel (the stages), one pass for
@@ -387,12 +388,14 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 independent_kv: false,
                 precision,
             };
-            let linear = (cfg.compression == Compression::Linear).then(|| LinearWeights {
-                w_k: &weights[0],
-                pe_k: &weights[1],
-                w_v: &weights[2],
-                pe_v: &weights[3],
-            });
+            let linear = weights
+                .as_ref()
+                .map(|[w_k, pe_k, w_v, pe_v]| LinearWeights {
+                    w_k,
+                    pe_k,
+                    w_v,
+                    pe_v,
+                });
             let mut cache = NsaCache::new(&pipe, &cfg, opts, linear).map_err(|e| e.to_string())?;
             // Fill the context in slices, every sequence per call (up to its own length).
             let seq_len = |s: usize| len - (args.ragged * s).min(len - 1);
