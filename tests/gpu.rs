@@ -1602,22 +1602,24 @@ fn long_64k_f16() {
     check_f16_case(&pipes, "long 64k f16", &paper(), &shape);
 }
 
+/// The 64k spot checks' rows (see spot_check): the start, the window's edge, a kept-score
+/// chunk boundary of the f16 D = 128 plan, the middle and the end.
+const LONG_ENDS: [usize; 6] = [3, 514, 7283, 32770, 49999, 65536];
+
 #[test]
 #[ignore = "64k tokens at the benchmarks' head sizes: GBs of inputs; run on a GPU with --ignored"]
 fn long_64k_full_heads_spot_checks() {
     // The benchmarks' shapes at 64k (Hq = 64, Hkv = 4; D = 128, and the paper's Dk = 192,
-    // Dv = 128; and the small group, Hq = 32, Hkv = 8): rows at the start, the window's edge,
-    // a kept-score chunk boundary of the f16 D = 128 plan, the middle and the end. Then
-    // D = 128 with peaked heads (scaled scores with deviations up to 5.1, whose softmax
+    // Dv = 128; and the small group, Hq = 32, Hkv = 8), at LONG_ENDS. Then D = 128 with
+    // peaked heads (scaled scores with deviations up to 5.1, whose softmax
     // takes a few keys) and with Linear compression.
-    let ends = [3, 514, 7283, 32770, 49999, 65536];
     for (hq, hkv, dk, dv) in [(64, 4, 128, 128), (64, 4, 192, 128), (32, 8, 128, 128)] {
         let shape = Shape::prefill(1, 65536, hq, hkv, dk, dv);
-        spot_check(&paper(), &shape, &ends, None, None);
+        spot_check(&paper(), &shape, &LONG_ENDS, None, None);
     }
     let shape = Shape::prefill(1, 65536, 64, 4, 128, 128);
-    spot_check(&paper(), &shape, &ends, Some(8), None);
-    spot_check(&linear(paper()), &shape, &ends, None, None);
+    spot_check(&paper(), &shape, &LONG_ENDS, Some(8), None);
+    spot_check(&linear(paper()), &shape, &LONG_ENDS, None, None);
 }
 
 #[test]
@@ -1626,7 +1628,6 @@ fn long_64k_other_paths_spot_checks() {
     // The benchmarks' D = 128 shape at 64k down the paths the paper's config does not take:
     // fla's blocks (l = d = l' = 64: kept scores, not block sums, over 1023 compressed
     // tokens), and no kept scores at all (the selection multiplies q.k again).
-    let ends = [3, 514, 7283, 32770, 49999, 65536];
     let shape = Shape::prefill(1, 65536, 64, 4, 128, 128);
     let fla = NsaConfig {
         cmp_block: 64,
@@ -1634,8 +1635,8 @@ fn long_64k_other_paths_spot_checks() {
         sel_block: 64,
         ..paper()
     };
-    spot_check(&fla, &shape, &ends, None, None);
-    spot_check(&paper(), &shape, &ends, None, Some(0));
+    spot_check(&fla, &shape, &LONG_ENDS, None, None);
+    spot_check(&paper(), &shape, &LONG_ENDS, None, Some(0));
 }
 
 #[test]
