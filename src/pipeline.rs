@@ -328,6 +328,11 @@ fn checked_compile(
     Ok(compile())
 }
 
+/// The error of kernel `id` failing to compile.
+fn compile_error(id: KernelId, e: wgpu::Error) -> NsaError {
+    NsaError::Gpu(format!("compiling kernel {}: {e}", id.name()))
+}
+
 /// A storage buffer holding `bytes`.
 fn upload(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     buffer_init(device, label, wgpu::BufferUsages::STORAGE, bytes)
@@ -780,11 +785,9 @@ impl NsaPipeline {
     fn kernels(&self, plan: &Plan) -> Result<Vec<wgpu::ComputePipeline>> {
         self.require(plan.precision)?;
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        let device = &self.ctx.device;
         let mut pipelines = Vec::with_capacity(plan.steps.len());
         for step in &plan.steps {
             let id = step.kernel;
-            let layout = &self.layouts[id as usize];
             let (spec, tensor_cores) = plan.kernel_specialization(
                 id,
                 step.rows,
@@ -803,11 +806,8 @@ impl NsaPipeline {
                 pipelines.push(p.clone());
                 continue;
             }
-            let compile = |variant: &Variant, spec: &Specialization| {
-                checked_compile(device, || {
-                    layout.compile(device, id, variant, spec, self.bounds_checks)
-                })
-            };
+            let compile =
+                |variant: &Variant, spec: &Specialization| self.compile_kernel(id, variant, spec);
             // An experimental feature: where the driver rejects the tensor-core kernel, the
             // plain one takes its place (under the same key).
             let tensor = if variant.tensor_cores {
@@ -844,9 +844,8 @@ impl NsaPipeline {
                             step.params.kept_tile
                         )));
                     }
-                    compile(&plain_variant, &plan.specialization(step.rows)).map_err(|e| {
-                        NsaError::Gpu(format!("compiling kernel {}: {e}", id.name()))
-                    })?
+                    compile(&plain_variant, &plan.specialization(step.rows))
+                        .map_err(|e| compile_error(id, e))?
                 }
             };
             compiled.insert(key, pipeline.clone());
@@ -876,16 +875,32 @@ impl NsaPipeline {
             few_rows: false,
         };
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = compiled.get(&(id, variant, spec)) {
-            return Ok((p.clone(), &layout.bind_group));
-        }
-        let device = &self.ctx.device;
-        let pipeline = checked_compile(device, || {
-            layout.compile(device, id, &variant, &spec, self.bounds_checks)
-        })
-        .map_err(|e| NsaError::Gpu(format!("compiling kernel {}: {e}", id.name())))?;
-        compiled.insert((id, variant, spec), pipeline.clone());
+        let pipeline = match compiled.get(&(id, variant, spec)) {
+            Some(p) => p.clone(),
+            None => {
+                let p = self
+                    .compile_kernel(id, &variant, &spec)
+                    .map_err(|e| compile_error(id, e))?;
+                compiled.insert((id, variant, spec), p.clone());
+                p
+            }
+        };
         Ok((pipeline, &layout.bind_group))
+    }
+
+    /// Kernel `id` compiled in `variant` for `spec` on this pipeline's device, with its
+    /// bounds-check choice; the driver's or wgpu's error where it fails.
+    fn compile_kernel(
+        &self,
+        id: KernelId,
+        variant: &Variant,
+        spec: &Specialization,
+    ) -> std::result::Result<wgpu::ComputePipeline, wgpu::Error> {
+        let device = &self.ctx.device;
+        let layout = &self.layouts[id as usize];
+        checked_compile(device, || {
+            layout.compile(device, id, variant, spec, self.bounds_checks)
+        })
     }
 
     /// One bind group per step of the scratch's plan, on `resolved` (every step's binding
