@@ -951,6 +951,85 @@ fn seventy_ragged_sequences_take_two_chains() {
     check_device_steps(pipeline(), Precision::F32, case);
 }
 
+/// A pipeline on a new device of the best adapter whose storage bindings hold at most
+/// `bytes` (far below any adapter's own limit), so that caches and plans must split across
+/// bindings at test sizes.
+fn pipeline_with_binding_limit(bytes: u64) -> NsaPipeline {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    // As GpuContext::new: the primary backends unless WGPU_BACKEND chooses.
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        desc.backends = wgpu::Backends::PRIMARY;
+    }
+    let instance = wgpu::Instance::new(desc);
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    }))
+    .expect("adapter");
+    let wanted = wgpu::Features::TIMESTAMP_QUERY
+        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP;
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        required_features: adapter.features() & wanted,
+        required_limits: wgpu::Limits {
+            max_storage_buffer_binding_size: bytes,
+            ..adapter.limits()
+        },
+        ..Default::default()
+    }))
+    .expect("device");
+    let ctx = nsa_wgpu::GpuContext::from_device(device, queue, adapter.get_info());
+    let mut pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+    pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
+    assert_eq!(pipe.limits().max_storage_binding, bytes);
+    pipe
+}
+
+#[test]
+fn caches_past_one_binding_equal_each_sequence_alone() {
+    // With 64 KiB bindings each cached sequence (up to 406 rows of 128 bytes per tensor)
+    // fits one binding but the cache (seven of them) does not: every call binds each
+    // sequence's own window of the cache, and the new rows go in by copies (the append
+    // kernel binds whole cached tensors). The prefills the rows are held against split
+    // their queries over bindings too. f32, and f16 where the adapter has it (this device
+    // has no tensor cores: `from_device`).
+    let pipe = pipeline_with_binding_limit(64 << 10);
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    let cases = [
+        (small(), false, (4, 2, 16), 4),
+        (linear, true, (16, 1, 32), 4),
+    ];
+    for (cfg, branch, heads, chains) in cases {
+        let c = Ragged {
+            cfg,
+            branch,
+            heads,
+            lens: &[50, 203, 1, 0, 130, 129, 77],
+            steps: 4,
+            tail: 3,
+            chains,
+        };
+        let cache = RaggedData::new(&c).cache(&pipe, Precision::F32, &c);
+        let bytes = cache.key_value_buffers()[0].size();
+        assert!(bytes > 64 << 10 && bytes < 4 << 20, "{bytes}");
+        check_ragged_at(&pipe, Precision::F32, 1e-4, c);
+        check_device_steps(&pipe, Precision::F32, c);
+        // f16 rows (half the bytes: half the chains); windows start at whole 8-element units
+        // (binding_unit).
+        if pipe.supports(Precision::F16) {
+            let c = Ragged {
+                chains: chains / 2,
+                ..c
+            };
+            check_ragged_at(&pipe, Precision::F16, 5e-3, c);
+        }
+    }
+}
+
 #[test]
 fn random_ragged_batches_equal_each_sequence_alone() {
     // Seeded random configs, head shapes and lengths (zero included) through the ragged path,
