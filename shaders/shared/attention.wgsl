@@ -113,6 +113,7 @@ fn attn_pos(r: Rows, i: u32) -> u32 {
 fn attn_begin(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
     if first.x < first.y {
         fetch_tile(lid, attn_kv(r, stride, first.x, true), min(KT, first.y - first.x), DK, true);
+        core_first_values(lid, r, stride, first);
     }
     core_queries(lid, r.n, r.nh, (r.bb * params.q_count + r.iq0) * params.hq + r.hq0);
     if lid < ROWS {
@@ -144,10 +145,25 @@ fn fetch4(from_k: bool, at: u32) -> in_raw {
 // first of `next`, the range of the following attn_keys call (selected attention's next
 // block; empty for none), so that no block starts with a stall on its first load.
 fn fetch_following(lid: u32, r: Rows, stride: u32, t0: u32, end: u32, next: vec2<u32>) {
+    fetch_following_into(&pre, lid, r, stride, t0, end, next, true);
+}
+
+// fetch_following for the key tile (`key`) or the value tile, into `dst`.
+fn fetch_following_into(
+    dst: ptr<private, array<in_raw, LOADS>>,
+    lid: u32,
+    r: Rows,
+    stride: u32,
+    t0: u32,
+    end: u32,
+    next: vec2<u32>,
+    key: bool,
+) {
+    let d = select(DV, DK, key);
     if t0 + KT < end {
-        fetch_tile(lid, attn_kv(r, stride, t0 + KT, true), min(KT, end - t0 - KT), DK, true);
+        fetch_into(dst, lid, attn_kv(r, stride, t0 + KT, key), min(KT, end - t0 - KT), d, key);
     } else if next.x < next.y {
-        fetch_tile(lid, attn_kv(r, stride, next.x, true), min(KT, next.y - next.x), DK, true);
+        fetch_into(dst, lid, attn_kv(r, stride, next.x, key), min(KT, next.y - next.x), d, key);
     }
 }
 

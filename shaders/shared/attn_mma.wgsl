@@ -75,13 +75,13 @@ fn staged(at: u32, c: u32) -> f32 {
 // Stores what fetch_tile fetched (`nk` rows of width `d`) into kvh as f16, and zeros the
 // rest of the tile (columns d .. dp, rows nk .. KT): padding must be finite, as a product
 // with NaN would poison whole output blocks.
-fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
+fn store_tile_h(src: ptr<private, array<in_raw, LOADS>>, lid: u32, nk: u32, d: u32, dp: u32) {
     let d4 = (d + 3u) / 4u;
     for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
         if x < nk * d4 {
             let at = (x / d4) * TS + (x % d4) * 4u;
-            let val = tile_vec4(i, x, d);
+            let val = tile_vec4_in(src, i, x, d);
             // Whole vec4s (every one where d is a multiple of 4) without a test per element.
             let whole = whole_vec4(x, d);
             for (var c = 0u; c < 4u; c++) {
@@ -99,6 +99,24 @@ fn store_tile_h(lid: u32, nk: u32, d: u32, dp: u32) {
     }
     for (var x = nk * dp + lid; x < KT * dp; x += WG) {
         kvh[(x / dp) * TS + x % dp] = f16(0.0);
+    }
+}
+
+// With AHEAD_V, the value tiles' prefetch: each value tile is fetched a tile ahead, as the
+// key tiles are (into `pre`), so that both are in flight through a whole tile rather than
+// one phase each. 16-row kernels only: on an H200 (f16, thirty-second session, two runs
+// each) a 16-sequence decode step at 64k took 0.165 / 0.165 ms against 0.172 / 0.171
+// (compressed attention 0.081 against 0.087 ms) and selected attention in a 64k prefill
+// 56.1 / 56.5 against 56.8 / 56.8 ms; in the wide kernels too, compressed attention in the
+// prefill took 81.8 against 80.9 ms.
+var<private> pre_v: array<in_raw, LOADS>;
+override AHEAD_V: bool = ROWS < 32u;
+
+// The first value tile, with the first key tile (attn_begin), where AHEAD_V.
+fn core_first_values(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
+    if AHEAD_V {
+        let nk = min(KT, first.y - first.x);
+        fetch_into(&pre_v, lid, attn_kv(r, stride, first.x, false), nk, DV, false);
     }
 }
 
@@ -187,9 +205,10 @@ fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16
 // as soon as the value tile is stored, so that its loads are in flight through the softmax
 // as well as the products (on an H200 an f16 prefill at 64k took 173.0 ms so against
 // 174.8 with the fetch after the softmax's barrier, and a decode step of 16 sequences at
-// 64k 0.172 against 0.179 ms). The products reach the output items after the barrier that
-// ends them, or with DEFER_ADD at the next tile's start, which may be the next call's, or
-// in core_flush.
+// 64k 0.172 against 0.179 ms). With AHEAD_V the next key tile is fetched as soon as this
+// one is stored, and the next value tile as soon as this one is. The products reach the
+// output items after the barrier that ends them, or with DEFER_ADD at the next tile's
+// start, which may be the next call's, or in core_flush.
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
@@ -202,8 +221,12 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
     let nsg = WG / size;
     for (var t0 = start; t0 < end; t0 += kt) {
         let nk = min(kt, end - t0);
-        store_tile_h(lid, nk, DK, DKP);
-        fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
+        store_tile_h(&pre, lid, nk, DK, DKP);
+        if AHEAD_V {
+            fetch_following(lid, r, stride, t0, end, next);
+        } else {
+            fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
+        }
         if DEFER_ADD && pending {
             add_tiles(lid, nrg * dv4, dv4);
         }
@@ -225,8 +248,13 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         workgroupBarrier();
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
         // invocations, zero for masked keys and past the tile.
-        store_tile_h(lid, nk, DV, DVP);
-        fetch_following(lid, r, stride, t0, end, next);
+        if AHEAD_V {
+            store_tile_h(&pre_v, lid, nk, DV, DVP);
+            fetch_following_into(&pre_v, lid, r, stride, t0, end, next, false);
+        } else {
+            store_tile_h(&pre, lid, nk, DV, DVP);
+            fetch_following(lid, r, stride, t0, end, next);
+        }
         // The invocation's keys (tile_key) stay in registers between the two passes.
         let quads = KEEPS && kt >= 32u;
         var sc: array<f32, KT_MAX / 8u>;

@@ -36,6 +36,10 @@ override SCORES4: u32 = ROWS * KT4;
 // Nothing pending: the loop adds each tile's values itself.
 fn core_flush(lid: u32, r: Rows) {}
 
+// Value tiles are fetched within the tile loop here (attn_mma.wgsl may fetch the first
+// with the first key tile).
+fn core_first_values(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {}
+
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
 // each row only to those inside its [row_lo, row_hi). `start`, `end` must be uniform, and
 // the range's first key tile already fetched into `pre`: by attn_begin (its `first`) for a

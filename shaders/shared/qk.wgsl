@@ -119,6 +119,18 @@ fn tile_loads(d: u32) -> u32 {
 // invocation's loads past the tile's vec4s load its last one again (store_tile never stores
 // them): straight-line loads, with no branch around each.
 fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
+    fetch_into(&pre, lid, base, nk, d, from_k);
+}
+
+// fetch_tile into `dst` (`pre`, or the tensor-core core's value prefetch).
+fn fetch_into(
+    dst: ptr<private, array<in_raw, LOADS>>,
+    lid: u32,
+    base: u32,
+    nk: u32,
+    d: u32,
+    from_k: bool,
+) {
     let d4 = (d + 3u) / 4u;
     let n = nk * d4;
     for (var i = 0u; i < tile_loads(d); i++) {
@@ -126,7 +138,7 @@ fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
         let e = (x % d4) * 4u;
         let at = base + (x / d4) * params.hkv * d + e;
         if whole_vec4(x, d) {
-            pre[i] = fetch4(from_k, at);
+            (*dst)[i] = fetch4(from_k, at);
         } else {
             var val = vec4<f32>(0.0);
             for (var c = 0u; c < 4u; c++) {
@@ -134,7 +146,7 @@ fn fetch_tile(lid: u32, base: u32, nk: u32, d: u32, from_k: bool) {
                     val[c] = fetch_kv(from_k, at + c);
                 }
             }
-            pre[i] = bitcast<in_raw>(val);
+            (*dst)[i] = bitcast<in_raw>(val);
         }
     }
 }
@@ -147,10 +159,15 @@ fn whole_vec4(x: u32, d: u32) -> bool {
 
 // The elements of the fetched vec4 `i`, x = lid + i * WG of a tile of rows of width `d`.
 fn tile_vec4(i: u32, x: u32, d: u32) -> vec4<f32> {
+    return tile_vec4_in(&pre, i, x, d);
+}
+
+// tile_vec4 from what fetch_into fetched into `src`.
+fn tile_vec4_in(src: ptr<private, array<in_raw, LOADS>>, i: u32, x: u32, d: u32) -> vec4<f32> {
     if whole_vec4(x, d) {
-        return unraw4(pre[i], d);
+        return unraw4((*src)[i], d);
     }
-    return bitcast<vec4<f32>>(pre[i]);
+    return bitcast<vec4<f32>>((*src)[i]);
 }
 
 // Stores what fetch_tile fetched (`nk` rows of width `d`) into the tile.
