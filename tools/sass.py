@@ -4,6 +4,7 @@
 NVIDIA's driver caches every compiled pipeline on disk. Run the program with the cache
 pointed at an empty folder, then give that folder to this script:
 
+    mkdir -p /tmp/nvc   # the driver does not create it
     export __GL_SHADER_DISK_CACHE_PATH=/tmp/nvc __GL_SHADER_DISK_CACHE_SKIP_CLEANUP=1
     nsa bench --lengths 1024 --dense-max 1024 --iters 1 --warmup 0
     python3 tools/sass.py /tmp/nvc --nvdisasm /usr/local/cuda/bin/nvdisasm --out sass/
@@ -24,7 +25,7 @@ import sys
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-KINDS = ("FFMA", "LDS", "STS", "LDG", "STG", "LDL", "STL", "BAR", "SHFL", "MUFU")
+KINDS = ("FFMA", "HMMA", "LDSM", "LDS", "STS", "LDG", "STG", "LDL", "STL", "BAR", "SHFL", "MUFU")
 
 
 def frames(blob):
@@ -68,6 +69,18 @@ def summary(listing):
     return len(instrs), head, loops
 
 
+def disassemble(nvdisasm, arch, binary):
+    """The listing of one pipeline. nvdisasm 13.0 crashes on the whole container of the
+    tensor-core kernels (cooperative matrices); for those it disassembles the code
+    sections alone (`-c`), without the register count (tools/pipeline-stats has it)."""
+    run = subprocess.run([nvdisasm, "-b", arch, str(binary)], capture_output=True, text=True)
+    if run.returncode != 0:
+        run = subprocess.run(
+            [nvdisasm, "-b", arch, "-c", str(binary)], capture_output=True, text=True
+        )
+    return (run.stdout + run.stderr).splitlines()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cache", type=pathlib.Path, help="the driver's shader cache folder")
@@ -87,10 +100,7 @@ def main():
                 continue
             binary = a.out / f"{n:03d}.bin"
             binary.write_bytes(raw[8:])
-            run = subprocess.run(
-                [a.nvdisasm, "-b", a.arch, str(binary)], capture_output=True, text=True
-            )
-            listing = (run.stdout + run.stderr).splitlines()
+            listing = disassemble(a.nvdisasm, a.arch, binary)
             (a.out / f"{n:03d}.txt").write_text("\n".join(listing) + "\n")
             binary.unlink()
             count, head, loops = summary(listing)
