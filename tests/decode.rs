@@ -885,6 +885,25 @@ fn check_ragged_at(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged
     );
 }
 
+/// Seven sequences of different lengths (one a single token, one empty): four decode steps,
+/// then a chunk of three rows, attending in `chains` chains.
+fn seven_ragged(
+    cfg: NsaConfig,
+    branch: bool,
+    heads: (usize, usize, usize),
+    chains: usize,
+) -> Ragged<'static> {
+    Ragged {
+        cfg,
+        branch,
+        heads,
+        lens: &[50, 203, 1, 0, 130, 129, 77],
+        steps: 4,
+        tail: 3,
+        chains,
+    }
+}
+
 #[test]
 fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
     // Group 2 (split selection over 2 kv heads) and 16 (split attention over one head's 16
@@ -896,15 +915,7 @@ fn ragged_batch_steps_in_one_plan_equal_each_sequence_alone() {
     };
     for (cfg, branch) in [(small(), false), (linear, true)] {
         for heads in [(4, 2, 16), (16, 1, 32)] {
-            check_ragged(Ragged {
-                cfg,
-                branch,
-                heads,
-                lens: &[50, 203, 1, 0, 130, 129, 77],
-                steps: 4,
-                tail: 3,
-                chains: 1,
-            });
+            check_ragged(seven_ragged(cfg, branch, heads, 1));
         }
     }
 }
@@ -1004,15 +1015,7 @@ fn caches_past_one_binding_equal_each_sequence_alone() {
         (linear, true, (16, 1, 32), 4),
     ];
     for (cfg, branch, heads, chains) in cases {
-        let c = Ragged {
-            cfg,
-            branch,
-            heads,
-            lens: &[50, 203, 1, 0, 130, 129, 77],
-            steps: 4,
-            tail: 3,
-            chains,
-        };
+        let c = seven_ragged(cfg, branch, heads, chains);
         let cache = RaggedData::new(&c).cache(&pipe, Precision::F32, &c);
         let bytes = cache.key_value_buffers()[0].size();
         assert!(bytes > 64 << 10 && bytes < 4 << 20, "{bytes}");
