@@ -108,7 +108,9 @@ fn store_tile_h(src: ptr<private, array<in_raw, LOADS>>, lid: u32, nk: u32, d: u
 // each) a 16-sequence decode step at 64k took 0.165 / 0.165 ms against 0.172 / 0.171
 // (compressed attention 0.081 against 0.087 ms) and selected attention in a 64k prefill
 // 56.1 / 56.5 against 56.8 / 56.8 ms; in the wide kernels too, compressed attention in the
-// prefill took 81.8 against 80.9 ms.
+// prefill took 81.8 against 80.9 ms (likely the registers: the wide kernels take 110-113,
+// and 16 more would pass the 128 that two of their 256-invocation workgroups per
+// multiprocessor allow; the 16-row ones went to 116-124, under the 128 of four).
 var<private> pre_v: array<in_raw, LOADS>;
 override AHEAD_V: bool = ROWS < 32u;
 
