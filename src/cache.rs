@@ -527,10 +527,48 @@ impl NsaCache {
         self.capacity
     }
 
-    /// Compressed tokens computed so far, over all sequences. Each is computed exactly once,
-    /// so this equals the sum of `C(len)` over the sequences.
+    /// Compressed tokens computed so far, over all sequences. Each is computed exactly once
+    /// per time its block completes, so without [`Self::truncate`] this equals the sum of
+    /// `C(len)` over the sequences; blocks that tokens appended after a truncation complete
+    /// again are computed again.
     pub fn compressed_tokens(&self) -> u64 {
         self.compressed_tokens
+    }
+
+    /// Rolls sequence `seq` back to its first `len` tokens (at most its length): what a
+    /// server does when a speculative draft is rejected, or, with `len = 0`
+    /// ([`Self::reset`]), when the sequence's slot is to take a new request. The next call
+    /// appends at `len`, and its rows equal those of a cache that never held the dropped
+    /// tokens: the compressed tokens of blocks that end at or before `len` are kept (they
+    /// depend on no later key), and the blocks the next tokens complete are compressed
+    /// again. No GPU work; capacity and kept buffers stay. Like any other call on the
+    /// cache, it must follow the submission of steps recorded by
+    /// [`NsaPipeline::encode_extend`] (they would otherwise write after the next call).
+    /// An error, changing nothing, for a sequence past the cache's or a `len` past the
+    /// sequence's length.
+    pub fn truncate(&mut self, seq: usize, len: usize) -> Result<()> {
+        if seq >= self.opts.seqs {
+            return Err(NsaError::InvalidShape {
+                what: "seq",
+                value: seq,
+                rule: "a sequence < the cache's seqs",
+            });
+        }
+        if len > self.lens[seq] {
+            return Err(NsaError::InvalidShape {
+                what: "len",
+                value: len,
+                rule: "at most the sequence's length (truncate never lengthens it)",
+            });
+        }
+        self.lens[seq] = len;
+        Ok(())
+    }
+
+    /// Empties sequence `seq` ([`Self::truncate`] to 0), so that its slot can take a new
+    /// sequence.
+    pub fn reset(&mut self, seq: usize) -> Result<()> {
+        self.truncate(seq, 0)
     }
 
     /// Bytes of the GPU buffers the cache keeps between `extend` calls besides its keys and

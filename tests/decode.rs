@@ -512,6 +512,128 @@ fn cache_overflow_and_bad_chunks_are_errors() {
 }
 
 #[test]
+fn truncated_and_reset_sequences_equal_fresh_ones() {
+    // Three sequences of a cache hold `a`'s tokens; then sequence 0 rolls back into the middle
+    // of a compression block (and of a selection block), sequence 1 is reset, sequence 2
+    // keeps its tokens, and all three go on with `b`'s tokens: a chunk of 7, then three
+    // decode steps. Each sequence's new rows must equal a plain prefill of what it now holds
+    // (a's tokens before the truncation point, b's after), and only the blocks the new
+    // tokens complete are compressed. Mean and Linear, f32 and f16.
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    let f16 = f16_pipelines()
+        .into_iter()
+        .map(|p| (p, Precision::F16, 5e-3));
+    let pipes: Vec<_> = std::iter::once((pipeline(), Precision::F32, 1e-4))
+        .chain(f16)
+        .collect();
+    for cfg in [small(), linear] {
+        for &(pipe, precision, tol) in &pipes {
+            check_truncation(pipe, precision, tol, cfg);
+        }
+    }
+}
+
+/// [`truncated_and_reset_sequences_equal_fresh_ones`] on `pipe` at `precision`.
+fn check_truncation(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: NsaConfig) {
+    let s = Shape::prefill(3, 200, 8, 2, 16, 16);
+    let (a, b) = (
+        Data::new(&cfg, &s, false, 51),
+        Data::new(&cfg, &s, false, 52),
+    );
+    let o = CacheOptions {
+        precision,
+        ..opts(&s, 32, false)
+    };
+    let mut cache = NsaCache::new(pipe, &cfg, o, a.inputs().linear).unwrap();
+    // a's tokens: 150, 90 and 120 of them, the last 5 of each with rows.
+    let held = [150, 90, 120];
+    let owned: Vec<_> = (0..3)
+        .map(|i| seq_rows_at(&a, &s, i, 0, held[i] - 5))
+        .collect();
+    let context: Vec<_> = (0..3)
+        .map(|i| SeqChunk::keys_values(i, &owned[i][1], &owned[i][2]))
+        .collect();
+    pollster::block_on(pipe.append(&mut cache, &context)).unwrap();
+    let owned: Vec<_> = (0..3)
+        .map(|i| seq_rows_at(&a, &s, i, held[i] - 5, held[i]))
+        .collect();
+    let chunks: Vec<_> = (0..3)
+        .map(|i| {
+            let r = &owned[i];
+            SeqChunk::new(i, &r[0], &r[1], &r[2], &r[3])
+        })
+        .collect();
+    pollster::block_on(pipe.extend(&mut cache, &chunks, OutputRequest::default())).unwrap();
+    assert_eq!(cache.lens(), &held);
+    // 137 is inside compressed token 16's block (128 .. 144) and selection block 4.
+    let kept = [137, 0, 120];
+    cache.truncate(0, kept[0]).unwrap();
+    cache.reset(1).unwrap();
+    cache.truncate(2, kept[2]).unwrap();
+    assert_eq!(cache.lens(), &kept);
+    let before = cache.compressed_tokens();
+    // What each sequence now holds, then b's tokens from there.
+    let mixed = |i: usize, t: usize, e: usize| -> [Vec<f32>; 4] {
+        let (x, y) = (seq_rows_at(&a, &s, i, 0, t), seq_rows_at(&b, &s, i, t, e));
+        std::array::from_fn(|j| [&x[j][..], &y[j]].concat())
+    };
+    let req = OutputRequest::all();
+    let mut got: Vec<Vec<NsaOutputs>> = vec![Vec::new(), Vec::new(), Vec::new()];
+    let mut at = kept;
+    for n in [7, 1, 1, 1] {
+        let owned: Vec<_> = (0..3)
+            .map(|i| seq_rows_at(&b, &s, i, at[i], at[i] + n))
+            .collect();
+        let chunks: Vec<_> = (0..3)
+            .map(|i| {
+                let r = &owned[i];
+                SeqChunk::new(i, &r[0], &r[1], &r[2], &r[3])
+            })
+            .collect();
+        let out = pollster::block_on(pipe.extend(&mut cache, &chunks, req)).unwrap();
+        for (i, o) in out.into_iter().enumerate() {
+            got[i].push(o);
+            at[i] += n;
+        }
+    }
+    let mut compressed = 0;
+    for i in 0..3 {
+        let (t, e) = (kept[i], at[i]);
+        let [q, k, v, g] = mixed(i, t, e);
+        let shape = Shape::prefill(1, e, s.hq, s.hkv, s.dk, s.dv);
+        let mut inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
+        inputs.linear = a.inputs().linear;
+        let alone = pollster::block_on(pipe.run_with(&cfg, &shape, &inputs, req, precision));
+        let alone = alone.unwrap();
+        let part = nsa_wgpu::cache::concat(std::mem::take(&mut got[i]), req);
+        let ow = s.hq * s.dv;
+        let name = format!(
+            "{:?} {precision:?} seq {i} truncated to {t}",
+            cfg.compression
+        );
+        assert_close(&name, &part.out, &alone.out[t * ow..e * ow], tol);
+        let iw = s.hkv * cfg.top_n;
+        let idx = alone.block_indices.unwrap();
+        assert_eq!(part.block_indices.unwrap(), &idx[t * iw..e * iw], "{name}");
+        compressed += cfg.num_compressed(e) - cfg.num_compressed(t);
+    }
+    assert_eq!(cache.compressed_tokens() - before, compressed as u64);
+    // Past the cache's sequences, or longer than the sequence: errors that change nothing.
+    assert!(matches!(
+        cache.truncate(3, 0),
+        Err(NsaError::InvalidShape { what: "seq", .. })
+    ));
+    assert!(matches!(
+        cache.truncate(1, at[1] + 1),
+        Err(NsaError::InvalidShape { what: "len", .. })
+    ));
+    assert_eq!(cache.lens(), &at);
+}
+
+#[test]
 fn append_then_decode_equals_prefill() {
     // Context appended without rows, then decoded: the last rows match a full prefill.
     let pipe = pipeline();

@@ -321,4 +321,16 @@ impl NsaSession {
     pub fn reset_cache(&mut self) {
         self.cache = None;
     }
+
+    /// `session.truncateCache(len)`: rolls the KV cache of `decodeStep` back to its first
+    /// `len` tokens (at most those cached), so that the next `decodeStep` appends at `len`
+    /// (`NsaCache::truncate`: a rejected draft, or another continuation of a prompt).
+    #[wasm_bindgen(js_name = truncateCache)]
+    pub fn truncate_cache(&mut self, len: usize) -> Result<(), JsError> {
+        match self.cache.as_mut() {
+            Some(cache) => cache.truncate(0, len).map_err(err),
+            None if len == 0 => Ok(()),
+            None => Err(JsError::new("truncateCache: nothing is cached")),
+        }
+    }
 }
