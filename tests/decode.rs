@@ -869,7 +869,9 @@ fn all_chunks<T: AsRef<[Vec<f32>]>>(owned: &[T], attend: bool) -> Vec<SeqChunk<'
 /// One ragged case: sequences of lengths `lens` (`hq`, `hkv` heads of `dk` dims, per-branch
 /// K/V when `branch`) decode together through one cache: `steps` single-row steps, then a
 /// chunk of `tail` rows each, every call for all sequences, each attending in `chains`
-/// chains of dispatches.
+/// chains of dispatches. With `cut` > 0 (at most `steps + tail`), each sequence's context is
+/// followed by `cut` rows of other values that the cache then drops again
+/// (`NsaCache::truncate`) before the steps.
 #[derive(Clone, Copy)]
 struct Ragged<'a> {
     cfg: NsaConfig,
@@ -879,6 +881,7 @@ struct Ragged<'a> {
     steps: usize,
     tail: usize,
     chains: usize,
+    cut: usize,
 }
 
 /// The inputs of a [`Ragged`] case: every sequence padded to the longest's end.
@@ -930,12 +933,27 @@ impl RaggedData {
             .filter(|c| !c.k.is_empty())
             .collect();
         pollster::block_on(pipe.append(&mut cache, &context)).unwrap();
+        if c.cut > 0 {
+            // The next `cut` rows' values scaled by -1.7, appended and dropped again.
+            let junk: Vec<Vec<Vec<f32>>> = (0..c.lens.len())
+                .map(|b| {
+                    let rows = self.seq(b, c.lens[b], c.lens[b] + c.cut);
+                    rows.iter()
+                        .map(|t| t.iter().map(|x| -1.7 * x).collect())
+                        .collect()
+                })
+                .collect();
+            pollster::block_on(pipe.append(&mut cache, &all_chunks(&junk, false))).unwrap();
+            for (b, &l) in c.lens.iter().enumerate() {
+                cache.truncate(b, l).unwrap();
+            }
+        }
         cache
     }
 }
 
 /// Runs `c`: each sequence's rows must equal its own plain prefill, every compressed token
-/// must be computed once, and (where the adapter has timestamps) each call must attend in
+/// must be computed once (those of blocks that dropped rows completed, twice), and (where the adapter has timestamps) each call must attend in
 /// `c.chains` chains.
 fn check_ragged(c: Ragged) {
     check_ragged_at(pipeline(), Precision::F32, 1e-4, c);
@@ -998,12 +1016,14 @@ fn check_ragged_at(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged
         assert_close(&name, &a.o_cmp, &r.o_cmp[l * ow..end * ow], tol);
         assert_close(&name, &a.o_slc, &r.o_slc[l * ow..end * ow], tol);
         assert_close(&name, &a.o_win, &r.o_win[l * ow..end * ow], tol);
-        cmp_total += cfg.num_compressed(end);
+        // Blocks the dropped rows completed were computed, and are computed again.
+        cmp_total +=
+            cfg.num_compressed(end) + cfg.num_compressed(l + c.cut) - cfg.num_compressed(l);
     }
     assert_eq!(
         cache.compressed_tokens(),
         cmp_total as u64,
-        "{name}: each block once"
+        "{name}: each block once (and again after a truncation)"
     );
 }
 
@@ -1023,6 +1043,7 @@ fn seven_ragged(
         steps: 4,
         tail: 3,
         chains,
+        cut: 0,
     }
 }
 
@@ -1058,6 +1079,8 @@ fn f16_ragged_batch_steps_equal_each_sequence_alone() {
                 steps: 3,
                 tail: 3,
                 chains: 1,
+                // Two rows of other values, appended after the context and dropped again.
+                cut: 2,
             };
             check_ragged_at(pipe, Precision::F16, 5e-3, c);
         }
@@ -1077,6 +1100,7 @@ fn seventy_ragged_sequences_take_two_chains() {
         steps: 1,
         tail: 2,
         chains: 2,
+        cut: 0,
     };
     check_ragged(case);
     // From GPU buffers the second plan's rows (and selected blocks) go to the caller's
@@ -1178,6 +1202,7 @@ fn random_ragged_batches_equal_each_sequence_alone() {
             tail: rng.random_range(1..=5),
             // Lengths may all be equal (then the plain plan) or differ (one ragged one).
             chains: 1,
+            cut: rng.random_range(0..=2),
         };
         check_ragged(case);
         // The same steps from GPU buffers write the same rows.
@@ -1493,7 +1518,7 @@ fn device_steps_equal_host_steps() {
     };
     let cases = [(small(), false, (4, 2, 16)), (linear, true, (16, 1, 32))];
     for (cfg, branch, heads) in cases {
-        let c = |lens| Ragged {
+        let c = |lens, cut| Ragged {
             cfg,
             branch,
             heads,
@@ -1501,13 +1526,16 @@ fn device_steps_equal_host_steps() {
             steps: 4,
             tail: 5,
             chains: 1,
+            cut,
         };
-        check_device_steps(pipeline(), Precision::F32, c(&[50, 203, 0, 130]));
+        // After three rows of other values were appended and dropped again (truncate; the
+        // empty sequence's: reset).
+        check_device_steps(pipeline(), Precision::F32, c(&[50, 203, 0, 130], 3));
         // The cache (32 rows after this context) is full after the first step and grows
         // while that step waits in the encoder.
-        check_device_steps(pipeline(), Precision::F32, c(&[31, 5, 0]));
+        check_device_steps(pipeline(), Precision::F32, c(&[31, 5, 0], 0));
         for pipe in f16_pipelines() {
-            check_device_steps(pipe, Precision::F16, c(&[77, 1, 140]));
+            check_device_steps(pipe, Precision::F16, c(&[77, 1, 140], 2));
         }
     }
 }
