@@ -51,6 +51,15 @@ fn rows_chunk(rows: &[Vec<f32>; 4]) -> SeqChunk<'_> {
     SeqChunk::new(0, &rows[0], &rows[1], &rows[2], &rows[3])
 }
 
+/// Sequence i's rows `owned[i]` (from [`seq_rows_at`]) as its chunk, for every i.
+fn seq_chunks_of(owned: &[[Vec<f32>; 4]]) -> Vec<SeqChunk<'_>> {
+    owned
+        .iter()
+        .enumerate()
+        .map(|(i, r)| SeqChunk::new(i, &r[0], &r[1], &r[2], &r[3]))
+        .collect()
+}
+
 /// A plain prefill of positions `[a, b)` of sequence 0 of `data` (shaped `s`) on their own.
 fn run_alone(cfg: &NsaConfig, data: &Data, s: &Shape, a: usize, b: usize) -> NsaOutputs {
     run_alone_at(pipeline(), Precision::F32, (cfg, data, s), a, b)
@@ -560,12 +569,7 @@ fn check_truncation(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: Nsa
     let owned: Vec<_> = (0..3)
         .map(|i| seq_rows_at(&a, &s, i, held[i] - 5, held[i]))
         .collect();
-    let chunks: Vec<_> = (0..3)
-        .map(|i| {
-            let r = &owned[i];
-            SeqChunk::new(i, &r[0], &r[1], &r[2], &r[3])
-        })
-        .collect();
+    let chunks = seq_chunks_of(&owned);
     pollster::block_on(pipe.extend(&mut cache, &chunks, OutputRequest::default())).unwrap();
     assert_eq!(cache.lens(), &held);
     // 137 is inside compressed token 16's block (128 .. 144) and selection block 4.
@@ -587,12 +591,7 @@ fn check_truncation(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: Nsa
         let owned: Vec<_> = (0..3)
             .map(|i| seq_rows_at(&b, &s, i, at[i], at[i] + n))
             .collect();
-        let chunks: Vec<_> = (0..3)
-            .map(|i| {
-                let r = &owned[i];
-                SeqChunk::new(i, &r[0], &r[1], &r[2], &r[3])
-            })
-            .collect();
+        let chunks = seq_chunks_of(&owned);
         let out = pollster::block_on(pipe.extend(&mut cache, &chunks, req)).unwrap();
         for (i, o) in out.into_iter().enumerate() {
             got[i].push(o);
