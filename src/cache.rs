@@ -665,38 +665,16 @@ impl NsaCache {
                 },
             )),
         };
-        let (old_c, new_c) = (
-            self.config.num_compressed(self.capacity).max(1),
-            self.config.num_compressed(new_cap).max(1),
-        );
-        let dims = raw_dims(&self.opts);
-        for (s, len) in self.lens.iter().enumerate() {
-            for ((old, new), d) in self.raw.iter().zip(&raw).zip(&dims) {
-                let row = row_bytes(&self.opts, *d);
-                enc.copy_buffer_to_buffer(
-                    old,
-                    s as u64 * self.capacity as u64 * row,
-                    new,
-                    s as u64 * new_cap as u64 * row,
-                    *len as u64 * row,
-                );
-            }
-            let nc = self.config.num_compressed(*len) as u64;
-            for ((old, new), d) in self
-                .compressed
-                .iter()
-                .zip(&compressed)
-                .zip([self.opts.dk, self.opts.dv])
-            {
-                let row = row_bytes(&self.opts, d);
-                enc.copy_buffer_to_buffer(
-                    old,
-                    s as u64 * old_c as u64 * row,
-                    new,
-                    s as u64 * new_c as u64 * row,
-                    nc * row,
-                );
-            }
+        for (seq, &len) in self.lens.iter().enumerate() {
+            let to = Slot {
+                raw: &raw,
+                compressed: &compressed,
+                capacity: new_cap,
+                seq,
+            };
+            self.each_piece(self.slot(seq), to, len, |a, at, b, bt, n| {
+                enc.copy_buffer_to_buffer(a, at, b, bt, n)
+            });
         }
         if let Some(own) = own {
             ctx.queue.submit([own.finish()]);
@@ -709,6 +687,113 @@ impl NsaCache {
         for kept in &mut self.rows_kept {
             kept.scratch = None;
         }
+        Ok(())
+    }
+}
+
+/// Where one sequence's rows live: buffers shaped as the cache's (`raw`, `compressed`) with
+/// `capacity` key rows per sequence, and the sequence.
+struct Slot<'b> {
+    raw: &'b [wgpu::Buffer],
+    compressed: &'b [wgpu::Buffer; 2],
+    capacity: usize,
+    seq: usize,
+}
+
+impl NsaCache {
+    /// Sequence `seq` in the cache's own buffers.
+    fn slot(&self, seq: usize) -> Slot<'_> {
+        Slot {
+            raw: &self.raw,
+            compressed: &self.compressed,
+            capacity: self.capacity,
+            seq,
+        }
+    }
+
+    /// Calls `copy(src, src_offset, dst, dst_offset, bytes)` for each piece of a sequence's
+    /// first `len` key/value rows (every raw tensor) and its `C(len)` compressed rows, from
+    /// `from` to `to` (each sequence's rows of a tensor are contiguous); empty pieces are
+    /// left out.
+    fn each_piece<'b>(
+        &self,
+        from: Slot<'b>,
+        to: Slot<'b>,
+        len: usize,
+        mut copy: impl FnMut(&'b wgpu::Buffer, u64, &'b wgpu::Buffer, u64, u64),
+    ) {
+        // Per tensor: its buffers, rows per sequence in each, the rows to copy, the width.
+        let cmp_cap = |cap: usize| self.config.num_compressed(cap).max(1);
+        let raw = (from.raw.iter().zip(to.raw).zip(raw_dims(&self.opts)))
+            .map(|(bufs, d)| (bufs, (from.capacity, to.capacity), len, d));
+        let caps = (cmp_cap(from.capacity), cmp_cap(to.capacity));
+        let nc = self.config.num_compressed(len);
+        let cmp = (from
+            .compressed
+            .iter()
+            .zip(to.compressed)
+            .zip([self.opts.dk, self.opts.dv]))
+        .map(|(bufs, d)| (bufs, caps, nc, d));
+        for ((src, dst), (per_from, per_to), rows, d) in raw.chain(cmp) {
+            let row = row_bytes(&self.opts, d);
+            if rows > 0 {
+                copy(
+                    src,
+                    (from.seq * per_from) as u64 * row,
+                    dst,
+                    (to.seq * per_to) as u64 * row,
+                    rows as u64 * row,
+                );
+            }
+        }
+    }
+
+    /// Makes sequence `dst` a copy of sequence `src`: its keys, values and compressed tokens,
+    /// copied on the GPU (submitted at once on `pipe`'s queue), so that several
+    /// continuations share a prompt appended once (parallel sampling, beam search, a shared
+    /// system prompt). `dst`'s own tokens are dropped. Nothing is compressed again, and the
+    /// two sequences go on independently. Like any other call on the cache, it must follow
+    /// the submission of steps recorded by [`NsaPipeline::encode_extend`]. An error, changing
+    /// nothing, for a sequence past the cache's or `dst == src`.
+    pub fn copy_sequence(&mut self, pipe: &NsaPipeline, src: usize, dst: usize) -> Result<()> {
+        let ctx = pipe.context();
+        ctx.check_alive()?;
+        for (what, seq) in [("src", src), ("dst", dst)] {
+            if seq >= self.opts.seqs {
+                return Err(NsaError::InvalidShape {
+                    what,
+                    value: seq,
+                    rule: "a sequence < the cache's seqs",
+                });
+            }
+        }
+        if dst == src {
+            return Err(NsaError::InvalidShape {
+                what: "dst",
+                value: dst,
+                rule: "a sequence other than src",
+            });
+        }
+        let len = self.lens[src];
+        // wgpu copies between two buffers only: each piece through a temporary one (each no
+        // larger than one sequence's rows of one tensor, which fit one binding).
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("nsa.cache.copy"),
+            });
+        self.each_piece(self.slot(src), self.slot(dst), len, |a, at, b, bt, n| {
+            let temp = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.cache.copy"),
+                size: n,
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            enc.copy_buffer_to_buffer(a, at, &temp, 0, n);
+            enc.copy_buffer_to_buffer(&temp, 0, b, bt, n);
+        });
+        ctx.queue.submit([enc.finish()]);
+        self.lens[dst] = len;
         Ok(())
     }
 }

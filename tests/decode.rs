@@ -524,10 +524,21 @@ fn cache_overflow_and_bad_chunks_are_errors() {
 fn truncated_and_reset_sequences_equal_fresh_ones() {
     // Three sequences of a cache hold `a`'s tokens; then sequence 0 rolls back into the middle
     // of a compression block (and of a selection block), sequence 1 is reset, sequence 2
-    // keeps its tokens, and all three go on with `b`'s tokens: a chunk of 7, then three
-    // decode steps. Each sequence's new rows must equal a plain prefill of what it now holds
-    // (a's tokens before the truncation point, b's after), and only the blocks the new
-    // tokens complete are compressed. Mean and Linear, f32 and f16.
+    // keeps its tokens, and all three go on with `b`'s tokens. Mean and Linear, f32 and f16.
+    for_cache_cases(check_truncation);
+}
+
+#[test]
+fn copied_sequences_go_on_alone() {
+    // Sequence 0 holds `a`'s tokens; it is copied into sequence 1 (empty) and sequence 2
+    // (which held other tokens), and all three go on with `b`'s tokens. Mean and Linear, f32
+    // and f16.
+    for_cache_cases(check_copies);
+}
+
+/// Runs `check` for Mean and Linear compression, on f32 and on every f16 pipeline (with
+/// their tolerances).
+fn for_cache_cases(check: fn(&NsaPipeline, Precision, f64, NsaConfig)) {
     let linear = NsaConfig {
         compression: Compression::Linear,
         ..small()
@@ -540,86 +551,127 @@ fn truncated_and_reset_sequences_equal_fresh_ones() {
         .collect();
     for cfg in [small(), linear] {
         for &(pipe, precision, tol) in &pipes {
-            check_truncation(pipe, precision, tol, cfg);
+            check(pipe, precision, tol, cfg);
         }
     }
 }
 
-/// [`truncated_and_reset_sequences_equal_fresh_ones`] on `pipe` at `precision`.
-fn check_truncation(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: NsaConfig) {
+/// The shape of [`check_truncation`] and [`check_copies`], and their two input sets.
+fn three_sequences(cfg: &NsaConfig) -> (Shape, Data, Data) {
     let s = Shape::prefill(3, 200, 8, 2, 16, 16);
-    let (a, b) = (
-        Data::new(&cfg, &s, false, 51),
-        Data::new(&cfg, &s, false, 52),
-    );
+    (
+        s,
+        Data::new(cfg, &s, false, 51),
+        Data::new(cfg, &s, false, 52),
+    )
+}
+
+/// A cache on `pipe` at `precision` for the shape `s`, with `a`'s linear weights, whose
+/// sequence i holds `a`'s tokens [0, held[i]) of sequence i, the last five with rows.
+fn cache_holding(
+    pipe: &NsaPipeline,
+    precision: Precision,
+    (cfg, s, a): (&NsaConfig, &Shape, &Data),
+    held: &[usize],
+) -> NsaCache {
     let o = CacheOptions {
         precision,
-        ..opts(&s, 32, false)
+        ..opts(s, 32, false)
     };
-    let mut cache = NsaCache::new(pipe, &cfg, o, a.inputs().linear).unwrap();
-    // a's tokens: 150, 90 and 120 of them, the last 5 of each with rows.
-    let held = [150, 90, 120];
-    let owned: Vec<_> = (0..3)
-        .map(|i| seq_rows_at(&a, &s, i, 0, held[i] - 5))
+    let mut cache = NsaCache::new(pipe, cfg, o, a.inputs().linear).unwrap();
+    let at = |i: usize| held[i].saturating_sub(5);
+    let owned: Vec<_> = (0..held.len())
+        .map(|i| seq_rows_at(a, s, i, 0, at(i)))
         .collect();
-    let context: Vec<_> = (0..3)
+    let context: Vec<_> = (0..held.len())
         .map(|i| SeqChunk::keys_values(i, &owned[i][1], &owned[i][2]))
+        .filter(|c| !c.k.is_empty())
         .collect();
     pollster::block_on(pipe.append(&mut cache, &context)).unwrap();
-    let owned: Vec<_> = (0..3)
-        .map(|i| seq_rows_at(&a, &s, i, held[i] - 5, held[i]))
+    let owned: Vec<_> = (0..held.len())
+        .map(|i| seq_rows_at(a, s, i, at(i), held[i]))
         .collect();
-    let chunks = seq_chunks_of(&owned);
+    let chunks: Vec<_> = seq_chunks_of(&owned)
+        .into_iter()
+        .filter(|c| !c.k.is_empty())
+        .collect();
     pollster::block_on(pipe.extend(&mut cache, &chunks, OutputRequest::default())).unwrap();
-    assert_eq!(cache.lens(), &held);
-    // 137 is inside compressed token 16's block (128 .. 144) and selection block 4.
-    let kept = [137, 0, 120];
-    cache.truncate(0, kept[0]).unwrap();
-    cache.reset(1).unwrap();
-    cache.truncate(2, kept[2]).unwrap();
-    assert_eq!(cache.lens(), &kept);
+    assert_eq!(cache.lens(), held);
+    cache
+}
+
+/// Appends `b`'s tokens to every sequence of `cache` from its length (a chunk of 7, then
+/// three decode steps), and holds each sequence i's new rows and selections against a plain
+/// prefill of what it held (`held(i)`: q, k, v, gates rows from position 0) followed by
+/// those tokens; only the blocks the new tokens complete may be compressed. Returns the
+/// sequences' lengths.
+fn go_on_and_check(
+    pipe: &NsaPipeline,
+    (precision, tol, name): (Precision, f64, &str),
+    (cfg, s, a, b): (&NsaConfig, &Shape, &Data, &Data),
+    cache: &mut NsaCache,
+    held: &dyn Fn(usize) -> [Vec<f32>; 4],
+) -> Vec<usize> {
+    let start = cache.lens().to_vec();
     let before = cache.compressed_tokens();
-    // What each sequence now holds, then b's tokens from there.
-    let mixed = |i: usize, t: usize, e: usize| -> [Vec<f32>; 4] {
-        let (x, y) = (seq_rows_at(&a, &s, i, 0, t), seq_rows_at(&b, &s, i, t, e));
-        std::array::from_fn(|j| [&x[j][..], &y[j]].concat())
-    };
     let req = OutputRequest::all();
-    let mut got: Vec<Vec<NsaOutputs>> = vec![Vec::new(), Vec::new(), Vec::new()];
-    let mut at = kept;
+    let mut got: Vec<Vec<NsaOutputs>> = start.iter().map(|_| Vec::new()).collect();
+    let mut at = start.clone();
     for n in [7, 1, 1, 1] {
-        let owned: Vec<_> = (0..3)
-            .map(|i| seq_rows_at(&b, &s, i, at[i], at[i] + n))
+        let owned: Vec<_> = (0..at.len())
+            .map(|i| seq_rows_at(b, s, i, at[i], at[i] + n))
             .collect();
         let chunks = seq_chunks_of(&owned);
-        let out = pollster::block_on(pipe.extend(&mut cache, &chunks, req)).unwrap();
+        let out = pollster::block_on(pipe.extend(cache, &chunks, req)).unwrap();
         for (i, o) in out.into_iter().enumerate() {
             got[i].push(o);
             at[i] += n;
         }
     }
     let mut compressed = 0;
-    for i in 0..3 {
-        let (t, e) = (kept[i], at[i]);
-        let [q, k, v, g] = mixed(i, t, e);
+    for (i, (&t, &e)) in start.iter().zip(&at).enumerate() {
+        let (x, y) = (held(i), seq_rows_at(b, s, i, t, e));
+        let [q, k, v, g]: [Vec<f32>; 4] = std::array::from_fn(|j| [&x[j][..], &y[j]].concat());
         let shape = Shape::prefill(1, e, s.hq, s.hkv, s.dk, s.dv);
         let mut inputs = nsa_wgpu::NsaInputs::new(&q, &k, &v, &g);
         inputs.linear = a.inputs().linear;
-        let alone = pollster::block_on(pipe.run_with(&cfg, &shape, &inputs, req, precision));
+        let alone = pollster::block_on(pipe.run_with(cfg, &shape, &inputs, req, precision));
         let alone = alone.unwrap();
         let part = nsa_wgpu::cache::concat(std::mem::take(&mut got[i]), req);
         let ow = s.hq * s.dv;
-        let name = format!(
-            "{:?} {precision:?} seq {i} truncated to {t}",
-            cfg.compression
-        );
+        let name = format!("{name} {:?} {precision:?} seq {i}", cfg.compression);
         assert_close(&name, &part.out, &alone.out[t * ow..e * ow], tol);
         let iw = s.hkv * cfg.top_n;
         let idx = alone.block_indices.unwrap();
         assert_eq!(part.block_indices.unwrap(), &idx[t * iw..e * iw], "{name}");
         compressed += cfg.num_compressed(e) - cfg.num_compressed(t);
     }
-    assert_eq!(cache.compressed_tokens() - before, compressed as u64);
+    assert_eq!(
+        cache.compressed_tokens() - before,
+        compressed as u64,
+        "{name}"
+    );
+    at
+}
+
+/// [`truncated_and_reset_sequences_equal_fresh_ones`] on `pipe` at `precision`.
+fn check_truncation(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: NsaConfig) {
+    let (s, a, b) = three_sequences(&cfg);
+    let mut cache = cache_holding(pipe, precision, (&cfg, &s, &a), &[150, 90, 120]);
+    // 137 is inside compressed token 16's block (128 .. 144) and selection block 4.
+    let kept = [137, 0, 120];
+    cache.truncate(0, kept[0]).unwrap();
+    cache.reset(1).unwrap();
+    cache.truncate(2, kept[2]).unwrap();
+    assert_eq!(cache.lens(), &kept);
+    let held = |i: usize| seq_rows_at(&a, &s, i, 0, kept[i]);
+    let at = go_on_and_check(
+        pipe,
+        (precision, tol, "truncated"),
+        (&cfg, &s, &a, &b),
+        &mut cache,
+        &held,
+    );
     // Past the cache's sequences, or longer than the sequence: errors that change nothing.
     assert!(matches!(
         cache.truncate(3, 0),
@@ -632,6 +684,30 @@ fn check_truncation(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: Nsa
     assert_eq!(cache.lens(), &at);
 }
 
+/// [`copied_sequences_go_on_alone`] on `pipe` at `precision`.
+fn check_copies(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: NsaConfig) {
+    let (s, a, b) = three_sequences(&cfg);
+    let mut cache = cache_holding(pipe, precision, (&cfg, &s, &a), &[141, 0, 60]);
+    cache.copy_sequence(pipe, 0, 1).unwrap();
+    cache.copy_sequence(pipe, 0, 2).unwrap();
+    assert_eq!(cache.lens(), &[141, 141, 141]);
+    let held = |_: usize| seq_rows_at(&a, &s, 0, 0, 141);
+    let at = go_on_and_check(
+        pipe,
+        (precision, tol, "copied"),
+        (&cfg, &s, &a, &b),
+        &mut cache,
+        &held,
+    );
+    for (src, dst, what) in [(0, 0, "dst"), (3, 0, "src"), (0, 3, "dst")] {
+        let r = cache.copy_sequence(pipe, src, dst);
+        assert!(
+            matches!(r, Err(NsaError::InvalidShape { what: w, .. }) if w == what),
+            "{r:?}"
+        );
+    }
+    assert_eq!(cache.lens(), &at);
+}
 #[test]
 fn append_then_decode_equals_prefill() {
     // Context appended without rows, then decoded: the last rows match a full prefill.
