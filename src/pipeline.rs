@@ -38,6 +38,12 @@ pub struct AdapterOptions {
     pub backends: Option<wgpu::Backends>,
     /// Take the first adapter whose name contains this (case-insensitive).
     pub name: Option<String>,
+    /// Caps the device's limits: each is the adapter's, or this one's where that is worse
+    /// (`wgpu::Limits::or_worse_values_from`). `Some(wgpu::Limits::default())` plans as a
+    /// browser's WebGPU defaults would (128 MiB storage bindings, 16 KiB of workgroup
+    /// memory); a lowered `max_storage_buffer_binding_size` makes caches and plans split
+    /// across bindings at small sizes (tests/decode.rs). `None`: the adapter's limits.
+    pub limits: Option<wgpu::Limits>,
 }
 
 impl GpuContext {
@@ -47,7 +53,8 @@ impl GpuContext {
         Self::with_options(&AdapterOptions::default()).await
     }
 
-    /// An adapter chosen by backend and name, and a device with its limits.
+    /// An adapter chosen by backend and name, and a device with its limits (or lower ones:
+    /// [`AdapterOptions::limits`]).
     pub async fn with_options(options: &AdapterOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         match options.backends {
@@ -107,7 +114,10 @@ impl GpuContext {
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("nsa-wgpu"),
                 required_features,
-                required_limits: adapter.limits(),
+                required_limits: match &options.limits {
+                    Some(cap) => adapter.limits().or_worse_values_from(cap),
+                    None => adapter.limits(),
+                },
                 // SAFETY: the only experimental feature requested is cooperative matrices,
                 // used by one shader module (attn_mma.wgsl) whose loads and stores stay inside
                 // workgroup arrays sized for them; the GPU tests check its results against

@@ -1185,33 +1185,16 @@ fn seventy_ragged_sequences_take_two_chains() {
 
 /// A pipeline on a new device of the best adapter whose storage bindings hold at most
 /// `bytes` (far below any adapter's own limit), so that caches and plans must split across
-/// bindings at test sizes.
+/// bindings at test sizes; with the shared pipeline's subgroup choice.
 fn pipeline_with_binding_limit(bytes: u64) -> NsaPipeline {
-    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
-    // As GpuContext::new: the primary backends unless WGPU_BACKEND chooses.
-    if std::env::var_os("WGPU_BACKEND").is_none() {
-        desc.backends = wgpu::Backends::PRIMARY;
-    }
-    let instance = wgpu::Instance::new(desc);
-    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
-        power_preference: wgpu::PowerPreference::HighPerformance,
-        ..Default::default()
-    }))
-    .expect("adapter");
-    let wanted = wgpu::Features::TIMESTAMP_QUERY
-        | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
-        | wgpu::Features::SHADER_F16
-        | wgpu::Features::SUBGROUP;
-    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-        required_features: adapter.features() & wanted,
-        required_limits: wgpu::Limits {
+    let opts = nsa_wgpu::AdapterOptions {
+        limits: Some(wgpu::Limits {
             max_storage_buffer_binding_size: bytes,
-            ..adapter.limits()
-        },
+            ..pipeline().context().device.limits()
+        }),
         ..Default::default()
-    }))
-    .expect("device");
-    let ctx = nsa_wgpu::GpuContext::from_device(device, queue, adapter.get_info());
+    };
+    let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
     let mut pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
     pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
     assert_eq!(pipe.limits().max_storage_binding, bytes);
@@ -1224,8 +1207,8 @@ fn caches_past_one_binding_equal_each_sequence_alone() {
     // fits one binding but the cache (seven of them) does not: every call binds each
     // sequence's own window of the cache, and the new rows go in by copies (the append
     // kernel binds whole cached tensors). The prefills the rows are held against split
-    // their queries over bindings too. f32, and f16 where the adapter has it (this device
-    // has no tensor cores: `from_device`).
+    // their queries over bindings too. f32, and f16 where the adapter has it (on its
+    // tensor cores where it has them).
     let pipe = pipeline_with_binding_limit(64 << 10);
     let linear = NsaConfig {
         compression: Compression::Linear,

@@ -1106,6 +1106,7 @@ fn no_matching_adapter_is_an_error() {
     let opts = nsa_wgpu::AdapterOptions {
         backends: None,
         name: Some("no adapter has this name".into()),
+        limits: None,
     };
     match pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)) {
         Err(NsaError::NoAdapter(msg)) => assert!(msg.contains("no adapter has this name"), "{msg}"),

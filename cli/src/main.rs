@@ -63,6 +63,7 @@ impl AdapterArgs {
                 Backend::Gl => wgpu::Backends::GL,
             }),
             name: self.adapter.clone(),
+            limits: None,
         }
     }
 
