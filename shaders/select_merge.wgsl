@@ -18,7 +18,7 @@
 @group(0) @binding(2) var<storage, read_write> block_indices: array<i32>; // [B, Tq, Hkv, n]
 
 const WG: u32 = 128u;
-const CAND_MAX: u32 = 1024u;  // splits * n at most
+const CAND_MAX: u32 = 768u;  // splits * n at most (Rust's CAND_MAX)
 const SPLITS_MAX: u32 = 64u;  // at least Rust's SELECT_SPLITS_MAX, at most WG
 
 var<workgroup> cand_score: array<f32, CAND_MAX>;

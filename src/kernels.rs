@@ -186,7 +186,7 @@ impl KernelId {
             // split_m, split_l, weight, stat_m, stat_l (three parts each)
             KernelId::Merge => 5 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
-            KernelId::SelectMerge => (256 + 4 * 1024 + 2 * 64 + 3) * 4,
+            KernelId::SelectMerge => (256 + 4 * crate::plan::CAND_MAX as u32 + 2 * 64 + 3) * 4,
             KernelId::Append => 0,
             // scores (16 vec4s per row), red_max, red_sum (reduce_shared.wgsl, one per
             // invocation), 6 per-row arrays

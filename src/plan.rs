@@ -301,8 +301,10 @@ const _: () = assert!(ATTN_SPLITS_MAX <= SPLITS_MAX);
 const SELECT_SPLITS_MAX: u64 = 16;
 // `SPLITS_MAX` in `shaders/select_merge.wgsl` (one invocation per split).
 const _: () = assert!(SELECT_SPLITS_MAX <= 64);
-/// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most.
-const CAND_MAX: u64 = 1024;
+/// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most. 768 (not 1024) so that
+/// the merge's workgroup memory (four arrays of it) fits WebGPU's default 16 KiB; at the
+/// paper's n = 16 the 16 selection splits take 256.
+pub(crate) const CAND_MAX: u64 = 768;
 /// Query rows per chunk below which a prefill does not chunk itself to keep scores (it
 /// multiplies q.k a second time in the selection instead).
 const KEEP_MIN_ROWS: u64 = 256;

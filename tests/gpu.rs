@@ -1102,6 +1102,27 @@ trait BlockOn: std::future::Future + Sized {
 impl<F: std::future::Future> BlockOn for F {}
 
 #[test]
+fn webgpu_default_limits_cap_the_device() {
+    // AdapterOptions::limits = WebGPU's defaults: the device gets no more (16 KiB of
+    // workgroup memory, 128 MiB storage bindings), the pipeline plans for them, and a
+    // forward on it still matches the references.
+    let opts = nsa_wgpu::AdapterOptions {
+        limits: Some(wgpu::Limits::default()),
+        ..Default::default()
+    };
+    let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
+    let pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+    let limits = pipe.limits();
+    assert!(limits.workgroup_storage <= 16 << 10, "{limits:?}");
+    assert!(limits.max_storage_binding <= 128 << 20, "{limits:?}");
+    let (cfg, shape) = (paper(), Shape::prefill(1, 300, 8, 2, 32, 16));
+    let plan = pipe.plan(&cfg, &shape).expect("plan");
+    assert_eq!(plan.limits, limits);
+    let data = Data::new(&cfg, &shape, false, 17);
+    check_data_on(&pipe, "webgpu limits", &plan, &data);
+}
+
+#[test]
 fn no_matching_adapter_is_an_error() {
     let opts = nsa_wgpu::AdapterOptions {
         backends: None,

@@ -97,7 +97,7 @@ fn small_shapes_plan_one_chunk() {
 }
 
 /// The kernels' fixed capacities every step of `plan` must respect: select.wgsl's token tile
-/// (PBUF = 512 tokens, BCHUNK = 128 blocks per chunk), select_merge.wgsl's 1024 candidates
+/// (PBUF = 512 tokens, BCHUNK = 128 blocks per chunk), select_merge.wgsl's 768 candidates
 /// and 64 lists, merge.wgsl's 64 splits per branch, the attention core's 64 keys per tile,
 /// and the dispatch grid (65535 per dimension, covering every workgroup).
 fn check_capacities(plan: &Plan, case: &str) {
@@ -134,7 +134,7 @@ fn check_capacities(plan: &Plan, case: &str) {
                     assert!(merged, "{case}: split selection without select_merge");
                     assert!(p.splits <= 64, "{case}: {} lists", p.splits);
                     assert!(
-                        p.splits as usize * c.top_n <= 1024,
+                        p.splits as usize * c.top_n <= 768,
                         "{case}: {} splits",
                         p.splits
                     );
@@ -165,7 +165,7 @@ fn check_capacities(plan: &Plan, case: &str) {
 #[test]
 fn split_selections_fit_the_merge_and_the_token_tile() {
     // Decode steps over many blocks with a large n: where select.wgsl's token tile caps the
-    // chunks, there are more chunks than splits (select_merge holds 1024 candidates).
+    // chunks, there are more chunks than splits (select_merge holds 768 candidates).
     for (sel_block, top_n, tk) in [
         (8, 256, 4500),
         (8, 256, 40000),
