@@ -990,6 +990,43 @@ impl RaggedData {
         t
     }
 
+    /// `c`'s calls through `cache` (its steps, then its tail, every sequence in each call),
+    /// each sequence's outputs in call order. Where the adapter has timestamps, each call
+    /// must attend in `c.chains` chains.
+    fn steps(
+        &self,
+        pipe: &NsaPipeline,
+        cache: &mut NsaCache,
+        c: &Ragged,
+        req: OutputRequest,
+        name: &str,
+    ) -> Vec<Vec<NsaOutputs>> {
+        let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
+        let mut got: Vec<Vec<NsaOutputs>> = c.lens.iter().map(|_| Vec::new()).collect();
+        for (i, n) in std::iter::repeat_n(1, c.steps).chain([c.tail]).enumerate() {
+            let at = |b: usize| c.lens[b] + i.min(c.steps);
+            let owned: Vec<_> = (0..c.lens.len())
+                .map(|b| self.seq(b, at(b), at(b) + n))
+                .collect();
+            let step = all_chunks(&owned, true);
+            let out = match &timer {
+                Some(tm) => {
+                    let (out, ms) =
+                        pollster::block_on(pipe.extend_timed(cache, &step, req, tm)).unwrap();
+                    // Runs of equal length compress first; one chain attends for up to 64.
+                    let attn = ms.iter().filter(|(k, _)| *k == KernelId::CmpAttn).count();
+                    assert_eq!(attn, c.chains, "{name} step {i}: {ms:?}");
+                    out
+                }
+                None => pollster::block_on(pipe.extend(cache, &step, req)).unwrap(),
+            };
+            for (b, o) in out.into_iter().enumerate() {
+                got[b].push(o);
+            }
+        }
+        got
+    }
+
     /// A cache at `precision` (room for 16 rows at first, so that it grows) holding each
     /// sequence's keys and values before its first step.
     fn cache(&self, pipe: &NsaPipeline, precision: Precision, c: &Ragged) -> NsaCache {
@@ -1042,29 +1079,9 @@ fn check_ragged_at(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged
     let (s, linear) = (r.shape, r.data.inputs().linear);
     let seq = |b: usize, a: usize, e: usize| r.seq(b, a, e);
     let mut cache = r.cache(pipe, precision, &c);
-    let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 64);
     let req = OutputRequest::all();
-    let mut got: Vec<Vec<NsaOutputs>> = lens.iter().map(|_| Vec::new()).collect();
     let name = format!("{hq}/{hkv} {:?} branch {}", cfg.compression, c.branch);
-    for (i, n) in std::iter::repeat_n(1, c.steps).chain([c.tail]).enumerate() {
-        let at = |b: usize| lens[b] + i.min(c.steps);
-        let owned: Vec<_> = (0..lens.len()).map(|b| seq(b, at(b), at(b) + n)).collect();
-        let step = all_chunks(&owned, true);
-        let out = match &timer {
-            Some(tm) => {
-                let (out, ms) =
-                    pollster::block_on(pipe.extend_timed(&mut cache, &step, req, tm)).unwrap();
-                // Runs of equal length compress first; one chain attends for up to 64.
-                let attn = ms.iter().filter(|(k, _)| *k == KernelId::CmpAttn).count();
-                assert_eq!(attn, c.chains, "{name} step {i}: {ms:?}");
-                out
-            }
-            None => pollster::block_on(pipe.extend(&mut cache, &step, req)).unwrap(),
-        };
-        for (b, o) in out.into_iter().enumerate() {
-            got[b].push(o);
-        }
-    }
+    let mut got = r.steps(pipe, &mut cache, &c, req, &name);
     let mut cmp_total = 0;
     for (b, &l) in lens.iter().enumerate() {
         let end = l + c.steps + c.tail;
@@ -1266,6 +1283,133 @@ fn random_ragged_batches_equal_each_sequence_alone() {
         // The same steps from GPU buffers write the same rows.
         check_device_steps(pipeline(), Precision::F32, case);
     }
+}
+
+#[test]
+fn ragged_steps_match_the_naive_nsa() {
+    // check_ragged_against_naive (which holds the long random caches below) at a size
+    // lavapipe runs in seconds: three lengths (one empty), per-branch K/V, dropped rows.
+    let c = Ragged {
+        cfg: NsaConfig {
+            compression: Compression::Linear,
+            ..small()
+        },
+        branch: true,
+        heads: (8, 2, 16),
+        lens: &[300, 41, 0],
+        steps: 3,
+        tail: 9,
+        chains: 1,
+        cut: 2,
+    };
+    check_ragged_against_naive(pipeline(), Precision::F32, 1e-4, c);
+    for pipe in f16_pipelines() {
+        check_ragged_against_naive(pipe, Precision::F16, 1e-2, c);
+    }
+}
+
+#[test]
+#[ignore = "caches of up to 64k tokens: minutes on a GPU; run with --ignored"]
+fn random_long_caches_equal_each_sequence_alone() {
+    // The ragged path at the lengths the library is held to: random configs with many
+    // blocks (strides 1 to 64, blocks of up to 8 strides, up to 70 selected blocks, windows
+    // up to 5000), 1 to 3 sequences of 2k to 64k tokens in a cache that starts at 16 rows and
+    // grows, three decode steps and a chunk of up to 70 rows, sometimes per-branch K/V and
+    // rows appended and dropped again; f32, and f16 on every f16 pipeline, against each
+    // sequence's own prefill.
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random long caches", 0x6c63_6163, 2);
+    for case in 0..cases {
+        let cfg = random_long_config(
+            &mut rng,
+            &[1, 2, 4, 8, 16, 32, 64],
+            &[1, 100, 512, 2048, 5000],
+            60,
+        );
+        let hkv = rng.random_range(1..=4);
+        let dk = pick(&mut rng, &[8, 16, 38, 64, 128, 192]);
+        let lens: Vec<usize> = (0..rng.random_range(1..=3))
+            .map(|_| rng.random_range(2048..=65400))
+            .collect();
+        // At most 2^26 query elements, so that drawing the inputs takes seconds.
+        let room = (1 << 26) / (lens.len() * 65536 * hkv * dk);
+        let group = pick(&mut rng, &[1, 2, 4, 16]).min(room.max(1));
+        let c = Ragged {
+            cfg,
+            branch: rng.random_bool(0.2),
+            heads: (hkv * group, hkv, dk),
+            lens: &lens,
+            steps: 3,
+            tail: rng.random_range(1..=70),
+            chains: 1,
+            cut: rng.random_range(0..=2),
+        };
+        println!(
+            "random long cache {case}: {cfg:?} heads {:?} lengths {lens:?}",
+            c.heads
+        );
+        check_ragged_against_naive(pipeline(), Precision::F32, 1e-4, c);
+        for pipe in f16_pipelines() {
+            check_ragged_against_naive(pipe, Precision::F16, 1e-2, c);
+        }
+    }
+}
+
+/// `c`'s calls through a cache on `pipe` at `precision`, each sequence's rows held against
+/// the naive NSA on its tokens up to them (common::check_rows: selections equal up to near
+/// ties, at f16's precision for f16; outputs within `tol` where they are), rather than
+/// against its prefill on the GPU: with thousands of blocks per query, the two paths' f32
+/// sums may order a near tie differently.
+fn check_ragged_against_naive(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged) {
+    let r = RaggedData::new(&c);
+    let s = r.shape;
+    let mut cache = r.cache(pipe, precision, &c);
+    let req = OutputRequest {
+        block_indices: true,
+        branches: false,
+    };
+    let name = format!("{:?} {s:?} {precision:?}", c.cfg);
+    let mut got = r.steps(pipe, &mut cache, &c, req, &name);
+    let f16 = precision == Precision::F16;
+    let round = |x: &[f32]| {
+        if f16 {
+            common::f16_round(x)
+        } else {
+            x.to_vec()
+        }
+    };
+    let mut tally = common::RowTally::default();
+    for (b, &l) in c.lens.iter().enumerate() {
+        let end = l + c.steps + c.tail;
+        let rows = nsa_wgpu::cache::concat(std::mem::take(&mut got[b]), req);
+        let all = r.seq(b, 0, end);
+        // The queries and gates of the rows; keys and values (and per-branch ones) up to them.
+        let q = round(&all[0][l * s.hq * s.dk..]);
+        let kv: Vec<Vec<f32>> = all[1..3]
+            .iter()
+            .chain(&all[4..])
+            .map(|x| round(x))
+            .collect();
+        let mut inputs = nsa_wgpu::NsaInputs::new(&q, &kv[0], &kv[1], &all[3][l * s.hq * 3..]);
+        if c.branch {
+            common::set_branch_kv(&mut inputs, &kv[2..]);
+        }
+        inputs.linear = r.data.inputs().linear;
+        let part = Shape {
+            batch: 1,
+            tq: end - l,
+            tk: end,
+            ..s
+        };
+        let idx = rows.block_indices.expect("block indices");
+        common::check_rows(&mut tally, &c.cfg, &part, &inputs, (&rows.out, &idx), f16);
+    }
+    let core = if pipe.tensor_cores() {
+        "tensor cores"
+    } else {
+        "shader cores"
+    };
+    tally.assert_within(&format!("{name} ({core})"), f16, tol);
 }
 
 /// A lost device (here destroyed) makes every call an error that says so, never a panic in

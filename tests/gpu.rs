@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    assert_close, fallback_pipeline, pick, pipeline, random_config, random_long_config, small, Data,
+    assert_close, check_f16_selection, check_selection, check_selection_within, f16_round,
+    fallback_pipeline, pick, pipeline, random_config, random_long_config, small, Data,
 };
 use nsa_wgpu::cpu;
 use nsa_wgpu::kernels::KernelId;
@@ -145,76 +146,6 @@ fn gpu_forward(pipe: &NsaPipeline, plan: &Plan, data: &Data) -> GpuResult {
         vc: f(6, Tensor::Vc),
         lse: f(7, Tensor::Lse),
     }
-}
-
-/// Compares selections row by row; a block may differ only as a near tie (SPEC: scores within
-/// 1e-6 relative, here plus 1e-12 for scores that f32 cannot tell apart from 0). Returns the
-/// rows whose selection differs from the reference.
-fn check_selection(cfg: &NsaConfig, got: &[i32], naive: &cpu::naive::NaiveOutputs) -> Vec<usize> {
-    check_selection_within(cfg, got, naive, 1e-6, 1e-12)
-}
-
-/// The near-tie margin of selections with f16 storage, relative: the compressed keys and
-/// values are stored as f16 too (rounded by up to 2^-11 of their size), which moves each
-/// score by a few parts in 10^4 of its size, so blocks whose scores lie that close may swap.
-const F16_TIE: f64 = 1e-2;
-
-/// Selections with f16 storage against the naive NSA on the inputs as f16 stores them: every
-/// differing block a near tie at f16's precision (F16_TIE), and at least 80% of the rows
-/// equal (outputs are compared on those). Returns the rows whose selection differs.
-fn check_f16_selection(
-    what: &str,
-    cfg: &NsaConfig,
-    got: &[i32],
-    naive: &cpu::naive::NaiveOutputs,
-) -> Vec<usize> {
-    let differing = check_selection_within(cfg, got, naive, F16_TIE, 1e-12);
-    let rows = got.len() / cfg.top_n;
-    assert!(
-        differing.len() * 5 <= rows,
-        "{what}: {} of {rows} selections differ (near ties at f16's precision)",
-        differing.len()
-    );
-    differing
-}
-
-/// check_selection with `rel` and `slack` as the relative and absolute parts of the near-tie
-/// rule.
-fn check_selection_within(
-    cfg: &NsaConfig,
-    got: &[i32],
-    naive: &cpu::naive::NaiveOutputs,
-    rel: f64,
-    slack: f64,
-) -> Vec<usize> {
-    let n = cfg.top_n;
-    let mut differing = Vec::new();
-    for (row, (g, w)) in got.chunks(n).zip(naive.block_indices.chunks(n)).enumerate() {
-        assert!(
-            g.iter().all(|j| *j >= -1),
-            "row {row}: unwritten index in {g:?}"
-        );
-        if g == w {
-            continue;
-        }
-        let sc = &naive.block_scores[row];
-        let extra: Vec<i32> = g.iter().filter(|j| !w.contains(j)).cloned().collect();
-        let missing: Vec<i32> = w.iter().filter(|j| !g.contains(j)).cloned().collect();
-        assert_eq!(
-            extra.len(),
-            missing.len(),
-            "row {row}: got {g:?}, want {w:?}"
-        );
-        for (a, b) in extra.iter().zip(&missing) {
-            let (sa, sb) = (sc[*a as usize], sc[*b as usize]);
-            assert!(
-                (sa - sb).abs() <= rel * sa.abs().max(sb.abs()) + slack,
-                "row {row}: got {g:?}, want {w:?}; block {a} scores {sa}, block {b} scores {sb}"
-            );
-        }
-        differing.push(row);
-    }
-    differing
 }
 
 const TOL: f64 = 1e-4;
@@ -975,11 +906,6 @@ fn check_f16(pipe: &NsaPipeline) {
         let want = cpu::dense_attn::dense_attn(&shape, cfg.scale_for(shape.dk), &q, &k, &v);
         assert_close(&format!("{name} ({core}) dense"), &dense, &want, 1e-2);
     }
-}
-
-/// `x` as f16 stores it.
-fn f16_round(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect()
 }
 
 /// "tensor cores" or "shader cores": where `pipe` runs f16 attention.
@@ -1801,14 +1727,7 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
     if let Some(period) = peaked {
         peak_queries(&mut data, shape, period);
     }
-    let (hq, hkv, g, dk, dv, n) = (
-        shape.hq,
-        shape.hkv,
-        shape.group(),
-        shape.dk,
-        shape.dv,
-        cfg.top_n,
-    );
+    let (hq, hkv, dk, dv, n) = (shape.hq, shape.hkv, shape.dk, shape.dv, cfg.top_n);
     let request = OutputRequest {
         block_indices: true,
         branches: false,
@@ -1847,7 +1766,7 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
             .block_on()
             .expect("run");
         let idx = got.block_indices.expect("block indices");
-        let (mut same, mut rows, mut worst) = (0, 0, 0.0f64);
+        let mut tally = common::RowTally::default();
         for &end in ends {
             let part = Shape {
                 tq: 3,
@@ -1872,36 +1791,13 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
             if let Some(b) = &branch_kv {
                 common::set_branch_kv(&mut inputs, b);
             }
-            let naive = cpu::naive::nsa(cfg, &part, &inputs).expect("naive");
-            let got_idx = &idx[(end - 3) * hkv * n..end * hkv * n];
-            // f32 to SPEC's rule: any differing block is a near tie; f16 at its precision.
-            let differing = if f16 {
-                check_selection_within(cfg, got_idx, &naive, F16_TIE, 1e-12)
-            } else {
-                check_selection(cfg, got_idx, &naive)
-            };
-            rows += got_idx.len() / n;
-            for row in (0..got_idx.len() / n).filter(|r| !differing.contains(r)) {
-                same += 1;
-                // Selection row `row` is query t's kv head h: its g query heads.
-                let (t, h) = (row / hkv, row % hkv);
-                for head in h * g..(h + 1) * g {
-                    let want = &naive.out[(t * hq + head) * dv..][..dv];
-                    let out = &got.out[((end - 3 + t) * hq + head) * dv..][..dv];
-                    for (x, y) in out.iter().zip(want) {
-                        worst = worst.max((*x as f64 - y).abs());
-                    }
-                }
-            }
+            let rows = (
+                &got.out[(end - 3) * hq * dv..end * hq * dv],
+                &idx[(end - 3) * hkv * n..end * hkv * n],
+            );
+            common::check_rows(&mut tally, cfg, &part, &inputs, rows, f16);
         }
-        println!("{name}: {same} of {rows} selections equal, max abs error {worst:.2e}");
-        // As check_f16_selection for f16 (over all the rows at once), 95% for f32.
-        let share = if f16 { 80 } else { 95 };
-        assert!(
-            same * 100 >= rows * share,
-            "{name}: {same} of {rows} selections equal"
-        );
-        assert!(worst <= tol, "{name}: max abs error {worst:.3e}");
+        tally.assert_within(&name, f16, tol);
     }
 }
 

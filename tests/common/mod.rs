@@ -269,3 +269,141 @@ pub fn small() -> NsaConfig {
         ..NsaConfig::default()
     }
 }
+
+/// Compares selections row by row; a block may differ only as a near tie (SPEC: scores within
+/// 1e-6 relative, here plus 1e-12 for scores that f32 cannot tell apart from 0). Returns the
+/// rows whose selection differs from the reference.
+pub fn check_selection(
+    cfg: &NsaConfig,
+    got: &[i32],
+    naive: &nsa_wgpu::cpu::naive::NaiveOutputs,
+) -> Vec<usize> {
+    check_selection_within(cfg, got, naive, 1e-6, 1e-12)
+}
+
+/// The near-tie margin of selections with f16 storage, relative: the compressed keys and
+/// values are stored as f16 too (rounded by up to 2^-11 of their size), which moves each
+/// score by a few parts in 10^4 of its size, so blocks whose scores lie that close may swap.
+pub const F16_TIE: f64 = 1e-2;
+
+/// Selections with f16 storage against the naive NSA on the inputs as f16 stores them: every
+/// differing block a near tie at f16's precision (F16_TIE), and at least 80% of the rows
+/// equal (outputs are compared on those). Returns the rows whose selection differs.
+pub fn check_f16_selection(
+    what: &str,
+    cfg: &NsaConfig,
+    got: &[i32],
+    naive: &nsa_wgpu::cpu::naive::NaiveOutputs,
+) -> Vec<usize> {
+    let differing = check_selection_within(cfg, got, naive, F16_TIE, 1e-12);
+    let rows = got.len() / cfg.top_n;
+    assert!(
+        differing.len() * 5 <= rows,
+        "{what}: {} of {rows} selections differ (near ties at f16's precision)",
+        differing.len()
+    );
+    differing
+}
+
+/// check_selection with `rel` and `slack` as the relative and absolute parts of the near-tie
+/// rule.
+pub fn check_selection_within(
+    cfg: &NsaConfig,
+    got: &[i32],
+    naive: &nsa_wgpu::cpu::naive::NaiveOutputs,
+    rel: f64,
+    slack: f64,
+) -> Vec<usize> {
+    let n = cfg.top_n;
+    let mut differing = Vec::new();
+    for (row, (g, w)) in got.chunks(n).zip(naive.block_indices.chunks(n)).enumerate() {
+        assert!(
+            g.iter().all(|j| *j >= -1),
+            "row {row}: unwritten index in {g:?}"
+        );
+        if g == w {
+            continue;
+        }
+        let sc = &naive.block_scores[row];
+        let extra: Vec<i32> = g.iter().filter(|j| !w.contains(j)).cloned().collect();
+        let missing: Vec<i32> = w.iter().filter(|j| !g.contains(j)).cloned().collect();
+        assert_eq!(
+            extra.len(),
+            missing.len(),
+            "row {row}: got {g:?}, want {w:?}"
+        );
+        for (a, b) in extra.iter().zip(&missing) {
+            let (sa, sb) = (sc[*a as usize], sc[*b as usize]);
+            assert!(
+                (sa - sb).abs() <= rel * sa.abs().max(sb.abs()) + slack,
+                "row {row}: got {g:?}, want {w:?}; block {a} scores {sa}, block {b} scores {sb}"
+            );
+        }
+        differing.push(row);
+    }
+    differing
+}
+
+/// `x` as f16 stores it.
+pub fn f16_round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|v| half::f16::from_f32(*v).to_f32()).collect()
+}
+
+/// Rows held against the naive NSA (check_rows): how many selections were equal, of how
+/// many, and the worst output error on the equal ones.
+#[derive(Default)]
+pub struct RowTally {
+    pub same: usize,
+    pub rows: usize,
+    pub worst: f64,
+}
+
+impl RowTally {
+    /// Prints the tally and asserts at least 95% (f32) or 80% (f16, as check_f16_selection)
+    /// of the selections equal and the outputs within `tol`.
+    pub fn assert_within(&self, name: &str, f16: bool, tol: f64) {
+        let RowTally { same, rows, worst } = *self;
+        println!("{name}: {same} of {rows} selections equal, max abs error {worst:.2e}");
+        let share = if f16 { 80 } else { 95 };
+        assert!(
+            same * 100 >= rows * share,
+            "{name}: {same} of {rows} selections equal"
+        );
+        assert!(worst <= tol, "{name}: max abs error {worst:.3e}");
+    }
+}
+
+/// Adds to `tally` the rows a call computed for the last `part.tq` positions of one
+/// sequence (`out` `[tq, Hq, Dv]`, `idx` `[tq, Hkv, n]`) against the naive NSA on `inputs`
+/// (shaped `part`: those queries and the keys up to them, as the call stored them): every
+/// selection equal up to near ties (check_selection, or with `f16` at f16's precision,
+/// F16_TIE), and on the rows whose selections are equal, the outputs.
+pub fn check_rows(
+    tally: &mut RowTally,
+    cfg: &NsaConfig,
+    part: &Shape,
+    inputs: &nsa_wgpu::NsaInputs,
+    (out, idx): (&[f32], &[i32]),
+    f16: bool,
+) {
+    let naive = nsa_wgpu::cpu::naive::nsa(cfg, part, inputs).expect("naive");
+    let differing = if f16 {
+        check_selection_within(cfg, idx, &naive, F16_TIE, 1e-12)
+    } else {
+        check_selection(cfg, idx, &naive)
+    };
+    let (hq, hkv, g, dv) = (part.hq, part.hkv, part.group(), part.dv);
+    let rows = idx.len() / cfg.top_n;
+    for row in (0..rows).filter(|r| !differing.contains(r)) {
+        // Selection row `row` is query t's kv head h: its g query heads.
+        let (t, h) = (row / hkv, row % hkv);
+        for head in h * g..(h + 1) * g {
+            let at = (t * hq + head) * dv;
+            for (x, y) in out[at..at + dv].iter().zip(&naive.out[at..at + dv]) {
+                tally.worst = tally.worst.max((*x as f64 - y).abs());
+            }
+        }
+    }
+    tally.same += rows - differing.len();
+    tally.rows += rows;
+}
