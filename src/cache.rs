@@ -502,6 +502,8 @@ impl NsaCache {
             .map(|d| make(capacity, d))
             .collect::<Result<Vec<_>>>()?;
         let compressed = [make(cap_c, opts.dk)?, make(cap_c, opts.dv)?];
+        // A buffer the device could not make (on a device this crate made).
+        pipe.context().check_alive()?;
         Ok((raw, compressed))
     }
 
@@ -792,6 +794,8 @@ impl NsaCache {
             enc.copy_buffer_to_buffer(a, at, &temp, 0, n);
             enc.copy_buffer_to_buffer(&temp, 0, b, bt, n);
         });
+        // A temporary buffer the device could not make: nothing is submitted.
+        ctx.check_alive()?;
         ctx.queue.submit([enc.finish()]);
         self.lens[dst] = len;
         Ok(())

@@ -29,6 +29,9 @@ pub struct GpuContext {
     pub coop_f16: bool,
     /// Why the device was lost, once it is (see [`GpuContext::lost`]).
     lost: Arc<Mutex<Option<String>>>,
+    /// The first wgpu error raised outside any error scope since a call last checked
+    /// (`check_alive`), on a device this crate made.
+    uncaptured: Arc<Mutex<Option<String>>>,
 }
 
 /// Which adapter [`GpuContext::with_options`] picks.
@@ -55,6 +58,12 @@ impl GpuContext {
 
     /// An adapter chosen by backend and name, and a device with its limits (or lower ones:
     /// [`AdapterOptions::limits`]).
+    ///
+    /// A wgpu error on this device outside any error scope (a buffer the device has no memory
+    /// for, or work the caller records on it) does not panic, as in wgpu's default handler:
+    /// the crate's next call that uses the device fails with [`NsaError::Gpu`] naming the
+    /// first such error. A caller may install a handler of its own
+    /// (`device.on_uncaptured_error`).
     pub async fn with_options(options: &AdapterOptions) -> Result<Self> {
         let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
         match options.backends {
@@ -137,6 +146,18 @@ impl GpuContext {
             };
             *note.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
         });
+        // wgpu's default handler of errors outside any error scope panics. The crate's calls
+        // validate their inputs and capture what they record in scopes of their own; what
+        // still escapes them (an allocation the device cannot make, work the caller records
+        // on this device) becomes an error of the next call instead.
+        let uncaptured = Arc::new(Mutex::new(None));
+        let first = Arc::clone(&uncaptured);
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            first
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert_with(|| e.to_string());
+        }));
         Ok(Self {
             device,
             queue,
@@ -144,6 +165,7 @@ impl GpuContext {
             coop_f16: coop_f16
                 && required_features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX),
             lost,
+            uncaptured,
         })
     }
 
@@ -161,6 +183,7 @@ impl GpuContext {
             adapter_info,
             coop_f16: false,
             lost: Arc::default(),
+            uncaptured: Arc::default(),
         }
     }
 
@@ -172,14 +195,23 @@ impl GpuContext {
         self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// [`NsaError::DeviceLost`] once the device is lost ([`GpuContext::lost`]). wgpu runs the
-    /// device-lost callback when it next maintains the device, so this polls it first
-    /// (without waiting).
+    /// [`NsaError::DeviceLost`] once the device is lost ([`GpuContext::lost`]), and
+    /// [`NsaError::Gpu`] for a wgpu error raised outside any error scope since the last check
+    /// (on a device this crate made; reported once). wgpu runs the device-lost callback when
+    /// it next maintains the device, so this polls it first (without waiting).
     pub(crate) fn check_alive(&self) -> Result<()> {
         #[cfg(not(target_arch = "wasm32"))]
         let _ = self.device.poll(wgpu::PollType::Poll);
-        match self.lost() {
-            Some(why) => Err(NsaError::DeviceLost(why)),
+        if let Some(why) = self.lost() {
+            return Err(NsaError::DeviceLost(why));
+        }
+        let escaped = self
+            .uncaptured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match escaped {
+            Some(e) => Err(NsaError::Gpu(e)),
             None => Ok(()),
         }
     }
@@ -647,6 +679,8 @@ impl NsaPipeline {
         if !old_buffers.is_empty() {
             groups = Mutex::new(Vec::new());
         }
+        // A buffer the device could not make (on a device this crate made).
+        self.ctx.check_alive()?;
         Ok(NsaScratch {
             plan: plan.clone(),
             params,

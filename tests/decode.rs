@@ -1459,6 +1459,58 @@ fn a_lost_device_is_an_error_not_a_panic() {
     assert!(matches!(r, Err(NsaError::Readback(_))), "{r:?}");
 }
 
+/// A wgpu error outside any error scope on a device this crate made (here a buffer over the
+/// device's limit, made by the caller; a buffer the device has no memory for is reported
+/// the same way) is an error of the crate's next call, never a panic in wgpu's default
+/// handler; it is reported once, and the calls after it work. A cache whose creation,
+/// growth or sequence copy meets one is left as it was.
+#[test]
+fn errors_outside_the_crates_scopes_are_errors_not_panics() {
+    let ctx = pollster::block_on(nsa_wgpu::GpuContext::new()).expect("adapter");
+    let pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+    let cfg = small();
+    let s = Shape::prefill(2, 40, 2, 1, 8, 8);
+    let data = Data::new(&cfg, &s, false, 5);
+    let mut cache = NsaCache::new(&pipe, &cfg, opts(&s, 16, false), None).unwrap();
+    let context = seq_rows(&data, &s, 0, 12);
+    let c = SeqChunk::keys_values(0, &context[1], &context[2]);
+    pollster::block_on(pipe.append(&mut cache, &[c])).unwrap();
+    let escape = || {
+        drop(ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("too large"),
+            size: ctx.device.limits().max_buffer_size + 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        }))
+    };
+    let escaped = |r: nsa_wgpu::error::Result<()>| match r {
+        Err(NsaError::Gpu(e)) => assert!(e.contains("too large"), "{e}"),
+        other => panic!("expected the escaped error, got {other:?}"),
+    };
+    let run = || {
+        pipe.run_blocking(&cfg, &s, &data.inputs(), OutputRequest::default())
+            .map(drop)
+    };
+    escape();
+    escaped(run());
+    assert!(run().is_ok(), "reported once");
+    escape();
+    escaped(NsaCache::new(&pipe, &cfg, opts(&s, 16, false), None).map(drop));
+    escape();
+    escaped(cache.reserve(&pipe, 32));
+    assert_eq!(cache.capacity(), 16, "growth changed nothing");
+    escape();
+    escaped(cache.copy_sequence(&pipe, 0, 1));
+    assert_eq!(cache.lens(), &[12, 0], "the copy changed nothing");
+    escape();
+    escaped(pipe.scratch(&pipe.plan(&cfg, &s).unwrap()).map(drop));
+    // The cache goes on.
+    let step = seq_rows(&data, &s, 12, 13);
+    let got =
+        pollster::block_on(pipe.extend(&mut cache, &[rows_chunk(&step)], OutputRequest::default()));
+    assert!(got.is_ok(), "{got:?}");
+}
+
 /// `values` as a cache of `precision` stores them (f16 or f32; `f32_only`: always f32, as
 /// gates are).
 fn stored_bytes(values: &[f32], precision: Precision, f32_only: bool) -> Vec<u8> {
