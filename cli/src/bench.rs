@@ -112,9 +112,10 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     pipe.set_kept_scores(args.kept_mib << 20);
     let on = |b: bool| if b { "on" } else { "off" };
     println!(
-        "adapter: {}; subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}; \
+        "adapter: {} (limits: {}); subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}; \
          kept scores: {} MiB per chunk",
         pipe.context().describe(),
+        args.adapter.limits_note(),
         on(subgroups),
         on(tensor_cores),
         on(checks),

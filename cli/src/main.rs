@@ -43,6 +43,10 @@ pub struct AdapterArgs {
     /// Restrict to one backend.
     #[arg(long, value_enum)]
     backend: Option<Backend>,
+    /// Cap the device's limits at WebGPU's defaults (128 MiB storage bindings, 16 KiB of
+    /// workgroup memory, ...), so that work is planned as a browser would plan it.
+    #[arg(long)]
+    webgpu_limits: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -63,7 +67,16 @@ impl AdapterArgs {
                 Backend::Gl => wgpu::Backends::GL,
             }),
             name: self.adapter.clone(),
-            limits: None,
+            limits: self.webgpu_limits.then(wgpu::Limits::default),
+        }
+    }
+
+    /// Whose limits the device has: "WebGPU's defaults" or "the adapter's".
+    pub fn limits_note(&self) -> &'static str {
+        if self.webgpu_limits {
+            "WebGPU's defaults"
+        } else {
+            "the adapter's"
         }
     }
 
@@ -251,7 +264,11 @@ fn run(args: &RunArgs) -> Result<(), String> {
         } else {
             "shader cores"
         };
-        (r, format!("{} ({core})", pipe.context().describe()))
+        let limits = args.adapter.limits_note();
+        (
+            r,
+            format!("{} ({core}; limits: {limits})", pipe.context().describe()),
+        )
     };
     let took = start.elapsed();
     io::write_outputs(&args.output, &problem.shape, config.top_n, &res)?;
@@ -283,7 +300,10 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             }
         }
         let f = a.features();
-        let l = a.limits();
+        let l = match &opts.limits {
+            Some(cap) => a.limits().or_worse_values_from(cap),
+            None => a.limits(),
+        };
         println!("{}", i.name);
         println!(
             "  backend {:?}, type {:?}, driver {} ({})",
@@ -313,8 +333,10 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             println!("  cooperative matrices (MxNxK A,B->C): {}", coop.join(", "));
         }
         println!(
-            "  limits: storage binding {} B, buffer {} B, workgroup storage {} B, invocations/workgroup {}, \
-             workgroups/dimension {}, storage buffers/stage {}, storage offset alignment {}",
+            "  limits ({}): storage binding {} B, buffer {} B, workgroup storage {} B, \
+             invocations/workgroup {}, workgroups/dimension {}, storage buffers/stage {}, \
+             storage offset alignment {}",
+            args.limits_note(),
             l.max_storage_buffer_binding_size,
             l.max_buffer_size,
             l.max_compute_workgroup_storage_size,

@@ -359,6 +359,37 @@ fn info_lists_adapters() {
 }
 
 #[test]
+fn webgpu_limits_plan_as_a_browser_and_write_the_same_outputs() {
+    // Dk = 100: at WebGPU's 16 KiB of workgroup memory the key tiles are shorter than on
+    // the adapter's own limits, so the two runs plan differently.
+    let d = Dir::new();
+    write(
+        &d.p("in.safetensors"),
+        &standard(1, 150, 150, 4, 2, 100, 24),
+        false,
+    );
+    let input = d.s("in.safetensors");
+    let (plain, capped) = (d.s("plain.safetensors"), d.s("capped.safetensors"));
+    let mut args = vec!["run", "--input", &input, "--output", &plain];
+    args.extend(SMALL);
+    let r = nsa(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    args[4] = &capped;
+    args.push("--webgpu-limits");
+    let r = nsa(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("limits: WebGPU's defaults"), "{err}");
+    assert_same(&d.p("plain.safetensors"), &d.p("capped.safetensors"), 1e-4);
+    let r = nsa(&["info", "--webgpu-limits"]);
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("limits (WebGPU's defaults)") && out.contains("workgroup storage 16384 B"),
+        "{out}"
+    );
+}
+
+#[test]
 fn bench_quick_prints_a_table() {
     let r = nsa(&["bench", "--quick"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
