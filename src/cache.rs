@@ -503,7 +503,7 @@ impl NsaCache {
             .collect::<Result<Vec<_>>>()?;
         let compressed = [make(cap_c, opts.dk)?, make(cap_c, opts.dv)?];
         // A buffer the device could not make (on a device this crate made).
-        pipe.context().check_alive()?;
+        pipe.context().check_escaped()?;
         Ok((raw, compressed))
     }
 
@@ -795,7 +795,7 @@ impl NsaCache {
             enc.copy_buffer_to_buffer(&temp, 0, b, bt, n);
         });
         // A temporary buffer the device could not make: nothing is submitted.
-        ctx.check_alive()?;
+        ctx.check_escaped()?;
         ctx.queue.submit([enc.finish()]);
         self.lens[dst] = len;
         Ok(())

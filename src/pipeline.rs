@@ -205,6 +205,13 @@ impl GpuContext {
         if let Some(why) = self.lost() {
             return Err(NsaError::DeviceLost(why));
         }
+        self.check_escaped()
+    }
+
+    /// [`NsaError::Gpu`] for a wgpu error raised outside any error scope since the last check
+    /// (reported once), without polling the device: after creating buffers, whose errors
+    /// wgpu reports at once on native devices.
+    pub(crate) fn check_escaped(&self) -> Result<()> {
         let escaped = self
             .uncaptured
             .lock()
@@ -652,6 +659,7 @@ impl NsaPipeline {
             }
         };
         let mut buffers = Vec::new();
+        let mut created = false;
         // Only what the plan's dispatches bind (a cached plan binds the cache's compressed
         // keys and values, and a dense one no NSA intermediates).
         for t in plan.scratch_tensors() {
@@ -666,12 +674,15 @@ impl NsaPipeline {
             let fits = |b: &wgpu::Buffer| reusable(b.size(), size);
             let buf = match old_buffers.iter().position(|(u, b)| *u == t && fits(b)) {
                 Some(at) => old_buffers.swap_remove(at).1,
-                None => device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("nsa.scratch"),
-                    size,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                }),
+                None => {
+                    created = true;
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("nsa.scratch"),
+                        size,
+                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    })
+                }
             };
             buffers.push((t, buf));
         }
@@ -680,7 +691,9 @@ impl NsaPipeline {
             groups = Mutex::new(Vec::new());
         }
         // A buffer the device could not make (on a device this crate made).
-        self.ctx.check_alive()?;
+        if created {
+            self.ctx.check_escaped()?;
+        }
         Ok(NsaScratch {
             plan: plan.clone(),
             params,
