@@ -1312,20 +1312,14 @@ fn ragged_steps_match_the_naive_nsa() {
 #[ignore = "caches of up to 64k tokens: minutes on a GPU; run with --ignored"]
 fn random_long_caches_equal_each_sequence_alone() {
     // The ragged path at the lengths the library is held to: random configs with many
-    // blocks (strides 1 to 64, blocks of up to 8 strides, up to 70 selected blocks, windows
-    // up to 5000), 1 to 3 sequences of 2k to 64k tokens in a cache that starts at 16 rows and
-    // grows, three decode steps and a chunk of up to 70 rows, sometimes per-branch K/V and
-    // rows appended and dropped again; f32, and f16 on every f16 pipeline, against each
-    // sequence's own prefill.
+    // blocks (common::random_64k_config), 1 to 3 sequences of 2k to 64k tokens in a cache
+    // that starts at 16 rows and grows, three decode steps and a chunk of up to 70 rows,
+    // sometimes per-branch K/V and rows appended and dropped again; f32, and f16 on every
+    // f16 pipeline, against the naive NSA (check_ragged_against_naive).
     use rand::Rng;
     let (mut rng, cases) = common::sweep("random long caches", 0x6c63_6163, 2);
     for case in 0..cases {
-        let cfg = random_long_config(
-            &mut rng,
-            &[1, 2, 4, 8, 16, 32, 64],
-            &[1, 100, 512, 2048, 5000],
-            60,
-        );
+        let cfg = common::random_64k_config(&mut rng);
         let hkv = rng.random_range(1..=4);
         let dk = pick(&mut rng, &[8, 16, 38, 64, 128, 192]);
         let lens: Vec<usize> = (0..rng.random_range(1..=3))

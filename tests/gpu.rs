@@ -1608,19 +1608,13 @@ fn long_64k_other_paths_spot_checks() {
 #[ignore = "random prefills of up to 64k tokens: minutes on a GPU; run with --ignored"]
 fn random_long_spot_checks() {
     // The seeded sweep at the lengths the library is held to: random configs with many
-    // blocks (strides 1 to 64, blocks of up to 8 strides, up to 70 selected blocks, windows
-    // up to 5000), Mean and Linear, groups of 1 to 16, head sizes (odd ones too), sometimes
+    // blocks (common::random_64k_config), groups of 1 to 16, head sizes (odd ones too), sometimes
     // peaked queries, per-branch keys and values or no kept scores, 2k to 64k tokens; rows
     // at random positions and the last against the naive NSA (spot_check), f32 and f16.
     use rand::Rng;
     let (mut rng, cases) = common::sweep("random long spot", 0x6c73_7063, 2);
     for case in 0..cases {
-        let cfg = random_long_config(
-            &mut rng,
-            &[1, 2, 4, 8, 16, 32, 64],
-            &[1, 100, 512, 2048, 5000],
-            60,
-        );
+        let cfg = common::random_64k_config(&mut rng);
         let tk = if rng.random_bool(0.5) {
             rng.random_range(32768..=65536)
         } else {

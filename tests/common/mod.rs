@@ -217,6 +217,18 @@ pub fn random_long_config(
     }
 }
 
+/// A random config for the sweeps at up to 64k tokens: strides 1 to 64, compression and
+/// selection blocks of up to 8 strides, up to 71 selected blocks, windows of 1 to 5000,
+/// Mean and Linear ([`random_long_config`]).
+pub fn random_64k_config(rng: &mut StdRng) -> NsaConfig {
+    random_long_config(
+        rng,
+        &[1, 2, 4, 8, 16, 32, 64],
+        &[1, 100, 512, 2048, 5000],
+        60,
+    )
+}
+
 /// Sets `i`'s per-branch keys and values to `b`: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`.
 pub fn set_branch_kv<'a>(i: &mut nsa_wgpu::NsaInputs<'a>, b: &'a [Vec<f32>]) {
     i.k_cmp = Some(&b[0]);
