@@ -1608,9 +1608,10 @@ fn long_64k_other_paths_spot_checks() {
 #[ignore = "random prefills of up to 64k tokens: minutes on a GPU; run with --ignored"]
 fn random_long_spot_checks() {
     // The seeded sweep at the lengths the library is held to: random configs with many
-    // blocks (common::random_64k_config), groups of 1 to 16, head sizes (odd ones too), sometimes
-    // peaked queries, per-branch keys and values or no kept scores, 2k to 64k tokens; rows
-    // at random positions and the last against the naive NSA (spot_check), f32 and f16.
+    // blocks (common::random_64k_config), groups of 1 to 16, head sizes (odd ones too),
+    // sometimes peaked queries, per-branch keys and values or no kept scores, 2k to 64k
+    // tokens, sometimes two sequences or a chunk (Tq < Tk); rows at random positions and the
+    // last against the naive NSA (spot_check), f32 and f16.
     use rand::Rng;
     let (mut rng, cases) = common::sweep("random long spot", 0x6c73_7063, 2);
     for case in 0..cases {
@@ -1623,10 +1624,27 @@ fn random_long_spot_checks() {
         let hkv = rng.random_range(1..=4);
         let dk = pick(&mut rng, &[8, 16, 37, 64, 128, 192]);
         let dv = pick(&mut rng, &[8, 20, 64, 128]);
+        // Sometimes two sequences, sometimes a chunk of the last Tq queries.
+        let batch = if rng.random_bool(0.25) { 2 } else { 1 };
+        let tq = if rng.random_bool(0.3) {
+            rng.random_range(3..=tk)
+        } else {
+            tk
+        };
         // At most 2^26 query elements, so that drawing the inputs takes seconds.
-        let group = pick(&mut rng, &[1, 2, 4, 16]).min(((1 << 26) / (tk * hkv * dk)).max(1));
-        let shape = Shape::prefill(1, tk, hkv * group, hkv, dk, dv);
-        let mut ends: Vec<usize> = (0..4).map(|_| rng.random_range(3..=tk)).collect();
+        let room = (1 << 26) / (batch * tk * hkv * dk);
+        let group = pick(&mut rng, &[1, 2, 4, 16]).min(room.max(1));
+        let shape = Shape {
+            batch,
+            tq,
+            tk,
+            hq: hkv * group,
+            hkv,
+            dk,
+            dv,
+        };
+        let first = tk - tq + 3;
+        let mut ends: Vec<usize> = (0..4).map(|_| rng.random_range(first..=tk)).collect();
         ends.push(tk);
         let spot = Spot {
             peaked: rng.random_bool(0.3).then_some(8),
@@ -1664,6 +1682,13 @@ fn spot_checks_hold_rows_of_a_long_prefill() {
         ..Spot::default()
     };
     spot_check(&cfg, &shape, &ends, branch);
+    // Two sequences, and the last 400 queries of each as a chunk.
+    let chunk = Shape {
+        batch: 2,
+        tq: 400,
+        ..shape
+    };
+    spot_check(&linear(cfg), &chunk, &[303, 350, 700], Spot::peaked(8));
 }
 
 /// How spot_check runs: queries peaked by peak_queries with period `peaked`, if any; `kept`
@@ -1704,10 +1729,10 @@ impl Spot {
     }
 }
 
-/// NSA on `shape` (one sequence, Tq = Tk; as `spot` says) with f32 on the shader cores and
-/// f16 on every f16 pipeline, its rows `end - 3 .. end` for each of `ends` against the naive
-/// NSA run on just those queries and the keys up to them (a causal row depends on nothing
-/// later): every f32 selection equal up to near ties (check_selection), at least 95% of all
+/// NSA on `shape` (as `spot` says) with f32 on the shader cores and f16 on every f16
+/// pipeline, each sequence's rows `end - 3 .. end` for each of `ends` (positions inside the
+/// chunk of queries, Tk - Tq + 3 <= end <= Tk) against the naive NSA run on just those
+/// queries and the keys up to them (a causal row depends on nothing later): every f32 selection equal up to near ties (check_selection), at least 95% of all
 /// equal; f16 ones as check_f16_selection holds them; and where they are equal, the outputs
 /// within 1e-4 (f32) or 1e-2 (f16, against the naive NSA on the inputs as f16 stores them).
 fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
@@ -1761,16 +1786,22 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
             .expect("run");
         let idx = got.block_indices.expect("block indices");
         let mut tally = common::RowTally::default();
-        for &end in ends {
+        // Every sequence's rows `end - 3 .. end`; the chunk's queries start at `first`.
+        let first = shape.tk - shape.tq;
+        for (bi, &end) in (0..shape.batch).flat_map(|bi| ends.iter().map(move |e| (bi, e))) {
+            assert!(end >= first + 3 && end <= shape.tk, "rows inside the chunk");
             let part = Shape {
+                batch: 1,
                 tq: 3,
                 tk: end,
                 ..*shape
             };
             let round = |x: &[f32]| if f16 { f16_round(x) } else { x.to_vec() };
-            let q = round(&data.q[(end - 3) * hq * dk..end * hq * dk]);
+            // The first row's (query, head) index, and the sequence's first (key, kv head).
+            let (r0, k0) = ((bi * shape.tq + end - 3 - first) * hq, bi * shape.tk * hkv);
+            let q = round(&data.q[r0 * dk..(r0 + 3 * hq) * dk]);
             // Keys and values (the shared ones, then k_cmp .. v_win) up to the rows.
-            let upto = |x: &[f32], d: usize| round(&x[..end * hkv * d]);
+            let upto = |x: &[f32], d: usize| round(&x[k0 * d..(k0 + end * hkv) * d]);
             let (k, v) = (upto(&data.k, dk), upto(&data.v, dv));
             let branch_kv: Option<Vec<Vec<f32>>> = data.branch.as_ref().map(|b| {
                 b.iter()
@@ -1778,16 +1809,17 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
                     .map(|(i, x)| upto(x, if i % 2 == 0 { dk } else { dv }))
                     .collect()
             });
-            let gates = &data.gates[(end - 3) * hq * 3..end * hq * 3];
+            let gates = &data.gates[r0 * 3..(r0 + 3 * hq) * 3];
             // Linear's weights (f32 in every precision) as the run had them.
             let mut inputs = data.inputs();
             (inputs.q, inputs.k, inputs.v, inputs.gates) = (&q, &k, &v, gates);
             if let Some(b) = &branch_kv {
                 common::set_branch_kv(&mut inputs, b);
             }
+            let i0 = r0 / hq * hkv * n;
             let rows = (
-                &got.out[(end - 3) * hq * dv..end * hq * dv],
-                &idx[(end - 3) * hkv * n..end * hkv * n],
+                &got.out[r0 * dv..(r0 + 3 * hq) * dv],
+                &idx[i0..i0 + 3 * hkv * n],
             );
             common::check_rows(&mut tally, cfg, &part, &inputs, rows, f16);
         }
