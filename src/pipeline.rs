@@ -640,6 +640,8 @@ impl NsaPipeline {
             bytes[at..at + std::mem::size_of::<Params>()]
                 .copy_from_slice(bytemuck::bytes_of(&step.params));
         }
+        // Whether a buffer is made here (its error, if any, is checked at the end).
+        let mut created = true;
         let (mut old_buffers, params, mut groups) = match old {
             Some(o) if o.params.size() >= bytes.len() as u64 => {
                 match encoder {
@@ -647,7 +649,10 @@ impl NsaPipeline {
                         let upload = buffer_init(device, "nsa.params.upload", COPY_SRC, &bytes);
                         enc.copy_buffer_to_buffer(&upload, 0, &o.params, 0, bytes.len() as u64);
                     }
-                    None => self.ctx.queue.write_buffer(&o.params, 0, &bytes),
+                    None => {
+                        self.ctx.queue.write_buffer(&o.params, 0, &bytes);
+                        created = false;
+                    }
                 }
                 (o.buffers, o.params, o.groups)
             }
@@ -659,7 +664,6 @@ impl NsaPipeline {
             }
         };
         let mut buffers = Vec::new();
-        let mut created = false;
         // Only what the plan's dispatches bind (a cached plan binds the cache's compressed
         // keys and values, and a dense one no NSA intermediates).
         for t in plan.scratch_tensors() {
