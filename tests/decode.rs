@@ -1396,7 +1396,8 @@ fn check_ragged_against_naive(pipe: &NsaPipeline, precision: Precision, tol: f64
             ..s
         };
         let idx = rows.block_indices.expect("block indices");
-        common::check_rows(&mut tally, &c.cfg, &part, &inputs, (&rows.out, &idx), f16);
+        let naive = nsa_wgpu::cpu::naive::nsa(&c.cfg, &part, &inputs).expect("naive");
+        common::check_rows(&mut tally, &c.cfg, &part, &naive, (&rows.out, &idx), f16);
     }
     let core = if pipe.tensor_cores() {
         "tensor cores"
