@@ -177,12 +177,13 @@ impl KernelId {
 
     /// Workgroup memory the kernel declares besides the specialised kernels' `smem` buffer
     /// (`SMEM4` vec4s, see [`smem_vec4s`]), in bytes, compiled for `rows` query rows per
-    /// workgroup (`ROWS`; 8 invocations per row).
-    pub fn fixed_workgroup_bytes(self, rows: u32) -> u32 {
+    /// workgroup (`ROWS`; 8 invocations per row) and, for the selection, top lists of
+    /// `top_list` entries (`NMAX`, [`top_list_len`]; `SelectMerge` always has 256).
+    pub fn fixed_workgroup_bytes(self, rows: u32, top_list: u32) -> u32 {
         match self {
             KernelId::Compress => 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists, entering
-            KernelId::Select => ((16 * rows).max(256) + rows + 512 + 128 + 4 * 256 + 1) * 4,
+            KernelId::Select => ((16 * rows).max(256) + rows + 512 + 128 + 4 * top_list + 1) * 4,
             // split_m, split_l, weight, stat_m, stat_l (three parts each)
             KernelId::Merge => 5 * 3 * 64 * 4,
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
@@ -201,20 +202,30 @@ pub const SMEM4_MAX: u32 = 2560;
 
 /// The `smem` buffer (vec4s) for an adapter with `limit` bytes of workgroup memory and
 /// kernels of `rows` query rows: what every specialised kernel has left after its fixed
-/// arrays, at most [`SMEM4_MAX`]. More keys per tile mean fewer barriers per key.
-pub fn smem_vec4s(limit: u32, rows: u32) -> u32 {
-    (limit.saturating_sub(specialized_fixed_bytes(rows)) / 16).min(SMEM4_MAX)
+/// arrays, at most [`SMEM4_MAX`]. More keys per tile mean fewer barriers per key. `top_list`
+/// is the selection's list length ([`top_list_len`]).
+pub fn smem_vec4s(limit: u32, rows: u32, top_list: u32) -> u32 {
+    (limit.saturating_sub(specialized_fixed_bytes(rows, top_list)) / 16).min(SMEM4_MAX)
 }
 
 /// The most workgroup memory a specialised kernel of `rows` query rows declares besides
-/// `smem`, in bytes.
-pub fn specialized_fixed_bytes(rows: u32) -> u32 {
+/// `smem`, in bytes, with the selection's top lists of `top_list` entries.
+pub fn specialized_fixed_bytes(rows: u32, top_list: u32) -> u32 {
     KernelId::ALL
         .iter()
         .filter(|k| k.specialized())
-        .map(|k| k.fixed_workgroup_bytes(rows))
+        .map(|k| k.fixed_workgroup_bytes(rows, top_list))
         .max()
         .unwrap_or(0)
+}
+
+/// The length of the selection kernel's top lists (its `NMAX` override) for `top_n` selected
+/// blocks: `top_n` rounded up to a multiple of 16 (few distinct pipelines). The lists were 256
+/// entries for every config before; sized by `n`, the selection's fixed workgroup memory
+/// drops from 7.6 KiB to 3.8 KiB at the paper's n = 16, which the other specialised kernels'
+/// key tiles get (D = 128 then fits WebGPU's default 16 KiB of workgroup memory).
+pub fn top_list_len(top_n: usize) -> u32 {
+    (top_n.max(1) as u32).next_multiple_of(16)
 }
 
 /// The constants an attention or selection kernel is compiled for: WGSL's `DK`, `DV`, `KT`,
@@ -234,6 +245,9 @@ pub struct Specialization {
     /// Query rows per workgroup (`ROWS`; 8 invocations each): [`ROWS`] = 16, or
     /// [`WIDE_ROWS`] = 32 for the wide attention steps (see `Plan`).
     pub rows: u32,
+    /// The selection's top-list length (`NMAX`, [`top_list_len`]); 0 for the other kernels
+    /// (which declare no top lists) and plans without a selection.
+    pub top_list: u32,
     /// Whether some workgroups own 4 query rows or fewer (groups of at most 4 heads, in
     /// selected attention and selection): their scores then take one row per item, so that
     /// every invocation has work. Off, that path is compiled out.
@@ -242,12 +256,30 @@ pub struct Specialization {
 
 impl Specialization {
     /// The overrides a pipeline of kernel `id` is created with: [`Self::constants`] for the
-    /// specialised kernels, none for the others (which declare no overrides).
+    /// specialised kernels, and `NMAX` ([`Self::top_list`]) for the selection; none for the
+    /// others (which declare no overrides).
     pub fn constants_for(&self, id: KernelId) -> Vec<(&'static str, f64)> {
+        let mut constants = Vec::new();
         if id.specialized() {
-            self.constants().to_vec()
-        } else {
-            Vec::new()
+            constants.extend(self.constants());
+        }
+        if id == KernelId::Select {
+            constants.push(("NMAX", self.top_list as f64));
+        }
+        constants
+    }
+
+    /// This specialization as kernel `id` compiles it: [`Self::top_list`] only where the
+    /// kernel has top lists (the selection), so that the other kernels' pipelines do not
+    /// differ by `n`.
+    pub fn for_kernel(self, id: KernelId) -> Specialization {
+        Specialization {
+            top_list: if id == KernelId::Select {
+                self.top_list
+            } else {
+                0
+            },
+            ..self
         }
     }
 
@@ -362,6 +394,7 @@ pub fn mma_specialization(
             rows,
             // The tensor-core core scores whole 16x16 blocks; it has no one-row path.
             few_rows: false,
+            top_list: 0,
         })
 }
 

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
-use crate::kernels::{KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
+use crate::kernels::{top_list_len, KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
 use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES};
 use crate::shaders::{Kept, Variant};
 
@@ -527,7 +527,8 @@ impl NsaPipeline {
                     limit: lim.max_storage_buffers_per_shader_stage as u64,
                 });
             }
-            let fixed = id.fixed_workgroup_bytes(crate::kernels::ROWS);
+            // The smallest top lists (n <= 16): a config with more is held to its own in planning.
+            let fixed = id.fixed_workgroup_bytes(crate::kernels::ROWS, top_list_len(1));
             if fixed > lim.max_compute_workgroup_storage_size {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_compute_workgroup_storage_size",
@@ -934,6 +935,7 @@ impl NsaPipeline {
             smem4: 0,
             rows: 0,
             few_rows: false,
+            top_list: 0,
         };
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         let pipeline = match compiled.get(&(id, variant, spec)) {

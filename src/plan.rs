@@ -10,8 +10,8 @@
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::kernels::{
-    mma_max_kt, mma_specialization, smem_vec4s, specialized_fixed_bytes, KernelId, Params,
-    Specialization, ROWS, WIDE_ROWS,
+    mma_max_kt, mma_specialization, smem_vec4s, specialized_fixed_bytes, top_list_len, KernelId,
+    Params, Specialization, ROWS, WIDE_ROWS,
 };
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
@@ -312,7 +312,8 @@ const KEEP_MIN_ROWS: u64 = 256;
 const SELECT_BCHUNK: usize = 128;
 /// `PBUF` in `shaders/select.wgsl`.
 const SELECT_PBUF: usize = 512;
-/// `NMAX` in `shaders/select.wgsl`.
+/// `NMAX` in `shaders/shared/topn.wgsl` at most (the selection's is sized by n:
+/// [`top_list_len`]; the selection merge's is this).
 pub const MAX_TOP_N: usize = 256;
 
 /// A range of the work: whole batches (`q_count == Tq`) or query rows of one sequence.
@@ -327,19 +328,24 @@ struct Chunk {
 /// Keys per attention tile for workgroups of `rows` query rows: as many rows of
 /// `tile_stride()` vec4s (the wider of Dk, Dv in vec4s; rounded up to odd unless a multiple
 /// of 8) as fit the `smem` buffer the adapter's workgroup memory allows ([`smem_vec4s`])
-/// after the queries (`rows` rows of Dk), at most `KT_MAX`; an error when not even one fits.
-fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32) -> Result<u32> {
+/// after the queries (`rows` rows of Dk), at most `KT_MAX` (a multiple of 4 from 8 keys on);
+/// an error when not even one fits.
+/// `top_list`: the selection's list length (see [`smem_vec4s`]).
+fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32, top_list: u32) -> Result<u32> {
     let stride = tile_stride(s);
     let queries = rows as usize * s.dk.div_ceil(4);
-    let smem4 = smem_vec4s(limits.workgroup_storage, rows) as usize;
+    let smem4 = smem_vec4s(limits.workgroup_storage, rows, top_list) as usize;
     if smem4 < queries + stride {
         return Err(exceeds(
             "max_compute_workgroup_storage_size (queries and one key of Dk, Dv)",
-            specialized_fixed_bytes(rows) as u64 + 16 * (queries + stride) as u64,
+            specialized_fixed_bytes(rows, top_list) as u64 + 16 * (queries + stride) as u64,
             limits.workgroup_storage as u64,
         ));
     }
-    Ok(((smem4 - queries) / stride).min(KT_MAX) as u32)
+    let fit = ((smem4 - queries) / stride).min(KT_MAX);
+    // Whole quads of keys from 8 on: the products take four keys per step, and kept block
+    // sums need tiles of whole selection blocks (4 strides in the paper's config).
+    Ok(if fit >= 8 { fit / 4 * 4 } else { fit } as u32)
 }
 
 /// vec4s per tile row (`tile_stride()` in `shaders/shared/qk.wgsl`).
@@ -356,11 +362,11 @@ fn tile_stride(s: &Shape) -> usize {
 /// the wide kernels hold f16 tiles of their own size (`mma_specialization`), so large heads
 /// run wide there too: on an H200, f16 prefill at 64k with Dk = 192 took 318 ms wide
 /// against 462 ms in 16-row workgroups (compressed attention 131.5 against 245.1 ms).
-fn wide_kv_tile(s: &Shape, limits: &DeviceLimits, precision: Precision) -> u32 {
+fn wide_kv_tile(s: &Shape, limits: &DeviceLimits, precision: Precision, top_list: u32) -> u32 {
     if limits.max_invocations < 8 * WIDE_ROWS {
         return 0;
     }
-    let plain = matches!(kv_tile(s, limits, WIDE_ROWS), Ok(kt) if kt >= WIDE_KEYS);
+    let plain = matches!(kv_tile(s, limits, WIDE_ROWS, top_list), Ok(kt) if kt >= WIDE_KEYS);
     let on_tensor_cores = precision == Precision::F16
         && limits.tensor_cores
         && mma_specialization(
@@ -412,11 +418,12 @@ impl Plan {
                 (rows as usize * self.shape.dk.div_ceil(4)
                     + WIDE_KEYS as usize * tile_stride(&self.shape)) as u32
             } else {
-                smem_vec4s(self.limits.workgroup_storage, rows)
+                smem_vec4s(self.limits.workgroup_storage, rows, self.top_list())
             },
             rows,
             // The fewest heads a workgroup owns: the group's last chunk of `rows`.
             few_rows: (self.shape.group() - 1) % (rows as usize) < 4,
+            top_list: self.top_list(),
         }
     }
 
@@ -424,7 +431,8 @@ impl Plan {
     /// whether it runs on tensor cores: with `tensor_cores` asked for, f16 inputs and a
     /// kernel that runs the attention core, the tensor-core core's own (a multiple of 16
     /// keys per tile, at most [`mma_max_kt`], and its workgroup-memory layout) where a tile
-    /// fits `workgroup_storage` bytes; else [`Self::specialization`].
+    /// fits `workgroup_storage` bytes; else [`Self::specialization`]. Either way
+    /// [`Specialization::for_kernel`]: the top-list length only for the selection.
     pub fn kernel_specialization(
         &self,
         id: KernelId,
@@ -437,7 +445,7 @@ impl Plan {
         let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
             .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
             .flatten();
-        (mma.unwrap_or(plain), mma.is_some())
+        (mma.unwrap_or(plain).for_kernel(id), mma.is_some())
     }
 
     /// Workgroup memory the plain kernels of this plan's wide steps need, where that is more
@@ -448,8 +456,14 @@ impl Plan {
             return None;
         }
         let spec = self.specialization(WIDE_ROWS);
-        let needed = specialized_fixed_bytes(WIDE_ROWS) as u64 + 16 * spec.smem4 as u64;
+        let needed =
+            specialized_fixed_bytes(WIDE_ROWS, self.top_list()) as u64 + 16 * spec.smem4 as u64;
         (needed > limit as u64).then_some(needed)
+    }
+
+    /// The selection's top-list length ([`top_list_len`]).
+    fn top_list(&self) -> u32 {
+        top_list_len(self.config.top_n)
     }
 
     /// The attention core's layout in wide steps or in the others.
@@ -598,13 +612,14 @@ impl Plan {
             ));
         }
         let n_cmp = config.num_compressed(s.tk);
-        let kv_tile = kv_tile(&s, limits, ROWS)?;
+        let top_list = top_list_len(config.top_n);
+        let kv_tile = kv_tile(&s, limits, ROWS, top_list)?;
         let mut plan = Plan {
             config: *config,
             shape: s,
             n_cmp,
             kv_tile,
-            wide_kv_tile: wide_kv_tile(&s, limits, precision),
+            wide_kv_tile: wide_kv_tile(&s, limits, precision, top_list),
             steps: Vec::new(),
             limits: *limits,
             cache,
@@ -663,8 +678,8 @@ impl Plan {
             config,
             shape: *shape,
             n_cmp: 0,
-            kv_tile: kv_tile(shape, limits, ROWS)?,
-            wide_kv_tile: wide_kv_tile(shape, limits, precision),
+            kv_tile: kv_tile(shape, limits, ROWS, top_list_len(config.top_n))?,
+            wide_kv_tile: wide_kv_tile(shape, limits, precision, top_list_len(config.top_n)),
             steps: Vec::new(),
             limits: *limits,
             cache: None,

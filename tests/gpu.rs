@@ -405,12 +405,14 @@ cases! {
 }
 
 /// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and
-/// five keys per tile.
+/// five keys per tile (for `small()`'s n).
 fn tiny() -> (Shape, DeviceLimits) {
+    use nsa_wgpu::kernels::{specialized_fixed_bytes, top_list_len};
     let limits = DeviceLimits {
         max_storage_binding: 24 << 10,
         max_workgroups_per_dim: 7,
-        workgroup_storage: nsa_wgpu::kernels::specialized_fixed_bytes(16) + 16 * (16 * 3 + 5 * 3),
+        workgroup_storage: specialized_fixed_bytes(16, top_list_len(small().top_n))
+            + 16 * (16 * 3 + 5 * 3),
         ..pipeline().limits()
     };
     let shape = Shape {
@@ -1046,11 +1048,56 @@ fn webgpu_default_limits_cap_the_device() {
     let limits = pipe.limits();
     assert!(limits.workgroup_storage <= 16 << 10, "{limits:?}");
     assert!(limits.max_storage_binding <= 128 << 20, "{limits:?}");
-    let (cfg, shape) = (paper(), Shape::prefill(1, 300, 8, 2, 32, 16));
-    let plan = pipe.plan(&cfg, &shape).expect("plan");
-    assert_eq!(plan.limits, limits);
-    let data = Data::new(&cfg, &shape, false, 17);
-    check_data_on(&pipe, "webgpu limits", &plan, &data);
+    // Small heads; D = 128 (5-key tiles: the selection's top lists sized by n = 16 leave
+    // room for them), with a group of 16 and chunks of queries; and Dk = 160, the largest
+    // head with room for one key.
+    let cases = [
+        (paper(), Shape::prefill(1, 300, 8, 2, 32, 16), 64),
+        (paper(), Shape::prefill(1, 200, 16, 1, 128, 128), 5),
+        (
+            small(),
+            Shape {
+                tq: 37,
+                ..Shape::prefill(2, 150, 4, 2, 128, 128)
+            },
+            5,
+        ),
+        (small(), Shape::prefill(1, 90, 2, 1, 160, 96), 1),
+    ];
+    for (cfg, shape, tile) in cases {
+        let plan = pipe.plan(&cfg, &shape).expect("plan");
+        assert_eq!(plan.limits, limits);
+        assert_eq!(plan.kv_tile, tile, "{shape:?}");
+        // Every kernel's workgroup memory as declared (tests/shaders.rs holds the budget to
+        // the compiled modules) within the limit: wgpu does not check override-sized arrays.
+        for step in &plan.steps {
+            let (spec, _) =
+                plan.kernel_specialization(step.kernel, step.rows, false, limits.workgroup_storage);
+            let smem = if step.kernel.specialized() {
+                16 * spec.smem4
+            } else {
+                0
+            };
+            let bytes = step.kernel.fixed_workgroup_bytes(spec.rows, spec.top_list) + smem;
+            assert!(
+                bytes <= limits.workgroup_storage,
+                "{:?}: {bytes}",
+                step.kernel
+            );
+        }
+        let data = Data::new(&cfg, &shape, false, 17);
+        check_data_on(&pipe, &format!("webgpu limits {shape:?}"), &plan, &data);
+    }
+    // Dk = 192 has no room for a key: a clear error that says by how much.
+    let err = pipe
+        .plan(&paper(), &Shape::prefill(1, 90, 2, 1, 192, 128))
+        .expect_err("Dk = 192 in 16 KiB");
+    assert!(
+        matches!(err, NsaError::ExceedsLimit { what, needed, limit }
+            if what.starts_with("max_compute_workgroup_storage_size")
+                && needed > limit && limit == limits.workgroup_storage as u64),
+        "{err}"
+    );
 }
 
 #[test]

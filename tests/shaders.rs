@@ -132,6 +132,8 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         smem4,
         rows,
         few_rows: dk < 64,
+        // Top lists of the paper's n, and of the most blocks a config may select.
+        top_list: if dk < 100 { 16 } else { 256 },
     });
     // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
     // reports SUBGROUP has.
@@ -252,10 +254,11 @@ fn params_size_matches_wgsl() {
 
 #[test]
 fn workgroup_memory_matches_the_declared_budget() {
-    for (id, rows, subgroups) in KernelId::ALL
+    for (id, rows, subgroups, top_list) in KernelId::ALL
         .into_iter()
         .flat_map(|id| [16, 32].map(move |rows| (id, rows)))
         .flat_map(|(id, rows)| [false, true].map(move |sg| (id, rows, sg)))
+        .flat_map(|(id, rows, sg)| [16, 48, 256].map(move |n| (id, rows, sg, n)))
     {
         let (m, info) = module_for(id.name(), Precision::F32, subgroups);
         let smem = m
@@ -285,12 +288,13 @@ fn workgroup_memory_matches_the_declared_budget() {
             smem4: 100,
             rows,
             few_rows: false,
+            top_list,
         };
         let bytes = workgroup_bytes(&specialize(id, &m, &info, &spec).0);
         let smem = if id.specialized() { 16 * spec.smem4 } else { 0 };
         // With subgroups the attention core declares no reduction arrays (red_max, red_sum:
         // one f32 per invocation each); the budget counts them anyway.
-        let budget = id.fixed_workgroup_bytes(rows) + smem;
+        let budget = id.fixed_workgroup_bytes(rows, top_list) + smem;
         let shared = if subgroups && id.attention_core() {
             2 * 4 * 8 * rows
         } else {
@@ -299,7 +303,7 @@ fn workgroup_memory_matches_the_declared_budget() {
         assert_eq!(
             bytes + shared,
             budget,
-            "{} rows {rows} subgroups {subgroups}",
+            "{} rows {rows} subgroups {subgroups} top list {top_list}",
             id.name()
         );
     }

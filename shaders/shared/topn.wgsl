@@ -3,7 +3,9 @@
 
 #import params
 
-const NMAX: u32 = 256u;    // top_n at most
+// top_n at most: the selection's lists are sized by the config's n (Rust's
+// `Specialization::top_list`); select_merge keeps 256 (the crate's `MAX_TOP_N`).
+override NMAX: u32 = 256u;
 
 var<workgroup> top_idx: array<u32, NMAX>;  // the chosen blocks, best first
 
