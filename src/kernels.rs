@@ -177,9 +177,11 @@ impl KernelId {
 
     /// Workgroup memory the kernel declares besides the specialised kernels' `smem` buffer
     /// (`SMEM4` vec4s, see [`smem_vec4s`]), in bytes, compiled for `rows` query rows per
-    /// workgroup (`ROWS`; 8 invocations per row) and, for the selection, top lists of
-    /// `top_list` entries (`NMAX`, [`top_list_len`]; `SelectMerge` always has 256).
-    pub fn fixed_workgroup_bytes(self, rows: u32, top_list: u32) -> u32 {
+    /// workgroup (`ROWS`; 8 invocations per row), `kv_tile` keys per tile (the attention
+    /// kernels' score rows: `KT4` in `shaders/shared/attn_simt.wgsl`) and, for the selection,
+    /// top lists of `top_list` entries (`NMAX`, [`top_list_len`]; `SelectMerge` always has
+    /// 256).
+    pub fn fixed_workgroup_bytes(self, rows: u32, kv_tile: u32, top_list: u32) -> u32 {
         match self {
             KernelId::Compress => 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists, entering
@@ -189,9 +191,9 @@ impl KernelId {
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
             KernelId::SelectMerge => (256 + 4 * crate::plan::CAND_MAX as u32 + 2 * 64 + 3) * 4,
             KernelId::Append => 0,
-            // scores (16 vec4s per row), red_max, red_sum (reduce_shared.wgsl, one per
-            // invocation), 6 per-row arrays
-            _ => (64 * rows + 2 * 8 * rows + 6 * rows) * 4,
+            // scores (a vec4 per 4 keys of a row), red_max, red_sum (reduce_shared.wgsl, one
+            // per invocation), 6 per-row arrays
+            _ => (4 * kv_tile.div_ceil(4) * rows + 2 * 8 * rows + 6 * rows) * 4,
         }
     }
 }
@@ -202,19 +204,20 @@ pub const SMEM4_MAX: u32 = 2560;
 
 /// The `smem` buffer (vec4s) for an adapter with `limit` bytes of workgroup memory and
 /// kernels of `rows` query rows: what every specialised kernel has left after its fixed
-/// arrays, at most [`SMEM4_MAX`]. More keys per tile mean fewer barriers per key. `top_list`
-/// is the selection's list length ([`top_list_len`]).
-pub fn smem_vec4s(limit: u32, rows: u32, top_list: u32) -> u32 {
-    (limit.saturating_sub(specialized_fixed_bytes(rows, top_list)) / 16).min(SMEM4_MAX)
+/// arrays, at most [`SMEM4_MAX`]. More keys per tile mean fewer barriers per key. `kv_tile`
+/// is the keys per tile, `top_list` the selection's list length ([`top_list_len`]).
+pub fn smem_vec4s(limit: u32, rows: u32, kv_tile: u32, top_list: u32) -> u32 {
+    (limit.saturating_sub(specialized_fixed_bytes(rows, kv_tile, top_list)) / 16).min(SMEM4_MAX)
 }
 
 /// The most workgroup memory a specialised kernel of `rows` query rows declares besides
-/// `smem`, in bytes, with the selection's top lists of `top_list` entries.
-pub fn specialized_fixed_bytes(rows: u32, top_list: u32) -> u32 {
+/// `smem`, in bytes, with `kv_tile` keys per tile and the selection's top lists of
+/// `top_list` entries.
+pub fn specialized_fixed_bytes(rows: u32, kv_tile: u32, top_list: u32) -> u32 {
     KernelId::ALL
         .iter()
         .filter(|k| k.specialized())
-        .map(|k| k.fixed_workgroup_bytes(rows, top_list))
+        .map(|k| k.fixed_workgroup_bytes(rows, kv_tile, top_list))
         .max()
         .unwrap_or(0)
 }

@@ -527,8 +527,8 @@ impl NsaPipeline {
                     limit: lim.max_storage_buffers_per_shader_stage as u64,
                 });
             }
-            // The smallest top lists (n <= 16): a config with more is held to its own in planning.
-            let fixed = id.fixed_workgroup_bytes(crate::kernels::ROWS, top_list_len(1));
+            // One key per tile and the smallest top lists (n <= 16): a plan is held to its own.
+            let fixed = id.fixed_workgroup_bytes(crate::kernels::ROWS, 1, top_list_len(1));
             if fixed > lim.max_compute_workgroup_storage_size {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_compute_workgroup_storage_size",

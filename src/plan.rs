@@ -334,18 +334,22 @@ struct Chunk {
 fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32, top_list: u32) -> Result<u32> {
     let stride = tile_stride(s);
     let queries = rows as usize * s.dk.div_ceil(4);
-    let smem4 = smem_vec4s(limits.workgroup_storage, rows, top_list) as usize;
-    if smem4 < queries + stride {
+    // The score rows grow with the tile, so the `smem` buffer shrinks as it does: the
+    // largest tile whose keys fit beside them (fewer keys never need more).
+    let fits = |kt: u32| {
+        smem_vec4s(limits.workgroup_storage, rows, kt, top_list) as usize
+            >= queries + kt as usize * stride
+    };
+    let Some(fit) = (1..=KT_MAX as u32).rev().find(|&kt| fits(kt)) else {
         return Err(exceeds(
             "max_compute_workgroup_storage_size (queries and one key of Dk, Dv)",
-            specialized_fixed_bytes(rows, top_list) as u64 + 16 * (queries + stride) as u64,
+            specialized_fixed_bytes(rows, 1, top_list) as u64 + 16 * (queries + stride) as u64,
             limits.workgroup_storage as u64,
         ));
-    }
-    let fit = ((smem4 - queries) / stride).min(KT_MAX);
+    };
     // Whole quads of keys from 8 on: the products take four keys per step, and kept block
     // sums need tiles of whole selection blocks (4 strides in the paper's config).
-    Ok(if fit >= 8 { fit / 4 * 4 } else { fit } as u32)
+    Ok(if fit >= 8 { fit / 4 * 4 } else { fit })
 }
 
 /// vec4s per tile row (`tile_stride()` in `shaders/shared/qk.wgsl`).
@@ -418,7 +422,12 @@ impl Plan {
                 (rows as usize * self.shape.dk.div_ceil(4)
                     + WIDE_KEYS as usize * tile_stride(&self.shape)) as u32
             } else {
-                smem_vec4s(self.limits.workgroup_storage, rows, self.top_list())
+                smem_vec4s(
+                    self.limits.workgroup_storage,
+                    rows,
+                    self.kv_tile,
+                    self.top_list(),
+                )
             },
             rows,
             // The fewest heads a workgroup owns: the group's last chunk of `rows`.
@@ -456,8 +465,8 @@ impl Plan {
             return None;
         }
         let spec = self.specialization(WIDE_ROWS);
-        let needed =
-            specialized_fixed_bytes(WIDE_ROWS, self.top_list()) as u64 + 16 * spec.smem4 as u64;
+        let needed = specialized_fixed_bytes(WIDE_ROWS, WIDE_KEYS, self.top_list()) as u64
+            + 16 * spec.smem4 as u64;
         (needed > limit as u64).then_some(needed)
     }
 

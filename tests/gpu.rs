@@ -411,7 +411,7 @@ fn tiny() -> (Shape, DeviceLimits) {
     let limits = DeviceLimits {
         max_storage_binding: 24 << 10,
         max_workgroups_per_dim: 7,
-        workgroup_storage: specialized_fixed_bytes(16, top_list_len(small().top_n))
+        workgroup_storage: specialized_fixed_bytes(16, 5, top_list_len(small().top_n))
             + 16 * (16 * 3 + 5 * 3),
         ..pipeline().limits()
     };
@@ -1048,21 +1048,21 @@ fn webgpu_default_limits_cap_the_device() {
     let limits = pipe.limits();
     assert!(limits.workgroup_storage <= 16 << 10, "{limits:?}");
     assert!(limits.max_storage_binding <= 128 << 20, "{limits:?}");
-    // Small heads; D = 128 (5-key tiles: the selection's top lists sized by n = 16 leave
-    // room for them), with a group of 16 and chunks of queries; and Dk = 160, the largest
-    // head with room for one key.
+    // Small heads; D = 128 (8-key tiles: the selection's top lists sized by n = 16 and the
+    // score rows by the tile leave room for them), with a group of 16 and chunks of
+    // queries; and Dk = 180, the largest head with room for one key.
     let cases = [
         (paper(), Shape::prefill(1, 300, 8, 2, 32, 16), 64),
-        (paper(), Shape::prefill(1, 200, 16, 1, 128, 128), 5),
+        (paper(), Shape::prefill(1, 200, 16, 1, 128, 128), 8),
         (
             small(),
             Shape {
                 tq: 37,
                 ..Shape::prefill(2, 150, 4, 2, 128, 128)
             },
-            5,
+            8,
         ),
-        (small(), Shape::prefill(1, 90, 2, 1, 160, 96), 1),
+        (small(), Shape::prefill(1, 90, 2, 1, 180, 96), 1),
     ];
     for (cfg, shape, tile) in cases {
         let plan = pipe.plan(&cfg, &shape).expect("plan");
@@ -1078,7 +1078,10 @@ fn webgpu_default_limits_cap_the_device() {
             } else {
                 0
             };
-            let bytes = step.kernel.fixed_workgroup_bytes(spec.rows, spec.top_list) + smem;
+            let bytes = step
+                .kernel
+                .fixed_workgroup_bytes(spec.rows, spec.kv_tile, spec.top_list)
+                + smem;
             assert!(
                 bytes <= limits.workgroup_storage,
                 "{:?}: {bytes}",
@@ -1492,9 +1495,11 @@ fn random_configs_and_shapes_match_the_reference() {
 #[test]
 fn random_configs_in_16_kib_match_the_reference() {
     // The seeded sweep's kinds of configs and shapes planned for 16 KiB of workgroup memory
-    // (WebGPU's default limit, which some adapters keep), run on the shader cores of this
-    // adapter, which has at least that much: for the larger heads no wide steps and odd key
-    // tiles (Dk = 36: 43 keys, where 32 KiB plans wide 32-key steps and 64-key tiles).
+    // (WebGPU's default limit, which some adapters keep, as `wgpu::Limits::default()` does),
+    // run on the shader cores of this adapter, which has at least that much: for the larger
+    // heads no wide steps and short key tiles (Dk = 36: 60 keys, where 32 KiB plans wide
+    // 32-key steps and 64-key tiles; Dk = 100 and 128: 6 to 12, whose score rows are shorter
+    // than the 8 invocations of a row read).
     use rand::Rng;
     let (mut rng, cases) = common::sweep("random configs 16 KiB", 0x6e73_6132, 6);
     let limits = DeviceLimits {
@@ -1503,7 +1508,8 @@ fn random_configs_in_16_kib_match_the_reference() {
     };
     for case in 0..cases {
         let cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
-        let shape = random_shape(&mut rng, 1..=300, &[4, 8, 12, 20, 36], &[4, 8, 16, 24]);
+        let dks = [4, 8, 12, 20, 36, 100, 128];
+        let shape = random_shape(&mut rng, 1..=300, &dks, &[4, 8, 16, 24, 128]);
         let branch = rng.random_bool(0.25);
         let name = format!("random 16 KiB {case}: {cfg:?} {shape:?} branch {branch}");
         let plan = Plan::new(&cfg, &shape, &limits).expect(&name);

@@ -290,16 +290,16 @@ fn decode_plans_split_every_branch_and_merge() {
         ]
     );
     let splits: Vec<u32> = plan.steps.iter().map(|s| s.params.splits).collect();
-    // 4 row groups: compressed attention over 4095 tokens (114 tiles of 36) takes 32 splits
+    // 4 row groups: compressed attention over 4095 tokens (103 tiles of 40) takes 32 splits
     // (ATTN_SPLITS_MAX), selection 16 chunks of 64 of its 1024 blocks (SELECT_SPLITS_MAX),
     // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
     // split (right after the selected branch: they need no barrier between them); one merge
     // takes the three branches' partials.
-    assert_eq!(splits, [1, 1, 32, 16, 16, 16, 15, 32]);
+    assert_eq!(splits, [1, 1, 32, 16, 16, 16, 13, 32]);
     let merge = &plan.steps.last().unwrap().params;
     assert_eq!(
         (merge.branch, merge.slc_splits, merge.win_splits),
-        (1, 16, 15)
+        (1, 16, 13)
     );
     // 16 sequences (64 row groups): compressed attention aims for 512 workgroups
     // (CMP_SPLIT_TARGET: 8 splits), the window for 768 (SPLIT_TARGET; its 513 keys have 9
@@ -351,15 +351,15 @@ fn decode_plans_split_every_branch_and_merge() {
         select.cmp_splits, 32,
         "the selection derives lse from the partials"
     );
-    // Compressed attention keeps block sums for its 64 rows (4095 tokens in 114 tiles of 36:
-    // 9 sums of 4 tokens, the next block's share and the max per tile, 1254 padded to 1256);
-    // the selection reads them.
+    // Compressed attention keeps block sums for its 64 rows (4095 tokens in 103 tiles of 40:
+    // 10 sums of 4 tokens, the next block's share and the max per tile); the selection reads
+    // them.
     let cmp = &plan.steps[2];
-    assert_eq!((cmp.params.kept_stride, select.kept_stride), (1256, 1256));
-    assert_eq!((cmp.params.kept_tile, select.kept_tile), (36, 36));
+    assert_eq!((cmp.params.kept_stride, select.kept_stride), (1236, 1236));
+    assert_eq!((cmp.params.kept_tile, select.kept_tile), (40, 40));
     assert_eq!(cmp.bindings[5].0, Tensor::Kept);
     assert_eq!(plan.steps[3].bindings[4].0, Tensor::Kept);
-    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 1256);
+    assert_eq!(plan.tensor_len(Tensor::Kept), 64 * 1236);
     assert!(plan.keeps_scores());
     // Without a budget for them, none.
     let none = DeviceLimits {
@@ -369,8 +369,8 @@ fn decode_plans_split_every_branch_and_merge() {
     let plain = Plan::new(&NsaConfig::default(), &shape, &none).unwrap();
     assert!(!plain.keeps_scores());
     assert!(plain.steps.iter().all(|s| s.params.kept_stride == 0));
-    // A prefill keeps them too, in chunks whose block sums fit 2 GiB: at 64k, 6678 query
-    // rows of 64 heads x 1256 elements (with 3 GiB bindings), 5434 in the last chunk.
+    // A prefill keeps them too, in chunks whose block sums fit 2 GiB: at 64k, 6786 query
+    // rows of 64 heads x 1236 elements (with 3 GiB bindings), 4462 in the last chunk.
     let long = Shape::prefill(1, 65536, 64, 4, 128, 128);
     let wide = DeviceLimits {
         max_storage_binding: 3 << 30,
@@ -386,9 +386,9 @@ fn decode_plans_split_every_branch_and_merge() {
     assert_eq!(cmp.len(), 10);
     assert!(cmp
         .iter()
-        .all(|s| s.params.kept_stride == 1256 && s.params.kept_tile == 36));
+        .all(|s| s.params.kept_stride == 1236 && s.params.kept_tile == 40));
     let rows: Vec<u32> = cmp.iter().map(|s| s.params.q_count).collect();
-    assert_eq!((rows[0], rows[8], rows[9]), (6678, 6678, 5434));
+    assert_eq!((rows[0], rows[8], rows[9]), (6786, 6786, 4462));
     // Where only chunks of fewer than 256 rows would fit (9 MiB bindings: 143 rows of 255
     // scores at 4k, with selection blocks of 2 pieces, which keep scores), the prefill does
     // not chunk for it, and only its short last chunk keeps.
@@ -414,9 +414,9 @@ fn decode_plans_split_every_branch_and_merge() {
     assert_eq!(kept[0], (287, 0, 0));
     assert_eq!(kept.last(), Some(&(78, 256, 0)));
     check_coverage(&chunked);
-    // Block sums take 88 elements per row (8 tiles of 11), so every chunk keeps them.
+    // Block sums take 84 elements per row (7 tiles of 12), so every chunk keeps them.
     let sums = Plan::new(&NsaConfig::default(), &shape, &small).unwrap();
-    assert!(kept_of(&sums).iter().all(|k| k.1 == 88 && k.2 == 36));
+    assert!(kept_of(&sums).iter().all(|k| k.1 == 84 && k.2 == 40));
     check_coverage(&sums);
     for step in &plan.steps {
         let per_group = match step.kernel {
@@ -601,21 +601,20 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
         Plan::new(&NsaConfig::default(), &shape, &limits)
             .map(|p| (p.kv_tile, p.specialization(16).smem4))
     };
-    // 32 KiB (lavapipe, SwiftShader): 36 keys of D = 128 (37 fit; whole quads); 48 KiB (an
-    // H200): 64, the most. WebGPU's default 16 KiB: 5 (the selection's top lists sized by
-    // the paper's n = 16, not 256: the score rows of the attention kernels are the largest
-    // fixed arrays then).
-    assert_eq!(tile(32).unwrap(), (36, 1704));
+    // 32 KiB (lavapipe, SwiftShader): 40 keys of D = 128; 48 KiB (an H200): 64, the most.
+    // WebGPU's default 16 KiB: 8 (the selection's top lists sized by the paper's n = 16, not
+    // 256, and the attention kernels' score rows by the tile).
+    assert_eq!(tile(32).unwrap(), (40, 1800));
     assert_eq!(tile(48).unwrap(), (64, 2560));
     assert_eq!(tile(64).unwrap(), (64, 2560));
-    assert_eq!(tile(16).unwrap(), (5, 680));
+    assert_eq!(tile(16).unwrap(), (8, 779));
     // 12 KiB holds the queries but not one key besides the fixed arrays.
     let (what, needed, limit) = exceeded(tile(12));
     assert!(
         what.starts_with("max_compute_workgroup_storage_size"),
         "{what}"
     );
-    assert_eq!((needed, limit), (5504 + 16 * (512 + 32), 12 << 10));
+    assert_eq!((needed, limit), (3908 + 16 * (512 + 32), 12 << 10));
     // A config that selects 256 blocks needs the selection's full lists: 16 KiB then takes
     // no key of D = 128 either.
     let many = NsaConfig {

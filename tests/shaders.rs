@@ -254,11 +254,13 @@ fn params_size_matches_wgsl() {
 
 #[test]
 fn workgroup_memory_matches_the_declared_budget() {
-    for (id, rows, subgroups, top_list) in KernelId::ALL
+    for (id, rows, subgroups, (top_list, kv_tile)) in KernelId::ALL
         .into_iter()
         .flat_map(|id| [16, 32].map(move |rows| (id, rows)))
         .flat_map(|(id, rows)| [false, true].map(move |sg| (id, rows, sg)))
-        .flat_map(|(id, rows, sg)| [16, 48, 256].map(move |n| (id, rows, sg, n)))
+        .flat_map(|(id, rows, sg)| {
+            [(16, 5), (48, 8), (256, 64), (16, 37)].map(move |n| (id, rows, sg, n))
+        })
     {
         let (m, info) = module_for(id.name(), Precision::F32, subgroups);
         let smem = m
@@ -284,7 +286,7 @@ fn workgroup_memory_matches_the_declared_budget() {
         let spec = Specialization {
             dk: 128,
             dv: 128,
-            kv_tile: 8,
+            kv_tile,
             smem4: 100,
             rows,
             few_rows: false,
@@ -294,7 +296,7 @@ fn workgroup_memory_matches_the_declared_budget() {
         let smem = if id.specialized() { 16 * spec.smem4 } else { 0 };
         // With subgroups the attention core declares no reduction arrays (red_max, red_sum:
         // one f32 per invocation each); the budget counts them anyway.
-        let budget = id.fixed_workgroup_bytes(rows, top_list) + smem;
+        let budget = id.fixed_workgroup_bytes(rows, kv_tile, top_list) + smem;
         let shared = if subgroups && id.attention_core() {
             2 * 4 * 8 * rows
         } else {
@@ -303,7 +305,7 @@ fn workgroup_memory_matches_the_declared_budget() {
         assert_eq!(
             bytes + shared,
             budget,
-            "{} rows {rows} subgroups {subgroups} top list {top_list}",
+            "{} rows {rows} subgroups {subgroups} top list {top_list} tile {kv_tile}",
             id.name()
         );
     }

@@ -27,10 +27,12 @@ fn staged(at: u32, c: u32) -> f32 {
     return smem[at][c];
 }
 
-// One tile's scores, then probabilities: [ROWS, KT_MAX / 4], four keys per vec4, so that the
-// accumulation reads four probabilities of a row with one load.
+// One tile's scores, then probabilities: [ROWS, KT4], four keys per vec4, so that the
+// accumulation reads four probabilities of a row with one load. Sized by the tile (Rust's
+// `fixed_workgroup_bytes`): on adapters with little workgroup memory shorter rows leave more
+// of it to the key tile.
 var<workgroup> scores: array<vec4<f32>, SCORES4>;
-const KT4: u32 = KT_MAX / 4u;
+override KT4: u32 = (KT + 3u) / 4u;
 override SCORES4: u32 = ROWS * KT4;
 
 // Nothing pending: the loop adds each tile's values itself.
@@ -84,8 +86,8 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         // The value tile replaces the key tile; each row's new maximum from 8 invocations.
         store_tile(lid, nk, DV);
         // Each invocation takes two vec4s of its row (KT_MAX = 64 keys: columns 4 * part ..
-        // and 32 further), loaded once; keys past nk count as masked (their stale scores are
-        // skipped).
+        // and 32 further; those past the row's KT4 are none), loaded once; keys past nk
+        // count as masked (their stale scores are skipped).
         let n4 = (nk + 3u) / 4u;
         let s0 = tile_scores(i, part, nk);
         let s1 = tile_scores(i, part + 8u, nk);
@@ -99,8 +101,12 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         let m_new = max(run_max, row_max8(lid, m));
         let p0 = select(exp(s0 - m_new), vec4<f32>(0.0), s0 == vec4<f32>(NEG_BIG));
         let p1 = select(exp(s1 - m_new), vec4<f32>(0.0), s1 == vec4<f32>(NEG_BIG));
-        scores[i * KT4 + part] = p0;
-        scores[i * KT4 + part + 8u] = p1;
+        if part < KT4 {
+            scores[i * KT4 + part] = p0;
+        }
+        if part + 8u < KT4 {
+            scores[i * KT4 + part + 8u] = p1;
+        }
         let sum = (p0.x + p0.y) + (p0.z + p0.w) + (p1.x + p1.y) + (p1.z + p1.w);
         tile_stats(lid, sum, m_new);
         fetch_following(lid, r, stride, t0, end, next);
@@ -270,8 +276,12 @@ fn put_score(i: u32, j: u32, s: f32, sees: bool) {
     scores[i * KT4 + j / 4u][j % 4u] = select(NEG_BIG, s, sees);
 }
 
-// Row i's scores of tile columns 4 * j4 .. 4 * j4 + 3, NEG_BIG for columns past nk.
+// Row i's scores of tile columns 4 * j4 .. 4 * j4 + 3, NEG_BIG for columns past nk (and,
+// unread, past the row's KT4 vec4s: a constant test, none where KT = 64).
 fn tile_scores(i: u32, j4: u32, nk: u32) -> vec4<f32> {
+    if j4 >= KT4 {
+        return vec4<f32>(NEG_BIG);
+    }
     let j = vec4<u32>(4u * j4) + vec4<u32>(0u, 1u, 2u, 3u);
     return select(vec4<f32>(NEG_BIG), scores[i * KT4 + j4], j < vec4<u32>(nk));
 }
