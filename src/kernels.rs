@@ -248,8 +248,8 @@ pub struct Specialization {
     /// Query rows per workgroup (`ROWS`; 8 invocations each): [`ROWS`] = 16, or
     /// [`WIDE_ROWS`] = 32 for the wide attention steps (see `Plan`).
     pub rows: u32,
-    /// The selection's top-list length (`NMAX`, [`top_list_len`]); 0 for the other kernels
-    /// (which declare no top lists) and plans without a selection.
+    /// The selection's top-list length (`NMAX`, [`top_list_len`]); 0 for the other kernels,
+    /// which declare no top lists ([`Self::for_kernel`]).
     pub top_list: u32,
     /// Whether some workgroups own 4 query rows or fewer (groups of at most 4 heads, in
     /// selected attention and selection): their scores then take one row per item, so that

@@ -328,9 +328,9 @@ struct Chunk {
 /// Keys per attention tile for workgroups of `rows` query rows: as many rows of
 /// `tile_stride()` vec4s (the wider of Dk, Dv in vec4s; rounded up to odd unless a multiple
 /// of 8) as fit the `smem` buffer the adapter's workgroup memory allows ([`smem_vec4s`])
-/// after the queries (`rows` rows of Dk), at most `KT_MAX` (a multiple of 4 from 8 keys on);
-/// an error when not even one fits.
-/// `top_list`: the selection's list length (see [`smem_vec4s`]).
+/// after the queries (`rows` rows of Dk) and beside the fixed arrays of that tile and of the
+/// selection's lists of `top_list` entries, at most `KT_MAX` (a multiple of 4 from 8 keys
+/// on); an error when not even one fits.
 fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32, top_list: u32) -> Result<u32> {
     let stride = tile_stride(s);
     let queries = rows as usize * s.dk.div_ceil(4);
