@@ -345,8 +345,34 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             l.max_storage_buffers_per_shader_stage,
             l.min_storage_buffer_offset_alignment,
         );
+        println!("  {}", key_tiles(&l));
     }
     Ok(())
+}
+
+/// What the paper's configuration plans on `limits` for a few head sizes (Hq = 64, Hkv = 4,
+/// 4k tokens, f32): keys per tile of the 16-row kernels, and whether long chunks run in
+/// 32-row (wide) steps; or which limit a head size exceeds. On tensor cores f16 attention
+/// kernels hold tiles of their own (`nsa bench` says when they run).
+fn key_tiles(limits: &wgpu::Limits) -> String {
+    let limits = nsa_wgpu::pipeline::device_limits(limits);
+    let heads = [(64, 64), (128, 128), (192, 128), (256, 256)].map(|(dk, dv)| {
+        let shape = nsa_wgpu::Shape::prefill(1, 4096, 64, 4, dk, dv);
+        let name = if dk == dv {
+            format!("D={dk}")
+        } else {
+            format!("Dk={dk}/Dv={dv}")
+        };
+        match nsa_wgpu::Plan::new(&NsaConfig::default(), &shape, &limits) {
+            Ok(p) if p.wide_kv_tile > 0 => format!("{name} {} (wide steps)", p.kv_tile),
+            Ok(p) => format!("{name} {}", p.kv_tile),
+            Err(nsa_wgpu::NsaError::ExceedsLimit { what, .. }) => {
+                format!("{name} none ({})", what.split(' ').next().unwrap_or(what))
+            }
+            Err(e) => format!("{name} none ({e})"),
+        }
+    });
+    format!("key tiles (the paper's config): {}", heads.join(", "))
 }
 
 fn main() -> ExitCode {

@@ -387,6 +387,12 @@ fn webgpu_limits_plan_as_a_browser_and_write_the_same_outputs() {
         out.contains("limits (WebGPU's defaults)") && out.contains("workgroup storage 16384 B"),
         "{out}"
     );
+    // What plans there: D = 128 on 8-key tiles, Dk = 192 not at all.
+    assert!(
+        out.contains("key tiles (the paper's config): D=64 ")
+            && out.contains("D=128 8, Dk=192/Dv=128 none (max_compute_workgroup_storage_size)"),
+        "{out}"
+    );
 }
 
 #[test]
