@@ -683,12 +683,14 @@ impl Plan {
             ..NsaConfig::default()
         };
         config.validate()?;
+        // No selection runs, but the plan's kernels share the NSA plans' sizing.
+        let top_list = top_list_len(config.top_n);
         let mut plan = Plan {
             config,
             shape: *shape,
             n_cmp: 0,
-            kv_tile: kv_tile(shape, limits, ROWS, top_list_len(config.top_n))?,
-            wide_kv_tile: wide_kv_tile(shape, limits, precision, top_list_len(config.top_n)),
+            kv_tile: kv_tile(shape, limits, ROWS, top_list)?,
+            wide_kv_tile: wide_kv_tile(shape, limits, precision, top_list),
             steps: Vec::new(),
             limits: *limits,
             cache: None,

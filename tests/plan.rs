@@ -608,15 +608,18 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
     assert_eq!(tile(48).unwrap(), (64, 2560));
     assert_eq!(tile(64).unwrap(), (64, 2560));
     assert_eq!(tile(16).unwrap(), (8, 779));
-    // 12 KiB holds the queries but not one key besides the fixed arrays.
+    // 12 KiB holds the queries but not one key besides the fixed arrays: the selection's
+    // are the largest, 3908 bytes with lists of 16 (partial 256, lse 16, token buffer 512,
+    // block scores 128, four lists of 16 and a counter, in f32/u32), then 512 vec4s of
+    // queries and one 32-vec4 key.
     let (what, needed, limit) = exceeded(tile(12));
     assert!(
         what.starts_with("max_compute_workgroup_storage_size"),
         "{what}"
     );
     assert_eq!((needed, limit), (3908 + 16 * (512 + 32), 12 << 10));
-    // A config that selects 256 blocks needs the selection's full lists: 16 KiB then takes
-    // no key of D = 128 either.
+    // A config that selects 256 blocks needs the selection's full lists (7748 bytes: four
+    // lists of 256): 16 KiB then takes no key of D = 128 either.
     let many = NsaConfig {
         top_n: 256,
         ..NsaConfig::default()
