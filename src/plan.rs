@@ -312,9 +312,20 @@ const KEEP_MIN_ROWS: u64 = 256;
 const SELECT_BCHUNK: usize = 128;
 /// `PBUF` in `shaders/select.wgsl`.
 const SELECT_PBUF: usize = 512;
-/// `NMAX` in `shaders/shared/topn.wgsl` at most (the selection's is sized by n:
-/// [`top_list_len`]; the selection merge's is this).
-pub const MAX_TOP_N: usize = 256;
+/// `NMAX` of `shaders/select_merge.wgsl`: the most selected blocks a split selection's merge
+/// ranks. A config with a larger `n` runs its selection unsplit (the selection's own lists
+/// are sized by `n`: [`top_list_len`], [`list_entries`]).
+pub const MERGE_TOP_N: usize = 256;
+
+/// The entries the selection's top lists need for `config` over `tk` keys: `n`, or fewer
+/// where the keys have fewer selection blocks than `n` (the lists never hold more), rounded
+/// up to a power of two so that a growing cache's plans change the lists' length rarely.
+/// So a config that selects every block (any `n` at least the blocks) costs the selection's
+/// workgroup memory only what the blocks need.
+pub fn list_entries(config: &NsaConfig, tk: usize) -> usize {
+    let blocks = tk.div_ceil(config.sel_block).max(1).next_power_of_two();
+    config.top_n.min(blocks.max(16))
+}
 
 /// A range of the work: whole batches (`q_count == Tq`) or query rows of one sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,7 +483,7 @@ impl Plan {
 
     /// The selection's top-list length ([`top_list_len`]).
     fn top_list(&self) -> u32 {
-        top_list_len(self.config.top_n)
+        top_list_len(list_entries(&self.config, self.shape.tk))
     }
 
     /// The attention core's layout in wide steps or in the others.
@@ -604,24 +615,8 @@ impl Plan {
         config.validate()?;
         shape.validate()?;
         let s = *shape;
-        if config.top_n > MAX_TOP_N {
-            return Err(exceeds(
-                "top_n (selection kernel's list)",
-                config.top_n as u64,
-                MAX_TOP_N as u64,
-            ));
-        }
-        let m = config.sel_block / config.cmp_stride;
-        let u = config.cmp_block / config.cmp_stride;
-        if m + u - 1 > SELECT_PBUF {
-            return Err(exceeds(
-                "l'/d + l/d - 1 (selection kernel's token tile)",
-                (m + u - 1) as u64,
-                SELECT_PBUF as u64,
-            ));
-        }
         let n_cmp = config.num_compressed(s.tk);
-        let top_list = top_list_len(config.top_n);
+        let top_list = top_list_len(list_entries(config, s.tk));
         let kv_tile = kv_tile(&s, limits, ROWS, top_list)?;
         let mut plan = Plan {
             config: *config,
@@ -1148,20 +1143,26 @@ impl Plan {
             .min(self.limits.max_buffer / 4)
     }
 
-    /// Blocks per selection chunk: as many as the kernel's token tile holds.
+    /// Blocks per selection chunk: as many as the kernel's token tile holds, and one where a
+    /// block's tokens alone overflow it (`l'/d + l/d - 1` > 512: the kernel then takes them
+    /// in windows of the tile).
     fn select_chunk(&self) -> u64 {
         let c = &self.config;
         let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
+        if m + u - 1 > SELECT_PBUF {
+            return 1;
+        }
         SELECT_BCHUNK.min((SELECT_PBUF - (u - 1)) / m) as u64
     }
 
     /// Splits and blocks per chunk for the selection of `groups` (query, kv head) rows: splits
     /// take every splits-th chunk of blocks, and their candidates must fit `CAND_MAX` per row
     /// and a binding. Where the kernel's token tile caps the chunks, there are more chunks
-    /// than splits (never more splits than `want`: the merge holds `CAND_MAX` candidates).
+    /// than splits (never more splits than `want`: the merge holds `CAND_MAX` candidates, and
+    /// lists of [`MERGE_TOP_N`] at most: a larger `n` is not split).
     fn select_splits(&self, groups: u64, nrows: u64) -> (u32, u32) {
         let chunk = self.select_chunk();
-        if groups >= SPLIT_TARGET {
+        if groups >= SPLIT_TARGET || self.config.top_n > MERGE_TOP_N {
             return (1, chunk as u32);
         }
         let c = &self.config;

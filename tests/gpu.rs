@@ -372,6 +372,43 @@ fn long_linear() -> NsaConfig {
     }
 }
 
+/// Selection blocks of 600 strides beside compressed tokens of 3: a block's 602 pieces
+/// overflow the selection's token tile (512), so it scores them in windows.
+fn long_blocks() -> NsaConfig {
+    NsaConfig {
+        cmp_block: 3,
+        cmp_stride: 1,
+        sel_block: 600,
+        top_n: 5,
+        window: 16,
+        ..NsaConfig::default()
+    }
+}
+
+/// Compressed tokens of 300 strides beside selection blocks of 250: a block and the tokens
+/// reaching into it span 549 pieces, past the token tile, the first window mostly tokens
+/// from before the block. (Compressed tokens much longer than the visible sequence would
+/// give many blocks the same score, exact ties that f32 breaks either way.)
+fn long_tokens() -> NsaConfig {
+    NsaConfig {
+        cmp_block: 600,
+        cmp_stride: 2,
+        sel_block: 500,
+        top_n: 5,
+        window: 40,
+        ..NsaConfig::default()
+    }
+}
+
+/// More selected blocks than the selection merge ranks (256): the selection runs unsplit
+/// with lists of n.
+fn many_selected(top_n: usize) -> NsaConfig {
+    NsaConfig {
+        top_n,
+        ..many_blocks()
+    }
+}
+
 cases! {
     t1_hq1_hkv1_dk16_dv16_paper: paper(), [1, 1, 1, 1, 1, 16, 16], false;
     t31_hq2_hkv1_dk16_dv16_small: small(), [1, 31, 31, 2, 1, 16, 16], false;
@@ -402,6 +439,11 @@ cases! {
     branch_kv_t150_hq4_hkv2_dk16_dv16_small: small(), [1, 150, 150, 4, 2, 16, 16], true;
     fla_like_t100_hq2_hkv1_dk16_dv16: fla_like(), [1, 100, 100, 2, 1, 16, 16], false;
     many_blocks_t2100_hq4_hkv2_dk16_dv16: many_blocks(), [1, 2100, 2100, 4, 2, 16, 16], false;
+    long_blocks_t3100_hq2_hkv1_dk16_dv16: long_blocks(), [1, 3100, 3100, 2, 1, 16, 16], false;
+    long_tokens_t3000_hq4_hkv2_dk16_dv16: long_tokens(), [1, 3000, 3000, 4, 2, 16, 16], false;
+    few_rows_long_blocks_tq2_tk3700_hq4_hkv1_dk16_dv16: long_blocks(), [1, 2, 3700, 4, 1, 16, 16], false;
+    n300_t2600_hq4_hkv2_dk16_dv16: many_selected(300), [1, 2600, 2600, 4, 2, 16, 16], false;
+    decode_n600_tq1_tk9000_hq16_hkv1_dk32_dv32: many_selected(600), [1, 1, 9000, 16, 1, 32, 32], false;
 }
 
 /// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and

@@ -97,9 +97,10 @@ fn small_shapes_plan_one_chunk() {
 }
 
 /// The kernels' fixed capacities every step of `plan` must respect: select.wgsl's token tile
-/// (PBUF = 512 tokens, BCHUNK = 128 blocks per chunk), select_merge.wgsl's 768 candidates
-/// and 64 lists, merge.wgsl's 64 splits per branch, the attention core's 64 keys per tile,
-/// and the dispatch grid (65535 per dimension, covering every workgroup).
+/// (PBUF = 512 tokens, BCHUNK = 128 blocks per chunk; one block per chunk where a block's
+/// tokens alone overflow it), select_merge.wgsl's 768 candidates, 64 lists and n <= 256,
+/// merge.wgsl's 64 splits per branch, the attention core's 64 keys per tile, and the
+/// dispatch grid (65535 per dimension, covering every workgroup).
 fn check_capacities(plan: &Plan, case: &str) {
     let c = &plan.config;
     let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
@@ -122,7 +123,7 @@ fn check_capacities(plan: &Plan, case: &str) {
                 let chunk = p.sel_chunk as usize;
                 assert!((1..=128).contains(&chunk), "{case}: chunk {chunk}");
                 assert!(
-                    chunk * m + u - 1 <= 512,
+                    chunk * m + u - 1 <= 512 || (chunk == 1 && m + u - 1 > 512),
                     "{case}: chunk {chunk} of {m}-piece blocks"
                 );
                 let blocks = plan.shape.tk.div_ceil(c.sel_block);
@@ -133,6 +134,7 @@ fn check_capacities(plan: &Plan, case: &str) {
                 if p.splits > 1 {
                     assert!(merged, "{case}: split selection without select_merge");
                     assert!(p.splits <= 64, "{case}: {} lists", p.splits);
+                    assert!(c.top_n <= 256, "{case}: merging lists of {}", c.top_n);
                     assert!(
                         p.splits as usize * c.top_n <= 768,
                         "{case}: {} splits",
@@ -212,6 +214,7 @@ fn random_plans_respect_the_kernels_capacities() {
     let mut planned = 0;
     for i in 0..cases {
         let cfg = random_long_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 64, 512, 4096], 240);
+        let cfg = common::widen(&mut rng, cfg);
         let tk = rng.random_range(1..=70000);
         let tq = [1, 3, 37, tk][rng.random_range(0..4)].min(tk);
         let hkv = rng.random_range(1..=4);
@@ -524,21 +527,53 @@ fn sizes_beyond_splitting_are_exceeds_limit() {
             ..
         })
     ));
-    // top_n beyond the selection kernel's list.
+}
+
+/// SPEC sets no upper bound on `n`, nor on how many strides a block spans: a config with more
+/// selected blocks than the selection merge ranks plans an unsplit selection with lists
+/// sized by the blocks there are, and blocks whose tokens overflow the selection's token
+/// tile plan one block per chunk (tests/gpu.rs runs both against the reference).
+#[test]
+fn large_n_and_long_blocks_plan() {
+    use nsa_wgpu::plan::list_entries;
+    // A decode step over 1125 blocks with n = 600: the selection would split (one row), but
+    // its merge ranks 256 at most.
     let cfg = NsaConfig {
-        top_n: 300,
+        cmp_block: 16,
+        cmp_stride: 8,
+        sel_block: 8,
+        top_n: 600,
         ..NsaConfig::default()
     };
-    assert!(matches!(
-        Plan::new(
-            &cfg,
-            &Shape::prefill(1, 10, 1, 1, 4, 4),
-            &DeviceLimits::default()
-        ),
-        Err(NsaError::ExceedsLimit { .. })
-    ));
+    let shape = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 9000, 16, 1, 32, 32)
+    };
+    let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
+    let select = plan
+        .steps
+        .iter()
+        .find(|s| s.kernel == KernelId::Select)
+        .unwrap();
+    assert_eq!(select.params.splits, 1);
+    assert!(plan.steps.iter().all(|s| s.kernel != KernelId::SelectMerge));
+    check_capacities(&plan, "n = 600");
+    // With n = 16 the same step splits its selection.
+    let paper_n = NsaConfig { top_n: 16, ..cfg };
+    let plan = Plan::new(&paper_n, &shape, &DeviceLimits::default()).unwrap();
+    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+    // The lists hold the blocks there are (a power of two, at least 16), n at most.
+    assert_eq!(list_entries(&cfg, 9000), 600);
+    assert_eq!(list_entries(&cfg, 1000), 128);
+    assert_eq!(list_entries(&cfg, 8), 16);
+    assert_eq!(list_entries(&NsaConfig::default(), 65536), 16);
+    let all = NsaConfig {
+        top_n: 1 << 20,
+        ..NsaConfig::default()
+    };
+    assert_eq!(list_entries(&all, 65536), 1024);
     // Selection and compression blocks spanning more strides than the selection kernel's
-    // token tile (l'/d + l/d - 1 = 1024 + 2 - 1 > 512), though SPEC-valid.
+    // token tile (l'/d + l/d - 1 = 1024 + 2 - 1 > 512): one block per chunk.
     let cfg = NsaConfig {
         cmp_block: 2,
         cmp_stride: 1,
@@ -546,13 +581,19 @@ fn sizes_beyond_splitting_are_exceeds_limit() {
         ..NsaConfig::default()
     };
     cfg.validate().unwrap();
-    let (what, needed, limit) = exceeded(Plan::new(
+    let plan = Plan::new(
         &cfg,
-        &Shape::prefill(1, 10, 1, 1, 4, 4),
+        &Shape::prefill(1, 5000, 2, 1, 4, 4),
         &DeviceLimits::default(),
-    ));
-    assert!(what.contains("token tile"), "{what}");
-    assert_eq!((needed, limit), (1025, 512));
+    )
+    .unwrap();
+    let select = plan
+        .steps
+        .iter()
+        .find(|s| s.kernel == KernelId::Select)
+        .unwrap();
+    assert_eq!(select.params.sel_chunk, 1);
+    check_capacities(&plan, "l' = 1024 strides");
 }
 
 #[test]
@@ -618,21 +659,22 @@ fn tiles_grow_with_the_adapters_workgroup_memory() {
         "{what}"
     );
     assert_eq!((needed, limit), (3908 + 16 * (512 + 32), 12 << 10));
-    // A config that selects 256 blocks needs the selection's full lists (7748 bytes: four
-    // lists of 256): 16 KiB then takes no key of D = 128 either.
+    // A config that selects 256 blocks needs the selection's full lists where there are that
+    // many blocks (7748 bytes: four lists of 256; 16k keys hold 256 blocks of 64): 16 KiB
+    // then takes no key of D = 128 either. Over 4096 keys (64 blocks) its lists hold 64.
     let many = NsaConfig {
         top_n: 256,
         ..NsaConfig::default()
     };
-    let (_, needed, _) = exceeded(Plan::new(
-        &many,
-        &shape,
-        &DeviceLimits {
-            workgroup_storage: 16 << 10,
-            ..DeviceLimits::default()
-        },
-    ));
+    let webgpu = DeviceLimits {
+        workgroup_storage: 16 << 10,
+        ..DeviceLimits::default()
+    };
+    let long = Shape::prefill(1, 16384, 64, 4, 128, 128);
+    let (_, needed, _) = exceeded(Plan::new(&many, &long, &webgpu));
     assert_eq!(needed, 7748 + 16 * (512 + 32));
+    let plan = Plan::new(&many, &shape, &webgpu).unwrap();
+    assert_eq!(plan.specialization(16).top_list, 64);
 }
 
 #[test]

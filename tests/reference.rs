@@ -26,6 +26,47 @@ fn importance_weights_are_1_2_2_2_1_for_the_paper_config() {
     assert_eq!(&s[..3], &[1.0, 1.0, 0.0]);
 }
 
+/// The kernels' per-token form of the overlap sum (cpu::select::block_score, as select.wgsl
+/// forms it) equals SPEC's double sum over pieces, for blocks short and long beside tokens
+/// short and long (block and token spans past the selection's 512-token tile included).
+#[test]
+fn per_token_overlap_weights_equal_the_double_sum() {
+    use nsa_wgpu::cpu::select::{block_score, overlap};
+    assert_eq!(
+        (0..5).map(|g| overlap(g, 4, 2)).collect::<Vec<_>>(),
+        [1, 2, 2, 2, 1]
+    );
+    for (m, u) in [
+        (4, 2),
+        (1, 1),
+        (1, 7),
+        (8, 3),
+        (600, 3),
+        (250, 300),
+        (2, 525),
+    ] {
+        let cfg = NsaConfig {
+            cmp_block: u,
+            cmp_stride: 1,
+            sel_block: m,
+            ..NsaConfig::default()
+        };
+        let nv = 3 * m + u + 5;
+        let p: Vec<f32> = (0..nv)
+            .map(|t| ((t * 37 % 101) as f32 + 1.0) / 128.0)
+            .collect();
+        let p64: Vec<f64> = p.iter().map(|x| *x as f64).collect();
+        let want = block_importance(&cfg, &p64, nv.div_ceil(m) + 1);
+        for (j, w) in want.iter().enumerate() {
+            let got = block_score(&p, j, m, u) as f64;
+            assert!(
+                (got - w).abs() <= 1e-6 * w.abs(),
+                "m {m}, u {u}, block {j}: {got} against {w}"
+            );
+        }
+    }
+}
+
 #[test]
 fn forced_blocks_are_always_selected() {
     let cfg = NsaConfig::default(); // n=16, 1 initial + 2 local

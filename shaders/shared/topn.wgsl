@@ -4,7 +4,8 @@
 #import params
 
 // top_n at most: the selection's lists are sized by the config's n (Rust's
-// `Specialization::top_list`); select_merge keeps 256 (the crate's `MAX_TOP_N`).
+// `Specialization::top_list`); select_merge keeps 256 (the crate's `MERGE_TOP_N`: plans with
+// a larger n never split their selection).
 override NMAX: u32 = 256u;
 
 var<workgroup> top_idx: array<u32, NMAX>;  // the chosen blocks, best first

@@ -46,18 +46,7 @@ pub fn select(config: &NsaConfig, shape: &Shape, q: &[f32], kc: &[f32], lse: &[f
                 let forced = forced_blocks(config, c);
                 let mut cand: Vec<(f32, usize)> = (0..=c)
                     .filter(|j| !forced.contains(j))
-                    .map(|j| {
-                        let mut sc = 0.0f32;
-                        for mm in 0..m {
-                            for uu in 0..u {
-                                let t = (m * j + mm) as isize - uu as isize;
-                                if t >= 0 && (t as usize) < nv {
-                                    sc += pc[t as usize];
-                                }
-                            }
-                        }
-                        (sc, j)
-                    })
+                    .map(|j| (block_score(&pc[..nv], j, m, u), j))
                     .collect();
                 cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 let mut chosen = forced;
@@ -71,4 +60,29 @@ pub fn select(config: &NsaConfig, shape: &Shape, q: &[f32], kc: &[f32], lse: &[f
         }
     }
     out
+}
+
+/// How many of a selection block's `m` pieces overlap token `g` of the `m + u - 1` that reach
+/// into it (the `u - 1` before its first piece first): SPEC's overlap sum counted per token.
+pub fn overlap(g: usize, m: usize, u: usize) -> usize {
+    m.min(g + 1) - ((g + 1).max(u) - u)
+}
+
+/// Block `j`'s importance from the group's probabilities `pc` of the visible compressed
+/// tokens, as select.wgsl forms it: sum over g of `overlap(g) * pc[m j - (u - 1) + g]`,
+/// added 16 terms at a time (f32's rounding then grows with the groups, not the terms).
+pub fn block_score(pc: &[f32], j: usize, m: usize, u: usize) -> f32 {
+    let n = m + u - 1;
+    let mut s = 0.0f32;
+    for g0 in (0..n).step_by(16) {
+        let mut part = 0.0f32;
+        for g in g0..(g0 + 16).min(n) {
+            let t = (m * j + g) as isize - (u - 1) as isize;
+            if t >= 0 && (t as usize) < pc.len() {
+                part += overlap(g, m, u) as f32 * pc[t as usize];
+            }
+        }
+        s += part;
+    }
+    s
 }

@@ -219,14 +219,29 @@ pub fn random_long_config(
 
 /// A random config for the sweeps at up to 64k tokens: strides 1 to 64, compression and
 /// selection blocks of up to 8 strides, up to 71 selected blocks, windows of 1 to 5000,
-/// Mean and Linear ([`random_long_config`]).
+/// Mean and Linear ([`random_long_config`]); and now and then ([`widen`]) selection blocks
+/// of 400 to 700 strides or 200 to 500 more selected blocks.
 pub fn random_64k_config(rng: &mut StdRng) -> NsaConfig {
-    random_long_config(
+    let cfg = random_long_config(
         rng,
         &[1, 2, 4, 8, 16, 32, 64],
         &[1, 100, 512, 2048, 5000],
         60,
-    )
+    );
+    widen(rng, cfg)
+}
+
+/// `cfg` with, at times, selection blocks of 400 to 700 strides (past the selection's
+/// 512-token tile, which it then takes in windows) or 200 to 500 more selected blocks (past
+/// the 256 its merge ranks: the selection then runs unsplit).
+pub fn widen(rng: &mut StdRng, mut cfg: NsaConfig) -> NsaConfig {
+    if rng.random_bool(0.15) {
+        cfg.sel_block = cfg.cmp_stride * rng.random_range(400..=700);
+    }
+    if rng.random_bool(0.1) {
+        cfg.top_n += rng.random_range(200..=500);
+    }
+    cfg
 }
 
 /// Sets `i`'s per-branch keys and values to `b`: `k_cmp, v_cmp, k_slc, v_slc, k_win, v_win`.
