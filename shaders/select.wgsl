@@ -283,7 +283,10 @@ fn store_candidates(lid: u32, row: u32, split: u32, cnt: u32) {
     let base = params.off_idx + (row * params.splits + split) * params.top_n * 2u;
     for (var x = lid; x < params.top_n; x += WG) {
         let valid = x < cnt;
-        block_indices[base + 2u * x] = bitcast<i32>(select(-1.0, top_score[x], valid));
-        block_indices[base + 2u * x + 1u] = select(-1, i32(top_idx[x]), valid);
+        // n may exceed the lists (NMAX: n or the blocks there are): read inside them always,
+        // as select() evaluates both operands.
+        let at = min(x, NMAX - 1u);
+        block_indices[base + 2u * x] = bitcast<i32>(select(-1.0, top_score[at], valid));
+        block_indices[base + 2u * x + 1u] = select(-1, i32(top_idx[at]), valid);
     }
 }

@@ -444,6 +444,9 @@ cases! {
     few_rows_long_blocks_tq2_tk3700_hq4_hkv1_dk16_dv16: long_blocks(), [1, 2, 3700, 4, 1, 16, 16], false;
     n300_t2600_hq4_hkv2_dk16_dv16: many_selected(300), [1, 2600, 2600, 4, 2, 16, 16], false;
     decode_n600_tq1_tk9000_hq16_hkv1_dk32_dv32: many_selected(600), [1, 1, 9000, 16, 1, 32, 32], false;
+    // n = 200 over 88 blocks: lists of 128, shorter than the n candidates each of the
+    // selection's splits writes for its merge.
+    decode_n200_tq1_tk700_hq16_hkv2_dk32_dv32: many_selected(200), [1, 1, 700, 16, 2, 32, 32], false;
 }
 
 /// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and

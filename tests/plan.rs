@@ -562,6 +562,16 @@ fn large_n_and_long_blocks_plan() {
     let paper_n = NsaConfig { top_n: 16, ..cfg };
     let plan = Plan::new(&paper_n, &shape, &DeviceLimits::default()).unwrap();
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+    // n = 200 over 88 blocks: a split selection whose lists hold 128, fewer than the n
+    // candidates each split writes (select.wgsl reads inside its lists; tests/gpu.rs runs it).
+    let n200 = NsaConfig { top_n: 200, ..cfg };
+    let step = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 700, 16, 2, 32, 32)
+    };
+    let plan = Plan::new(&n200, &step, &DeviceLimits::default()).unwrap();
+    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+    assert_eq!(plan.specialization(16).top_list, 128);
     // The lists hold the blocks there are (a power of two, at least 16), n at most.
     assert_eq!(list_entries(&cfg, 9000), 600);
     assert_eq!(list_entries(&cfg, 1000), 128);
