@@ -327,6 +327,13 @@ pub fn list_entries(config: &NsaConfig, tk: usize) -> usize {
     config.top_n.min(blocks.max(16))
 }
 
+/// The keys a plan's top lists are sized for ([`list_entries`]): a cache's capacity per
+/// sequence, so that a decode loop's steps keep one length of lists (and one key tile, which
+/// the lists' workgroup memory may bound) until the cache grows; else the shape's keys.
+fn list_keys(shape: &Shape, cache: Option<&CacheRows>) -> usize {
+    cache.map_or(shape.tk, |c| c.capacity.max(shape.tk))
+}
+
 /// A range of the work: whole batches (`q_count == Tq`) or query rows of one sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Chunk {
@@ -483,7 +490,10 @@ impl Plan {
 
     /// The selection's top-list length ([`top_list_len`]).
     fn top_list(&self) -> u32 {
-        top_list_len(list_entries(&self.config, self.shape.tk))
+        top_list_len(list_entries(
+            &self.config,
+            list_keys(&self.shape, self.cache.as_ref()),
+        ))
     }
 
     /// The attention core's layout in wide steps or in the others.
@@ -616,7 +626,7 @@ impl Plan {
         shape.validate()?;
         let s = *shape;
         let n_cmp = config.num_compressed(s.tk);
-        let top_list = top_list_len(list_entries(config, s.tk));
+        let top_list = top_list_len(list_entries(config, list_keys(&s, cache.as_ref())));
         let kv_tile = kv_tile(&s, limits, ROWS, top_list)?;
         let mut plan = Plan {
             config: *config,

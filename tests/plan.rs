@@ -572,6 +572,28 @@ fn large_n_and_long_blocks_plan() {
     let plan = Plan::new(&n200, &step, &DeviceLimits::default()).unwrap();
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
     assert_eq!(plan.specialization(16).top_list, 128);
+    // A cache's plans size the lists by its capacity, so that a decode loop keeps one
+    // length of lists (and so of key tiles) while its sequences grow.
+    let n64 = NsaConfig {
+        top_n: 64,
+        ..NsaConfig::default()
+    };
+    let short = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 300, 16, 1, 32, 32)
+    };
+    let rows = nsa_wgpu::plan::CacheRows {
+        key_row0: 0,
+        cmp_row0: 0,
+        cmp_done: n64.num_compressed(300),
+        capacity: 65536,
+        cmp_capacity: n64.num_compressed(65536),
+    };
+    let limits = DeviceLimits::default();
+    let cached = Plan::cached_ragged(&n64, &short, &limits, rows, Precision::F32, &[0]).unwrap();
+    assert_eq!(cached.specialization(16).top_list, 64);
+    let alone = Plan::new(&n64, &short, &limits).unwrap();
+    assert_eq!(alone.specialization(16).top_list, 16);
     // The lists hold the blocks there are (a power of two, at least 16), n at most.
     assert_eq!(list_entries(&cfg, 9000), 600);
     assert_eq!(list_entries(&cfg, 1000), 128);
