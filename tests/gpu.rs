@@ -1422,7 +1422,7 @@ fn a_short_last_chunk_keeps_scores_and_the_long_one_does_not() {
 fn without_kept_scores_the_selection_multiplies_q_k_itself() {
     // With no budget for kept scores every selection runs select_qk.wgsl (elsewhere the
     // cases keep scores wherever they fit): prefill, batches, a split decode-like call, many
-    // blocks per list, a group larger than 16 heads.
+    // blocks per list, a group larger than 16 heads, blocks past the token tile.
     let more = [
         (
             "many_blocks",
@@ -1430,6 +1430,11 @@ fn without_kept_scores_the_selection_multiplies_q_k_itself() {
             Shape::prefill(1, 2100, 4, 2, 16, 16),
         ),
         ("hq20", small(), Shape::prefill(1, 40, 20, 1, 16, 8)),
+        (
+            "long_blocks",
+            long_blocks(),
+            Shape::prefill(1, 3700, 2, 1, 16, 16),
+        ),
     ];
     for (name, cfg, shape) in several_tiles().into_iter().chain(more) {
         let name = &format!("no_kept_{name}");
