@@ -549,13 +549,16 @@ fn large_n_and_long_blocks_plan() {
         tq: 1,
         ..Shape::prefill(1, 9000, 16, 1, 32, 32)
     };
+    // The selection's parameters in a plan.
+    let select_of = |plan: &Plan| {
+        plan.steps
+            .iter()
+            .find(|s| s.kernel == KernelId::Select)
+            .unwrap()
+            .params
+    };
     let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
-    let select = plan
-        .steps
-        .iter()
-        .find(|s| s.kernel == KernelId::Select)
-        .unwrap();
-    assert_eq!(select.params.splits, 1);
+    assert_eq!(select_of(&plan).splits, 1);
     assert!(plan.steps.iter().all(|s| s.kernel != KernelId::SelectMerge));
     check_capacities(&plan, "n = 600");
     // With n = 16 the same step splits its selection.
@@ -619,12 +622,7 @@ fn large_n_and_long_blocks_plan() {
         &DeviceLimits::default(),
     )
     .unwrap();
-    let select = plan
-        .steps
-        .iter()
-        .find(|s| s.kernel == KernelId::Select)
-        .unwrap();
-    assert_eq!(select.params.sel_chunk, 1);
+    assert_eq!(select_of(&plan).sel_chunk, 1);
     check_capacities(&plan, "l' = 1024 strides");
 }
 
