@@ -209,21 +209,34 @@ fn main(
             }
         }
         workgroupBarrier();
-        // Rank every entry of the list and every entering block against all of them.
+        // The new rank of every entry of the list and every entering block: a list entry
+        // moves down by the entering blocks that beat it; an entering block ranks after the
+        // list entries that beat it (the first that does not is found by bisection, as the
+        // list is in order) and the entering blocks that beat it: about cnt ne + ne^2 tests
+        // per chunk where ranking every one against all of them took (cnt + ne)^2, which
+        // for an n of hundreds with few entering blocks per chunk is most of the work.
         let ne = atomicLoad(&entering);
         for (var x = lid; x < cnt + ne; x += WG) {
             var sa: f32;
             var ja: u32;
+            var rank = x;
             if x < cnt {
                 sa = top_score[x];
                 ja = top_idx[x];
             } else {
                 sa = partial[x - cnt];
                 ja = bitcast<u32>(partial[BCHUNK + x - cnt]);
-            }
-            var rank = 0u;
-            for (var y = 0u; y < cnt; y++) {
-                rank += u32(beats(top_score[y], top_idx[y], sa, ja));
+                var lo = 0u;
+                var hi = cnt;
+                while lo < hi {
+                    let mid = (lo + hi) / 2u;
+                    if beats(top_score[mid], top_idx[mid], sa, ja) {
+                        lo = mid + 1u;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                rank = lo;
             }
             for (var y = 0u; y < ne; y++) {
                 rank += u32(beats(partial[y], bitcast<u32>(partial[BCHUNK + y]), sa, ja));
