@@ -354,13 +354,20 @@ fn kv_tile(s: &Shape, limits: &DeviceLimits, rows: u32, top_list: u32) -> Result
     let queries = rows as usize * s.dk.div_ceil(4);
     // The score rows grow with the tile, so the `smem` buffer shrinks as it does: the
     // largest tile whose keys fit beside them (fewer keys never need more).
-    let fits = |kt: u32| {
-        smem_vec4s(limits.workgroup_storage, rows, kt, top_list) as usize
+    let fits_lists = |kt: u32, list: u32| {
+        smem_vec4s(limits.workgroup_storage, rows, kt, list) as usize
             >= queries + kt as usize * stride
     };
+    let fits = |kt: u32| fits_lists(kt, top_list);
     let Some(fit) = (1..=KT_MAX as u32).rev().find(|&kt| fits(kt)) else {
+        // Where one key would fit beside the shortest lists, the lists are what does not.
+        let what = if fits_lists(1, top_list_len(1)) {
+            "max_compute_workgroup_storage_size (the selection's top lists: 16 bytes per entry, n or the selection blocks there are, whichever is fewer)"
+        } else {
+            "max_compute_workgroup_storage_size (queries and one key of Dk, Dv)"
+        };
         return Err(exceeds(
-            "max_compute_workgroup_storage_size (queries and one key of Dk, Dv)",
+            what,
             specialized_fixed_bytes(rows, 1, top_list) as u64 + 16 * (queries + stride) as u64,
             limits.workgroup_storage as u64,
         ));

@@ -624,6 +624,53 @@ fn large_n_and_long_blocks_plan() {
     .unwrap();
     assert_eq!(select_of(&plan).sel_chunk, 1);
     check_capacities(&plan, "l' = 1024 strides");
+    // Lists longer than the workgroup memory holds (n = 4000 of 5000 blocks: 64 KiB against
+    // WebGPU's default 32 KiB): an error that names them, not the queries.
+    let huge_n = NsaConfig {
+        cmp_block: 16,
+        cmp_stride: 8,
+        sel_block: 8,
+        top_n: 4000,
+        ..NsaConfig::default()
+    };
+    let step = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 40000, 1, 1, 16, 16)
+    };
+    match Plan::new(&huge_n, &step, &DeviceLimits::default()) {
+        Err(NsaError::ExceedsLimit {
+            what,
+            needed,
+            limit,
+        }) => {
+            assert!(what.contains("top lists"), "{what}");
+            assert!(needed > 64000 && limit == 32 << 10, "{needed} {limit}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // 1500 of them fit.
+    let fewer = NsaConfig {
+        top_n: 1500,
+        ..huge_n
+    };
+    let plan = Plan::new(&fewer, &step, &DeviceLimits::default()).unwrap();
+    check_capacities(&plan, "n = 1500");
+    // With the paper's blocks any n fits 32 KiB at 64k and D = 128 (lists of 1024 blocks).
+    let every = NsaConfig {
+        top_n: 1 << 20,
+        ..NsaConfig::default()
+    };
+    let big = DeviceLimits {
+        max_storage_binding: 1 << 31,
+        max_buffer: 1 << 33,
+        ..DeviceLimits::default()
+    };
+    let step = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 65536, 64, 4, 128, 128)
+    };
+    let plan = Plan::new(&every, &step, &big).unwrap();
+    assert_eq!(plan.specialization(16).top_list, 1024);
 }
 
 #[test]
