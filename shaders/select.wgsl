@@ -209,39 +209,43 @@ fn main(
             }
         }
         workgroupBarrier();
-        // The new rank of every entry of the list and every entering block: a list entry
-        // moves down by the entering blocks that beat it; an entering block ranks after the
-        // list entries that beat it (the first that does not is found by bisection, as the
-        // list is in order) and the entering blocks that beat it: about cnt ne + ne^2 tests
-        // per chunk where ranking every one against all of them took (cnt + ne)^2 (a count,
-        // not a timing: for n = 266 and two entering blocks, about 550 against 72,000
-        // tests).
+        // The new rank of every entry of the list and every entering block. The entering
+        // blocks are first put in order among themselves (each counts those that beat it);
+        // then an entry of either ordered run moves down by the entries of the other that
+        // beat it, found by bisection: about ne + (cnt + ne) / WG * log2(max(cnt, ne))
+        // steps per invocation and chunk. Counting the entering blocks for every entry took
+        // (cnt + ne) / WG * ne, which with n = 1700 of 8192 blocks (64k tokens) passed the
+        // 65,535 loop iterations after which llvmpipe ends an invocation's loops.
         let ne = atomicLoad(&entering);
+        var se = 0.0;
+        var je = 0u;
+        var re = 0u;
+        if lid < ne {
+            se = partial[lid];
+            je = bitcast<u32>(partial[BCHUNK + lid]);
+            for (var y = 0u; y < ne; y++) {
+                re += u32(beats(partial[y], bitcast<u32>(partial[BCHUNK + y]), se, je));
+            }
+        }
+        workgroupBarrier();
+        if lid < ne {
+            partial[re] = se;
+            partial[BCHUNK + re] = bitcast<f32>(je);
+        }
+        workgroupBarrier();
         for (var x = lid; x < cnt + ne; x += WG) {
+            let listed = x < cnt;
+            let i = select(x - cnt, x, listed);  // its place in its own run
             var sa: f32;
             var ja: u32;
-            var rank = x;
-            if x < cnt {
-                sa = top_score[x];
-                ja = top_idx[x];
+            if listed {
+                sa = top_score[i];
+                ja = top_idx[i];
             } else {
-                sa = partial[x - cnt];
-                ja = bitcast<u32>(partial[BCHUNK + x - cnt]);
-                var lo = 0u;
-                var hi = cnt;
-                while lo < hi {
-                    let mid = (lo + hi) / 2u;
-                    if beats(top_score[mid], top_idx[mid], sa, ja) {
-                        lo = mid + 1u;
-                    } else {
-                        hi = mid;
-                    }
-                }
-                rank = lo;
+                sa = partial[i];
+                ja = bitcast<u32>(partial[BCHUNK + i]);
             }
-            for (var y = 0u; y < ne; y++) {
-                rank += u32(beats(partial[y], bitcast<u32>(partial[BCHUNK + y]), sa, ja));
-            }
+            let rank = i + beaten_by(!listed, select(cnt, ne, listed), sa, ja);
             if rank < slots {
                 new_score[rank] = sa;
                 new_idx[rank] = ja;
@@ -260,7 +264,61 @@ fn main(
         store_candidates(lid, row, split, cnt);
         return;
     }
-    write_selection(lid, params.off_idx + row * params.top_n, f, cnt);
+    if SORT_CHOSEN {
+        sort_chosen(lid, cnt);
+    }
+    write_selection(lid, params.off_idx + row * params.top_n, f, cnt, SORT_CHOSEN);
+}
+
+// Lists longer than 512 entries are put in block order by a sorting network before they
+// are written (a fixed number of barriers: 55 for 1024 entries); shorter ones count each
+// entry's place among the others (cnt steps per entry, 2,048 per invocation at most, where
+// n = 1700 took 24,000 against llvmpipe's 65,535 loop iterations per invocation). On an
+// H200 sorting lists of 256 made the selection of a 16k prefill with n = 300 slower.
+override SORT_CHOSEN: bool = NMAX > 512u;
+
+// Puts top_idx[0 .. cnt) in ascending order: a bitonic network over the next power of two
+// of NMAX entries (a bound the whole workgroup shares), whose every exchange puts the
+// smaller block first, so that the entries past cnt (taken as larger than any block) never
+// move and need not exist.
+fn sort_chosen(lid: u32, cnt: u32) {
+    let n = 1u << firstLeadingBit(2u * NMAX - 1u);
+    for (var k = 2u; k <= n; k *= 2u) {
+        for (var j = k / 2u; j > 0u; j /= 2u) {
+            for (var t = lid; t < n / 2u; t += WG) {
+                let a = t / j * 2u * j + t % j;  // bit j of a is clear
+                // The first stage of each k pairs mirrored entries, the rest halves.
+                let b = select(a | j, a ^ (k - 1u), j == k / 2u);
+                if b < cnt && top_idx[b] < top_idx[a] {
+                    let x = top_idx[a];
+                    top_idx[a] = top_idx[b];
+                    top_idx[b] = x;
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+}
+
+// How many entries of an ordered run beat (sa, ja), by bisection: of the top list's first
+// `n` (in_list) or of the `n` entering blocks in `partial`, put in order above. Both reads
+// stay inside their arrays (select() evaluates both).
+fn beaten_by(in_list: bool, n: u32, sa: f32, ja: u32) -> u32 {
+    var lo = 0u;
+    var hi = n;
+    while lo < hi {
+        let mid = (lo + hi) / 2u;
+        let e = min(mid, BCHUNK - 1u);
+        let l = min(mid, NMAX - 1u);
+        let sb = select(partial[e], top_score[l], in_list);
+        let jb = select(bitcast<u32>(partial[BCHUNK + e]), top_idx[l], in_list);
+        if beats(sb, jb, sa, ja) {
+            lo = mid + 1u;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
 }
 
 // How many of a selection block's m pieces overlap token g of the m + u - 1 that reach into

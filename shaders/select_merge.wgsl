@@ -111,5 +111,5 @@ fn main(
         }
     }
     workgroupBarrier();
-    write_selection(lid, params.off_idx + row * params.top_n, f, min(slots, totals.y));
+    write_selection(lid, params.off_idx + row * params.top_n, f, min(slots, totals.y), false);
 }

@@ -447,6 +447,9 @@ cases! {
     // n = 200 over 88 blocks: lists of 128, shorter than the n candidates each of the
     // selection's splits writes for its merge.
     decode_n200_tq1_tk700_hq16_hkv2_dk32_dv32: many_selected(200), [1, 1, 700, 16, 2, 32, 32], false;
+    // n = 1700 of 8192 blocks: llvmpipe ends an invocation's loops after 65,535 iterations,
+    // which the selection's ranking passed when each entry counted the entering blocks.
+    decode_n1700_tq1_tk65536_hq1_hkv1_dk16_dv16: many_selected(1700), [1, 1, 65536, 1, 1, 16, 16], false;
 }
 
 /// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and

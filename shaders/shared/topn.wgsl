@@ -33,19 +33,25 @@ fn forced_blocks(p: u32) -> Forced {
     return f;
 }
 
-// Writes the forced blocks and the `cnt` chosen ones (top_idx) in ascending order at
-// block_indices[ob ..], then pads to n with -1.
-fn write_selection(lid: u32, ob: u32, f: Forced, cnt: u32) {
+// Writes the forced blocks and the `cnt` chosen ones (top_idx, already in block order
+// where `sorted`) in ascending order at block_indices[ob ..], then pads to n with -1. The
+// chosen lie in [fa, fl), between the forced blocks.
+fn write_selection(lid: u32, ob: u32, f: Forced, cnt: u32, sorted: bool) {
     for (var x = lid; x < f.nf + cnt; x += WG) {
         var j: u32;
+        var pos: u32;
         if x < f.nf {
             j = select(f.fl + (x - f.fa), x, x < f.fa);
+            pos = select(x + cnt, x, x < f.fa);
+        } else if sorted {
+            j = top_idx[x - f.nf];
+            pos = f.fa + (x - f.nf);
         } else {
             j = top_idx[x - f.nf];
-        }
-        var pos = min(j, f.fa) + select(0u, min(j, f.c + 1u) - f.fl, j > f.fl);
-        for (var y = 0u; y < cnt; y++) {
-            pos += u32(top_idx[y] < j);
+            pos = f.fa;
+            for (var y = 0u; y < cnt; y++) {
+                pos += u32(top_idx[y] < j);
+            }
         }
         block_indices[ob + pos] = i32(j);
     }

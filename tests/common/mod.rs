@@ -329,6 +329,13 @@ pub fn check_selection_within(
             g.iter().all(|j| *j >= -1),
             "row {row}: unwritten index in {g:?}"
         );
+        // SPEC: the chosen blocks ascending (so each once), then -1 padding. A row in another
+        // order would otherwise pass below as a near tie with nothing extra or missing.
+        let chosen = g.iter().take_while(|j| **j >= 0).count();
+        assert!(
+            g[..chosen].windows(2).all(|p| p[0] < p[1]) && g[chosen..].iter().all(|j| *j == -1),
+            "row {row}: not ascending blocks then -1 padding: {g:?}"
+        );
         if g == w {
             continue;
         }
