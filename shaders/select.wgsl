@@ -217,20 +217,18 @@ fn main(
         // (cnt + ne) / WG * ne, which with n = 1700 of 8192 blocks (64k tokens) passed the
         // 65,535 loop iterations after which llvmpipe ends an invocation's loops.
         let ne = atomicLoad(&entering);
-        var se = 0.0;
-        var je = 0u;
-        var re = 0u;
+        // In order, the entering blocks go to bscore (scores) and pbuf (blocks as bits),
+        // both done with for this chunk, so that no barrier separates the counts' reads of
+        // `partial` from these writes.
         if lid < ne {
-            se = partial[lid];
-            je = bitcast<u32>(partial[BCHUNK + lid]);
+            let se = partial[lid];
+            let je = bitcast<u32>(partial[BCHUNK + lid]);
+            var re = 0u;
             for (var y = 0u; y < ne; y++) {
                 re += u32(beats(partial[y], bitcast<u32>(partial[BCHUNK + y]), se, je));
             }
-        }
-        workgroupBarrier();
-        if lid < ne {
-            partial[re] = se;
-            partial[BCHUNK + re] = bitcast<f32>(je);
+            bscore[re] = se;
+            pbuf[re] = bitcast<f32>(je);
         }
         workgroupBarrier();
         for (var x = lid; x < cnt + ne; x += WG) {
@@ -242,8 +240,8 @@ fn main(
                 sa = top_score[i];
                 ja = top_idx[i];
             } else {
-                sa = partial[i];
-                ja = bitcast<u32>(partial[BCHUNK + i]);
+                sa = bscore[i];
+                ja = bitcast<u32>(pbuf[i]);
             }
             let rank = i + beaten_by(!listed, select(cnt, ne, listed), sa, ja);
             if rank < slots {
@@ -301,8 +299,8 @@ fn sort_chosen(lid: u32, cnt: u32) {
 }
 
 // How many entries of an ordered run beat (sa, ja), by bisection: of the top list's first
-// `n` (in_list) or of the `n` entering blocks in `partial`, put in order above. Both reads
-// stay inside their arrays (select() evaluates both).
+// `n` (in_list) or of the `n` entering blocks in bscore and pbuf, put in order above. Both
+// reads stay inside their arrays (select() evaluates both).
 fn beaten_by(in_list: bool, n: u32, sa: f32, ja: u32) -> u32 {
     var lo = 0u;
     var hi = n;
@@ -310,8 +308,8 @@ fn beaten_by(in_list: bool, n: u32, sa: f32, ja: u32) -> u32 {
         let mid = (lo + hi) / 2u;
         let e = min(mid, BCHUNK - 1u);
         let l = min(mid, NMAX - 1u);
-        let sb = select(partial[e], top_score[l], in_list);
-        let jb = select(bitcast<u32>(partial[BCHUNK + e]), top_idx[l], in_list);
+        let sb = select(bscore[e], top_score[l], in_list);
+        let jb = select(bitcast<u32>(pbuf[e]), top_idx[l], in_list);
         if beats(sb, jb, sa, ja) {
             lo = mid + 1u;
         } else {
