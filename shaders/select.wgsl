@@ -270,9 +270,9 @@ fn main(
 
 // Lists longer than 512 entries are put in block order by a sorting network before they
 // are written (a fixed number of barriers: 55 for 1024 entries); shorter ones count each
-// entry's place among the others (cnt steps per entry, 2,048 per invocation at most, where
-// n = 1700 took 24,000 against llvmpipe's 65,535 loop iterations per invocation). On an
-// H200 sorting lists of 256 made the selection of a 16k prefill with n = 300 slower.
+// entry's place among the others (cnt steps per entry, about 2,500 per invocation at most,
+// where n = 1700 took 24,000 against llvmpipe's 65,535 loop iterations per invocation). On
+// an H200 sorting lists of 256 made the selection of a 16k prefill with n = 300 slower.
 override SORT_CHOSEN: bool = NMAX > 512u;
 
 // Puts top_idx[0 .. cnt) in ascending order: a bitonic network over the next power of two
