@@ -627,11 +627,8 @@ fn large_n_and_long_blocks_plan() {
     // Lists longer than the workgroup memory holds (n = 4000 of 5000 blocks: 64 KiB against
     // WebGPU's default 32 KiB): an error that names them, not the queries.
     let huge_n = NsaConfig {
-        cmp_block: 16,
-        cmp_stride: 8,
-        sel_block: 8,
         top_n: 4000,
-        ..NsaConfig::default()
+        ..paper_n
     };
     let step = Shape {
         tq: 1,
@@ -671,6 +668,20 @@ fn large_n_and_long_blocks_plan() {
     };
     let plan = Plan::new(&every, &step, &big).unwrap();
     assert_eq!(plan.specialization(16).top_list, 1024);
+    // README's bounds for 8-token blocks at 64k, D = 128: the largest n per workgroup memory
+    // (lists grow in steps of 16 entries).
+    for (kib, most) in [(16, 240), (32, 1264), (48, 2288)] {
+        let limits = DeviceLimits {
+            workgroup_storage: kib << 10,
+            ..big
+        };
+        let with_n = |top_n| Plan::new(&NsaConfig { top_n, ..paper_n }, &step, &limits);
+        assert!(with_n(most).is_ok(), "{kib} KiB, n = {most}");
+        match with_n(most + 1) {
+            Err(NsaError::ExceedsLimit { what, .. }) => assert!(what.contains("top lists")),
+            other => panic!("{kib} KiB, n = {}: {other:?}", most + 1),
+        }
+    }
 }
 
 #[test]
