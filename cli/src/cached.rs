@@ -1,22 +1,24 @@
 //! `nsa run --decode-from P` and `--chunk N`: the same outputs as a plain run, computed
-//! through the KV cache (one prefill call, then decode steps or chunks).
+//! through the KV cache (one prefill call, then decode steps or chunks), for a batch or for
+//! packed sequences of different lengths.
 
 use nsa_wgpu::{
     BranchOutputs, CacheOptions, NsaCache, NsaConfig, NsaInputs, NsaOutputs, NsaPipeline,
     OutputRequest, Precision, Result, SeqChunk, Shape,
 };
 
-/// Rows `[a, b)` of sequence `bi` of a `[B, T, ...]` tensor whose rows hold `width` values.
-fn rows(t: &[f32], tk: usize, bi: usize, a: usize, b: usize, width: usize) -> &[f32] {
-    &t[(bi * tk + a) * width..(bi * tk + b) * width]
-}
+use crate::io::token_rows;
 
 /// Runs positions `[0, first)` of every sequence as one call, then `step` positions per call,
-/// through a cache stored at `precision`.
+/// through a cache stored at `precision`. `seqs` gives each sequence's first row and length,
+/// rows counted over `s`'s B and T together (`Tq == Tk`); a sequence takes part in the calls
+/// until its positions run out.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     pipe: &NsaPipeline,
     config: &NsaConfig,
     s: &Shape,
+    seqs: &[(usize, usize)],
     inputs: &NsaInputs,
     request: OutputRequest,
     precision: Precision,
@@ -24,75 +26,73 @@ pub fn run(
 ) -> Result<NsaOutputs> {
     inputs.validate(config, s)?;
     let independent = inputs.k_cmp.is_some();
+    let longest = seqs.iter().map(|&(_, len)| len).max().unwrap_or(1);
     let opts = CacheOptions {
-        seqs: s.batch,
+        seqs: seqs.len(),
         hq: s.hq,
         hkv: s.hkv,
         dk: s.dk,
         dv: s.dv,
-        capacity: s.tk,
-        max_capacity: s.tk,
+        capacity: longest,
+        max_capacity: longest,
         independent_kv: independent,
         precision,
     };
     let mut cache = NsaCache::new(pipe, config, opts, inputs.linear)?;
-    let n = config.top_n;
-    let (ow, iw) = (s.hq * s.dv, s.hkv * n);
+    let rows = s.batch * s.tq;
+    let (ow, iw) = (s.hq * s.dv, s.hkv * config.top_n);
     let mut res = NsaOutputs {
-        out: vec![0.0; s.batch * s.tq * ow],
-        block_indices: request.block_indices.then(|| vec![0; s.batch * s.tq * iw]),
+        out: vec![0.0; rows * ow],
+        block_indices: request.block_indices.then(|| vec![0; rows * iw]),
         branches: request.branches.then(|| BranchOutputs {
-            o_cmp: vec![0.0; s.batch * s.tq * ow],
-            o_slc: vec![0.0; s.batch * s.tq * ow],
-            o_win: vec![0.0; s.batch * s.tq * ow],
+            o_cmp: vec![0.0; rows * ow],
+            o_slc: vec![0.0; rows * ow],
+            o_win: vec![0.0; rows * ow],
         }),
     };
-    let (kw, vw) = (s.hkv * s.dk, s.hkv * s.dv);
-    let branch = [
-        inputs.k_cmp,
-        inputs.v_cmp,
-        inputs.k_slc,
-        inputs.v_slc,
-        inputs.k_win,
-        inputs.v_win,
-    ];
     let mut pos = 0;
-    while pos < s.tk {
+    while pos < longest {
         let end = if pos == 0 && first > 0 {
             first
         } else {
-            (pos + step).min(s.tk)
+            pos + step
         };
-        let chunks: Vec<SeqChunk> = (0..s.batch)
-            .map(|b| SeqChunk {
-                seq: b,
-                q: rows(inputs.q, s.tq, b, pos, end, s.hq * s.dk),
-                k: rows(inputs.k, s.tk, b, pos, end, kw),
-                v: rows(inputs.v, s.tk, b, pos, end, vw),
-                gates: rows(inputs.gates, s.tq, b, pos, end, s.hq * 3),
+        // Each sequence with positions left: its rows [start + pos, start + its end).
+        let taking: Vec<(usize, usize, usize)> = seqs
+            .iter()
+            .enumerate()
+            .filter(|&(_, &(_, len))| pos < len)
+            .map(|(i, &(start, len))| (i, start + pos, start + end.min(len)))
+            .collect();
+        let views: Vec<NsaInputs> = taking
+            .iter()
+            .map(|&(_, a, b)| token_rows(inputs, s, a, b))
+            .collect();
+        let chunks: Vec<SeqChunk> = taking
+            .iter()
+            .zip(&views)
+            .map(|(&(seq, ..), v)| SeqChunk {
+                seq,
+                q: v.q,
+                k: v.k,
+                v: v.v,
+                gates: v.gates,
                 branch_kv: independent.then(|| {
-                    let r = |j: usize| {
-                        rows(
-                            branch[j].unwrap_or(inputs.k),
-                            s.tk,
-                            b,
-                            pos,
-                            end,
-                            if j % 2 == 0 { kw } else { vw },
-                        )
-                    };
-                    [r(0), r(1), r(2), r(3), r(4), r(5)]
+                    let (kc, vc) = v.cmp_kv();
+                    let (ks, vs) = v.slc_kv();
+                    let (kw, vw) = v.win_kv();
+                    [kc, vc, ks, vs, kw, vw]
                 }),
             })
             .collect();
         let parts = pollster::block_on(pipe.extend(&mut cache, &chunks, request))?;
-        for (b, p) in parts.into_iter().enumerate() {
+        for (&(_, a, b), p) in taking.iter().zip(parts) {
             let place = |dst: &mut Vec<f32>, src: &[f32], w: usize| {
-                dst[(b * s.tq + pos) * w..(b * s.tq + end) * w].copy_from_slice(src);
+                dst[a * w..b * w].copy_from_slice(src);
             };
             place(&mut res.out, &p.out, ow);
             if let (Some(dst), Some(src)) = (res.block_indices.as_mut(), p.block_indices) {
-                dst[(b * s.tq + pos) * iw..(b * s.tq + end) * iw].copy_from_slice(&src);
+                dst[a * iw..b * iw].copy_from_slice(&src);
             }
             if let (Some(dst), Some(src)) = (res.branches.as_mut(), p.branches) {
                 place(&mut dst.o_cmp, &src.o_cmp, ow);

@@ -7,9 +7,11 @@ use std::path::Path;
 use nsa_wgpu::{Compression, LinearWeights, NsaConfig, NsaInputs, NsaOutputs, Shape};
 use safetensors::{Dtype, SafeTensors};
 
-/// Every tensor of an input file, converted to f32.
+/// Every tensor of an input file, converted to f32, and `cu_seqlens` where the file packs
+/// sequences of different lengths.
 pub struct Loaded {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+    cu_seqlens: Option<Vec<usize>>,
 }
 
 /// The tensors of one NSA call, with their shapes checked.
@@ -21,6 +23,10 @@ pub struct Problem {
     gates: Vec<f32>,
     branch: [Option<Vec<f32>>; 6],
     linear: Option<[Vec<f32>; 4]>,
+    /// Where the file packs sequences (FlashAttention's convention): sequence `i` is rows
+    /// `cu_seqlens[i] .. cu_seqlens[i + 1]` of every tensor, and `shape` is the packed one
+    /// (`B = 1`, `T` the total).
+    pub cu_seqlens: Option<Vec<usize>>,
 }
 
 const BRANCH: [&str; 6] = ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"];
@@ -39,10 +45,47 @@ fn to_f32(name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, String> {
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
             .collect()),
+        // Rounded to the nearest f32, as the GPU computes in f32 at most (an out-of-range
+        // value becomes infinite, which the input checks then name).
+        Dtype::F64 => Ok(words(data).map(|b| f64::from_le_bytes(b) as f32).collect()),
         other => Err(format!(
-            "tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"
+            "tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F64 (only `cu_seqlens` holds integers)"
         )),
     }
+}
+
+/// `data` as little-endian words of `N` bytes.
+fn words<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
+    data.chunks_exact(N)
+        .map(|b| b.try_into().expect("chunks of N bytes"))
+}
+
+/// `cu_seqlens` as sizes: I32, I64, U32 or U64, rank 1, none negative.
+fn to_offsets(dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Vec<usize>, String> {
+    if shape.len() != 1 {
+        return Err(format!(
+            "tensor `cu_seqlens` has shape {shape:?}; expected rank 1 [B + 1]"
+        ));
+    }
+    let values: Vec<i128> = match dtype {
+        Dtype::I32 => words(data).map(|b| i32::from_le_bytes(b).into()).collect(),
+        Dtype::U32 => words(data).map(|b| u32::from_le_bytes(b).into()).collect(),
+        Dtype::I64 => words(data).map(|b| i64::from_le_bytes(b).into()).collect(),
+        Dtype::U64 => words(data).map(|b| u64::from_le_bytes(b).into()).collect(),
+        other => {
+            return Err(format!(
+                "tensor `cu_seqlens` has dtype {other:?}; expected I32, I64, U32 or U64"
+            ))
+        }
+    };
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            usize::try_from(x)
+                .map_err(|_| format!("cu_seqlens[{i}] = {x}; offsets must be non-negative"))
+        })
+        .collect()
 }
 
 impl Loaded {
@@ -53,11 +96,19 @@ impl Loaded {
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| format!("{} is not a valid safetensors file: {e}", path.display()))?;
         let mut tensors = HashMap::new();
+        let mut cu_seqlens = None;
         for (name, view) in st.tensors() {
+            if name == "cu_seqlens" {
+                cu_seqlens = Some(to_offsets(view.dtype(), view.shape(), view.data())?);
+                continue;
+            }
             let data = to_f32(&name, view.dtype(), view.data())?;
             tensors.insert(name, (view.shape().to_vec(), data));
         }
-        Ok(Self { tensors })
+        Ok(Self {
+            tensors,
+            cu_seqlens,
+        })
     }
 
     fn take(&mut self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
@@ -84,6 +135,10 @@ impl Loaded {
         };
         let [b, tq, hq, dk] = rank4("q", qs)?;
         let [_, tk, hkv, _] = rank4("k", ks.clone())?;
+        let cu_seqlens = self.cu_seqlens.take();
+        if let Some(cu) = &cu_seqlens {
+            check_packed(cu, b, tq, tk)?;
+        }
         let vdims = rank4("v", vs.clone())?;
         let dv = vdims[3];
         let shape = Shape {
@@ -161,8 +216,45 @@ impl Loaded {
             gates,
             branch,
             linear,
+            cu_seqlens,
         })
     }
+}
+
+/// The rules of a packed file: one batch row (rank 3, or rank 4 with B = 1), queries for
+/// every token (`Tq == Tk`, the total), and offsets from 0 up to the total, each sequence
+/// at least one token.
+fn check_packed(cu: &[usize], b: usize, tq: usize, tk: usize) -> Result<(), String> {
+    if b != 1 {
+        return Err(format!("with cu_seqlens the tensors pack the sequences along T: rank 3 [total, H, D] (or B = 1), got B = {b}"));
+    }
+    if tq != tk {
+        return Err(format!("with cu_seqlens every token is a query: Tq = {tq} (from q) must equal Tk = {tk} (from k)"));
+    }
+    if cu.len() < 2 {
+        return Err(format!(
+            "cu_seqlens has {} entries; expected B + 1 >= 2 (0, then each sequence's end)",
+            cu.len()
+        ));
+    }
+    if cu[0] != 0 {
+        return Err(format!("cu_seqlens[0] = {}; it must be 0", cu[0]));
+    }
+    if let Some(i) = (1..cu.len()).find(|&i| cu[i] <= cu[i - 1]) {
+        return Err(format!(
+            "cu_seqlens[{i}] = {} is not above cu_seqlens[{}] = {}: every sequence needs at least one token",
+            cu[i],
+            i - 1,
+            cu[i - 1]
+        ));
+    }
+    let last = cu[cu.len() - 1];
+    if last != tk {
+        return Err(format!(
+            "cu_seqlens ends at {last}, but the tensors hold {tk} tokens"
+        ));
+    }
+    Ok(())
 }
 
 impl Problem {
@@ -180,16 +272,57 @@ impl Problem {
         });
         i
     }
+
+    /// Each sequence as (first row, tokens), rows counted over B and T together: the packed
+    /// sequences of `cu_seqlens`, else the batch's `B` rows of `Tk` tokens.
+    pub fn sequences(&self) -> Vec<(usize, usize)> {
+        match &self.cu_seqlens {
+            Some(cu) => cu.windows(2).map(|w| (w[0], w[1] - w[0])).collect(),
+            None => (0..self.shape.batch)
+                .map(|b| (b * self.shape.tk, self.shape.tk))
+                .collect(),
+        }
+    }
+}
+
+/// Rows `[a, b)` (counted over B and T together) of every per-token tensor of `inputs`, for
+/// a shape whose queries are all its tokens (`Tq == Tk`); the linear weights as they are.
+pub fn token_rows<'a>(inputs: &NsaInputs<'a>, s: &Shape, a: usize, b: usize) -> NsaInputs<'a> {
+    let (kw, vw) = (s.hkv * s.dk, s.hkv * s.dv);
+    let rows = |t: &'a [f32], w: usize| &t[a * w..b * w];
+    let kv = |t: Option<&'a [f32]>, w: usize| t.map(|t| rows(t, w));
+    let mut out = NsaInputs::new(
+        rows(inputs.q, s.hq * s.dk),
+        rows(inputs.k, kw),
+        rows(inputs.v, vw),
+        rows(inputs.gates, s.hq * 3),
+    );
+    (
+        out.k_cmp, out.v_cmp, out.k_slc, out.v_slc, out.k_win, out.v_win,
+    ) = (
+        kv(inputs.k_cmp, kw),
+        kv(inputs.v_cmp, vw),
+        kv(inputs.k_slc, kw),
+        kv(inputs.v_slc, vw),
+        kv(inputs.k_win, kw),
+        kv(inputs.v_win, vw),
+    );
+    out.linear = inputs.linear;
+    out
 }
 
 /// Writes `out`, `block_indices` and any branch outputs; all or nothing (temp file, rename).
+/// `packed` (sequences given by `cu_seqlens`) drops the leading batch dimension of 1, as
+/// FlashAttention's convention has it: `[total, Hq, Dv]` and `[total, Hkv, n]`.
 pub fn write_outputs(
     path: &Path,
     shape: &Shape,
     top_n: usize,
     res: &NsaOutputs,
+    packed: bool,
 ) -> Result<(), String> {
-    let out_shape = shape.out_shape().to_vec();
+    let skip = packed as usize;
+    let out_shape = shape.out_shape()[skip..].to_vec();
     let mut views: Vec<(String, Dtype, Vec<usize>, &[u8])> = vec![(
         "out".into(),
         Dtype::F32,
@@ -200,7 +333,7 @@ pub fn write_outputs(
         views.push((
             "block_indices".into(),
             Dtype::I32,
-            shape.indices_shape(top_n).to_vec(),
+            shape.indices_shape(top_n)[skip..].to_vec(),
             bytemuck::cast_slice(idx),
         ));
     }

@@ -178,10 +178,14 @@ impl ConfigArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// Input safetensors file: q, k, v, gates (+ optional k_cmp … v_win, w_k, pe_k, w_v, pe_v).
+    /// Input safetensors file: q, k, v, gates (+ optional k_cmp … v_win, w_k, pe_k, w_v, pe_v),
+    /// as F32, F16, BF16 or F64. With `cu_seqlens` (integers, [B + 1]) the tensors pack
+    /// sequences of different lengths along T (FlashAttention's convention: q [total, Hq,
+    /// Dk], ...), each run as a sequence of its own.
     #[arg(long)]
     input: std::path::PathBuf,
-    /// Output safetensors file: out, block_indices (+ o_cmp, o_slc, o_win with --branches).
+    /// Output safetensors file: out, block_indices (+ o_cmp, o_slc, o_win with --branches);
+    /// packed like the input where it has `cu_seqlens` ([total, Hq, Dv], [total, Hkv, n]).
     #[arg(long)]
     output: std::path::PathBuf,
     #[command(flatten)]
@@ -217,40 +221,60 @@ fn run(args: &RunArgs) -> Result<(), String> {
         branches: args.branches,
     };
     let start = Instant::now();
+    let seqs = problem.sequences();
+    let packed = problem.cu_seqlens.as_deref();
+    let s = &problem.shape;
     let (res, device) = if args.cpu {
-        let r = nsa_wgpu::cpu::forward(&config, &problem.shape, &inputs, request)
-            .map_err(|e| e.to_string())?;
+        let r = match packed {
+            // Each packed sequence alone, the results concatenated.
+            Some(_) => seqs
+                .iter()
+                .map(|&(a, len)| {
+                    let shape = nsa_wgpu::Shape::prefill(1, len, s.hq, s.hkv, s.dk, s.dv);
+                    let rows = io::token_rows(&inputs, s, a, a + len);
+                    nsa_wgpu::cpu::forward(&config, &shape, &rows, request)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|parts| nsa_wgpu::cache::concat(parts, request)),
+            None => nsa_wgpu::cpu::forward(&config, s, &inputs, request),
+        }
+        .map_err(|e| e.to_string())?;
         (r, "CPU reference".to_string())
     } else {
         let pipe = args.adapter.pipeline()?;
         let precision = args.precision.resolve(&pipe)?;
-        let r = match (args.decode_from, args.chunk) {
-            (None, None) => pollster::block_on(pipe.run_with(
+        let r = match (args.decode_from, args.chunk, packed) {
+            (None, None, None) => {
+                pollster::block_on(pipe.run_with(&config, s, &inputs, request, precision))
+            }
+            (None, None, Some(cu)) => pollster::block_on(pipe.run_varlen_with(
                 &config,
-                &problem.shape,
+                cu,
+                (s.hq, s.hkv, s.dk, s.dv),
                 &inputs,
                 request,
                 precision,
             )),
-            (p, n) => {
-                let s = &problem.shape;
+            (p, n, _) => {
                 if s.tq != s.tk {
                     return Err(format!(
                         "--decode-from/--chunk need Tq == Tk, got Tq = {} and Tk = {}",
                         s.tq, s.tk
                     ));
                 }
-                // The first call covers [0, first), every later one `step` positions.
+                // The first call covers [0, first) of each sequence, every later one `step`
+                // positions.
                 let (first, step) = match (p, n) {
-                    (Some(p), _) => (p.min(s.tk), 1),
+                    (Some(p), _) => (p, 1),
                     (_, Some(0)) => return Err("--chunk must be at least 1".into()),
-                    (_, Some(n)) => (n.min(s.tk), n),
+                    (_, Some(n)) => (n, n),
                     (None, None) => unreachable!("handled above"),
                 };
                 cached::run(
                     &pipe,
                     &config,
                     s,
+                    &seqs,
                     &inputs,
                     request,
                     precision,
@@ -271,7 +295,13 @@ fn run(args: &RunArgs) -> Result<(), String> {
         )
     };
     let took = start.elapsed();
-    io::write_outputs(&args.output, &problem.shape, config.top_n, &res)?;
+    io::write_outputs(
+        &args.output,
+        &problem.shape,
+        config.top_n,
+        &res,
+        packed.is_some(),
+    )?;
     eprintln!("ran on: {device}");
     eprintln!(
         "time: {:.3} ms (including upload and readback)",

@@ -476,6 +476,33 @@ fn decode_bench_with_an_f16_cache_says_so() {
     assert!(!out.contains("-0.000"), "{out}");
 }
 
+/// `nsa run` with the branch outputs, SMALL's blocks and a 24-key window.
+fn small_run(input: &str, out: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        "--input",
+        input,
+        "--output",
+        out,
+        "--branches",
+        "--window",
+        "24",
+    ];
+    args.extend(SMALL);
+    args.extend(extra);
+    nsa(&args)
+}
+
+/// [`small_run`], which must succeed.
+fn small_ok(input: &str, out: &str, extra: &[&str]) {
+    let r = small_run(input, out, extra);
+    assert!(
+        r.status.success(),
+        "{extra:?}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+}
+
 #[test]
 fn decode_from_and_chunk_write_what_a_plain_run_writes() {
     let d = Dir::new();
@@ -485,29 +512,8 @@ fn decode_from_and_chunk_write_what_a_plain_run_writes() {
         false,
     );
     let input = d.s("in.safetensors");
-    let attempt = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "--input",
-            &input,
-            "--output",
-            out,
-            "--branches",
-            "--window",
-            "24",
-        ];
-        args.extend(SMALL);
-        args.extend(extra);
-        nsa(&args)
-    };
-    let go = |out: &str, extra: &[&str]| {
-        let r = attempt(out, extra);
-        assert!(
-            r.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&r.stderr)
-        );
-    };
+    let attempt = |out: &str, extra: &[&str]| small_run(&input, out, extra);
+    let go = |out: &str, extra: &[&str]| small_ok(&input, out, extra);
     let (plain, dec, chk) = (
         d.s("plain.safetensors"),
         d.s("dec.safetensors"),
@@ -584,4 +590,177 @@ fn precision_f16_is_within_f16_tolerance_of_f32() {
         worst <= 2e-2 && worst > 0.0,
         "f16 vs f32 max abs difference {worst}"
     );
+}
+
+/// Writes tensors given as raw little-endian bytes with their dtypes.
+fn write_raw(path: &Path, tensors: &[Raw]) {
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (*n, TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+type Raw = (&'static str, Dtype, Vec<usize>, Vec<u8>);
+
+/// `ts` as F32 tensors for write_raw.
+fn raw_f32(ts: &[T]) -> Vec<Raw> {
+    ts.iter()
+        .map(|t| (t.name, Dtype::F32, t.shape.clone(), f32_bytes(&t.data)))
+        .collect()
+}
+
+/// A packed file: `ts` (rank 3, [total, H, D]) and `cu_seqlens` as I64.
+fn write_packed(path: &Path, ts: &[T], cu: &[i64]) {
+    let mut raw = raw_f32(ts);
+    let cu_bytes = cu.iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw.push(("cu_seqlens", Dtype::I64, vec![cu.len()], cu_bytes));
+    write_raw(path, &raw);
+}
+
+#[test]
+fn packed_sequences_write_what_each_sequence_alone_writes() {
+    let d = Dir::new();
+    // Awkward lengths: a one-token sequence, one under a compression block, one crossing
+    // many selection blocks and the window.
+    let lens = [37usize, 1, 150, 6, 20];
+    let (hq, hkv, dk, dv) = (4, 2, 12, 8);
+    let total: usize = lens.iter().sum();
+    let packed = [
+        t("q", &[total, hq, dk], 11),
+        t("k", &[total, hkv, dk], 12),
+        t("v", &[total, hkv, dv], 13),
+        t("gates", &[total, hq, 3], 14),
+    ];
+    let mut cu = vec![0i64];
+    for l in lens {
+        cu.push(cu.last().unwrap() + l as i64);
+    }
+    write_packed(&d.p("packed.safetensors"), &packed, &cu);
+    let run = small_ok;
+    let input = d.s("packed.safetensors");
+    let outs = ["gpu", "cpu", "chunk", "dec"].map(|n| d.s(&format!("{n}.safetensors")));
+    run(&input, &outs[0], &[]);
+    run(&input, &outs[1], &["--cpu"]);
+    run(&input, &outs[2], &["--chunk", "7"]);
+    run(&input, &outs[3], &["--decode-from", "30"]);
+    for o in &outs[1..] {
+        assert_same(Path::new(&outs[0]), Path::new(o), 1e-4);
+    }
+    // Packed outputs: [total, Hq, Dv] and [total, Hkv, n].
+    let got = read(Path::new(&outs[0]));
+    let find = |name: &str| got.iter().find(|x| x.0 == name).unwrap();
+    assert_eq!(find("out").1, vec![total, hq, dv]);
+    assert_eq!(find("block_indices").1, vec![total, hkv, 5]);
+    // Each sequence alone, as a batch of one: the same rows.
+    let mut a = 0;
+    for (i, len) in lens.into_iter().enumerate() {
+        let alone: Vec<T> = packed
+            .iter()
+            .map(|p| {
+                let w: usize = p.shape[1..].iter().product();
+                T {
+                    name: p.name,
+                    shape: [&[1, len][..], &p.shape[1..]].concat(),
+                    data: p.data[a * w..(a + len) * w].to_vec(),
+                }
+            })
+            .collect();
+        let (inp, out) = (
+            d.s(&format!("in{i}.safetensors")),
+            d.s(&format!("o{i}.safetensors")),
+        );
+        write(Path::new(&inp), &alone, false);
+        run(&inp, &out, &[]);
+        for (name, shape, dtype, bytes) in read(Path::new(&out)) {
+            let (_, pshape, _, pbytes) = find(&name);
+            let w = 4 * pshape[1..].iter().product::<usize>();
+            assert_eq!(&shape[2..], &pshape[1..], "{name}");
+            let rows = &pbytes[a * w..(a + len) * w];
+            if dtype == Dtype::I32 {
+                assert_eq!(rows, &bytes[..], "sequence {i}: {name}");
+            } else {
+                let worst = f32s(rows)
+                    .iter()
+                    .zip(f32s(&bytes))
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4, "sequence {i}: {name} differs by {worst}");
+            }
+        }
+        a += len;
+    }
+}
+
+#[test]
+fn packed_and_f64_inputs_are_checked_and_read() {
+    let d = Dir::new();
+    let packed = [
+        t("q", &[30, 4, 8], 21),
+        t("k", &[30, 2, 8], 22),
+        t("v", &[30, 2, 8], 23),
+        t("gates", &[30, 4, 3], 24),
+    ];
+    let bad = |name: &str, cu: &[i64], want: &str| {
+        let f = d.s(name);
+        write_packed(Path::new(&f), &packed, cu);
+        fails(&d, &f, &[], want);
+    };
+    bad(
+        "short.safetensors",
+        &[0, 10, 29],
+        "ends at 29, but the tensors hold 30",
+    );
+    bad(
+        "empty.safetensors",
+        &[0, 10, 10, 30],
+        "cu_seqlens[2] = 10 is not above",
+    );
+    bad("start.safetensors", &[3, 10, 30], "cu_seqlens[0] = 3");
+    bad("one.safetensors", &[0], "expected B + 1 >= 2");
+    bad("negative.safetensors", &[0, -4, 30], "must be non-negative");
+    let bad_raw = |name: &str, raw: &[Raw], want: &str| {
+        write_raw(&d.p(name), raw);
+        fails(&d, &d.s(name), &[], want);
+    };
+    // Offsets as floats, and floats as integers.
+    let mut raw = raw_f32(&packed);
+    raw.push(("cu_seqlens", Dtype::F32, vec![2], f32_bytes(&[0.0, 30.0])));
+    bad_raw("fcu.safetensors", &raw, "expected I32, I64, U32 or U64");
+    raw.pop();
+    raw[0].1 = Dtype::I32;
+    bad_raw("iq.safetensors", &raw, "only `cu_seqlens` holds integers");
+    // A batch of two with offsets.
+    let mut raw = raw_f32(&standard(2, 15, 15, 4, 2, 8, 8));
+    let cu = [0i32, 15].iter().flat_map(|v| v.to_le_bytes()).collect();
+    raw.push(("cu_seqlens", Dtype::I32, vec![2], cu));
+    bad_raw("b2.safetensors", &raw, "got B = 2");
+    // F64 inputs: the values as f32 holds them, the same outputs bit for bit.
+    let ts = standard(1, 40, 40, 4, 2, 8, 8);
+    write(&d.p("f32.safetensors"), &ts, false);
+    let raw: Vec<Raw> = ts
+        .iter()
+        .map(|t| {
+            let b = t
+                .data
+                .iter()
+                .flat_map(|&v| (v as f64).to_le_bytes())
+                .collect();
+            (t.name, Dtype::F64, t.shape.clone(), b)
+        })
+        .collect();
+    write_raw(&d.p("f64.safetensors"), &raw);
+    for name in ["f32", "f64"] {
+        let (i, o) = (
+            d.s(&format!("{name}.safetensors")),
+            d.s(&format!("{name}.out")),
+        );
+        let r = nsa(&["run", "--input", &i, "--output", &o]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    assert_same(&d.p("f32.out"), &d.p("f64.out"), 0.0);
 }
