@@ -5,7 +5,7 @@ use js_sys::{Array, Float32Array, Int32Array, Object, Reflect};
 use nsa_wgpu::cpu;
 use nsa_wgpu::{
     CacheOptions, Compression, GpuContext, NsaCache, NsaConfig, NsaInputs, NsaOutputs, NsaPipeline,
-    OutputRequest, SeqChunk, Shape,
+    OutputRequest, Precision, SeqChunk, Shape,
 };
 use wasm_bindgen::prelude::*;
 
@@ -29,6 +29,29 @@ fn get_usize(obj: &JsValue, name: &str, default: usize) -> Result<usize, JsError
     }
 }
 
+/// The `precision` option: `"f32"` (the default), `"f16"` (inputs and KV cache stored as
+/// f16, f32 arithmetic; needs the adapter's `shader-f16`) or `"auto"` (f16 where the
+/// adapter has it).
+fn precision(opts: &JsValue, pipe: &NsaPipeline) -> Result<Precision, JsError> {
+    let v = Reflect::get(opts, &JsValue::from_str("precision")).unwrap_or(JsValue::UNDEFINED);
+    if v.is_undefined() {
+        return Ok(Precision::F32);
+    }
+    let f16 = pipe.supports(Precision::F16);
+    match v.as_string().as_deref() {
+        Some("f32") => Ok(Precision::F32),
+        Some("f16") if f16 => Ok(Precision::F16),
+        Some("f16") => Err(JsError::new(&format!(
+            "precision \"f16\" needs shader-f16, which this adapter lacks ({}); \"auto\" falls back to f32",
+            pipe.context().describe()
+        ))),
+        Some("auto") => Ok(if f16 { Precision::F16 } else { Precision::F32 }),
+        _ => Err(JsError::new(&format!(
+            "option `precision` must be \"f32\", \"f16\" or \"auto\", got {v:?}"
+        ))),
+    }
+}
+
 fn set(obj: &Object, name: &str, value: impl Into<JsValue>) {
     // Setting a property on a fresh plain object cannot fail.
     let _ = Reflect::set(obj, &JsValue::from_str(name), &value.into());
@@ -48,6 +71,7 @@ pub struct NsaSession {
     pipe: NsaPipeline,
     config: NsaConfig,
     shape: Shape,
+    precision: Precision,
     last: Option<LastRun>,
     cache: Option<NsaCache>,
 }
@@ -74,8 +98,9 @@ fn now_ms() -> f64 {
 #[wasm_bindgen]
 impl NsaSession {
     /// `await NsaSession.create({t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN,
-    /// initBlocks, localBlocks, window, scale})`: picks the browser's WebGPU adapter and
-    /// compiles the kernels. Missing config fields take the paper's defaults.
+    /// initBlocks, localBlocks, window, scale, precision})`: picks the browser's WebGPU adapter
+    /// and compiles the kernels. Missing config fields take the paper's defaults; `precision`
+    /// is `"f32"` (default), `"f16"` (storage, where the adapter has `shader-f16`) or `"auto"`.
     pub async fn create(opts: JsValue) -> Result<NsaSession, JsError> {
         console_error_panic_hook::set_once();
         let d = NsaConfig::default();
@@ -103,11 +128,13 @@ impl NsaSession {
         shape.validate().map_err(err)?;
         let ctx = GpuContext::new().await.map_err(err)?;
         let pipe = NsaPipeline::new(&ctx).await.map_err(err)?;
+        let precision = precision(&opts, &pipe)?;
         pipe.plan(&config, &shape).map_err(err)?;
         Ok(NsaSession {
             pipe,
             config,
             shape,
+            precision,
             last: None,
             cache: None,
         })
@@ -119,7 +146,8 @@ impl NsaSession {
         self.pipe.context().describe()
     }
 
-    /// `{t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN, window, nCmp}` of the session.
+    /// `{t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN, window, nCmp, precision}` of
+    /// the session (`precision`: `"f32"` or `"f16"`, what `"auto"` resolved to).
     pub fn layout(&self) -> Object {
         let (s, c) = (&self.shape, &self.config);
         let o = Object::new();
@@ -140,11 +168,17 @@ impl NsaSession {
         ] {
             set(&o, k, v as f64);
         }
+        let p = match self.precision {
+            Precision::F16 => "f16",
+            Precision::F32 => "f32",
+        };
+        set(&o, "precision", p);
         o
     }
 
-    /// `await session.run(q, k, v, gates)` on WebGPU: resolves to `{out, blockIndices, oCmp,
-    /// oSlc, oWin, ms}` (`ms`: wall time of the call, upload and readback included).
+    /// `await session.run(q, k, v, gates)` on WebGPU, the inputs stored at the session's
+    /// precision: resolves to `{out, blockIndices, oCmp, oSlc, oWin, ms}` (`ms`: wall time of
+    /// the call, upload and readback included).
     pub async fn run(
         &mut self,
         q: Float32Array,
@@ -157,7 +191,13 @@ impl NsaSession {
         let start = now_ms();
         let r = self
             .pipe
-            .run(&self.config, &self.shape, &inputs, OutputRequest::all())
+            .run_with(
+                &self.config,
+                &self.shape,
+                &inputs,
+                OutputRequest::all(),
+                self.precision,
+            )
             .await
             .map_err(err)?;
         let ms = now_ms() - start;
@@ -298,7 +338,7 @@ impl NsaSession {
                 capacity: 1024,
                 max_capacity: 1 << 20,
                 independent_kv: false,
-                precision: nsa_wgpu::Precision::F32,
+                precision: self.precision,
             };
             self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, None).map_err(err)?);
         }

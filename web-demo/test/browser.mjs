@@ -3,7 +3,7 @@
 // runs NSA through the page's API on a small input and checks `out` and `blockIndices`
 // against the CPU reference compiled into the same wasm, runs the same call in a Web Worker,
 // checks decode steps against the
-// prefill rows, then runs the demo UI, saves a screenshot of the rendered pattern
+// prefill rows and the `precision` option, then runs the demo UI, saves a screenshot of the rendered pattern
 // (test/screenshot.png) and fails if the page logged an error.
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -87,7 +87,22 @@ try {
     let workerWorst = 0, workerMismatches = 0;
     for (let i = 0; i < ref.out.length; i++) workerWorst = Math.max(workerWorst, Math.abs(w.out[i] - ref.out[i]));
     for (let i = 0; i < ref.blockIndices.length; i++) if (w.blockIndices[i] !== ref.blockIndices[i]) workerMismatches++;
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches };
+    // Precision: "auto" takes f16 where the adapter has shader-f16; "f16" runs within f16's
+    // tolerance there and is refused, naming the feature, where not; other values are refused.
+    const opts = { ...shape, cmpBlock: 16, cmpStride: 8, selBlock: 32, topN: 5, window: 40 };
+    const auto = (await window.nsaWgpu.createSession({ ...opts, precision: "auto" })).layout().precision;
+    let f16 = "";
+    try {
+      const h = await window.nsaWgpu.createSession({ ...opts, precision: "f16" });
+      const r = await h.run(inp.q, inp.k, inp.v, inp.gates);
+      let hw = 0;
+      for (let i = 0; i < ref.out.length; i++) hw = Math.max(hw, Math.abs(r.out[i] - ref.out[i]));
+      f16 = `ran: layout says ${h.layout().precision}, max abs error ${hw}`;
+      if (h.layout().precision !== "f16" || !(hw <= 1e-2)) f16 = `wrong: ${f16}`;
+    } catch (e) { f16 = `refused: ${String(e.message || e)}`; }
+    let bogus = "";
+    try { await window.nsaWgpu.createSession({ ...opts, precision: "f64" }); } catch (e) { bogus = String(e.message || e); }
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -97,6 +112,11 @@ try {
   if (api.mismatches !== 0) fail(`${api.mismatches} block indices differ from the reference`);
   if (!(api.decodeWorst <= 1e-4)) fail(`decode rows differ from prefill by ${api.decodeWorst}`);
   if (!api.rejected.includes("shape mismatch for `q`")) fail(`a wrong shape was not rejected clearly: "${api.rejected}"`);
+  console.log(`precision: "auto" -> ${api.auto}; "f16" ${api.f16}`);
+  if (api.auto === "f16" ? !api.f16.startsWith("ran:") : !(api.auto === "f32" && api.f16.includes("shader-f16"))) {
+    fail(`precision: "auto" gave ${api.auto}, "f16" ${api.f16}`);
+  }
+  if (!api.bogus.includes("option `precision`")) fail(`a bad precision was not rejected clearly: "${api.bogus}"`);
   console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
   if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
