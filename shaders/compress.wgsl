@@ -2,14 +2,17 @@
 // `src`, by their mean or by sum_j W[h][j]^T (x_j + pe[h][j]). One workgroup per
 // (batch, token, head), each invocation owning two output columns; for Linear, each input
 // row is staged once in workgroup memory and shared by every column, and each column's sum
-// over the row's D inputs takes four of them per loop iteration (in the same order as one
+// over the row's D inputs takes eight of them per loop iteration (in the same order as one
 // at a time).
 //
 // Why so few loop iterations per invocation: software Vulkan (Mesa's llvmpipe) ends every
 // loop of an invocation once they have taken 65,535 iterations together, silently. With 4
 // columns per invocation and one input per iteration, Linear at l = 64, D = 256 needed
-// 65,536 and returned partial sums there; now it is about l * D / 2 (l up to about 500 at
-// D = 256). 128 invocations: what every adapter the pipeline accepts has.
+// 65,536 and returned partial sums there; with 2 columns and 4 inputs per iteration l = 512
+// at D = 256 still did (l * (5 + D / 2)). Now it is at most 4 + l * (5 + 2 * (D / 8 + D %
+// 8)) (`Plan::compress_iterations`; l up to 949 at D = 256), and plans for an adapter with
+// `DeviceLimits::loop_iterations` refuse larger l. 128 invocations: what every adapter the
+// pipeline accepts has.
 
 #import input
 #import params
@@ -81,16 +84,20 @@ fn main(
 }
 
 // `s` plus column e of the staged row times W's rows pb .. pb + dim (one block position's
-// [D, D] slice), the inputs in order, four per iteration.
+// [D, D] slice), the inputs in order, eight per iteration.
 fn linear_column(s0: f32, pb: u32, dim: u32, e: u32) -> f32 {
     var s = s0;
-    let whole = dim / 4u * 4u;
-    for (var din = 0u; din < whole; din += 4u) {
+    let whole = dim / 8u * 8u;
+    for (var din = 0u; din < whole; din += 8u) {
         let at = (pb + din) * dim + e;
         s += w[at] * xrow[din];
         s += w[at + dim] * xrow[din + 1u];
         s += w[at + 2u * dim] * xrow[din + 2u];
         s += w[at + 3u * dim] * xrow[din + 3u];
+        s += w[at + 4u * dim] * xrow[din + 4u];
+        s += w[at + 5u * dim] * xrow[din + 5u];
+        s += w[at + 6u * dim] * xrow[din + 6u];
+        s += w[at + 7u * dim] * xrow[din + 7u];
     }
     for (var din = whole; din < dim; din++) {
         s += w[(pb + din) * dim + e] * xrow[din];

@@ -9,7 +9,10 @@ use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{top_list_len, KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
-use crate::plan::{DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES};
+use crate::plan::{
+    DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES,
+    LLVMPIPE_LOOP_ITERATIONS,
+};
 use crate::shaders::{Kept, Variant};
 
 /// A device and queue to run on, and what adapter they came from.
@@ -249,6 +252,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         kept_scores: DEFAULT_KEPT_SCORES,
         tensor_cores: false,
         max_key_tiles: 0,
+        loop_iterations: 0,
     }
 }
 
@@ -576,6 +580,11 @@ impl NsaPipeline {
             limits: DeviceLimits {
                 max_key_tiles: if loops_capped(ctx) {
                     LLVMPIPE_KEY_TILES
+                } else {
+                    0
+                },
+                loop_iterations: if loops_capped(ctx) {
+                    LLVMPIPE_LOOP_ITERATIONS
                 } else {
                     0
                 },

@@ -49,7 +49,16 @@ pub struct DeviceLimits {
     /// decode steps; where the most splits a binding holds cannot bring a range within it,
     /// the plan fails with [`NsaError::ExceedsLimit`] rather than compute partial sums.
     pub max_key_tiles: u64,
+    /// Not a WebGPU limit: loop iterations one invocation may take in all, 0 for any number
+    /// ([`LLVMPIPE_LOOP_ITERATIONS`] on llvmpipe, which silently ends the loops there).
+    /// Linear compression's kernel takes [`Plan::compress_iterations`]; a config past this
+    /// is [`NsaError::ExceedsLimit`] rather than partial sums.
+    pub loop_iterations: u64,
 }
+
+/// [`DeviceLimits::loop_iterations`] on Mesa's llvmpipe: 65,535, after which it ends an
+/// invocation's loops (tests/gpu.rs `long_linear_l512`).
+pub const LLVMPIPE_LOOP_ITERATIONS: u64 = 65_535;
 
 /// [`DeviceLimits::max_key_tiles`] on llvmpipe. Dense attention on it (Mesa 22.3, Hq = Hkv
 /// = 1; a throwaway check of the last 64 rows, whose D = 128 case tests/gpu
@@ -79,6 +88,7 @@ impl Default for DeviceLimits {
             kept_scores: DEFAULT_KEPT_SCORES,
             tensor_cores: false,
             max_key_tiles: 0,
+            loop_iterations: 0,
         }
     }
 }
@@ -907,8 +917,28 @@ impl Plan {
         (m * m).min(u32::MAX as u64)
     }
 
+    /// Loop iterations one invocation of the compression kernel takes at most, for heads of
+    /// `dim` (`shaders/compress.wgsl`: per block row, the row's two column loops, each
+    /// column's sum over eight inputs per iteration and the rest one at a time).
+    pub fn compress_iterations(&self, dim: usize) -> u64 {
+        let per_row = match self.config.compression {
+            Compression::Linear => 5 + 2 * (dim / 8 + dim % 8),
+            Compression::Mean => 3,
+        };
+        4 + (self.config.cmp_block * per_row) as u64
+    }
+
     fn plan_compress(&mut self) -> Result<()> {
         let s = self.shape;
+        let cap = self.limits.loop_iterations;
+        let needed = self.compress_iterations(s.dk.max(s.dv));
+        if cap != 0 && needed > cap {
+            return Err(NsaError::ExceedsLimit {
+                what: "loop_iterations (compression: a block's rows times the head's inputs per invocation; llvmpipe ends an invocation's loops after 65,535 iterations)",
+                needed,
+                limit: cap,
+            });
+        }
         let rows = self.cache.unwrap_or_default();
         let c_count = self.n_cmp.saturating_sub(rows.cmp_done);
         if c_count == 0 {

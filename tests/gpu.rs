@@ -372,6 +372,16 @@ fn long_linear() -> NsaConfig {
     }
 }
 
+/// Linear compression of 512-row blocks of 256-wide keys (128 Mi weights): the kernel's
+/// column loops took l * (5 + D / 2) = 68,096 iterations per invocation at four inputs per
+/// step, past llvmpipe's 65,535 (partial sums there); at eight, 35,332.
+fn linear_l512() -> NsaConfig {
+    NsaConfig {
+        cmp_block: 512,
+        ..long_linear()
+    }
+}
+
 /// Selection blocks of 600 strides beside compressed tokens of 3: a block's 602 pieces
 /// overflow the selection's token tile (512), so it scores them in windows.
 fn long_blocks() -> NsaConfig {
@@ -436,6 +446,7 @@ cases! {
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
     long_linear_t150_hq2_hkv1_dk256_dv256: long_linear(), [1, 150, 150, 2, 1, 256, 256], false;
+    long_linear_l512_t544_hq2_hkv1_dk256_dv16: linear_l512(), [1, 544, 544, 2, 1, 256, 16], false;
     branch_kv_t150_hq4_hkv2_dk16_dv16_small: small(), [1, 150, 150, 4, 2, 16, 16], true;
     fla_like_t100_hq2_hkv1_dk16_dv16: fla_like(), [1, 100, 100, 2, 1, 16, 16], false;
     many_blocks_t2100_hq4_hkv2_dk16_dv16: many_blocks(), [1, 2100, 2100, 4, 2, 16, 16], false;
@@ -1937,6 +1948,27 @@ fn capped_key_tiles_split_every_branch_and_match_the_reference() {
         0
     };
     assert_eq!(pipe.limits().max_key_tiles, want, "{}", info.name);
+    // And caps the loop iterations a plan may ask of one invocation: Linear compression of
+    // blocks too long for it is an error there, not partial sums.
+    let loops = if llvmpipe {
+        nsa_wgpu::LLVMPIPE_LOOP_ITERATIONS
+    } else {
+        0
+    };
+    assert_eq!(pipe.limits().loop_iterations, loops, "{}", info.name);
+    let too_long = NsaConfig {
+        cmp_block: 1024,
+        ..long_linear()
+    };
+    let r = pipe.plan(&too_long, &Shape::prefill(1, 1100, 2, 1, 256, 16));
+    if llvmpipe {
+        assert!(
+            matches!(&r, Err(NsaError::ExceedsLimit { what, .. }) if what.starts_with("loop_iterations")),
+            "{r:?}"
+        );
+    } else {
+        assert!(r.is_ok(), "{r:?}");
+    }
     pipe.set_max_key_tiles(2);
     let shape = Shape::prefill(1, 1500, 4, 2, 16, 16);
     let plan = pipe.plan(&many_blocks(), &shape).expect("plan");

@@ -4,7 +4,7 @@ mod common;
 
 use common::random_long_config;
 use nsa_wgpu::kernels::KernelId;
-use nsa_wgpu::{DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
+use nsa_wgpu::{Compression, DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
 
 fn field_of(r: Result<(), NsaError>) -> &'static str {
     match r {
@@ -1254,6 +1254,35 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
     let (what, needed, limit) = exceeded(Plan::dense(&long, None, &one));
     assert!(what.starts_with("max_key_tiles"), "{what}");
     assert!(needed > limit && limit == 1, "{needed} {limit}");
+}
+
+#[test]
+fn a_loop_cap_bounds_linear_compression_blocks() {
+    // llvmpipe ends an invocation's loops after 65,535 iterations: Linear compression takes
+    // 4 + l * (5 + 2 * (D / 8 + D % 8)) of them, 69 per row at D = 256, so l = 944 fits and
+    // l = 960 does not. Elsewhere (no cap) any l plans.
+    let capped = DeviceLimits {
+        loop_iterations: nsa_wgpu::LLVMPIPE_LOOP_ITERATIONS,
+        ..DeviceLimits::default()
+    };
+    let linear = |l: usize| NsaConfig {
+        cmp_block: l,
+        cmp_stride: 16,
+        sel_block: 64,
+        compression: Compression::Linear,
+        ..NsaConfig::default()
+    };
+    let shape = Shape::prefill(1, 1024, 2, 1, 256, 16);
+    let fits = Plan::new(&linear(944), &shape, &capped).unwrap();
+    assert_eq!(fits.compress_iterations(256), 4 + 944 * 69);
+    let (what, needed, limit) = exceeded(Plan::new(&linear(960), &shape, &capped));
+    assert!(what.starts_with("loop_iterations (compression"), "{what}");
+    assert_eq!((needed, limit), (4 + 960 * 69, 65_535));
+    Plan::new(&linear(960), &shape, &DeviceLimits::default()).unwrap();
+    // The widest head counts (Dv here), and D % 8 adds its single steps.
+    let wide_v = Shape::prefill(1, 1024, 2, 1, 16, 252);
+    let (_, needed, _) = exceeded(Plan::new(&linear(960), &wide_v, &capped));
+    assert_eq!(needed, 4 + 960 * (5 + 2 * (31 + 4)));
 }
 
 #[test]
