@@ -1,16 +1,20 @@
 // Blockwise compression: compressed token i of kv head h summarises rows [i*d, i*d + l) of
-// `src`, by their mean or by sum_j W[h][j]^T (x_j + pe[h][j]). One workgroup per
-// (batch, token, head), each invocation owning two output columns; for Linear, each input
-// row is staged once in workgroup memory and shared by every column, and each column's sum
-// over the row's D inputs takes eight of them per loop iteration (in the same order as one
-// at a time).
+// `src`, by their mean or by sum_j W[h][j]^T (x_j + pe[h][j]). One workgroup per (batch,
+// head) and token, or for Linear per TOKENS consecutive tokens (`params.q_block`), each
+// invocation owning two output columns. For Linear, the workgroup's rows at block position
+// j (one per token) are staged in workgroup memory and shared by every column, and each
+// weight W[h][j][din][e] is loaded once for all of them; each column's sum over a row's D
+// inputs takes eight of them per loop iteration, in the same order as one at a time. On an
+// H200 (f16, D = 128, 64k) one token per workgroup took 5.5 ms to compress with Linear,
+// reading the whole W slice of its head from L2 for every token.
 //
 // Why so few loop iterations per invocation: software Vulkan (Mesa's llvmpipe) ends every
 // loop of an invocation once they have taken 65,535 iterations together, silently. With 4
 // columns per invocation and one input per iteration, Linear at l = 64, D = 256 needed
 // 65,536 and returned partial sums there; with 2 columns and 4 inputs per iteration l = 512
-// at D = 256 still did (l * (5 + D / 2)). Now it is at most 4 + l * (5 + 2 * (D / 8 + D %
-// 8)) (`Plan::compress_iterations`; l up to 949 at D = 256), and plans for an adapter with
+// at D = 256 still did (l * (5 + D / 2)). Now the tokens share every loop iteration, and an
+// invocation takes at most 12 + l * (3 + ceil(TOKENS * D / 128) + 2 * (D / 8 + D % 8))
+// (`Plan::compress_iterations`; l up to 873 at D = 256); plans for an adapter with
 // `DeviceLimits::loop_iterations` refuse larger l. 128 invocations: what every adapter the
 // pipeline accepts has.
 
@@ -23,9 +27,22 @@
 @group(0) @binding(4) var<storage, read> pe: array<f32>;          // [Hkv, l, D] (Linear)
 
 const WG: u32 = 128u;
-const PER: u32 = 2u;  // columns per invocation: WG * PER = 256, the largest D
+const PER: u32 = 2u;       // columns per invocation: WG * PER = 256, the largest D
+const RS: u32 = WG * PER;  // staged row stride
+// Linear's tokens per workgroup (Rust's `COMPRESS_TOKENS`): their rows at one block
+// position share each weight load.
+const TOKENS: u32 = 4u;
 
-var<workgroup> xrow: array<f32, WG * PER>;
+// The workgroup's staged rows at one block position: token t at t * RS.
+var<workgroup> xrow: array<f32, TOKENS * RS>;
+
+// Per column (of PER), the running sums of the workgroup's TOKENS tokens.
+struct Sums {
+    t0: f32,
+    t1: f32,
+    t2: f32,
+    t3: f32,
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -39,68 +56,102 @@ fn main(
     }
     let dim = params.dim;
     let l = params.cmp_block;
+    let per_wg = params.q_block;
+    let groups = (params.c_count + per_wg - 1u) / per_wg;
     let h = wid % params.hkv;
     let rest = wid / params.hkv;
-    let i = params.c_start + rest % params.c_count;
-    let bb = rest / params.c_count;
-    var accum: array<f32, PER>;
+    let i0 = params.c_start + (rest % groups) * per_wg;
+    let bb = rest / groups;
+    // Tokens of this workgroup: i0 .. i0 + nt.
+    let nt = min(per_wg, params.c_start + params.c_count - i0);
+    let row0 = (bb * params.k_stride + i0 * params.cmp_stride) * params.hkv + h;
+    var sums: array<Sums, PER>;
     for (var a = 0u; a < PER; a++) {
-        accum[a] = 0.0;
+        sums[a] = Sums(0.0, 0.0, 0.0, 0.0);
     }
     for (var j = 0u; j < l; j++) {
-        let sb = params.off_k + ((bb * params.k_stride + i * params.cmp_stride + j) * params.hkv + h) * dim;
         if params.linear == 0u {
+            let sb = params.off_k + (row0 + j * params.hkv) * dim;
             for (var a = 0u; a < PER; a++) {
                 let e = lid + a * WG;
                 if e < dim {
-                    accum[a] += f32(src[sb + e]);
+                    sums[a].t0 += f32(src[sb + e]);
                 }
             }
         } else {
+            // Row j of each token (zeros past the workgroup's tokens), plus pe.
             let pb = (h * l + j) * dim;
-            for (var a = 0u; a < PER; a++) {
-                let e = lid + a * WG;
-                if e < dim {
-                    xrow[e] = f32(src[sb + e]) + pe[pb + e];
+            for (var x = lid; x < TOKENS * dim; x += WG) {
+                let t = x / dim;
+                let e = x % dim;
+                let row = row0 + (t * params.cmp_stride + j) * params.hkv;
+                var v = 0.0;
+                if t < nt {
+                    v = f32(src[params.off_k + row * dim + e]) + pe[pb + e];
                 }
+                xrow[t * RS + e] = v;
             }
             workgroupBarrier();
             for (var a = 0u; a < PER; a++) {
                 let e = lid + a * WG;
                 if e < dim {
-                    accum[a] = linear_column(accum[a], pb, dim, e);
+                    sums[a] = linear_columns(sums[a], pb, dim, e);
                 }
             }
             workgroupBarrier();
         }
     }
-    let db = params.off_kc + ((bb * params.c_stride + i) * params.hkv + h) * dim;
     for (var a = 0u; a < PER; a++) {
         let e = lid + a * WG;
         if e < dim {
-            dst[db + e] = in_t(select(accum[a], accum[a] / f32(l), params.linear == 0u));
+            let s = sums[a];
+            let got = array<f32, TOKENS>(s.t0, s.t1, s.t2, s.t3);
+            for (var t = 0u; t < nt; t++) {
+                let db = params.off_kc + ((bb * params.c_stride + i0 + t) * params.hkv + h) * dim;
+                dst[db + e] = in_t(select(got[t], got[t] / f32(l), params.linear == 0u));
+            }
         }
     }
 }
 
-// `s` plus column e of the staged row times W's rows pb .. pb + dim (one block position's
-// [D, D] slice), the inputs in order, eight per iteration.
-fn linear_column(s0: f32, pb: u32, dim: u32, e: u32) -> f32 {
+// `s` plus, for each token, its staged row times column e of W's rows pb .. pb + dim (one
+// block position's [D, D] slice), the inputs in order, eight per iteration; each weight is
+// loaded once for the four tokens.
+fn linear_columns(s0: Sums, pb: u32, dim: u32, e: u32) -> Sums {
     var s = s0;
     let whole = dim / 8u * 8u;
     for (var din = 0u; din < whole; din += 8u) {
         let at = (pb + din) * dim + e;
-        s += w[at] * xrow[din];
-        s += w[at + dim] * xrow[din + 1u];
-        s += w[at + 2u * dim] * xrow[din + 2u];
-        s += w[at + 3u * dim] * xrow[din + 3u];
-        s += w[at + 4u * dim] * xrow[din + 4u];
-        s += w[at + 5u * dim] * xrow[din + 5u];
-        s += w[at + 6u * dim] * xrow[din + 6u];
-        s += w[at + 7u * dim] * xrow[din + 7u];
+        let wv = array<f32, 8>(
+            w[at], w[at + dim], w[at + 2u * dim], w[at + 3u * dim],
+            w[at + 4u * dim], w[at + 5u * dim], w[at + 6u * dim], w[at + 7u * dim],
+        );
+        s.t0 = step8(s.t0, 0u, din, wv);
+        s.t1 = step8(s.t1, RS, din, wv);
+        s.t2 = step8(s.t2, 2u * RS, din, wv);
+        s.t3 = step8(s.t3, 3u * RS, din, wv);
     }
     for (var din = whole; din < dim; din++) {
-        s += w[(pb + din) * dim + e] * xrow[din];
+        let wd = w[(pb + din) * dim + e];
+        s.t0 += wd * xrow[din];
+        s.t1 += wd * xrow[RS + din];
+        s.t2 += wd * xrow[2u * RS + din];
+        s.t3 += wd * xrow[3u * RS + din];
     }
+    return s;
+}
+
+// `s` plus the staged inputs din .. din + 7 at `base` times `wv`, one at a time in order.
+fn step8(s0: f32, base: u32, din: u32, wv: array<f32, 8>) -> f32 {
+    let x = base + din;
+    var s = s0;
+    s += wv[0] * xrow[x];
+    s += wv[1] * xrow[x + 1u];
+    s += wv[2] * xrow[x + 2u];
+    s += wv[3] * xrow[x + 3u];
+    s += wv[4] * xrow[x + 4u];
+    s += wv[5] * xrow[x + 5u];
+    s += wv[6] * xrow[x + 6u];
+    s += wv[7] * xrow[x + 7u];
     return s;
 }

@@ -183,7 +183,8 @@ impl KernelId {
     /// 256).
     pub fn fixed_workgroup_bytes(self, rows: u32, kv_tile: u32, top_list: u32) -> u32 {
         match self {
-            KernelId::Compress => 256 * 4,
+            // xrow: COMPRESS_TOKENS rows of 256
+            KernelId::Compress => crate::plan::COMPRESS_TOKENS as u32 * 256 * 4,
             // partial, lse_s, pbuf, bscore, 4 top lists, entering
             KernelId::Select => ((16 * rows).max(256) + rows + 512 + 128 + 4 * top_list + 1) * 4,
             // split_m, split_l, weight, stat_m, stat_l (three parts each)

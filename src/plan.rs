@@ -56,6 +56,10 @@ pub struct DeviceLimits {
     pub loop_iterations: u64,
 }
 
+/// Linear compression's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`), which
+/// share each load of the weights.
+pub const COMPRESS_TOKENS: usize = 4;
+
 /// [`DeviceLimits::loop_iterations`] on Mesa's llvmpipe: 65,535, after which it ends an
 /// invocation's loops (tests/gpu.rs `long_linear_l512`).
 pub const LLVMPIPE_LOOP_ITERATIONS: u64 = 65_535;
@@ -922,10 +926,21 @@ impl Plan {
     /// column's sum over eight inputs per iteration and the rest one at a time).
     pub fn compress_iterations(&self, dim: usize) -> u64 {
         let per_row = match self.config.compression {
-            Compression::Linear => 5 + 2 * (dim / 8 + dim % 8),
+            Compression::Linear => {
+                3 + (COMPRESS_TOKENS * dim).div_ceil(128) + 2 * (dim / 8 + dim % 8)
+            }
             Compression::Mean => 3,
         };
-        4 + (self.config.cmp_block * per_row) as u64
+        12 + (self.config.cmp_block * per_row) as u64
+    }
+
+    /// Compressed tokens per workgroup of the compression kernel: [`COMPRESS_TOKENS`] for
+    /// Linear (they share each weight load), 1 for Mean.
+    fn compress_tokens(&self) -> usize {
+        match self.config.compression {
+            Compression::Linear => COMPRESS_TOKENS,
+            Compression::Mean => 1,
+        }
     }
 
     fn plan_compress(&mut self) -> Result<()> {
@@ -946,7 +961,8 @@ impl Plan {
         }
         let per_batch = self.seq_kv_words()?;
         let lim = self.binding_elems();
-        let wg_per_batch = (c_count * s.hkv) as u64;
+        let tokens = self.compress_tokens();
+        let wg_per_batch = (c_count.div_ceil(tokens) * s.hkv) as u64;
         let nb = (lim / per_batch)
             .min(self.max_workgroups() / wg_per_batch)
             .max(1) as usize;
@@ -978,6 +994,7 @@ impl Plan {
                     off_kc: doff,
                     c_start: rows.cmp_done as u32,
                     c_count: c_count as u32,
+                    q_block: tokens as u32,
                     ..self.base_params()
                 };
                 let whole = |t: Tensor| Window {

@@ -1259,8 +1259,8 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
 #[test]
 fn a_loop_cap_bounds_linear_compression_blocks() {
     // llvmpipe ends an invocation's loops after 65,535 iterations: Linear compression takes
-    // 4 + l * (5 + 2 * (D / 8 + D % 8)) of them, 69 per row at D = 256, so l = 944 fits and
-    // l = 960 does not. Elsewhere (no cap) any l plans.
+    // 12 + l * (3 + ceil(4 * D / 128) + 2 * (D / 8 + D % 8)) of them, 75 per row at D = 256,
+    // so l = 864 fits and l = 880 does not. Elsewhere (no cap) any l plans.
     let capped = DeviceLimits {
         loop_iterations: nsa_wgpu::LLVMPIPE_LOOP_ITERATIONS,
         ..DeviceLimits::default()
@@ -1273,16 +1273,16 @@ fn a_loop_cap_bounds_linear_compression_blocks() {
         ..NsaConfig::default()
     };
     let shape = Shape::prefill(1, 1024, 2, 1, 256, 16);
-    let fits = Plan::new(&linear(944), &shape, &capped).unwrap();
-    assert_eq!(fits.compress_iterations(256), 4 + 944 * 69);
-    let (what, needed, limit) = exceeded(Plan::new(&linear(960), &shape, &capped));
+    let fits = Plan::new(&linear(864), &shape, &capped).unwrap();
+    assert_eq!(fits.compress_iterations(256), 12 + 864 * 75);
+    let (what, needed, limit) = exceeded(Plan::new(&linear(880), &shape, &capped));
     assert!(what.starts_with("loop_iterations (compression"), "{what}");
-    assert_eq!((needed, limit), (4 + 960 * 69, 65_535));
-    Plan::new(&linear(960), &shape, &DeviceLimits::default()).unwrap();
+    assert_eq!((needed, limit), (12 + 880 * 75, 65_535));
+    Plan::new(&linear(880), &shape, &DeviceLimits::default()).unwrap();
     // The widest head counts (Dv here), and D % 8 adds its single steps.
     let wide_v = Shape::prefill(1, 1024, 2, 1, 16, 252);
-    let (_, needed, _) = exceeded(Plan::new(&linear(960), &wide_v, &capped));
-    assert_eq!(needed, 4 + 960 * (5 + 2 * (31 + 4)));
+    let (_, needed, _) = exceeded(Plan::new(&linear(880), &wide_v, &capped));
+    assert_eq!(needed, 12 + 880 * (3 + 8 + 2 * (31 + 4)));
 }
 
 #[test]

@@ -40,7 +40,7 @@ struct Params {
     off_idx: u32,
     c_start: u32,      // compress: first compressed token of this dispatch
     c_count: u32,      // compress: compressed tokens per sequence in this dispatch
-    q_block: u32,      // attention: consecutive queries per workgroup
+    q_block: u32,      // attention: consecutive queries per workgroup; compress: tokens per workgroup
     k_stride: u32,     // key/value rows per sequence in the bound buffers (Tk, or a cache's capacity)
     c_stride: u32,     // compressed rows per sequence in the bound buffers (C, or a cache's)
     splits: u32,       // attention, select: workgroups sharing one row group's keys (1: none)
