@@ -1,12 +1,12 @@
 // Blockwise compression: compressed token i of kv head h summarises rows [i*d, i*d + l) of
 // `src`, by their mean or by sum_j W[h][j]^T (x_j + pe[h][j]). One workgroup per (batch,
-// head) and token, or for Linear per TOKENS consecutive tokens (`params.q_block`), each
-// invocation owning two output columns. For Linear, the workgroup's rows at block position
-// j (one per token) are staged in workgroup memory and shared by every column, and each
-// weight W[h][j][din][e] is loaded once for all of them; each column's sum over a row's D
-// inputs takes eight of them per loop iteration, in the same order as one at a time. On an
-// H200 (f16, D = 128, 64k) one token per workgroup took 5.5 ms to compress with Linear,
-// reading the whole W slice of its head from L2 for every token.
+// head) and TOKENS consecutive tokens (`params.q_block`), each invocation owning two output
+// columns of every token. Mean loads row j of the four tokens together. For Linear, those
+// rows are staged in workgroup memory and shared by every column, and each weight
+// W[h][j][din][e] is loaded once for all four; each column's sum over a row's D inputs takes
+// eight of them per loop iteration, in the same order as one at a time. On an H200 (f16,
+// D = 128, 64k) one token per workgroup took 5.5 ms to compress with Linear, reading the
+// whole W slice of its head from L2 for every token, and four 2.7 ms.
 //
 // Why so few loop iterations per invocation: software Vulkan (Mesa's llvmpipe) ends every
 // loop of an invocation once they have taken 65,535 iterations together, silently. With 4
@@ -71,11 +71,21 @@ fn main(
     }
     for (var j = 0u; j < l; j++) {
         if params.linear == 0u {
+            // Row j of each token, all four loads issued before any sum.
             let sb = params.off_k + (row0 + j * params.hkv) * dim;
+            let next = params.cmp_stride * params.hkv * dim;
             for (var a = 0u; a < PER; a++) {
                 let e = lid + a * WG;
                 if e < dim {
-                    sums[a].t0 += f32(src[sb + e]);
+                    let x = sb + e;
+                    let last = x + (nt - 1u) * next;
+                    let r = vec4<f32>(
+                        f32(src[x]),
+                        f32(src[min(x + next, last)]),
+                        f32(src[min(x + 2u * next, last)]),
+                        f32(src[min(x + 3u * next, last)]),
+                    );
+                    sums[a] = Sums(sums[a].t0 + r.x, sums[a].t1 + r.y, sums[a].t2 + r.z, sums[a].t3 + r.w);
                 }
             }
         } else {
@@ -101,17 +111,30 @@ fn main(
             workgroupBarrier();
         }
     }
+    // Each token's sums by name (not a loop indexing them).
     for (var a = 0u; a < PER; a++) {
         let e = lid + a * WG;
         if e < dim {
             let s = sums[a];
-            let got = array<f32, TOKENS>(s.t0, s.t1, s.t2, s.t3);
-            for (var t = 0u; t < nt; t++) {
-                let db = params.off_kc + ((bb * params.c_stride + i0 + t) * params.hkv + h) * dim;
-                dst[db + e] = in_t(select(got[t], got[t] / f32(l), params.linear == 0u));
+            let db = params.off_kc + ((bb * params.c_stride + i0) * params.hkv + h) * dim + e;
+            let next = params.hkv * dim;
+            dst[db] = in_t(finished(s.t0, l));
+            if nt > 1u {
+                dst[db + next] = in_t(finished(s.t1, l));
+            }
+            if nt > 2u {
+                dst[db + 2u * next] = in_t(finished(s.t2, l));
+            }
+            if nt > 3u {
+                dst[db + 3u * next] = in_t(finished(s.t3, l));
             }
         }
     }
+}
+
+// A token's sum as stored: Mean divides by the block's rows.
+fn finished(s: f32, l: u32) -> f32 {
+    return select(s, s / f32(l), params.linear == 0u);
 }
 
 // `s` plus, for each token, its staged row times column e of W's rows pb .. pb + dim (one

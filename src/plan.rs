@@ -56,8 +56,8 @@ pub struct DeviceLimits {
     pub loop_iterations: u64,
 }
 
-/// Linear compression's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`), which
-/// share each load of the weights.
+/// The compression kernel's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`):
+/// Linear's share each load of the weights.
 pub const COMPRESS_TOKENS: usize = 4;
 
 /// [`DeviceLimits::loop_iterations`] on Mesa's llvmpipe: 65,535, after which it ends an
@@ -934,15 +934,6 @@ impl Plan {
         12 + (self.config.cmp_block * per_row) as u64
     }
 
-    /// Compressed tokens per workgroup of the compression kernel: [`COMPRESS_TOKENS`] for
-    /// Linear (they share each weight load), 1 for Mean.
-    fn compress_tokens(&self) -> usize {
-        match self.config.compression {
-            Compression::Linear => COMPRESS_TOKENS,
-            Compression::Mean => 1,
-        }
-    }
-
     fn plan_compress(&mut self) -> Result<()> {
         let s = self.shape;
         let cap = self.limits.loop_iterations;
@@ -961,7 +952,7 @@ impl Plan {
         }
         let per_batch = self.seq_kv_words()?;
         let lim = self.binding_elems();
-        let tokens = self.compress_tokens();
+        let tokens = COMPRESS_TOKENS;
         let wg_per_batch = (c_count.div_ceil(tokens) * s.hkv) as u64;
         let nb = (lim / per_batch)
             .min(self.max_workgroups() / wg_per_batch)
