@@ -51,8 +51,8 @@ pub struct DeviceLimits {
     pub max_key_tiles: u64,
     /// Not a WebGPU limit: loop iterations one invocation may take in all, 0 for any number
     /// ([`LLVMPIPE_LOOP_ITERATIONS`] on llvmpipe, which silently ends the loops there).
-    /// Linear compression's kernel takes [`Plan::compress_iterations`]; a config past this
-    /// is [`NsaError::ExceedsLimit`] rather than partial sums.
+    /// The compression kernel takes [`Plan::compress_iterations`]; a config past this is
+    /// [`NsaError::ExceedsLimit`] rather than partial sums.
     pub loop_iterations: u64,
 }
 
@@ -922,8 +922,9 @@ impl Plan {
     }
 
     /// Loop iterations one invocation of the compression kernel takes at most, for heads of
-    /// `dim` (`shaders/compress.wgsl`: per block row, the row's two column loops, each
-    /// column's sum over eight inputs per iteration and the rest one at a time).
+    /// `dim` (`shaders/compress.wgsl`: per block row, its two column loops and for Linear
+    /// the staging of [`COMPRESS_TOKENS`] rows and each column's sum over eight inputs per
+    /// iteration, the rest one at a time; 12 for the loops around them).
     pub fn compress_iterations(&self, dim: usize) -> u64 {
         let per_row = match self.config.compression {
             Compression::Linear => {
