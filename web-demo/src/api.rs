@@ -4,8 +4,8 @@
 use js_sys::{Array, Float32Array, Int32Array, Object, Reflect};
 use nsa_wgpu::cpu;
 use nsa_wgpu::{
-    CacheOptions, Compression, GpuContext, NsaCache, NsaConfig, NsaInputs, NsaOutputs, NsaPipeline,
-    OutputRequest, Precision, SeqChunk, Shape,
+    CacheOptions, Compression, GpuContext, LinearWeights, NsaCache, NsaConfig, NsaInputs,
+    NsaOutputs, NsaPipeline, OutputRequest, Precision, SeqChunk, Shape,
 };
 use wasm_bindgen::prelude::*;
 
@@ -52,6 +52,35 @@ fn precision(opts: &JsValue, pipe: &NsaPipeline) -> Result<Precision, JsError> {
     }
 }
 
+/// The `compression` option: `"mean"` (the default) or `"linear"` (weights from
+/// `setLinearWeights`).
+fn compression(opts: &JsValue) -> Result<Compression, JsError> {
+    let v = Reflect::get(opts, &JsValue::from_str("compression")).unwrap_or(JsValue::UNDEFINED);
+    match v.as_string().as_deref() {
+        _ if v.is_undefined() => Ok(Compression::Mean),
+        Some("mean") => Ok(Compression::Mean),
+        Some("linear") => Ok(Compression::Linear),
+        _ => Err(JsError::new(&format!(
+            "option `compression` must be \"mean\" or \"linear\", got {v:?}"
+        ))),
+    }
+}
+
+/// Linear compression's weights, owned: `w_k`, `pe_k`, `w_v`, `pe_v`.
+struct Weights([Vec<f32>; 4]);
+
+impl Weights {
+    fn view(&self) -> LinearWeights<'_> {
+        let [w_k, pe_k, w_v, pe_v] = &self.0;
+        LinearWeights {
+            w_k,
+            pe_k,
+            w_v,
+            pe_v,
+        }
+    }
+}
+
 fn set(obj: &Object, name: &str, value: impl Into<JsValue>) {
     // Setting a property on a fresh plain object cannot fail.
     let _ = Reflect::set(obj, &JsValue::from_str(name), &value.into());
@@ -72,6 +101,7 @@ pub struct NsaSession {
     config: NsaConfig,
     shape: Shape,
     precision: Precision,
+    weights: Option<Weights>,
     last: Option<LastRun>,
     cache: Option<NsaCache>,
 }
@@ -98,9 +128,11 @@ fn now_ms() -> f64 {
 #[wasm_bindgen]
 impl NsaSession {
     /// `await NsaSession.create({t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN,
-    /// initBlocks, localBlocks, window, scale, precision})`: picks the browser's WebGPU adapter
-    /// and compiles the kernels. Missing config fields take the paper's defaults; `precision`
-    /// is `"f32"` (default), `"f16"` (storage, where the adapter has `shader-f16`) or `"auto"`.
+    /// initBlocks, localBlocks, window, scale, compression, precision})`: picks the browser's
+    /// WebGPU adapter and compiles the kernels. Missing config fields take the paper's
+    /// defaults; `compression` is `"mean"` (default) or `"linear"` (then `setLinearWeights`
+    /// before a run); `precision` is `"f32"` (default), `"f16"` (storage, where the adapter
+    /// has `shader-f16`) or `"auto"`.
     pub async fn create(opts: JsValue) -> Result<NsaSession, JsError> {
         console_error_panic_hook::set_once();
         let d = NsaConfig::default();
@@ -113,7 +145,7 @@ impl NsaSession {
             local_blocks: get_usize(&opts, "localBlocks", d.local_blocks)?,
             window: get_usize(&opts, "window", d.window)?,
             scale: get(&opts, "scale").map(|s| s as f32),
-            compression: Compression::Mean,
+            compression: compression(&opts)?,
         };
         config.validate().map_err(err)?;
         let t = get_usize(&opts, "t", 0)?;
@@ -135,6 +167,7 @@ impl NsaSession {
             config,
             shape,
             precision,
+            weights: None,
             last: None,
             cache: None,
         })
@@ -146,8 +179,9 @@ impl NsaSession {
         self.pipe.context().describe()
     }
 
-    /// `{t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN, window, nCmp, precision}` of
-    /// the session (`precision`: `"f32"` or `"f16"`, what `"auto"` resolved to).
+    /// `{t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN, window, nCmp, precision,
+    /// compression}` of the session (`precision`: `"f32"` or `"f16"`, what `"auto"` resolved
+    /// to).
     pub fn layout(&self) -> Object {
         let (s, c) = (&self.shape, &self.config);
         let o = Object::new();
@@ -173,7 +207,47 @@ impl NsaSession {
             Precision::F32 => "f32",
         };
         set(&o, "precision", p);
+        let comp = match c.compression {
+            Compression::Mean => "mean",
+            Compression::Linear => "linear",
+        };
+        set(&o, "compression", comp);
         o
+    }
+
+    /// `session.setLinearWeights(wK, peK, wV, peV)`: Linear compression's weights (`wK:
+    /// [hkv, cmpBlock, dk, dk]`, input dim then output dim, `peK: [hkv, cmpBlock, dk]`, `wV`,
+    /// `peV` likewise with `dv`), used by every later call; forgets the KV cache, whose
+    /// compressed tokens came from the old ones. A session with Mean compression refuses them.
+    #[wasm_bindgen(js_name = setLinearWeights)]
+    pub fn set_linear_weights(
+        &mut self,
+        w_k: Float32Array,
+        pe_k: Float32Array,
+        w_v: Float32Array,
+        pe_v: Float32Array,
+    ) -> Result<(), JsError> {
+        if self.config.compression != Compression::Linear {
+            return Err(JsError::new(
+                "setLinearWeights: the session compresses by the mean (create it with compression: \"linear\")",
+            ));
+        }
+        let w = Weights([w_k.to_vec(), pe_k.to_vec(), w_v.to_vec(), pe_v.to_vec()]);
+        // The shapes and values, checked now (with stand-ins for the per-token tensors).
+        let s = &self.shape;
+        let one = Shape { tq: 1, tk: 1, ..*s };
+        let (q, k, v, g) = (
+            vec![0.0; s.hq * s.dk],
+            vec![0.0; s.hkv * s.dk],
+            vec![0.0; s.hkv * s.dv],
+            vec![0.0; s.hq * 3],
+        );
+        let mut probe = NsaInputs::new(&q, &k, &v, &g);
+        probe.linear = Some(w.view());
+        probe.validate(&self.config, &one).map_err(err)?;
+        self.weights = Some(w);
+        self.cache = None;
+        Ok(())
     }
 
     /// `await session.run(q, k, v, gates)` on WebGPU, the inputs stored at the session's
@@ -187,7 +261,8 @@ impl NsaSession {
         gates: Float32Array,
     ) -> Result<Object, JsError> {
         let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
-        let inputs = NsaInputs::new(&q, &k, &v, &gates);
+        let mut inputs = NsaInputs::new(&q, &k, &v, &gates);
+        inputs.linear = self.weights.as_ref().map(Weights::view);
         let start = now_ms();
         let r = self
             .pipe
@@ -202,7 +277,8 @@ impl NsaSession {
             .map_err(err)?;
         let ms = now_ms() - start;
         let s = &self.shape;
-        let kc = cpu::compress::compress(&self.config, 1, s.tk, s.hkv, s.dk, &k, None);
+        let wk = inputs.linear.map(|w| (w.w_k, w.pe_k));
+        let kc = cpu::compress::compress(&self.config, 1, s.tk, s.hkv, s.dk, &k, wk);
         self.last = Some(LastRun {
             q,
             kc,
@@ -243,13 +319,10 @@ impl NsaSession {
     ) -> Result<Object, JsError> {
         let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
         let start = now_ms();
-        let r = cpu::forward(
-            &self.config,
-            &self.shape,
-            &NsaInputs::new(&q, &k, &v, &gates),
-            OutputRequest::all(),
-        )
-        .map_err(err)?;
+        let mut inputs = NsaInputs::new(&q, &k, &v, &gates);
+        inputs.linear = self.weights.as_ref().map(Weights::view);
+        let r =
+            cpu::forward(&self.config, &self.shape, &inputs, OutputRequest::all()).map_err(err)?;
         Ok(outputs_to_js(&r, now_ms() - start))
     }
 
@@ -340,7 +413,8 @@ impl NsaSession {
                 independent_kv: false,
                 precision: self.precision,
             };
-            self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, None).map_err(err)?);
+            let linear = self.weights.as_ref().map(Weights::view);
+            self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, linear).map_err(err)?);
         }
         let cache = self.cache.as_mut().expect("created above");
         let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());

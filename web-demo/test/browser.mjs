@@ -3,7 +3,7 @@
 // runs NSA through the page's API on a small input and checks `out` and `blockIndices`
 // against the CPU reference compiled into the same wasm, runs the same call in a Web Worker,
 // checks decode steps against the
-// prefill rows and the `precision` option, then runs the demo UI, saves a screenshot of the rendered pattern
+// prefill rows, the `precision` option and Linear compression, then runs the demo UI, saves a screenshot of the rendered pattern
 // (test/screenshot.png) and fails if the page logged an error.
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -102,7 +102,35 @@ try {
     } catch (e) { f16 = `refused: ${String(e.message || e)}`; }
     let bogus = "";
     try { await window.nsaWgpu.createSession({ ...opts, precision: "f64" }); } catch (e) { bogus = String(e.message || e); }
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus };
+    // Linear compression: refused without weights, then run, reference and decode steps agree.
+    const lin = await window.nsaWgpu.createSession({ ...opts, compression: "linear" });
+    let noWeights = "";
+    try { await lin.run(inp.q, inp.k, inp.v, inp.gates); } catch (e) { noWeights = String(e.message || e); }
+    let seed = 5;
+    const rnd = (n, sc) => Float32Array.from({ length: n }, () => {
+      seed = (seed * 1103515245 + 12345) % 2147483648;
+      return (seed / 2147483648 - 0.5) * sc;
+    });
+    const L = 16, weights = [rnd(2 * L * 16 * 16, 0.1), rnd(2 * L * 16, 1), rnd(2 * L * 12 * 12, 0.1), rnd(2 * L * 12, 1)];
+    let badWeights = "", meanWeights = "";
+    try { lin.setLinearWeights(weights[0].subarray(1), weights[1], weights[2], weights[3]); } catch (e) { badWeights = String(e.message || e); }
+    try { s.setLinearWeights(...weights); } catch (e) { meanWeights = String(e.message || e); }
+    lin.setLinearWeights(...weights);
+    const lg = await lin.run(inp.q, inp.k, inp.v, inp.gates);
+    const lr = lin.reference(inp.q, inp.k, inp.v, inp.gates);
+    let linWorst = 0, linMismatches = 0, linDiffers = 0;
+    for (let i = 0; i < lr.out.length; i++) {
+      linWorst = Math.max(linWorst, Math.abs(lg.out[i] - lr.out[i]));
+      if (Math.abs(lr.out[i] - ref.out[i]) > 1e-3) linDiffers++;
+    }
+    for (let i = 0; i < lr.blockIndices.length; i++) if (lg.blockIndices[i] !== lr.blockIndices[i]) linMismatches++;
+    await lin.decodeStep(rows(inp.q, 64, 0, 150), rows(inp.k, 32, 0, 150), rows(inp.v, 24, 0, 150), rows(inp.gates, 12, 0, 150));
+    for (let p = 150; p < 155; p++) {
+      const r = await lin.decodeStep(rows(inp.q, 64, p, p + 1), rows(inp.k, 32, p, p + 1), rows(inp.v, 24, p, p + 1), rows(inp.gates, 12, p, p + 1));
+      for (let i = 0; i < 48; i++) linWorst = Math.max(linWorst, Math.abs(r.out[i] - lg.out[p * 48 + i]));
+    }
+    const linear = { layout: lin.layout().compression, noWeights, badWeights, meanWeights, worst: linWorst, mismatches: linMismatches, differs: linDiffers };
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -117,6 +145,13 @@ try {
     fail(`precision: "auto" gave ${api.auto}, "f16" ${api.f16}`);
   }
   if (!api.bogus.includes("option `precision`")) fail(`a bad precision was not rejected clearly: "${api.bogus}"`);
+  const lin = api.linear;
+  console.log(`linear: max abs error ${lin.worst.toExponential(2)} vs the CPU reference (decode steps included), ` +
+    `${lin.mismatches} block indices differ, ${lin.differs} outputs differ from Mean's`);
+  if (lin.layout !== "linear" || !(lin.worst <= 1e-4) || lin.mismatches !== 0 || lin.differs === 0) fail(`linear compression: ${JSON.stringify(lin)}`);
+  if (!lin.noWeights.includes("w_k")) fail(`a linear run without weights was not refused clearly: "${lin.noWeights}"`);
+  if (!lin.badWeights.includes("w_k")) fail(`weights of the wrong shape were not refused clearly: "${lin.badWeights}"`);
+  if (!lin.meanWeights.includes("compresses by the mean")) fail(`a Mean session took weights: "${lin.meanWeights}"`);
   console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
   if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
