@@ -342,6 +342,20 @@ impl<'a> SeqChunk<'a> {
     pub fn keys_values(seq: usize, k: &'a [f32], v: &'a [f32]) -> Self {
         Self::new(seq, &[], k, v, &[])
     }
+
+    /// Rows of sequence `seq` from `rows` (a sequence's or chunk's rows of prefill-shaped
+    /// inputs, [`crate::NsaInputs::token_rows`]): with independent K/V where `rows` has
+    /// any per-branch tensor ([`crate::NsaInputs::has_branch_kv`]; a branch without its
+    /// own takes `k`, `v`), as a cache made with `independent_kv` wants them.
+    pub fn from_rows(seq: usize, rows: &crate::NsaInputs<'a>) -> Self {
+        let (kc, vc) = rows.cmp_kv();
+        let (ks, vs) = rows.slc_kv();
+        let (kw, vw) = rows.win_kv();
+        SeqChunk {
+            branch_kv: rows.has_branch_kv().then_some([kc, vc, ks, vs, kw, vw]),
+            ..Self::new(seq, rows.q, rows.k, rows.v, rows.gates)
+        }
+    }
 }
 
 /// Bytes of one cached row (all heads) of a tensor whose heads hold `d` values.
@@ -1566,14 +1580,7 @@ impl NsaPipeline {
         request: OutputRequest,
         precision: Precision,
     ) -> Result<NsaOutputs> {
-        if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || cu_seqlens.windows(2).any(|w| w[1] <= w[0])
-        {
-            return Err(NsaError::InvalidShape {
-                what: "cu_seqlens",
-                value: cu_seqlens.len(),
-                rule: "starts at 0, strictly increasing, at least one sequence",
-            });
-        }
+        crate::inputs::check_cu_seqlens(cu_seqlens)?;
         let total = *cu_seqlens.last().expect("non-empty");
         let longest = cu_seqlens
             .windows(2)
@@ -1590,56 +1597,18 @@ impl NsaPipeline {
             dv,
             capacity: longest,
             max_capacity: longest,
-            independent_kv: inputs.k_cmp.is_some(),
+            independent_kv: inputs.has_branch_kv(),
             precision,
         };
         let mut cache = NsaCache::new(self, config, opts, inputs.linear)?;
-        let part = |t: &'_ [f32], s: usize, w: usize| -> Vec<f32> {
-            t[cu_seqlens[s] * w..cu_seqlens[s + 1] * w].to_vec()
-        };
-        let mut owned = Vec::new();
-        for s in 0..opts.seqs {
-            let kv: Vec<Vec<f32>> = if opts.independent_kv {
-                let b = [
-                    inputs.k_cmp,
-                    inputs.v_cmp,
-                    inputs.k_slc,
-                    inputs.v_slc,
-                    inputs.k_win,
-                    inputs.v_win,
-                ];
-                b.iter()
-                    .enumerate()
-                    .map(|(j, t)| {
-                        let t = t.ok_or(NsaError::MissingInput {
-                            tensor: "k_cmp … v_win",
-                            why: "independent keys/values need all six tensors",
-                        })?;
-                        Ok(part(t, s, hkv * if j % 2 == 0 { dk } else { dv }))
-                    })
-                    .collect::<Result<_>>()?
-            } else {
-                vec![part(inputs.k, s, hkv * dk), part(inputs.v, s, hkv * dv)]
-            };
-            owned.push((
-                part(inputs.q, s, hq * dk),
-                part(inputs.gates, s, hq * 3),
-                kv,
-            ));
-        }
-        let chunks: Vec<SeqChunk> = owned
+        let views: Vec<crate::NsaInputs> = cu_seqlens
+            .windows(2)
+            .map(|w| inputs.token_rows(&shape, w[0], w[1]))
+            .collect();
+        let chunks: Vec<SeqChunk> = views
             .iter()
             .enumerate()
-            .map(|(s, (q, g, kv))| SeqChunk {
-                seq: s,
-                q,
-                k: &kv[0],
-                v: &kv[1],
-                gates: g,
-                branch_kv: opts
-                    .independent_kv
-                    .then(|| [&kv[0][..], &kv[1], &kv[2], &kv[3], &kv[4], &kv[5]]),
-            })
+            .map(|(s, v)| SeqChunk::from_rows(s, v))
             .collect();
         let parts = self.extend(&mut cache, &chunks, request).await?;
         Ok(concat(parts, request))

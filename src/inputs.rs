@@ -64,6 +64,38 @@ impl<'a> NsaInputs<'a> {
         }
     }
 
+    /// Rows `[a, b)` of every per-token tensor (rows counted over B and T together) for a
+    /// shape whose queries are all its tokens (`Tq == Tk`, as packed sequences and prefill
+    /// batches lay them out): one sequence of a packed batch, or a chunk of one. The linear
+    /// weights stay as they are. Panics past the tensors' ends, as slicing does.
+    pub fn token_rows(&self, shape: &Shape, a: usize, b: usize) -> NsaInputs<'a> {
+        let (kw, vw) = (shape.hkv * shape.dk, shape.hkv * shape.dv);
+        let rows = |t: &'a [f32], w: usize| &t[a * w..b * w];
+        let kv = |t: Option<&'a [f32]>, w: usize| t.map(|t| rows(t, w));
+        NsaInputs {
+            q: rows(self.q, shape.hq * shape.dk),
+            k: rows(self.k, kw),
+            v: rows(self.v, vw),
+            gates: rows(self.gates, shape.hq * 3),
+            k_cmp: kv(self.k_cmp, kw),
+            v_cmp: kv(self.v_cmp, vw),
+            k_slc: kv(self.k_slc, kw),
+            v_slc: kv(self.v_slc, vw),
+            k_win: kv(self.k_win, kw),
+            v_win: kv(self.v_win, vw),
+            linear: self.linear,
+        }
+    }
+
+    /// Whether any branch has keys or values of its own (`k_cmp` … `v_win`).
+    pub fn has_branch_kv(&self) -> bool {
+        [
+            self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, self.k_win, self.v_win,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
+
     /// Keys and values of the compression branch.
     pub fn cmp_kv(&self) -> (&'a [f32], &'a [f32]) {
         (self.k_cmp.unwrap_or(self.k), self.v_cmp.unwrap_or(self.v))
@@ -118,6 +150,19 @@ impl<'a> NsaInputs<'a> {
         }
         Ok(())
     }
+}
+
+/// Checks FlashAttention's `cu_seqlens` convention as the packed calls take it: at least one
+/// sequence, starting at 0, strictly increasing (every sequence holds a token).
+pub fn check_cu_seqlens(cu_seqlens: &[usize]) -> Result<()> {
+    if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(NsaError::InvalidShape {
+            what: "cu_seqlens",
+            value: cu_seqlens.len(),
+            rule: "starts at 0, strictly increasing, at least one sequence",
+        });
+    }
+    Ok(())
 }
 
 /// Checks that `data` has `expected`'s element count and holds only finite values.

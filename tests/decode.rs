@@ -467,6 +467,73 @@ fn check_varlen(pipe: &NsaPipeline, precision: Precision, tol: f64) {
             "seq {i}"
         );
     }
+    if precision == Precision::F32 {
+        // The CPU reference's packed call: the same rows and selections.
+        let cpu = nsa_wgpu::cpu::forward_varlen(
+            &cfg,
+            &cu,
+            (4, 2, 8, 8),
+            &data.inputs(),
+            OutputRequest::all(),
+        )
+        .unwrap();
+        assert_close("varlen cpu", &got.out, &cpu.out, tol);
+        assert_eq!(idx, cpu.block_indices.as_ref().unwrap(), "varlen cpu");
+    }
+}
+
+#[test]
+fn varlen_with_some_branches_keys_and_bad_offsets() {
+    // Only the selection branch has keys and values of its own: the packed call stores all
+    // three branches' (the others' are k, v), as the CPU reference computes them; offsets
+    // that break FlashAttention's convention are errors on both.
+    let pipe = pipeline();
+    let cfg = small();
+    let cu = [0usize, 45, 46, 160];
+    let all = Shape::prefill(1, 160, 4, 2, 8, 8);
+    let data = Data::new(&cfg, &all, true, 9);
+    let b = data.branch.as_ref().unwrap();
+    let mut inputs = nsa_wgpu::NsaInputs::new(&data.q, &data.k, &data.v, &data.gates);
+    (inputs.k_slc, inputs.v_slc) = (Some(&b[2][..]), Some(&b[3][..]));
+    let heads = (4, 2, 8, 8);
+    let req = OutputRequest::all();
+    let got = pollster::block_on(pipe.run_varlen(&cfg, &cu, 4, 2, 8, 8, &inputs, req)).unwrap();
+    let cpu = nsa_wgpu::cpu::forward_varlen(&cfg, &cu, heads, &inputs, req).unwrap();
+    assert_close("varlen slc kv", &got.out, &cpu.out, 1e-4);
+    assert_eq!(got.block_indices, cpu.block_indices);
+    // The selection branch's own keys matter: with k, v for it the rows differ.
+    let shared = nsa_wgpu::NsaInputs::new(&data.q, &data.k, &data.v, &data.gates);
+    let plain = nsa_wgpu::cpu::forward_varlen(&cfg, &cu, heads, &shared, req).unwrap();
+    let moved = cpu
+        .out
+        .iter()
+        .zip(&plain.out)
+        .filter(|(a, b)| (*a - *b).abs() > 1e-3);
+    assert!(moved.count() > 0, "k_slc, v_slc ignored");
+    for bad in [&[0usize, 45, 45, 160][..], &[1, 160], &[0]] {
+        let r = pollster::block_on(pipe.run_varlen(&cfg, bad, 4, 2, 8, 8, &inputs, req));
+        assert!(
+            matches!(
+                r,
+                Err(NsaError::InvalidShape {
+                    what: "cu_seqlens",
+                    ..
+                })
+            ),
+            "{bad:?}: {r:?}"
+        );
+        let r = nsa_wgpu::cpu::forward_varlen(&cfg, bad, heads, &inputs, req);
+        assert!(
+            matches!(
+                r,
+                Err(NsaError::InvalidShape {
+                    what: "cu_seqlens",
+                    ..
+                })
+            ),
+            "{bad:?}: {r:?}"
+        );
+    }
 }
 
 #[test]

@@ -7,8 +7,6 @@ use nsa_wgpu::{
     OutputRequest, Precision, Result, SeqChunk, Shape,
 };
 
-use crate::io::token_rows;
-
 /// Runs positions `[0, first)` of every sequence as one call, then `step` positions per call,
 /// through a cache stored at `precision`. `seqs` gives each sequence's first row and length,
 /// rows counted over `s`'s B and T together (`Tq == Tk`); a sequence takes part in the calls
@@ -25,7 +23,7 @@ pub fn run(
     (first, step): (usize, usize),
 ) -> Result<NsaOutputs> {
     inputs.validate(config, s)?;
-    let independent = inputs.k_cmp.is_some();
+    let independent = inputs.has_branch_kv();
     let longest = seqs.iter().map(|&(_, len)| len).max().unwrap_or(1);
     let opts = CacheOptions {
         seqs: seqs.len(),
@@ -66,24 +64,12 @@ pub fn run(
             .collect();
         let views: Vec<NsaInputs> = taking
             .iter()
-            .map(|&(_, a, b)| token_rows(inputs, s, a, b))
+            .map(|&(_, a, b)| inputs.token_rows(s, a, b))
             .collect();
         let chunks: Vec<SeqChunk> = taking
             .iter()
             .zip(&views)
-            .map(|(&(seq, ..), v)| SeqChunk {
-                seq,
-                q: v.q,
-                k: v.k,
-                v: v.v,
-                gates: v.gates,
-                branch_kv: independent.then(|| {
-                    let (kc, vc) = v.cmp_kv();
-                    let (ks, vs) = v.slc_kv();
-                    let (kw, vw) = v.win_kv();
-                    [kc, vc, ks, vs, kw, vw]
-                }),
-            })
+            .map(|(&(seq, ..), v)| SeqChunk::from_rows(seq, v))
             .collect();
         let parts = pollster::block_on(pipe.extend(&mut cache, &chunks, request))?;
         for (&(_, a, b), p) in taking.iter().zip(parts) {

@@ -285,32 +285,6 @@ impl Problem {
     }
 }
 
-/// Rows `[a, b)` (counted over B and T together) of every per-token tensor of `inputs`, for
-/// a shape whose queries are all its tokens (`Tq == Tk`); the linear weights as they are.
-pub fn token_rows<'a>(inputs: &NsaInputs<'a>, s: &Shape, a: usize, b: usize) -> NsaInputs<'a> {
-    let (kw, vw) = (s.hkv * s.dk, s.hkv * s.dv);
-    let rows = |t: &'a [f32], w: usize| &t[a * w..b * w];
-    let kv = |t: Option<&'a [f32]>, w: usize| t.map(|t| rows(t, w));
-    let mut out = NsaInputs::new(
-        rows(inputs.q, s.hq * s.dk),
-        rows(inputs.k, kw),
-        rows(inputs.v, vw),
-        rows(inputs.gates, s.hq * 3),
-    );
-    (
-        out.k_cmp, out.v_cmp, out.k_slc, out.v_slc, out.k_win, out.v_win,
-    ) = (
-        kv(inputs.k_cmp, kw),
-        kv(inputs.v_cmp, vw),
-        kv(inputs.k_slc, kw),
-        kv(inputs.v_slc, vw),
-        kv(inputs.k_win, kw),
-        kv(inputs.v_win, vw),
-    );
-    out.linear = inputs.linear;
-    out
-}
-
 /// Writes `out`, `block_indices` and any branch outputs; all or nothing (temp file, rename).
 /// `packed` (sequences given by `cu_seqlens`) drops the leading batch dimension of 1, as
 /// FlashAttention's convention has it: `[total, Hq, Dv]` and `[total, Hkv, n]`.

@@ -225,17 +225,9 @@ fn run(args: &RunArgs) -> Result<(), String> {
     let packed = problem.cu_seqlens.as_deref();
     let s = &problem.shape;
     let (res, device) = if args.cpu {
+        let heads = (s.hq, s.hkv, s.dk, s.dv);
         let r = match packed {
-            // Each packed sequence alone, the results concatenated.
-            Some(_) => seqs
-                .iter()
-                .map(|&(a, len)| {
-                    let shape = nsa_wgpu::Shape::prefill(1, len, s.hq, s.hkv, s.dk, s.dv);
-                    let rows = io::token_rows(&inputs, s, a, a + len);
-                    nsa_wgpu::cpu::forward(&config, &shape, &rows, request)
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(|parts| nsa_wgpu::cache::concat(parts, request)),
+            Some(cu) => nsa_wgpu::cpu::forward_varlen(&config, cu, heads, &inputs, request),
             None => nsa_wgpu::cpu::forward(&config, s, &inputs, request),
         }
         .map_err(|e| e.to_string())?;

@@ -15,7 +15,7 @@ pub mod win_attn;
 
 use crate::config::{Compression, NsaConfig, Shape};
 use crate::error::Result;
-use crate::inputs::{BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+use crate::inputs::{check_cu_seqlens, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 
 /// Softmax attention of one query row over the keys `keys` (absolute row indices into
 /// `k`/`v`, laid out `[rows, Hkv, D]` for kv head `h`), as the shaders compute it: running max,
@@ -113,4 +113,33 @@ pub fn forward(
             o_win,
         }),
     })
+}
+
+/// [`forward`] for a packed batch (FlashAttention's `cu_seqlens`, as
+/// [`crate::NsaPipeline::run_varlen`] takes it, `heads = (Hq, Hkv, Dk, Dv)`): each sequence
+/// alone, the outputs concatenated the same way.
+pub fn forward_varlen(
+    config: &NsaConfig,
+    cu_seqlens: &[usize],
+    (hq, hkv, dk, dv): (usize, usize, usize, usize),
+    inputs: &NsaInputs,
+    request: OutputRequest,
+) -> Result<NsaOutputs> {
+    check_cu_seqlens(cu_seqlens)?;
+    let total = cu_seqlens[cu_seqlens.len() - 1];
+    let all = Shape::prefill(1, total, hq, hkv, dk, dv);
+    inputs.validate(config, &all)?;
+    let parts = cu_seqlens
+        .windows(2)
+        .map(|w| {
+            let shape = Shape::prefill(1, w[1] - w[0], hq, hkv, dk, dv);
+            forward(
+                config,
+                &shape,
+                &inputs.token_rows(&all, w[0], w[1]),
+                request,
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(crate::cache::concat(parts, request))
 }

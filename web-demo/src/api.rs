@@ -66,6 +66,53 @@ fn compression(opts: &JsValue) -> Result<Compression, JsError> {
     }
 }
 
+/// A call's per-token tensors, copied out of JavaScript.
+struct Tensors {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    gates: Vec<f32>,
+}
+
+impl Tensors {
+    /// The library's view, with Linear's weights where the session has them.
+    fn inputs<'a>(&'a self, weights: Option<&'a Weights>) -> NsaInputs<'a> {
+        let mut i = NsaInputs::new(&self.q, &self.k, &self.v, &self.gates);
+        i.linear = weights.map(Weights::view);
+        i
+    }
+}
+
+/// `{cuSeqlens, q, k, v, gates}`: the offsets as sizes (negative ones are errors; the
+/// library checks the rest) and the tensors.
+fn packed(batch: &JsValue) -> Result<(Vec<usize>, Tensors), JsError> {
+    let field = |name: &str| Reflect::get(batch, &JsValue::from_str(name)).ok();
+    let floats = |name: &str| -> Result<Vec<f32>, JsError> {
+        field(name)
+            .and_then(|v| v.dyn_into::<Float32Array>().ok())
+            .map(|a| a.to_vec())
+            .ok_or_else(|| JsError::new(&format!("runPacked: `{name}` must be a Float32Array")))
+    };
+    let cu = field("cuSeqlens")
+        .and_then(|v| v.dyn_into::<Int32Array>().ok())
+        .ok_or_else(|| JsError::new("runPacked: `cuSeqlens` must be an Int32Array"))?
+        .to_vec()
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| {
+            usize::try_from(x)
+                .map_err(|_| JsError::new(&format!("cuSeqlens[{i}] = {x}: offsets are >= 0")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let t = Tensors {
+        q: floats("q")?,
+        k: floats("k")?,
+        v: floats("v")?,
+        gates: floats("gates")?,
+    };
+    Ok((cu, t))
+}
+
 /// Linear compression's weights, owned: `w_k`, `pe_k`, `w_v`, `pe_v`.
 struct Weights([Vec<f32>; 4]);
 
@@ -288,6 +335,49 @@ impl NsaSession {
         Ok(outputs_to_js(&r, ms))
     }
 
+    /// `await session.runPacked({cuSeqlens, q, k, v, gates})`: sequences of different lengths
+    /// packed along T (FlashAttention's convention: `cuSeqlens` an `Int32Array` `[B + 1]` from
+    /// 0 up to the total, `q: [total, hq, dk]` ...; the session's `t` plays no part), each
+    /// attending only to its own tokens, in one submission: `{out, blockIndices, oCmp, oSlc,
+    /// oWin, ms}` packed the same way.
+    #[wasm_bindgen(js_name = runPacked)]
+    pub async fn run_packed(&self, batch: JsValue) -> Result<Object, JsError> {
+        let (cu, t) = packed(&batch)?;
+        let inputs = t.inputs(self.weights.as_ref());
+        let start = now_ms();
+        let r = self
+            .pipe
+            .run_varlen_with(
+                &self.config,
+                &cu,
+                self.heads(),
+                &inputs,
+                OutputRequest::all(),
+                self.precision,
+            )
+            .await
+            .map_err(err)?;
+        Ok(outputs_to_js(&r, now_ms() - start))
+    }
+
+    /// `session.referencePacked({cuSeqlens, q, k, v, gates})`: the CPU reference of
+    /// `runPacked` (each sequence alone), same result shape.
+    #[wasm_bindgen(js_name = referencePacked)]
+    pub fn reference_packed(&self, batch: JsValue) -> Result<Object, JsError> {
+        let (cu, t) = packed(&batch)?;
+        let inputs = t.inputs(self.weights.as_ref());
+        let start = now_ms();
+        let r = cpu::forward_varlen(
+            &self.config,
+            &cu,
+            self.heads(),
+            &inputs,
+            OutputRequest::all(),
+        )
+        .map_err(err)?;
+        Ok(outputs_to_js(&r, now_ms() - start))
+    }
+
     /// `await session.dense(q, k, v)`: dense causal attention on WebGPU, `{out, ms}`.
     pub async fn dense(
         &self,
@@ -446,5 +536,13 @@ impl NsaSession {
             None if len == 0 => Ok(()),
             None => Err(JsError::new("truncateCache: nothing is cached")),
         }
+    }
+}
+
+impl NsaSession {
+    /// `(Hq, Hkv, Dk, Dv)`.
+    fn heads(&self) -> (usize, usize, usize, usize) {
+        let s = &self.shape;
+        (s.hq, s.hkv, s.dk, s.dv)
     }
 }

@@ -3,7 +3,7 @@
 // runs NSA through the page's API on a small input and checks `out` and `blockIndices`
 // against the CPU reference compiled into the same wasm, runs the same call in a Web Worker,
 // checks decode steps against the
-// prefill rows, the `precision` option and Linear compression, then runs the demo UI, saves a screenshot of the rendered pattern
+// prefill rows, the `precision` option, Linear compression and packed sequences, then runs the demo UI, saves a screenshot of the rendered pattern
 // (test/screenshot.png) and fails if the page logged an error.
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -130,7 +130,19 @@ try {
       for (let i = 0; i < 48; i++) linWorst = Math.max(linWorst, Math.abs(r.out[i] - lg.out[p * 48 + i]));
     }
     const linear = { layout: lin.layout().compression, noWeights, badWeights, meanWeights, worst: linWorst, mismatches: linMismatches, differs: linDiffers };
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear };
+    // Packed sequences: runPacked against referencePacked; the first sequence is the input's
+    // first 120 tokens, so its rows are the full run's (causal prefix).
+    const packedBatch = (cu) => ({ cuSeqlens: Int32Array.from(cu), q: inp.q, k: inp.k, v: inp.v, gates: inp.gates });
+    const pg = await s.runPacked(packedBatch([0, 120, 121, 200]));
+    const pr = s.referencePacked(packedBatch([0, 120, 121, 200]));
+    let packedWorst = 0, packedMismatches = 0, prefixWorst = 0;
+    for (let i = 0; i < pr.out.length; i++) packedWorst = Math.max(packedWorst, Math.abs(pg.out[i] - pr.out[i]));
+    for (let i = 0; i < pr.blockIndices.length; i++) if (pg.blockIndices[i] !== pr.blockIndices[i]) packedMismatches++;
+    for (let i = 0; i < 120 * 48; i++) prefixWorst = Math.max(prefixWorst, Math.abs(pg.out[i] - gpu.out[i]));
+    let badCu = "";
+    try { await s.runPacked(packedBatch([0, 120, 120, 200])); } catch (e) { badCu = String(e.message || e); }
+    const packed = { n: pr.out.length, worst: packedWorst, mismatches: packedMismatches, prefixWorst, badCu };
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -152,6 +164,11 @@ try {
   if (!lin.noWeights.includes("w_k")) fail(`a linear run without weights was not refused clearly: "${lin.noWeights}"`);
   if (!lin.badWeights.includes("w_k")) fail(`weights of the wrong shape were not refused clearly: "${lin.badWeights}"`);
   if (!lin.meanWeights.includes("compresses by the mean")) fail(`a Mean session took weights: "${lin.meanWeights}"`);
+  const pk = api.packed;
+  console.log(`packed: ${pk.n} outputs, max abs error ${pk.worst.toExponential(2)} vs referencePacked, ` +
+    `${pk.mismatches} block indices differ, first sequence vs the full run ${pk.prefixWorst.toExponential(2)}`);
+  if (!(pk.n === 9600 && pk.worst <= 1e-4 && pk.mismatches === 0 && pk.prefixWorst <= 1e-4)) fail(`packed sequences: ${JSON.stringify(pk)}`);
+  if (!pk.badCu.includes("cu_seqlens")) fail(`bad offsets were not refused clearly: "${pk.badCu}"`);
   console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
   if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
