@@ -66,31 +66,63 @@ fn compression(opts: &JsValue) -> Result<Compression, JsError> {
     }
 }
 
-/// A call's per-token tensors, copied out of JavaScript.
+/// A call's per-token tensors, copied out of JavaScript: q, k, v, gates and any per-branch
+/// keys and values.
 struct Tensors {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
     gates: Vec<f32>,
+    branch: [Option<Vec<f32>>; 6],
 }
 
+/// The per-branch tensors' names in JavaScript, in `NsaInputs`' order.
+const BRANCH: [&str; 6] = ["kCmp", "vCmp", "kSlc", "vSlc", "kWin", "vWin"];
+
 impl Tensors {
+    /// The four tensors and, from `branches` (`{kCmp, vCmp, kSlc, vSlc, kWin, vWin}`, any of
+    /// them; undefined for none), the branches' own keys and values.
+    fn new([q, k, v, gates]: [&Float32Array; 4], branches: &JsValue) -> Result<Self, JsError> {
+        let mut branch: [Option<Vec<f32>>; 6] = Default::default();
+        if !branches.is_undefined() && !branches.is_null() {
+            for (slot, name) in branch.iter_mut().zip(BRANCH) {
+                let v =
+                    Reflect::get(branches, &JsValue::from_str(name)).unwrap_or(JsValue::UNDEFINED);
+                if !v.is_undefined() {
+                    let a = v.dyn_into::<Float32Array>().map_err(|_| {
+                        JsError::new(&format!("branches.{name} must be a Float32Array"))
+                    })?;
+                    *slot = Some(a.to_vec());
+                }
+            }
+        }
+        Ok(Tensors {
+            q: q.to_vec(),
+            k: k.to_vec(),
+            v: v.to_vec(),
+            gates: gates.to_vec(),
+            branch,
+        })
+    }
+
     /// The library's view, with Linear's weights where the session has them.
     fn inputs<'a>(&'a self, weights: Option<&'a Weights>) -> NsaInputs<'a> {
         let mut i = NsaInputs::new(&self.q, &self.k, &self.v, &self.gates);
+        let b = |j: usize| self.branch[j].as_deref();
+        (i.k_cmp, i.v_cmp, i.k_slc, i.v_slc, i.k_win, i.v_win) =
+            (b(0), b(1), b(2), b(3), b(4), b(5));
         i.linear = weights.map(Weights::view);
         i
     }
 }
 
-/// `{cuSeqlens, q, k, v, gates}`: the offsets as sizes (negative ones are errors; the
-/// library checks the rest) and the tensors.
+/// `{cuSeqlens, q, k, v, gates, branches}`: the offsets as sizes (negative ones are errors;
+/// the library checks the rest) and the tensors.
 fn packed(batch: &JsValue) -> Result<(Vec<usize>, Tensors), JsError> {
     let field = |name: &str| Reflect::get(batch, &JsValue::from_str(name)).ok();
-    let floats = |name: &str| -> Result<Vec<f32>, JsError> {
+    let floats = |name: &str| -> Result<Float32Array, JsError> {
         field(name)
             .and_then(|v| v.dyn_into::<Float32Array>().ok())
-            .map(|a| a.to_vec())
             .ok_or_else(|| JsError::new(&format!("runPacked: `{name}` must be a Float32Array")))
     };
     let cu = field("cuSeqlens")
@@ -104,12 +136,9 @@ fn packed(batch: &JsValue) -> Result<(Vec<usize>, Tensors), JsError> {
                 .map_err(|_| JsError::new(&format!("cuSeqlens[{i}] = {x}: offsets are >= 0")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let t = Tensors {
-        q: floats("q")?,
-        k: floats("k")?,
-        v: floats("v")?,
-        gates: floats("gates")?,
-    };
+    let four = [floats("q")?, floats("k")?, floats("v")?, floats("gates")?];
+    let branches = field("branches").unwrap_or(JsValue::UNDEFINED);
+    let t = Tensors::new([&four[0], &four[1], &four[2], &four[3]], &branches)?;
     Ok((cu, t))
 }
 
@@ -297,19 +326,21 @@ impl NsaSession {
         Ok(())
     }
 
-    /// `await session.run(q, k, v, gates)` on WebGPU, the inputs stored at the session's
-    /// precision: resolves to `{out, blockIndices, oCmp, oSlc, oWin, ms}` (`ms`: wall time of
-    /// the call, upload and readback included).
+    /// `await session.run(q, k, v, gates, branches)` on WebGPU, the inputs stored at the
+    /// session's precision; `branches` (optional): `{kCmp, vCmp, kSlc, vSlc, kWin, vWin}`,
+    /// any of them, the paper's independent keys and values per branch (a branch without its
+    /// own uses `k`, `v`). Resolves to `{out, blockIndices, oCmp, oSlc, oWin, ms}` (`ms`: wall
+    /// time of the call, upload and readback included).
     pub async fn run(
         &mut self,
         q: Float32Array,
         k: Float32Array,
         v: Float32Array,
         gates: Float32Array,
+        branches: JsValue,
     ) -> Result<Object, JsError> {
-        let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
-        let mut inputs = NsaInputs::new(&q, &k, &v, &gates);
-        inputs.linear = self.weights.as_ref().map(Weights::view);
+        let t = Tensors::new([&q, &k, &v, &gates], &branches)?;
+        let inputs = t.inputs(self.weights.as_ref());
         let start = now_ms();
         let r = self
             .pipe
@@ -325,21 +356,23 @@ impl NsaSession {
         let ms = now_ms() - start;
         let s = &self.shape;
         let wk = inputs.linear.map(|w| (w.w_k, w.pe_k));
-        let kc = cpu::compress::compress(&self.config, 1, s.tk, s.hkv, s.dk, &k, wk);
+        let keys = inputs.cmp_kv().0;
+        let kc = cpu::compress::compress(&self.config, 1, s.tk, s.hkv, s.dk, keys, wk);
         self.last = Some(LastRun {
-            q,
+            q: t.q,
             kc,
-            gates,
+            gates: t.gates,
             block_indices: r.block_indices.clone().unwrap_or_default(),
         });
         Ok(outputs_to_js(&r, ms))
     }
 
-    /// `await session.runPacked({cuSeqlens, q, k, v, gates})`: sequences of different lengths
-    /// packed along T (FlashAttention's convention: `cuSeqlens` an `Int32Array` `[B + 1]` from
-    /// 0 up to the total, `q: [total, hq, dk]` ...; the session's `t` plays no part), each
-    /// attending only to its own tokens, in one submission: `{out, blockIndices, oCmp, oSlc,
-    /// oWin, ms}` packed the same way.
+    /// `await session.runPacked({cuSeqlens, q, k, v, gates, branches})`: sequences of
+    /// different lengths packed along T (FlashAttention's convention: `cuSeqlens` an
+    /// `Int32Array` `[B + 1]` from 0 up to the total, `q: [total, hq, dk]` ...; the session's
+    /// `t` plays no part; `branches` as `run` takes it), each attending only to its own
+    /// tokens, in one submission: `{out, blockIndices, oCmp, oSlc, oWin, ms}` packed the same
+    /// way.
     #[wasm_bindgen(js_name = runPacked)]
     pub async fn run_packed(&self, batch: JsValue) -> Result<Object, JsError> {
         let (cu, t) = packed(&batch)?;
@@ -360,7 +393,7 @@ impl NsaSession {
         Ok(outputs_to_js(&r, now_ms() - start))
     }
 
-    /// `session.referencePacked({cuSeqlens, q, k, v, gates})`: the CPU reference of
+    /// `session.referencePacked({cuSeqlens, q, k, v, gates, branches})`: the CPU reference of
     /// `runPacked` (each sequence alone), same result shape.
     #[wasm_bindgen(js_name = referencePacked)]
     pub fn reference_packed(&self, batch: JsValue) -> Result<Object, JsError> {
@@ -398,19 +431,19 @@ impl NsaSession {
         Ok(o)
     }
 
-    /// `session.reference(q, k, v, gates)`: the CPU reference (compiled to wasm), same result
-    /// shape as `run`.
+    /// `session.reference(q, k, v, gates, branches)`: the CPU reference (compiled to wasm),
+    /// same arguments and result shape as `run`.
     pub fn reference(
         &self,
         q: Float32Array,
         k: Float32Array,
         v: Float32Array,
         gates: Float32Array,
+        branches: JsValue,
     ) -> Result<Object, JsError> {
-        let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
+        let t = Tensors::new([&q, &k, &v, &gates], &branches)?;
         let start = now_ms();
-        let mut inputs = NsaInputs::new(&q, &k, &v, &gates);
-        inputs.linear = self.weights.as_ref().map(Weights::view);
+        let inputs = t.inputs(self.weights.as_ref());
         let r =
             cpu::forward(&self.config, &self.shape, &inputs, OutputRequest::all()).map_err(err)?;
         Ok(outputs_to_js(&r, now_ms() - start))

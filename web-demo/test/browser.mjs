@@ -3,7 +3,8 @@
 // runs NSA through the page's API on a small input and checks `out` and `blockIndices`
 // against the CPU reference compiled into the same wasm, runs the same call in a Web Worker,
 // checks decode steps against the
-// prefill rows, the `precision` option, Linear compression and packed sequences, then runs the demo UI, saves a screenshot of the rendered pattern
+// prefill rows, the `precision` option, Linear compression, per-branch keys and values and
+// packed sequences, then runs the demo UI, saves a screenshot of the rendered pattern
 // (test/screenshot.png) and fails if the page logged an error.
 import { chromium } from "playwright-core";
 import { spawn } from "node:child_process";
@@ -129,6 +130,20 @@ try {
       const r = await lin.decodeStep(rows(inp.q, 64, p, p + 1), rows(inp.k, 32, p, p + 1), rows(inp.v, 24, p, p + 1), rows(inp.gates, 12, p, p + 1));
       for (let i = 0; i < 48; i++) linWorst = Math.max(linWorst, Math.abs(r.out[i] - lg.out[p * 48 + i]));
     }
+    // The selection branch's own keys and values: run = reference, both unlike the shared run.
+    const own = { kSlc: rnd(200 * 32, 2), vSlc: rnd(200 * 24, 2) };
+    const bg = await s.run(inp.q, inp.k, inp.v, inp.gates, own);
+    const br = s.reference(inp.q, inp.k, inp.v, inp.gates, own);
+    let ownWorst = 0, ownMismatches = 0, ownDiffers = 0;
+    for (let i = 0; i < br.out.length; i++) {
+      ownWorst = Math.max(ownWorst, Math.abs(bg.out[i] - br.out[i]));
+      if (Math.abs(br.out[i] - ref.out[i]) > 1e-3) ownDiffers++;
+    }
+    for (let i = 0; i < br.blockIndices.length; i++) if (bg.blockIndices[i] !== br.blockIndices[i]) ownMismatches++;
+    let ownBad = "", ownShort = "";
+    try { await s.run(inp.q, inp.k, inp.v, inp.gates, { kWin: [1, 2] }); } catch (e) { ownBad = String(e.message || e); }
+    try { await s.run(inp.q, inp.k, inp.v, inp.gates, { kWin: rnd(5, 1) }); } catch (e) { ownShort = String(e.message || e); }
+    const branches = { worst: ownWorst, mismatches: ownMismatches, differs: ownDiffers, bad: ownBad, short: ownShort };
     const linear = { layout: lin.layout().compression, noWeights, badWeights, meanWeights, worst: linWorst, mismatches: linMismatches, differs: linDiffers };
     // Packed sequences: runPacked against referencePacked; the first sequence is the input's
     // first 120 tokens, so its rows are the full run's (causal prefix).
@@ -142,7 +157,7 @@ try {
     let badCu = "";
     try { await s.runPacked(packedBatch([0, 120, 120, 200])); } catch (e) { badCu = String(e.message || e); }
     const packed = { n: pr.out.length, worst: packedWorst, mismatches: packedMismatches, prefixWorst, badCu };
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed };
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed, branches };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -164,6 +179,11 @@ try {
   if (!lin.noWeights.includes("w_k")) fail(`a linear run without weights was not refused clearly: "${lin.noWeights}"`);
   if (!lin.badWeights.includes("w_k")) fail(`weights of the wrong shape were not refused clearly: "${lin.badWeights}"`);
   if (!lin.meanWeights.includes("compresses by the mean")) fail(`a Mean session took weights: "${lin.meanWeights}"`);
+  const br = api.branches;
+  console.log(`branch keys/values: max abs error ${br.worst.toExponential(2)} vs the CPU reference, ` +
+    `${br.mismatches} block indices differ, ${br.differs} outputs differ from the shared run's`);
+  if (!(br.worst <= 1e-4 && br.mismatches === 0 && br.differs > 0)) fail(`branch keys/values: ${JSON.stringify(br)}`);
+  if (!br.bad.includes("branches.kWin must be a Float32Array") || !br.short.includes("k_win")) fail(`bad branch tensors were not refused clearly: ${JSON.stringify(br)}`);
   const pk = api.packed;
   console.log(`packed: ${pk.n} outputs, max abs error ${pk.worst.toExponential(2)} vs referencePacked, ` +
     `${pk.mismatches} block indices differ, first sequence vs the full run ${pk.prefixWorst.toExponential(2)}`);
