@@ -344,15 +344,15 @@ impl<'a> SeqChunk<'a> {
     }
 
     /// Rows of sequence `seq` from `rows` (a sequence's or chunk's rows of prefill-shaped
-    /// inputs, [`crate::NsaInputs::token_rows`]): with independent K/V where `rows` has
-    /// any per-branch tensor ([`crate::NsaInputs::has_branch_kv`]; a branch without its
-    /// own takes `k`, `v`), as a cache made with `independent_kv` wants them.
-    pub fn from_rows(seq: usize, rows: &crate::NsaInputs<'a>) -> Self {
+    /// inputs, [`crate::NsaInputs::token_rows`]), with every branch's keys and values where
+    /// `independent` (a cache made with `independent_kv`; a branch without its own takes
+    /// `k`, `v`), else the shared ones.
+    pub fn from_rows(seq: usize, rows: &crate::NsaInputs<'a>, independent: bool) -> Self {
         let (kc, vc) = rows.cmp_kv();
         let (ks, vs) = rows.slc_kv();
         let (kw, vw) = rows.win_kv();
         SeqChunk {
-            branch_kv: rows.has_branch_kv().then_some([kc, vc, ks, vs, kw, vw]),
+            branch_kv: independent.then_some([kc, vc, ks, vs, kw, vw]),
             ..Self::new(seq, rows.q, rows.k, rows.v, rows.gates)
         }
     }
@@ -1608,7 +1608,7 @@ impl NsaPipeline {
         let chunks: Vec<SeqChunk> = views
             .iter()
             .enumerate()
-            .map(|(s, v)| SeqChunk::from_rows(s, v))
+            .map(|(s, v)| SeqChunk::from_rows(s, v, opts.independent_kv))
             .collect();
         let parts = self.extend(&mut cache, &chunks, request).await?;
         Ok(concat(parts, request))

@@ -69,7 +69,7 @@ pub fn run(
         let chunks: Vec<SeqChunk> = taking
             .iter()
             .zip(&views)
-            .map(|(&(seq, ..), v)| SeqChunk::from_rows(seq, v))
+            .map(|(&(seq, ..), v)| SeqChunk::from_rows(seq, v, independent))
             .collect();
         let parts = pollster::block_on(pipe.extend(&mut cache, &chunks, request))?;
         for (&(_, a, b), p) in taking.iter().zip(parts) {

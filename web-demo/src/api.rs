@@ -180,6 +180,8 @@ pub struct NsaSession {
     weights: Option<Weights>,
     last: Option<LastRun>,
     cache: Option<NsaCache>,
+    /// Whether `cache` holds keys and values per branch.
+    cache_branches: bool,
 }
 
 fn outputs_to_js(r: &NsaOutputs, ms: f64) -> Object {
@@ -246,6 +248,7 @@ impl NsaSession {
             weights: None,
             last: None,
             cache: None,
+            cache_branches: false,
         })
     }
 
@@ -512,9 +515,12 @@ impl NsaSession {
         Ok(o)
     }
 
-    /// `await session.decodeStep(q, k, v, gates)`: appends `n` tokens (`q: [n, Hq, Dk]`,
-    /// `k: [n, Hkv, Dk]`, `v: [n, Hkv, Dv]`, `gates: [n, Hq, 3]`) to the session's KV cache and
-    /// returns their rows `{out, blockIndices, ms, length}` (`length`: tokens now cached).
+    /// `await session.decodeStep(q, k, v, gates, branches)`: appends `n` tokens (`q: [n, Hq,
+    /// Dk]`, `k: [n, Hkv, Dk]`, `v: [n, Hkv, Dv]`, `gates: [n, Hq, 3]`, `branches` as `run`
+    /// takes it) to the session's KV cache and returns their rows `{out, blockIndices, ms,
+    /// length}` (`length`: tokens now cached). A cache started with per-branch keys and values
+    /// keeps them per branch (later calls without them give `k`, `v` to every branch); one
+    /// started without refuses them until `resetCache`.
     #[wasm_bindgen(js_name = decodeStep)]
     pub async fn decode_step(
         &mut self,
@@ -522,7 +528,10 @@ impl NsaSession {
         k: Float32Array,
         v: Float32Array,
         gates: Float32Array,
+        branches: JsValue,
     ) -> Result<Object, JsError> {
+        let t = Tensors::new([&q, &k, &v, &gates], &branches)?;
+        let rows = t.inputs(None);
         let s = self.shape;
         if self.cache.is_none() {
             let opts = CacheOptions {
@@ -533,15 +542,20 @@ impl NsaSession {
                 dv: s.dv,
                 capacity: 1024,
                 max_capacity: 1 << 20,
-                independent_kv: false,
+                independent_kv: rows.has_branch_kv(),
                 precision: self.precision,
             };
             let linear = self.weights.as_ref().map(Weights::view);
             self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, linear).map_err(err)?);
+            self.cache_branches = opts.independent_kv;
+        }
+        if rows.has_branch_kv() && !self.cache_branches {
+            return Err(JsError::new(
+                "decodeStep: the KV cache was started without per-branch keys and values (resetCache() first)",
+            ));
         }
         let cache = self.cache.as_mut().expect("created above");
-        let (q, k, v, gates) = (q.to_vec(), k.to_vec(), v.to_vec(), gates.to_vec());
-        let chunk = SeqChunk::new(0, &q, &k, &v, &gates);
+        let chunk = SeqChunk::from_rows(0, &rows, self.cache_branches);
         let req = OutputRequest {
             block_indices: true,
             branches: false,

@@ -143,7 +143,20 @@ try {
     let ownBad = "", ownShort = "";
     try { await s.run(inp.q, inp.k, inp.v, inp.gates, { kWin: [1, 2] }); } catch (e) { ownBad = String(e.message || e); }
     try { await s.run(inp.q, inp.k, inp.v, inp.gates, { kWin: rnd(5, 1) }); } catch (e) { ownShort = String(e.message || e); }
-    const branches = { worst: ownWorst, mismatches: ownMismatches, differs: ownDiffers, bad: ownBad, short: ownShort };
+    // Decode steps with them: the same rows; a cache started without them refuses them.
+    s.resetCache();
+    const ownRows = (a, b) => ({ kSlc: own.kSlc.subarray(a * 32, b * 32), vSlc: own.vSlc.subarray(a * 24, b * 24) });
+    await s.decodeStep(rows(inp.q, 64, 0, 150), rows(inp.k, 32, 0, 150), rows(inp.v, 24, 0, 150), rows(inp.gates, 12, 0, 150), ownRows(0, 150));
+    for (let p = 150; p < 155; p++) {
+      const r = await s.decodeStep(rows(inp.q, 64, p, p + 1), rows(inp.k, 32, p, p + 1), rows(inp.v, 24, p, p + 1), rows(inp.gates, 12, p, p + 1), ownRows(p, p + 1));
+      for (let i = 0; i < 48; i++) ownWorst = Math.max(ownWorst, Math.abs(r.out[i] - bg.out[p * 48 + i]));
+    }
+    s.resetCache();
+    await s.decodeStep(rows(inp.q, 64, 0, 10), rows(inp.k, 32, 0, 10), rows(inp.v, 24, 0, 10), rows(inp.gates, 12, 0, 10));
+    let ownLate = "";
+    try { await s.decodeStep(rows(inp.q, 64, 10, 11), rows(inp.k, 32, 10, 11), rows(inp.v, 24, 10, 11), rows(inp.gates, 12, 10, 11), ownRows(10, 11)); } catch (e) { ownLate = String(e.message || e); }
+    s.resetCache();
+    const branches = { worst: ownWorst, mismatches: ownMismatches, differs: ownDiffers, bad: ownBad, short: ownShort, late: ownLate };
     const linear = { layout: lin.layout().compression, noWeights, badWeights, meanWeights, worst: linWorst, mismatches: linMismatches, differs: linDiffers };
     // Packed sequences: runPacked against referencePacked; the first sequence is the input's
     // first 120 tokens, so its rows are the full run's (causal prefix).
@@ -180,10 +193,10 @@ try {
   if (!lin.badWeights.includes("w_k")) fail(`weights of the wrong shape were not refused clearly: "${lin.badWeights}"`);
   if (!lin.meanWeights.includes("compresses by the mean")) fail(`a Mean session took weights: "${lin.meanWeights}"`);
   const br = api.branches;
-  console.log(`branch keys/values: max abs error ${br.worst.toExponential(2)} vs the CPU reference, ` +
+  console.log(`branch keys/values: max abs error ${br.worst.toExponential(2)} vs the CPU reference (decode steps included), ` +
     `${br.mismatches} block indices differ, ${br.differs} outputs differ from the shared run's`);
   if (!(br.worst <= 1e-4 && br.mismatches === 0 && br.differs > 0)) fail(`branch keys/values: ${JSON.stringify(br)}`);
-  if (!br.bad.includes("branches.kWin must be a Float32Array") || !br.short.includes("k_win")) fail(`bad branch tensors were not refused clearly: ${JSON.stringify(br)}`);
+  if (!br.bad.includes("branches.kWin must be a Float32Array") || !br.short.includes("k_win") || !br.late.includes("resetCache")) fail(`bad branch tensors were not refused clearly: ${JSON.stringify(br)}`);
   const pk = api.packed;
   console.log(`packed: ${pk.n} outputs, max abs error ${pk.worst.toExponential(2)} vs referencePacked, ` +
     `${pk.mismatches} block indices differ, first sequence vs the full run ${pk.prefixWorst.toExponential(2)}`);
