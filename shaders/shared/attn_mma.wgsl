@@ -186,12 +186,58 @@ fn probs4(s: vec4<f32>, m: f32) -> vec4<f32> {
     return select(exp(s - m), vec4<f32>(0.0), s == vec4<f32>(NEG_BIG));
 }
 
-// o plus the probabilities of row block rb and key block kb times the values of key block
-// kb and output block cb.
-fn pv_step(o: coop_mat16x16<f32, C>, rb: u32, cb: u32, kb: u32) -> coop_mat16x16<f32, C> {
-    let a = coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * PS + kb * MM], PS);
-    let b = coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
-    return coopMultiplyAdd(a, b, o);
+// The probabilities of row block rb and key block kb.
+fn prob_block(rb: u32, kb: u32) -> coop_mat16x16<f16, A> {
+    return coopLoadT<coop_mat16x16<f16, A>>(&ph[rb * MM * PS + kb * MM], PS);
+}
+
+// The values of key block kb and output block cb.
+fn value_block(kb: u32, cb: u32) -> coop_mat16x16<f16, B> {
+    return coopLoadT<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + cb * MM], TS);
+}
+
+// Whether the wide kernels' products load each key or value block once for both row
+// blocks: the scores of a key block by one subgroup for both (tile_scores), and the
+// products of two output blocks that share their values (attn_keys). On an H200 (f16, 64k,
+// thirty-eighth session) compressed attention took 75.4 ms instead of 80.2, the window
+// 24.3 instead of 25.0 and dense attention 992 instead of 1036. 16-row kernels compile
+// without either test (present but not taken, the tests made selected attention 2-4%
+// slower); their two output blocks share the probabilities instead (54.7 against 55.8 ms).
+override SHARE_BLOCKS: bool = ROWS > MM;
+
+// The tile's scores into `spv`, 16 rows x 16 keys per block: Q [ROWS, DKP] x K^T (the tile
+// read column-major), for every key block of the tile (a constant count: past the tile's
+// keys the key rows are zero and their scores masked after). With two row blocks
+// (SHARE_BLOCKS) a subgroup per key block takes both, while the other subgroups wait; else
+// the blocks are handed out to the subgroups in turn.
+fn tile_scores(sg: u32, nsg: u32, nrb: u32) {
+    if SHARE_BLOCKS && nrb == 2u && nsg >= KT / MM {
+        if sg < KT / MM {
+            var s0 = coop_mat16x16<f32, C>();
+            var s1 = coop_mat16x16<f32, C>();
+            for (var d0 = 0u; d0 < DKP; d0 += MM) {
+                let b = coopLoad<coop_mat16x16<f16, B>>(&kvh[sg * MM * TS + d0], TS);
+                let a0 = coopLoadT<coop_mat16x16<f16, A>>(&qh[d0], QS);
+                let a1 = coopLoadT<coop_mat16x16<f16, A>>(&qh[MM * QS + d0], QS);
+                s0 = coopMultiplyAdd(a0, b, s0);
+                s1 = coopMultiplyAdd(a1, b, s1);
+            }
+            coopStoreT(s0, &spv[sg * MM], SS);
+            coopStoreT(s1, &spv[MM * SS + sg * MM], SS);
+        }
+        return;
+    }
+    for (var x = sg; x < nrb * (KT / MM); x += nsg) {
+        let rb = x / (KT / MM);
+        let kb = x % (KT / MM);
+        var s = coop_mat16x16<f32, C>();
+        for (var d0 = 0u; d0 < DKP; d0 += MM) {
+            let a = coopLoadT<coop_mat16x16<f16, A>>(&qh[rb * MM * QS + d0], QS);
+            let b = coopLoad<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + d0], TS);
+            s = coopMultiplyAdd(a, b, s);
+        }
+        coopStoreT(s, &spv[rb * MM * SS + kb * MM], SS);
+    }
 }
 
 // Attends every owned row to keys [start, end) of the bound k, v (`stride` rows per sequence),
@@ -233,20 +279,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             add_tiles(lid, nrg * dv4, dv4);
         }
         workgroupBarrier();
-        // Scores of 16 rows x 16 keys per block: Q [ROWS, DKP] x K^T (the tile read
-        // column-major), for every key block of the tile (a constant count: past the
-        // tile's keys the key rows are zero and their scores masked below).
-        for (var x = sg; x < nrb * (KT / MM); x += nsg) {
-            let rb = x / (KT / MM);
-            let kb = x % (KT / MM);
-            var s = coop_mat16x16<f32, C>();
-            for (var d0 = 0u; d0 < DKP; d0 += MM) {
-                let a = coopLoadT<coop_mat16x16<f16, A>>(&qh[rb * MM * QS + d0], QS);
-                let b = coopLoad<coop_mat16x16<f16, B>>(&kvh[kb * MM * TS + d0], TS);
-                s = coopMultiplyAdd(a, b, s);
-            }
-            coopStoreT(s, &spv[rb * MM * SS + kb * MM], SS);
-        }
+        tile_scores(sg, nsg, nrb);
         workgroupBarrier();
         // The value tile replaces the key tile; each row's probabilities (f16) from 8
         // invocations, zero for masked keys and past the tile.
@@ -304,16 +337,36 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         let nb = nrb * ncb;
         for (var x = sg; x < nb; x += 2u * nsg) {
             let y = select(x, x + nsg, x + nsg < nb);
+            let rx = x / ncb;
+            let cx = x % ncb;
+            let ry = y / ncb;
+            let cy = y % ncb;
             var o = coop_mat16x16<f32, C>();
             var o2 = coop_mat16x16<f32, C>();
             // Over every key block of the tile, a constant count: past the tile's keys the
-            // probabilities and values are zero.
-            for (var kb = 0u; kb < KT / MM; kb++) {
-                o = pv_step(o, x / ncb, x % ncb, kb);
-                o2 = pv_step(o2, y / ncb, y % ncb, kb);
+            // probabilities and values are zero. The operand the two blocks share is loaded
+            // once: with one row block its probabilities, else (SHARE_BLOCKS) the values of
+            // an output block that both row blocks take.
+            if ROWS <= MM {
+                for (var kb = 0u; kb < KT / MM; kb++) {
+                    let a = prob_block(rx, kb);
+                    o = coopMultiplyAdd(a, value_block(kb, cx), o);
+                    o2 = coopMultiplyAdd(a, value_block(kb, cy), o2);
+                }
+            } else if SHARE_BLOCKS && cx == cy && rx != ry {
+                for (var kb = 0u; kb < KT / MM; kb++) {
+                    let b = value_block(kb, cx);
+                    o = coopMultiplyAdd(prob_block(rx, kb), b, o);
+                    o2 = coopMultiplyAdd(prob_block(ry, kb), b, o2);
+                }
+            } else {
+                for (var kb = 0u; kb < KT / MM; kb++) {
+                    o = coopMultiplyAdd(prob_block(rx, kb), value_block(kb, cx), o);
+                    o2 = coopMultiplyAdd(prob_block(ry, kb), value_block(kb, cy), o2);
+                }
             }
-            coopStoreT(o, &spv[(x / ncb) * MM * VS + (x % ncb) * MM], VS);
-            coopStoreT(o2, &spv[(y / ncb) * MM * VS + (y % ncb) * MM], VS);
+            coopStoreT(o, &spv[rx * MM * VS + cx * MM], VS);
+            coopStoreT(o2, &spv[ry * MM * VS + cy * MM], VS);
         }
         workgroupBarrier();
         if DEFER_ADD {
