@@ -198,9 +198,10 @@ fn value_block(kb: u32, cb: u32) -> coop_mat16x16<f16, B> {
 
 // Whether the wide kernels' products load each key or value block once for both row
 // blocks: the scores of a key block by one subgroup for both (tile_scores), and the
-// products of two output blocks that share their values (attn_keys). On an H200 (f16, 64k,
-// thirty-eighth session) compressed attention took 75.4 ms instead of 80.2, the window
-// 24.3 instead of 25.0 and dense attention 992 instead of 1036. 16-row kernels compile
+// products of two output blocks by one subgroup for both (attn_keys: four products from
+// four loads). On an H200 (f16, 64k, thirty-eighth session) compressed attention took
+// 75.4 ms instead of 80.2 with the first, 74.3 with both; the window 24.3 and 23.8 instead
+// of 25.0; dense attention 992 instead of 1036 with the first. 16-row kernels compile
 // without either test (present but not taken, the tests made selected attention 2-4%
 // slower); their two output blocks share the probabilities instead (54.7 against 55.8 ms).
 override SHARE_BLOCKS: bool = ROWS > MM;
@@ -330,43 +331,62 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             let p1 = select(vec4<f32>(0.0), probs4(s1, m_new), kt >= 64u);
             keep_probs(r, lid, t0, m_new, probs4(s0, m_new), p1);
         }
-        // This tile's output, 16 rows x 16 dims per block: P [ROWS, KT] x V, two blocks at
-        // a time per subgroup (x and y = x + nsg), so that their loads and products
-        // interleave; a subgroup left with one block takes it twice (y = x).
+        // This tile's output, 16 rows x 16 dims per block: P [ROWS, KT] x V, over every key
+        // block of the tile (a constant count: past the tile's keys the probabilities and
+        // values are zero), each operand that two of a subgroup's blocks share loaded once.
         let ncb = DVP / MM;
-        let nb = nrb * ncb;
-        for (var x = sg; x < nb; x += 2u * nsg) {
-            let y = select(x, x + nsg, x + nsg < nb);
-            let rx = x / ncb;
-            let cx = x % ncb;
-            let ry = y / ncb;
-            let cy = y % ncb;
-            var o = coop_mat16x16<f32, C>();
-            var o2 = coop_mat16x16<f32, C>();
-            // Over every key block of the tile, a constant count: past the tile's keys the
-            // probabilities and values are zero. The operand the two blocks share is loaded
-            // once: with one row block its probabilities, else (SHARE_BLOCKS) the values of
-            // an output block that both row blocks take.
-            if ROWS <= MM {
+        if SHARE_BLOCKS && nrb == 2u {
+            // Both row blocks times two output blocks (c0, c1) per subgroup: four products
+            // from four loads. A subgroup left with one output block takes it twice.
+            for (var c0 = 2u * sg; c0 < ncb; c0 += 2u * nsg) {
+                let c1 = min(c0 + 1u, ncb - 1u);
+                var o00 = coop_mat16x16<f32, C>();
+                var o01 = coop_mat16x16<f32, C>();
+                var o10 = coop_mat16x16<f32, C>();
+                var o11 = coop_mat16x16<f32, C>();
                 for (var kb = 0u; kb < KT / MM; kb++) {
-                    let a = prob_block(rx, kb);
-                    o = coopMultiplyAdd(a, value_block(kb, cx), o);
-                    o2 = coopMultiplyAdd(a, value_block(kb, cy), o2);
+                    let a0 = prob_block(0u, kb);
+                    let a1 = prob_block(1u, kb);
+                    let b0 = value_block(kb, c0);
+                    let b1 = value_block(kb, c1);
+                    o00 = coopMultiplyAdd(a0, b0, o00);
+                    o01 = coopMultiplyAdd(a0, b1, o01);
+                    o10 = coopMultiplyAdd(a1, b0, o10);
+                    o11 = coopMultiplyAdd(a1, b1, o11);
                 }
-            } else if SHARE_BLOCKS && cx == cy && rx != ry {
-                for (var kb = 0u; kb < KT / MM; kb++) {
-                    let b = value_block(kb, cx);
-                    o = coopMultiplyAdd(prob_block(rx, kb), b, o);
-                    o2 = coopMultiplyAdd(prob_block(ry, kb), b, o2);
-                }
-            } else {
-                for (var kb = 0u; kb < KT / MM; kb++) {
-                    o = coopMultiplyAdd(prob_block(rx, kb), value_block(kb, cx), o);
-                    o2 = coopMultiplyAdd(prob_block(ry, kb), value_block(kb, cy), o2);
-                }
+                coopStoreT(o00, &spv[c0 * MM], VS);
+                coopStoreT(o01, &spv[c1 * MM], VS);
+                coopStoreT(o10, &spv[MM * VS + c0 * MM], VS);
+                coopStoreT(o11, &spv[MM * VS + c1 * MM], VS);
             }
-            coopStoreT(o, &spv[rx * MM * VS + cx * MM], VS);
-            coopStoreT(o2, &spv[ry * MM * VS + cy * MM], VS);
+        } else {
+            // Two blocks at a time per subgroup (x and y = x + nsg), so that their loads and
+            // products interleave; a subgroup left with one block takes it twice (y = x).
+            // With one row block (16-row kernels) both share its probabilities.
+            let nb = nrb * ncb;
+            for (var x = sg; x < nb; x += 2u * nsg) {
+                let y = select(x, x + nsg, x + nsg < nb);
+                let rx = x / ncb;
+                let cx = x % ncb;
+                let ry = y / ncb;
+                let cy = y % ncb;
+                var o = coop_mat16x16<f32, C>();
+                var o2 = coop_mat16x16<f32, C>();
+                if ROWS <= MM {
+                    for (var kb = 0u; kb < KT / MM; kb++) {
+                        let a = prob_block(rx, kb);
+                        o = coopMultiplyAdd(a, value_block(kb, cx), o);
+                        o2 = coopMultiplyAdd(a, value_block(kb, cy), o2);
+                    }
+                } else {
+                    for (var kb = 0u; kb < KT / MM; kb++) {
+                        o = coopMultiplyAdd(prob_block(rx, kb), value_block(kb, cx), o);
+                        o2 = coopMultiplyAdd(prob_block(ry, kb), value_block(kb, cy), o2);
+                    }
+                }
+                coopStoreT(o, &spv[rx * MM * VS + cx * MM], VS);
+                coopStoreT(o2, &spv[ry * MM * VS + cy * MM], VS);
+            }
         }
         workgroupBarrier();
         if DEFER_ADD {
