@@ -29,8 +29,8 @@
 const WG: u32 = 128u;
 const PER: u32 = 2u;       // columns per invocation: WG * PER = 256, the largest D
 const RS: u32 = WG * PER;  // staged row stride
-// Tokens per workgroup (Rust's `COMPRESS_TOKENS`; `Sums` has a field for each): Linear's
-// rows at one block position share each weight load.
+// Tokens per workgroup (Rust's `COMPRESS_TOKENS`; `Sums` has a field for each; tests/shaders.rs
+// holds all three equal): Linear's rows at one block position share each weight load.
 const TOKENS: u32 = 4u;
 
 // The workgroup's staged rows at one block position: token t at t * RS.

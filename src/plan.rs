@@ -56,8 +56,9 @@ pub struct DeviceLimits {
     pub loop_iterations: u64,
 }
 
-/// The compression kernel's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`):
-/// Linear's share each load of the weights.
+/// The compression kernel's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`, and
+/// its `Sums` struct's fields; `tests/shaders.rs` checks both): Linear's share each load of
+/// the weights.
 pub const COMPRESS_TOKENS: usize = 4;
 
 /// [`DeviceLimits::loop_iterations`] on Mesa's llvmpipe: 65,535, after which it ends an

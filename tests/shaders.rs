@@ -417,3 +417,33 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         }
     }
 }
+
+#[test]
+fn compress_tokens_match_the_plan() {
+    // compress.wgsl's tokens per workgroup (TOKENS, and a field of `Sums` for each) are the
+    // plan's COMPRESS_TOKENS, by which it sizes the compression's grid, its workgroup memory
+    // and its loop bound.
+    let (m, _) = module("compress");
+    let (_, c) = m
+        .constants
+        .iter()
+        .find(|(_, c)| c.name.as_deref() == Some("TOKENS"))
+        .expect("TOKENS");
+    match m.global_expressions[c.init] {
+        naga::Expression::Literal(naga::Literal::U32(n)) => {
+            assert_eq!(n as usize, nsa_wgpu::plan::COMPRESS_TOKENS)
+        }
+        ref e => panic!("TOKENS is {e:?}"),
+    }
+    let (_, sums) = m
+        .types
+        .iter()
+        .find(|(_, t)| t.name.as_deref() == Some("Sums"))
+        .expect("Sums");
+    match &sums.inner {
+        naga::TypeInner::Struct { members, .. } => {
+            assert_eq!(members.len(), nsa_wgpu::plan::COMPRESS_TOKENS)
+        }
+        other => panic!("Sums is {other:?}"),
+    }
+}
