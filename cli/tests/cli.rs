@@ -412,6 +412,27 @@ fn bench_quick_prints_a_table() {
     {
         assert!(row.ends_with("| 1 / 1 |"), "{row}");
     }
+    // The growth of the NSA total from 256 to 700 tokens, from the rows' totals.
+    let total = |t: &str| -> f64 {
+        let row = out.lines().find(|l| l.starts_with(t)).expect("row");
+        row.split('|')
+            .nth(7)
+            .unwrap()
+            .trim()
+            .parse()
+            .expect("NSA total")
+    };
+    let printed: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("NSA growth: time(700) / time(256) = "))
+        .expect("growth line")
+        .parse()
+        .expect("growth");
+    let expected = total("| 700 |") / total("| 256 |");
+    assert!(
+        (printed - expected).abs() <= 0.0051,
+        "{printed} against {expected}\n{out}"
+    );
     // By default f16 storage, unless the adapter lacks it.
     if !out.contains("input storage: F16") {
         assert!(out.contains("input storage: F32"), "{out}");
