@@ -203,7 +203,7 @@ fn value_block(kb: u32, cb: u32) -> coop_mat16x16<f16, B> {
 // 75.4 ms instead of 80.2 with the first, 74.3 with both; the window 24.3 and 23.8 instead
 // of 25.0; dense attention 992 instead of 1036 with the first. 16-row kernels compile
 // without either test (present but not taken, the tests made selected attention 2-4%
-// slower); their two output blocks share the probabilities instead (54.7 against 55.8 ms).
+// slower); their two output blocks share the probabilities instead (54.7 against 55.5 ms).
 override SHARE_BLOCKS: bool = ROWS > MM;
 
 // The tile's scores into `spv`, 16 rows x 16 keys per block: Q [ROWS, DKP] x K^T (the tile
