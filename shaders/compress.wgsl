@@ -6,7 +6,7 @@
 // W[h][j][din][e] is loaded once for all four; each column's sum over a row's D inputs takes
 // eight of them per loop iteration, in the same order as one at a time. On an H200 (f16,
 // D = 128, 64k) one token per workgroup took 5.5 ms to compress with Linear, reading the
-// whole W slice of its head from L2 for every token, and four 2.7 ms.
+// whole W slice of its head from L2 for every token; four tokens per workgroup take 2.7 ms.
 //
 // Why so few loop iterations per invocation: software Vulkan (Mesa's llvmpipe) ends every
 // loop of an invocation once they have taken 65,535 iterations together, silently. With 4

@@ -538,6 +538,12 @@ impl NsaCache {
         &self.raw
     }
 
+    /// Whether the cache holds each branch's own keys and values
+    /// ([`CacheOptions::independent_kv`]): calls must then bring them, else must not.
+    pub fn independent_kv(&self) -> bool {
+        self.opts.independent_kv
+    }
+
     /// Key rows reserved per sequence now.
     pub fn capacity(&self) -> usize {
         self.capacity

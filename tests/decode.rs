@@ -207,6 +207,8 @@ fn check_at(
         "{name}"
     );
     assert!(cache.lens().iter().all(|l| *l == s.tk));
+    assert_eq!(cache.independent_kv(), branch, "{name}");
+    assert_eq!(cache.key_value_buffers().len(), if branch { 6 } else { 2 });
 }
 
 #[test]

@@ -180,8 +180,6 @@ pub struct NsaSession {
     weights: Option<Weights>,
     last: Option<LastRun>,
     cache: Option<NsaCache>,
-    /// Whether `cache` holds keys and values per branch.
-    cache_branches: bool,
 }
 
 fn outputs_to_js(r: &NsaOutputs, ms: f64) -> Object {
@@ -248,7 +246,6 @@ impl NsaSession {
             weights: None,
             last: None,
             cache: None,
-            cache_branches: false,
         })
     }
 
@@ -547,15 +544,14 @@ impl NsaSession {
             };
             let linear = self.weights.as_ref().map(Weights::view);
             self.cache = Some(NsaCache::new(&self.pipe, &self.config, opts, linear).map_err(err)?);
-            self.cache_branches = opts.independent_kv;
         }
-        if rows.has_branch_kv() && !self.cache_branches {
+        let cache = self.cache.as_mut().expect("created above");
+        if rows.has_branch_kv() && !cache.independent_kv() {
             return Err(JsError::new(
                 "decodeStep: the KV cache was started without per-branch keys and values (resetCache() first)",
             ));
         }
-        let cache = self.cache.as_mut().expect("created above");
-        let chunk = SeqChunk::from_rows(0, &rows, self.cache_branches);
+        let chunk = SeqChunk::from_rows(0, &rows, cache.independent_kv());
         let req = OutputRequest {
             block_indices: true,
             branches: false,
