@@ -22,7 +22,12 @@ pub enum Precision {
     #[default]
     F32,
     /// 2-byte floats (needs the adapter's `shader-f16`): half the memory traffic, inputs rounded
-    /// to f16 (SPEC's f16 tolerance, 1e-2 max abs error on `out`).
+    /// to f16. `out` stays within SPEC's f16 tolerance (1e-2) on every row whose selection
+    /// matches an exact computation's; but the compressed keys are stored as f16 too, which
+    /// moves block scores by about 1e-5 relative, so blocks whose scores lie that close (past
+    /// SPEC's 1e-6 near-tie rule) may be chosen differently, and such a row's output differs by
+    /// what the swapped block carries (up to 0.08 on N(0, 1) inputs; a few rows in 10^3 at 8k
+    /// tokens). Use [`Precision::F32`] where selections must match exactly.
     F16,
 }
 
