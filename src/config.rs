@@ -194,7 +194,8 @@ impl Shape {
         self.hq / self.hkv.max(1)
     }
 
-    /// Checks the shape rules: positive sizes, `Tq <= Tk`, `Hq % Hkv == 0`, head dims up to 256.
+    /// Checks the shape rules: positive sizes within `u32`, `Tq <= Tk`, `Hq % Hkv == 0`, head
+    /// dims up to 256.
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [
             ("batch", self.batch),
@@ -207,6 +208,13 @@ impl Shape {
         ] {
             if v == 0 {
                 return Err(bad_shape(what, v, ">= 1"));
+            }
+            if v > u32::MAX as usize {
+                return Err(bad_shape(
+                    what,
+                    v,
+                    "<= 4294967295 (the kernels count with 32-bit integers)",
+                ));
             }
         }
         if self.tq > self.tk {

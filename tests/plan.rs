@@ -698,6 +698,112 @@ fn bad_shapes_are_rejected() {
     assert_eq!(what(Shape { dk: 257, ..s }), "dk");
     assert_eq!(what(Shape { dv: 0, ..s }), "dv");
     assert_eq!(what(Shape { batch: 0, ..s }), "batch");
+    // The kernels count with 32-bit integers: a size past u32 is refused (a group of 2^64 - 1
+    // heads once made a plan divide by zero).
+    let past = u32::MAX as usize + 1;
+    assert_eq!(
+        what(Shape {
+            hq: usize::MAX,
+            batch: usize::MAX,
+            ..s
+        }),
+        "batch"
+    );
+    assert_eq!(what(Shape { hq: past * 2, ..s }), "hq");
+    assert_eq!(
+        what(Shape {
+            tq: 10,
+            tk: past,
+            ..s
+        }),
+        "tk"
+    );
+}
+
+/// Plans of extreme shapes, configs and limits are plans or errors, never panics (the plan
+/// multiplies sizes in u64 and divides by counts derived from them).
+#[test]
+fn extreme_sizes_plan_or_fail_without_panics() {
+    let big = u32::MAX as usize;
+    let limits = [
+        DeviceLimits::default(),
+        DeviceLimits {
+            max_storage_binding: 1 << 16,
+            workgroup_storage: 16384,
+            ..DeviceLimits::default()
+        },
+        DeviceLimits {
+            tensor_cores: true,
+            workgroup_storage: 49152,
+            max_key_tiles: 256,
+            ..DeviceLimits::default()
+        },
+    ];
+    let configs = [
+        NsaConfig::default(),
+        NsaConfig {
+            cmp_block: 1,
+            cmp_stride: 1,
+            sel_block: 1,
+            top_n: 1,
+            init_blocks: 0,
+            local_blocks: 0,
+            window: 1,
+            ..NsaConfig::default()
+        },
+        NsaConfig {
+            window: big,
+            top_n: 1 << 20,
+            ..NsaConfig::default()
+        },
+        NsaConfig {
+            cmp_block: big,
+            cmp_stride: 1,
+            sel_block: 1,
+            ..NsaConfig::default()
+        },
+        NsaConfig {
+            cmp_block: 1 << 15,
+            cmp_stride: 1 << 15,
+            sel_block: 1 << 30,
+            top_n: 3,
+            ..NsaConfig::default()
+        },
+    ];
+    let mut planned = 0;
+    for l in &limits {
+        for batch in [1, 3, big] {
+            for (tq, tk) in [(1, 1), (7, 1 << 16), (1, 1 << 31), (big, big)] {
+                for (hq, hkv) in [(1, 1), (64, 4), (big, 1), (big - 2, (big - 2) / 5)] {
+                    for (dk, dv) in [(1, 1), (128, 128), (255, 256)] {
+                        let shape = Shape {
+                            batch,
+                            tq,
+                            tk,
+                            hq,
+                            hkv,
+                            dk,
+                            dv,
+                        };
+                        for cfg in &configs {
+                            for p in [Precision::F32, Precision::F16] {
+                                let run = || Plan::with_precision(cfg, &shape, l, p).is_ok();
+                                let ok = std::panic::catch_unwind(run)
+                                    .unwrap_or_else(|_| panic!("{cfg:?} {shape:?} {p:?}"));
+                                let dense =
+                                    || Plan::dense_with_precision(&shape, None, l, p).is_ok();
+                                std::panic::catch_unwind(dense)
+                                    .unwrap_or_else(|_| panic!("dense {shape:?} {p:?}"));
+                                planned += ok as usize;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The small shapes plan; the rest fail with an error.
+    assert!(planned > 0);
 }
 
 #[test]
