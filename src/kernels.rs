@@ -308,6 +308,8 @@ pub const ROWS: u32 = 16;
 /// of a larger one) then share every key tile. On an H200 (D = 128, 32 keys per tile against
 /// 64) this made 16k compressed attention 27%, the window 27% and dense attention 27% faster.
 pub const WIDE_ROWS: u32 = 32;
+// The tensor-core core takes one or two 16-row blocks (`shaders/shared/attn_mma.wgsl`).
+const _: () = assert!(ROWS == 16 && WIDE_ROWS == 2 * ROWS);
 
 /// Workgroup memory of an attention kernel on tensor cores (`shaders/shared/attn_mma.wgsl`)
 /// for head sizes `dk`, `dv`, `kv_tile` keys per tile and `rows` query rows, in bytes: the

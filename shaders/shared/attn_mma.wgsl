@@ -6,9 +6,9 @@
 //
 // Each subgroup multiplies whole 16x16 blocks: the scores of 16 rows against 16 keys, then
 // 16 rows x 16 output dims; the results go through workgroup memory (`spv`), where the online
-// softmax and the rescaling run as in the plain core. Any multiple of 16 rows (16 for
-// selected attention, 32 for the wide steps): the blocks of all row blocks are handed out
-// to the subgroups in turn. Subgroups are numbered lid / size, so this takes subgroup lanes
+// softmax and the rescaling run as in the plain core. 16 or 32 rows (Rust's ROWS for
+// selected attention, WIDE_ROWS for the wide steps): one or two row blocks, whose blocks
+// are handed out to the subgroups (tile_scores, attn_keys). Subgroups are numbered lid / size, so this takes subgroup lanes
 // to follow local_invocation_index (as reduce_subgroup.wgsl does).
 
 const MM: u32 = 16u;  // cooperative matrix rows, columns and depth
@@ -360,32 +360,20 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
                 coopStoreT(o11, &spv[MM * VS + c1 * MM], VS);
             }
         } else {
-            // Two blocks at a time per subgroup (x and y = x + nsg), so that their loads and
-            // products interleave; a subgroup left with one block takes it twice (y = x).
-            // With one row block (16-row kernels) both share its probabilities.
-            let nb = nrb * ncb;
-            for (var x = sg; x < nb; x += 2u * nsg) {
-                let y = select(x, x + nsg, x + nsg < nb);
-                let rx = x / ncb;
-                let cx = x % ncb;
-                let ry = y / ncb;
-                let cy = y % ncb;
+            // One row block here (16-row kernels, or a wide one's last 16 rows or fewer):
+            // two output blocks at a time per subgroup (x and y = x + nsg), sharing its
+            // probabilities; a subgroup left with one block takes it twice (y = x).
+            for (var x = sg; x < ncb; x += 2u * nsg) {
+                let y = select(x, x + nsg, x + nsg < ncb);
                 var o = coop_mat16x16<f32, C>();
                 var o2 = coop_mat16x16<f32, C>();
-                if ROWS <= MM {
-                    for (var kb = 0u; kb < KT / MM; kb++) {
-                        let a = prob_block(rx, kb);
-                        o = coopMultiplyAdd(a, value_block(kb, cx), o);
-                        o2 = coopMultiplyAdd(a, value_block(kb, cy), o2);
-                    }
-                } else {
-                    for (var kb = 0u; kb < KT / MM; kb++) {
-                        o = coopMultiplyAdd(prob_block(rx, kb), value_block(kb, cx), o);
-                        o2 = coopMultiplyAdd(prob_block(ry, kb), value_block(kb, cy), o2);
-                    }
+                for (var kb = 0u; kb < KT / MM; kb++) {
+                    let a = prob_block(0u, kb);
+                    o = coopMultiplyAdd(a, value_block(kb, x), o);
+                    o2 = coopMultiplyAdd(a, value_block(kb, y), o2);
                 }
-                coopStoreT(o, &spv[rx * MM * VS + cx * MM], VS);
-                coopStoreT(o2, &spv[ry * MM * VS + cy * MM], VS);
+                coopStoreT(o, &spv[x * MM], VS);
+                coopStoreT(o2, &spv[y * MM], VS);
             }
         }
         workgroupBarrier();
