@@ -1005,6 +1005,59 @@ fn check_f16_case(pipes: &[&NsaPipeline], name: &str, cfg: &NsaConfig, shape: &S
     data
 }
 
+/// How far f16 storage's selections are from exact (README, Precision): the paper's config
+/// at `NSA_F16_T` tokens (4096 by default; Hq 16, Hkv 1, D 64) with f16 storage against the
+/// naive NSA on the inputs as stored. Prints how many rows chose another block and the
+/// outputs' errors on those rows and the rest; asserts the swaps are near ties within
+/// F16_TIE, at most 1% of the rows, and the other rows within SPEC's 1e-2. Opt-in (the
+/// naive reference takes about half a minute at 4096 tokens on lavapipe):
+/// `cargo test --release --test gpu f16_selection_swaps -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn f16_selection_swaps_are_near_ties_in_few_rows() {
+    let Some(pipe) = f16_pipeline() else {
+        return;
+    };
+    let t = std::env::var("NSA_F16_T").map_or(4096, |v| v.parse().expect("NSA_F16_T"));
+    let (cfg, shape) = (paper(), Shape::prefill(1, t, 16, 1, 64, 64));
+    let data = Data::new(&cfg, &shape, false, 77);
+    let (q, k, v) = (f16_round(&data.q), f16_round(&data.k), f16_round(&data.v));
+    let mut inputs = data.inputs();
+    (inputs.q, inputs.k, inputs.v) = (&q, &k, &v);
+    let naive = cpu::naive::nsa(&cfg, &shape, &inputs).unwrap();
+    let got = run_f16(pipe, &cfg, &shape, &data);
+    let idx = got.block_indices.unwrap();
+    let differing = check_selection_within(&cfg, &idx, &naive, common::F16_TIE, 1e-12);
+    // With Hkv = 1, selection row r is query r: its G heads' outputs.
+    let row = shape.group() * shape.dv;
+    let (mut swapped, mut same) = (0f64, 0f64);
+    for (r, (x, y)) in got.out.chunks(row).zip(naive.out.chunks(row)).enumerate() {
+        let err = x
+            .iter()
+            .zip(y)
+            .map(|(a, b)| (*a as f64 - b).abs())
+            .fold(0.0, f64::max);
+        let worst = if differing.contains(&r) {
+            &mut swapped
+        } else {
+            &mut same
+        };
+        *worst = worst.max(err);
+    }
+    let rows = idx.len() / cfg.top_n;
+    println!(
+        "f16 ({}), T = {t}: {} of {rows} rows chose another block; max abs error {swapped:.2e} there, {same:.2e} elsewhere",
+        core_of(pipe),
+        differing.len()
+    );
+    assert!(
+        differing.len() * 100 <= rows,
+        "{} of {rows}",
+        differing.len()
+    );
+    assert!(same <= 1e-2, "{same}");
+}
+
 #[test]
 fn values_beyond_f16_are_errors_for_f16_storage() {
     let Some(pipe) = f16_pipeline() else {
