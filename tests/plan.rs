@@ -770,7 +770,7 @@ fn extreme_sizes_plan_or_fail_without_panics() {
             ..NsaConfig::default()
         },
     ];
-    let mut planned = 0;
+    let (mut planned, mut tried) = (0, 0);
     for l in &limits {
         for batch in [1, 3, big] {
             for (tq, tk) in [(1, 1), (7, 1 << 16), (1, 1 << 31), (big, big)] {
@@ -795,6 +795,7 @@ fn extreme_sizes_plan_or_fail_without_panics() {
                                 std::panic::catch_unwind(dense)
                                     .unwrap_or_else(|_| panic!("dense {shape:?} {p:?}"));
                                 planned += ok as usize;
+                                tried += 1;
                             }
                         }
                     }
@@ -802,8 +803,22 @@ fn extreme_sizes_plan_or_fail_without_panics() {
             }
         }
     }
-    // The small shapes plan; the rest fail with an error.
-    assert!(planned > 0);
+    // Some of the table plans and some fails (with an error, as caught above).
+    assert!(planned > 0 && planned < tried, "{planned} of {tried}");
+    // Ordinary shapes plan: the paper's config over a 7-query chunk of 16k keys, 64 / 4
+    // heads of 1, 128 and 255 / 256, under the default and the tensor-core limits.
+    for l in [&limits[0], &limits[2]] {
+        for (dk, dv) in [(1, 1), (128, 128), (255, 256)] {
+            let shape = Shape {
+                tq: 7,
+                ..Shape::prefill(1, 1 << 14, 64, 4, dk, dv)
+            };
+            for p in [Precision::F32, Precision::F16] {
+                Plan::with_precision(&configs[0], &shape, l, p)
+                    .unwrap_or_else(|e| panic!("{shape:?} {p:?}: {e}"));
+            }
+        }
+    }
 }
 
 #[test]
