@@ -8,8 +8,9 @@
 // 16 rows x 16 output dims; the results go through workgroup memory (`spv`), where the online
 // softmax and the rescaling run as in the plain core. 16 or 32 rows (Rust's ROWS for
 // selected attention, WIDE_ROWS for the wide steps): one or two row blocks, whose blocks
-// are handed out to the subgroups (tile_scores, attn_keys). Subgroups are numbered lid / size, so this takes subgroup lanes
-// to follow local_invocation_index (as reduce_subgroup.wgsl does).
+// are handed out to the subgroups (tile_scores, attn_keys). Subgroups are numbered
+// lid / size, so this takes subgroup lanes to follow local_invocation_index (as
+// reduce_subgroup.wgsl does).
 
 const MM: u32 = 16u;  // cooperative matrix rows, columns and depth
 
