@@ -438,11 +438,12 @@ cases! {
     t150_hq16_hkv1_dk32_dv160_small: small(), [1, 150, 150, 16, 1, 32, 160], false;
     chunk_tq37_tk200_hq4_hkv2_dk16_dv16_small: small(), [1, 37, 200, 4, 2, 16, 16], false;
     decode_tq1_tk333_hq3_hkv1_dk100_dv64_small: small(), [2, 1, 333, 3, 1, 100, 64], false;
-    // Few row groups: every branch splits its keys over workgroups and merges the parts.
-    split_tq1_tk1500_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 1500, 16, 2, 128, 128], false;
-    split_tq3_tk1100_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 1100, 4, 1, 128, 64], false;
-    split_tq1_tk4200_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 4200, 16, 1, 32, 32], false;
-    split_linear_tq2_tk900_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 900, 8, 2, 128, 128], true;
+    // Few row groups: every branch splits its keys over workgroups and merges the parts
+    // (the selection from 129 blocks on: plan.rs's SELECT_SPLIT_BLOCKS).
+    split_tq1_tk4200_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 4200, 16, 2, 128, 128], false;
+    split_tq3_tk8300_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 8300, 4, 1, 128, 64], false;
+    split_tq1_tk8400_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 8400, 16, 1, 32, 32], false;
+    split_linear_tq2_tk4200_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 4200, 8, 2, 128, 128], true;
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
     long_linear_t150_hq2_hkv1_dk256_dv256: long_linear(), [1, 150, 150, 2, 1, 256, 256], false;
@@ -455,8 +456,7 @@ cases! {
     few_rows_long_blocks_tq2_tk3700_hq4_hkv1_dk16_dv16: long_blocks(), [1, 2, 3700, 4, 1, 16, 16], false;
     n300_t2600_hq4_hkv2_dk16_dv16: many_selected(300), [1, 2600, 2600, 4, 2, 16, 16], false;
     decode_n600_tq1_tk9000_hq16_hkv1_dk32_dv32: many_selected(600), [1, 1, 9000, 16, 1, 32, 32], false;
-    // n = 200 over 88 blocks: lists of 128, shorter than the n candidates each of the
-    // selection's splits writes for its merge.
+    // n = 200 over 88 blocks: lists of 128, shorter than n (the selection writes the 88).
     decode_n200_tq1_tk700_hq16_hkv2_dk32_dv32: many_selected(200), [1, 1, 700, 16, 2, 32, 32], false;
     // n = 1700 of 8192 blocks: llvmpipe ends an invocation's loops after 65,535 iterations,
     // which the selection's ranking passed when each entry counted the entering blocks.
@@ -1350,11 +1350,11 @@ fn several_tiles() -> [(&'static str, NsaConfig, Shape); 2] {
     [
         ("b2_t700", small(), Shape::prefill(2, 700, 6, 2, 100, 64)),
         (
-            "split_tq1_tk1500",
+            "split_tq1_tk4200",
             small(),
             Shape {
                 tq: 1,
-                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
+                ..Shape::prefill(1, 4200, 16, 2, 128, 128)
             },
         ),
     ]

@@ -294,11 +294,12 @@ fn decode_plans_split_every_branch_and_merge() {
     );
     let splits: Vec<u32> = plan.steps.iter().map(|s| s.params.splits).collect();
     // 4 row groups: compressed attention over 4095 tokens (103 tiles of 40) takes 32 splits
-    // (ATTN_SPLITS_MAX), selection 16 chunks of 64 of its 1024 blocks (SELECT_SPLITS_MAX),
+    // (ATTN_SPLITS_MAX), selection 8 splits of its 1024 blocks (SELECT_SPLIT_BLOCKS: 128
+    // or more each, in chunks of 127, the first split also taking the ninth chunk's 8),
     // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
     // split (right after the selected branch: they need no barrier between them); one merge
     // takes the three branches' partials.
-    assert_eq!(splits, [1, 1, 32, 16, 16, 16, 13, 32]);
+    assert_eq!(splits, [1, 1, 32, 8, 8, 16, 13, 32]);
     let merge = &plan.steps.last().unwrap().params;
     assert_eq!(
         (merge.branch, merge.slc_splits, merge.win_splits),
@@ -322,7 +323,10 @@ fn decode_plans_split_every_branch_and_merge() {
             .params
             .splits
     };
-    assert_eq!([CmpAttn, SlcAttn, WinAttn].map(split_of), [8, 2, 9]);
+    assert_eq!(
+        [CmpAttn, Select, SlcAttn, WinAttn].map(split_of),
+        [8, 8, 2, 9]
+    );
     // Nothing the selected branch writes is bound by the window's dispatch, nor the other
     // way round, so that the two need no barrier between them.
     let (slc, win) = (&plan.steps[5], &plan.steps[6]);
@@ -565,15 +569,16 @@ fn large_n_and_long_blocks_plan() {
     let paper_n = NsaConfig { top_n: 16, ..cfg };
     let plan = Plan::new(&paper_n, &shape, &DeviceLimits::default()).unwrap();
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
-    // n = 200 over 88 blocks: a split selection whose lists hold 128, fewer than the n
-    // candidates each split writes (select.wgsl reads inside its lists; tests/gpu.rs runs it).
+    // n = 200 over 88 blocks: lists of 128, fewer than n (select.wgsl reads inside its
+    // lists; tests/gpu.rs runs it), and unsplit: a selection splits from 129 blocks on
+    // (SELECT_SPLIT_BLOCKS), whose lists hold 256 entries or n, and a split n is 256 at most.
     let n200 = NsaConfig { top_n: 200, ..cfg };
     let step = Shape {
         tq: 1,
         ..Shape::prefill(1, 700, 16, 2, 32, 32)
     };
     let plan = Plan::new(&n200, &step, &DeviceLimits::default()).unwrap();
-    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+    assert_eq!(select_of(&plan).splits, 1);
     assert_eq!(plan.specialization(16).top_list, 128);
     // A cache's plans size the lists by its capacity, so that a decode loop keeps one
     // length of lists (and so of key tiles) while its sequences grow.
