@@ -316,13 +316,6 @@ const _: () = assert!(ATTN_SPLITS_MAX <= SPLITS_MAX);
 const SELECT_SPLITS_MAX: u64 = 16;
 // `SPLITS_MAX` in `shaders/select_merge.wgsl` (one invocation per split).
 const _: () = assert!(SELECT_SPLITS_MAX <= 64);
-/// Blocks per selection split at least: fewer splits each walk more blocks, and the merge
-/// then ranks fewer candidates. On an H200 (f16 cache, paper config, two runs each) a decode
-/// step of one sequence took 0.070-0.071 / 0.071-0.072 / 0.075-0.076 ms at 16k / 32k / 64k
-/// with 128 (2, 4 and 8 splits) against 0.074 / 0.076 / 0.078 with 1 (16 splits), 4
-/// sequences 0.099 against 0.102-0.103 ms at 64k, and 16 the same (BENCHMARKS.md,
-/// forty-first session).
-const SELECT_SPLIT_BLOCKS: u64 = 128;
 /// `CAND_MAX` in `shaders/select_merge.wgsl`: splits * n at most. 768 (not 1024) so that
 /// the merge's workgroup memory (four arrays of it) fits WebGPU's default 16 KiB; at the
 /// paper's n = 16 the 16 selection splits take 256.
@@ -1223,8 +1216,16 @@ impl Plan {
     /// take every splits-th chunk of blocks, and their candidates must fit `CAND_MAX` per row
     /// and a binding. Where the kernel's token tile caps the chunks, there are more chunks
     /// than splits (never more splits than `want`: the merge holds `CAND_MAX` candidates, and
-    /// lists of [`MERGE_TOP_N`] at most: a larger `n` is not split). Each split takes
-    /// [`SELECT_SPLIT_BLOCKS`] blocks or more, so up to that many are not split at all.
+    /// lists of [`MERGE_TOP_N`] at most: a larger `n` is not split).
+    ///
+    /// Every split walks at least one whole chunk (one block per invocation), so fewer than
+    /// two chunks' blocks are not split at all: fewer splits leave the merge fewer
+    /// candidates, and a whole chunk costs a split hardly more than part of one. On an H200
+    /// (f16 cache, the paper's config, whose chunks hold 127 blocks: 8, 4, 2 and 1 splits at
+    /// 64k, 32k, 16k and 8k instead of 16) a decode step of one sequence took 0.070-0.071 /
+    /// 0.071-0.072 / 0.075-0.076 ms at 16k / 32k / 64k against 0.074 / 0.076 / 0.078, of four
+    /// 0.099 against 0.102-0.103 ms at 64k, of 16 the same (BENCHMARKS.md, forty-first
+    /// session).
     fn select_splits(&self, groups: u64, nrows: u64) -> (u32, u32) {
         let chunk = self.select_chunk();
         if groups >= SPLIT_TARGET || self.config.top_n > MERGE_TOP_N {
@@ -1235,7 +1236,7 @@ impl Plan {
         let per_split = nrows * self.shape.hkv as u64 * c.top_n as u64 * 2;
         let want = SPLIT_TARGET
             .div_ceil(groups)
-            .min(blocks.div_ceil(SELECT_SPLIT_BLOCKS))
+            .min(blocks / chunk)
             .min(SELECT_SPLITS_MAX.min(CAND_MAX / c.top_n as u64))
             .min(self.binding_elems() / per_split.max(1))
             .max(1);

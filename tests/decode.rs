@@ -975,8 +975,9 @@ fn timed_extends_write_what_extend_writes() {
 
 #[test]
 fn split_selection_ranks_ties_to_the_lower_block() {
-    // One decode step over 8999 cached tokens splits the selection of its 282 blocks into 3
-    // chunks of 94 (full candidate lists: 2 free slots) and merges the candidates, and the
+    // One decode step over 8999 cached tokens splits the selection of its 282 blocks in two
+    // (chunks of 127, one split taking the third; full candidate lists: 2 free slots) and
+    // merges the candidates, and the
     // compressed branch's 1124 tokens into 18 parts (more than one batch of the merge's
     // loads). With every key equal, every whole block scores the same (each one's
     // probabilities are the same numbers added in the same order), so the merge must keep the

@@ -439,11 +439,11 @@ cases! {
     chunk_tq37_tk200_hq4_hkv2_dk16_dv16_small: small(), [1, 37, 200, 4, 2, 16, 16], false;
     decode_tq1_tk333_hq3_hkv1_dk100_dv64_small: small(), [2, 1, 333, 3, 1, 100, 64], false;
     // Few row groups: every branch splits its keys over workgroups and merges the parts
-    // (the selection from 129 blocks on: plan.rs's SELECT_SPLIT_BLOCKS).
-    split_tq1_tk4200_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 4200, 16, 2, 128, 128], false;
-    split_tq3_tk8300_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 8300, 4, 1, 128, 64], false;
-    split_tq1_tk8400_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 8400, 16, 1, 32, 32], false;
-    split_linear_tq2_tk4200_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 4200, 8, 2, 128, 128], true;
+    // (the selection from two chunks of blocks on, 254 blocks here: Plan's select_splits).
+    split_tq1_tk8200_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 8200, 16, 2, 128, 128], false;
+    split_tq3_tk16400_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 16400, 4, 1, 128, 64], false;
+    split_tq1_tk16500_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 16500, 16, 1, 32, 32], false;
+    split_linear_tq2_tk8200_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 8200, 8, 2, 128, 128], true;
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
     long_linear_t150_hq2_hkv1_dk256_dv256: long_linear(), [1, 150, 150, 2, 1, 256, 256], false;
@@ -458,6 +458,9 @@ cases! {
     decode_n600_tq1_tk9000_hq16_hkv1_dk32_dv32: many_selected(600), [1, 1, 9000, 16, 1, 32, 32], false;
     // n = 200 over 88 blocks: lists of 128, shorter than n (the selection writes the 88).
     decode_n200_tq1_tk700_hq16_hkv2_dk32_dv32: many_selected(200), [1, 1, 700, 16, 2, 32, 32], false;
+    // And split: blocks of 32 pieces, so chunks of 15 blocks, 32 blocks in two splits whose
+    // lists of 32 are shorter than the n candidates each writes for the merge.
+    decode_n200_l256_tq1_tk8000_hq16_hkv2_dk32_dv32: NsaConfig { sel_block: 256, ..many_selected(200) }, [1, 1, 8000, 16, 2, 32, 32], false;
     // n = 1700 of 8192 blocks: llvmpipe ends an invocation's loops after 65,535 iterations,
     // which the selection's ranking passed when each entry counted the entering blocks.
     decode_n1700_tq1_tk65536_hq1_hkv1_dk16_dv16: many_selected(1700), [1, 1, 65536, 1, 1, 16, 16], false;
@@ -1350,11 +1353,11 @@ fn several_tiles() -> [(&'static str, NsaConfig, Shape); 2] {
     [
         ("b2_t700", small(), Shape::prefill(2, 700, 6, 2, 100, 64)),
         (
-            "split_tq1_tk4200",
+            "split_tq1_tk8200",
             small(),
             Shape {
                 tq: 1,
-                ..Shape::prefill(1, 4200, 16, 2, 128, 128)
+                ..Shape::prefill(1, 8200, 16, 2, 128, 128)
             },
         ),
     ]

@@ -294,8 +294,8 @@ fn decode_plans_split_every_branch_and_merge() {
     );
     let splits: Vec<u32> = plan.steps.iter().map(|s| s.params.splits).collect();
     // 4 row groups: compressed attention over 4095 tokens (103 tiles of 40) takes 32 splits
-    // (ATTN_SPLITS_MAX), selection 8 splits of its 1024 blocks (SELECT_SPLIT_BLOCKS: 128
-    // or more each, in chunks of 127, the first split also taking the ninth chunk's 8),
+    // (ATTN_SPLITS_MAX), selection 8 splits of its 1024 blocks (each a whole chunk of 127 or
+    // more, the first split also taking the ninth chunk's 8),
     // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
     // split (right after the selected branch: they need no barrier between them); one merge
     // takes the three branches' partials.
@@ -570,8 +570,8 @@ fn large_n_and_long_blocks_plan() {
     let plan = Plan::new(&paper_n, &shape, &DeviceLimits::default()).unwrap();
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
     // n = 200 over 88 blocks: lists of 128, fewer than n (select.wgsl reads inside its
-    // lists; tests/gpu.rs runs it), and unsplit: a selection splits from 129 blocks on
-    // (SELECT_SPLIT_BLOCKS), whose lists hold 256 entries or n, and a split n is 256 at most.
+    // lists; tests/gpu.rs runs it), and unsplit: its chunks hold 128 blocks, and a split
+    // walks one at least.
     let n200 = NsaConfig { top_n: 200, ..cfg };
     let step = Shape {
         tq: 1,
@@ -580,6 +580,23 @@ fn large_n_and_long_blocks_plan() {
     let plan = Plan::new(&n200, &step, &DeviceLimits::default()).unwrap();
     assert_eq!(select_of(&plan).splits, 1);
     assert_eq!(plan.specialization(16).top_list, 128);
+    // Blocks of 32 pieces take chunks of 15: 32 blocks split in two, each split writing n
+    // candidates from lists of 32 (tests/gpu.rs runs it too).
+    let wide = NsaConfig {
+        sel_block: 256,
+        ..n200
+    };
+    let step = Shape {
+        tq: 1,
+        ..Shape::prefill(1, 8000, 16, 2, 32, 32)
+    };
+    let plan = Plan::new(&wide, &step, &DeviceLimits::default()).unwrap();
+    assert_eq!(
+        (select_of(&plan).splits, select_of(&plan).sel_chunk),
+        (2, 15)
+    );
+    assert_eq!(plan.specialization(16).top_list, 32);
+    check_capacities(&plan, "n = 200, l' = 256");
     // A cache's plans size the lists by its capacity, so that a decode loop keeps one
     // length of lists (and so of key tiles) while its sequences grow.
     let n64 = NsaConfig {
