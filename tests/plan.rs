@@ -6,6 +6,14 @@ use common::random_long_config;
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{Compression, DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
 
+/// A decode step's shape: one query per sequence over `tk` keys.
+fn step_shape(batch: usize, tk: usize, hq: usize, hkv: usize, dk: usize, dv: usize) -> Shape {
+    Shape {
+        tq: 1,
+        ..Shape::prefill(batch, tk, hq, hkv, dk, dv)
+    }
+}
+
 fn field_of(r: Result<(), NsaError>) -> &'static str {
     match r {
         Err(NsaError::InvalidConfig { field, .. }) => field,
@@ -184,10 +192,7 @@ fn split_selections_fit_the_merge_and_the_token_tile() {
             ..NsaConfig::default()
         };
         for batch in [1, 3] {
-            let shape = Shape {
-                tq: 1,
-                ..Shape::prefill(batch, tk, 4, 2, 8, 8)
-            };
+            let shape = step_shape(batch, tk, 4, 2, 8, 8);
             let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
             let case = format!("l'={sel_block} n={top_n} T={tk} B={batch}");
             let select = plan.steps.iter().find(|s| s.kernel == KernelId::Select);
@@ -267,10 +272,7 @@ fn random_plans_respect_the_kernels_capacities() {
 
 #[test]
 fn decode_plans_split_every_branch_and_merge() {
-    let shape = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 65536, 64, 4, 128, 128)
-    };
+    let shape = step_shape(1, 65536, 64, 4, 128, 128);
     let limits = DeviceLimits {
         max_storage_binding: 1 << 30,
         max_buffer: 1 << 32,
@@ -549,10 +551,7 @@ fn large_n_and_long_blocks_plan() {
         top_n: 600,
         ..NsaConfig::default()
     };
-    let shape = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 9000, 16, 1, 32, 32)
-    };
+    let shape = step_shape(1, 9000, 16, 1, 32, 32);
     // The selection's parameters in a plan.
     let select_of = |plan: &Plan| {
         plan.steps
@@ -573,10 +572,7 @@ fn large_n_and_long_blocks_plan() {
     // lists; tests/gpu.rs runs it), and unsplit: its chunks hold 128 blocks, and a split
     // walks one at least.
     let n200 = NsaConfig { top_n: 200, ..cfg };
-    let step = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 700, 16, 2, 32, 32)
-    };
+    let step = step_shape(1, 700, 16, 2, 32, 32);
     let plan = Plan::new(&n200, &step, &DeviceLimits::default()).unwrap();
     assert_eq!(select_of(&plan).splits, 1);
     assert_eq!(plan.specialization(16).top_list, 128);
@@ -586,10 +582,7 @@ fn large_n_and_long_blocks_plan() {
         sel_block: 256,
         ..n200
     };
-    let step = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 8000, 16, 2, 32, 32)
-    };
+    let step = step_shape(1, 8000, 16, 2, 32, 32);
     let plan = Plan::new(&wide, &step, &DeviceLimits::default()).unwrap();
     assert_eq!(
         (select_of(&plan).splits, select_of(&plan).sel_chunk),
@@ -603,10 +596,7 @@ fn large_n_and_long_blocks_plan() {
         top_n: 64,
         ..NsaConfig::default()
     };
-    let short = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 300, 16, 1, 32, 32)
-    };
+    let short = step_shape(1, 300, 16, 1, 32, 32);
     let rows = nsa_wgpu::plan::CacheRows {
         key_row0: 0,
         cmp_row0: 0,
@@ -652,10 +642,7 @@ fn large_n_and_long_blocks_plan() {
         top_n: 4000,
         ..paper_n
     };
-    let step = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 40000, 1, 1, 16, 16)
-    };
+    let step = step_shape(1, 40000, 1, 1, 16, 16);
     match Plan::new(&huge_n, &step, &DeviceLimits::default()) {
         Err(NsaError::ExceedsLimit {
             what,
@@ -684,10 +671,7 @@ fn large_n_and_long_blocks_plan() {
         max_buffer: 1 << 33,
         ..DeviceLimits::default()
     };
-    let step = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 65536, 64, 4, 128, 128)
-    };
+    let step = step_shape(1, 65536, 64, 4, 128, 128);
     let plan = Plan::new(&every, &step, &big).unwrap();
     assert_eq!(plan.specialization(16).top_list, 1024);
     // README's bounds for 8-token blocks at 64k, D = 128: the largest n per workgroup memory
@@ -1149,15 +1133,7 @@ fn branch_outputs_are_bound_only_where_asked() {
         &limits_48k(),
     )
     .unwrap();
-    let decode = Plan::new(
-        &cfg,
-        &Shape {
-            tq: 1,
-            ..Shape::prefill(4, 4096, 64, 4, 128, 128)
-        },
-        &limits_48k(),
-    )
-    .unwrap();
+    let decode = Plan::new(&cfg, &step_shape(4, 4096, 64, 4, 128, 128), &limits_48k()).unwrap();
     assert!(scratch_has(&prefill, Tensor::OCmp) && scratch_has(&prefill, Tensor::OSlc));
     assert!(!scratch_has(&prefill, Tensor::OWin));
     assert!(branch.iter().all(|t| !scratch_has(&decode, *t)));
@@ -1503,10 +1479,7 @@ fn f16_keys_share_a_binding_by_their_bytes() {
         cmp_done: cfg.num_compressed(65536),
         ..Default::default()
     };
-    let shape = Shape {
-        tq: 1,
-        ..Shape::prefill(16, 65536, 64, 4, 128, 128)
-    };
+    let shape = step_shape(16, 65536, 64, 4, 128, 128);
     let limits = DeviceLimits {
         max_storage_binding: 2 << 30,
         ..limits_48k()
@@ -1533,10 +1506,7 @@ fn f16_keys_share_a_binding_by_their_bytes() {
         assert_eq!(dense.chains(), chains, "{precision:?}");
     }
     // One sequence of 2^21 rows: 2 GiB of f16 keys, over a 2 GiB binding by the alignment.
-    let long = Shape {
-        tq: 1,
-        ..Shape::prefill(1, 1 << 21, 64, 4, 128, 128)
-    };
+    let long = step_shape(1, 1 << 21, 64, 4, 128, 128);
     let (what, needed, limit) =
         exceeded(Plan::with_precision(&cfg, &long, &limits, Precision::F16));
     assert!(what.contains("keys or values of one sequence"), "{what}");
