@@ -977,11 +977,10 @@ fn timed_extends_write_what_extend_writes() {
 fn split_selection_ranks_ties_to_the_lower_block() {
     // One decode step over 8999 cached tokens splits the selection of its 282 blocks in two
     // (chunks of 127, one split taking the third; full candidate lists: 2 free slots) and
-    // merges the candidates, and the
-    // compressed branch's 1124 tokens into 18 parts (more than one batch of the merge's
-    // loads). With every key equal, every whole block scores the same (each one's
-    // probabilities are the same numbers added in the same order), so the merge must keep the
-    // lowest-numbered ones, exactly as the reference does.
+    // merges the candidates, and the compressed branch's 1124 tokens into 18 parts (more
+    // than one batch of the merge's loads). With every key equal, every whole block scores
+    // the same (each one's probabilities are the same numbers added in the same order), so
+    // the merge must keep the lowest-numbered ones, exactly as the reference does.
     let cfg = small();
     let s = Shape::prefill(1, 9000, 4, 2, 8, 8);
     let mut data = Data::new(&cfg, &s, false, 41);

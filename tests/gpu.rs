@@ -439,7 +439,8 @@ cases! {
     chunk_tq37_tk200_hq4_hkv2_dk16_dv16_small: small(), [1, 37, 200, 4, 2, 16, 16], false;
     decode_tq1_tk333_hq3_hkv1_dk100_dv64_small: small(), [2, 1, 333, 3, 1, 100, 64], false;
     // Few row groups: every branch splits its keys over workgroups and merges the parts
-    // (the selection from two chunks of blocks on, 254 blocks here: Plan's select_splits).
+    // (the selection too: from two whole chunks of blocks on, 254 with these configs' chunks
+    // of 127; Plan's select_splits).
     split_tq1_tk8200_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 8200, 16, 2, 128, 128], false;
     split_tq3_tk16400_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 16400, 4, 1, 128, 64], false;
     split_tq1_tk16500_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 16500, 16, 1, 32, 32], false;
