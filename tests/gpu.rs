@@ -459,12 +459,28 @@ cases! {
     decode_n600_tq1_tk9000_hq16_hkv1_dk32_dv32: many_selected(600), [1, 1, 9000, 16, 1, 32, 32], false;
     // n = 200 over 88 blocks: lists of 128, shorter than n (the selection writes the 88).
     decode_n200_tq1_tk700_hq16_hkv2_dk32_dv32: many_selected(200), [1, 1, 700, 16, 2, 32, 32], false;
-    // And split: blocks of 32 pieces, so chunks of 15 blocks, 32 blocks in two splits whose
-    // lists of 32 are shorter than the n candidates each writes for the merge.
-    decode_n200_l256_tq1_tk8000_hq16_hkv2_dk32_dv32: NsaConfig { sel_block: 256, ..many_selected(200) }, [1, 1, 8000, 16, 2, 32, 32], false;
     // n = 1700 of 8192 blocks: llvmpipe ends an invocation's loops after 65,535 iterations,
     // which the selection's ranking passed when each entry counted the entering blocks.
     decode_n1700_tq1_tk65536_hq1_hkv1_dk16_dv16: many_selected(1700), [1, 1, 65536, 1, 1, 16, 16], false;
+}
+
+#[test]
+fn split_selection_lists_shorter_than_n() {
+    // Blocks of 32 pieces take selection chunks of 15 blocks, so a decode step over 32 blocks
+    // splits its selection in two, and with n = 200 each split writes n candidates from
+    // top lists of 32 (select.wgsl's store_candidates reads inside its lists).
+    let cfg = NsaConfig {
+        sel_block: 256,
+        ..many_selected(200)
+    };
+    let plan = pipeline()
+        .plan(&cfg, &common::step_shape(1, 8000, 16, 2, 32, 32))
+        .expect("plan");
+    let select = plan.steps.iter().find(|s| s.kernel == KernelId::Select);
+    assert_eq!(select.unwrap().params.splits, 2);
+    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+    assert_eq!(plan.specialization(16).top_list, 32);
+    check_plan("split lists shorter than n", &plan, false);
 }
 
 /// A shape and limits that force query chunks, batch chunks, unaligned windows, 2D grids and
@@ -519,14 +535,7 @@ fn bounds_checked_kernels_write_the_same_bits() {
         (paper(), Shape::prefill(1, 200, 16, 1, 192, 128), None),
         (small(), Shape::prefill(1, 40, 20, 1, 16, 8), None),
         (linear(small()), Shape::prefill(2, 130, 4, 2, 16, 16), None),
-        (
-            small(),
-            Shape {
-                tq: 1,
-                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
-            },
-            None,
-        ),
+        (small(), common::step_shape(1, 8200, 16, 2, 128, 128), None),
         (small(), tiny_shape, Some(tiny_limits)),
     ];
     for (i, (cfg, shape, limits)) in cases.into_iter().enumerate() {
@@ -567,13 +576,7 @@ fn bounds_checked_kernels_write_the_same_bits() {
     }
     for (cfg, shape) in [
         (small(), Shape::prefill(1, 90, 4, 2, 37, 21)),
-        (
-            small(),
-            Shape {
-                tq: 1,
-                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
-            },
-        ),
+        (small(), common::step_shape(1, 8200, 16, 2, 128, 128)),
     ] {
         let data = Data::new(&cfg, &shape, false, 91);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
@@ -630,10 +633,7 @@ fn branch_outputs_are_written_only_where_asked() {
     // Enough row groups that the prefill runs unsplit; the decode step splits.
     for shape in [
         Shape::prefill(4, 1100, 8, 8, 24, 16),
-        Shape {
-            tq: 1,
-            ..Shape::prefill(2, 150, 8, 2, 16, 24)
-        },
+        common::step_shape(2, 150, 8, 2, 16, 24),
     ] {
         let data = Data::new(&cfg, &shape, false, 11);
         let plan = pipe.plan(&cfg, &shape).expect("plan");
@@ -948,10 +948,7 @@ fn check_f16(pipe: &NsaPipeline) {
         (
             "f16 split",
             small(),
-            Shape {
-                tq: 1,
-                ..Shape::prefill(1, 1500, 16, 2, 128, 128)
-            },
+            common::step_shape(1, 8200, 16, 2, 128, 128),
         ),
     ] {
         let data = check_f16_case(&[pipe], name, &cfg, &shape);
@@ -1356,10 +1353,7 @@ fn several_tiles() -> [(&'static str, NsaConfig, Shape); 2] {
         (
             "split_tq1_tk8200",
             small(),
-            Shape {
-                tq: 1,
-                ..Shape::prefill(1, 8200, 16, 2, 128, 128)
-            },
+            common::step_shape(1, 8200, 16, 2, 128, 128),
         ),
     ]
 }
@@ -1382,10 +1376,7 @@ fn kept_block_sums_match_the_reference_for_every_weighting() {
     };
     let shapes = [
         Shape::prefill(1, 600, 4, 2, 32, 16),
-        Shape {
-            tq: 1,
-            ..Shape::prefill(1, 1500, 8, 1, 64, 64)
-        },
+        common::step_shape(1, 1500, 8, 1, 64, 64),
         Shape {
             tq: 90,
             ..Shape::prefill(2, 700, 4, 1, 16, 16)
@@ -2114,10 +2105,7 @@ fn f16_batches_share_a_binding_by_their_bytes() {
         return;
     };
     let cfg = small();
-    let shape = Shape {
-        tq: 1,
-        ..Shape::prefill(3, 150, 4, 2, 64, 48)
-    };
+    let shape = common::step_shape(3, 150, 4, 2, 64, 48);
     let key_bytes = (shape.tk * shape.hkv * shape.dk * 2) as u64;
     let whole_limits = pipe.limits();
     let limits = DeviceLimits {

@@ -2,17 +2,9 @@
 
 mod common;
 
-use common::random_long_config;
+use common::{random_long_config, step_shape};
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{Compression, DeviceLimits, NsaConfig, NsaError, Plan, Precision, Shape, Tensor};
-
-/// A decode step's shape: one query per sequence over `tk` keys.
-fn step_shape(batch: usize, tk: usize, hq: usize, hkv: usize, dk: usize, dv: usize) -> Shape {
-    Shape {
-        tq: 1,
-        ..Shape::prefill(batch, tk, hq, hkv, dk, dv)
-    }
-}
 
 fn field_of(r: Result<(), NsaError>) -> &'static str {
     match r {
@@ -297,10 +289,10 @@ fn decode_plans_split_every_branch_and_merge() {
     let splits: Vec<u32> = plan.steps.iter().map(|s| s.params.splits).collect();
     // 4 row groups: compressed attention over 4095 tokens (103 tiles of 40) takes 32 splits
     // (ATTN_SPLITS_MAX), selection 8 splits of its 1024 blocks (each a whole chunk of 127 or
-    // more, the first split also taking the ninth chunk's 8),
-    // selected attention one of its 16 blocks per split, the window's 513 keys one tile per
-    // split (right after the selected branch: they need no barrier between them); one merge
-    // takes the three branches' partials.
+    // more, the first split also taking the ninth chunk's 8), selected attention one of its
+    // 16 blocks per split, the window's 513 keys one tile per split (right after the
+    // selected branch: they need no barrier between them); one merge takes the three
+    // branches' partials.
     assert_eq!(splits, [1, 1, 32, 8, 8, 16, 13, 32]);
     let merge = &plan.steps.last().unwrap().params;
     assert_eq!(
@@ -577,7 +569,7 @@ fn large_n_and_long_blocks_plan() {
     assert_eq!(select_of(&plan).splits, 1);
     assert_eq!(plan.specialization(16).top_list, 128);
     // Blocks of 32 pieces take chunks of 15: 32 blocks split in two, each split writing n
-    // candidates from lists of 32 (tests/gpu.rs runs it too).
+    // candidates from lists of 32 (tests/gpu.rs runs it: split_selection_lists_shorter_than_n).
     let wide = NsaConfig {
         sel_block: 256,
         ..n200

@@ -5,6 +5,14 @@ use nsa_wgpu::{Compression, NsaConfig, Shape};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
+/// A decode step's shape: one query per sequence over `tk` keys.
+pub fn step_shape(batch: usize, tk: usize, hq: usize, hkv: usize, dk: usize, dv: usize) -> Shape {
+    Shape {
+        tq: 1,
+        ..Shape::prefill(batch, tk, hq, hkv, dk, dv)
+    }
+}
+
 /// The GPU pipeline shared by a test binary's tests (lavapipe in CI), with subgroup
 /// reductions where the adapter has them and every product on the shader cores (the plain
 /// core; tensor_core_pipeline has the other); prints the adapter.
