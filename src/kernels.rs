@@ -256,6 +256,10 @@ pub struct Specialization {
     /// selected attention and selection): their scores then take one row per item, so that
     /// every invocation has work. Off, that path is compiled out.
     pub few_rows: bool,
+    /// Selected attention's consecutive queries per workgroup at most (`QUERIES`,
+    /// [`crate::Plan::slc_queries`]): above 1 it walks the union of their selections, at 1
+    /// that walk is compiled out. 1 for the other kernels, which declare no such override.
+    pub queries: u32,
 }
 
 impl Specialization {
@@ -270,18 +274,26 @@ impl Specialization {
         if id == KernelId::Select {
             constants.push(("NMAX", self.top_list as f64));
         }
+        if id == KernelId::SlcAttn {
+            constants.push(("QUERIES", self.queries as f64));
+        }
         constants
     }
 
     /// This specialization as kernel `id` compiles it: [`Self::top_list`] only where the
-    /// kernel has top lists (the selection), so that the other kernels' pipelines do not
-    /// differ by `n`.
+    /// kernel has top lists (the selection), and [`Self::queries`] only for selected
+    /// attention, so that the other kernels' pipelines do not differ by them.
     pub fn for_kernel(self, id: KernelId) -> Specialization {
         Specialization {
             top_list: if id == KernelId::Select {
                 self.top_list
             } else {
                 0
+            },
+            queries: if id == KernelId::SlcAttn {
+                self.queries
+            } else {
+                1
             },
             ..self
         }
@@ -401,6 +413,7 @@ pub fn mma_specialization(
             // The tensor-core core scores whole 16x16 blocks; it has no one-row path.
             few_rows: false,
             top_list: 0,
+            queries: 1,
         })
 }
 

@@ -945,6 +945,7 @@ impl NsaPipeline {
             rows: 0,
             few_rows: false,
             top_list: 0,
+            queries: 1,
         };
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         let pipeline = match compiled.get(&(id, variant, spec)) {

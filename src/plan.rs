@@ -298,6 +298,10 @@ const SPLIT_TARGET: u64 = 768;
 /// faster with 128 than with 768 (BENCHMARKS.md, twenty-third session); B=1 keeps its 16
 /// splits.
 const SLC_SPLIT_TARGET: u64 = 128;
+/// Consecutive queries per workgroup of selected attention at most (`QUERIES` in
+/// `shaders/slc_attn.wgsl` is at most 4: one list cursor per component of a vec4), for groups
+/// of fewer than [`ROWS`] heads (`Plan::slc_queries`).
+pub const SLC_QUERIES_MAX: usize = 4;
 /// Workgroups compressed attention's dispatch aims for when it splits: fewer than
 /// [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start fewer times.
 /// On an H200 (f16 cache, 64k) a decode step took 0.130 / 0.157-0.158 / 0.179 ms for 8 / 12
@@ -473,6 +477,7 @@ impl Plan {
             // The fewest heads a workgroup owns: the group's last chunk of `rows`.
             few_rows: (self.shape.group() - 1) % (rows as usize) < 4,
             top_list: self.top_list(),
+            queries: self.slc_queries(),
         }
     }
 
@@ -493,7 +498,11 @@ impl Plan {
         let max_kt = mma_max_kt(id, rows, plain.dk, plain.dv);
         let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
             .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
-            .flatten();
+            .flatten()
+            .map(|m| Specialization {
+                queries: plain.queries,
+                ..m
+            });
         (mma.unwrap_or(plain).for_kernel(id), mma.is_some())
     }
 
@@ -533,6 +542,16 @@ impl Plan {
             head_chunks: g.div_ceil(rows as usize) as u32,
             kv_tile,
         }
+    }
+
+    /// Consecutive queries per workgroup of selected attention: one for groups of [`ROWS`]
+    /// heads or more; else as many as the rows hold, at most [`SLC_QUERIES_MAX`]. The
+    /// workgroup walks the union of its queries' selections once for all their rows: a tile
+    /// costs the tensor cores the same for 4 live rows as for 16, and neighbouring queries
+    /// share their forced blocks.
+    pub fn slc_queries(&self) -> u32 {
+        let g = self.shape.group();
+        (ROWS as usize / g).clamp(1, SLC_QUERIES_MAX) as u32
     }
 
     /// The plan's chains of dependent dispatches ([`crate::profile::chains`] of its steps):
@@ -1304,10 +1323,14 @@ impl Plan {
                 kv_tile: core.kv_tile,
                 ..base
             };
-            let slc_total = nrows * hkv * self.core(false).head_chunks as u64;
+            let slc_q = self.slc_queries();
+            let slc_total = ch.nb as u64
+                * (ch.qc as u64).div_ceil(slc_q as u64)
+                * hkv
+                * self.core(false).head_chunks as u64;
             let slc = Params {
                 total_wg: slc_total as u32,
-                q_block: 1,
+                q_block: slc_q,
                 ..base
             };
             // Few row groups (decode, short chunks): split each group's keys over several
@@ -1408,7 +1431,9 @@ impl Plan {
                 cmp_tiles,
                 3 * part_row,
             )?;
-            let slc_tiles = n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
+            // A workgroup's queries select n blocks each, their union at most all of them.
+            let slc_tiles =
+                slc_q as u64 * n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
             let sp_s = self
                 .splits_toward(
                     SLC_SPLIT_TARGET,
@@ -1417,7 +1442,7 @@ impl Plan {
                     slc_tiles,
                     3 * part_row,
                 )?
-                .min(n as u32);
+                .min(slc_q * n as u32);
             self.check_key_tiles(slc_tiles, sp_s)?;
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
             // One workgroup's rows: nq <= q_block consecutive queries' windows.

@@ -1504,3 +1504,52 @@ fn f16_keys_share_a_binding_by_their_bytes() {
     assert!(what.contains("keys or values of one sequence"), "{what}");
     assert_eq!((needed, limit), ((2 << 30) + 256, 2 << 30));
 }
+
+#[test]
+fn selected_attention_takes_consecutive_queries_of_small_groups() {
+    // Groups of fewer than 16 heads: as many consecutive queries per workgroup as 16 rows
+    // hold, at most SLC_QUERIES_MAX (4), compiled in as QUERIES (the union walk) on both
+    // cores; 16 heads or more: one query, QUERIES = 1 (the walk compiled out).
+    let limits = limits_48k();
+    let cfg = NsaConfig::default();
+    assert_eq!(nsa_wgpu::plan::SLC_QUERIES_MAX, 4);
+    for (hq, hkv, queries) in [
+        (64, 4, 1),
+        (32, 1, 1),
+        (32, 8, 4),
+        (16, 2, 2),
+        (12, 4, 4),
+        (20, 4, 3),
+        (6, 6, 4),
+        (12, 1, 1),
+    ] {
+        for tq in [37, 2048] {
+            let shape = Shape::prefill(2, tq, hq, hkv, 128, 128);
+            let plan = Plan::with_precision(&cfg, &shape, &limits, Precision::F16).unwrap();
+            assert_eq!(plan.slc_queries(), queries, "{hq}/{hkv}");
+            let step = plan
+                .steps
+                .iter()
+                .find(|s| s.kernel == KernelId::SlcAttn)
+                .expect("selected attention");
+            let p = &step.params;
+            assert_eq!(p.q_block, queries, "{hq}/{hkv}");
+            // One workgroup per (batch, query block, kv head, head chunk) and split.
+            let chunks = (hq / hkv).div_ceil(16) as u32;
+            let blocks = (tq as u32).div_ceil(queries);
+            assert_eq!(p.total_wg, 2 * blocks * hkv as u32 * chunks * p.splits);
+            for tensor_cores in [false, true] {
+                let (spec, _) = plan.kernel_specialization(
+                    KernelId::SlcAttn,
+                    step.rows,
+                    tensor_cores,
+                    48 << 10,
+                );
+                assert_eq!(spec.queries, queries, "{hq}/{hkv} {tensor_cores}");
+                let (other, _) =
+                    plan.kernel_specialization(KernelId::CmpAttn, 16, tensor_cores, 48 << 10);
+                assert_eq!(other.queries, 1);
+            }
+        }
+    }
+}

@@ -134,6 +134,8 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         few_rows: dk < 64,
         // Top lists of the paper's n, and of the most blocks a config may select.
         top_list: if dk < 100 { 16 } else { 256 },
+        // Selected attention's union walk compiled in and out.
+        queries: if dk < 100 { 4 } else { 1 },
     });
     // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
     // reports SUBGROUP has.
@@ -291,6 +293,7 @@ fn workgroup_memory_matches_the_declared_budget() {
             rows,
             few_rows: false,
             top_list,
+            queries: 4,
         };
         let bytes = workgroup_bytes(&specialize(id, &m, &info, &spec).0);
         let smem = if id.specialized() { 16 * spec.smem4 } else { 0 };
