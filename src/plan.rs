@@ -545,13 +545,14 @@ impl Plan {
     }
 
     /// Consecutive queries per workgroup of selected attention: one for groups of [`ROWS`]
-    /// heads or more; else as many as the rows hold, at most [`SLC_QUERIES_MAX`]. The
-    /// workgroup walks the union of its queries' selections once for all their rows: a tile
-    /// costs the tensor cores the same for 4 live rows as for 16, and neighbouring queries
-    /// share their forced blocks.
+    /// heads or more; else as many as the rows hold, at most [`SLC_QUERIES_MAX`] and the
+    /// call's queries (a decode step's pipelines compile the walk out). The workgroup walks
+    /// the union of its queries' selections once for all their rows: a tile costs the tensor
+    /// cores the same for 4 live rows as for 16, and neighbouring queries share their forced
+    /// blocks.
     pub fn slc_queries(&self) -> u32 {
-        let g = self.shape.group();
-        (ROWS as usize / g).clamp(1, SLC_QUERIES_MAX) as u32
+        let rows = ROWS as usize / self.shape.group();
+        rows.min(self.shape.tq).clamp(1, SLC_QUERIES_MAX) as u32
     }
 
     /// The plan's chains of dependent dispatches ([`crate::profile::chains`] of its steps):
