@@ -20,7 +20,8 @@ const NONE: u32 = 0xffffffffu;
 override QUERIES: u32 = 1u;
 
 // Where the walk over the workgroup's blocks stands: the next entry of each query's list
-// (`cursor`), the union entries taken so far (`taken`), and the entry this split attends now:
+// (`cursor`), the entries walked so far (`taken`: the union's, or with one query this
+// split's), and the entry this split attends now:
 // its block (NONE past the end) and the queries that selected it (bit a: query a).
 // Everything derives from the params and read-only loads at uniform addresses, so the walk,
 // held in a function-scope variable, stays uniform.
