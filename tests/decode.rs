@@ -8,8 +8,8 @@ use common::{
 };
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
-    CacheOptions, Compression, NsaCache, NsaConfig, NsaError, NsaOutputs, NsaPipeline,
-    OutputRequest, Precision, SeqChunk, Shape,
+    CacheOptions, Compression, DeviceLimits, NsaCache, NsaConfig, NsaError, NsaOutputs,
+    NsaPipeline, OutputRequest, Plan, Precision, SeqChunk, Shape,
 };
 
 fn opts(s: &Shape, capacity: usize, independent_kv: bool) -> CacheOptions {
@@ -985,6 +985,17 @@ fn split_selection_ranks_ties_to_the_lower_block() {
     let s = Shape::prefill(1, 9000, 4, 2, 8, 8);
     let mut data = Data::new(&cfg, &s, false, 41);
     data.k = (0..data.k.len()).map(|i| 0.25 * (i % 8) as f32).collect();
+    // The step's selection does split (else the merge's tie rule goes untested).
+    let rows = nsa_wgpu::plan::CacheRows {
+        capacity: 9000,
+        cmp_capacity: cfg.num_compressed(9000),
+        ..Default::default()
+    };
+    let step = common::step_shape(1, 9000, 4, 2, 8, 8);
+    let plan =
+        Plan::cached(&cfg, &step, &DeviceLimits::default(), rows, Precision::F32).expect("plan");
+    let select = plan.steps.iter().find(|st| st.kernel == KernelId::Select);
+    assert_eq!(select.map(|st| st.params.splits), Some(2));
     let chosen = last_step_matches_the_reference(&cfg, &s, &data);
     // The reference picks blocks 0, 1, 2 (lowest free ones) and the forced ones.
     assert_eq!(&chosen[..cfg.top_n], &[0, 1, 2, 280, 281]);
