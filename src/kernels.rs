@@ -264,8 +264,9 @@ pub struct Specialization {
 
 impl Specialization {
     /// The overrides a pipeline of kernel `id` is created with: [`Self::constants`] for the
-    /// specialised kernels, and `NMAX` ([`Self::top_list`]) for the selection; none for the
-    /// others (which declare no overrides).
+    /// specialised kernels, `NMAX` ([`Self::top_list`]) for the selection, and `QUERIES`
+    /// ([`Self::queries`]) with `ROW_STEPS` (off where `QUERIES` > 1) for selected
+    /// attention; none for the others (which declare no overrides).
     pub fn constants_for(&self, id: KernelId) -> Vec<(&'static str, f64)> {
         let mut constants = Vec::new();
         if id.specialized() {
@@ -276,6 +277,9 @@ impl Specialization {
         }
         if id == KernelId::SlcAttn {
             constants.push(("QUERIES", self.queries as f64));
+            // The union walk reads its tiles in the general form (`ROW_STEPS` in
+            // shaders/shared/qk.wgsl).
+            constants.push(("ROW_STEPS", (self.queries == 1) as u32 as f64));
         }
         constants
     }

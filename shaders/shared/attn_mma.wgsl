@@ -78,6 +78,36 @@ fn staged(at: u32, c: u32) -> f32 {
 // with NaN would poison whole output blocks.
 fn store_tile_h(src: ptr<private, array<in_raw, LOADS>>, lid: u32, nk: u32, d: u32, dp: u32) {
     let d4 = (d + 3u) / 4u;
+    if rows_whole(d) {
+        // Vec4 i at row lid / d4 + i * WG / d4: one constant step per store (fetch_into),
+        // tested against the rows left.
+        let at0 = (lid / d4) * TS + (lid % d4) * 4u;
+        let left = nk - min(lid / d4, nk);
+        for (var i = 0u; i < tile_loads(d); i++) {
+            if i * (WG / d4) < left {
+                let val = unraw4((*src)[i], d);
+                for (var c = 0u; c < 4u; c++) {
+                    kvh[at0 + i * (WG / d4) * TS + c] = f16(val[c]);
+                }
+            }
+        }
+    } else {
+        store_vec4s_h(src, lid, nk, d);
+    }
+    if d < dp {
+        let w = dp - d;
+        for (var x = lid; x < nk * w; x += WG) {
+            kvh[(x / w) * TS + d + x % w] = f16(0.0);
+        }
+    }
+    for (var x = nk * dp + lid; x < KT * dp; x += WG) {
+        kvh[(x / dp) * TS + x % dp] = f16(0.0);
+    }
+}
+
+// store_tile_h's vec4s for any row width: vec4 x = lid + i * WG at row x / d4.
+fn store_vec4s_h(src: ptr<private, array<in_raw, LOADS>>, lid: u32, nk: u32, d: u32) {
+    let d4 = (d + 3u) / 4u;
     for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
         if x < nk * d4 {
@@ -91,15 +121,6 @@ fn store_tile_h(src: ptr<private, array<in_raw, LOADS>>, lid: u32, nk: u32, d: u
                 }
             }
         }
-    }
-    if d < dp {
-        let w = dp - d;
-        for (var x = lid; x < nk * w; x += WG) {
-            kvh[(x / w) * TS + d + x % w] = f16(0.0);
-        }
-    }
-    for (var x = nk * dp + lid; x < KT * dp; x += WG) {
-        kvh[(x / dp) * TS + x % dp] = f16(0.0);
     }
 }
 

@@ -132,6 +132,20 @@ fn fetch_into(
     from_k: bool,
 ) {
     let d4 = (d + 3u) / 4u;
+    if rows_whole(d) {
+        // Load i takes row r0 + i * WG / d4, r0 = lid / d4 (past the tile's keys, its last
+        // again), at the invocation's own column: one clamp against this tile's rows left
+        // and one multiply-add per load, nothing per load kept from tile to tile (the sums
+        // r0 + i * WG / d4 were, one register each).
+        let rs = params.hkv * d;
+        let r0 = min(lid / d4, nk - 1u);
+        let left = nk - 1u - r0;
+        let at0 = base + r0 * rs + (lid % d4) * 4u;
+        for (var i = 0u; i < tile_loads(d); i++) {
+            (*dst)[i] = fetch4(from_k, at0 + min(i * (WG / d4), left) * rs);
+        }
+        return;
+    }
     let n = nk * d4;
     for (var i = 0u; i < tile_loads(d); i++) {
         let x = min(lid + i * WG, n - 1u);
@@ -150,6 +164,24 @@ fn fetch_into(
         }
     }
 }
+
+// Whether a tile of rows of width `d` (a multiple of 4) takes whole rows per WG vec4s, so
+// that an invocation's vec4s of a tile share their column and lie WG / d4 rows apart (a
+// constant per pipeline: Dk and Dv of 32, 64, 128 or 256), and ROW_STEPS. Their addresses
+// then step by a constant, where the general form divides, takes remainders and clamps per
+// vec4: on an H200 selected attention's tensor-core tile loop has 863 instructions so, 986
+// in the general form.
+// With them a 64k prefill (f16, D = 128) took 157.8 ms instead of 160.7: compressed
+// attention 73.3 against 74.8, the window 23.2 against 24.2; our dense kernel at 16k 59.2
+// against 62.0 (BENCHMARKS.md, forty-third session).
+fn rows_whole(d: u32) -> bool {
+    return ROW_STEPS && d % 4u == 0u && WG % (d / 4u) == 0u;
+}
+
+// Off for selected attention's union walk (`QUERIES` > 1, Rust's Specialization::queries),
+// which took 92.0 ms instead of 89.7 at 64k with it (Hq = 32, Hkv = 8), likely its
+// registers.
+override ROW_STEPS: bool = true;
 
 // Whether vec4 x of a tile of rows of width `d` lies inside its row (only a row's last one
 // may not, where d is not a multiple of 4: a constant condition otherwise).
@@ -175,7 +207,13 @@ fn store_tile(lid: u32, nk: u32, d: u32) {
     let d4 = (d + 3u) / 4u;
     for (var i = 0u; i < tile_loads(d); i++) {
         let x = lid + i * WG;
-        if x < nk * d4 {
+        // Row and column of vec4 x, in fetch_into's constant steps where rows_whole.
+        if rows_whole(d) {
+            // Row lid / d4 + i * WG / d4 (fetch_into), tested against the rows left.
+            if i * (WG / d4) < nk - min(lid / d4, nk) {
+                smem[tile_at(lid / d4 + i * (WG / d4), lid % d4)] = tile_vec4(i, x, d);
+            }
+        } else if x < nk * d4 {
             smem[tile_at(x / d4, x % d4)] = tile_vec4(i, x, d);
         }
     }
