@@ -52,7 +52,12 @@ def opcode(text):
 
 def summary(listing):
     instrs = [(int(m.group(1), 16), m.group(2)) for m in map(INSTR.match, listing) if m]
-    regs = next((l.split("=")[1] for l in listing if "Register count" in l), "?")
+    regs = next((l.split("=")[1] for l in listing if "Register count" in l), None)
+    if regs is None:
+        # Code sections alone (disassemble) carry no count: the highest register the code
+        # names bounds it from below (the driver rounds up and reserves a few more).
+        named = [int(r) for _, t in instrs for r in re.findall(r"\bR(\d+)\b", t)]
+        regs = f">= {max(named) + 1} (R{max(named)} named)" if named else "?"
     kinds = collections.Counter(opcode(t) for _, t in instrs)
     head = f"registers {regs}, {len(instrs)} instructions: " + ", ".join(
         f"{k} {kinds[k]}" for k in KINDS if kinds[k]
@@ -72,7 +77,8 @@ def summary(listing):
 def disassemble(nvdisasm, arch, binary):
     """The listing of one pipeline. nvdisasm 13.0 crashes on the whole container of the
     tensor-core kernels (cooperative matrices); for those it disassembles the code
-    sections alone (`-c`), without the register count (tools/pipeline-stats has it)."""
+    sections alone (`-c`), without the register count (tools/pipeline-stats has it; the
+    summary then gives the highest register the code names)."""
     run = subprocess.run([nvdisasm, "-b", arch, str(binary)], capture_output=True, text=True)
     if run.returncode != 0:
         run = subprocess.run(
