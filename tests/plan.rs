@@ -1551,6 +1551,13 @@ fn selected_attention_takes_consecutive_queries_of_small_groups() {
                     48 << 10,
                 );
                 assert_eq!(spec.queries, queries, "{hq}/{hkv} {tensor_cores}");
+                // The union walk reads its tiles in the general form (ROW_STEPS off).
+                let constants = spec.constants_for(KernelId::SlcAttn);
+                let steps = constants.iter().find(|(name, _)| *name == "ROW_STEPS");
+                assert_eq!(
+                    steps,
+                    Some(&("ROW_STEPS", f64::from(u8::from(queries == 1))))
+                );
                 let (other, _) =
                     plan.kernel_specialization(KernelId::CmpAttn, 16, tensor_cores, 48 << 10);
                 assert_eq!(other.queries, 1);

@@ -135,8 +135,8 @@ fn fetch_into(
     if rows_whole(d) {
         // Load i takes row r0 + i * WG / d4, r0 = lid / d4 (past the tile's keys, its last
         // again), at the invocation's own column: one clamp against this tile's rows left
-        // and one multiply-add per load, nothing per load kept from tile to tile (the sums
-        // r0 + i * WG / d4 were, one register each).
+        // and one multiply-add per load. Clamping r0 + i * WG / d4 itself instead let the
+        // compiler keep each of those sums in a register of its own from tile to tile.
         let rs = params.hkv * d;
         let r0 = min(lid / d4, nk - 1u);
         let left = nk - 1u - r0;
