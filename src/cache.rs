@@ -902,6 +902,40 @@ impl NsaPipeline {
         cache: &mut NsaCache,
         step: &DeviceStep<'_>,
     ) -> Result<()> {
+        self.encode_extend_with(encoder, cache, step, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Self::encode_extend`], timing its passes with `timer`: with `whole`, each plan as
+    /// one pass, as `encode_extend` records it; else a pass per kernel. Returns the kernel
+    /// each timed pass starts with, in the timer's slot order from 0 (up to 10 per sequence
+    /// of the step, which the timer must hold); record [`StepTimer::resolve`] for that many
+    /// into `encoder` after this, and [`StepTimer::read`] the times after submitting it. For
+    /// benchmarks of work whose inputs already are on the GPU (`nsa bench --chunk`): unlike
+    /// [`Self::extend_timed`], nothing runs on the host between the call and the submission
+    /// but planning and recording.
+    pub async fn encode_extend_timed(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &mut NsaCache,
+        step: &DeviceStep<'_>,
+        timer: &StepTimer,
+        whole: bool,
+    ) -> Result<Vec<KernelId>> {
+        self.encode_extend_with(encoder, cache, step, Some((timer, whole)))
+            .await
+    }
+
+    /// [`Self::encode_extend`], timed where `timer` is given (see
+    /// [`Self::encode_extend_timed`]); returns the timed passes' kernels.
+    async fn encode_extend_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: &mut NsaCache,
+        step: &DeviceStep<'_>,
+        timer: Option<(&StepTimer, bool)>,
+    ) -> Result<Vec<KernelId>> {
         self.context().check_alive()?;
         step.check(&cache.opts, cache.config.top_n)?;
         let seqs: Vec<usize> = (step.first_seq..step.first_seq + step.seqs).collect();
@@ -921,7 +955,8 @@ impl NsaPipeline {
             },
             attend: true,
         };
-        let kept = self.record_extend(encoder, cache, call, None, &mut Vec::new());
+        let mut timed = Vec::new();
+        let kept = self.record_extend(encoder, cache, call, timer, &mut timed);
         let error = scope.pop().await;
         let kept = kept?;
         if let Some(e) = error {
@@ -929,7 +964,7 @@ impl NsaPipeline {
         }
         cache.advance(&seqs, &sizes);
         cache.keep(kept);
-        Ok(())
+        Ok(timed)
     }
 
     /// Records the writes of the call's new keys and values into `cache`: sequence `seqs[i]`

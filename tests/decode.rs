@@ -8,7 +8,7 @@ use common::{
 };
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
-    CacheOptions, Compression, DeviceLimits, NsaCache, NsaConfig, NsaError, NsaOutputs,
+    CacheOptions, Compression, DeviceLimits, DeviceStep, NsaCache, NsaConfig, NsaError, NsaOutputs,
     NsaPipeline, OutputRequest, Plan, Precision, SeqChunk, Shape,
 };
 
@@ -970,6 +970,143 @@ fn timed_extends_write_what_extend_writes() {
         let r =
             pollster::block_on(pipe.extend_timed(&mut cache, &step, OutputRequest::default(), &t));
         assert!(matches!(r, Err(NsaError::BadBuffer { .. })), "{r:?}");
+    }
+}
+
+#[test]
+fn timed_device_steps_write_what_encode_extend_writes() {
+    // A context, then a chunk of 37 rows per sequence from GPU buffers through three caches:
+    // encode_extend, and encode_extend_timed per pass and as a whole. The rows must agree bit
+    // for bit (each written over NaN), and where the adapter has timestamps the timed passes
+    // name their kernels and take positive time; a timer too small for the plan is an error.
+    let pipe = pipeline();
+    let cfg = small();
+    let s = Shape::prefill(2, 301, 4, 2, 16, 16);
+    let data = Data::new(&cfg, &s, false, 34);
+    let (kw, vw, qw, gw) = (s.hkv * s.dk, s.hkv * s.dv, s.hq * s.dk, s.hq * 3);
+    let (a, n) = (s.tk - 37, 37);
+    let owned: Vec<[Vec<f32>; 4]> = (0..s.batch)
+        .map(|b| {
+            [
+                rows(&data.q, &s, b, a, s.tk, qw),
+                rows(&data.k, &s, b, 0, s.tk, kw),
+                rows(&data.v, &s, b, 0, s.tk, vw),
+                rows(&data.gates, &s, b, a, s.tk, gw),
+            ]
+        })
+        .collect();
+    // The chunk's tensors, [seqs, n, ...], in GPU buffers.
+    let cat = |i: usize, from: usize, w: usize| -> Vec<f32> {
+        owned
+            .iter()
+            .flat_map(|o| o[i][from * w..].to_vec())
+            .collect()
+    };
+    let p = Precision::F32;
+    let q = input_buffer(pipe, &cat(0, 0, qw), p, false);
+    let k = input_buffer(pipe, &cat(1, a, kw), p, false);
+    let v = input_buffer(pipe, &cat(2, a, vw), p, false);
+    let g = input_buffer(pipe, &cat(3, 0, gw), p, true);
+    let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 10 * s.batch);
+    let device = &pipe.context().device;
+    let mut results = Vec::new();
+    for mode in 0..3 {
+        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
+        let context = seq_chunks(&owned, &s, 0..a, false);
+        pollster::block_on(pipe.append(&mut cache, &context)).expect("append");
+        let out = sentinel_out(pipe, s.batch * n * s.hq * s.dv);
+        let step = DeviceStep {
+            first_seq: 0,
+            seqs: s.batch,
+            tokens: n,
+            q: q.slice(..),
+            k: k.slice(..),
+            v: v.slice(..),
+            gates: g.slice(..),
+            out: out.slice(..),
+            branch_kv: None,
+            block_indices: None,
+            branches: None,
+        };
+        let mut enc = device.create_command_encoder(&Default::default());
+        match (mode, &timer) {
+            (1 | 2, Some(t)) => {
+                let kernels = pollster::block_on(pipe.encode_extend_timed(
+                    &mut enc,
+                    &mut cache,
+                    &step,
+                    t,
+                    mode == 2,
+                ))
+                .unwrap();
+                let staging = t.resolve(pipe.context(), &mut enc, kernels.len());
+                pipe.context().queue.submit([enc.finish()]);
+                let ms =
+                    pollster::block_on(nsa_wgpu::profile::StepTimer::read(pipe.context(), staging))
+                        .unwrap();
+                assert_eq!(ms.len(), kernels.len());
+                assert!(
+                    ms.iter().all(|t| *t >= 0.0) && ms.iter().sum::<f64>() > 0.0,
+                    "{ms:?}"
+                );
+                if mode == 1 {
+                    for k in [
+                        KernelId::CmpAttn,
+                        KernelId::Select,
+                        KernelId::SlcAttn,
+                        KernelId::WinAttn,
+                    ] {
+                        assert!(kernels.contains(&k), "{k:?} untimed: {kernels:?}");
+                    }
+                } else {
+                    // One pass for the step's one plan (its compression and its rows).
+                    assert_eq!(
+                        kernels,
+                        [KernelId::Compress],
+                        "one pass, named by its first kernel"
+                    );
+                }
+            }
+            _ => {
+                pollster::block_on(pipe.encode_extend(&mut enc, &mut cache, &step)).unwrap();
+                pipe.context().queue.submit([enc.finish()]);
+            }
+        }
+        assert_eq!(cache.lens(), &[s.tk, s.tk]);
+        let got = read_f32(pipe, std::slice::from_ref(&out)).remove(0);
+        assert!(
+            got.iter().all(|x| x.is_finite()),
+            "mode {mode}: unwritten rows"
+        );
+        results.push(got);
+    }
+    for (mode, r) in results.iter().enumerate().skip(1) {
+        assert!(
+            bit_equal(r, &results[0]),
+            "mode {mode} differs from encode_extend"
+        );
+    }
+    if let Some(t) = nsa_wgpu::profile::StepTimer::new(pipe.context(), 1) {
+        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
+        let out = sentinel_out(pipe, s.batch * n * s.hq * s.dv);
+        let step = DeviceStep {
+            first_seq: 0,
+            seqs: s.batch,
+            tokens: n,
+            q: q.slice(..),
+            k: k.slice(..),
+            v: v.slice(..),
+            gates: g.slice(..),
+            out: out.slice(..),
+            branch_kv: None,
+            block_indices: None,
+            branches: None,
+        };
+        let mut enc = device.create_command_encoder(&Default::default());
+        let r =
+            pollster::block_on(pipe.encode_extend_timed(&mut enc, &mut cache, &step, &t, false));
+        assert!(matches!(r, Err(NsaError::BadBuffer { .. })), "{r:?}");
+        assert_eq!(cache.lens(), &[0, 0], "a failed call appends nothing");
     }
 }
 

@@ -10,7 +10,7 @@ use nsa_wgpu::profile::{
     chains, median, sample_input_sets, sample_tensor, stage_sums, time_plan, StepTimer, Warmer,
     STAGES,
 };
-use nsa_wgpu::{Compression, GpuBuffers, NsaConfig, NsaPipeline, Plan, Shape, Tensor};
+use nsa_wgpu::{Compression, GpuBuffers, NsaConfig, NsaPipeline, Plan, Precision, Shape, Tensor};
 use wgpu::util::DeviceExt;
 
 use crate::AdapterArgs;
@@ -55,6 +55,11 @@ pub struct BenchArgs {
     /// each batch size of --batches, instead of prefill.
     #[arg(long)]
     decode: bool,
+    /// Benchmark chunked prefill instead: each length's tokens go through the KV cache in
+    /// calls of CHUNK tokens per sequence (`extend`), against the one-shot prefill of the
+    /// same length in the same run.
+    #[arg(long, conflicts_with = "decode", value_parser = clap::value_parser!(u64).range(1..))]
+    chunk: Option<u64>,
     /// Storage precision of the inputs (prefill) or of the KV cache (--decode): by default
     /// f16 where the adapter has shader-f16 (the fast path, as CUDA baselines run bf16),
     /// else f32.
@@ -159,11 +164,10 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if args.decode {
         return bench_decode(args);
     }
-    let lengths = if args.quick {
-        vec![256, 700]
-    } else {
-        args.lengths.clone()
-    };
+    if let Some(chunk) = args.chunk {
+        return bench_chunked(args, chunk as usize);
+    }
+    let lengths = prefill_lengths(args);
     let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = bench_pipeline(args)?;
     let warm = warmer(&pipe, args);
@@ -189,33 +193,15 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
         let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)
             .map_err(|e| e.to_string())?;
         let inputs = sample_input_sets(&ctx.device, &plan, args.rotate);
-        let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("out"),
-            size: plan.tensor_bytes(Tensor::Out),
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
-        let linear = (cfg.compression == Compression::Linear).then(|| {
-            linear_weights(hkv, cfg.cmp_block, dk, dv).map(|w| {
-                ctx.device
-                    .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                        label: Some("nsa.bench.linear"),
-                        contents: bytemuck::cast_slice(&w),
-                        usage: wgpu::BufferUsages::STORAGE,
-                    })
-            })
-        });
-        let sets: Vec<GpuBuffers> = inputs
-            .iter()
-            .map(|[q, k, v, g]| GpuBuffers {
-                linear: linear.as_ref().map(|[a, b, c, d]| [a, b, c, d]),
-                ..GpuBuffers::new(q, k, v, g, &out)
-            })
-            .collect();
-        let (stages, total) = time_plan(&pipe, &plan, &sets, iters, args.warmup, warm.as_ref())
-            .map_err(|e| e.to_string())?;
+        let (stages, total) = time_prefill(&pipe, &plan, &inputs, args, warm.as_ref())?;
         // The dense baseline's time and chains, where it runs at this length.
         let dense = if t <= args.dense_max {
+            let out = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("out"),
+                size: plan.tensor_bytes(Tensor::Out),
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            });
             let dplan = Plan::dense_with_precision(&shape, None, &pipe.limits(), precision)
                 .map_err(|e| e.to_string())?;
             let dense_chains = dplan.chains();
@@ -259,6 +245,272 @@ pub fn bench(args: &BenchArgs) -> Result<(), String> {
     if let Some(line) = growth(&totals) {
         println!("{line}");
     }
+    Ok(())
+}
+
+/// The prefill lengths: the arguments, or the tiny ones of --quick.
+fn prefill_lengths(args: &BenchArgs) -> Vec<usize> {
+    if args.quick {
+        vec![256, 700]
+    } else {
+        args.lengths.clone()
+    }
+}
+
+/// NSA prefill by `plan` on `inputs` (`[q, k, v, gates]` sets, taken in turn): each stage's
+/// time and the total, medians over the timed runs (`time_plan`), with generated Linear
+/// compression weights where the config compresses so.
+fn time_prefill(
+    pipe: &NsaPipeline,
+    plan: &Plan,
+    inputs: &[[wgpu::Buffer; 4]],
+    args: &BenchArgs,
+    warm: Option<&Warmer>,
+) -> Result<(Vec<(KernelId, f64)>, f64), String> {
+    let device = &pipe.context().device;
+    let (shape, cfg) = (&plan.shape, &plan.config);
+    let out = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("out"),
+        size: plan.tensor_bytes(Tensor::Out),
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let linear = (cfg.compression == Compression::Linear).then(|| {
+        linear_weights(shape.hkv, cfg.cmp_block, shape.dk, shape.dv).map(|w| {
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("nsa.bench.linear"),
+                contents: bytemuck::cast_slice(&w),
+                usage: wgpu::BufferUsages::STORAGE,
+            })
+        })
+    });
+    let sets: Vec<GpuBuffers> = inputs
+        .iter()
+        .map(|[q, k, v, g]| GpuBuffers {
+            linear: linear.as_ref().map(|[a, b, c, d]| [a, b, c, d]),
+            ..GpuBuffers::new(q, k, v, g, &out)
+        })
+        .collect();
+    let iters = sizes(args).4;
+    time_plan(pipe, plan, &sets, iters, args.warmup, warm).map_err(|e| e.to_string())
+}
+
+/// A GPU buffer of `len` values from [`sample_values`] with `seed` (mapped by `f`), stored
+/// at `precision`, for copies from it (`encode_extend`'s inputs).
+fn input_buffer(
+    device: &wgpu::Device,
+    len: usize,
+    seed: u64,
+    precision: nsa_wgpu::Precision,
+    f: impl Fn(f32) -> f32,
+) -> wgpu::Buffer {
+    let values: Vec<f32> = sample_values(len, seed).into_iter().map(f).collect();
+    let bytes: Vec<u8> = match precision {
+        nsa_wgpu::Precision::F16 => values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        nsa_wgpu::Precision::F32 => bytemuck::cast_slice(&values).to_vec(),
+    };
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("nsa.bench.chunk"),
+        contents: &bytes,
+        usage: wgpu::BufferUsages::COPY_SRC,
+    })
+}
+
+/// `nsa bench --chunk N`: chunked prefill through the KV cache against one-shot prefill.
+/// Per length, every sequence's tokens go through a cache in calls of `chunk` tokens (the
+/// last call takes what is left), each computing its rows from inputs already in GPU
+/// buffers (`encode_extend_timed`, one submission per call, so that the GPU idles no
+/// longer between the warm-up and a call than for the one-shot run). With timestamp
+/// queries, runs take turns: one times every kernel's pass (summed per stage over the
+/// calls), the next each call as `encode_extend` records it; without them, each call's
+/// wall clock. The table gives the stages, the calls' sum, the first and the last call
+/// (whose rows attend the most keys), and the one-shot prefill of the same shape (median
+/// of `--iters` runs each) with their ratio.
+fn bench_chunked(args: &BenchArgs, chunk: usize) -> Result<(), String> {
+    use nsa_wgpu::{CacheOptions, DeviceStep, LinearWeights, NsaCache};
+    let (hq, hkv, dk, dv, iters) = sizes(args);
+    let pipe = bench_pipeline(args)?;
+    let warm = warmer(&pipe, args);
+    let ctx = pipe.context();
+    let device = &ctx.device;
+    let cfg = args.config.config()?;
+    let precision = args.precision.resolve(&pipe)?;
+    let b = args.batch;
+    // Ten passes per sequence and call are always enough (encode_extend_timed).
+    let timer = StepTimer::new(ctx, 10 * b);
+    println!(
+        "chunked prefill ({}) through the KV cache, {chunk} tokens per sequence and call, vs one-shot prefill, B={b} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} inputs, median of {iters} ({})",
+        describe(&cfg),
+        if timer.is_some() { "GPU timestamps" } else { "wall clock: no timestamp queries" }
+    );
+    println!("| T | calls | compress | cmp_attn | select | slc_attn | win+combine | chunked prefill (sum of calls) | first call | last call | one-shot prefill | chunked / one-shot |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let weights = (cfg.compression == Compression::Linear)
+        .then(|| linear_weights(hkv, cfg.cmp_block, dk, dv));
+    let out = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("nsa.bench.chunk.out"),
+        size: (b * chunk * hq * dv * 4) as u64,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    for t in prefill_lengths(args) {
+        let shape = Shape::prefill(b, t, hq, hkv, dk, dv);
+        let plan = Plan::with_precision(&cfg, &shape, &pipe.limits(), precision)
+            .map_err(|e| e.to_string())?;
+        let inputs = sample_input_sets(device, &plan, args.rotate);
+        let one_shot = time_prefill(&pipe, &plan, &inputs, args, warm.as_ref())?.1;
+        drop(inputs);
+        let opts = CacheOptions {
+            seqs: b,
+            hq,
+            hkv,
+            dk,
+            dv,
+            capacity: t,
+            max_capacity: t,
+            independent_kv: false,
+            precision,
+        };
+        let linear = weights
+            .as_ref()
+            .map(|[w_k, pe_k, w_v, pe_v]| LinearWeights {
+                w_k,
+                pe_k,
+                w_v,
+                pe_v,
+            });
+        let mut cache = NsaCache::new(&pipe, &cfg, opts, linear).map_err(|e| e.to_string())?;
+        // Each call's tokens and inputs ([q, k, v, gates], [B, n, ...]), on the GPU.
+        let calls: Vec<(usize, [wgpu::Buffer; 4])> = (0..t)
+            .step_by(chunk)
+            .map(|p0| {
+                let n = chunk.min(t - p0);
+                let seed = 4 * p0 as u64;
+                let rows = b * n;
+                (
+                    n,
+                    [
+                        input_buffer(device, rows * hq * dk, seed, precision, |x| x),
+                        input_buffer(device, rows * hkv * dk, seed + 1, precision, |x| x),
+                        input_buffer(device, rows * hkv * dv, seed + 2, precision, |x| x),
+                        input_buffer(device, rows * hq * 3, seed + 3, Precision::F32, |x| {
+                            0.5 + 0.5 * x
+                        }),
+                    ],
+                )
+            })
+            .collect();
+        let (mut sums, mut firsts, mut lasts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut stage_ms: Vec<Vec<(KernelId, f64)>> = Vec::new();
+        // With timestamps, a run per kernel pass, then a run timed call by call.
+        let modes: &[bool] = if timer.is_some() {
+            &[false, true]
+        } else {
+            &[true]
+        };
+        for it in 0..args.warmup + iters {
+            for &whole in modes {
+                for s in 0..b {
+                    cache.reset(s).map_err(|e| e.to_string())?;
+                }
+                let (mut ms, mut passes) = (Vec::new(), Vec::new());
+                for (n, [q, k, v, g]) in &calls {
+                    let step = DeviceStep {
+                        first_seq: 0,
+                        seqs: b,
+                        tokens: *n,
+                        q: q.slice(..),
+                        k: k.slice(..),
+                        v: v.slice(..),
+                        gates: g.slice(..),
+                        out: out.slice(..),
+                        branch_kv: None,
+                        block_indices: None,
+                        branches: None,
+                    };
+                    if let Some(w) = &warm {
+                        w.warm().map_err(|e| e.to_string())?;
+                    }
+                    let start = Instant::now();
+                    let mut encoder = device.create_command_encoder(&Default::default());
+                    let stamps = match &timer {
+                        Some(timer) => {
+                            let kernels = pollster::block_on(pipe.encode_extend_timed(
+                                &mut encoder,
+                                &mut cache,
+                                &step,
+                                timer,
+                                whole,
+                            ))
+                            .map_err(|e| e.to_string())?;
+                            let staging = timer.resolve(ctx, &mut encoder, kernels.len());
+                            Some((kernels, staging))
+                        }
+                        None => {
+                            pollster::block_on(pipe.encode_extend(&mut encoder, &mut cache, &step))
+                                .map_err(|e| e.to_string())?;
+                            None
+                        }
+                    };
+                    ctx.queue.submit([encoder.finish()]);
+                    match stamps {
+                        Some((kernels, staging)) => {
+                            let times = pollster::block_on(StepTimer::read(ctx, staging))
+                                .map_err(|e| e.to_string())?;
+                            if whole {
+                                ms.push(times.iter().sum::<f64>());
+                            } else {
+                                passes.extend(kernels.into_iter().zip(times));
+                            }
+                        }
+                        None => {
+                            device
+                                .poll(wgpu::PollType::wait_indefinitely())
+                                .map_err(|e| e.to_string())?;
+                            ms.push(start.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                }
+                if it < args.warmup {
+                    continue;
+                }
+                if whole {
+                    sums.push(ms.iter().sum::<f64>());
+                    firsts.push(ms[0]);
+                    lasts.push(ms[ms.len() - 1]);
+                } else {
+                    stage_ms.push(stage_sums(passes.into_iter()));
+                }
+            }
+        }
+        let cells: Vec<String> = STAGES
+            .iter()
+            .map(|k| {
+                let v: Vec<f64> = stage_ms
+                    .iter()
+                    .filter_map(|run| run.iter().find(|(x, _)| x == k).map(|(_, ms)| *ms))
+                    .collect();
+                if v.is_empty() {
+                    "-".into()
+                } else {
+                    format!("{:.3}", median(v))
+                }
+            })
+            .collect();
+        let sum = median(sums);
+        println!(
+            "| {t} | {} | {} | {sum:.3} | {:.3} | {:.3} | {one_shot:.3} | {:.2}x |",
+            calls.len(),
+            cells.join(" | "),
+            median(firsts),
+            median(lasts),
+            sum / one_shot
+        );
+    }
+    println!("times in ms");
     Ok(())
 }
 
