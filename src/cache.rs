@@ -838,8 +838,11 @@ impl NsaPipeline {
             .0)
     }
 
-    /// [`Self::extend`], timing every pass with `timer` (which must hold enough steps:
-    /// 10 per chunk is always enough). Also returns each pass's kernel and GPU time in
+    /// [`Self::extend`], timing every pass with `timer`, which must hold a slot per pass: a
+    /// plan's steps, 10 at most per chunk of one chain (a decode step, or a chunk whose kept
+    /// scores fit one chain), more where a long chunk's plan runs in several chains
+    /// ([`crate::Plan::chains`]); too few is [`NsaError::BadBuffer`] naming the timestamps,
+    /// before anything changes. Also returns each pass's kernel and GPU time in
     /// milliseconds, in order.
     pub async fn extend_timed(
         &self,
@@ -909,8 +912,8 @@ impl NsaPipeline {
 
     /// [`Self::encode_extend`], timing its passes with `timer`: with `whole`, each plan as
     /// one pass, as `encode_extend` records it; else a pass per kernel. Returns the kernel
-    /// each timed pass starts with, in the timer's slot order from 0 (up to 10 per sequence
-    /// of the step, which the timer must hold); record [`StepTimer::resolve`] for that many
+    /// each timed pass starts with, in the timer's slot order from 0 (the timer must hold
+    /// them all, as for [`Self::extend_timed`]); record [`StepTimer::resolve`] for that many
     /// into `encoder` after this, and [`StepTimer::read`] the times after submitting it. For
     /// benchmarks of work whose inputs already are on the GPU (`nsa bench --chunk`): unlike
     /// [`Self::extend_timed`], nothing runs on the host between the call and the submission

@@ -10,7 +10,9 @@ use nsa_wgpu::profile::{
     chains, median, sample_input_sets, sample_tensor, stage_sums, time_plan, StepTimer, Warmer,
     STAGES,
 };
-use nsa_wgpu::{Compression, GpuBuffers, NsaConfig, NsaPipeline, Plan, Precision, Shape, Tensor};
+use nsa_wgpu::{
+    Compression, GpuBuffers, NsaConfig, NsaError, NsaPipeline, Plan, Precision, Shape, Tensor,
+};
 use wgpu::util::DeviceExt;
 
 use crate::AdapterArgs;
@@ -339,8 +341,9 @@ fn bench_chunked(args: &BenchArgs, chunk: usize) -> Result<(), String> {
     let cfg = args.config.config()?;
     let precision = args.precision.resolve(&pipe)?;
     let b = args.batch;
-    // Ten passes per sequence and call are always enough (encode_extend_timed).
-    let timer = StepTimer::new(ctx, 10 * b);
+    // Ten passes per sequence and call, grown where a call's plan runs in more chains
+    // (encode_extend_timed names the timestamps when they are too few).
+    let mut timer = StepTimer::new(ctx, 10 * b);
     println!(
         "chunked prefill ({}) through the KV cache, {chunk} tokens per sequence and call, vs one-shot prefill, B={b} Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} inputs, median of {iters} ({})",
         describe(&cfg),
@@ -436,16 +439,29 @@ fn bench_chunked(args: &BenchArgs, chunk: usize) -> Result<(), String> {
                     }
                     let start = Instant::now();
                     let mut encoder = device.create_command_encoder(&Default::default());
-                    let stamps = match &timer {
+                    let stamps = match timer.as_mut() {
                         Some(timer) => {
-                            let kernels = pollster::block_on(pipe.encode_extend_timed(
-                                &mut encoder,
-                                &mut cache,
-                                &step,
-                                timer,
-                                whole,
-                            ))
-                            .map_err(|e| e.to_string())?;
+                            let kernels = loop {
+                                match pollster::block_on(pipe.encode_extend_timed(
+                                    &mut encoder,
+                                    &mut cache,
+                                    &step,
+                                    timer,
+                                    whole,
+                                )) {
+                                    // Nothing changed: again with twice the slots.
+                                    Err(NsaError::BadBuffer {
+                                        tensor: "timestamps",
+                                        ..
+                                    }) => {
+                                        *timer = StepTimer::new(ctx, 2 * timer.steps())
+                                            .ok_or("timestamp queries went away")?;
+                                        encoder =
+                                            device.create_command_encoder(&Default::default());
+                                    }
+                                    r => break r.map_err(|e| e.to_string())?,
+                                }
+                            };
                             let staging = timer.resolve(ctx, &mut encoder, kernels.len());
                             Some((kernels, staging))
                         }
