@@ -910,6 +910,22 @@ fn seq_chunks<'a>(
         .collect()
 }
 
+/// Each sequence's `[q, k, v, gates]`: queries and gates of its rows from `from` on, keys and
+/// values of all its rows (what [`seq_chunks`] cuts a context and a step from).
+fn rows_from(data: &Data, s: &Shape, from: usize) -> Vec<[Vec<f32>; 4]> {
+    let (kw, vw, qw, gw) = (s.hkv * s.dk, s.hkv * s.dv, s.hq * s.dk, s.hq * 3);
+    (0..s.batch)
+        .map(|b| {
+            [
+                rows(&data.q, s, b, from, s.tk, qw),
+                rows(&data.k, s, b, 0, s.tk, kw),
+                rows(&data.v, s, b, 0, s.tk, vw),
+                rows(&data.gates, s, b, from, s.tk, gw),
+            ]
+        })
+        .collect()
+}
+
 #[test]
 fn timed_extends_write_what_extend_writes() {
     // The same context and step through three caches: plain (one pass), timed per pass, and
@@ -919,18 +935,8 @@ fn timed_extends_write_what_extend_writes() {
     let cfg = small();
     let s = Shape::prefill(2, 301, 4, 2, 16, 16);
     let data = Data::new(&cfg, &s, false, 33);
-    let (kw, vw, qw, gw) = (s.hkv * s.dk, s.hkv * s.dv, s.hq * s.dk, s.hq * 3);
     let last = s.tk - 1;
-    let owned: Vec<[Vec<f32>; 4]> = (0..s.batch)
-        .map(|b| {
-            [
-                rows(&data.q, &s, b, last, s.tk, qw),
-                rows(&data.k, &s, b, 0, s.tk, kw),
-                rows(&data.v, &s, b, 0, s.tk, vw),
-                rows(&data.gates, &s, b, last, s.tk, gw),
-            ]
-        })
-        .collect();
+    let owned = rows_from(&data, &s, last);
     let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 10 * s.batch);
     let mut results = Vec::new();
     for mode in 0..3 {
@@ -985,16 +991,7 @@ fn timed_device_steps_write_what_encode_extend_writes() {
     let data = Data::new(&cfg, &s, false, 34);
     let (kw, vw, qw, gw) = (s.hkv * s.dk, s.hkv * s.dv, s.hq * s.dk, s.hq * 3);
     let (a, n) = (s.tk - 37, 37);
-    let owned: Vec<[Vec<f32>; 4]> = (0..s.batch)
-        .map(|b| {
-            [
-                rows(&data.q, &s, b, a, s.tk, qw),
-                rows(&data.k, &s, b, 0, s.tk, kw),
-                rows(&data.v, &s, b, 0, s.tk, vw),
-                rows(&data.gates, &s, b, a, s.tk, gw),
-            ]
-        })
-        .collect();
+    let owned = rows_from(&data, &s, a);
     // The chunk's tensors, [seqs, n, ...], in GPU buffers.
     let cat = |i: usize, from: usize, w: usize| -> Vec<f32> {
         owned
@@ -1009,16 +1006,17 @@ fn timed_device_steps_write_what_encode_extend_writes() {
     let g = input_buffer(pipe, &cat(3, 0, gw), p, true);
     let timer = nsa_wgpu::profile::StepTimer::new(pipe.context(), 10 * s.batch);
     let device = &pipe.context().device;
-    let mut results = Vec::new();
-    for mode in 0..3 {
-        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
-        let context = seq_chunks(&owned, &s, 0..a, false);
-        pollster::block_on(pipe.append(&mut cache, &context)).expect("append");
-        let out = sentinel_out(pipe, s.batch * n * s.hq * s.dv);
-        let step = DeviceStep {
+    // The chunk ([q, k, v, gates]) as a step of `seqs` sequences writing into `out`.
+    fn step_into<'a>(
+        [q, k, v, g]: [&'a wgpu::Buffer; 4],
+        out: &'a wgpu::Buffer,
+        seqs: usize,
+        tokens: usize,
+    ) -> DeviceStep<'a> {
+        DeviceStep {
             first_seq: 0,
-            seqs: s.batch,
-            tokens: n,
+            seqs,
+            tokens,
             q: q.slice(..),
             k: k.slice(..),
             v: v.slice(..),
@@ -1027,7 +1025,15 @@ fn timed_device_steps_write_what_encode_extend_writes() {
             branch_kv: None,
             block_indices: None,
             branches: None,
-        };
+        }
+    }
+    let mut results = Vec::new();
+    for mode in 0..3 {
+        let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
+        let context = seq_chunks(&owned, &s, 0..a, false);
+        pollster::block_on(pipe.append(&mut cache, &context)).expect("append");
+        let out = sentinel_out(pipe, s.batch * n * s.hq * s.dv);
+        let step = step_into([&q, &k, &v, &g], &out, s.batch, n);
         let mut enc = device.create_command_encoder(&Default::default());
         match (mode, &timer) {
             (1 | 2, Some(t)) => {
@@ -1089,19 +1095,7 @@ fn timed_device_steps_write_what_encode_extend_writes() {
     if let Some(t) = nsa_wgpu::profile::StepTimer::new(pipe.context(), 1) {
         let mut cache = NsaCache::new(pipe, &cfg, opts(&s, s.tk, false), None).expect("cache");
         let out = sentinel_out(pipe, s.batch * n * s.hq * s.dv);
-        let step = DeviceStep {
-            first_seq: 0,
-            seqs: s.batch,
-            tokens: n,
-            q: q.slice(..),
-            k: k.slice(..),
-            v: v.slice(..),
-            gates: g.slice(..),
-            out: out.slice(..),
-            branch_kv: None,
-            block_indices: None,
-            branches: None,
-        };
+        let step = step_into([&q, &k, &v, &g], &out, s.batch, n);
         let mut enc = device.create_command_encoder(&Default::default());
         let r =
             pollster::block_on(pipe.encode_extend_timed(&mut enc, &mut cache, &step, &t, false));

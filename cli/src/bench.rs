@@ -297,6 +297,63 @@ fn time_prefill(
     time_plan(pipe, plan, &sets, iters, args.warmup, warm).map_err(|e| e.to_string())
 }
 
+/// Each stage's median over `runs` (per-stage sums of one run each, [`stage_sums`]), in
+/// [`STAGES`] order, or "-" for a stage no run timed.
+fn stage_cells(runs: &[Vec<(KernelId, f64)>]) -> Vec<String> {
+    STAGES
+        .iter()
+        .map(|k| {
+            let v: Vec<f64> = runs
+                .iter()
+                // A fold from +0 (a float sum starts at -0, which printed as "-0.000" for
+                // steps that ran no compression).
+                .map(|s| {
+                    s.iter()
+                        .filter(|(x, _)| x == k)
+                        .fold(0.0, |a, (_, t)| a + t)
+                })
+                .collect();
+            if v.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.3}", median(v))
+            }
+        })
+        .collect()
+}
+
+/// A cache of `seqs` sequences of `capacity` tokens (its most) for the benchmark's heads,
+/// stored at `precision`, with `weights` (`linear_weights`) where the config compresses so.
+fn bench_cache(
+    pipe: &NsaPipeline,
+    cfg: &NsaConfig,
+    args: &BenchArgs,
+    seqs: usize,
+    capacity: usize,
+    precision: Precision,
+    weights: Option<&[Vec<f32>; 4]>,
+) -> Result<nsa_wgpu::NsaCache, String> {
+    let (hq, hkv, dk, dv, _) = sizes(args);
+    let opts = nsa_wgpu::CacheOptions {
+        seqs,
+        hq,
+        hkv,
+        dk,
+        dv,
+        capacity,
+        max_capacity: capacity,
+        independent_kv: false,
+        precision,
+    };
+    let linear = weights.map(|[w_k, pe_k, w_v, pe_v]| nsa_wgpu::LinearWeights {
+        w_k,
+        pe_k,
+        w_v,
+        pe_v,
+    });
+    nsa_wgpu::NsaCache::new(pipe, cfg, opts, linear).map_err(|e| e.to_string())
+}
+
 /// A GPU buffer of `len` values from [`sample_values`] with `seed` (mapped by `f`), stored
 /// at `precision`, for copies from it (`encode_extend`'s inputs).
 fn input_buffer(
@@ -332,7 +389,7 @@ fn input_buffer(
 /// (whose rows attend the most keys), and the one-shot prefill of the same shape (median
 /// of `--iters` runs each) with their ratio.
 fn bench_chunked(args: &BenchArgs, chunk: usize) -> Result<(), String> {
-    use nsa_wgpu::{CacheOptions, DeviceStep, LinearWeights, NsaCache};
+    use nsa_wgpu::DeviceStep;
     let (hq, hkv, dk, dv, iters) = sizes(args);
     let pipe = bench_pipeline(args)?;
     let warm = warmer(&pipe, args);
@@ -366,26 +423,7 @@ fn bench_chunked(args: &BenchArgs, chunk: usize) -> Result<(), String> {
         let inputs = sample_input_sets(device, &plan, args.rotate);
         let one_shot = time_prefill(&pipe, &plan, &inputs, args, warm.as_ref())?.1;
         drop(inputs);
-        let opts = CacheOptions {
-            seqs: b,
-            hq,
-            hkv,
-            dk,
-            dv,
-            capacity: t,
-            max_capacity: t,
-            independent_kv: false,
-            precision,
-        };
-        let linear = weights
-            .as_ref()
-            .map(|[w_k, pe_k, w_v, pe_v]| LinearWeights {
-                w_k,
-                pe_k,
-                w_v,
-                pe_v,
-            });
-        let mut cache = NsaCache::new(&pipe, &cfg, opts, linear).map_err(|e| e.to_string())?;
+        let mut cache = bench_cache(&pipe, &cfg, args, b, t, precision, weights.as_ref())?;
         // Each call's tokens and inputs ([q, k, v, gates], [B, n, ...]), on the GPU.
         let calls: Vec<(usize, [wgpu::Buffer; 4])> = (0..t)
             .step_by(chunk)
@@ -502,20 +540,7 @@ fn bench_chunked(args: &BenchArgs, chunk: usize) -> Result<(), String> {
                 }
             }
         }
-        let cells: Vec<String> = STAGES
-            .iter()
-            .map(|k| {
-                let v: Vec<f64> = stage_ms
-                    .iter()
-                    .filter_map(|run| run.iter().find(|(x, _)| x == k).map(|(_, ms)| *ms))
-                    .collect();
-                if v.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{:.3}", median(v))
-                }
-            })
-            .collect();
+        let cells = stage_cells(&stage_ms);
         let sum = median(sums);
         println!(
             "| {t} | {} | {} | {sum:.3} | {:.3} | {:.3} | {one_shot:.3} | {:.2}x |",
@@ -641,7 +666,7 @@ fn device_steps(
 }
 
 fn bench_decode(args: &BenchArgs) -> Result<(), String> {
-    use nsa_wgpu::{CacheOptions, LinearWeights, NsaCache, OutputRequest, SeqChunk};
+    use nsa_wgpu::{OutputRequest, SeqChunk};
     let (lengths, batches) = if args.quick {
         (vec![300, 700], vec![1, 2])
     } else {
@@ -670,26 +695,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             let steps = 3 * (args.warmup + iters);
             // Then the steps from GPU buffers, LAYERS to a submission.
             let cap = len + steps + LAYERS * (args.warmup + iters);
-            let opts = CacheOptions {
-                seqs: b,
-                hq,
-                hkv,
-                dk,
-                dv,
-                capacity: cap,
-                max_capacity: cap,
-                independent_kv: false,
-                precision,
-            };
-            let linear = weights
-                .as_ref()
-                .map(|[w_k, pe_k, w_v, pe_v]| LinearWeights {
-                    w_k,
-                    pe_k,
-                    w_v,
-                    pe_v,
-                });
-            let mut cache = NsaCache::new(&pipe, &cfg, opts, linear).map_err(|e| e.to_string())?;
+            let mut cache = bench_cache(&pipe, &cfg, args, b, cap, precision, weights.as_ref())?;
             // Fill the context in slices, every sequence per call (up to its own length).
             let seq_len = |s: usize| len - (args.ragged * s).min(len - 1);
             let slice = 8192.min(len);
@@ -816,26 +822,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             let bytes = (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv)) as f64
                 * precision.bytes() as f64;
             let achieved = bytes / (nsa / 1e3);
-            let stages: Vec<String> = STAGES
-                .iter()
-                .map(|k| {
-                    let v: Vec<f64> = stage_ms
-                        .iter()
-                        // A fold from +0 (a float sum starts at -0, which printed as
-                        // "-0.000" for steps that ran no compression).
-                        .map(|s| {
-                            s.iter()
-                                .filter(|(x, _)| x == k)
-                                .fold(0.0, |a, (_, t)| a + t)
-                        })
-                        .collect();
-                    if v.is_empty() {
-                        "-".into()
-                    } else {
-                        format!("{:.3}", median(v))
-                    }
-                })
-                .collect();
+            let stages = stage_cells(&stage_ms);
             let lens = if args.ragged > 0 && b > 1 {
                 format!("{len} .. {}", seq_len(b - 1))
             } else {
