@@ -282,9 +282,14 @@ impl DeviceStep<'_> {
     }
 }
 
-/// The largest scratch (all its buffers, in bytes), and the most readback bytes of one plan,
-/// a cache keeps between calls: a decode step's, even at B=16 and 64k (its kept scores and
-/// partials take tens of MB), but not a long chunk's.
+/// The most readback bytes of one plan a cache keeps between calls, and the largest scratch
+/// (all its buffers, in bytes) it keeps in a place that the next call does not use: a decode
+/// step's, even at B=16 and 64k (its kept scores and partials take tens of MB), but not a
+/// long chunk's, whose kept scores take up to the plan's budget. A larger scratch stays
+/// only while calls take its place, until one whose plan needs less than a quarter of it
+/// (the refit lets it go): a Dk = 192 prefill at 64k in calls of 4096 tokens that made its
+/// 2 GiB of kept scores anew per call took 354-458 ms on an H200 instead of 253 (the
+/// one-shot prefill's 256; BENCHMARKS.md, forty-fifth session).
 const KEEP_SCRATCH_BYTES: u64 = 256 << 20;
 
 /// The most bytes of new keys and values an `extend` call uploads in one piece (see
@@ -594,10 +599,11 @@ impl NsaCache {
     }
 
     /// Bytes of the GPU buffers the cache keeps between `extend` calls besides its keys and
-    /// values: the last call's query, gate and output buffers, readback buffers and
-    /// scratches (none of more than 256 MiB), and the upload buffer of new keys and values
-    /// (at most 4 MiB), which the next call reuses where they fit. [`Self::reserve`] lets the
-    /// scratches go.
+    /// values: the last call's query, gate and output buffers, readback buffers (none of more
+    /// than 256 MiB) and scratches (a long chunk's kept scores too, until a call needs less
+    /// than a quarter of them), and the upload buffer of new keys and values (at most 4 MiB),
+    /// which the next call reuses where they fit. [`Self::reserve`] lets the scratches go,
+    /// [`Self::release_buffers`] all of them.
     pub fn kept_bytes(&self) -> u64 {
         let scratch = |s: &Option<crate::NsaScratch>| s.as_ref().map_or(0, |s| s.bytes());
         let rows: u64 = self
@@ -623,12 +629,11 @@ impl NsaCache {
     }
 
     /// Keeps the scratches and readback buffers of an extend call's plans for the next call,
-    /// in the order they were taken; not those of a long chunk (its kept scores take up to
-    /// the plan's budget).
+    /// in the order they were taken (a long chunk's readback excepted), and lets go of the
+    /// large scratches of the places this call did not take (see `KEEP_SCRATCH_BYTES`).
     fn keep(&mut self, kept: Vec<Recorded>) {
         let mut nth = [0usize; 2];
         for (staging, scratch, nb) in kept {
-            let scratch = (scratch.bytes() <= KEEP_SCRATCH_BYTES).then_some(scratch);
             if nb > 0 {
                 // Its place exists: the plan took its I/O buffers there.
                 let slot = &mut self.rows_kept[nth[1]];
@@ -636,17 +641,41 @@ impl NsaCache {
                 if bytes <= KEEP_SCRATCH_BYTES {
                     slot.readback = staging;
                 }
-                slot.scratch = scratch;
+                slot.scratch = Some(scratch);
                 nth[1] += 1;
             } else {
                 let pool = &mut self.compress_kept;
                 if pool.len() <= nth[0] {
                     pool.resize_with(nth[0] + 1, || None);
                 }
-                pool[nth[0]] = scratch;
+                pool[nth[0]] = Some(scratch);
                 nth[0] += 1;
             }
         }
+        let untaken = self
+            .rows_kept
+            .iter_mut()
+            .skip(nth[1])
+            .map(|k| &mut k.scratch);
+        for scratch in untaken.chain(self.compress_kept.iter_mut().skip(nth[0])) {
+            if scratch
+                .as_ref()
+                .is_some_and(|s| s.bytes() > KEEP_SCRATCH_BYTES)
+            {
+                *scratch = None;
+            }
+        }
+    }
+
+    /// Lets go of every buffer the cache keeps between calls besides its keys and values
+    /// ([`Self::kept_bytes`] is 0 after it): after a long prefill whose scratch (up to the
+    /// pipeline's kept-score budget, [`NsaPipeline::set_kept_scores`]) should not wait for
+    /// the next call. The next call allocates what it needs anew.
+    pub fn release_buffers(&mut self) {
+        self.rows_kept.clear();
+        self.compress_kept.clear();
+        self.upload = None;
+        self.append = None;
     }
 
     /// Grows every sequence's reservation to at least `rows` (up to `max_capacity`), copying

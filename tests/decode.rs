@@ -808,7 +808,7 @@ fn append_then_decode_equals_prefill() {
 }
 
 #[test]
-fn a_cache_keeps_its_step_buffers_until_it_grows() {
+fn a_cache_keeps_its_step_buffers_until_it_grows_or_lets_them_go() {
     let pipe = pipeline();
     let cfg = small();
     let s = Shape::prefill(1, 140, 4, 2, 8, 8);
@@ -829,9 +829,21 @@ fn a_cache_keeps_its_step_buffers_until_it_grows() {
         after > 0 && after < kept,
         "{after} bytes kept after growing, {kept} before"
     );
+    let full = pipe
+        .run_blocking(&cfg, &s, &data.inputs(), OutputRequest::all())
+        .unwrap();
+    let row = |t: usize| &full.out[t * 32..(t + 1) * 32];
     let r = decode_step(&mut cache, &data, &s, 104, OutputRequest::default());
-    assert!(r.out.iter().all(|x| x.is_finite()));
+    assert_close("row 104", &r.out, row(104), 1e-4);
     assert!(cache.kept_bytes() > after);
+    // Letting every kept buffer go leaves the cached keys: the next steps allocate anew.
+    cache.release_buffers();
+    assert_eq!(cache.kept_bytes(), 0);
+    for t in 105..107 {
+        let r = decode_step(&mut cache, &data, &s, t, OutputRequest::default());
+        assert_close(&format!("row {t} after release"), &r.out, row(t), 1e-4);
+    }
+    assert!(cache.kept_bytes() > 0);
 }
 
 #[test]
