@@ -10,11 +10,12 @@
 // Bindings 1 and 2 (q, and the compressed keys as `k`: [B, C, Hkv, Dk]) come from qk.
 #import qk
 #import topn
-#import partials
+#import select_lse
 #import select_scores
 
-// [B, Tq, Hq]; or cmp_attn's partials when params.cmp_splits > 0 (see row_lse)
+// [B, Tq, Hq]; or cmp_attn's partials when params.cmp_splits > 0 (see load_lse)
 @group(0) @binding(3) var<storage, read> lse: array<f32>;
+
 // [B, Tq, Hkv, n]; when split, each split's candidates instead (see store_candidates)
 @group(0) @binding(4) var<storage, read_write> block_indices: array<i32>;
 
@@ -26,67 +27,12 @@ const BCHUNK: u32 = 128u;  // blocks per chunk at most (<= WG)
 // blocks entering the list (see main)
 var<workgroup> partial: array<f32, PARTIAL_LEN>;
 override PARTIAL_LEN: u32 = max(ROWS / 4u * KT_MAX, 2u * BCHUNK);
-var<workgroup> lse_s: array<f32, ROWS>;
 var<workgroup> pbuf: array<f32, PBUF>;          // group-summed p_cmp of the chunk's tokens
 var<workgroup> bscore: array<f32, BCHUNK>;      // chunk block scores, -1 for forced blocks
 var<workgroup> top_score: array<f32, NMAX>;
 var<workgroup> new_score: array<f32, NMAX>;
 var<workgroup> new_idx: array<u32, NMAX>;
 var<workgroup> entering: atomic<u32>;           // chunk blocks that can enter the top list
-
-// The statistics of cmp_attn's splits first, first + step, ... < splits (its partials) of
-// the row whose first split starts at `base` (invocations share a row's splits this way,
-// then merge_stats). Four splits' statistics are loaded before any is used, so that they
-// cost one round trip.
-fn split_stats(base: u32, splits: u32, first: u32, step: u32) -> SplitStats {
-    let w = params.dv + 2u;
-    var st = no_keys();
-    for (var s0 = first; s0 < splits; s0 += 4u * step) {
-        var m: array<f32, 4>;
-        var l: array<f32, 4>;
-        for (var c = 0u; c < 4u; c++) {
-            let at = base + min(s0 + c * step, splits - 1u) * w + params.dv;
-            m[c] = lse[at];
-            l[c] = lse[at + 1u];
-        }
-        for (var c = 0u; c < 4u; c++) {
-            if s0 + c * step < splits && l[c] > 0.0 {
-                st = merge_stats(st, SplitStats(m[c], l[c]));
-            }
-        }
-    }
-    return st;
-}
-
-// Stores the compressed-attention log-sum-exp of rows row0 .. row0 + nh into lse_s: as
-// cmp_attn stored it, or combined from its split partials when cmp_attn wrote those (a
-// decode step): 8 invocations per row take every 8th split, then one merges their shares.
-// Uses `partial` as scratch; the caller barriers before reading lse_s or writing `partial`.
-fn load_lse(lid: u32, row0: u32, nh: u32) {
-    if params.cmp_splits == 0u {
-        if lid < ROWS {
-            lse_s[lid] = select(0.0, lse[params.off_lse + row0 + lid], lid < nh);
-        }
-        return;
-    }
-    let i = lid / 8u;
-    var st = no_keys();
-    if i < nh {
-        let base = params.off_lse + (row0 + i) * params.cmp_splits * (params.dv + 2u);
-        st = split_stats(base, params.cmp_splits, lid % 8u, 8u);
-    }
-    partial[2u * lid] = st.m;
-    partial[2u * lid + 1u] = st.l;
-    workgroupBarrier();
-    if lid < ROWS {
-        var t = no_keys();
-        for (var c = 0u; c < 8u; c++) {
-            let at = 2u * (8u * lid + c);
-            t = merge_stats(t, SplitStats(partial[at], partial[at + 1u]));
-        }
-        lse_s[lid] = split_lse(t);
-    }
-}
 
 // The element loads behind fetch_tile: compressed keys only.
 fn fetch_kv(from_k: bool, at: u32) -> f32 {

@@ -99,13 +99,16 @@ pub enum KernelId {
     /// `shaders/append.wgsl`: copies a call's new key and value rows into a KV cache, every
     /// sequence in one dispatch per pair of cached tensors.
     Append,
+    /// `shaders/select_top.wgsl`: block importance, group sum and top-n of one row per
+    /// workgroup, all its blocks at once (calls with few rows, from kept block sums).
+    SelectTop,
 }
 
 use Access::{Read, ReadWrite, Uniform};
 
 impl KernelId {
     /// Every kernel.
-    pub const ALL: [KernelId; 9] = [
+    pub const ALL: [KernelId; 10] = [
         KernelId::Compress,
         KernelId::CmpAttn,
         KernelId::Select,
@@ -115,6 +118,7 @@ impl KernelId {
         KernelId::Merge,
         KernelId::SelectMerge,
         KernelId::Append,
+        KernelId::SelectTop,
     ];
 
     /// The shader's file name (without `.wgsl`).
@@ -129,6 +133,7 @@ impl KernelId {
             KernelId::Merge => "merge",
             KernelId::SelectMerge => "select_merge",
             KernelId::Append => "append",
+            KernelId::SelectTop => "select_top",
         }
     }
 
@@ -144,6 +149,7 @@ impl KernelId {
             KernelId::Merge => "nsa.merge",
             KernelId::SelectMerge => "nsa.select_merge",
             KernelId::Append => "nsa.append",
+            KernelId::SelectTop => "nsa.select_top",
         }
     }
 
@@ -156,6 +162,8 @@ impl KernelId {
             KernelId::CmpAttn => &[Uniform, Read, Read, Read, ReadWrite, ReadWrite, ReadWrite],
             // params, q, kc, lse, block_indices, kept
             KernelId::Select => &[Uniform, Read, Read, Read, ReadWrite, Read],
+            // params, lse, block_indices, kept
+            KernelId::SelectTop => &[Uniform, Read, ReadWrite, Read],
             // params, q, k, v, block_indices, o_slc
             KernelId::SlcAttn => &[Uniform, Read, Read, Read, Read, ReadWrite],
             // params, q, k, v, gates, o_cmp, o_slc, o_win, out
@@ -192,6 +200,8 @@ impl KernelId {
             // top_idx, cand_score, cand_idx, surv_score, surv_idx, kept, filled, bar, totals
             KernelId::SelectMerge => (256 + 4 * crate::plan::CAND_MAX as u32 + 2 * 64 + 3) * 4,
             KernelId::Append => 0,
+            // partial, lse_s, hist, cut, chosen_n, top_idx
+            KernelId::SelectTop => (512 + 16 + 32 + 3 + 1 + top_list) * 4,
             // scores (a vec4 per 4 keys of a row), red_max, red_sum (reduce_shared.wgsl, one
             // per invocation), 6 per-row arrays
             _ => (4 * kv_tile.div_ceil(4) * rows + 2 * 8 * rows + 6 * rows) * 4,
@@ -272,7 +282,7 @@ impl Specialization {
         if id.specialized() {
             constants.extend(self.constants());
         }
-        if id == KernelId::Select {
+        if id.has_top_list() {
             constants.push(("NMAX", self.top_list as f64));
         }
         if id == KernelId::SlcAttn {
@@ -289,11 +299,7 @@ impl Specialization {
     /// attention, so that the other kernels' pipelines do not differ by them.
     pub fn for_kernel(self, id: KernelId) -> Specialization {
         Specialization {
-            top_list: if id == KernelId::Select {
-                self.top_list
-            } else {
-                0
-            },
+            top_list: if id.has_top_list() { self.top_list } else { 0 },
             queries: if id == KernelId::SlcAttn {
                 self.queries
             } else {
@@ -432,12 +438,21 @@ impl KernelId {
     }
 
     /// Whether the shader declares the [`Specialization`] overrides (the kernels with
-    /// key tiles: all but `Compress`, `Merge`, `SelectMerge` and `Append`).
+    /// key tiles: all but `Compress`, `Merge`, `SelectMerge`, `Append` and `SelectTop`).
     pub fn specialized(self) -> bool {
         !matches!(
             self,
-            KernelId::Compress | KernelId::Merge | KernelId::SelectMerge | KernelId::Append
+            KernelId::Compress
+                | KernelId::Merge
+                | KernelId::SelectMerge
+                | KernelId::Append
+                | KernelId::SelectTop
         )
+    }
+
+    /// Whether the shader has top lists (`NMAX`, [`Specialization::top_list`]).
+    fn has_top_list(self) -> bool {
+        matches!(self, KernelId::Select | KernelId::SelectTop)
     }
 }
 

@@ -253,6 +253,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         tensor_cores: false,
         max_key_tiles: 0,
         loop_iterations: 0,
+        split_select: false,
     }
 }
 
@@ -1181,6 +1182,13 @@ impl NsaPipeline {
     /// rather than 17, while compressed attention saves 17 ms of writes).
     pub fn set_kept_scores(&mut self, bytes: u64) {
         self.limits.kept_scores = bytes;
+    }
+
+    /// Makes calls with few rows split their selection and merge the candidates even where
+    /// one workgroup per row could rank all blocks ([`DeviceLimits::split_select`]; plans
+    /// made from now on): for comparing the two (`nsa bench --split-select`).
+    pub fn set_split_select(&mut self, on: bool) {
+        self.limits.split_select = on;
     }
 
     /// Sets how many key tiles one attention workgroup may walk

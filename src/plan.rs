@@ -54,6 +54,11 @@ pub struct DeviceLimits {
     /// The compression kernel takes [`Plan::compress_iterations`]; a config past this is
     /// [`NsaError::ExceedsLimit`] rather than partial sums.
     pub loop_iterations: u64,
+    /// Not an adapter limit: whether calls with few rows (decode steps, short chunks) split
+    /// their selection over several workgroups per row and merge the candidates
+    /// (`select.wgsl`, `select_merge.wgsl`) even where one workgroup per row ranks all its
+    /// blocks from kept block sums (`select_top.wgsl`, the default; false).
+    pub split_select: bool,
 }
 
 /// The compression kernel's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`, and
@@ -94,6 +99,7 @@ impl Default for DeviceLimits {
             tensor_cores: false,
             max_key_tiles: 0,
             loop_iterations: 0,
+            split_select: false,
         }
     }
 }
@@ -331,6 +337,9 @@ const KEEP_MIN_ROWS: u64 = 256;
 const SELECT_BCHUNK: usize = 128;
 /// `PBUF` in `shaders/select.wgsl`.
 const SELECT_PBUF: usize = 512;
+/// `TOP_BLOCKS` in `shaders/select_top.wgsl`: the most candidate blocks of a row that
+/// its one workgroup (256 invocations, 8 blocks each) ranks.
+pub const TOP_BLOCKS: usize = 2048;
 /// `NMAX` of `shaders/select_merge.wgsl`: the most selected blocks a split selection's merge
 /// ranks. A config with a larger `n` runs its selection unsplit (the selection's own lists
 /// are sized by `n`: [`top_list_len`], [`list_entries`]).
@@ -1264,6 +1273,17 @@ impl Plan {
         (blocks.div_ceil(chunk).min(want) as u32, chunk as u32)
     }
 
+    /// Whether one workgroup per row ranks the selection's blocks (`select_top.wgsl`) unless
+    /// [`DeviceLimits::split_select`]: from block sums (`kept_tile` > 0), for groups of at most [`ROWS`] heads (their
+    /// log-sum-exps load once) and at most [`TOP_BLOCKS`] blocks.
+    fn select_top(&self, kept_tile: u32) -> bool {
+        let s = &self.shape;
+        !self.limits.split_select
+            && kept_tile > 0
+            && s.hq / s.hkv <= ROWS as usize
+            && s.tk.div_ceil(self.config.sel_block) <= TOP_BLOCKS
+    }
+
     fn plan_attention(&mut self, dense: bool) -> Result<()> {
         let s = self.shape;
         let n = self.config.top_n;
@@ -1558,6 +1578,10 @@ impl Plan {
                 (Tensor::Lse, lse)
             };
             let (sp, sel_chunk) = self.select_splits(sel_total, nrows);
+            // Where the selection would split and ranks block sums, one workgroup per row
+            // ranks all its blocks instead (select_top.wgsl): no candidates, no merge.
+            let top = sp > 1 && self.select_top(kept_tile);
+            let sp = if top { 1 } else { sp };
             let cand_len = sel_total * n as u64 * 2 * sp as u64;
             let cw = self.window(Tensor::Cand, 0, cand_len);
             let o = if sp > 1 {
@@ -1567,7 +1591,11 @@ impl Plan {
                 (Tensor::Idx, idx)
             };
             self.steps.push(Step {
-                kernel: KernelId::Select,
+                kernel: if top {
+                    KernelId::SelectTop
+                } else {
+                    KernelId::Select
+                },
                 rows: ROWS,
                 params: Params {
                     total_wg: (sel_total * sp as u64) as u32,
@@ -1582,13 +1610,17 @@ impl Plan {
                     ..base
                 },
                 grid: self.grid(sel_total * sp as u64),
-                bindings: vec![
-                    (Tensor::Q, q.0),
-                    (Tensor::Kc, kc.0),
-                    (l.0, l.1 .0),
-                    (o.0, o.1 .0),
-                    kept_in,
-                ],
+                bindings: if top {
+                    vec![(l.0, l.1 .0), (o.0, o.1 .0), kept_in]
+                } else {
+                    vec![
+                        (Tensor::Q, q.0),
+                        (Tensor::Kc, kc.0),
+                        (l.0, l.1 .0),
+                        (o.0, o.1 .0),
+                        kept_in,
+                    ]
+                },
             });
             if sp > 1 {
                 self.steps.push(Step {

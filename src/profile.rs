@@ -335,6 +335,7 @@ pub fn stage_sums(steps: impl Iterator<Item = (KernelId, f64)>) -> Vec<(KernelId
     for (kernel, t) in steps {
         stage = match kernel {
             KernelId::SelectMerge => stage,
+            KernelId::SelectTop => KernelId::Select,
             KernelId::Merge if stage == KernelId::Dense => stage,
             KernelId::Merge => KernelId::WinAttn,
             other => other,

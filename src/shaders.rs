@@ -28,7 +28,7 @@ macro_rules! sources {
 /// Kernel sources, by kernel name (the name of the file in `shaders/`).
 pub const KERNELS: &[(&str, &str)] = sources!["":
     "compress", "cmp_attn", "select", "slc_attn", "win_attn", "dense_attn", "merge",
-    "select_merge", "append",
+    "select_merge", "append", "select_top",
 ];
 
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
@@ -36,7 +36,7 @@ pub const SHARED: &[(&str, &str)] = sources!["shared/":
     "qk", "input_f32", "input_f16", "params", "load_f32", "load_f16", "load_v_f32",
     "load_v_f16", "topn", "partials", "reduce_shared", "reduce_subgroup", "attention",
     "attn_simt", "attn_mma", "keep_on", "keep_off", "keep_sums", "select_qk", "select_kept",
-    "select_sums",
+    "select_sums", "select_lse", "block_sums",
 ];
 
 /// Which variant of a kernel to assemble.

@@ -8,8 +8,8 @@ use common::{
 };
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
-    CacheOptions, Compression, DeviceLimits, DeviceStep, NsaCache, NsaConfig, NsaError, NsaOutputs,
-    NsaPipeline, OutputRequest, Plan, Precision, SeqChunk, Shape,
+    CacheOptions, Compression, DeviceStep, NsaCache, NsaConfig, NsaError, NsaOutputs, NsaPipeline,
+    OutputRequest, Plan, Precision, SeqChunk, Shape,
 };
 
 fn opts(s: &Shape, capacity: usize, independent_kv: bool) -> CacheOptions {
@@ -884,23 +884,39 @@ fn random_long_decode_steps_match_the_reference() {
 
 /// Appends all but the last position of sequence 0 of `data` to a cache, decodes the last
 /// one, and holds its output and block indices against the reference; returns the indices.
+/// Both ways a decode step may select (one workgroup ranking each row's blocks where the
+/// compressed branch keeps block sums, `select_top.wgsl`, and split selections merged).
 fn last_step_matches_the_reference(cfg: &NsaConfig, s: &Shape, data: &Data) -> Vec<i32> {
     let inputs = data.inputs();
     let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &inputs).unwrap();
-    let mut cache = NsaCache::new(pipeline(), cfg, opts(s, s.tk, false), inputs.linear).unwrap();
     let last = s.tk - 1;
-    append_context(&mut cache, data, s, last);
-    let request = OutputRequest {
-        block_indices: true,
-        ..OutputRequest::default()
-    };
-    let r = decode_step(&mut cache, data, s, last, request);
     let per = s.hkv * cfg.top_n;
     let want = &naive.block_indices[last * per..s.tk * per];
-    assert_eq!(r.block_indices.as_deref(), Some(want));
-    let w = s.hq * s.dv;
-    assert_close("last row", &r.out, &naive.out[last * w..s.tk * w], 1e-4);
+    for (pipe, how) in [(pipeline(), "default"), (split_pipeline(), "split")] {
+        let mut cache = NsaCache::new(pipe, cfg, opts(s, s.tk, false), inputs.linear).unwrap();
+        append_context(&mut cache, data, s, last);
+        let request = OutputRequest {
+            block_indices: true,
+            ..OutputRequest::default()
+        };
+        let r = decode_step(&mut cache, data, s, last, request);
+        assert_eq!(r.block_indices.as_deref(), Some(want), "{how}");
+        let w = s.hq * s.dv;
+        let got = &naive.out[last * w..s.tk * w];
+        assert_close(&format!("last row, {how}"), &r.out, got, 1e-4);
+    }
     want.to_vec()
+}
+
+/// [`pipeline`] with split selections wherever calls have few rows
+/// (`NsaPipeline::set_split_select`).
+fn split_pipeline() -> &'static NsaPipeline {
+    static PIPE: std::sync::OnceLock<NsaPipeline> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let mut pipe = common::pipeline_like(pipeline());
+        pipe.set_split_select(true);
+        pipe
+    })
 }
 
 /// One chunk per sequence of `owned` ([q, k, v, gates] rows): the keys and values of
@@ -1120,25 +1136,32 @@ fn timed_device_steps_write_what_encode_extend_writes() {
 fn split_selection_ranks_ties_to_the_lower_block() {
     // One decode step over 8999 cached tokens splits the selection of its 282 blocks in two
     // (chunks of 127, one split taking the third; full candidate lists: 2 free slots) and
-    // merges the candidates, and the compressed branch's 1124 tokens into 18 parts (more
-    // than one batch of the merge's loads). With every key equal, every whole block scores
-    // the same (each one's probabilities are the same numbers added in the same order), so
-    // the merge must keep the lowest-numbered ones, exactly as the reference does.
+    // merges the candidates, or ranks all of them in one workgroup (select_top.wgsl, from
+    // block sums: the default), and splits the compressed branch's 1124 tokens into 18
+    // parts (more than one batch of the merge's loads). With every key equal, every whole
+    // block scores the same (each one's probabilities are the same numbers added in the
+    // same order), so both must keep the lowest-numbered ones, exactly as the reference
+    // does.
     let cfg = small();
     let s = Shape::prefill(1, 9000, 4, 2, 8, 8);
     let mut data = Data::new(&cfg, &s, false, 41);
     data.k = (0..data.k.len()).map(|i| 0.25 * (i % 8) as f32).collect();
-    // The step's selection does split (else the merge's tie rule goes untested).
+    // The step's selection does split, or rank in one workgroup (else the tie rules go
+    // untested).
     let rows = nsa_wgpu::plan::CacheRows {
         capacity: 9000,
         cmp_capacity: cfg.num_compressed(9000),
         ..Default::default()
     };
     let step = common::step_shape(1, 9000, 4, 2, 8, 8);
-    let plan =
-        Plan::cached(&cfg, &step, &DeviceLimits::default(), rows, Precision::F32).expect("plan");
-    let select = plan.steps.iter().find(|st| st.kernel == KernelId::Select);
-    assert_eq!(select.map(|st| st.params.splits), Some(2));
+    for (pipe, kernel, splits) in [
+        (pipeline(), KernelId::SelectTop, 1),
+        (split_pipeline(), KernelId::Select, 2),
+    ] {
+        let plan = Plan::cached(&cfg, &step, &pipe.limits(), rows, Precision::F32).expect("plan");
+        let select = plan.steps.iter().find(|st| st.kernel == kernel);
+        assert_eq!(select.map(|st| st.params.splits), Some(splits));
+    }
     let chosen = last_step_matches_the_reference(&cfg, &s, &data);
     // The reference picks blocks 0, 1, 2 (lowest free ones) and the forced ones.
     assert_eq!(&chosen[..cfg.top_n], &[0, 1, 2, 280, 281]);

@@ -166,7 +166,13 @@ fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
     let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
     if split {
         // These shapes exist to run the split path of every branch, the merge of all three
-        // branches' partials and the selection merge.
+        // branches' partials and the selection merge (where the compressed branch keeps
+        // block sums, one workgroup per row ranks the blocks by default: `plan`, run below).
+        let limits = DeviceLimits {
+            split_select: true,
+            ..limits
+        };
+        let plan = Plan::new(&cfg, &shape, &limits).expect("plan");
         for kernel in [
             KernelId::CmpAttn,
             KernelId::Select,
@@ -189,6 +195,7 @@ fn check_case(name: &str, cfg: NsaConfig, shape: Shape, branch: bool) {
             .iter()
             .all(|s| s.kernel != KernelId::Merge || s.params.branch == 2));
         assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
+        check_plan(&format!("{name}, split selection"), &plan, branch);
     }
     check_plan(name, &plan, branch);
 }
@@ -473,9 +480,11 @@ fn split_selection_lists_shorter_than_n() {
         sel_block: 256,
         ..many_selected(200)
     };
-    let plan = pipeline()
-        .plan(&cfg, &common::step_shape(1, 8000, 16, 2, 32, 32))
-        .expect("plan");
+    let limits = DeviceLimits {
+        split_select: true,
+        ..pipeline().limits()
+    };
+    let plan = Plan::new(&cfg, &common::step_shape(1, 8000, 16, 2, 32, 32), &limits).expect("plan");
     let select = plan.steps.iter().find(|s| s.kernel == KernelId::Select);
     assert_eq!(select.unwrap().params.splits, 2);
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));

@@ -142,6 +142,13 @@ fn check_capacities(plan: &Plan, case: &str) {
                     );
                 }
             }
+            KernelId::SelectTop => {
+                let blocks = plan.shape.tk.div_ceil(c.sel_block);
+                assert!(blocks <= 2048, "{case}: {blocks} blocks in one workgroup");
+                assert!(plan.shape.hq / plan.shape.hkv <= 16, "{case}: group");
+                assert!(p.kept_tile > 0, "{case}: ranked without block sums");
+                assert!(!merged, "{case}: ranked and merged");
+            }
             KernelId::Merge => {
                 for sp in [p.splits, p.slc_splits, p.win_splits] {
                     assert!(sp <= 64, "{case}: merge of {sp} splits");
@@ -161,6 +168,16 @@ fn check_capacities(plan: &Plan, case: &str) {
             }
             _ => {}
         }
+    }
+}
+
+/// The default limits with split selections wherever calls have few rows
+/// (`DeviceLimits::split_select`), which `select_top.wgsl` takes over by default where the
+/// compressed branch keeps block sums.
+fn split_select() -> DeviceLimits {
+    DeviceLimits {
+        split_select: true,
+        ..DeviceLimits::default()
     }
 }
 
@@ -185,7 +202,7 @@ fn split_selections_fit_the_merge_and_the_token_tile() {
         };
         for batch in [1, 3] {
             let shape = step_shape(batch, tk, 4, 2, 8, 8);
-            let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
+            let plan = Plan::new(&cfg, &shape, &split_select()).unwrap();
             let case = format!("l'={sel_block} n={top_n} T={tk} B={batch}");
             let select = plan.steps.iter().find(|s| s.kernel == KernelId::Select);
             assert!(select.unwrap().params.splits > 1, "{case}: not split");
@@ -270,11 +287,26 @@ fn decode_plans_split_every_branch_and_merge() {
         max_buffer: 1 << 32,
         ..DeviceLimits::default()
     };
-    let plan = Plan::new(&NsaConfig::default(), &shape, &limits).unwrap();
-    let kinds: Vec<KernelId> = plan.steps.iter().map(|s| s.kernel).collect();
+    // By default one workgroup per row ranks all blocks of the selection.
+    let top = Plan::new(&NsaConfig::default(), &shape, &limits).unwrap();
+    let kinds = |plan: &Plan| -> Vec<KernelId> { plan.steps.iter().map(|s| s.kernel).collect() };
     use KernelId::*;
+    let [_, _, _, ranked, ..] = &top.steps[..] else {
+        panic!("{:?}", kinds(&top))
+    };
     assert_eq!(
-        kinds,
+        kinds(&top),
+        [Compress, Compress, CmpAttn, SelectTop, SlcAttn, WinAttn, Merge]
+    );
+    assert_eq!(ranked.params.total_wg, 4);
+    check_capacities(&top, "decode, one workgroup per row");
+    let limits = DeviceLimits {
+        split_select: true,
+        ..limits
+    };
+    let plan = Plan::new(&NsaConfig::default(), &shape, &limits).unwrap();
+    assert_eq!(
+        kinds(&plan),
         [
             Compress,
             Compress,
@@ -306,7 +338,10 @@ fn decode_plans_split_every_branch_and_merge() {
     let b16 = Plan::new(
         &NsaConfig::default(),
         &Shape { batch: 16, ..shape },
-        &limits_48k(),
+        &DeviceLimits {
+            split_select: true,
+            ..limits_48k()
+        },
     )
     .unwrap();
     let split_of = |k: KernelId| {
@@ -556,7 +591,8 @@ fn large_n_and_long_blocks_plan() {
     assert_eq!(select_of(&plan).splits, 1);
     assert!(plan.steps.iter().all(|s| s.kernel != KernelId::SelectMerge));
     check_capacities(&plan, "n = 600");
-    // With n = 16 the same step splits its selection.
+    // With n = 16 the same step splits its selection (its blocks of one piece keep no block
+    // sums for select_top.wgsl).
     let paper_n = NsaConfig { top_n: 16, ..cfg };
     let plan = Plan::new(&paper_n, &shape, &DeviceLimits::default()).unwrap();
     assert!(plan.steps.iter().any(|s| s.kernel == KernelId::SelectMerge));
@@ -575,7 +611,7 @@ fn large_n_and_long_blocks_plan() {
         ..n200
     };
     let step = step_shape(1, 8000, 16, 2, 32, 32);
-    let plan = Plan::new(&wide, &step, &DeviceLimits::default()).unwrap();
+    let plan = Plan::new(&wide, &step, &split_select()).unwrap();
     assert_eq!(
         (select_of(&plan).splits, select_of(&plan).sel_chunk),
         (2, 15)

@@ -104,6 +104,11 @@ pub struct BenchArgs {
     /// rows whose scores fit.
     #[arg(long, default_value_t = nsa_wgpu::DEFAULT_KEPT_SCORES >> 20)]
     kept_mib: u64,
+    /// Split the selection of calls with few rows (decode steps, short chunks) over several
+    /// workgroups per row and merge their candidates, even where one workgroup per row
+    /// ranks all blocks (the default), to compare the two.
+    #[arg(long)]
+    split_select: bool,
     #[command(flatten)]
     config: crate::ConfigArgs,
     #[command(flatten)]
@@ -117,16 +122,18 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let tensor_cores = pipe.set_tensor_cores(!args.shader_cores);
     let checks = pipe.set_bounds_checks(args.bounds_checks);
     pipe.set_kept_scores(args.kept_mib << 20);
+    pipe.set_split_select(args.split_select);
     let on = |b: bool| if b { "on" } else { "off" };
     println!(
         "adapter: {} (limits: {}); subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}; \
-         kept scores: {} MiB per chunk",
+         kept scores: {} MiB per chunk; few-row selections: {}",
         pipe.context().describe(),
         args.adapter.limits_note(),
         on(subgroups),
         on(tensor_cores),
         on(checks),
-        args.kept_mib
+        args.kept_mib,
+        if args.split_select { "split and merged" } else { "one workgroup per row" }
     );
     Ok(pipe)
 }
