@@ -89,7 +89,7 @@ fn main(
     var chosen = 0u;
     if ncand <= slots {
         chosen = live;
-    } else {
+    } else if slots > 0u {
         // k: how many of the live keys are still to be taken (1 <= k <= live keys).
         var k = slots;
         for (var step = 0u; step < PASSES; step++) {

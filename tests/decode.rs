@@ -1167,6 +1167,19 @@ fn split_selection_ranks_ties_to_the_lower_block() {
     assert_eq!(&chosen[..cfg.top_n], &[0, 1, 2, 280, 281]);
 }
 
+#[test]
+fn decode_steps_with_no_free_slots() {
+    // n = init + local: every slot goes to a forced block, and the 280 candidates compete
+    // for none (select_top.wgsl ranks nothing; the split selections keep empty lists).
+    let cfg = NsaConfig {
+        top_n: 3,
+        ..small()
+    };
+    let s = Shape::prefill(1, 9000, 4, 2, 8, 8);
+    let chosen = last_step_matches_the_reference(&cfg, &s, &Data::new(&cfg, &s, false, 47));
+    assert_eq!(&chosen[..cfg.top_n], &[0, 280, 281]);
+}
+
 /// One chunk per sequence of `owned` ([q, k, v, gates] rows, then the six per-branch
 /// tensors where there are), with the queries and gates when `attend`.
 fn all_chunks<T: AsRef<[Vec<f32>]>>(owned: &[T], attend: bool) -> Vec<SeqChunk<'_>> {
