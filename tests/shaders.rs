@@ -427,17 +427,10 @@ fn compress_tokens_match_the_plan() {
     // plan's COMPRESS_TOKENS, by which it sizes the compression's grid, its workgroup memory
     // and its loop bound.
     let (m, _) = module("compress");
-    let (_, c) = m
-        .constants
-        .iter()
-        .find(|(_, c)| c.name.as_deref() == Some("TOKENS"))
-        .expect("TOKENS");
-    match m.global_expressions[c.init] {
-        naga::Expression::Literal(naga::Literal::U32(n)) => {
-            assert_eq!(n as usize, nsa_wgpu::plan::COMPRESS_TOKENS)
-        }
-        ref e => panic!("TOKENS is {e:?}"),
-    }
+    assert_eq!(
+        u32_constant(&m, "TOKENS") as usize,
+        nsa_wgpu::plan::COMPRESS_TOKENS
+    );
     let (_, sums) = m
         .types
         .iter()
@@ -448,5 +441,30 @@ fn compress_tokens_match_the_plan() {
             assert_eq!(members.len(), nsa_wgpu::plan::COMPRESS_TOKENS)
         }
         other => panic!("Sums is {other:?}"),
+    }
+}
+
+#[test]
+fn select_top_capacities_match_the_plan() {
+    // select_top.wgsl ranks TOP_BLOCKS blocks of a group of at most ROWS heads: the bounds
+    // the plan checks before it chooses the kernel.
+    let (m, _) = module("select_top");
+    assert_eq!(
+        u32_constant(&m, "TOP_BLOCKS") as usize,
+        nsa_wgpu::plan::TOP_BLOCKS
+    );
+    assert_eq!(u32_constant(&m, "ROWS"), nsa_wgpu::kernels::ROWS);
+}
+
+/// The value of the module's `const name: u32`.
+fn u32_constant(m: &naga::Module, name: &str) -> u32 {
+    let (_, c) = m
+        .constants
+        .iter()
+        .find(|(_, c)| c.name.as_deref() == Some(name))
+        .unwrap_or_else(|| panic!("{name}"));
+    match m.global_expressions[c.init] {
+        naga::Expression::Literal(naga::Literal::U32(n)) => n,
+        ref e => panic!("{name} is {e:?}"),
     }
 }
