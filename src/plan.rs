@@ -1187,10 +1187,13 @@ impl Plan {
     /// `rows` query rows (`keep_block_sums` in `shaders/cmp_attn.wgsl`), or 0 where it keeps
     /// every score: block sums need selection blocks of a multiple of 4 pieces (`l' / d`),
     /// compressed tokens of at most 5 (`l / d`), and key tiles of whole blocks; on tensor
-    /// cores, tiles of 64 keys (their softmax takes four neighbours at a time). On an H200 at
-    /// 64k (f16, tensor cores) block sums made a prefill at D = 128 (64-key tiles) 182.5 ->
-    /// 179.3 ms, but one at Dk = 192 (32-key tiles) 278.5 -> 279.7 ms; on the shader cores
-    /// (f32, 32-key tiles) 500.3 -> 493.2 ms.
+    /// cores (whose softmax takes four neighbours at a time), tiles of 64 keys in the wide
+    /// steps and of 32 in the 16-row ones. On an H200 at 64k (f16, tensor cores) block sums
+    /// made a prefill at D = 128 (wide, 64-key tiles) 182.5 -> 179.3 ms, but one at Dk = 192
+    /// (wide, 32-key tiles) 278.5 -> 279.7 ms; on the shader cores (f32, 32-key tiles) 500.3
+    /// -> 493.2 ms. In 16-row steps (decode, short chunks) they let `select_top.wgsl` rank:
+    /// a decode step of one sequence at 64k took 0.076 ms instead of 0.081 (of 16, 0.160-0.162
+    /// instead of 0.170-0.173; BENCHMARKS.md, forty-sixth session).
     fn kept_sums_tile(&self, rows: u32) -> u32 {
         let c = &self.config;
         let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
@@ -1201,7 +1204,11 @@ impl Plan {
             self.limits.workgroup_storage,
         );
         let kt = spec.kv_tile as usize;
-        let quads = if mma { 64 } else { 4 };
+        let quads = match (mma, rows == WIDE_ROWS) {
+            (true, true) => 64,
+            (true, false) => 32,
+            (false, _) => 4,
+        };
         if m % 4 == 0 && u <= 5 && kt % m == 0 && kt % quads == 0 {
             kt as u32
         } else {

@@ -1436,8 +1436,10 @@ fn a_loop_cap_bounds_linear_compression_blocks() {
 fn block_sums_are_kept_where_the_tiles_take_them() {
     // f16 on tensor cores (48 KiB of workgroup memory): compressed attention at D = 128 runs
     // 64-key tiles and keeps block sums; at Dk = 192 its tiles hold 32 keys, and it keeps
-    // every score (block sums measured slower there). The shader cores keep block sums in
-    // 32-key tiles. Selection blocks of 2 pieces keep scores anywhere.
+    // every score (block sums measured slower there). Its 16-row steps (decode) keep block
+    // sums in 32-key tiles, so that one workgroup per row ranks (SelectTop). The shader
+    // cores keep block sums in 32-key tiles. Selection blocks of 2 pieces keep scores
+    // anywhere.
     let limits = DeviceLimits {
         workgroup_storage: 48 << 10,
         max_storage_binding: 4 << 30,
@@ -1478,6 +1480,18 @@ fn block_sums_are_kept_where_the_tiles_take_them() {
     };
     assert_eq!(tiles(&halves, 128, Precision::F16), [0]);
     assert_eq!(tiles(&halves, 128, Precision::F32), [0]);
+    let step = step_shape(16, 65536, 64, 4, 128, 128);
+    let plan = Plan::with_precision(&paper, &step, &limits, Precision::F16).unwrap();
+    let kinds: Vec<_> = plan
+        .steps
+        .iter()
+        .map(|s| (s.kernel, s.rows, s.params.kept_tile))
+        .filter(|s| matches!(s.0, KernelId::CmpAttn | KernelId::SelectTop))
+        .collect();
+    assert_eq!(
+        kinds,
+        [(KernelId::CmpAttn, 16, 32), (KernelId::SelectTop, 16, 32)]
+    );
 }
 
 /// The limit an `ExceedsLimit` error names, and what was needed of it; panics on any other
