@@ -1421,6 +1421,28 @@ fn kept_block_sums_match_the_reference_for_every_weighting() {
                 );
             }
         }
+        // On tensor cores (f16), the 16-row steps of decode-like calls keep block sums in
+        // their 32-key tiles and select_top ranks from them (blocks enough that a selection
+        // would split: two chunks' at least): 20 sequences of one query, so that the f16
+        // tally has rows enough for its near-tie rule.
+        if let Some(tc) = common::tensor_core_pipeline() {
+            let step = common::step_shape(20, 16400, 16, 1, 64, 64);
+            let f16 = nsa_wgpu::Precision::F16;
+            let plan = Plan::with_precision(&cfg, &step, &tc.limits(), f16).unwrap();
+            let kinds: Vec<_> = plan
+                .steps
+                .iter()
+                .filter(|s| s.kernel == KernelId::CmpAttn || s.kernel == KernelId::SelectTop)
+                .map(|s| (s.kernel, s.params.kept_tile))
+                .collect();
+            let want = if sums {
+                vec![(KernelId::CmpAttn, 32), (KernelId::SelectTop, 32)]
+            } else {
+                vec![(KernelId::CmpAttn, 0)]
+            };
+            assert_eq!(kinds, want, "l={l} d={d} l'={ls} on tensor cores");
+            check_f16_case(&[tc], &format!("sums_l{l}_d{d}_ls{ls}_tc"), &cfg, &step);
+        }
     }
 }
 
