@@ -1192,9 +1192,9 @@ impl Plan {
     /// made a prefill at D = 128 (wide, 64-key tiles) 182.5 -> 179.3 ms, but one at Dk = 192
     /// (wide, 32-key tiles) 278.5 -> 279.7 ms (forty-sixth session: 254.3 -> 254.8 in one
     /// call, 251.8 -> 259.5 in 4096-token calls); on the shader cores (f32, 32-key tiles)
-    /// 500.3 -> 493.2 ms. In 16-row steps (decode, short chunks) they let `select_top.wgsl` rank:
-    /// a decode step of one sequence at 64k took 0.076 ms instead of 0.081 (of 16, 0.160-0.162
-    /// instead of 0.170-0.173; BENCHMARKS.md, forty-sixth session).
+    /// 500.3 -> 493.2 ms. In 16-row steps (decode, short chunks) they let `select_top.wgsl`
+    /// rank: a decode step of one sequence at 64k took 0.076 ms instead of 0.081 (of 16,
+    /// 0.160-0.162 instead of 0.170-0.173; BENCHMARKS.md, forty-sixth session).
     fn kept_sums_tile(&self, rows: u32) -> u32 {
         let c = &self.config;
         let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
