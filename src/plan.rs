@@ -309,12 +309,13 @@ const SLC_SPLIT_TARGET: u64 = 128;
 /// of fewer than [`ROWS`] heads (`Plan::slc_queries`).
 pub const SLC_QUERIES_MAX: usize = 4;
 /// Workgroups compressed attention's dispatch aims for when it splits: fewer than
-/// [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start fewer times.
-/// On an H200 (f16 cache, 64k) a decode step took 0.130 / 0.157-0.158 / 0.179 ms for 8 / 12
-/// / 16 sequences with 512 (16, 11, 8 splits) against 0.137 / 0.161-0.165 / 0.184 with 768,
-/// and the same for 1 to 4 sequences, whose splits stop at [`ATTN_SPLITS_MAX`] either way;
-/// 1536 made 16 sequences 0.198 (BENCHMARKS.md, twenty-fourth session).
-const CMP_SPLIT_TARGET: u64 = 512;
+/// [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start fewer times,
+/// and the selection and the merge read fewer partials. On an H200 (f16 cache, tensor cores,
+/// 64k, forty-seventh session) a decode step of 4 / 16 sequences took 0.090 / 0.156 ms with
+/// 256 (16 / 4 splits) against 0.096-0.097 / 0.161-0.162 with 512 and 0.097 / 0.166 with 768;
+/// one or two sequences stop at [`ATTN_SPLITS_MAX`] either way (BENCHMARKS.md). 512 had
+/// been measured against 768 and 1536 only (twenty-fourth session).
+const CMP_SPLIT_TARGET: u64 = 256;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
 /// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the

@@ -331,8 +331,8 @@ fn decode_plans_split_every_branch_and_merge() {
         (merge.branch, merge.slc_splits, merge.win_splits),
         (1, 16, 13)
     );
-    // 16 sequences (64 row groups): compressed attention aims for 512 workgroups
-    // (CMP_SPLIT_TARGET: 8 splits), the window for 768 (SPLIT_TARGET; its 513 keys have 9
+    // 16 sequences (64 row groups): compressed attention aims for 256 workgroups
+    // (CMP_SPLIT_TARGET: 4 splits), the window for 768 (SPLIT_TARGET; its 513 keys have 9
     // tiles of 64), selected attention for 128 (SLC_SPLIT_TARGET: 2 splits of 8 blocks
     // each), which made an H200's step faster.
     let b16 = Plan::new(
@@ -354,7 +354,7 @@ fn decode_plans_split_every_branch_and_merge() {
     };
     assert_eq!(
         [CmpAttn, Select, SlcAttn, WinAttn].map(split_of),
-        [8, 8, 2, 9]
+        [4, 8, 2, 9]
     );
     // Nothing the selected branch writes is bound by the window's dispatch, nor the other
     // way round, so that the two need no barrier between them.
