@@ -308,14 +308,31 @@ const SLC_SPLIT_TARGET: u64 = 128;
 /// `shaders/slc_attn.wgsl` is at most 4: one list cursor per component of a vec4), for groups
 /// of fewer than [`ROWS`] heads (`Plan::slc_queries`).
 pub const SLC_QUERIES_MAX: usize = 4;
-/// Workgroups compressed attention's dispatch aims for when it splits: fewer than
-/// [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start fewer times,
-/// and the selection and the merge read fewer partials. On an H200 (f16 cache, tensor cores,
-/// 64k, forty-seventh session) a decode step of 4 / 16 sequences took 0.090 / 0.156 ms with
-/// 256 (16 / 4 splits) against 0.096-0.097 / 0.161-0.162 with 512 and 0.097 / 0.166 with 768;
-/// one or two sequences stop at [`ATTN_SPLITS_MAX`] either way (BENCHMARKS.md). 512 had
-/// been measured against 768 and 1536 only (twenty-fourth session).
-const CMP_SPLIT_TARGET: u64 = 256;
+/// Workgroups compressed attention's dispatch aims for when it splits on the shader cores:
+/// fewer than [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start
+/// fewer times. On an H200 (f16 cache, 64k, twenty-fourth session) a decode step took 0.130
+/// / 0.157-0.158 / 0.179 ms for 8 / 12 / 16 sequences with 512 (16, 11, 8 splits) against
+/// 0.137 / 0.161-0.165 / 0.184 with 768, and the same for 1 to 4 sequences, whose splits
+/// stop at [`ATTN_SPLITS_MAX`] either way; 1536 made 16 sequences 0.198. With an f32 cache
+/// (forty-seventh session) 256 made 4 sequences at 64k 0.146 ms against 0.154 but 16
+/// sequences 0.451 against 0.424 (BENCHMARKS.md).
+const CMP_SPLIT_TARGET: u64 = 512;
+/// [`CMP_SPLIT_TARGET`] on tensor cores, where fewer, longer workgroups pay since the
+/// selection ranks kept block sums (`select_top.wgsl`, which derives each head's
+/// log-sum-exp from the partials, as the merge does: both read half as many). On an H200
+/// (f16 cache, forty-seventh session, two rounds) a decode step took, with 256 against 512:
+/// 4 sequences at 64k 0.089-0.090 against 0.097-0.098 ms (16 against 32 splits); 8 at 16k /
+/// 64k 0.082 / 0.113-0.114 against 0.089 / 0.119-0.120; 16 at 16k / 64k 0.107-0.108 /
+/// 0.157 against 0.112 / 0.161-0.162 (4 against 8 splits). 192 and 128 were slower for 8
+/// and 16 sequences (0.121 / 0.173 and 0.131 / 0.191 ms at 64k).
+const CMP_SPLIT_TARGET_MMA: u64 = 256;
+/// Key tiles a tensor-core compressed-attention workgroup walks at most where
+/// [`CMP_SPLIT_TARGET`] would split finer than [`CMP_SPLIT_TARGET_MMA`]: on an H200 (f16
+/// cache, 64k, forty-seventh session) a decode step of 16 sequences took 0.157 ms with 4
+/// splits of 32 tiles, 0.173 with 3 of 43 and 0.191 with 2 of 64; of 16 sequences with Hq =
+/// 32, Hkv = 8 (128 row groups), 0.312 with 2 splits of 64 tiles against 0.300-0.301 with 4
+/// of 32 (at 16k, 0.143-0.146 with 2 splits of 16 tiles against 0.147-0.148 with 4).
+const CMP_WALK_MMA: u64 = 32;
 /// `SPLITS_MAX` in `shaders/merge.wgsl`.
 const SPLITS_MAX: u64 = 64;
 /// Attention splits at most (within `SPLITS_MAX`): beyond this the merge's reads of the
@@ -1454,13 +1471,23 @@ impl Plan {
             let sel_total = nrows * hkv;
             let (ks, vs) = (kw, vw);
             let cmp_tiles = tiles(self.n_cmp as u64, core.kv_tile);
-            let sp_c = self.splits_toward(
-                CMP_SPLIT_TARGET,
-                attn_total,
-                cmp_tiles,
-                cmp_tiles,
-                3 * part_row,
-            )?;
+            let limits = &self.limits;
+            let (cmp_spec, cmp_mma) = self.kernel_specialization(
+                KernelId::CmpAttn,
+                core.rows,
+                limits.tensor_cores,
+                limits.workgroup_storage,
+            );
+            let cmp_split =
+                |target| self.splits_toward(target, attn_total, cmp_tiles, cmp_tiles, 3 * part_row);
+            let mut sp_c = cmp_split(CMP_SPLIT_TARGET)?;
+            if cmp_mma {
+                // Toward CMP_SPLIT_TARGET_MMA, but never walks longer than CMP_WALK_MMA tiles
+                // where CMP_SPLIT_TARGET splits finer.
+                let walk = tiles(self.n_cmp as u64, cmp_spec.kv_tile);
+                let walk = walk.div_ceil(CMP_WALK_MMA) as u32;
+                sp_c = sp_c.min(cmp_split(CMP_SPLIT_TARGET_MMA)?.max(walk));
+            }
             // A workgroup's queries select n blocks each, their union at most all of them.
             let slc_tiles =
                 slc_q as u64 * n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
