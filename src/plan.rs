@@ -310,12 +310,13 @@ const SLC_SPLIT_TARGET: u64 = 128;
 pub const SLC_QUERIES_MAX: usize = 4;
 /// Workgroups compressed attention's dispatch aims for when it splits on the shader cores:
 /// fewer than [`SPLIT_TARGET`], so that a batch's workgroups each walk more tiles but start
-/// fewer times. On an H200 (f16 cache, 64k, twenty-fourth session) a decode step took 0.130
-/// / 0.157-0.158 / 0.179 ms for 8 / 12 / 16 sequences with 512 (16, 11, 8 splits) against
-/// 0.137 / 0.161-0.165 / 0.184 with 768, and the same for 1 to 4 sequences, whose splits
-/// stop at [`ATTN_SPLITS_MAX`] either way; 1536 made 16 sequences 0.198. With an f32 cache
-/// (forty-seventh session) 256 made 4 sequences at 64k 0.146 ms against 0.154 but 16
-/// sequences 0.451 against 0.424 (BENCHMARKS.md).
+/// fewer times. Chosen on tensor cores (an H200, f16 cache, 64k, twenty-fourth session: a
+/// decode step took 0.130 / 0.157-0.158 / 0.179 ms for 8 / 12 / 16 sequences with 512 (16,
+/// 11, 8 splits) against 0.137 / 0.161-0.165 / 0.184 with 768, and the same for 1 to 4
+/// sequences, whose splits stop at [`ATTN_SPLITS_MAX`] either way; 1536 made 16 sequences
+/// 0.198), where [`CMP_SPLIT_TARGET_MMA`] has since replaced it. With an f32 cache on the
+/// shader cores (forty-seventh session) 256 made 4 sequences at 64k 0.146 ms against 0.154
+/// but 16 sequences 0.451 against 0.424 (BENCHMARKS.md).
 const CMP_SPLIT_TARGET: u64 = 512;
 /// [`CMP_SPLIT_TARGET`] on tensor cores, where fewer, longer workgroups pay since the
 /// selection ranks kept block sums (`select_top.wgsl`, which derives each head's
