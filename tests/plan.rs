@@ -332,9 +332,9 @@ fn decode_plans_split_every_branch_and_merge() {
         (1, 16, 13)
     );
     // 16 sequences (64 row groups): compressed attention aims for 512 workgroups on the
-    // shader cores (CMP_SPLIT_TARGET: 8 splits; 256 on tensor cores, below), the window for 768 (SPLIT_TARGET; its 513 keys have 9
-    // tiles of 64), selected attention for 128 (SLC_SPLIT_TARGET: 2 splits of 8 blocks
-    // each), which made an H200's step faster.
+    // shader cores (CMP_SPLIT_TARGET: 8 splits; 256 on tensor cores, below), the window for
+    // 768 (SPLIT_TARGET; its 513 keys have 9 tiles of 64), selected attention for 128
+    // (SLC_SPLIT_TARGET: 2 splits of 8 blocks each), which made an H200's step faster.
     let b16 = Plan::new(
         &NsaConfig::default(),
         &Shape { batch: 16, ..shape },
@@ -357,41 +357,25 @@ fn decode_plans_split_every_branch_and_merge() {
         [8, 8, 2, 9]
     );
     // With an f16 cache on tensor cores, compressed attention aims for 256 workgroups
-    // (CMP_SPLIT_TARGET_MMA: 4 splits of 16 sequences' 64 row groups), which made an H200's
-    // step faster, and the selection ranks its block sums in one workgroup per row.
-    let mma = Plan::with_precision(
-        &NsaConfig::default(),
-        &Shape { batch: 16, ..shape },
-        &DeviceLimits {
-            tensor_cores: true,
-            ..limits_48k()
-        },
-        Precision::F16,
-    )
-    .unwrap();
-    let kernels: Vec<(KernelId, u32)> = mma
-        .steps
-        .iter()
-        .map(|s| (s.kernel, s.params.splits))
-        .collect();
-    assert!(kernels.contains(&(CmpAttn, 4)), "{kernels:?}");
-    assert!(kernels.contains(&(SelectTop, 1)), "{kernels:?}");
-    // With Hq = 32, Hkv = 8 (128 row groups) 256 workgroups would be 2 splits of 64 tiles
-    // (32 keys each) at 64k: no workgroup walks more than 32 (CMP_WALK_MMA) where 512 would
-    // split finer, so 4; at 16k, 2 splits of 16 tiles.
-    let cmp_splits = |tk: usize| {
-        let small = step_shape(16, tk, 32, 8, 128, 128);
+    // (CMP_SPLIT_TARGET_MMA), which made an H200's step faster, and the selection ranks its
+    // block sums in one workgroup per row: 4 splits of 16 sequences' 64 row groups. With
+    // Hq = 32, Hkv = 8 (128 row groups) 256 would be 2 splits of 64 tiles (32 keys each) at
+    // 64k: no workgroup walks more than 32 (CMP_WALK_MMA) where 512 would split finer, so
+    // 4; at 16k, 2 splits of 16 tiles.
+    let mma = |shape: Shape| {
         let limits = DeviceLimits {
             tensor_cores: true,
             ..limits_48k()
         };
-        let p = Plan::with_precision(&NsaConfig::default(), &small, &limits, Precision::F16);
+        let p = Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F16);
         let p = p.unwrap();
         let cmp = p.steps.iter().find(|s| s.kernel == CmpAttn).unwrap();
-        (cmp.params.splits, cmp.params.total_wg)
+        let top = p.steps.iter().any(|s| s.kernel == SelectTop);
+        (cmp.params.splits, cmp.params.total_wg, top)
     };
-    assert_eq!(cmp_splits(65536), (4, 512));
-    assert_eq!(cmp_splits(16384), (2, 256));
+    assert_eq!(mma(Shape { batch: 16, ..shape }), (4, 256, true));
+    assert_eq!(mma(step_shape(16, 65536, 32, 8, 128, 128)), (4, 512, true));
+    assert_eq!(mma(step_shape(16, 16384, 32, 8, 128, 128)), (2, 256, true));
     // Nothing the selected branch writes is bound by the window's dispatch, nor the other
     // way round, so that the two need no barrier between them.
     let (slc, win) = (&plan.steps[5], &plan.steps[6]);
