@@ -18,16 +18,19 @@
 // cmp_attn's block sums: [B, Tq, Hq, kept_stride], per tile kept_tile / 4 + 2 elements
 @group(0) @binding(3) var<storage, read> kept: array<f32>;
 
-const WG: u32 = 256u;
 const ROWS: u32 = 16u;      // heads per group at most (Rust's ROWS)
-const BPI: u32 = 8u;        // blocks per invocation
-const TOP_BLOCKS: u32 = WG * BPI;  // candidate blocks per row at most (Rust's TOP_BLOCKS)
+const TOP_BLOCKS: u32 = 2048u;  // candidate blocks per row at most (Rust's TOP_BLOCKS)
+// Invocations per workgroup: 256, 512 or 1024, the most the adapter allows (Rust's
+// `select_top_invocations`), so that each scores fewer blocks.
+override WG: u32 = 256u;
+const BPI_MAX: u32 = TOP_BLOCKS / 256u;
+override BPI: u32 = TOP_BLOCKS / WG;  // blocks per invocation
 const DIGITS: u32 = 16u;    // 4 bits per step
 // Passes over a key: the score's 32 bits, then the candidate's place's 12 (TOP_BLOCKS = 2^11).
 const SCORE_PASSES: u32 = 8u;
 const PASSES: u32 = 11u;
 
-var<workgroup> partial: array<f32, 2u * WG>;  // load_lse's scratch
+var<workgroup> partial: array<f32, 16u * ROWS>;  // load_lse's scratch
 // Per step, how many live keys have each digit: two sets, so that one is cleared while the
 // other counts.
 var<workgroup> hist: array<array<atomic<u32>, DIGITS>, 2>;
@@ -44,7 +47,7 @@ fn digit(s: u32, r: u32, step: u32) -> u32 {
     return ((TOP_BLOCKS - 1u - r) >> (8u - 4u * (step - SCORE_PASSES))) & 15u;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(local_invocation_index) lid: u32,
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -74,7 +77,7 @@ fn main(
     workgroupBarrier();  // lse_s is in
     // Invocation lid holds places lid, lid + WG, ...: bit i of `live` where place
     // lid + i * WG is a candidate still in the running, of `chosen` where it is taken.
-    var score: array<u32, BPI>;
+    var score: array<u32, BPI_MAX>;
     var live = 0u;
     for (var i = 0u; i < BPI; i++) {
         let r = lid + i * WG;

@@ -201,12 +201,24 @@ impl KernelId {
             KernelId::SelectMerge => (256 + 4 * crate::plan::CAND_MAX as u32 + 2 * 64 + 3) * 4,
             KernelId::Append => 0,
             // partial, lse_s, hist, cut, chosen_n, top_idx
-            KernelId::SelectTop => (512 + 16 + 32 + 3 + 1 + top_list) * 4,
+            KernelId::SelectTop => (256 + 16 + 32 + 3 + 1 + top_list) * 4,
             // scores (a vec4 per 4 keys of a row), red_max, red_sum (reduce_shared.wgsl, one
             // per invocation), 6 per-row arrays
             _ => (4 * kv_tile.div_ceil(4) * rows + 2 * 8 * rows + 6 * rows) * 4,
         }
     }
+}
+
+/// Invocations per workgroup of `select_top.wgsl` (its `WG`) on an adapter of
+/// `max_invocations` per workgroup: the most of 1024, 512 and 256 it allows (plans need 256).
+/// More invocations score fewer blocks each: on an H200 (f16, forty-eighth session) the
+/// selection of a one-sequence decode step at 64k took 0.019 ms with 1024 against 0.025
+/// with 256. Its workgroup memory does not depend on it.
+pub fn select_top_invocations(max_invocations: u32) -> u32 {
+    [1024, 512]
+        .into_iter()
+        .find(|&n| n <= max_invocations)
+        .unwrap_or(256)
 }
 
 /// The largest `smem` buffer (WGSL's `SMEM4`, in vec4s) a specialised kernel declares: 40
@@ -270,11 +282,16 @@ pub struct Specialization {
     /// [`crate::Plan::slc_queries`]): above 1 it walks the union of their selections, at 1
     /// that walk is compiled out. 1 for the other kernels, which declare no such override.
     pub queries: u32,
+    /// Invocations per workgroup of `select_top.wgsl` (its `WG`: 256, 512 or 1024,
+    /// [`select_top_invocations`]); as the other kernels compile ([`Self::for_kernel`]) 0:
+    /// their workgroups are fixed.
+    pub invocations: u32,
 }
 
 impl Specialization {
     /// The overrides a pipeline of kernel `id` is created with: [`Self::constants`] for the
-    /// specialised kernels, `NMAX` ([`Self::top_list`]) for the selection, and `QUERIES`
+    /// specialised kernels, `NMAX` ([`Self::top_list`]) for the selection, `WG`
+    /// ([`Self::invocations`], where set) for `select_top.wgsl`, and `QUERIES`
     /// ([`Self::queries`]) with `ROW_STEPS` (off where `QUERIES` > 1) for selected
     /// attention; none for the others (which declare no overrides).
     pub fn constants_for(&self, id: KernelId) -> Vec<(&'static str, f64)> {
@@ -284,6 +301,9 @@ impl Specialization {
         }
         if id.has_top_list() {
             constants.push(("NMAX", self.top_list as f64));
+        }
+        if id == KernelId::SelectTop && self.invocations > 0 {
+            constants.push(("WG", self.invocations as f64));
         }
         if id == KernelId::SlcAttn {
             constants.push(("QUERIES", self.queries as f64));
@@ -295,7 +315,8 @@ impl Specialization {
     }
 
     /// This specialization as kernel `id` compiles it: [`Self::top_list`] only where the
-    /// kernel has top lists (the selection), and [`Self::queries`] only for selected
+    /// kernel has top lists (the selection), [`Self::invocations`] only for
+    /// `select_top.wgsl`, and [`Self::queries`] only for selected
     /// attention, so that the other kernels' pipelines do not differ by them.
     pub fn for_kernel(self, id: KernelId) -> Specialization {
         Specialization {
@@ -304,6 +325,11 @@ impl Specialization {
                 self.queries
             } else {
                 1
+            },
+            invocations: if id == KernelId::SelectTop {
+                self.invocations
+            } else {
+                0
             },
             ..self
         }
@@ -424,6 +450,7 @@ pub fn mma_specialization(
             few_rows: false,
             top_list: 0,
             queries: 1,
+            invocations: 0,
         })
 }
 

@@ -10,8 +10,8 @@
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 use crate::kernels::{
-    mma_max_kt, mma_specialization, smem_vec4s, specialized_fixed_bytes, top_list_len, KernelId,
-    Params, Specialization, ROWS, WIDE_ROWS,
+    mma_max_kt, mma_specialization, select_top_invocations, smem_vec4s, specialized_fixed_bytes,
+    top_list_len, KernelId, Params, Specialization, ROWS, WIDE_ROWS,
 };
 
 /// The adapter limits a plan respects (a copy of the relevant `wgpu::Limits` fields).
@@ -506,6 +506,7 @@ impl Plan {
             few_rows: (self.shape.group() - 1) % (rows as usize) < 4,
             top_list: self.top_list(),
             queries: self.slc_queries(),
+            invocations: select_top_invocations(self.limits.max_invocations),
         }
     }
 

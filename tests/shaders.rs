@@ -136,6 +136,8 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         top_list: if dk < 100 { 16 } else { 256 },
         // Selected attention's union walk compiled in and out.
         queries: if dk < 100 { 4 } else { 1 },
+        // select_top's workgroups: 256 (its least), 1024 (its most).
+        invocations: if dk < 100 { 256 } else { 1024 },
     });
     // Subgroup reductions need MSL 2.1 and HLSL shader model 6.0, which every adapter that
     // reports SUBGROUP has.
@@ -294,6 +296,13 @@ fn workgroup_memory_matches_the_declared_budget() {
             few_rows: false,
             top_list,
             queries: 4,
+            // select_top's most invocations (its least, 256, where the override is unset):
+            // its workgroup memory is the same.
+            invocations: if id == KernelId::SelectTop && rows == 32 {
+                1024
+            } else {
+                0
+            },
         };
         let bytes = workgroup_bytes(&specialize(id, &m, &info, &spec).0);
         let smem = if id.specialized() { 16 * spec.smem4 } else { 0 };

@@ -1,7 +1,7 @@
 // The selection's compressed-attention log-sum-exps (select.wgsl, select_top.wgsl): as
 // cmp_attn stored them, or combined from its split partials (a decode step). The including
 // kernel binds them as `lse` ([B, Tq, Hq], or cmp_attn's partials when params.cmp_splits >
-// 0) and defines `WG` (at least 8 * ROWS) and `partial` (at least 2 * WG f32s).
+// 0) and defines `WG` (at least 8 * ROWS) and `partial` (at least 16 * ROWS f32s).
 
 #import partials
 
@@ -48,8 +48,10 @@ fn load_lse(lid: u32, row0: u32, nh: u32) {
         let base = params.off_lse + (row0 + i) * params.cmp_splits * (params.dv + 2u);
         st = split_stats(base, params.cmp_splits, lid % 8u, 8u);
     }
-    partial[2u * lid] = st.m;
-    partial[2u * lid + 1u] = st.l;
+    if i < ROWS {
+        partial[2u * lid] = st.m;
+        partial[2u * lid + 1u] = st.l;
+    }
     workgroupBarrier();
     if lid < ROWS {
         var t = no_keys();
