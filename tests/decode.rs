@@ -80,16 +80,19 @@ fn run_alone_at(
         .unwrap()
 }
 
-/// Appends positions `[0, len)` of sequence 0's keys and values to `cache`, without rows.
-fn append_context(cache: &mut NsaCache, data: &Data, s: &Shape, len: usize) {
+/// Appends positions `[0, len)` of sequence 0's keys and values to `cache` through `pipe`,
+/// without rows.
+fn append_context(pipe: &NsaPipeline, cache: &mut NsaCache, data: &Data, s: &Shape, len: usize) {
     let k = rows(&data.k, s, 0, 0, len, s.hkv * s.dk);
     let v = rows(&data.v, s, 0, 0, len, s.hkv * s.dv);
     let c = SeqChunk::keys_values(0, &k, &v);
-    pollster::block_on(pipeline().append(cache, &[c])).unwrap();
+    pollster::block_on(pipe.append(cache, &[c])).unwrap();
 }
 
-/// Decodes position `t` of sequence 0 through `cache`.
+/// Decodes position `t` of sequence 0 through `cache` on `pipe` (whose plans, and so
+/// settings, the step takes).
 fn decode_step(
+    pipe: &NsaPipeline,
     cache: &mut NsaCache,
     data: &Data,
     s: &Shape,
@@ -97,7 +100,7 @@ fn decode_step(
     request: OutputRequest,
 ) -> NsaOutputs {
     let r = seq_rows(data, s, t, t + 1);
-    let mut r = pollster::block_on(pipeline().extend(cache, &[rows_chunk(&r)], request)).unwrap();
+    let mut r = pollster::block_on(pipe.extend(cache, &[rows_chunk(&r)], request)).unwrap();
     r.remove(0)
 }
 
@@ -789,14 +792,14 @@ fn append_then_decode_equals_prefill() {
         .unwrap();
     let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 64, false), None).unwrap();
     let ctx_len = 120;
-    append_context(&mut cache, &data, &s, ctx_len);
+    append_context(pipe, &mut cache, &data, &s, ctx_len);
     assert_eq!(cache.lens(), &[ctx_len]);
     assert_eq!(
         cache.compressed_tokens(),
         cfg.num_compressed(ctx_len) as u64
     );
     for t in ctx_len..s.tk {
-        let r = decode_step(&mut cache, &data, &s, t, OutputRequest::default());
+        let r = decode_step(pipe, &mut cache, &data, &s, t, OutputRequest::default());
         assert_close(
             &format!("row {t}"),
             &r.out,
@@ -815,9 +818,9 @@ fn a_cache_keeps_its_step_buffers_until_it_grows_or_lets_them_go() {
     let data = Data::new(&cfg, &s, false, 31);
     let mut cache = NsaCache::new(pipe, &cfg, opts(&s, 128, false), None).unwrap();
     assert_eq!(cache.kept_bytes(), 0);
-    append_context(&mut cache, &data, &s, 100);
+    append_context(pipe, &mut cache, &data, &s, 100);
     for t in 100..104 {
-        decode_step(&mut cache, &data, &s, t, OutputRequest::all());
+        decode_step(pipe, &mut cache, &data, &s, t, OutputRequest::all());
     }
     let kept = cache.kept_bytes();
     assert!(kept > 0);
@@ -833,14 +836,14 @@ fn a_cache_keeps_its_step_buffers_until_it_grows_or_lets_them_go() {
         .run_blocking(&cfg, &s, &data.inputs(), OutputRequest::all())
         .unwrap();
     let row = |t: usize| &full.out[t * 32..(t + 1) * 32];
-    let r = decode_step(&mut cache, &data, &s, 104, OutputRequest::default());
+    let r = decode_step(pipe, &mut cache, &data, &s, 104, OutputRequest::default());
     assert_close("row 104", &r.out, row(104), 1e-4);
     assert!(cache.kept_bytes() > after);
     // Letting every kept buffer go leaves the cached keys: the next steps allocate anew.
     cache.release_buffers();
     assert_eq!(cache.kept_bytes(), 0);
     for t in 105..107 {
-        let r = decode_step(&mut cache, &data, &s, t, OutputRequest::default());
+        let r = decode_step(pipe, &mut cache, &data, &s, t, OutputRequest::default());
         assert_close(&format!("row {t} after release"), &r.out, row(t), 1e-4);
     }
     assert!(cache.kept_bytes() > 0);
@@ -885,21 +888,27 @@ fn random_long_decode_steps_match_the_reference() {
 /// Appends all but the last position of sequence 0 of `data` to a cache, decodes the last
 /// one, and holds its output and block indices against the reference; returns the indices.
 /// Both ways a decode step may select (one workgroup ranking each row's blocks where the
-/// compressed branch keeps block sums, `select_top.wgsl`, and split selections merged).
+/// compressed branch keeps block sums, `select_top.wgsl`, and split selections merged), the
+/// ranking with the adapter's invocations per workgroup and with 256.
 fn last_step_matches_the_reference(cfg: &NsaConfig, s: &Shape, data: &Data) -> Vec<i32> {
     let inputs = data.inputs();
     let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &inputs).unwrap();
     let last = s.tk - 1;
     let per = s.hkv * cfg.top_n;
     let want = &naive.block_indices[last * per..s.tk * per];
-    for (pipe, how) in [(pipeline(), "default"), (split_pipeline(), "split")] {
+    let pipes = [
+        (pipeline(), "default"),
+        (split_pipeline(), "split"),
+        (narrow_pipeline(), "256 invocations"),
+    ];
+    for (pipe, how) in pipes {
         let mut cache = NsaCache::new(pipe, cfg, opts(s, s.tk, false), inputs.linear).unwrap();
-        append_context(&mut cache, data, s, last);
+        append_context(pipe, &mut cache, data, s, last);
         let request = OutputRequest {
             block_indices: true,
             ..OutputRequest::default()
         };
-        let r = decode_step(&mut cache, data, s, last, request);
+        let r = decode_step(pipe, &mut cache, data, s, last, request);
         assert_eq!(r.block_indices.as_deref(), Some(want), "{how}");
         let w = s.hq * s.dv;
         let got = &naive.out[last * w..s.tk * w];
@@ -915,6 +924,29 @@ fn split_pipeline() -> &'static NsaPipeline {
     PIPE.get_or_init(|| {
         let mut pipe = common::pipeline_like(pipeline());
         pipe.set_split_select(true);
+        pipe
+    })
+}
+
+/// [`pipeline`] on a new device of the same adapter that allows 256 invocations per
+/// workgroup: `select_top.wgsl` then ranks with 256 rather than the most the adapter allows
+/// (`select_top_invocations`).
+fn narrow_pipeline() -> &'static NsaPipeline {
+    static PIPE: std::sync::OnceLock<NsaPipeline> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let opts = nsa_wgpu::AdapterOptions {
+            limits: Some(wgpu::Limits {
+                max_compute_invocations_per_workgroup: 256,
+                max_compute_workgroup_size_x: 256,
+                ..pipeline().context().device.limits()
+            }),
+            ..Default::default()
+        };
+        let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
+        let mut pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
+        pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
+        pipe.set_tensor_cores(pipeline().tensor_cores());
+        assert_eq!(pipe.limits().max_invocations, 256);
         pipe
     })
 }
