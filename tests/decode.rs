@@ -934,18 +934,11 @@ fn split_pipeline() -> &'static NsaPipeline {
 fn narrow_pipeline() -> &'static NsaPipeline {
     static PIPE: std::sync::OnceLock<NsaPipeline> = std::sync::OnceLock::new();
     PIPE.get_or_init(|| {
-        let opts = nsa_wgpu::AdapterOptions {
-            limits: Some(wgpu::Limits {
-                max_compute_invocations_per_workgroup: 256,
-                max_compute_workgroup_size_x: 256,
-                ..pipeline().context().device.limits()
-            }),
-            ..Default::default()
-        };
-        let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
-        let mut pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
-        pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
-        pipe.set_tensor_cores(pipeline().tensor_cores());
+        let pipe = pipeline_with_limits(wgpu::Limits {
+            max_compute_invocations_per_workgroup: 256,
+            max_compute_workgroup_size_x: 256,
+            ..pipeline().context().device.limits()
+        });
         assert_eq!(pipe.limits().max_invocations, 256);
         pipe
     })
@@ -1493,19 +1486,27 @@ fn seventy_ragged_sequences_take_two_chains() {
 
 /// A pipeline on a new device of the best adapter whose storage bindings hold at most
 /// `bytes` (far below any adapter's own limit), so that caches and plans must split across
-/// bindings at test sizes; with the shared pipeline's subgroup choice.
+/// bindings at test sizes.
 fn pipeline_with_binding_limit(bytes: u64) -> NsaPipeline {
+    let pipe = pipeline_with_limits(wgpu::Limits {
+        max_storage_buffer_binding_size: bytes,
+        ..pipeline().context().device.limits()
+    });
+    assert_eq!(pipe.limits().max_storage_binding, bytes);
+    pipe
+}
+
+/// A pipeline on a new device of the best adapter with `limits`, with the shared pipeline's
+/// subgroup and tensor-core choices.
+fn pipeline_with_limits(limits: wgpu::Limits) -> NsaPipeline {
     let opts = nsa_wgpu::AdapterOptions {
-        limits: Some(wgpu::Limits {
-            max_storage_buffer_binding_size: bytes,
-            ..pipeline().context().device.limits()
-        }),
+        limits: Some(limits),
         ..Default::default()
     };
     let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
     let mut pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
     pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
-    assert_eq!(pipe.limits().max_storage_binding, bytes);
+    pipe.set_tensor_cores(pipeline().tensor_cores());
     pipe
 }
 
