@@ -300,6 +300,26 @@ fn decode_plans_split_every_branch_and_merge() {
     );
     assert_eq!(ranked.params.total_wg, 4);
     check_capacities(&top, "decode, one workgroup per row");
+    // The ranking takes as many invocations as the adapter allows, up to 1024 (its `WG`
+    // override); the other kernels take none.
+    for (max, wg) in [(256, 256), (768, 512), (1024, 1024), (2048, 1024)] {
+        let plan = Plan::new(
+            &NsaConfig::default(),
+            &shape,
+            &DeviceLimits {
+                max_invocations: max,
+                ..limits
+            },
+        )
+        .unwrap();
+        for step in &plan.steps {
+            let (spec, _) = plan.kernel_specialization(step.kernel, step.rows, false, 1 << 15);
+            let want = if step.kernel == SelectTop { wg } else { 0 };
+            assert_eq!(spec.invocations, want, "{:?} at {max}", step.kernel);
+            let set = spec.constants_for(step.kernel).contains(&("WG", wg as f64));
+            assert_eq!(set, step.kernel == SelectTop, "{:?} at {max}", step.kernel);
+        }
+    }
     let limits = DeviceLimits {
         split_select: true,
         ..limits
