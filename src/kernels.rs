@@ -398,16 +398,38 @@ pub const MMA_NARROW_KT: u32 = 32;
 /// B=16 decode step at 64k 0.41 against 0.46 ms (BENCHMARKS.md, nineteenth session).
 pub const MMA_NARROW_LOADS: u32 = 8;
 
+/// Fetched vec4s per invocation and tile at most for compressed attention's 16-row steps on
+/// tensor cores in calls of at most [`CMP_FEW_GROUPS`] row groups (one sequence's decode
+/// step with Hkv <= 4), in place of [`MMA_NARROW_LOADS`]: 32-key tiles at Dk = 192, which
+/// keep block sums, so that `select_top.wgsl` ranks the blocks in one dispatch where 16-key
+/// tiles keep scores and split the selection. On the H200 (f16, Dk = 192, Dv = 128, Hq =
+/// 64, Hkv = 4, forty-ninth session, builds alternating) a one-sequence decode step took
+/// 0.066 / 0.074 ms at 16k / 64k so against 0.079 / 0.088; in the forty-eighth session's
+/// study two to eight sequences at 64k took 3-5% longer with them (the wider fetches cost
+/// compressed attention more than the ranking saves), so they keep 16 keys.
+pub const MMA_FEW_GROUPS_LOADS: u32 = 12;
+
+/// Row groups (workgroups of 16 rows over a call's queries and kv heads) a call may have at
+/// most for [`MMA_FEW_GROUPS_LOADS`].
+pub const CMP_FEW_GROUPS: u64 = 4;
+
 /// Keys per tile at most for kernel `id` of `rows` query rows on tensor cores, for heads of
-/// `dk`, `dv`: for compressed, selected and window attention of [`ROWS`] rows, the most (a
-/// multiple of 16, at least 16) within [`MMA_NARROW_KT`] whose tile each invocation fetches
-/// in [`MMA_NARROW_LOADS`] vec4s; 64 (the core's `KT_MAX`) otherwise. Dense attention keeps
-/// 64 at 16 rows: its decode at B=1 runs few workgroups of many serial tiles, where 32-key
-/// tiles made a 64k step 0.137 against 0.099 ms on the H200.
-pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32) -> u32 {
+/// `dk`, `dv`, in a call of `row_groups` row groups: for compressed, selected and window
+/// attention of [`ROWS`] rows, the most (a multiple of 16, at least 16) within
+/// [`MMA_NARROW_KT`] whose tile each invocation fetches in [`MMA_NARROW_LOADS`] vec4s
+/// ([`MMA_FEW_GROUPS_LOADS`] for compressed attention in calls of few row groups); 64 (the
+/// core's `KT_MAX`) otherwise. Dense attention keeps 64 at 16 rows: its decode at B=1 runs
+/// few workgroups of many serial tiles, where 32-key tiles made a 64k step 0.137 against
+/// 0.099 ms on the H200.
+pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32, row_groups: u64) -> u32 {
     match id {
         KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn if rows == ROWS => {
-            let keys = MMA_NARROW_LOADS * 8 * ROWS / dk.max(dv).div_ceil(4);
+            let loads = if id == KernelId::CmpAttn && row_groups <= CMP_FEW_GROUPS {
+                MMA_FEW_GROUPS_LOADS
+            } else {
+                MMA_NARROW_LOADS
+            };
+            let keys = loads * 8 * ROWS / dk.max(dv).div_ceil(4);
             (keys / 16 * 16).clamp(16, MMA_NARROW_KT)
         }
         _ => 64,

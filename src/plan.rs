@@ -524,7 +524,7 @@ impl Plan {
         workgroup_storage: u32,
     ) -> (Specialization, bool) {
         let plain = self.specialization(rows);
-        let max_kt = mma_max_kt(id, rows, plain.dk, plain.dv);
+        let max_kt = mma_max_kt(id, rows, plain.dk, plain.dv, self.narrow_row_groups());
         let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
             .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
             .flatten()
@@ -554,6 +554,14 @@ impl Plan {
             &self.config,
             list_keys(&self.shape, self.cache.as_ref()),
         ))
+    }
+
+    /// Row groups of this plan's 16-row attention steps at most (all of its queries in one
+    /// chunk): sequences x query blocks x kv heads x head chunks.
+    fn narrow_row_groups(&self) -> u64 {
+        let core = self.core(false);
+        let s = &self.shape;
+        (s.batch * s.tq.div_ceil(core.q_block as usize) * s.hkv) as u64 * core.head_chunks as u64
     }
 
     /// The attention core's layout in wide steps or in the others.

@@ -288,6 +288,7 @@ fn f16_cache_steps_and_chunks_equal_the_f16_prefill() {
         window: 100,
         ..NsaConfig::default()
     };
+    let top5 = NsaConfig { top_n: 5, ..paper };
     for pipe in f16_pipelines() {
         let core = if pipe.tensor_cores() {
             "tensor cores"
@@ -319,6 +320,15 @@ fn f16_cache_steps_and_chunks_equal_the_f16_prefill() {
                 small(),
                 Shape::prefill(2, 230, 6, 2, 12, 10),
                 100,
+            ),
+            // One sequence at Dk = 192: on tensor cores compressed attention's 16-row tiles
+            // hold 32 keys (few row groups, MMA_FEW_GROUPS_LOADS) and keep block sums, which
+            // select_top ranks (2 of 5 slots free); two tiles, the second short.
+            (
+                "g16 dk192 paper steps",
+                top5,
+                Shape::prefill(1, 560, 16, 1, 192, 128),
+                1,
             ),
         ] {
             let name = format!("f16 cache {name} ({core})");

@@ -1337,6 +1337,48 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
 }
 
 #[test]
+fn one_sequence_steps_at_dk192_take_32_key_compressed_tiles() {
+    use KernelId::*;
+    // Dk = 192 on tensor cores: compressed attention's 16-row tiles hold 32 keys (12 vec4s
+    // per invocation) in calls of at most CMP_FEW_GROUPS row groups, so they keep block sums
+    // and select_top ranks; 16 keys (8 vec4s) in calls of more, whose selection splits.
+    // Selected and window attention keep 16 either way, as do the shader cores.
+    let on = DeviceLimits {
+        tensor_cores: true,
+        ..limits_48k()
+    };
+    let rows = nsa_wgpu::plan::CacheRows {
+        capacity: 65536,
+        cmp_capacity: 4096,
+        ..Default::default()
+    };
+    for (batch, hkv, kt) in [(1, 4, 32), (2, 4, 16), (1, 8, 16), (4, 1, 32), (5, 1, 16)] {
+        let step = Shape {
+            batch,
+            tq: 1,
+            tk: 65536,
+            hq: 16 * hkv,
+            hkv,
+            dk: 192,
+            dv: 128,
+        };
+        let plan = Plan::cached(&NsaConfig::default(), &step, &on, rows, Precision::F16).unwrap();
+        let tile = |id| {
+            let (spec, mma) = plan.kernel_specialization(id, 16, true, 48 << 10);
+            assert!(mma, "{id:?}");
+            spec.kv_tile
+        };
+        let what = format!("{batch} x {hkv} kv heads");
+        assert_eq!(tile(CmpAttn), kt, "{what}");
+        assert_eq!((tile(SlcAttn), tile(WinAttn)), (16, 16), "{what}");
+        let top = plan.steps.iter().any(|s| s.kernel == SelectTop);
+        assert_eq!(top, kt == 32, "{what}: {:?}", plan.steps);
+        let plain = plan.kernel_specialization(CmpAttn, 16, false, 48 << 10).0;
+        assert_eq!(plain.kv_tile, plan.kv_tile, "{what}");
+    }
+}
+
+#[test]
 fn large_heads_run_wide_only_on_tensor_cores() {
     // Dk = 192 against 48 KiB: 32 query rows and a plain tile of 32 keys (f32) do not fit,
     // 32 rows and an f16 tile of 32 keys on tensor cores do.

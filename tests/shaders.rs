@@ -326,8 +326,8 @@ fn workgroup_memory_matches_the_declared_budget() {
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
     use nsa_wgpu::kernels::{
-        mma_max_kt, mma_specialization, mma_workgroup_bytes, MMA_NARROW_KT, MMA_NARROW_LOADS,
-        TILE_LOADS,
+        mma_max_kt, mma_specialization, mma_workgroup_bytes, CMP_FEW_GROUPS, MMA_FEW_GROUPS_LOADS,
+        MMA_NARROW_KT, MMA_NARROW_LOADS, TILE_LOADS,
     };
     let qk = shaders::SHARED
         .iter()
@@ -377,18 +377,27 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             (128, 128, 32768),
             (12, 10, 16384),
         ] {
-            for rows in [16, 32] {
+            // Calls of many row groups, and for compressed attention's 16 rows of few.
+            let few = (id == KernelId::CmpAttn).then_some((16, CMP_FEW_GROUPS));
+            for (rows, groups) in [(16, u64::MAX), (32, u64::MAX)].into_iter().chain(few) {
                 // NSA's 16-row kernels' tiles stop at MMA_NARROW_KT keys (16 for heads
-                // of 192, whose 32 keys would take 12 vec4s per invocation), the others' at 64.
-                let max_kt = mma_max_kt(id, rows, dk, dv);
+                // of 192, whose 32 keys would take 12 vec4s per invocation, but where
+                // compressed attention has few row groups), the others' at 64.
+                let max_kt = mma_max_kt(id, rows, dk, dv, groups);
                 let narrow = rows == 16 && id != KernelId::Dense;
-                let want = match (narrow, dk) {
-                    (true, 192) => 16,
-                    (true, _) => MMA_NARROW_KT,
-                    (false, _) => 64,
+                let few = narrow && groups <= CMP_FEW_GROUPS;
+                let want = match (narrow, few, dk) {
+                    (true, false, 192) => 16,
+                    (true, _, _) => MMA_NARROW_KT,
+                    (false, _, _) => 64,
                 };
-                assert_eq!(max_kt, want, "{id:?} {dk} {dv} {rows}");
-                assert!(!narrow || max_kt * dk.max(dv).div_ceil(4) <= MMA_NARROW_LOADS * 128);
+                assert_eq!(max_kt, want, "{id:?} {dk} {dv} {rows} {groups}");
+                let loads = if few {
+                    MMA_FEW_GROUPS_LOADS
+                } else {
+                    MMA_NARROW_LOADS
+                };
+                assert!(!narrow || max_kt * dk.max(dv).div_ceil(4) <= loads * 128);
                 let Some(spec) = mma_specialization(dk, dv, limit, rows, max_kt) else {
                     // Only where not even 16 keys per tile fit.
                     assert!(mma_workgroup_bytes(dk, dv, 16, rows) > limit);
@@ -416,8 +425,9 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         }
     }
     // 16 rows fit every case; 32 rows all but (128, 128) in 32 KiB and (12, 10) in 16 KiB;
-    // compressed attention twice (keeping scores, and block sums).
-    assert_eq!(checked, 60);
+    // compressed attention twice (keeping scores, and block sums), and its 16 rows again for
+    // few row groups.
+    assert_eq!(checked, 74);
     // Every head size and workgroup memory: tiles of 16, 32 or 64 keys, never 48.
     for dk in 1..=256 {
         for dv in 1..=256 {
