@@ -396,6 +396,7 @@ pub const MMA_NARROW_KT: u32 = 32;
 /// for heads wider than 128 (16 at Dk = 192). On the H200 at Dk = 192, Dv = 128 (f16),
 /// 16-key tiles made selected attention in a 64k prefill 104.7 against 126.1 ms, and a
 /// B=16 decode step at 64k 0.41 against 0.46 ms (BENCHMARKS.md, nineteenth session).
+/// Compressed attention in calls of few row groups takes [`MMA_FEW_GROUPS_LOADS`] instead.
 pub const MMA_NARROW_LOADS: u32 = 8;
 
 /// Fetched vec4s per invocation and tile at most for compressed attention's 16-row steps on
