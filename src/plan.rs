@@ -471,6 +471,13 @@ struct Core {
     kv_tile: u32,
 }
 
+impl Core {
+    /// Workgroups (row groups) over `seqs` sequences of `queries` queries and `hkv` kv heads.
+    fn row_groups(&self, seqs: usize, queries: usize, hkv: usize) -> u64 {
+        (seqs * queries.div_ceil(self.q_block as usize) * hkv) as u64 * self.head_chunks as u64
+    }
+}
+
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
     NsaError::ExceedsLimit {
         what,
@@ -559,9 +566,8 @@ impl Plan {
     /// Row groups of this plan's 16-row attention steps at most (all of its queries in one
     /// chunk): sequences x query blocks x kv heads x head chunks.
     fn narrow_row_groups(&self) -> u64 {
-        let core = self.core(false);
         let s = &self.shape;
-        (s.batch * s.tq.div_ceil(core.q_block as usize) * s.hkv) as u64 * core.head_chunks as u64
+        self.core(false).row_groups(s.batch, s.tq, s.hkv)
     }
 
     /// The attention core's layout in wide steps or in the others.
@@ -1369,10 +1375,7 @@ impl Plan {
             // Compressed, window and dense attention over many queries run wide; selected
             // attention keeps one query per workgroup (each has its own blocks).
             let core = self.core(self.wide_kv_tile > 0 && ch.qc >= WIDE_MIN_QUERIES);
-            let attn_total = ch.nb as u64
-                * (ch.qc as u64).div_ceil(core.q_block as u64)
-                * hkv
-                * core.head_chunks as u64;
+            let attn_total = core.row_groups(ch.nb, ch.qc, self.shape.hkv);
             let attn = Params {
                 total_wg: attn_total as u32,
                 q_block: core.q_block,
