@@ -365,11 +365,11 @@ const _: () = assert!(ROWS == 16 && WIDE_ROWS == 2 * ROWS);
 /// the f16 query, tile and probability arrays, and the f32 array that holds a tile's scores,
 /// then its products, then the staged output.
 ///
-/// Keep the 16-row kernels near their 24 KiB (D = 128, 32-key tiles): on the H200 four of
-/// them share a multiprocessor's apparent 100 KiB of shared memory; a build that gave the
-/// value tile and the products room of their own (37.8 KiB) made selected attention in a
-/// 64k prefill 94 against 54 ms, with or without the barrier it saved (BENCHMARKS.md,
-/// fiftieth session).
+/// Keep the 16-row kernels near their 23.9 KiB (D = 128, 32-key tiles): on the H200 a
+/// build that gave the value tile and the products room of their own (36.9 KiB) made
+/// selected attention in a 64k prefill 94 against 54 ms, with or without the barrier it
+/// saved, and so did padding only the query rows to 29.9 KiB (BENCHMARKS.md, fiftieth
+/// session).
 pub fn mma_workgroup_bytes(dk: u32, dv: u32, kv_tile: u32, rows: u32) -> u32 {
     let (dkp, dvp) = (dk.div_ceil(16) * 16, dv.div_ceil(16) * 16);
     let (qs, ts) = (dkp + 8, dkp.max(dvp) + 8);
