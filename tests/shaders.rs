@@ -323,6 +323,45 @@ fn workgroup_memory_matches_the_declared_budget() {
     }
 }
 
+/// Every attention kernel's tensor-core variant (compressed attention also keeping block
+/// sums), parsed and validated with the capabilities it needs.
+fn tensor_core_modules() -> Vec<(KernelId, naga::Module, naga::valid::ModuleInfo)> {
+    KernelId::ALL
+        .into_iter()
+        .filter(|k| k.attention_core())
+        .flat_map(|id| {
+            std::iter::once((id, kept_for(id, Kept::Scores)))
+                .chain(keeps(id).then_some((id, Kept::BlockSums)))
+        })
+        .map(|(id, kept)| {
+            let variant = shaders::Variant {
+                precision: Precision::F16,
+                subgroups: true,
+                tensor_cores: true,
+                kept,
+            };
+            let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
+            assert!(
+                src.contains("coopMultiplyAdd"),
+                "{}: not the tensor-core core",
+                id.name()
+            );
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
+            let caps = Capabilities::SHADER_FLOAT16
+                | Capabilities::SHADER_FLOAT16_IN_FLOAT32
+                | Capabilities::SUBGROUP
+                | Capabilities::COOPERATIVE_MATRIX;
+            let info = Validator::new(ValidationFlags::all(), caps)
+                .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+                .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
+            (id, module, info)
+        })
+        .collect()
+}
+
 #[test]
 fn tensor_core_variant_validates_and_translates_to_spirv() {
     use nsa_wgpu::kernels::{
@@ -336,37 +375,7 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
         .1;
     assert!(qk.contains(&format!("const LOADS: u32 = {TILE_LOADS}u;")));
     let mut checked = 0;
-    for (id, kept) in KernelId::ALL
-        .into_iter()
-        .filter(|k| k.attention_core())
-        .flat_map(|id| {
-            std::iter::once((id, kept_for(id, Kept::Scores)))
-                .chain(keeps(id).then_some((id, Kept::BlockSums)))
-        })
-    {
-        let variant = shaders::Variant {
-            precision: Precision::F16,
-            subgroups: true,
-            tensor_cores: true,
-            kept,
-        };
-        let src = shaders::source_variant(id.name(), &variant).expect("known kernel");
-        assert!(
-            src.contains("coopMultiplyAdd"),
-            "{}: not the tensor-core core",
-            id.name()
-        );
-        let module = naga::front::wgsl::parse_str(&src)
-            .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
-        let caps = Capabilities::SHADER_FLOAT16
-            | Capabilities::SHADER_FLOAT16_IN_FLOAT32
-            | Capabilities::SUBGROUP
-            | Capabilities::COOPERATIVE_MATRIX;
-        let info = Validator::new(ValidationFlags::all(), caps)
-            .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
-            .subgroup_operations(naga::valid::SubgroupOperationSet::all())
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("{}: {}", id.name(), e.emit_to_string(&src)));
+    for (id, module, info) in tensor_core_modules() {
         for (dk, dv, limit) in [
             (8, 8, 32768),
             (100, 64, 32768),
@@ -441,6 +450,36 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
             }
         }
     }
+}
+
+/// NSA's 16-row tensor-core kernels (selected attention; compressed and window attention in
+/// decode steps and short chunks) as compiled for D = 128 (32-key tiles) and the paper's
+/// Dk = 192, Dv = 128 (16-key tiles) stay within 24 KiB of workgroup memory: on the H200
+/// 29.9 KiB made selected attention 1.7x slower (BENCHMARKS.md, fiftieth session). Not a
+/// timing: a layout that grows past it should come with a measurement that it pays.
+#[test]
+fn narrow_tensor_core_kernels_stay_within_24_kib() {
+    use nsa_wgpu::kernels::{mma_max_kt, mma_specialization, ROWS};
+    let mut checked = 0;
+    for (id, module, info) in tensor_core_modules() {
+        if id == KernelId::Dense {
+            continue;
+        }
+        for (dk, dv) in [(128, 128), (192, 128)] {
+            let max_kt = mma_max_kt(id, ROWS, dk, dv, u64::MAX);
+            let spec = mma_specialization(dk, dv, 49152, ROWS, max_kt).expect("fits 48 KiB");
+            let bytes = workgroup_bytes(&specialize(id, &module, &info, &spec).0);
+            assert!(
+                bytes <= 24 * 1024,
+                "{} {spec:?}: {bytes} bytes of workgroup memory",
+                id.name()
+            );
+            checked += 1;
+        }
+    }
+    // Compressed attention twice (keeping scores, and block sums), selected and window
+    // attention once, at two head sizes.
+    assert_eq!(checked, 8);
 }
 
 #[test]
