@@ -420,14 +420,25 @@ pub const MMA_FEW_GROUPS_LOADS: u32 = 12;
 /// most for [`MMA_FEW_GROUPS_LOADS`].
 pub const CMP_FEW_GROUPS: u64 = 4;
 
+/// Row groups a call of dense attention's 16-row steps may have at most for tiles of 64 keys
+/// on tensor cores; calls of more take [`MMA_NARROW_KT`] (see [`mma_max_kt`]).
+pub const DENSE_FEW_GROUPS: u64 = 4;
+
 /// Keys per tile at most for kernel `id` of `rows` query rows on tensor cores, for heads of
 /// `dk`, `dv`, in a call of `row_groups` row groups: for compressed, selected and window
 /// attention of [`ROWS`] rows, the most (a multiple of 16, at least 16) within
 /// [`MMA_NARROW_KT`] whose tile each invocation fetches in [`MMA_NARROW_LOADS`] vec4s
-/// ([`MMA_FEW_GROUPS_LOADS`] for compressed attention in calls of few row groups); 64 (the
-/// core's `KT_MAX`) otherwise. Dense attention keeps 64 at 16 rows: its decode at B=1 runs
-/// few workgroups of many serial tiles, where 32-key tiles made a 64k step 0.137 against
-/// 0.099 ms on the H200.
+/// ([`MMA_FEW_GROUPS_LOADS`] for compressed attention in calls of few row groups); for
+/// dense attention of [`ROWS`] rows, [`MMA_NARROW_KT`] in calls of more than
+/// [`DENSE_FEW_GROUPS`] row groups; 64 (the core's `KT_MAX`) otherwise.
+///
+/// Dense attention's decode: one sequence (4 row groups) runs few workgroups of many serial
+/// tiles, where 32-key tiles made a 64k step 0.106 against 0.081 ms on the H200; from two
+/// sequences on its split workgroups outnumber the multiprocessors, and 32-key tiles (23.9
+/// KiB of workgroup memory at D = 128, against 32.4 with 64 keys: within the 16-row
+/// kernels' 24 KiB, `mma_workgroup_bytes`) made 2, 4, 8 and 16 sequences' steps at 64k
+/// 0.123 / 0.223 / 0.412 / 0.784 against 0.136 / 0.245 / 0.444 / 0.835 ms (BENCHMARKS.md,
+/// fifty-first session).
 pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32, row_groups: u64) -> u32 {
     match id {
         KernelId::CmpAttn | KernelId::SlcAttn | KernelId::WinAttn if rows == ROWS => {
@@ -439,6 +450,7 @@ pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32, row_groups: u64) ->
             let keys = loads * 8 * ROWS / dk.max(dv).div_ceil(4);
             (keys / 16 * 16).clamp(16, MMA_NARROW_KT)
         }
+        KernelId::Dense if rows == ROWS && row_groups > DENSE_FEW_GROUPS => MMA_NARROW_KT,
         _ => 64,
     }
 }

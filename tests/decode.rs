@@ -1203,6 +1203,41 @@ fn split_selection_ranks_ties_to_the_lower_block() {
 }
 
 #[test]
+fn select_top_ranks_distinct_and_tied_scores() {
+    // Decode steps over 8200-9000 cached tokens (257-282 blocks: enough that a selection
+    // would split) rank in one workgroup (select_top.wgsl's radix select). Random keys give
+    // distinct scores, 6 and 18 free slots; with every key equal every whole block scores
+    // the same, and 37 free slots must go to the lowest-numbered of the 254 candidates
+    // (split_selection_ranks_ties_to_the_lower_block has 2 free slots among 280).
+    for (tk, top_n, equal) in [(9000, 8, false), (8300, 21, false), (8200, 40, true)] {
+        let cfg = NsaConfig { top_n, ..small() };
+        let s = Shape::prefill(1, tk, 4, 2, 8, 8);
+        let mut data = Data::new(&cfg, &s, false, 43 + top_n as u64);
+        if equal {
+            data.k = (0..data.k.len()).map(|i| 0.25 * (i % 8) as f32).collect();
+        }
+        let rows = nsa_wgpu::plan::CacheRows {
+            capacity: tk,
+            cmp_capacity: cfg.num_compressed(tk),
+            ..Default::default()
+        };
+        let step = common::step_shape(1, tk, 4, 2, 8, 8);
+        let plan =
+            Plan::cached(&cfg, &step, &pipeline().limits(), rows, Precision::F32).expect("plan");
+        assert!(
+            plan.steps.iter().any(|st| st.kernel == KernelId::SelectTop),
+            "{tk} tokens, n = {top_n}: the step ranks in one workgroup"
+        );
+        let chosen = last_step_matches_the_reference(&cfg, &s, &data);
+        if equal {
+            // Block 0 and the last two (255, 256) are forced; the free slots go to 1, 2, ...
+            let want: Vec<i32> = (0..top_n as i32 - 2).chain([255, 256]).collect();
+            assert_eq!(&chosen[..top_n], &want[..], "n = {top_n}");
+        }
+    }
+}
+
+#[test]
 fn decode_steps_with_no_free_slots() {
     // n = init + local: every slot goes to a forced block, and the 280 candidates compete
     // for none (select_top.wgsl ranks nothing; the split selections keep empty lists).

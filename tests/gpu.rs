@@ -959,6 +959,13 @@ fn check_f16(pipe: &NsaPipeline) {
             small(),
             common::step_shape(1, 8200, 16, 2, 128, 128),
         ),
+        // Three sequences' rows: dense attention's 16-row steps have 6 row groups, past
+        // DENSE_FEW_GROUPS, so their tensor-core tiles hold 32 keys (mma_max_kt).
+        (
+            "f16 split, 3 sequences",
+            small(),
+            common::step_shape(3, 3000, 16, 2, 128, 128),
+        ),
     ] {
         let data = check_f16_case(&[pipe], name, &cfg, &shape);
         let (q, k, v) = (f16_round(&data.q), f16_round(&data.k), f16_round(&data.v));

@@ -1284,12 +1284,15 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
         cmp_capacity: 4096,
         ..Default::default()
     };
+    // One sequence's dense decode step: 4 row groups (DENSE_FEW_GROUPS).
+    let one = Shape { batch: 1, ..step };
     let plans = |precision| {
         [
             Plan::with_precision(&cfg, &shape, &limits, precision).unwrap(),
             Plan::cached(&cfg, &step, &limits, rows, precision).unwrap(),
             Plan::dense_with_precision(&shape, None, &limits, precision).unwrap(),
             Plan::dense_with_precision(&step, None, &limits, precision).unwrap(),
+            Plan::dense_with_precision(&one, None, &limits, precision).unwrap(),
         ]
     };
     let mut narrow = Vec::new();
@@ -1301,9 +1304,13 @@ fn tensor_cores_specialize_only_f16_attention_kernels_that_fit() {
             assert_eq!(on, id.attention_core(), "{id:?}");
             if on {
                 // 64 keys per tile fit 48 KiB at D = 128 for 16 and 32 rows; NSA's 16-row
-                // kernels take 32 (MMA_NARROW_KT), dense attention's 64.
+                // kernels take 32 (MMA_NARROW_KT), and so do dense attention's in calls of
+                // more than DENSE_FEW_GROUPS row groups (16 sequences), not in one
+                // sequence's.
                 let kt = if rows == 16 && id != KernelId::Dense {
                     narrow.push(id);
+                    32
+                } else if rows == 16 && f16.shape.batch > 1 {
                     32
                 } else {
                     64
