@@ -437,7 +437,9 @@ pub const DENSE_FEW_GROUPS: u64 = 4;
 /// sequences on its split workgroups outnumber the multiprocessors, and 32-key tiles (23.9
 /// KiB of workgroup memory at D = 128, against 32.4 with 64 keys: within the 16-row
 /// kernels' 24 KiB, `mma_workgroup_bytes`) made 2, 4, 8 and 16 sequences' steps at 64k
-/// 0.123 / 0.223 / 0.412 / 0.784 against 0.136 / 0.245 / 0.444 / 0.835 ms (BENCHMARKS.md,
+/// 0.123 / 0.223 / 0.412 / 0.784 against 0.136 / 0.245 / 0.444 / 0.835 ms, and the small
+/// group's (Hq = 32, Hkv = 8) one-sequence step 0.118 against 0.131-0.132, but its
+/// 16-sequence step (128 row groups) 1.720-1.732 against 1.693-1.702 (BENCHMARKS.md,
 /// fifty-first session).
 pub fn mma_max_kt(id: KernelId, rows: u32, dk: u32, dv: u32, row_groups: u64) -> u32 {
     match id {
