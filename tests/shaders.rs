@@ -475,7 +475,8 @@ fn narrow_tensor_core_kernels_stay_within_24_kib() {
         // Calls of many row groups: at Dk = 192 one sequence's compressed attention (few
         // workgroups, CMP_FEW_GROUPS) takes 32-key tiles of 29.9 KiB, measured faster there.
         // Dense attention's 16-row steps of many row groups (decode steps of two sequences
-        // or more) at D = 128; at Dk = 192 its tiles of 32 keys take 29.6 KiB, not measured.
+        // or more) at D = 128; at Dk = 192 they hold 32 keys (29.6 KiB) in calls of any
+        // size, as each invocation's prefetch (TILE_LOADS) holds no more, and are left out.
         let heads: &[(u32, u32)] = if id == KernelId::Dense {
             &[(128, 128)]
         } else {
