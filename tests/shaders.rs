@@ -401,7 +401,8 @@ fn tensor_core_variant_validates_and_translates_to_spirv() {
                 // NSA's 16-row kernels' tiles stop at MMA_NARROW_KT keys (16 for heads
                 // of 192, whose 32 keys would take 12 vec4s per invocation, but where
                 // compressed attention has few row groups), dense attention's 16-row ones
-                // too but in calls of few row groups, the others' at 64.
+                // too where calls have more than DENSE_FEW_GROUPS row groups, the others'
+                // at 64.
                 let max_kt = mma_max_kt(id, rows, dk, dv, groups);
                 let narrow = rows == 16 && !dense;
                 let few = narrow && groups <= CMP_FEW_GROUPS;
