@@ -302,7 +302,8 @@ const SPLIT_TARGET: u64 = 768;
 /// 128 (2 splits), 0.129-0.130 / 0.252 with 256 (4 splits), 0.139 / 0.257 with 768 (12
 /// splits), and 0.155 / 0.246-0.279 unsplit; B=4 and B=8 (8 and 4 splits) were 3-5%
 /// faster with 128 than with 768 (BENCHMARKS.md, twenty-third session); B=1 keeps its 16
-/// splits.
+/// splits. With the fifty-second session's kernels 256 still made steps of 4 to 16
+/// sequences 3-9% longer, though the stage alone took 0.031 ms instead of 0.042 at B=16.
 const SLC_SPLIT_TARGET: u64 = 128;
 /// Consecutive queries per workgroup of selected attention at most (`QUERIES` in
 /// `shaders/slc_attn.wgsl` is at most 4: one list cursor per component of a vec4), for groups
