@@ -515,6 +515,9 @@ pub struct NsaPipeline {
     dummy: wgpu::Buffer,
     /// Fills writable slots a dispatch does not use (a buffer may not be bound both ways).
     dummy_out: wgpu::Buffer,
+    /// Kernels whose dispatches the timed encodes leave out (see
+    /// [`Self::set_timed_leave_out`]).
+    timed_leave_out: Vec<KernelId>,
 }
 
 impl NsaPipeline {
@@ -578,6 +581,7 @@ impl NsaPipeline {
             // Wherever the device has them (see Self::tensor_cores).
             tensor_cores: tensor_cores_usable(ctx),
             bounds_checks: false,
+            timed_leave_out: Vec::new(),
             limits: DeviceLimits {
                 max_key_tiles: if loops_capped(ctx) {
                     LLVMPIPE_KEY_TILES
@@ -1077,6 +1081,10 @@ impl NsaPipeline {
                 end_of_pass_write_index: Some(2 * slot + 1),
             })
         };
+        let leave_out: &[KernelId] = match timing {
+            Timing::Off => &[],
+            _ => &self.timed_leave_out,
+        };
         let mut pass = None;
         for (i, (step, group)) in plan.steps.iter().zip(&groups).enumerate() {
             // wgpu orders the dispatches of one pass by their buffer uses.
@@ -1096,6 +1104,11 @@ impl NsaPipeline {
                     })
                     .forget_lifetime()
             });
+            // A step left out still has its pass where each step has one, so that its
+            // timestamps are written (as nothing).
+            if leave_out.contains(&step.kernel) {
+                continue;
+            }
             pass.set_pipeline(&kernels[i]);
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(step.grid[0], step.grid[1], 1);
@@ -1190,6 +1203,19 @@ impl NsaPipeline {
     /// made from now on): for comparing the two (`nsa bench --split-select`).
     pub fn set_split_select(&mut self, on: bool) {
         self.limits.split_select = on;
+    }
+
+    /// A benchmark's diagnostic: the timed encodes ([`Self::encode_timed`],
+    /// [`Self::encode_timed_whole`], and the cache's calls and [`crate::profile::time_plan`]
+    /// that use them) record no dispatch of `kernels`, so that the timings say what each
+    /// dispatch costs a pass (`nsa bench --leave-out`). Leaving a dispatch out also drops the
+    /// barrier in front of what follows it, so such a timing bounds that dispatch's cost
+    /// from above. The outputs of those calls are wrong (a cache's compressed tokens too,
+    /// from then on, where `Compress` is left out; a cache's appends are not plan steps and
+    /// always run): for benchmarks only. [`Self::encode`] and every untimed call are
+    /// unaffected; an empty list (the default) leaves nothing out.
+    pub fn set_timed_leave_out(&mut self, kernels: &[KernelId]) {
+        self.timed_leave_out = kernels.to_vec();
     }
 
     /// Sets how many key tiles one attention workgroup may walk

@@ -1495,6 +1495,69 @@ fn time_plan_runs_after_a_warmer() {
 }
 
 #[test]
+fn timed_passes_leave_out_what_they_are_told_and_plain_encodes_do_not() {
+    // `nsa bench --leave-out`'s diagnostic (NsaPipeline::set_timed_leave_out): a timed pass
+    // records no dispatch of the named kernels, here the window and the merge, one of which
+    // writes `out` whether the plan splits or not, so that `out` keeps its NaNs; a plain
+    // encode of the same pipeline runs everything and writes what the shared pipeline does,
+    // bit for bit.
+    use nsa_wgpu::profile::{sample_input_sets, StepTimer};
+    let base = pipeline();
+    let mut pipe = common::pipeline_like(base);
+    pipe.set_timed_leave_out(&[KernelId::WinAttn, KernelId::Merge]);
+    let shape = Shape::prefill(1, 100, 4, 2, 16, 16);
+    let plan = pipe.plan(&small(), &shape).expect("plan");
+    assert_eq!(
+        base.plan(&small(), &shape).expect("plan").steps.len(),
+        plan.steps.len()
+    );
+    assert!(plan.steps.iter().any(|s| s.kernel == KernelId::WinAttn));
+    let ctx = pipe.context();
+    let dev = &ctx.device;
+    let [q, k, v, g] = sample_input_sets(dev, &plan, 1).remove(0);
+    let len = plan.tensor_len(Tensor::Out) as usize;
+    let out_of = |pipe: &NsaPipeline, timed: bool| -> Vec<f32> {
+        let out = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("test.out"),
+            contents: bytemuck::cast_slice(&vec![f32::NAN; len]),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        });
+        let scratch = pipe.scratch(&plan).expect("scratch");
+        let bufs = GpuBuffers::new(&q, &k, &v, &g, &out);
+        let mut enc = dev.create_command_encoder(&Default::default());
+        let timer = StepTimer::new(ctx, 1);
+        match (&timer, timed) {
+            (Some(t), true) => pipe.encode_timed_whole(&mut enc, &scratch, &bufs, t, 0),
+            _ => pipe.encode(&mut enc, &scratch, &bufs),
+        }
+        .expect("encode");
+        let staging = stage_readback(dev, &mut enc, &[&out]);
+        ctx.queue.submit([enc.finish()]);
+        let r = pollster::block_on(read_staging(dev, &staging)).expect("readback");
+        bytemuck::cast_slice::<u8, f32>(&r[0])[..len].to_vec()
+    };
+    let want = out_of(base, false);
+    assert!(
+        want.iter().all(|x| x.is_finite()),
+        "the shared pipeline's out"
+    );
+    let plain = out_of(&pipe, false);
+    assert!(
+        plain
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "a plain encode must run every dispatch"
+    );
+    if StepTimer::new(ctx, 1).is_none() {
+        eprintln!("adapter lacks timestamp queries: no timed pass to leave dispatches out of");
+        return;
+    }
+    let timed = out_of(&pipe, true);
+    assert!(timed.iter().all(|x| x.is_nan()), "the timed pass wrote out");
+}
+
+#[test]
 fn a_short_last_chunk_keeps_scores_and_the_long_one_does_not() {
     // A binding of 3100 query rows, which holds the kept scores of only 127 (fewer than 256,
     // so the prefill does not chunk for them): a chunk of 3100 rows, whose selection

@@ -455,6 +455,35 @@ fn bench_with_bounds_checks_says_so() {
 }
 
 #[test]
+fn bench_leaves_out_the_named_dispatches_and_says_so() {
+    let r = nsa(&[
+        "bench",
+        "--decode",
+        "--quick",
+        "--leave-out",
+        "slc_attn,merge",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        out.contains("timed passes leave out: slc_attn, merge (their outputs are wrong")
+            && out.contains("| 2 | 700 |"),
+        "{out}"
+    );
+    // The cache's appends run outside the timed passes, and unknown names are no kernel.
+    for bad in ["append", "slc"] {
+        let r = nsa(&["bench", "--quick", "--leave-out", bad]);
+        assert_eq!(r.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            err.contains(&format!("no kernel `{bad}` in the timed passes"))
+                && err.contains("slc_attn"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn ragged_decode_bench_times_sequences_of_different_lengths() {
     let r = nsa(&[
         "bench",
