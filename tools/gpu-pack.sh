@@ -15,7 +15,8 @@ rm -f .gpu/z/*.zst
 zstd_bin=$(command -v zstd)
 cp "$zstd_bin" .gpu/bin/zstd
 # The libraries zstd links besides the C library's own.
-ldd "$zstd_bin" | awk '/=> \// {print $3}' | grep -Ev '/lib(c|m|pthread|dl|rt)\.so' |
+# (`|| true`: a zstd linking nothing else would end grep, and with pipefail the script.)
+ldd "$zstd_bin" | awk '/=> \// {print $3}' | { grep -Ev '/lib(c|m|pthread|dl|rt)\.so' || true; } |
   while read -r lib; do cp -L "$lib" .gpu/lib/; done
 pack() { # pack NAME PATH
   local tmp

@@ -109,9 +109,9 @@ pub struct BenchArgs {
     /// ranks all blocks (the default), to compare the two.
     #[arg(long)]
     split_select: bool,
-    /// Kernels whose dispatches the timed passes leave out (comma-separated names:
-    /// compress, cmp_attn, select, slc_attn, win_attn, dense_attn, merge, select_merge,
-    /// select_top): what each dispatch costs a forward pass or decode step, bounded from
+    /// Kernels whose dispatches the timed passes leave out (comma-separated, named as their
+    /// shaders are, e.g. cmp_attn,select_top; a wrong name lists them all): what each
+    /// dispatch costs a forward pass or decode step, bounded from
     /// above (the barrier in front of what follows it goes too). NSA's and the dense
     /// baseline's passes alike; their outputs are then wrong, which the benchmark never
     /// reads.
