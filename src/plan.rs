@@ -326,7 +326,10 @@ const CMP_SPLIT_TARGET: u64 = 512;
 /// 4 sequences at 64k 0.089-0.090 against 0.097-0.098 ms (16 against 32 splits); 8 at 16k /
 /// 64k 0.082 / 0.113-0.114 against 0.089 / 0.119-0.120; 16 at 16k / 64k 0.107-0.108 /
 /// 0.157 against 0.112 / 0.161-0.162 (4 against 8 splits). 192 and 128 were slower for 8
-/// and 16 sequences (0.121 / 0.173 and 0.131 / 0.191 ms at 64k).
+/// and 16 sequences (0.121 / 0.173 and 0.131 / 0.191 ms at 64k). Its 256 workgroups of a
+/// 16-sequence step at 64k take 0.075 ms in most runs and 0.108-0.113 in some (likely placed
+/// unevenly on the 132 multiprocessors); forced to 8 splits (512) they took 0.079-0.082 in
+/// five of six caches, to 6 a steady 0.097 (fifty-third session, BENCHMARKS.md).
 const CMP_SPLIT_TARGET_MMA: u64 = 256;
 /// Key tiles a tensor-core compressed-attention workgroup walks at most where
 /// [`CMP_SPLIT_TARGET`] would split finer than [`CMP_SPLIT_TARGET_MMA`]: on an H200 (f16
