@@ -56,6 +56,6 @@ pub use error::{NsaError, Result};
 pub use inputs::{BranchOutputs, LinearWeights, NsaInputs, NsaOutputs, OutputRequest};
 pub use pipeline::{AdapterOptions, GpuBuffers, GpuContext, NsaPipeline, NsaScratch};
 pub use plan::{
-    DeviceLimits, Plan, Tensor, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES, LLVMPIPE_LOOP_ITERATIONS,
-    RAGGED_MAX,
+    DeviceLimits, Plan, SplitTargets, Tensor, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES,
+    LLVMPIPE_LOOP_ITERATIONS, RAGGED_MAX,
 };

@@ -10,7 +10,7 @@ use crate::error::{NsaError, Result};
 use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{top_list_len, KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
 use crate::plan::{
-    DeviceLimits, Plan, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES,
+    DeviceLimits, Plan, SplitTargets, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES,
     LLVMPIPE_LOOP_ITERATIONS,
 };
 use crate::shaders::{Kept, Variant};
@@ -254,6 +254,7 @@ pub fn device_limits(limits: &wgpu::Limits) -> DeviceLimits {
         max_key_tiles: 0,
         loop_iterations: 0,
         split_select: false,
+        split_targets: SplitTargets::default(),
     }
 }
 
@@ -1203,6 +1204,14 @@ impl NsaPipeline {
     /// made from now on): for comparing the two (`nsa bench --split-select`).
     pub fn set_split_select(&mut self, on: bool) {
         self.limits.split_select = on;
+    }
+
+    /// Sets the workgroups each attention branch aims for in calls of few row groups (decode
+    /// steps, short chunks: [`SplitTargets`]; plans made from now on): for tuning them to a
+    /// GPU other than the H200 they were chosen on (`nsa bench --decode --split-target`).
+    /// Results do not change, only how the work is split.
+    pub fn set_split_targets(&mut self, targets: SplitTargets) {
+        self.limits.split_targets = targets;
     }
 
     /// A benchmark's diagnostic: the timed encodes ([`Self::encode_timed`],

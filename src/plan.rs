@@ -59,6 +59,43 @@ pub struct DeviceLimits {
     /// (`select.wgsl`, `select_merge.wgsl`) even where one workgroup per row ranks all its
     /// blocks from kept block sums (`select_top.wgsl`, the default; false).
     pub split_select: bool,
+    /// Not an adapter limit: the workgroups each attention branch aims for in calls of few
+    /// row groups (decode steps, short chunks), which split each row group's keys and merge
+    /// the parts ([`SplitTargets`]; chosen on an H200 by default).
+    pub split_targets: SplitTargets,
+}
+
+/// The workgroups NSA's attention branches aim for in calls of few row groups (decode steps,
+/// short chunks), which split each row group's keys over several workgroups and merge their
+/// partial results in one pass ([`DeviceLimits::split_targets`],
+/// `NsaPipeline::set_split_targets`). A branch with `g` row groups below its target splits
+/// each toward `target / g` workgroups (within 32 splits and one key tile per split, and as
+/// many as [`DeviceLimits::max_key_tiles`] needs); at or above it, or with a target of 0, it
+/// does not split. The defaults were measured on an H200 (132 multiprocessors; DESIGN.md and
+/// the doc comments in `src/plan.rs` have the tables): a GPU with far fewer or far more
+/// multiprocessors may want others, which `nsa bench --decode --split-target` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitTargets {
+    /// Compressed attention on the shader cores: 512 by default.
+    pub compressed: u64,
+    /// Compressed attention on tensor cores: 256 by default, though where `compressed`
+    /// splits finer no workgroup walks more than 32 key tiles.
+    pub compressed_mma: u64,
+    /// Selected attention: 128 by default (its workgroups each take one query's blocks).
+    pub selected: u64,
+    /// The sliding window: 768 by default.
+    pub window: u64,
+}
+
+impl Default for SplitTargets {
+    fn default() -> Self {
+        Self {
+            compressed: CMP_SPLIT_TARGET,
+            compressed_mma: CMP_SPLIT_TARGET_MMA,
+            selected: SLC_SPLIT_TARGET,
+            window: SPLIT_TARGET,
+        }
+    }
 }
 
 /// The compression kernel's tokens per workgroup (`TOKENS` in `shaders/compress.wgsl`, and
@@ -100,6 +137,7 @@ impl Default for DeviceLimits {
             max_key_tiles: 0,
             loop_iterations: 0,
             split_select: false,
+            split_targets: SplitTargets::default(),
         }
     }
 }
@@ -1497,20 +1535,21 @@ impl Plan {
             );
             let cmp_split =
                 |target| self.splits_toward(target, attn_total, cmp_tiles, cmp_tiles, 3 * part_row);
-            let mut sp_c = cmp_split(CMP_SPLIT_TARGET)?;
+            let targets = self.limits.split_targets;
+            let mut sp_c = cmp_split(targets.compressed)?;
             if cmp_mma {
-                // Toward CMP_SPLIT_TARGET_MMA, but never walks longer than CMP_WALK_MMA tiles
-                // where CMP_SPLIT_TARGET splits finer.
+                // Toward the tensor cores' target, but never walks longer than CMP_WALK_MMA
+                // tiles where the shader cores' target splits finer.
                 let walk = tiles(self.n_cmp as u64, cmp_spec.kv_tile);
                 let walk = walk.div_ceil(CMP_WALK_MMA) as u32;
-                sp_c = sp_c.min(cmp_split(CMP_SPLIT_TARGET_MMA)?.max(walk));
+                sp_c = cmp_split(targets.compressed_mma)?.max(walk.min(sp_c));
             }
             // A workgroup's queries select n blocks each, their union at most all of them.
             let slc_tiles =
                 slc_q as u64 * n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
             let sp_s = self
                 .splits_toward(
-                    SLC_SPLIT_TARGET,
+                    targets.selected,
                     slc_total,
                     slc_tiles,
                     slc_tiles,
@@ -1522,7 +1561,7 @@ impl Plan {
             // One workgroup's rows: nq <= q_block consecutive queries' windows.
             let walk = (self.config.window + (core.q_block as usize).min(ch.qc)).min(s.tk) as u64;
             let sp_w = self.splits_toward(
-                SPLIT_TARGET,
+                targets.window,
                 attn_total,
                 tiles(win_keys, core.kv_tile),
                 tiles(walk, core.kv_tile),

@@ -901,17 +901,27 @@ fn random_long_decode_steps_match_the_reference() {
 /// compressed branch keeps block sums, `select_top.wgsl`, and split selections merged), the
 /// ranking with the adapter's invocations per workgroup and with 256.
 fn last_step_matches_the_reference(cfg: &NsaConfig, s: &Shape, data: &Data) -> Vec<i32> {
-    let inputs = data.inputs();
-    let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &inputs).unwrap();
-    let last = s.tk - 1;
-    let per = s.hkv * cfg.top_n;
-    let want = &naive.block_indices[last * per..s.tk * per];
     let pipes = [
         (pipeline(), "default"),
         (split_pipeline(), "split"),
         (narrow_pipeline(), "256 invocations"),
     ];
-    for (pipe, how) in pipes {
+    last_step_matches_on(&pipes, cfg, s, data)
+}
+
+/// [`last_step_matches_the_reference`] on `pipes` (each with what it is called).
+fn last_step_matches_on(
+    pipes: &[(&NsaPipeline, &str)],
+    cfg: &NsaConfig,
+    s: &Shape,
+    data: &Data,
+) -> Vec<i32> {
+    let inputs = data.inputs();
+    let naive = nsa_wgpu::cpu::naive::nsa(cfg, s, &inputs).unwrap();
+    let last = s.tk - 1;
+    let per = s.hkv * cfg.top_n;
+    let want = &naive.block_indices[last * per..s.tk * per];
+    for &(pipe, how) in pipes {
         let mut cache = NsaCache::new(pipe, cfg, opts(s, s.tk, false), inputs.linear).unwrap();
         append_context(pipe, &mut cache, data, s, last);
         let request = OutputRequest {
@@ -925,6 +935,53 @@ fn last_step_matches_the_reference(cfg: &NsaConfig, s: &Shape, data: &Data) -> V
         assert_close(&format!("last row, {how}"), &r.out, got, 1e-4);
     }
     want.to_vec()
+}
+
+#[test]
+fn split_targets_move_the_work_not_the_results() {
+    // A decode step (2 row groups) planned with split targets of 0 (no branch splits: its
+    // key ranges are far below any adapter's key-tile cap) and of 12 (6 splits per row
+    // group in every branch, where the defaults take more: as many as the key tiles, the
+    // selected blocks or 32 allow), against the reference.
+    let cfg = NsaConfig {
+        window: 1000,
+        ..NsaConfig::default()
+    };
+    let s = Shape::prefill(1, 12000, 8, 2, 16, 16);
+    let targets = |n| nsa_wgpu::SplitTargets {
+        compressed: n,
+        compressed_mma: n,
+        selected: n,
+        window: n,
+    };
+    let (none, twelve) = (targets_pipeline(targets(0)), targets_pipeline(targets(12)));
+    // The plans of that step split as told.
+    let step = common::step_shape(1, s.tk, s.hq, s.hkv, s.dk, s.dv);
+    let splits = |pipe: &NsaPipeline| -> Vec<u32> {
+        let plan = Plan::new(&cfg, &step, &pipe.limits()).unwrap();
+        let attn = [KernelId::CmpAttn, KernelId::SlcAttn, KernelId::WinAttn];
+        attn.map(|k| {
+            plan.steps
+                .iter()
+                .find(|st| st.kernel == k)
+                .unwrap()
+                .params
+                .splits
+        })
+        .to_vec()
+    };
+    assert_eq!(splits(&none), [1, 1, 1]);
+    assert_eq!(splits(&twelve), [6, 6, 6]);
+    assert!(splits(pipeline()).iter().all(|&sp| sp > 6));
+    let pipes = [(&none, "target 0"), (&twelve, "target 12")];
+    last_step_matches_on(&pipes, &cfg, &s, &Data::new(&cfg, &s, false, 53));
+}
+
+/// [`pipeline`] with split targets `targets` (`NsaPipeline::set_split_targets`).
+fn targets_pipeline(targets: nsa_wgpu::SplitTargets) -> NsaPipeline {
+    let mut pipe = common::pipeline_like(pipeline());
+    pipe.set_split_targets(targets);
+    pipe
 }
 
 /// [`pipeline`] with split selections wherever calls have few rows

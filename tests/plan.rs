@@ -1256,6 +1256,58 @@ fn branch_outputs_are_bound_only_where_asked() {
     assert_eq!(dense.with_branch_outputs().unwrap(), dense);
 }
 
+#[test]
+fn split_targets_set_each_branch_s_splits() {
+    use nsa_wgpu::SplitTargets;
+    use KernelId::{CmpAttn, SlcAttn, WinAttn};
+    // A 16-sequence decode step at 64k (64 row groups), f16 on tensor cores: compressed
+    // attention's 128 tiles of 32 keys split 4 ways by default (256 workgroups), 8 ways
+    // toward 512, 16 toward 1024 (the 32-tile walk bound lies below either); selected
+    // attention 2 ways (128: 2 splits of 8 blocks), the window (513 keys) one tile of 64
+    // per split (768 would take 12). With every target 0 nothing splits and no merge runs.
+    let shape = step_shape(16, 65536, 64, 4, 128, 128);
+    let splits = |targets: SplitTargets| {
+        let limits = DeviceLimits {
+            tensor_cores: true,
+            split_targets: targets,
+            ..limits_48k()
+        };
+        let cfg = NsaConfig::default();
+        let plan = Plan::with_precision(&cfg, &shape, &limits, Precision::F16).unwrap();
+        let of = |k: KernelId| {
+            plan.steps
+                .iter()
+                .find(|s| s.kernel == k)
+                .unwrap()
+                .params
+                .splits
+        };
+        let merged = plan.steps.iter().any(|s| s.kernel == KernelId::Merge);
+        ([CmpAttn, SlcAttn, WinAttn].map(of), merged)
+    };
+    let default = SplitTargets::default();
+    assert_eq!(splits(default), ([4, 2, 9], true));
+    let mma = |n| SplitTargets {
+        compressed_mma: n,
+        ..default
+    };
+    assert_eq!(splits(mma(512)).0[0], 8);
+    assert_eq!(splits(mma(1024)).0[0], 16);
+    let others = SplitTargets {
+        selected: 512,
+        window: 128,
+        ..default
+    };
+    assert_eq!(splits(others), ([4, 8, 2], true));
+    let none = SplitTargets {
+        compressed: 0,
+        compressed_mma: 0,
+        selected: 0,
+        window: 0,
+    };
+    assert_eq!(splits(none), ([1, 1, 1], false));
+}
+
 /// 48 KiB of workgroup memory (an H200's), and room for long prefills in one binding.
 fn limits_48k() -> DeviceLimits {
     DeviceLimits {

@@ -117,6 +117,14 @@ pub struct BenchArgs {
     /// reads.
     #[arg(long, value_delimiter = ',', value_parser = kernel_by_name)]
     leave_out: Vec<KernelId>,
+    /// Workgroups an NSA attention branch aims for in calls of few row groups (decode
+    /// steps, short chunks), which split each row group's keys and merge the parts:
+    /// comma-separated KERNEL=N, KERNEL one of cmp_attn (the shader cores' and the tensor
+    /// cores' target alike), slc_attn, win_attn; 0 splits none. The defaults, chosen on an
+    /// H200: cmp_attn 512 on the shader cores and 256 on tensor cores, slc_attn 128,
+    /// win_attn 768 (`nsa_wgpu::SplitTargets`). Results do not change.
+    #[arg(long, value_delimiter = ',', value_parser = split_target)]
+    split_target: Vec<(KernelId, u64)>,
     #[command(flatten)]
     config: crate::ConfigArgs,
     #[command(flatten)]
@@ -136,6 +144,37 @@ fn kernel_by_name(name: &str) -> Result<KernelId, String> {
     })
 }
 
+/// A --split-target item: KERNEL=N for a kernel that splits toward a target of its own.
+fn split_target(item: &str) -> Result<(KernelId, u64), String> {
+    let (name, n) = item
+        .split_once('=')
+        .ok_or_else(|| format!("`{item}`: expected KERNEL=N, e.g. cmp_attn=512"))?;
+    let kernels = [KernelId::CmpAttn, KernelId::SlcAttn, KernelId::WinAttn];
+    let kernel = kernels
+        .into_iter()
+        .find(|k| k.name() == name)
+        .ok_or_else(|| {
+            format!("`{name}`: split targets are for cmp_attn, slc_attn and win_attn")
+        })?;
+    let n = n
+        .parse()
+        .map_err(|e| format!("`{n}` (the workgroups {name} aims for): {e}"))?;
+    Ok((kernel, n))
+}
+
+/// The default split targets with `items` (--split-target) in their place.
+fn split_targets(items: &[(KernelId, u64)]) -> nsa_wgpu::SplitTargets {
+    let mut t = nsa_wgpu::SplitTargets::default();
+    for &(kernel, n) in items {
+        match kernel {
+            KernelId::CmpAttn => (t.compressed, t.compressed_mma) = (n, n),
+            KernelId::SlcAttn => t.selected = n,
+            _ => t.window = n,
+        }
+    }
+    t
+}
+
 /// The pipeline on the chosen adapter, with the chosen reductions; prints both.
 fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let mut pipe = args.adapter.pipeline()?;
@@ -145,6 +184,8 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     pipe.set_kept_scores(args.kept_mib << 20);
     pipe.set_split_select(args.split_select);
     pipe.set_timed_leave_out(&args.leave_out);
+    let targets = split_targets(&args.split_target);
+    pipe.set_split_targets(targets);
     let on = |b: bool| if b { "on" } else { "off" };
     println!(
         "adapter: {} (limits: {}); subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}; \
@@ -157,6 +198,12 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
         args.kept_mib,
         if args.split_select { "split and merged" } else { "one workgroup per row" }
     );
+    if !args.split_target.is_empty() {
+        println!(
+            "split targets (workgroups): cmp_attn {} on the shader cores, {} on tensor cores; slc_attn {}; win_attn {}",
+            targets.compressed, targets.compressed_mma, targets.selected, targets.window
+        );
+    }
     if !args.leave_out.is_empty() {
         let names: Vec<&str> = args.leave_out.iter().map(|k| k.name()).collect();
         println!(
