@@ -119,12 +119,13 @@ pub struct BenchArgs {
     leave_out: Vec<KernelId>,
     /// Workgroups an NSA attention branch aims for in calls of few row groups (decode
     /// steps, short chunks), which split each row group's keys and merge the parts:
-    /// comma-separated KERNEL=N, KERNEL one of cmp_attn (the shader cores' and the tensor
-    /// cores' target alike), slc_attn, win_attn; 0 splits none. The defaults, chosen on an
-    /// H200: cmp_attn 512 on the shader cores and 256 on tensor cores, slc_attn 128,
-    /// win_attn 768 (`nsa_wgpu::SplitTargets`). Results do not change.
+    /// comma-separated NAME=N, NAME one of cmp_attn (compressed attention on the shader
+    /// cores; on tensor cores no workgroup then walks more than 32 key tiles where it
+    /// splits finer), cmp_attn_mma (on tensor cores), slc_attn, win_attn; 0 splits none.
+    /// The defaults, chosen on an H200: 512, 256, 128, 768 (`nsa_wgpu::SplitTargets`).
+    /// Results do not change.
     #[arg(long, value_delimiter = ',', value_parser = split_target)]
-    split_target: Vec<(KernelId, u64)>,
+    split_target: Vec<(usize, u64)>,
     #[command(flatten)]
     config: crate::ConfigArgs,
     #[command(flatten)]
@@ -144,33 +145,35 @@ fn kernel_by_name(name: &str) -> Result<KernelId, String> {
     })
 }
 
-/// A --split-target item: KERNEL=N for a kernel that splits toward a target of its own.
-fn split_target(item: &str) -> Result<(KernelId, u64), String> {
+/// The names --split-target takes, in `SplitTargets`' order.
+const SPLIT_NAMES: [&str; 4] = ["cmp_attn", "cmp_attn_mma", "slc_attn", "win_attn"];
+
+/// A --split-target item, NAME=N: which of [`SPLIT_NAMES`] and its target.
+fn split_target(item: &str) -> Result<(usize, u64), String> {
     let (name, n) = item
         .split_once('=')
-        .ok_or_else(|| format!("`{item}`: expected KERNEL=N, e.g. cmp_attn=512"))?;
-    let kernels = [KernelId::CmpAttn, KernelId::SlcAttn, KernelId::WinAttn];
-    let kernel = kernels
-        .into_iter()
-        .find(|k| k.name() == name)
-        .ok_or_else(|| {
-            format!("`{name}`: split targets are for cmp_attn, slc_attn and win_attn")
-        })?;
+        .ok_or_else(|| format!("`{item}`: expected NAME=N, e.g. cmp_attn_mma=512"))?;
+    let at = SPLIT_NAMES
+        .iter()
+        .position(|&s| s == name)
+        .ok_or_else(|| format!("`{name}`: split targets are for {}", SPLIT_NAMES.join(", ")))?;
     let n = n
         .parse()
         .map_err(|e| format!("`{n}` (the workgroups {name} aims for): {e}"))?;
-    Ok((kernel, n))
+    Ok((at, n))
 }
 
 /// The default split targets with `items` (--split-target) in their place.
-fn split_targets(items: &[(KernelId, u64)]) -> nsa_wgpu::SplitTargets {
+fn split_targets(items: &[(usize, u64)]) -> nsa_wgpu::SplitTargets {
     let mut t = nsa_wgpu::SplitTargets::default();
-    for &(kernel, n) in items {
-        match kernel {
-            KernelId::CmpAttn => (t.compressed, t.compressed_mma) = (n, n),
-            KernelId::SlcAttn => t.selected = n,
-            _ => t.window = n,
-        }
+    for &(at, n) in items {
+        let field = match at {
+            0 => &mut t.compressed,
+            1 => &mut t.compressed_mma,
+            2 => &mut t.selected,
+            _ => &mut t.window,
+        };
+        *field = n;
     }
     t
 }
@@ -200,7 +203,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     );
     if !args.split_target.is_empty() {
         println!(
-            "split targets (workgroups): cmp_attn {} on the shader cores, {} on tensor cores; slc_attn {}; win_attn {}",
+            "split targets (workgroups): cmp_attn {}, cmp_attn_mma {}, slc_attn {}, win_attn {}",
             targets.compressed, targets.compressed_mma, targets.selected, targets.window
         );
     }

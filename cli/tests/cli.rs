@@ -490,22 +490,23 @@ fn bench_takes_split_targets_and_says_so() {
         "--decode",
         "--quick",
         "--split-target",
-        "cmp_attn=3,win_attn=0",
+        "cmp_attn=3,cmp_attn_mma=5,win_attn=0",
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let out = String::from_utf8_lossy(&r.stdout);
     assert!(
-        out.contains("split targets (workgroups): cmp_attn 3 on the shader cores, 3 on tensor cores; slc_attn 128; win_attn 0")
-            && out.contains("| 2 | 700 |"),
+        out.contains(
+            "split targets (workgroups): cmp_attn 3, cmp_attn_mma 5, slc_attn 128, win_attn 0"
+        ) && out.contains("| 2 | 700 |"),
         "{out}"
     );
-    // Only the three attention branches split toward a target; a target is a number.
+    // Only the attention branches split toward a target; a target is a number.
     for (bad, says) in [
         (
             "merge=4",
-            "`merge`: split targets are for cmp_attn, slc_attn and win_attn",
+            "`merge`: split targets are for cmp_attn, cmp_attn_mma, slc_attn, win_attn",
         ),
-        ("cmp_attn", "`cmp_attn`: expected KERNEL=N"),
+        ("cmp_attn", "`cmp_attn`: expected NAME=N"),
         ("slc_attn=-1", "`-1` (the workgroups slc_attn aims for)"),
     ] {
         let r = nsa(&["bench", "--quick", "--split-target", bad]);
