@@ -125,7 +125,7 @@ pub struct BenchArgs {
     /// The defaults, chosen on an H200: 512, 256, 128, 768 (`nsa_wgpu::SplitTargets`).
     /// Results do not change.
     #[arg(long, value_delimiter = ',', value_parser = split_target)]
-    split_target: Vec<(usize, u64)>,
+    split_target: Vec<(SplitField, u64)>,
     #[command(flatten)]
     config: crate::ConfigArgs,
     #[command(flatten)]
@@ -145,35 +145,38 @@ fn kernel_by_name(name: &str) -> Result<KernelId, String> {
     })
 }
 
-/// The names --split-target takes, in `SplitTargets`' order.
-const SPLIT_NAMES: [&str; 4] = ["cmp_attn", "cmp_attn_mma", "slc_attn", "win_attn"];
+/// The names --split-target takes, each with its field of `SplitTargets`.
+type SplitField = fn(&mut nsa_wgpu::SplitTargets) -> &mut u64;
+const SPLIT_FIELDS: [(&str, SplitField); 4] = [
+    ("cmp_attn", |t| &mut t.compressed),
+    ("cmp_attn_mma", |t| &mut t.compressed_mma),
+    ("slc_attn", |t| &mut t.selected),
+    ("win_attn", |t| &mut t.window),
+];
 
-/// A --split-target item, NAME=N: which of [`SPLIT_NAMES`] and its target.
-fn split_target(item: &str) -> Result<(usize, u64), String> {
+/// A --split-target item, NAME=N: the field of [`SPLIT_FIELDS`] it names, and its target.
+fn split_target(item: &str) -> Result<(SplitField, u64), String> {
     let (name, n) = item
         .split_once('=')
         .ok_or_else(|| format!("`{item}`: expected NAME=N, e.g. cmp_attn_mma=512"))?;
-    let at = SPLIT_NAMES
+    let field = SPLIT_FIELDS
         .iter()
-        .position(|&s| s == name)
-        .ok_or_else(|| format!("`{name}`: split targets are for {}", SPLIT_NAMES.join(", ")))?;
+        .find(|(s, _)| *s == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SPLIT_FIELDS.iter().map(|(s, _)| *s).collect();
+            format!("`{name}`: split targets are for {}", names.join(", "))
+        })?;
     let n = n
         .parse()
         .map_err(|e| format!("`{n}` (the workgroups {name} aims for): {e}"))?;
-    Ok((at, n))
+    Ok((field.1, n))
 }
 
 /// The default split targets with `items` (--split-target) in their place.
-fn split_targets(items: &[(usize, u64)]) -> nsa_wgpu::SplitTargets {
+fn split_targets(items: &[(SplitField, u64)]) -> nsa_wgpu::SplitTargets {
     let mut t = nsa_wgpu::SplitTargets::default();
-    for &(at, n) in items {
-        let field = match at {
-            0 => &mut t.compressed,
-            1 => &mut t.compressed_mma,
-            2 => &mut t.selected,
-            _ => &mut t.window,
-        };
-        *field = n;
+    for &(field, n) in items {
+        *field(&mut t) = n;
     }
     t
 }
