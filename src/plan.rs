@@ -367,7 +367,10 @@ const CMP_SPLIT_TARGET: u64 = 512;
 /// and 16 sequences (0.121 / 0.173 and 0.131 / 0.191 ms at 64k). Its 256 workgroups of a
 /// 16-sequence step at 64k take 0.075 ms in most runs and 0.108-0.113 in some (likely placed
 /// unevenly on the 132 multiprocessors); forced to 8 splits (512) they took 0.079-0.082 in
-/// five of six caches, to 6 a steady 0.097 (fifty-third session, BENCHMARKS.md).
+/// five of six caches, to 6 a steady 0.097 (fifty-third session). With 512 over 20 fresh
+/// caches a step took 0.149-0.153 ms against 256's 0.145-0.146 (0.172-0.181 in 6 of 20):
+/// no better on average, and 4 and 8 sequences 6-11% slower (fifty-fourth session,
+/// BENCHMARKS.md).
 const CMP_SPLIT_TARGET_MMA: u64 = 256;
 /// Key tiles a tensor-core compressed-attention workgroup walks at most where
 /// [`CMP_SPLIT_TARGET`] would split finer than [`CMP_SPLIT_TARGET_MMA`]: on an H200 (f16
