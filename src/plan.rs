@@ -87,6 +87,21 @@ pub struct SplitTargets {
     pub window: u64,
 }
 
+impl SplitTargets {
+    /// Each branch's name, as `nsa bench --split-target` takes it (and the JavaScript API's
+    /// `splitTargets` in camel case), with its target: `cmp_attn` ([`Self::compressed`]),
+    /// `cmp_attn_mma` ([`Self::compressed_mma`]), `slc_attn` ([`Self::selected`]),
+    /// `win_attn` ([`Self::window`]).
+    pub fn named_mut(&mut self) -> [(&'static str, &mut u64); 4] {
+        [
+            ("cmp_attn", &mut self.compressed),
+            ("cmp_attn_mma", &mut self.compressed_mma),
+            ("slc_attn", &mut self.selected),
+            ("win_attn", &mut self.window),
+        ]
+    }
+}
+
 impl Default for SplitTargets {
     fn default() -> Self {
         Self {

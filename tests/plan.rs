@@ -1308,6 +1308,26 @@ fn split_targets_set_each_branch_s_splits() {
     assert_eq!(splits(none), ([1, 1, 1], false));
 }
 
+#[test]
+fn split_targets_name_each_field_once() {
+    // `SplitTargets::named_mut`, which `nsa bench --split-target` and the JavaScript API's
+    // `splitTargets` set the targets through: each name reaches its own field.
+    use nsa_wgpu::SplitTargets;
+    let mut targets = SplitTargets::default();
+    for (i, (_, target)) in targets.named_mut().into_iter().enumerate() {
+        *target = 10 + i as u64;
+    }
+    let want = SplitTargets {
+        compressed: 10,
+        compressed_mma: 11,
+        selected: 12,
+        window: 13,
+    };
+    assert_eq!(targets, want);
+    let names = targets.named_mut().map(|(name, _)| name);
+    assert_eq!(names, ["cmp_attn", "cmp_attn_mma", "slc_attn", "win_attn"]);
+}
+
 /// 48 KiB of workgroup memory (an H200's), and room for long prefills in one binding.
 fn limits_48k() -> DeviceLimits {
     DeviceLimits {

@@ -125,7 +125,7 @@ pub struct BenchArgs {
     /// The defaults, chosen on an H200: 512, 256, 128, 768 (`nsa_wgpu::SplitTargets`).
     /// Results do not change.
     #[arg(long, value_delimiter = ',', value_parser = split_target)]
-    split_target: Vec<(SplitField, u64)>,
+    split_target: Vec<(&'static str, u64)>,
     #[command(flatten)]
     config: crate::ConfigArgs,
     #[command(flatten)]
@@ -145,38 +145,34 @@ fn kernel_by_name(name: &str) -> Result<KernelId, String> {
     })
 }
 
-/// The names --split-target takes, each with its field of `SplitTargets`.
-type SplitField = fn(&mut nsa_wgpu::SplitTargets) -> &mut u64;
-const SPLIT_FIELDS: [(&str, SplitField); 4] = [
-    ("cmp_attn", |t| &mut t.compressed),
-    ("cmp_attn_mma", |t| &mut t.compressed_mma),
-    ("slc_attn", |t| &mut t.selected),
-    ("win_attn", |t| &mut t.window),
-];
-
-/// A --split-target item, NAME=N: the field of [`SPLIT_FIELDS`] it names, and its target.
-fn split_target(item: &str) -> Result<(SplitField, u64), String> {
+/// A --split-target item, NAME=N: the branch it names (`SplitTargets::named_mut`), and its
+/// target.
+fn split_target(item: &str) -> Result<(&'static str, u64), String> {
     let (name, n) = item
         .split_once('=')
         .ok_or_else(|| format!("`{item}`: expected NAME=N, e.g. cmp_attn_mma=512"))?;
-    let field = SPLIT_FIELDS
+    let names = nsa_wgpu::SplitTargets::default()
+        .named_mut()
+        .map(|(branch, _)| branch);
+    let branch = names
         .iter()
-        .find(|(s, _)| *s == name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = SPLIT_FIELDS.iter().map(|(s, _)| *s).collect();
-            format!("`{name}`: split targets are for {}", names.join(", "))
-        })?;
+        .find(|&&branch| branch == name)
+        .ok_or_else(|| format!("`{name}`: split targets are for {}", names.join(", ")))?;
     let n = n
         .parse()
         .map_err(|e| format!("`{n}` (the workgroups {name} aims for): {e}"))?;
-    Ok((field.1, n))
+    Ok((branch, n))
 }
 
 /// The default split targets with `items` (--split-target) in their place.
-fn split_targets(items: &[(SplitField, u64)]) -> nsa_wgpu::SplitTargets {
+fn split_targets(items: &[(&'static str, u64)]) -> nsa_wgpu::SplitTargets {
     let mut t = nsa_wgpu::SplitTargets::default();
-    for &(field, n) in items {
-        *field(&mut t) = n;
+    for &(name, n) in items {
+        for (branch, target) in t.named_mut() {
+            if branch == name {
+                *target = n;
+            }
+        }
     }
     t
 }

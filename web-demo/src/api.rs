@@ -5,7 +5,7 @@ use js_sys::{Array, Float32Array, Int32Array, Object, Reflect};
 use nsa_wgpu::cpu;
 use nsa_wgpu::{
     CacheOptions, Compression, GpuContext, LinearWeights, NsaCache, NsaConfig, NsaInputs,
-    NsaOutputs, NsaPipeline, OutputRequest, Precision, SeqChunk, Shape,
+    NsaOutputs, NsaPipeline, OutputRequest, Precision, SeqChunk, Shape, SplitTargets,
 };
 use wasm_bindgen::prelude::*;
 
@@ -64,6 +64,51 @@ fn compression(opts: &JsValue) -> Result<Compression, JsError> {
             "option `compression` must be \"mean\" or \"linear\", got {v:?}"
         ))),
     }
+}
+
+/// A branch's name in the `splitTargets` option: `SplitTargets::named_mut`'s (the CLI's
+/// `--split-target` names) in camel case, `cmp_attn_mma` as `cmpAttnMma`.
+fn camel(name: &str) -> String {
+    let mut parts = name.split('_');
+    let mut out = parts.next().unwrap_or_default().to_string();
+    for part in parts {
+        let mut chars = part.chars();
+        out.extend(chars.next().map(|c| c.to_ascii_uppercase()));
+        out.push_str(chars.as_str());
+    }
+    out
+}
+
+/// The `splitTargets` option: `{cmpAttn, cmpAttnMma, slcAttn, winAttn}`, the workgroups each
+/// attention branch aims for in calls of few row groups (decode steps), any of them left
+/// out keeping its default (`SplitTargets::default()`, chosen on an H200); 0 splits none.
+/// Results do not change, only how the work is split.
+fn split_targets(opts: &JsValue) -> Result<SplitTargets, JsError> {
+    let v = Reflect::get(opts, &JsValue::from_str("splitTargets")).unwrap_or(JsValue::UNDEFINED);
+    let mut targets = SplitTargets::default();
+    if v.is_undefined() {
+        return Ok(targets);
+    }
+    let names: Vec<String> = targets.named_mut().map(|(n, _)| camel(n)).into();
+    if !v.is_object() {
+        return Err(JsError::new(&format!(
+            "option `splitTargets` must be an object with some of {}, got {v:?}",
+            names.join(", ")
+        )));
+    }
+    for key in Object::keys(v.unchecked_ref::<Object>()).iter() {
+        let key = key.as_string().unwrap_or_default();
+        if !names.contains(&key) {
+            return Err(JsError::new(&format!(
+                "option `splitTargets` has no target `{key}`: the targets are {}",
+                names.join(", ")
+            )));
+        }
+    }
+    for (name, target) in targets.named_mut() {
+        *target = get_usize(&v, &camel(name), *target as usize)? as u64;
+    }
+    Ok(targets)
 }
 
 /// A call's per-token tensors, copied out of JavaScript: q, k, v, gates and any per-branch
@@ -208,7 +253,9 @@ impl NsaSession {
     /// WebGPU adapter and compiles the kernels. Missing config fields take the paper's
     /// defaults; `compression` is `"mean"` (default) or `"linear"` (then `setLinearWeights`
     /// before a run); `precision` is `"f32"` (default), `"f16"` (storage, where the adapter
-    /// has `shader-f16`) or `"auto"`.
+    /// has `shader-f16`) or `"auto"`; `splitTargets` is `{cmpAttn, cmpAttnMma, slcAttn,
+    /// winAttn}`, the workgroups each attention branch of a decode step aims for (for tuning
+    /// to a GPU; results do not change).
     pub async fn create(opts: JsValue) -> Result<NsaSession, JsError> {
         console_error_panic_hook::set_once();
         let d = NsaConfig::default();
@@ -234,8 +281,10 @@ impl NsaSession {
             get_usize(&opts, "dv", 32)?,
         );
         shape.validate().map_err(err)?;
+        let targets = split_targets(&opts)?;
         let ctx = GpuContext::new().await.map_err(err)?;
-        let pipe = NsaPipeline::new(&ctx).await.map_err(err)?;
+        let mut pipe = NsaPipeline::new(&ctx).await.map_err(err)?;
+        pipe.set_split_targets(targets);
         let precision = precision(&opts, &pipe)?;
         pipe.plan(&config, &shape).map_err(err)?;
         Ok(NsaSession {
@@ -256,8 +305,8 @@ impl NsaSession {
     }
 
     /// `{t, hq, hkv, dk, dv, cmpBlock, cmpStride, selBlock, topN, window, nCmp, precision,
-    /// compression}` of the session (`precision`: `"f32"` or `"f16"`, what `"auto"` resolved
-    /// to).
+    /// compression, splitTargets}` of the session (`precision`: `"f32"` or `"f16"`, what
+    /// `"auto"` resolved to; `splitTargets`: every target the plans use).
     pub fn layout(&self) -> Object {
         let (s, c) = (&self.shape, &self.config);
         let o = Object::new();
@@ -288,6 +337,12 @@ impl NsaSession {
             Compression::Linear => "linear",
         };
         set(&o, "compression", comp);
+        let mut targets = self.pipe.limits().split_targets;
+        let t = Object::new();
+        for (name, target) in targets.named_mut() {
+            set(&t, &camel(name), *target as f64);
+        }
+        set(&o, "splitTargets", t);
         o
     }
 

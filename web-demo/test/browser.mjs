@@ -170,7 +170,20 @@ try {
     let badCu = "";
     try { await s.runPacked(packedBatch([0, 120, 120, 200])); } catch (e) { badCu = String(e.message || e); }
     const packed = { n: pr.out.length, worst: packedWorst, mismatches: packedMismatches, prefixWorst, badCu };
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed, branches };
+    // Split targets: the plans take them (layout), decode steps give the same rows; a name
+    // that is not a target, or a value that is not an object, is refused.
+    const sp = await window.nsaWgpu.createSession({ ...opts, splitTargets: { cmpAttn: 0, slcAttn: 3, winAttn: 0 } });
+    await sp.decodeStep(rows(inp.q, 64, 0, 150), rows(inp.k, 32, 0, 150), rows(inp.v, 24, 0, 150), rows(inp.gates, 12, 0, 150));
+    let splitWorst = 0;
+    for (let p = 150; p < 155; p++) {
+      const r = await sp.decodeStep(rows(inp.q, 64, p, p + 1), rows(inp.k, 32, p, p + 1), rows(inp.v, 24, p, p + 1), rows(inp.gates, 12, p, p + 1));
+      for (let i = 0; i < 48; i++) splitWorst = Math.max(splitWorst, Math.abs(r.out[i] - gpu.out[p * 48 + i]));
+    }
+    let splitName = "", splitType = "";
+    try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { cmp_attn: 4 } }); } catch (e) { splitName = String(e.message || e); }
+    try { await window.nsaWgpu.createSession({ ...opts, splitTargets: 4 }); } catch (e) { splitType = String(e.message || e); }
+    const split = { set: sp.layout().splitTargets, defaults: s.layout().splitTargets, worst: splitWorst, name: splitName, type: splitType };
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed, branches, split };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -202,6 +215,11 @@ try {
     `${pk.mismatches} block indices differ, first sequence vs the full run ${pk.prefixWorst.toExponential(2)}`);
   if (!(pk.n === 9600 && pk.worst <= 1e-4 && pk.mismatches === 0 && pk.prefixWorst <= 1e-4)) fail(`packed sequences: ${JSON.stringify(pk)}`);
   if (!pk.badCu.includes("cu_seqlens")) fail(`bad offsets were not refused clearly: "${pk.badCu}"`);
+  const sp = api.split;
+  console.log(`split targets: ${JSON.stringify(sp.set)} (defaults ${JSON.stringify(sp.defaults)}), decode max abs ${sp.worst.toExponential(2)} vs the default run`);
+  const want = { cmpAttn: 0, cmpAttnMma: sp.defaults.cmpAttnMma, slcAttn: 3, winAttn: 0 };
+  if (JSON.stringify(sp.set) !== JSON.stringify(want) || sp.defaults.cmpAttn !== 512 || !(sp.worst <= 1e-4)) fail(`split targets: ${JSON.stringify(sp)}`);
+  if (!sp.name.includes("no target `cmp_attn`") || !sp.type.includes("must be an object")) fail(`bad split targets were not refused clearly: ${JSON.stringify(sp)}`);
   console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
   if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
