@@ -104,6 +104,13 @@ fn split_targets(opts: &JsValue) -> Result<SplitTargets, JsError> {
                 names.join(", ")
             )));
         }
+        // A value that is no number (get_usize would take it for a missing one).
+        let val = Reflect::get(&v, &JsValue::from_str(&key)).unwrap_or(JsValue::UNDEFINED);
+        if val.as_f64().is_none() {
+            return Err(JsError::new(&format!(
+                "option `splitTargets.{key}` must be a non-negative integer, got {val:?}"
+            )));
+        }
     }
     for (name, target) in targets.named_mut() {
         *target = get_usize(&v, &camel(name), *target as usize)? as u64;

@@ -171,7 +171,8 @@ try {
     try { await s.runPacked(packedBatch([0, 120, 120, 200])); } catch (e) { badCu = String(e.message || e); }
     const packed = { n: pr.out.length, worst: packedWorst, mismatches: packedMismatches, prefixWorst, badCu };
     // Split targets: the plans take them (layout), decode steps give the same rows; a name
-    // that is not a target, or a value that is not an object, is refused.
+    // that is not a target, a value that is not an object, or a target that is not a
+    // number, is refused.
     const sp = await window.nsaWgpu.createSession({ ...opts, splitTargets: { cmpAttn: 0, slcAttn: 3, winAttn: 0 } });
     await sp.decodeStep(rows(inp.q, 64, 0, 150), rows(inp.k, 32, 0, 150), rows(inp.v, 24, 0, 150), rows(inp.gates, 12, 0, 150));
     let splitWorst = 0;
@@ -179,10 +180,11 @@ try {
       const r = await sp.decodeStep(rows(inp.q, 64, p, p + 1), rows(inp.k, 32, p, p + 1), rows(inp.v, 24, p, p + 1), rows(inp.gates, 12, p, p + 1));
       for (let i = 0; i < 48; i++) splitWorst = Math.max(splitWorst, Math.abs(r.out[i] - gpu.out[p * 48 + i]));
     }
-    let splitName = "", splitType = "";
+    let splitName = "", splitType = "", splitValue = "";
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { cmp_attn: 4 } }); } catch (e) { splitName = String(e.message || e); }
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: 4 }); } catch (e) { splitType = String(e.message || e); }
-    const split = { set: sp.layout().splitTargets, defaults: s.layout().splitTargets, worst: splitWorst, name: splitName, type: splitType };
+    try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { winAttn: "64" } }); } catch (e) { splitValue = String(e.message || e); }
+    const split = { set: sp.layout().splitTargets, defaults: s.layout().splitTargets, worst: splitWorst, name: splitName, type: splitType, value: splitValue };
     return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed, branches, split };
   });
   console.log(`adapter: ${api.adapter}`);
@@ -219,7 +221,7 @@ try {
   console.log(`split targets: ${JSON.stringify(sp.set)} (defaults ${JSON.stringify(sp.defaults)}), decode max abs ${sp.worst.toExponential(2)} vs the default run`);
   const want = { cmpAttn: 0, cmpAttnMma: sp.defaults.cmpAttnMma, slcAttn: 3, winAttn: 0 };
   if (JSON.stringify(sp.set) !== JSON.stringify(want) || sp.defaults.cmpAttn !== 512 || !(sp.worst <= 1e-4)) fail(`split targets: ${JSON.stringify(sp)}`);
-  if (!sp.name.includes("no target `cmp_attn`") || !sp.type.includes("must be an object")) fail(`bad split targets were not refused clearly: ${JSON.stringify(sp)}`);
+  if (!sp.name.includes("no target `cmp_attn`") || !sp.type.includes("must be an object") || !sp.value.includes("splitTargets.winAttn` must be a non-negative integer")) fail(`bad split targets were not refused clearly: ${JSON.stringify(sp)}`);
   console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
   if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
