@@ -98,22 +98,26 @@ fn split_targets(opts: &JsValue) -> Result<SplitTargets, JsError> {
     }
     for key in Object::keys(v.unchecked_ref::<Object>()).iter() {
         let key = key.as_string().unwrap_or_default();
-        if !names.contains(&key) {
-            return Err(JsError::new(&format!(
-                "option `splitTargets` has no target `{key}`: the targets are {}",
-                names.join(", ")
-            )));
-        }
-        // A value that is no number (get_usize would take it for a missing one).
+        let target = targets
+            .named_mut()
+            .into_iter()
+            .find(|(name, _)| camel(name) == key)
+            .map(|(_, target)| target)
+            .ok_or_else(|| {
+                JsError::new(&format!(
+                    "option `splitTargets` has no target `{key}`: the targets are {}",
+                    names.join(", ")
+                ))
+            })?;
         let val = Reflect::get(&v, &JsValue::from_str(&key)).unwrap_or(JsValue::UNDEFINED);
-        if val.as_f64().is_none() {
-            return Err(JsError::new(&format!(
-                "option `splitTargets.{key}` must be a non-negative integer, got {val:?}"
-            )));
-        }
-    }
-    for (name, target) in targets.named_mut() {
-        *target = get_usize(&v, &camel(name), *target as usize)? as u64;
+        *target = val
+            .as_f64()
+            .filter(|n| *n >= 0.0 && n.fract() == 0.0)
+            .ok_or_else(|| {
+                JsError::new(&format!(
+                    "option `splitTargets.{key}` must be a non-negative integer, got {val:?}"
+                ))
+            })? as u64;
     }
     Ok(targets)
 }

@@ -184,6 +184,7 @@ try {
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { cmp_attn: 4 } }); } catch (e) { splitName = String(e.message || e); }
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: 4 }); } catch (e) { splitType = String(e.message || e); }
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { winAttn: "64" } }); } catch (e) { splitValue = String(e.message || e); }
+    try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { slcAttn: -1 } }); } catch (e) { splitValue += ` | ${String(e.message || e)}`; }
     const split = { set: sp.layout().splitTargets, defaults: s.layout().splitTargets, worst: splitWorst, name: splitName, type: splitType, value: splitValue };
     return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed, branches, split };
   });
@@ -221,7 +222,7 @@ try {
   console.log(`split targets: ${JSON.stringify(sp.set)} (defaults ${JSON.stringify(sp.defaults)}), decode max abs ${sp.worst.toExponential(2)} vs the default run`);
   const want = { cmpAttn: 0, cmpAttnMma: sp.defaults.cmpAttnMma, slcAttn: 3, winAttn: 0 };
   if (JSON.stringify(sp.set) !== JSON.stringify(want) || sp.defaults.cmpAttn !== 512 || !(sp.worst <= 1e-4)) fail(`split targets: ${JSON.stringify(sp)}`);
-  if (!sp.name.includes("no target `cmp_attn`") || !sp.type.includes("must be an object") || !sp.value.includes("splitTargets.winAttn` must be a non-negative integer")) fail(`bad split targets were not refused clearly: ${JSON.stringify(sp)}`);
+  if (!sp.name.includes("no target `cmp_attn`") || !sp.type.includes("must be an object") || !sp.value.includes("splitTargets.winAttn` must be a non-negative integer") || !sp.value.includes("splitTargets.slcAttn` must be a non-negative integer")) fail(`bad split targets were not refused clearly: ${JSON.stringify(sp)}`);
   console.log(`worker: max abs error ${api.workerWorst.toExponential(2)}, ${api.workerMismatches} block indices differ`);
   if (!(api.workerWorst <= 1e-4) || api.workerMismatches !== 0) fail("the Web Worker's result differs from the reference");
 
