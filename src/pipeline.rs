@@ -111,6 +111,7 @@ impl GpuContext {
         // The optional features the crate can use, where the adapter has them.
         let mut wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
             | wgpu::Features::SHADER_F16
             | wgpu::Features::SUBGROUP;
         let coop_f16 = adapter.cooperative_matrix_properties().iter().any(|p| {

@@ -93,6 +93,54 @@ impl StepTimer {
     }
 }
 
+/// The device's copy bandwidth in GB/s, bytes read plus written (as `torch_baselines.py`
+/// measures CUDA's from a 1 GiB `copy_`): the median of `iters` copies of `bytes` bytes
+/// (at most `max_buffer_size`) from one buffer to another (`copy_buffer_to_buffer`, each
+/// between two timestamps written into the encoder), after three untimed ones, in one
+/// submission. `None` where the device lacks `TIMESTAMP_QUERY_INSIDE_ENCODERS`, `iters` is
+/// 0 or the copies time as taking no time; [`NsaError::Gpu`] when it cannot hold the two
+/// buffers.
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Result<Option<f64>> {
+    let needs = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+    let Some(timer) = StepTimer::new(ctx, iters).filter(|_| ctx.device.features().contains(needs))
+    else {
+        return Ok(None);
+    };
+    // Copies move multiples of 4 bytes.
+    let bytes = bytes.min(ctx.device.limits().max_buffer_size) / 4 * 4;
+    let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let buffer = |label, usage| {
+        ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        })
+    };
+    let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let (src, dst) = (buffer("nsa.copy.src", copy), buffer("nsa.copy.dst", copy));
+    if let Some(e) = oom.pop().await {
+        return Err(NsaError::Gpu(format!(
+            "the copy's {bytes}-byte buffers: {e}"
+        )));
+    }
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.clear_buffer(&src, 0, None);
+    for _ in 0..3 {
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+    }
+    for i in 0..iters as u32 {
+        enc.write_timestamp(timer.query_set(), 2 * i);
+        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        enc.write_timestamp(timer.query_set(), 2 * i + 1);
+    }
+    let staging = timer.resolve(ctx, &mut enc, iters);
+    ctx.queue.submit([enc.finish()]);
+    let ms = median(StepTimer::read(ctx, staging).await?);
+    Ok((ms > 0.0).then(|| 2.0 * bytes as f64 / (ms * 1e-3) / 1e9))
+}
+
 /// The median of `v` (the upper one of an even count). `v` must not be empty.
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

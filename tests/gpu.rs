@@ -1495,6 +1495,41 @@ fn time_plan_runs_after_a_warmer() {
 }
 
 #[test]
+fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
+    // `nsa bench --decode`'s copy bandwidth: where the device takes timestamps inside
+    // encoders (lavapipe does), a positive, finite figure, also for a size that is no
+    // multiple of 4 (rounded down) and, on a device whose buffers may hold 8 MiB at most,
+    // for 64 MiB (capped: an uncapped buffer would be a validation error); no timed
+    // copies, no figure.
+    use nsa_wgpu::profile::copy_bandwidth;
+    let opts = nsa_wgpu::AdapterOptions {
+        limits: Some(wgpu::Limits {
+            max_buffer_size: 8 << 20,
+            ..wgpu::Limits::default()
+        }),
+        ..Default::default()
+    };
+    let capped = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
+    assert_eq!(capped.device.limits().max_buffer_size, 8 << 20);
+    for (ctx, bytes) in [(pipeline().context(), (1 << 20) + 3), (&capped, 64 << 20)] {
+        let timed = ctx.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        );
+        let gbps = pollster::block_on(copy_bandwidth(ctx, bytes, 3)).expect("copy");
+        if timed {
+            let g = gbps.expect("a figure where the device has the feature");
+            assert!(g.is_finite() && g > 0.0, "{bytes} bytes: {g} GB/s");
+        } else {
+            assert_eq!(gbps, None);
+        }
+        assert_eq!(
+            pollster::block_on(copy_bandwidth(ctx, bytes, 0)).unwrap(),
+            None
+        );
+    }
+}
+
+#[test]
 fn timed_passes_leave_out_what_they_are_told_and_plain_encodes_do_not() {
     // `nsa bench --leave-out`'s diagnostic (NsaPipeline::set_timed_leave_out): a timed pass
     // records no dispatch of the named kernels, here the window and the merge, one of which

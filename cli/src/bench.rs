@@ -69,6 +69,8 @@ pub struct BenchArgs {
     precision: crate::Precision,
     /// The device's copy bandwidth in GB/s (bytes read + written), e.g. from
     /// torch_baselines.py in the same run; --decode reports the step's bandwidth against it.
+    /// Without it --decode measures it: 1 GiB copied between two buffers (16 MiB with
+    /// --quick), timed with timestamps written into the encoder, where the adapter has them.
     #[arg(long)]
     copy_gbps: Option<f64>,
     /// Batch sizes for --decode (comma-separated).
@@ -750,6 +752,43 @@ fn device_steps(
     Ok(median(ms))
 }
 
+/// The copy bandwidth the decode table holds steps against, and how the header states it:
+/// --copy-gbps, or measured here (`nsa_wgpu::profile::copy_bandwidth`, on a warmed GPU where
+/// the timing warms it), or neither, saying why.
+fn copy_bandwidth(
+    pipe: &NsaPipeline,
+    args: &BenchArgs,
+    warm: Option<&Warmer>,
+) -> (Option<f64>, String) {
+    if let Some(g) = args.copy_gbps {
+        return (Some(g), format!("{g:.0} GB/s (given)"));
+    }
+    let (mib, iters) = if args.quick { (16, 3) } else { (1024, 10) };
+    let measured = warm
+        .map_or(Ok(()), |w| w.warm())
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            pollster::block_on(nsa_wgpu::profile::copy_bandwidth(
+                pipe.context(),
+                mib << 20,
+                iters,
+            ))
+            .map_err(|e| e.to_string())
+        });
+    match measured {
+        Ok(Some(g)) => (
+            Some(g),
+            format!("{g:.0} GB/s (measured: {mib} MiB copied between two buffers, median of {iters}; --copy-gbps to give it)"),
+        ),
+        Ok(None) => (
+            None,
+            "not measured (the adapter lacks timestamps inside encoders, or they read 0; --copy-gbps gives it)"
+                .into(),
+        ),
+        Err(e) => (None, format!("not measured ({e}; --copy-gbps gives it)")),
+    }
+}
+
 fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     use nsa_wgpu::{OutputRequest, SeqChunk};
     let (lengths, batches) = if args.quick {
@@ -763,10 +802,10 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
     let ctx = pipe.context();
     let cfg = args.config.config()?;
     let precision = args.precision.resolve(&pipe)?;
+    let (copy_gbps, copy_note) = copy_bandwidth(&pipe, args, warm.as_ref());
     println!(
-        "NSA decode step ({}) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {}",
+        "NSA decode step ({}) vs dense decode, Hq={hq} Hkv={hkv} Dk={dk} Dv={dv}, {precision:?} cache, median of {iters}; copy bandwidth {copy_note}",
         describe(&cfg),
-        args.copy_gbps.map_or("not given (--copy-gbps)".into(), |g| format!("{g:.0} GB/s"))
     );
     println!("| B | cache length | compress / cmp_attn / select / slc_attn / win+combine (ms) | NSA step | dense decode | dense/NSA | bytes the step must read | achieved | of copy bandwidth | host round trip | from GPU buffers, {LAYERS} per submission | chains (NSA / dense) |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -919,7 +958,7 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
                 dense / nsa,
                 bytes / 1e6,
                 achieved / 1e9,
-                args.copy_gbps.map_or("-".into(), |g| format!("{:.1}%", 100.0 * achieved / (g * 1e9))),
+                copy_gbps.map_or("-".into(), |g| format!("{:.1}%", 100.0 * achieved / (g * 1e9))),
                 if nsa_chains > 0 { nsa_chains.to_string() } else { "-".into() },
                 dplan.chains(),
             );

@@ -559,6 +559,41 @@ fn decode_bench_with_an_f16_cache_says_so() {
     assert!(!out.contains("-0.000"), "{out}");
 }
 
+#[test]
+fn decode_bench_measures_the_copy_bandwidth_unless_given() {
+    // Without --copy-gbps the header gives the copy bandwidth measured in the run (16 MiB
+    // with --quick) where the adapter times copies, and every row its share of it; with
+    // it, the given figure.
+    let share_cells = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 2 |"))
+            .map(|l| l.split('|').nth(9).unwrap().trim().to_string())
+            .collect()
+    };
+    let r = nsa(&["bench", "--decode", "--quick"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    let cells = share_cells(&out);
+    assert_eq!(cells.len(), 4, "{out}");
+    if out.contains("copy bandwidth not measured (") {
+        assert!(cells.iter().all(|c| c == "-"), "{out}");
+    } else {
+        let gbps: f64 = out
+            .split("copy bandwidth ")
+            .nth(1)
+            .and_then(|t| t.split(" GB/s (measured: 16 MiB copied").next())
+            .and_then(|g| g.parse().ok())
+            .unwrap_or_else(|| panic!("no measured copy bandwidth:\n{out}"));
+        assert!(gbps > 0.0, "{out}");
+        assert!(cells.iter().all(|c| c.ends_with('%')), "{out}");
+    }
+    let r = nsa(&["bench", "--decode", "--quick", "--copy-gbps", "123"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let out = String::from_utf8_lossy(&r.stdout);
+    assert!(out.contains("copy bandwidth 123 GB/s (given)"), "{out}");
+    assert!(share_cells(&out).iter().all(|c| c.ends_with('%')), "{out}");
+}
+
 /// `nsa run` with the branch outputs, SMALL's blocks and a 24-key window.
 fn small_run(input: &str, out: &str, extra: &[&str]) -> Output {
     let mut args = vec![
