@@ -94,17 +94,21 @@ impl StepTimer {
 }
 
 /// The device's copy bandwidth in GB/s, bytes read plus written (as `torch_baselines.py`
-/// measures CUDA's from a 1 GiB `copy_`): the median of `iters` copies of `bytes` bytes
-/// (at most `max_buffer_size`) from one buffer to another (`copy_buffer_to_buffer`, each
-/// between two timestamps written into the encoder), after three untimed ones, in one
-/// submission. `None` where the device lacks `TIMESTAMP_QUERY_INSIDE_ENCODERS`, `iters` is
+/// measures CUDA's from a 1 GiB `copy_`): the median of `iters` (at most 2048, half a query
+/// set's limit) copies of `bytes` bytes (at most `max_buffer_size`) from one buffer to
+/// another (`copy_buffer_to_buffer`, each between two timestamps written into the encoder),
+/// after three untimed ones, in one submission. `None` where the device lacks `TIMESTAMP_QUERY_INSIDE_ENCODERS`, `iters` is
 /// 0 or the copies time as taking no time; [`NsaError::Gpu`] when it cannot hold the two
 /// buffers.
 #[cfg(not(target_arch = "wasm32"))]
 pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Result<Option<f64>> {
     let needs = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-    let Some(timer) = StepTimer::new(ctx, iters).filter(|_| ctx.device.features().contains(needs))
-    else {
+    if !ctx.device.features().contains(needs) {
+        return Ok(None);
+    }
+    // Two timestamps per copy.
+    let iters = iters.min(wgpu::QUERY_SET_MAX_QUERIES as usize / 2);
+    let Some(timer) = StepTimer::new(ctx, iters) else {
         return Ok(None);
     };
     // Copies move multiples of 4 bytes.

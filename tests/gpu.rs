@@ -1500,7 +1500,7 @@ fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
     // encoders (lavapipe does), a positive, finite figure, also for a size that is no
     // multiple of 4 (rounded down) and, on a device whose buffers may hold 8 MiB at most,
     // for 64 MiB (capped: an uncapped buffer would be a validation error); no timed
-    // copies, no figure.
+    // copies, no figure; more copies than a query set holds, capped.
     use nsa_wgpu::profile::copy_bandwidth;
     let opts = nsa_wgpu::AdapterOptions {
         limits: Some(wgpu::Limits {
@@ -1527,6 +1527,13 @@ fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
             None
         );
     }
+    // More copies than a query set has room for: capped at 2048 (two timestamps each).
+    let ctx = pipeline().context();
+    let many = pollster::block_on(copy_bandwidth(ctx, 4096, 5000)).expect("copy");
+    let timed = ctx.device.features().contains(
+        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+    );
+    assert_eq!(many.is_some(), timed);
 }
 
 #[test]
