@@ -97,9 +97,9 @@ impl StepTimer {
 /// measures CUDA's from a 1 GiB `copy_`): the median of `iters` (at most 2048, half a query
 /// set's limit) copies of `bytes` bytes (at most `max_buffer_size`) from one buffer to
 /// another (`copy_buffer_to_buffer`, each between two timestamps written into the encoder),
-/// after three untimed ones, in one submission. `None` where the device lacks `TIMESTAMP_QUERY_INSIDE_ENCODERS`, `iters` is
-/// 0 or the copies time as taking no time; [`NsaError::Gpu`] when it cannot hold the two
-/// buffers.
+/// after three untimed ones, in one submission. `None` where the device lacks
+/// `TIMESTAMP_QUERY_INSIDE_ENCODERS`, `iters` is 0 or the copies time as taking no time;
+/// [`NsaError::Gpu`] when it cannot hold the two buffers.
 #[cfg(not(target_arch = "wasm32"))]
 pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Result<Option<f64>> {
     let needs = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;

@@ -1502,6 +1502,11 @@ fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
     // for 64 MiB (capped: an uncapped buffer would be a validation error); no timed
     // copies, no figure; more copies than a query set holds, capped.
     use nsa_wgpu::profile::copy_bandwidth;
+    let timed = |ctx: &nsa_wgpu::GpuContext| {
+        ctx.device.features().contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
+    };
     let opts = nsa_wgpu::AdapterOptions {
         limits: Some(wgpu::Limits {
             max_buffer_size: 8 << 20,
@@ -1512,11 +1517,8 @@ fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
     let capped = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
     assert_eq!(capped.device.limits().max_buffer_size, 8 << 20);
     for (ctx, bytes) in [(pipeline().context(), (1 << 20) + 3), (&capped, 64 << 20)] {
-        let timed = ctx.device.features().contains(
-            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
-        );
         let gbps = pollster::block_on(copy_bandwidth(ctx, bytes, 3)).expect("copy");
-        if timed {
+        if timed(ctx) {
             let g = gbps.expect("a figure where the device has the feature");
             assert!(g.is_finite() && g > 0.0, "{bytes} bytes: {g} GB/s");
         } else {
@@ -1530,10 +1532,7 @@ fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
     // More copies than a query set has room for: capped at 2048 (two timestamps each).
     let ctx = pipeline().context();
     let many = pollster::block_on(copy_bandwidth(ctx, 4096, 5000)).expect("copy");
-    let timed = ctx.device.features().contains(
-        wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
-    );
-    assert_eq!(many.is_some(), timed);
+    assert_eq!(many.is_some(), timed(ctx));
 }
 
 #[test]

@@ -188,7 +188,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     pipe.set_kept_scores(args.kept_mib << 20);
     pipe.set_split_select(args.split_select);
     pipe.set_timed_leave_out(&args.leave_out);
-    let targets = split_targets(&args.split_target);
+    let mut targets = split_targets(&args.split_target);
     pipe.set_split_targets(targets);
     let on = |b: bool| if b { "on" } else { "off" };
     println!(
@@ -203,10 +203,8 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
         if args.split_select { "split and merged" } else { "one workgroup per row" }
     );
     if !args.split_target.is_empty() {
-        println!(
-            "split targets (workgroups): cmp_attn {}, cmp_attn_mma {}, slc_attn {}, win_attn {}",
-            targets.compressed, targets.compressed_mma, targets.selected, targets.window
-        );
+        let named = targets.named_mut().map(|(name, n)| format!("{name} {n}"));
+        println!("split targets (workgroups): {}", named.join(", "));
     }
     if !args.leave_out.is_empty() {
         let names: Vec<&str> = args.leave_out.iter().map(|k| k.name()).collect();
