@@ -93,26 +93,55 @@ impl StepTimer {
     }
 }
 
-/// The device's copy bandwidth in GB/s, bytes read plus written (as `torch_baselines.py`
-/// measures CUDA's from a 1 GiB `copy_`): the median of `iters` (at most 2048, half a query
-/// set's limit) copies of `bytes` bytes (at most `max_buffer_size`) from one buffer to
-/// another (`copy_buffer_to_buffer`, each between two timestamps written into the encoder),
-/// after three untimed ones, in one submission. `None` where the device lacks
-/// `TIMESTAMP_QUERY_INSIDE_ENCODERS`, `iters` is 0 or the copies time as taking no time;
-/// [`NsaError::Gpu`] when it cannot hold the two buffers.
-#[cfg(not(target_arch = "wasm32"))]
-pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Result<Option<f64>> {
-    let needs = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
-    if !ctx.device.features().contains(needs) {
-        return Ok(None);
+/// The device's copy bandwidth, measured two ways, in GB/s counting bytes read plus written
+/// (as `torch_baselines.py` counts CUDA's from a 1 GiB `copy_`); see [`copy_bandwidth`].
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CopyBandwidth {
+    /// A compute kernel copying 16-byte words (`shaders/copy.wgsl`), each copy in a pass
+    /// of its own between the pass's timestamps: what kernels can move, as a CUDA copy
+    /// kernel measures it. `None` where the device lacks `TIMESTAMP_QUERY`.
+    pub kernel: Option<f64>,
+    /// `copy_buffer_to_buffer`, each copy between two timestamps written into the encoder.
+    /// `None` where the device lacks `TIMESTAMP_QUERY_INSIDE_ENCODERS`. On an H200
+    /// (Vulkan) this read 850 GB/s where the kernel moves several times that.
+    pub transfer: Option<f64>,
+}
+
+impl CopyBandwidth {
+    /// The faster of the two ways: the device's copy bandwidth.
+    pub fn best(&self) -> Option<f64> {
+        match (self.kernel, self.transfer) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
     }
+}
+
+/// The device's copy bandwidth ([`CopyBandwidth`]): for each way, the median of `iters`
+/// (at most 2048, half a query set's limit) copies of `bytes` bytes (rounded down to 16
+/// bytes, at most `max_buffer_size` and, for the kernel, `max_storage_buffer_binding_size`)
+/// from one buffer to another, after three untimed ones, in one submission per way. A way
+/// the device cannot time, or whose copies time as taking no time, is `None`, as both are
+/// when `iters` is 0. [`NsaError::Gpu`] when the device cannot hold the two buffers, and
+/// when the kernel's copy is wrong (its first and last words are checked).
+#[cfg(not(target_arch = "wasm32"))]
+pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Result<CopyBandwidth> {
+    let features = ctx.device.features();
+    let limits = ctx.device.limits();
     // Two timestamps per copy.
     let iters = iters.min(wgpu::QUERY_SET_MAX_QUERIES as usize / 2);
-    let Some(timer) = StepTimer::new(ctx, iters) else {
-        return Ok(None);
-    };
-    // Copies move multiples of 4 bytes.
-    let bytes = bytes.min(ctx.device.limits().max_buffer_size) / 4 * 4;
+    let timed = |needs: wgpu::Features| iters > 0 && features.contains(needs);
+    let by_kernel = timed(wgpu::Features::TIMESTAMP_QUERY);
+    let by_transfer =
+        timed(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+    let mut cap = limits.max_buffer_size;
+    if by_kernel {
+        cap = cap.min(limits.max_storage_buffer_binding_size);
+    }
+    let bytes = bytes.min(cap) / 16 * 16;
+    if bytes == 0 || !(by_kernel || by_transfer) {
+        return Ok(CopyBandwidth::default());
+    }
     let oom = ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let buffer = |label, usage| {
         ctx.device.create_buffer(&wgpu::BufferDescriptor {
@@ -122,27 +151,138 @@ pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Resul
             mapped_at_creation: false,
         })
     };
-    let copy = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-    let (src, dst) = (buffer("nsa.copy.src", copy), buffer("nsa.copy.dst", copy));
+    let usage =
+        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE;
+    let (src, dst) = (buffer("nsa.copy.src", usage), buffer("nsa.copy.dst", usage));
     if let Some(e) = oom.pop().await {
         return Err(NsaError::Gpu(format!(
             "the copy's {bytes}-byte buffers: {e}"
         )));
     }
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    enc.clear_buffer(&src, 0, None);
-    for _ in 0..3 {
-        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+    let gbps = |ms: f64| (ms > 0.0).then(|| 2.0 * bytes as f64 / (ms * 1e-3) / 1e9);
+    let mut out = CopyBandwidth::default();
+    if by_kernel {
+        out.kernel = gbps(copy_kernel(ctx, &src, &dst, bytes, iters).await?);
     }
-    for i in 0..iters as u32 {
-        enc.write_timestamp(timer.query_set(), 2 * i);
-        enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
-        enc.write_timestamp(timer.query_set(), 2 * i + 1);
+    if by_transfer {
+        let timer = StepTimer::new(ctx, iters).expect("the device has timestamps");
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        for _ in 0..3 {
+            enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+        }
+        for i in 0..iters as u32 {
+            enc.write_timestamp(timer.query_set(), 2 * i);
+            enc.copy_buffer_to_buffer(&src, 0, &dst, 0, bytes);
+            enc.write_timestamp(timer.query_set(), 2 * i + 1);
+        }
+        let staging = timer.resolve(ctx, &mut enc, iters);
+        ctx.queue.submit([enc.finish()]);
+        out.transfer = gbps(median(StepTimer::read(ctx, staging).await?));
+    }
+    Ok(out)
+}
+
+/// [`copy_bandwidth`]'s kernel: the median time in ms of `iters` (>= 1) copies of `src`
+/// into `dst` (`bytes` each, a multiple of 16) by `shaders/copy.wgsl`, after three untimed
+/// ones; then the first and last 16 bytes of `dst` are read back and held against what
+/// was written into `src` there (`dst` held other bytes before).
+#[cfg(not(target_arch = "wasm32"))]
+async fn copy_kernel(
+    ctx: &GpuContext,
+    src: &wgpu::Buffer,
+    dst: &wgpu::Buffer,
+    bytes: u64,
+    iters: usize,
+) -> Result<f64> {
+    const WG: u32 = 256;
+    let device = &ctx.device;
+    // SAFETY: every index is below WORDS, the words both buffers (bound whole) hold, and
+    // the one loop advances by at least WG words up to it, far below u32's end (bindings
+    // hold less than 2^32 bytes).
+    let module = unsafe {
+        device.create_shader_module_trusted(
+            wgpu::ShaderModuleDescriptor {
+                label: Some("nsa.copy"),
+                source: wgpu::ShaderSource::Wgsl(crate::shaders::COPY.into()),
+            },
+            wgpu::ShaderRuntimeChecks::unchecked(),
+        )
+    };
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("nsa.copy"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &[("WG", WG as f64), ("WORDS", (bytes / 16) as f64)],
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("nsa.copy"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: src.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: dst.as_entire_binding(),
+            },
+        ],
+    });
+    // Marks: words in `src` at both ends, other bytes in `dst` there.
+    let last = bytes - 16;
+    let mark = |w: u32| -> [u32; 4] { [w, w ^ 0x5a5a_5a5a, !w, w.rotate_left(7)] };
+    let (first_mark, last_mark) = (mark(0x1234_5678), mark(0x9abc_def0));
+    ctx.queue
+        .write_buffer(src, 0, bytemuck::cast_slice(&first_mark));
+    ctx.queue
+        .write_buffer(src, last, bytemuck::cast_slice(&last_mark));
+    ctx.queue.write_buffer(dst, 0, &[0xff; 16]);
+    ctx.queue.write_buffer(dst, last, &[0xff; 16]);
+    // At most GROUPS workgroups (two waves of a large GPU), each invocation looping over
+    // its words.
+    const GROUPS: u64 = 2048;
+    let groups = (bytes / 16).div_ceil(WG as u64).min(GROUPS) as u32;
+    let timer = StepTimer::new(ctx, iters).expect("the device has timestamps");
+    let mut enc = device.create_command_encoder(&Default::default());
+    for i in 0..3 + iters as u32 {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("nsa.copy"),
+            timestamp_writes: (i >= 3).then(|| wgpu::ComputePassTimestampWrites {
+                query_set: timer.query_set(),
+                beginning_of_pass_write_index: Some(2 * (i - 3)),
+                end_of_pass_write_index: Some(2 * (i - 3) + 1),
+            }),
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(groups, 1, 1);
     }
     let staging = timer.resolve(ctx, &mut enc, iters);
+    let ends = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("nsa.copy.ends"),
+        size: 32,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    enc.copy_buffer_to_buffer(dst, 0, &ends, 0, 16);
+    enc.copy_buffer_to_buffer(dst, last, &ends, 16, 16);
     ctx.queue.submit([enc.finish()]);
     let ms = median(StepTimer::read(ctx, staging).await?);
-    Ok((ms > 0.0).then(|| 2.0 * bytes as f64 / (ms * 1e-3) / 1e9))
+    let got = read_staging(device, std::slice::from_ref(&ends)).await?;
+    let got: &[u32] = bytemuck::cast_slice(&got[0]);
+    // One word copies only the last mark, written over the first.
+    let first_mark = if last == 0 { last_mark } else { first_mark };
+    if got[..4] != first_mark || got[4..] != last_mark {
+        return Err(NsaError::Gpu(format!(
+            "the copy kernel's {bytes}-byte copy came back wrong at its ends: {got:x?}"
+        )));
+    }
+    Ok(ms)
 }
 
 /// The median of `v` (the upper one of an even count). `v` must not be empty.

@@ -31,6 +31,10 @@ pub const KERNELS: &[(&str, &str)] = sources!["":
     "select_merge", "append", "select_top",
 ];
 
+/// The copy kernel that `profile::copy_bandwidth` times (`shaders/copy.wgsl`; not a stage
+/// of NSA, and not assembled: it imports nothing).
+pub const COPY: &str = include_str!("../shaders/copy.wgsl");
+
 /// Shared helper sources, by import name (the file name in `shaders/shared/`).
 pub const SHARED: &[(&str, &str)] = sources!["shared/":
     "qk", "input_f32", "input_f16", "params", "load_f32", "load_f16", "load_v_f32",

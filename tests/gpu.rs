@@ -1495,44 +1495,56 @@ fn time_plan_runs_after_a_warmer() {
 }
 
 #[test]
-fn copy_bandwidth_times_copies_where_encoders_take_timestamps() {
-    // `nsa bench --decode`'s copy bandwidth: where the device takes timestamps inside
-    // encoders (lavapipe does), a positive, finite figure, also for a size that is no
-    // multiple of 4 (rounded down) and, on a device whose buffers may hold 8 MiB at most,
-    // for 64 MiB (capped: an uncapped buffer would be a validation error); no timed
-    // copies, no figure; more copies than a query set holds, capped.
-    use nsa_wgpu::profile::copy_bandwidth;
-    let timed = |ctx: &nsa_wgpu::GpuContext| {
-        ctx.device.features().contains(
-            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
-        )
-    };
+fn copy_bandwidth_times_a_copy_kernel_and_transfers() {
+    // `nsa bench --decode`'s copy bandwidth, two ways: the copy kernel where the device has
+    // timestamps, copy_buffer_to_buffer where it takes them inside encoders too (lavapipe
+    // has both); each a positive, finite figure, the best the faster, also for a size that
+    // is no multiple of 16 (rounded down) and takes the kernel's invocations three words
+    // each, for one 16-byte word, and, on a device whose
+    // buffers may hold 8 MiB and its storage bindings 4 MiB at most, for 64 MiB (capped: an
+    // uncapped buffer or binding would be a validation error). The kernel's copy is checked
+    // at both ends inside (an error otherwise). Under 16 bytes, or no timed copies, no
+    // figure; more copies than a query set holds, capped.
+    use nsa_wgpu::profile::{copy_bandwidth, CopyBandwidth};
+    let has = |ctx: &nsa_wgpu::GpuContext, f| ctx.device.features().contains(f);
+    let stamps = wgpu::Features::TIMESTAMP_QUERY;
     let opts = nsa_wgpu::AdapterOptions {
         limits: Some(wgpu::Limits {
             max_buffer_size: 8 << 20,
+            max_storage_buffer_binding_size: 4 << 20,
             ..wgpu::Limits::default()
         }),
         ..Default::default()
     };
     let capped = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
     assert_eq!(capped.device.limits().max_buffer_size, 8 << 20);
-    for (ctx, bytes) in [(pipeline().context(), (1 << 20) + 3), (&capped, 64 << 20)] {
-        let gbps = pollster::block_on(copy_bandwidth(ctx, bytes, 3)).expect("copy");
-        if timed(ctx) {
-            let g = gbps.expect("a figure where the device has the feature");
-            assert!(g.is_finite() && g > 0.0, "{bytes} bytes: {g} GB/s");
-        } else {
-            assert_eq!(gbps, None);
-        }
-        assert_eq!(
-            pollster::block_on(copy_bandwidth(ctx, bytes, 0)).unwrap(),
-            None
+    let ctx = pipeline().context();
+    for (ctx, bytes) in [(ctx, (24 << 20) + 3), (ctx, 16), (&capped, 64 << 20)] {
+        let c = pollster::block_on(copy_bandwidth(ctx, bytes, 3)).expect("copy");
+        let kernel = has(ctx, stamps);
+        let transfer = has(
+            ctx,
+            stamps | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
         );
+        assert_eq!(
+            (c.kernel.is_some(), c.transfer.is_some()),
+            (kernel, transfer)
+        );
+        for g in [c.kernel, c.transfer].into_iter().flatten() {
+            assert!(g.is_finite() && g > 0.0, "{bytes} bytes: {c:?}");
+        }
+        let best = c.kernel.into_iter().chain(c.transfer).reduce(f64::max);
+        assert_eq!(c.best(), best);
+        for (bytes, iters) in [(bytes, 0), (15, 3)] {
+            assert_eq!(
+                pollster::block_on(copy_bandwidth(ctx, bytes, iters)).unwrap(),
+                CopyBandwidth::default()
+            );
+        }
     }
     // More copies than a query set has room for: capped at 2048 (two timestamps each).
-    let ctx = pipeline().context();
     let many = pollster::block_on(copy_bandwidth(ctx, 4096, 5000)).expect("copy");
-    assert_eq!(many.is_some(), timed(ctx));
+    assert_eq!(many.kernel.is_some(), has(ctx, stamps));
 }
 
 #[test]

@@ -547,3 +547,26 @@ fn u32_constant(m: &naga::Module, name: &str) -> u32 {
         ref e => panic!("{name} is {e:?}"),
     }
 }
+
+#[test]
+fn copy_kernel_translates_to_spirv_msl_hlsl() {
+    // profile::copy_bandwidth's kernel (not a stage: no imports, no Params), with its
+    // overrides as that sets them.
+    let m = naga::front::wgsl::parse_str(shaders::COPY).expect("copy.wgsl parses");
+    let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+        .validate(&m)
+        .expect("copy.wgsl validates");
+    let constants: naga::back::PipelineConstants =
+        [("WG".to_string(), 256.0), ("WORDS".to_string(), 1000.0)].into();
+    let (m, info) = naga::back::pipeline_constants::process_overrides(&m, &info, None, &constants)
+        .expect("overrides");
+    let (m, info) = (m.as_ref(), &info);
+    spv::write_vec(m, info, &spv::Options::default(), None).expect("spv");
+    msl::write_string(m, info, &Default::default(), &Default::default()).expect("msl");
+    let mut out = String::new();
+    let (opts, popts) = (hlsl::Options::default(), hlsl::PipelineOptions::default());
+    hlsl::Writer::new(&mut out, &opts, &popts)
+        .write(m, info, None)
+        .expect("hlsl");
+    assert_eq!(m.entry_points[0].workgroup_size, [256, 1, 1]);
+}

@@ -751,8 +751,9 @@ fn device_steps(
 }
 
 /// The copy bandwidth the decode table holds steps against, and how the header states it:
-/// --copy-gbps, or measured here (`nsa_wgpu::profile::copy_bandwidth`, on a warmed GPU where
-/// the timing warms it), or neither, saying why.
+/// --copy-gbps, or measured here (`nsa_wgpu::profile::copy_bandwidth`, the faster of a
+/// copy kernel and `copy_buffer_to_buffer`, on a warmed GPU where the timing warms it), or
+/// neither, saying why.
 fn copy_bandwidth(
     pipe: &NsaPipeline,
     args: &BenchArgs,
@@ -773,16 +774,23 @@ fn copy_bandwidth(
             ))
             .map_err(|e| e.to_string())
         });
+    let way = |g: Option<f64>| g.map_or("-".to_string(), |g| format!("{g:.0}"));
     match measured {
-        Ok(Some(g)) => (
-            Some(g),
-            format!("{g:.0} GB/s (measured: {mib} MiB copied between two buffers, median of {iters}; --copy-gbps to give it)"),
-        ),
-        Ok(None) => (
-            None,
-            "not measured (the adapter lacks timestamps inside encoders, or they read 0; --copy-gbps gives it)"
-                .into(),
-        ),
+        Ok(c) => match c.best() {
+            Some(g) => (
+                Some(g),
+                format!(
+                    "{g:.0} GB/s (measured: the faster of a copy kernel, {} GB/s, and copy_buffer_to_buffer, {} GB/s; {mib} MiB, median of {iters}; --copy-gbps to give it)",
+                    way(c.kernel),
+                    way(c.transfer),
+                ),
+            ),
+            None => (
+                None,
+                "not measured (the adapter lacks timestamps, or they read 0; --copy-gbps gives it)"
+                    .into(),
+            ),
+        },
         Err(e) => (None, format!("not measured ({e}; --copy-gbps gives it)")),
     }
 }

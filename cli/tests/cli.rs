@@ -581,10 +581,14 @@ fn decode_bench_measures_the_copy_bandwidth_unless_given() {
         let gbps: f64 = out
             .split("copy bandwidth ")
             .nth(1)
-            .and_then(|t| t.split(" GB/s (measured: 16 MiB copied").next())
+            .and_then(|t| {
+                t.split(" GB/s (measured: the faster of a copy kernel")
+                    .next()
+            })
             .and_then(|g| g.parse().ok())
             .unwrap_or_else(|| panic!("no measured copy bandwidth:\n{out}"));
         assert!(gbps > 0.0, "{out}");
+        assert!(out.contains("; 16 MiB, median of 3; --copy-gbps"), "{out}");
         assert!(cells.iter().all(|c| c.ends_with('%')), "{out}");
     }
     let r = nsa(&["bench", "--decode", "--quick", "--copy-gbps", "123"]);
