@@ -148,22 +148,19 @@ fn core_first_values(lid: u32, r: Rows, stride: u32, first: vec2<u32>) {
 // of a tile's keys (see attn_simt.wgsl).
 const SPLIT_KEYS: bool = false;
 
-// Whether a tile's products are added into the output items (add_tiles) only once the
-// next key tile is stored and its value tile's loads issued, so that those loads are in
-// flight during the additions, rather than right after the products' barrier. 16-row
-// kernels only: on an H200 (f16, 64k) it took selected attention in a prefill from 59.1 to
-// 57.8 ms and a B=16 decode step from 0.172-0.174 to 0.169-0.171 ms, but made the wide
-// kernels' dense attention 3% slower (1078 against 1047 ms). A call's last tile waits for
-// the next call's first (selected attention's next block), or for attn_finish (core_flush):
-// selected attention in a 64k prefill then took 56.6 against 57.8 ms.
-// Wide kernels that keep scores (compressed attention in a prefill) defer too: on an H200
-// (f16, 64k, twenty-ninth session) compressed attention took 80.8 / 80.8 ms against 81.8 /
-// 82.4 (builds alternating); the gpu and decode tests, the 64k spot checks and random
-// seeds 3000-3004 pass on its tensor cores (thirtieth session).
-override DEFER_ADD: bool = ROWS < 32u || KEEPS;
-// With DEFER_ADD, whether the last tile's products still wait in `spv` for add_tiles (at the
-// next tile's start, in this call or the next, or in core_flush). The same in every
-// invocation.
+// A tile's products are added into the output items (add_tiles) only once the next key
+// tile is stored and its value tile's loads issued, so that those loads are in flight
+// during the additions, rather than right after the products' barrier; a call's last tile
+// waits for the next call's first (selected attention's next block), or for attn_finish
+// (core_flush). On an H200 (f16, 64k) it took selected attention in a prefill from 59.1 to
+// 56.6 ms, a B=16 decode step from 0.172-0.174 to 0.169-0.171 ms and compressed attention
+// (wide, keeping scores) from 81.8 / 82.4 to 80.8 / 80.8 (twenty-ninth session); the wide
+// kernels that keep nothing deferred from the fifty-fifth session on, when it took the
+// window's 128 registers per invocation from 129 to 127 and the window in a 64k prefill
+// from 23.12 / 23.13 to 22.95 / 22.82 ms, our dense attention from 923.6 / 923.6 to 916.9 /
+// 916.8 (where it had once made dense attention 3% slower, 1078 against 1047 ms). Whether
+// the last tile's products still wait in `spv` for add_tiles (at the next tile's start, in
+// this call or the next, or in core_flush); the same in every invocation.
 var<private> pending: bool;
 
 // Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
@@ -278,8 +275,8 @@ fn tile_scores(sg: u32, nsg: u32, nrb: u32) {
 // 174.8 with the fetch after the softmax's barrier, and a decode step of 16 sequences at
 // 64k 0.172 against 0.179 ms). With AHEAD_V the next key tile is fetched as soon as this
 // one is stored, and the next value tile as soon as this one is. The products reach the
-// output items after the barrier that ends them, or with DEFER_ADD at the next tile's
-// start, which may be the next call's, or in core_flush.
+// output items at the next tile's start, which may be the next call's, or in core_flush
+// (`pending`).
 fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u32>) {
     let dv4 = (DV + 3u) / 4u;
     let kt = KT;
@@ -298,7 +295,7 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
         } else {
             fetch_tile(lid, attn_kv(r, stride, t0, false), nk, DV, false);
         }
-        if DEFER_ADD && pending {
+        if pending {
             add_tiles(lid, nrg * dv4, dv4);
         }
         workgroupBarrier();
@@ -399,17 +396,13 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
             }
         }
         workgroupBarrier();
-        if DEFER_ADD {
-            pending = true;
-        } else {
-            add_tiles(lid, nrg * dv4, dv4);
-        }
+        pending = true;
     }
 }
 
-// Adds the products still pending (DEFER_ADD) before attn_finish stages the outputs.
+// Adds the products still pending before attn_finish stages the outputs.
 fn core_flush(lid: u32, r: Rows) {
-    if DEFER_ADD && pending {
+    if pending {
         let dv4 = (DV + 3u) / 4u;
         add_tiles(lid, ((r.n + 3u) / 4u) * dv4, dv4);
     }
