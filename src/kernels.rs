@@ -348,6 +348,20 @@ impl Specialization {
     }
 }
 
+/// The constants kernel `id` takes in `variant` beyond its [`Specialization`]'s: the
+/// tensor-core core's subgroup size (`SUBGROUP_SIZE` in `shaders/shared/attn_mma.wgsl`),
+/// where `subgroup_size` is the adapter's one size (not 0) and `id` runs attention on
+/// tensor cores. With it the loops that hand out matrix blocks to subgroups step by
+/// constants.
+pub fn variant_constants(
+    id: KernelId,
+    variant: &crate::shaders::Variant,
+    subgroup_size: u32,
+) -> Option<(&'static str, f64)> {
+    (subgroup_size > 0 && variant.mma() && id.attention_core())
+        .then_some(("SUBGROUP_SIZE", subgroup_size as f64))
+}
+
 /// Query rows of the attention core's workgroups (`ROWS` in `shaders/shared/qk.wgsl`), and
 /// always of the selection and the tensor-core core.
 pub const ROWS: u32 = 16;
@@ -582,6 +596,9 @@ impl KernelLayout {
     /// specialized to `spec`. Workgroup memory is not zero-initialized (every kernel writes
     /// what it reads), and naga's loop bounding is off (every loop is bounded), as are its
     /// bounds checks (every index is in range) unless `bounds_checks`.
+    ///
+    /// `subgroup_size`: the adapter's one subgroup size, or 0 where it has several (see
+    /// [`variant_constants`]).
     pub fn compile(
         &self,
         device: &wgpu::Device,
@@ -589,6 +606,7 @@ impl KernelLayout {
         variant: &crate::shaders::Variant,
         spec: &Specialization,
         bounds_checks: bool,
+        subgroup_size: u32,
     ) -> wgpu::ComputePipeline {
         let source = crate::shaders::source_variant(id.name(), variant)
             .expect("every KernelId has a shader");
@@ -618,7 +636,8 @@ impl KernelLayout {
         // loops by their counts >= 1), and select_merge's binary search narrows [lo, hi) on
         // every iteration.
         let module = unsafe { device.create_shader_module_trusted(desc, checks) };
-        let constants = spec.constants_for(id);
+        let mut constants = spec.constants_for(id);
+        constants.extend(variant_constants(id, variant, subgroup_size));
         device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(id.label()),
             layout: Some(&self.pipeline),

@@ -440,6 +440,17 @@ fn subgroups_usable(ctx: &GpuContext) -> bool {
         && ctx.adapter_info.subgroup_min_size >= 8
 }
 
+/// The adapter's subgroup size where it has only one (its least and most agree: 32 on
+/// NVIDIA), else 0. wgpu's limit buckets only widen the range, so equal bounds are the
+/// device's own.
+pub(crate) fn fixed_subgroup_size(info: &wgpu::AdapterInfo) -> u32 {
+    if info.subgroup_min_size == info.subgroup_max_size {
+        info.subgroup_min_size
+    } else {
+        0
+    }
+}
+
 /// How `record` lays out its passes: one for the whole plan (untimed, or timed as a whole),
 /// or one per step, each timed.
 #[derive(Clone, Copy)]
@@ -980,7 +991,8 @@ impl NsaPipeline {
         let device = &self.ctx.device;
         let layout = &self.layouts[id as usize];
         checked_compile(device, || {
-            layout.compile(device, id, variant, spec, self.bounds_checks)
+            let subgroup_size = fixed_subgroup_size(&self.ctx.adapter_info);
+            layout.compile(device, id, variant, spec, self.bounds_checks, subgroup_size)
         })
     }
 

@@ -88,7 +88,9 @@ impl Kept {
 }
 
 impl Variant {
-    fn mma(&self) -> bool {
+    /// Whether the attention core runs on tensor cores (`shared/attn_mma.wgsl`): tensor
+    /// cores asked for, with subgroups and f16 storage.
+    pub fn mma(&self) -> bool {
         self.tensor_cores && self.subgroups && self.precision == Precision::F16
     }
 }

@@ -570,3 +570,50 @@ fn copy_kernel_translates_to_spirv_msl_hlsl() {
         .expect("hlsl");
     assert_eq!(m.entry_points[0].workgroup_size, [256, 1, 1]);
 }
+
+#[test]
+fn tensor_core_kernels_take_a_fixed_subgroup_size() {
+    // Where the adapter has one subgroup size (NVIDIA's 32), the tensor-core kernels take it
+    // as a constant (kernels::variant_constants); they still specialize and translate, and
+    // no other kernel or variant is given it (naga refuses constants a module lacks).
+    use nsa_wgpu::kernels::{mma_specialization, variant_constants};
+    let mma = shaders::Variant {
+        precision: Precision::F16,
+        subgroups: true,
+        tensor_cores: true,
+        kept: Kept::Nothing,
+    };
+    for (id, module, info) in tensor_core_modules() {
+        for rows in [16, 32] {
+            let spec = mma_specialization(128, 128, 49152, rows, 32).expect("fits");
+            let constants: naga::back::PipelineConstants = spec
+                .constants_for(id)
+                .into_iter()
+                .chain(variant_constants(id, &mma, 32))
+                .map(|(name, value)| (name.to_string(), value))
+                .collect();
+            assert!(constants.contains_key("SUBGROUP_SIZE"), "{}", id.name());
+            let (m, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, "main")),
+                &constants,
+            )
+            .unwrap_or_else(|e| panic!("{} {spec:?}: {e}", id.name()));
+            spv::write_vec(&m, &info, &spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("{} spv: {e}", id.name()));
+        }
+    }
+    let plain = shaders::Variant {
+        tensor_cores: false,
+        ..mma
+    };
+    for id in KernelId::ALL {
+        assert_eq!(variant_constants(id, &plain, 32), None, "{}", id.name());
+        assert_eq!(variant_constants(id, &mma, 0), None, "{}", id.name());
+        assert_eq!(
+            variant_constants(id, &mma, 32).is_some(),
+            id.attention_core()
+        );
+    }
+}

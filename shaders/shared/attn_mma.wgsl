@@ -14,6 +14,11 @@
 
 const MM: u32 = 16u;  // cooperative matrix rows, columns and depth
 
+// The subgroup size where the adapter has only one (Rust's `fixed_subgroup_size`: 32 on
+// NVIDIA), so that the loops handing out matrix blocks to subgroups step by constants and
+// unroll; 0 where it varies, read at run time (attn_keys).
+override SUBGROUP_SIZE: u32 = 0u;
+
 // Dk, Dv rounded up to whole matrices (zero-padded), and row strides in f16 padded by 8 so
 // that neighbouring rows start in different banks (rows stay 16-byte aligned).
 override DKP: u32 = (DK + 15u) / 16u * 16u;
@@ -284,7 +289,10 @@ fn attn_keys(lid: u32, r: Rows, stride: u32, start: u32, end: u32, next: vec2<u3
     let nrb = (r.n + MM - 1u) / MM;
     let i = lid / 8u;
     let part = lid % 8u;
-    let size = subgroupAdd(1u);
+    var size = SUBGROUP_SIZE;
+    if SUBGROUP_SIZE == 0u {
+        size = subgroupAdd(1u);
+    }
     let sg = lid / size;
     let nsg = WG / size;
     for (var t0 = start; t0 < end; t0 += kt) {

@@ -54,6 +54,11 @@ struct Args {
     /// VK_KHR_cooperative_matrix).
     #[arg(long)]
     tensor_cores: bool,
+    /// The subgroup size the tensor-core kernels take as a constant, as the crate compiles
+    /// them where the adapter has only one (32: NVIDIA's, the one driver this tool reads);
+    /// 0 reads it at run time, as on adapters whose subgroups vary.
+    #[arg(long, default_value_t = 32)]
+    subgroup_size: u32,
 }
 
 /// `--precision`.
@@ -63,12 +68,14 @@ enum Storage {
     F16,
 }
 
-/// How the kernels are compiled: the inputs' storage, subgroup reductions, tensor cores.
+/// How the kernels are compiled: the inputs' storage, subgroup reductions, tensor cores,
+/// and the subgroup size the tensor-core kernels take (0: read at run time).
 #[derive(Debug, Clone, Copy)]
 struct Build {
     precision: Precision,
     subgroups: bool,
     tensor_cores: bool,
+    subgroup_size: u32,
 }
 
 impl Build {
@@ -84,6 +91,7 @@ impl Build {
             precision,
             subgroups: !args.no_subgroups,
             tensor_cores: args.tensor_cores,
+            subgroup_size: args.subgroup_size,
         })
     }
 }
@@ -145,6 +153,11 @@ fn spirv(plan: &Plan, k: Kernel, build: Build, workgroup_storage: u32) -> Result
     let constants: naga::back::PipelineConstants = spec
         .constants_for(k.id)
         .into_iter()
+        .chain(nsa_wgpu::kernels::variant_constants(
+            k.id,
+            &variant,
+            build.subgroup_size,
+        ))
         .map(|(n, v)| (n.to_string(), v))
         .collect();
     let (module, info) = naga::back::pipeline_constants::process_overrides(
@@ -523,6 +536,7 @@ mod tests {
                         precision: Precision::F32,
                         subgroups,
                         tensor_cores: false,
+                        subgroup_size: 32,
                     };
                     let words = spirv(&p, k, build, 48 << 10).unwrap();
                     assert_eq!(words[0], 0x0723_0203, "{k:?}: not SPIR-V");
@@ -536,17 +550,22 @@ mod tests {
         let shape = Shape::prefill(1, 2048, 64, 4, 128, 128);
         let p =
             Plan::with_precision(&NsaConfig::default(), &shape, &limits(), Precision::F16).unwrap();
-        let build = Build {
-            precision: Precision::F16,
-            subgroups: true,
-            tensor_cores: true,
-        };
-        for k in kernels_of(&p) {
-            let (spec, on) = specialization(&p, k, build, 48 << 10);
-            // Tensor cores for every attention kernel (tests/plan.rs holds their tile sizes).
-            assert_eq!(on, k.id.attention_core(), "{k:?}: {spec:?}");
-            let words = spirv(&p, k, build, 48 << 10).unwrap();
-            assert_eq!(words[0], 0x0723_0203, "{k:?}: not SPIR-V");
+        // The subgroup size as a constant (NVIDIA's) and read at run time.
+        for subgroup_size in [32, 0] {
+            let build = Build {
+                precision: Precision::F16,
+                subgroups: true,
+                tensor_cores: true,
+                subgroup_size,
+            };
+            for k in kernels_of(&p) {
+                let (spec, on) = specialization(&p, k, build, 48 << 10);
+                // Tensor cores for every attention kernel (tests/plan.rs holds their tile
+                // sizes).
+                assert_eq!(on, k.id.attention_core(), "{k:?}: {spec:?}");
+                let words = spirv(&p, k, build, 48 << 10).unwrap();
+                assert_eq!(words[0], 0x0723_0203, "{k:?}: not SPIR-V");
+            }
         }
     }
 
