@@ -227,6 +227,15 @@ impl GpuContext {
         }
     }
 
+    /// The adapter's subgroup size where it has only one (its least and most agree: 32 on
+    /// NVIDIA), which the tensor-core kernels then take as a constant
+    /// (`kernels::variant_constants`); `None` where it varies (they read it at run time).
+    /// wgpu's limit buckets only widen the range, so equal bounds are the device's own.
+    pub fn fixed_subgroup_size(&self) -> Option<u32> {
+        let i = &self.adapter_info;
+        (i.subgroup_min_size == i.subgroup_max_size).then_some(i.subgroup_min_size)
+    }
+
     /// One line naming the adapter: name, backend, type, driver.
     pub fn describe(&self) -> String {
         let i = &self.adapter_info;
@@ -438,17 +447,6 @@ fn tensor_cores_usable(ctx: &GpuContext) -> bool {
 fn subgroups_usable(ctx: &GpuContext) -> bool {
     ctx.device.features().contains(wgpu::Features::SUBGROUP)
         && ctx.adapter_info.subgroup_min_size >= 8
-}
-
-/// The adapter's subgroup size where it has only one (its least and most agree: 32 on
-/// NVIDIA), else 0. wgpu's limit buckets only widen the range, so equal bounds are the
-/// device's own.
-pub(crate) fn fixed_subgroup_size(info: &wgpu::AdapterInfo) -> u32 {
-    if info.subgroup_min_size == info.subgroup_max_size {
-        info.subgroup_min_size
-    } else {
-        0
-    }
 }
 
 /// How `record` lays out its passes: one for the whole plan (untimed, or timed as a whole),
@@ -991,7 +989,7 @@ impl NsaPipeline {
         let device = &self.ctx.device;
         let layout = &self.layouts[id as usize];
         checked_compile(device, || {
-            let subgroup_size = fixed_subgroup_size(&self.ctx.adapter_info);
+            let subgroup_size = self.ctx.fixed_subgroup_size().unwrap_or(0);
             layout.compile(device, id, variant, spec, self.bounds_checks, subgroup_size)
         })
     }

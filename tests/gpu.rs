@@ -2313,3 +2313,25 @@ fn an_attention_sink_keeps_the_order_of_the_faint_blocks() {
         check_selection_within(&cfg, &idx, &naive, 1e-6, 0.0);
     }
 }
+
+#[test]
+fn a_subgroup_size_is_fixed_only_where_the_adapter_has_one() {
+    // GpuContext::fixed_subgroup_size, which the tensor-core kernels take as a constant: the
+    // size where the adapter's least and most agree (NVIDIA's 32), none where they differ
+    // (AMD's 32-64, Intel's 8-32), whatever device the info comes with.
+    let ctx = pipeline().context();
+    for (min, max, want) in [
+        (32, 32, Some(32)),
+        (8, 8, Some(8)),
+        (32, 64, None),
+        (8, 32, None),
+    ] {
+        let info = wgpu::AdapterInfo {
+            subgroup_min_size: min,
+            subgroup_max_size: max,
+            ..ctx.adapter_info.clone()
+        };
+        let theirs = nsa_wgpu::GpuContext::from_device(ctx.device.clone(), ctx.queue.clone(), info);
+        assert_eq!(theirs.fixed_subgroup_size(), want, "{min}-{max}");
+    }
+}

@@ -191,13 +191,18 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     let mut targets = split_targets(&args.split_target);
     pipe.set_split_targets(targets);
     let on = |b: bool| if b { "on" } else { "off" };
+    let cores = match (tensor_cores, pipe.context().fixed_subgroup_size()) {
+        (false, _) => "off".to_string(),
+        (true, Some(n)) => format!("on, subgroups of {n} compiled in"),
+        (true, None) => "on, subgroup size read at run time".to_string(),
+    };
     println!(
         "adapter: {} (limits: {}); subgroup reductions: {}; tensor cores for f16: {}; bounds checks: {}; \
          kept scores: {} MiB per chunk; few-row selections: {}",
         pipe.context().describe(),
         args.adapter.limits_note(),
         on(subgroups),
-        on(tensor_cores),
+        cores,
         on(checks),
         args.kept_mib,
         if args.split_select { "split and merged" } else { "one workgroup per row" }
