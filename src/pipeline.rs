@@ -175,7 +175,9 @@ impl GpuContext {
 
     /// Wraps a caller's device and queue. The caller's device-lost callback stays in place,
     /// so [`GpuContext::lost`] does not know about its loss: calls on a lost device then fail
-    /// with [`NsaError::Readback`] (or [`NsaError::Gpu`]) instead.
+    /// with [`NsaError::Readback`] (or [`NsaError::Gpu`]) instead. `adapter_info` must be
+    /// the device's adapter's own (`wgpu::Adapter::get_info`): its subgroup sizes decide
+    /// how the tensor-core kernels are compiled ([`GpuContext::fixed_subgroup_size`]).
     pub fn from_device(
         device: wgpu::Device,
         queue: wgpu::Queue,

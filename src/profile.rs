@@ -119,7 +119,8 @@ impl CopyBandwidth {
 
 /// The device's copy bandwidth ([`CopyBandwidth`]): for each way, the median of `iters`
 /// (at most 2048, half a query set's limit) copies of `bytes` bytes (rounded down to 16
-/// bytes, at most `max_buffer_size` and, for the kernel, `max_storage_buffer_binding_size`)
+/// bytes, at most `max_buffer_size` and, for the kernel, `max_storage_buffer_binding_size`
+/// and 4 GiB)
 /// from one buffer to another, after three untimed ones, in one submission per way. A way
 /// the device cannot time, or whose copies time as taking no time, is `None`, as both are
 /// when `iters` is 0. [`NsaError::Gpu`] when the device cannot hold the two buffers, and
@@ -136,7 +137,8 @@ pub async fn copy_bandwidth(ctx: &GpuContext, bytes: u64, iters: usize) -> Resul
         timed(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
     let mut cap = limits.max_buffer_size;
     if by_kernel {
-        cap = cap.min(limits.max_storage_buffer_binding_size);
+        // The kernel binds both buffers whole and counts words in u32: at most 4 GiB.
+        cap = cap.min(limits.max_storage_buffer_binding_size).min(1 << 32);
     }
     let bytes = bytes.min(cap) / 16 * 16;
     if bytes == 0 || !(by_kernel || by_transfer) {
@@ -197,8 +199,8 @@ async fn copy_kernel(
     const WG: u32 = 256;
     let device = &ctx.device;
     // SAFETY: every index is below WORDS, the words both buffers (bound whole) hold, and
-    // the one loop advances by at least WG words up to it, far below u32's end (bindings
-    // hold less than 2^32 bytes).
+    // the one loop advances by at least WG words up to it, far below u32's end (WORDS <=
+    // 2^28: copy_bandwidth copies at most 4 GiB).
     let module = unsafe {
         device.create_shader_module_trusted(
             wgpu::ShaderModuleDescriptor {

@@ -14,9 +14,10 @@
 
 const MM: u32 = 16u;  // cooperative matrix rows, columns and depth
 
-// The subgroup size where the adapter has only one (Rust's `fixed_subgroup_size`: 32 on
-// NVIDIA), so that the loops handing out matrix blocks to subgroups step by constants and
-// unroll; 0 where it varies, read at run time (attn_keys).
+// The subgroup size where the adapter has only one (Rust's
+// `GpuContext::fixed_subgroup_size`: 32 on NVIDIA), so that the loops handing out matrix
+// blocks to subgroups step by constants and unroll; 0 where it varies, read at run time
+// (attn_keys). On an H200 a 64k prefill took 138.1 ms with it instead of 156.8.
 override SUBGROUP_SIZE: u32 = 0u;
 
 // Dk, Dv rounded up to whole matrices (zero-padded), and row strides in f16 padded by 8 so
@@ -161,11 +162,12 @@ const SPLIT_KEYS: bool = false;
 // 56.6 ms, a B=16 decode step from 0.172-0.174 to 0.169-0.171 ms and compressed attention
 // (wide, keeping scores) from 81.8 / 82.4 to 80.8 / 80.8 (twenty-ninth session); the wide
 // kernels that keep nothing deferred from the fifty-fifth session on, when it took the
-// window's 128 registers per invocation from 129 to 127 and the window in a 64k prefill
-// from 23.12 / 23.13 to 22.95 / 22.82 ms, our dense attention from 923.6 / 923.6 to 916.9 /
-// 916.8 (where it had once made dense attention 3% slower, 1078 against 1047 ms). Whether
-// the last tile's products still wait in `spv` for add_tiles (at the next tile's start, in
-// this call or the next, or in core_flush); the same in every invocation.
+// window's wide kernel from 129 registers per invocation to 127, the window in a 64k
+// prefill from 23.12 / 23.13 to 22.95 / 22.82 ms and our dense attention from 923.6 /
+// 923.6 to 916.9 / 916.8 (where it had once made dense attention 3% slower, 1078 against
+// 1047 ms). `pending`: whether the last tile's products still wait in `spv` for add_tiles
+// (at the next tile's start, in this call or the next, or in core_flush); the same in
+// every invocation.
 var<private> pending: bool;
 
 // Output item (rows 4*rg .. 4*rg+3, dims 4*e .. 4*e+3): rescaled by the rows' alpha, plus
