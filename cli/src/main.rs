@@ -332,8 +332,15 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             i.backend, i.device_type, i.driver, i.driver_info
         );
         let yes = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
+        // One subgroup size (least = most) is what the tensor-core kernels compile in
+        // (GpuContext::fixed_subgroup_size).
+        let sizes = if i.subgroup_min_size == i.subgroup_max_size {
+            format!("{}", i.subgroup_min_size)
+        } else {
+            format!("{}-{}", i.subgroup_min_size, i.subgroup_max_size)
+        };
         println!(
-            "  features: shader-f16 {}, subgroups {}, timestamps {} (inside passes {}), cooperative matrix {}",
+            "  features: shader-f16 {}, subgroups {} (of {sizes}), timestamps {} (inside passes {}), cooperative matrix {}",
             yes(wgpu::Features::SHADER_F16),
             yes(wgpu::Features::SUBGROUP),
             yes(wgpu::Features::TIMESTAMP_QUERY),

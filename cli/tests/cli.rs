@@ -356,6 +356,8 @@ fn info_lists_adapters() {
         out.contains("backend") && out.contains("shader-f16") && out.contains("storage binding"),
         "{out}"
     );
+    // The subgroup sizes: one (lavapipe's 8, NVIDIA's 32) or a range.
+    assert!(out.contains(" (of "), "{out}");
 }
 
 #[test]
