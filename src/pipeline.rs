@@ -234,8 +234,13 @@ impl GpuContext {
     /// (`kernels::variant_constants`); `None` where it varies (they read it at run time).
     /// wgpu's limit buckets only widen the range, so equal bounds are the device's own.
     pub fn fixed_subgroup_size(&self) -> Option<u32> {
-        let i = &self.adapter_info;
-        (i.subgroup_min_size == i.subgroup_max_size).then_some(i.subgroup_min_size)
+        Self::one_subgroup_size(&self.adapter_info)
+    }
+
+    /// [`Self::fixed_subgroup_size`] of an adapter before any device is made on it (`nsa
+    /// info` lists adapters so).
+    pub fn one_subgroup_size(info: &wgpu::AdapterInfo) -> Option<u32> {
+        (info.subgroup_min_size == info.subgroup_max_size).then_some(info.subgroup_min_size)
     }
 
     /// One line naming the adapter: name, backend, type, driver.

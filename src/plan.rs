@@ -100,6 +100,11 @@ impl SplitTargets {
             ("win_attn", &mut self.window),
         ]
     }
+
+    /// [`Self::named_mut`]'s names with the targets' values.
+    pub fn named(mut self) -> [(&'static str, u64); 4] {
+        self.named_mut().map(|(name, target)| (name, *target))
+    }
 }
 
 impl Default for SplitTargets {

@@ -1324,8 +1324,16 @@ fn split_targets_name_each_field_once() {
         window: 13,
     };
     assert_eq!(targets, want);
-    let names = targets.named_mut().map(|(name, _)| name);
-    assert_eq!(names, ["cmp_attn", "cmp_attn_mma", "slc_attn", "win_attn"]);
+    // named(), which the CLI's header and the JavaScript `layout()` list, reads them back.
+    assert_eq!(
+        targets.named(),
+        [
+            ("cmp_attn", 10),
+            ("cmp_attn_mma", 11),
+            ("slc_attn", 12),
+            ("win_attn", 13)
+        ]
+    );
 }
 
 /// 48 KiB of workgroup memory (an H200's), and room for long prefills in one binding.

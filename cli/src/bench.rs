@@ -154,7 +154,7 @@ fn split_target(item: &str) -> Result<(&'static str, u64), String> {
         .split_once('=')
         .ok_or_else(|| format!("`{item}`: expected NAME=N, e.g. cmp_attn_mma=512"))?;
     let names = nsa_wgpu::SplitTargets::default()
-        .named_mut()
+        .named()
         .map(|(branch, _)| branch);
     let branch = names
         .iter()
@@ -188,7 +188,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
     pipe.set_kept_scores(args.kept_mib << 20);
     pipe.set_split_select(args.split_select);
     pipe.set_timed_leave_out(&args.leave_out);
-    let mut targets = split_targets(&args.split_target);
+    let targets = split_targets(&args.split_target);
     pipe.set_split_targets(targets);
     let on = |b: bool| if b { "on" } else { "off" };
     let cores = match (tensor_cores, pipe.context().fixed_subgroup_size()) {
@@ -208,7 +208,7 @@ fn bench_pipeline(args: &BenchArgs) -> Result<NsaPipeline, String> {
         if args.split_select { "split and merged" } else { "one workgroup per row" }
     );
     if !args.split_target.is_empty() {
-        let named = targets.named_mut().map(|(name, n)| format!("{name} {n}"));
+        let named = targets.named().map(|(name, n)| format!("{name} {n}"));
         println!("split targets (workgroups): {}", named.join(", "));
     }
     if !args.leave_out.is_empty() {

@@ -332,12 +332,10 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             i.backend, i.device_type, i.driver, i.driver_info
         );
         let yes = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
-        // One subgroup size (least = most) is what the tensor-core kernels compile in
-        // (GpuContext::fixed_subgroup_size).
-        let sizes = if i.subgroup_min_size == i.subgroup_max_size {
-            format!("{}", i.subgroup_min_size)
-        } else {
-            format!("{}-{}", i.subgroup_min_size, i.subgroup_max_size)
+        // One subgroup size is what the tensor-core kernels compile in.
+        let sizes = match nsa_wgpu::GpuContext::one_subgroup_size(&i) {
+            Some(n) => n.to_string(),
+            None => format!("{}-{}", i.subgroup_min_size, i.subgroup_max_size),
         };
         println!(
             "  features: shader-f16 {}, subgroups {} (of {sizes}), timestamps {} (inside passes {}), cooperative matrix {}",

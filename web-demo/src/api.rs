@@ -89,7 +89,7 @@ fn split_targets(opts: &JsValue) -> Result<SplitTargets, JsError> {
     if v.is_undefined() {
         return Ok(targets);
     }
-    let names: Vec<String> = targets.named_mut().map(|(n, _)| camel(n)).into();
+    let names: Vec<String> = targets.named().map(|(n, _)| camel(n)).into();
     if !v.is_object() {
         return Err(JsError::new(&format!(
             "option `splitTargets` must be an object with some of {}, got {v:?}",
@@ -348,10 +348,9 @@ impl NsaSession {
             Compression::Linear => "linear",
         };
         set(&o, "compression", comp);
-        let mut targets = self.pipe.limits().split_targets;
         let t = Object::new();
-        for (name, target) in targets.named_mut() {
-            set(&t, &camel(name), *target as f64);
+        for (name, target) in self.pipe.limits().split_targets.named() {
+            set(&t, &camel(name), target as f64);
         }
         set(&o, "splitTargets", t);
         o
