@@ -18,11 +18,18 @@ const NONE: u32 = 0xffffffffu;
 // list cursor per component of a vec4). At 1 the union walk compiles out: on an H200 its
 // registers alone made selected attention in a 64k prefill (16 heads per group) 1.6% slower.
 override QUERIES: u32 = 1u;
+// Pieces each selected block is walked in (Rust's Plan::slc_parts): 1, or where the adapter
+// caps the key tiles one workgroup walks (llvmpipe ends an invocation's loops after 65,535
+// iterations) below a block's, enough that a piece of ceil(l' / PARTS) keys stays within the
+// cap, so that the pieces of one block can go to different splits. Entry e of the walk is
+// then piece e % PARTS of list entry e / PARTS. Only with QUERIES = 1.
+override PARTS: u32 = 1u;
 
 // Where the walk over the workgroup's blocks stands: the next entry of each query's list
 // (`cursor`), the entries walked so far (`taken`: the union's, or with one query this
 // split's), and the entry this split attends now:
-// its block (NONE past the end) and the queries that selected it (bit a: query a).
+// its block (NONE past the end), the queries that selected it (bit a: query a) and which
+// of the block's PARTS pieces it is.
 // Everything derives from the params and read-only loads at uniform addresses, so the walk,
 // held in a function-scope variable, stays uniform.
 struct Walk {
@@ -30,6 +37,7 @@ struct Walk {
     taken: u32,
     block: u32,
     who: u32,
+    piece: u32,
 }
 
 // Where query a's (of the workgroup) list starts.
@@ -49,17 +57,18 @@ fn list_block(r: Rows, a: u32, e: u32) -> u32 {
 
 // The walk before its first entry.
 fn walk_start() -> Walk {
-    return Walk(vec4<u32>(0u), 0u, NONE, 0u);
+    return Walk(vec4<u32>(0u), 0u, NONE, 0u, 0u);
 }
 
 // The walk at this split's next entry: with one query, entry `split` of its list and every
-// splits-th after; with several, every splits-th block of the union from the split-th on,
+// splits-th after (entries of pieces where PARTS > 1); with several, every splits-th block of the union from the split-th on,
 // the least block the queries' next entries hold at each step (those holding it move on).
 fn walk_next(r: Rows, w0: Walk) -> Walk {
     var w = w0;
     if QUERIES == 1u || r.nq == 1u {
         let e = r.split + w.taken * params.splits;
-        w.block = list_block(r, 0u, e);
+        w.block = list_block(r, 0u, e / PARTS);
+        w.piece = e % PARTS;
         w.who = 1u;
         w.taken += 1u;
         return w;
@@ -88,13 +97,25 @@ fn walk_next(r: Rows, w0: Walk) -> Walk {
     return w;
 }
 
-// The keys of the walk's block up to position `last`: NONE (and an empty range) past the end.
+// The keys of the walk's block (or its piece) up to position `last`: NONE (and an empty
+// range) past the end. A piece past `last` ends the walk too: only the block that holds
+// `last` has such pieces, and the list's later entries are empty (blocks ascending, none
+// past the query).
 fn walk_keys(w: Walk, last: u32) -> vec2<u32> {
     if w.block == NONE {
         return vec2<u32>(NONE, 0u);
     }
     let lo = w.block * params.sel_block;
-    return vec2<u32>(lo, min(lo + params.sel_block, last + 1u));
+    let hi = min(lo + params.sel_block, last + 1u);
+    if PARTS == 1u {
+        return vec2<u32>(lo, hi);
+    }
+    let size = (params.sel_block + PARTS - 1u) / PARTS;
+    let start = lo + min(w.piece * size, params.sel_block);
+    if start >= hi {
+        return vec2<u32>(NONE, 0u);
+    }
+    return vec2<u32>(start, min(start + size, hi));
 }
 
 // Each row's keys for the walk's block: up to its query, where that query selected it.
@@ -125,7 +146,7 @@ fn main(
     attn_begin(lid, r, params.k_stride, keys);
     walk_rows(lid, r, w);
     workgroupBarrier();
-    for (var s = 0u; s < params.top_n * QUERIES; s++) {
+    for (var s = 0u; s < params.top_n * QUERIES * PARTS; s++) {
         if keys.x == NONE {
             break;
         }

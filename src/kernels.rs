@@ -282,6 +282,11 @@ pub struct Specialization {
     /// [`crate::Plan::slc_queries`]): above 1 it walks the union of their selections, at 1
     /// that walk is compiled out. 1 for the other kernels, which declare no such override.
     pub queries: u32,
+    /// Pieces selected attention walks each selected block in (`PARTS`,
+    /// [`crate::Plan::slc_parts`]): above 1 only where the adapter caps the key tiles one
+    /// workgroup walks below a block's (llvmpipe), so that a block's pieces can go to
+    /// different splits. 1 for the other kernels, which declare no such override.
+    pub parts: u32,
     /// Invocations per workgroup of `select_top.wgsl` (its `WG`: 256, 512 or 1024,
     /// [`select_top_invocations`]); as the other kernels compile ([`Self::for_kernel`]) 0:
     /// their workgroups are fixed.
@@ -292,8 +297,9 @@ impl Specialization {
     /// The overrides a pipeline of kernel `id` is created with: [`Self::constants`] for the
     /// specialised kernels, `NMAX` ([`Self::top_list`]) for the selection, `WG`
     /// ([`Self::invocations`], where set) for `select_top.wgsl`, and `QUERIES`
-    /// ([`Self::queries`]) with `ROW_STEPS` (off where `QUERIES` > 1) for selected
-    /// attention; none for the others (which declare no overrides).
+    /// ([`Self::queries`]) with `ROW_STEPS` (off where `QUERIES` > 1) and `PARTS`
+    /// ([`Self::parts`]) for selected attention; none for the others (which declare no
+    /// overrides).
     pub fn constants_for(&self, id: KernelId) -> Vec<(&'static str, f64)> {
         let mut constants = Vec::new();
         if id.specialized() {
@@ -310,19 +316,25 @@ impl Specialization {
             // The union walk reads its tiles in the general form (`ROW_STEPS` in
             // shaders/shared/qk.wgsl).
             constants.push(("ROW_STEPS", (self.queries == 1) as u32 as f64));
+            constants.push(("PARTS", self.parts as f64));
         }
         constants
     }
 
     /// This specialization as kernel `id` compiles it: [`Self::top_list`] only where the
     /// kernel has top lists (the selection), [`Self::invocations`] only for
-    /// `select_top.wgsl`, and [`Self::queries`] only for selected
+    /// `select_top.wgsl`, and [`Self::queries`] and [`Self::parts`] only for selected
     /// attention, so that the other kernels' pipelines do not differ by them.
     pub fn for_kernel(self, id: KernelId) -> Specialization {
         Specialization {
             top_list: if id.has_top_list() { self.top_list } else { 0 },
             queries: if id == KernelId::SlcAttn {
                 self.queries
+            } else {
+                1
+            },
+            parts: if id == KernelId::SlcAttn {
+                self.parts
             } else {
                 1
             },
@@ -507,6 +519,7 @@ pub fn mma_specialization(
             few_rows: false,
             top_list: 0,
             queries: 1,
+            parts: 1,
             invocations: 0,
         })
 }

@@ -969,6 +969,7 @@ impl NsaPipeline {
             few_rows: false,
             top_list: 0,
             queries: 1,
+            parts: 1,
             invocations: 0,
         };
         let mut compiled = self.compiled.lock().unwrap_or_else(|e| e.into_inner());

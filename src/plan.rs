@@ -578,6 +578,7 @@ impl Plan {
             few_rows: (self.shape.group() - 1) % (rows as usize) < 4,
             top_list: self.top_list(),
             queries: self.slc_queries(),
+            parts: self.slc_parts(),
             invocations: select_top_invocations(self.limits.max_invocations),
         }
     }
@@ -602,6 +603,7 @@ impl Plan {
             .flatten()
             .map(|m| Specialization {
                 queries: plain.queries,
+                parts: plain.parts,
                 ..m
             });
         (mma.unwrap_or(plain).for_kernel(id), mma.is_some())
@@ -658,9 +660,97 @@ impl Plan {
     /// the union of its queries' selections once for all their rows: a tile costs the tensor
     /// cores the same for 4 live rows as for 16, and neighbouring queries share their forced
     /// blocks.
+    /// (One where blocks are walked in pieces, [`Self::slc_parts`].)
     pub fn slc_queries(&self) -> u32 {
+        if self.slc_parts() > 1 {
+            return 1;
+        }
         let rows = ROWS as usize / self.shape.group();
         rows.min(self.shape.tq).clamp(1, SLC_QUERIES_MAX) as u32
+    }
+
+    /// Pieces selected attention walks each selected block in ([`Specialization::parts`]):
+    /// 1, or where the adapter caps the key tiles one workgroup walks
+    /// ([`DeviceLimits::max_key_tiles`], llvmpipe) below a block's, as many as keep a piece
+    /// of `ceil(l' / parts)` keys within the cap, so that one block's pieces can go to
+    /// different splits (blocks of more than 256 tiles were an error on llvmpipe before).
+    pub fn slc_parts(&self) -> u32 {
+        let cap = self.limits.max_key_tiles;
+        let tiles = (self.config.sel_block as u64).div_ceil(self.slc_min_tile() as u64);
+        if cap == 0 || tiles <= cap {
+            1
+        } else {
+            tiles.div_ceil(cap).min(u32::MAX as u64) as u32
+        }
+    }
+
+    /// Keys per tile of selected attention, the fewer of its plain and its tensor-core
+    /// kernel's where it may run on tensor cores (a pipeline falls back to the plain kernel
+    /// where the other fails to compile): key-tile bounds hold for either.
+    fn slc_min_tile(&self) -> u32 {
+        let (s, l) = (&self.shape, &self.limits);
+        let (dk, dv) = (s.dk as u32, s.dv as u32);
+        let mma = (l.tensor_cores && self.precision == Precision::F16)
+            .then(|| {
+                let max_kt = mma_max_kt(KernelId::SlcAttn, ROWS, dk, dv, self.narrow_row_groups());
+                mma_specialization(dk, dv, l.workgroup_storage, ROWS, max_kt)
+            })
+            .flatten()
+            .map_or(self.kv_tile, |m| m.kv_tile);
+        self.kv_tile.min(mma).max(1)
+    }
+
+    /// Selected attention's list entries per row group (pieces of blocks counted,
+    /// [`Self::slc_parts`]) and key tiles per entry: `n` per query, and those that can hold
+    /// keys, `n` or the blocks `Tk` has if fewer (the lists' other entries are empty).
+    fn slc_entries(&self) -> (u64, u64, u64) {
+        let (c, parts) = (&self.config, self.slc_parts() as u64);
+        let q = self.slc_queries() as u64;
+        let blocks = self.shape.tk.div_ceil(c.sel_block) as u64;
+        let entry_tiles = (c.sel_block as u64)
+            .div_ceil(parts)
+            .div_ceil(self.slc_min_tile() as u64);
+        (
+            q * c.top_n as u64 * parts,
+            q * (c.top_n as u64).min(blocks) * parts,
+            entry_tiles,
+        )
+    }
+
+    /// How many workgroups share one row group's selected blocks in a dispatch of `groups`
+    /// row groups: toward `target` workgroups, at most one per list entry, and as many as
+    /// bring the entries one walks (every splits-th) within `max_key_tiles`, within the
+    /// merge's `SPLITS_MAX` and the binding limit for the partials (`part_row` elements per
+    /// split).
+    fn slc_splits(&self, target: u64, groups: u64, part_row: u64) -> Result<u32> {
+        let (entries, filled, entry_tiles) = self.slc_entries();
+        let cap = self.limits.max_key_tiles;
+        // Entries one workgroup may walk.
+        let per = if cap == 0 { filled } else { cap / entry_tiles };
+        let need = filled.div_ceil(per.max(1));
+        let want = if groups >= target {
+            1
+        } else {
+            target
+                .div_ceil(groups)
+                .min(entries * entry_tiles)
+                .min(ATTN_SPLITS_MAX)
+        };
+        let sp = want
+            .max(need)
+            .min(SPLITS_MAX)
+            .min(self.binding_elems() / part_row.max(1))
+            .min(entries)
+            .max(1);
+        let walk = filled.div_ceil(sp) * entry_tiles;
+        if cap > 0 && walk > cap {
+            return Err(exceeds(
+                "max_key_tiles (key tiles per attention workgroup: llvmpipe ends an invocation's loops after 65,535 iterations; selected blocks over the most splits)",
+                walk,
+                cap,
+            ));
+        }
+        Ok(sp as u32)
     }
 
     /// The plan's chains of dependent dispatches ([`crate::profile::chains`] of its steps):
@@ -1217,9 +1307,22 @@ impl Plan {
         let keys = if dense {
             self.shape.tk
         } else {
-            self.n_cmp.max(c.top_n * c.sel_block)
+            let blocks = self.shape.tk.div_ceil(c.sel_block);
+            self.n_cmp.max(c.top_n.min(blocks) * c.sel_block)
         };
         (keys as u64).div_ceil(kt)
+    }
+
+    /// Splits the longest key range of one row group needs under `max_key_tiles` (not 0):
+    /// dense attention's keys, or NSA's compressed tokens or selected blocks (whole list
+    /// entries per split, [`Self::slc_splits`]).
+    fn splits_needed(&self, dense: bool, cap: u64) -> u64 {
+        let need = self.key_tiles(dense).div_ceil(cap);
+        if dense {
+            return need;
+        }
+        let (_, filled, entry_tiles) = self.slc_entries();
+        need.max(filled.div_ceil((cap / entry_tiles).max(1)))
     }
 
     /// Query rows per chunk whose partial results fit a binding where `max_key_tiles` makes
@@ -1229,7 +1332,7 @@ impl Plan {
         let s = self.shape;
         match self.limits.max_key_tiles {
             0 => u64::MAX,
-            cap => match self.key_tiles(dense).div_ceil(cap) {
+            cap => match self.splits_needed(dense, cap) {
                 0 | 1 => u64::MAX,
                 need => {
                     let branches = if dense { 1 } else { 3 };
@@ -1568,18 +1671,7 @@ impl Plan {
                 sp_c = cmp_split(targets.compressed_mma)?.max(walk.min(sp_c));
             }
             // A workgroup's queries select n blocks each, their union at most all of them.
-            let slc_tiles =
-                slc_q as u64 * n as u64 * tiles(self.config.sel_block as u64, self.kv_tile);
-            let sp_s = self
-                .splits_toward(
-                    targets.selected,
-                    slc_total,
-                    slc_tiles,
-                    slc_tiles,
-                    3 * part_row,
-                )?
-                .min(slc_q * n as u32);
-            self.check_key_tiles(slc_tiles, sp_s)?;
+            let sp_s = self.slc_splits(targets.selected, slc_total, 3 * part_row)?;
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
             // One workgroup's rows: nq <= q_block consecutive queries' windows.
             let walk = (self.config.window + (core.q_block as usize).min(ch.qc)).min(s.tk) as u64;

@@ -2184,6 +2184,44 @@ fn capped_key_tiles_split_every_branch_and_match_the_reference() {
     }
     assert!(plan.keeps_scores());
     check_plan_on(&pipe, "capped", &plan, false);
+    // Selection blocks of more tiles than the cap are walked in pieces (Plan::slc_parts),
+    // which split like blocks: a block of several tiles, one longer than all the keys, and a
+    // small group (whose workgroups then take one query each, not the union of four).
+    for (sel_block, heads) in [(208, (4, 2)), (2048, (4, 2)), (144, (4, 4))] {
+        let cfg = NsaConfig {
+            cmp_block: 32,
+            cmp_stride: 16,
+            sel_block,
+            top_n: 3,
+            window: 40,
+            ..NsaConfig::default()
+        };
+        let shape = Shape::prefill(1, 1300, heads.0, heads.1, 16, 16);
+        let plan = pipe.plan(&cfg, &shape).expect("plan");
+        let parts = plan.slc_parts();
+        let tiles = (sel_block as u32).div_ceil(plan.kv_tile);
+        assert!(
+            parts > 1 && tiles.div_ceil(parts) <= 2,
+            "{sel_block}: {parts} parts of {tiles} tiles"
+        );
+        assert_eq!(plan.specialization(16).parts, parts);
+        assert_eq!(plan.slc_queries(), 1);
+        let step = plan
+            .steps
+            .iter()
+            .find(|s| s.kernel == KernelId::SlcAttn)
+            .unwrap();
+        assert!(
+            step.params.splits > 1,
+            "{sel_block}: selected attention not split"
+        );
+        check_plan_on(
+            &pipe,
+            &format!("capped, blocks of {sel_block}"),
+            &plan,
+            false,
+        );
+    }
     let shape = Shape::prefill(2, 700, 6, 2, 24, 20);
     let data = Data::new(&small(), &shape, false, 11);
     let got = pollster::block_on(pipe.dense_attention(&shape, None, &data.q, &data.k, &data.v))

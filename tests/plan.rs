@@ -1571,6 +1571,77 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
 }
 
 #[test]
+fn capped_selection_blocks_walk_in_pieces_within_the_cap() {
+    // Under a key-tile cap, selected attention splits by whole list entries, every
+    // splits-th to one workgroup; a block of more tiles than the cap is walked in pieces
+    // (Plan::slc_parts), which split the same way. The walk a split takes (its entries
+    // times an entry's tiles, the entries counted only where Tk has blocks) stays within
+    // the cap however the entries divide among the splits.
+    let capped = DeviceLimits {
+        max_key_tiles: 4,
+        ..DeviceLimits::default()
+    };
+    for (sel_block, top_n, tk, hq) in [
+        (8, 16, 3000, 64),
+        (40, 5, 3000, 64),
+        // Three tiles per block (64-key tiles): one entry per split, five splits, where
+        // dividing the 15 tiles evenly would take four (a walk of two entries, 6 tiles).
+        (192, 5, 3000, 64),
+        (200, 3, 3000, 8),
+        (1600, 16, 3000, 4),
+        (4000, 3, 3000, 4),
+    ] {
+        let cfg = NsaConfig {
+            cmp_stride: 8,
+            cmp_block: 16,
+            sel_block,
+            top_n,
+            ..NsaConfig::default()
+        };
+        let shape = Shape::prefill(1, tk, hq, 4, 16, 16);
+        let plan = Plan::new(&cfg, &shape, &capped).unwrap();
+        let kt = plan.kv_tile as usize;
+        assert_eq!(kt, 64);
+        let parts = plan.slc_parts() as usize;
+        let tiles = sel_block.div_ceil(kt);
+        assert_eq!(
+            parts,
+            tiles.div_ceil(4).max(1),
+            "{sel_block}: {tiles} tiles"
+        );
+        assert_eq!(plan.specialization(16).parts as usize, parts);
+        if parts > 1 {
+            assert_eq!(plan.slc_queries(), 1, "{sel_block}: pieces take one query");
+        }
+        let slc = plan
+            .steps
+            .iter()
+            .find(|s| s.kernel == KernelId::SlcAttn)
+            .unwrap();
+        let entries = top_n.min(tk.div_ceil(sel_block)) * parts;
+        let walk =
+            entries.div_ceil(slc.params.splits as usize) * sel_block.div_ceil(parts).div_ceil(kt);
+        assert!(
+            walk <= 4,
+            "{sel_block}: {entries} entries over {} splits walk {walk} tiles",
+            slc.params.splits
+        );
+    }
+    // Uncapped, blocks are walked whole.
+    let cfg = NsaConfig {
+        sel_block: 4096,
+        ..NsaConfig::default()
+    };
+    let plan = Plan::new(
+        &cfg,
+        &Shape::prefill(1, 8192, 16, 1, 16, 16),
+        &DeviceLimits::default(),
+    )
+    .unwrap();
+    assert_eq!((plan.slc_parts(), plan.specialization(16).parts), (1, 1));
+}
+
+#[test]
 fn a_loop_cap_bounds_linear_compression_blocks() {
     // llvmpipe ends an invocation's loops after 65,535 iterations: Linear compression takes
     // 12 + l * (3 + ceil(4 * D / 128) + 2 * (D / 8 + D % 8)) of them, 75 per row at D = 256,

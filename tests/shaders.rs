@@ -136,6 +136,8 @@ fn shaders_translate_to_spirv_msl_hlsl() {
         top_list: if dk < 100 { 16 } else { 256 },
         // Selected attention's union walk compiled in and out.
         queries: if dk < 100 { 4 } else { 1 },
+        // Selected blocks walked in pieces (llvmpipe's capped key tiles) and whole.
+        parts: if dk < 100 { 1 } else { 3 },
         // select_top's workgroups: 256 (its least), 1024 (its most).
         invocations: if dk < 100 { 256 } else { 1024 },
     });
@@ -296,6 +298,7 @@ fn workgroup_memory_matches_the_declared_budget() {
             few_rows: false,
             top_list,
             queries: 4,
+            parts: 1,
             // select_top's most invocations (its least, 256, where the override is unset):
             // its workgroup memory is the same.
             invocations: if id == KernelId::SelectTop && rows == 32 {
