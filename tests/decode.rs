@@ -1681,7 +1681,7 @@ fn random_ragged_batches_equal_each_sequence_alone() {
 
 #[test]
 fn ragged_steps_match_the_naive_nsa() {
-    // check_ragged_against_naive (which holds the long random caches below) at a size
+    // check_ragged_everywhere (which holds the long random caches below) at a size
     // lavapipe runs in seconds: three lengths (one empty), per-branch K/V, dropped rows.
     let c = Ragged {
         cfg: NsaConfig {
@@ -1696,10 +1696,7 @@ fn ragged_steps_match_the_naive_nsa() {
         chains: 1,
         cut: 2,
     };
-    check_ragged_against_naive(pipeline(), Precision::F32, 1e-4, c);
-    for pipe in f16_pipelines() {
-        check_ragged_against_naive(pipe, Precision::F16, 1e-2, c);
-    }
+    check_ragged_everywhere(c);
 }
 
 #[test]
@@ -1709,7 +1706,7 @@ fn random_long_caches_equal_each_sequence_alone() {
     // blocks (common::random_64k_config), 1 to 3 sequences of 2k to 64k tokens in a cache
     // that starts at 16 rows and grows, three decode steps and a chunk of up to 70 rows,
     // sometimes per-branch K/V and rows appended and dropped again; f32, and f16 on every
-    // f16 pipeline, against the naive NSA (check_ragged_against_naive).
+    // f16 pipeline, against the naive NSA (check_ragged_everywhere).
     use rand::Rng;
     let (mut rng, cases) = common::sweep("random long caches", 0x6c63_6163, 2);
     for case in 0..cases {
@@ -1736,20 +1733,86 @@ fn random_long_caches_equal_each_sequence_alone() {
             "random long cache {case}: {cfg:?} heads {:?} lengths {lens:?}",
             c.heads
         );
-        check_ragged_against_naive(pipeline(), Precision::F32, 1e-4, c);
-        for pipe in f16_pipelines() {
-            check_ragged_against_naive(pipe, Precision::F16, 1e-2, c);
+        check_ragged_everywhere(c);
+    }
+}
+
+/// `c`'s calls through a cache at f32 on the default pipeline and at f16 on every f16
+/// pipeline ([`check_ragged_against_naive`]), on one set of inputs, the naive NSA computed
+/// once per precision (the f16 pipelines' rounded inputs are the same): at 64k it takes
+/// most of the time.
+fn check_ragged_everywhere(c: Ragged) {
+    let r = RaggedData::new(&c);
+    let want = naive_rows(&r, &c, false);
+    check_ragged_against_naive(pipeline(), Precision::F32, 1e-4, &r, &want, c);
+    let pipes = f16_pipelines();
+    if !pipes.is_empty() {
+        let want = naive_rows(&r, &c, true);
+        for pipe in pipes {
+            check_ragged_against_naive(pipe, Precision::F16, 1e-2, &r, &want, c);
         }
     }
 }
 
+/// Each sequence's rows of `c` by the naive NSA on its tokens up to them (inputs rounded to
+/// f16 with `f16`), with the shape of those rows.
+fn naive_rows(
+    r: &RaggedData,
+    c: &Ragged,
+    f16: bool,
+) -> Vec<(Shape, nsa_wgpu::cpu::naive::NaiveOutputs)> {
+    let s = r.shape;
+    let round = |x: &[f32]| {
+        if f16 {
+            common::f16_round(x)
+        } else {
+            x.to_vec()
+        }
+    };
+    c.lens
+        .iter()
+        .enumerate()
+        .map(|(b, &l)| {
+            let end = l + c.steps + c.tail;
+            let all = r.seq(b, 0, end);
+            // The queries and gates of the rows; keys and values (and per-branch ones) up
+            // to them.
+            let q = round(&all[0][l * s.hq * s.dk..]);
+            let kv: Vec<Vec<f32>> = all[1..3]
+                .iter()
+                .chain(&all[4..])
+                .map(|x| round(x))
+                .collect();
+            let mut inputs = nsa_wgpu::NsaInputs::new(&q, &kv[0], &kv[1], &all[3][l * s.hq * 3..]);
+            if c.branch {
+                common::set_branch_kv(&mut inputs, &kv[2..]);
+            }
+            inputs.linear = r.data.inputs().linear;
+            let part = Shape {
+                batch: 1,
+                tq: end - l,
+                tk: end,
+                ..s
+            };
+            let naive = nsa_wgpu::cpu::naive::nsa(&c.cfg, &part, &inputs).expect("naive");
+            (part, naive)
+        })
+        .collect()
+}
+
 /// `c`'s calls through a cache on `pipe` at `precision`, each sequence's rows held against
-/// the naive NSA on its tokens up to them (common::check_rows: selections equal up to near
-/// ties, at f16's precision for f16; outputs within `tol` where they are), rather than
-/// against its prefill on the GPU: with thousands of blocks per query, the two paths' f32
-/// sums may order a near tie differently.
-fn check_ragged_against_naive(pipe: &NsaPipeline, precision: Precision, tol: f64, c: Ragged) {
-    let r = RaggedData::new(&c);
+/// `want`, the naive NSA on its tokens up to them ([`naive_rows`]; common::check_rows:
+/// selections equal up to near ties, at f16's precision for f16; outputs within `tol` where
+/// they are), rather than against its prefill on the GPU: with thousands of blocks per
+/// query, the two paths' f32 sums may order a near tie differently.
+fn check_ragged_against_naive(
+    pipe: &NsaPipeline,
+    precision: Precision,
+    tol: f64,
+    r: &RaggedData,
+    want: &[(Shape, nsa_wgpu::cpu::naive::NaiveOutputs)],
+    c: Ragged,
+) {
     let s = r.shape;
     let mut cache = r.cache(pipe, precision, &c);
     let req = OutputRequest {
@@ -1759,39 +1822,11 @@ fn check_ragged_against_naive(pipe: &NsaPipeline, precision: Precision, tol: f64
     let name = format!("{:?} {s:?} {precision:?}", c.cfg);
     let mut got = r.steps(pipe, &mut cache, &c, req, &name);
     let f16 = precision == Precision::F16;
-    let round = |x: &[f32]| {
-        if f16 {
-            common::f16_round(x)
-        } else {
-            x.to_vec()
-        }
-    };
     let mut tally = common::RowTally::default();
-    for (b, &l) in c.lens.iter().enumerate() {
-        let end = l + c.steps + c.tail;
+    for (b, (part, naive)) in want.iter().enumerate() {
         let rows = nsa_wgpu::cache::concat(std::mem::take(&mut got[b]), req);
-        let all = r.seq(b, 0, end);
-        // The queries and gates of the rows; keys and values (and per-branch ones) up to them.
-        let q = round(&all[0][l * s.hq * s.dk..]);
-        let kv: Vec<Vec<f32>> = all[1..3]
-            .iter()
-            .chain(&all[4..])
-            .map(|x| round(x))
-            .collect();
-        let mut inputs = nsa_wgpu::NsaInputs::new(&q, &kv[0], &kv[1], &all[3][l * s.hq * 3..]);
-        if c.branch {
-            common::set_branch_kv(&mut inputs, &kv[2..]);
-        }
-        inputs.linear = r.data.inputs().linear;
-        let part = Shape {
-            batch: 1,
-            tq: end - l,
-            tk: end,
-            ..s
-        };
         let idx = rows.block_indices.expect("block indices");
-        let naive = nsa_wgpu::cpu::naive::nsa(&c.cfg, &part, &inputs).expect("naive");
-        common::check_rows(&mut tally, &c.cfg, &part, &naive, (&rows.out, &idx), f16);
+        common::check_rows(&mut tally, &c.cfg, part, naive, (&rows.out, &idx), f16);
     }
     let core = if pipe.tensor_cores() {
         "tensor cores"
