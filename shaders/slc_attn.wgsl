@@ -61,8 +61,9 @@ fn walk_start() -> Walk {
 }
 
 // The walk at this split's next entry: with one query, entry `split` of its list and every
-// splits-th after (entries of pieces where PARTS > 1); with several, every splits-th block of the union from the split-th on,
-// the least block the queries' next entries hold at each step (those holding it move on).
+// splits-th after (entries of pieces where PARTS > 1); with several, every splits-th block
+// of the union from the split-th on, the least block the queries' next entries hold at each
+// step (those holding it move on).
 fn walk_next(r: Rows, w0: Walk) -> Walk {
     var w = w0;
     if QUERIES == 1u || r.nq == 1u {
