@@ -684,20 +684,27 @@ impl Plan {
         }
     }
 
-    /// Keys per tile of selected attention, the fewer of its plain and its tensor-core
-    /// kernel's where it may run on tensor cores (a pipeline falls back to the plain kernel
-    /// where the other fails to compile): key-tile bounds hold for either.
-    fn slc_min_tile(&self) -> u32 {
+    /// Keys per tile of kernel `id` in steps of `rows` rows, the fewer of its plain and its
+    /// tensor-core kernel's where it may run on tensor cores (a pipeline falls back to the
+    /// plain kernel where the other fails to compile): bounds on the key tiles a workgroup
+    /// walks (`max_key_tiles`) hold for either.
+    fn min_tile(&self, id: KernelId, rows: u32) -> u32 {
         let (s, l) = (&self.shape, &self.limits);
         let (dk, dv) = (s.dk as u32, s.dv as u32);
-        let mma = (l.tensor_cores && self.precision == Precision::F16)
+        let plain = self.core(rows == WIDE_ROWS).kv_tile;
+        let mma = (l.tensor_cores && self.precision == Precision::F16 && id.attention_core())
             .then(|| {
-                let max_kt = mma_max_kt(KernelId::SlcAttn, ROWS, dk, dv, self.narrow_row_groups());
-                mma_specialization(dk, dv, l.workgroup_storage, ROWS, max_kt)
+                let max_kt = mma_max_kt(id, rows, dk, dv, self.narrow_row_groups());
+                mma_specialization(dk, dv, l.workgroup_storage, rows, max_kt)
             })
             .flatten()
-            .map_or(self.kv_tile, |m| m.kv_tile);
-        self.kv_tile.min(mma).max(1)
+            .map_or(plain, |m| m.kv_tile);
+        plain.min(mma).max(1)
+    }
+
+    /// [`Self::min_tile`] of selected attention (16-row steps).
+    fn slc_min_tile(&self) -> u32 {
+        self.min_tile(KernelId::SlcAttn, ROWS)
     }
 
     /// Selected attention's list entries per row group (pieces of blocks counted,
@@ -1298,9 +1305,19 @@ impl Plan {
     /// NSA the compressed tokens or the selected blocks (the window's range grows with a
     /// chunk's rows: splits_toward() covers it).
     fn key_tiles(&self, dense: bool) -> u64 {
-        let kt = [self.kv_tile, self.wide_kv_tile]
-            .into_iter()
-            .filter(|k| *k > 0)
+        let id = if dense {
+            KernelId::Dense
+        } else {
+            KernelId::CmpAttn
+        };
+        let rows: &[u32] = if self.wide_kv_tile > 0 {
+            &[ROWS, WIDE_ROWS]
+        } else {
+            &[ROWS]
+        };
+        let kt = rows
+            .iter()
+            .map(|&r| self.min_tile(id, r))
             .min()
             .unwrap_or(1) as u64;
         let c = &self.config;
@@ -1592,7 +1609,8 @@ impl Plan {
             let merge_total = nrows * hq;
             if dense {
                 let t = tiles(s.tk as u64, core.kv_tile);
-                let sp = self.splits_toward(SPLIT_TARGET, attn_total, t, t, part_row)?;
+                let walk = tiles(s.tk as u64, self.min_tile(KernelId::Dense, core.rows));
+                let sp = self.splits_toward(SPLIT_TARGET, attn_total, t, walk, part_row)?;
                 let len = part_row * sp as u64;
                 let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
@@ -1659,8 +1677,12 @@ impl Plan {
                 limits.tensor_cores,
                 limits.workgroup_storage,
             );
+            let cmp_walk = tiles(
+                self.n_cmp as u64,
+                self.min_tile(KernelId::CmpAttn, core.rows),
+            );
             let cmp_split =
-                |target| self.splits_toward(target, attn_total, cmp_tiles, cmp_tiles, 3 * part_row);
+                |target| self.splits_toward(target, attn_total, cmp_tiles, cmp_walk, 3 * part_row);
             let targets = self.limits.split_targets;
             let mut sp_c = cmp_split(targets.compressed)?;
             if cmp_mma {
@@ -1679,7 +1701,7 @@ impl Plan {
                 targets.window,
                 attn_total,
                 tiles(win_keys, core.kv_tile),
-                tiles(walk, core.kv_tile),
+                tiles(walk, self.min_tile(KernelId::WinAttn, core.rows)),
                 3 * part_row,
             )?;
             let split = sp_c > 1 || sp_s > 1 || sp_w > 1;

@@ -1642,6 +1642,60 @@ fn capped_selection_blocks_walk_in_pieces_within_the_cap() {
 }
 
 #[test]
+fn a_key_tile_cap_holds_in_the_tensor_cores_tiles() {
+    // A cap set on a device with tensor cores (NsaPipeline::set_max_key_tiles): the 16-row
+    // tensor-core kernels take 32-key tiles where the plain ones take 64 at D = 128, so the
+    // splits must bound each workgroup's walk in the shorter tiles (compressed attention's
+    // 186 tokens are 3 plain tiles but 6 of the kernel's, its window of 516 keys 9 and 17).
+    let limits = DeviceLimits {
+        tensor_cores: true,
+        workgroup_storage: 48 << 10,
+        max_key_tiles: 4,
+        ..DeviceLimits::default()
+    };
+    let cfg = NsaConfig::default();
+    // Enough row groups (64 sequences of 4 queries, 4 kv heads) that only the cap splits.
+    let shape = Shape {
+        batch: 64,
+        tq: 4,
+        tk: 3000,
+        hq: 64,
+        hkv: 4,
+        dk: 128,
+        dv: 128,
+    };
+    let plan = Plan::with_precision(&cfg, &shape, &limits, Precision::F16).unwrap();
+    let q_block = plan.steps[0].params.q_block as usize;
+    for step in &plan.steps {
+        let id = step.kernel;
+        let keys = match id {
+            KernelId::CmpAttn => cfg.num_compressed(shape.tk),
+            KernelId::WinAttn => (cfg.window + q_block).min(shape.tk),
+            _ => continue,
+        };
+        let (spec, mma) = plan.kernel_specialization(id, step.rows, true, limits.workgroup_storage);
+        assert!(mma, "{id:?} on tensor cores");
+        let per = keys.div_ceil(step.params.splits as usize);
+        let walk = per.div_ceil(spec.kv_tile as usize);
+        assert!(
+            walk <= 4,
+            "{id:?}: {keys} keys over {} splits walk {walk} tiles of {}",
+            step.params.splits,
+            spec.kv_tile
+        );
+    }
+    let slc = plan
+        .steps
+        .iter()
+        .find(|s| s.kernel == KernelId::SlcAttn)
+        .unwrap();
+    let (spec, _) = plan.kernel_specialization(KernelId::SlcAttn, 16, true, 48 << 10);
+    let entry = cfg.sel_block.div_ceil(spec.kv_tile as usize);
+    let walk = cfg.top_n.div_ceil(slc.params.splits as usize) * entry;
+    assert!(walk <= 4, "selected attention walks {walk} tiles");
+}
+
+#[test]
 fn a_loop_cap_bounds_linear_compression_blocks() {
     // llvmpipe ends an invocation's loops after 65,535 iterations: Linear compression takes
     // 12 + l * (3 + ceil(4 * D / 128) + 2 * (D / 8 + D % 8)) of them, 75 per row at D = 256,
