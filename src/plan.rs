@@ -597,10 +597,8 @@ impl Plan {
         workgroup_storage: u32,
     ) -> (Specialization, bool) {
         let plain = self.specialization(rows);
-        let max_kt = mma_max_kt(id, rows, plain.dk, plain.dv, self.narrow_row_groups());
-        let mma = (tensor_cores && self.precision == Precision::F16 && id.attention_core())
-            .then(|| mma_specialization(plain.dk, plain.dv, workgroup_storage, rows, max_kt))
-            .flatten()
+        let mma = self
+            .mma_specialization(id, rows, tensor_cores, workgroup_storage)
             .map(|m| Specialization {
                 queries: plain.queries,
                 parts: plain.parts,
@@ -689,17 +687,30 @@ impl Plan {
     /// plain kernel where the other fails to compile): bounds on the key tiles a workgroup
     /// walks (`max_key_tiles`) hold for either.
     fn min_tile(&self, id: KernelId, rows: u32) -> u32 {
-        let (s, l) = (&self.shape, &self.limits);
-        let (dk, dv) = (s.dk as u32, s.dv as u32);
+        let l = &self.limits;
         let plain = self.core(rows == WIDE_ROWS).kv_tile;
-        let mma = (l.tensor_cores && self.precision == Precision::F16 && id.attention_core())
-            .then(|| {
-                let max_kt = mma_max_kt(id, rows, dk, dv, self.narrow_row_groups());
-                mma_specialization(dk, dv, l.workgroup_storage, rows, max_kt)
-            })
-            .flatten()
+        let mma = self
+            .mma_specialization(id, rows, l.tensor_cores, l.workgroup_storage)
             .map_or(plain, |m| m.kv_tile);
         plain.min(mma).max(1)
+    }
+
+    /// The tensor-core kernel's specialization of kernel `id` in steps of `rows` rows
+    /// ([`mma_specialization`], without the selected-attention constants), where
+    /// `tensor_cores` are asked for, the inputs are f16, the kernel runs the attention core
+    /// and a tile fits `workgroup_storage` bytes.
+    fn mma_specialization(
+        &self,
+        id: KernelId,
+        rows: u32,
+        tensor_cores: bool,
+        workgroup_storage: u32,
+    ) -> Option<Specialization> {
+        let (dk, dv) = (self.shape.dk as u32, self.shape.dv as u32);
+        let max_kt = mma_max_kt(id, rows, dk, dv, self.narrow_row_groups());
+        (tensor_cores && self.precision == Precision::F16 && id.attention_core())
+            .then(|| mma_specialization(dk, dv, workgroup_storage, rows, max_kt))
+            .flatten()
     }
 
     /// [`Self::min_tile`] of selected attention (16-row steps).
@@ -722,42 +733,6 @@ impl Plan {
             q * (c.top_n as u64).min(blocks) * parts,
             entry_tiles,
         )
-    }
-
-    /// How many workgroups share one row group's selected blocks in a dispatch of `groups`
-    /// row groups: toward `target` workgroups, at most one per list entry, and as many as
-    /// bring the entries one walks (every splits-th) within `max_key_tiles`, within the
-    /// merge's `SPLITS_MAX` and the binding limit for the partials (`part_row` elements per
-    /// split).
-    fn slc_splits(&self, target: u64, groups: u64, part_row: u64) -> Result<u32> {
-        let (entries, filled, entry_tiles) = self.slc_entries();
-        let cap = self.limits.max_key_tiles;
-        // Entries one workgroup may walk.
-        let per = if cap == 0 { filled } else { cap / entry_tiles };
-        let need = filled.div_ceil(per.max(1));
-        let want = if groups >= target {
-            1
-        } else {
-            target
-                .div_ceil(groups)
-                .min(entries * entry_tiles)
-                .min(ATTN_SPLITS_MAX)
-        };
-        let sp = want
-            .max(need)
-            .min(SPLITS_MAX)
-            .min(self.binding_elems() / part_row.max(1))
-            .min(entries)
-            .max(1);
-        let walk = filled.div_ceil(sp) * entry_tiles;
-        if cap > 0 && walk > cap {
-            return Err(exceeds(
-                "max_key_tiles (key tiles per attention workgroup: llvmpipe ends an invocation's loops after 65,535 iterations; selected blocks over the most splits)",
-                walk,
-                cap,
-            ));
-        }
-        Ok(sp as u32)
     }
 
     /// The plan's chains of dependent dispatches ([`crate::profile::chains`] of its steps):
@@ -1332,7 +1307,7 @@ impl Plan {
 
     /// Splits the longest key range of one row group needs under `max_key_tiles` (not 0):
     /// dense attention's keys, or NSA's compressed tokens or selected blocks (whole list
-    /// entries per split, [`Self::slc_splits`]).
+    /// entries per split, [`Self::slc_entries`]).
     fn splits_needed(&self, dense: bool, cap: u64) -> u64 {
         let need = self.key_tiles(dense).div_ceil(cap);
         if dense {
@@ -1360,21 +1335,30 @@ impl Plan {
     }
 
     /// How many workgroups share one row group's keys in an attention dispatch of `groups`
-    /// workgroups over at most `tiles` key tiles, where one workgroup walks at most `walk` of
-    /// them (`tiles`, or for the window its rows' own windows, not the chunk's): enough to
-    /// reach `target` workgroups, each split keeping at least one tile, and as many as
+    /// workgroups over at most `tiles` key tiles, where one workgroup's keys are `walk` =
+    /// (units, tiles per unit), each split taking every splits-th unit whole: a tile of a
+    /// key range (`tiles`, or for the window its rows' own windows, not the chunk's), or a
+    /// list entry of selected attention ([`Self::slc_entries`]). Enough splits to reach
+    /// `target` workgroups, each keeping at least one tile, at most `most`, and as many as
     /// `max_key_tiles` needs, within the merge kernel's `SPLITS_MAX` and the binding limit
-    /// for the partials (`part_row` elements per split).
+    /// for the partials (`part_row` elements per split); [`NsaError::ExceedsLimit`] where a
+    /// split's walk stays over the cap.
     fn splits_toward(
         &self,
         target: u64,
         groups: u64,
         tiles: u64,
-        walk: u64,
+        walk: (u64, u64),
+        most: u64,
         part_row: u64,
     ) -> Result<u32> {
+        let (units, unit) = walk;
         let cap = self.limits.max_key_tiles;
-        let need = if cap == 0 { 1 } else { walk.div_ceil(cap) };
+        let need = if cap == 0 {
+            1
+        } else {
+            units.div_ceil((cap / unit).max(1))
+        };
         let want = if groups >= target {
             1
         } else {
@@ -1384,14 +1368,9 @@ impl Plan {
             .max(need)
             .min(SPLITS_MAX)
             .min(self.binding_elems() / part_row.max(1))
-            .max(1) as u32;
-        self.check_key_tiles(walk, sp)?;
-        Ok(sp)
-    }
-
-    /// Whether `splits` workgroups bring `tiles` key tiles within `max_key_tiles` each.
-    fn check_key_tiles(&self, tiles: u64, splits: u32) -> Result<()> {
-        let (cap, per) = (self.limits.max_key_tiles, tiles.div_ceil(splits as u64));
+            .min(most)
+            .max(1);
+        let per = units.div_ceil(sp) * unit;
         if cap > 0 && per > cap {
             return Err(exceeds(
                 "max_key_tiles (key tiles per attention workgroup: llvmpipe ends an invocation's loops after 65,535 iterations)",
@@ -1399,7 +1378,7 @@ impl Plan {
                 cap,
             ));
         }
-        Ok(())
+        Ok(sp as u32)
     }
 
     /// Compressed tokens per tile of compressed attention's kept block sums in steps of
@@ -1610,7 +1589,8 @@ impl Plan {
             if dense {
                 let t = tiles(s.tk as u64, core.kv_tile);
                 let walk = tiles(s.tk as u64, self.min_tile(KernelId::Dense, core.rows));
-                let sp = self.splits_toward(SPLIT_TARGET, attn_total, t, walk, part_row)?;
+                let sp =
+                    self.splits_toward(SPLIT_TARGET, attn_total, t, (walk, 1), u64::MAX, part_row)?;
                 let len = part_row * sp as u64;
                 let pw = self.window(Tensor::Part, 0, len);
                 let o = if sp > 1 {
@@ -1681,8 +1661,10 @@ impl Plan {
                 self.n_cmp as u64,
                 self.min_tile(KernelId::CmpAttn, core.rows),
             );
-            let cmp_split =
-                |target| self.splits_toward(target, attn_total, cmp_tiles, cmp_walk, 3 * part_row);
+            let cmp_split = |target| {
+                let walk = (cmp_walk, 1);
+                self.splits_toward(target, attn_total, cmp_tiles, walk, u64::MAX, 3 * part_row)
+            };
             let targets = self.limits.split_targets;
             let mut sp_c = cmp_split(targets.compressed)?;
             if cmp_mma {
@@ -1693,7 +1675,16 @@ impl Plan {
                 sp_c = cmp_split(targets.compressed_mma)?.max(walk.min(sp_c));
             }
             // A workgroup's queries select n blocks each, their union at most all of them.
-            let sp_s = self.slc_splits(targets.selected, slc_total, 3 * part_row)?;
+            // Whole entries per split, at most one split per entry.
+            let (entries, filled, entry_tiles) = self.slc_entries();
+            let sp_s = self.splits_toward(
+                targets.selected,
+                slc_total,
+                entries * entry_tiles,
+                (filled, entry_tiles),
+                entries,
+                3 * part_row,
+            )?;
             let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
             // One workgroup's rows: nq <= q_block consecutive queries' windows.
             let walk = (self.config.window + (core.q_block as usize).min(ch.qc)).min(s.tk) as u64;
@@ -1701,7 +1692,8 @@ impl Plan {
                 targets.window,
                 attn_total,
                 tiles(win_keys, core.kv_tile),
-                tiles(walk, self.min_tile(KernelId::WinAttn, core.rows)),
+                (tiles(walk, self.min_tile(KernelId::WinAttn, core.rows)), 1),
+                u64::MAX,
                 3 * part_row,
             )?;
             let split = sp_c > 1 || sp_s > 1 || sp_w > 1;
