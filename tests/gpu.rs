@@ -451,6 +451,12 @@ cases! {
     split_tq1_tk8200_hq16_hkv2_dk128_dv128_small: small(), [1, 1, 8200, 16, 2, 128, 128], false;
     split_tq3_tk16400_hq4_hkv1_dk128_dv64_paper: paper(), [2, 3, 16400, 4, 1, 128, 64], false;
     split_tq1_tk16500_hq16_hkv1_dk32_dv32_paper: paper(), [1, 1, 16500, 16, 1, 32, 32], false;
+    // Value dims beside the merge's 64 invocations (shaders/merge.wgsl), each of which takes
+    // the dims lid, lid + 64, ...: 20 (most idle), 200 (three or four each) and
+    // MAX_HEAD_DIM, 256 (four each).
+    split_tq1_tk16500_hq16_hkv1_dk32_dv20_paper: paper(), [1, 1, 16500, 16, 1, 32, 20], false;
+    split_tq1_tk8200_hq16_hkv1_dk32_dv200_small: small(), [1, 1, 8200, 16, 1, 32, 200], false;
+    split_tq1_tk8200_hq16_hkv1_dk16_dv256_small: small(), [1, 1, 8200, 16, 1, 16, 256], false;
     split_linear_tq2_tk8200_hq8_hkv2_dk128_dv128_small: linear(small()), [1, 2, 8200, 8, 2, 128, 128], true;
     linear_t200_hq4_hkv2_dk100_dv64_small: linear(small()), [1, 200, 200, 4, 2, 100, 64], false;
     linear_t130_hq2_hkv1_dk16_dv16_paper: linear(paper()), [1, 130, 130, 2, 1, 16, 16], false;
