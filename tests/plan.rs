@@ -13,6 +13,14 @@ fn field_of(r: Result<(), NsaError>) -> &'static str {
     }
 }
 
+/// The first step of `plan` that runs kernel `id` (the test fails where none does).
+fn step_of(plan: &Plan, id: KernelId) -> &nsa_wgpu::plan::Step {
+    plan.steps
+        .iter()
+        .find(|s| s.kernel == id)
+        .unwrap_or_else(|| panic!("no {id:?} step"))
+}
+
 #[test]
 fn paper_defaults() {
     let c = NsaConfig::default();
@@ -204,8 +212,10 @@ fn split_selections_fit_the_merge_and_the_token_tile() {
             let shape = step_shape(batch, tk, 4, 2, 8, 8);
             let plan = Plan::new(&cfg, &shape, &split_select()).unwrap();
             let case = format!("l'={sel_block} n={top_n} T={tk} B={batch}");
-            let select = plan.steps.iter().find(|s| s.kernel == KernelId::Select);
-            assert!(select.unwrap().params.splits > 1, "{case}: not split");
+            assert!(
+                step_of(&plan, KernelId::Select).params.splits > 1,
+                "{case}: not split"
+            );
             check_capacities(&plan, &case);
         }
     }
@@ -364,14 +374,7 @@ fn decode_plans_split_every_branch_and_merge() {
         },
     )
     .unwrap();
-    let split_of = |k: KernelId| {
-        b16.steps
-            .iter()
-            .find(|s| s.kernel == k)
-            .unwrap()
-            .params
-            .splits
-    };
+    let split_of = |k: KernelId| step_of(&b16, k).params.splits;
     assert_eq!(
         [CmpAttn, Select, SlcAttn, WinAttn].map(split_of),
         [8, 8, 2, 9]
@@ -389,7 +392,7 @@ fn decode_plans_split_every_branch_and_merge() {
         };
         let p = Plan::with_precision(&NsaConfig::default(), &shape, &limits, Precision::F16);
         let p = p.unwrap();
-        let cmp = p.steps.iter().find(|s| s.kernel == CmpAttn).unwrap();
+        let cmp = step_of(&p, CmpAttn);
         let top = p.steps.iter().any(|s| s.kernel == SelectTop);
         (cmp.params.splits, cmp.params.total_wg, top)
     };
@@ -620,13 +623,7 @@ fn large_n_and_long_blocks_plan() {
     };
     let shape = step_shape(1, 9000, 16, 1, 32, 32);
     // The selection's parameters in a plan.
-    let select_of = |plan: &Plan| {
-        plan.steps
-            .iter()
-            .find(|s| s.kernel == KernelId::Select)
-            .unwrap()
-            .params
-    };
+    let select_of = |plan: &Plan| step_of(plan, KernelId::Select).params;
     let plan = Plan::new(&cfg, &shape, &DeviceLimits::default()).unwrap();
     assert_eq!(select_of(&plan).splits, 1);
     assert!(plan.steps.iter().all(|s| s.kernel != KernelId::SelectMerge));
@@ -993,7 +990,7 @@ fn long_chunks_run_compressed_window_and_dense_attention_wide() {
     assert_eq!(rows_of(&plan, Select)[0].0, 16);
     // Every query row is covered once, with half the workgroups.
     check_coverage(&plan);
-    let cmp = plan.steps.iter().find(|s| s.kernel == CmpAttn).unwrap();
+    let cmp = step_of(&plan, CmpAttn);
     assert_eq!(cmp.params.total_wg, 4096 / 2 * 4);
     let spec = plan.specialization(32);
     // Its buffer holds 32 rows of queries and 32 keys exactly (2048 vec4s; the adapter would
@@ -1215,14 +1212,7 @@ fn branch_outputs_are_bound_only_where_asked() {
                 .collect::<Vec<_>>()
         };
         assert_eq!(kernels(&full), kernels(plan));
-        let win = |p: &Plan| {
-            p.steps
-                .iter()
-                .find(|s| s.kernel == KernelId::WinAttn)
-                .unwrap()
-                .params
-                .branch
-        };
+        let win = |p: &Plan| step_of(p, KernelId::WinAttn).params.branch;
         let split = plan.steps.iter().any(|s| s.kernel == KernelId::Merge);
         assert_eq!((win(plan), win(&full)), (1, if split { 1 } else { 2 }));
     }
@@ -1274,14 +1264,7 @@ fn split_targets_set_each_branch_s_splits() {
         };
         let cfg = NsaConfig::default();
         let plan = Plan::with_precision(&cfg, &shape, &limits, Precision::F16).unwrap();
-        let of = |k: KernelId| {
-            plan.steps
-                .iter()
-                .find(|s| s.kernel == k)
-                .unwrap()
-                .params
-                .splits
-        };
+        let of = |k: KernelId| step_of(&plan, k).params.splits;
         let merged = plan.steps.iter().any(|s| s.kernel == KernelId::Merge);
         ([CmpAttn, SlcAttn, WinAttn].map(of), merged)
     };
@@ -1534,7 +1517,7 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
     let shape = Shape::prefill(1, 3000, 64, 4, 16, 16);
     let dense = Plan::dense(&shape, None, &capped).unwrap();
     let tiles = 3000usize.div_ceil(dense.kv_tile as usize);
-    let step = dense.steps.iter().find(|s| s.kernel == Dense).unwrap();
+    let step = step_of(&dense, Dense);
     assert!(tiles > 4, "{tiles} tiles: the cap must bite");
     assert!(
         tiles.div_ceil(step.params.splits as usize) <= 4,
@@ -1553,11 +1536,11 @@ fn a_key_tile_cap_splits_long_ranges_or_says_why_not() {
     };
     let plan = Plan::new(&cfg, &shape, &capped).unwrap();
     for kernel in [CmpAttn, SlcAttn, WinAttn] {
-        let step = plan.steps.iter().find(|s| s.kernel == kernel).unwrap();
+        let step = step_of(&plan, kernel);
         assert!(step.params.splits > 1, "{kernel:?} not split");
     }
     // Selected attention walks n blocks of l' = 8 keys: 16 tiles, at most 4 per split.
-    let slc = plan.steps.iter().find(|s| s.kernel == SlcAttn).unwrap();
+    let slc = step_of(&plan, SlcAttn);
     assert!(slc.params.splits >= 4, "{} splits", slc.params.splits);
     // Where the merge cannot take enough splits, the plan says which limit and by how much.
     let one = DeviceLimits {
@@ -1613,11 +1596,7 @@ fn capped_selection_blocks_walk_in_pieces_within_the_cap() {
         if parts > 1 {
             assert_eq!(plan.slc_queries(), 1, "{sel_block}: pieces take one query");
         }
-        let slc = plan
-            .steps
-            .iter()
-            .find(|s| s.kernel == KernelId::SlcAttn)
-            .unwrap();
+        let slc = step_of(&plan, KernelId::SlcAttn);
         let entries = top_n.min(tk.div_ceil(sel_block)) * parts;
         let walk =
             entries.div_ceil(slc.params.splits as usize) * sel_block.div_ceil(parts).div_ceil(kt);
@@ -1656,13 +1635,8 @@ fn a_key_tile_cap_holds_in_the_tensor_cores_tiles() {
     let cfg = NsaConfig::default();
     // Enough row groups (64 sequences of 4 queries, 4 kv heads) that only the cap splits.
     let shape = Shape {
-        batch: 64,
         tq: 4,
-        tk: 3000,
-        hq: 64,
-        hkv: 4,
-        dk: 128,
-        dv: 128,
+        ..Shape::prefill(64, 3000, 64, 4, 128, 128)
     };
     let plan = Plan::with_precision(&cfg, &shape, &limits, Precision::F16).unwrap();
     let q_block = plan.steps[0].params.q_block as usize;
@@ -1684,11 +1658,7 @@ fn a_key_tile_cap_holds_in_the_tensor_cores_tiles() {
             spec.kv_tile
         );
     }
-    let slc = plan
-        .steps
-        .iter()
-        .find(|s| s.kernel == KernelId::SlcAttn)
-        .unwrap();
+    let slc = step_of(&plan, KernelId::SlcAttn);
     let (spec, _) = plan.kernel_specialization(KernelId::SlcAttn, 16, true, 48 << 10);
     let entry = cfg.sel_block.div_ceil(spec.kv_tile as usize);
     let walk = cfg.top_n.div_ceil(slc.params.splits as usize) * entry;
@@ -1874,11 +1844,7 @@ fn selected_attention_takes_consecutive_queries_of_small_groups() {
             // No more queries than the call has: a decode step compiles the walk out.
             let queries = queries.min(tq as u32);
             assert_eq!(plan.slc_queries(), queries, "{hq}/{hkv} {tq}");
-            let step = plan
-                .steps
-                .iter()
-                .find(|s| s.kernel == KernelId::SlcAttn)
-                .expect("selected attention");
+            let step = step_of(&plan, KernelId::SlcAttn);
             let p = &step.params;
             assert_eq!(p.q_block, queries, "{hq}/{hkv}");
             // One workgroup per (batch, query block, kv head, head chunk) and split.
