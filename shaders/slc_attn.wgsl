@@ -24,8 +24,9 @@ override QUERIES: u32 = 1u;
 // cap, so that the pieces of one block can go to different splits. Entry e of the walk is
 // then piece e % PARTS of list entry e / PARTS. Only with QUERIES = 1. At 1 the driver
 // folds the pieces out but schedules the kernel differently: on an H200, selected
-// attention in a 64k prefill took 0.9% longer than before the pieces (44.38 against 43.97
-// ms, fifty-eighth session); SPIR-V as before would take a second copy of the walk.
+// attention in a 64k prefill took 0.9% longer than before the pieces (44.38-44.39 against
+// 43.96-43.97 ms, fifty-eighth session); SPIR-V as before would take a second copy of the
+// walk.
 override PARTS: u32 = 1u;
 
 // Where the walk over the workgroup's blocks stands: the next entry of each query's list
