@@ -78,10 +78,17 @@ function drawOverview() {
   g.fillRect(0, 0, c.width, c.height);
   const cw = c.width / nb, ch = c.height / rows;
   for (let y = 0; y < rows; y++) {
+    // Blocks the row's last query can see, in grey; then each block's shade the share of
+    // the row's queries that selected it (a block every query keeps is darkest, one picked
+    // by a few of them light), so that the always-kept blocks and the needles stand out.
+    const last = Math.min(layout.t, Math.floor((y + 1) * per)) - 1;
+    const seen = Math.min(nb, Math.floor(last / layout.selBlock) + 1);
+    g.fillStyle = "#eceff4";
+    g.fillRect(0, Math.floor(y * ch), Math.ceil(seen * cw), Math.ceil(ch));
     for (let j = 0; j < nb; j++) {
-      const a = Math.min(1, counts[y * nb + j] * 3);
+      const a = Math.min(1, counts[y * nb + j]);
       if (a <= 0) continue;
-      g.fillStyle = `rgb(${255 - 200 * a}, ${255 - 120 * a}, ${255 - 20 * a})`;
+      g.fillStyle = `rgb(${236 - 206 * a}, ${239 - 149 * a}, ${244 - 54 * a})`;
       g.fillRect(Math.floor(j * cw), Math.floor(y * ch), Math.ceil(cw), Math.ceil(ch));
     }
   }
