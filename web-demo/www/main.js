@@ -78,10 +78,10 @@ function drawOverview() {
   g.fillRect(0, 0, c.width, c.height);
   const cw = c.width / nb, ch = c.height / rows;
   for (let y = 0; y < rows; y++) {
-    // Blocks the row's last query can see, in grey; then each block's shade the share of
-    // the row's queries that selected it (a block every query keeps is darkest, one picked
-    // by a few of them light), so that the always-kept blocks and the needles stand out.
-    const last = Math.min(layout.t, Math.floor((y + 1) * per)) - 1;
+    // Blocks the row's last query can see, in grey; then each block shaded by the share of
+    // the row's queries that selected it (a block every query keeps darkest, one a few of
+    // them picked light), rather than saturated, which hid which blocks every query keeps.
+    const last = Math.min(layout.t, Math.ceil((y + 1) * per)) - 1;
     const seen = Math.min(nb, Math.floor(last / layout.selBlock) + 1);
     g.fillStyle = "#eceff4";
     g.fillRect(0, Math.floor(y * ch), Math.ceil(seen * cw), Math.ceil(ch));
