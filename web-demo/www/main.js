@@ -92,6 +92,14 @@ function drawOverview() {
       g.fillRect(Math.floor(j * cw), Math.floor(y * ch), Math.ceil(cw), Math.ceil(ch));
     }
   }
+  // The blocks that hold the needles' keys (16 from each needle's position), as ticks along
+  // the bottom edge.
+  g.fillStyle = "#e8871e";
+  for (const p of input.planted) {
+    const first = Math.floor(p.pos / layout.selBlock);
+    const last = Math.floor(Math.min(layout.t - 1, p.pos + 15) / layout.selBlock);
+    g.fillRect(Math.floor(first * cw), c.height - 4, Math.ceil((last - first + 1) * cw), 4);
+  }
 }
 
 function bars(canvas, values, color) {
