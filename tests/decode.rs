@@ -1331,8 +1331,8 @@ fn all_chunks<T: AsRef<[Vec<f32>]>>(owned: &[T], attend: bool) -> Vec<SeqChunk<'
 /// K/V when `branch`) decode together through one cache: `steps` single-row steps, then a
 /// chunk of `tail` rows each, every call for all sequences, each attending in `chains`
 /// chains of dispatches (0: each step in as many as the bindings need, [`binding_chains`],
-/// the tail in at least as many). With `cut` > 0 (at most `steps + tail`), each sequence's context is
-/// followed by `cut` rows of other values that the cache then drops again
+/// the tail in at least as many). With `cut` > 0 (at most `steps + tail`), each sequence's
+/// context is followed by `cut` rows of other values that the cache then drops again
 /// (`NsaCache::truncate`) before the steps.
 #[derive(Clone, Copy)]
 struct Ragged<'a> {
@@ -1346,21 +1346,21 @@ struct Ragged<'a> {
     cut: usize,
 }
 
-/// Bytes of one sequence's cached keys or values (the wider) at `capacity` rows of `c`'s
-/// heads, stored at `precision`: what one binding must hold.
-fn seq_kv_bytes(capacity: usize, c: &Ragged, precision: Precision) -> u64 {
-    let (_, hkv, d) = c.heads;
-    (capacity * hkv * d) as u64 * precision.bytes()
+/// How many of `c`'s sequences' cached keys (or values: a [`Ragged`] case has Dk = Dv),
+/// `capacity` rows each stored at `precision`, one of `pipe`'s bindings holds (0: not even
+/// one), counted in 4-byte words as the plan counts them.
+fn seqs_per_binding(pipe: &NsaPipeline, capacity: usize, c: &Ragged, precision: Precision) -> u64 {
+    let (l, (_, hkv, d)) = (pipe.limits(), c.heads);
+    let words = ((capacity * hkv * d) as u64 * precision.bytes()).div_ceil(4);
+    (l.max_storage_binding - l.storage_align) / 4 / words
 }
 
 /// The chains of dispatches a ragged call of `c`'s sequences attends in where only the
-/// adapter's binding size splits it: as many sequences share a chain as their keys (and
-/// values), `capacity` rows each, fit one binding, at most `RAGGED_MAX`. On llvmpipe (128
-/// MiB bindings) two f32 sequences of 50,208 rows at Hkv = 3, D = 192 take two.
+/// adapter's binding size splits it: as many sequences share a chain as one binding holds
+/// ([`seqs_per_binding`]), at most `RAGGED_MAX`. On llvmpipe (128 MiB bindings) two f32
+/// sequences of 50,208 rows at Hkv = 3, D = 192 take two.
 fn binding_chains(pipe: &NsaPipeline, capacity: usize, c: &Ragged, precision: Precision) -> usize {
-    let l = pipe.limits();
-    let words = seq_kv_bytes(capacity, c, precision).div_ceil(4);
-    let fit = (l.max_storage_binding - l.storage_align) / 4 / words;
+    let fit = seqs_per_binding(pipe, capacity, c, precision);
     c.lens
         .len()
         .div_ceil(fit.clamp(1, nsa_wgpu::RAGGED_MAX as u64) as usize)
@@ -1774,14 +1774,13 @@ fn random_long_caches_equal_each_sequence_alone() {
 /// bindings (a `Plan` error, `ExceedsLimit`, tested on its own) is left out, and says so.
 fn check_ragged_everywhere(c: Ragged) {
     let r = RaggedData::new(&c);
+    // The cache's capacity grows to r.shape.tk rows at most (its max_capacity).
     let fits = |pipe: &NsaPipeline, precision: Precision| {
-        let l = pipe.limits();
-        let bytes = seq_kv_bytes(r.shape.tk, &c, precision);
-        let fit = bytes.div_ceil(4) <= (l.max_storage_binding - l.storage_align) / 4;
+        let fit = seqs_per_binding(pipe, r.shape.tk, &c, precision) > 0;
         if !fit {
             println!(
-                "{precision:?}: one sequence's keys ({bytes} bytes) exceed the adapter's {}-byte bindings: left out",
-                l.max_storage_binding
+                "{precision:?}: one sequence's keys exceed the adapter's {}-byte bindings: left out",
+                pipe.limits().max_storage_binding
             );
         }
         fit
