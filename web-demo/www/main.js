@@ -24,8 +24,12 @@ function rng(seed) {
   return { next, normal };
 }
 
-// Random keys and queries, plus `needles` planted keys: a burst of 16 keys along one direction,
-// and later queries (every third position, out of the needle's window) pointing at one needle.
+// Keys in each needle's burst (generate), which the overview marks (drawOverview).
+const NEEDLE_KEYS = 16;
+
+// Random keys and queries, plus `needles` planted keys: a burst of NEEDLE_KEYS keys along
+// one direction, and later queries (every third position, out of the needle's window)
+// pointing at one needle.
 function generate({ t, hq = HQ, hkv = HKV, dk = D, dv = D, needles = 6, seed = 1 }) {
   const r = rng(seed);
   const fill = (n, s) => Float32Array.from({ length: n }, () => r.normal() * s);
@@ -37,7 +41,7 @@ function generate({ t, hq = HQ, hkv = HKV, dk = D, dv = D, needles = 6, seed = 1
     const dir = Array.from({ length: dk }, () => r.normal());
     const norm = Math.hypot(...dir);
     planted.push({ pos, dir: dir.map((x) => x / norm) });
-    for (let s = pos; s < Math.min(t, pos + 16); s++)
+    for (let s = pos; s < Math.min(t, pos + NEEDLE_KEYS); s++)
       for (let h = 0; h < hkv; h++)
         for (let e = 0; e < dk; e++) k[(s * hkv + h) * dk + e] = planted[n].dir[e] * 6;
   }
@@ -92,12 +96,12 @@ function drawOverview() {
       g.fillRect(Math.floor(j * cw), Math.floor(y * ch), Math.ceil(cw), Math.ceil(ch));
     }
   }
-  // The blocks that hold the needles' keys (16 from each needle's position), as ticks along
-  // the bottom edge.
+  // The blocks that hold the needles' keys (NEEDLE_KEYS from each needle's position), as
+  // ticks along the bottom edge.
   g.fillStyle = "#e8871e";
   for (const p of input.planted) {
     const first = Math.floor(p.pos / layout.selBlock);
-    const last = Math.floor(Math.min(layout.t - 1, p.pos + 15) / layout.selBlock);
+    const last = Math.floor(Math.min(layout.t - 1, p.pos + NEEDLE_KEYS - 1) / layout.selBlock);
     g.fillRect(Math.floor(first * cw), c.height - 4, Math.ceil((last - first + 1) * cw), 4);
   }
 }
