@@ -39,8 +39,32 @@ pub fn tensor_core_pipeline() -> Option<&'static nsa_wgpu::NsaPipeline> {
     .as_ref()
 }
 
+/// A fourth pipeline with the tensor-core core, on a context that reports subgroups of 32
+/// to 64 invocations (AMD's range, whatever the adapter's own), so that the kernels read the
+/// subgroup size at run time (`SUBGROUP_SIZE` 0 in `shaders/shared/attn_mma.wgsl`) as they
+/// do on adapters whose subgroups vary; `None` without tensor cores.
+pub fn runtime_subgroup_pipeline() -> Option<&'static nsa_wgpu::NsaPipeline> {
+    static PIPE: std::sync::OnceLock<Option<nsa_wgpu::NsaPipeline>> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let base = tensor_core_pipeline()?.context();
+        let info = wgpu::AdapterInfo {
+            subgroup_min_size: 32,
+            subgroup_max_size: 64,
+            ..base.adapter_info.clone()
+        };
+        let mut ctx =
+            nsa_wgpu::GpuContext::from_device(base.device.clone(), base.queue.clone(), info);
+        ctx.coop_f16 = base.coop_f16;
+        assert_eq!(ctx.fixed_subgroup_size(), None);
+        let mut pipe = pollster::block_on(nsa_wgpu::NsaPipeline::new(&ctx)).expect("pipeline");
+        pipe.set_tensor_cores(true).then_some(pipe)
+    })
+    .as_ref()
+}
+
 /// The pipelines to test f16 storage on: the shader cores, and the tensor cores where the
-/// adapter has them (the H200; not lavapipe). None without shader-f16.
+/// adapter has them (the H200; not lavapipe), with the subgroup size a constant and read at
+/// run time. None without shader-f16.
 pub fn f16_pipelines() -> Vec<&'static nsa_wgpu::NsaPipeline> {
     if !pipeline().supports(nsa_wgpu::Precision::F16) {
         eprintln!("adapter lacks shader-f16: f16 storage is not exercised here");
@@ -48,6 +72,7 @@ pub fn f16_pipelines() -> Vec<&'static nsa_wgpu::NsaPipeline> {
     }
     let mut pipes = vec![pipeline()];
     pipes.extend(tensor_core_pipeline());
+    pipes.extend(runtime_subgroup_pipeline());
     pipes
 }
 
