@@ -290,11 +290,7 @@ fn f16_cache_steps_and_chunks_equal_the_f16_prefill() {
     };
     let top5 = NsaConfig { top_n: 5, ..paper };
     for pipe in f16_pipelines() {
-        let core = if pipe.tensor_cores() {
-            "tensor cores"
-        } else {
-            "shader cores"
-        };
+        let core = common::core_of(pipe);
         for (name, cfg, s, chunk) in [
             ("g1 steps", small(), Shape::prefill(1, 150, 2, 2, 16, 8), 1),
             (
@@ -1875,11 +1871,7 @@ fn check_ragged_against_naive(
         let idx = rows.block_indices.expect("block indices");
         common::check_rows(&mut tally, &c.cfg, part, naive, (&rows.out, &idx), f16);
     }
-    let core = if pipe.tensor_cores() {
-        "tensor cores"
-    } else {
-        "shader cores"
-    };
+    let core = common::core_of(pipe);
     tally.assert_within(&format!("{name} ({core})"), f16, tol);
 }
 

@@ -916,7 +916,7 @@ fn f16_storage_matches_the_reference_within_f16_tolerance() {
 
 /// The f16 cases on `pipe` (shader cores, or tensor cores where it has them on).
 fn check_f16(pipe: &NsaPipeline) {
-    let core = core_of(pipe);
+    let core = common::core_of(pipe);
     for (name, cfg, shape) in [
         (
             "f16 small",
@@ -992,15 +992,6 @@ fn check_f16(pipe: &NsaPipeline) {
     }
 }
 
-/// "tensor cores" or "shader cores": where `pipe` runs f16 attention.
-fn core_of(pipe: &NsaPipeline) -> &'static str {
-    if pipe.tensor_cores() {
-        "tensor cores"
-    } else {
-        "shader cores"
-    }
-}
-
 /// NSA with f16 storage on each of `pipes` against the naive reference on the inputs as the
 /// GPU stores them (common::check_rows: differing selections only as near ties at f16's
 /// precision, since compressed keys are stored in f16 too, in at most a fifth of the rows;
@@ -1014,7 +1005,7 @@ fn check_f16_case(pipes: &[&NsaPipeline], name: &str, cfg: &NsaConfig, shape: &S
     (inputs.q, inputs.k, inputs.v) = (&q, &k, &v);
     let naive = cpu::naive::nsa(cfg, shape, &inputs).unwrap();
     for pipe in pipes {
-        let core = core_of(pipe);
+        let core = common::core_of(pipe);
         let got = run_f16(pipe, cfg, shape, &data);
         let idx = got.block_indices.unwrap();
         let mut tally = common::RowTally::default();
@@ -1071,7 +1062,7 @@ fn f16_selection_swaps_are_near_ties_in_few_rows() {
             *worst = worst.max(err);
         }
         let rows = idx.len() / cfg.top_n;
-        let core = core_of(pipe);
+        let core = common::core_of(pipe);
         println!(
             "f16 ({core}), T = {t}: {} of {rows} rows chose another block; max abs error {swapped:.2e} there, {same:.2e} elsewhere",
             differing.len()
@@ -2095,7 +2086,7 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
         let name = format!(
             "{shape:?} {cfg:?} peaked {peaked:?} kept {kept:?} seed {seed} branch {branch} \
              {precision:?} ({})",
-            core_of(pipe)
+            common::core_of(pipe)
         );
         let got = pipe
             .run_with(cfg, shape, &data.inputs(), request, precision)

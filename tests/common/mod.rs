@@ -62,6 +62,16 @@ pub fn runtime_subgroup_pipeline() -> Option<&'static nsa_wgpu::NsaPipeline> {
     .as_ref()
 }
 
+/// Where `pipe` runs f16 attention, for test messages: "shader cores", "tensor cores", or
+/// "tensor cores, subgroup size at run time" (runtime_subgroup_pipeline's).
+pub fn core_of(pipe: &nsa_wgpu::NsaPipeline) -> &'static str {
+    match (pipe.tensor_cores(), pipe.context().fixed_subgroup_size()) {
+        (false, _) => "shader cores",
+        (true, Some(_)) => "tensor cores",
+        (true, None) => "tensor cores, subgroup size at run time",
+    }
+}
+
 /// The pipelines to test f16 storage on: the shader cores, and the tensor cores where the
 /// adapter has them (the H200; not lavapipe), with the subgroup size a constant and read at
 /// run time. None without shader-f16.
