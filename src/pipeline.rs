@@ -245,10 +245,26 @@ impl GpuContext {
 
     /// One line naming the adapter: name, backend, type, driver.
     pub fn describe(&self) -> String {
-        let i = &self.adapter_info;
+        Self::describe_adapter(&self.adapter_info)
+    }
+
+    /// [`Self::describe`] of an adapter before any device is made on it: name, backend,
+    /// type, and the driver's name and version where the adapter reports them (browsers and
+    /// some software adapters report none).
+    pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
+        let driver = [info.driver.trim(), info.driver_info.trim()]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let driver = if driver.is_empty() {
+            String::new()
+        } else {
+            format!(", driver {driver}")
+        };
         format!(
-            "{} ({:?}, {:?}, driver {} {})",
-            i.name, i.backend, i.device_type, i.driver, i.driver_info
+            "{} ({:?}, {:?}{driver})",
+            info.name, info.backend, info.device_type
         )
     }
 }

@@ -1873,3 +1873,25 @@ fn selected_attention_takes_consecutive_queries_of_small_groups() {
         }
     }
 }
+
+#[test]
+fn an_adapter_is_described_without_empty_driver_fields() {
+    // Browsers report no driver, software adapters sometimes only a name: the line names
+    // what is there and no empty "driver" part.
+    let mut info = wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, wgpu::Backend::BrowserWebGpu);
+    info.name = "swiftshader".into();
+    assert_eq!(
+        nsa_wgpu::GpuContext::describe_adapter(&info),
+        "swiftshader (BrowserWebGpu, Cpu)"
+    );
+    info.driver = "llvmpipe".into();
+    assert_eq!(
+        nsa_wgpu::GpuContext::describe_adapter(&info),
+        "swiftshader (BrowserWebGpu, Cpu, driver llvmpipe)"
+    );
+    info.driver_info = " Mesa 25.0.7 ".into();
+    assert_eq!(
+        nsa_wgpu::GpuContext::describe_adapter(&info),
+        "swiftshader (BrowserWebGpu, Cpu, driver llvmpipe Mesa 25.0.7)"
+    );
+}

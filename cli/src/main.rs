@@ -326,11 +326,7 @@ fn info(args: &AdapterArgs) -> Result<(), String> {
             Some(cap) => a.limits().or_worse_values_from(cap),
             None => a.limits(),
         };
-        println!("{}", i.name);
-        println!(
-            "  backend {:?}, type {:?}, driver {} ({})",
-            i.backend, i.device_type, i.driver, i.driver_info
-        );
+        println!("{}", nsa_wgpu::GpuContext::describe_adapter(&i));
         let yes = |x: wgpu::Features| if f.contains(x) { "yes" } else { "no" };
         // One subgroup size is what the tensor-core kernels compile in.
         let sizes = match nsa_wgpu::GpuContext::one_subgroup_size(&i) {
