@@ -599,20 +599,22 @@ fn bounds_checked_kernels_write_the_same_bits() {
         let b = run_f16(&checked, &cfg, &shape, &data);
         assert!(bits(&a.out) == bits(&b.out), "f16 {shape:?}: out differs");
         assert_eq!(a.block_indices, b.block_indices, "f16 {shape:?}");
-        // The tensor-core core, where the adapter has it, against itself with bounds checks.
-        if let Some(tc) = common::tensor_core_pipeline() {
-            checked.set_tensor_cores(true);
+        // The tensor-core core, where the adapter has it (the subgroup size a constant and
+        // read at run time), against itself with bounds checks.
+        for tc in common::f16_pipelines()
+            .into_iter()
+            .filter(|p| p.tensor_cores())
+        {
+            let mut tc_checked = common::pipeline_like(tc);
+            assert!(tc_checked.set_bounds_checks(true));
             let a = run_f16(tc, &cfg, &shape, &data);
-            let b = run_f16(&checked, &cfg, &shape, &data);
-            checked.set_tensor_cores(false);
+            let b = run_f16(&tc_checked, &cfg, &shape, &data);
+            let core = common::core_of(tc);
             assert!(
                 bits(&a.out) == bits(&b.out),
-                "f16 {shape:?} tensor cores: out differs"
+                "f16 {shape:?} {core}: out differs"
             );
-            assert_eq!(
-                a.block_indices, b.block_indices,
-                "f16 {shape:?} tensor cores"
-            );
+            assert_eq!(a.block_indices, b.block_indices, "f16 {shape:?} {core}");
         }
     }
 }
