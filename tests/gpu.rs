@@ -589,6 +589,17 @@ fn bounds_checked_kernels_write_the_same_bits() {
     if f16_pipeline().is_none() {
         return;
     }
+    // The tensor-core core, where the adapter has it (the subgroup size a constant and read
+    // at run time), each beside a twin of itself with bounds checks.
+    let tensor_cores: Vec<_> = common::f16_pipelines()
+        .into_iter()
+        .filter(|p| p.tensor_cores())
+        .map(|tc| {
+            let mut twin = common::pipeline_like(tc);
+            assert!(twin.set_bounds_checks(true));
+            (tc, twin)
+        })
+        .collect();
     for (cfg, shape) in [
         (small(), Shape::prefill(1, 90, 4, 2, 37, 21)),
         (small(), common::step_shape(1, 8200, 16, 2, 128, 128)),
@@ -599,16 +610,9 @@ fn bounds_checked_kernels_write_the_same_bits() {
         let b = run_f16(&checked, &cfg, &shape, &data);
         assert!(bits(&a.out) == bits(&b.out), "f16 {shape:?}: out differs");
         assert_eq!(a.block_indices, b.block_indices, "f16 {shape:?}");
-        // The tensor-core core, where the adapter has it (the subgroup size a constant and
-        // read at run time), against itself with bounds checks.
-        for tc in common::f16_pipelines()
-            .into_iter()
-            .filter(|p| p.tensor_cores())
-        {
-            let mut tc_checked = common::pipeline_like(tc);
-            assert!(tc_checked.set_bounds_checks(true));
+        for (tc, twin) in &tensor_cores {
             let a = run_f16(tc, &cfg, &shape, &data);
-            let b = run_f16(&tc_checked, &cfg, &shape, &data);
+            let b = run_f16(twin, &cfg, &shape, &data);
             let core = common::core_of(tc);
             assert!(
                 bits(&a.out) == bits(&b.out),
