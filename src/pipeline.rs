@@ -252,15 +252,10 @@ impl GpuContext {
     /// type, and the driver's name and version where the adapter reports them (browsers and
     /// some software adapters report none).
     pub fn describe_adapter(info: &wgpu::AdapterInfo) -> String {
-        let driver = [info.driver.trim(), info.driver_info.trim()]
-            .into_iter()
-            .filter(|s| !s.is_empty())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let driver = if driver.is_empty() {
-            String::new()
-        } else {
-            format!(", driver {driver}")
+        let driver = format!("{} {}", info.driver.trim(), info.driver_info.trim());
+        let driver = match driver.trim() {
+            "" => String::new(),
+            d => format!(", driver {d}"),
         };
         format!(
             "{} ({:?}, {:?}{driver})",
