@@ -2060,7 +2060,7 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
     if let Some(period) = peaked {
         peak_queries(&mut data, shape, period);
     }
-    let (hq, hkv, dk, dv, n) = (shape.hq, shape.hkv, shape.dk, shape.dv, cfg.top_n);
+    let (hq, hkv, dv, n) = (shape.hq, shape.hkv, shape.dv, cfg.top_n);
     let request = OutputRequest {
         block_indices: true,
         branches: false,
@@ -2082,6 +2082,12 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
             })
         })
         .collect();
+    // Every sequence's rows `end - 3 .. end`, and the naive NSA on them: once for f32 and
+    // once for f16 (which every f16 pipeline shares), the row triples on threads of their own.
+    let rows: Vec<(usize, usize)> = (0..shape.batch)
+        .flat_map(|bi| ends.iter().map(move |&end| (bi, end)))
+        .collect();
+    let mut references: [Option<Vec<cpu::naive::NaiveOutputs>>; 2] = [None, None];
     for (i, (pipe, precision, tol)) in runs.into_iter().enumerate() {
         let pipe = budgeted.get(i).unwrap_or(pipe);
         if kept == Some(0) {
@@ -2099,47 +2105,88 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
             .block_on()
             .expect("run");
         let idx = got.block_indices.expect("block indices");
+        let naive = references[usize::from(f16)]
+            .get_or_insert_with(|| spot_references(cfg, shape, &data, &rows, f16));
+        assert_eq!(
+            naive.len(),
+            rows.len(),
+            "{name}: a reference per row triple"
+        );
         let mut tally = common::RowTally::default();
-        // Every sequence's rows `end - 3 .. end`; the chunk's queries start at `first`.
         let first = shape.tk - shape.tq;
-        for (bi, &end) in (0..shape.batch).flat_map(|bi| ends.iter().map(move |e| (bi, e))) {
-            assert!(end >= first + 3 && end <= shape.tk, "rows inside the chunk");
-            let part = Shape {
-                batch: 1,
-                tq: 3,
-                tk: end,
-                ..*shape
-            };
-            let round = |x: &[f32]| if f16 { f16_round(x) } else { x.to_vec() };
-            // The first row's (query, head) index, and the sequence's first (key, kv head).
-            let (r0, k0) = ((bi * shape.tq + end - 3 - first) * hq, bi * shape.tk * hkv);
-            let q = round(&data.q[r0 * dk..(r0 + 3 * hq) * dk]);
-            // Keys and values (the shared ones, then k_cmp .. v_win) up to the rows.
-            let upto = |x: &[f32], d: usize| round(&x[k0 * d..(k0 + end * hkv) * d]);
-            let (k, v) = (upto(&data.k, dk), upto(&data.v, dv));
-            let branch_kv: Option<Vec<Vec<f32>>> = data.branch.as_ref().map(|b| {
-                b.iter()
-                    .enumerate()
-                    .map(|(i, x)| upto(x, if i % 2 == 0 { dk } else { dv }))
-                    .collect()
-            });
-            let gates = &data.gates[r0 * 3..(r0 + 3 * hq) * 3];
-            // Linear's weights (f32 in every precision) as the run had them.
-            let mut inputs = data.inputs();
-            (inputs.q, inputs.k, inputs.v, inputs.gates) = (&q, &k, &v, gates);
-            if let Some(b) = &branch_kv {
-                common::set_branch_kv(&mut inputs, b);
-            }
+        for (&(bi, end), naive) in rows.iter().zip(naive.iter()) {
+            // The first row's (query, head) index.
+            let r0 = (bi * shape.tq + end - 3 - first) * hq;
             let i0 = r0 / hq * hkv * n;
-            let rows = (
+            let got_rows = (
                 &got.out[r0 * dv..(r0 + 3 * hq) * dv],
                 &idx[i0..i0 + 3 * hkv * n],
             );
-            let naive = cpu::naive::nsa(cfg, &part, &inputs).expect("naive");
-            common::check_rows(&mut tally, cfg, &part, &naive, rows, f16);
+            let part = spot_part(shape, end);
+            common::check_rows(&mut tally, cfg, &part, naive, got_rows, f16);
         }
         tally.assert_within(&name, f16, tol);
     }
+}
+
+/// A spot check's rows `end - 3 .. end` of one sequence as a shape of their own: three
+/// queries over the keys up to them.
+fn spot_part(shape: &Shape, end: usize) -> Shape {
+    Shape {
+        batch: 1,
+        tq: 3,
+        tk: end,
+        ..*shape
+    }
+}
+
+/// The naive NSA on each of spot_check's row triples (sequence `bi`, rows `end - 3 .. end`
+/// of the chunk of queries, which starts at Tk - Tq), on just those queries and the keys up
+/// to them (a causal row depends on nothing later), with the inputs rounded to f16 where
+/// `f16` (Linear's weights stay f32 in every precision, as the runs have them). One thread
+/// per triple: at 64k with Linear compression each takes tens of seconds.
+fn spot_references(
+    cfg: &NsaConfig,
+    shape: &Shape,
+    data: &Data,
+    rows: &[(usize, usize)],
+    f16: bool,
+) -> Vec<cpu::naive::NaiveOutputs> {
+    let (hq, hkv, dk, dv) = (shape.hq, shape.hkv, shape.dk, shape.dv);
+    let first = shape.tk - shape.tq;
+    let reference = |&(bi, end): &(usize, usize)| {
+        assert!(end >= first + 3 && end <= shape.tk, "rows inside the chunk");
+        let round = |x: &[f32]| if f16 { f16_round(x) } else { x.to_vec() };
+        // The first row's (query, head) index, and the sequence's first (key, kv head).
+        let (r0, k0) = ((bi * shape.tq + end - 3 - first) * hq, bi * shape.tk * hkv);
+        let q = round(&data.q[r0 * dk..(r0 + 3 * hq) * dk]);
+        // Keys and values (the shared ones, then k_cmp .. v_win) up to the rows.
+        let upto = |x: &[f32], d: usize| round(&x[k0 * d..(k0 + end * hkv) * d]);
+        let (k, v) = (upto(&data.k, dk), upto(&data.v, dv));
+        let branch_kv: Option<Vec<Vec<f32>>> = data.branch.as_ref().map(|b| {
+            b.iter()
+                .enumerate()
+                .map(|(i, x)| upto(x, if i % 2 == 0 { dk } else { dv }))
+                .collect()
+        });
+        let gates = &data.gates[r0 * 3..(r0 + 3 * hq) * 3];
+        let mut inputs = data.inputs();
+        (inputs.q, inputs.k, inputs.v, inputs.gates) = (&q, &k, &v, gates);
+        if let Some(b) = &branch_kv {
+            common::set_branch_kv(&mut inputs, b);
+        }
+        cpu::naive::nsa(cfg, &spot_part(shape, end), &inputs).expect("naive")
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rows
+            .iter()
+            .map(|row| s.spawn(move || reference(row)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reference thread"))
+            .collect()
+    })
 }
 
 #[test]

@@ -422,6 +422,7 @@ impl RowTally {
     pub fn assert_within(&self, name: &str, f16: bool, tol: f64) {
         let RowTally { same, rows, worst } = *self;
         println!("{name}: {same} of {rows} selections equal, max abs error {worst:.2e}");
+        assert!(rows > 0, "{name}: no rows checked");
         let share = if f16 { 80 } else { 95 };
         assert!(
             same * 100 >= rows * share,
