@@ -1798,7 +1798,7 @@ fn check_ragged_everywhere(c: Ragged) {
 }
 
 /// Each sequence's rows of `c` by the naive NSA on its tokens up to them (inputs rounded to
-/// f16 with `f16`), with the shape of those rows.
+/// f16 with `f16`), with the shape of those rows; the sequences on threads of their own.
 fn naive_rows(
     r: &RaggedData,
     c: &Ragged,
@@ -1812,35 +1812,32 @@ fn naive_rows(
             x.to_vec()
         }
     };
-    c.lens
-        .iter()
-        .enumerate()
-        .map(|(b, &l)| {
-            let end = l + c.steps + c.tail;
-            let all = r.seq(b, 0, end);
-            // The queries and gates of the rows; keys and values (and per-branch ones) up
-            // to them.
-            let q = round(&all[0][l * s.hq * s.dk..]);
-            let kv: Vec<Vec<f32>> = all[1..3]
-                .iter()
-                .chain(&all[4..])
-                .map(|x| round(x))
-                .collect();
-            let mut inputs = nsa_wgpu::NsaInputs::new(&q, &kv[0], &kv[1], &all[3][l * s.hq * 3..]);
-            if c.branch {
-                common::set_branch_kv(&mut inputs, &kv[2..]);
-            }
-            inputs.linear = r.data.inputs().linear;
-            let part = Shape {
-                batch: 1,
-                tq: end - l,
-                tk: end,
-                ..s
-            };
-            let naive = nsa_wgpu::cpu::naive::nsa(&c.cfg, &part, &inputs).expect("naive");
-            (part, naive)
-        })
-        .collect()
+    let seqs: Vec<(usize, usize)> = c.lens.iter().copied().enumerate().collect();
+    common::par_map(&seqs, |&(b, l)| {
+        let end = l + c.steps + c.tail;
+        let all = r.seq(b, 0, end);
+        // The queries and gates of the rows; keys and values (and per-branch ones) up
+        // to them.
+        let q = round(&all[0][l * s.hq * s.dk..]);
+        let kv: Vec<Vec<f32>> = all[1..3]
+            .iter()
+            .chain(&all[4..])
+            .map(|x| round(x))
+            .collect();
+        let mut inputs = nsa_wgpu::NsaInputs::new(&q, &kv[0], &kv[1], &all[3][l * s.hq * 3..]);
+        if c.branch {
+            common::set_branch_kv(&mut inputs, &kv[2..]);
+        }
+        inputs.linear = r.data.inputs().linear;
+        let part = Shape {
+            batch: 1,
+            tq: end - l,
+            tk: end,
+            ..s
+        };
+        let naive = nsa_wgpu::cpu::naive::nsa(&c.cfg, &part, &inputs).expect("naive");
+        (part, naive)
+    })
 }
 
 /// `c`'s calls through a cache on `pipe` at `precision`, each sequence's rows held against

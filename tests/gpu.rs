@@ -2177,16 +2177,7 @@ fn spot_references(
         }
         cpu::naive::nsa(cfg, &spot_part(shape, end), &inputs).expect("naive")
     };
-    std::thread::scope(|s| {
-        let handles: Vec<_> = rows
-            .iter()
-            .map(|row| s.spawn(move || reference(row)))
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("reference thread"))
-            .collect()
-    })
+    common::par_map(rows, reference)
 }
 
 #[test]
