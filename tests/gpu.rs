@@ -2084,6 +2084,11 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
         .collect();
     // Every sequence's rows `end - 3 .. end`, and the naive NSA on them: once for f32 and
     // once for f16 (which every f16 pipeline shares), the row triples on threads of their own.
+    let first = shape.tk - shape.tq;
+    assert!(
+        ends.iter().all(|&end| end >= first + 3 && end <= shape.tk),
+        "rows inside the chunk"
+    );
     let rows: Vec<(usize, usize)> = (0..shape.batch)
         .flat_map(|bi| ends.iter().map(move |&end| (bi, end)))
         .collect();
@@ -2113,10 +2118,8 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
             "{name}: a reference per row triple"
         );
         let mut tally = common::RowTally::default();
-        let first = shape.tk - shape.tq;
         for (&(bi, end), naive) in rows.iter().zip(naive.iter()) {
-            // The first row's (query, head) index.
-            let r0 = (bi * shape.tq + end - 3 - first) * hq;
+            let r0 = spot_row0(shape, bi, end);
             let i0 = r0 / hq * hkv * n;
             let got_rows = (
                 &got.out[r0 * dv..(r0 + 3 * hq) * dv],
@@ -2140,6 +2143,12 @@ fn spot_part(shape: &Shape, end: usize) -> Shape {
     }
 }
 
+/// The (query, head) index of sequence `bi`'s row `end - 3` in a spot check's outputs, whose
+/// chunk of queries starts at position Tk - Tq.
+fn spot_row0(shape: &Shape, bi: usize, end: usize) -> usize {
+    (bi * shape.tq + end - 3 - (shape.tk - shape.tq)) * shape.hq
+}
+
 /// The naive NSA on each of spot_check's row triples (sequence `bi`, rows `end - 3 .. end`
 /// of the chunk of queries, which starts at Tk - Tq), on just those queries and the keys up
 /// to them (a causal row depends on nothing later), with the inputs rounded to f16 where
@@ -2153,12 +2162,10 @@ fn spot_references(
     f16: bool,
 ) -> Vec<cpu::naive::NaiveOutputs> {
     let (hq, hkv, dk, dv) = (shape.hq, shape.hkv, shape.dk, shape.dv);
-    let first = shape.tk - shape.tq;
     let reference = |&(bi, end): &(usize, usize)| {
-        assert!(end >= first + 3 && end <= shape.tk, "rows inside the chunk");
         let round = |x: &[f32]| if f16 { f16_round(x) } else { x.to_vec() };
         // The first row's (query, head) index, and the sequence's first (key, kv head).
-        let (r0, k0) = ((bi * shape.tq + end - 3 - first) * hq, bi * shape.tk * hkv);
+        let (r0, k0) = (spot_row0(shape, bi, end), bi * shape.tk * hkv);
         let q = round(&data.q[r0 * dk..(r0 + 3 * hq) * dk]);
         // Keys and values (the shared ones, then k_cmp .. v_win) up to the rows.
         let upto = |x: &[f32], d: usize| round(&x[k0 * d..(k0 + end * hkv) * d]);
