@@ -2112,11 +2112,6 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
         let idx = got.block_indices.expect("block indices");
         let naive = references[usize::from(f16)]
             .get_or_insert_with(|| spot_references(cfg, shape, &data, &rows, f16));
-        assert_eq!(
-            naive.len(),
-            rows.len(),
-            "{name}: a reference per row triple"
-        );
         let mut tally = common::RowTally::default();
         for (&(bi, end), naive) in rows.iter().zip(naive.iter()) {
             let r0 = spot_row0(shape, bi, end);
@@ -2153,7 +2148,8 @@ fn spot_row0(shape: &Shape, bi: usize, end: usize) -> usize {
 /// of the chunk of queries, which starts at Tk - Tq), on just those queries and the keys up
 /// to them (a causal row depends on nothing later), with the inputs rounded to f16 where
 /// `f16` (Linear's weights stay f32 in every precision, as the runs have them). One thread
-/// per triple: at 64k with Linear compression each takes tens of seconds.
+/// per triple: computed per pipeline on one thread, the references kept
+/// long_64k_other_paths_spot_checks past 470 s on the H200; so it took 216 s.
 fn spot_references(
     cfg: &NsaConfig,
     shape: &Shape,
