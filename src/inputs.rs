@@ -89,11 +89,30 @@ impl<'a> NsaInputs<'a> {
 
     /// Whether any branch has keys or values of its own (`k_cmp` … `v_win`).
     pub fn has_branch_kv(&self) -> bool {
+        self.branch_tensors().iter().any(|(_, t)| t.is_some())
+    }
+
+    /// The per-branch keys and values by name, keys at even places: `k_cmp, v_cmp, k_slc,
+    /// v_slc, k_win, v_win`.
+    pub(crate) fn branch_tensors(&self) -> [(&'static str, Option<&'a [f32]>); 6] {
         [
-            self.k_cmp, self.v_cmp, self.k_slc, self.v_slc, self.k_win, self.v_win,
+            ("k_cmp", self.k_cmp),
+            ("v_cmp", self.v_cmp),
+            ("k_slc", self.k_slc),
+            ("v_slc", self.v_slc),
+            ("k_win", self.k_win),
+            ("v_win", self.v_win),
         ]
-        .iter()
-        .any(Option::is_some)
+    }
+
+    /// The tensors stored at the call's precision (the rest stay f32): `q`, `k`, `v` and
+    /// the branches' own keys and values.
+    pub(crate) fn stored_tensors(&self) -> Vec<(&'static str, &'a [f32])> {
+        let given = self.branch_tensors().into_iter();
+        [("q", self.q), ("k", self.k), ("v", self.v)]
+            .into_iter()
+            .chain(given.filter_map(|(name, t)| Some((name, t?))))
+            .collect()
     }
 
     /// Keys and values of the compression branch.
@@ -122,15 +141,9 @@ impl<'a> NsaInputs<'a> {
             ("v", self.v, vd.clone()),
             ("gates", self.gates, shape.gates_shape().to_vec()),
         ];
-        for (name, t, dims) in [
-            ("k_cmp", self.k_cmp, &kd),
-            ("v_cmp", self.v_cmp, &vd),
-            ("k_slc", self.k_slc, &kd),
-            ("v_slc", self.v_slc, &vd),
-            ("k_win", self.k_win, &kd),
-            ("v_win", self.v_win, &vd),
-        ] {
+        for (i, (name, t)) in self.branch_tensors().into_iter().enumerate() {
             if let Some(t) = t {
+                let dims = if i % 2 == 0 { &kd } else { &vd };
                 tensors.push((name, t, dims.clone()));
             }
         }
@@ -229,29 +242,39 @@ pub(crate) fn stored_bytes<'a>(
     if precision == Precision::F32 {
         return Ok(Stored::F32(data));
     }
+    check_stored_range(tensor, data, precision)?;
     let mut halves = vec![half::f16::ZERO; data.len()];
     halves.convert_from_f32_slice(data);
-    // Only a value of f16's largest magnitude or more can round to infinity: the exact scan
-    // runs only where there is one.
+    Ok(Stored::F16(halves))
+}
+
+/// Checks that every value of `data` stays finite when stored at `precision`
+/// ([`NsaError::OutOfRange`] names the first that does not).
+pub(crate) fn check_stored_range(
+    tensor: &'static str,
+    data: &[f32],
+    precision: Precision,
+) -> Result<()> {
+    if precision == Precision::F32 {
+        return Ok(());
+    }
+    // Only a value of f16's largest magnitude or more can round to infinity: the exact test
+    // runs only from the first such value on.
     let max = half::f16::MAX.to_f32();
     let overflow = first_where(data, |x| x.abs() >= max).and_then(|from| {
-        let past = |(h, x): (&half::f16, &f32)| h.is_infinite() && x.is_finite();
-        halves[from..]
-            .iter()
-            .zip(&data[from..])
-            .position(past)
-            .map(|i| from + i)
+        let past = |x: &f32| half::f16::from_f32(*x).is_infinite() && x.is_finite();
+        data[from..].iter().position(past).map(|i| from + i)
     });
-    if let Some(index) = overflow {
-        return Err(NsaError::OutOfRange {
+    match overflow {
+        Some(index) => Err(NsaError::OutOfRange {
             tensor,
             index,
             value: data[index],
             precision: "f16",
-            limit: half::f16::MAX.to_f32(),
-        });
+            limit: max,
+        }),
+        None => Ok(()),
     }
-    Ok(Stored::F16(halves))
 }
 
 /// Which outputs besides `out` a call should return.

@@ -49,6 +49,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod profile;
 pub mod shaders;
+mod split;
 
 pub use cache::{CacheOptions, DeviceStep, NsaCache, SeqChunk};
 pub use config::{Compression, NsaConfig, Precision, Shape};

@@ -7,13 +7,16 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+use crate::inputs::{
+    check_stored_range, stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest,
+};
 use crate::kernels::{top_list_len, KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
 use crate::plan::{
     DeviceLimits, Plan, SplitTargets, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES,
     LLVMPIPE_LOOP_ITERATIONS,
 };
 use crate::shaders::{Kept, Variant};
+use crate::split::{self, Heads, Layout, Planned};
 
 /// A device and queue to run on, and what adapter they came from.
 #[derive(Debug, Clone)]
@@ -708,17 +711,11 @@ impl NsaPipeline {
             }
         };
         let mut buffers = Vec::new();
+        plan.check_scratch(self.limits.max_buffer)?;
         // Only what the plan's dispatches bind (a cached plan binds the cache's compressed
         // keys and values, and a dense one no NSA intermediates).
         for t in plan.scratch_tensors() {
             let size = plan.tensor_bytes(t);
-            if size > self.limits.max_buffer {
-                return Err(NsaError::ExceedsLimit {
-                    what: "max_buffer_size",
-                    needed: size,
-                    limit: self.limits.max_buffer,
-                });
-            }
             let fits = |b: &wgpu::Buffer| reusable(b.size(), size);
             let buf = match old_buffers.iter().position(|(u, b)| *u == t && fits(b)) {
                 Some(at) => old_buffers.swap_remove(at).1,
@@ -1147,7 +1144,10 @@ impl NsaPipeline {
         Ok(())
     }
 
-    /// Runs NSA on host slices: validates, uploads, encodes, submits and reads back.
+    /// Runs NSA on host slices: validates, uploads, encodes, submits and reads back. A call
+    /// that no plan fits because one sequence's keys pass a storage binding or a tensor
+    /// passes `max_buffer_size` runs in parts of sequences and kv heads, one submission each
+    /// (see [`Self::run_with`]).
     pub async fn run(
         &self,
         config: &NsaConfig,
@@ -1295,6 +1295,12 @@ impl NsaPipeline {
     /// F16 needs the adapter's `shader-f16`: [`NsaError::MissingFeature`] otherwise; a value
     /// beyond f16's range in `q`, `k`, `v` or the branch keys/values is
     /// [`NsaError::OutOfRange`].
+    ///
+    /// Where the whole call's plan is [`NsaError::ExceedsLimit`], the call runs in parts:
+    /// the most kv heads (each with its query heads), then the most sequences, that plan,
+    /// each part a call of its own whose outputs go in place. NSA never mixes sequences or
+    /// kv groups, so the results are the whole call's. Where not even one sequence's one kv
+    /// head plans, the whole call's error is returned.
     pub async fn run_with(
         &self,
         config: &NsaConfig,
@@ -1305,28 +1311,139 @@ impl NsaPipeline {
     ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
         self.require(precision)?;
-        let plan = Plan::with_precision(config, shape, &self.limits(), precision)?;
-        let plan = if request.branches {
-            plan.with_branch_outputs()?
-        } else {
-            plan
+        let plan = |s: &Shape| {
+            let plan = Plan::with_precision(config, s, &self.limits(), precision)?;
+            let plan = if request.branches {
+                plan.with_branch_outputs()?
+            } else {
+                plan
+            };
+            plan.check_scratch(self.limits.max_buffer)?;
+            Ok(plan)
         };
+        match split::plan_or_parts(shape, plan)? {
+            Planned::Whole(p) => self.run_planned(&p, inputs, request, precision).await,
+            Planned::Parts(size) => {
+                self.run_parts(config, shape, inputs, request, precision, size, plan)
+                    .await
+            }
+        }
+    }
+
+    /// [`Self::run_with`] for a call too large for the device as a whole (a plan of it is
+    /// [`NsaError::ExceedsLimit`]): parts of at most `(sequences, kv heads)` = `size`, each
+    /// planned by `plan` and run alone, their outputs put in place (`split`).
+    #[allow(clippy::too_many_arguments)]
+    async fn run_parts(
+        &self,
+        config: &NsaConfig,
+        shape: &Shape,
+        inputs: &NsaInputs<'_>,
+        request: OutputRequest,
+        precision: Precision,
+        size: (usize, usize),
+        plan: impl Fn(&Shape) -> Result<Plan>,
+    ) -> Result<NsaOutputs> {
+        // Range errors name the index in the caller's tensor, before any part runs.
+        for (name, t) in inputs.stored_tensors() {
+            check_stored_range(name, t, precision)?;
+        }
+        let s = shape;
+        let (q, kv) = (
+            |w: usize| Layout::of(s, Heads::Q, w),
+            |w: usize| Layout::of(s, Heads::Kv, w),
+        );
+        // The linear weights, `[Hkv, l, D, D]` and `[Hkv, l, D]`, as one sequence of one row.
+        let linear = |w: usize| Layout { batch: 1, ..kv(w) };
+        let (l, n) = (config.cmp_block, config.top_n);
+        // Every element is written by one part: the fillers show any that were not.
+        let outs = s.batch * s.tq * s.hq * s.dv;
+        let mut res = NsaOutputs {
+            out: vec![f32::NAN; outs],
+            block_indices: request
+                .block_indices
+                .then(|| vec![i32::MIN; s.batch * s.tq * s.hkv * n]),
+            branches: request.branches.then(|| BranchOutputs {
+                o_cmp: vec![f32::NAN; outs],
+                o_slc: vec![f32::NAN; outs],
+                o_win: vec![f32::NAN; outs],
+            }),
+        };
+        for part in split::parts(s, size) {
+            let take = |layout: Layout, x: &[f32]| layout.gather(x, &part, s);
+            let (k_in, v_in) = (take(kv(s.dk), inputs.k), take(kv(s.dv), inputs.v));
+            let (q_in, gates) = (take(q(s.dk), inputs.q), take(q(3), inputs.gates));
+            let branch: Vec<Option<Vec<f32>>> = (inputs.branch_tensors().into_iter())
+                .enumerate()
+                .map(|(i, (_, t))| t.map(|t| take(kv(if i % 2 == 0 { s.dk } else { s.dv }), t)))
+                .collect();
+            let view = |i: usize| branch[i].as_deref();
+            let weights = inputs
+                .linear
+                .filter(|_| config.compression == crate::Compression::Linear)
+                .map(|w| {
+                    let heads = split::Part {
+                        b: 0..1,
+                        h: part.h.clone(),
+                    };
+                    let take = |layout: Layout, x: &[f32]| layout.gather(x, &heads, s);
+                    [
+                        take(linear(l * s.dk * s.dk), w.w_k),
+                        take(linear(l * s.dk), w.pe_k),
+                        take(linear(l * s.dv * s.dv), w.w_v),
+                        take(linear(l * s.dv), w.pe_v),
+                    ]
+                });
+            let part_inputs = NsaInputs {
+                k_cmp: view(0),
+                v_cmp: view(1),
+                k_slc: view(2),
+                v_slc: view(3),
+                k_win: view(4),
+                v_win: view(5),
+                linear: weights.as_ref().map(|w| crate::LinearWeights {
+                    w_k: &w[0],
+                    pe_k: &w[1],
+                    w_v: &w[2],
+                    pe_v: &w[3],
+                }),
+                ..NsaInputs::new(&q_in, &k_in, &v_in, &gates)
+            };
+            let got = self
+                .run_planned(&plan(&part.shape(s))?, &part_inputs, request, precision)
+                .await?;
+            let put = |layout: Layout, x: &mut [f32], from: &[f32]| {
+                layout.scatter(x, from, &part, s);
+            };
+            put(q(s.dv), &mut res.out, &got.out);
+            if let (Some(x), Some(from)) = (&mut res.block_indices, &got.block_indices) {
+                kv(n).scatter(x, from, &part, s);
+            }
+            if let (Some(x), Some(from)) = (&mut res.branches, &got.branches) {
+                put(q(s.dv), &mut x.o_cmp, &from.o_cmp);
+                put(q(s.dv), &mut x.o_slc, &from.o_slc);
+                put(q(s.dv), &mut x.o_win, &from.o_win);
+            }
+        }
+        Ok(res)
+    }
+
+    /// [`Self::run_with`] on a plan of the whole call.
+    async fn run_planned(
+        &self,
+        plan: &Plan,
+        inputs: &NsaInputs<'_>,
+        request: OutputRequest,
+        precision: Precision,
+    ) -> Result<NsaOutputs> {
         // The tensors stored at `precision`, converted (and range-checked) before anything
         // is allocated.
         let [q, k, v] = [("q", inputs.q), ("k", inputs.k), ("v", inputs.v)]
             .map(|(name, d)| stored_bytes(name, d, precision));
         let (q, k, v) = (q?, k?, v?);
-        let branch: Vec<Option<crate::inputs::Stored>> = [
-            ("k_cmp", inputs.k_cmp),
-            ("v_cmp", inputs.v_cmp),
-            ("k_slc", inputs.k_slc),
-            ("v_slc", inputs.v_slc),
-            ("k_win", inputs.k_win),
-            ("v_win", inputs.v_win),
-        ]
-        .into_iter()
-        .map(|(name, t)| t.map(|d| stored_bytes(name, d, precision)).transpose())
-        .collect::<Result<_>>()?;
+        let branch: Vec<Option<crate::inputs::Stored>> = (inputs.branch_tensors().into_iter())
+            .map(|(name, t)| t.map(|d| stored_bytes(name, d, precision)).transpose())
+            .collect::<Result<_>>()?;
         let device = &self.ctx.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -1357,7 +1474,7 @@ impl NsaPipeline {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let scratch = self.scratch(&plan)?;
+        let scratch = self.scratch(plan)?;
         let mut bufs = GpuBuffers::new(&q, &k, &v, &gates, &out);
         for (slot, b) in bufs.branch_kv.iter_mut().zip(&branch) {
             *slot = b.as_ref();
@@ -1439,7 +1556,8 @@ impl NsaPipeline {
 
     /// [`Self::dense_attention`] with `q`, `k`, `v` stored on the GPU at `precision`
     /// (converted on upload; f16 runs on tensor cores where [`Self::tensor_cores`] and a
-    /// workgroup has 16 rows; values beyond f16's range are [`NsaError::OutOfRange`]).
+    /// workgroup has 16 rows; values beyond f16's range are [`NsaError::OutOfRange`]). A
+    /// call too large for one plan runs in parts, as [`Self::run_with`] says.
     pub async fn dense_attention_with(
         &self,
         shape: &Shape,
@@ -1455,7 +1573,46 @@ impl NsaPipeline {
         check_tensor("k", k, &shape.k_shape())?;
         check_tensor("v", v, &shape.v_shape())?;
         self.require(precision)?;
-        let plan = Plan::dense_with_precision(shape, scale, &self.limits(), precision)?;
+        let plan = |s: &Shape| {
+            let plan = Plan::dense_with_precision(s, scale, &self.limits(), precision)?;
+            plan.check_scratch(self.limits.max_buffer)?;
+            Ok(plan)
+        };
+        let size = match split::plan_or_parts(shape, plan)? {
+            Planned::Whole(p) => return self.dense_planned(&p, q, k, v, precision).await,
+            Planned::Parts(size) => size,
+        };
+        // As `run_parts`: range errors first, then each part alone, its output put in place.
+        for (name, t) in [("q", q), ("k", k), ("v", v)] {
+            check_stored_range(name, t, precision)?;
+        }
+        let s = shape;
+        let mut out = vec![f32::NAN; s.batch * s.tq * s.hq * s.dv];
+        for part in split::parts(s, size) {
+            let take =
+                |heads: Heads, w: usize, x: &[f32]| Layout::of(s, heads, w).gather(x, &part, s);
+            let (q, k, v) = (
+                take(Heads::Q, s.dk, q),
+                take(Heads::Kv, s.dk, k),
+                take(Heads::Kv, s.dv, v),
+            );
+            let got = self
+                .dense_planned(&plan(&part.shape(s))?, &q, &k, &v, precision)
+                .await?;
+            Layout::of(s, Heads::Q, s.dv).scatter(&mut out, &got, &part, s);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::dense_attention_with`] on a plan of the whole call.
+    async fn dense_planned(
+        &self,
+        plan: &Plan,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        precision: Precision,
+    ) -> Result<Vec<f32>> {
         let [q, k, v] =
             [("q", q), ("k", k), ("v", v)].map(|(name, d)| stored_bytes(name, d, precision));
         let (q, k, v) = (q?, k?, v?);
@@ -1472,7 +1629,7 @@ impl NsaPipeline {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        let scratch = self.scratch(&plan)?;
+        let scratch = self.scratch(plan)?;
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("nsa.dense"),
         });

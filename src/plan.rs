@@ -881,6 +881,17 @@ impl Plan {
                 return Err(exceeds("max_buffer_size", bytes, limits.max_buffer));
             }
         }
+        // The compression kernel binds the linear weights whole.
+        let weights = plan
+            .tensor_bytes(Tensor::WK)
+            .max(plan.tensor_bytes(Tensor::WV));
+        if weights > limits.max_storage_binding {
+            return Err(exceeds(
+                "max_storage_buffer_binding_size (Linear compression's W_k or W_v)",
+                weights,
+                limits.max_storage_binding,
+            ));
+        }
         if behind.is_empty() {
             plan.plan_compress()?;
         } else {
@@ -965,6 +976,18 @@ impl Plan {
             }
         }
         ts
+    }
+
+    /// Checks that every scratch tensor fits one buffer of a device whose `max_buffer_size`
+    /// is `max_buffer`, as [`crate::NsaPipeline::scratch`] needs.
+    pub fn check_scratch(&self, max_buffer: u64) -> Result<()> {
+        for t in self.scratch_tensors() {
+            let bytes = self.tensor_bytes(t);
+            if bytes > max_buffer {
+                return Err(exceeds("max_buffer_size", bytes, max_buffer));
+            }
+        }
+        Ok(())
     }
 
     /// Key rows per sequence in the key/value buffers: `Tk`, or the cache's capacity.

@@ -4,7 +4,8 @@
 mod common;
 
 use common::{
-    assert_close, f16_pipelines, pick, pipeline, random_config, random_long_config, small, Data,
+    assert_close, f16_pipelines, pick, pipeline, pipeline_with_limits, random_config,
+    random_long_config, small, Data,
 };
 use nsa_wgpu::kernels::KernelId;
 use nsa_wgpu::{
@@ -1621,20 +1622,6 @@ fn pipeline_with_binding_limit(bytes: u64) -> NsaPipeline {
         ..pipeline().context().device.limits()
     });
     assert_eq!(pipe.limits().max_storage_binding, bytes);
-    pipe
-}
-
-/// A pipeline on a new device of the best adapter with `limits`, with the shared pipeline's
-/// subgroup and tensor-core choices.
-fn pipeline_with_limits(limits: wgpu::Limits) -> NsaPipeline {
-    let opts = nsa_wgpu::AdapterOptions {
-        limits: Some(limits),
-        ..Default::default()
-    };
-    let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
-    let mut pipe = pollster::block_on(NsaPipeline::new(&ctx)).expect("pipeline");
-    pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
-    pipe.set_tensor_cores(pipeline().tensor_cores());
     pipe
 }
 

@@ -603,6 +603,18 @@ fn sizes_beyond_splitting_are_exceeds_limit() {
             ..
         })
     ));
+    // Linear compression's weights, bound whole: W_k of 2 heads x 32 x 65 x 65 passes 1 MiB
+    // (at 64 x 64 it is 1 MiB, and fits).
+    let linear = NsaConfig {
+        compression: nsa_wgpu::Compression::Linear,
+        ..NsaConfig::default()
+    };
+    let shape = Shape::prefill(1, 100, 2, 2, 65, 32);
+    let (what, needed, limit) = exceeded(Plan::new(&linear, &shape, &limits));
+    assert!(what.contains("W_k or W_v"), "{what}");
+    assert_eq!((needed, limit), (2 * 32 * 65 * 65 * 4, 1 << 20));
+    let shape = Shape::prefill(1, 100, 2, 2, 64, 32);
+    assert!(Plan::new(&linear, &shape, &limits).is_ok());
 }
 
 /// SPEC sets no upper bound on `n`, nor on how many strides a block spans: a config with more
@@ -1669,10 +1681,15 @@ fn a_key_tile_cap_holds_in_the_tensor_cores_tiles() {
 fn a_loop_cap_bounds_linear_compression_blocks() {
     // llvmpipe ends an invocation's loops after 65,535 iterations: Linear compression takes
     // 12 + l * (3 + ceil(4 * D / 128) + 2 * (D / 8 + D % 8)) of them, 75 per row at D = 256,
-    // so l = 864 fits and l = 880 does not. Elsewhere (no cap) any l plans.
+    // so l = 864 fits and l = 880 does not. Elsewhere (no cap) any l plans. (Bindings of
+    // 1 GiB hold W_k, 220 MiB at l = 880; lavapipe's 128 MiB would not.)
+    let wide = DeviceLimits {
+        max_storage_binding: 1 << 30,
+        ..DeviceLimits::default()
+    };
     let capped = DeviceLimits {
         loop_iterations: nsa_wgpu::LLVMPIPE_LOOP_ITERATIONS,
-        ..DeviceLimits::default()
+        ..wide
     };
     let linear = |l: usize| NsaConfig {
         cmp_block: l,
@@ -1687,7 +1704,7 @@ fn a_loop_cap_bounds_linear_compression_blocks() {
     let (what, needed, limit) = exceeded(Plan::new(&linear(880), &shape, &capped));
     assert!(what.starts_with("loop_iterations (compression"), "{what}");
     assert_eq!((needed, limit), (12 + 880 * 75, 65_535));
-    Plan::new(&linear(880), &shape, &DeviceLimits::default()).unwrap();
+    Plan::new(&linear(880), &shape, &wide).unwrap();
     // The widest head counts (Dv here), and D % 8 adds its single steps.
     let wide_v = Shape::prefill(1, 1024, 2, 1, 16, 252);
     let (_, needed, _) = exceeded(Plan::new(&linear(880), &wide_v, &capped));

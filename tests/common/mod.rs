@@ -96,6 +96,20 @@ pub fn pipeline_like(base: &nsa_wgpu::NsaPipeline) -> nsa_wgpu::NsaPipeline {
     pipe
 }
 
+/// A pipeline on a new device of the best adapter with `limits`, with the shared pipeline's
+/// subgroup and tensor-core choices.
+pub fn pipeline_with_limits(limits: wgpu::Limits) -> nsa_wgpu::NsaPipeline {
+    let opts = nsa_wgpu::AdapterOptions {
+        limits: Some(limits),
+        ..Default::default()
+    };
+    let ctx = pollster::block_on(nsa_wgpu::GpuContext::with_options(&opts)).expect("device");
+    let mut pipe = pollster::block_on(nsa_wgpu::NsaPipeline::new(&ctx)).expect("pipeline");
+    pipe.set_subgroup_reductions(pipeline().subgroup_reductions());
+    pipe.set_tensor_cores(pipeline().tensor_cores());
+    pipe
+}
+
 fn make_pipeline(subgroups: bool, tensor_cores: bool) -> nsa_wgpu::NsaPipeline {
     let ctx =
         pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
