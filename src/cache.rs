@@ -17,6 +17,7 @@ use crate::pipeline::{
 };
 use crate::plan::{binding_unit, CacheRows, Plan, Tensor, RAGGED_MAX};
 use crate::profile::StepTimer;
+use crate::split::{self, PartInputs, Planned};
 
 /// The sizes of a cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -485,10 +486,38 @@ impl NsaCache {
         opts: &CacheOptions,
         capacity: usize,
     ) -> Result<(Vec<wgpu::Buffer>, [wgpu::Buffer; 2])> {
-        let limits = pipe.limits();
         let device = &pipe.context().device;
+        let make = |size: u64| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("nsa.cache"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        };
+        let mut sizes = Self::buffer_sizes(&pipe.limits(), config, opts, capacity)?;
+        let compressed = sizes.split_off(sizes.len() - 2);
+        let raw = sizes.into_iter().map(make).collect();
+        let compressed = [make(compressed[0]), make(compressed[1])];
+        // A buffer the device could not make (on a device this crate made).
+        pipe.context().check_escaped()?;
+        Ok((raw, compressed))
+    }
+
+    /// The bytes of each buffer of a cache of `opts` holding `capacity` tokens per sequence
+    /// (the keys and values, then the compressed keys and values), or which limit of a device
+    /// with `limits` it would exceed: one sequence's rows must fit a binding, all of them a
+    /// buffer.
+    fn buffer_sizes(
+        limits: &crate::DeviceLimits,
+        config: &NsaConfig,
+        opts: &CacheOptions,
+        capacity: usize,
+    ) -> Result<Vec<u64>> {
         let cap_c = config.num_compressed(capacity).max(1);
-        let make = |rows: usize, d: usize| -> Result<wgpu::Buffer> {
+        let size = |rows: usize, d: usize| -> Result<u64> {
             let per_seq = rows as u64 * row_bytes(opts, d);
             if per_seq + limits.storage_align > limits.max_storage_binding {
                 return Err(NsaError::ExceedsLimit {
@@ -507,23 +536,11 @@ impl NsaCache {
                     limit: limits.max_buffer,
                 });
             }
-            Ok(device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("nsa.cache"),
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            }))
+            Ok(size)
         };
-        let raw = raw_dims(opts)
-            .into_iter()
-            .map(|d| make(capacity, d))
-            .collect::<Result<Vec<_>>>()?;
-        let compressed = [make(cap_c, opts.dk)?, make(cap_c, opts.dv)?];
-        // A buffer the device could not make (on a device this crate made).
-        pipe.context().check_escaped()?;
-        Ok((raw, compressed))
+        let raw = raw_dims(opts).into_iter().map(|d| size(capacity, d));
+        raw.chain([size(cap_c, opts.dk), size(cap_c, opts.dv)])
+            .collect()
     }
 
     /// The NSA configuration the cache was made for.
@@ -1002,9 +1019,10 @@ impl NsaPipeline {
     /// Records the writes of the call's new keys and values into `cache`: sequence `seqs[i]`
     /// appends `sizes[i]` rows of each raw tensor at its length.
     ///
-    /// For [`APPEND_MIN_SEQS`] sequences or more (and UPLOAD_MAX bytes of rows at most), the
-    /// append kernel writes every sequence's rows in one dispatch per pair of tensors (keys,
-    /// values), reading the rows and a table of where each goes from the cache's upload
+    /// For [`APPEND_MIN_SEQS`] sequences or more (and UPLOAD_MAX bytes of rows at most, or a
+    /// buffer or binding of the device if less), the append kernel writes every sequence's
+    /// rows in one dispatch per pair of tensors (keys, values), reading the rows and a table
+    /// of where each goes from the cache's upload
     /// buffer: queued there from the host in one write, or copied there in `encoder` (the
     /// caller's rows one copy per tensor, the table from a buffer of its own). Otherwise:
     /// host rows of UPLOAD_MAX bytes at most are queued into the upload buffer in one piece
@@ -1035,7 +1053,13 @@ impl NsaPipeline {
             .flat_map(|i| (0..dims.len()).map(move |r| (i, r)))
             .map(|(i, r)| len(i, r))
             .sum();
-        if rows > UPLOAD_MAX {
+        // The upload buffer is one buffer, and the append kernel binds it whole, table
+        // included.
+        let table_max = 4 * (1 + 3 * dims.len() * seqs.len()) as u64;
+        let upload_max = (UPLOAD_MAX.min(limits.max_buffer))
+            .min(limits.max_storage_binding)
+            .saturating_sub(table_max);
+        if rows > upload_max {
             // Only from the host: the caller's buffers are copied from directly below.
             if let Feed::Host { kv, .. } = feed {
                 for (i, kv) in kv.iter().enumerate() {
@@ -1050,17 +1074,13 @@ impl NsaPipeline {
         // word, cache word, words); the rows follow, tensor by tensor, sequence by sequence
         // (so each tensor of the caller's buffers is one piece).
         let kernel = seqs.len() >= APPEND_MIN_SEQS
-            && rows <= UPLOAD_MAX
+            && rows <= upload_max
             && seqs.len() <= limits.max_workgroups_per_dim as usize
             && cache
                 .raw
                 .iter()
                 .all(|b| b.size() <= limits.max_storage_binding);
-        let table_bytes = if kernel {
-            4 * (1 + 3 * dims.len() * seqs.len()) as u64
-        } else {
-            0
-        };
+        let table_bytes = if kernel { table_max } else { 0 };
         let mut table = vec![0u32; (table_bytes / 4) as usize];
         let mut at = table_bytes;
         let mut pieces = Vec::new();
@@ -1081,7 +1101,7 @@ impl NsaPipeline {
             }
         }
         let up = match feed {
-            Feed::Host { kv, .. } if rows <= UPLOAD_MAX => {
+            Feed::Host { kv, .. } if rows <= upload_max => {
                 let up = fit_upload(device, &mut cache.upload, at).clone();
                 let mut parts: Vec<&[u8]> = vec![bytemuck::cast_slice(&table)];
                 parts.extend(pieces.iter().map(|&(i, r, _)| &kv[i][r][..]));
@@ -1624,7 +1644,10 @@ impl NsaPipeline {
     /// Variable-length prefill: sequence `i` is rows `cu_seqlens[i] .. cu_seqlens[i+1]` of
     /// `q: [total, Hq, Dk]`, `k: [total, Hkv, Dk]`, `v: [total, Hkv, Dv]`,
     /// `gates: [total, Hq, 3]` (FlashAttention's convention). Runs every sequence in one
-    /// submission; the outputs are concatenated the same way.
+    /// submission; the outputs are concatenated the same way. Where one sequence's cached
+    /// keys would pass a storage binding (or the cache a buffer, or Linear's weights a
+    /// binding), the call runs in parts of kv heads, one submission each, as
+    /// [`Self::run_with`] does.
     #[allow(clippy::too_many_arguments)]
     pub async fn run_varlen(
         &self,
@@ -1662,10 +1685,10 @@ impl NsaPipeline {
             .unwrap_or(1);
         let shape = Shape::prefill(1, total, hq, hkv, dk, dv);
         inputs.validate(config, &shape)?;
-        let opts = CacheOptions {
+        let opts = |s: &Shape| CacheOptions {
             seqs: cu_seqlens.len() - 1,
-            hq,
-            hkv,
+            hq: s.hq,
+            hkv: s.hkv,
             dk,
             dv,
             capacity: longest,
@@ -1673,6 +1696,44 @@ impl NsaPipeline {
             independent_kv: inputs.has_branch_kv(),
             precision,
         };
+        // The cache's buffers and Linear's weights, for all kv heads or (where they exceed a
+        // limit) for parts of them, as `run_with` runs its parts.
+        let limits = self.limits();
+        let fits = |s: &Shape| {
+            NsaCache::buffer_sizes(&limits, config, &opts(s), longest)?;
+            crate::plan::check_linear_weights(config, s, &limits)
+        };
+        let size = match split::plan_or_parts(&shape, fits)? {
+            Planned::Whole(_) => {
+                return self
+                    .run_varlen_whole(config, cu_seqlens, opts(&shape), inputs, request)
+                    .await
+            }
+            Planned::Parts(size) => size,
+        };
+        split::check_ranges(inputs, precision)?;
+        let mut res = split::unfilled_outputs(&shape, config.top_n, request);
+        for part in split::parts(&shape, size) {
+            let taken = PartInputs::gather(config, &shape, inputs, &part);
+            let opts = opts(&part.shape(&shape));
+            let got =
+                (self.run_varlen_whole(config, cu_seqlens, opts, &taken.inputs(), request)).await?;
+            split::put_outputs(&mut res, &got, &shape, config.top_n, &part);
+        }
+        Ok(res)
+    }
+
+    /// [`Self::run_varlen_with`] through one cache of `opts` for all of `inputs`' kv heads.
+    async fn run_varlen_whole(
+        &self,
+        config: &NsaConfig,
+        cu_seqlens: &[usize],
+        opts: CacheOptions,
+        inputs: &crate::NsaInputs<'_>,
+        request: OutputRequest,
+    ) -> Result<NsaOutputs> {
+        let total = *cu_seqlens.last().expect("non-empty");
+        let shape = Shape::prefill(1, total, opts.hq, opts.hkv, opts.dk, opts.dv);
         let mut cache = NsaCache::new(self, config, opts, inputs.linear)?;
         let views: Vec<crate::NsaInputs> = cu_seqlens
             .windows(2)

@@ -7,16 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::inputs::{
-    check_stored_range, stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest,
-};
+use crate::inputs::{stored_bytes, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
 use crate::kernels::{top_list_len, KernelId, KernelLayout, Params, Specialization, WIDE_ROWS};
 use crate::plan::{
     DeviceLimits, Plan, SplitTargets, Tensor, Window, DEFAULT_KEPT_SCORES, LLVMPIPE_KEY_TILES,
     LLVMPIPE_LOOP_ITERATIONS,
 };
 use crate::shaders::{Kept, Variant};
-use crate::split::{self, Heads, Layout, Planned};
+use crate::split::{self, Heads, Layout, PartInputs, Planned};
 
 /// A device and queue to run on, and what adapter they came from.
 #[derive(Debug, Clone)]
@@ -1321,109 +1319,17 @@ impl NsaPipeline {
             plan.check_scratch(self.limits.max_buffer)?;
             Ok(plan)
         };
-        match split::plan_or_parts(shape, plan)? {
-            Planned::Whole(p) => self.run_planned(&p, inputs, request, precision).await,
-            Planned::Parts(size) => {
-                self.run_parts(config, shape, inputs, request, precision, size, plan)
-                    .await
-            }
-        }
-    }
-
-    /// [`Self::run_with`] for a call too large for the device as a whole (a plan of it is
-    /// [`NsaError::ExceedsLimit`]): parts of at most `(sequences, kv heads)` = `size`, each
-    /// planned by `plan` and run alone, their outputs put in place (`split`).
-    #[allow(clippy::too_many_arguments)]
-    async fn run_parts(
-        &self,
-        config: &NsaConfig,
-        shape: &Shape,
-        inputs: &NsaInputs<'_>,
-        request: OutputRequest,
-        precision: Precision,
-        size: (usize, usize),
-        plan: impl Fn(&Shape) -> Result<Plan>,
-    ) -> Result<NsaOutputs> {
-        // Range errors name the index in the caller's tensor, before any part runs.
-        for (name, t) in inputs.stored_tensors() {
-            check_stored_range(name, t, precision)?;
-        }
-        let s = shape;
-        let (q, kv) = (
-            |w: usize| Layout::of(s, Heads::Q, w),
-            |w: usize| Layout::of(s, Heads::Kv, w),
-        );
-        // The linear weights, `[Hkv, l, D, D]` and `[Hkv, l, D]`, as one sequence of one row.
-        let linear = |w: usize| Layout { batch: 1, ..kv(w) };
-        let (l, n) = (config.cmp_block, config.top_n);
-        // Every element is written by one part: the fillers show any that were not.
-        let outs = s.batch * s.tq * s.hq * s.dv;
-        let mut res = NsaOutputs {
-            out: vec![f32::NAN; outs],
-            block_indices: request
-                .block_indices
-                .then(|| vec![i32::MIN; s.batch * s.tq * s.hkv * n]),
-            branches: request.branches.then(|| BranchOutputs {
-                o_cmp: vec![f32::NAN; outs],
-                o_slc: vec![f32::NAN; outs],
-                o_win: vec![f32::NAN; outs],
-            }),
+        let size = match split::plan_or_parts(shape, plan)? {
+            Planned::Whole(p) => return self.run_planned(&p, inputs, request, precision).await,
+            Planned::Parts(size) => size,
         };
-        for part in split::parts(s, size) {
-            let take = |layout: Layout, x: &[f32]| layout.gather(x, &part, s);
-            let (k_in, v_in) = (take(kv(s.dk), inputs.k), take(kv(s.dv), inputs.v));
-            let (q_in, gates) = (take(q(s.dk), inputs.q), take(q(3), inputs.gates));
-            let branch: Vec<Option<Vec<f32>>> = (inputs.branch_tensors().into_iter())
-                .enumerate()
-                .map(|(i, (_, t))| t.map(|t| take(kv(if i % 2 == 0 { s.dk } else { s.dv }), t)))
-                .collect();
-            let view = |i: usize| branch[i].as_deref();
-            let weights = inputs
-                .linear
-                .filter(|_| config.compression == crate::Compression::Linear)
-                .map(|w| {
-                    let heads = split::Part {
-                        b: 0..1,
-                        h: part.h.clone(),
-                    };
-                    let take = |layout: Layout, x: &[f32]| layout.gather(x, &heads, s);
-                    [
-                        take(linear(l * s.dk * s.dk), w.w_k),
-                        take(linear(l * s.dk), w.pe_k),
-                        take(linear(l * s.dv * s.dv), w.w_v),
-                        take(linear(l * s.dv), w.pe_v),
-                    ]
-                });
-            let part_inputs = NsaInputs {
-                k_cmp: view(0),
-                v_cmp: view(1),
-                k_slc: view(2),
-                v_slc: view(3),
-                k_win: view(4),
-                v_win: view(5),
-                linear: weights.as_ref().map(|w| crate::LinearWeights {
-                    w_k: &w[0],
-                    pe_k: &w[1],
-                    w_v: &w[2],
-                    pe_v: &w[3],
-                }),
-                ..NsaInputs::new(&q_in, &k_in, &v_in, &gates)
-            };
-            let got = self
-                .run_planned(&plan(&part.shape(s))?, &part_inputs, request, precision)
-                .await?;
-            let put = |layout: Layout, x: &mut [f32], from: &[f32]| {
-                layout.scatter(x, from, &part, s);
-            };
-            put(q(s.dv), &mut res.out, &got.out);
-            if let (Some(x), Some(from)) = (&mut res.block_indices, &got.block_indices) {
-                kv(n).scatter(x, from, &part, s);
-            }
-            if let (Some(x), Some(from)) = (&mut res.branches, &got.branches) {
-                put(q(s.dv), &mut x.o_cmp, &from.o_cmp);
-                put(q(s.dv), &mut x.o_slc, &from.o_slc);
-                put(q(s.dv), &mut x.o_win, &from.o_win);
-            }
+        split::check_ranges(inputs, precision)?;
+        let mut res = split::unfilled_outputs(shape, config.top_n, request);
+        for part in split::parts(shape, size) {
+            let taken = PartInputs::gather(config, shape, inputs, &part);
+            let plan = plan(&part.shape(shape))?;
+            let got = (self.run_planned(&plan, &taken.inputs(), request, precision)).await?;
+            split::put_outputs(&mut res, &got, shape, config.top_n, &part);
         }
         Ok(res)
     }
@@ -1582,10 +1488,8 @@ impl NsaPipeline {
             Planned::Whole(p) => return self.dense_planned(&p, q, k, v, precision).await,
             Planned::Parts(size) => size,
         };
-        // As `run_parts`: range errors first, then each part alone, its output put in place.
-        for (name, t) in [("q", q), ("k", k), ("v", v)] {
-            check_stored_range(name, t, precision)?;
-        }
+        // As in `run_with`: range errors first, then each part alone, its output put in place.
+        split::check_ranges(&NsaInputs::new(q, k, v, &[]), precision)?;
         let s = shape;
         let mut out = vec![f32::NAN; s.batch * s.tq * s.hq * s.dv];
         for part in split::parts(s, size) {

@@ -543,6 +543,28 @@ impl Core {
     }
 }
 
+/// Checks that Linear compression's weights `W_k: [Hkv, l, Dk, Dk]` and `W_v` fit one
+/// binding each: the compression kernel binds them whole (Mean has none).
+pub(crate) fn check_linear_weights(
+    config: &NsaConfig,
+    shape: &Shape,
+    limits: &DeviceLimits,
+) -> Result<()> {
+    if config.compression != Compression::Linear {
+        return Ok(());
+    }
+    let (l, d) = (config.cmp_block, shape.dk.max(shape.dv));
+    let bytes = (shape.hkv * l * d * d * 4) as u64;
+    if bytes > limits.max_storage_binding {
+        return Err(exceeds(
+            "max_storage_buffer_binding_size (Linear compression's W_k or W_v)",
+            bytes,
+            limits.max_storage_binding,
+        ));
+    }
+    Ok(())
+}
+
 fn exceeds(what: &'static str, needed: u64, limit: u64) -> NsaError {
     NsaError::ExceedsLimit {
         what,
@@ -881,17 +903,7 @@ impl Plan {
                 return Err(exceeds("max_buffer_size", bytes, limits.max_buffer));
             }
         }
-        // The compression kernel binds the linear weights whole.
-        let weights = plan
-            .tensor_bytes(Tensor::WK)
-            .max(plan.tensor_bytes(Tensor::WV));
-        if weights > limits.max_storage_binding {
-            return Err(exceeds(
-                "max_storage_buffer_binding_size (Linear compression's W_k or W_v)",
-                weights,
-                limits.max_storage_binding,
-            ));
-        }
+        check_linear_weights(config, shape, limits)?;
         if behind.is_empty() {
             plan.plan_compress()?;
         } else {

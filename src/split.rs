@@ -8,9 +8,11 @@
 
 use std::ops::Range;
 
-use crate::config::Shape;
+use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
-use crate::plan::Plan;
+use crate::inputs::{
+    check_stored_range, BranchOutputs, LinearWeights, NsaInputs, NsaOutputs, OutputRequest,
+};
 
 /// One part of a call: sequences `b`, kv heads `h` (and their query heads).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,9 +69,9 @@ fn largest(hi: usize, ok: impl Fn(usize) -> bool) -> usize {
 
 /// How a call runs: whole, on its plan, or in parts of at most `(sequences, kv heads)`.
 #[derive(Debug)]
-pub(crate) enum Planned {
+pub(crate) enum Planned<T> {
     /// One plan for the whole call.
-    Whole(Box<Plan>),
+    Whole(Box<T>),
     /// Parts of this size ([`parts`]), each planned alone.
     Parts((usize, usize)),
 }
@@ -77,16 +79,140 @@ pub(crate) enum Planned {
 /// Plans `shape` by `plan`; where that exceeds a limit ([`NsaError::ExceedsLimit`]), the
 /// largest parts that plan, or the whole call's error when not even one sequence's one kv
 /// head does.
-pub(crate) fn plan_or_parts(
+pub(crate) fn plan_or_parts<T>(
     shape: &Shape,
-    plan: impl Fn(&Shape) -> Result<Plan>,
-) -> Result<Planned> {
+    plan: impl Fn(&Shape) -> Result<T>,
+) -> Result<Planned<T>> {
     match plan(shape) {
         Ok(p) => Ok(Planned::Whole(Box::new(p))),
         Err(err @ NsaError::ExceedsLimit { .. }) => part_size(shape, |s| plan(s).is_ok())
             .map(Planned::Parts)
             .ok_or(err),
         Err(err) => Err(err),
+    }
+}
+
+/// Checks, before any part runs, that the tensors stored at `precision` hold only values it
+/// can (so that an error names the index in the caller's tensor).
+pub(crate) fn check_ranges(inputs: &NsaInputs, precision: Precision) -> Result<()> {
+    for (name, t) in inputs.stored_tensors() {
+        check_stored_range(name, t, precision)?;
+    }
+    Ok(())
+}
+
+/// One part's inputs, gathered from the whole call's.
+pub(crate) struct PartInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    gates: Vec<f32>,
+    /// `k_cmp` … `v_win`, where the call has them.
+    branch: Vec<Option<Vec<f32>>>,
+    /// `w_k, pe_k, w_v, pe_v`, for Linear compression.
+    linear: Option<[Vec<f32>; 4]>,
+}
+
+impl PartInputs {
+    /// `part`'s tensors of a call of `shape` on `inputs`.
+    pub fn gather(config: &NsaConfig, shape: &Shape, inputs: &NsaInputs, part: &Part) -> Self {
+        let s = shape;
+        let take =
+            |heads: Heads, width: usize, x: &[f32]| Layout::of(s, heads, width).gather(x, part, s);
+        let branch = (inputs.branch_tensors().into_iter())
+            .enumerate()
+            .map(|(i, (_, t))| t.map(|t| take(Heads::Kv, if i % 2 == 0 { s.dk } else { s.dv }, t)))
+            .collect();
+        // The weights, `[Hkv, l, D, D]` and `[Hkv, l, D]`, as one sequence of one row.
+        let heads = Part {
+            b: 0..1,
+            h: part.h.clone(),
+        };
+        let weight = |width: usize, x: &[f32]| {
+            let layout = Layout {
+                batch: 1,
+                ..Layout::of(s, Heads::Kv, width)
+            };
+            layout.gather(x, &heads, s)
+        };
+        let l = config.cmp_block;
+        let linear = (inputs.linear)
+            .filter(|_| config.compression == Compression::Linear)
+            .map(|w| {
+                [
+                    weight(l * s.dk * s.dk, w.w_k),
+                    weight(l * s.dk, w.pe_k),
+                    weight(l * s.dv * s.dv, w.w_v),
+                    weight(l * s.dv, w.pe_v),
+                ]
+            });
+        Self {
+            q: take(Heads::Q, s.dk, inputs.q),
+            k: take(Heads::Kv, s.dk, inputs.k),
+            v: take(Heads::Kv, s.dv, inputs.v),
+            gates: take(Heads::Q, 3, inputs.gates),
+            branch,
+            linear,
+        }
+    }
+
+    /// The part's inputs as a call takes them.
+    pub fn inputs(&self) -> NsaInputs<'_> {
+        let branch = |i: usize| self.branch[i].as_deref();
+        NsaInputs {
+            k_cmp: branch(0),
+            v_cmp: branch(1),
+            k_slc: branch(2),
+            v_slc: branch(3),
+            k_win: branch(4),
+            v_win: branch(5),
+            linear: self.linear.as_ref().map(|w| LinearWeights {
+                w_k: &w[0],
+                pe_k: &w[1],
+                w_v: &w[2],
+                pe_v: &w[3],
+            }),
+            ..NsaInputs::new(&self.q, &self.k, &self.v, &self.gates)
+        }
+    }
+}
+
+/// The outputs of a call of `shape` with `n` selected blocks, as `request` asks, before any
+/// part is put in: every element is written by one part, and these fillers (NaN, `i32::MIN`)
+/// would show any that were not.
+pub(crate) fn unfilled_outputs(shape: &Shape, n: usize, request: OutputRequest) -> NsaOutputs {
+    let s = shape;
+    let outs = s.batch * s.tq * s.hq * s.dv;
+    NsaOutputs {
+        out: vec![f32::NAN; outs],
+        block_indices: (request.block_indices).then(|| vec![i32::MIN; s.batch * s.tq * s.hkv * n]),
+        branches: request.branches.then(|| BranchOutputs {
+            o_cmp: vec![f32::NAN; outs],
+            o_slc: vec![f32::NAN; outs],
+            o_win: vec![f32::NAN; outs],
+        }),
+    }
+}
+
+/// Puts `part`'s outputs `got` in place in the whole call's `res` (of `shape`, with `n`
+/// selected blocks).
+pub(crate) fn put_outputs(
+    res: &mut NsaOutputs,
+    got: &NsaOutputs,
+    shape: &Shape,
+    n: usize,
+    part: &Part,
+) {
+    let s = shape;
+    let out = Layout::of(s, Heads::Q, s.dv);
+    out.scatter(&mut res.out, &got.out, part, s);
+    if let (Some(x), Some(from)) = (&mut res.block_indices, &got.block_indices) {
+        Layout::of(s, Heads::Kv, n).scatter(x, from, part, s);
+    }
+    if let (Some(x), Some(from)) = (&mut res.branches, &got.branches) {
+        out.scatter(&mut x.o_cmp, &from.o_cmp, part, s);
+        out.scatter(&mut x.o_slc, &from.o_slc, part, s);
+        out.scatter(&mut x.o_win, &from.o_win, part, s);
     }
 }
 

@@ -1239,6 +1239,85 @@ fn webgpu_default_limits_cap_the_device() {
     );
 }
 
+/// `got`'s selected blocks equal to `want`'s, and its outputs (`out` and the branches, where
+/// both have them) within 1e-5.
+fn assert_same_outputs(name: &str, got: &nsa_wgpu::NsaOutputs, want: &nsa_wgpu::NsaOutputs) {
+    assert_eq!(got.block_indices, want.block_indices, "{name}");
+    assert_close(&format!("{name} out"), &got.out, &want.out, 1e-5);
+    if let (Some(g), Some(w)) = (&got.branches, &want.branches) {
+        assert_close(&format!("{name} o_cmp"), &g.o_cmp, &w.o_cmp, 1e-5);
+        assert_close(&format!("{name} o_slc"), &g.o_slc, &w.o_slc, 1e-5);
+        assert_close(&format!("{name} o_win"), &g.o_win, &w.o_win, 1e-5);
+    }
+}
+
+/// A pipeline on a device whose storage bindings hold 32 KiB and buffers 128 KiB, for the
+/// calls that run in parts.
+fn small_limits_pipeline() -> NsaPipeline {
+    common::pipeline_with_limits(wgpu::Limits {
+        max_storage_buffer_binding_size: 32 << 10,
+        max_buffer_size: 128 << 10,
+        ..pipeline().context().device.limits()
+    })
+}
+
+#[test]
+fn random_calls_in_parts_match_the_reference() {
+    // The seeded sweep's configs on shapes that mostly pass small_limits_pipeline's limits
+    // (one sequence's keys past a binding, or q past a buffer): 2 to 5 kv heads, groups of 1
+    // to 3, 1 to 3 sequences, chunks (Tq < Tk), per-branch keys and values, Mean and Linear
+    // (Mean where one head's weights would pass a binding), the branch outputs or not; `run`
+    // against the naive NSA (common::check_rows: selections equal up to near ties, outputs
+    // within 1e-4).
+    use rand::Rng;
+    let pipe = small_limits_pipeline();
+    let (mut rng, cases) = common::sweep("random parts", 0x7061_7274, 6);
+    let mut in_parts = 0;
+    for case in 0..cases {
+        let mut cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
+        let hkv = rng.random_range(2..=5);
+        let tk = rng.random_range(120..=300);
+        let shape = Shape {
+            batch: rng.random_range(1..=3),
+            tq: if rng.random_bool(0.3) {
+                rng.random_range(1..=tk)
+            } else {
+                tk
+            },
+            tk,
+            hq: hkv * rng.random_range(1..=3),
+            hkv,
+            dk: pick(&mut rng, &[8, 12, 16, 24]),
+            dv: pick(&mut rng, &[8, 16, 20]),
+        };
+        if cfg.cmp_block * shape.dk.max(shape.dv).pow(2) * 4 > 32 << 10 {
+            cfg.compression = Compression::Mean;
+        }
+        let branch = rng.random_bool(0.3);
+        let request = OutputRequest {
+            block_indices: true,
+            branches: rng.random_bool(0.5),
+        };
+        let parts = pipe.plan(&cfg, &shape).is_err();
+        in_parts += usize::from(parts);
+        let name = format!(
+            "random parts {case} (in parts: {parts}): {cfg:?} {shape:?} branch {branch} {request:?}"
+        );
+        let data = Data::new(&cfg, &shape, branch, rng.random());
+        let inputs = data.inputs();
+        let got = pipe
+            .run_blocking(&cfg, &shape, &inputs, request)
+            .expect(&name);
+        assert_eq!(got.branches.is_some(), request.branches, "{name}");
+        let naive = cpu::naive::nsa(&cfg, &shape, &inputs).expect("naive");
+        let idx = got.block_indices.as_ref().expect("block indices");
+        let mut tally = common::RowTally::default();
+        common::check_rows(&mut tally, &cfg, &shape, &naive, (&got.out, idx), false);
+        tally.assert_within(&name, false, TOL);
+    }
+    assert!(in_parts > 0 || cases == 0, "no case ran in parts");
+}
+
 #[test]
 fn calls_past_the_device_s_limits_run_in_parts() {
     // On a device whose storage bindings hold 32 KiB and buffers 128 KiB no plan of these
@@ -1249,11 +1328,7 @@ fn calls_past_the_device_s_limits_run_in_parts() {
     // call of its own, and put every part's outputs in place. They match the whole call on
     // the shared device (a pipeline with the adapter's limits) and the naive reference;
     // f16 range errors still name the index in the caller's tensor.
-    let pipe = common::pipeline_with_limits(wgpu::Limits {
-        max_storage_buffer_binding_size: 32 << 10,
-        max_buffer_size: 128 << 10,
-        ..pipeline().context().device.limits()
-    });
+    let pipe = small_limits_pipeline();
     let shape = Shape::prefill(3, 200, 10, 5, 16, 16);
     let linear = NsaConfig {
         compression: Compression::Linear,
@@ -1287,16 +1362,45 @@ fn calls_past_the_device_s_limits_run_in_parts() {
         let whole = pipeline()
             .run_blocking(&cfg, &shape, &inputs, OutputRequest::all())
             .expect("whole");
-        assert_eq!(got.block_indices, whole.block_indices, "{name}");
-        let (g, w) = (got.branches.unwrap(), whole.branches.unwrap());
-        for (what, got, want) in [
-            ("out", &got.out, &whole.out),
-            ("o_cmp", &g.o_cmp, &w.o_cmp),
-            ("o_slc", &g.o_slc, &w.o_slc),
-            ("o_win", &g.o_win, &w.o_win),
-        ] {
-            assert_close(&format!("{name} {what} vs whole"), got, want, 1e-5);
-        }
+        assert_same_outputs(&name, &got, &whole);
+        // Packed sequences (cu_seqlens) through a cache per part of kv heads: each cached
+        // sequence's 200 rows of 5 kv heads pass a binding, 2 kv heads do not.
+        let cu = [0, 150, 350, 400];
+        let packed = Shape::prefill(1, 400, 10, 5, 16, 16);
+        let opts = nsa_wgpu::CacheOptions {
+            seqs: 3,
+            hq: 10,
+            hkv: 5,
+            dk: 16,
+            dv: 16,
+            capacity: 200,
+            max_capacity: 200,
+            independent_kv: branch,
+            precision: nsa_wgpu::Precision::F32,
+        };
+        let lin = data.inputs().linear;
+        let err = nsa_wgpu::NsaCache::new(&pipe, &cfg, opts, lin).expect_err("one cache");
+        assert!(matches!(err, NsaError::ExceedsLimit { .. }), "{err}");
+        let pdata = Data::new(&cfg, &packed, branch, 31);
+        let varlen = |p: &NsaPipeline| {
+            let inputs = pdata.inputs();
+            pollster::block_on(p.run_varlen(
+                &cfg,
+                &cu,
+                10,
+                5,
+                16,
+                16,
+                &inputs,
+                OutputRequest::all(),
+            ))
+        };
+        let got_packed = varlen(&pipe).expect("packed in parts");
+        assert_same_outputs(
+            &format!("{name} packed"),
+            &got_packed,
+            &varlen(pipeline()).expect("packed whole"),
+        );
         let naive = cpu::naive::nsa(&cfg, &shape, &inputs).expect("naive");
         let idx = got.block_indices.as_ref().unwrap();
         assert!(check_selection(&cfg, idx, &naive).is_empty(), "{name}");
