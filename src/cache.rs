@@ -418,7 +418,10 @@ impl NsaCache {
     ) -> Result<Self> {
         pipe.context().check_alive()?;
         config.validate()?;
-        Shape::prefill(opts.seqs, 1, opts.hq, opts.hkv, opts.dk, opts.dv).validate()?;
+        let shape = Shape::prefill(opts.seqs, 1, opts.hq, opts.hkv, opts.dk, opts.dv);
+        shape.validate()?;
+        // Linear's weights are uploaded whole here, and bound whole by the compression.
+        crate::plan::check_linear_weights(config, &shape, &pipe.limits())?;
         if opts.capacity == 0 || opts.capacity > opts.max_capacity {
             return Err(NsaError::InvalidShape {
                 what: "capacity",
