@@ -1321,8 +1321,8 @@ fn random_calls_in_parts_match_the_reference() {
 #[test]
 fn calls_past_the_device_s_limits_run_in_parts() {
     // On a device whose storage bindings hold 32 KiB and buffers 128 KiB no plan of these
-    // calls exists: one sequence's keys (50 KiB: 200 rows of 5 kv heads, interleaved, so a
-    // plan cannot bind one head's alone) pass a binding, and q (300 KiB) a buffer. `run`,
+    // calls exists: one sequence's keys (62.5 KiB: 200 rows of 5 kv heads, interleaved, so
+    // a plan cannot bind one head's alone) pass a binding, and q (375 KiB) a buffer. `run`,
     // `run_with` and `dense_attention` then run parts, 2 kv heads (with their query heads)
     // of 2 sequences at most: heads 0-1, 2-3, 4 of sequences 0-1, then of sequence 2, each a
     // call of its own, and put every part's outputs in place. They match the whole call on
