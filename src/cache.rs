@@ -1025,10 +1025,10 @@ impl NsaPipeline {
     /// For [`APPEND_MIN_SEQS`] sequences or more (and UPLOAD_MAX bytes of rows at most, or a
     /// buffer or binding of the device if less), the append kernel writes every sequence's
     /// rows in one dispatch per pair of tensors (keys, values), reading the rows and a table
-    /// of where each goes from the cache's upload
-    /// buffer: queued there from the host in one write, or copied there in `encoder` (the
-    /// caller's rows one copy per tensor, the table from a buffer of its own). Otherwise:
-    /// host rows of UPLOAD_MAX bytes at most are queued into the upload buffer in one piece
+    /// of where each goes from the cache's upload buffer: queued there from the host in one
+    /// write, or copied there in `encoder` (the caller's rows one copy per tensor, the table
+    /// from a buffer of its own). Otherwise: host rows of that many bytes at most are queued
+    /// into the upload buffer in one piece
     /// (a queue write per sequence and tensor allocates staging memory each: on lavapipe a
     /// 16-sequence step's host time up to its submission went from 97 to 74 µs so) and
     /// copied from there, larger ones take a queue write per sequence and tensor (no large
