@@ -1674,42 +1674,106 @@ impl NsaPipeline {
         &self,
         config: &NsaConfig,
         cu_seqlens: &[usize],
-        (hq, hkv, dk, dv): (usize, usize, usize, usize),
+        heads: (usize, usize, usize, usize),
         inputs: &crate::NsaInputs<'_>,
         request: OutputRequest,
         precision: Precision,
     ) -> Result<NsaOutputs> {
         crate::inputs::check_cu_seqlens(cu_seqlens)?;
-        let total = *cu_seqlens.last().expect("non-empty");
-        let longest = cu_seqlens
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .max()
-            .unwrap_or(1);
-        let shape = Shape::prefill(1, total, hq, hkv, dk, dv);
+        let cu = (cu_seqlens, cu_seqlens);
+        self.run_packed(config, cu, heads, inputs, request, precision)
+            .await
+    }
+
+    /// A packed batch of chunks (FlashAttention's `cu_seqlens_q` and `cu_seqlens_k`, its
+    /// `flash_attn_varlen_func` with `causal`): sequence `i` has queries and gates in rows
+    /// `cu_seqlens_q[i] .. cu_seqlens_q[i+1]` of `q: [total_q, Hq, Dk]` and
+    /// `gates: [total_q, Hq, 3]`, and keys and values in rows `cu_seqlens_k[i] ..
+    /// cu_seqlens_k[i+1]` of `k: [total_k, Hkv, Dk]`, `v: [total_k, Hkv, Dv]` (and of the
+    /// per-branch ones); its `tq` queries are its last `tq` positions (query `j` sits at
+    /// `tk - tq + j`, SPEC's chunk), so a sequence may be a prefill (`tq == tk`), a chunk of
+    /// one, or a decode step (`tq == 1`). Outputs are packed like the queries:
+    /// `[total_q, Hq, Dv]`, `block_indices` `[total_q, Hkv, n]`. `heads = (Hq, Hkv, Dk, Dv)`;
+    /// the inputs are stored at `precision`. Each sequence's keys before its queries are
+    /// appended to a cache first (one submission), then every sequence's rows are computed
+    /// in one more; calls too large for the device run in parts of kv heads as
+    /// [`Self::run_varlen`] does. Offsets are checked by
+    /// [`crate::inputs::check_cu_seqlens_qk`].
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run_varlen_qk(
+        &self,
+        config: &NsaConfig,
+        cu_seqlens_q: &[usize],
+        cu_seqlens_k: &[usize],
+        heads: (usize, usize, usize, usize),
+        inputs: &crate::NsaInputs<'_>,
+        request: OutputRequest,
+        precision: Precision,
+    ) -> Result<NsaOutputs> {
+        crate::inputs::check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k)?;
+        let cu = (cu_seqlens_q, cu_seqlens_k);
+        self.run_packed(config, cu, heads, inputs, request, precision)
+            .await
+    }
+
+    /// [`Self::run_varlen_qk`] on offsets already checked.
+    async fn run_packed(
+        &self,
+        config: &NsaConfig,
+        cu: (&[usize], &[usize]),
+        heads: (usize, usize, usize, usize),
+        inputs: &crate::NsaInputs<'_>,
+        request: OutputRequest,
+        precision: Precision,
+    ) -> Result<NsaOutputs> {
+        let shape = Shape::packed(cu.0, cu.1, heads);
         inputs.validate(config, &shape)?;
+        let longest = (cu.1.windows(2).map(|w| w[1] - w[0]).max()).unwrap_or(1);
         let opts = |s: &Shape| CacheOptions {
-            seqs: cu_seqlens.len() - 1,
+            seqs: cu.0.len() - 1,
             hq: s.hq,
             hkv: s.hkv,
-            dk,
-            dv,
+            dk: s.dk,
+            dv: s.dv,
             capacity: longest,
             max_capacity: longest,
             independent_kv: inputs.has_branch_kv(),
             precision,
         };
-        // The cache's buffers and Linear's weights, for all kv heads or (where they exceed a
-        // limit) for parts of them, as `run_with` runs its parts.
+        // The cache's buffers, Linear's weights and each sequence's plan alone (its queries,
+        // outputs and scratch), for all kv heads or (where they exceed a limit) for parts of
+        // them, as `run_with` runs its parts.
         let limits = self.limits();
+        // A sequence with no more queries and keys than another needs no more of any limit:
+        // only the others (those of the most keys for their query count) are planned.
+        let mut alone: Vec<(usize, usize)> = (cu.0.windows(2).zip(cu.1.windows(2)))
+            .map(|(q, k)| (q[1] - q[0], k[1] - k[0]))
+            .collect();
+        alone.sort_unstable_by(|a, b| b.cmp(a));
+        let mut most_keys = 0;
+        alone.retain(|&(_, tk)| {
+            let kept = tk > most_keys;
+            most_keys = most_keys.max(tk);
+            kept
+        });
         let fits = |s: &Shape| {
             NsaCache::buffer_sizes(&limits, config, &opts(s), longest)?;
-            crate::plan::check_linear_weights(config, s, &limits)
+            crate::plan::check_linear_weights(config, s, &limits)?;
+            for &(tq, tk) in &alone {
+                let one = Shape {
+                    batch: 1,
+                    tq,
+                    tk,
+                    ..*s
+                };
+                self.call_plan(config, &one, request, precision)?;
+            }
+            Ok(())
         };
         let size = match split::plan_or_parts(&shape, fits)? {
             Planned::Whole(_) => {
                 return self
-                    .run_varlen_whole(config, cu_seqlens, opts(&shape), inputs, request)
+                    .run_packed_whole(config, cu, opts(&shape), inputs, request)
                     .await
             }
             Planned::Parts(size) => size,
@@ -1719,35 +1783,55 @@ impl NsaPipeline {
         for part in split::parts(&shape, size) {
             let taken = PartInputs::gather(config, &shape, inputs, &part);
             let opts = opts(&part.shape(&shape));
-            let got =
-                (self.run_varlen_whole(config, cu_seqlens, opts, &taken.inputs(), request)).await?;
+            let got = (self.run_packed_whole(config, cu, opts, &taken.inputs(), request)).await?;
             split::put_outputs(&mut res, &got, &shape, config.top_n, &part);
         }
         Ok(res)
     }
 
-    /// [`Self::run_varlen_with`] through one cache of `opts` for all of `inputs`' kv heads.
-    async fn run_varlen_whole(
+    /// [`Self::run_packed`] through one cache of `opts` for all of `inputs`' kv heads: the
+    /// keys before each sequence's queries appended in one submission (where any sequence
+    /// has such), then the sequences' rows in another.
+    async fn run_packed_whole(
         &self,
         config: &NsaConfig,
-        cu_seqlens: &[usize],
+        (cu_q, cu_k): (&[usize], &[usize]),
         opts: CacheOptions,
         inputs: &crate::NsaInputs<'_>,
         request: OutputRequest,
     ) -> Result<NsaOutputs> {
-        let total = *cu_seqlens.last().expect("non-empty");
-        let shape = Shape::prefill(1, total, opts.hq, opts.hkv, opts.dk, opts.dv);
+        let heads = (opts.hq, opts.hkv, opts.dk, opts.dv);
+        let shape = Shape::packed(cu_q, cu_k, heads);
         let mut cache = NsaCache::new(self, config, opts, inputs.linear)?;
-        let views: Vec<crate::NsaInputs> = cu_seqlens
-            .windows(2)
-            .map(|w| inputs.token_rows(&shape, w[0], w[1]))
-            .collect();
-        let chunks: Vec<SeqChunk> = views
-            .iter()
-            .enumerate()
-            .map(|(s, v)| SeqChunk::from_rows(s, v, opts.independent_kv))
-            .collect();
-        let parts = self.extend(&mut cache, &chunks, request).await?;
+        // Per sequence: its context (keys before its queries, no query rows) and its chunk.
+        let (contexts, chunks): (Vec<_>, Vec<_>) = (cu_q.windows(2).zip(cu_k.windows(2)))
+            .map(|(q, k)| {
+                let first = k[1] - (q[1] - q[0]);
+                let context = inputs.query_key_rows(&shape, q[0]..q[0], k[0]..first);
+                (
+                    context,
+                    inputs.query_key_rows(&shape, q[0]..q[1], first..k[1]),
+                )
+            })
+            .unzip();
+        // The non-empty ones as a cache call's chunks.
+        fn as_chunks<'a>(views: &[crate::NsaInputs<'a>], independent: bool) -> Vec<SeqChunk<'a>> {
+            (views.iter().enumerate())
+                .map(|(s, v)| SeqChunk::from_rows(s, v, independent))
+                .filter(|c| !c.k.is_empty())
+                .collect()
+        }
+        let context = as_chunks(&contexts, opts.independent_kv);
+        if !context.is_empty() {
+            self.append(&mut cache, &context).await?;
+        }
+        let parts = self
+            .extend(
+                &mut cache,
+                &as_chunks(&chunks, opts.independent_kv),
+                request,
+            )
+            .await?;
         Ok(concat(parts, request))
     }
 }

@@ -189,6 +189,27 @@ impl Shape {
         }
     }
 
+    /// The shape of packed sequences as one (`B = 1`): the query rows `cu_seqlens_q` spans
+    /// (from its first offset to its last) and the key rows `cu_seqlens_k` spans, with
+    /// `heads = (Hq, Hkv, Dk, Dv)`. Offsets as [`crate::NsaPipeline::run_varlen_qk`] takes
+    /// them (non-empty; a pair of one sequence's offsets gives its own shape).
+    pub fn packed(
+        cu_seqlens_q: &[usize],
+        cu_seqlens_k: &[usize],
+        (hq, hkv, dk, dv): (usize, usize, usize, usize),
+    ) -> Self {
+        let span = |cu: &[usize]| cu[cu.len() - 1] - cu[0];
+        Self {
+            batch: 1,
+            tq: span(cu_seqlens_q),
+            tk: span(cu_seqlens_k),
+            hq,
+            hkv,
+            dk,
+            dv,
+        }
+    }
+
     /// Query heads per kv head, `G = Hq / Hkv`.
     pub fn group(&self) -> usize {
         self.hq / self.hkv.max(1)

@@ -1,5 +1,7 @@
 //! Host-side inputs and outputs of one NSA call, and their validation.
 
+use std::ops::Range;
+
 use crate::config::{Compression, NsaConfig, Precision, Shape};
 use crate::error::{NsaError, Result};
 
@@ -69,14 +71,22 @@ impl<'a> NsaInputs<'a> {
     /// batches lay them out): one sequence of a packed batch, or a chunk of one. The linear
     /// weights stay as they are. Panics past the tensors' ends, as slicing does.
     pub fn token_rows(&self, shape: &Shape, a: usize, b: usize) -> NsaInputs<'a> {
+        self.query_key_rows(shape, a..b, a..b)
+    }
+
+    /// Query rows `q` of `q` and `gates`, and key rows `k` of the keys and values (each
+    /// counted over B and T together), for packed inputs whose queries and keys are laid out
+    /// apart (a packed batch of chunks, [`crate::NsaPipeline::run_varlen_qk`]). The linear
+    /// weights stay as they are. Panics past the tensors' ends, as slicing does.
+    pub fn query_key_rows(&self, shape: &Shape, q: Range<usize>, k: Range<usize>) -> NsaInputs<'a> {
         let (kw, vw) = (shape.hkv * shape.dk, shape.hkv * shape.dv);
-        let rows = |t: &'a [f32], w: usize| &t[a * w..b * w];
-        let kv = |t: Option<&'a [f32]>, w: usize| t.map(|t| rows(t, w));
+        let rows = |t: &'a [f32], r: &Range<usize>, w: usize| &t[r.start * w..r.end * w];
+        let kv = |t: Option<&'a [f32]>, w: usize| t.map(|t| rows(t, &k, w));
         NsaInputs {
-            q: rows(self.q, shape.hq * shape.dk),
-            k: rows(self.k, kw),
-            v: rows(self.v, vw),
-            gates: rows(self.gates, shape.hq * 3),
+            q: rows(self.q, &q, shape.hq * shape.dk),
+            k: rows(self.k, &k, kw),
+            v: rows(self.v, &k, vw),
+            gates: rows(self.gates, &q, shape.hq * 3),
             k_cmp: kv(self.k_cmp, kw),
             v_cmp: kv(self.v_cmp, vw),
             k_slc: kv(self.k_slc, kw),
@@ -168,10 +178,43 @@ impl<'a> NsaInputs<'a> {
 /// Checks FlashAttention's `cu_seqlens` convention as the packed calls take it: at least one
 /// sequence, starting at 0, strictly increasing (every sequence holds a token).
 pub fn check_cu_seqlens(cu_seqlens: &[usize]) -> Result<()> {
-    if cu_seqlens.len() < 2 || cu_seqlens[0] != 0 || cu_seqlens.windows(2).any(|w| w[1] <= w[0]) {
+    check_offsets("cu_seqlens", cu_seqlens)
+}
+
+/// Checks the offsets of a packed batch of chunks (FlashAttention's `cu_seqlens_q` and
+/// `cu_seqlens_k`): each as [`check_cu_seqlens`] checks one, the same number of sequences in
+/// both, and no sequence with more queries than keys (its queries are its last positions:
+/// query `i` of a sequence of `tq` queries and `tk` keys sits at `tk - tq + i`).
+pub fn check_cu_seqlens_qk(cu_seqlens_q: &[usize], cu_seqlens_k: &[usize]) -> Result<()> {
+    check_offsets("cu_seqlens_q", cu_seqlens_q)?;
+    check_offsets("cu_seqlens_k", cu_seqlens_k)?;
+    if cu_seqlens_q.len() != cu_seqlens_k.len() {
         return Err(NsaError::InvalidShape {
-            what: "cu_seqlens",
-            value: cu_seqlens.len(),
+            what: "cu_seqlens_q",
+            value: cu_seqlens_q.len(),
+            rule: "as many entries as cu_seqlens_k (one sequence each)",
+        });
+    }
+    let lens = |cu: &[usize]| cu.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
+    let too_many = (lens(cu_seqlens_q).into_iter())
+        .zip(lens(cu_seqlens_k))
+        .find(|(q, k)| q > k);
+    match too_many {
+        Some((q, _)) => Err(NsaError::InvalidShape {
+            what: "cu_seqlens_q",
+            value: q,
+            rule: "no sequence has more queries than keys (Tq <= Tk each)",
+        }),
+        None => Ok(()),
+    }
+}
+
+/// [`check_cu_seqlens`] for the offsets named `what`.
+fn check_offsets(what: &'static str, cu: &[usize]) -> Result<()> {
+    if cu.len() < 2 || cu[0] != 0 || cu.windows(2).any(|w| w[1] <= w[0]) {
+        return Err(NsaError::InvalidShape {
+            what,
+            value: cu.len(),
             rule: "starts at 0, strictly increasing, at least one sequence",
         });
     }

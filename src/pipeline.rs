@@ -1289,6 +1289,26 @@ impl NsaPipeline {
         precision == Precision::F32 || self.f16
     }
 
+    /// The plan of a call of `shape` on this device, as `run_with` makes it: inputs stored
+    /// at `precision`, the branch outputs where `request` asks for them, and its scratch
+    /// within a buffer.
+    pub(crate) fn call_plan(
+        &self,
+        config: &NsaConfig,
+        shape: &Shape,
+        request: OutputRequest,
+        precision: Precision,
+    ) -> Result<Plan> {
+        let plan = Plan::with_precision(config, shape, &self.limits(), precision)?;
+        let plan = if request.branches {
+            plan.with_branch_outputs()?
+        } else {
+            plan
+        };
+        plan.check_scratch(self.limits.max_buffer)?;
+        Ok(plan)
+    }
+
     /// [`Self::run`] with the inputs stored on the GPU at `precision` (converted on upload).
     /// F16 needs the adapter's `shader-f16`: [`NsaError::MissingFeature`] otherwise; a value
     /// beyond f16's range in `q`, `k`, `v` or the branch keys/values is
@@ -1309,16 +1329,7 @@ impl NsaPipeline {
     ) -> Result<NsaOutputs> {
         inputs.validate(config, shape)?;
         self.require(precision)?;
-        let plan = |s: &Shape| {
-            let plan = Plan::with_precision(config, s, &self.limits(), precision)?;
-            let plan = if request.branches {
-                plan.with_branch_outputs()?
-            } else {
-                plan
-            };
-            plan.check_scratch(self.limits.max_buffer)?;
-            Ok(plan)
-        };
+        let plan = |s: &Shape| self.call_plan(config, s, request, precision);
         let size = match split::plan_or_parts(shape, plan)? {
             Planned::Whole(p) => return self.run_planned(&p, inputs, request, precision).await,
             Planned::Parts(size) => size,

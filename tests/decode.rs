@@ -548,6 +548,259 @@ fn varlen_with_some_branches_keys_and_bad_offsets() {
     }
 }
 
+/// Offsets of consecutive sequences of `lens` (FlashAttention's `cu_seqlens`).
+fn offsets(lens: impl IntoIterator<Item = usize>) -> Vec<usize> {
+    let mut cu = vec![0];
+    for l in lens {
+        cu.push(cu[cu.len() - 1] + l);
+    }
+    cu
+}
+
+#[test]
+fn packed_chunks_equal_each_sequence_alone() {
+    // A packed batch with queries and keys apart (cu_seqlens_q, cu_seqlens_k): a prefill, a
+    // decode step at position 149, a chunk crossing blocks, a sequence of one token, a long
+    // chunk and one whose context is a single key. Each sequence's rows equal its own call
+    // with Tq < Tk (no cache), at f32 and f16, Mean and Linear with every branch's own keys;
+    // the CPU reference's packed call gives the same rows and selections.
+    let seqs = [
+        (37usize, 37usize),
+        (1, 150),
+        (20, 90),
+        (1, 1),
+        (64, 300),
+        (100, 101),
+    ];
+    let cu_q = offsets(seqs.iter().map(|s| s.0));
+    let cu_k = offsets(seqs.iter().map(|s| s.1));
+    let heads = (8, 2, 12, 8);
+    let all = Shape::packed(&cu_q, &cu_k, heads);
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    let f16 = f16_pipelines()
+        .into_iter()
+        .map(|p| (p, Precision::F16, 5e-3));
+    let pipes: Vec<_> = std::iter::once((pipeline(), Precision::F32, 1e-5))
+        .chain(f16)
+        .collect();
+    for (cfg, branch) in [(small(), false), (linear, true)] {
+        let data = Data::new(&cfg, &all, branch, 17);
+        let inputs = data.inputs();
+        let req = OutputRequest::all();
+        for &(pipe, precision, tol) in &pipes {
+            let name = format!("{:?} branch {branch} {precision:?}", cfg.compression);
+            let run = pipe.run_varlen_qk(&cfg, &cu_q, &cu_k, heads, &inputs, req, precision);
+            let got = pollster::block_on(run).expect(&name);
+            let (n, w) = (cfg.top_n, all.hq * all.dv);
+            let idx = got.block_indices.as_ref().unwrap();
+            let br = got.branches.as_ref().unwrap();
+            for (i, (q, k)) in cu_q.windows(2).zip(cu_k.windows(2)).enumerate() {
+                let shape = Shape::packed(q, k, heads);
+                let rows = inputs.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
+                let alone = pollster::block_on(pipe.run_with(&cfg, &shape, &rows, req, precision))
+                    .expect(&name);
+                let at = q[0] * w..q[1] * w;
+                let what = format!("{name} seq {i} {shape:?}");
+                assert_close(&what, &got.out[at.clone()], &alone.out, tol);
+                let alone_br = alone.branches.as_ref().unwrap();
+                assert_close(&what, &br.o_slc[at.clone()], &alone_br.o_slc, tol);
+                assert_close(&what, &br.o_win[at], &alone_br.o_win, tol);
+                let sel = q[0] * all.hkv * n..q[1] * all.hkv * n;
+                assert_eq!(&idx[sel], &alone.block_indices.unwrap()[..], "{what}");
+            }
+            if precision == Precision::F32 {
+                let cu = (&cu_q[..], &cu_k[..]);
+                let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, cu, heads, &inputs, req).unwrap();
+                assert_close(&format!("{name} cpu"), &got.out, &cpu.out, 1e-4);
+                assert_eq!(idx, cpu.block_indices.as_ref().unwrap(), "{name} cpu");
+            }
+        }
+    }
+}
+
+/// A pipeline on a device whose storage bindings hold 32 KiB and buffers 128 KiB, for the
+/// packed calls that run in parts.
+fn small_limits_pipeline() -> NsaPipeline {
+    pipeline_with_limits(wgpu::Limits {
+        max_storage_buffer_binding_size: 32 << 10,
+        max_buffer_size: 128 << 10,
+        ..pipeline().context().device.limits()
+    })
+}
+
+#[test]
+fn random_packed_chunks_match_the_naive_nsa() {
+    // Seeded packed batches of chunks: 1 to 4 sequences of 1 to 300 keys, each a prefill,
+    // a decode step or a chunk of any length; the seeded sweep's configs, groups of 1 to 16,
+    // per-branch keys and values, Mean and Linear; one case in three on a device of 32 KiB
+    // bindings and 128 KiB buffers, where it runs in parts of kv heads (sequences of 210 to
+    // 300 keys of 2 to 4 kv heads of 20 or 24 pass a binding, groups of 1 to 4). Every sequence's
+    // rows against the naive NSA on its own tokens (common::check_rows: selections equal up
+    // to near ties, outputs within 1e-4).
+    use rand::Rng;
+    let small_limits = small_limits_pipeline();
+    let (mut rng, cases) = common::sweep("random packed chunks", 0x7170_6b31, 9);
+    for case in 0..cases {
+        let mut cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
+        let small = case % 3 == 1;
+        let hkv = rng.random_range(if small { 2..=4 } else { 1..=3 });
+        // Groups of 16 at 300 queries would pass the small device's buffers in one kv head.
+        let g = pick(&mut rng, if small { &[1, 3, 4] } else { &[1, 3, 4, 16] });
+        let dk = pick(&mut rng, if small { &[20, 24] } else { &[8, 12, 20] });
+        let heads = (g * hkv, hkv, dk, pick(&mut rng, &[8, 16]));
+        let seqs: Vec<(usize, usize)> = (0..rng.random_range(1..=4))
+            .map(|_| {
+                let tk = rng.random_range(if small { 210..=300 } else { 1..=300 });
+                let tq = match rng.random_range(0..4) {
+                    0 => tk,
+                    1 => 1,
+                    _ => rng.random_range(1..=tk),
+                };
+                (tq, tk)
+            })
+            .collect();
+        let pipe = if small { &small_limits } else { pipeline() };
+        // Mean where one kv head's Linear weights pass the small device's binding (the call
+        // would be an ExceedsLimit naming them).
+        let one = Shape::prefill(1, 1, g, 1, heads.2, heads.3);
+        if pipe.plan(&cfg, &one).is_err() {
+            cfg.compression = Compression::Mean;
+        }
+        let branch = rng.random_bool(0.3);
+        let cu_q = offsets(seqs.iter().map(|s| s.0));
+        let cu_k = offsets(seqs.iter().map(|s| s.1));
+        let all = Shape::packed(&cu_q, &cu_k, heads);
+        let data = Data::new(&cfg, &all, branch, rng.random());
+        let inputs = data.inputs();
+        let whole = CacheOptions {
+            seqs: seqs.len(),
+            hq: all.hq,
+            hkv: all.hkv,
+            dk: all.dk,
+            dv: all.dv,
+            capacity: seqs.iter().map(|s| s.1).max().unwrap(),
+            max_capacity: seqs.iter().map(|s| s.1).max().unwrap(),
+            independent_kv: branch,
+            precision: Precision::F32,
+        };
+        let parts = NsaCache::new(pipe, &cfg, whole, inputs.linear).is_err();
+        let name = format!("random packed {case} (in parts: {parts}): {cfg:?} {seqs:?} heads {heads:?} branch {branch}");
+        let req = OutputRequest {
+            block_indices: true,
+            branches: false,
+        };
+        let run = pipe.run_varlen_qk(&cfg, &cu_q, &cu_k, heads, &inputs, req, Precision::F32);
+        let got = pollster::block_on(run).expect(&name);
+        let idx = got.block_indices.as_ref().unwrap();
+        let (w, n) = (all.hq * all.dv, all.hkv * cfg.top_n);
+        let mut tally = common::RowTally::default();
+        for (q, k) in cu_q.windows(2).zip(cu_k.windows(2)) {
+            let shape = Shape::packed(q, k, heads);
+            let rows = inputs.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
+            let naive = nsa_wgpu::cpu::naive::nsa(&cfg, &shape, &rows).expect("naive");
+            let got = (&got.out[q[0] * w..q[1] * w], &idx[q[0] * n..q[1] * n]);
+            common::check_rows(&mut tally, &cfg, &shape, &naive, got, false);
+        }
+        tally.assert_within(&name, false, 1e-4);
+        assert_eq!(parts, small, "{name}");
+    }
+}
+
+#[test]
+fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_errors() {
+    // cu_seqlens_q == cu_seqlens_k is run_varlen's packed prefill, on the GPU and the CPU;
+    // the CPU's packed chunks are the prefill's rows at their positions; offsets that break
+    // FlashAttention's convention, disagree in their sequences or give a sequence more
+    // queries than keys, and tensors that do not match their totals, are errors naming them.
+    let pipe = pipeline();
+    let cfg = small();
+    let heads = (4, 2, 8, 8);
+    let req = OutputRequest::all();
+    let cu = [0usize, 45, 46, 160];
+    let all = Shape::packed(&cu, &cu, heads);
+    let data = Data::new(&cfg, &all, false, 9);
+    let inputs = data.inputs();
+    let f32 = Precision::F32;
+    let qk = pollster::block_on(pipe.run_varlen_qk(&cfg, &cu, &cu, heads, &inputs, req, f32));
+    let varlen = pollster::block_on(pipe.run_varlen(&cfg, &cu, 4, 2, 8, 8, &inputs, req));
+    let (qk, varlen) = (qk.unwrap(), varlen.unwrap());
+    assert_eq!(qk.out, varlen.out, "the same cache calls");
+    assert_eq!(qk.block_indices, varlen.block_indices);
+    // The CPU: the last 10 positions of each sequence as chunks.
+    let cu_q = [0usize, 10, 11, 21];
+    let chunk_rows: Vec<usize> = cu
+        .windows(2)
+        .flat_map(|w| w[1] - (w[1] - w[0]).min(10)..w[1])
+        .collect();
+    let q: Vec<f32> = chunk_rows
+        .iter()
+        .flat_map(|&r| data.q[r * 32..(r + 1) * 32].to_vec())
+        .collect();
+    let gates: Vec<f32> = chunk_rows
+        .iter()
+        .flat_map(|&r| data.gates[r * 12..(r + 1) * 12].to_vec())
+        .collect();
+    let chunks = nsa_wgpu::NsaInputs::new(&q, &data.k, &data.v, &gates);
+    let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, (&cu_q, &cu), heads, &chunks, req).unwrap();
+    let prefill = nsa_wgpu::cpu::forward_varlen(&cfg, &cu, heads, &inputs, req).unwrap();
+    let want: Vec<f32> = chunk_rows
+        .iter()
+        .flat_map(|&r| prefill.out[r * 32..(r + 1) * 32].to_vec())
+        .collect();
+    assert_eq!(cpu.out, want, "chunk rows are the prefill's rows");
+    let gpu = pollster::block_on(pipe.run_varlen_qk(&cfg, &cu_q, &cu, heads, &chunks, req, f32));
+    assert_close("chunks on the gpu", &gpu.unwrap().out, &want, 1e-5);
+    let bad: [(&[usize], &[usize], &str); 6] = [
+        (&[0, 10, 10, 21], &cu, "cu_seqlens_q"),
+        (&cu_q, &[0, 45, 160], "cu_seqlens_q"),
+        (&cu_q, &[1, 45, 46, 160], "cu_seqlens_k"),
+        (&[0, 10, 12, 22], &cu, "cu_seqlens_q"),
+        (&[0], &[0], "cu_seqlens_q"),
+        (&[0, 10, 11, 20], &cu, "q"),
+    ];
+    // On a device of 128 KiB buffers, the queries of one kv head of a sequence of 227 (16
+    // query heads of 12) pass a buffer: parts of kv heads cannot help, and the call is the
+    // whole call's ExceedsLimit before any part runs.
+    let heads = (64, 4, 12, 16);
+    let long = Shape::packed(&[0, 227], &[0, 227], heads);
+    let data = Data::new(&cfg, &long, false, 3);
+    let small = small_limits_pipeline();
+    let long_inputs = data.inputs();
+    let r = small.run_varlen_qk(&cfg, &[0, 227], &[0, 227], heads, &long_inputs, req, f32);
+    let r = pollster::block_on(r);
+    assert!(matches!(r, Err(NsaError::ExceedsLimit { .. })), "{r:?}");
+    let one = Shape::packed(&[0, 227], &[0, 227], (16, 1, 12, 16));
+    let err = small.plan(&cfg, &one).expect_err("one kv head's queries");
+    assert!(
+        matches!(
+            err,
+            NsaError::ExceedsLimit {
+                what: "max_buffer_size",
+                needed: 174336,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let heads = (4, 2, 8, 8);
+    for (cu_q, cu_k, what) in bad {
+        let gpu =
+            pollster::block_on(pipe.run_varlen_qk(&cfg, cu_q, cu_k, heads, &chunks, req, f32));
+        let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, (cu_q, cu_k), heads, &chunks, req);
+        for r in [gpu.map(drop), cpu.map(drop)] {
+            let named = match &r {
+                Err(NsaError::InvalidShape { what: w, .. }) => *w == what,
+                Err(NsaError::ShapeMismatch { tensor, .. }) => *tensor == what,
+                _ => false,
+            };
+            assert!(named, "{cu_q:?} {cu_k:?}: {r:?}");
+        }
+    }
+}
+
 #[test]
 fn cache_overflow_and_bad_chunks_are_errors() {
     let pipe = pipeline();

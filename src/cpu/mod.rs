@@ -15,7 +15,9 @@ pub mod win_attn;
 
 use crate::config::{Compression, NsaConfig, Shape};
 use crate::error::Result;
-use crate::inputs::{check_cu_seqlens, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest};
+use crate::inputs::{
+    check_cu_seqlens, check_cu_seqlens_qk, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest,
+};
 
 /// Softmax attention of one query row over the keys `keys` (absolute row indices into
 /// `k`/`v`, laid out `[rows, Hkv, D]` for kv head `h`), as the shaders compute it: running max,
@@ -121,24 +123,45 @@ pub fn forward(
 pub fn forward_varlen(
     config: &NsaConfig,
     cu_seqlens: &[usize],
-    (hq, hkv, dk, dv): (usize, usize, usize, usize),
+    heads: (usize, usize, usize, usize),
     inputs: &NsaInputs,
     request: OutputRequest,
 ) -> Result<NsaOutputs> {
     check_cu_seqlens(cu_seqlens)?;
-    let total = cu_seqlens[cu_seqlens.len() - 1];
-    let all = Shape::prefill(1, total, hq, hkv, dk, dv);
+    forward_packed(config, (cu_seqlens, cu_seqlens), heads, inputs, request)
+}
+
+/// [`forward`] for a packed batch of chunks (FlashAttention's `cu_seqlens_q` and
+/// `cu_seqlens_k`, as [`crate::NsaPipeline::run_varlen_qk`] takes them): sequence `i`'s
+/// queries and gates are rows `cu_seqlens_q[i] .. cu_seqlens_q[i+1]`, its keys and values
+/// rows `cu_seqlens_k[i] .. cu_seqlens_k[i+1]`, and its queries sit at its last positions;
+/// each sequence alone, the outputs packed like the queries.
+pub fn forward_varlen_qk(
+    config: &NsaConfig,
+    (cu_seqlens_q, cu_seqlens_k): (&[usize], &[usize]),
+    heads: (usize, usize, usize, usize),
+    inputs: &NsaInputs,
+    request: OutputRequest,
+) -> Result<NsaOutputs> {
+    check_cu_seqlens_qk(cu_seqlens_q, cu_seqlens_k)?;
+    forward_packed(config, (cu_seqlens_q, cu_seqlens_k), heads, inputs, request)
+}
+
+/// [`forward_varlen_qk`] on offsets already checked.
+fn forward_packed(
+    config: &NsaConfig,
+    (cu_q, cu_k): (&[usize], &[usize]),
+    (hq, hkv, dk, dv): (usize, usize, usize, usize),
+    inputs: &NsaInputs,
+    request: OutputRequest,
+) -> Result<NsaOutputs> {
+    let all = Shape::packed(cu_q, cu_k, (hq, hkv, dk, dv));
     inputs.validate(config, &all)?;
-    let parts = cu_seqlens
-        .windows(2)
-        .map(|w| {
-            let shape = Shape::prefill(1, w[1] - w[0], hq, hkv, dk, dv);
-            forward(
-                config,
-                &shape,
-                &inputs.token_rows(&all, w[0], w[1]),
-                request,
-            )
+    let parts = (cu_q.windows(2).zip(cu_k.windows(2)))
+        .map(|(q, k)| {
+            let shape = Shape::packed(q, k, (hq, hkv, dk, dv));
+            let rows = inputs.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
+            forward(config, &shape, &rows, request)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(crate::cache::concat(parts, request))
