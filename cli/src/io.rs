@@ -7,11 +7,15 @@ use std::path::Path;
 use nsa_wgpu::{Compression, LinearWeights, NsaConfig, NsaInputs, NsaOutputs, Shape};
 use safetensors::{Dtype, SafeTensors};
 
-/// Every tensor of an input file, converted to f32, and `cu_seqlens` where the file packs
-/// sequences of different lengths.
+/// The integer tensors of a packed file: `cu_seqlens` (queries and keys alike), or
+/// `cu_seqlens_q` and `cu_seqlens_k` (FlashAttention's pair, for chunks).
+const OFFSETS: [&str; 3] = ["cu_seqlens", "cu_seqlens_q", "cu_seqlens_k"];
+
+/// Every tensor of an input file, converted to f32, and the offsets ([`OFFSETS`]) where the
+/// file packs sequences of different lengths.
 pub struct Loaded {
     tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
-    cu_seqlens: Option<Vec<usize>>,
+    offsets: HashMap<String, Vec<usize>>,
 }
 
 /// The tensors of one NSA call, with their shapes checked.
@@ -23,10 +27,19 @@ pub struct Problem {
     gates: Vec<f32>,
     branch: [Option<Vec<f32>>; 6],
     linear: Option<[Vec<f32>; 4]>,
-    /// Where the file packs sequences (FlashAttention's convention): sequence `i` is rows
-    /// `cu_seqlens[i] .. cu_seqlens[i + 1]` of every tensor, and `shape` is the packed one
-    /// (`B = 1`, `T` the total).
-    pub cu_seqlens: Option<Vec<usize>>,
+    /// Where the file packs sequences (FlashAttention's convention), the query and the key
+    /// offsets: sequence `i` is rows `q[i] .. q[i + 1]` of `q` and `gates` and rows
+    /// `k[i] .. k[i + 1]` of the keys and values (`cu_seqlens` gives both), its queries at its
+    /// last positions; `shape` is the packed one (`B = 1`, `Tq` and `Tk` the totals).
+    pub packed: Option<Packed>,
+}
+
+/// The offsets of a packed file's query rows and key rows.
+pub struct Packed {
+    /// `cu_seqlens_q` (or `cu_seqlens`).
+    pub q: Vec<usize>,
+    /// `cu_seqlens_k` (or `cu_seqlens`).
+    pub k: Vec<usize>,
 }
 
 const BRANCH: [&str; 6] = ["k_cmp", "v_cmp", "k_slc", "v_slc", "k_win", "v_win"];
@@ -49,7 +62,7 @@ fn to_f32(name: &str, dtype: Dtype, data: &[u8]) -> Result<Vec<f32>, String> {
         // value becomes infinite, which the input checks then name).
         Dtype::F64 => Ok(words(data).map(|b| f64::from_le_bytes(b) as f32).collect()),
         other => Err(format!(
-            "tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F64 (only `cu_seqlens` holds integers)"
+            "tensor `{name}` has dtype {other:?}; expected F32, F16, BF16 or F64 (only `cu_seqlens`, `cu_seqlens_q` and `cu_seqlens_k` hold integers)"
         )),
     }
 }
@@ -60,11 +73,17 @@ fn words<const N: usize>(data: &[u8]) -> impl Iterator<Item = [u8; N]> + '_ {
         .map(|b| b.try_into().expect("chunks of N bytes"))
 }
 
-/// `cu_seqlens` as sizes: I32, I64, U32 or U64, rank 1, none negative.
-fn to_offsets(dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Vec<usize>, String> {
+/// Offsets `name` (`cu_seqlens` or one of its pair) as sizes: I32, I64, U32 or U64, rank 1,
+/// none negative.
+fn to_offsets(
+    name: &str,
+    dtype: Dtype,
+    shape: &[usize],
+    data: &[u8],
+) -> Result<Vec<usize>, String> {
     if shape.len() != 1 {
         return Err(format!(
-            "tensor `cu_seqlens` has shape {shape:?}; expected rank 1 [B + 1]"
+            "tensor `{name}` has shape {shape:?}; expected rank 1 [B + 1]"
         ));
     }
     let values: Vec<i128> = match dtype {
@@ -74,7 +93,7 @@ fn to_offsets(dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Vec<usize>, 
         Dtype::U64 => words(data).map(|b| u64::from_le_bytes(b).into()).collect(),
         other => {
             return Err(format!(
-                "tensor `cu_seqlens` has dtype {other:?}; expected I32, I64, U32 or U64"
+                "tensor `{name}` has dtype {other:?}; expected I32, I64, U32 or U64"
             ))
         }
     };
@@ -83,7 +102,7 @@ fn to_offsets(dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Vec<usize>, 
         .enumerate()
         .map(|(i, &x)| {
             usize::try_from(x)
-                .map_err(|_| format!("cu_seqlens[{i}] = {x}; offsets must be non-negative"))
+                .map_err(|_| format!("{name}[{i}] = {x}; offsets must be non-negative"))
         })
         .collect()
 }
@@ -96,19 +115,17 @@ impl Loaded {
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| format!("{} is not a valid safetensors file: {e}", path.display()))?;
         let mut tensors = HashMap::new();
-        let mut cu_seqlens = None;
+        let mut offsets = HashMap::new();
         for (name, view) in st.tensors() {
-            if name == "cu_seqlens" {
-                cu_seqlens = Some(to_offsets(view.dtype(), view.shape(), view.data())?);
+            if OFFSETS.contains(&name.as_str()) {
+                let cu = to_offsets(&name, view.dtype(), view.shape(), view.data())?;
+                offsets.insert(name, cu);
                 continue;
             }
             let data = to_f32(&name, view.dtype(), view.data())?;
             tensors.insert(name, (view.shape().to_vec(), data));
         }
-        Ok(Self {
-            tensors,
-            cu_seqlens,
-        })
+        Ok(Self { tensors, offsets })
     }
 
     fn take(&mut self, name: &str) -> Option<(Vec<usize>, Vec<f32>)> {
@@ -135,10 +152,7 @@ impl Loaded {
         };
         let [b, tq, hq, dk] = rank4("q", qs)?;
         let [_, tk, hkv, _] = rank4("k", ks.clone())?;
-        let cu_seqlens = self.cu_seqlens.take();
-        if let Some(cu) = &cu_seqlens {
-            check_packed(cu, b, tq, tk)?;
-        }
+        let packed = self.packed(b, tq, tk)?;
         let vdims = rank4("v", vs.clone())?;
         let dv = vdims[3];
         let shape = Shape {
@@ -216,42 +230,90 @@ impl Loaded {
             gates,
             branch,
             linear,
-            cu_seqlens,
+            packed,
         })
+    }
+
+    /// The file's offsets: none, `cu_seqlens` for queries and keys alike, or both of
+    /// `cu_seqlens_q` and `cu_seqlens_k`; checked against the tensors' `B`, `Tq` and `Tk`.
+    fn packed(&mut self, b: usize, tq: usize, tk: usize) -> Result<Option<Packed>, String> {
+        let mut take = |name: &str| self.offsets.remove(name);
+        let given = (
+            take("cu_seqlens"),
+            take("cu_seqlens_q"),
+            take("cu_seqlens_k"),
+        );
+        if given == (None, None, None) {
+            return Ok(None);
+        }
+        if b != 1 {
+            return Err(format!("with cu_seqlens the tensors pack the sequences along T: rank 3 [total, H, D] (or B = 1), got B = {b}"));
+        }
+        let packed = match given {
+            (Some(cu), None, None) => {
+                if tq != tk {
+                    return Err(format!("with cu_seqlens every token is a query: Tq = {tq} (from q) must equal Tk = {tk} (from k); chunks take cu_seqlens_q and cu_seqlens_k"));
+                }
+                check_offsets("cu_seqlens", &cu, tk)?;
+                Packed {
+                    q: cu.clone(),
+                    k: cu,
+                }
+            }
+            (None, Some(q), Some(k)) => {
+                check_offsets("cu_seqlens_q", &q, tq)?;
+                check_offsets("cu_seqlens_k", &k, tk)?;
+                if q.len() != k.len() {
+                    return Err(format!(
+                        "cu_seqlens_q has {} entries and cu_seqlens_k {}: one pair of offsets per sequence",
+                        q.len(),
+                        k.len()
+                    ));
+                }
+                let lens = |cu: &[usize], i: usize| cu[i + 1] - cu[i];
+                if let Some(i) = (0..q.len() - 1).find(|&i| lens(&q, i) > lens(&k, i)) {
+                    return Err(format!(
+                        "sequence {i} has {} queries but {} keys: its queries are its last positions (Tq <= Tk)",
+                        lens(&q, i),
+                        lens(&k, i)
+                    ));
+                }
+                Packed { q, k }
+            }
+            _ => {
+                return Err(
+                    "a packed file holds cu_seqlens, or both cu_seqlens_q and cu_seqlens_k".into(),
+                )
+            }
+        };
+        Ok(Some(packed))
     }
 }
 
-/// The rules of a packed file: one batch row (rank 3, or rank 4 with B = 1), queries for
-/// every token (`Tq == Tk`, the total), and offsets from 0 up to the total, each sequence
-/// at least one token.
-fn check_packed(cu: &[usize], b: usize, tq: usize, tk: usize) -> Result<(), String> {
-    if b != 1 {
-        return Err(format!("with cu_seqlens the tensors pack the sequences along T: rank 3 [total, H, D] (or B = 1), got B = {b}"));
-    }
-    if tq != tk {
-        return Err(format!("with cu_seqlens every token is a query: Tq = {tq} (from q) must equal Tk = {tk} (from k)"));
-    }
+/// Offsets `name` of a packed file's rows: from 0 up to `total` (the rows its tensors hold),
+/// each sequence at least one row.
+fn check_offsets(name: &str, cu: &[usize], total: usize) -> Result<(), String> {
     if cu.len() < 2 {
         return Err(format!(
-            "cu_seqlens has {} entries; expected B + 1 >= 2 (0, then each sequence's end)",
+            "{name} has {} entries; expected B + 1 >= 2 (0, then each sequence's end)",
             cu.len()
         ));
     }
     if cu[0] != 0 {
-        return Err(format!("cu_seqlens[0] = {}; it must be 0", cu[0]));
+        return Err(format!("{name}[0] = {}; it must be 0", cu[0]));
     }
     if let Some(i) = (1..cu.len()).find(|&i| cu[i] <= cu[i - 1]) {
         return Err(format!(
-            "cu_seqlens[{i}] = {} is not above cu_seqlens[{}] = {}: every sequence needs at least one token",
+            "{name}[{i}] = {} is not above {name}[{}] = {}: every sequence needs at least one row",
             cu[i],
             i - 1,
             cu[i - 1]
         ));
     }
     let last = cu[cu.len() - 1];
-    if last != tk {
+    if last != total {
         return Err(format!(
-            "cu_seqlens ends at {last}, but the tensors hold {tk} tokens"
+            "{name} ends at {last}, but the tensors hold {total} rows"
         ));
     }
     Ok(())
@@ -273,11 +335,11 @@ impl Problem {
         i
     }
 
-    /// Each sequence as (first row, tokens), rows counted over B and T together: the packed
-    /// sequences of `cu_seqlens`, else the batch's `B` rows of `Tk` tokens.
+    /// Each sequence's keys as (first row, tokens), rows counted over B and T together: the
+    /// packed sequences' key offsets, else the batch's `B` rows of `Tk` tokens.
     pub fn sequences(&self) -> Vec<(usize, usize)> {
-        match &self.cu_seqlens {
-            Some(cu) => cu.windows(2).map(|w| (w[0], w[1] - w[0])).collect(),
+        match &self.packed {
+            Some(p) => p.k.windows(2).map(|w| (w[0], w[1] - w[0])).collect(),
             None => (0..self.shape.batch)
                 .map(|b| (b * self.shape.tk, self.shape.tk))
                 .collect(),

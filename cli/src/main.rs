@@ -181,11 +181,14 @@ struct RunArgs {
     /// Input safetensors file: q, k, v, gates (+ optional k_cmp … v_win, w_k, pe_k, w_v, pe_v),
     /// as F32, F16, BF16 or F64. With `cu_seqlens` (integers, [B + 1]) the tensors pack
     /// sequences of different lengths along T (FlashAttention's convention: q [total, Hq,
-    /// Dk], ...), each run as a sequence of its own.
+    /// Dk], ...), each run as a sequence of its own; with `cu_seqlens_q` and `cu_seqlens_k`
+    /// instead, q and gates pack each sequence's last queries (a chunk or a decode step) by
+    /// the first, the keys and values all its keys by the second.
     #[arg(long)]
     input: std::path::PathBuf,
     /// Output safetensors file: out, block_indices (+ o_cmp, o_slc, o_win with --branches);
-    /// packed like the input where it has `cu_seqlens` ([total, Hq, Dv], [total, Hkv, n]).
+    /// packed like the input's queries where it packs sequences ([total_q, Hq, Dv],
+    /// [total_q, Hkv, n]).
     #[arg(long)]
     output: std::path::PathBuf,
     #[command(flatten)]
@@ -222,12 +225,12 @@ fn run(args: &RunArgs) -> Result<(), String> {
     };
     let start = Instant::now();
     let seqs = problem.sequences();
-    let packed = problem.cu_seqlens.as_deref();
+    let packed = problem.packed.as_ref().map(|p| (&p.q[..], &p.k[..]));
     let s = &problem.shape;
     let (res, device) = if args.cpu {
         let heads = (s.hq, s.hkv, s.dk, s.dv);
         let r = match packed {
-            Some(cu) => nsa_wgpu::cpu::forward_varlen(&config, cu, heads, &inputs, request),
+            Some(cu) => nsa_wgpu::cpu::forward_varlen_qk(&config, cu, heads, &inputs, request),
             None => nsa_wgpu::cpu::forward(&config, s, &inputs, request),
         }
         .map_err(|e| e.to_string())?;
@@ -239,9 +242,10 @@ fn run(args: &RunArgs) -> Result<(), String> {
             (None, None, None) => {
                 pollster::block_on(pipe.run_with(&config, s, &inputs, request, precision))
             }
-            (None, None, Some(cu)) => pollster::block_on(pipe.run_varlen_with(
+            (None, None, Some((cu_q, cu_k))) => pollster::block_on(pipe.run_varlen_qk(
                 &config,
-                cu,
+                cu_q,
+                cu_k,
                 (s.hq, s.hkv, s.dk, s.dv),
                 &inputs,
                 request,

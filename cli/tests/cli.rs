@@ -823,6 +823,141 @@ fn packed_sequences_write_what_each_sequence_alone_writes() {
     }
 }
 
+/// The bytes of offsets as I64.
+fn i64_bytes(cu: &[i64]) -> Vec<u8> {
+    cu.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// A packed file of chunks: `ts` (rank 3) and the offsets `cu_seqlens_q`, `cu_seqlens_k`
+/// where given, as I64.
+fn write_packed_qk(path: &Path, ts: &[T], cu_q: Option<&[i64]>, cu_k: Option<&[i64]>) {
+    let mut raw = raw_f32(ts);
+    for (name, cu) in [("cu_seqlens_q", cu_q), ("cu_seqlens_k", cu_k)] {
+        if let Some(cu) = cu {
+            raw.push((name, Dtype::I64, vec![cu.len()], i64_bytes(cu)));
+        }
+    }
+    write_raw(path, &raw);
+}
+
+#[test]
+fn packed_chunks_write_what_each_chunk_alone_writes() {
+    // cu_seqlens_q and cu_seqlens_k: a decode step at position 99, a prefill of 37, a chunk
+    // of 20 after 70 keys and a sequence of one token. The outputs pack like q; each
+    // sequence's rows are those of its chunk alone ([1, tq, ...] queries, [1, tk, ...] keys),
+    // on the GPU and the CPU. Offsets that do not pair up are errors naming them.
+    let d = Dir::new();
+    let seqs = [(1usize, 100usize), (37, 37), (20, 90), (1, 1)];
+    let (hq, hkv, dk, dv) = (4, 2, 12, 8);
+    let total_q: usize = seqs.iter().map(|s| s.0).sum();
+    let total_k: usize = seqs.iter().map(|s| s.1).sum();
+    let packed = [
+        t("q", &[total_q, hq, dk], 31),
+        t("k", &[total_k, hkv, dk], 32),
+        t("v", &[total_k, hkv, dv], 33),
+        t("gates", &[total_q, hq, 3], 34),
+    ];
+    let offsets = |i: usize| -> Vec<i64> {
+        let mut cu = vec![0i64];
+        for s in seqs {
+            cu.push(cu.last().unwrap() + [s.0, s.1][i] as i64);
+        }
+        cu
+    };
+    let (cu_q, cu_k) = (offsets(0), offsets(1));
+    write_packed_qk(
+        &d.p("chunks.safetensors"),
+        &packed,
+        Some(&cu_q),
+        Some(&cu_k),
+    );
+    let input = d.s("chunks.safetensors");
+    let (gpu, cpu) = (d.s("gpu.safetensors"), d.s("cpu.safetensors"));
+    small_ok(&input, &gpu, &[]);
+    small_ok(&input, &cpu, &["--cpu"]);
+    assert_same(Path::new(&gpu), Path::new(&cpu), 1e-4);
+    let got = read(Path::new(&gpu));
+    let find = |name: &str| got.iter().find(|x| x.0 == name).unwrap();
+    assert_eq!(find("out").1, vec![total_q, hq, dv]);
+    assert_eq!(find("block_indices").1, vec![total_q, hkv, 5]);
+    for (i, (tq, tk)) in seqs.into_iter().enumerate() {
+        let (q0, k0) = (cu_q[i] as usize, cu_k[i] as usize);
+        let alone: Vec<T> = packed
+            .iter()
+            .map(|p| {
+                let w: usize = p.shape[1..].iter().product();
+                let (a, n) = if p.name == "q" || p.name == "gates" {
+                    (q0, tq)
+                } else {
+                    (k0, tk)
+                };
+                T {
+                    name: p.name,
+                    shape: [&[1, n][..], &p.shape[1..]].concat(),
+                    data: p.data[a * w..(a + n) * w].to_vec(),
+                }
+            })
+            .collect();
+        let (inp, out) = (d.s(&format!("in{i}.st")), d.s(&format!("o{i}.st")));
+        write(Path::new(&inp), &alone, false);
+        small_ok(&inp, &out, &[]);
+        for (name, shape, dtype, bytes) in read(Path::new(&out)) {
+            let (_, pshape, _, pbytes) = find(&name);
+            let w = 4 * pshape[1..].iter().product::<usize>();
+            assert_eq!(&shape[2..], &pshape[1..], "{name}");
+            let rows = &pbytes[q0 * w..(q0 + tq) * w];
+            if dtype == Dtype::I32 {
+                assert_eq!(rows, &bytes[..], "sequence {i}: {name}");
+            } else {
+                let worst = f32s(rows)
+                    .iter()
+                    .zip(f32s(&bytes))
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst <= 1e-4, "sequence {i}: {name} differs by {worst}");
+            }
+        }
+    }
+    // Offsets that do not pair up, and chunks through the cache's own chunking.
+    let bad =
+        |name: &str, cu_q: Option<&[i64]>, cu_k: Option<&[i64]>, extra: &[&str], want: &str| {
+            write_packed_qk(&d.p(name), &packed, cu_q, cu_k);
+            fails(&d, &d.s(name), extra, want);
+        };
+    let one = "both cu_seqlens_q and cu_seqlens_k";
+    bad("q.st", Some(&cu_q), None, &[], one);
+    bad("k.st", None, Some(&cu_k), &[], one);
+    let more = [0i64, 1, 38, 57, 59];
+    bad(
+        "more.st",
+        Some(&more),
+        Some(&cu_k),
+        &[],
+        "sequence 3 has 2 queries but 1 keys",
+    );
+    bad(
+        "pairs.st",
+        Some(&[0, 59]),
+        Some(&cu_k),
+        &[],
+        "cu_seqlens_q has 2 entries and cu_seqlens_k 5",
+    );
+    bad(
+        "totk.st",
+        Some(&cu_q),
+        Some(&[0, 100, 137, 227, 229]),
+        &[],
+        "cu_seqlens_k ends at 229, but the tensors hold 228 rows",
+    );
+    bad(
+        "chunk.st",
+        Some(&cu_q),
+        Some(&cu_k),
+        &["--chunk", "7"],
+        "need Tq == Tk",
+    );
+}
+
 #[test]
 fn packed_and_f64_inputs_are_checked_and_read() {
     let d = Dir::new();
@@ -860,7 +995,11 @@ fn packed_and_f64_inputs_are_checked_and_read() {
     bad_raw("fcu.safetensors", &raw, "expected I32, I64, U32 or U64");
     raw.pop();
     raw[0].1 = Dtype::I32;
-    bad_raw("iq.safetensors", &raw, "only `cu_seqlens` holds integers");
+    bad_raw(
+        "iq.safetensors",
+        &raw,
+        "only `cu_seqlens`, `cu_seqlens_q` and `cu_seqlens_k` hold integers",
+    );
     // A batch of two with offsets.
     let mut raw = raw_f32(&standard(2, 15, 15, 4, 2, 8, 8));
     let cu = [0i32, 15].iter().flat_map(|v| v.to_le_bytes()).collect();
