@@ -28,7 +28,8 @@
 //! - [`NsaPipeline::encode`] records into the caller's encoder on the caller's buffers;
 //!   [`NsaPipeline::run`] adds upload and readback;
 //! - [`NsaCache`] keeps keys, values and compressed tokens on the GPU for decode, chunked
-//!   prefill and variable-length batches ([`NsaPipeline::extend`], [`NsaPipeline::run_varlen`]),
+//!   prefill and variable-length batches ([`NsaPipeline::extend`], [`NsaPipeline::run_varlen`];
+//!   packed chunks and decode steps with [`NsaPipeline::run_varlen_qk`]),
 //!   and [`NsaPipeline::encode_extend`] records a step from the caller's GPU buffers into its
 //!   encoder ([`DeviceStep`]), with no host round trip;
 //! - inputs and the KV cache can be stored as f16 on adapters with `shader-f16`

@@ -172,26 +172,55 @@ impl Tensors {
     }
 }
 
-/// `{cuSeqlens, q, k, v, gates, branches}`: the offsets as sizes (negative ones are errors;
-/// the library checks the rest) and the tensors.
-fn packed(batch: &JsValue) -> Result<(Vec<usize>, Tensors), JsError> {
-    let field = |name: &str| Reflect::get(batch, &JsValue::from_str(name)).ok();
+/// A packed batch's offsets: `cuSeqlens` for queries and keys alike, or `cuSeqlensQ` and
+/// `cuSeqlensK` (`k: Some`) for chunks.
+struct Offsets {
+    q: Vec<usize>,
+    k: Option<Vec<usize>>,
+}
+
+/// `{cuSeqlens, q, k, v, gates, branches}` (or `cuSeqlensQ` and `cuSeqlensK` for
+/// `cuSeqlens`): the offsets as sizes (negative ones are errors; the library checks the
+/// rest) and the tensors.
+fn packed(batch: &JsValue) -> Result<(Offsets, Tensors), JsError> {
+    let field = |name: &str| {
+        Reflect::get(batch, &JsValue::from_str(name))
+            .ok()
+            .filter(|v| !v.is_undefined())
+    };
     let floats = |name: &str| -> Result<Float32Array, JsError> {
         field(name)
             .and_then(|v| v.dyn_into::<Float32Array>().ok())
             .ok_or_else(|| JsError::new(&format!("runPacked: `{name}` must be a Float32Array")))
     };
-    let cu = field("cuSeqlens")
-        .and_then(|v| v.dyn_into::<Int32Array>().ok())
-        .ok_or_else(|| JsError::new("runPacked: `cuSeqlens` must be an Int32Array"))?
-        .to_vec()
-        .into_iter()
-        .enumerate()
-        .map(|(i, x)| {
-            usize::try_from(x)
-                .map_err(|_| JsError::new(&format!("cuSeqlens[{i}] = {x}: offsets are >= 0")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let offsets = |name: &str| -> Result<Option<Vec<usize>>, JsError> {
+        let Some(v) = field(name) else {
+            return Ok(None);
+        };
+        let ints = v
+            .dyn_into::<Int32Array>()
+            .map_err(|_| JsError::new(&format!("runPacked: `{name}` must be an Int32Array")))?;
+        let sizes = (ints.to_vec().into_iter().enumerate())
+            .map(|(i, x)| {
+                usize::try_from(x)
+                    .map_err(|_| JsError::new(&format!("{name}[{i}] = {x}: offsets are >= 0")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(sizes))
+    };
+    let cu = match (
+        offsets("cuSeqlens")?,
+        offsets("cuSeqlensQ")?,
+        offsets("cuSeqlensK")?,
+    ) {
+        (Some(q), None, None) => Offsets { q, k: None },
+        (None, Some(q), Some(k)) => Offsets { q, k: Some(k) },
+        _ => {
+            return Err(JsError::new(
+                "runPacked: give `cuSeqlens`, or both `cuSeqlensQ` and `cuSeqlensK`",
+            ))
+        }
+    };
     let four = [floats("q")?, floats("k")?, floats("v")?, floats("gates")?];
     let branches = field("branches").unwrap_or(JsValue::UNDEFINED);
     let t = Tensors::new([&four[0], &four[1], &four[2], &four[3]], &branches)?;
@@ -437,43 +466,45 @@ impl NsaSession {
     /// `Int32Array` `[B + 1]` from 0 up to the total, `q: [total, hq, dk]` ...; the session's
     /// `t` plays no part; `branches` as `run` takes it), each attending only to its own
     /// tokens, in one submission: `{out, blockIndices, oCmp, oSlc, oWin, ms}` packed the same
-    /// way.
+    /// way. With `cuSeqlensQ` and `cuSeqlensK` instead of `cuSeqlens`, a batch of chunks:
+    /// `q` and `gates` hold each sequence's last queries (a chunk, or one row for a decode
+    /// step) by the first, the keys and values all its keys by the second, and the outputs
+    /// pack like `q`.
     #[wasm_bindgen(js_name = runPacked)]
     pub async fn run_packed(&self, batch: JsValue) -> Result<Object, JsError> {
         let (cu, t) = packed(&batch)?;
         let inputs = t.inputs(self.weights.as_ref());
+        let (cfg, heads, all) = (&self.config, self.heads(), OutputRequest::all());
         let start = now_ms();
-        let r = self
-            .pipe
-            .run_varlen_with(
-                &self.config,
-                &cu,
-                self.heads(),
-                &inputs,
-                OutputRequest::all(),
-                self.precision,
-            )
-            .await
-            .map_err(err)?;
-        Ok(outputs_to_js(&r, now_ms() - start))
+        let r = match &cu.k {
+            None => {
+                (self.pipe)
+                    .run_varlen_with(cfg, &cu.q, heads, &inputs, all, self.precision)
+                    .await
+            }
+            Some(k) => {
+                (self.pipe)
+                    .run_varlen_qk(cfg, &cu.q, k, heads, &inputs, all, self.precision)
+                    .await
+            }
+        };
+        Ok(outputs_to_js(&r.map_err(err)?, now_ms() - start))
     }
 
-    /// `session.referencePacked({cuSeqlens, q, k, v, gates, branches})`: the CPU reference of
-    /// `runPacked` (each sequence alone), same result shape.
+    /// `session.referencePacked({cuSeqlens, q, k, v, gates, branches})` (or with
+    /// `cuSeqlensQ` and `cuSeqlensK`): the CPU reference of `runPacked` (each sequence
+    /// alone), same result shape.
     #[wasm_bindgen(js_name = referencePacked)]
     pub fn reference_packed(&self, batch: JsValue) -> Result<Object, JsError> {
         let (cu, t) = packed(&batch)?;
         let inputs = t.inputs(self.weights.as_ref());
+        let (cfg, heads, all) = (&self.config, self.heads(), OutputRequest::all());
         let start = now_ms();
-        let r = cpu::forward_varlen(
-            &self.config,
-            &cu,
-            self.heads(),
-            &inputs,
-            OutputRequest::all(),
-        )
-        .map_err(err)?;
-        Ok(outputs_to_js(&r, now_ms() - start))
+        let r = match &cu.k {
+            None => cpu::forward_varlen(cfg, &cu.q, heads, &inputs, all),
+            Some(k) => cpu::forward_varlen_qk(cfg, (&cu.q, k), heads, &inputs, all),
+        };
+        Ok(outputs_to_js(&r.map_err(err)?, now_ms() - start))
     }
 
     /// `await session.dense(q, k, v)`: dense causal attention on WebGPU, `{out, ms}`.

@@ -169,7 +169,27 @@ try {
     for (let i = 0; i < 120 * 48; i++) prefixWorst = Math.max(prefixWorst, Math.abs(pg.out[i] - gpu.out[i]));
     let badCu = "";
     try { await s.runPacked(packedBatch([0, 120, 120, 200])); } catch (e) { badCu = String(e.message || e); }
-    const packed = { n: pr.out.length, worst: packedWorst, mismatches: packedMismatches, prefixWorst, badCu };
+    // Packed chunks (cuSeqlensQ, cuSeqlensK): a decode step at position 119 of a sequence of
+    // 120 keys and the last 30 queries of one of 80: the packed prefill's rows there, and
+    // referencePacked's; one offset of the pair alone is refused.
+    const cat = (a, b) => { const c = new Float32Array(a.length + b.length); c.set(a); c.set(b, a.length); return c; };
+    const pp = await s.runPacked(packedBatch([0, 120, 200]));
+    const chunkBatch = {
+      cuSeqlensQ: Int32Array.from([0, 1, 31]), cuSeqlensK: Int32Array.from([0, 120, 200]),
+      q: cat(rows(inp.q, 64, 119, 120), rows(inp.q, 64, 170, 200)), k: inp.k, v: inp.v,
+      gates: cat(rows(inp.gates, 12, 119, 120), rows(inp.gates, 12, 170, 200)),
+    };
+    const cg = await s.runPacked(chunkBatch);
+    const cr = s.referencePacked(chunkBatch);
+    const cw = cat(pp.out.subarray(119 * 48, 120 * 48), pp.out.subarray(170 * 48, 200 * 48));
+    let chunkWorst = 0, chunkRef = 0;
+    for (let i = 0; i < cw.length; i++) {
+      chunkWorst = Math.max(chunkWorst, Math.abs(cg.out[i] - cw[i]));
+      chunkRef = Math.max(chunkRef, Math.abs(cg.out[i] - cr.out[i]));
+    }
+    let badPair = "";
+    try { await s.runPacked({ ...chunkBatch, cuSeqlensK: undefined }); } catch (e) { badPair = String(e.message || e); }
+    const packed = { n: pr.out.length, worst: packedWorst, mismatches: packedMismatches, prefixWorst, badCu, chunkN: cg.out.length, chunkWorst, chunkRef, badPair };
     // Split targets: the plans take them (layout), decode steps give the same rows; a name
     // that is not a target, a value that is not an object, or a target that is not a
     // number, is refused.
@@ -218,6 +238,10 @@ try {
     `${pk.mismatches} block indices differ, first sequence vs the full run ${pk.prefixWorst.toExponential(2)}`);
   if (!(pk.n === 9600 && pk.worst <= 1e-4 && pk.mismatches === 0 && pk.prefixWorst <= 1e-4)) fail(`packed sequences: ${JSON.stringify(pk)}`);
   if (!pk.badCu.includes("cu_seqlens")) fail(`bad offsets were not refused clearly: "${pk.badCu}"`);
+  console.log(`packed chunks: ${pk.chunkN} outputs, max abs error ${pk.chunkWorst.toExponential(2)} vs the packed prefill's rows, ` +
+    `${pk.chunkRef.toExponential(2)} vs referencePacked`);
+  if (!(pk.chunkN === 31 * 48 && pk.chunkWorst <= 1e-4 && pk.chunkRef <= 1e-4)) fail(`packed chunks: ${JSON.stringify(pk)}`);
+  if (!pk.badPair.includes("both `cuSeqlensQ` and `cuSeqlensK`")) fail(`half a pair of offsets was not refused clearly: "${pk.badPair}"`);
   const sp = api.split;
   console.log(`split targets: ${JSON.stringify(sp.set)} (defaults ${JSON.stringify(sp.defaults)}), decode max abs ${sp.worst.toExponential(2)} vs the default run`);
   const want = { cmpAttn: 0, cmpAttnMma: sp.defaults.cmpAttnMma, slcAttn: 3, winAttn: 0 };
