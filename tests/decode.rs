@@ -562,8 +562,14 @@ fn packed_chunks_equal_each_sequence_alone() {
     // A packed batch with queries and keys apart (cu_seqlens_q, cu_seqlens_k): a prefill, a
     // decode step at position 149, a chunk crossing blocks, a sequence of one token, a long
     // chunk and one whose context is a single key. Each sequence's rows equal its own call
-    // with Tq < Tk (no cache), at f32 and f16, Mean and Linear with every branch's own keys;
-    // the CPU reference's packed call gives the same rows and selections.
+    // with Tq < Tk (no cache), at f32 and f16, Mean, and Linear with every branch's own
+    // keys; the CPU reference's packed call gives the same rows and selections.
+    for_cache_cases(check_packed_chunks);
+}
+
+/// [`packed_chunks_equal_each_sequence_alone`] for `cfg` on `pipe` at `precision`, within
+/// `tol` of each sequence's own call (every branch's own keys and values with Linear).
+fn check_packed_chunks(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: NsaConfig) {
     let seqs = [
         (37usize, 37usize),
         (1, 150),
@@ -576,59 +582,36 @@ fn packed_chunks_equal_each_sequence_alone() {
     let cu_k = offsets(seqs.iter().map(|s| s.1));
     let heads = (8, 2, 12, 8);
     let all = Shape::packed(&cu_q, &cu_k, heads);
-    let linear = NsaConfig {
-        compression: Compression::Linear,
-        ..small()
-    };
-    let f16 = f16_pipelines()
-        .into_iter()
-        .map(|p| (p, Precision::F16, 5e-3));
-    let pipes: Vec<_> = std::iter::once((pipeline(), Precision::F32, 1e-5))
-        .chain(f16)
-        .collect();
-    for (cfg, branch) in [(small(), false), (linear, true)] {
-        let data = Data::new(&cfg, &all, branch, 17);
-        let inputs = data.inputs();
-        let req = OutputRequest::all();
-        for &(pipe, precision, tol) in &pipes {
-            let name = format!("{:?} branch {branch} {precision:?}", cfg.compression);
-            let run = pipe.run_varlen_qk(&cfg, &cu_q, &cu_k, heads, &inputs, req, precision);
-            let got = pollster::block_on(run).expect(&name);
-            let (n, w) = (cfg.top_n, all.hq * all.dv);
-            let idx = got.block_indices.as_ref().unwrap();
-            let br = got.branches.as_ref().unwrap();
-            for (i, (q, k)) in cu_q.windows(2).zip(cu_k.windows(2)).enumerate() {
-                let shape = Shape::packed(q, k, heads);
-                let rows = inputs.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
-                let alone = pollster::block_on(pipe.run_with(&cfg, &shape, &rows, req, precision))
-                    .expect(&name);
-                let at = q[0] * w..q[1] * w;
-                let what = format!("{name} seq {i} {shape:?}");
-                assert_close(&what, &got.out[at.clone()], &alone.out, tol);
-                let alone_br = alone.branches.as_ref().unwrap();
-                assert_close(&what, &br.o_slc[at.clone()], &alone_br.o_slc, tol);
-                assert_close(&what, &br.o_win[at], &alone_br.o_win, tol);
-                let sel = q[0] * all.hkv * n..q[1] * all.hkv * n;
-                assert_eq!(&idx[sel], &alone.block_indices.unwrap()[..], "{what}");
-            }
-            if precision == Precision::F32 {
-                let cu = (&cu_q[..], &cu_k[..]);
-                let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, cu, heads, &inputs, req).unwrap();
-                assert_close(&format!("{name} cpu"), &got.out, &cpu.out, 1e-4);
-                assert_eq!(idx, cpu.block_indices.as_ref().unwrap(), "{name} cpu");
-            }
-        }
+    let branch = cfg.compression == Compression::Linear;
+    let data = Data::new(&cfg, &all, branch, 17);
+    let inputs = data.inputs();
+    let req = OutputRequest::all();
+    let name = format!("{:?} branch {branch} {precision:?}", cfg.compression);
+    let run = pipe.run_varlen_qk(&cfg, &cu_q, &cu_k, heads, &inputs, req, precision);
+    let got = pollster::block_on(run).expect(&name);
+    let (n, w) = (cfg.top_n, all.hq * all.dv);
+    let idx = got.block_indices.as_ref().unwrap();
+    let br = got.branches.as_ref().unwrap();
+    for (i, (q, k)) in cu_q.windows(2).zip(cu_k.windows(2)).enumerate() {
+        let shape = Shape::packed(q, k, heads);
+        let rows = inputs.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
+        let alone =
+            pollster::block_on(pipe.run_with(&cfg, &shape, &rows, req, precision)).expect(&name);
+        let at = q[0] * w..q[1] * w;
+        let what = format!("{name} seq {i} {shape:?}");
+        assert_close(&what, &got.out[at.clone()], &alone.out, tol);
+        let alone_br = alone.branches.as_ref().unwrap();
+        assert_close(&what, &br.o_slc[at.clone()], &alone_br.o_slc, tol);
+        assert_close(&what, &br.o_win[at], &alone_br.o_win, tol);
+        let sel = q[0] * all.hkv * n..q[1] * all.hkv * n;
+        assert_eq!(&idx[sel], &alone.block_indices.unwrap()[..], "{what}");
     }
-}
-
-/// A pipeline on a device whose storage bindings hold 32 KiB and buffers 128 KiB, for the
-/// packed calls that run in parts.
-fn small_limits_pipeline() -> NsaPipeline {
-    pipeline_with_limits(wgpu::Limits {
-        max_storage_buffer_binding_size: 32 << 10,
-        max_buffer_size: 128 << 10,
-        ..pipeline().context().device.limits()
-    })
+    if precision == Precision::F32 {
+        let cu = (&cu_q[..], &cu_k[..]);
+        let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, cu, heads, &inputs, req).unwrap();
+        assert_close(&format!("{name} cpu"), &got.out, &cpu.out, 1e-4);
+        assert_eq!(idx, cpu.block_indices.as_ref().unwrap(), "{name} cpu");
+    }
 }
 
 #[test]
@@ -641,7 +624,7 @@ fn random_packed_chunks_match_the_naive_nsa() {
     // rows against the naive NSA on its own tokens (common::check_rows: selections equal up
     // to near ties, outputs within 1e-4).
     use rand::Rng;
-    let small_limits = small_limits_pipeline();
+    let small_limits = common::small_limits_pipeline();
     let (mut rng, cases) = common::sweep("random packed chunks", 0x7170_6b31, 9);
     for case in 0..cases {
         let mut cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
@@ -767,7 +750,7 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
     let heads = (64, 4, 12, 16);
     let long = Shape::packed(&[0, 227], &[0, 227], heads);
     let data = Data::new(&cfg, &long, false, 3);
-    let small = small_limits_pipeline();
+    let small = common::small_limits_pipeline();
     let long_inputs = data.inputs();
     let r = small.run_varlen_qk(&cfg, &[0, 227], &[0, 227], heads, &long_inputs, req, f32);
     let r = pollster::block_on(r);

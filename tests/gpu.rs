@@ -1251,16 +1251,6 @@ fn assert_same_outputs(name: &str, got: &nsa_wgpu::NsaOutputs, want: &nsa_wgpu::
     }
 }
 
-/// A pipeline on a device whose storage bindings hold 32 KiB and buffers 128 KiB, for the
-/// calls that run in parts.
-fn small_limits_pipeline() -> NsaPipeline {
-    common::pipeline_with_limits(wgpu::Limits {
-        max_storage_buffer_binding_size: 32 << 10,
-        max_buffer_size: 128 << 10,
-        ..pipeline().context().device.limits()
-    })
-}
-
 #[test]
 fn random_calls_in_parts_match_the_reference() {
     // The seeded sweep's configs on shapes that mostly pass small_limits_pipeline's limits
@@ -1270,7 +1260,7 @@ fn random_calls_in_parts_match_the_reference() {
     // against the naive NSA (common::check_rows: selections equal up to near ties, outputs
     // within 1e-4).
     use rand::Rng;
-    let pipe = small_limits_pipeline();
+    let pipe = common::small_limits_pipeline();
     let (mut rng, cases) = common::sweep("random parts", 0x7061_7274, 6);
     let mut in_parts = 0;
     for case in 0..cases {
@@ -1336,7 +1326,7 @@ fn calls_past_the_device_s_limits_run_in_parts() {
     // call of its own, and put every part's outputs in place. They match the whole call on
     // the shared device (a pipeline with the adapter's limits) and the naive reference;
     // f16 range errors still name the index in the caller's tensor.
-    let pipe = small_limits_pipeline();
+    let pipe = common::small_limits_pipeline();
     let shape = Shape::prefill(3, 200, 10, 5, 16, 16);
     let linear = NsaConfig {
         compression: Compression::Linear,

@@ -749,6 +749,32 @@ fn write_packed(path: &Path, ts: &[T], cu: &[i64]) {
     write_raw(path, &raw);
 }
 
+/// Asserts that every output of the batch of one in `alone` is rows `rows` of the same output
+/// in `packed` (read from a packed run's file): block indices equal, the rest within 1e-4.
+fn assert_packed_rows(
+    packed: &[(String, Vec<usize>, Dtype, Vec<u8>)],
+    alone: &Path,
+    rows: std::ops::Range<usize>,
+    what: &str,
+) {
+    for (name, shape, dtype, bytes) in read(alone) {
+        let (_, pshape, _, pbytes) = packed.iter().find(|x| x.0 == name).expect("an output");
+        let w = 4 * pshape[1..].iter().product::<usize>();
+        assert_eq!(&shape[2..], &pshape[1..], "{name}");
+        let mine = &pbytes[rows.start * w..rows.end * w];
+        if dtype == Dtype::I32 {
+            assert_eq!(mine, &bytes[..], "{what}: {name}");
+        } else {
+            let worst = f32s(mine)
+                .iter()
+                .zip(f32s(&bytes))
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{what}: {name} differs by {worst}");
+        }
+    }
+}
+
 #[test]
 fn packed_sequences_write_what_each_sequence_alone_writes() {
     let d = Dir::new();
@@ -803,22 +829,7 @@ fn packed_sequences_write_what_each_sequence_alone_writes() {
         );
         write(Path::new(&inp), &alone, false);
         run(&inp, &out, &[]);
-        for (name, shape, dtype, bytes) in read(Path::new(&out)) {
-            let (_, pshape, _, pbytes) = find(&name);
-            let w = 4 * pshape[1..].iter().product::<usize>();
-            assert_eq!(&shape[2..], &pshape[1..], "{name}");
-            let rows = &pbytes[a * w..(a + len) * w];
-            if dtype == Dtype::I32 {
-                assert_eq!(rows, &bytes[..], "sequence {i}: {name}");
-            } else {
-                let worst = f32s(rows)
-                    .iter()
-                    .zip(f32s(&bytes))
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(worst <= 1e-4, "sequence {i}: {name} differs by {worst}");
-            }
-        }
+        assert_packed_rows(&got, Path::new(&out), a..a + len, &format!("sequence {i}"));
         a += len;
     }
 }
@@ -901,22 +912,7 @@ fn packed_chunks_write_what_each_chunk_alone_writes() {
         let (inp, out) = (d.s(&format!("in{i}.st")), d.s(&format!("o{i}.st")));
         write(Path::new(&inp), &alone, false);
         small_ok(&inp, &out, &[]);
-        for (name, shape, dtype, bytes) in read(Path::new(&out)) {
-            let (_, pshape, _, pbytes) = find(&name);
-            let w = 4 * pshape[1..].iter().product::<usize>();
-            assert_eq!(&shape[2..], &pshape[1..], "{name}");
-            let rows = &pbytes[q0 * w..(q0 + tq) * w];
-            if dtype == Dtype::I32 {
-                assert_eq!(rows, &bytes[..], "sequence {i}: {name}");
-            } else {
-                let worst = f32s(rows)
-                    .iter()
-                    .zip(f32s(&bytes))
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(worst <= 1e-4, "sequence {i}: {name} differs by {worst}");
-            }
-        }
+        assert_packed_rows(&got, Path::new(&out), q0..q0 + tq, &format!("sequence {i}"));
     }
     // Offsets that do not pair up, and chunks through the cache's own chunking.
     let bad =

@@ -110,6 +110,16 @@ pub fn pipeline_with_limits(limits: wgpu::Limits) -> nsa_wgpu::NsaPipeline {
     pipe
 }
 
+/// A pipeline on a device whose storage bindings hold 32 KiB and buffers 128 KiB, for the
+/// calls that run in parts.
+pub fn small_limits_pipeline() -> nsa_wgpu::NsaPipeline {
+    pipeline_with_limits(wgpu::Limits {
+        max_storage_buffer_binding_size: 32 << 10,
+        max_buffer_size: 128 << 10,
+        ..pipeline().context().device.limits()
+    })
+}
+
 fn make_pipeline(subgroups: bool, tensor_cores: bool) -> nsa_wgpu::NsaPipeline {
     let ctx =
         pollster::block_on(nsa_wgpu::GpuContext::new()).expect("a GPU adapter (lavapipe in CI)");
