@@ -1482,15 +1482,18 @@ impl NsaPipeline {
                 ragged: true,
             });
         }
-        for job in &jobs {
-            let (group, rows_out, ragged) = (&job.seqs, job.rows_out, job.ragged);
+        // Each job's plan (none for a compression-only job whose tokens complete no block:
+        // most runs of a ragged decode step). A job of several sequences whose plan exceeds
+        // a limit (their queries, rows or scratch together past a buffer) is planned as two
+        // halves instead, down to one sequence, in the same order.
+        let limits = self.limits();
+        let plan_job = |job: &Job| -> Result<Option<Plan>> {
+            let (group, rows_out) = (&job.seqs, job.rows_out);
             let first = seqs[group.start] as u64;
             let len = group.clone().map(len_of).max().unwrap_or(0);
             let (n, nb) = (sizes[group.start], group.len());
-            // A compression-only job whose tokens complete no block has nothing to plan (most
-            // runs of a ragged decode step).
             if !rows_out && cfg.num_compressed(len + n) == cfg.num_compressed(len) {
-                continue;
+                return Ok(None);
             }
             // Planning only the compression, one query row stands in for the rows no kernel
             // computes (so query-sized limits do not apply).
@@ -1510,17 +1513,38 @@ impl NsaPipeline {
                 capacity: cache.capacity,
                 cmp_capacity: cap_c as usize,
             };
-            let mut plan = if ragged {
+            let mut plan = if job.ragged {
                 let behind: Vec<usize> = group.clone().map(|i| len - len_of(i)).collect();
-                Plan::cached_ragged(&cfg, &shape, &self.limits(), rows, o.precision, &behind)?
+                Plan::cached_ragged(&cfg, &shape, &limits, rows, o.precision, &behind)?
             } else {
-                Plan::cached(&cfg, &shape, &self.limits(), rows, o.precision)?
+                Plan::cached(&cfg, &shape, &limits, rows, o.precision)?
             };
             if !rows_out {
                 plan.steps.retain(|s| s.kernel == KernelId::Compress);
             } else if request.branches {
                 plan = plan.with_branch_outputs()?;
             }
+            plan.check_scratch(limits.max_buffer)?;
+            Ok(Some(plan))
+        };
+        let mut planned: Vec<(Job, Plan)> = Vec::new();
+        let mut todo: Vec<Job> = jobs.into_iter().rev().collect();
+        while let Some(job) = todo.pop() {
+            match plan_job(&job) {
+                Ok(Some(plan)) => planned.push((job, plan)),
+                Ok(None) => {}
+                Err(NsaError::ExceedsLimit { .. }) if job.seqs.len() > 1 => {
+                    let mid = job.seqs.start + job.seqs.len() / 2;
+                    for seqs in [mid..job.seqs.end, job.seqs.start..mid] {
+                        todo.push(Job { seqs, ..job });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (job, plan) in &planned {
+            let (group, rows_out) = (&job.seqs, job.rows_out);
+            let nb = group.len();
             // This plan's place among the call's plans of its kind: what it takes of the kept
             // plan in the same place (a scratch; for rows, also I/O and readback buffers).
             let j = nth[rows_out as usize];
@@ -1537,7 +1561,7 @@ impl NsaPipeline {
             };
             // Recorded into the caller's encoder, the new parameters go there too.
             let params_in = matches!(feed, Feed::Device(_)).then_some(&mut *encoder);
-            let scratch = self.refit_scratch_in(old, &plan, params_in)?;
+            let scratch = self.refit_scratch_in(old, plan, params_in)?;
             // The rows' queries and gates go straight into this plan's kept buffers (queued
             // before the commands run, or copied first in the caller's encoder); compressing
             // binds none of them.

@@ -785,6 +785,31 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
 }
 
 #[test]
+fn equal_chunks_past_a_buffer_run_in_smaller_plans() {
+    // On a device of 128 KiB buffers, four sequences' equal chunks of 100 queries (8 heads
+    // of 16) hold 200 KiB of f32 queries and as many outputs together, 50 KiB each: the
+    // call plans halves of the group instead of failing (it was an ExceedsLimit naming
+    // max_buffer_size), and its rows are the plain prefill's (f32 and, where the adapter
+    // has it, f16).
+    let limited = common::small_limits_pipeline();
+    let cfg = small();
+    let s = Shape::prefill(4, 200, 8, 1, 16, 16);
+    let data = Data::new(&cfg, &s, false, 41);
+    let mut precisions = vec![(Precision::F32, 1e-5)];
+    if limited.supports(Precision::F16) {
+        precisions.push((Precision::F16, 5e-3));
+    }
+    for (precision, tol) in precisions {
+        let (got, _) = through_cache(&limited, (&cfg, &s, &data), 100, 200, precision);
+        let inputs = data.inputs();
+        let run = pipeline().run_with(&cfg, &s, &inputs, OutputRequest::all(), precision);
+        let want = pollster::block_on(run).unwrap();
+        assert_close(&format!("{precision:?}"), &got.out, &want.out, tol);
+        assert_eq!(got.block_indices, want.block_indices, "{precision:?}");
+    }
+}
+
+#[test]
 fn cache_overflow_and_bad_chunks_are_errors() {
     let pipe = pipeline();
     let cfg = small();
