@@ -192,13 +192,17 @@ impl Shape {
     /// The shape of packed sequences as one (`B = 1`): the query rows `cu_seqlens_q` spans
     /// (from its first offset to its last) and the key rows `cu_seqlens_k` spans, with
     /// `heads = (Hq, Hkv, Dk, Dv)`. Offsets as [`crate::NsaPipeline::run_varlen_qk`] takes
-    /// them (non-empty; a pair of one sequence's offsets gives its own shape).
+    /// them (a pair of one sequence's offsets gives its own shape; empty or falling offsets
+    /// span no rows, which [`Shape::validate`] rejects).
     pub fn packed(
         cu_seqlens_q: &[usize],
         cu_seqlens_k: &[usize],
         (hq, hkv, dk, dv): (usize, usize, usize, usize),
     ) -> Self {
-        let span = |cu: &[usize]| cu[cu.len() - 1] - cu[0];
+        let span = |cu: &[usize]| match (cu.first(), cu.last()) {
+            (Some(a), Some(b)) => b.saturating_sub(*a),
+            _ => 0,
+        };
         Self {
             batch: 1,
             tq: span(cu_seqlens_q),

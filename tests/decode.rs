@@ -769,6 +769,12 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
         "{err}"
     );
     let heads = (4, 2, 8, 8);
+    // Offsets that span no rows make a shape that validation rejects, never a panic.
+    for (q, k) in [(&[][..], &[][..]), (&[5, 2][..], &[0, 4][..])] {
+        let s = Shape::packed(q, k, heads);
+        assert_eq!(s.tq, 0, "{q:?}");
+        assert!(s.validate().is_err(), "{q:?} {k:?}");
+    }
     for (cu_q, cu_k, what) in bad {
         let gpu =
             pollster::block_on(pipe.run_varlen_qk(&cfg, cu_q, cu_k, heads, &chunks, req, f32));
