@@ -1794,7 +1794,7 @@ impl NsaPipeline {
             }
             Ok(())
         };
-        let size = match split::plan_or_parts(&shape, fits)? {
+        let size = match split::plan_or_parts(&shape, false, fits)? {
             Planned::Whole(_) => {
                 return self
                     .run_packed_whole(config, cu, opts(&shape), inputs, request)

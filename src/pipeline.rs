@@ -14,7 +14,7 @@ use crate::plan::{
     LLVMPIPE_LOOP_ITERATIONS,
 };
 use crate::shaders::{Kept, Variant};
-use crate::split::{self, Heads, Layout, PartInputs, Planned};
+use crate::split::{self, Kind, Layout, PartInputs, Planned};
 
 /// A device and queue to run on, and what adapter they came from.
 #[derive(Debug, Clone)]
@@ -1144,8 +1144,8 @@ impl NsaPipeline {
 
     /// Runs NSA on host slices: validates, uploads, encodes, submits and reads back. A call
     /// that no plan fits because one sequence's keys pass a storage binding or a tensor
-    /// passes `max_buffer_size` runs in parts of sequences and kv heads, one submission each
-    /// (see [`Self::run_with`]).
+    /// passes `max_buffer_size` runs in parts of sequences, kv heads or query rows, one
+    /// submission each (see [`Self::run_with`]).
     pub async fn run(
         &self,
         config: &NsaConfig,
@@ -1318,7 +1318,10 @@ impl NsaPipeline {
     /// the most kv heads (each with its query heads), then the most sequences, that plan,
     /// each part a call of its own whose outputs go in place. NSA never mixes sequences or
     /// kv groups, so the results are the whole call's. Where not even one sequence's one kv
-    /// head plans, the whole call's error is returned.
+    /// head plans, the parts are query rows of one sequence (the most that plan, then the
+    /// most kv heads), each a chunk over the keys up to its last row, whose rows are the
+    /// whole call's too (SPEC: a chunk's rows are the prefill's). Where not even one query
+    /// row of one kv head plans, the whole call's error is returned.
     pub async fn run_with(
         &self,
         config: &NsaConfig,
@@ -1330,7 +1333,7 @@ impl NsaPipeline {
         inputs.validate(config, shape)?;
         self.require(precision)?;
         let plan = |s: &Shape| self.call_plan(config, s, request, precision);
-        let size = match split::plan_or_parts(shape, plan)? {
+        let size = match split::plan_or_parts(shape, true, plan)? {
             Planned::Whole(p) => return self.run_planned(&p, inputs, request, precision).await,
             Planned::Parts(size) => size,
         };
@@ -1495,7 +1498,7 @@ impl NsaPipeline {
             plan.check_scratch(self.limits.max_buffer)?;
             Ok(plan)
         };
-        let size = match split::plan_or_parts(shape, plan)? {
+        let size = match split::plan_or_parts(shape, true, plan)? {
             Planned::Whole(p) => return self.dense_planned(&p, q, k, v, precision).await,
             Planned::Parts(size) => size,
         };
@@ -1504,17 +1507,16 @@ impl NsaPipeline {
         let s = shape;
         let mut out = vec![f32::NAN; s.batch * s.tq * s.hq * s.dv];
         for part in split::parts(s, size) {
-            let take =
-                |heads: Heads, w: usize, x: &[f32]| Layout::of(s, heads, w).gather(x, &part, s);
+            let take = |kind: Kind, w: usize, x: &[f32]| Layout::of(s, kind, w).gather(x, &part, s);
             let (q, k, v) = (
-                take(Heads::Q, s.dk, q),
-                take(Heads::Kv, s.dk, k),
-                take(Heads::Kv, s.dv, v),
+                take(Kind::Queries, s.dk, q),
+                take(Kind::Keys, s.dk, k),
+                take(Kind::Keys, s.dv, v),
             );
             let got = self
                 .dense_planned(&plan(&part.shape(s))?, &q, &k, &v, precision)
                 .await?;
-            Layout::of(s, Heads::Q, s.dv).scatter(&mut out, &got, &part, s);
+            Layout::of(s, Kind::Queries, s.dv).scatter(&mut out, &got, &part, s);
         }
         Ok(out)
     }

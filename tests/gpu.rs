@@ -1254,19 +1254,23 @@ fn assert_same_outputs(name: &str, got: &nsa_wgpu::NsaOutputs, want: &nsa_wgpu::
 #[test]
 fn random_calls_in_parts_match_the_reference() {
     // The seeded sweep's configs on shapes that mostly pass small_limits_pipeline's limits
-    // (one sequence's keys past a binding, or q past a buffer): 2 to 5 kv heads, groups of 1
-    // to 3, 1 to 3 sequences, chunks (Tq < Tk), per-branch keys and values, Mean and Linear
+    // (one sequence's keys past a binding, or q past a buffer, also one kv head's: then in
+    // parts of query rows): 2 to 5 kv heads, groups of 1 to 3 (or 16 over 500 to 700 keys),
+    // 1 to 3 sequences, chunks (Tq < Tk), per-branch keys and values, Mean and Linear
     // (Mean where one head's weights would pass a binding), the branch outputs or not; `run`
     // against the naive NSA (common::check_rows: selections equal up to near ties, outputs
     // within 1e-4).
     use rand::Rng;
     let pipe = common::small_limits_pipeline();
     let (mut rng, cases) = common::sweep("random parts", 0x7061_7274, 6);
-    let mut in_parts = 0;
+    let (mut in_parts, mut in_rows) = (0, 0);
     for case in 0..cases {
         let mut cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
         let hkv = rng.random_range(2..=5);
-        let tk = rng.random_range(120..=300);
+        // One case in three: groups of 16 of heads of 8 over 500 to 700 keys, whose one kv
+        // head's queries pass a buffer from 257 rows on (then parts of query rows).
+        let rows = rng.random_bool(0.3);
+        let tk = rng.random_range(if rows { 500..=700 } else { 120..=300 });
         let shape = Shape {
             batch: rng.random_range(1..=3),
             tq: if rng.random_bool(0.3) {
@@ -1275,22 +1279,33 @@ fn random_calls_in_parts_match_the_reference() {
                 tk
             },
             tk,
-            hq: hkv * rng.random_range(1..=3),
+            hq: hkv * if rows { 16 } else { rng.random_range(1..=3) },
             hkv,
-            dk: pick(&mut rng, &[8, 12, 16, 24]),
-            dv: pick(&mut rng, &[8, 16, 20]),
+            dk: if rows {
+                8
+            } else {
+                pick(&mut rng, &[8, 12, 16, 24])
+            },
+            dv: if rows {
+                8
+            } else {
+                pick(&mut rng, &[8, 16, 20])
+            },
         };
-        // Mean where not even one sequence's one kv head plans (Linear's weights pass a
+        // Mean where not even one query row of one kv head plans (Linear's weights pass a
         // binding): the call would be an ExceedsLimit.
-        let one = Shape {
+        let one = |tq: usize| Shape {
             batch: 1,
+            tq,
             hq: shape.group(),
             hkv: 1,
             ..shape
         };
-        if pipe.plan(&cfg, &one).is_err() {
+        if pipe.plan(&cfg, &one(1)).is_err() {
             cfg.compression = Compression::Mean;
         }
+        let rows = pipe.plan(&cfg, &one(shape.tq)).is_err();
+        in_rows += usize::from(rows);
         let branch = rng.random_bool(0.3);
         let request = OutputRequest {
             block_indices: true,
@@ -1299,7 +1314,7 @@ fn random_calls_in_parts_match_the_reference() {
         let parts = pipe.plan(&cfg, &shape).is_err();
         in_parts += usize::from(parts);
         let name = format!(
-            "random parts {case} (in parts: {parts}): {cfg:?} {shape:?} branch {branch} {request:?}"
+            "random parts {case} (in parts: {parts}, of query rows: {rows}): {cfg:?} {shape:?} branch {branch} {request:?}"
         );
         let data = Data::new(&cfg, &shape, branch, rng.random());
         let inputs = data.inputs();
@@ -1313,7 +1328,73 @@ fn random_calls_in_parts_match_the_reference() {
         common::check_rows(&mut tally, &cfg, &shape, &naive, (&got.out, idx), false);
         tally.assert_within(&name, false, TOL);
     }
+    println!("{in_parts} of {cases} cases in parts, {in_rows} of query rows");
     assert!(in_parts > 0 || cases == 0, "no case ran in parts");
+}
+
+#[test]
+fn queries_past_a_buffer_run_in_parts_of_query_rows() {
+    // On a device of 128 KiB buffers and 32 KiB bindings, one kv head's queries of one
+    // sequence (600 rows of 8 heads of 8: 150 KiB) pass a buffer, so parts of kv heads and
+    // sequences cannot help: `run_with` and `dense_attention` run parts of query rows
+    // (each with the keys up to its last row; the first parts' fewer keys), for a prefill
+    // and a chunk (600 of 800), Mean and Linear with per-branch keys, f32 and f16. Each
+    // matches the whole call on the adapter's limits, and the naive NSA.
+    let pipe = common::small_limits_pipeline();
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    for (cfg, branch, tk) in [(small(), false, 600), (linear, true, 800)] {
+        let shape = Shape {
+            tq: 600,
+            ..Shape::prefill(2, tk, 16, 2, 8, 8)
+        };
+        let name = format!("rows {:?} branch {branch} Tk {tk}", cfg.compression);
+        let one = Shape {
+            batch: 1,
+            hq: 8,
+            hkv: 1,
+            ..shape
+        };
+        let err = pipe.plan(&cfg, &one).expect_err("one kv head's queries");
+        assert!(
+            matches!(
+                err,
+                NsaError::ExceedsLimit {
+                    what: "max_buffer_size",
+                    ..
+                }
+            ),
+            "{name}: {err}"
+        );
+        let data = Data::new(&cfg, &shape, branch, 43);
+        let inputs = data.inputs();
+        let req = OutputRequest::all();
+        let got = pipe.run_blocking(&cfg, &shape, &inputs, req).expect(&name);
+        let whole = pipeline().run_blocking(&cfg, &shape, &inputs, req).unwrap();
+        assert_same_outputs(&name, &got, &whole);
+        let naive = cpu::naive::nsa(&cfg, &shape, &inputs).expect("naive");
+        let idx = got.block_indices.as_ref().unwrap();
+        assert!(check_selection(&cfg, idx, &naive).is_empty(), "{name}");
+        assert_close(&format!("{name} vs naive"), &got.out, &naive.out, TOL);
+        if pipe.supports(nsa_wgpu::Precision::F16) {
+            let f16 = nsa_wgpu::Precision::F16;
+            let half = pollster::block_on(pipe.run_with(&cfg, &shape, &inputs, req, f16));
+            let want = pollster::block_on(pipeline().run_with(&cfg, &shape, &inputs, req, f16));
+            assert_same_outputs(&format!("{name} f16"), &half.unwrap(), &want.unwrap());
+        }
+        let dense = |p: &NsaPipeline| {
+            pollster::block_on(p.dense_attention(&shape, None, &data.q, &data.k, &data.v))
+        };
+        let got = dense(&pipe).expect("dense in parts of rows");
+        assert_close(
+            &format!("{name} dense"),
+            &got,
+            &dense(pipeline()).unwrap(),
+            1e-5,
+        );
+    }
 }
 
 #[test]
