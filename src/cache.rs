@@ -1674,7 +1674,9 @@ impl NsaPipeline {
     /// submission; the outputs are concatenated the same way. Where one sequence's cached
     /// keys would pass a storage binding (or the cache a buffer, or Linear's weights a
     /// binding), the call runs in parts of kv heads, one submission each, as
-    /// [`Self::run_with`] does.
+    /// [`Self::run_with`] does; where not even one kv head fits (one sequence's queries or
+    /// rows past a buffer), each sequence runs alone through [`Self::run_with`] (in parts of
+    /// its query rows).
     #[allow(clippy::too_many_arguments)]
     pub async fn run_varlen(
         &self,
@@ -1720,8 +1722,8 @@ impl NsaPipeline {
     /// `[total_q, Hq, Dv]`, `block_indices` `[total_q, Hkv, n]`. `heads = (Hq, Hkv, Dk, Dv)`;
     /// the inputs are stored at `precision`. Each sequence's keys before its queries are
     /// appended to a cache first (one submission), then every sequence's rows are computed
-    /// in one more; calls too large for the device run in parts of kv heads as
-    /// [`Self::run_varlen`] does. Offsets are checked by
+    /// in one more; calls too large for the device run in parts of kv heads, or sequence by
+    /// sequence, as [`Self::run_varlen`] does. Offsets are checked by
     /// [`crate::inputs::check_cu_seqlens_qk`].
     #[allow(clippy::too_many_arguments)]
     pub async fn run_varlen_qk(
@@ -1794,13 +1796,25 @@ impl NsaPipeline {
             }
             Ok(())
         };
-        let size = match split::plan_or_parts(&shape, false, fits)? {
-            Planned::Whole(_) => {
+        let size = match split::plan_or_parts(&shape, false, fits) {
+            Ok(Planned::Whole(_)) => {
                 return self
                     .run_packed_whole(config, cu, opts(&shape), inputs, request)
                     .await
             }
-            Planned::Parts(size) => size,
+            Ok(Planned::Parts(size)) => size,
+            // Not even one kv head plans (one sequence's queries or rows past a buffer, say):
+            // each sequence alone, as `run_with` runs it (in parts of its query rows where
+            // that helps; where nothing does, its error names the limit).
+            Err(NsaError::ExceedsLimit { .. }) => {
+                split::check_ranges(inputs, precision)?;
+                let mut outs = Vec::new();
+                for (shape, rows) in inputs.packed_sequences(cu, heads) {
+                    outs.push((self.run_with(config, &shape, &rows, request, precision)).await?);
+                }
+                return Ok(concat(outs, request));
+            }
+            Err(e) => return Err(e),
         };
         split::check_ranges(inputs, precision)?;
         let mut res = split::unfilled_outputs(&shape, config.top_n, request);

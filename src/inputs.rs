@@ -97,6 +97,21 @@ impl<'a> NsaInputs<'a> {
         }
     }
 
+    /// Each sequence of packed inputs (offsets `cu_seqlens_q`, `cu_seqlens_k` as
+    /// [`check_cu_seqlens_qk`] takes them, `heads = (Hq, Hkv, Dk, Dv)`) as a call of its own:
+    /// its shape (`B = 1`, its queries and keys) and its rows.
+    pub(crate) fn packed_sequences<'c>(
+        &'c self,
+        (cu_q, cu_k): (&'c [usize], &'c [usize]),
+        heads: (usize, usize, usize, usize),
+    ) -> impl Iterator<Item = (Shape, NsaInputs<'a>)> + 'c {
+        let all = Shape::packed(cu_q, cu_k, heads);
+        (cu_q.windows(2).zip(cu_k.windows(2))).map(move |(q, k)| {
+            let rows = self.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
+            (Shape::packed(q, k, heads), rows)
+        })
+    }
+
     /// Whether any branch has keys or values of its own (`k_cmp` … `v_win`).
     pub fn has_branch_kv(&self) -> bool {
         self.branch_tensors().iter().any(|(_, t)| t.is_some())

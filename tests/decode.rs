@@ -620,7 +620,8 @@ fn random_packed_chunks_match_the_naive_nsa() {
     // a decode step or a chunk of any length; the seeded sweep's configs, groups of 1 to 16,
     // per-branch keys and values, Mean and Linear; one case in three on a device of 32 KiB
     // bindings and 128 KiB buffers, where it runs in parts of kv heads (sequences of 210 to
-    // 300 keys of 2 to 4 kv heads of 20 or 24 pass a binding, groups of 1 to 4). Every sequence's
+    // 300 keys of 2 to 4 kv heads of 20 or 24 pass a binding) or, with groups of 16, each
+    // sequence alone in parts of query rows. Every sequence's
     // rows against the naive NSA on its own tokens (common::check_rows: selections equal up
     // to near ties, outputs within 1e-4).
     use rand::Rng;
@@ -630,8 +631,17 @@ fn random_packed_chunks_match_the_naive_nsa() {
         let mut cfg = random_config(&mut rng, &[1, 2, 4, 8, 16], &[1, 5, 16, 64]);
         let small = case % 3 == 1;
         let hkv = rng.random_range(if small { 2..=4 } else { 1..=3 });
-        // Groups of 16 at 300 queries would pass the small device's buffers in one kv head.
-        let g = pick(&mut rng, if small { &[1, 3, 4] } else { &[1, 3, 4, 16] });
+        // On the small device, groups of 16 (half its cases) pass its buffers in one kv head
+        // from 86 or 103 queries on (heads of 24 or 20): each sequence then runs alone, in
+        // parts of query rows.
+        let g = pick(
+            &mut rng,
+            if small {
+                &[1, 4, 16, 16]
+            } else {
+                &[1, 3, 4, 16]
+            },
+        );
         let dk = pick(&mut rng, if small { &[20, 24] } else { &[8, 12, 20] });
         let heads = (g * hkv, hkv, dk, pick(&mut rng, &[8, 16]));
         let seqs: Vec<(usize, usize)> = (0..rng.random_range(1..=4))
@@ -745,16 +755,15 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
         (&[0, 10, 11, 20], &cu, "q"),
     ];
     // On a device of 128 KiB buffers, the queries of one kv head of a sequence of 227 (16
-    // query heads of 12) pass a buffer: parts of kv heads cannot help, and the call is the
-    // whole call's ExceedsLimit before any part runs.
+    // query heads of 12) pass a buffer: parts of kv heads cannot help, so each sequence
+    // runs alone as run_with runs it (its query rows in parts), with the packed call's
+    // rows. Where one kv head's values of a sequence pass a binding (600 rows of 16), not
+    // even one query row plans, and the call is an ExceedsLimit.
     let heads = (64, 4, 12, 16);
-    let long = Shape::packed(&[0, 227], &[0, 227], heads);
+    let (cu_q, cu_k) = ([0, 227, 228], [0, 227, 300]);
+    let long = Shape::packed(&cu_q, &cu_k, heads);
     let data = Data::new(&cfg, &long, false, 3);
     let small = common::small_limits_pipeline();
-    let long_inputs = data.inputs();
-    let r = small.run_varlen_qk(&cfg, &[0, 227], &[0, 227], heads, &long_inputs, req, f32);
-    let r = pollster::block_on(r);
-    assert!(matches!(r, Err(NsaError::ExceedsLimit { .. })), "{r:?}");
     let one = Shape::packed(&[0, 227], &[0, 227], (16, 1, 12, 16));
     let err = small.plan(&cfg, &one).expect_err("one kv head's queries");
     assert!(
@@ -766,6 +775,27 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
                 ..
             }
         ),
+        "{err}"
+    );
+    let long_inputs = data.inputs();
+    let packed = |p: &NsaPipeline| {
+        let r = p.run_varlen_qk(&cfg, &cu_q, &cu_k, heads, &long_inputs, req, f32);
+        pollster::block_on(r).expect("packed")
+    };
+    let (got, want) = (packed(&small), packed(pipeline()));
+    assert_close("each sequence alone", &got.out, &want.out, 1e-5);
+    assert_eq!(got.block_indices, want.block_indices);
+    let wide = (4, 4, 12, 16);
+    let tall = Shape::packed(&[0, 600], &[0, 600], wide);
+    let data = Data::new(&cfg, &tall, false, 4);
+    let inputs = data.inputs();
+    let r = small.run_varlen_qk(&cfg, &[0, 600], &[0, 600], wide, &inputs, req, f32);
+    let r = pollster::block_on(r);
+    assert!(matches!(r, Err(NsaError::ExceedsLimit { .. })), "{r:?}");
+    let row = Shape::packed(&[0, 1], &[0, 600], (1, 1, 12, 16));
+    let err = small.plan(&cfg, &row).expect_err("one row of one kv head");
+    assert!(
+        matches!(&err, NsaError::ExceedsLimit { what, .. } if what.starts_with("max_storage_buffer_binding_size")),
         "{err}"
     );
     let heads = (4, 2, 8, 8);

@@ -151,18 +151,13 @@ pub fn forward_varlen_qk(
 fn forward_packed(
     config: &NsaConfig,
     (cu_q, cu_k): (&[usize], &[usize]),
-    (hq, hkv, dk, dv): (usize, usize, usize, usize),
+    heads: (usize, usize, usize, usize),
     inputs: &NsaInputs,
     request: OutputRequest,
 ) -> Result<NsaOutputs> {
-    let all = Shape::packed(cu_q, cu_k, (hq, hkv, dk, dv));
-    inputs.validate(config, &all)?;
-    let parts = (cu_q.windows(2).zip(cu_k.windows(2)))
-        .map(|(q, k)| {
-            let shape = Shape::packed(q, k, (hq, hkv, dk, dv));
-            let rows = inputs.query_key_rows(&all, q[0]..q[1], k[0]..k[1]);
-            forward(config, &shape, &rows, request)
-        })
+    inputs.validate(config, &Shape::packed(cu_q, cu_k, heads))?;
+    let parts = (inputs.packed_sequences((cu_q, cu_k), heads))
+        .map(|(shape, rows)| forward(config, &shape, &rows, request))
         .collect::<Result<Vec<_>>>()?;
     Ok(crate::cache::concat(parts, request))
 }
