@@ -102,6 +102,9 @@ struct RowsKept {
 struct Job {
     /// Which of the call's chunks (consecutive sequences).
     seqs: std::ops::Range<usize>,
+    /// Which of each of their new tokens (all, unless one sequence's rows are planned in
+    /// pieces).
+    tokens: std::ops::Range<usize>,
     /// Whether it computes their rows (else only compresses their new tokens).
     rows_out: bool,
     /// Whether their lengths differ ([`Plan::cached_ragged`]).
@@ -109,9 +112,9 @@ struct Job {
 }
 
 /// What an extend call records per plan: its readback buffers (for a step from GPU buffers,
-/// those it took over, unused), its scratch, and how many sequences it computes rows for (0:
-/// compression only).
-type Recorded = (Vec<wgpu::Buffer>, crate::NsaScratch, usize);
+/// those it took over, unused), its scratch, how many sequences it computes rows for (0:
+/// compression only), and whether they are later rows of the previous plan's one sequence.
+type Recorded = (Vec<wgpu::Buffer>, crate::NsaScratch, usize, bool);
 
 /// One extend call as `record_extend` takes it: sequence `seqs[i]` appends `sizes[i]`
 /// tokens from `feed`, whose rows are computed with `attend` (`request` says which outputs).
@@ -653,7 +656,7 @@ impl NsaCache {
     /// large scratches of the places this call did not take (see `KEEP_SCRATCH_BYTES`).
     fn keep(&mut self, kept: Vec<Recorded>) {
         let mut nth = [0usize; 2];
-        for (staging, scratch, nb) in kept {
+        for (staging, scratch, nb, _) in kept {
             if nb > 0 {
                 // Its place exists: the plan took its I/O buffers there.
                 let slot = &mut self.rows_kept[nth[1]];
@@ -874,7 +877,11 @@ impl NsaCache {
 impl NsaPipeline {
     /// Appends each chunk's tokens to its sequence in `cache` and computes their rows
     /// (`n = 1` is a decode step, larger `n` chunked prefill), for all chunks in one
-    /// submission. Returns one result per chunk, each shaped `[1, n, ...]`.
+    /// submission. Returns one result per chunk, each shaped `[1, n, ...]`. Consecutive
+    /// chunks of equal length share a plan; where a plan would pass a limit of the device
+    /// (their queries, rows or scratch past a buffer), it takes halves of them, and one
+    /// chunk's rows in pieces (each compressing the blocks its tokens complete), in the same
+    /// submission.
     pub async fn extend(
         &self,
         cache: &mut NsaCache,
@@ -1354,7 +1361,7 @@ impl NsaPipeline {
         };
         cache.advance(&seqs, &sizes);
         let mut results = Vec::with_capacity(chunks.len());
-        for (staging, _, nb) in kept.iter().filter(|k| k.2 > 0) {
+        for (staging, _, nb, continues) in kept.iter().filter(|k| k.2 > 0) {
             // Each group's outputs are [nb, n, ...]: one equal slice per sequence.
             let parts = read_staging(device, staging).await?;
             let split = |i: usize| {
@@ -1376,7 +1383,7 @@ impl NsaPipeline {
             let mut br = request.branches.then(|| (take(), take(), take()));
             for _ in 0..*nb {
                 let one = |x: &mut std::vec::IntoIter<Vec<f32>>| x.next().unwrap_or_default();
-                results.push(NsaOutputs {
+                let rows = NsaOutputs {
                     out: one(&mut outs),
                     block_indices: idx
                         .as_mut()
@@ -1386,7 +1393,17 @@ impl NsaPipeline {
                         o_slc: one(b),
                         o_win: one(c),
                     }),
-                });
+                };
+                match results.pop() {
+                    // Later rows of the previous plan's sequence: after its earlier ones.
+                    Some(earlier) if *continues => {
+                        results.push(concat(vec![earlier, rows], request));
+                    }
+                    earlier => {
+                        results.extend(earlier);
+                        results.push(rows);
+                    }
+                }
             }
         }
         cache.keep(kept);
@@ -1456,9 +1473,11 @@ impl NsaPipeline {
         }
         let mut jobs: Vec<Job> = Vec::new();
         for g in groups {
+            let tokens = 0..sizes[g.start];
             if uniform(&g) {
                 jobs.push(Job {
                     seqs: g,
+                    tokens,
                     rows_out: attend,
                     ragged: false,
                 });
@@ -1471,6 +1490,7 @@ impl NsaPipeline {
                     .unwrap_or(g.end);
                 jobs.push(Job {
                     seqs: a..b,
+                    tokens: tokens.clone(),
                     rows_out: false,
                     ragged: false,
                 });
@@ -1478,6 +1498,7 @@ impl NsaPipeline {
             }
             jobs.push(Job {
                 seqs: g,
+                tokens,
                 rows_out: true,
                 ragged: true,
             });
@@ -1485,13 +1506,15 @@ impl NsaPipeline {
         // Each job's plan (none for a compression-only job whose tokens complete no block:
         // most runs of a ragged decode step). A job of several sequences whose plan exceeds
         // a limit (their queries, rows or scratch together past a buffer) is planned as two
-        // halves instead, down to one sequence, in the same order.
+        // halves instead, down to one sequence, in the same order; one sequence's tokens
+        // then as two halves, in order (a chunk's rows are those of its pieces one after
+        // another, each compressing the blocks its tokens complete).
         let limits = self.limits();
         let plan_job = |job: &Job| -> Result<Option<Plan>> {
             let (group, rows_out) = (&job.seqs, job.rows_out);
             let first = seqs[group.start] as u64;
-            let len = group.clone().map(len_of).max().unwrap_or(0);
-            let (n, nb) = (sizes[group.start], group.len());
+            let len = group.clone().map(len_of).max().unwrap_or(0) + job.tokens.start;
+            let (n, nb) = (job.tokens.len(), group.len());
             if !rows_out && cfg.num_compressed(len + n) == cfg.num_compressed(len) {
                 return Ok(None);
             }
@@ -1514,7 +1537,9 @@ impl NsaPipeline {
                 cmp_capacity: cap_c as usize,
             };
             let mut plan = if job.ragged {
-                let behind: Vec<usize> = group.clone().map(|i| len - len_of(i)).collect();
+                let behind: Vec<usize> = (group.clone())
+                    .map(|i| len - job.tokens.start - len_of(i))
+                    .collect();
                 Plan::cached_ragged(&cfg, &shape, &limits, rows, o.precision, &behind)?
             } else {
                 Plan::cached(&cfg, &shape, &limits, rows, o.precision)?
@@ -1536,7 +1561,24 @@ impl NsaPipeline {
                 Err(NsaError::ExceedsLimit { .. }) if job.seqs.len() > 1 => {
                     let mid = job.seqs.start + job.seqs.len() / 2;
                     for seqs in [mid..job.seqs.end, job.seqs.start..mid] {
-                        todo.push(Job { seqs, ..job });
+                        let tokens = job.tokens.clone();
+                        todo.push(Job {
+                            seqs,
+                            tokens,
+                            ..job
+                        });
+                    }
+                }
+                Err(NsaError::ExceedsLimit { .. }) if job.tokens.len() > 1 => {
+                    let (a, b) = (job.tokens.start, job.tokens.end);
+                    let mid = a + (b - a) / 2;
+                    for tokens in [mid..b, a..mid] {
+                        let seqs = job.seqs.clone();
+                        todo.push(Job {
+                            seqs,
+                            tokens,
+                            ..job
+                        });
                     }
                 }
                 Err(e) => return Err(e),
@@ -1545,6 +1587,20 @@ impl NsaPipeline {
         for (job, plan) in &planned {
             let (group, rows_out) = (&job.seqs, job.rows_out);
             let nb = group.len();
+            // The job's rows of one sequence's `len` elements (or bytes) of all its new
+            // tokens' rows; and of the caller's tensors with `per` bytes a sequence, where the
+            // job's sequences' rows start and how many bytes they take (its tokens are all of
+            // them, or it has one sequence).
+            let all = sizes[group.start];
+            let tokens = |len: usize| {
+                let row = len / all;
+                job.tokens.start * row..job.tokens.end * row
+            };
+            let piece = |per: u64| {
+                let row = per / all as u64;
+                let at = group.start as u64 * per + job.tokens.start as u64 * row;
+                (at, (nb * job.tokens.len()) as u64 * row)
+            };
             // This plan's place among the call's plans of its kind: what it takes of the kept
             // plan in the same place (a scratch; for rows, also I/O and readback buffers).
             let j = nth[rows_out as usize];
@@ -1570,10 +1626,11 @@ impl NsaPipeline {
                 let b = fit_io(device, &mut cache.rows_kept[j].io, sizes);
                 match feed {
                     Feed::Host { q, gates, .. } => {
-                        let q: Vec<&[u8]> = q[group.clone()].iter().map(|q| &q[..]).collect();
-                        let gates: Vec<&[u8]> = gates[group.clone()]
-                            .iter()
-                            .map(|g| bytemuck::cast_slice(g))
+                        let q: Vec<&[u8]> = (q[group.clone()].iter())
+                            .map(|q| &q[tokens(q.len())])
+                            .collect();
+                        let gates: Vec<&[u8]> = (gates[group.clone()].iter())
+                            .map(|g| bytemuck::cast_slice(&g[tokens(g.len())]))
                             .collect();
                         upload(&ctx.queue, &b[0], &q)?;
                         upload(&ctx.queue, &b[1], &gates)?;
@@ -1581,12 +1638,12 @@ impl NsaPipeline {
                     Feed::Device(step) => {
                         // The group's sequences are consecutive in the step's buffers.
                         let per = step.seq_bytes(&o);
-                        let (at, nb) = (group.start as u64, nb as u64);
                         for (src, dst, per) in
                             [(step.q, &b[0], per[0]), (step.gates, &b[1], per[1])]
                         {
-                            let from = src.offset() + at * per;
-                            encoder.copy_buffer_to_buffer(src.buffer(), from, dst, 0, nb * per);
+                            let (from, bytes) = piece(per);
+                            let from = src.offset() + from;
+                            encoder.copy_buffer_to_buffer(src.buffer(), from, dst, 0, bytes);
                         }
                     }
                 }
@@ -1622,7 +1679,7 @@ impl NsaPipeline {
                 None => self.encode(encoder, &scratch, &bufs)?,
             }
             if !rows_out {
-                kept.push((Vec::new(), scratch, 0));
+                kept.push((Vec::new(), scratch, 0, false));
                 continue;
             }
             let mut wanted: Vec<(&wgpu::Buffer, u64)> = vec![(out, plan.tensor_bytes(Tensor::Out))];
@@ -1651,19 +1708,19 @@ impl NsaPipeline {
                         .into_iter()
                         .zip(step.branches.into_iter().flatten())
                         .map(|(t, d)| (sb(t).0, d, per));
-                    let (at, nb) = (group.start as u64, nb as u64);
                     for (src, dst, per) in [(out, step.out, per)]
                         .into_iter()
                         .chain(idx)
                         .chain(branches)
                     {
-                        let to = dst.offset() + at * per;
-                        encoder.copy_buffer_to_buffer(src, 0, dst.buffer(), to, nb * per);
+                        let (to, bytes) = piece(per);
+                        let to = dst.offset() + to;
+                        encoder.copy_buffer_to_buffer(src, 0, dst.buffer(), to, bytes);
                     }
                     old_readback
                 }
             };
-            kept.push((staging, scratch, nb));
+            kept.push((staging, scratch, nb, job.tokens.start > 0));
         }
         Ok(kept)
     }
@@ -1674,9 +1731,8 @@ impl NsaPipeline {
     /// submission; the outputs are concatenated the same way. Where one sequence's cached
     /// keys would pass a storage binding (or the cache a buffer, or Linear's weights a
     /// binding), the call runs in parts of kv heads, one submission each, as
-    /// [`Self::run_with`] does; where not even one kv head fits (one sequence's queries or
-    /// rows past a buffer), each sequence runs alone through [`Self::run_with`] (in parts of
-    /// its query rows).
+    /// [`Self::run_with`] does; a sequence whose queries or rows pass a buffer is computed
+    /// in pieces of its rows ([`Self::extend`]).
     #[allow(clippy::too_many_arguments)]
     pub async fn run_varlen(
         &self,
@@ -1722,8 +1778,7 @@ impl NsaPipeline {
     /// `[total_q, Hq, Dv]`, `block_indices` `[total_q, Hkv, n]`. `heads = (Hq, Hkv, Dk, Dv)`;
     /// the inputs are stored at `precision`. Each sequence's keys before its queries are
     /// appended to a cache first (one submission), then every sequence's rows are computed
-    /// in one more; calls too large for the device run in parts of kv heads, or sequence by
-    /// sequence, as [`Self::run_varlen`] does. Offsets are checked by
+    /// in one more; calls too large for the device run as [`Self::run_varlen`] says. Offsets are checked by
     /// [`crate::inputs::check_cu_seqlens_qk`].
     #[allow(clippy::too_many_arguments)]
     pub async fn run_varlen_qk(
@@ -1766,55 +1821,29 @@ impl NsaPipeline {
             independent_kv: inputs.has_branch_kv(),
             precision,
         };
-        // The cache's buffers, Linear's weights and each sequence's plan alone (its queries,
-        // outputs and scratch), for all kv heads or (where they exceed a limit) for parts of
-        // them, as `run_with` runs its parts.
+        // The cache's buffers, Linear's weights and a plan of one query row over the most
+        // keys (what no part of the rows can do without), for all kv heads or (where they
+        // exceed a limit) for parts of them, as `run_with` runs its parts. A sequence's
+        // queries and rows past a buffer are no obstacle: `extend` plans them in pieces.
         let limits = self.limits();
-        // A sequence with no more queries and keys than another needs no more of any limit:
-        // only the others (those of the most keys for their query count) are planned.
-        let mut alone: Vec<(usize, usize)> = (cu.0.windows(2).zip(cu.1.windows(2)))
-            .map(|(q, k)| (q[1] - q[0], k[1] - k[0]))
-            .collect();
-        alone.sort_unstable_by(|a, b| b.cmp(a));
-        let mut most_keys = 0;
-        alone.retain(|&(_, tk)| {
-            let kept = tk > most_keys;
-            most_keys = most_keys.max(tk);
-            kept
-        });
         let fits = |s: &Shape| {
             NsaCache::buffer_sizes(&limits, config, &opts(s), longest)?;
             crate::plan::check_linear_weights(config, s, &limits)?;
-            for &(tq, tk) in &alone {
-                let one = Shape {
-                    batch: 1,
-                    tq,
-                    tk,
-                    ..*s
-                };
-                self.call_plan(config, &one, request, precision)?;
-            }
-            Ok(())
+            let row = Shape {
+                batch: 1,
+                tq: 1,
+                tk: longest,
+                ..*s
+            };
+            self.call_plan(config, &row, request, precision).map(drop)
         };
-        let size = match split::plan_or_parts(&shape, false, fits) {
-            Ok(Planned::Whole(_)) => {
+        let size = match split::plan_or_parts(&shape, false, fits)? {
+            Planned::Whole(_) => {
                 return self
                     .run_packed_whole(config, cu, opts(&shape), inputs, request)
                     .await
             }
-            Ok(Planned::Parts(size)) => size,
-            // Not even one kv head plans (one sequence's queries or rows past a buffer, say):
-            // each sequence alone, as `run_with` runs it (in parts of its query rows where
-            // that helps; where nothing does, its error names the limit).
-            Err(NsaError::ExceedsLimit { .. }) => {
-                split::check_ranges(inputs, precision)?;
-                let mut outs = Vec::new();
-                for (shape, rows) in inputs.packed_sequences(cu, heads) {
-                    outs.push((self.run_with(config, &shape, &rows, request, precision)).await?);
-                }
-                return Ok(concat(outs, request));
-            }
-            Err(e) => return Err(e),
+            Planned::Parts(size) => size,
         };
         split::check_ranges(inputs, precision)?;
         let mut res = split::unfilled_outputs(&shape, config.top_n, request);

@@ -620,8 +620,8 @@ fn random_packed_chunks_match_the_naive_nsa() {
     // a decode step or a chunk of any length; the seeded sweep's configs, groups of 1 to 16,
     // per-branch keys and values, Mean and Linear; one case in three on a device of 32 KiB
     // bindings and 128 KiB buffers, where it runs in parts of kv heads (sequences of 210 to
-    // 300 keys of 2 to 4 kv heads of 20 or 24 pass a binding) or, with groups of 16, each
-    // sequence alone in parts of query rows. Every sequence's
+    // 300 keys of 2 to 4 kv heads of 20 or 24 pass a binding) and, with groups of 16, a
+    // sequence's rows in pieces. Every sequence's
     // rows against the naive NSA on its own tokens (common::check_rows: selections equal up
     // to near ties, outputs within 1e-4).
     use rand::Rng;
@@ -632,8 +632,8 @@ fn random_packed_chunks_match_the_naive_nsa() {
         let small = case % 3 == 1;
         let hkv = rng.random_range(if small { 2..=4 } else { 1..=3 });
         // On the small device, groups of 16 (half its cases) pass its buffers in one kv head
-        // from 86 or 103 queries on (heads of 24 or 20): each sequence then runs alone, in
-        // parts of query rows.
+        // from 86 or 103 queries on (heads of 24 or 20): the cache's call then plans its
+        // rows in pieces.
         let g = pick(
             &mut rng,
             if small {
@@ -755,9 +755,9 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
         (&[0, 10, 11, 20], &cu, "q"),
     ];
     // On a device of 128 KiB buffers, the queries of one kv head of a sequence of 227 (16
-    // query heads of 12) pass a buffer: parts of kv heads cannot help, so each sequence
-    // runs alone as run_with runs it (its query rows in parts), with the packed call's
-    // rows. Where one kv head's values of a sequence pass a binding (600 rows of 16), not
+    // query heads of 12) pass a buffer: parts of kv heads cannot help, so the cache's call
+    // plans the sequence's rows in pieces, with the packed call's rows on the adapter's
+    // limits. Where one kv head's values of a sequence pass a binding (600 rows of 16), not
     // even one query row plans, and the call is an ExceedsLimit.
     let heads = (64, 4, 12, 16);
     let (cu_q, cu_k) = ([0, 227, 228], [0, 227, 300]);
@@ -783,7 +783,7 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
         pollster::block_on(r).expect("packed")
     };
     let (got, want) = (packed(&small), packed(pipeline()));
-    assert_close("each sequence alone", &got.out, &want.out, 1e-5);
+    assert_close("rows in pieces", &got.out, &want.out, 1e-5);
     assert_eq!(got.block_indices, want.block_indices);
     let wide = (4, 4, 12, 16);
     let tall = Shape::packed(&[0, 600], &[0, 600], wide);
@@ -825,23 +825,33 @@ fn equal_chunks_past_a_buffer_run_in_smaller_plans() {
     // On a device of 128 KiB buffers, four sequences' equal chunks of 100 queries (8 heads
     // of 16) hold 200 KiB of f32 queries and as many outputs together, 50 KiB each: the
     // call plans halves of the group instead of failing (it was an ExceedsLimit naming
-    // max_buffer_size), and its rows are the plain prefill's (f32 and, where the adapter
-    // has it, f16).
+    // max_buffer_size). One sequence's chunk of 400 queries (16 heads of 16: 400 KiB) is
+    // planned in pieces of its rows, each compressing the blocks its tokens complete. The
+    // rows are the plain prefill's (f32 and, where the adapter has it, f16), and every
+    // block is compressed once.
     let limited = common::small_limits_pipeline();
     let cfg = small();
-    let s = Shape::prefill(4, 200, 8, 1, 16, 16);
-    let data = Data::new(&cfg, &s, false, 41);
     let mut precisions = vec![(Precision::F32, 1e-5)];
     if limited.supports(Precision::F16) {
         precisions.push((Precision::F16, 5e-3));
     }
-    for (precision, tol) in precisions {
-        let (got, _) = through_cache(&limited, (&cfg, &s, &data), 100, 200, precision);
+    let cases = [
+        (Shape::prefill(4, 200, 8, 1, 16, 16), 100),
+        (Shape::prefill(1, 400, 16, 1, 16, 16), 400),
+    ];
+    for ((s, chunk), (precision, tol)) in cases
+        .into_iter()
+        .flat_map(|c| precisions.iter().map(move |p| (c, *p)))
+    {
+        let data = Data::new(&cfg, &s, false, 41);
+        let (got, cache) = through_cache(&limited, (&cfg, &s, &data), chunk, s.tk, precision);
+        let blocks = (s.batch * cfg.num_compressed(s.tk)) as u64;
+        assert_eq!(cache.compressed_tokens(), blocks, "{s:?}");
         let inputs = data.inputs();
         let run = pipeline().run_with(&cfg, &s, &inputs, OutputRequest::all(), precision);
         let want = pollster::block_on(run).unwrap();
-        assert_close(&format!("{precision:?}"), &got.out, &want.out, tol);
-        assert_eq!(got.block_indices, want.block_indices, "{precision:?}");
+        assert_close(&format!("{s:?} {precision:?}"), &got.out, &want.out, tol);
+        assert_eq!(got.block_indices, want.block_indices, "{s:?} {precision:?}");
     }
 }
 
