@@ -2269,7 +2269,45 @@ fn long_64k_in_parts_spot_checks() {
     };
     assert!(Plan::new(&paper(), &three, &limits).is_ok());
     let spot = Spot {
-        binding: Some(128 << 20),
+        caps: Some((
+            128 << 20,
+            pipeline().context().device.limits().max_buffer_size,
+        )),
+        ..Spot::default()
+    };
+    spot_check(&paper(), &shape, &LONG_ENDS, spot);
+}
+
+#[test]
+#[ignore = "64k tokens: minutes on lavapipe; run with --ignored"]
+fn long_64k_in_parts_of_rows_spot_checks() {
+    // 64k tokens, 8 query heads of 64 on one kv head, on a device whose buffers hold 64
+    // MiB: the queries and outputs (128 MiB each in f32, 64 MiB of f16 queries) pass a
+    // buffer in the one kv head there is, so `run_with` runs parts of query rows, each a
+    // chunk over the keys up to its last row, the paper's config.
+    let shape = Shape::prefill(1, 65536, 8, 1, 64, 64);
+    let limits = DeviceLimits {
+        max_buffer: 64 << 20,
+        ..pipeline().limits()
+    };
+    let err = Plan::new(&paper(), &shape, &limits).expect_err("queries past a buffer");
+    assert!(
+        matches!(
+            err,
+            NsaError::ExceedsLimit {
+                what: "max_buffer_size",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let binding = pipeline()
+        .context()
+        .device
+        .limits()
+        .max_storage_buffer_binding_size;
+    let spot = Spot {
+        caps: Some((binding.min(64 << 20), 64 << 20)),
         ..Spot::default()
     };
     spot_check(&paper(), &shape, &LONG_ENDS, spot);
@@ -2322,7 +2360,7 @@ fn random_long_spot_checks() {
             kept: rng.random_bool(0.2).then_some(0),
             seed: rng.random(),
             branch: rng.random_bool(0.2),
-            binding: None,
+            caps: None,
         };
         println!("random long spot {case}: {cfg:?} {shape:?} rows ending at {ends:?}");
         spot_check(&cfg, &shape, &ends, spot);
@@ -2372,9 +2410,9 @@ struct Spot {
     kept: Option<u64>,
     seed: u64,
     branch: bool,
-    /// Run on a device of its own whose storage bindings hold this many bytes (f32, and f16
-    /// where the adapter has it), instead of the shared pipelines.
-    binding: Option<u64>,
+    /// Run on a device of its own whose storage bindings and buffers hold this many bytes
+    /// (f32, and f16 where the adapter has it), instead of the shared pipelines.
+    caps: Option<(u64, u64)>,
 }
 
 impl Default for Spot {
@@ -2384,7 +2422,7 @@ impl Default for Spot {
             kept: None,
             seed: 64,
             branch: false,
-            binding: None,
+            caps: None,
         }
     }
 }
@@ -2417,7 +2455,7 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
         kept,
         seed,
         branch,
-        binding,
+        caps,
     } = spot;
     let mut data = Data::new(cfg, shape, branch, seed);
     if let Some(period) = peaked {
@@ -2428,9 +2466,10 @@ fn spot_check(cfg: &NsaConfig, shape: &Shape, ends: &[usize], spot: Spot) {
         block_indices: true,
         branches: false,
     };
-    let capped = binding.map(|bytes| {
+    let capped = caps.map(|(binding, buffer)| {
         common::pipeline_with_limits(wgpu::Limits {
-            max_storage_buffer_binding_size: bytes,
+            max_storage_buffer_binding_size: binding,
+            max_buffer_size: buffer,
             ..pipeline().context().device.limits()
         })
     });
