@@ -1778,8 +1778,8 @@ impl NsaPipeline {
     /// `[total_q, Hq, Dv]`, `block_indices` `[total_q, Hkv, n]`. `heads = (Hq, Hkv, Dk, Dv)`;
     /// the inputs are stored at `precision`. Each sequence's keys before its queries are
     /// appended to a cache first (one submission), then every sequence's rows are computed
-    /// in one more; calls too large for the device run as [`Self::run_varlen`] says. Offsets are checked by
-    /// [`crate::inputs::check_cu_seqlens_qk`].
+    /// in one more; calls too large for the device run as [`Self::run_varlen`] says.
+    /// Offsets are checked by [`crate::inputs::check_cu_seqlens_qk`].
     #[allow(clippy::too_many_arguments)]
     pub async fn run_varlen_qk(
         &self,

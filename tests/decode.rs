@@ -607,8 +607,8 @@ fn check_packed_chunks(pipe: &NsaPipeline, precision: Precision, tol: f64, cfg: 
         assert_eq!(&idx[sel], &alone.block_indices.unwrap()[..], "{what}");
     }
     if precision == Precision::F32 {
-        let cu = (&cu_q[..], &cu_k[..]);
-        let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, cu, heads, &inputs, req).unwrap();
+        let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, &cu_q, &cu_k, heads, &inputs, req);
+        let cpu = cpu.unwrap();
         assert_close(&format!("{name} cpu"), &got.out, &cpu.out, 1e-4);
         assert_eq!(idx, cpu.block_indices.as_ref().unwrap(), "{name} cpu");
     }
@@ -737,7 +737,7 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
         .flat_map(|&r| data.gates[r * 12..(r + 1) * 12].to_vec())
         .collect();
     let chunks = nsa_wgpu::NsaInputs::new(&q, &data.k, &data.v, &gates);
-    let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, (&cu_q, &cu), heads, &chunks, req).unwrap();
+    let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, &cu_q, &cu, heads, &chunks, req).unwrap();
     let prefill = nsa_wgpu::cpu::forward_varlen(&cfg, &cu, heads, &inputs, req).unwrap();
     let want: Vec<f32> = chunk_rows
         .iter()
@@ -808,7 +808,7 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
     for (cu_q, cu_k, what) in bad {
         let gpu =
             pollster::block_on(pipe.run_varlen_qk(&cfg, cu_q, cu_k, heads, &chunks, req, f32));
-        let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, (cu_q, cu_k), heads, &chunks, req);
+        let cpu = nsa_wgpu::cpu::forward_varlen_qk(&cfg, cu_q, cu_k, heads, &chunks, req);
         for r in [gpu.map(drop), cpu.map(drop)] {
             let named = match &r {
                 Err(NsaError::InvalidShape { what: w, .. }) => *w == what,

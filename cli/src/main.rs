@@ -230,7 +230,9 @@ fn run(args: &RunArgs) -> Result<(), String> {
     let (res, device) = if args.cpu {
         let heads = (s.hq, s.hkv, s.dk, s.dv);
         let r = match packed {
-            Some(cu) => nsa_wgpu::cpu::forward_varlen_qk(&config, cu, heads, &inputs, request),
+            Some((q, k)) => {
+                nsa_wgpu::cpu::forward_varlen_qk(&config, q, k, heads, &inputs, request)
+            }
             None => nsa_wgpu::cpu::forward(&config, s, &inputs, request),
         }
         .map_err(|e| e.to_string())?;

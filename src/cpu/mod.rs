@@ -138,7 +138,8 @@ pub fn forward_varlen(
 /// each sequence alone, the outputs packed like the queries.
 pub fn forward_varlen_qk(
     config: &NsaConfig,
-    (cu_seqlens_q, cu_seqlens_k): (&[usize], &[usize]),
+    cu_seqlens_q: &[usize],
+    cu_seqlens_k: &[usize],
     heads: (usize, usize, usize, usize),
     inputs: &NsaInputs,
     request: OutputRequest,

@@ -502,7 +502,7 @@ impl NsaSession {
         let start = now_ms();
         let r = match &cu.k {
             None => cpu::forward_varlen(cfg, &cu.q, heads, &inputs, all),
-            Some(k) => cpu::forward_varlen_qk(cfg, (&cu.q, k), heads, &inputs, all),
+            Some(k) => cpu::forward_varlen_qk(cfg, &cu.q, k, heads, &inputs, all),
         };
         Ok(outputs_to_js(&r.map_err(err)?, now_ms() - start))
     }
