@@ -2577,6 +2577,34 @@ fn device_steps_equal_host_steps() {
 }
 
 #[test]
+fn device_chunks_past_a_binding_equal_host_chunks() {
+    // On a device of 32 KiB bindings (128 KiB buffers), a chunk of 60 rows of one sequence
+    // from the caller's GPU buffers holds 60 KiB of f32 queries (16 heads of 16) and as many
+    // outputs: its plan binds them in windows, one per dispatch chunk, after copying the
+    // caller's slices in. Its rows and selections (and those of the single-row steps before
+    // it) must be `extend`'s from host slices, bit for bit, and the compressed blocks counted
+    // alike.
+    let limited = common::small_limits_pipeline();
+    let linear = NsaConfig {
+        compression: Compression::Linear,
+        ..small()
+    };
+    for (cfg, branch, lens) in [(small(), false, [40]), (linear, true, [33])] {
+        let c = Ragged {
+            cfg,
+            branch,
+            heads: (16, 1, 16),
+            lens: &lens,
+            steps: 2,
+            tail: 60,
+            chains: 1,
+            cut: 0,
+        };
+        check_device_steps(&limited, Precision::F32, c);
+    }
+}
+
+#[test]
 fn bad_device_steps_are_errors_and_change_nothing() {
     let s = Shape::prefill(2, 64, 4, 2, 16, 16);
     let pipe = pipeline();
