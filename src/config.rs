@@ -56,7 +56,8 @@ pub struct NsaConfig {
     pub init_blocks: usize,
     /// Forced local blocks: the query's own block and the ones before it (paper: 2).
     pub local_blocks: usize,
-    /// Sliding window `w`, in keys, the query's own included (paper: 512).
+    /// Sliding window `w`, in keys, the query's own included (paper: 512). Any size: one past
+    /// every key (`usize::MAX` too) is every key.
     pub window: usize,
     /// Softmax scale; `None` means `1 / sqrt(Dk)`.
     pub scale: Option<f32>,
@@ -89,7 +90,8 @@ fn invalid(field: &'static str, value: impl ToString, rule: &'static str) -> Nsa
 }
 
 impl NsaConfig {
-    /// Checks every rule of SPEC.md; the error names the field, its value and the rule.
+    /// Checks every rule of SPEC.md, and that `l`, `l'` and `n` fit the kernels' 32-bit
+    /// integers; the error names the field, its value and the rule.
     pub fn validate(&self) -> Result<()> {
         if self.cmp_stride < 1 {
             return Err(invalid("cmp_stride", self.cmp_stride, "d >= 1"));
@@ -107,7 +109,9 @@ impl NsaConfig {
                 "l' % d == 0 and l' >= 1",
             ));
         }
-        if self.top_n < self.init_blocks + self.local_blocks {
+        // (init + local past usize::MAX is more than any n.)
+        let forced = self.init_blocks.checked_add(self.local_blocks);
+        if forced.is_none_or(|f| self.top_n < f) {
             return Err(invalid("top_n", self.top_n, "n >= init + local"));
         }
         if self.top_n == 0 {
@@ -115,6 +119,22 @@ impl NsaConfig {
         }
         if self.window < 1 {
             return Err(invalid("window", self.window, "w >= 1"));
+        }
+        // The kernels take these as 32-bit integers (n, and with it init and local, is also a
+        // dimension of the selected blocks' output). A longer window than any sequence is
+        // every key, whatever its length: `usize::MAX` is allowed.
+        for (field, v) in [
+            ("cmp_block", self.cmp_block),
+            ("sel_block", self.sel_block),
+            ("top_n", self.top_n),
+        ] {
+            if v > u32::MAX as usize {
+                return Err(invalid(
+                    field,
+                    v,
+                    "<= 4294967295 (the kernels count with 32-bit integers)",
+                ));
+            }
         }
         if let Some(s) = self.scale {
             if !s.is_finite() || s <= 0.0 {

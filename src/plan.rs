@@ -1133,7 +1133,8 @@ impl Plan {
             top_n: c.top_n as u32,
             init_blocks: c.init_blocks as u32,
             local_blocks: c.local_blocks as u32,
-            window: c.window as u32,
+            // (A window past every key is every key: exact at any length the kernels take.)
+            window: c.window.min(u32::MAX as usize) as u32,
             n_cmp: self.n_cmp as u32,
             scale: c.scale_for(s.dk),
             linear: (c.compression == Compression::Linear) as u32,
@@ -1173,6 +1174,12 @@ impl Plan {
 
     fn plan_compress(&mut self) -> Result<()> {
         let s = self.shape;
+        let rows = self.cache.unwrap_or_default();
+        let c_count = self.n_cmp.saturating_sub(rows.cmp_done);
+        if c_count == 0 {
+            // No block to compress (none complete, `l > Tk` among them): no loop to bound.
+            return Ok(());
+        }
         let cap = self.limits.loop_iterations;
         let needed = self.compress_iterations(s.dk.max(s.dv));
         if cap != 0 && needed > cap {
@@ -1181,11 +1188,6 @@ impl Plan {
                 needed,
                 limit: cap,
             });
-        }
-        let rows = self.cache.unwrap_or_default();
-        let c_count = self.n_cmp.saturating_sub(rows.cmp_done);
-        if c_count == 0 {
-            return Ok(());
         }
         let per_batch = self.seq_kv_words()?;
         let lim = self.binding_elems();
@@ -1720,9 +1722,11 @@ impl Plan {
                 entries,
                 3 * part_row,
             )?;
-            let win_keys = (self.config.window + ch.qc).min(s.tk) as u64;
+            let win_keys = self.config.window.saturating_add(ch.qc).min(s.tk) as u64;
             // One workgroup's rows: nq <= q_block consecutive queries' windows.
-            let walk = (self.config.window + (core.q_block as usize).min(ch.qc)).min(s.tk) as u64;
+            let walk = (self.config.window)
+                .saturating_add((core.q_block as usize).min(ch.qc))
+                .min(s.tk) as u64;
             let sp_w = self.splits_toward(
                 targets.window,
                 attn_total,

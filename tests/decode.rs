@@ -4,7 +4,7 @@
 mod common;
 
 use common::{
-    assert_close, f16_pipelines, pick, pipeline, pipeline_with_limits, random_config,
+    assert_close, bit_equal, f16_pipelines, pick, pipeline, pipeline_with_limits, random_config,
     random_long_config, small, Data,
 };
 use nsa_wgpu::kernels::KernelId;
@@ -2361,15 +2361,6 @@ fn sentinel_out(pipe: &NsaPipeline, len: usize) -> wgpu::Buffer {
             contents: bytemuck::cast_slice(&vec![f32::NAN; len]),
             usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
         })
-}
-
-/// Whether `got` and `want` hold the same f32 values bit for bit (NaNs included).
-fn bit_equal(got: &[f32], want: &[f32]) -> bool {
-    got.len() == want.len()
-        && got
-            .iter()
-            .zip(want)
-            .all(|(a, b)| a.to_bits() == b.to_bits())
 }
 
 /// Reads `bufs` back as f32.

@@ -5,8 +5,8 @@
 mod common;
 
 use common::{
-    assert_close, check_selection, check_selection_within, f16_round, fallback_pipeline, pick,
-    pipeline, random_config, random_long_config, small, Data,
+    assert_close, bit_equal, check_selection, check_selection_within, f16_round, fallback_pipeline,
+    pick, pipeline, random_config, random_long_config, small, Data,
 };
 use nsa_wgpu::cpu;
 use nsa_wgpu::kernels::KernelId;
@@ -274,7 +274,7 @@ fn check_data_on(
     assert_close(&format!("{name} combine"), &got.out, &out, TOL);
     // End to end against the naive f64 reference.
     let naive = cpu::naive::nsa(&cfg, s, &inputs).expect("naive");
-    let twin_idx = cpu::select::select(&cfg, s, &data.q, &kc, &lse);
+    let twin_idx = cpu::select::select(&cfg, s, &data.q, &kc, &lse).unwrap();
     check_selection(&cfg, &twin_idx, &naive);
     let differing = check_selection(&cfg, &got.idx, &naive);
     assert!(
@@ -1926,10 +1926,7 @@ fn timed_passes_leave_out_what_they_are_told_and_plain_encodes_do_not() {
     );
     let plain = out_of(&pipe, false);
     assert!(
-        plain
-            .iter()
-            .zip(&want)
-            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        bit_equal(&plain, &want),
         "a plain encode must run every dispatch"
     );
     if StepTimer::new(ctx, 1).is_none() {
@@ -2837,4 +2834,117 @@ fn a_subgroup_size_is_fixed_only_where_the_adapter_has_one() {
         let theirs = nsa_wgpu::GpuContext::from_device(ctx.device.clone(), ctx.queue.clone(), info);
         assert_eq!(theirs.fixed_subgroup_size(), want, "{min}-{max}");
     }
+}
+
+#[test]
+fn extreme_config_values_are_exact_or_clear_errors() {
+    // A window past every key is every key, at any size: usize::MAX ("no limit"), past
+    // u32::MAX (the kernels' integers: it was truncated to 8 keys) and u32::MAX itself give
+    // the rows of a window of Tk keys, bit for bit, and the CPU reference's. Values the
+    // kernels cannot count, forced blocks whose sum overflows (a panic in debug builds, a
+    // wrapped check in release) and a selected-blocks output the host cannot hold are
+    // errors naming the field, from the GPU and the CPU reference alike.
+    let pipe = pipeline();
+    let s = Shape::prefill(1, 100, 2, 1, 8, 8);
+    let base = small();
+    let data = Data::new(&base, &s, false, 3);
+    let inputs = data.inputs();
+    let request = OutputRequest::all();
+    let gpu = |cfg: &NsaConfig| pollster::block_on(pipe.run(cfg, &s, &inputs, request));
+    let cpu = |cfg: &NsaConfig| cpu::forward(cfg, &s, &inputs, request);
+    let whole = NsaConfig {
+        window: s.tk,
+        ..base
+    };
+    let want = gpu(&whole).unwrap();
+    let reference = cpu(&whole).unwrap();
+    for window in [usize::MAX, (1 << 32) + 8, u32::MAX as usize] {
+        let cfg = NsaConfig { window, ..base };
+        let got = gpu(&cfg).unwrap();
+        assert!(bit_equal(&got.out, &want.out), "window {window}");
+        assert_eq!(got.block_indices, want.block_indices, "window {window}");
+        let twin = cpu(&cfg).unwrap();
+        assert!(
+            bit_equal(&twin.out, &reference.out),
+            "window {window} (CPU)"
+        );
+        assert_close(&format!("window {window}"), &got.out, &twin.out, 1e-5);
+    }
+    // Compression blocks longer than the keys compress nothing (65,536 tokens: llvmpipe's
+    // loop cap made this an ExceedsLimit before, though no block was compressed).
+    let long_blocks = NsaConfig {
+        cmp_block: 1 << 16,
+        ..base
+    };
+    let got = gpu(&long_blocks).unwrap();
+    let twin = cpu(&long_blocks).unwrap();
+    assert_close("l past the keys", &got.out, &twin.out, 1e-5);
+    assert_eq!(got.block_indices, twin.block_indices, "l past the keys");
+    let past = (1usize << 32) + 8;
+    let invalid = [
+        (
+            "top_n",
+            NsaConfig {
+                top_n: usize::MAX,
+                ..base
+            },
+        ),
+        (
+            "top_n",
+            NsaConfig {
+                top_n: past,
+                ..base
+            },
+        ),
+        (
+            "sel_block",
+            NsaConfig {
+                sel_block: past,
+                ..base
+            },
+        ),
+        (
+            "cmp_block",
+            NsaConfig {
+                cmp_block: past,
+                ..base
+            },
+        ),
+        (
+            "top_n",
+            NsaConfig {
+                init_blocks: usize::MAX,
+                local_blocks: 1,
+                top_n: 3,
+                ..base
+            },
+        ),
+    ];
+    for (field, cfg) in invalid {
+        for r in [gpu(&cfg), cpu(&cfg)] {
+            assert!(
+                matches!(&r, Err(NsaError::InvalidConfig { field: f, .. }) if *f == field),
+                "{cfg:?}: {r:?}"
+            );
+        }
+    }
+    // n = u32::MAX is a valid config whose [B, Tq, Hkv, n] output (1.7 TB here) fits
+    // neither a buffer nor the host.
+    let huge = NsaConfig {
+        top_n: u32::MAX as usize,
+        ..base
+    };
+    assert!(
+        matches!(gpu(&huge), Err(NsaError::ExceedsLimit { .. })),
+        "{:?}",
+        gpu(&huge)
+    );
+    assert!(
+        matches!(
+            cpu(&huge),
+            Err(NsaError::InvalidConfig { field: "top_n", .. })
+        ),
+        "{:?}",
+        cpu(&huge)
+    );
 }

@@ -1705,6 +1705,17 @@ fn a_loop_cap_bounds_linear_compression_blocks() {
     assert!(what.starts_with("loop_iterations (compression"), "{what}");
     assert_eq!((needed, limit), (12 + 880 * 75, 65_535));
     Plan::new(&linear(880), &shape, &wide).unwrap();
+    // Blocks longer than the keys compress nothing (C = 0): no loop to bound, even far past
+    // the cap (Mean blocks of 2^32 - 16 tokens took 1.3e10 iterations).
+    let short = Shape::prefill(1, 879, 2, 1, 256, 16);
+    let plan = Plan::new(&linear(880), &short, &capped).unwrap();
+    assert!(plan.steps.iter().all(|s| s.kernel != KernelId::Compress));
+    let mean = NsaConfig {
+        cmp_block: u32::MAX as usize - 15,
+        sel_block: u32::MAX as usize - 15,
+        ..NsaConfig::default()
+    };
+    Plan::new(&mean, &short, &capped).unwrap();
     // The widest head counts (Dv here), and D % 8 adds its single steps.
     let wide_v = Shape::prefill(1, 1024, 2, 1, 16, 252);
     let (_, needed, _) = exceeded(Plan::new(&linear(880), &wide_v, &capped));

@@ -953,7 +953,9 @@ fn bench_decode(args: &BenchArgs) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?
             .1;
-            let tokens = cfg.num_compressed(len) + cfg.top_n * cfg.sel_block + cfg.window;
+            let tokens = (cfg.top_n.saturating_mul(cfg.sel_block))
+                .saturating_add(cfg.window)
+                .saturating_add(cfg.num_compressed(len));
             let bytes = (b * hkv * tokens.min(len + cfg.num_compressed(len)) * (dk + dv)) as f64
                 * precision.bytes() as f64;
             let achieved = bytes / (nsa / 1e3);

@@ -14,10 +14,31 @@ pub mod slc_attn;
 pub mod win_attn;
 
 use crate::config::{Compression, NsaConfig, Shape};
-use crate::error::Result;
+use crate::error::{NsaError, Result};
 use crate::inputs::{
     check_cu_seqlens, check_cu_seqlens_qk, BranchOutputs, NsaInputs, NsaOutputs, OutputRequest,
 };
+
+/// The selected blocks' output, `[B, Tq, Hkv, n]` of `-1`: an [`NsaError::InvalidConfig`]
+/// naming `top_n` where the host cannot hold it (the one output whose size a config sets
+/// apart from the inputs'), rather than an aborted allocation.
+pub(crate) fn unselected(config: &NsaConfig, shape: &Shape) -> Result<Vec<i32>> {
+    let len = [shape.batch, shape.tq, shape.hkv, config.top_n]
+        .into_iter()
+        .try_fold(1usize, usize::checked_mul);
+    let mut idx = Vec::new();
+    match len {
+        Some(len) if idx.try_reserve_exact(len).is_ok() => {
+            idx.resize(len, -1);
+            Ok(idx)
+        }
+        _ => Err(NsaError::InvalidConfig {
+            field: "top_n",
+            value: config.top_n.to_string(),
+            rule: "B * Tq * Hkv * n selected blocks fit in the host's memory",
+        }),
+    }
+}
 
 /// Softmax attention of one query row over the keys `keys` (absolute row indices into
 /// `k`/`v`, laid out `[rows, Hkv, D]` for kv head `h`), as the shaders compute it: running max,
@@ -92,7 +113,7 @@ pub fn forward(
         wv,
     );
     let (o_cmp, lse) = cmp_attn::cmp_attn(config, shape, inputs.q, &kc, &vc);
-    let idx = select::select(config, shape, inputs.q, &kc, &lse);
+    let idx = select::select(config, shape, inputs.q, &kc, &lse)?;
     let (ks, vs) = inputs.slc_kv();
     let o_slc = slc_attn::slc_attn(config, shape, inputs.q, ks, vs, &idx);
     let (kw, vw) = inputs.win_kv();

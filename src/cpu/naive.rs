@@ -137,7 +137,7 @@ pub fn nsa(cfg: &NsaConfig, shape: &Shape, inputs: &NsaInputs) -> Result<NaiveOu
         o_cmp: vec![0.0; rows * s.dv],
         o_slc: vec![0.0; rows * s.dv],
         o_win: vec![0.0; rows * s.dv],
-        block_indices: vec![-1; s.batch * s.tq * s.hkv * n],
+        block_indices: super::unselected(cfg, s)?,
         block_scores: vec![Vec::new(); s.batch * s.tq * s.hkv],
     };
     let (kcmp, vcmp) = inputs.cmp_kv();

@@ -1,6 +1,7 @@
 //! CPU twin of `shaders/select.wgsl`: block importance, group sum and top-n selection.
 
 use crate::config::{NsaConfig, Shape};
+use crate::error::Result;
 
 /// The forced blocks of a query whose own block is `c`: `{0..init} ∪ {c-local+1..=c}`
 /// within `[0, c]`, ascending, without repeats.
@@ -15,8 +16,15 @@ pub fn forced_blocks(config: &NsaConfig, c: usize) -> Vec<usize> {
 ///
 /// `p_cmp` is recomputed from `q`, the compressed keys `kc: [B, C, Hkv, Dk]` and the
 /// log-sum-exp of [`super::cmp_attn::cmp_attn`], summed over the group's heads, spread onto
-/// blocks by SPEC's overlap weights; ties go to the lower block index.
-pub fn select(config: &NsaConfig, shape: &Shape, q: &[f32], kc: &[f32], lse: &[f32]) -> Vec<i32> {
+/// blocks by SPEC's overlap weights; ties go to the lower block index. An `n` whose output
+/// the host cannot hold is an [`crate::NsaError::InvalidConfig`].
+pub fn select(
+    config: &NsaConfig,
+    shape: &Shape,
+    q: &[f32],
+    kc: &[f32],
+    lse: &[f32],
+) -> Result<Vec<i32>> {
     let s = shape;
     let n = config.top_n;
     let n_cmp = config.num_compressed(s.tk);
@@ -24,7 +32,7 @@ pub fn select(config: &NsaConfig, shape: &Shape, q: &[f32], kc: &[f32], lse: &[f
     let g = s.group();
     let m = config.sel_block / config.cmp_stride;
     let u = config.cmp_block / config.cmp_stride;
-    let mut out = vec![-1i32; s.batch * s.tq * s.hkv * n];
+    let mut out = super::unselected(config, s)?;
     let mut pc = vec![0.0f32; n_cmp];
     for b in 0..s.batch {
         for i in 0..s.tq {
@@ -59,7 +67,7 @@ pub fn select(config: &NsaConfig, shape: &Shape, q: &[f32], kc: &[f32], lse: &[f
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// How many of a selection block's `m` pieces overlap token `g` of the `m + u - 1` that reach

@@ -334,6 +334,15 @@ pub fn set_branch_kv<'a>(i: &mut nsa_wgpu::NsaInputs<'a>, b: &'a [Vec<f32>]) {
     i.v_win = Some(&b[5]);
 }
 
+/// Whether `got` and `want` hold the same f32 values bit for bit (NaNs included).
+pub fn bit_equal(got: &[f32], want: &[f32]) -> bool {
+    got.len() == want.len()
+        && got
+            .iter()
+            .zip(want)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+}
+
 /// Asserts `got` matches `want` within `tol` max abs error; reports the worst element, its
 /// index, the RMS error ratio and any NaN.
 pub fn assert_close<T: Copy + Into<f64>>(what: &str, got: &[f32], want: &[T], tol: f64) {
