@@ -22,9 +22,11 @@ fn get(obj: &JsValue, name: &str) -> Option<f64> {
 fn get_usize(obj: &JsValue, name: &str, default: usize) -> Result<usize, JsError> {
     match get(obj, name) {
         None => Ok(default),
-        Some(v) if v >= 0.0 && v.fract() == 0.0 => Ok(v as usize),
+        // (`as` would saturate: 2^32 became 4294967295 in wasm32's usize.)
+        Some(v) if v >= 0.0 && v.fract() == 0.0 && v <= usize::MAX as f64 => Ok(v as usize),
         Some(v) => Err(JsError::new(&format!(
-            "option `{name}` must be a non-negative integer, got {v}"
+            "option `{name}` must be an integer from 0 to {}, got {v}",
+            usize::MAX
         ))),
     }
 }

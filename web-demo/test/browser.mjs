@@ -103,6 +103,9 @@ try {
     } catch (e) { f16 = `refused: ${String(e.message || e)}`; }
     let bogus = "";
     try { await window.nsaWgpu.createSession({ ...opts, precision: "f64" }); } catch (e) { bogus = String(e.message || e); }
+    // A block length past wasm32's usize is refused, not saturated to 2^32 - 1.
+    let huge = "";
+    try { await window.nsaWgpu.createSession({ ...opts, cmpBlock: 2 ** 32 }); } catch (e) { huge = String(e.message || e); }
     // Linear compression: refused without weights, then run, reference and decode steps agree.
     const lin = await window.nsaWgpu.createSession({ ...opts, compression: "linear" });
     let noWeights = "";
@@ -206,7 +209,7 @@ try {
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { winAttn: "64" } }); } catch (e) { splitValue = String(e.message || e); }
     try { await window.nsaWgpu.createSession({ ...opts, splitTargets: { slcAttn: -1 } }); } catch (e) { splitValue += ` | ${String(e.message || e)}`; }
     const split = { set: sp.layout().splitTargets, defaults: s.layout().splitTargets, worst: splitWorst, name: splitName, type: splitType, value: splitValue };
-    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, linear, packed, branches, split };
+    return { adapter: s.adapterInfo(), n: ref.out.length, worst, nan, mismatches, idx: ref.blockIndices.length, decodeWorst, rejected, workerWorst, workerMismatches, auto, f16, bogus, huge, linear, packed, branches, split };
   });
   console.log(`adapter: ${api.adapter}`);
   console.log(`API: ${api.n} outputs, max abs error ${api.worst.toExponential(2)} vs the CPU reference, ` +
@@ -221,6 +224,7 @@ try {
     fail(`precision: "auto" gave ${api.auto}, "f16" ${api.f16}`);
   }
   if (!api.bogus.includes("option `precision`")) fail(`a bad precision was not rejected clearly: "${api.bogus}"`);
+  if (!api.huge.includes("option `cmpBlock` must be an integer from 0 to 4294967295")) fail(`a block length past usize was not rejected clearly: "${api.huge}"`);
   const lin = api.linear;
   console.log(`linear: max abs error ${lin.worst.toExponential(2)} vs the CPU reference (decode steps included), ` +
     `${lin.mismatches} block indices differ, ${lin.differs} outputs differ from Mean's`);
