@@ -856,6 +856,30 @@ fn equal_chunks_past_a_buffer_run_in_smaller_plans() {
 }
 
 #[test]
+fn a_window_past_every_key_is_every_key_through_the_cache() {
+    // usize::MAX (and any window past u32::MAX, which the kernels' parameters once
+    // truncated) through chunks and decode steps: the rows of a window of every key.
+    let pipe = pipeline();
+    let s = Shape::prefill(2, 150, 4, 2, 16, 16);
+    let whole = NsaConfig {
+        window: s.tk,
+        ..small()
+    };
+    let data = Data::new(&whole, &s, false, 12);
+    let want =
+        pollster::block_on(pipe.run(&whole, &s, &data.inputs(), OutputRequest::all())).unwrap();
+    for window in [usize::MAX, (1 << 32) + 8] {
+        let cfg = NsaConfig { window, ..whole };
+        for chunk in [1, 37] {
+            let (got, _) = through_cache(pipe, (&cfg, &s, &data), chunk, s.tk, Precision::F32);
+            let what = format!("window {window}, chunks of {chunk}");
+            assert_close(&what, &got.out, &want.out, 1e-5);
+            assert_eq!(got.block_indices, want.block_indices, "{what}");
+        }
+    }
+}
+
+#[test]
 fn cache_overflow_and_bad_chunks_are_errors() {
     let pipe = pipeline();
     let cfg = small();
