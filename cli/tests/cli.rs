@@ -338,6 +338,14 @@ fn bad_input_is_a_one_line_error_with_status_2() {
     // Invalid config.
     let f = file("good.safetensors", &good);
     fails(&d, &f, &["--cmp-block", "20"], "cmp_block = 20");
+    // Past the kernels' 32-bit integers (a window may be any size: every key).
+    fails(&d, &f, &["--top-n", "4294967296"], "top_n = 4294967296");
+    let (a, b) = (d.s("w_all.safetensors"), d.s("w_max.safetensors"));
+    for (out, w) in [(&a, "20"), (&b, "18446744073709551615")] {
+        let r = nsa(&["run", "--input", &f, "--output", out, "--window", w]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    assert_same(&d.p("w_all.safetensors"), &d.p("w_max.safetensors"), 0.0);
     // Linear compression without weights.
     fails(&d, &f, &["--compression", "linear"], "missing tensor `w_k`");
     // NaN in an input.
