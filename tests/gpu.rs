@@ -440,6 +440,10 @@ cases! {
     t700_b2_hq6_hkv2_dk100_dv64_small: small(), [2, 700, 700, 6, 2, 100, 64], false;
     t700_hq32_hkv2_dk16_dv16_small: small(), [1, 700, 700, 32, 2, 16, 16], false;
     t40_hq20_hkv1_dk16_dv8_small: small(), [1, 40, 40, 20, 1, 16, 8], false;
+    // Multi-query attention, a group of 64 heads (four 16-row blocks of one kv head), and
+    // groups of 48.
+    t300_hq64_hkv1_dk64_dv64_paper: paper(), [1, 300, 300, 64, 1, 64, 64], false;
+    t130_hq96_hkv2_dk32_dv48_small: small(), [1, 130, 130, 96, 2, 32, 48], false;
     // Dv > 128: 16 rows have more output items (4 rows x 4 dims) than a workgroup has
     // invocations, so some invocations own two (the core's TWO_ITEMS).
     t150_hq16_hkv1_dk32_dv160_small: small(), [1, 150, 150, 16, 1, 32, 160], false;
