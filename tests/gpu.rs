@@ -444,6 +444,9 @@ cases! {
     // groups of 48.
     t300_hq64_hkv1_dk64_dv64_paper: paper(), [1, 300, 300, 64, 1, 64, 64], false;
     t130_hq96_hkv2_dk32_dv48_small: small(), [1, 130, 130, 96, 2, 32, 48], false;
+    // Heads of one element, and of fewer than a vec4.
+    t90_hq2_hkv1_dk1_dv1_small: small(), [1, 90, 90, 2, 1, 1, 1], false;
+    t90_b2_hq4_hkv2_dk3_dv5_small: small(), [2, 90, 90, 4, 2, 3, 5], false;
     // Dv > 128: 16 rows have more output items (4 rows x 4 dims) than a workgroup has
     // invocations, so some invocations own two (the core's TWO_ITEMS).
     t150_hq16_hkv1_dk32_dv160_small: small(), [1, 150, 150, 16, 1, 32, 160], false;
