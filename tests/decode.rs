@@ -880,6 +880,37 @@ fn a_window_past_every_key_is_every_key_through_the_cache() {
 }
 
 #[test]
+fn multi_query_decode_steps_equal_the_prefill() {
+    // A group of 64 query heads on one kv head (four 16-row blocks per kv head in a decode
+    // step), and heads of 3 / 5 elements: decode steps and chunks of 29 give the prefill's
+    // rows and selections, f32 and f16 on every f16 pipeline.
+    let mut pipes = vec![(pipeline(), Precision::F32, 1e-5)];
+    pipes.extend(
+        f16_pipelines()
+            .into_iter()
+            .map(|p| (p, Precision::F16, 5e-3)),
+    );
+    let cfg = small();
+    for s in [
+        Shape::prefill(1, 120, 64, 1, 64, 64),
+        Shape::prefill(2, 90, 4, 2, 4, 6),
+    ] {
+        let data = Data::new(&cfg, &s, false, 21);
+        let inputs = data.inputs();
+        for &(pipe, precision, tol) in &pipes {
+            let run = pipe.run_with(&cfg, &s, &inputs, OutputRequest::all(), precision);
+            let want = pollster::block_on(run).unwrap();
+            for chunk in [1, 29] {
+                let (got, _) = through_cache(pipe, (&cfg, &s, &data), chunk, s.tk, precision);
+                let what = format!("{s:?} {precision:?} chunks of {chunk}");
+                assert_close(&what, &got.out, &want.out, tol);
+                assert_eq!(got.block_indices, want.block_indices, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
 fn cache_overflow_and_bad_chunks_are_errors() {
     let pipe = pipeline();
     let cfg = small();
