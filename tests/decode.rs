@@ -882,8 +882,9 @@ fn a_window_past_every_key_is_every_key_through_the_cache() {
 #[test]
 fn multi_query_decode_steps_equal_the_prefill() {
     // A group of 64 query heads on one kv head (four 16-row blocks per kv head in a decode
-    // step), and heads of 3 / 5 elements: decode steps and chunks of 29 give the prefill's
-    // rows and selections, f32 and f16 on every f16 pipeline.
+    // step), and heads of 4 / 6 elements (an f16 cache wants Hkv * D even): decode steps
+    // and chunks of 29 give the prefill's rows and selections, f32 and f16 on every f16
+    // pipeline.
     let mut pipes = vec![(pipeline(), Precision::F32, 1e-5)];
     pipes.extend(
         f16_pipelines()
