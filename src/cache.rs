@@ -524,17 +524,21 @@ impl NsaCache {
     ) -> Result<Vec<u64>> {
         let cap_c = config.num_compressed(capacity).max(1);
         let size = |rows: usize, d: usize| -> Result<u64> {
-            let per_seq = rows as u64 * row_bytes(opts, d);
-            if per_seq + limits.storage_align > limits.max_storage_binding {
+            // (Saturating: a capacity of usize::MAX is an error here, not an overflow.)
+            let per_seq = (rows as u64).saturating_mul(row_bytes(opts, d));
+            let needed = per_seq.saturating_add(limits.storage_align);
+            if needed > limits.max_storage_binding {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_storage_buffer_binding_size (one cached sequence)",
-                    needed: per_seq + limits.storage_align,
+                    needed,
                     limit: limits.max_storage_binding,
                 });
             }
             // Whole binding units: the last sequence's windows end at most there.
             let unit = binding_unit(opts.precision.bytes());
-            let size = (per_seq * opts.seqs as u64).next_multiple_of(unit);
+            let size = (per_seq.saturating_mul(opts.seqs as u64))
+                .checked_next_multiple_of(unit)
+                .unwrap_or(u64::MAX);
             if size > limits.max_buffer {
                 return Err(NsaError::ExceedsLimit {
                     what: "max_buffer_size (cache)",
@@ -727,7 +731,9 @@ impl NsaCache {
                 limit: self.opts.max_capacity as u64,
             });
         }
-        let new_cap = rows.max(self.capacity * 2).min(self.opts.max_capacity);
+        let new_cap = rows
+            .max(self.capacity.saturating_mul(2))
+            .min(self.opts.max_capacity);
         let (raw, compressed) = Self::allocate(pipe, &self.config, &self.opts, new_cap)?;
         let ctx = pipe.context();
         let mut own = None;

@@ -960,6 +960,19 @@ fn cache_overflow_and_bad_chunks_are_errors() {
         pollster::block_on(pipe.extend(&mut cache, &[short_k], OutputRequest::default())),
         Err(NsaError::ShapeMismatch { tensor: "k", .. })
     ));
+    // A reservation of usize::MAX rows is a limit named, not an overflow (a panic in debug
+    // builds).
+    let all = CacheOptions {
+        capacity: usize::MAX,
+        max_capacity: usize::MAX,
+        ..opts(&s, 16, false)
+    };
+    let r = NsaCache::new(pipe, &cfg, all, None);
+    assert!(
+        matches!(&r, Err(NsaError::ExceedsLimit { what, .. }) if what.starts_with("max_storage_buffer_binding_size")),
+        "{:?}",
+        r.err()
+    );
 }
 
 #[test]
