@@ -191,6 +191,11 @@ pub struct Shape {
 /// The largest head dimension the kernels support.
 pub const MAX_HEAD_DIM: usize = 256;
 
+/// The element count of a tensor of `dims`; `None` where it overflows `usize`.
+pub(crate) fn elements(dims: &[usize]) -> Option<usize> {
+    dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 fn bad_shape(what: &'static str, value: usize, rule: &'static str) -> NsaError {
     NsaError::InvalidShape { what, value, rule }
 }
@@ -240,7 +245,7 @@ impl Shape {
     }
 
     /// Checks the shape rules: positive sizes within `u32`, `Tq <= Tk`, `Hq % Hkv == 0`, head
-    /// dims up to 256.
+    /// dims up to 256, and every tensor within `isize::MAX` bytes of f32 (what a slice holds).
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [
             ("batch", self.batch),
@@ -273,6 +278,24 @@ impl Shape {
         }
         if self.dv > MAX_HEAD_DIM {
             return Err(bad_shape("dv", self.dv, "Dv <= 256"));
+        }
+        // Every tensor's f32 bytes within what a slice may hold (and so every size a plan
+        // computes from them within u64).
+        for (what, dims) in [
+            ("B * Tq * Hq * Dk (q)", self.q_shape()),
+            ("B * Tk * Hkv * Dk (k)", self.k_shape()),
+            ("B * Tk * Hkv * Dv (v)", self.v_shape()),
+            ("B * Tq * Hq * 3 (gates)", self.gates_shape()),
+            ("B * Tq * Hq * Dv (out)", self.out_shape()),
+        ] {
+            let n = elements(&dims);
+            if n.is_none_or(|n| n > isize::MAX as usize / 4) {
+                return Err(bad_shape(
+                    what,
+                    n.unwrap_or(usize::MAX),
+                    "at most isize::MAX bytes of f32",
+                ));
+            }
         }
         Ok(())
     }

@@ -17,7 +17,10 @@ pub enum NsaError {
         rule: &'static str,
     },
     /// A tensor does not have the shape the call expects.
-    #[error("shape mismatch for `{tensor}`: expected {expected:?} ({} elements), got {got} elements", expected.iter().product::<usize>())]
+    #[error(
+        "shape mismatch for `{tensor}`: expected {expected:?} ({} elements), got {got} elements",
+        elements(expected)
+    )]
     ShapeMismatch {
         /// Which tensor.
         tensor: &'static str,
@@ -115,3 +118,9 @@ pub enum NsaError {
 
 /// Shorthand for results carrying [`NsaError`].
 pub type Result<T, E = NsaError> = std::result::Result<T, E>;
+
+/// The element count of a tensor of `dims`, for messages: "more than usize::MAX" where the
+/// product overflows (a shape no slice can match).
+fn elements(dims: &[usize]) -> String {
+    crate::config::elements(dims).map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
+}

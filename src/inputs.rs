@@ -238,8 +238,8 @@ fn check_offsets(what: &'static str, cu: &[usize]) -> Result<()> {
 
 /// Checks that `data` has `expected`'s element count and holds only finite values.
 pub fn check_tensor(tensor: &'static str, data: &[f32], expected: &[usize]) -> Result<()> {
-    let n: usize = expected.iter().product();
-    if data.len() != n {
+    // (A product past usize::MAX matches no slice.)
+    if crate::config::elements(expected) != Some(data.len()) {
         return Err(NsaError::ShapeMismatch {
             tensor,
             expected: expected.to_vec(),

@@ -2844,7 +2844,7 @@ fn a_subgroup_size_is_fixed_only_where_the_adapter_has_one() {
 }
 
 #[test]
-fn extreme_config_values_are_exact_or_clear_errors() {
+fn extreme_configs_and_shapes_are_exact_or_clear_errors() {
     // A window past every key is every key, at any size: usize::MAX ("no limit"), past
     // u32::MAX (the kernels' integers: it was truncated to 8 keys) and u32::MAX itself give
     // the rows of a window of Tk keys, bit for bit, and the CPU reference's. Values the
@@ -2935,6 +2935,30 @@ fn extreme_config_values_are_exact_or_clear_errors() {
             );
         }
     }
+    // Shapes whose tensors no slice could hold (their element counts overflowed usize,
+    // a debug panic, and in release could match a short slice) are errors, from the GPU
+    // and the CPU reference alike.
+    let vast = Shape::prefill(1 << 20, 1 << 20, 1 << 20, 1 << 20, 256, 256);
+    for r in [
+        pollster::block_on(pipe.run(&base, &vast, &inputs, request)),
+        cpu::forward(&base, &vast, &inputs, request),
+    ] {
+        assert!(
+            matches!(&r, Err(NsaError::InvalidShape { what, .. }) if what.ends_with("(q)")),
+            "{:?}",
+            r.err()
+        );
+    }
+    let message = NsaError::ShapeMismatch {
+        tensor: "q",
+        expected: vec![usize::MAX, 2],
+        got: 4,
+    }
+    .to_string();
+    assert!(
+        message.contains("more than usize::MAX elements"),
+        "{message}"
+    );
     // n = u32::MAX is a valid config whose [B, Tq, Hkv, n] output (1.7 TB here) fits
     // neither a buffer nor the host.
     let huge = NsaConfig {

@@ -23,9 +23,7 @@ use crate::inputs::{
 /// naming `top_n` where the host cannot hold it (the one output whose size a config sets
 /// apart from the inputs'), rather than an aborted allocation.
 pub(crate) fn unselected(config: &NsaConfig, shape: &Shape) -> Result<Vec<i32>> {
-    let len = [shape.batch, shape.tq, shape.hkv, config.top_n]
-        .into_iter()
-        .try_fold(1usize, usize::checked_mul);
+    let len = crate::config::elements(&[shape.batch, shape.tq, shape.hkv, config.top_n]);
     let mut idx = Vec::new();
     match len {
         Some(len) if idx.try_reserve_exact(len).is_ok() => {
