@@ -181,12 +181,13 @@ pub struct DeviceStep<'a> {
 
 impl DeviceStep<'_> {
     /// Bytes of one sequence's rows of `q`, `gates` and `out` in a cache of `opts`.
+    /// (Saturating, as the step's other sizes: a count past u64 is a slice too short.)
     fn seq_bytes(&self, opts: &CacheOptions) -> [u64; 3] {
-        let rows = (self.tokens * opts.hq) as u64;
+        let rows = (self.tokens as u64).saturating_mul(opts.hq as u64);
         [
-            rows * opts.dk as u64 * opts.precision.bytes(),
-            rows * 3 * 4,
-            rows * opts.dv as u64 * 4,
+            rows.saturating_mul(opts.dk as u64 * opts.precision.bytes()),
+            rows.saturating_mul(3 * 4),
+            rows.saturating_mul(opts.dv as u64 * 4),
         ]
     }
 
@@ -197,7 +198,7 @@ impl DeviceStep<'_> {
 
     /// Bytes of one sequence's rows of `block_indices` with `n` selected blocks per row.
     fn idx_seq_bytes(&self, opts: &CacheOptions, n: usize) -> u64 {
-        (self.tokens * opts.hkv * n * 4) as u64
+        (self.tokens as u64).saturating_mul((opts.hkv * n * 4) as u64)
     }
 
     /// Checks the step against a cache of `opts` (selecting `top_n` blocks per row): its
@@ -227,28 +228,28 @@ impl DeviceStep<'_> {
             });
         }
         check_kv_mode(opts, self.branch_kv.is_some())?;
-        let n = (self.seqs * self.tokens) as u64;
+        let n = (self.seqs as u64).saturating_mul(self.tokens as u64);
         let per = self.seq_bytes(opts);
-        let seqs = self.seqs as u64;
+        let all = |per: u64| per.saturating_mul(self.seqs as u64);
         let mut wanted = vec![
-            ("q", self.q, seqs * per[0], wgpu::BufferUsages::COPY_SRC),
+            ("q", self.q, all(per[0]), wgpu::BufferUsages::COPY_SRC),
             (
                 "gates",
                 self.gates,
-                seqs * per[1],
+                all(per[1]),
                 wgpu::BufferUsages::COPY_SRC,
             ),
-            ("out", self.out, seqs * per[2], wgpu::BufferUsages::COPY_DST),
+            ("out", self.out, all(per[2]), wgpu::BufferUsages::COPY_DST),
         ];
         if let Some(idx) = self.block_indices {
-            let need = seqs * self.idx_seq_bytes(opts, top_n);
+            let need = all(self.idx_seq_bytes(opts, top_n));
             wanted.push(("block_indices", idx, need, wgpu::BufferUsages::COPY_DST));
         }
         for (name, b) in ["o_cmp", "o_slc", "o_win"]
             .into_iter()
             .zip(self.branches.iter().flatten())
         {
-            wanted.push((name, *b, seqs * per[2], wgpu::BufferUsages::COPY_DST));
+            wanted.push((name, *b, all(per[2]), wgpu::BufferUsages::COPY_DST));
         }
         for ((name, buf), d) in kv_names(opts)
             .iter()
@@ -258,7 +259,7 @@ impl DeviceStep<'_> {
             wanted.push((
                 name,
                 buf,
-                n * row_bytes(opts, d),
+                n.saturating_mul(row_bytes(opts, d)),
                 wgpu::BufferUsages::COPY_SRC,
             ));
         }

@@ -2771,6 +2771,25 @@ fn bad_device_steps_are_errors_and_change_nothing() {
         assert!(text.contains(expect[i]), "case {i}: {text}");
         assert_eq!(cache.lens(), &[0, 0], "case {i}");
     }
+    // With no hard limit, a step of 2^40 tokens (whose byte counts overflowed: a debug
+    // panic, and in release slices of wrapped sizes could pass) needs more than its slices.
+    let unbounded = CacheOptions {
+        max_capacity: usize::MAX,
+        ..opts(&s, 64, false)
+    };
+    let mut open = NsaCache::new(pipe, &small(), unbounded, None).unwrap();
+    let vast = nsa_wgpu::DeviceStep {
+        tokens: 1 << 40,
+        ..good
+    };
+    let mut enc = device.create_command_encoder(&Default::default());
+    let err = pollster::block_on(pipe.encode_extend(&mut enc, &mut open, &vast)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`q`: holds 512 bytes, the step needs 562949953421312"),
+        "{err}"
+    );
+    assert_eq!(open.lens(), &[0, 0]);
     // Beyond the cache's hard limit: an error, nothing appended.
     for _ in 0..64 {
         let mut enc = device.create_command_encoder(&Default::default());
