@@ -245,7 +245,8 @@ impl Shape {
     }
 
     /// Checks the shape rules: positive sizes within `u32`, `Tq <= Tk`, `Hq % Hkv == 0`, head
-    /// dims up to 256, and every tensor within `isize::MAX` bytes of f32 (what a slice holds).
+    /// dims up to 256, and every tensor's element count within `usize` (its f32 bytes within
+    /// `u64`).
     pub fn validate(&self) -> Result<()> {
         for (what, v) in [
             ("batch", self.batch),
@@ -279,8 +280,9 @@ impl Shape {
         if self.dv > MAX_HEAD_DIM {
             return Err(bad_shape("dv", self.dv, "Dv <= 256"));
         }
-        // Every tensor's f32 bytes within what a slice may hold (and so every size a plan
-        // computes from them within u64).
+        // Every tensor's element count within usize and its f32 bytes within u64 (so that
+        // the sizes a plan computes from them do not overflow; on wasm32 a 2 GiB tensor on
+        // the GPU is still a shape).
         for (what, dims) in [
             ("B * Tq * Hq * Dk (q)", self.q_shape()),
             ("B * Tk * Hkv * Dk (k)", self.k_shape()),
@@ -289,11 +291,11 @@ impl Shape {
             ("B * Tq * Hq * Dv (out)", self.out_shape()),
         ] {
             let n = elements(&dims);
-            if n.is_none_or(|n| n > isize::MAX as usize / 4) {
+            if n.is_none_or(|n| n as u64 > u64::MAX / 4) {
                 return Err(bad_shape(
                     what,
                     n.unwrap_or(usize::MAX),
-                    "at most isize::MAX bytes of f32",
+                    "elements within usize and their f32 bytes within u64",
                 ));
             }
         }
