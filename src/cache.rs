@@ -72,6 +72,9 @@ pub struct NsaCache {
     upload: Option<wgpu::Buffer>,
     /// The append kernel's bind groups on `upload` and `raw` (remade when either changes).
     append: Option<AppendBinding>,
+    /// The context (device) every buffer above lives on: calls through a pipeline of another
+    /// context are errors (wgpu-core panics on another instance's resources).
+    context: crate::GpuContext,
 }
 
 /// The append kernel's bindings for a cache (`shaders/append.wgsl`): the staging and raw
@@ -414,6 +417,10 @@ fn raw_dims(opts: &CacheOptions) -> Vec<usize> {
 
 impl NsaCache {
     /// An empty cache on `pipe`'s device. `linear` is required by `Compression::Linear`.
+    /// The cache belongs to `pipe`'s [`crate::GpuContext`]: pipelines made from it or its
+    /// clones run it, while a pipeline of another context (even one made by
+    /// `GpuContext::from_device` on the same device) is a [`NsaError::BadBuffer`] naming the
+    /// cache, as wgpu cannot tell another instance's device apart by its handle.
     pub fn new(
         pipe: &NsaPipeline,
         config: &NsaConfig,
@@ -484,6 +491,23 @@ impl NsaCache {
             compress_kept: Vec::new(),
             upload: None,
             append: None,
+            context: pipe.context().clone(),
+        })
+    }
+
+    /// [`NsaError::BadBuffer`] naming the cache where `pipe` runs on another context than
+    /// the one the cache was made with, or a clone of it ([`crate::GpuContext::same_context`];
+    /// checked before anything changes).
+    fn check_device(&self, pipe: &NsaPipeline) -> Result<()> {
+        if self.context.same_context(pipe.context()) {
+            return Ok(());
+        }
+        Err(NsaError::BadBuffer {
+            tensor: "cache",
+            problem: format!(
+                "made on another device (GpuContext) than the pipeline's ({}): use a pipeline made from the cache's context or a clone of it",
+                pipe.context().describe()
+            ),
         })
     }
 
@@ -722,6 +746,7 @@ impl NsaCache {
         encoder: Option<&mut wgpu::CommandEncoder>,
     ) -> Result<()> {
         pipe.context().check_alive()?;
+        self.check_device(pipe)?;
         if rows <= self.capacity {
             return Ok(());
         }
@@ -839,6 +864,7 @@ impl NsaCache {
     pub fn copy_sequence(&mut self, pipe: &NsaPipeline, src: usize, dst: usize) -> Result<()> {
         let ctx = pipe.context();
         ctx.check_alive()?;
+        self.check_device(pipe)?;
         for (what, seq) in [("src", src), ("dst", dst)] {
             if seq >= self.opts.seqs {
                 return Err(NsaError::InvalidShape {
@@ -1003,6 +1029,7 @@ impl NsaPipeline {
         timer: Option<(&StepTimer, bool)>,
     ) -> Result<Vec<KernelId>> {
         self.context().check_alive()?;
+        cache.check_device(self)?;
         step.check(&cache.opts, cache.config.top_n)?;
         let seqs: Vec<usize> = (step.first_seq..step.first_seq + step.seqs).collect();
         let sizes = vec![step.tokens; step.seqs];
@@ -1268,6 +1295,7 @@ impl NsaPipeline {
         timer: Option<(&StepTimer, bool)>,
     ) -> Result<(Vec<NsaOutputs>, Option<Vec<(KernelId, f64)>>)> {
         self.context().check_alive()?;
+        cache.check_device(self)?;
         let o = cache.opts;
         // Validate everything before touching the cache.
         let mut sizes = Vec::with_capacity(chunks.len());

@@ -194,6 +194,13 @@ impl GpuContext {
         }
     }
 
+    /// Whether `other` is this context or a clone of it (the same device of the same wgpu
+    /// instance). Device handles alone cannot tell: wgpu compares them by an id that another
+    /// instance's device may share.
+    pub fn same_context(&self, other: &GpuContext) -> bool {
+        Arc::ptr_eq(&self.lost, &other.lost) && self.device == other.device
+    }
+
     /// Why the device was lost (the reason and wgpu's message), for a device this crate
     /// created ([`GpuContext::new`], [`GpuContext::with_options`]); `None` while it works.
     /// Every call that records GPU work, makes a pipeline or makes or grows a cache then fails

@@ -2851,3 +2851,59 @@ fn large_appends_equal_small_ones() {
         assert!(a.out.iter().all(|x| x.is_finite()));
     }
 }
+
+#[test]
+fn a_cache_through_another_devices_pipeline_is_an_error() {
+    // A cache's buffers live on the device it was made on: a pipeline of another device
+    // (here another instance's) is refused before anything changes. Before, `extend` went
+    // through, leaving buffers of the other device in the cache, and the next call on the
+    // cache's own device panicked inside wgpu-core.
+    let a = pipeline();
+    let b = pipeline_with_limits(a.context().device.limits());
+    let s = Shape::prefill(2, 40, 2, 1, 8, 8);
+    let cfg = small();
+    let data = Data::new(&cfg, &s, false, 2);
+    let mut cache = NsaCache::new(a, &cfg, opts(&s, 16, false), None).unwrap();
+    let rows = seq_rows(&data, &s, 0, 20);
+    let chunk = [rows_chunk(&rows)];
+    let out = sentinel_out(&b, 64);
+    let buf = input_buffer(&b, &[0.5; 64], Precision::F32, true);
+    let step = nsa_wgpu::DeviceStep {
+        first_seq: 0,
+        seqs: 1,
+        tokens: 1,
+        q: buf.slice(..),
+        k: buf.slice(..),
+        v: buf.slice(..),
+        gates: buf.slice(..),
+        out: out.slice(..),
+        branch_kv: None,
+        block_indices: None,
+        branches: None,
+    };
+    let mut enc = b
+        .context()
+        .device
+        .create_command_encoder(&Default::default());
+    let errors = [
+        pollster::block_on(b.extend(&mut cache, &chunk, OutputRequest::default())).map(|_| ()),
+        pollster::block_on(b.append(&mut cache, &chunk)),
+        pollster::block_on(b.encode_extend(&mut enc, &mut cache, &step)),
+        cache.reserve(&b, 30),
+        cache.copy_sequence(&b, 0, 1),
+    ];
+    for (i, r) in errors.into_iter().enumerate() {
+        assert!(
+            matches!(&r, Err(NsaError::BadBuffer { tensor: "cache", problem }) if problem.contains("another device")),
+            "call {i}: {r:?}"
+        );
+    }
+    assert_eq!(cache.lens(), &[0, 0]);
+    assert_eq!(cache.capacity(), 16);
+    // Its own device's pipeline still runs it, writing what a fresh cache writes.
+    let got = pollster::block_on(a.extend(&mut cache, &chunk, OutputRequest::all())).unwrap();
+    let mut fresh = NsaCache::new(a, &cfg, opts(&s, 16, false), None).unwrap();
+    let want = pollster::block_on(a.extend(&mut fresh, &chunk, OutputRequest::all())).unwrap();
+    assert!(bit_equal(&got[0].out, &want[0].out));
+    assert_eq!(got[0].block_indices, want[0].block_indices);
+}
