@@ -191,7 +191,8 @@ impl<'a> NsaInputs<'a> {
 }
 
 /// Checks FlashAttention's `cu_seqlens` convention as the packed calls take it: at least one
-/// sequence, starting at 0, strictly increasing (every sequence holds a token).
+/// sequence, starting at 0, non-decreasing (an empty sequence, equal neighbours, has no
+/// rows: it writes nothing and changes no other sequence's).
 pub fn check_cu_seqlens(cu_seqlens: &[usize]) -> Result<()> {
     check_offsets("cu_seqlens", cu_seqlens)
 }
@@ -226,11 +227,11 @@ pub fn check_cu_seqlens_qk(cu_seqlens_q: &[usize], cu_seqlens_k: &[usize]) -> Re
 
 /// [`check_cu_seqlens`] for the offsets named `what`.
 fn check_offsets(what: &'static str, cu: &[usize]) -> Result<()> {
-    if cu.len() < 2 || cu[0] != 0 || cu.windows(2).any(|w| w[1] <= w[0]) {
+    if cu.len() < 2 || cu[0] != 0 || cu.windows(2).any(|w| w[1] < w[0]) {
         return Err(NsaError::InvalidShape {
             what,
             value: cu.len(),
-            rule: "starts at 0, strictly increasing, at least one sequence",
+            rule: "starts at 0, non-decreasing, at least one sequence",
         });
     }
     Ok(())

@@ -522,7 +522,7 @@ fn varlen_with_some_branches_keys_and_bad_offsets() {
         .zip(&plain.out)
         .filter(|(a, b)| (*a - *b).abs() > 1e-3);
     assert!(moved.count() > 0, "k_slc, v_slc ignored");
-    for bad in [&[0usize, 45, 45, 160][..], &[1, 160], &[0]] {
+    for bad in [&[0usize, 45, 44, 160][..], &[1, 160], &[0]] {
         let r = pollster::block_on(pipe.run_varlen(&cfg, bad, 4, 2, 8, 8, &inputs, req));
         assert!(
             matches!(
@@ -746,8 +746,38 @@ fn packed_chunks_of_equal_offsets_are_the_varlen_prefill_and_bad_offsets_are_err
     assert_eq!(cpu.out, want, "chunk rows are the prefill's rows");
     let gpu = pollster::block_on(pipe.run_varlen_qk(&cfg, &cu_q, &cu, heads, &chunks, req, f32));
     assert_close("chunks on the gpu", &gpu.unwrap().out, &want, 1e-5);
+    // Empty sequences (FlashAttention's equal neighbours) write no rows and change no
+    // other sequence's: one inserted into the prefill's offsets, and a sequence of keys
+    // without queries among the chunks (sequence 1's one query row left out).
+    let cu_e = [0usize, 45, 45, 46, 160];
+    let e = pollster::block_on(pipe.run_varlen(&cfg, &cu_e, 4, 2, 8, 8, &inputs, req)).unwrap();
+    assert_eq!(e.out, varlen.out, "an empty sequence");
+    assert_eq!(e.block_indices, varlen.block_indices);
+    let cpu_e = nsa_wgpu::cpu::forward_varlen(&cfg, &cu_e, heads, &inputs, req).unwrap();
+    assert_eq!(cpu_e.out, prefill.out, "an empty sequence (CPU)");
+    let cu_skip = [0usize, 10, 10, 20];
+    let keep: Vec<usize> = (0..21).filter(|&r| r != 10).collect();
+    let pick = |x: &[f32], w: usize| -> Vec<f32> {
+        keep.iter()
+            .flat_map(|&r| x[r * w..(r + 1) * w].to_vec())
+            .collect()
+    };
+    let (q_skip, gates_skip) = (pick(&q, 32), pick(&gates, 12));
+    let skip = nsa_wgpu::NsaInputs::new(&q_skip, &data.k, &data.v, &gates_skip);
+    let want_skip = pick(&cpu.out, 32);
+    let cpu_skip =
+        nsa_wgpu::cpu::forward_varlen_qk(&cfg, &cu_skip, &cu, heads, &skip, req).unwrap();
+    assert_eq!(cpu_skip.out, want_skip, "a sequence without queries (CPU)");
+    let gpu_skip =
+        pollster::block_on(pipe.run_varlen_qk(&cfg, &cu_skip, &cu, heads, &skip, req, f32));
+    assert_close(
+        "a sequence without queries",
+        &gpu_skip.unwrap().out,
+        &want_skip,
+        1e-5,
+    );
     let bad: [(&[usize], &[usize], &str); 6] = [
-        (&[0, 10, 10, 21], &cu, "cu_seqlens_q"),
+        (&[0, 10, 9, 21], &cu, "cu_seqlens_q"),
         (&cu_q, &[0, 45, 160], "cu_seqlens_q"),
         (&cu_q, &[1, 45, 46, 160], "cu_seqlens_k"),
         (&[0, 10, 12, 22], &cu, "cu_seqlens_q"),

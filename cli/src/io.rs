@@ -302,9 +302,9 @@ fn check_offsets(name: &str, cu: &[usize], total: usize) -> Result<(), String> {
     if cu[0] != 0 {
         return Err(format!("{name}[0] = {}; it must be 0", cu[0]));
     }
-    if let Some(i) = (1..cu.len()).find(|&i| cu[i] <= cu[i - 1]) {
+    if let Some(i) = (1..cu.len()).find(|&i| cu[i] < cu[i - 1]) {
         return Err(format!(
-            "{name}[{i}] = {} is not above {name}[{}] = {}: every sequence needs at least one row",
+            "{name}[{i}] = {} is below {name}[{}] = {}: offsets never decrease (an empty sequence repeats one)",
             cu[i],
             i - 1,
             cu[i - 1]

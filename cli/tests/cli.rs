@@ -982,9 +982,9 @@ fn packed_and_f64_inputs_are_checked_and_read() {
         "ends at 29, but the tensors hold 30",
     );
     bad(
-        "empty.safetensors",
-        &[0, 10, 10, 30],
-        "cu_seqlens[2] = 10 is not above",
+        "falling.safetensors",
+        &[0, 10, 5, 30],
+        "cu_seqlens[2] = 5 is below cu_seqlens[1] = 10",
     );
     bad("start.safetensors", &[3, 10, 30], "cu_seqlens[0] = 3");
     bad("one.safetensors", &[0], "expected B + 1 >= 2");

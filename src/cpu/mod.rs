@@ -176,7 +176,9 @@ fn forward_packed(
     request: OutputRequest,
 ) -> Result<NsaOutputs> {
     inputs.validate(config, &Shape::packed(cu_q, cu_k, heads))?;
+    // (A sequence without queries has no rows.)
     let parts = (inputs.packed_sequences((cu_q, cu_k), heads))
+        .filter(|(shape, _)| shape.tq > 0)
         .map(|(shape, rows)| forward(config, &shape, &rows, request))
         .collect::<Result<Vec<_>>>()?;
     Ok(crate::cache::concat(parts, request))
