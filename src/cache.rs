@@ -201,7 +201,9 @@ impl DeviceStep<'_> {
 
     /// Bytes of one sequence's rows of `block_indices` with `n` selected blocks per row.
     fn idx_seq_bytes(&self, opts: &CacheOptions, n: usize) -> u64 {
-        (self.tokens as u64).saturating_mul((opts.hkv * n * 4) as u64)
+        (self.tokens as u64)
+            .saturating_mul(opts.hkv as u64)
+            .saturating_mul(n as u64 * 4)
     }
 
     /// Checks the step against a cache of `opts` (selecting `top_n` blocks per row): its
@@ -498,7 +500,7 @@ impl NsaCache {
     /// [`NsaError::BadBuffer`] naming the cache where `pipe` runs on another context than
     /// the one the cache was made with, or a clone of it ([`crate::GpuContext::same_context`];
     /// checked before anything changes).
-    fn check_device(&self, pipe: &NsaPipeline) -> Result<()> {
+    fn check_context(&self, pipe: &NsaPipeline) -> Result<()> {
         if self.context.same_context(pipe.context()) {
             return Ok(());
         }
@@ -746,7 +748,7 @@ impl NsaCache {
         encoder: Option<&mut wgpu::CommandEncoder>,
     ) -> Result<()> {
         pipe.context().check_alive()?;
-        self.check_device(pipe)?;
+        self.check_context(pipe)?;
         if rows <= self.capacity {
             return Ok(());
         }
@@ -864,7 +866,7 @@ impl NsaCache {
     pub fn copy_sequence(&mut self, pipe: &NsaPipeline, src: usize, dst: usize) -> Result<()> {
         let ctx = pipe.context();
         ctx.check_alive()?;
-        self.check_device(pipe)?;
+        self.check_context(pipe)?;
         for (what, seq) in [("src", src), ("dst", dst)] {
             if seq >= self.opts.seqs {
                 return Err(NsaError::InvalidShape {
@@ -1029,7 +1031,7 @@ impl NsaPipeline {
         timer: Option<(&StepTimer, bool)>,
     ) -> Result<Vec<KernelId>> {
         self.context().check_alive()?;
-        cache.check_device(self)?;
+        cache.check_context(self)?;
         step.check(&cache.opts, cache.config.top_n)?;
         let seqs: Vec<usize> = (step.first_seq..step.first_seq + step.seqs).collect();
         let sizes = vec![step.tokens; step.seqs];
@@ -1295,7 +1297,7 @@ impl NsaPipeline {
         timer: Option<(&StepTimer, bool)>,
     ) -> Result<(Vec<NsaOutputs>, Option<Vec<(KernelId, f64)>>)> {
         self.context().check_alive()?;
-        cache.check_device(self)?;
+        cache.check_context(self)?;
         let o = cache.opts;
         // Validate everything before touching the cache.
         let mut sizes = Vec::with_capacity(chunks.len());

@@ -19,7 +19,7 @@ pub enum NsaError {
     /// A tensor does not have the shape the call expects.
     #[error(
         "shape mismatch for `{tensor}`: expected {expected:?} ({} elements), got {got} elements",
-        elements(expected)
+        element_count(expected)
     )]
     ShapeMismatch {
         /// Which tensor.
@@ -121,6 +121,6 @@ pub type Result<T, E = NsaError> = std::result::Result<T, E>;
 
 /// The element count of a tensor of `dims`, for messages: "more than usize::MAX" where the
 /// product overflows (a shape no slice can match).
-fn elements(dims: &[usize]) -> String {
+fn element_count(dims: &[usize]) -> String {
     crate::config::elements(dims).map_or_else(|| "more than usize::MAX".into(), |n| n.to_string())
 }
