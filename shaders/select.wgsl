@@ -67,7 +67,7 @@ fn main(
     // them in windows of PBUF: each invocation weighs its tokens of a window by the pieces of
     // the block they overlap (SPEC's overlap sum, counted per token), and the shares are added
     // up once the block's windows are done.
-    let long = m + u - 1u > PBUF;
+    let long = m + (u - 1u) > PBUF;
     let f = forced_blocks(p);
     let c = f.c;
     let fa = f.fa;
@@ -84,20 +84,39 @@ fn main(
     // Split s takes chunks s, s + splits, ...
     for (var j0 = split * bc; j0 <= c; j0 += params.splits * bc) {
         let jn = min(bc, c + 1u - j0);
-        let ntok = m * jn + u - 1u;
+        // Token g of the chunk's ntok (its blocks' pieces and the u - 1 before the first:
+        // at most 2^32 - 1, which Config::validate bounds, as one block to a chunk where
+        // they are long) is compressed token s0 + g - back. Only the visible ones,
+        // [v_lo, v_end), have probabilities; all in 32 bits, no sum past them.
+        let back = u - 1u;
+        let s0 = m * j0;
+        let ntok = m * jn + back;
+        let v_end = select(nv, s0 + m * jn, s0 < nv && m * jn < nv - s0);
+        let v_lo = select(s0 - back, 0u, s0 < back);
+        let g_vis = select(0u, back - s0, s0 < back);  // token v_lo's g
+        let n_vis = select(0u, v_end - v_lo, v_end > v_lo);
+        // A short chunk takes all its tokens in one window (pbuf: zeros where invisible,
+        // as sum_grouped reads them all); a long block only the windows of its visible
+        // tokens, as the shares of the others are 0 (walking them all took 18 s on
+        // lavapipe with l / d in the hundreds of millions).
+        let g_lo = select(0u, g_vis, long);
+        let g_n = select(ntok, n_vis, long);
+        let windows = g_n / PBUF + select(0u, 1u, g_n % PBUF != 0u);
         var share = 0.0;
-        for (var w0 = 0u; w0 < ntok; w0 += PBUF) {
-            let wn = min(PBUF, ntok - w0);
-            if w0 > 0u {
+        for (var wi = 0u; wi < windows; wi++) {
+            let w0 = g_lo + wi * PBUF;
+            let wn = min(PBUF, g_lo + g_n - w0);
+            if wi > 0u {
                 workgroupBarrier();  // the last window's shares are taken
             }
-            // pbuf[x] holds token m*j0 + w0 + x - (u-1); tokens outside [0, nv) stay 0.
+            // pbuf[x] holds token g = w0 + x; tokens outside [v_lo, v_end) stay 0.
             for (var x = lid; x < wn; x += WG) {
                 pbuf[x] = 0.0;
             }
-            let t_first = i32(m * j0 + w0) - i32(u - 1u);
-            let t_lo = u32(max(t_first, 0));
-            let t_hi = min(min(m * (j0 + jn), nv), u32(max(t_first + i32(wn), 0)));
+            let a = max(w0, g_vis);
+            let b = min(w0 + wn, g_vis + n_vis);
+            let t_lo = v_lo + (a - g_vis);
+            let t_hi = select(t_lo, v_lo + (b - g_vis), b > a);
             for (var h0 = 0u; h0 < params.g; h0 += ROWS) {
                 let nh = min(ROWS, params.g - h0);
                 workgroupBarrier();
@@ -108,7 +127,7 @@ fn main(
                 if BLOCK_SUMS {
                     score_blocks(lid, row0 + h0, nh, j0, jn, nv);
                 } else {
-                    score_tokens(lid, bb, h, row0 + h0, nh, t_lo, t_hi, u - 1u - m * j0 - w0);
+                    score_tokens(lid, bb, h, row0 + h0, nh, t_lo, t_hi, back - s0 - w0);
                 }
             }
             if long {

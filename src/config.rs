@@ -90,8 +90,8 @@ fn invalid(field: &'static str, value: impl ToString, rule: &'static str) -> Nsa
 }
 
 impl NsaConfig {
-    /// Checks every rule of SPEC.md, and that `l`, `l'` and `n` fit the kernels' 32-bit
-    /// integers; the error names the field, its value and the rule.
+    /// Checks every rule of SPEC.md, and that `l`, `l'`, `n` and `l/d + l'/d - 1` fit the
+    /// kernels' 32-bit integers; the error names the field, its value and the rule.
     pub fn validate(&self) -> Result<()> {
         if self.cmp_stride < 1 {
             return Err(invalid("cmp_stride", self.cmp_stride, "d >= 1"));
@@ -135,6 +135,18 @@ impl NsaConfig {
                     "<= 4294967295 (the kernels count with 32-bit integers)",
                 ));
             }
+        }
+        // The selection counts a block's pieces with the strides before it that reach into
+        // it (l'/d + l/d - 1) in 32 bits too.
+        let span = (self.sel_block / self.cmp_stride) as u64
+            + (self.cmp_block / self.cmp_stride) as u64
+            - 1;
+        if span > u32::MAX as u64 {
+            return Err(invalid(
+                "cmp_block",
+                self.cmp_block,
+                "l/d + l'/d - 1 <= 4294967295 (the selection counts a block's strides with 32-bit integers)",
+            ));
         }
         if let Some(s) = self.scale {
             if !s.is_finite() || s <= 0.0 {

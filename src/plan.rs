@@ -1478,7 +1478,7 @@ impl Plan {
     fn select_chunk(&self) -> u64 {
         let c = &self.config;
         let (m, u) = (c.sel_block / c.cmp_stride, c.cmp_block / c.cmp_stride);
-        if m + u - 1 > SELECT_PBUF {
+        if m + (u - 1) > SELECT_PBUF {
             return 1;
         }
         SELECT_BCHUNK.min((SELECT_PBUF - (u - 1)) / m) as u64

@@ -2076,6 +2076,57 @@ fn random_long_prefills_match_the_reference() {
 }
 
 #[test]
+fn random_long_blocks_match_the_reference() {
+    // Selection blocks and the compressed tokens that reach into them past the selection's
+    // 512-token tile (l'/d + l/d - 1 > 512), which it takes in windows of only the visible
+    // tokens: blocks of up to 700 strides beside tokens of up to 900, so that a block's
+    // visible tokens start anywhere in its first window, or past it, or are none.
+    use rand::Rng;
+    let (mut rng, cases) = common::sweep("random long blocks", 0x6c6f_6e67_626c, 3);
+    for case in 0..cases {
+        let base = random_config(&mut rng, &[1, 2], &[1, 64]);
+        let d = base.cmp_stride;
+        // Long blocks beside short tokens, or short blocks beside long tokens (many blocks:
+        // few selected, so that a block's score decides).
+        let (m, u) = if rng.random_bool(0.3) {
+            (rng.random_range(513..=700), rng.random_range(1..=300))
+        } else {
+            let m = rng.random_range(1..=64);
+            (m, rng.random_range(514 - m..=900))
+        };
+        let tk = d * u + rng.random_range(100..=800);
+        let cfg = NsaConfig {
+            cmp_block: d * u,
+            sel_block: d * m,
+            top_n: (base.init_blocks + base.local_blocks).max(1) + rng.random_range(0..=3),
+            ..base
+        };
+        let hkv = rng.random_range(1..=2);
+        let shape = Shape {
+            batch: 1,
+            // The first rows see the fewest tokens (one missed is the most of a score), the
+            // last the most blocks; the naive NSA's block scores take m u steps each.
+            tq: if rng.random_bool(0.5) {
+                tk
+            } else {
+                rng.random_range(1..=300)
+            },
+            tk,
+            hq: hkv * pick(&mut rng, &[1, 4, 16]),
+            hkv,
+            dk: 8,
+            dv: 8,
+        };
+        check_case(
+            &format!("random long blocks {case}: {cfg:?} {shape:?}"),
+            cfg,
+            shape,
+            false,
+        );
+    }
+}
+
+#[test]
 fn random_configs_and_shapes_match_the_reference() {
     // A seeded sweep beyond the table: compression blocks and strides (d down to 1),
     // selection blocks, top-n with forced initial and local blocks, windows, scales, Mean
@@ -2878,15 +2929,21 @@ fn extreme_configs_and_shapes_are_exact_or_clear_errors() {
         assert_close(&format!("window {window}"), &got.out, &twin.out, 1e-5);
     }
     // Compression blocks longer than the keys compress nothing (65,536 tokens: llvmpipe's
-    // loop cap made this an ExceedsLimit before, though no block was compressed).
-    let long_blocks = NsaConfig {
-        cmp_block: 1 << 16,
-        ..base
-    };
-    let got = gpu(&long_blocks).unwrap();
-    let twin = cpu(&long_blocks).unwrap();
-    assert_close("l past the keys", &got.out, &twin.out, 1e-5);
-    assert_eq!(got.block_indices, twin.block_indices, "l past the keys");
+    // loop cap made this an ExceedsLimit before, though no block was compressed), at any
+    // length: the selection walks only the visible tokens of a block's l/d + l'/d - 1
+    // (2^29 + 3 took 18 s on lavapipe; 2^32 - 1, the most the rule allows, overran the
+    // kernel's 32-bit window loop, which never ended).
+    for (cmp_block, cmp_stride) in [(1 << 16, 8), ((1 << 32) - 16, 8), ((1 << 32) - 32, 1)] {
+        let cfg = NsaConfig {
+            cmp_block,
+            cmp_stride,
+            ..base
+        };
+        let got = gpu(&cfg).unwrap();
+        let twin = cpu(&cfg).unwrap();
+        assert_close(&format!("l = {cmp_block}"), &got.out, &twin.out, 1e-5);
+        assert_eq!(got.block_indices, twin.block_indices, "l = {cmp_block}");
+    }
     let past = (1usize << 32) + 8;
     let invalid = [
         (
@@ -2914,6 +2971,14 @@ fn extreme_configs_and_shapes_are_exact_or_clear_errors() {
             "cmp_block",
             NsaConfig {
                 cmp_block: past,
+                ..base
+            },
+        ),
+        (
+            "cmp_block",
+            NsaConfig {
+                cmp_block: (1 << 32) - 31,
+                cmp_stride: 1,
                 ..base
             },
         ),

@@ -57,6 +57,32 @@ fn per_token_overlap_weights_equal_the_double_sum() {
             .collect();
         let p64: Vec<f64> = p.iter().map(|x| *x as f64).collect();
         let want = block_importance(&cfg, &p64, nv.div_ceil(m) + 1);
+        // The whole walk over a block's m + u - 1 tokens, skipping the invisible ones: the
+        // same sums, bit for bit, whichever tokens are visible.
+        let walk = |p: &[f32], j: usize| {
+            let mut s = 0.0f32;
+            for g0 in (0..m + u - 1).step_by(16) {
+                let mut part = 0.0f32;
+                for g in g0..(g0 + 16).min(m + u - 1) {
+                    let t = (m * j + g) as isize - (u - 1) as isize;
+                    if t >= 0 && (t as usize) < p.len() {
+                        part += overlap(g, m, u) as f32 * p[t as usize];
+                    }
+                }
+                s += part;
+            }
+            s
+        };
+        for j in 0..want.len() {
+            for visible in [0, 1, m / 2, m + 3, nv] {
+                let p = &p[..visible];
+                assert_eq!(
+                    block_score(p, j, m, u),
+                    walk(p, j),
+                    "m {m}, u {u}, block {j}"
+                );
+            }
+        }
         for (j, w) in want.iter().enumerate() {
             let got = block_score(&p, j, m, u) as f64;
             assert!(
@@ -65,6 +91,24 @@ fn per_token_overlap_weights_equal_the_double_sum() {
             );
         }
     }
+}
+
+/// Compressed tokens of billions of strides: a block's score adds only its visible tokens'
+/// terms, exactly (`l/d = 2^31 + 5` beside 3-stride blocks: block 0 is 3 p0 + 2 p1 + p2,
+/// block 1 takes tokens 0 .. 3 whole and 4, 5 in part), without walking the tokens before
+/// the sequence (select.wgsl does the same).
+#[test]
+fn block_scores_of_vast_compressed_tokens_add_the_visible_ones() {
+    use nsa_wgpu::cpu::select::block_score;
+    let (m, u) = (3, (1usize << 31) + 5);
+    let p: Vec<f32> = (0..40).map(|t| (t as f32 + 1.5) / 64.0).collect();
+    let w = |ws: &[f32]| {
+        let part = ws.iter().zip(&p).fold(0.0f32, |a, (w, x)| a + w * x);
+        0.0f32 + part
+    };
+    assert_eq!(block_score(&p, 0, m, u), w(&[3.0, 2.0, 1.0]));
+    assert_eq!(block_score(&p, 1, m, u), w(&[3.0, 3.0, 3.0, 3.0, 2.0, 1.0]));
+    assert_eq!(block_score(&[], 1, m, u), 0.0);
 }
 
 #[test]

@@ -79,18 +79,26 @@ pub fn overlap(g: usize, m: usize, u: usize) -> usize {
 /// Block `j`'s importance from the group's probabilities `pc` of the visible compressed
 /// tokens, as select.wgsl forms it: sum over g of `overlap(g) * pc[m j - (u - 1) + g]`,
 /// added 16 terms at a time (f32's rounding then grows with the groups, not the terms).
+/// Only the visible tokens' terms are added: the others are no terms at all, so the sums
+/// are those of the whole walk, which takes `m + u - 1` steps per block where `l / d`
+/// may be in the billions.
 pub fn block_score(pc: &[f32], j: usize, m: usize, u: usize) -> f32 {
-    let n = m + u - 1;
+    // Token m j - (u - 1) + g is visible for g in [lo, hi), in u64: u - 1 plus the
+    // visible tokens may pass a 32-bit usize.
+    let (back, first) = ((u - 1) as u64, (m as u64) * (j as u64));
+    let n = m as u64 + back;
+    let lo = back.saturating_sub(first);
+    let hi = (pc.len() as u64 + back).saturating_sub(first).min(n);
     let mut s = 0.0f32;
-    for g0 in (0..n).step_by(16) {
+    let mut g0 = lo / 16 * 16;
+    while g0 < hi {
         let mut part = 0.0f32;
-        for g in g0..(g0 + 16).min(n) {
-            let t = (m * j + g) as isize - (u - 1) as isize;
-            if t >= 0 && (t as usize) < pc.len() {
-                part += overlap(g, m, u) as f32 * pc[t as usize];
-            }
+        for g in g0.max(lo)..(g0 + 16).min(hi) {
+            let t = (first + g - back) as usize;
+            part += overlap(g as usize, m, u) as f32 * pc[t];
         }
         s += part;
+        g0 += 16;
     }
     s
 }
