@@ -151,11 +151,12 @@ fn main(
                 if BLOCK_SUMS {
                     s = pbuf[lid];
                 } else if long {
-                    s = sum_grouped(0u, WG, 0u, 0u);
+                    s = sum_grouped(0u, 0u, WG, 0u, 0u);
                 } else {
                     // Token g of the block's m + u - 1 (from the u - 1 before it) sits at
-                    // pbuf[m*lid + g].
-                    s = sum_grouped(m * lid, m + u - 1u, m, u);
+                    // pbuf[m*lid + g]; its first token past the sequence's start at g0.
+                    let g0 = select(0u, back - m * j, m * j < back);
+                    s = sum_grouped(m * lid, g0, m + u - 1u, m, u);
                 }
             }
             bscore[lid] = s;
@@ -291,16 +292,22 @@ fn overlap(g: u32, m: u32, u: u32) -> u32 {
     return min(m, g + 1u) - (max(g + 1u, u) - u);
 }
 
-// Sum over g < n of overlap(g, m, u) * pbuf[at + g] (m = 0: the plain sum of `partial[at ..
-// at + n]`, the shares of a long block), 16 terms at a time: f32's rounding then grows with
-// the groups rather than the terms, which matters for blocks of hundreds of pieces (summed
-// one term at a time, m u of them, blocks of 200 pieces beside tokens of 300 ranked two
-// blocks whose scores differ by 2.6e-5 the wrong way, past SPEC's 1e-6 near-tie rule).
-fn sum_grouped(at: u32, n: u32, m: u32, u: u32) -> f32 {
+// Sum over g0 <= g < n of overlap(g, m, u) * pbuf[at + g] (m = 0: the plain sum of
+// `partial[at + g0 .. at + n]`, the shares of a long block), 16 terms at a time: f32's
+// rounding then grows with the groups rather than the terms, which matters for blocks of
+// hundreds of pieces (summed one term at a time, m u of them, blocks of 200 pieces beside
+// tokens of 300 ranked two blocks whose scores differ by 2.6e-5 the wrong way, past SPEC's
+// 1e-6 near-tie rule). The groups start at the block's first token past the sequence's
+// start (g0), as a long block's windows do: blocks that the same tokens overlap alike (all
+// of them whole, where a compressed token spans several blocks) then add the same terms in
+// the same groups, and tie bit for bit, so that the lower block wins as SPEC asks, rather
+// than whichever rounding favours (groups at multiples of 16 of g split their terms
+// differently from block to block).
+fn sum_grouped(at: u32, g0: u32, n: u32, m: u32, u: u32) -> f32 {
     var s = 0.0;
-    for (var g0 = 0u; g0 < n; g0 += 16u) {
+    for (var a = g0; a < n; a += 16u) {
         var part = 0.0;
-        for (var g = g0; g < min(g0 + 16u, n); g++) {
+        for (var g = a; g < min(a + 16u, n); g++) {
             if m == 0u {
                 part += partial[at + g];
             } else {

@@ -910,6 +910,45 @@ fn a_window_past_every_key_is_every_key_through_the_cache() {
 }
 
 #[test]
+fn long_and_vast_compressed_tokens_through_the_cache() {
+    // Compressed tokens whose strides reach far before a selection block (the selection then
+    // takes a block's visible tokens in windows: 500 strides beside blocks of 20), and
+    // compressed tokens of billions of strides (none visible: every block scores 0, the
+    // lowest win; d = 1 with l/d + l'/d - 1 = 2^32 - 1, the most the config allows), through
+    // chunks and decode steps: the prefill's rows and selections.
+    let pipe = pipeline();
+    let s = Shape::prefill(1, 1400, 4, 2, 8, 8);
+    for (cmp_block, cmp_stride, sel_block) in [
+        (1000, 2, 40),
+        ((1 << 32) - 16, 8, 32),
+        ((1 << 32) - 32, 1, 32),
+    ] {
+        let cfg = NsaConfig {
+            cmp_block,
+            cmp_stride,
+            sel_block,
+            top_n: 5,
+            ..small()
+        };
+        let data = Data::new(&cfg, &s, false, 13);
+        let inputs = data.inputs();
+        let want = pollster::block_on(pipe.run(&cfg, &s, &inputs, OutputRequest::all())).unwrap();
+        let cpu = nsa_wgpu::cpu::forward(&cfg, &s, &inputs, OutputRequest::all()).unwrap();
+        assert_close(&format!("l = {cmp_block} (CPU)"), &want.out, &cpu.out, 1e-5);
+        assert_eq!(
+            want.block_indices, cpu.block_indices,
+            "l = {cmp_block} (CPU)"
+        );
+        for chunk in [1, 300] {
+            let (got, _) = through_cache(pipe, (&cfg, &s, &data), chunk, s.tk, Precision::F32);
+            let what = format!("l = {cmp_block}, chunks of {chunk}");
+            assert_close(&what, &got.out, &want.out, 1e-5);
+            assert_eq!(got.block_indices, want.block_indices, "{what}");
+        }
+    }
+}
+
+#[test]
 fn multi_query_decode_steps_equal_the_prefill() {
     // A group of 64 query heads on one kv head (four 16-row blocks per kv head in a decode
     // step), and heads of 4 / 6 elements (an f16 cache wants Hkv * D even): decode steps

@@ -57,11 +57,13 @@ fn per_token_overlap_weights_equal_the_double_sum() {
             .collect();
         let p64: Vec<f64> = p.iter().map(|x| *x as f64).collect();
         let want = block_importance(&cfg, &p64, nv.div_ceil(m) + 1);
-        // The whole walk over a block's m + u - 1 tokens, skipping the invisible ones: the
-        // same sums, bit for bit, whichever tokens are visible.
+        // The whole walk over a block's m + u - 1 tokens (from its first past the sequence's
+        // start), skipping the invisible ones: the same sums, bit for bit, whichever tokens
+        // are visible.
         let walk = |p: &[f32], j: usize| {
             let mut s = 0.0f32;
-            for g0 in (0..m + u - 1).step_by(16) {
+            // Groups from the block's first token past the sequence's start.
+            for g0 in ((u - 1).saturating_sub(m * j)..m + u - 1).step_by(16) {
                 let mut part = 0.0f32;
                 for g in g0..(g0 + 16).min(m + u - 1) {
                     let t = (m * j + g) as isize - (u - 1) as isize;
@@ -109,6 +111,27 @@ fn block_scores_of_vast_compressed_tokens_add_the_visible_ones() {
     assert_eq!(block_score(&p, 0, m, u), w(&[3.0, 2.0, 1.0]));
     assert_eq!(block_score(&p, 1, m, u), w(&[3.0, 3.0, 3.0, 3.0, 2.0, 1.0]));
     assert_eq!(block_score(&[], 1, m, u), 0.0);
+}
+
+/// Blocks that every visible compressed token overlaps whole (tokens of 40 pieces beside
+/// blocks of 2) have the same importance: their f32 scores tie bit for bit, so that the lower
+/// block wins, as SPEC asks, whatever the probabilities (groups of 16 terms at multiples of
+/// 16 of a block's token index split the same terms differently from block to block).
+#[test]
+fn blocks_every_token_overlaps_whole_tie_exactly() {
+    use nsa_wgpu::cpu::select::block_score;
+    let (m, u) = (2, 40);
+    for nv in [1, 2, 3, 7, 17] {
+        let p: Vec<f32> = (0..nv).map(|t| 1.0 / (3.0 + t as f32 * 0.7311)).collect();
+        // Block j's pieces 2j, 2j + 1 lie in token t's t .. t + 39 for every t < nv where
+        // nv - 1 <= 2j and 2j + 1 <= 39.
+        let whole = (nv / 2..20).filter(|j| 2 * j + 1 >= nv);
+        let scores: Vec<u32> = whole.map(|j| block_score(&p, j, m, u).to_bits()).collect();
+        assert!(
+            scores.windows(2).all(|w| w[0] == w[1]),
+            "{nv} tokens: {scores:?}"
+        );
+    }
 }
 
 #[test]

@@ -78,10 +78,11 @@ pub fn overlap(g: usize, m: usize, u: usize) -> usize {
 
 /// Block `j`'s importance from the group's probabilities `pc` of the visible compressed
 /// tokens, as select.wgsl forms it: sum over g of `overlap(g) * pc[m j - (u - 1) + g]`,
-/// added 16 terms at a time (f32's rounding then grows with the groups, not the terms).
-/// Only the visible tokens' terms are added: the others are no terms at all, so the sums
-/// are those of the whole walk, which takes `m + u - 1` steps per block where `l / d`
-/// may be in the billions.
+/// added 16 terms at a time (f32's rounding then grows with the groups, not the terms)
+/// from the block's first token past the sequence's start, so that blocks the same tokens
+/// overlap alike (all of them whole, where a compressed token spans several blocks) tie bit
+/// for bit and the lower wins, as SPEC asks. Only the visible tokens' terms are added (a
+/// walk over all `m + u - 1` would take billions of steps where `l / d` is in the billions).
 pub fn block_score(pc: &[f32], j: usize, m: usize, u: usize) -> f32 {
     // Token m j - (u - 1) + g is visible for g in [lo, hi), in u64: u - 1 plus the
     // visible tokens may pass a 32-bit usize.
@@ -90,7 +91,7 @@ pub fn block_score(pc: &[f32], j: usize, m: usize, u: usize) -> f32 {
     let lo = back.saturating_sub(first);
     let hi = (pc.len() as u64 + back).saturating_sub(first).min(n);
     let mut s = 0.0f32;
-    let mut g0 = lo / 16 * 16;
+    let mut g0 = lo;
     while g0 < hi {
         let mut part = 0.0f32;
         for g in g0.max(lo)..(g0 + 16).min(hi) {
