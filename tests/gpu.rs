@@ -2080,19 +2080,27 @@ fn random_long_blocks_match_the_reference() {
     // Selection blocks and the compressed tokens that reach into them past the selection's
     // 512-token tile (l'/d + l/d - 1 > 512), which it takes in windows of only the visible
     // tokens: blocks of up to 700 strides beside tokens of up to 900, so that a block's
-    // visible tokens start anywhere in its first window, or past it, or are none.
+    // visible tokens start anywhere in its first window, or past it, or are none; and
+    // within the tile, tokens spanning up to 200 blocks of 1 to 8 strides. Where a token
+    // spans many blocks, the blocks all visible tokens overlap whole tie exactly (the lower
+    // wins; check_case allows only a few near ties).
     use rand::Rng;
-    let (mut rng, cases) = common::sweep("random long blocks", 0x6c6f_6e67_626c, 3);
+    let (mut rng, cases) = common::sweep("random long blocks", 0x6c6f_6e67_626c, 4);
     for case in 0..cases {
         let base = random_config(&mut rng, &[1, 2], &[1, 64]);
         let d = base.cmp_stride;
         // Long blocks beside short tokens, or short blocks beside long tokens (many blocks:
         // few selected, so that a block's score decides).
-        let (m, u) = if rng.random_bool(0.3) {
-            (rng.random_range(513..=700), rng.random_range(1..=300))
-        } else {
-            let m = rng.random_range(1..=64);
-            (m, rng.random_range(514 - m..=900))
+        let (m, u) = match rng.random_range(0..10) {
+            0..3 => (rng.random_range(513..=700), rng.random_range(1..=300)),
+            3..6 => {
+                let m = rng.random_range(1..=8);
+                (m, rng.random_range(17..=200))
+            }
+            _ => {
+                let m = rng.random_range(1..=64);
+                (m, rng.random_range(514 - m..=900))
+            }
         };
         let tk = d * u + rng.random_range(100..=800);
         let cfg = NsaConfig {
