@@ -2053,25 +2053,33 @@ fn random_long_prefills_match_the_reference() {
         let cfg = random_long_config(&mut rng, &[1, 2, 4, 8], &[1, 100, 700], 60);
         let hkv = rng.random_range(1..=2);
         let tk = rng.random_range(1000..=2500);
-        let shape = Shape {
-            batch: 1,
-            tq: if rng.random_bool(0.3) {
-                rng.random_range(1..=tk)
-            } else {
-                tk
-            },
-            tk,
-            hq: hkv * pick(&mut rng, &[1, 4, 16]),
-            hkv,
-            dk: 8,
-            dv: 8,
+        let tq = if rng.random_bool(0.3) {
+            rng.random_range(1..=tk)
+        } else {
+            tk
         };
+        let shape = narrow_heads(&mut rng, tq, tk, hkv);
         check_case(
             &format!("random long {case}: {cfg:?} {shape:?}"),
             cfg,
             shape,
             false,
         );
+    }
+}
+
+/// One sequence of `tq` queries over `tk` keys, `hkv` kv heads of 1, 4 or 16 query heads
+/// each (at random), heads of 8: the long sweeps' shapes, where the blocks matter more than
+/// the heads.
+fn narrow_heads(rng: &mut rand::rngs::StdRng, tq: usize, tk: usize, hkv: usize) -> Shape {
+    Shape {
+        batch: 1,
+        tq,
+        tk,
+        hq: hkv * pick(rng, &[1, 4, 16]),
+        hkv,
+        dk: 8,
+        dv: 8,
     }
 }
 
@@ -2110,21 +2118,14 @@ fn random_long_blocks_match_the_reference() {
             ..base
         };
         let hkv = rng.random_range(1..=2);
-        let shape = Shape {
-            batch: 1,
-            // The first rows see the fewest tokens (one missed is the most of a score), the
-            // last the most blocks; the naive NSA's block scores take m u steps each.
-            tq: if rng.random_bool(0.5) {
-                tk
-            } else {
-                rng.random_range(1..=300)
-            },
-            tk,
-            hq: hkv * pick(&mut rng, &[1, 4, 16]),
-            hkv,
-            dk: 8,
-            dv: 8,
+        // The first rows see the fewest tokens (one missed is the most of a score), the last
+        // the most blocks; the naive NSA's block scores take m u steps each.
+        let tq = if rng.random_bool(0.5) {
+            tk
+        } else {
+            rng.random_range(1..=300)
         };
+        let shape = narrow_heads(&mut rng, tq, tk, hkv);
         check_case(
             &format!("random long blocks {case}: {cfg:?} {shape:?}"),
             cfg,
