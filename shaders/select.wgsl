@@ -98,9 +98,11 @@ fn main(
         // A short chunk takes all its tokens in one window (pbuf: zeros where invisible,
         // as sum_grouped reads them all); a long block only the windows of its visible
         // tokens, as the shares of the others are 0 (walking them all took 18 s on
-        // lavapipe with l / d in the hundreds of millions).
-        let g_lo = select(0u, g_vis, long);
-        let g_n = select(ntok, n_vis, long);
+        // lavapipe with l / d in the hundreds of millions). Block sums (never long: the
+        // plan keeps them for blocks of at most 64 pieces) fill pbuf in every window.
+        let visible_only = long && !BLOCK_SUMS;
+        let g_lo = select(0u, g_vis, visible_only);
+        let g_n = select(ntok, n_vis, visible_only);
         let windows = g_n / PBUF + select(0u, 1u, g_n % PBUF != 0u);
         var share = 0.0;
         for (var wi = 0u; wi < windows; wi++) {
