@@ -94,7 +94,7 @@ pub fn block_score(pc: &[f32], j: usize, m: usize, u: usize) -> f32 {
     let mut g0 = lo;
     while g0 < hi {
         let mut part = 0.0f32;
-        for g in g0.max(lo)..(g0 + 16).min(hi) {
+        for g in g0..(g0 + 16).min(hi) {
             let t = (first + g - back) as usize;
             part += overlap(g as usize, m, u) as f32 * pc[t];
         }
